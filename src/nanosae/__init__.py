@@ -1,0 +1,10 @@
+"""nanosae: sparse autoencoders end to end (collect, train, evaluate, interpret, steer)."""
+
+from nanosae.config import SAEConfig
+from nanosae.errors import ConfigError, DataError, FormatError, HookError, NanosaeError, ShapeError
+from nanosae.sae import SAE
+
+__all__ = [
+    "SAE", "SAEConfig",
+    "NanosaeError", "ConfigError", "FormatError", "ShapeError", "HookError", "DataError",
+]

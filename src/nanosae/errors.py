@@ -1,0 +1,25 @@
+"""Errors with one-line messages. The CLI prints them without a traceback and exits non-zero."""
+
+
+class NanosaeError(Exception):
+    """Base class: every error nanosae raises on purpose is one of these."""
+
+
+class ConfigError(NanosaeError):
+    """A config value is missing, unknown or inconsistent."""
+
+
+class FormatError(NanosaeError):
+    """A file is missing, corrupt, truncated or has the wrong shapes."""
+
+
+class ShapeError(NanosaeError):
+    """A tensor has the wrong shape for the SAE or model it was given to."""
+
+
+class HookError(NanosaeError):
+    """An unknown hook name or a layer index out of range."""
+
+
+class DataError(NanosaeError):
+    """Bad input data: empty corpus, undecodable text, NaN activations, mismatched store."""

@@ -1,0 +1,71 @@
+"""Activation functions with the pseudo-derivatives JumpReLU SAEs train with.
+
+Rajamanoharan et al. 2024 ("Jumping Ahead"): the step function H(pre - θ) has zero derivative almost
+everywhere, so θ gets a straight-through estimate through a rectangle kernel of width ε instead:
+  d/dθ JumpReLU(pre, θ) = -(θ/ε) · rect((pre - θ)/ε)
+  d/dθ H(pre - θ)       = -(1/ε) · rect((pre - θ)/ε)
+and pre gets the ordinary derivative of JumpReLU (1 where pre > θ) and none through H.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = (pre > threshold).to(pre.dtype) * grad_out
+        grad_threshold = -(threshold / eps) * rectangle((pre - threshold) / eps) * grad_out
+        return grad_pre, _sum_to(grad_threshold, threshold.shape), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = -(1.0 / eps) * rectangle((pre - threshold) / eps) * grad_out
+        return torch.zeros_like(pre), _sum_to(grad_threshold, threshold.shape), None
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a broadcast gradient (batch, d_sae) back to the threshold's shape (d_sae,)."""
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    return grad
+
+
+def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """pre · 1[pre > θ], with the rectangle-kernel pseudo-derivative for θ."""
+    return _JumpReLU.apply(pre, threshold, bandwidth)
+
+
+def step(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """1[pre > θ] (counts active latents for the L0 penalty), pseudo-derivative for θ only."""
+    return _Step.apply(pre, threshold, bandwidth)
+
+
+def topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest pre-activations per row after ReLU, as (values, indices)."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return values.relu(), indices

@@ -1,0 +1,189 @@
+"""SAE files: our own (= SAELens layout), SAELens's (incl. older key names), OpenAI sparse_autoencoder .pt.
+
+SAELens layout: a directory with cfg.json + sae_weights.safetensors (W_enc, b_enc, W_dec, b_dec and
+threshold / b_gate, r_mag, b_mag where the architecture has them).
+
+OpenAI's Autoencoder state dict: pre_bias (d_in), latent_bias (d_sae), encoder.weight (d_sae, d_in),
+decoder.weight (d_in, d_sae), an `activation` class name (ReLU / TopK) with activation_state_dict
+({k, postact_fn}), and statistics buffers we ignore. Its forward is
+  latents = act(encoder(x - pre_bias) + latent_bias); recons = decoder(latents) + pre_bias
+with LN-style input normalisation when the model was built with normalize=True, which its own
+from_state_dict infers from the activation being TopK. We do the same unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nanosae.config import SAEConfig
+from nanosae.errors import ConfigError, FormatError
+from nanosae.io import atomic_write, write_json
+from nanosae.sae.model import DTYPES, SAE
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+
+# Older SAELens releases spelled some keys differently.
+_OLD_KEYS = {"hook_point": "hook_name", "d_model": "d_in", "dict_size": "d_sae"}
+_OLD_ARCHITECTURES = {"standard": "relu"}
+# Normalisations that leave nothing to do at inference (the factor is folded into the weights).
+_INERT_NORMALIZATIONS = {None, "none", "expected_average_only_in"}
+
+
+def save_sae(sae: SAE, path: str | Path, sparsity: torch.Tensor | None = None) -> Path:
+    """Write cfg.json + sae_weights.safetensors (+ sparsity.safetensors) into directory path, atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in sae.state_dict().items()}
+    atomic_write(path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    if sparsity is not None:
+        atomic_write(path / SPARSITY_FILE, lambda p: save_file({"sparsity": sparsity.contiguous().cpu()}, str(p)))
+    write_json(path / CFG_FILE, saelens_cfg(sae.cfg))
+    return path
+
+
+def saelens_cfg(cfg: SAEConfig) -> dict[str, Any]:
+    """Our config plus the extra keys older SAELens readers require."""
+    d = cfg.to_dict()
+    match = re.match(r"blocks\.(\d+)\.", cfg.hook_name)
+    d["hook_layer"] = int(match.group(1)) if match else 0
+    d["hook_head_index"] = None
+    d["prepend_bos"] = True
+    if cfg.k is not None:
+        d["activation_fn_kwargs"] = {"k": cfg.k}
+    return d
+
+
+def load_sae(path: str | Path, *, device: str = "cpu", normalize: bool | None = None) -> SAE:
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"SAE file not found: {path}")
+    if path.is_dir():
+        return _load_saelens_dir(path, device)
+    if path.name == WEIGHTS_FILE or path.name == CFG_FILE:
+        return _load_saelens_dir(path.parent, device)
+    if path.suffix in (".pt", ".pth", ".bin"):
+        return _load_openai(path, device, normalize)
+    raise FormatError(f"{path}: not an SAE (expected a directory with {CFG_FILE} or an OpenAI .pt state dict)")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FormatError(f"{path} is missing (an SAE directory needs {CFG_FILE} and {WEIGHTS_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path} is not valid JSON: {e}") from None
+
+
+def _saelens_config(raw: dict[str, Any], where: Path) -> SAEConfig:
+    d = dict(raw.get("metadata") or {})  # SAELens v6 moves model/hook facts into metadata
+    d.update({k: v for k, v in raw.items() if k != "metadata"})
+    for old, new in _OLD_KEYS.items():
+        if old in d and new not in d:
+            d[new] = d[old]
+    arch = d.get("architecture") or "standard"
+    if d.get("activation_fn_str") == "topk" or (arch == "standard" and (d.get("activation_fn_kwargs") or {}).get("k")):
+        arch = "topk"
+    d["architecture"] = _OLD_ARCHITECTURES.get(arch, arch)
+    if d.get("k") is None and (d.get("activation_fn_kwargs") or {}).get("k") is not None:
+        d["k"] = d["activation_fn_kwargs"]["k"]
+    norm = d.get("normalize_activations")
+    if norm in _INERT_NORMALIZATIONS:
+        d["normalize_activations"] = "none"
+    elif norm != "layer_norm":
+        raise ConfigError(f"{where}: normalize_activations={norm!r} is not supported (expected none or layer_norm)")
+    d["dtype"] = str(d.get("dtype") or "float32").replace("torch.", "")
+    d["device"] = "cpu"
+    for key in ("hook_name", "model_name", "dataset_path"):
+        d[key] = d.get(key) or ""
+    for key in ("d_in", "d_sae"):
+        if key not in d:
+            raise FormatError(f"{where}: missing required key {key!r}")
+    return SAEConfig.from_dict(d)
+
+
+def _load_saelens_dir(path: Path, device: str) -> SAE:
+    cfg = _saelens_config(_read_json(path / CFG_FILE), path / CFG_FILE)
+    weights = path / WEIGHTS_FILE
+    if not weights.exists():
+        raise FormatError(f"{weights} is missing (an SAE directory needs {CFG_FILE} and {WEIGHTS_FILE})")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FormatError(f"{weights} is corrupt or truncated: {e}") from None
+    if "log_threshold" in tensors and "threshold" not in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    return _build(cfg, tensors, weights, device)
+
+
+def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device: str) -> SAE:
+    sae = SAE(cfg)
+    expected = sae.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise FormatError(f"{where}: missing tensors {', '.join(missing)} for architecture {cfg.architecture}")
+    for name, ref in expected.items():
+        got = tensors[name]
+        if got.shape != ref.shape:
+            # Some writers store a per-latent batchtopk threshold; a single value is what we use.
+            if name == "threshold" and ref.dim() == 0 and got.numel() and bool((got == got.flatten()[0]).all()):
+                tensors[name] = got.flatten()[0]
+                continue
+            raise FormatError(
+                f"{where}: tensor {name} has shape {tuple(got.shape)}, expected {tuple(ref.shape)} "
+                f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}"
+            )
+    sae.load_state_dict({name: tensors[name].to(ref.dtype) for name, ref in expected.items()})
+    return sae.to(device)
+
+
+def _load_openai(path: Path, device: str, normalize: bool | None) -> SAE:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for truncated/corrupt/unsafe files
+        raise FormatError(f"{path} could not be read as a torch state dict: {str(e).splitlines()[0]}") from None
+    if not isinstance(sd, dict):
+        raise FormatError(f"{path}: expected an OpenAI sparse_autoencoder state dict, got {type(sd).__name__}")
+    needed = ["pre_bias", "latent_bias", "encoder.weight"]
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise FormatError(f"{path}: not an OpenAI sparse_autoencoder state dict (missing {', '.join(missing)})")
+    enc_FD = sd["encoder.weight"]
+    d_sae, d_in = enc_FD.shape
+    dec_DF = sd.get("decoder.weight")
+    if dec_DF is None and "decoder.linear.weight" in sd:  # tied: TiedTranspose wraps the encoder
+        dec_DF = enc_FD.T
+    if dec_DF is None:
+        raise FormatError(f"{path}: missing decoder.weight")
+    activation = sd.get("activation", "ReLU")
+    act_state = sd.get("activation_state_dict") or {}
+    if activation == "TopK":
+        k = act_state.get("k", sd.get("activation.k"))
+        postact = act_state.get("postact_fn", sd.get("activation.postact_fn", "ReLU"))
+        if k is None:
+            raise FormatError(f"{path}: TopK activation without k")
+        if postact != "ReLU":
+            raise FormatError(f"{path}: TopK with postact_fn {postact!r} is not supported (expected ReLU)")
+        arch = "topk"
+    elif activation == "ReLU":
+        arch, k = "relu", None
+    else:
+        raise FormatError(f"{path}: activation {activation!r} is not supported (expected ReLU or TopK)")
+    if normalize is None:
+        normalize = activation == "TopK"  # what OpenAI's own from_state_dict infers
+    dtype = next(name for name, dt in DTYPES.items() if dt == enc_FD.dtype)
+    cfg = SAEConfig(
+        d_in=int(d_in), d_sae=int(d_sae), architecture=arch, k=None if k is None else int(k),
+        normalize_activations="layer_norm" if normalize else "none", dtype=dtype,
+    )
+    tensors = {"W_enc": enc_FD.T, "b_enc": sd["latent_bias"], "W_dec": dec_DF.T, "b_dec": sd["pre_bias"]}
+    return _build(cfg, {n: t.contiguous() for n, t in tensors.items()}, path, device)

@@ -1,0 +1,261 @@
+"""The sparse autoencoder: one module, five architectures, SAELens parameter names.
+
+Shapes: x (..., d_in), latents z (..., d_sae); W_enc (d_in, d_sae), W_dec (d_sae, d_in).
+  relu       z = ReLU((x - b_dec) W_enc + b_enc), L1 penalty weighted by decoder row norms
+  topk       keep the k largest pre-activations per token (after ReLU)
+  batchtopk  training: keep the k·B largest across the batch; inference: z = pre·1[pre > threshold]
+  jumprelu   z = pre·1[pre > θ_i] per latent, L0 penalty through a pseudo-derivative
+  gated      z = 1[π_gate > 0] · ReLU(π_mag), π_mag uses W_enc·exp(r_mag) (shared directions)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from nanosae.config import SAEConfig
+from nanosae.errors import ShapeError
+from nanosae.sae import activations as act
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+LAYER_NORM_EPS = 1e-5  # OpenAI's LN(): (x - mean) / (std + eps), std with N-1
+
+
+class HookPoint(nn.Identity):
+    """A named spot in the forward pass; forward hooks registered on it can read or replace the value."""
+
+
+class SAE(nn.Module):
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, f, dtype = cfg.d_in, cfg.d_sae, DTYPES[cfg.dtype]
+        W_dec_FD = torch.randn(f, d, dtype=torch.float32)
+        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W_dec_FD.T.contiguous().to(dtype))
+        self.W_dec = nn.Parameter(W_dec_FD.to(dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype))
+        if cfg.architecture == "gated":
+            self.b_gate = nn.Parameter(torch.zeros(f, dtype=dtype))
+            self.r_mag = nn.Parameter(torch.zeros(f, dtype=dtype))
+            self.b_mag = nn.Parameter(torch.zeros(f, dtype=dtype))
+        else:
+            self.b_enc = nn.Parameter(torch.zeros(f, dtype=dtype))
+        if cfg.architecture == "jumprelu":
+            self.threshold = nn.Parameter(torch.full((f,), 0.001, dtype=dtype))
+        if cfg.architecture == "batchtopk":
+            # Global inference threshold, estimated during training (see update_threshold).
+            self.register_buffer("threshold", torch.zeros((), dtype=dtype))
+        self.use_error_term = False
+        self.hook_sae_input = HookPoint()
+        self.hook_sae_acts_pre = HookPoint()
+        self.hook_sae_acts_post = HookPoint()
+        self.hook_sae_recons = HookPoint()
+        self.hook_sae_error = HookPoint()
+        self.hook_sae_output = HookPoint()
+        self._norm_state: tuple[Tensor, Tensor] | None = None
+        self.to(cfg.device)
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    # ---- input normalisation ----------------------------------------------------------------
+    def _check(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ShapeError(f"SAE input has last dimension {x.shape[-1]}, expected d_in={self.cfg.d_in} (shape {tuple(x.shape)})")
+        return x.to(self.dtype)
+
+    def _normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        state = None
+        if self.cfg.normalize_activations == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            x = x - mu
+            std = x.std(dim=-1, keepdim=True)
+            x = x / (std + LAYER_NORM_EPS)
+            state = (mu, std)
+        if self.cfg.activation_scale != 1.0:
+            x = x * self.cfg.activation_scale
+        return x, state
+
+    def _denormalize(self, x: Tensor, state: tuple[Tensor, Tensor] | None) -> Tensor:
+        if self.cfg.activation_scale != 1.0:
+            x = x / self.cfg.activation_scale
+        if state is not None:
+            mu, std = state
+            x = x * std + mu
+        return x
+
+    # ---- encode / decode --------------------------------------------------------------------
+    def _centred(self, x: Tensor) -> Tensor:
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def pre_acts(self, x_norm: Tensor) -> Tensor:
+        """Pre-activations of a normalised input (for gated: the magnitude path π_mag)."""
+        xc = self._centred(x_norm)
+        if self.cfg.architecture == "gated":
+            return xc @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+        return xc @ self.W_enc + self.b_enc
+
+    def gate_pre_acts(self, x_norm: Tensor) -> Tensor:
+        """Gated SAEs only: π_gate, whose sign decides which latents are active."""
+        return self._centred(x_norm) @ self.W_enc + self.b_gate
+
+    def activate(self, pre: Tensor, x_norm: Tensor | None = None) -> Tensor:
+        """Latents from pre-activations (x_norm is needed by gated SAEs for the gate path)."""
+        arch = self.cfg.architecture
+        if arch == "relu":
+            return pre.relu()
+        if arch == "topk":
+            values, indices = act.topk(pre, self.cfg.k)
+            return torch.zeros_like(pre).scatter(-1, indices, values)
+        if arch == "batchtopk":
+            if self.training:
+                return self._batch_topk(pre)
+            return pre.relu() * (pre > self.threshold).to(pre.dtype)
+        if arch == "jumprelu":
+            return act.jumprelu(pre, self.threshold, self.cfg.jumprelu_bandwidth)
+        # gated: the gate's Heaviside step passes no gradient; the gate trains through the aux loss
+        gate = (self.gate_pre_acts(x_norm) > 0).to(pre.dtype)
+        return gate * pre.relu()
+
+    def _batch_topk(self, pre: Tensor) -> Tensor:
+        flat = pre.relu().reshape(-1)
+        n_keep = min(self.cfg.k * (pre.numel() // self.cfg.d_sae), flat.numel())
+        values, indices = flat.topk(n_keep, sorted=False)
+        return torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latents z (..., d_sae). Remembers layer-norm statistics so decode() can undo them."""
+        x = self.hook_sae_input(self._check(x))
+        x_norm, self._norm_state = self._normalize(x)
+        pre = self.hook_sae_acts_pre(self.pre_acts(x_norm))
+        return self.hook_sae_acts_post(self.activate(pre, x_norm))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Reconstruction in the input's units (undoes scaling and the last encode's layer norm)."""
+        x_hat = z.to(self.dtype) @ self.W_dec + self.b_dec
+        return self.hook_sae_recons(self._denormalize(x_hat, self._norm_state))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.encode(x)
+        return self.decode(z), z
+
+    def reconstruct_clean(self, x: Tensor) -> Tensor:
+        """x_hat without running any hook: what the error term of a splice is measured against."""
+        x_norm, state = self._normalize(self._check(x))
+        z = self.activate(self.pre_acts(x_norm), x_norm)
+        return self._denormalize(z @ self.W_dec + self.b_dec, state)
+
+    def splice(self, x: Tensor) -> Tensor:
+        """What the host model sees when this SAE is spliced in at its hook.
+
+        With use_error_term the output is x_hat + (x - x_hat_clean): exactly x until a hook edits the
+        latents, and then x plus the edit's effect (TransformerLens HookedSAE semantics).
+        """
+        x_hat, _ = self(x)
+        if self.use_error_term:
+            with torch.no_grad():
+                error = self._check(x) - self.reconstruct_clean(x)
+            x_hat = x_hat + self.hook_sae_error(error)
+        return self.hook_sae_output(x_hat).to(x.dtype)
+
+    # ---- training helpers ---------------------------------------------------------------------
+    def loss(
+        self,
+        x: Tensor,
+        *,
+        sparsity_coefficient: float = 0.0,
+        dead_mask: Tensor | None = None,
+        k_aux: int | None = None,
+        aux_coefficient: float = 1 / 32,
+    ) -> dict[str, Tensor]:
+        """Training loss and its parts for a batch x (B, d_in); squared errors are summed over d_in.
+
+        sparsity_coefficient is the L1 weight (relu, gated) or the L0 weight (jumprelu).
+        dead_mask (d_sae,) enables the AuxK loss (topk/batchtopk): the k_aux largest dead latents
+        reconstruct the residual error (Gao et al. 2024).
+        """
+        x_norm, _ = self._normalize(self._check(x))
+        pre = self.pre_acts(x_norm)
+        z = self.activate(pre, x_norm)
+        x_hat = z @ self.W_dec + self.b_dec
+        parts = {"mse": (x_hat - x_norm).pow(2).sum(-1).mean()}
+        arch = self.cfg.architecture
+        dec_norms = self.W_dec.norm(dim=1)
+        if arch == "relu":
+            parts["l1"] = sparsity_coefficient * (z * dec_norms).sum(-1).mean()
+        elif arch == "jumprelu":
+            active = act.step(pre, self.threshold, self.cfg.jumprelu_bandwidth)
+            parts["l0"] = sparsity_coefficient * active.sum(-1).mean()
+        elif arch == "gated":
+            gate_relu = self.gate_pre_acts(x_norm).relu()
+            parts["l1"] = sparsity_coefficient * (gate_relu * dec_norms).sum(-1).mean()
+            via_gate = gate_relu @ self.W_dec.detach() + self.b_dec.detach()
+            parts["aux"] = (via_gate - x_norm).pow(2).sum(-1).mean()
+        elif dead_mask is not None and bool(dead_mask.any()):
+            parts["auxk"] = aux_coefficient * self._auxk_loss(pre, x_norm - x_hat.detach(), dead_mask, k_aux)
+        if arch == "batchtopk" and self.training:
+            self.update_threshold(z)
+        parts["loss"] = sum(parts.values())
+        return parts
+
+    def _auxk_loss(self, pre: Tensor, residual: Tensor, dead_mask: Tensor, k_aux: int | None) -> Tensor:
+        k = min(k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
+        dead_pre = pre.masked_fill(~dead_mask, float("-inf"))
+        values, indices = act.topk(dead_pre, k)
+        residual_hat = torch.zeros_like(pre).scatter(-1, indices, values) @ self.W_dec
+        return (residual_hat - residual).pow(2).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_threshold(self, z: Tensor, decay: float = 0.99) -> None:
+        """BatchTopK: track the smallest kept activation per batch (EMA) as the inference threshold."""
+        kept = z[z > 0]
+        if kept.numel() == 0:
+            return
+        batch_min = kept.min().to(self.threshold.dtype)
+        if self.threshold <= 0:
+            self.threshold.copy_(batch_min)
+        else:
+            self.threshold.mul_(decay).add_((1 - decay) * batch_min)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Scale every decoder row to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out the part of each W_dec row's gradient along the row, so unit norms survive a step."""
+        if self.W_dec.grad is None:
+            return
+        W = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.grad -= (self.W_dec.grad * W).sum(dim=1, keepdim=True) * W
+
+    # ---- files ------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        from nanosae.sae.formats import save_sae
+
+        return save_sae(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str = "cpu", normalize: bool | None = None) -> "SAE":
+        """Load our dir, a SAELens dir, or an OpenAI sparse_autoencoder .pt (normalize: override its LN flag)."""
+        from nanosae.sae.formats import load_sae
+
+        return load_sae(path, device=device, normalize=normalize)
