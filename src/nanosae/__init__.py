@@ -2,9 +2,10 @@
 
 from nanosae.config import SAEConfig
 from nanosae.errors import ConfigError, DataError, FormatError, HookError, NanosaeError, ShapeError
+from nanosae.models import HostModel, load_model, wrap
 from nanosae.sae import SAE
 
 __all__ = [
-    "SAE", "SAEConfig",
+    "SAE", "SAEConfig", "HostModel", "load_model", "wrap",
     "NanosaeError", "ConfigError", "FormatError", "ShapeError", "HookError", "DataError",
 ]

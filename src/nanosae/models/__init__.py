@@ -1,0 +1,42 @@
+"""Host models: load_model(spec) for Hugging Face / GGUF / nanochat, wrap(module) for a live nanochat GPT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nanosae.models.host import HOOK_KINDS, Generation, HostModel, LayerModules
+from nanosae.models.tokenizers import Tokenizer
+
+__all__ = ["HOOK_KINDS", "Generation", "HostModel", "LayerModules", "Tokenizer", "load_model", "wrap"]
+
+
+def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
+               tokenizer: str | Path | None = None) -> HostModel:
+    """"smollm2-135m" (embedded), a HF directory / hub name / .gguf file, or "nanochat:DIR[@STEP]".
+
+    A plain directory holding model_*.pt + meta_*.json is read as a nanochat checkpoint too.
+    tokenizer: a nanochat tokenizer directory, when it is not found next to the checkpoints.
+    """
+    from nanosae.models.hf import load_hf
+    from nanosae.models.nanochat import load_nanochat
+
+    if spec.startswith("nanochat:"):
+        return load_nanochat(spec.removeprefix("nanochat:"), device, dtype, tokenizer)
+    path = Path(spec.partition("@")[0])
+    if path.is_dir() and any(path.glob("model_*.pt")):
+        return load_nanochat(spec, device, dtype, tokenizer)
+    return load_hf(spec, device, dtype)
+
+
+def wrap(module: nn.Module, tokenizer: Tokenizer | None = None, name: str = "wrapped") -> HostModel:
+    """Hook a live nanochat GPT (or any module with transformer.h[i].attn/.mlp/.mlp.c_proj) directly.
+
+    Generation with a wrapped module recomputes the prefix at each step (nanochat's own KV cache
+    lives in its Engine, outside the module).
+    """
+    from nanosae.models.nanochat import NanochatModel
+
+    return NanochatModel(module, tokenizer, name)
