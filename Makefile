@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	.venv/bin/nanosae demo $(ARGS)
+	.venv/bin/nanosae models generate smollm2-135m "The capital of France is" --max-new-tokens 24
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -129,6 +129,9 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, name: str) ->
         raise FormatError(f"GGUF file not found: {path}")
     cached = cache_dir() / f"{path.stem}-{path.stat().st_size}"
     if (cached / "model.safetensors").exists():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a cached load takes a second; its bar is noise
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(cached)
         return HFModel(model.to(device), tokenizer, name)
