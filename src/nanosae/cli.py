@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nanosae.errors import NanosaeError
+from nanosae.errors import ConfigError, NanosaeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sparse autoencoders end to end: collect, train, evaluate, interpret, steer.")
@@ -85,6 +85,90 @@ def models_generate(
     model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
                    chat=chat, callback=stream)
     console.print()
+
+
+def parse_count(text: str) -> int:
+    """'200k' -> 200000, '2M' -> 2000000, '4096' -> 4096."""
+    units = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+    t = text.strip().lower().replace("_", "")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, KeyError):
+        raise ConfigError(f"cannot read {text!r} as a count (expected e.g. 4096, 200k, 2M)") from None
+
+
+class TokenProgress:
+    """A rich progress bar for long jobs: tokens done / total, tokens/s, ETA and a free-form note."""
+
+    def __init__(self, description: str, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
+                            console=console, transient=False)
+        self.task = self.bar.add_task(description, total=total, rate="", note="")
+
+    def __enter__(self) -> "TokenProgress":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def update(self, done: int, rate: float, note: str = "") -> None:
+        self.bar.update(self.task, completed=done, rate=f"{rate:,.0f} tok/s", note=note)
+
+
+# Options shared by every command that reads text.
+DATA_HELP = "Corpus: builtin:pydocs, builtin:stdlib, .txt/.jsonl/.parquet file, dir, glob, hf:NAME (repeatable)."
+
+
+def data_config(data: list[str], context_size: int, pack: bool, exclude_first: int, split: str, shuffle_buffer: int,
+                seed: int, text_field: str, txt_paragraphs: bool, encoding_errors: str):
+    from nanosae.config import DataConfig
+
+    return DataConfig(specs=list(data), context_size=context_size, pack=pack, exclude_first=exclude_first, split=split,
+                      shuffle_buffer=shuffle_buffer, seed=seed, text_field=text_field, txt_paragraphs=txt_paragraphs,
+                      encoding_errors=encoding_errors)
+
+
+@app.command()
+def collect(
+    model: str = typer.Option("smollm2-135m", help="Host model: smollm2-135m, HF dir / hub name / .gguf, nanochat:DIR[@STEP]."),
+    hook: list[str] = typer.Option(["blocks.15.hook_resid_post"], help="Hook point (repeatable: all in one pass)."),
+    data: list[str] = typer.Option(["builtin:pydocs"], help=DATA_HELP),
+    tokens: str = typer.Option("100k", help="Activations per hook, e.g. 250k, 2M (BOS positions excluded)."),
+    out: Path = typer.Option(Path("runs/acts"), help="Output directory (one subdirectory per hook)."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    dtype: str = typer.Option("float16", help="Storage dtype: float16, bfloat16, float32."),
+    tokens_per_shard: int = typer.Option(32768, help="Tokens per shard file."),
+    context_size: int = typer.Option(256, help="Tokens per window."),
+    pack: bool = typer.Option(True, help="Pack documents into full windows (--no-pack: one truncated window per doc)."),
+    exclude_first: int = typer.Option(0, help="Also drop the first N positions of each window."),
+    split: str = typer.Option("train", help="Documents: train (all but every 20th), eval (every 20th), all."),
+    shuffle_buffer: int = typer.Option(0, help="Shuffle documents through a buffer of this many (0 = in order)."),
+    seed: int = typer.Option(0),
+    text_field: str = typer.Option("text", help="Text field of .jsonl/.parquet/HF datasets."),
+    txt_paragraphs: bool = typer.Option(False, help="One document per blank-line block of a .txt file."),
+    encoding_errors: str = typer.Option("strict", help="Non-UTF-8 text: strict (error) or replace."),
+    device: str = typer.Option("cpu"),
+    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
+) -> None:
+    """Collect activations into a sharded on-disk store. Re-run the same command to resume."""
+    from nanosae.config import CollectConfig
+    from nanosae.data import collect as run_collect
+
+    cfg = CollectConfig(model=model, hooks=list(hook), tokens=parse_count(tokens), out=str(out), batch_size=batch_size,
+                        dtype=dtype, tokens_per_shard=tokens_per_shard, device=device,
+                        tokenizer=str(tokenizer) if tokenizer else None,
+                        data=data_config(data, context_size, pack, exclude_first, split, shuffle_buffer, seed,
+                                         text_field, txt_paragraphs, encoding_errors))
+    with TokenProgress("collect", cfg.tokens) as bar:
+        def show(p) -> None:
+            bar.update(p.tokens, p.tokens / max(p.seconds, 1e-9), f"{p.bytes_written / 1e6:,.0f} MB written")
+        stores = run_collect(cfg, progress=show)
+    for name, store in stores.items():
+        console.print(f"{name}: {len(store):,} tokens × {store.d_in} ({store.dtype}) in {store.path}")
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nanosae.errors import ConfigError
@@ -66,3 +66,51 @@ class SAEConfig:
     def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in d.items() if key in names})
+
+
+@dataclass
+class DataConfig:
+    """Which text to read and how to turn it into token windows."""
+
+    specs: list[str] = field(default_factory=lambda: ["builtin:pydocs"])
+    """Corpora: builtin:pydocs, builtin:stdlib, .txt/.jsonl/.parquet files, dirs, globs, hf:NAME."""
+    context_size: int = 256
+    """Tokens per window."""
+    pack: bool = True
+    """Pack documents into full windows (BOS between documents); off: one truncated window per document."""
+    exclude_first: int = 0
+    """Also drop the first N positions of every window (BOS positions are always dropped)."""
+    split: str = "train"
+    """Documents to use: train (all but every 20th), eval (every 20th), all."""
+    shuffle_buffer: int = 0
+    """Shuffle documents through a buffer of this many (0 = corpus order)."""
+    seed: int = 0
+    text_field: str = "text"
+    """Field holding the text in .jsonl / .parquet / HF datasets."""
+    txt_paragraphs: bool = False
+    """One document per blank-line-separated block of a .txt file (instead of one per file)."""
+    encoding_errors: str = "strict"
+    """Non-UTF-8 bytes: strict (stop with an error) or replace."""
+
+
+@dataclass
+class CollectConfig:
+    """Collect activations from a host model into an on-disk store (one directory per hook)."""
+
+    model: str = "smollm2-135m"
+    """Host model spec: smollm2-135m, a HF dir / hub name / .gguf, or nanochat:DIR[@STEP]."""
+    hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"])
+    """Hook points to capture in one pass."""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokens: int = 100_000
+    """Activations to collect per hook (BOS positions excluded)."""
+    out: str = "runs/acts"
+    """Output directory; each hook gets a subdirectory."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    dtype: str = "float16"
+    """Storage dtype: float16, bfloat16 or float32."""
+    tokens_per_shard: int = 32768
+    device: str = "cpu"
+    tokenizer: str | None = None
+    """nanochat tokenizer directory, when not next to the checkpoints."""

@@ -9,8 +9,8 @@ TOKENS = torch.tensor([[0, 5, 9, 13, 22, 7, 41, 3], [0, 60, 2, 8, 8, 19, 33, 50]
 
 
 @pytest.fixture(scope="module")
-def model(tiny_llama_dir):
-    return nanosae.load_model(str(tiny_llama_dir))
+def model(tiny_model):
+    return tiny_model
 
 
 def test_shapes_and_names(model):

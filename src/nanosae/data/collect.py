@@ -1,0 +1,130 @@
+"""Collect activations: text -> token windows (background thread) -> truncated forward -> shards (background thread).
+
+Resumable: the manifest of each hook lists its complete shards. A re-run of the same command replays
+the deterministic token stream, skips the windows already collected without running the model (the
+kept positions depend only on the tokens), recomputes the one batch that straddles the boundary with
+the same batch composition, and continues. The final store holds exactly `tokens` activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from nanosae.config import CollectConfig
+from nanosae.data.corpus import iter_documents
+from nanosae.data.store import FORMAT, MANIFEST, STORE_DTYPES, ActivationStore, ShardWriter, read_manifest
+from nanosae.data.tokens import in_background, token_batches
+from nanosae.errors import ConfigError, DataError
+from nanosae.models import HostModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+class Progress(NamedTuple):
+    tokens: int
+    total: int
+    bytes_written: int
+    seconds: float
+
+
+# Settings that must not change between a run and its resume (they change which activations land where).
+_IDENTITY_KEYS = ("model", "hook", "d_in", "dtype", "context_size", "tokens_per_shard", "batch_size", "data")
+
+
+def _manifest_for(cfg: CollectConfig, model: HostModel, hook: str) -> dict[str, Any]:
+    return {
+        "format": FORMAT, "model": model.name, "hook": hook, "d_in": model.hook_dim(hook), "dtype": cfg.dtype,
+        "context_size": cfg.data.context_size, "tokens_per_shard": cfg.tokens_per_shard, "batch_size": cfg.batch_size,
+        "data": dataclasses.asdict(cfg.data), "bos_id": model.tokenizer.bos_id, "target_tokens": cfg.tokens,
+        "tokens": 0, "bytes": 0, "complete": False, "shards": [], "norm_scale": None,
+    }
+
+
+def _resume_manifest(directory: Path, fresh: dict[str, Any]) -> dict[str, Any]:
+    if not (directory / MANIFEST).exists():
+        return fresh
+    old = read_manifest(directory)
+    for key in _IDENTITY_KEYS:
+        if old.get(key) != fresh[key]:
+            raise DataError(f"{directory}: the store was collected with {key}={old.get(key)!r}, this run asks for "
+                            f"{fresh[key]!r}; use another --out or the same settings")
+    # only full shards are kept: a short last shard is recollected so shard i always holds tokens [i*S, (i+1)*S)
+    size = old["tokens_per_shard"]
+    old["shards"] = [s for s in old["shards"] if s["tokens"] == size][: fresh["target_tokens"] // size]
+    old["tokens"] = sum(s["tokens"] for s in old["shards"])
+    old["bytes"] = sum((directory / s["file"]).stat().st_size for s in old["shards"] if (directory / s["file"]).exists())
+    old.update(target_tokens=fresh["target_tokens"], complete=False, norm_scale=None)
+    return old
+
+
+def collect(cfg: CollectConfig, model: HostModel | None = None,
+            progress: Callable[[Progress], None] | None = None) -> dict[str, ActivationStore]:
+    """Collect cfg.tokens activations per hook into cfg.out/<hook>/; returns the opened stores."""
+    if cfg.dtype not in STORE_DTYPES:
+        raise ConfigError(f"unknown store dtype {cfg.dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
+    if cfg.tokens <= 0 or cfg.tokens_per_shard <= 0 or cfg.batch_size <= 0:
+        raise ConfigError("tokens, tokens_per_shard and batch_size must be positive")
+    if not cfg.hooks:
+        raise ConfigError("no hook given (expected at least one --hook)")
+    model = model or load_model(cfg.model, device=cfg.device, tokenizer=cfg.tokenizer)
+    for hook in cfg.hooks:
+        model.parse_hook(hook)
+    out = Path(cfg.out)
+    writers = {}
+    for hook in cfg.hooks:
+        directory = out / hook
+        directory.mkdir(parents=True, exist_ok=True)
+        writers[hook] = ShardWriter(directory, _resume_manifest(directory, _manifest_for(cfg, model, hook)))
+    done = min(w.tokens for w in writers.values())
+    for w in writers.values():  # hooks may have stopped one shard apart: start all at the common point
+        w.manifest["shards"] = w.manifest["shards"][: done // cfg.tokens_per_shard]
+    start_tokens, t0, seen = done, time.perf_counter(), 0
+    complete = False
+    try:
+        if done < cfg.tokens:
+            docs = iter_documents(cfg.data)
+            batches = in_background(token_batches(docs, model.tokenizer, cfg.data.context_size, cfg.batch_size,
+                                                  cfg.data.pack, cfg.data.exclude_first))
+            for batch in batches:
+                n_valid = int(batch.valid.sum())
+                if seen + n_valid <= done:  # already in the store: skip without running the model
+                    seen += n_valid
+                    continue
+                _, cache = model.run_with_cache(batch.tokens, cfg.hooks, return_logits=False)
+                skip, take = done - seen, min(n_valid, cfg.tokens - seen)
+                for hook in cfg.hooks:
+                    acts = cache[hook][batch.valid.to(cache[hook].device)][skip:take]
+                    if not torch.isfinite(acts).all():
+                        raise DataError(f"NaN or inf activations at {hook} (tokens {done}..{done + len(acts)}); "
+                                        "nothing after the last complete shard was written")
+                    writers[hook].add(acts)
+                seen += n_valid
+                done = min(seen, cfg.tokens)
+                if progress is not None:
+                    progress(Progress(done, cfg.tokens, sum(w.manifest["bytes"] for w in writers.values()),
+                                      time.perf_counter() - t0))
+                if done >= cfg.tokens:
+                    break
+        if done == 0:
+            raise DataError(f"the corpus {', '.join(cfg.data.specs)} gave no tokens (empty, or empty after filtering)")
+        if done < cfg.tokens:
+            log.warning("the corpus ran out after %d of %d tokens; the store holds %d", done, cfg.tokens, done)
+        complete = True
+    finally:
+        errors = []
+        for w in writers.values():
+            try:
+                w.close(complete)
+            except Exception as e:
+                errors.append(e)
+        if errors and complete:
+            raise errors[0]
+    log.info("collected %d tokens (%d new) per hook into %s", done, done - start_tokens, out)
+    return {hook: ActivationStore(out / hook, verify=False) for hook in cfg.hooks}

@@ -1,0 +1,269 @@
+"""The on-disk activation store: fixed-size .npy shards + manifest.json, one directory per hook.
+
+Shards are written whole and atomically (temp file + rename) by a background thread, each followed
+by a manifest rewrite (also atomic) that lists it with its SHA-256. A crash therefore leaves a store
+that is valid up to its last complete shard, which is where a resumed collection continues.
+bfloat16 has no numpy dtype, so it is stored as uint16 bits and viewed back on reading.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from nanosae.errors import DataError, FormatError
+from nanosae.io import write_bytes, write_json
+
+MANIFEST = "manifest.json"
+FORMAT = "nanosae-activations/1"
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.npy"
+
+
+def _to_numpy(x: Tensor, dtype: str) -> np.ndarray:
+    x = x.detach().to("cpu", STORE_DTYPES[dtype]).contiguous()
+    return x.view(torch.uint16).numpy() if dtype == "bfloat16" else x.numpy()
+
+
+def _from_numpy(a: np.ndarray, dtype: str) -> Tensor:
+    t = torch.from_numpy(np.array(a))  # a copy: shards are read-only memory maps
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not path.exists():
+        raise FormatError(f"{path} is missing: not an activation store (create one with `nanosae collect`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise FormatError(f"{path}: unknown store format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+class ShardWriter:
+    """Accumulates activations for one hook and writes full shards from a background thread."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]):
+        self.dir = directory
+        self.manifest = manifest
+        for stale in directory.glob(".*.tmp"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
+        self.size = int(manifest["tokens_per_shard"])
+        self.pending: list[Tensor] = []
+        self.pending_tokens = 0
+        self.queue: queue.Queue = queue.Queue(maxsize=2)  # bounds memory: at most 2 shards in flight
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, daemon=True, name=f"nanosae-writer-{directory.name}")
+        self.thread.start()
+
+    @property
+    def tokens(self) -> int:
+        return sum(s["tokens"] for s in self.manifest["shards"])
+
+    def add(self, acts: Tensor) -> None:
+        self._raise()
+        self.pending.append(acts.to(STORE_DTYPES[self.manifest["dtype"]]))
+        self.pending_tokens += acts.shape[0]
+        while self.pending_tokens >= self.size:
+            block = torch.cat(self.pending)
+            self._put(block[: self.size])
+            rest = block[self.size :]
+            self.pending, self.pending_tokens = ([rest] if len(rest) else []), len(rest)
+
+    def close(self, complete: bool) -> None:
+        """Flush the last partial shard (when complete), wait for the writer, write the final manifest."""
+        if complete and self.pending_tokens:
+            self._put(torch.cat(self.pending))
+        self.pending, self.pending_tokens = [], 0
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+        self.manifest["complete"] = complete
+        write_json(self.dir / MANIFEST, self.manifest)
+
+    def _put(self, shard: Tensor) -> None:
+        while True:
+            self._raise()
+            try:
+                self.queue.put(shard, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _work(self) -> None:
+        while (shard := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            index = len(self.manifest["shards"])
+            name = shard_name(index)
+            try:
+                buf = io.BytesIO()
+                np.save(buf, _to_numpy(shard, self.manifest["dtype"]))
+                data = buf.getvalue()
+                write_bytes(self.dir / name, data)
+                self.manifest["shards"].append({"file": name, "tokens": int(shard.shape[0]),
+                                                "sha256": hashlib.sha256(data).hexdigest()})
+                self.manifest["tokens"] = self.tokens
+                self.manifest["bytes"] = self.manifest.get("bytes", 0) + len(data)
+                write_json(self.dir / MANIFEST, self.manifest)
+            except OSError as e:
+                if len(self.manifest["shards"]) > index:
+                    self.manifest["shards"].pop()
+                    self.manifest["tokens"] = self.tokens
+                why = "disk full" if e.errno == errno.ENOSPC else str(e)
+                self.error = DataError(f"{self.dir / name}: could not be written ({why}); the store is valid up to "
+                                       f"{self.tokens} tokens and the same command resumes from there")
+
+
+class ActivationStore:
+    """Read a store: len(store) tokens of width store.d_in, mini-batches in a seeded shuffled order."""
+
+    def __init__(self, path: str | Path, verify: bool = True):
+        path = Path(path)
+        if not (path / MANIFEST).exists() and path.is_dir():
+            subdirs = [p for p in path.iterdir() if (p / MANIFEST).exists()]
+            if len(subdirs) == 1:
+                path = subdirs[0]
+            elif len(subdirs) > 1:
+                names = ", ".join(sorted(p.name for p in subdirs))
+                raise FormatError(f"{path} holds several stores ({names}); open one of them")
+        self.path = path
+        self.manifest = read_manifest(path)
+        self.dtype = self.manifest["dtype"]
+        if verify:
+            self.verify()
+        self.shards = [np.load(path / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
+        for s, a in zip(self.manifest["shards"], self.shards):
+            if a.shape != (s["tokens"], self.d_in):
+                raise FormatError(f"{path / s['file']}: shape {a.shape}, manifest says ({s['tokens']}, {self.d_in})")
+        self.offsets = np.cumsum([0] + [s["tokens"] for s in self.manifest["shards"]])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def d_in(self) -> int:
+        return int(self.manifest["d_in"])
+
+    @property
+    def hook(self) -> str:
+        return self.manifest["hook"]
+
+    def verify(self) -> None:
+        """Check every shard against its SHA-256; a corrupted or missing shard is named."""
+        for s in self.manifest["shards"]:
+            file = self.path / s["file"]
+            if not file.exists():
+                raise FormatError(f"{file} is missing from the store")
+            digest = hashlib.sha256()
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != s["sha256"]:
+                raise FormatError(f"{file} is corrupted (SHA-256 does not match the manifest)")
+
+    def check(self, d_in: int | None = None, model: str | None = None) -> None:
+        """Errors when the store was made from another model or has another width than asked."""
+        if d_in is not None and d_in != self.d_in:
+            raise DataError(f"{self.path}: store has d_in={self.d_in}, expected {d_in}")
+        if model is not None and model != self.manifest["model"]:
+            raise DataError(f"{self.path}: store was collected from {self.manifest['model']!r}, not {model!r}")
+
+    # ---- reading ----------------------------------------------------------------------------
+    def tokens(self, start: int, stop: int) -> Tensor:
+        """Activations [start, stop) as a float32 tensor (copies only that range)."""
+        parts = []
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        for i in range(max(first, 0), len(self.shards)):
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            if lo >= stop:
+                break
+            a, b = max(start, lo) - lo, min(stop, hi) - lo
+            if b > a:
+                parts.append(_from_numpy(self.shards[i][a:b], self.dtype).float())
+        return torch.cat(parts) if parts else torch.empty(0, self.d_in)
+
+    def split_range(self, split: str, eval_fraction: float = 0.05) -> tuple[int, int]:
+        """Token range of a split: 'train' is the first 95%, 'eval' the last 5%, 'all' everything."""
+        n = len(self)
+        cut = n - int(round(n * eval_fraction))
+        return {"all": (0, n), "train": (0, cut), "eval": (cut, n)}[split]
+
+    def norm_scale(self, n_tokens: int = 20_000) -> float:
+        """Factor that makes the mean squared norm of (scaled) activations equal d_in; stored in the manifest."""
+        if self.manifest.get("norm_scale"):
+            return float(self.manifest["norm_scale"])
+        n = len(self)
+        if n == 0:
+            raise DataError(f"{self.path}: the store is empty")
+        idx = np.linspace(0, n - 1, num=min(n, n_tokens)).astype(np.int64)
+        sample = torch.stack([self.tokens(int(i), int(i) + 1)[0] for i in idx])
+        if not torch.isfinite(sample).all():
+            raise DataError(f"{self.path}: the store holds NaN or inf activations")
+        scale = math.sqrt(self.d_in / float(sample.pow(2).sum(-1).mean()))
+        self.manifest["norm_scale"] = scale
+        try:
+            write_json(self.path / MANIFEST, self.manifest)
+        except OSError:
+            pass  # a read-only store still works; the factor is recomputed next time
+        return scale
+
+    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, epochs: int = 1, split: str = "all",
+                scale: bool = False, rank: int = 0, world_size: int = 1, pool_tokens: int = 131072,
+                start_batch: int = 0) -> Iterator[Tensor]:
+        """(batch_size, d_in) float32 batches; every token of the split once per epoch.
+
+        Shuffling draws a seeded permutation of chunks (shard-sized blocks), reads `pool_tokens` of them at
+        a time and permutes tokens within that pool, so memory stays bounded. rank/world_size give each
+        data-parallel process a disjoint contiguous part. start_batch skips batches (for exact resume).
+        The last batch of each epoch may be smaller.
+        """
+        lo, hi = self.split_range(split)
+        per_rank = (hi - lo) // world_size
+        lo, hi = lo + rank * per_rank, lo + (rank + 1) * per_rank
+        factor = self.norm_scale() if scale else 1.0
+        chunk = max(1, min(int(self.manifest["tokens_per_shard"]), pool_tokens))
+        emitted = 0
+        for epoch in range(epochs):
+            rng = np.random.default_rng([seed, epoch])
+            chunks = [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
+            if shuffle:
+                chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+            carry = torch.empty(0, self.d_in)
+            group = max(1, pool_tokens // chunk)
+            for g in range(0, len(chunks), group):
+                pool = torch.cat([carry] + [self.tokens(a, b) for a, b in chunks[g : g + group]])
+                if shuffle:
+                    pool = pool[torch.from_numpy(rng.permutation(len(pool)))]
+                n_full = len(pool) // batch_size * batch_size
+                for i in range(0, n_full, batch_size):
+                    if emitted >= start_batch:
+                        yield pool[i : i + batch_size] * factor if scale else pool[i : i + batch_size]
+                    emitted += 1
+                carry = pool[n_full:]
+            if len(carry):
+                if emitted >= start_batch:
+                    yield carry * factor if scale else carry
+                emitted += 1

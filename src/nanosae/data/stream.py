@@ -1,0 +1,84 @@
+"""Activations straight from the model, never touching disk, behind the same batches() as a store.
+
+Like SAELens's ActivationsStore: a mixing buffer is filled from fresh forward passes, shuffled, and
+half of it is handed out while the other half stays to be mixed with the next refill, so consecutive
+batches do not come from the same few documents.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from nanosae.config import DataConfig
+from nanosae.data.corpus import iter_documents
+from nanosae.data.tokens import in_background, token_batches
+from nanosae.errors import DataError
+from nanosae.models import HostModel
+
+
+class ActivationStream:
+    def __init__(self, model: HostModel, hook: str, data: DataConfig, model_batch_size: int = 8,
+                 buffer_tokens: int = 65536):
+        model.parse_hook(hook)
+        self.model, self.hook, self.data = model, hook, data
+        self.model_batch_size, self.buffer_tokens = model_batch_size, buffer_tokens
+        self.d_in = model.hook_dim(hook)
+        self._norm_scale: float | None = None
+
+    def activations(self) -> Iterator[Tensor]:
+        """Kept activations per forward pass, in corpus order."""
+        docs = iter_documents(self.data)
+        batches = in_background(token_batches(docs, self.model.tokenizer, self.data.context_size,
+                                              self.model_batch_size, self.data.pack, self.data.exclude_first))
+        for batch in batches:
+            _, cache = self.model.run_with_cache(batch.tokens, [self.hook], return_logits=False)
+            acts = cache[self.hook][batch.valid.to(cache[self.hook].device)].float()
+            if not torch.isfinite(acts).all():
+                raise DataError(f"NaN or inf activations at {self.hook}")
+            yield acts
+
+    def norm_scale(self, n_tokens: int = 20_000) -> float:
+        """sqrt(d_in / mean squared norm) over the first n_tokens of the stream."""
+        if self._norm_scale is None:
+            seen, total = 0, 0.0
+            for acts in self.activations():
+                total += float(acts.pow(2).sum())
+                seen += len(acts)
+                if seen >= n_tokens:
+                    break
+            if seen == 0:
+                raise DataError(f"the corpus {', '.join(self.data.specs)} gave no tokens")
+            self._norm_scale = math.sqrt(self.d_in / (total / seen))
+        return self._norm_scale
+
+    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, scale: bool = False,
+                start_batch: int = 0) -> Iterator[Tensor]:
+        """(batch_size, d_in) float32 batches until the corpus ends (a smaller last batch)."""
+        factor = self.norm_scale() if scale else 1.0
+        gen = torch.Generator().manual_seed(seed)
+        buffer = torch.empty(0, self.d_in)
+        emitted = 0
+
+        def emit(block: Tensor) -> Iterator[Tensor]:
+            nonlocal emitted
+            for i in range(0, len(block), batch_size):
+                if emitted >= start_batch:
+                    yield block[i : i + batch_size] * factor
+                emitted += 1
+
+        for acts in self.activations():
+            buffer = torch.cat([buffer, acts.cpu()])
+            if len(buffer) < self.buffer_tokens:
+                continue
+            if shuffle:
+                buffer = buffer[torch.randperm(len(buffer), generator=gen)]
+            n_out = (len(buffer) // 2) // batch_size * batch_size
+            yield from emit(buffer[:n_out])
+            buffer = buffer[n_out:]
+        if shuffle and len(buffer):
+            buffer = buffer[torch.randperm(len(buffer), generator=gen)]
+        yield from emit(buffer)

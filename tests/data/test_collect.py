@@ -1,0 +1,201 @@
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import nanosae
+from nanosae import ActivationStore, CollectConfig, DataConfig, DataError, FormatError
+from nanosae.data import ActivationStream, collect, iter_documents, token_batches
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]
+
+
+def config(word_corpus, out, **kw):
+    data = DataConfig(specs=[str(word_corpus)], context_size=16, split="all")
+    base = dict(model="tiny", hooks=HOOKS, data=data, tokens=700, out=str(out), batch_size=4, dtype="float32",
+                tokens_per_shard=128)
+    return CollectConfig(**(base | kw))
+
+
+def expected_activations(model, cfg):
+    """run_with_cache on the same token windows, BOS positions dropped: the independent expectation."""
+    out = {h: [] for h in cfg.hooks}
+    for batch in token_batches(iter_documents(cfg.data), model.tokenizer, cfg.data.context_size, cfg.batch_size):
+        _, cache = model.run_with_cache(batch.tokens, cfg.hooks)
+        for h in cfg.hooks:
+            out[h].append(cache[h][batch.valid])
+    return {h: torch.cat(v)[: cfg.tokens] for h, v in out.items()}
+
+
+def test_store_equals_run_with_cache(tiny_model, word_corpus, tmp_path):
+    cfg = config(word_corpus, tmp_path / "acts")
+    stores = collect(cfg, model=tiny_model)
+    expected = expected_activations(tiny_model, cfg)
+    for hook in HOOKS:
+        store = ActivationStore(tmp_path / "acts" / hook)
+        assert len(store) == 700 and store.d_in == expected[hook].shape[1]
+        assert [s["tokens"] for s in store.manifest["shards"]] == [128] * 5 + [60]
+        assert torch.allclose(store.tokens(0, 700), expected[hook], atol=1e-5)
+        m = store.manifest
+        assert (m["hook"], m["dtype"], m["context_size"], m["complete"]) == (hook, "float32", 16, True)
+        assert all(len(s["sha256"]) == 64 for s in m["shards"])
+    assert stores[HOOKS[1]].d_in == tiny_model.d_mlp
+
+
+def test_float16_store(tiny_model, word_corpus, tmp_path):
+    cfg = config(word_corpus, tmp_path / "acts", dtype="bfloat16", hooks=HOOKS[:1], tokens=300)
+    collect(cfg, model=tiny_model)
+    store = ActivationStore(tmp_path / "acts")  # a single hook dir is found from its parent
+    ref = expected_activations(tiny_model, cfg)[HOOKS[0]]
+    assert torch.equal(store.tokens(0, 300), ref.bfloat16().float())
+
+
+KILLER = r"""
+import os, signal, sys
+import nanosae
+from nanosae import CollectConfig, DataConfig
+model = nanosae.load_model(sys.argv[1])
+calls = []
+def progress(p):
+    calls.append(p)
+    if p.tokens >= int(sys.argv[4]):
+        os.kill(os.getpid(), signal.SIGKILL)
+data = DataConfig(specs=[sys.argv[2]], context_size=16, split="all")
+nanosae.collect(CollectConfig(model="tiny", hooks=["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"], data=data,
+                tokens=700, out=sys.argv[3], batch_size=4, dtype="float16", tokens_per_shard=128), model=model,
+                progress=progress)
+"""
+
+
+def test_kill_and_resume_gives_identical_bytes(tiny_model, tiny_llama_dir, word_corpus, tmp_path):
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(tiny_llama_dir), str(word_corpus), str(killed), "400"],
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr  # it really died mid-way
+    partial = ActivationStore(killed / HOOKS[0], verify=True)  # still a valid store
+    assert 0 < len(partial) < 700 and not partial.manifest["complete"]
+    collect(config(word_corpus, killed, dtype="float16"), model=tiny_model)  # same command resumes
+    collect(config(word_corpus, tmp_path / "whole", dtype="float16"), model=tiny_model)
+    for hook in HOOKS:
+        a, b = sorted((killed / hook).glob("shard_*.npy")), sorted((tmp_path / "whole" / hook).glob("shard_*.npy"))
+        assert [p.name for p in a] == [p.name for p in b]
+        for x, y in zip(a, b):
+            assert x.read_bytes() == y.read_bytes(), x.name
+        assert len(ActivationStore(killed / hook)) == 700
+    assert not list(killed.rglob("*.tmp"))
+
+
+def test_resume_with_other_settings_is_refused(tiny_model, word_corpus, tmp_path):
+    collect(config(word_corpus, tmp_path, hooks=HOOKS[:1], tokens=200), model=tiny_model)
+    with pytest.raises(DataError, match="collected with context_size=16, this run asks for 32"):
+        cfg = config(word_corpus, tmp_path, hooks=HOOKS[:1], tokens=200)
+        cfg.data.context_size = 32
+        collect(cfg, model=tiny_model)
+
+
+def test_growing_a_complete_store(tiny_model, word_corpus, tmp_path):
+    collect(config(word_corpus, tmp_path / "a", hooks=HOOKS[:1], tokens=300), model=tiny_model)
+    collect(config(word_corpus, tmp_path / "a", hooks=HOOKS[:1], tokens=600), model=tiny_model)
+    collect(config(word_corpus, tmp_path / "b", hooks=HOOKS[:1], tokens=600), model=tiny_model)
+    a, b = ActivationStore(tmp_path / "a" / HOOKS[0]), ActivationStore(tmp_path / "b" / HOOKS[0])
+    assert torch.equal(a.tokens(0, 600), b.tokens(0, 600))
+
+
+def test_corrupted_shard_is_named(tiny_model, word_corpus, tmp_path):
+    collect(config(word_corpus, tmp_path, hooks=HOOKS[:1], tokens=300), model=tiny_model)
+    shard = tmp_path / HOOKS[0] / "shard_00001.npy"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="shard_00001.npy is corrupted"):
+        ActivationStore(tmp_path / HOOKS[0])
+
+
+def test_shuffled_reader_visits_every_token_once_per_epoch(tiny_model, word_corpus, tmp_path):
+    collect(config(word_corpus, tmp_path, hooks=HOOKS[:1], tokens=700), model=tiny_model)
+    store = ActivationStore(tmp_path / HOOKS[0])
+    everything = store.tokens(0, len(store))
+    key = lambda t: sorted(map(tuple, t.tolist()))
+    epochs = list(store.batches(64, shuffle=True, seed=3, epochs=2, pool_tokens=256))
+    first = torch.cat(epochs[: len(epochs) // 2])
+    second = torch.cat(epochs[len(epochs) // 2:])
+    assert key(first) == key(everything) and key(second) == key(everything)
+    assert not torch.equal(first, everything) and not torch.equal(first, second)
+    again = torch.cat(list(store.batches(64, shuffle=True, seed=3, epochs=2, pool_tokens=256)))
+    assert torch.equal(again, torch.cat(epochs))
+    assert torch.equal(torch.cat(list(store.batches(100, shuffle=False))), everything)
+    # ranks read disjoint parts; resuming at a batch index continues the same sequence
+    r0 = torch.cat(list(store.batches(50, shuffle=False, rank=0, world_size=2)))
+    r1 = torch.cat(list(store.batches(50, shuffle=False, rank=1, world_size=2)))
+    assert torch.equal(torch.cat([r0, r1]), everything)
+    tail = list(store.batches(64, shuffle=True, seed=3, epochs=2, pool_tokens=256, start_batch=5))
+    assert all(torch.equal(a, b) for a, b in zip(tail, epochs[5:])) and len(tail) == len(epochs) - 5
+    train_lo, train_hi = store.split_range("train")
+    assert (train_lo, train_hi, store.split_range("eval")) == (0, 665, (665, 700))
+
+
+def test_norm_scale(tiny_model, word_corpus, tmp_path):
+    collect(config(word_corpus, tmp_path, hooks=HOOKS[:1], tokens=300), model=tiny_model)
+    store = ActivationStore(tmp_path / HOOKS[0])
+    scaled = torch.cat(list(store.batches(100, shuffle=False, scale=True)))
+    assert abs(float(scaled.pow(2).sum(-1).mean()) - store.d_in) < 1e-3 * store.d_in
+    assert json.loads((store.path / "manifest.json").read_text())["norm_scale"] == pytest.approx(store.norm_scale())
+    store.check(d_in=store.d_in)
+    with pytest.raises(DataError, match="store has d_in=32, expected 64"):
+        store.check(d_in=64)
+    with pytest.raises(DataError, match="collected from"):
+        store.check(model="other")
+
+
+def test_nan_activations_stop_with_error(tiny_model, word_corpus, tmp_path):
+    with tiny_model.hooks({HOOKS[0]: lambda x: x * float("nan")}):
+        with pytest.raises(DataError, match="NaN or inf activations at blocks.0.hook_resid_post"):
+            collect(config(word_corpus, tmp_path, hooks=HOOKS[:1], tokens=300), model=tiny_model)
+
+
+def test_disk_full_keeps_store_valid(tiny_model, word_corpus, tmp_path, monkeypatch):
+    import nanosae.data.store as store_mod
+
+    real, calls = store_mod.write_bytes, []
+
+    def flaky(path, data):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(store_mod, "write_bytes", flaky)
+    with pytest.raises(DataError, match="shard_00002.npy: could not be written \\(disk full\\)"):
+        collect(config(word_corpus, tmp_path, hooks=HOOKS[:1], tokens=700), model=tiny_model)
+    store = ActivationStore(tmp_path / HOOKS[0])
+    assert len(store) == 256 and not store.manifest["complete"]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_empty_corpus(tiny_model, tmp_path):
+    (tmp_path / "empty.txt").write_text("   \n")
+    cfg = CollectConfig(model="tiny", hooks=HOOKS[:1], data=DataConfig(specs=[str(tmp_path / "empty.txt")], split="all"),
+                        tokens=100, out=str(tmp_path / "out"))
+    with pytest.raises(DataError, match="gave no tokens"):
+        collect(cfg, model=tiny_model)
+
+
+def test_unknown_hook(tiny_model, word_corpus, tmp_path):
+    with pytest.raises(nanosae.HookError, match="unknown hook name"):
+        collect(config(word_corpus, tmp_path, hooks=["blocks.0.resid"]), model=tiny_model)
+
+
+def test_stream_yields_the_same_activations(tiny_model, word_corpus, tmp_path):
+    cfg = config(word_corpus, tmp_path, hooks=HOOKS[:1], tokens=10**6)
+    collect(cfg, model=tiny_model)  # the whole corpus
+    everything = ActivationStore(tmp_path / HOOKS[0]).tokens(0, 10**6)
+    stream = ActivationStream(tiny_model, HOOKS[0], cfg.data, model_batch_size=4, buffer_tokens=300)
+    got = torch.cat(list(stream.batches(64, seed=1)))
+    assert got.shape == everything.shape
+    assert torch.allclose(torch.sort(got.sum(-1)).values, torch.sort(everything.sum(-1)).values, atol=1e-4)
+    assert not torch.allclose(got, everything)
