@@ -103,7 +103,7 @@ def test_jumprelu_l0_loss_reaches_threshold():
     sae = tiny("jumprelu")
     with torch.no_grad():
         sae.threshold.copy_(torch.tensor([1.9996, 5.0, 5.0]))  # pre[0] = 2 sits inside the kernel
-    parts = sae.loss(X, sparsity_coefficient=1.0)
+    parts = sae.loss(X, sparsity_coefficient=1.0).parts
     assert float(parts["l0"]) == 1.0
     parts["l0"].backward()
     assert torch.allclose(sae.threshold.grad, torch.tensor([-1000.0, 0.0, 0.0], dtype=torch.float64))
@@ -112,7 +112,7 @@ def test_jumprelu_l0_loss_reaches_threshold():
 def test_gated_gradients_flow_as_specified():
     sae = SAE(SAEConfig(d_in=6, d_sae=12, architecture="gated"))
     x = torch.randn(32, 6)
-    parts = sae.loss(x, sparsity_coefficient=0.1)
+    parts = sae.loss(x, sparsity_coefficient=0.1).parts
     parts["mse"].backward(retain_graph=True)
     # the reconstruction trains the magnitude path, never the gate bias (Heaviside has no gradient)
     assert sae.b_gate.grad is None or torch.count_nonzero(sae.b_gate.grad) == 0
@@ -128,7 +128,7 @@ def test_relu_l1_weighted_by_decoder_norms():
     sae = tiny("relu")
     with torch.no_grad():
         sae.W_dec.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 4.0]]))  # norms 2, 1, 5
-    parts = sae.loss(X, sparsity_coefficient=0.5)
+    parts = sae.loss(X, sparsity_coefficient=0.5).parts
     assert math.isclose(float(parts["l1"]), 0.5 * (2 * 2 + 1 * 1 + 0.5 * 5))
     x_hat = torch.tensor([2.0, 0.0]) * 2 + torch.tensor([0.0, 1.0]) + torch.tensor([3.0, 4.0]) * 0.5 + B_DEC
     assert math.isclose(float(parts["mse"]), float(((x_hat - X[0]) ** 2).sum()))
@@ -139,7 +139,7 @@ def test_auxk_uses_only_dead_latents():
     x = torch.randn(10, 8)
     dead = torch.zeros(16, dtype=torch.bool)
     dead[[3, 7]] = True
-    parts = sae.loss(x, dead_mask=dead, k_aux=4)
+    parts = sae.loss(x, dead_mask=dead, k_aux=4, fast=False).parts
     parts["auxk"].backward()
     rows_with_grad = sae.W_dec.grad.abs().sum(1) > 0
     assert set(rows_with_grad.nonzero().flatten().tolist()) == {3, 7}
@@ -152,14 +152,14 @@ def test_auxk_uses_only_dead_latents():
         aux[:, [3, 7]] = pre[:, [3, 7]].relu()
         expected = ((aux @ sae.W_dec - residual) ** 2).sum(-1).mean() / 32
     assert torch.allclose(parts["auxk"], expected, rtol=1e-5)
-    assert "auxk" not in sae.loss(x, dead_mask=torch.zeros(16, dtype=torch.bool))
+    assert "auxk" not in sae.loss(x, dead_mask=torch.zeros(16, dtype=torch.bool)).parts
 
 
 def test_decoder_projection_keeps_unit_norm():
     sae = SAE(SAEConfig(d_in=16, d_sae=32, architecture="relu"))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     x = torch.randn(64, 16)
-    sae.loss(x, sparsity_coefficient=1e-3)["loss"].backward()
+    sae.loss(x, sparsity_coefficient=1e-3).loss.backward()
     sae.remove_parallel_grad()
     assert torch.allclose((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(32), atol=1e-6)
     opt.step()
@@ -169,7 +169,7 @@ def test_decoder_projection_keeps_unit_norm():
 
 def test_projection_removes_first_order_norm_change():
     sae = SAE(SAEConfig(d_in=16, d_sae=32, architecture="relu"))
-    sae.loss(torch.randn(64, 16), sparsity_coefficient=1e-3)["loss"].backward()
+    sae.loss(torch.randn(64, 16), sparsity_coefficient=1e-3).loss.backward()
     raw = sae.W_dec.grad.clone()
     sae.remove_parallel_grad()
     lr = 1e-3

@@ -231,18 +231,16 @@ class ActivationStore:
         return scale
 
     def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, epochs: int = 1, split: str = "all",
-                scale: bool = False, rank: int = 0, world_size: int = 1, pool_tokens: int = 131072,
+                scale: bool = False, pool_tokens: int = 131072,
                 start_batch: int = 0) -> Iterator[Tensor]:
         """(batch_size, d_in) float32 batches; every token of the split once per epoch.
 
         Shuffling draws a seeded permutation of chunks (shard-sized blocks), reads `pool_tokens` of them at
-        a time and permutes tokens within that pool, so memory stays bounded. rank/world_size give each
-        data-parallel process a disjoint contiguous part. start_batch skips batches (for exact resume).
+        a time and permutes tokens within that pool, so memory stays bounded. start_batch skips batches
+        (for exact resume).
         The last batch of each epoch may be smaller.
         """
         lo, hi = self.split_range(split)
-        per_rank = (hi - lo) // world_size
-        lo, hi = lo + rank * per_rank, lo + (rank + 1) * per_rank
         factor = self.norm_scale() if scale else 1.0
         chunk = max(1, min(int(self.manifest["tokens_per_shard"]), pool_tokens))
         emitted = 0
