@@ -114,3 +114,76 @@ class CollectConfig:
     device: str = "cpu"
     tokenizer: str | None = None
     """nanochat tokenizer directory, when not next to the checkpoints."""
+
+
+@dataclass
+class TrainConfig:
+    """Train one SAE from an activation store (--acts) or straight from the model (streaming)."""
+
+    out: str = "runs/sae"
+    """Run directory: config.json, sae/, checkpoints/, metrics.jsonl."""
+    acts: str | None = None
+    """Activation store to train from (made by `nanosae collect`); without it, activations are streamed."""
+    model: str = "smollm2-135m"
+    """Host model for streaming."""
+    hook: str = "blocks.15.hook_resid_post"
+    """Hook point for streaming."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model_batch_size: int = 8
+    """Windows per forward pass when streaming."""
+    tokens: int = 2_000_000
+    """Training tokens (steps = tokens // batch_size); a smaller store is read for several epochs."""
+    architecture: str = "topk"
+    """relu, topk, batchtopk, jumprelu, gated."""
+    d_sae: int = 4608
+    k: int = 32
+    """Active latents per token (topk, batchtopk)."""
+    sparsity_coefficient: float | None = None
+    """L1 weight (relu, gated) or L0 weight (jumprelu); default 5.0 / 5.0 / 1.0."""
+    batch_size: int = 4096
+    lr: float | None = None
+    """Adam learning rate; default scaled from d_sae and the number of steps."""
+    lr_warmup_steps: int | None = None
+    """Linear warm-up steps (default 5% of the run)."""
+    lr_schedule: str = "linear"
+    """constant, cosine or linear decay over the last lr_decay_fraction of the run."""
+    lr_decay_fraction: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    sparsity_warmup_steps: int | None = None
+    """Steps over which the L1/L0 coefficient ramps up from 0 (default 5% of the run)."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0 = off)."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights and save it (e.g. 0.999)."""
+    init_b_dec: str = "geometric_median"
+    """geometric_median, mean or zeros."""
+    init_sample_tokens: int = 8192
+    """Tokens used to estimate b_dec and the activation norm."""
+    normalize_activations: bool = True
+    """Scale inputs so their mean squared norm is d_in (stored in the SAE as activation_scale)."""
+    dead_tokens: int | None = None
+    """A latent is dead after this many tokens without firing (default tokens/20, at most 10M)."""
+    k_aux: int | None = None
+    """Dead latents used by the AuxK loss (default d_in/2)."""
+    aux_coefficient: float = 1 / 32
+    resample_every: int | None = None
+    """ReLU SAEs: resample dead latents every N steps (default steps/8)."""
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    """Write a checkpoint every N steps (0 = only at the end and on Ctrl-C)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in out/."""
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"unknown SAE architecture {self.architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
+        if self.lr_schedule not in ("constant", "cosine", "linear"):
+            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; expected constant, cosine or linear")
+        if self.init_b_dec not in ("geometric_median", "mean", "zeros"):
+            raise ConfigError(f"unknown init_b_dec {self.init_b_dec!r}; expected geometric_median, mean or zeros")
+        if self.batch_size <= 0 or self.tokens < self.batch_size:
+            raise ConfigError(f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})")

@@ -23,3 +23,7 @@ class HookError(NanosaeError):
 
 class DataError(NanosaeError):
     """Bad input data: empty corpus, undecodable text, NaN activations, mismatched store."""
+
+
+class TrainingError(NanosaeError):
+    """Training diverged (NaN/inf loss) or cannot continue."""

@@ -137,6 +137,21 @@ class ShardWriter:
                                        f"{self.tokens} tokens and the same command resumes from there")
 
 
+def write_store(directory: str | Path, acts: Tensor, *, hook: str = "", model: str = "", dtype: str = "float32",
+                tokens_per_shard: int = 32768, context_size: int = 0) -> "ActivationStore":
+    """Write activations you already have (N, d_in) as a store, e.g. synthetic data or another tool's cache."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": FORMAT, "model": model, "hook": hook, "d_in": int(acts.shape[1]), "dtype": dtype,
+                "context_size": context_size, "tokens_per_shard": tokens_per_shard, "batch_size": 0, "data": None,
+                "target_tokens": int(acts.shape[0]), "tokens": 0, "bytes": 0, "complete": False, "shards": [],
+                "norm_scale": None}
+    writer = ShardWriter(directory, manifest)
+    writer.add(acts)
+    writer.close(complete=True)
+    return ActivationStore(directory, verify=False)
+
+
 class ActivationStore:
     """Read a store: len(store) tokens of width store.d_in, mini-batches in a seeded shuffled order."""
 

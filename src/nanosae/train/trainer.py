@@ -1,0 +1,364 @@
+"""Train one SAE: a flat loop you can read on one screen.
+
+    batches (store on disk or straight from the model)
+      -> loss (sparse kernels for topk/batchtopk, AuxK for dead latents)
+      -> backward -> all-reduce (torchrun) -> decoder-parallel grad removed -> clip -> Adam -> unit-norm decoder
+      -> dead-latent counters, resampling (relu), EMA, metrics.jsonl, checkpoints
+
+Exact resume: a checkpoint holds the SAE, Adam state, step, batches consumed, RNG states, dead-latent
+counters and EMA weights; the data order depends only on (seed, batch index), so a resumed CPU run ends
+with the same weights, bit for bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from nanosae.config import SAEConfig, TrainConfig
+from nanosae.data import ActivationStore, ActivationStream
+from nanosae.errors import ConfigError, DataError, FormatError, TrainingError
+from nanosae.io import write_json
+from nanosae.sae import SAE
+from nanosae.sae.formats import save_sae
+from nanosae.train.init import init_sae
+
+log = logging.getLogger(__name__)
+
+
+class TrainResult(NamedTuple):
+    sae: SAE
+    run_dir: Path
+    steps: int
+    tokens: int
+    metrics: dict[str, float]
+
+
+class Progress(NamedTuple):
+    step: int
+    steps: int
+    metrics: dict[str, float]
+
+
+# ---- derived defaults -------------------------------------------------------------------------------
+def derived(cfg: TrainConfig) -> dict[str, Any]:
+    """Knobs left as None get values scaled to the run (what we would pick by hand)."""
+    steps = max(1, cfg.tokens // cfg.batch_size)
+    sparsity = cfg.sparsity_coefficient
+    if sparsity is None:
+        sparsity = {"relu": 5.0, "gated": 5.0, "jumprelu": 1.0}.get(cfg.architecture, 0.0)
+    return {
+        "steps": steps,
+        "lr": cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(cfg.d_sae / 2**14) * 8 * min(1.0, 10_000 / steps) ** 0.5,
+        "warmup": cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else max(1, steps // 20),
+        "sparsity_warmup": cfg.sparsity_warmup_steps if cfg.sparsity_warmup_steps is not None else steps // 20,
+        "sparsity": sparsity,
+        "dead_tokens": cfg.dead_tokens if cfg.dead_tokens is not None else max(cfg.batch_size, min(10_000_000, cfg.tokens // 20)),
+        "resample_every": cfg.resample_every if cfg.resample_every is not None else max(10, steps // 8),
+    }
+
+
+def lr_at(step: int, cfg: TrainConfig, d: dict[str, Any]) -> float:
+    """Linear warm-up, then constant / cosine / linear decay over the last lr_decay_fraction of the run."""
+    if step < d["warmup"]:
+        return d["lr"] * (step + 1) / d["warmup"]
+    decay_start = d["steps"] * (1 - cfg.lr_decay_fraction) if cfg.lr_schedule != "constant" else d["steps"]
+    if step < decay_start:
+        return d["lr"]
+    frac = (step - decay_start) / max(1.0, d["steps"] - decay_start)
+    if cfg.lr_schedule == "cosine":
+        return d["lr"] * 0.5 * (1 + math.cos(math.pi * frac))
+    return d["lr"] * (1 - frac)
+
+
+# ---- distributed helpers ------------------------------------------------------------------------------
+def dist_info() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
+    if world > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+            t.div_(world)
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+def open_source(cfg: TrainConfig, d_in: int | None = None) -> ActivationStore | ActivationStream:
+    if cfg.acts:
+        store = ActivationStore(cfg.acts)
+        if cfg.hook and store.hook != cfg.hook and cfg.hook != TrainConfig.hook:
+            raise DataError(f"{store.path}: store holds {store.hook}, not {cfg.hook}")
+        return store
+    from nanosae.models import load_model
+
+    model = load_model(cfg.model, device=cfg.device)
+    return ActivationStream(model, cfg.hook, cfg.data, model_batch_size=cfg.model_batch_size)
+
+
+def batch_stream(source: ActivationStore | ActivationStream, cfg: TrainConfig, start_batch: int) -> Iterator[torch.Tensor]:
+    """Endless batches (epochs as needed), counting every batch the source yields, partial ones included."""
+    if isinstance(source, ActivationStore):
+        epochs = math.ceil(cfg.tokens / max(1, len(source))) + 1
+        yield from source.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs, start_batch=start_batch)
+        return
+    skipped, epoch = 0, 0
+    while True:  # a stream restarts its corpus with a new shuffle seed each epoch
+        n = 0
+        for batch in source.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
+            n += 1
+            if skipped < start_batch:
+                skipped += 1
+                continue
+            yield batch
+        if n == 0:
+            raise DataError("the training data gave no activations")
+        epoch += 1
+
+
+def first_tokens(source: ActivationStore | ActivationStream, n: int) -> torch.Tensor:
+    if isinstance(source, ActivationStore):
+        return source.tokens(0, min(n, len(source)))
+    parts, got = [], 0
+    for acts in source.activations():
+        parts.append(acts.cpu())
+        got += len(acts)
+        if got >= n:
+            break
+    return torch.cat(parts)[:n]
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    steps = sorted((int(p.name.split("_")[1]), p) for p in (run_dir / "checkpoints").glob("step_*")
+                   if (p / "state.pt").exists())
+    return steps[-1][1] if steps else None
+
+
+def save_checkpoint(run_dir: Path, step: int, sae: SAE, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoints/step_N/ via a temp directory renamed into place; keep the newest `keep`."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step_{step}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step}."))
+    try:
+        save_sae(sae, tmp / "sae")
+        torch.save(state, tmp / "state.pt")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, progress: Callable[[Progress], None] | None = None,
+          source: ActivationStore | ActivationStream | None = None) -> TrainResult:
+    """Train one SAE into cfg.out (config.json, sae/, checkpoints/, metrics.jsonl)."""
+    rank, world = dist_info()
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    run_dir = Path(cfg.out)
+    d = derived(cfg)
+    source = source or open_source(cfg)
+    d_in = source.d_in
+    torch.manual_seed(cfg.seed)
+    sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.architecture,
+                        k=cfg.k if cfg.architecture in ("topk", "batchtopk") else None,
+                        hook_name=cfg.hook if not cfg.acts else source.hook, model_name=_model_name(cfg, source),
+                        context_size=_context_size(cfg, source), dataset_path=",".join(cfg.data.specs), device=cfg.device)
+    sae = SAE(sae_cfg)
+    sae.train()
+    opt = torch.optim.Adam(sae.parameters(), lr=d["lr"], betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
+    ema = None
+    step, batches_done, t_train = 0, 0, 0.0
+
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if ckpt is not None:
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        loaded = SAE.load(ckpt / "sae")
+        if loaded.cfg.d_sae != cfg.d_sae or loaded.cfg.d_in != d_in:
+            raise FormatError(f"{ckpt}: checkpoint has d_in={loaded.cfg.d_in}, d_sae={loaded.cfg.d_sae}; this run asks "
+                              f"for d_in={d_in}, d_sae={cfg.d_sae}")
+        sae.cfg.activation_scale = loaded.cfg.activation_scale
+        sae.load_state_dict(loaded.state_dict())
+        opt.load_state_dict(state["optimizer"])
+        step, batches_done, since_fired, t_train = state["step"], state["batches"], state["since_fired"], state["seconds"]
+        ema = state.get("ema")
+        torch.set_rng_state(state["rng"])
+        log.info("resumed %s at step %d", run_dir, step)
+    else:
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        sample = first_tokens(source, cfg.init_sample_tokens)
+        if not torch.isfinite(sample).all():
+            raise DataError("the training activations contain NaN or inf")
+        if cfg.normalize_activations:
+            sae.cfg.activation_scale = math.sqrt(d_in / float(sample.pow(2).sum(-1).mean()))
+        init_sae(sae, sample * sae.cfg.activation_scale, cfg.init_b_dec)
+        if cfg.ema_decay:
+            ema = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    _trim_metrics(run_dir / "metrics.jsonl", step, rank)
+
+    def checkpoint() -> None:
+        if rank == 0:
+            save_checkpoint(run_dir, step, sae, {"optimizer": opt.state_dict(), "step": step, "batches": batches_done,
+                                                 "since_fired": since_fired, "rng": torch.get_rng_state(), "ema": ema,
+                                                 "seconds": t_train, "config": dataclasses.asdict(cfg)})
+
+    batches = batch_stream(source, cfg, batches_done)
+    local = cfg.batch_size // world
+    last: dict[str, float] = {}
+    arch = cfg.architecture
+    try:
+        while step < d["steps"]:
+            x = next(batches)
+            batches_done += 1
+            if len(x) < cfg.batch_size:
+                continue  # an epoch's short tail: skipped, but counted for resume
+            x = x[rank * local : (rank + 1) * local].to(cfg.device)
+            if not torch.isfinite(x).all():
+                raise DataError(f"NaN or inf in the training activations at step {step}; "
+                                f"last good checkpoint: {latest_checkpoint(run_dir) or 'none'}")
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg, d)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            coeff = d["sparsity"] * min(1.0, (step + 1) / max(1, d["sparsity_warmup"]))
+            dead = since_fired >= d["dead_tokens"]
+            out = sae.loss(x, sparsity_coefficient=coeff, k_aux=cfg.k_aux, aux_coefficient=cfg.aux_coefficient,
+                           dead_mask=dead if arch in ("topk", "batchtopk") else None)
+            if not torch.isfinite(out.loss):
+                raise TrainingError(f"loss became {float(out.loss)} at step {step} (try a lower --lr); "
+                                    f"last good checkpoint: {latest_checkpoint(run_dir) or 'none'}")
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            fired = out.fired.float()
+            all_reduce_mean([p.grad for p in sae.parameters() if p.grad is not None] + [fired], world)
+            sae.remove_parallel_grad()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            opt.step()
+            sae.normalize_decoder()
+            if arch == "jumprelu":
+                with torch.no_grad():
+                    sae.threshold.clamp_(min=0.0)
+            since_fired += cfg.batch_size
+            since_fired[fired > 0] = 0
+            if arch == "relu" and (step + 1) % d["resample_every"] == 0:
+                resample_dead(sae, opt, x, since_fired >= d["dead_tokens"])
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in sae.state_dict().items():
+                        ema[k].mul_(cfg.ema_decay).add_(v, alpha=1 - cfg.ema_decay) if v.is_floating_point() else ema[k].copy_(v)
+            t_train += time.perf_counter() - t0
+            step += 1
+            if step % cfg.log_every == 0 or step == d["steps"]:
+                last = _metrics(step, cfg, out, lr, since_fired, d, t_train, world)
+                if rank == 0:
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                if progress is not None:
+                    progress(Progress(step, d["steps"], last))
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < d["steps"]:
+                checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        raise
+    if ema is not None:
+        sae.load_state_dict(ema)
+    sae.eval()
+    if rank == 0:
+        save_sae(sae, run_dir / "sae")
+        checkpoint()
+    return TrainResult(sae, run_dir, step, step * cfg.batch_size, last)
+
+
+def _metrics(step: int, cfg: TrainConfig, out: Any, lr: float, since_fired: torch.Tensor, d: dict[str, Any],
+             seconds: float, world: int) -> dict[str, float]:
+    x, x_hat = out.x, out.x_hat
+    stats = torch.stack([(x - x_hat).pow(2).sum(), (x - x.mean(0)).pow(2).sum(), out.fired.sum().float() / len(x)])
+    all_reduce_mean([stats], world)
+    metrics = {"step": step, "tokens": step * cfg.batch_size, "loss": float(out.loss.detach())}
+    metrics |= {k: float(v.detach()) for k, v in out.parts.items()}
+    metrics |= {"l0": float(stats[2]), "fvu": float(stats[0] / stats[1].clamp_min(1e-12)),
+                "dead_fraction": float((since_fired >= d["dead_tokens"]).float().mean()), "lr": lr,
+                "tokens_per_s": step * cfg.batch_size / max(seconds, 1e-9)}
+    return metrics
+
+
+def _trim_metrics(path: Path, step: int, rank: int) -> None:
+    """On resume, drop logged lines from after the checkpoint so the log has each step once."""
+    if rank or not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    write_json_lines(path, lines)
+
+
+def write_json_lines(path: Path, lines: list[str]) -> None:
+    from nanosae.io import atomic_write
+
+    atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in lines)))
+
+
+@torch.no_grad()
+def resample_dead(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor) -> int:
+    """Anthropic-style resampling for ReLU SAEs: dead latents restart on inputs the SAE reconstructs worst.
+
+    Inputs are drawn with probability proportional to their squared error; the decoder row becomes the
+    (centred) input's direction, the encoder column the same direction scaled to 0.2 × the mean alive
+    encoder norm, b_enc 0, and their Adam moments are reset.
+    """
+    idx = dead.nonzero().flatten()
+    if len(idx) == 0:
+        return 0
+    x_norm, _ = sae._normalize(x)
+    x_hat = sae.reconstruct_clean(x) * sae.cfg.activation_scale
+    err = (x_norm - x_hat).pow(2).sum(-1)
+    if float(err.sum()) <= 0:
+        return 0
+    picks = torch.multinomial(err / err.sum(), len(idx), replacement=True)
+    directions = x_norm[picks] - sae.b_dec
+    directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    alive = ~dead
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    sae.W_dec[idx] = directions
+    sae.W_enc[:, idx] = directions.T * 0.2 * enc_norm
+    sae.b_enc[idx] = 0.0
+    for p, sl in ((sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                st[key][sl] = 0.0
+    return len(idx)
+
+
+def _model_name(cfg: TrainConfig, source: Any) -> str:
+    return source.manifest["model"] if isinstance(source, ActivationStore) else source.model.name
+
+
+def _context_size(cfg: TrainConfig, source: Any) -> int:
+    return source.manifest["context_size"] if isinstance(source, ActivationStore) else cfg.data.context_size

@@ -1,0 +1,167 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nanosae
+from nanosae import SAE, SAEConfig, TrainConfig, DataError
+from nanosae.data import write_store
+from nanosae.train.init import geometric_median
+from nanosae.train.trainer import derived, lr_at, resample_dead
+
+
+def cfg_for(store, out, **kw):
+    base = dict(acts=str(store.path), out=str(out), d_sae=128, k=4, batch_size=256, tokens=256 * 300, log_every=25,
+                checkpoint_every=0, lr=3e-3)
+    return TrainConfig(**(base | kw))
+
+
+def test_recovers_planted_features(planted_store, tmp_path):
+    store, D = planted_store
+    res = nanosae.train(cfg_for(store, tmp_path / "run"))
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["loss"] < lines[0]["loss"] and lines[-1]["step"] == 300
+    assert res.metrics["fvu"] < 0.5
+    cos = (torch.nn.functional.normalize(res.sae.W_dec, dim=1) @ D.T).max(0).values
+    assert (cos > 0.9).float().mean() > 0.8, cos
+    loaded = SAE.load(tmp_path / "run" / "sae")
+    assert loaded.cfg.hook_name == "blocks.0.hook_resid_post" and loaded.cfg.activation_scale != 1.0
+    assert torch.equal(loaded.W_dec, res.sae.W_dec)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["d_sae"] == 128
+
+
+@pytest.mark.parametrize("arch", ["relu", "batchtopk", "jumprelu", "gated"])
+def test_every_architecture_trains(planted_store, tmp_path, arch):
+    store, _ = planted_store
+    coeff = {"relu": 0.05, "gated": 0.05, "jumprelu": 0.01}.get(arch)
+    res = nanosae.train(cfg_for(store, tmp_path / arch, architecture=arch, tokens=256 * 100, sparsity_coefficient=coeff))
+    lines = [json.loads(l) for l in (tmp_path / arch / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["mse"] < lines[0]["mse"]
+    assert res.metrics["fvu"] < 0.6 and 0 < res.metrics["l0"] < 128
+    assert SAE.load(tmp_path / arch / "sae").cfg.architecture == arch
+
+
+def test_auxk_revives_dead_latents():
+    def run(aux_coefficient):
+        torch.manual_seed(0)
+        x = torch.randn(2048, 16) * 2
+        sae = SAE(SAEConfig(d_in=16, d_sae=64, architecture="topk", k=4))
+        with torch.no_grad():
+            sae.b_enc[:32] = -6.0  # half the latents (almost) never win the top-k: dead from the start
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        for step in range(200):
+            with torch.no_grad():
+                dead = (sae.encode(x[:512]) > 0).sum(0) == 0
+            out = sae.loss(x[torch.randint(0, 2048, (256,))], dead_mask=dead, k_aux=8, aux_coefficient=aux_coefficient)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            sae.normalize_decoder()
+        return int(((sae.encode(x) > 0).float().mean(0)[:32] > 0.005).sum())  # revived: fire on > 0.5% of tokens
+
+    assert run(0.0) <= 2
+    assert run(1 / 32) >= 10
+
+
+def test_lr_schedule_by_hand(planted_store, tmp_path):
+    cfg = TrainConfig(acts="x", tokens=1000 * 10, batch_size=10, lr=1.0, lr_warmup_steps=10, lr_schedule="linear",
+                      lr_decay_fraction=0.2)
+    d = derived(cfg)
+    assert d["steps"] == 1000
+    assert lr_at(0, cfg, d) == pytest.approx(0.1) and lr_at(9, cfg, d) == pytest.approx(1.0)
+    assert lr_at(500, cfg, d) == 1.0 and lr_at(900, cfg, d) == pytest.approx(0.5)
+    cos = TrainConfig(acts="x", tokens=10000, batch_size=10, lr=1.0, lr_warmup_steps=1, lr_schedule="cosine")
+    assert lr_at(900, cos, derived(cos)) == pytest.approx(0.5)
+    const = TrainConfig(acts="x", tokens=10000, batch_size=10, lr=1.0, lr_warmup_steps=1, lr_schedule="constant")
+    assert lr_at(999, const, derived(const)) == 1.0
+
+
+def test_geometric_median_balances_unit_vectors():
+    pts = torch.cat([torch.randn(200, 5), torch.randn(20, 5) * 50 + 100])  # heavy outliers
+    m = geometric_median(pts, iters=500, tol=1e-10)
+    unit = (pts - m) / (pts - m).norm(dim=1, keepdim=True)
+    assert unit.sum(0).norm() < 1e-2 * len(pts)
+    assert m.norm() < pts.mean(0).norm() / 3  # robust: the mean is dragged by the outliers, the median is not
+
+
+def test_resample_dead_relu(tmp_path):
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, architecture="relu"))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    sae.loss(torch.randn(32, 8)).loss.backward()
+    opt.step()
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[2, 5]] = True
+    before = sae.W_dec.detach().clone()
+    assert resample_dead(sae, opt, torch.randn(64, 8), dead) == 2
+    assert not torch.equal(sae.W_dec[2], before[2]) and torch.equal(sae.W_dec[0], before[0])
+    assert torch.allclose(sae.W_dec[[2, 5]].norm(dim=1), torch.ones(2))
+    assert float(sae.b_enc.detach()[2]) == 0.0 and float(opt.state[sae.W_dec]["exp_avg"][5].abs().sum()) == 0.0
+
+
+def test_nan_input_stops_with_error(tmp_path):
+    x, _ = __import__("tests.train.conftest", fromlist=["planted"]).planted(4096)
+    x[3000] = float("nan")
+    store = write_store(tmp_path / "acts", x)
+    with pytest.raises(DataError, match="NaN or inf"):
+        nanosae.train(TrainConfig(acts=str(store.path), out=str(tmp_path / "run"), d_sae=32, k=2, batch_size=512,
+                                  tokens=4096 * 2, init_sample_tokens=1024, checkpoint_every=0))
+
+
+KILL_SCRIPT = r"""
+import os, signal, sys
+import nanosae
+from nanosae import TrainConfig
+def progress(p):
+    if p.step >= 17:
+        os.kill(os.getpid(), signal.SIGKILL)
+cfg = TrainConfig(acts=sys.argv[1], out=sys.argv[2], d_sae=64, k=4, batch_size=512, tokens=512 * 30, log_every=1,
+                  checkpoint_every=5, lr=3e-3, ema_decay=0.9)
+nanosae.train(cfg, progress=progress)
+"""
+
+
+def test_kill_and_resume_is_bit_identical(planted_store, tmp_path):
+    store, _ = planted_store
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(store.path), str(killed)], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": os.getcwd()})
+    assert proc.returncode == -9, proc.stderr
+    assert (killed / "checkpoints" / "step_15").exists() and not (killed / "sae").exists()
+    common = dict(acts=str(store.path), d_sae=64, k=4, batch_size=512, tokens=512 * 30, log_every=1, checkpoint_every=5,
+                  lr=3e-3, ema_decay=0.9)
+    resumed = nanosae.train(TrainConfig(out=str(killed), resume=True, **common))
+    whole = nanosae.train(TrainConfig(out=str(tmp_path / "whole"), **common))
+    for name, tensor in whole.sae.state_dict().items():
+        assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
+    steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 31))  # every step logged once, none twice
+
+
+DDP_SCRIPT = r"""
+import sys, torch, nanosae
+from nanosae import TrainConfig
+cfg = TrainConfig(acts=sys.argv[1], out=sys.argv[2], d_sae=64, k=4, batch_size=512, tokens=512 * 20, log_every=5,
+                  checkpoint_every=0, lr=3e-3)
+nanosae.train(cfg)
+"""
+
+
+def test_two_processes_equal_one(planted_store, tmp_path):
+    store, _ = planted_store
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                           str(script), str(store.path), str(tmp_path / "two")], capture_output=True, text=True,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, str(script), str(store.path), str(tmp_path / "one")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = SAE.load(tmp_path / "two" / "sae"), SAE.load(tmp_path / "one" / "sae")
+    for name, tensor in one.state_dict().items():
+        assert torch.allclose(tensor, two.state_dict()[name], atol=1e-4), name
