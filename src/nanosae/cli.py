@@ -171,6 +171,71 @@ def collect(
         console.print(f"{name}: {len(store):,} tokens × {store.d_in} ({store.dtype}) in {store.path}")
 
 
+def parse_list(text: str, kind: type) -> list:
+    """'2304,4608' -> [2304, 4608] (sweep values)."""
+    try:
+        return [kind(parse_count(v) if kind is int else v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(Path("runs/sae"), help="Run directory (sweeps: one subdirectory per setting)."),
+    acts: Path = typer.Option(None, help="Activation store from `nanosae collect` (default: stream from the model)."),
+    model: str = typer.Option("smollm2-135m", help="Host model, when streaming."),
+    hook: str = typer.Option("blocks.15.hook_resid_post", help="Hook point, when streaming."),
+    data: list[str] = typer.Option(["builtin:pydocs"], help=DATA_HELP),
+    context_size: int = typer.Option(256, help="Tokens per window, when streaming."),
+    tokens: str = typer.Option("2M", help="Training tokens, e.g. 200k, 2M."),
+    arch: str = typer.Option("topk", help="relu, topk, batchtopk, jumprelu, gated."),
+    d_sae: str = typer.Option("4608", help="Latents; several (2304,4608) train a sweep."),
+    k: str = typer.Option("32", help="Active latents per token (topk, batchtopk); several train a sweep."),
+    l1_coefficient: str = typer.Option(None, help="L1 (relu, gated) or L0 (jumprelu) weight; several train a sweep."),
+    batch_size: int = typer.Option(4096),
+    lr: float = typer.Option(None, help="Adam learning rate (default: scaled from d_sae and the run length)."),
+    lr_schedule: str = typer.Option("linear", help="constant, cosine or linear decay at the end."),
+    lr_warmup_steps: int = typer.Option(None),
+    grad_clip: float = typer.Option(1.0),
+    ema_decay: float = typer.Option(None, help="Save an EMA of the weights (e.g. 0.999)."),
+    init_b_dec: str = typer.Option("geometric_median", help="geometric_median, mean, zeros."),
+    dead_tokens: int = typer.Option(None, help="Tokens without firing after which a latent counts as dead."),
+    k_aux: int = typer.Option(None, help="Dead latents in the AuxK loss (default d_in/2)."),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps (also at the end and on Ctrl-C)."),
+    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --out."),
+    log_every: int = typer.Option(10),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Train SAEs from a store or straight from the model (torchrun-ready: one SAE over N processes)."""
+    import itertools
+
+    from nanosae.config import DataConfig, TrainConfig
+    from nanosae.train import train as run_train
+
+    sizes, ks = parse_list(d_sae, int), parse_list(k, int)
+    coeffs = parse_list(l1_coefficient, float) if l1_coefficient else [None]
+    grid = list(itertools.product(sizes, ks, coeffs))
+    for size, kk, coeff in grid:
+        name = "-".join(p for p in (f"d_sae={size}" if len(sizes) > 1 else "", f"k={kk}" if len(ks) > 1 else "",
+                                     f"l1={coeff}" if len(coeffs) > 1 else "") if p)
+        cfg = TrainConfig(out=str(out / name if name else out), acts=str(acts) if acts else None, model=model, hook=hook,
+                          data=DataConfig(specs=list(data), context_size=context_size), tokens=parse_count(tokens),
+                          architecture=arch, d_sae=size, k=kk, sparsity_coefficient=coeff, batch_size=batch_size, lr=lr,
+                          lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps, grad_clip=grad_clip,
+                          ema_decay=ema_decay, init_b_dec=init_b_dec, dead_tokens=dead_tokens, k_aux=k_aux, seed=seed,
+                          checkpoint_every=checkpoint_every, resume=resume, log_every=log_every, device=device)
+        steps = cfg.tokens // cfg.batch_size
+        with TokenProgress(f"train {name or arch}", steps) as bar:
+            def show(p) -> None:
+                m = p.metrics
+                bar.update(p.step, m["tokens_per_s"], f"loss {m['loss']:.3g} fvu {m['fvu']:.3f} l0 {m['l0']:.1f} "
+                                                      f"dead {m['dead_fraction']:.1%}")
+            result = run_train(cfg, progress=show)
+        console.print(f"saved {result.run_dir / 'sae'}  (fvu {result.metrics.get('fvu', float('nan')):.4f}, "
+                      f"l0 {result.metrics.get('l0', float('nan')):.1f}, dead {result.metrics.get('dead_fraction', 0):.2%})")
+
+
 def main() -> None:
     """Entry point: nanosae errors become one red line and exit code 1, not a traceback."""
     try:

@@ -12,13 +12,15 @@ Selections are flat (rows, cols) lists sorted by row; `offsets` marks where each
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CHUNK = 1 << 16  # selected entries per index_add chunk: bounds the (chunk, d_in) temporary
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 class Selection(NamedTuple):
@@ -26,14 +28,56 @@ class Selection(NamedTuple):
     cols: Tensor  # (n,) latent index
     offsets: Tensor  # (B,) start of each token's entries in rows/cols
     pre: Tensor  # (n,) the selected pre-activations (no grad)
+    n_latents: int
+
+    def by_token(self, values: Tensor) -> Tensor:
+        """(B, d_sae) CSR matrix with `values` at the selected places."""
+        crow = torch.cat([self.offsets, self.offsets.new_tensor([len(self.cols)])])
+        return torch.sparse_csr_tensor(crow, self.cols, values, (len(self.offsets), self.n_latents))
+
+    def by_latent(self, values: Tensor) -> Tensor:
+        """(d_sae, B) CSR matrix: the transpose, for the weight gradients (a counting sort of cols)."""
+        order = torch.argsort(self.cols.int(), stable=True)  # int32 sorts far faster than int64 on CPU
+        counts = torch.bincount(self.cols, minlength=self.n_latents)
+        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return torch.sparse_csr_tensor(crow, self.rows[order], values[order], (self.n_latents, len(self.offsets)))
 
 
 def select_topk(pre_BF: Tensor, k: int) -> Selection:
-    B = pre_BF.shape[0]
+    B, Fdim = pre_BF.shape
     vals, idx = pre_BF.topk(k, dim=-1, sorted=False)
     rows = torch.arange(B, device=pre_BF.device).repeat_interleave(k)
     offsets = torch.arange(0, B * k, k, device=pre_BF.device)
-    return Selection(rows, idx.reshape(-1), offsets, vals.reshape(-1))
+    return Selection(rows, idx.reshape(-1), offsets, vals.reshape(-1), Fdim)
+
+
+def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, dead_F: Tensor | None = None,
+                       k_aux: int = 0, chunk: int = 1024) -> tuple[Selection, Selection | None]:
+    """Encoder GEMM and top-k in row chunks (the chunk stays in cache for topk; no (B, d_sae) buffer).
+
+    Also returns the AuxK selection (top k_aux among dead latents) when dead_F marks any.
+    """
+    B, Fdim = xc_BD.shape[0], W_enc_DF.shape[1]
+    k_aux = min(k_aux, int(dead_F.sum())) if dead_F is not None else 0
+    main_v, main_i, aux_v, aux_i = [], [], [], []
+    with torch.no_grad():
+        for i in range(0, B, chunk):
+            pre = xc_BD[i : i + chunk] @ W_enc_DF
+            pre += b_enc_F
+            v, idx = pre.topk(k, dim=-1, sorted=False)
+            main_v.append(v)
+            main_i.append(idx)
+            if k_aux:
+                v, idx = pre.masked_fill_(~dead_F, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+                aux_v.append(v)
+                aux_i.append(idx)
+
+    def selection(vals: list[Tensor], idx: list[Tensor], kk: int) -> Selection:
+        rows = torch.arange(B, device=xc_BD.device).repeat_interleave(kk)
+        offsets = torch.arange(0, B * kk, kk, device=xc_BD.device)
+        return Selection(rows, torch.cat(idx).reshape(-1), offsets, torch.cat(vals).reshape(-1), Fdim)
+
+    return selection(main_v, main_i, k), (selection(aux_v, aux_i, k_aux) if k_aux else None)
 
 
 def select_batch_topk(pre_BF: Tensor, k: int) -> Selection:
@@ -45,7 +89,7 @@ def select_batch_topk(pre_BF: Tensor, k: int) -> Selection:
     rows, cols = flat // Fdim, flat % Fdim
     counts = torch.bincount(rows, minlength=B)
     offsets = torch.cumsum(counts, 0) - counts
-    return Selection(rows, cols, offsets, vals)
+    return Selection(rows, cols, offsets, vals, Fdim)
 
 
 def select_dead_topk(pre_BF: Tensor, dead_F: Tensor, k: int) -> Selection:
@@ -55,36 +99,63 @@ def select_dead_topk(pre_BF: Tensor, dead_F: Tensor, k: int) -> Selection:
 
 
 class _SelectedPreacts(torch.autograd.Function):
-    """Returns the selected pre-activations; backward scatters their gradient into W_enc, b_enc, x only."""
+    """The selected pre-activations of x - b_dec; backward scatters their gradient into W_enc, b_enc, b_dec only.
+
+    b_dec's gradient needs no per-token work: Σ_tokens d(pre)/d(b_dec) = -W_enc @ (gradient of b_enc).
+    """
 
     @staticmethod
-    def forward(ctx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, sel_pre: Tensor, rows: Tensor, cols: Tensor,
-                offsets: Tensor) -> Tensor:
-        ctx.save_for_backward(x_BD, W_enc_DF, rows, cols, offsets)
-        return sel_pre.clone()
+    def forward(ctx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, sel: Selection) -> Tensor:
+        ctx.save_for_backward(x_BD, W_enc_DF, b_dec_D if b_dec_D is not None else x_BD.new_zeros(0))
+        ctx.sel, ctx.centred = sel, b_dec_D is not None
+        return sel.pre.clone()
 
     @staticmethod
     def backward(ctx, g_n: Tensor):
-        x_BD, W_enc_DF, rows, cols, offsets = ctx.saved_tensors
-        grad_x = grad_W = grad_b = None
+        x_BD, W_enc_DF, b_dec_D = ctx.saved_tensors
+        sel = ctx.sel
+        grad_x = grad_W = grad_b = grad_b_dec = None
+        grad_b_enc = torch.zeros(sel.n_latents, dtype=g_n.dtype, device=g_n.device).index_add_(0, sel.cols, g_n)
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(cols, W_enc_DF.T.contiguous(), offsets, mode="sum", per_sample_weights=g_n)
+            grad_x = F.embedding_bag(sel.cols, W_enc_DF.T.contiguous(), sel.offsets, mode="sum", per_sample_weights=g_n)
         if ctx.needs_input_grad[1]:
-            grad_WT = torch.zeros(W_enc_DF.shape[1], W_enc_DF.shape[0], dtype=g_n.dtype, device=g_n.device)
-            for i in range(0, len(cols), CHUNK):
-                sl = slice(i, i + CHUNK)
-                grad_WT.index_add_(0, cols[sl], x_BD[rows[sl]] * g_n[sl, None])
-            grad_W = grad_WT.T
+            xc = x_BD - b_dec_D if ctx.centred else x_BD
+            grad_W = (sel.by_latent(g_n) @ xc).T  # (d_sae, B) sparse @ (B, d_in), viewed as (d_in, d_sae)
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W_enc_DF.shape[1], dtype=g_n.dtype, device=g_n.device).index_add_(0, cols, g_n)
-        return grad_x, grad_W, grad_b, None, None, None, None
+            grad_b = grad_b_enc
+        if ctx.centred and ctx.needs_input_grad[3]:
+            grad_b_dec = -(W_enc_DF @ grad_b_enc)
+        return grad_x, grad_W, grad_b, grad_b_dec, None
 
 
-def selected_preacts(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, sel: Selection) -> Tensor:
-    """The selected pre-activations as a differentiable (n,) tensor."""
-    return _SelectedPreacts.apply(x_BD, W_enc_DF, b_enc_F, sel.pre, sel.rows, sel.cols, sel.offsets)
+class _SparseDecode(torch.autograd.Function):
+    """x_hat = Σ_j vals_j W_dec[cols_j]; backward: sampled dot products for vals, sparse @ dense for W_dec."""
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, W_dec_FD: Tensor, sel: Selection) -> Tensor:
+        ctx.save_for_backward(vals, W_dec_FD)
+        ctx.sel = sel
+        return F.embedding_bag(sel.cols, W_dec_FD, sel.offsets, mode="sum", per_sample_weights=vals)
+
+    @staticmethod
+    def backward(ctx, g_BD: Tensor):
+        vals, W_dec_FD = ctx.saved_tensors
+        sel = ctx.sel
+        grad_vals = grad_W = None
+        g_BD = g_BD.contiguous()
+        if ctx.needs_input_grad[0]:
+            pattern = sel.by_token(torch.zeros_like(vals))
+            grad_vals = torch.sparse.sampled_addmm(pattern, g_BD, W_dec_FD.T, beta=0.0).values()
+        if ctx.needs_input_grad[1]:
+            grad_W = sel.by_latent(vals) @ g_BD
+        return grad_vals, grad_W, None
+
+
+def selected_preacts(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, sel: Selection) -> Tensor:
+    """The selected pre-activations of (x - b_dec) as a differentiable (n,) tensor (b_dec None: of x)."""
+    return _SelectedPreacts.apply(x_BD, W_enc_DF, b_enc_F, b_dec_D, sel)
 
 
 def sparse_decode(vals: Tensor, sel: Selection, W_dec_FD: Tensor) -> Tensor:
     """Σ_j vals_j · W_dec[cols_j] per token (without b_dec): (B, d_in)."""
-    return F.embedding_bag(sel.cols, W_dec_FD, sel.offsets, mode="sum", per_sample_weights=vals)
+    return _SparseDecode.apply(vals, W_dec_FD, sel)

@@ -230,17 +230,23 @@ class SAE(nn.Module):
 
     def _sparse_loss(self, x_norm: Tensor, dead_mask: Tensor | None, k_aux: int | None, aux_coefficient: float
                      ) -> LossOutput:
-        xc = self._centred(x_norm)
-        with torch.no_grad():
-            pre = torch.addmm(self.b_enc, xc, self.W_enc)
-        select = kernels.select_topk if self.cfg.architecture == "topk" else kernels.select_batch_topk
-        sel = select(pre, self.cfg.k)
-        vals = kernels.selected_preacts(xc, self.W_enc, self.b_enc, sel).relu()
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        dead = dead_mask if dead_mask is not None and bool(dead_mask.any()) else None
+        k_aux = k_aux or self.cfg.d_in // 2
+        if self.cfg.architecture == "topk":
+            sel, aux = kernels.encode_select_topk(self._centred(x_norm).detach(), self.W_enc.detach(),
+                                                  self.b_enc.detach(), self.cfg.k, dead, k_aux)
+        else:
+            with torch.no_grad():
+                pre = self._centred(x_norm) @ self.W_enc
+                pre += self.b_enc
+            sel = kernels.select_batch_topk(pre, self.cfg.k)
+            aux = kernels.select_dead_topk(pre, dead, k_aux) if dead is not None else None
+        vals = kernels.selected_preacts(x_norm, self.W_enc, self.b_enc, b_dec, sel).relu()
         x_hat = kernels.sparse_decode(vals, sel, self.W_dec) + self.b_dec
         parts = {"mse": (x_hat - x_norm).pow(2).sum(-1).mean()}
-        if dead_mask is not None and bool(dead_mask.any()):
-            aux = kernels.select_dead_topk(pre, dead_mask, k_aux or self.cfg.d_in // 2)
-            aux_vals = kernels.selected_preacts(xc, self.W_enc, self.b_enc, aux).relu()
+        if aux is not None:
+            aux_vals = kernels.selected_preacts(x_norm, self.W_enc, self.b_enc, b_dec, aux).relu()
             residual_hat = kernels.sparse_decode(aux_vals, aux, self.W_dec)
             residual = x_norm - x_hat.detach()
             parts["auxk"] = aux_coefficient * (residual_hat - residual).pow(2).sum(-1).mean()

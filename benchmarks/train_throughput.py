@@ -1,0 +1,137 @@
+"""Training throughput of one TopK SAE step on CPU (synthetic activations).
+
+d_in 576, d_sae 4608, k 32, batch 4096, fp32, torch.set_num_threads(2). Prints steady-state tokens/s of
+  nanosae        (sparse kernels: one dense GEMM for the encoder, the rest on the k selected latents)
+  dense PyTorch  (the textbook TopK step: dense encode, scatter, dense decode, autograd)
+  SAELens / sparsify / dictionary_learning, when importable in this venv (never project dependencies)
+and the bound: the time of the one unavoidable dense GEMM (batch x d_in x d_sae) at the GEMM rate
+measured in this run. Targets: >= 2x the fastest peer, >= 60% of the bound.
+Usage: python benchmarks/train_throughput.py [--steps 8]
+"""
+
+import argparse
+import time
+
+import torch
+
+from nanosae import SAE, SAEConfig, TrainConfig
+from nanosae.train.trainer import make_adam
+
+D_IN, D_SAE, K, BATCH = 576, 4608, 32, 4096
+
+
+def timed(step, steps: int) -> float:
+    step()
+    step()  # warm-up
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return BATCH * steps / (time.perf_counter() - t)
+
+
+def nanosae_step(x: torch.Tensor):
+    sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture="topk", k=K))
+    opt = make_adam(sae, 1e-4, TrainConfig())
+
+    def step():
+        out = sae.loss(x)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.remove_parallel_grad()
+        opt.step()
+        sae.normalize_decoder()
+    return step
+
+
+def dense_step(x: torch.Tensor):
+    W_enc = torch.nn.Parameter(torch.randn(D_IN, D_SAE) / D_IN**0.5)
+    b_enc = torch.nn.Parameter(torch.zeros(D_SAE))
+    W_dec = torch.nn.Parameter(torch.randn(D_SAE, D_IN) / D_IN**0.5)
+    b_dec = torch.nn.Parameter(torch.zeros(D_IN))
+    opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=1e-4)
+
+    def step():
+        pre = (x - b_dec) @ W_enc + b_enc
+        vals, idx = pre.topk(K, dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        loss = (z @ W_dec + b_dec - x).pow(2).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def peers(x: torch.Tensor) -> dict:
+    """Peers' own TopK training step where the package is installed; skipped otherwise."""
+    out = {}
+    try:
+        from sparsify import SparseCoder, SaeConfig as SparsifyConfig
+
+        coder = SparseCoder(D_IN, SparsifyConfig(num_latents=D_SAE, k=K))
+        opt = torch.optim.Adam(coder.parameters(), lr=1e-4)
+
+        def step():
+            loss = coder(x).fvu
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        out["sparsify"] = step
+    except Exception:
+        pass
+    try:
+        from dictionary_learning.trainers.top_k import AutoEncoderTopK
+
+        ae = AutoEncoderTopK(D_IN, D_SAE, K)
+        opt = torch.optim.Adam(ae.parameters(), lr=1e-4)
+
+        def step():
+            loss = (ae(x) - x).pow(2).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        out["dictionary_learning"] = step
+    except Exception:
+        pass
+    try:
+        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.saes.sae import TrainStepInput
+
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+        def step():
+            o = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
+                                                         n_training_steps=0))
+            opt.zero_grad(set_to_none=True)
+            o.loss.backward()
+            opt.step()
+        out["SAELens"] = step
+    except Exception:
+        pass
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=8)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, D_IN)
+    W = torch.randn(D_IN, D_SAE)
+    gemm = timed(lambda: x @ W, args.steps)  # tokens/s if a step were only the encoder GEMM
+    flops = 2 * BATCH * D_IN * D_SAE
+    rates = {"nanosae": timed(nanosae_step(x), args.steps), "dense PyTorch TopK": timed(dense_step(x), args.steps)}
+    rates |= {name: timed(step, args.steps) for name, step in peers(x).items()}
+    print(f"TopK SAE training step, d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, fp32, 2 threads")
+    print(f"GEMM rate {flops * gemm / BATCH / 1e9:.1f} GFLOP/s -> bound {gemm:,.0f} tokens/s\n")
+    print("| trainer | tokens/s | vs dense | of bound |\n|---|---|---|---|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:,.0f} | {rate / rates['dense PyTorch TopK']:.2f}x | {rate / gemm:.0%} |")
+    fastest_peer = max((r for n, r in rates.items() if n != "nanosae"), default=None)
+    print(f"\nnanosae / fastest other: {rates['nanosae'] / fastest_peer:.2f}x (target >= 2x); "
+          f"of bound: {rates['nanosae'] / gemm:.0%} (target >= 60%)")
+
+
+if __name__ == "__main__":
+    main()
