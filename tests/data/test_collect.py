@@ -158,15 +158,17 @@ def test_nan_activations_stop_with_error(tiny_model, word_corpus, tmp_path):
 def test_disk_full_keeps_store_valid(tiny_model, word_corpus, tmp_path, monkeypatch):
     import nanosae.data.store as store_mod
 
-    real, calls = store_mod.write_bytes, []
+    real, calls = store_mod.write_file, []
 
-    def flaky(path, data):
+    def flaky(path, write):
         calls.append(path)
         if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data)
+            def write(tmp, real_write=write):
+                real_write(tmp)  # half the work is done on disk, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, write)
 
-    monkeypatch.setattr(store_mod, "write_bytes", flaky)
+    monkeypatch.setattr(store_mod, "write_file", flaky)
     with pytest.raises(DataError, match="shard_00002.npy: could not be written \\(disk full\\)"):
         collect(config(word_corpus, tmp_path, hooks=HOOKS[:1], tokens=700), model=tiny_model)
     store = ActivationStore(tmp_path / HOOKS[0])

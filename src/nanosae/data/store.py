@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import math
 import queue
@@ -24,7 +23,8 @@ import torch
 from torch import Tensor
 
 from nanosae.errors import DataError, FormatError
-from nanosae.io import write_bytes, write_json
+from nanosae.io import atomic_write as write_file
+from nanosae.io import write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "nanosae-activations/1"
@@ -43,6 +43,32 @@ def _to_numpy(x: Tensor, dtype: str) -> np.ndarray:
 def _from_numpy(a: np.ndarray, dtype: str) -> Tensor:
     t = torch.from_numpy(np.array(a))  # a copy: shards are read-only memory maps
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+class _HashingFile:
+    """File wrapper that hashes what is written, so a shard is never held twice in memory."""
+
+    def __init__(self, f: Any):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        self.n += len(memoryview(data).cast("B"))
+        return self.f.write(data)
+
+
+def save_npy(path: Path, array: np.ndarray) -> tuple[str, tuple[int, int]]:
+    """np.save straight into an atomically renamed file; returns (sha256, (rows, bytes))."""
+    result: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            hf = _HashingFile(f)
+            np.save(hf, array)
+            result["sha"], result["n"] = hf.sha.hexdigest(), hf.n
+
+    write_file(path, write)
+    return result["sha"], (int(array.shape[0]), result["n"])
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -69,7 +95,7 @@ class ShardWriter:
         self.size = int(manifest["tokens_per_shard"])
         self.pending: list[Tensor] = []
         self.pending_tokens = 0
-        self.queue: queue.Queue = queue.Queue(maxsize=2)  # bounds memory: at most 2 shards in flight
+        self.queue: queue.Queue = queue.Queue(maxsize=1)  # bounds memory: at most one shard waiting
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, daemon=True, name=f"nanosae-writer-{directory.name}")
         self.thread.start()
@@ -119,14 +145,12 @@ class ShardWriter:
             index = len(self.manifest["shards"])
             name = shard_name(index)
             try:
-                buf = io.BytesIO()
-                np.save(buf, _to_numpy(shard, self.manifest["dtype"]))
-                data = buf.getvalue()
-                write_bytes(self.dir / name, data)
-                self.manifest["shards"].append({"file": name, "tokens": int(shard.shape[0]),
-                                                "sha256": hashlib.sha256(data).hexdigest()})
+                digest, size = save_npy(self.dir / name, _to_numpy(shard, self.manifest["dtype"]))
+                del shard
+                self.manifest["shards"].append({"file": name, "tokens": size[0],
+                                                "sha256": digest})
                 self.manifest["tokens"] = self.tokens
-                self.manifest["bytes"] = self.manifest.get("bytes", 0) + len(data)
+                self.manifest["bytes"] = self.manifest.get("bytes", 0) + size[1]
                 write_json(self.dir / MANIFEST, self.manifest)
             except OSError as e:
                 if len(self.manifest["shards"]) > index:

@@ -34,22 +34,34 @@ def windows(docs: Iterable[str], tokenizer: Tokenizer, context_size: int, pack: 
         raise DataError(f"context_size must be at least 2, got {context_size}")
     bos, body = tokenizer.bos_id, context_size - 1
     if not pack:
-        for doc in docs:
-            ids = [bos, *tokenizer.encode(doc)[:body]]
+        for doc_ids in _encoded(docs, tokenizer):
+            ids = [bos, *doc_ids[:body]]
             yield ids + [bos] * (context_size - len(ids)), len(ids)
         return
     stream: list[int] = []
     start = 0
-    for n_docs, doc in enumerate(docs):
+    for n_docs, doc_ids in enumerate(_encoded(docs, tokenizer)):
         if n_docs:
             stream.append(bos)
-        stream.extend(tokenizer.encode(doc))
+        stream.extend(doc_ids)
         while len(stream) - start >= body:
             yield [bos, *stream[start : start + body]], context_size
             start += body
         if start > len(stream) // 2:  # compact now and then instead of slicing per window
             del stream[:start]
             start = 0
+
+
+def _encoded(docs: Iterable[str], tokenizer: Tokenizer, group: int = 16) -> Iterator[list[int]]:
+    """Token ids per document, tokenized a group at a time (native tokenizers release the GIL for a batch)."""
+    batch: list[str] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == group:
+            yield from tokenizer.encode_batch(batch)
+            batch = []
+    if batch:
+        yield from tokenizer.encode_batch(batch)
 
 
 def valid_mask(tokens: Tensor, n_real: Tensor, bos: int, exclude_first: int) -> Tensor:

@@ -33,6 +33,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Several texts at once (back ends override this to tokenize in native threads, without the GIL)."""
+        return [self.encode(t) for t in texts]
+
     def encode_chat(self, user_message: str) -> list[int]:
         """A single-turn chat prompt ending where the assistant's reply begins."""
         raise NotImplementedError
@@ -48,6 +52,9 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids))
@@ -118,6 +125,9 @@ class NanochatTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts, num_threads=2)
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(list(ids))
