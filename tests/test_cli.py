@@ -3,6 +3,7 @@ import sys
 
 from typer.testing import CliRunner
 
+import nanosae
 from nanosae import SAE, SAEConfig
 from nanosae.cli import app
 
@@ -23,3 +24,26 @@ def test_error_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "cfg.json is not valid JSON" in lines[0], proc.stderr
+
+
+def test_collect_then_train_sweep(tiny_llama_dir, word_corpus, tmp_path):
+    runner = CliRunner()
+    acts = tmp_path / "acts"
+    r = runner.invoke(app, ["collect", "--model", str(tiny_llama_dir), "--hook", "blocks.1.hook_resid_post",
+                            "--data", str(word_corpus), "--split", "all", "--tokens", "1k", "--out", str(acts),
+                            "--context-size", "16", "--dtype", "float32", "--tokens-per-shard", "256"])
+    assert r.exit_code == 0, r.output
+    store = nanosae.ActivationStore(acts / "blocks.1.hook_resid_post")
+    assert len(store) == 1000 and store.manifest["data"]["split"] == "all"
+    r = runner.invoke(app, ["train", "--acts", str(acts), "--d-sae", "32,64", "--k", "4", "--tokens", "5k",
+                            "--batch-size", "250", "--out", str(tmp_path / "sweep"), "--lr", "0.003"])
+    assert r.exit_code == 0, r.output
+    for size in (32, 64):
+        sae = SAE.load(tmp_path / "sweep" / f"d_sae={size}" / "sae")
+        assert (sae.cfg.d_sae, sae.cfg.k, sae.cfg.hook_name) == (size, 4, "blocks.1.hook_resid_post")
+
+
+def test_parse_count():
+    from nanosae.cli import parse_count
+
+    assert (parse_count("200k"), parse_count("2M"), parse_count("4096"), parse_count("1.5k")) == (200_000, 2_000_000, 4096, 1500)

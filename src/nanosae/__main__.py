@@ -1,0 +1,3 @@
+from nanosae.cli import main
+
+main()
