@@ -47,3 +47,20 @@ def test_parse_count():
     from nanosae.cli import parse_count
 
     assert (parse_count("200k"), parse_count("2M"), parse_count("4096"), parse_count("1.5k")) == (200_000, 2_000_000, 4096, 1500)
+
+
+def test_eval_command_writes_eval_json_and_report(tiny_llama_dir, word_corpus, tmp_path):
+    import json
+
+    runner = CliRunner()
+    for name in ("a", "b"):
+        sae = SAE(SAEConfig(d_in=32, d_sae=64, architecture="topk", k=4, hook_name="blocks.1.hook_resid_post",
+                            model_name=str(tiny_llama_dir)))
+        sae.save(tmp_path / "sweep" / name / "sae")
+    r = runner.invoke(app, ["eval", str(tmp_path / "sweep" / "a"), str(tmp_path / "sweep" / "b"), "--data", str(word_corpus),
+                            "--tokens", "100", "--context-size", "16"])
+    assert r.exit_code == 0, r.output
+    for name in ("a", "b"):
+        result = json.loads((tmp_path / "sweep" / name / "eval.json").read_text())
+        assert 0 < result["tokens"] and "ce_loss_score" in result and result["hook"] == "blocks.1.hook_resid_post"
+    assert (tmp_path / "sweep" / "report.html").exists() and "ce_loss_score" in r.output

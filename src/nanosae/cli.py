@@ -236,6 +236,68 @@ def train(
                       f"l0 {result.metrics.get('l0', float('nan')):.1f}, dead {result.metrics.get('dead_fraction', 0):.2%})")
 
 
+def resolve_sae(path: Path) -> tuple[Path | None, Path]:
+    """(run dir or None, SAE path): a run dir holds sae/; anything else is an SAE file or directory."""
+    if (path / "sae" / "cfg.json").exists():
+        return path, path / "sae"
+    return None, path
+
+
+@app.command("eval")
+def eval_cmd(
+    paths: list[Path] = typer.Argument(..., help="Run directories or SAE files/dirs (several: evaluated on the same tokens)."),
+    model: str = typer.Option(None, help="Host model (default: the SAE's model_name)."),
+    hook: str = typer.Option(None, help="Hook point (default: the SAE's hook_name)."),
+    data: list[str] = typer.Option(["builtin:pydocs"], help=DATA_HELP),
+    split: str = typer.Option("eval", help="Documents: eval (held out: every 20th), train, all."),
+    tokens: str = typer.Option("20k", help="Evaluation tokens."),
+    context_size: int = typer.Option(256),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    ablation: str = typer.Option("zero", help="Baseline for the CE score: zero or mean ablation."),
+    out: Path = typer.Option(None, help="Where report.html goes (default: the run dir, or the sweep's parent)."),
+    device: str = typer.Option("cpu"),
+    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
+) -> None:
+    """Evaluate SAEs: FVU, L0, dead/dense latents, CE/KL with the SAE spliced in; writes eval.json and report.html."""
+    from nanosae.config import DataConfig
+    from nanosae.eval import evaluate
+    from nanosae.eval.report import TABLE_KEYS, write_report
+    from nanosae.io import write_json
+    from nanosae.models import load_model
+    from nanosae.sae import SAE
+
+    located = [resolve_sae(p) for p in paths]
+    saes = [SAE.load(sae_path, device=device) for _, sae_path in located]
+    spec = model or saes[0].cfg.model_name
+    if not spec:
+        raise ConfigError("the SAE does not name its model; pass --model")
+    host = load_model(spec, device=device, tokenizer=tokenizer)
+    n = parse_count(tokens)
+    cfg = DataConfig(specs=list(data), split=split, context_size=context_size)
+    with TokenProgress("eval", n) as bar:
+        results = evaluate(saes, host, cfg, tokens=n, batch_size=batch_size, ablation=ablation,
+                           hooks=[hook] * len(saes) if hook else None,
+                           progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)))
+    names = [(run or sae_path).name for run, sae_path in located]
+    for (run, sae_path), result in zip(located, results):
+        if run is not None:
+            write_json(run / "eval.json", result)
+        elif sae_path.is_file():  # e.g. an OpenAI .pt: eval.json beside it, named after it
+            write_json(sae_path.with_suffix(".eval.json"), result)
+        else:
+            write_json(sae_path / "eval.json", result)
+    target = out or (located[0][0] if len(located) == 1 and located[0][0] else Path(paths[0]).resolve().parent)
+    report = write_report(results, names, Path(target) / "report.html")
+    table = Table(title=f"{spec} · {results[0]['hook']} · {results[0]['tokens']:,} tokens")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    for key in TABLE_KEYS:
+        table.add_row(key, *[f"{r[key]:.4g}" if isinstance(r[key], float) else str(r[key]) for r in results])
+    console.print(table)
+    console.print(f"report: {report}")
+
+
 def main() -> None:
     """Entry point: nanosae errors become one red line and exit code 1, not a traceback."""
     try:

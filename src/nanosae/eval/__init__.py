@@ -1,0 +1,3 @@
+from nanosae.eval.metrics import evaluate
+
+__all__ = ["evaluate"]

@@ -1,0 +1,203 @@
+"""Evaluate SAEs on a host model: reconstruction, sparsity, dead latents, and what splicing costs the model.
+
+Per batch of held-out windows: one clean forward pass (logits + the activations at every SAE's hook)
+shared by all SAEs, one ablation pass per hook, one spliced pass per SAE. Everything is accumulated in
+running sums, so memory does not grow with the token count. Positions holding BOS or padding are left
+out exactly as the collector leaves them out, for the activation metrics and for the CE/KL metrics
+(a prediction counts when both the position it is made at and the token it predicts are kept).
+
+  fvu            = Σ‖x − x̂‖² / Σ‖x − mean(x)‖²   (explained_variance = 1 − fvu)
+  mse            = mean over tokens and dimensions of (x − x̂)²
+  ce_loss_score  = (ce_ablation − ce_with_sae) / (ce_ablation − ce_clean)
+  kl_div         = mean KL(clean next-token distribution ‖ spliced one)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nanosae.config import DataConfig
+from nanosae.data.corpus import iter_documents
+from nanosae.data.tokens import in_background, token_batches
+from nanosae.errors import ConfigError, DataError
+from nanosae.models import HostModel
+from nanosae.sae import SAE
+
+DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens counts as dense
+
+
+@dataclass
+class _Sums:
+    """Running sums for one SAE (float64 so millions of tokens add up exactly enough)."""
+
+    d_in: int
+    d_sae: int
+    context: int
+    n: int = 0
+    sum_x: Tensor = None  # type: ignore[assignment]
+    sum_x2: float = 0.0
+    sum_err: float = 0.0
+    sum_l0: float = 0.0
+    sum_l0_sq: float = 0.0
+    sum_l1: float = 0.0
+    sum_cos: float = 0.0
+    sum_rel_norm: float = 0.0
+    fires: Tensor = None  # type: ignore[assignment]
+    l0_hist: Tensor = None  # type: ignore[assignment]
+    pos_n: Tensor = None  # type: ignore[assignment]
+    pos_err: Tensor = None  # type: ignore[assignment]
+    pos_x2: Tensor = None  # type: ignore[assignment]
+    pos_x: Tensor = None  # type: ignore[assignment]
+    ce_sae: float = 0.0
+    kl: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sum_x = torch.zeros(self.d_in, dtype=torch.float64)
+        self.fires = torch.zeros(self.d_sae, dtype=torch.long)
+        self.l0_hist = torch.zeros(self.d_sae + 1, dtype=torch.long)
+        self.pos_n = torch.zeros(self.context, dtype=torch.float64)
+        self.pos_err = torch.zeros(self.context, dtype=torch.float64)
+        self.pos_x2 = torch.zeros(self.context, dtype=torch.float64)
+        self.pos_x = torch.zeros(self.context, self.d_in, dtype=torch.float64)
+
+    def add(self, x: Tensor, x_hat: Tensor, z: Tensor, positions: Tensor) -> None:
+        x, x_hat, z = x.double(), x_hat.double(), z.double()
+        err = (x - x_hat).pow(2).sum(-1)
+        l0 = (z != 0).sum(-1)
+        self.n += len(x)
+        self.sum_x += x.sum(0)
+        self.sum_x2 += float(x.pow(2).sum())
+        self.sum_err += float(err.sum())
+        self.sum_l0 += float(l0.sum())
+        self.sum_l0_sq += float(l0.double().pow(2).sum())
+        self.sum_l1 += float(z.abs().sum())
+        self.sum_cos += float(F.cosine_similarity(x, x_hat, dim=-1).sum())
+        self.sum_rel_norm += float((x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum())
+        self.fires += (z != 0).sum(0)
+        self.l0_hist += torch.bincount(l0, minlength=self.d_sae + 1)
+        self.pos_n.index_add_(0, positions, torch.ones_like(err))
+        self.pos_err.index_add_(0, positions, err)
+        self.pos_x2.index_add_(0, positions, x.pow(2).sum(-1))
+        self.pos_x.index_add_(0, positions, x)
+
+    def total_variance(self) -> float:
+        mean = self.sum_x / self.n
+        return self.sum_x2 - self.n * float(mean.pow(2).sum())
+
+    def fvu_by_position(self) -> list[float | None]:
+        mean = self.sum_x / self.n
+        var = self.pos_x2 - 2 * (self.pos_x @ mean) + self.pos_n * float(mean.pow(2).sum())
+        return [float(e / v) if n > 0 and v > 0 else None for e, v, n in zip(self.pos_err, var, self.pos_n)]
+
+
+def _ce_and_kl(logits: Tensor, clean_logp: list[Tensor] | None, tokens: Tensor, keep: Tensor) -> tuple[float, float, list[Tensor]]:
+    """Summed CE of next-token predictions at kept positions, and summed KL against the clean run (row by row)."""
+    ce, kl, logps = 0.0, 0.0, []
+    for b in range(logits.shape[0]):
+        logp = F.log_softmax(logits[b, :-1][keep[b]].double(), dim=-1)
+        ce -= float(logp.gather(1, tokens[b, 1:][keep[b]][:, None]).sum())
+        if clean_logp is not None:
+            ref = clean_logp[b]
+            kl += float((ref.exp() * (ref - logp)).sum())
+        logps.append(logp)
+    return ce, kl, logps
+
+
+@torch.no_grad()
+def evaluate(
+    saes: SAE | list[SAE],
+    model: HostModel,
+    data: DataConfig | list[str] | str,
+    tokens: int = 20_000,
+    batch_size: int = 8,
+    ablation: str = "zero",
+    hooks: list[str] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """Metrics for one SAE (a dict) or several evaluated on the same tokens (a list of dicts).
+
+    data: a DataConfig, or corpus specs (then the held-out split is used). hooks: where each SAE sits
+    (default: its cfg.hook_name). ablation: 'zero' or 'mean' (the batch's mean activation).
+    """
+    single = isinstance(saes, SAE)
+    sae_list = [saes] if single else list(saes)
+    if ablation not in ("zero", "mean"):
+        raise ConfigError(f"unknown ablation {ablation!r}; expected zero or mean")
+    if not isinstance(data, DataConfig):
+        data = DataConfig(specs=[data] if isinstance(data, str) else list(data), split="eval")
+    hook_of = list(hooks) if hooks else [s.cfg.hook_name for s in sae_list]
+    for sae, hook in zip(sae_list, hook_of):
+        if not hook:
+            raise ConfigError("the SAE does not say which hook it reads (cfg.hook_name); pass --hook")
+        if model.hook_dim(hook) != sae.cfg.d_in:
+            raise ConfigError(f"{hook} has width {model.hook_dim(hook)} but the SAE expects d_in={sae.cfg.d_in}")
+        sae.eval()
+    unique_hooks = list(dict.fromkeys(hook_of))
+    sums = [_Sums(s.cfg.d_in, s.cfg.d_sae, data.context_size) for s in sae_list]
+    ce_clean, ce_ablation = 0.0, {h: 0.0 for h in unique_hooks}
+    n_pred, done, t0 = 0, 0, time.perf_counter()
+    batches = in_background(token_batches(iter_documents(data), model.tokenizer, data.context_size, batch_size,
+                                          data.pack, data.exclude_first))
+    for batch in batches:
+        toks, valid = batch.tokens.to(model.device), batch.valid.to(model.device)
+        keep = valid[:, :-1] & valid[:, 1:]  # predictions from a kept position of a kept token
+        logits, cache = model.run_with_cache(toks, unique_hooks)
+        ce, _, clean_logp = _ce_and_kl(logits, None, toks, keep)
+        ce_clean += ce
+        n_pred += int(keep.sum())
+        for h in unique_hooks:
+            x = cache[h]
+            if ablation == "zero":
+                replacement = torch.zeros_like(x)
+            else:
+                replacement = x[valid].mean(0).expand_as(x)
+            with model.hooks({h: lambda _, r=replacement: r}):
+                ce_ablation[h] += _ce_and_kl(model.forward(toks), None, toks, keep)[0]
+        positions = torch.arange(toks.shape[1], device=toks.device).expand_as(toks)[valid].cpu()
+        for sae, hook, s in zip(sae_list, hook_of, sums):
+            x = cache[hook][valid]
+            x_hat, z = sae(x)
+            s.add(x.cpu(), x_hat.float().cpu(), z.float().cpu(), positions)
+            sae.use_error_term = False
+            with model.hooks({hook: sae.splice}):
+                spliced = model.forward(toks)
+            ce, kl, _ = _ce_and_kl(spliced, clean_logp, toks, keep)
+            s.ce_sae += ce
+            s.kl += kl
+        done += int(valid.sum())
+        if progress is not None:
+            progress(min(done, tokens), tokens, time.perf_counter() - t0)
+        if done >= tokens:
+            break
+    if done == 0:
+        raise DataError(f"no evaluation tokens from {', '.join(data.specs)} (split {data.split!r})")
+    results = [_finish(s, sae, hook, ce_clean, ce_ablation[hook], n_pred, ablation) for s, sae, hook in zip(sums, sae_list, hook_of)]
+    return results[0] if single else results
+
+
+def _finish(s: _Sums, sae: SAE, hook: str, ce_clean: float, ce_abl: float, n_pred: int, ablation: str) -> dict[str, Any]:
+    fvu = s.sum_err / max(s.total_variance(), 1e-12)
+    density = (s.fires.double() / s.n)
+    clean, with_sae, abl = ce_clean / n_pred, s.ce_sae / n_pred, ce_abl / n_pred
+    l0 = s.sum_l0 / s.n
+    return {
+        "hook": hook, "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "tokens": s.n,
+        "mse": s.sum_err / (s.n * s.d_in), "fvu": fvu, "explained_variance": 1 - fvu,
+        "l0": l0, "l0_std": math.sqrt(max(0.0, s.sum_l0_sq / s.n - l0 * l0)), "l1": s.sum_l1 / s.n,
+        "dead_fraction": float((s.fires == 0).double().mean()), "dense_fraction": float((density > DENSE_THRESHOLD).double().mean()),
+        "cosine_similarity": s.sum_cos / s.n, "relative_reconstruction_norm": s.sum_rel_norm / s.n,
+        "ce_loss_clean": clean, "ce_loss_with_sae": with_sae, "ce_loss_with_ablation": abl, "ablation": ablation,
+        "ce_loss_score": (abl - with_sae) / (abl - clean) if abl != clean else float("nan"),
+        "kl_div": s.kl / n_pred,
+        "feature_density": density.tolist(), "l0_histogram": s.l0_hist[: int(s.l0_hist.nonzero().max()) + 1].tolist(),
+        "fvu_by_position": s.fvu_by_position(),
+    }
