@@ -1,0 +1,279 @@
+"""The feature database: what every latent responds to, from one streaming pass over text.
+
+Per latent, with fixed-size accumulators (memory does not grow with the token count):
+  density, mean and max activation, a histogram on fixed log-spaced bins
+  top-N examples: the N largest activations, each with the token window around it and the latent's
+      activation on every token of that window (kept by a running top-N merge per batch)
+  quantile examples: a uniform reservoir of firing tokens (top-K by a random key), from which examples at
+      evenly spaced activation quantiles are picked at the end, so not only the extremes are shown
+  co-firing: counts of tokens where two latents fire together (sparse products), top-10 by P(j | i)
+  logit effects: W_dec[i] through the unembedding with the final norm's weight folded in, as
+      TransformerLens's fold_ln does (the norm's scale is a positive per-token factor and is dropped)
+Checkpointed every few batches; a rerun with the same settings resumes. The SQLite file is written to a
+temp name and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nanosae.config import DataConfig
+from nanosae.data.corpus import iter_documents
+from nanosae.data.tokens import in_background, token_batches
+from nanosae.errors import DataError, FormatError
+from nanosae.models import HostModel
+from nanosae.sae import SAE
+
+log = logging.getLogger(__name__)
+HIST_EDGES = torch.logspace(-3, 3, 61)  # activation histogram bins (plus underflow/overflow)
+
+
+@dataclass
+class FeaturesConfig:
+    """Build features.db for an SAE on a host model."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig(specs=["builtin:pydocs"], split="all"))
+    tokens: int = 100_000
+    top_n: int = 20
+    """Top-activating examples kept per latent."""
+    reservoir: int = 32
+    """Random firing examples kept per latent, from which quantile examples are picked."""
+    quantile_examples: int = 8
+    window_left: int = 12
+    """Tokens of context before the activating token."""
+    window_right: int = 4
+    batch_size: int = 8
+    logit_top: int = 10
+    cofiring_top: int = 10
+    seed: int = 0
+    checkpoint_every: int = 20
+    """Batches between resume checkpoints."""
+
+
+class _Examples:
+    """Per-latent best-K examples by a key, with their token windows and activations: (F, K, W)."""
+
+    def __init__(self, n_latents: int, k: int, width: int):
+        self.key = torch.full((n_latents, k), -math.inf)
+        self.act = torch.zeros(n_latents, k)
+        self.tokens = torch.zeros(n_latents, k, width, dtype=torch.int32)
+        self.acts = torch.zeros(n_latents, k, width)
+
+    def merge(self, key: Tensor, act: Tensor, tokens: Tensor, acts: Tensor) -> None:
+        all_key = torch.cat([self.key, key], 1)
+        best = all_key.topk(self.key.shape[1], dim=1).indices
+        pick = lambda old, new: torch.cat([old, new], 1).gather(1, best if old.dim() == 2 else best[..., None].expand(-1, -1, old.shape[2]))
+        self.key, self.act = pick(self.key, key), pick(self.act, act)
+        self.tokens, self.acts = pick(self.tokens, tokens), pick(self.acts, acts)
+
+    def state(self) -> dict[str, Tensor]:
+        return {"key": self.key, "act": self.act, "tokens": self.tokens, "acts": self.acts}
+
+    def load(self, state: dict[str, Tensor]) -> None:
+        self.key, self.act, self.tokens, self.acts = state["key"], state["act"], state["tokens"], state["acts"]
+
+
+def _windows(tok_BT: Tensor, z_BTF: Tensor, b: Tensor, t: Tensor, f: Tensor, left: int, right: int) -> tuple[Tensor, Tensor]:
+    """Token ids and latent-f activations of the windows around (b, t): (n, left+1+right), -1 padded."""
+    offsets = torch.arange(-left, right + 1)
+    pos = t[:, None] + offsets[None, :]
+    inside = (pos >= 0) & (pos < tok_BT.shape[1])
+    pos = pos.clamp(0, tok_BT.shape[1] - 1)
+    tokens = tok_BT[b[:, None], pos].masked_fill(~inside, -1).int()
+    acts = z_BTF[b[:, None], pos, f[:, None]].masked_fill(~inside, 0.0)
+    return tokens, acts
+
+
+def logit_effects(model: HostModel, sae: SAE, top: int, chunk: int = 256) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top boosted / suppressed output tokens of each decoder direction: (values, ids) for each side."""
+    norm, W_U = model.unembed()
+    W_U = W_U.detach().float()
+    weight = getattr(norm, "weight", None)
+    if weight is not None:  # fold the final norm's per-channel weight into W_U (TransformerLens fold_ln)
+        W_U = weight.detach().float()[:, None] * W_U
+    ups, up_ids, downs, down_ids = [], [], [], []
+    W_dec = sae.W_dec.detach().float()
+    for i in range(0, len(W_dec), chunk):
+        effect = W_dec[i : i + chunk] @ W_U
+        v, idx = effect.topk(top, dim=1)
+        ups.append(v)
+        up_ids.append(idx)
+        v, idx = (-effect).topk(top, dim=1)
+        downs.append(-v)
+        down_ids.append(idx)
+    return torch.cat(ups), torch.cat(up_ids), torch.cat(downs), torch.cat(down_ids)
+
+
+@torch.no_grad()
+def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | Path, hook: str | None = None,
+                   progress: Callable[[int, int, float], None] | None = None) -> Path:
+    """Stream cfg.tokens tokens through model + SAE and write the feature database to `out`."""
+    out = Path(out)
+    hook = hook or sae.cfg.hook_name
+    if not hook:
+        raise DataError("the SAE does not say which hook it reads (cfg.hook_name); pass --hook")
+    model.parse_hook(hook)
+    if model.hook_dim(hook) != sae.cfg.d_in:
+        raise DataError(f"{hook} has width {model.hook_dim(hook)} but the SAE expects d_in={sae.cfg.d_in}")
+    sae.eval()
+    F_, width = sae.cfg.d_sae, cfg.window_left + 1 + cfg.window_right
+    state_path = out.with_name(out.name + ".partial.pt")
+    fingerprint = {"cfg": asdict(cfg), "hook": hook, "d_sae": F_, "W_dec_sum": float(sae.W_dec.double().sum())}
+    n_tokens, batches_done = 0, 0
+    fires = torch.zeros(F_, dtype=torch.long)
+    act_sum = torch.zeros(F_, dtype=torch.float64)
+    act_max = torch.zeros(F_)
+    hist = torch.zeros(F_, len(HIST_EDGES) + 1, dtype=torch.long)
+    cofire = torch.zeros(F_, F_, dtype=torch.int32)
+    top = _Examples(F_, cfg.top_n, width)
+    reservoir = _Examples(F_, cfg.reservoir, width)
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if json.loads(state["fingerprint"]) == fingerprint:
+            n_tokens, batches_done = int(state["n_tokens"]), int(state["batches"])
+            fires, act_sum, act_max, hist, cofire = state["fires"], state["act_sum"], state["act_max"], state["hist"], state["cofire"]
+            top.load(state["top"])
+            reservoir.load(state["reservoir"])
+            log.info("resuming the feature pass at %d tokens", n_tokens)
+    t0 = time.perf_counter()
+    batches = in_background(token_batches(iter_documents(cfg.data), model.tokenizer, cfg.data.context_size,
+                                          cfg.batch_size, cfg.data.pack, cfg.data.exclude_first))
+    for i, batch in enumerate(batches):
+        if i < batches_done:
+            continue
+        if n_tokens >= cfg.tokens:
+            break
+        toks, valid = batch.tokens, batch.valid
+        _, cache = model.run_with_cache(toks.to(model.device), [hook], return_logits=False)
+        z = sae.encode(cache[hook]).float().cpu() * valid[..., None]  # (B, T, F); BOS/padding positions zeroed
+        b, t, f = z.nonzero(as_tuple=True)
+        vals = z[b, t, f]
+        n_tokens += int(valid.sum())
+        fires += torch.bincount(f, minlength=F_)
+        act_sum.index_add_(0, f, vals.double())
+        act_max = torch.maximum(act_max, z.amax(dim=(0, 1)))
+        bucket = torch.bucketize(vals, HIST_EDGES)
+        hist.view(-1).index_add_(0, f * hist.shape[1] + bucket, torch.ones_like(bucket))
+        # co-firing: for each token, every pair of its active latents
+        flat_row = b * z.shape[1] + t
+        S = torch.sparse_coo_tensor(torch.stack([flat_row, f]), torch.ones_like(vals), (z.shape[0] * z.shape[1], F_),
+                                    check_invariants=False)
+        co = torch.sparse.mm(S.t().coalesce(), S).coalesce()
+        ij = co.indices()
+        cofire.view(-1).index_add_(0, ij[0] * F_ + ij[1], co.values().round().int())
+        # top-N by activation and the reservoir by a random key, both per latent
+        zf = z.reshape(-1, F_)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)  # per batch, so a resumed pass draws the same keys
+        for store, key_all in ((top, zf), (reservoir, torch.rand(zf.shape, generator=gen).masked_fill(zf <= 0, -math.inf))):
+            k = min(store.key.shape[1], zf.shape[0])
+            key, idx = key_all.T.topk(k, dim=1)  # (F, k) positions in the flat batch
+            lat = torch.arange(F_)[:, None].expand(-1, k)
+            bb, tt = idx // z.shape[1], idx % z.shape[1]
+            tokens, acts = _windows(toks, z, bb.reshape(-1), tt.reshape(-1), lat.reshape(-1), cfg.window_left, cfg.window_right)
+            act = zf.T.gather(1, idx)
+            key = key.masked_fill(act <= 0, -math.inf)
+            store.merge(key, act, tokens.view(F_, k, width), acts.view(F_, k, width))
+        batches_done = i + 1
+        if progress is not None:
+            progress(min(n_tokens, cfg.tokens), cfg.tokens, time.perf_counter() - t0)
+        if cfg.checkpoint_every and batches_done % cfg.checkpoint_every == 0:
+            _save_state(state_path, fingerprint, n_tokens, batches_done, fires, act_sum, act_max, hist, cofire, top, reservoir)
+    if n_tokens == 0:
+        raise DataError(f"no tokens from {', '.join(cfg.data.specs)}")
+    _write_db(out, sae, model, hook, cfg, n_tokens, fires, act_sum, act_max, hist, cofire, top, reservoir)
+    state_path.unlink(missing_ok=True)
+    return out
+
+
+def _save_state(path: Path, fingerprint: dict, n_tokens: int, batches: int, fires: Tensor, act_sum: Tensor,
+                act_max: Tensor, hist: Tensor, cofire: Tensor, top: _Examples, reservoir: _Examples) -> None:
+    from nanosae.io import atomic_write
+
+    state = {"fingerprint": json.dumps(fingerprint), "n_tokens": n_tokens, "batches": batches, "fires": fires,
+             "act_sum": act_sum, "act_max": act_max, "hist": hist, "cofire": cofire, "top": top.state(),
+             "reservoir": reservoir.state()}
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE latents (id INTEGER PRIMARY KEY, density REAL, fires INTEGER, mean_act REAL, max_act REAL,
+    histogram TEXT, top_logits TEXT, bottom_logits TEXT, cofiring TEXT, explanation TEXT, score REAL, method TEXT);
+CREATE TABLE examples (latent INTEGER, kind TEXT, rank INTEGER, activation REAL, tokens TEXT, acts TEXT, focus INTEGER);
+CREATE INDEX examples_latent ON examples (latent, kind, rank);
+"""
+
+
+def _write_db(out: Path, sae: SAE, model: HostModel, hook: str, cfg: FeaturesConfig, n_tokens: int, fires: Tensor,
+              act_sum: Tensor, act_max: Tensor, hist: Tensor, cofire: Tensor, top: _Examples, reservoir: _Examples) -> None:
+    vocab: dict[int, str] = {}
+
+    def text(ids: list[int]) -> list[str]:
+        return [vocab.setdefault(i, model.tokenizer.decode([i])) if i >= 0 else "" for i in ids]
+
+    up_v, up_i, down_v, down_i = logit_effects(model, sae, cfg.logit_top)
+    diag = cofire.diagonal().double().clamp_min(1)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    con = sqlite3.connect(tmp)
+    try:
+        con.executescript(SCHEMA)
+        meta = {"hook": hook, "model": model.name, "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in, "tokens": n_tokens,
+                "architecture": sae.cfg.architecture, "hist_edges": HIST_EDGES.tolist(), "window_left": cfg.window_left,
+                "data": cfg.data.specs, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+        rows, examples = [], []
+        for i in range(sae.cfg.d_sae):
+            n = int(fires[i])
+            p_given = cofire[i].double() / diag[i]
+            p_given[i] = -1
+            co_v, co_i = p_given.topk(min(cfg.cofiring_top, sae.cfg.d_sae))
+            cofiring = [[int(j), round(float(v), 4)] for j, v in zip(co_i, co_v) if v > 0]
+            rows.append((i, n / n_tokens, n, float(act_sum[i]) / max(n, 1), float(act_max[i]), json.dumps(hist[i].tolist()),
+                         json.dumps([[text([int(t)])[0], round(float(v), 4)] for t, v in zip(up_i[i], up_v[i])]),
+                         json.dumps([[text([int(t)])[0], round(float(v), 4)] for t, v in zip(down_i[i], down_v[i])]),
+                         json.dumps(cofiring), None, None, None))
+            kept = [r for r in range(top.key.shape[1]) if top.act[i, r] > 0]
+            for rank, r in enumerate(kept):
+                examples.append((i, "top", rank, float(top.act[i, r]), json.dumps(text(top.tokens[i, r].tolist())),
+                                 json.dumps([round(v, 4) for v in top.acts[i, r].tolist()]), cfg.window_left))
+            res = [r for r in range(reservoir.key.shape[1]) if reservoir.act[i, r] > 0]
+            res.sort(key=lambda r: float(reservoir.act[i, r]))
+            if res:
+                picks = sorted({round(q * (len(res) - 1) / max(1, cfg.quantile_examples - 1)) for q in range(cfg.quantile_examples)})
+                for rank, q in enumerate(picks):
+                    r = res[q]
+                    examples.append((i, "quantile", rank, float(reservoir.act[i, r]),
+                                     json.dumps(text(reservoir.tokens[i, r].tolist())),
+                                     json.dumps([round(v, 4) for v in reservoir.acts[i, r].tolist()]), cfg.window_left))
+        con.executemany("INSERT INTO latents VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?)", examples)
+        con.commit()
+    finally:
+        con.close()
+    os.replace(tmp, out)
+
+
+def open_db(path: str | Path, readonly: bool = True) -> sqlite3.Connection:
+    """Open features.db (read-only by default: the viewer never writes)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "features.db"
+    if not path.exists():
+        raise FormatError(f"{path} not found: build it with `nanosae features RUN --model M --data D`")
+    uri = f"file:{path.resolve()}?mode=ro" if readonly else f"file:{path.resolve()}"
+    con = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    con.row_factory = sqlite3.Row
+    return con

@@ -1,0 +1,122 @@
+"""features.db against brute force: every activation computed and sorted the slow way."""
+
+import json
+
+import pytest
+import torch
+
+from nanosae import SAE, SAEConfig, DataConfig
+from nanosae.data import iter_documents, token_batches
+from nanosae.interp.features import FeaturesConfig, build_features, open_db
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, word_corpus, tmp_path_factory):
+    torch.manual_seed(1)
+    sae = SAE(SAEConfig(d_in=32, d_sae=16, architecture="topk", k=3, hook_name=HOOK))
+    cfg = FeaturesConfig(data=DataConfig(specs=[str(word_corpus)], context_size=16, split="all"), tokens=600,
+                         top_n=5, reservoir=8, quantile_examples=4, window_left=3, window_right=2, batch_size=4)
+    db = build_features(sae, tiny_model, cfg, tmp_path_factory.mktemp("feat") / "features.db")
+    # brute force over exactly the same batches
+    zs, toks = [], []
+    n = 0
+    for batch in token_batches(iter_documents(cfg.data), tiny_model.tokenizer, 16, 4):
+        if n >= cfg.tokens:
+            break
+        _, cache = tiny_model.run_with_cache(batch.tokens, [HOOK])
+        z = sae.encode(cache[HOOK]) * batch.valid[..., None]
+        zs.append(z[batch.valid])
+        n += int(batch.valid.sum())
+    return sae, cfg, db, torch.cat(zs).detach()
+
+
+def test_density_mean_max(setup):
+    sae, cfg, db, Z = setup
+    con = open_db(db)
+    meta = {r["key"]: json.loads(r["value"]) for r in con.execute("SELECT * FROM meta")}
+    assert meta["tokens"] == len(Z) and meta["hook"] == HOOK
+    for row in con.execute("SELECT * FROM latents"):
+        col = Z[:, row["id"]]
+        fired = col[col > 0]
+        assert row["fires"] == len(fired)
+        assert row["density"] == pytest.approx(len(fired) / len(Z))
+        if len(fired):
+            assert row["mean_act"] == pytest.approx(float(fired.mean()), rel=1e-5)
+            assert row["max_act"] == pytest.approx(float(fired.max()), rel=1e-6)
+        assert sum(json.loads(row["histogram"])) == len(fired)
+
+
+def test_top_examples_are_the_largest_activations(setup):
+    sae, cfg, db, Z = setup
+    con = open_db(db)
+    for i in range(sae.cfg.d_sae):
+        got = [r["activation"] for r in con.execute("SELECT activation FROM examples WHERE latent=? AND kind='top' ORDER BY rank", (i,))]
+        col = Z[:, i]
+        expected = col[col > 0].sort(descending=True).values[: cfg.top_n].tolist()
+        assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_examples_carry_their_context(setup):
+    sae, cfg, db, Z = setup
+    con = open_db(db)
+    rows = con.execute("SELECT * FROM examples").fetchall()
+    assert {r["kind"] for r in rows} == {"top", "quantile"}
+    for r in rows:
+        tokens, acts = json.loads(r["tokens"]), json.loads(r["acts"])
+        assert len(tokens) == len(acts) == cfg.window_left + 1 + cfg.window_right
+        assert acts[r["focus"]] == pytest.approx(r["activation"], abs=1e-4)  # stored to 4 decimals
+        col = Z[:, r["latent"]]
+        assert bool((torch.isclose(col, torch.tensor(r["activation"]), rtol=1e-4)).any())
+    # quantile examples are sorted by activation and span the distribution
+    for i in range(sae.cfg.d_sae):
+        q = [r["activation"] for r in con.execute("SELECT activation FROM examples WHERE latent=? AND kind='quantile' ORDER BY rank", (i,))]
+        assert q == sorted(q)
+
+
+def test_cofiring_and_logits(setup, tiny_model):
+    sae, cfg, db, Z = setup
+    con = open_db(db)
+    A = (Z > 0).double()
+    co = A.T @ A
+    for row in con.execute("SELECT id, cofiring, top_logits FROM latents"):
+        i = row["id"]
+        pairs = json.loads(row["cofiring"])
+        for j, p in pairs:
+            assert p == pytest.approx(float(co[i, j] / max(co[i, i], 1)), abs=1e-4)
+        if pairs:
+            best = (co[i] / max(co[i, i], 1)).clone()
+            best[i] = -1
+            assert pairs[0][1] == pytest.approx(float(best.max()), abs=1e-4)
+        W_U = tiny_model.module.lm_head.weight.T * tiny_model.module.model.norm.weight[:, None]
+        effect = sae.W_dec[i] @ W_U
+        top_ids = effect.topk(cfg.logit_top).indices.tolist()
+        assert [t for t, _ in json.loads(row["top_logits"])] == [tiny_model.tokenizer.decode([t]) for t in top_ids]
+
+
+def test_missing_db_names_the_command(tmp_path):
+    with pytest.raises(Exception, match="nanosae features"):
+        open_db(tmp_path)
+
+
+def test_resume_gives_the_same_database(setup, tiny_model, tmp_path):
+    sae, cfg, db, _ = setup
+    cfg.checkpoint_every = 1
+    calls = []
+
+    def stop(done, total, seconds):
+        calls.append(done)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_features(sae, tiny_model, cfg, tmp_path / "features.db", progress=stop)
+    assert (tmp_path / "features.db.partial.pt").exists() and not (tmp_path / "features.db").exists()
+    build_features(sae, tiny_model, cfg, tmp_path / "features.db")
+    a, b = open_db(db), open_db(tmp_path / "features.db")
+    q = "SELECT latent, kind, rank, activation, tokens, acts FROM examples ORDER BY latent, kind, rank"
+    assert [tuple(r) for r in a.execute(q)] == [tuple(r) for r in b.execute(q)]
+    q = "SELECT id, fires, histogram, cofiring FROM latents ORDER BY id"
+    assert [tuple(r) for r in a.execute(q)] == [tuple(r) for r in b.execute(q)]
+    assert not (tmp_path / "features.db.partial.pt").exists()
