@@ -64,3 +64,20 @@ def test_eval_command_writes_eval_json_and_report(tiny_llama_dir, word_corpus, t
         result = json.loads((tmp_path / "sweep" / name / "eval.json").read_text())
         assert 0 < result["tokens"] and "ce_loss_score" in result and result["hook"] == "blocks.1.hook_resid_post"
     assert (tmp_path / "sweep" / "report.html").exists() and "ce_loss_score" in r.output
+
+
+def test_features_track_steer_commands(tiny_llama_dir, word_corpus, tmp_path):
+    runner = CliRunner()
+    SAE(SAEConfig(d_in=32, d_sae=16, architecture="topk", k=3, hook_name="blocks.1.hook_resid_post",
+                  model_name=str(tiny_llama_dir))).save(tmp_path / "run" / "sae")
+    r = runner.invoke(app, ["features", str(tmp_path / "run"), "--data", str(word_corpus), "--tokens", "300",
+                            "--context-size", "16", "--top-n", "4"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "features.db").exists()
+    r = runner.invoke(app, ["track", "w5 w6 w7", "--sae", str(tmp_path / "run"), "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    assert "most active features" in r.output
+    r = runner.invoke(app, ["steer", "w5 w6 w7", "--sae", str(tmp_path / "run"), "--feature", "3=+50", "--feature", "2=0",
+                            "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    assert "baseline" in r.output and "steered" in r.output

@@ -298,6 +298,124 @@ def eval_cmd(
     console.print(f"report: {report}")
 
 
+def _load_sae_and_model(path: Path, model: str | None, device: str, tokenizer: Path | None):
+    from nanosae.models import load_model
+    from nanosae.sae import SAE
+
+    run, sae_path = resolve_sae(path)
+    sae = SAE.load(sae_path, device=device)
+    spec = model or sae.cfg.model_name
+    if not spec:
+        raise ConfigError(f"{path}: the SAE does not name its model; pass --model")
+    return run, sae, load_model(spec, device=device, tokenizer=tokenizer)
+
+
+def _labels(db_path: Path | None, name: str) -> dict:
+    """Explanations from a features.db, keyed (sae name, latent)."""
+    if db_path is None or not Path(db_path).exists():
+        return {}
+    from nanosae.interp.features import open_db
+
+    con = open_db(db_path)
+    return {(name, r["id"]): r["explanation"] for r in con.execute("SELECT id, explanation FROM latents WHERE explanation IS NOT NULL")}
+
+
+@app.command()
+def features(
+    path: Path = typer.Argument(..., help="Run directory or SAE file/dir (ours, SAELens, OpenAI)."),
+    model: str = typer.Option(None, help="Host model (default: the SAE's model_name)."),
+    hook: str = typer.Option(None, help="Hook point (default: the SAE's hook_name)."),
+    data: list[str] = typer.Option(["builtin:pydocs"], help=DATA_HELP),
+    split: str = typer.Option("all", help="Documents: all, train, eval."),
+    tokens: str = typer.Option("100k", help="Tokens to stream through the model."),
+    context_size: int = typer.Option(256),
+    top_n: int = typer.Option(20, help="Top-activating examples per latent."),
+    batch_size: int = typer.Option(8),
+    out: Path = typer.Option(None, help="Database file (default: RUN/features.db)."),
+    device: str = typer.Option("cpu"),
+    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
+) -> None:
+    """Build features.db: densities, histograms, top and quantile examples, logit effects, co-firing (resumable)."""
+    from nanosae.config import DataConfig
+    from nanosae.interp.features import FeaturesConfig, build_features
+
+    run, sae, host = _load_sae_and_model(path, model, device, tokenizer)
+    cfg = FeaturesConfig(data=DataConfig(specs=list(data), split=split, context_size=context_size),
+                         tokens=parse_count(tokens), top_n=top_n, batch_size=batch_size)
+    target = out or ((run or (path if path.is_dir() else path.parent)) / "features.db")
+    with TokenProgress("features", cfg.tokens) as bar:
+        build_features(sae, host, cfg, target, hook=hook,
+                       progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)))
+    console.print(f"wrote {target}")
+
+
+@app.command()
+def track(
+    prompt: str = typer.Argument(...),
+    sae: list[Path] = typer.Option(..., help="SAE (run dir or file); repeatable to track several at once."),
+    model: str = typer.Option(None, help="Host model (default: the first SAE's model_name)."),
+    max_new_tokens: int = typer.Option(32),
+    top_k: int = typer.Option(5, help="Features shown per token and SAE."),
+    temperature: float = typer.Option(0.0),
+    seed: int = typer.Option(0),
+    chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat format."),
+    device: str = typer.Option("cpu"),
+    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
+) -> None:
+    """Generate and show, live, the top features of every new token; a summary at the end."""
+    from nanosae.interp.live import FeatureTracker
+    from nanosae.sae import SAE
+
+    run, first, host = _load_sae_and_model(sae[0], model, device, tokenizer)
+    saes, labels = {}, {}
+    for i, p in enumerate(sae):
+        r, path = resolve_sae(p)
+        name = (r or path).name if len(sae) > 1 else "sae"
+        saes[name] = first if i == 0 else SAE.load(path, device=device)
+        labels |= _labels((r or path) / "features.db" if (r or path).is_dir() else None, name)
+    tracker = FeatureTracker(host, saes, top_k=top_k, labels=labels)
+
+    def show(t) -> None:
+        feats = "  ".join(f"{f.latent}:{f.activation:.2f}" + (f" ({f.label})" if f.label else "") for f in t.features)
+        console.print(f"[bold]{t.text!r:>14}[/bold]  {feats}", highlight=False)
+
+    gen = tracker.generate(prompt, callback=show, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat)
+    console.print(f"\n[bold]{prompt}[/bold]{gen.text}\n", highlight=False)
+    table = Table(title="most active features")
+    for col in ("sae", "latent", "tokens active", "max activation", "label"):
+        table.add_column(col)
+    for f, count in tracker.summary():
+        table.add_row(f.sae, str(f.latent), str(count), f"{f.activation:.2f}", f.label or "")
+    console.print(table)
+
+
+@app.command()
+def steer(
+    prompt: str = typer.Argument(...),
+    sae: Path = typer.Option(..., help="SAE (run dir or file)."),
+    feature: list[str] = typer.Option(..., help="LATENT=+V adds V·W_dec, LATENT=-V subtracts, LATENT=V clamps, LATENT=0 ablates."),
+    model: str = typer.Option(None, help="Host model (default: the SAE's model_name)."),
+    max_new_tokens: int = typer.Option(32),
+    temperature: float = typer.Option(0.0),
+    seed: int = typer.Option(0),
+    chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat format."),
+    device: str = typer.Option("cpu"),
+    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
+) -> None:
+    """Generate with and without feature edits (same seed) and show both side by side."""
+    from nanosae.interp.live import parse_edit, steer as run_steer
+
+    _, s, host = _load_sae_and_model(sae, model, device, tokenizer)
+    edits = [parse_edit(f) for f in feature]
+    base, steered = run_steer(host, s, edits, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                              seed=seed, chat=chat)
+    table = Table(title=prompt, show_lines=True)
+    table.add_column("baseline")
+    table.add_column("steered: " + ", ".join(feature))
+    table.add_row(base.text, steered.text)
+    console.print(table)
+
+
 def main() -> None:
     """Entry point: nanosae errors become one red line and exit code 1, not a traceback."""
     try:

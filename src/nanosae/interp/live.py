@@ -1,0 +1,156 @@
+"""Features while the model runs: live tracking during generation, and steering (add / clamp / ablate).
+
+Tracking: a hook at each SAE's hook point keeps the activation of the newest position; when the model
+emits a token, that position's latents are encoded (one d_in × d_sae product per token, next to the
+model's ~10^8) and the top-k are reported, so tracking costs almost nothing.
+
+Steering, per latent i of an SAE at its hook:
+  add    x + v · W_dec[i] / activation_scale     (v in latent-activation units, every position)
+  clamp  the SAE spliced in with its error term, z_i set to v: x + (v − z_i) · W_dec[i] (in model units);
+         everything else about x is left exactly as it was
+  ablate clamp to 0
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+import torch
+from torch import Tensor
+
+from nanosae.errors import ConfigError
+from nanosae.models import Generation, HostModel
+from nanosae.sae import SAE
+
+
+class ActiveFeature(NamedTuple):
+    sae: str
+    latent: int
+    activation: float
+    label: str | None
+
+
+class TrackedToken(NamedTuple):
+    step: int
+    token: int
+    text: str
+    features: list[ActiveFeature]
+
+
+class FeatureTracker:
+    """Streams the top-k active features of every generated token (several SAEs at once)."""
+
+    def __init__(self, model: HostModel, saes: dict[str, SAE], top_k: int = 5,
+                 labels: dict[tuple[str, int], str] | None = None):
+        self.model, self.saes, self.top_k, self.labels = model, saes, top_k, labels or {}
+        for sae in saes.values():
+            if not sae.cfg.hook_name:
+                raise ConfigError("every tracked SAE needs cfg.hook_name")
+            model.parse_hook(sae.cfg.hook_name)
+            sae.eval()
+        self.latest: dict[str, Tensor] = {}
+        self.history: list[TrackedToken] = []
+
+    def _capture(self, hook: str) -> Callable[[Tensor], None]:
+        def fn(x: Tensor) -> None:
+            self.latest[hook] = x[0, -1].detach()
+        return fn
+
+    @torch.no_grad()
+    def features_now(self) -> list[ActiveFeature]:
+        out = []
+        for name, sae in self.saes.items():
+            z = sae.encode(self.latest[sae.cfg.hook_name][None])[0]
+            vals, idx = z.topk(min(self.top_k, len(z)))
+            out += [ActiveFeature(name, int(i), float(v), self.labels.get((name, int(i)))) for v, i in zip(vals, idx) if v > 0]
+        return out
+
+    def generate(self, prompt: str | list[int], callback: Callable[[TrackedToken], None] | None = None,
+                 **generate_kwargs) -> Generation:
+        """model.generate with tracking; callback(TrackedToken) as each token appears."""
+        hooks = {sae.cfg.hook_name: self._capture(sae.cfg.hook_name) for sae in self.saes.values()}
+
+        def on_token(step: int, token: int) -> None:
+            tracked = TrackedToken(step, token, self.model.tokenizer.decode([token]), self.features_now())
+            self.history.append(tracked)
+            if callback is not None:
+                callback(tracked)
+
+        with self.model.hooks(hooks):
+            return self.model.generate(prompt, callback=on_token, **generate_kwargs)
+
+    def summary(self, n: int = 10) -> list[tuple[ActiveFeature, int]]:
+        """The features active on the most generated tokens (with their largest activation)."""
+        counts: Counter = Counter()
+        best: dict[tuple[str, int], ActiveFeature] = {}
+        for t in self.history:
+            for f in t.features:
+                key = (f.sae, f.latent)
+                counts[key] += 1
+                if key not in best or f.activation > best[key].activation:
+                    best[key] = f
+        return [(best[key], c) for key, c in counts.most_common(n)]
+
+
+# ---- steering ---------------------------------------------------------------------------------------
+@dataclass
+class Edit:
+    latent: int
+    value: float
+    mode: str  # add | clamp
+
+
+def parse_edit(text: str) -> Edit:
+    """'123=+8' adds 8·W_dec[123]; '123=-4' subtracts; '77=5' clamps to 5; '77=0' ablates."""
+    m = re.fullmatch(r"\s*(\d+)\s*=\s*([+-]?)(\d*\.?\d+(?:e[+-]?\d+)?)\s*", text)
+    if not m:
+        raise ConfigError(f"cannot read feature edit {text!r}; expected LATENT=+V (add), LATENT=-V (subtract) or LATENT=V (clamp)")
+    value = float(m.group(3)) * (-1 if m.group(2) == "-" else 1)
+    return Edit(int(m.group(1)), value, "add" if m.group(2) else "clamp")
+
+
+@contextmanager
+def steering(model: HostModel, sae: SAE, edits: list[Edit]) -> Iterator[None]:
+    """Apply the edits at the SAE's hook while the context is open."""
+    for e in edits:
+        if not 0 <= e.latent < sae.cfg.d_sae:
+            raise ConfigError(f"feature {e.latent} is out of range (the SAE has latents 0..{sae.cfg.d_sae - 1})")
+    adds = [e for e in edits if e.mode == "add"]
+    clamps = [e for e in edits if e.mode == "clamp"]
+    direction = sum((e.value * sae.W_dec[e.latent] for e in adds), torch.zeros(sae.cfg.d_in, dtype=sae.dtype))
+    direction = (direction / sae.cfg.activation_scale).detach()
+
+    def set_latents(module, inputs, z):
+        z = z.clone()
+        for e in clamps:
+            z[..., e.latent] = e.value
+        return z
+
+    def hook(x: Tensor) -> Tensor:
+        if clamps:
+            x = sae.splice(x)
+        return x + direction.to(x.dtype) if adds else x
+
+    with ExitStack() as stack:
+        if clamps:
+            previous = sae.use_error_term
+            sae.use_error_term = True
+            handle = sae.hook_sae_acts_post.register_forward_hook(set_latents)
+            stack.callback(handle.remove)
+            stack.callback(setattr, sae, "use_error_term", previous)
+        stack.enter_context(model.hooks({sae.cfg.hook_name: hook}))
+        yield
+
+
+def steer(model: HostModel, sae: SAE, edits: list[Edit], prompt: str | list[int], **generate_kwargs
+          ) -> tuple[Generation, Generation]:
+    """(baseline, steered) generations with the same seed and settings."""
+    baseline = model.generate(prompt, **generate_kwargs)
+    with torch.no_grad(), steering(model, sae, edits):
+        steered = model.generate(prompt, **generate_kwargs)
+    return baseline, steered

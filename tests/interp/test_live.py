@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from nanosae import SAE, SAEConfig, ConfigError
+from nanosae.interp.live import Edit, FeatureTracker, parse_edit, steer, steering
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture()
+def sae():
+    torch.manual_seed(3)
+    s = SAE(SAEConfig(d_in=32, d_sae=48, architecture="topk", k=6, hook_name=HOOK, activation_scale=0.5))
+    return s
+
+
+def test_tracker_matches_saes_on_cached_activations(tiny_model, sae):
+    other = SAE(SAEConfig(d_in=32, d_sae=16, architecture="relu", hook_name="blocks.0.hook_resid_post"))
+    tracker = FeatureTracker(tiny_model, {"a": sae, "b": other}, top_k=3, labels={("a", 0): "zero"})
+    seen = []
+    gen = tracker.generate([0, 5, 9, 13], max_new_tokens=6, stop_at_eos=False, callback=seen.append)
+    assert [t.token for t in seen] == gen.tokens and len(seen) == 6
+    full = torch.tensor([gen.prompt_tokens + gen.tokens])
+    _, cache = tiny_model.run_with_cache(full, [HOOK, "blocks.0.hook_resid_post"])
+    for t in seen:
+        pos = len(gen.prompt_tokens) - 1 + t.step  # the position whose output produced this token
+        for name, s in (("a", sae), ("b", other)):
+            z = s.encode(cache[s.cfg.hook_name][0, pos])
+            vals, idx = z.topk(3)
+            expected = [(int(i), float(v)) for v, i in zip(vals, idx) if v > 0]
+            got = [(f.latent, f.activation) for f in t.features if f.sae == name]
+            assert [i for i, _ in got] == [i for i, _ in expected]
+            assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-4)
+    summary = tracker.summary(3)
+    assert summary and summary[0][1] >= summary[-1][1]
+
+
+def test_parse_edit():
+    assert parse_edit("123=+8") == Edit(123, 8.0, "add")
+    assert parse_edit("5=-2.5") == Edit(5, -2.5, "add")
+    assert parse_edit("77=0") == Edit(77, 0.0, "clamp")
+    assert parse_edit("7=3") == Edit(7, 3.0, "clamp")
+    with pytest.raises(ConfigError, match="cannot read feature edit"):
+        parse_edit("x=1")
+
+
+def test_strength_zero_equals_baseline(tiny_model, sae):
+    base, steered = steer(tiny_model, sae, [Edit(3, 0.0, "add")], [0, 5, 9], max_new_tokens=5, stop_at_eos=False)
+    assert base.tokens == steered.tokens
+
+
+def test_add_moves_along_the_decoder_direction(tiny_model, sae):
+    toks = torch.tensor([[0, 5, 9, 13]])
+    _, clean = tiny_model.run_with_cache(toks, [HOOK])
+    seen = {}
+    with steering(tiny_model, sae, [Edit(4, 2.0, "add")]):
+        _, c = tiny_model.run_with_cache(toks, ["blocks.2.hook_resid_pre"])
+    # resid_pre of the next block is the edited resid_post
+    assert torch.allclose(c["blocks.2.hook_resid_pre"], clean[HOOK] + 2.0 * sae.W_dec[4] / 0.5, atol=1e-5)
+
+
+def test_clamp_changes_only_that_latent(tiny_model, sae):
+    toks = torch.tensor([[0, 5, 9, 13]])
+    _, clean = tiny_model.run_with_cache(toks, [HOOK])
+    x = clean[HOOK]
+    z = sae.encode(x)
+    with steering(tiny_model, sae, [Edit(7, 3.0, "clamp")]):
+        _, c = tiny_model.run_with_cache(toks, ["blocks.2.hook_resid_pre"])
+    expected = x + (3.0 - z[..., 7:8]) * sae.W_dec[7] / 0.5
+    assert torch.allclose(c["blocks.2.hook_resid_pre"], expected, atol=1e-5)
+    with steering(tiny_model, sae, [Edit(7, 0.0, "clamp")]):  # ablation
+        _, c = tiny_model.run_with_cache(toks, ["blocks.2.hook_resid_pre"])
+    assert torch.allclose(c["blocks.2.hook_resid_pre"], x - z[..., 7:8] * sae.W_dec[7] / 0.5, atol=1e-5)
+    assert not sae.use_error_term  # restored
+    with pytest.raises(ConfigError, match="out of range"):
+        with steering(tiny_model, sae, [Edit(99, 1.0, "clamp")]):
+            pass
