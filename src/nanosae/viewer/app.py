@@ -1,0 +1,182 @@
+"""The viewer: a FastAPI app over features.db plus a static front end (plain HTML/CSS/JS, no build step).
+
+Read-only by construction: the database is opened with mode=ro, only viewer/static is served, every
+query parameter is validated (a bad feature id is a 404 JSON answer), and the front end inserts all
+corpus text with textContent, never as HTML. `export_static` writes the same pages with the API's
+answers as JSON files, for hosting anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from nanosae.interp.features import open_db
+
+STATIC = Path(__file__).parent / "static"
+SORTS = {"id": "id", "density": "density", "max_act": "max_act", "mean_act": "mean_act", "score": "score"}
+
+
+class ViewerData:
+    """Everything the pages show, read from a run directory (features.db, eval.json)."""
+
+    def __init__(self, run: str | Path):
+        run = Path(run)
+        self.run = run if run.is_dir() else run.parent
+        self.con = open_db(self.run / "features.db" if (self.run / "features.db").exists() else run)
+        self.lock = threading.Lock()
+        self.meta = {r["key"]: json.loads(r["value"]) for r in self.con.execute("SELECT key, value FROM meta")}
+        self.n_latents = int(self.meta["d_sae"])
+
+    def _rows(self, sql: str, args: tuple = ()) -> list[Any]:
+        with self.lock:
+            return self.con.execute(sql, args).fetchall()
+
+    def overview(self) -> dict[str, Any]:
+        metrics = {}
+        eval_path = self.run / "eval.json"
+        if eval_path.exists():
+            metrics = {k: v for k, v in json.loads(eval_path.read_text()).items() if not isinstance(v, list)}
+        dens = [r["density"] for r in self._rows("SELECT density FROM latents")]
+        logs = [math.log10(d) for d in dens if d > 0]
+        bins = [-7 + 0.25 * i for i in range(29)]
+        counts = [sum(1 for v in logs if lo <= v < lo + 0.25) for lo in bins[:-1]]
+        return {"meta": {k: v for k, v in self.meta.items() if k != "hist_edges"}, "metrics": metrics,
+                "density_hist": {"edges": bins, "counts": counts, "never_fired": len(dens) - len(logs)}}
+
+    def features(self, q: str = "", sort: str = "density", desc: bool = True, offset: int = 0, limit: int = 50
+                 ) -> dict[str, Any]:
+        where, args = "", ()
+        if q:
+            if q.strip().isdigit():
+                where, args = "WHERE id = ?", (int(q),)
+            else:
+                where, args = "WHERE explanation LIKE ? OR top_logits LIKE ?", (f"%{q}%", f"%{q}%")
+        order = f"{SORTS[sort]} {'DESC' if desc else 'ASC'}, id"
+        total = self._rows(f"SELECT COUNT(*) AS n FROM latents {where}", args)[0]["n"]
+        rows = self._rows(f"SELECT id, density, mean_act, max_act, explanation, score, top_logits FROM latents {where} "
+                          f"ORDER BY {order} LIMIT ? OFFSET ?", (*args, limit, offset))
+        items = [{"id": r["id"], "density": r["density"], "mean_act": r["mean_act"], "max_act": r["max_act"],
+                  "explanation": r["explanation"], "score": r["score"],
+                  "top_logits": [t for t, _ in json.loads(r["top_logits"])[:5]]} for r in rows]
+        return {"total": total, "items": items}
+
+    def feature(self, latent: int) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM latents WHERE id = ?", (latent,))
+        if not rows:
+            return None
+        r = rows[0]
+        examples = [{"kind": e["kind"], "rank": e["rank"], "activation": e["activation"], "tokens": json.loads(e["tokens"]),
+                     "acts": json.loads(e["acts"]), "focus": e["focus"]}
+                    for e in self._rows("SELECT * FROM examples WHERE latent = ? ORDER BY kind DESC, rank", (latent,))]
+        return {"id": latent, "density": r["density"], "fires": r["fires"], "mean_act": r["mean_act"],
+                "max_act": r["max_act"], "histogram": {"edges": self.meta["hist_edges"], "counts": json.loads(r["histogram"])},
+                "top_logits": json.loads(r["top_logits"]), "bottom_logits": json.loads(r["bottom_logits"]),
+                "cofiring": json.loads(r["cofiring"]), "explanation": r["explanation"], "score": r["score"],
+                "method": r["method"], "examples": examples}
+
+
+class LiveModel:
+    """The host model and SAE, loaded on first use, for 'run text' and the steering playground."""
+
+    def __init__(self, run: Path, model: str | None):
+        self.run, self.spec = run, model
+        self.lock = threading.Lock()
+        self.loaded: tuple[Any, Any] | None = None
+
+    def get(self) -> tuple[Any, Any]:
+        with self.lock:
+            if self.loaded is None:
+                from nanosae.models import load_model
+                from nanosae.sae import SAE
+
+                sae = SAE.load(self.run / "sae" if (self.run / "sae").exists() else self.run)
+                self.loaded = (load_model(self.spec or sae.cfg.model_name), sae)
+            return self.loaded
+
+
+def create_app(run: str | Path, model: str | None = None) -> Any:
+    from fastapi import Body, FastAPI, HTTPException, Query
+    from fastapi.staticfiles import StaticFiles
+
+    data = ViewerData(run)
+    live = LiveModel(data.run, model)
+    app = FastAPI(title="nanosae viewer", docs_url=None, redoc_url=None)
+
+    @app.get("/api/overview")
+    def overview() -> dict:
+        return data.overview()
+
+    @app.get("/api/features")
+    def features(q: str = Query("", max_length=200), sort: str = Query("density", pattern="^(id|density|max_act|mean_act|score)$"),
+                 desc: bool = True, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=1_000_000)) -> dict:
+        return data.features(q, sort, desc, offset, limit)
+
+    @app.get("/api/feature/{latent}")
+    def feature(latent: int) -> dict:
+        found = data.feature(latent) if 0 <= latent < data.n_latents else None
+        if found is None:
+            raise HTTPException(404, f"no feature {latent} (this SAE has 0..{data.n_latents - 1})")
+        return found
+
+    @app.post("/api/run_text")
+    def run_text(text: str = Body(..., embed=True, max_length=4000), top_k: int = Body(5, embed=True, ge=1, le=20)) -> dict:
+        import torch
+
+        host, sae = live.get()
+        ids = [host.tokenizer.bos_id, *host.tokenizer.encode(text)][:512]
+        _, cache = host.run_with_cache(torch.tensor([ids]), [sae.cfg.hook_name], return_logits=False)
+        with torch.no_grad():
+            z = sae.encode(cache[sae.cfg.hook_name])[0]
+        vals, idx = z.topk(min(top_k, z.shape[1]), dim=-1)
+        tokens = [{"text": host.tokenizer.decode([t]), "features": [[int(i), round(float(v), 4)] for v, i in zip(vs, ix) if v > 0]}
+                  for t, vs, ix in zip(ids, vals, idx)]
+        return {"tokens": tokens[1:]}
+
+    @app.post("/api/steer")
+    def steer_route(prompt: str = Body(..., embed=True, max_length=2000), edits: list[dict] = Body(..., embed=True),
+                    max_new_tokens: int = Body(24, embed=True, ge=1, le=128), seed: int = Body(0, embed=True)) -> dict:
+        from nanosae.errors import NanosaeError
+        from nanosae.interp.live import Edit, steer
+
+        host, sae = live.get()
+        try:
+            parsed = [Edit(int(e["latent"]), float(e["value"]), str(e.get("mode", "add"))) for e in edits]
+            if any(e.mode not in ("add", "clamp") for e in parsed):
+                raise HTTPException(422, "mode must be add or clamp")
+            base, steered = steer(host, sae, parsed, prompt, max_new_tokens=max_new_tokens, seed=seed)
+        except (KeyError, ValueError, TypeError) as e:
+            raise HTTPException(422, f"bad edit: {e}") from None
+        except NanosaeError as e:
+            raise HTTPException(422, str(e)) from None
+        return {"baseline": base.text, "steered": steered.text}
+
+    # last, so the API routes above win: everything else is a file of viewer/static and nothing outside it
+    app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
+    return app
+
+
+def export_static(run: str | Path, out: str | Path) -> Path:
+    """Write the viewer as a static site: the front end plus the API's answers as JSON files."""
+    data = ViewerData(run)
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(STATIC, out)
+    (out / "data" / "feature").mkdir(parents=True)
+
+    def put(key: str, value: Any) -> None:  # classic scripts load from file:// where fetch() of JSON is refused
+        (out / "data" / f"{key}.js").write_text(f"window.NANOSAE_DATA[{json.dumps(key)}] = {json.dumps(value)};\n")
+
+    put("overview", data.overview())
+    put("features", data.features(limit=data.n_latents, sort="id", desc=False))
+    for i in range(data.n_latents):
+        put(f"feature/{i}", data.feature(i))
+    # the page knows it is static by this marker and then reads data/*.js instead of /api
+    index = (out / "index.html").read_text().replace('data-mode="api"', 'data-mode="static"')
+    (out / "index.html").write_text(index)
+    return out

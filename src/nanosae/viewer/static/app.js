@@ -1,0 +1,222 @@
+// nanosae viewer front end: plain JavaScript, no build step. Corpus text is untrusted, so every piece of
+// it is inserted with textContent (never innerHTML). In a static export (data-mode="static") the API's
+// answers are read from data/*.js files loaded as classic scripts, which also works from file://.
+(function () {
+  "use strict";
+  const MODE = document.body.dataset.mode;
+  const app = document.getElementById("app");
+  window.NANOSAE_DATA = window.NANOSAE_DATA || {};
+  let featureList = null;
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "text") node.textContent = v;
+      else if (k === "onclick" || k === "oninput" || k === "onchange") node[k] = v;
+      else node.setAttribute(k, v);
+    }
+    for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    return node;
+  }
+
+  function fmt(v, digits) {
+    if (v === null || v === undefined) return "";
+    if (typeof v !== "number") return String(v);
+    return Math.abs(v) >= 1000 || Number.isInteger(v) ? String(v) : v.toPrecision(digits || 4);
+  }
+
+  function loadScript(src) {
+    return new Promise((resolve, reject) => {
+      const s = document.createElement("script");
+      s.src = src;
+      s.onload = resolve;
+      s.onerror = () => reject(new Error("cannot load " + src));
+      document.head.append(s);
+    });
+  }
+
+  async function get(path) {
+    if (MODE === "static") {
+      if (!(path in window.NANOSAE_DATA)) await loadScript("data/" + path + ".js");
+      const found = window.NANOSAE_DATA[path];
+      if (found === undefined) throw new Error("no data for " + path);
+      return found;
+    }
+    const r = await fetch("api/" + path);
+    const body = await r.json();
+    if (!r.ok) throw new Error(body.detail || r.statusText);
+    return body;
+  }
+
+  async function post(path, payload) {
+    const r = await fetch("api/" + path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(payload) });
+    const body = await r.json();
+    if (!r.ok) throw new Error(typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
+    return body;
+  }
+
+  function bars(counts, labels, width, height) {
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("width", width);
+    svg.setAttribute("height", height);
+    const max = Math.max(1, ...counts);
+    const w = width / counts.length;
+    counts.forEach((c, i) => {
+      const r = document.createElementNS(ns, "rect");
+      const h = (c / max) * (height - 4);
+      r.setAttribute("x", i * w);
+      r.setAttribute("y", height - h);
+      r.setAttribute("width", Math.max(1, w - 1));
+      r.setAttribute("height", h);
+      const t = document.createElementNS(ns, "title");
+      t.textContent = (labels ? labels[i] + ": " : "") + c;
+      r.append(t);
+      svg.append(r);
+    });
+    return svg;
+  }
+
+  function heat(example, maxAct) {
+    const line = el("div", { class: "example" });
+    example.tokens.forEach((tok, i) => {
+      const a = example.acts[i] || 0;
+      const alpha = maxAct > 0 ? Math.min(1, a / maxAct) : 0;
+      const span = el("span", { class: "tok" + (i === example.focus ? " focus" : ""), title: "activation " + fmt(a), "data-act": String(a) });
+      span.textContent = tok;
+      if (a > 0) span.style.background = "rgba(230, 110, 20, " + (0.15 + 0.85 * alpha).toFixed(3) + ")";
+      line.append(span);
+    });
+    return line;
+  }
+
+  async function overview() {
+    const [ov, list] = await Promise.all([get("overview"), features()]);
+    app.replaceChildren();
+    const meta = ov.meta;
+    document.getElementById("where").textContent = meta.model + " · " + meta.hook + " · " + meta.d_sae + " latents";
+    const metrics = el("table", {});
+    for (const [k, v] of Object.entries(ov.metrics)) metrics.append(el("tr", {}, el("th", { text: k }), el("td", { text: fmt(v) })));
+    const h = ov.density_hist;
+    const labels = h.edges.slice(0, -1).map((e) => "10^" + e.toFixed(2));
+    app.append(el("div", { class: "grid" },
+      el("div", { class: "card" }, el("h3", { text: "metrics" }), Object.keys(ov.metrics).length ? metrics : el("p", { class: "muted", text: "no eval.json yet (nanosae eval RUN)" })),
+      el("div", { class: "card" }, el("h3", { text: "feature density (log10)" }), bars(h.counts, labels, 460, 140),
+        el("p", { class: "muted", text: h.never_fired + " latents never fired in " + meta.tokens + " tokens" }))));
+    const search = el("input", { id: "search", placeholder: "search id, explanation or token", size: "40" });
+    const sort = el("select", { id: "sort" }, ...["density", "max_act", "mean_act", "score", "id"].map((s) => el("option", { value: s, text: "sort: " + s })));
+    const table = el("table", { id: "features" });
+    const count = el("span", { class: "muted" });
+    function render() {
+      const q = search.value.trim().toLowerCase();
+      const key = sort.value;
+      let rows = list.filter((f) => !q || String(f.id) === q || (f.explanation || "").toLowerCase().includes(q) ||
+        f.top_logits.some((t) => t.toLowerCase().includes(q)));
+      rows = rows.slice().sort((a, b) => key === "id" ? a.id - b.id : (b[key] ?? -Infinity) - (a[key] ?? -Infinity));
+      count.textContent = rows.length + " features";
+      table.replaceChildren(el("tr", {}, ...["id", "density", "max act", "explanation", "top output tokens"].map((t) => el("th", { text: t }))));
+      for (const f of rows.slice(0, 300)) {
+        table.append(el("tr", { class: "row", "data-id": String(f.id), onclick: () => (location.hash = "#/feature/" + f.id) },
+          el("td", { text: String(f.id) }), el("td", { text: fmt(f.density, 3) }), el("td", { text: fmt(f.max_act, 3) }),
+          el("td", { text: f.explanation || "" }), el("td", { text: f.top_logits.join(" · ") })));
+      }
+    }
+    search.oninput = render;
+    sort.onchange = render;
+    app.append(el("div", { class: "card" }, el("h3", { text: "features" }), search, " ", sort, " ", count, table));
+    render();
+  }
+
+  async function features() {
+    if (!featureList) featureList = (await get(MODE === "static" ? "features" : "features?sort=id&desc=false&limit=100000")).items;
+    return featureList;
+  }
+
+  async function feature(id) {
+    const f = await get("feature/" + id);
+    app.replaceChildren();
+    app.append(el("h2", { id: "feature-title", text: "feature " + f.id }),
+      el("p", {}, el("b", { text: "explanation: " }), el("span", { id: "explanation", text: f.explanation || "none yet (nanosae explain RUN)" }),
+        f.score !== null && f.score !== undefined ? el("span", { class: "muted", text: " (score " + fmt(f.score, 3) + ")" }) : ""),
+      el("p", { class: "muted", text: "density " + fmt(f.density, 3) + " · fires " + f.fires + " · mean " + fmt(f.mean_act, 3) + " · max " + fmt(f.max_act, 3) }));
+    const h = f.histogram;
+    const labels = h.counts.map((_, i) => i === 0 ? "< " + fmt(h.edges[0]) : "≥ " + fmt(h.edges[i - 1], 3));
+    const logits = (rows, title) => el("div", {}, el("h4", { text: title }),
+      el("table", {}, ...rows.map(([t, v]) => el("tr", {}, el("td", { class: "example", text: JSON.stringify(t) }), el("td", { text: fmt(v, 3) })))));
+    const cof = el("div", {}, el("h4", { text: "fires together with" }),
+      ...f.cofiring.map(([j, p]) => el("div", {}, el("a", { href: "#/feature/" + j, text: "feature " + j }), " ", el("span", { class: "muted", text: "P = " + fmt(p, 3) }))));
+    app.append(el("div", { class: "grid" },
+      el("div", { class: "card" }, el("h4", { text: "activation histogram" }), bars(h.counts, labels, 460, 120)),
+      el("div", { class: "card" }, cof)),
+      el("div", { class: "grid" }, el("div", { class: "card" }, logits(f.top_logits, "boosted output tokens")),
+        el("div", { class: "card" }, logits(f.bottom_logits, "suppressed output tokens"))));
+    for (const kind of ["top", "quantile"]) {
+      const exs = f.examples.filter((e) => e.kind === kind);
+      const card = el("div", { class: "card examples", id: kind + "-examples" }, el("h4", { text: kind === "top" ? "top activations" : "examples across the activation quantiles" }));
+      exs.forEach((e) => card.append(el("div", {}, el("span", { class: "muted", text: fmt(e.activation, 3) + "  " }), heat(e, f.max_act))));
+      app.append(card);
+    }
+  }
+
+  function runText() {
+    const box = el("textarea", { id: "run-input" });
+    box.value = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)";
+    const out = el("div", { class: "card example", id: "run-output" });
+    const go = el("button", { id: "run-button", text: "run", onclick: async () => {
+      out.textContent = "running…";
+      try {
+        const r = await post("run_text", { text: box.value, top_k: 5 });
+        out.replaceChildren();
+        for (const t of r.tokens) {
+          const top = t.features[0] ? t.features[0][1] : 0;
+          const span = el("span", { class: "tok", title: t.features.map(([i, v]) => i + ": " + fmt(v, 3)).join("\n") });
+          span.textContent = t.text;
+          if (top > 0) span.style.background = "rgba(230, 110, 20, " + Math.min(1, 0.15 + top / 20).toFixed(3) + ")";
+          span.onclick = () => t.features[0] && (location.hash = "#/feature/" + t.features[0][0]);
+          out.append(span);
+        }
+      } catch (e) { out.replaceChildren(el("span", { class: "error", text: String(e.message || e) })); }
+    } });
+    app.replaceChildren(el("h2", { text: "run text" }), el("p", { class: "muted", text: "hover a token for its top features; click to open the strongest" }), box, go, out);
+  }
+
+  function steerPage() {
+    const prompt = el("input", { id: "steer-prompt", size: "60", value: "The weather today is" });
+    const edits = el("input", { id: "steer-edits", size: "30", placeholder: "123=+8, 77=0" });
+    const out = el("div", { class: "cols" });
+    const go = el("button", { text: "generate", onclick: async () => {
+      out.textContent = "generating…";
+      try {
+        const parsed = edits.value.split(",").map((s) => s.trim()).filter(Boolean).map((s) => {
+          const m = s.match(/^(\d+)\s*=\s*([+-]?)([\d.]+)$/);
+          if (!m) throw new Error("cannot read " + s);
+          const v = parseFloat(m[3]) * (m[2] === "-" ? -1 : 1);
+          return { latent: parseInt(m[1], 10), value: v, mode: m[2] ? "add" : "clamp" };
+        });
+        const r = await post("steer", { prompt: prompt.value, edits: parsed, max_new_tokens: 24 });
+        out.replaceChildren(el("div", {}, el("h4", { text: "baseline" }), el("pre", { text: prompt.value + r.baseline })),
+          el("div", {}, el("h4", { text: "steered" }), el("pre", { text: prompt.value + r.steered })));
+      } catch (e) { out.replaceChildren(el("span", { class: "error", text: String(e.message || e) })); }
+    } });
+    app.replaceChildren(el("h2", { text: "steering playground" }),
+      el("p", { class: "muted", text: "LATENT=+V adds V × its decoder direction, LATENT=V clamps it, LATENT=0 ablates" }),
+      prompt, " ", edits, " ", go, out);
+  }
+
+  async function route() {
+    const hash = location.hash || "#/";
+    try {
+      const m = hash.match(/^#\/feature\/(\d+)$/);
+      if (m) await feature(parseInt(m[1], 10));
+      else if (hash === "#/run" && MODE !== "static") runText();
+      else if (hash === "#/steer" && MODE !== "static") steerPage();
+      else await overview();
+    } catch (e) {
+      app.replaceChildren(el("p", { class: "error", text: String(e.message || e) }));
+    }
+  }
+
+  if (MODE === "static") document.querySelectorAll(".live").forEach((a) => a.remove());
+  window.addEventListener("hashchange", route);
+  route();
+})();
