@@ -10,6 +10,7 @@ Usage: python benchmarks/train_throughput.py [--steps 8]
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -64,10 +65,12 @@ def dense_step(x: torch.Tensor):
 def peers(x: torch.Tensor) -> dict:
     """Peers' own TopK training step where the package is installed; skipped otherwise."""
     out = {}
+    if not torch.cuda.is_available():
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's own switch: its Triton decoder is GPU-only
     try:
-        from sparsify import SparseCoder, SaeConfig as SparsifyConfig
+        from sparsify import SparseCoder, SparseCoderConfig
 
-        coder = SparseCoder(D_IN, SparsifyConfig(num_latents=D_SAE, k=K))
+        coder = SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K))
         opt = torch.optim.Adam(coder.parameters(), lr=1e-4)
 
         def step():
@@ -76,8 +79,8 @@ def peers(x: torch.Tensor) -> dict:
             loss.backward()
             opt.step()
         out["sparsify"] = step
-    except Exception:
-        pass
+    except Exception as e:
+        print(f"sparsify not measured: {e}")
     try:
         from dictionary_learning.trainers.top_k import AutoEncoderTopK
 
@@ -90,24 +93,24 @@ def peers(x: torch.Tensor) -> dict:
             loss.backward()
             opt.step()
         out["dictionary_learning"] = step
-    except Exception:
-        pass
+    except Exception as e:
+        print(f"dictionary_learning not measured: {e}")
     try:
         from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
         from sae_lens.saes.sae import TrainStepInput
 
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))  # its defaults, as a user would
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
         def step():
             o = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
-                                                         n_training_steps=0))
+                                                         n_training_steps=0, is_logging_step=False))
             opt.zero_grad(set_to_none=True)
             o.loss.backward()
             opt.step()
         out["SAELens"] = step
-    except Exception:
-        pass
+    except Exception as e:
+        print(f"SAELens not measured: {e}")
     return out
 
 

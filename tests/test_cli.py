@@ -81,3 +81,20 @@ def test_features_track_steer_commands(tiny_llama_dir, word_corpus, tmp_path):
                             "--max-new-tokens", "4"])
     assert r.exit_code == 0, r.output
     assert "baseline" in r.output and "steered" in r.output
+
+
+def test_explain_and_export_commands(viewer_run, tmp_path):
+    import shutil
+    import sqlite3
+
+    run = tmp_path / "run"
+    shutil.copytree(viewer_run, run)
+    r = CliRunner().invoke(app, ["explain", str(run), "--method", "n2g"])
+    assert r.exit_code == 0, r.output
+    n = sqlite3.connect(run / "features.db").execute("SELECT COUNT(*) FROM latents WHERE method = 'n2g'").fetchone()[0]
+    assert n > 0
+    r = CliRunner().invoke(app, ["export", "neuronpedia", str(run), "--out", str(tmp_path / "np")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "np" / "batch-0.json").exists()
+    r = CliRunner().invoke(app, ["export", "saelens", str(run), "--out", str(tmp_path / "sl")])
+    assert r.exit_code == 0 and SAE.load(tmp_path / "sl").cfg.d_sae == 24

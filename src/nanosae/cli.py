@@ -437,6 +437,46 @@ def view(
     uvicorn.run(create_app(run, model=model), host=host, port=port, log_level="warning")
 
 
+@app.command()
+def explain(
+    run: Path = typer.Argument(..., help="Run directory (or features.db) to explain."),
+    method: str = typer.Option("n2g", help="n2g: token patterns scored on held-out examples."),
+) -> None:
+    """Write an explanation and a held-out score for every feature into features.db."""
+    from nanosae.interp.explain import explain_n2g
+
+    if method != "n2g":
+        raise ConfigError(f"unknown explanation method {method!r}; available: n2g")
+    with TokenProgress("explain", 1) as bar:
+        n = explain_n2g(run, progress=lambda done, total: bar.bar.update(bar.task, completed=done, total=total))
+    console.print(f"explained {n} features in {run}")
+
+
+export_app = typer.Typer(no_args_is_help=True, help="Export an SAE for other tools.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("saelens")
+def export_saelens_cmd(run: Path = typer.Argument(...), out: Path = typer.Option(..., help="Output directory.")) -> None:
+    """A plain SAELens-loadable directory (BatchTopK becomes JumpReLU with its threshold, as SAELens runs it)."""
+    from nanosae.export.neuronpedia import export_saelens
+
+    console.print(f"wrote {export_saelens(run, out)}")
+
+
+@export_app.command("neuronpedia")
+def export_neuronpedia_cmd(
+    run: Path = typer.Argument(..., help="Run directory with sae/ and features.db."),
+    out: Path = typer.Option(..., help="Output directory."),
+    model_id: str = typer.Option(None, help="Neuronpedia model id (default: the model name)."),
+    sae_set: str = typer.Option(None, help="Neuronpedia SAE set name."),
+) -> None:
+    """Neuronpedia upload files: the SAE (SAELens format), dashboard batches, explanations, a README."""
+    from nanosae.export.neuronpedia import export_neuronpedia
+
+    console.print(f"wrote {export_neuronpedia(run, out, model_id=model_id, sae_set=sae_set)} (see its README.md)")
+
+
 def main() -> None:
     """Entry point: nanosae errors become one red line and exit code 1, not a traceback."""
     try:

@@ -33,14 +33,15 @@ class Selection(NamedTuple):
     def by_token(self, values: Tensor) -> Tensor:
         """(B, d_sae) CSR matrix with `values` at the selected places."""
         crow = torch.cat([self.offsets, self.offsets.new_tensor([len(self.cols)])])
-        return torch.sparse_csr_tensor(crow, self.cols, values, (len(self.offsets), self.n_latents))
+        return torch.sparse_csr_tensor(crow, self.cols, values, (len(self.offsets), self.n_latents), check_invariants=False)
 
     def by_latent(self, values: Tensor) -> Tensor:
         """(d_sae, B) CSR matrix: the transpose, for the weight gradients (a counting sort of cols)."""
         order = torch.argsort(self.cols.int(), stable=True)  # int32 sorts far faster than int64 on CPU
         counts = torch.bincount(self.cols, minlength=self.n_latents)
         crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return torch.sparse_csr_tensor(crow, self.rows[order], values[order], (self.n_latents, len(self.offsets)))
+        return torch.sparse_csr_tensor(crow, self.rows[order], values[order], (self.n_latents, len(self.offsets)),
+                                       check_invariants=False)
 
 
 def select_topk(pre_BF: Tensor, k: int) -> Selection:

@@ -1,0 +1,143 @@
+"""Share SAEs where the community looks: a plain SAELens directory, and Neuronpedia's upload files.
+
+Neuronpedia layout (as SAEDashboard's NeuronpediaRunner writes it): batch-N.json files, each
+{"model_id", "layer", "sae_set", "features": [...]} with per feature its index, pos_str/pos_values and
+neg_str/neg_values (logit effects), frac_nonzero, the activation histogram (freq_hist_data_bar_values /
+_heights), correlated feature indices, and "activations": token windows with values, the top group marked
+bin_min = -1, bin_contains = -1, quantile samples as their own small bins; plus run_settings.json,
+explanations.json and the SAE itself in SAELens format under sae/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanosae.config import SAEConfig
+from nanosae.interp.features import open_db
+from nanosae.io import atomic_write, write_json
+from nanosae.sae import SAE
+from nanosae.sae.formats import save_sae
+
+BATCH_SIZE = 128
+
+
+def _run_paths(run: Path) -> tuple[Path, Path]:
+    sae_path = run / "sae" if (run / "sae").exists() else run
+    return sae_path, run / "features.db"
+
+
+def saelens_sae(sae: SAE) -> SAE:
+    """The SAE as SAELens runs it at inference: a BatchTopK SAE becomes a JumpReLU with its global threshold."""
+    if sae.cfg.architecture != "batchtopk":
+        return sae
+    cfg = SAEConfig(**{**sae.cfg.to_dict(), "architecture": "jumprelu", "k": None})
+    out = SAE(cfg)
+    state = {k: v for k, v in sae.state_dict().items() if k != "threshold"}
+    state["threshold"] = sae.threshold.detach().expand(sae.cfg.d_sae).clone()
+    out.load_state_dict(state)
+    return out
+
+
+def export_saelens(run: str | Path, out: str | Path) -> Path:
+    """Write a plain SAELens-loadable directory (cfg.json, sae_weights.safetensors, sparsity.safetensors)."""
+    run, out = Path(run), Path(out)
+    sae_path, db = _run_paths(run)
+    sae = saelens_sae(SAE.load(sae_path))
+    sparsity = None
+    if db.exists():
+        dens = [r["density"] for r in open_db(db).execute("SELECT density FROM latents ORDER BY id")]
+        sparsity = torch.tensor([math.log10(d) if d > 0 else -10.0 for d in dens])  # SAELens stores log10 density
+    return save_sae(sae, out, sparsity=sparsity)
+
+
+def _layer(hook: str) -> int:
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    return int(m.group(1)) if m else 0
+
+
+def feature_json(row: Any, examples: list[Any], edges: list[float], n_tokens: int, context: int, dataset: str) -> dict:
+    hist = json.loads(row["histogram"])
+    centres = [edges[0] / 2] + [(edges[i - 1] + edges[i]) / 2 for i in range(1, len(edges))] + [edges[-1]]
+    pos, neg = json.loads(row["top_logits"]), json.loads(row["bottom_logits"])
+    quantiles = [e for e in examples if e["kind"] == "quantile"]
+    activations = []
+    for e in examples:
+        if e["kind"] == "top":
+            bin_min, bin_max, contains = -1, row["max_act"], -1
+        else:
+            bin_min = bin_max = e["activation"]
+            contains = 1 / max(1, len(quantiles))
+        activations.append({"bin_min": bin_min, "bin_max": bin_max, "bin_contains": contains,
+                            "tokens": json.loads(e["tokens"]), "values": json.loads(e["acts"]),
+                            "qualifying_token_index": e["focus"]})
+    return {
+        "feature_index": row["id"], "neuron_alignment_indices": [], "neuron_alignment_values": [],
+        "neuron_alignment_l1": [], "correlated_neurons_indices": [], "correlated_neurons_l1": [],
+        "correlated_neurons_pearson": [], "correlated_features_indices": [j for j, _ in json.loads(row["cofiring"])],
+        "correlated_features_l1": [], "correlated_features_pearson": [],
+        "neg_str": [t for t, _ in neg], "neg_values": [v for _, v in neg],
+        "pos_str": [t for t, _ in pos], "pos_values": [v for _, v in pos],
+        "frac_nonzero": row["density"],
+        "freq_hist_data_bar_values": [round(c, 5) for c, h in zip(centres, hist) if h],
+        "freq_hist_data_bar_heights": [h for h in hist if h],
+        "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
+        "n_prompts_total": max(1, n_tokens // max(1, context)), "n_tokens_in_prompt": context, "dataset": dataset,
+        "decoder_weights_dist": [], "activations": activations, "vector": [],
+    }
+
+
+README = """# Neuronpedia upload: {name}
+
+Made by `nanosae export neuronpedia`. Contents:
+
+- `sae/` — the SAE in SAELens format (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`).
+- `batch-N.json` — feature dashboards in the layout SAEDashboard's NeuronpediaRunner writes
+  ({n_features} features, {batch} per file).
+- `explanations.json` — one explanation per feature that has one (method and score included).
+- `run_settings.json` — how the dashboards were made.
+
+Upload steps:
+1. Put the SAE weights somewhere public (e.g. a Hugging Face repo) — Neuronpedia links to them.
+2. Request a new source at https://www.neuronpedia.org (the "Upload SAEs" form) naming the model
+   (`{model}`), the hook (`{hook}`, layer {layer}) and the weights location.
+3. Send the `batch-*.json` files (and `explanations.json`) as that form asks, or convert them with
+   SAEDashboard's `neuronpedia_export` to the bulk-import layout for Neuronpedia's maintainers.
+"""
+
+
+def export_neuronpedia(run: str | Path, out: str | Path, model_id: str | None = None, sae_set: str | None = None,
+                       batch: int = BATCH_SIZE) -> Path:
+    run, out = Path(run), Path(out)
+    sae_path, db_path = _run_paths(run)
+    con = open_db(db_path)
+    meta = {r["key"]: json.loads(r["value"]) for r in con.execute("SELECT key, value FROM meta")}
+    out.mkdir(parents=True, exist_ok=True)
+    export_saelens(run, out / "sae")
+    model_id = model_id or str(meta["model"]).replace("/", "_")
+    sae_set = sae_set or f"nanosae-{meta['architecture']}-{meta['d_sae']}"
+    context = int(SAE.load(sae_path).cfg.context_size or 128)
+    rows = con.execute("SELECT * FROM latents ORDER BY id").fetchall()
+    dataset = ",".join(meta.get("data") or [])
+    for n, start in enumerate(range(0, len(rows), batch)):
+        feats = []
+        for row in rows[start : start + batch]:
+            examples = con.execute("SELECT * FROM examples WHERE latent = ? ORDER BY kind DESC, rank", (row["id"],)).fetchall()
+            feats.append(feature_json(row, examples, meta["hist_edges"], meta["tokens"], context, dataset))
+        write_json(out / f"batch-{n}.json", {"model_id": model_id, "layer": _layer(meta["hook"]), "sae_set": sae_set,
+                                            "features": feats})
+    explanations = [{"index": r["id"], "description": r["explanation"], "explanationModelName": r["method"] or "unknown",
+                     "score": r["score"]} for r in rows if r["explanation"]]
+    write_json(out / "explanations.json", explanations)
+    write_json(out / "run_settings.json", {"model_id": model_id, "sae_set": sae_set, "hook": meta["hook"],
+                                           "layer": _layer(meta["hook"]), "n_features": len(rows), "tokens": meta["tokens"],
+                                           "data": meta.get("data"), "made_by": "nanosae export neuronpedia"})
+    text = README.format(name=sae_set, n_features=len(rows), batch=batch, model=model_id, hook=meta["hook"],
+                         layer=_layer(meta["hook"]))
+    atomic_write(out / "README.md", lambda p: p.write_text(text))
+    return out

@@ -1,0 +1,114 @@
+"""N2G-style explanations: short token patterns that predict where a latent fires, scored on held-out examples.
+
+For each latent, its examples (token windows with the latent's activation on every token) are split:
+even-ranked ones to build patterns, odd-ranked ones to score them. A pattern is a token sequence ending at
+the activating token, with optional wildcards ("*"): (t0), (t-1, t0), (t-2, *, t0), (t-2, t-1, t0).
+Patterns are chosen greedily, up to three, each one kept only if it raises the F1 of predicting "strongly
+active" positions (activation ≥ 25% of the latent's maximum) on the building half. The score is the F1 of
+the chosen patterns on the held-out half. Explanations and scores go into features.db in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from nanosae.errors import FormatError
+
+WILDCARD = None
+ACTIVE_FRACTION = 0.25
+Pattern = tuple  # tokens from oldest to the activating one; None = any token
+
+
+class Example(NamedTuple):
+    tokens: list[str]
+    acts: list[float]
+
+
+def matches(pattern: Pattern, tokens: list[str], pos: int) -> bool:
+    start = pos - len(pattern) + 1
+    if start < 0:
+        return False
+    return all(p is WILDCARD or p == tokens[start + i] for i, p in enumerate(pattern))
+
+
+def candidates(tokens: list[str], pos: int) -> list[Pattern]:
+    t = tokens
+    out: list[Pattern] = [(t[pos],)]
+    if pos >= 1 and t[pos - 1]:
+        out.append((t[pos - 1], t[pos]))
+    if pos >= 2 and t[pos - 2]:
+        out += [(t[pos - 2], WILDCARD, t[pos]), (t[pos - 2], t[pos - 1], t[pos])]
+    return out
+
+
+def f1(patterns: list[Pattern], examples: list[Example], threshold: float) -> tuple[float, float, float]:
+    """(precision, recall, F1) of 'some pattern matches here' against 'activation ≥ threshold here'."""
+    tp = fp = fn = 0
+    for ex in examples:
+        for pos, tok in enumerate(ex.tokens):
+            if not tok:
+                continue
+            predicted = any(matches(p, ex.tokens, pos) for p in patterns)
+            active = ex.acts[pos] >= threshold
+            tp += predicted and active
+            fp += predicted and not active
+            fn += active and not predicted
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return precision, recall, (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+
+
+def explain_latent(examples: list[Example], max_act: float, max_patterns: int = 3) -> tuple[list[Pattern], float]:
+    """Patterns built on the even-ranked examples and their held-out F1 on the odd-ranked ones."""
+    threshold = ACTIVE_FRACTION * max_act
+    build, held_out = examples[0::2], examples[1::2]
+    if not build or max_act <= 0:
+        return [], 0.0
+    pool = {c for ex in build for pos, a in enumerate(ex.acts) if a >= threshold and ex.tokens[pos]
+            for c in candidates(ex.tokens, pos)}
+    chosen: list[Pattern] = []
+    best = 0.0
+    for _ in range(max_patterns):
+        scored = [(f1(chosen + [c], build, threshold)[2] - 0.01 * len(c), c) for c in pool if c not in chosen]
+        if not scored:
+            break
+        score, c = max(scored, key=lambda s: (s[0], -len(s[1])))
+        if score <= best + 0.01:
+            break
+        chosen.append(c)
+        best = score
+    return chosen, f1(chosen, held_out or build, threshold)[2]
+
+
+def describe(patterns: list[Pattern]) -> str:
+    """Human-readable: each pattern as quoted tokens, '*' for a wildcard, alternatives joined by ' | '."""
+    return " | ".join(" ".join("*" if t is WILDCARD else json.dumps(t) for t in p) for p in patterns)
+
+
+def explain_n2g(db_path: str | Path, progress: Callable[[int, int], None] | None = None) -> int:
+    """Write an N2G explanation and score for every latent that fired into features.db; returns how many."""
+    path = Path(db_path)
+    if path.is_dir():
+        path = path / "features.db"
+    if not path.exists():
+        raise FormatError(f"{path} not found: build it first with `nanosae features RUN --model M --data D`")
+    con = sqlite3.connect(path)
+    try:
+        latents = con.execute("SELECT id, max_act FROM latents WHERE fires > 0 ORDER BY id").fetchall()
+        updates = []
+        for n, (latent, max_act) in enumerate(latents):
+            rows = con.execute("SELECT tokens, acts FROM examples WHERE latent = ? ORDER BY kind DESC, rank", (latent,))
+            examples = [Example(json.loads(t), json.loads(a)) for t, a in rows]
+            patterns, score = explain_latent(examples, max_act)
+            updates.append((describe(patterns) if patterns else None, round(score, 4), "n2g", latent))
+            if progress is not None:
+                progress(n + 1, len(latents))
+        with con:  # one transaction: all explanations land, or none
+            con.executemany("UPDATE latents SET explanation = ?, score = ?, method = ? WHERE id = ?", updates)
+    finally:
+        con.close()
+    return len(updates)
