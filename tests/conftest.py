@@ -69,10 +69,10 @@ XSS_TOKENS = ["<script>window.__xss = 1</script>", '<img src=x onerror="window._
 
 @pytest.fixture(scope="session")
 def viewer_run(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
+    """A run directory: sae/, features.db (with hostile text planted in it), eval.json."""
     from nanosae import SAE, SAEConfig, DataConfig
     from nanosae.interp.features import FeaturesConfig, build_features
 
-    """A run directory: sae/, features.db (with hostile text planted in it), eval.json."""
     run = tmp_path_factory.mktemp("viewer_run")
     torch.manual_seed(2)
     sae = SAE(SAEConfig(d_in=32, d_sae=24, architecture="topk", k=3, hook_name="blocks.1.hook_resid_post",
