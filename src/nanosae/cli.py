@@ -205,6 +205,8 @@ def train(
     checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps (also at the end and on Ctrl-C)."),
     resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --out."),
     log_every: int = typer.Option(10),
+    tensorboard: bool = typer.Option(False, help="Also log to RUN/tensorboard (needs tensorboard)."),
+    wandb: bool = typer.Option(False, help="Also log to Weights & Biases (needs wandb)."),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Train SAEs from a store or straight from the model (torchrun-ready: one SAE over N processes)."""
@@ -224,7 +226,8 @@ def train(
                           architecture=arch, d_sae=size, k=kk, sparsity_coefficient=coeff, batch_size=batch_size, lr=lr,
                           lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps, grad_clip=grad_clip,
                           ema_decay=ema_decay, init_b_dec=init_b_dec, dead_tokens=dead_tokens, k_aux=k_aux, seed=seed,
-                          checkpoint_every=checkpoint_every, resume=resume, log_every=log_every, device=device)
+                          checkpoint_every=checkpoint_every, resume=resume, log_every=log_every, tensorboard=tensorboard,
+                          wandb=wandb, device=device)
         steps = cfg.tokens // cfg.batch_size
         with TokenProgress(f"train {name or arch}", steps) as bar:
             def show(p) -> None:

@@ -176,6 +176,10 @@ class TrainConfig:
     """Write a checkpoint every N steps (0 = only at the end and on Ctrl-C)."""
     resume: bool = False
     """Continue from the newest checkpoint in out/."""
+    tensorboard: bool = False
+    """Also log metrics to out/tensorboard (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log metrics to Weights & Biases (needs the wandb package; project from WANDB_PROJECT, default nanosae)."""
     device: str = "cpu"
 
     def __post_init__(self) -> None:

@@ -165,3 +165,32 @@ def test_two_processes_equal_one(planted_store, tmp_path):
     two, one = SAE.load(tmp_path / "two" / "sae"), SAE.load(tmp_path / "one" / "sae")
     for name, tensor in one.state_dict().items():
         assert torch.allclose(tensor, two.state_dict()[name], atol=1e-4), name
+
+
+def test_tensorboard_and_wandb_are_imported_only_when_asked(planted_store, tmp_path, monkeypatch):
+    import types
+
+    store, _ = planted_store
+    logged = []
+    fake_wandb = types.SimpleNamespace(init=lambda **kw: logged.append(("init", kw["project"])),
+                                       log=lambda m, step: logged.append(("log", step)), finish=lambda: logged.append(("finish",)))
+    scalars = []
+
+    class Writer:
+        def __init__(self, path):
+            scalars.append(("dir", path))
+
+        def add_scalar(self, key, value, step):
+            scalars.append((key, step))
+
+        def close(self):
+            scalars.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    nanosae.train(cfg_for(store, tmp_path / "run", tokens=256 * 20, log_every=10, tensorboard=True, wandb=True))
+    assert logged[0] == ("init", "nanosae") and ("log", 10) in logged and ("log", 20) in logged and logged[-1] == ("finish",)
+    assert ("fvu", 20) in scalars and scalars[-1] == ("close",)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(nanosae.ConfigError, match="pip install wandb"):
+        nanosae.train(cfg_for(store, tmp_path / "run2", tokens=256 * 2, wandb=True))

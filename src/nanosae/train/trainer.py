@@ -92,6 +92,41 @@ def make_adam(sae: SAE, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
         return torch.optim.Adam(sae.parameters(), **kwargs)
 
 
+class MetricSinks:
+    """Optional tensorboard / wandb logging, imported only when asked for."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
+        self.tb = self.wandb = None
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("--wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb
+            wandb.init(project=os.environ.get("WANDB_PROJECT", "nanosae"), dir=str(run_dir), name=run_dir.name,
+                       config=dataclasses.asdict(cfg), resume="allow")
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if key != "step":
+                    self.tb.add_scalar(key, value, metrics["step"])
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=int(metrics["step"]))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 # ---- distributed helpers ------------------------------------------------------------------------------
 def dist_info() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -238,6 +273,7 @@ def train(cfg: TrainConfig, progress: Callable[[Progress], None] | None = None,
                                                  "since_fired": since_fired, "rng": torch.get_rng_state(), "ema": ema,
                                                  "seconds": t_train, "config": dataclasses.asdict(cfg)})
 
+    sinks = MetricSinks(cfg, run_dir) if rank == 0 else None
     batches = batch_stream(source, cfg, batches_done)
     local = cfg.batch_size // world
     last: dict[str, float] = {}
@@ -290,6 +326,7 @@ def train(cfg: TrainConfig, progress: Callable[[Progress], None] | None = None,
                 if rank == 0:
                     with open(run_dir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(last) + "\n")
+                    sinks.log(last)
                 if progress is not None:
                     progress(Progress(step, d["steps"], last))
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < d["steps"]:
@@ -297,6 +334,9 @@ def train(cfg: TrainConfig, progress: Callable[[Progress], None] | None = None,
     except KeyboardInterrupt:
         checkpoint()
         raise
+    finally:
+        if sinks is not None:
+            sinks.close()
     if ema is not None:
         sae.load_state_dict(ema)
     sae.eval()
