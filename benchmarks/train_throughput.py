@@ -6,7 +6,9 @@ d_in 576, d_sae 4608, k 32, batch 4096, fp32, torch.set_num_threads(2). Prints s
   SAELens / sparsify / dictionary_learning, when importable in this venv (never project dependencies)
 and the bound: the time of the one unavoidable dense GEMM (batch x d_in x d_sae) at the GEMM rate
 measured in this run. Targets: >= 2x the fastest peer, >= 60% of the bound.
-Usage: python benchmarks/train_throughput.py [--steps 8]
+Steps are timed interleaved (one of each in turn) and the median is taken, so drifting machine speed
+does not favour whoever ran first.
+Usage: python benchmarks/train_throughput.py [--steps 11]
 """
 
 import argparse
@@ -21,13 +23,20 @@ from nanosae.train.trainer import make_adam
 D_IN, D_SAE, K, BATCH = 576, 4608, 32, 4096
 
 
-def timed(step, steps: int) -> float:
-    step()
-    step()  # warm-up
-    t = time.perf_counter()
-    for _ in range(steps):
+def interleaved(steps: dict, reps: int) -> dict:
+    """tokens/s of each step function: one step of each in turn, repeated, median per function.
+
+    Interleaving keeps the ratios fair on a machine whose speed drifts (shared, noisy CPUs)."""
+    for step in steps.values():
         step()
-    return BATCH * steps / (time.perf_counter() - t)
+        step()  # warm-up
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    return {name: BATCH / sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def nanosae_step(x: torch.Tensor):
@@ -116,16 +125,16 @@ def peers(x: torch.Tensor) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=11)
     args = p.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     x = torch.randn(BATCH, D_IN)
     W = torch.randn(D_IN, D_SAE)
-    gemm = timed(lambda: x @ W, args.steps)  # tokens/s if a step were only the encoder GEMM
     flops = 2 * BATCH * D_IN * D_SAE
-    rates = {"nanosae": timed(nanosae_step(x), args.steps), "dense PyTorch TopK": timed(dense_step(x), args.steps)}
-    rates |= {name: timed(step, args.steps) for name, step in peers(x).items()}
+    steps = {"GEMM": lambda: x @ W, "nanosae": nanosae_step(x), "dense PyTorch TopK": dense_step(x)} | peers(x)
+    rates = interleaved(steps, args.steps)
+    gemm = rates.pop("GEMM")  # tokens/s if a step were only the encoder GEMM
     print(f"TopK SAE training step, d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, fp32, 2 threads")
     print(f"GEMM rate {flops * gemm / BATCH / 1e9:.1f} GFLOP/s -> bound {gemm:,.0f} tokens/s\n")
     print("| trainer | tokens/s | vs dense | of bound |\n|---|---|---|---|")

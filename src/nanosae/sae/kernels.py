@@ -100,33 +100,31 @@ def select_dead_topk(pre_BF: Tensor, dead_F: Tensor, k: int) -> Selection:
 
 
 class _SelectedPreacts(torch.autograd.Function):
-    """The selected pre-activations of x - b_dec; backward scatters their gradient into W_enc, b_enc, b_dec only.
+    """The selected pre-activations of xc = x - b_dec; backward scatters their gradient into W_enc, b_enc, b_dec.
 
-    b_dec's gradient needs no per-token work: Σ_tokens d(pre)/d(b_dec) = -W_enc @ (gradient of b_enc).
+    xc is a constant here (the input needs no gradient in training). b_dec's gradient needs no per-token
+    work: Σ_tokens d(pre)/d(b_dec) = -W_enc @ (gradient of b_enc).
     """
 
     @staticmethod
-    def forward(ctx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, sel: Selection) -> Tensor:
-        ctx.save_for_backward(x_BD, W_enc_DF, b_dec_D if b_dec_D is not None else x_BD.new_zeros(0))
+    def forward(ctx, xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, sel: Selection) -> Tensor:
+        ctx.save_for_backward(xc_BD, W_enc_DF)
         ctx.sel, ctx.centred = sel, b_dec_D is not None
         return sel.pre.clone()
 
     @staticmethod
     def backward(ctx, g_n: Tensor):
-        x_BD, W_enc_DF, b_dec_D = ctx.saved_tensors
+        xc_BD, W_enc_DF = ctx.saved_tensors
         sel = ctx.sel
-        grad_x = grad_W = grad_b = grad_b_dec = None
+        grad_W = grad_b = grad_b_dec = None
         grad_b_enc = torch.zeros(sel.n_latents, dtype=g_n.dtype, device=g_n.device).index_add_(0, sel.cols, g_n)
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(sel.cols, W_enc_DF.T.contiguous(), sel.offsets, mode="sum", per_sample_weights=g_n)
         if ctx.needs_input_grad[1]:
-            xc = x_BD - b_dec_D if ctx.centred else x_BD
-            grad_W = (sel.by_latent(g_n) @ xc).T  # (d_sae, B) sparse @ (B, d_in), viewed as (d_in, d_sae)
+            grad_W = (sel.by_latent(g_n) @ xc_BD).T  # (d_sae, B) sparse @ (B, d_in), viewed as (d_in, d_sae)
         if ctx.needs_input_grad[2]:
             grad_b = grad_b_enc
         if ctx.centred and ctx.needs_input_grad[3]:
             grad_b_dec = -(W_enc_DF @ grad_b_enc)
-        return grad_x, grad_W, grad_b, grad_b_dec, None
+        return None, grad_W, grad_b, grad_b_dec, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -152,9 +150,10 @@ class _SparseDecode(torch.autograd.Function):
         return grad_vals, grad_W, None
 
 
-def selected_preacts(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, sel: Selection) -> Tensor:
-    """The selected pre-activations of (x - b_dec) as a differentiable (n,) tensor (b_dec None: of x)."""
-    return _SelectedPreacts.apply(x_BD, W_enc_DF, b_enc_F, b_dec_D, sel)
+def selected_preacts(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, sel: Selection) -> Tensor:
+    """The selected pre-activations as a differentiable (n,) tensor. xc_BD is the (detached) centred input
+    x - b_dec; pass b_dec so it gets its gradient (None when the input is not centred)."""
+    return _SelectedPreacts.apply(xc_BD.detach(), W_enc_DF, b_enc_F, b_dec_D, sel)
 
 
 def sparse_decode(vals: Tensor, sel: Selection, W_dec_FD: Tensor) -> Tensor:

@@ -205,7 +205,7 @@ class SAE(nn.Module):
         """
         x_norm, _ = self._normalize(self._check(x))
         arch = self.cfg.architecture
-        if fast and arch in ("topk", "batchtopk"):
+        if fast and arch in ("topk", "batchtopk") and not x_norm.requires_grad:  # the input's gradient needs the dense path
             return self._sparse_loss(x_norm, dead_mask, k_aux, aux_coefficient)
         pre = self.pre_acts(x_norm)
         z = self.activate(pre, x_norm)
@@ -233,20 +233,20 @@ class SAE(nn.Module):
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         dead = dead_mask if dead_mask is not None and bool(dead_mask.any()) else None
         k_aux = k_aux or self.cfg.d_in // 2
+        xc = self._centred(x_norm).detach()
         if self.cfg.architecture == "topk":
-            sel, aux = kernels.encode_select_topk(self._centred(x_norm).detach(), self.W_enc.detach(),
-                                                  self.b_enc.detach(), self.cfg.k, dead, k_aux)
+            sel, aux = kernels.encode_select_topk(xc, self.W_enc.detach(), self.b_enc.detach(), self.cfg.k, dead, k_aux)
         else:
             with torch.no_grad():
-                pre = self._centred(x_norm) @ self.W_enc
+                pre = xc @ self.W_enc
                 pre += self.b_enc
             sel = kernels.select_batch_topk(pre, self.cfg.k)
             aux = kernels.select_dead_topk(pre, dead, k_aux) if dead is not None else None
-        vals = kernels.selected_preacts(x_norm, self.W_enc, self.b_enc, b_dec, sel).relu()
+        vals = kernels.selected_preacts(xc, self.W_enc, self.b_enc, b_dec, sel).relu()
         x_hat = kernels.sparse_decode(vals, sel, self.W_dec) + self.b_dec
         parts = {"mse": (x_hat - x_norm).pow(2).sum(-1).mean()}
         if aux is not None:
-            aux_vals = kernels.selected_preacts(x_norm, self.W_enc, self.b_enc, b_dec, aux).relu()
+            aux_vals = kernels.selected_preacts(xc, self.W_enc, self.b_enc, b_dec, aux).relu()
             residual_hat = kernels.sparse_decode(aux_vals, aux, self.W_dec)
             residual = x_norm - x_hat.detach()
             parts["auxk"] = aux_coefficient * (residual_hat - residual).pow(2).sum(-1).mean()
@@ -281,11 +281,14 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
-        """Project out the part of each W_dec row's gradient along the row, so unit norms survive a step."""
+        """Project out the part of each W_dec row's gradient along the row, so unit norms survive a step.
+
+        Rows are unit-norm between steps (normalize_decoder), so the projection needs no normalisation.
+        """
         if self.W_dec.grad is None:
             return
-        W = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.W_dec.grad -= (self.W_dec.grad * W).sum(dim=1, keepdim=True) * W
+        dots = torch.linalg.vecdot(self.W_dec.grad, self.W_dec, dim=1)
+        self.W_dec.grad.addcmul_(dots[:, None], self.W_dec, value=-1.0)
 
     # ---- files ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
