@@ -443,15 +443,32 @@ def view(
 @app.command()
 def explain(
     run: Path = typer.Argument(..., help="Run directory (or features.db) to explain."),
-    method: str = typer.Option("n2g", help="n2g: token patterns scored on held-out examples."),
+    method: str = typer.Option("n2g", help="n2g (token patterns) or llm (a language model writes, then simulates)."),
+    explainer_url: str = typer.Option(None, envvar="NANOSAE_EXPLAINER_URL",
+                                      help="OpenAI-compatible endpoint for --method llm (default: the local host model)."),
+    explainer_model: str = typer.Option("gpt-4o-mini", help="Model name sent to the endpoint."),
+    max_features: int = typer.Option(100, help="--method llm: explain this many of the most frequent features (0 = all)."),
+    model: str = typer.Option(None, help="Local explainer model (default: the SAE's model_name)."),
 ) -> None:
     """Write an explanation and a held-out score for every feature into features.db."""
     from nanosae.interp.explain import explain_n2g
+    from nanosae.interp.llm_explain import HTTPExplainer, LocalExplainer, explain_llm
 
-    if method != "n2g":
-        raise ConfigError(f"unknown explanation method {method!r}; available: n2g")
     with TokenProgress("explain", 1) as bar:
-        n = explain_n2g(run, progress=lambda done, total: bar.bar.update(bar.task, completed=done, total=total))
+        def show(done: int, total: int) -> None:
+            bar.bar.update(bar.task, completed=done, total=total)
+
+        if method == "n2g":
+            n = explain_n2g(run, progress=show)
+        elif method == "llm":
+            if explainer_url:
+                explainer = HTTPExplainer(explainer_url, model=explainer_model)
+            else:
+                _, _, host = _load_sae_and_model(run, model, "cpu", None)
+                explainer = LocalExplainer(host)
+            n = explain_llm(run, explainer, max_features=max_features or None, progress=show)
+        else:
+            raise ConfigError(f"unknown explanation method {method!r}; expected n2g or llm")
     console.print(f"explained {n} features in {run}")
 
 

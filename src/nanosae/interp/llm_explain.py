@@ -1,0 +1,155 @@
+"""LLM explanations scored by simulation (after Bills et al. 2023, as in OpenAI's automated interpretability).
+
+1. Explain: the explainer sees a feature's even-ranked examples with its strongly active tokens marked
+   <<like this>> and writes one line.
+2. Simulate: given only that line and an odd-ranked (held-out) example, the explainer predicts an
+   activation 0-10 for every token; the score is the correlation of the predictions with the truth over
+   all held-out tokens.
+The explainer is any OpenAI-compatible chat endpoint (HTTPExplainer: --explainer-url or
+NANOSAE_EXPLAINER_URL, key from NANOSAE_EXPLAINER_KEY / OPENAI_API_KEY) or the local host model
+(LocalExplainer: works offline, e.g. SmolLM2-Instruct). Every answer is gathered before anything is
+written, then all rows are written in one transaction: a failing endpoint leaves the database unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sqlite3
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from nanosae.errors import FormatError, NanosaeError
+from nanosae.interp.explain import ACTIVE_FRACTION, Example
+
+
+class ExplainerError(NanosaeError):
+    """The explainer could not be reached or answered nonsense."""
+
+
+class Explainer(Protocol):
+    def complete(self, prompt: str, max_tokens: int) -> str: ...
+
+
+class HTTPExplainer:
+    """An OpenAI-compatible /v1/chat/completions endpoint."""
+
+    def __init__(self, url: str, model: str = "gpt-4o-mini", api_key: str | None = None, timeout: float = 60.0):
+        self.url = url.rstrip("/")
+        if not self.url.endswith("/chat/completions"):
+            self.url += "/v1/chat/completions" if not self.url.endswith("/v1") else "/chat/completions"
+        self.model, self.timeout = model, timeout
+        self.api_key = api_key or os.environ.get("NANOSAE_EXPLAINER_KEY") or os.environ.get("OPENAI_API_KEY")
+
+    def complete(self, prompt: str, max_tokens: int) -> str:
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": max_tokens, "temperature": 0}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                answer = json.loads(response.read())
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise ExplainerError(f"explainer endpoint {self.url} is unreachable: {getattr(e, 'reason', e)}") from None
+        except json.JSONDecodeError:
+            raise ExplainerError(f"explainer endpoint {self.url} did not answer JSON") from None
+        try:
+            return str(answer["choices"][0]["message"]["content"])
+        except (KeyError, IndexError, TypeError):
+            raise ExplainerError(f"explainer endpoint {self.url} answered without choices[0].message.content") from None
+
+
+class LocalExplainer:
+    """The host model itself, prompted in its chat format (offline; small models explain roughly)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def complete(self, prompt: str, max_tokens: int) -> str:
+        return self.model.generate(prompt, max_new_tokens=max_tokens, chat=True).text
+
+
+def marked(example: Example, threshold: float) -> str:
+    return "".join(f"<<{t}>>" if a >= threshold else t for t, a in zip(example.tokens, example.acts))
+
+
+def explanation_prompt(examples: list[Example], max_act: float) -> str:
+    threshold = ACTIVE_FRACTION * max_act
+    shown = "\n".join(f"{i + 1}. {marked(e, threshold)}" for i, e in enumerate(examples))
+    return ("We are studying a feature of a language model. Below are text excerpts where it activates; the tokens "
+            "where it is strongly active are marked <<like this>>.\n\n" + shown +
+            "\n\nIn one short line, say what the feature responds to. Answer with the description only.")
+
+
+def simulation_prompt(explanation: str, tokens: list[str]) -> str:
+    listing = "\n".join(f"{i}\t{t!r}" for i, t in enumerate(tokens))
+    return (f"A feature of a language model is described as: {explanation}\n\nFor each token below (index, tab, token), "
+            "predict how strongly the feature activates on it, from 0 (not at all) to 10 (maximally). Answer with one "
+            "line per token: index, a tab, the number.\n\n" + listing)
+
+
+def parse_simulation(reply: str, n: int) -> list[float]:
+    """Predicted activations per token index (missing or unreadable lines count as 0)."""
+    values = [0.0] * n
+    for line in reply.splitlines():
+        m = re.match(r"\s*(\d+)\s*[\t:,]\s*(-?\d+(?:\.\d+)?)", line)
+        if m and int(m.group(1)) < n:
+            values[int(m.group(1))] = float(m.group(2))
+    return values
+
+
+def correlation(a: list[float], b: list[float]) -> float:
+    n = len(a)
+    if n < 2:
+        return 0.0
+    ma, mb = sum(a) / n, sum(b) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else 0.0
+
+
+def explain_and_score(explainer: Explainer, examples: list[Example], max_act: float) -> tuple[str, float]:
+    build, held_out = examples[0::2], examples[1::2] or examples[0::2]
+    explanation = explainer.complete(explanation_prompt(build, max_act), max_tokens=60).strip().splitlines()
+    explanation = explanation[0].strip() if explanation else ""
+    predicted, actual = [], []
+    for ex in held_out:
+        tokens = ex.tokens
+        predicted += parse_simulation(explainer.complete(simulation_prompt(explanation, tokens), max_tokens=8 * len(tokens)),
+                                      len(tokens))
+        actual += ex.acts
+    return explanation, correlation(predicted, actual)
+
+
+def explain_llm(db_path: str | Path, explainer: Explainer, max_features: int | None = 100,
+                progress: Callable[[int, int], None] | None = None) -> int:
+    """Explain the most frequently firing features (up to max_features); one transaction at the end."""
+    path = Path(db_path)
+    if path.is_dir():
+        path = path / "features.db"
+    if not path.exists():
+        raise FormatError(f"{path} not found: build it first with `nanosae features RUN --model M --data D`")
+    con = sqlite3.connect(path)
+    try:
+        latents = con.execute("SELECT id, max_act FROM latents WHERE fires > 0 ORDER BY fires DESC, id"
+                              + (f" LIMIT {int(max_features)}" if max_features else "")).fetchall()
+        updates = []
+        for n, (latent, max_act) in enumerate(latents):
+            rows = con.execute("SELECT tokens, acts FROM examples WHERE latent = ? ORDER BY kind DESC, rank", (latent,))
+            examples = [Example(json.loads(t), json.loads(a)) for t, a in rows]
+            explanation, score = explain_and_score(explainer, examples, max_act)
+            updates.append((explanation, round(score, 4), "llm", latent))
+            if progress is not None:
+                progress(n + 1, len(latents))
+        with con:
+            con.executemany("UPDATE latents SET explanation = ?, score = ?, method = ? WHERE id = ?", updates)
+    finally:
+        con.close()
+    return len(updates)
