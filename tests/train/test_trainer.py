@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 import os
 import signal
 import subprocess
@@ -194,3 +195,41 @@ def test_tensorboard_and_wandb_are_imported_only_when_asked(planted_store, tmp_p
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(nanosae.ConfigError, match="pip install wandb"):
         nanosae.train(cfg_for(store, tmp_path / "run2", tokens=256 * 2, wandb=True))
+
+
+def assert_same_weights(a, b):
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+
+
+def test_many_saes_from_one_store_read_equal_each_alone(planted_store, tmp_path):
+    store, _ = planted_store
+    together = nanosae.train([cfg_for(store, tmp_path / "together" / "a", d_sae=64, tokens=256 * 40),
+                              cfg_for(store, tmp_path / "together" / "b", d_sae=32, architecture="batchtopk", tokens=256 * 40)])
+    alone = [nanosae.train(cfg_for(store, tmp_path / "alone" / "a", d_sae=64, tokens=256 * 40)),
+             nanosae.train(cfg_for(store, tmp_path / "alone" / "b", d_sae=32, architecture="batchtopk", tokens=256 * 40))]
+    for t, a in zip(together, alone):
+        assert_same_weights(t.sae, a.sae)
+    assert (tmp_path / "together" / "b" / "metrics.jsonl").exists() and (tmp_path / "together" / "a" / "sae").exists()
+
+
+def test_many_hooks_streamed_in_one_pass_equal_each_alone(tiny_llama_dir, word_corpus, tmp_path):
+    from nanosae import DataConfig
+
+    data = DataConfig(specs=[str(word_corpus)], context_size=16, split="all")
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]
+    base = dict(model=str(tiny_llama_dir), data=data, d_sae=32, k=4, batch_size=128, tokens=128 * 12,
+                checkpoint_every=0, log_every=4, lr=3e-3, init_sample_tokens=256, model_batch_size=4)
+    together = nanosae.train([TrainConfig(out=str(tmp_path / "together" / h), hook=h, **base) for h in hooks])
+    for h, t in zip(hooks, together):
+        alone = nanosae.train(TrainConfig(out=str(tmp_path / "alone" / h), hook=h, **base))
+        assert_same_weights(t.sae, alone.sae)
+        assert t.sae.cfg.hook_name == h and t.sae.cfg.d_in == (32 if h.endswith("resid_post") else 48)
+
+
+def test_mixing_stores_and_streaming_is_refused(planted_store, tmp_path):
+    store, _ = planted_store
+    with pytest.raises(nanosae.ConfigError, match="not a mix"):
+        nanosae.train([cfg_for(store, tmp_path / "a"), TrainConfig(out=str(tmp_path / "b"), tokens=256 * 300, batch_size=256)])
+    with pytest.raises(nanosae.ConfigError, match="share batch_size and tokens"):
+        nanosae.train([cfg_for(store, tmp_path / "a"), cfg_for(store, tmp_path / "b", batch_size=128)])

@@ -21,13 +21,22 @@ from nanosae.models import HostModel
 
 
 class ActivationStream:
-    def __init__(self, model: HostModel, hook: str, data: DataConfig, model_batch_size: int = 8,
+    """Several hooks give their activations side by side in columns (one forward pass for all of them)."""
+
+    def __init__(self, model: HostModel, hook: str | list[str], data: DataConfig, model_batch_size: int = 8,
                  buffer_tokens: int = 65536):
-        model.parse_hook(hook)
-        self.model, self.hook, self.data = model, hook, data
+        self.hooks = [hook] if isinstance(hook, str) else list(hook)
+        for h in self.hooks:
+            model.parse_hook(h)
+        self.model, self.hook, self.data = model, self.hooks[0], data
         self.model_batch_size, self.buffer_tokens = model_batch_size, buffer_tokens
-        self.d_in = model.hook_dim(hook)
+        self.d_in = sum(model.hook_dim(h) for h in self.hooks)
         self._norm_scale: float | None = None
+
+    def columns(self, hook: str) -> slice:
+        """Where one hook's activations sit in the batches."""
+        start = sum(self.model.hook_dim(h) for h in self.hooks[: self.hooks.index(hook)])
+        return slice(start, start + self.model.hook_dim(hook))
 
     def activations(self) -> Iterator[Tensor]:
         """Kept activations per forward pass, in corpus order."""
@@ -35,10 +44,10 @@ class ActivationStream:
         batches = in_background(token_batches(docs, self.model.tokenizer, self.data.context_size,
                                               self.model_batch_size, self.data.pack, self.data.exclude_first))
         for batch in batches:
-            _, cache = self.model.run_with_cache(batch.tokens, [self.hook], return_logits=False)
-            acts = cache[self.hook][batch.valid.to(cache[self.hook].device)].float()
+            _, cache = self.model.run_with_cache(batch.tokens, self.hooks, return_logits=False)
+            acts = torch.cat([cache[h][batch.valid.to(cache[h].device)].float() for h in self.hooks], dim=-1)
             if not torch.isfinite(acts).all():
-                raise DataError(f"NaN or inf activations at {self.hook}")
+                raise DataError(f"NaN or inf activations at {', '.join(self.hooks)}")
             yield acts
 
     def norm_scale(self, n_tokens: int = 20_000) -> float:

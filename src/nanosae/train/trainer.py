@@ -144,18 +144,6 @@ def all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
 
 
 # ---- data ---------------------------------------------------------------------------------------------
-def open_source(cfg: TrainConfig, d_in: int | None = None) -> ActivationStore | ActivationStream:
-    if cfg.acts:
-        store = ActivationStore(cfg.acts)
-        if cfg.hook and store.hook != cfg.hook and cfg.hook != TrainConfig.hook:
-            raise DataError(f"{store.path}: store holds {store.hook}, not {cfg.hook}")
-        return store
-    from nanosae.models import load_model
-
-    model = load_model(cfg.model, device=cfg.device)
-    return ActivationStream(model, cfg.hook, cfg.data, model_batch_size=cfg.model_batch_size)
-
-
 def batch_stream(source: ActivationStore | ActivationStream, cfg: TrainConfig, start_batch: int) -> Iterator[torch.Tensor]:
     """Endless batches (epochs as needed), counting every batch the source yields, partial ones included."""
     if isinstance(source, ActivationStore):
@@ -216,134 +204,216 @@ def save_checkpoint(run_dir: Path, step: int, sae: SAE, state: dict[str, Any], k
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, progress: Callable[[Progress], None] | None = None,
-          source: ActivationStore | ActivationStream | None = None) -> TrainResult:
-    """Train one SAE into cfg.out (config.json, sae/, checkpoints/, metrics.jsonl)."""
-    rank, world = dist_info()
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-    run_dir = Path(cfg.out)
-    d = derived(cfg)
-    source = source or open_source(cfg)
-    d_in = source.d_in
-    torch.manual_seed(cfg.seed)
-    sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.architecture,
-                        k=cfg.k if cfg.architecture in ("topk", "batchtopk") else None,
-                        hook_name=cfg.hook if not cfg.acts else source.hook, model_name=_model_name(cfg, source),
-                        context_size=_context_size(cfg, source), dataset_path=",".join(cfg.data.specs), device=cfg.device)
-    sae = SAE(sae_cfg)
-    sae.train()
-    opt = make_adam(sae, d["lr"], cfg)
-    since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
-    ema = None
-    step, batches_done, t_train = 0, 0, 0.0
+class SAERun:
+    """One SAE being trained: its weights, optimizer, counters and files. Several can share one stream."""
 
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
+    def __init__(self, cfg: TrainConfig, source: Any, columns: slice, rank: int, world: int):
+        self.cfg, self.source, self.columns, self.rank, self.world = cfg, source, columns, rank, world
+        self.run_dir = Path(cfg.out)
+        self.d = derived(cfg)
+        d_in = columns.stop - columns.start
+        torch.manual_seed(cfg.seed)  # the same initial weights whether trained alone or with others
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # this run's own randomness (resampling)
+        hook = source.hook if isinstance(source, ActivationStore) else cfg.hook
+        sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.architecture,
+                            k=cfg.k if cfg.architecture in ("topk", "batchtopk") else None, hook_name=hook,
+                            model_name=_model_name(cfg, source), context_size=_context_size(cfg, source),
+                            dataset_path=",".join(cfg.data.specs), device=cfg.device)
+        self.sae = SAE(sae_cfg)
+        self.sae.train()
+        self.opt = make_adam(self.sae, self.d["lr"], cfg)
+        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
+        self.ema: dict[str, torch.Tensor] | None = None
+        self.step, self.batches_done, self.seconds = 0, 0, 0.0
+        self.last: dict[str, float] = {}
+        ckpt = latest_checkpoint(self.run_dir) if cfg.resume else None
+        if ckpt is not None:
+            self._resume(ckpt, d_in)
+        else:
+            self._start(d_in)
+        _trim_metrics(self.run_dir / "metrics.jsonl", self.step, rank)
+        self.sinks = MetricSinks(cfg, self.run_dir) if rank == 0 else None
+
+    def _resume(self, ckpt: Path, d_in: int) -> None:
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
         loaded = SAE.load(ckpt / "sae")
-        if loaded.cfg.d_sae != cfg.d_sae or loaded.cfg.d_in != d_in:
+        if loaded.cfg.d_sae != self.cfg.d_sae or loaded.cfg.d_in != d_in:
             raise FormatError(f"{ckpt}: checkpoint has d_in={loaded.cfg.d_in}, d_sae={loaded.cfg.d_sae}; this run asks "
-                              f"for d_in={d_in}, d_sae={cfg.d_sae}")
-        sae.cfg.activation_scale = loaded.cfg.activation_scale
-        sae.load_state_dict(loaded.state_dict())
-        opt.load_state_dict(state["optimizer"])
-        step, batches_done, since_fired, t_train = state["step"], state["batches"], state["since_fired"], state["seconds"]
-        ema = state.get("ema")
-        torch.set_rng_state(state["rng"])
-        log.info("resumed %s at step %d", run_dir, step)
-    else:
-        if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "config.json", dataclasses.asdict(cfg))
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        sample = first_tokens(source, cfg.init_sample_tokens)
+                              f"for d_in={d_in}, d_sae={self.cfg.d_sae}")
+        self.sae.cfg.activation_scale = loaded.cfg.activation_scale
+        self.sae.load_state_dict(loaded.state_dict())
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.batches_done, self.since_fired = state["step"], state["batches"], state["since_fired"]
+        self.seconds, self.ema = state["seconds"], state.get("ema")
+        self.gen.set_state(state["rng"])
+        log.info("resumed %s at step %d", self.run_dir, self.step)
+
+    def _start(self, d_in: int) -> None:
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "config.json", dataclasses.asdict(self.cfg))
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        sample = first_tokens(self.source, self.cfg.init_sample_tokens)[:, self.columns]
         if not torch.isfinite(sample).all():
             raise DataError("the training activations contain NaN or inf")
-        if cfg.normalize_activations:
-            sae.cfg.activation_scale = math.sqrt(d_in / float(sample.pow(2).sum(-1).mean()))
-        init_sae(sae, sample * sae.cfg.activation_scale, cfg.init_b_dec)
-        if cfg.ema_decay:
-            ema = {k: v.detach().clone() for k, v in sae.state_dict().items()}
-    _trim_metrics(run_dir / "metrics.jsonl", step, rank)
+        if self.cfg.normalize_activations:
+            self.sae.cfg.activation_scale = math.sqrt(d_in / float(sample.pow(2).sum(-1).mean()))
+        init_sae(self.sae, sample * self.sae.cfg.activation_scale, self.cfg.init_b_dec)
+        if self.cfg.ema_decay:
+            self.ema = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
 
-    def checkpoint() -> None:
-        if rank == 0:
-            save_checkpoint(run_dir, step, sae, {"optimizer": opt.state_dict(), "step": step, "batches": batches_done,
-                                                 "since_fired": since_fired, "rng": torch.get_rng_state(), "ema": ema,
-                                                 "seconds": t_train, "config": dataclasses.asdict(cfg)})
+    @property
+    def done(self) -> bool:
+        return self.step >= self.d["steps"]
 
-    sinks = MetricSinks(cfg, run_dir) if rank == 0 else None
-    batches = batch_stream(source, cfg, batches_done)
-    local = cfg.batch_size // world
-    last: dict[str, float] = {}
-    arch = cfg.architecture
+    def checkpoint(self) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.run_dir, self.step, self.sae, {
+                "optimizer": self.opt.state_dict(), "step": self.step, "batches": self.batches_done,
+                "since_fired": self.since_fired, "rng": self.gen.get_state(), "ema": self.ema, "seconds": self.seconds,
+                "config": dataclasses.asdict(self.cfg)})
+
+    def train_step(self, batch: torch.Tensor) -> dict[str, float] | None:
+        """One optimizer step on this process's slice of the global batch; the metrics when it logs."""
+        cfg, d, sae, opt, arch = self.cfg, self.d, self.sae, self.opt, self.cfg.architecture
+        local = cfg.batch_size // self.world
+        x = batch[self.rank * local : (self.rank + 1) * local, self.columns].to(cfg.device)
+        if not torch.isfinite(x).all():
+            raise DataError(f"NaN or inf in the training activations at step {self.step}; "
+                            f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, cfg, d)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        coeff = d["sparsity"] * min(1.0, (self.step + 1) / max(1, d["sparsity_warmup"]))
+        dead = self.since_fired >= d["dead_tokens"]
+        out = sae.loss(x, sparsity_coefficient=coeff, k_aux=cfg.k_aux, aux_coefficient=cfg.aux_coefficient,
+                       dead_mask=dead if arch in ("topk", "batchtopk") else None)
+        if not torch.isfinite(out.loss):
+            raise TrainingError(f"{self.run_dir}: loss became {float(out.loss)} at step {self.step} (try a lower --lr); "
+                                f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        fired = out.fired.float()
+        all_reduce_mean([p.grad for p in sae.parameters() if p.grad is not None] + [fired], self.world)
+        sae.remove_parallel_grad()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        opt.step()
+        sae.normalize_decoder()
+        if arch == "jumprelu":
+            with torch.no_grad():
+                sae.threshold.clamp_(min=0.0)
+        self.since_fired += cfg.batch_size
+        self.since_fired[fired > 0] = 0
+        if arch == "relu" and (self.step + 1) % d["resample_every"] == 0:
+            resample_dead(sae, opt, x, self.since_fired >= d["dead_tokens"], self.gen)
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, v in sae.state_dict().items():
+                    if v.is_floating_point():
+                        self.ema[k].mul_(cfg.ema_decay).add_(v, alpha=1 - cfg.ema_decay)
+                    else:
+                        self.ema[k].copy_(v)
+        self.seconds += time.perf_counter() - t0
+        self.step += 1
+        if self.step % cfg.log_every and self.step != d["steps"]:
+            return None
+        self.last = _metrics(self.step, cfg, out, lr, self.since_fired, d, self.seconds, self.world)
+        if self.rank == 0:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(self.last) + "\n")
+            self.sinks.log(self.last)
+        return self.last
+
+    def finish(self) -> TrainResult:
+        if self.ema is not None:
+            self.sae.load_state_dict(self.ema)
+        self.sae.eval()
+        if self.rank == 0:
+            save_sae(self.sae, self.run_dir / "sae")
+            self.checkpoint()
+        return TrainResult(self.sae, self.run_dir, self.step, self.step * self.cfg.batch_size, self.last)
+
+    def close(self) -> None:
+        if self.sinks is not None:
+            self.sinks.close()
+
+
+def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[int, slice]]]:
+    """The sources the runs read, and for each run (source index, its columns).
+
+    Stores: one per distinct --acts (stores of several hooks must come from one collection, so their
+    shuffled batches line up). Streaming: one forward pass captures every hook, side by side in columns.
+    """
+    if all(c.acts for c in cfgs):
+        paths = list(dict.fromkeys(str(c.acts) for c in cfgs))
+        stores = [ActivationStore(p) for p in paths]
+        if len({len(s) for s in stores}) > 1:
+            raise DataError("stores trained together must come from one collection (they differ in token count)")
+        return stores, [(paths.index(str(c.acts)), slice(0, stores[paths.index(str(c.acts))].d_in)) for c in cfgs]
+    if any(c.acts for c in cfgs):
+        raise ConfigError("train either all SAEs from stores (--acts) or all from the model, not a mix")
+    from nanosae.models import load_model
+
+    first = cfgs[0]
+    if any((c.model, c.data, c.model_batch_size) != (first.model, first.data, first.model_batch_size) for c in cfgs):
+        raise ConfigError("SAEs streamed together must use the same model, data and model batch size")
+    hooks = list(dict.fromkeys(c.hook for c in cfgs))
+    stream = ActivationStream(load_model(first.model, device=first.device), hooks, first.data,
+                              model_batch_size=first.model_batch_size)
+    return [stream], [(0, stream.columns(c.hook)) for c in cfgs]
+
+
+def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[Progress], None] | None = None,
+          source: ActivationStore | ActivationStream | None = None) -> TrainResult | list[TrainResult]:
+    """Train one SAE into cfg.out, or several from one stream (one read of the stores / one forward pass).
+
+    Several configs must share batch_size and tokens; the data order follows the first config's seed.
+    """
+    single = isinstance(cfg, TrainConfig)
+    cfgs = [cfg] if single else list(cfg)
+    rank, world = dist_info()
+    first = cfgs[0]
+    if any((c.batch_size, c.tokens) != (first.batch_size, first.tokens) for c in cfgs):
+        raise ConfigError("SAEs trained from one stream must share batch_size and tokens")
+    if first.batch_size % world:
+        raise ConfigError(f"batch_size {first.batch_size} is not divisible by {world} processes")
+    if source is not None:
+        sources, placement = [source], [(0, slice(0, source.d_in))] * len(cfgs)
+    else:
+        sources, placement = open_sources(cfgs)
+    runs = [SAERun(c, sources[i], cols, rank, world) for c, (i, cols) in zip(cfgs, placement)]
+    start = {r.batches_done for r in runs}
+    if len(start) > 1:
+        raise TrainingError("the runs' checkpoints are at different data positions; resume them separately")
+    batches_done = start.pop()
+    streams = [batch_stream(s, first, batches_done) for s in sources]
     try:
-        while step < d["steps"]:
-            x = next(batches)
+        while not all(r.done for r in runs):
+            batch = [next(s) for s in streams]
             batches_done += 1
-            if len(x) < cfg.batch_size:
+            for r in runs:
+                r.batches_done = batches_done
+            if len(batch[0]) < first.batch_size:
                 continue  # an epoch's short tail: skipped, but counted for resume
-            x = x[rank * local : (rank + 1) * local].to(cfg.device)
-            if not torch.isfinite(x).all():
-                raise DataError(f"NaN or inf in the training activations at step {step}; "
-                                f"last good checkpoint: {latest_checkpoint(run_dir) or 'none'}")
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg, d)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            coeff = d["sparsity"] * min(1.0, (step + 1) / max(1, d["sparsity_warmup"]))
-            dead = since_fired >= d["dead_tokens"]
-            out = sae.loss(x, sparsity_coefficient=coeff, k_aux=cfg.k_aux, aux_coefficient=cfg.aux_coefficient,
-                           dead_mask=dead if arch in ("topk", "batchtopk") else None)
-            if not torch.isfinite(out.loss):
-                raise TrainingError(f"loss became {float(out.loss)} at step {step} (try a lower --lr); "
-                                    f"last good checkpoint: {latest_checkpoint(run_dir) or 'none'}")
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            fired = out.fired.float()
-            all_reduce_mean([p.grad for p in sae.parameters() if p.grad is not None] + [fired], world)
-            sae.remove_parallel_grad()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-            opt.step()
-            sae.normalize_decoder()
-            if arch == "jumprelu":
-                with torch.no_grad():
-                    sae.threshold.clamp_(min=0.0)
-            since_fired += cfg.batch_size
-            since_fired[fired > 0] = 0
-            if arch == "relu" and (step + 1) % d["resample_every"] == 0:
-                resample_dead(sae, opt, x, since_fired >= d["dead_tokens"])
-            if ema is not None:
-                with torch.no_grad():
-                    for k, v in sae.state_dict().items():
-                        ema[k].mul_(cfg.ema_decay).add_(v, alpha=1 - cfg.ema_decay) if v.is_floating_point() else ema[k].copy_(v)
-            t_train += time.perf_counter() - t0
-            step += 1
-            if step % cfg.log_every == 0 or step == d["steps"]:
-                last = _metrics(step, cfg, out, lr, since_fired, d, t_train, world)
-                if rank == 0:
-                    with open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(last) + "\n")
-                    sinks.log(last)
-                if progress is not None:
-                    progress(Progress(step, d["steps"], last))
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < d["steps"]:
-                checkpoint()
+            for r, (i, _) in zip(runs, placement):
+                if r.done:
+                    continue
+                metrics = r.train_step(batch[i])
+                if metrics is not None and progress is not None:
+                    progress(Progress(r.step, r.d["steps"], metrics))
+                if r.cfg.checkpoint_every and r.step % r.cfg.checkpoint_every == 0 and not r.done:
+                    r.checkpoint()
     except KeyboardInterrupt:
-        checkpoint()
+        for r in runs:
+            r.checkpoint()
         raise
     finally:
-        if sinks is not None:
-            sinks.close()
-    if ema is not None:
-        sae.load_state_dict(ema)
-    sae.eval()
-    if rank == 0:
-        save_sae(sae, run_dir / "sae")
-        checkpoint()
-    return TrainResult(sae, run_dir, step, step * cfg.batch_size, last)
+        for r in runs:
+            r.close()
+    results = [r.finish() for r in runs]
+    return results[0] if single else results
 
 
 def _metrics(step: int, cfg: TrainConfig, out: Any, lr: float, since_fired: torch.Tensor, d: dict[str, Any],
@@ -374,7 +444,8 @@ def write_json_lines(path: Path, lines: list[str]) -> None:
 
 
 @torch.no_grad()
-def resample_dead(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor) -> int:
+def resample_dead(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor,
+                  gen: torch.Generator | None = None) -> int:
     """Anthropic-style resampling for ReLU SAEs: dead latents restart on inputs the SAE reconstructs worst.
 
     Inputs are drawn with probability proportional to their squared error; the decoder row becomes the
@@ -389,7 +460,7 @@ def resample_dead(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: t
     err = (x_norm - x_hat).pow(2).sum(-1)
     if float(err.sum()) <= 0:
         return 0
-    picks = torch.multinomial(err / err.sum(), len(idx), replacement=True)
+    picks = torch.multinomial(err / err.sum(), len(idx), replacement=True, generator=gen)
     directions = x_norm[picks] - sae.b_dec
     directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
     alive = ~dead
@@ -406,7 +477,9 @@ def resample_dead(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: t
 
 
 def _model_name(cfg: TrainConfig, source: Any) -> str:
-    return source.manifest["model"] if isinstance(source, ActivationStore) else source.model.name
+    if isinstance(source, ActivationStore):
+        return source.manifest["model"]
+    return source.model.name if hasattr(source, "model") else cfg.model
 
 
 def _context_size(cfg: TrainConfig, source: Any) -> int:
