@@ -181,17 +181,17 @@ def parse_list(text: str, kind: type) -> list:
 
 @app.command()
 def train(
-    out: Path = typer.Option(Path("runs/sae"), help="Run directory (sweeps: one subdirectory per setting)."),
-    acts: Path = typer.Option(None, help="Activation store from `nanosae collect` (default: stream from the model)."),
+    out: Path = typer.Option(Path("runs/sae"), help="Run directory (several SAEs: one subdirectory each)."),
+    acts: list[Path] = typer.Option(None, help="Activation store(s) from `nanosae collect` (default: stream from the model)."),
     model: str = typer.Option("smollm2-135m", help="Host model, when streaming."),
-    hook: str = typer.Option("blocks.15.hook_resid_post", help="Hook point, when streaming."),
+    hook: list[str] = typer.Option(["blocks.15.hook_resid_post"], help="Hook point(s), when streaming: all in one pass."),
     data: list[str] = typer.Option(["builtin:pydocs"], help=DATA_HELP),
     context_size: int = typer.Option(256, help="Tokens per window, when streaming."),
     tokens: str = typer.Option("2M", help="Training tokens, e.g. 200k, 2M."),
-    arch: str = typer.Option("topk", help="relu, topk, batchtopk, jumprelu, gated."),
-    d_sae: str = typer.Option("4608", help="Latents; several (2304,4608) train a sweep."),
-    k: str = typer.Option("32", help="Active latents per token (topk, batchtopk); several train a sweep."),
-    l1_coefficient: str = typer.Option(None, help="L1 (relu, gated) or L0 (jumprelu) weight; several train a sweep."),
+    arch: str = typer.Option("topk", help="relu, topk, batchtopk, jumprelu, gated; several (topk,batchtopk) train together."),
+    d_sae: str = typer.Option("4608", help="Latents; several (2304,4608) train together."),
+    k: str = typer.Option("32", help="Active latents per token (topk, batchtopk); several train together."),
+    l1_coefficient: str = typer.Option(None, help="L1 (relu, gated) or L0 (jumprelu) weight; several train together."),
     batch_size: int = typer.Option(4096),
     lr: float = typer.Option(None, help="Adam learning rate (default: scaled from d_sae and the run length)."),
     lr_schedule: str = typer.Option("linear", help="constant, cosine or linear decay at the end."),
@@ -203,40 +203,47 @@ def train(
     k_aux: int = typer.Option(None, help="Dead latents in the AuxK loss (default d_in/2)."),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps (also at the end and on Ctrl-C)."),
-    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --out."),
+    resume: bool = typer.Option(False, help="Continue from the newest checkpoints in --out."),
     log_every: int = typer.Option(10),
     tensorboard: bool = typer.Option(False, help="Also log to RUN/tensorboard (needs tensorboard)."),
     wandb: bool = typer.Option(False, help="Also log to Weights & Biases (needs wandb)."),
     device: str = typer.Option("cpu"),
 ) -> None:
-    """Train SAEs from a store or straight from the model (torchrun-ready: one SAE over N processes)."""
+    """Train SAEs from stores or straight from the model; several settings train together from one stream."""
     import itertools
 
     from nanosae.config import DataConfig, TrainConfig
     from nanosae.train import train as run_train
 
-    sizes, ks = parse_list(d_sae, int), parse_list(k, int)
+    sources = [("acts", str(a)) for a in acts] if acts else [("hook", h) for h in hook]
+    archs, sizes, ks = parse_list(arch, str), parse_list(d_sae, int), parse_list(k, int)
     coeffs = parse_list(l1_coefficient, float) if l1_coefficient else [None]
-    grid = list(itertools.product(sizes, ks, coeffs))
-    for size, kk, coeff in grid:
-        name = "-".join(p for p in (f"d_sae={size}" if len(sizes) > 1 else "", f"k={kk}" if len(ks) > 1 else "",
-                                     f"l1={coeff}" if len(coeffs) > 1 else "") if p)
-        cfg = TrainConfig(out=str(out / name if name else out), acts=str(acts) if acts else None, model=model, hook=hook,
-                          data=DataConfig(specs=list(data), context_size=context_size), tokens=parse_count(tokens),
-                          architecture=arch, d_sae=size, k=kk, sparsity_coefficient=coeff, batch_size=batch_size, lr=lr,
-                          lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps, grad_clip=grad_clip,
-                          ema_decay=ema_decay, init_b_dec=init_b_dec, dead_tokens=dead_tokens, k_aux=k_aux, seed=seed,
-                          checkpoint_every=checkpoint_every, resume=resume, log_every=log_every, tensorboard=tensorboard,
-                          wandb=wandb, device=device)
-        steps = cfg.tokens // cfg.batch_size
-        with TokenProgress(f"train {name or arch}", steps) as bar:
-            def show(p) -> None:
-                m = p.metrics
-                bar.update(p.step, m["tokens_per_s"], f"loss {m['loss']:.3g} fvu {m['fvu']:.3f} l0 {m['l0']:.1f} "
-                                                      f"dead {m['dead_fraction']:.1%}")
-            result = run_train(cfg, progress=show)
-        console.print(f"saved {result.run_dir / 'sae'}  (fvu {result.metrics.get('fvu', float('nan')):.4f}, "
-                      f"l0 {result.metrics.get('l0', float('nan')):.1f}, dead {result.metrics.get('dead_fraction', 0):.2%})")
+    cfgs = []
+    for (kind, where), a, size, kk, coeff in itertools.product(sources, archs, sizes, ks, coeffs):
+        parts = [Path(where).name if len(sources) > 1 else "", a if len(archs) > 1 else "",
+                 f"d_sae={size}" if len(sizes) > 1 else "", f"k={kk}" if len(ks) > 1 else "",
+                 f"l1={coeff}" if len(coeffs) > 1 else ""]
+        name = "-".join(p for p in parts if p)
+        cfgs.append(TrainConfig(
+            out=str(out / name if name else out), acts=where if kind == "acts" else None, model=model,
+            hook=where if kind == "hook" else hook[0], data=DataConfig(specs=list(data), context_size=context_size),
+            tokens=parse_count(tokens), architecture=a, d_sae=size, k=kk, sparsity_coefficient=coeff,
+            batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps, grad_clip=grad_clip,
+            ema_decay=ema_decay, init_b_dec=init_b_dec, dead_tokens=dead_tokens, k_aux=k_aux, seed=seed,
+            checkpoint_every=checkpoint_every, resume=resume, log_every=log_every, tensorboard=tensorboard,
+            wandb=wandb, device=device))
+    steps = cfgs[0].tokens // cfgs[0].batch_size
+    label = f"train {len(cfgs)} SAEs" if len(cfgs) > 1 else f"train {arch}"
+    with TokenProgress(label, steps) as bar:
+        def show(p) -> None:
+            m = p.metrics
+            bar.update(p.step, m["tokens_per_s"], f"loss {m['loss']:.3g} fvu {m['fvu']:.3f} l0 {m['l0']:.1f} "
+                                                  f"dead {m['dead_fraction']:.1%}")
+        results = run_train(cfgs if len(cfgs) > 1 else cfgs[0], progress=show)
+    for result in results if isinstance(results, list) else [results]:
+        m = result.metrics
+        console.print(f"saved {result.run_dir / 'sae'}  (fvu {m.get('fvu', float('nan')):.4f}, "
+                      f"l0 {m.get('l0', float('nan')):.1f}, dead {m.get('dead_fraction', 0):.2%})")
 
 
 def resolve_sae(path: Path) -> tuple[Path | None, Path]:
