@@ -8,7 +8,8 @@ from typing import Any
 
 from nanosae.errors import ConfigError
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
+BATCH_TOPK = ("batchtopk", "matryoshka")  # architectures that select the top k·B of a batch while training
 NORMALIZATIONS = ("none", "layer_norm")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -22,9 +23,11 @@ class SAEConfig:
     d_sae: int
     """Number of latents (dictionary size)."""
     architecture: str = "topk"
-    """One of relu, topk, batchtopk, jumprelu, gated."""
+    """One of relu, topk, batchtopk, jumprelu, gated, matryoshka (nested BatchTopK dictionaries)."""
     k: int | None = None
-    """Active latents per token for topk / batchtopk."""
+    """Active latents per token for topk / batchtopk / matryoshka."""
+    matryoshka_groups: list[int] | None = None
+    """Matryoshka: the nested prefix sizes whose reconstructions all enter the loss (default d/8, d/4, d/2, d)."""
     apply_b_dec_to_input: bool = True
     """Subtract b_dec from the input before encoding (Anthropic/OpenAI convention)."""
     normalize_activations: str = "none"
@@ -54,7 +57,13 @@ class SAEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"SAEConfig.{name} must be a positive integer, got {value!r}")
-        if self.architecture in ("topk", "batchtopk"):
+        if self.architecture == "matryoshka":
+            groups = self.matryoshka_groups or [self.d_sae // 8, self.d_sae // 4, self.d_sae // 2, self.d_sae]
+            groups = sorted({int(g) for g in groups if int(g) > 0} | {self.d_sae})
+            if groups[-1] != self.d_sae or any(g > self.d_sae for g in groups):
+                raise ConfigError(f"matryoshka_groups must be prefix sizes up to d_sae={self.d_sae}, got {self.matryoshka_groups}")
+            self.matryoshka_groups = groups
+        if self.architecture in ("topk", "batchtopk", "matryoshka"):
             if self.k is None or not 0 < int(self.k) <= self.d_sae:
                 raise ConfigError(f"architecture {self.architecture} needs k in 1..d_sae={self.d_sae}, got k={self.k!r}")
             self.k = int(self.k)
@@ -134,10 +143,12 @@ class TrainConfig:
     tokens: int = 2_000_000
     """Training tokens (steps = tokens // batch_size); a smaller store is read for several epochs."""
     architecture: str = "topk"
-    """relu, topk, batchtopk, jumprelu, gated."""
+    """relu, topk, batchtopk, jumprelu, gated, matryoshka."""
     d_sae: int = 4608
     k: int = 32
-    """Active latents per token (topk, batchtopk)."""
+    """Active latents per token (topk, batchtopk, matryoshka)."""
+    matryoshka_groups: list[int] | None = None
+    """Matryoshka prefix sizes (default d_sae/8, /4, /2, d_sae)."""
     sparsity_coefficient: float | None = None
     """L1 weight (relu, gated) or L0 weight (jumprelu); default 5.0 / 5.0 / 1.0."""
     batch_size: int = 4096

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from nanosae import SAE, SAEConfig, ConfigError, FormatError
 
-ARCHS = [("relu", None), ("topk", 4), ("batchtopk", 4), ("jumprelu", None), ("gated", None)]
+ARCHS = [("relu", None), ("topk", 4), ("batchtopk", 4), ("jumprelu", None), ("gated", None), ("matryoshka", 4)]
 
 
 def randomized(arch, k):

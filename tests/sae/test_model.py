@@ -232,3 +232,34 @@ def test_bad_config(bad):
     kw = dict(d_in=4, d_sae=8, architecture="relu") | bad
     with pytest.raises(ConfigError):
         SAEConfig(**kw)
+
+
+def test_matryoshka_prefix_losses_hand_computed():
+    sae = SAE(SAEConfig(d_in=2, d_sae=4, architecture="matryoshka", k=4, matryoshka_groups=[1, 2], dtype="float64",
+                        apply_b_dec_to_input=False))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]]))
+        sae.b_enc.zero_()
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.0], [0.0, 0.5]]))
+        sae.b_dec.copy_(torch.tensor([0.1, 0.2]))
+    assert sae.cfg.matryoshka_groups == [1, 2, 4]
+    sae.train()
+    x = torch.tensor([[2.0, 3.0]], dtype=torch.float64)  # z = [2, 3, 2, 3] (k*B = 4 keeps all)
+    parts = sae.loss(x).parts
+    # prefix 1: 2*[1,0] + b = [2.1, .2] -> err [-.1, 2.8]; prefix 2: [2.1, 3.2] -> [-.1, -.2];
+    # all 4: [2.1 + 1, 3.2 + 1.5] = [3.1, 4.7] -> [-1.1, -1.7]
+    assert float(parts["mse_1"]) == pytest.approx(0.01 + 7.84)
+    assert float(parts["mse_2"]) == pytest.approx(0.01 + 0.04)
+    assert float(parts["mse"]) == pytest.approx(1.21 + 2.89)
+    assert float(sae.loss(x).loss) == pytest.approx(7.85 + 0.05 + 4.10)
+
+
+def test_matryoshka_default_groups_and_inference_threshold():
+    sae = SAE(SAEConfig(d_in=8, d_sae=64, architecture="matryoshka", k=4))
+    assert sae.cfg.matryoshka_groups == [8, 16, 32, 64]
+    sae.train()
+    sae.loss(torch.randn(32, 8))
+    assert float(sae.threshold) > 0
+    sae.eval()
+    z = sae.encode(torch.randn(5, 8))
+    assert ((z == 0) | (z > float(sae.threshold))).all()

@@ -36,7 +36,7 @@ def test_recovers_planted_features(planted_store, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["d_sae"] == 128
 
 
-@pytest.mark.parametrize("arch", ["relu", "batchtopk", "jumprelu", "gated"])
+@pytest.mark.parametrize("arch", ["relu", "batchtopk", "jumprelu", "gated", "matryoshka"])
 def test_every_architecture_trains(planted_store, tmp_path, arch):
     store, _ = planted_store
     coeff = {"relu": 0.05, "gated": 0.05, "jumprelu": 0.01}.get(arch)

@@ -33,10 +33,11 @@ def _run_paths(run: Path) -> tuple[Path, Path]:
 
 
 def saelens_sae(sae: SAE) -> SAE:
-    """The SAE as SAELens runs it at inference: a BatchTopK SAE becomes a JumpReLU with its global threshold."""
-    if sae.cfg.architecture != "batchtopk":
+    """The SAE as SAELens runs it at inference: a BatchTopK (or Matryoshka) SAE becomes a JumpReLU with its
+    global threshold."""
+    if sae.cfg.architecture not in ("batchtopk", "matryoshka"):
         return sae
-    cfg = SAEConfig(**{**sae.cfg.to_dict(), "architecture": "jumprelu", "k": None})
+    cfg = SAEConfig(**{**sae.cfg.to_dict(), "architecture": "jumprelu", "k": None, "matryoshka_groups": None})
     out = SAE(cfg)
     state = {k: v for k, v in sae.state_dict().items() if k != "threshold"}
     state["threshold"] = sae.threshold.detach().expand(sae.cfg.d_sae).clone()

@@ -6,6 +6,8 @@ Shapes: x (..., d_in), latents z (..., d_sae); W_enc (d_in, d_sae), W_dec (d_sae
   batchtopk  training: keep the k·B largest across the batch; inference: z = pre·1[pre > threshold]
   jumprelu   z = pre·1[pre > θ_i] per latent, L0 penalty through a pseudo-derivative
   gated      z = 1[π_gate > 0] · ReLU(π_mag), π_mag uses W_enc·exp(r_mag) (shared directions)
+  matryoshka BatchTopK latents; the loss sums the reconstruction error of nested prefixes of the latents
+             (sizes cfg.matryoshka_groups), so early latents learn general features on their own
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from nanosae.config import SAEConfig
+from nanosae.config import BATCH_TOPK, SAEConfig
 from nanosae.errors import ShapeError
 from nanosae.sae import activations as act
 from nanosae.sae import kernels
@@ -55,7 +57,7 @@ class SAE(nn.Module):
             self.b_enc = nn.Parameter(torch.zeros(f, dtype=dtype))
         if cfg.architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.full((f,), 0.001, dtype=dtype))
-        if cfg.architecture == "batchtopk":
+        if cfg.architecture in BATCH_TOPK:
             # Global inference threshold, estimated during training (see update_threshold).
             self.register_buffer("threshold", torch.zeros((), dtype=dtype))
         self.use_error_term = False
@@ -134,7 +136,7 @@ class SAE(nn.Module):
         if arch == "topk":
             values, indices = act.topk(pre, self.cfg.k)
             return torch.zeros_like(pre).scatter(-1, indices, values)
-        if arch == "batchtopk":
+        if arch in BATCH_TOPK:
             if self.training:
                 return self._batch_topk(pre)
             return pre.relu() * (pre > self.threshold).to(pre.dtype)
@@ -211,6 +213,10 @@ class SAE(nn.Module):
         z = self.activate(pre, x_norm)
         x_hat = z @ self.W_dec + self.b_dec
         parts = {"mse": (x_hat - x_norm).pow(2).sum(-1).mean()}
+        if arch == "matryoshka":  # every nested prefix reconstructs x on its own; the full one is "mse"
+            for m in self.cfg.matryoshka_groups[:-1]:
+                prefix_hat = z[:, :m] @ self.W_dec[:m] + self.b_dec
+                parts[f"mse_{m}"] = (prefix_hat - x_norm).pow(2).sum(-1).mean()
         dec_norms = self.W_dec.norm(dim=1)
         if arch == "relu":
             parts["l1"] = sparsity_coefficient * (z * dec_norms).sum(-1).mean()
@@ -222,9 +228,9 @@ class SAE(nn.Module):
             parts["l1"] = sparsity_coefficient * (gate_relu * dec_norms).sum(-1).mean()
             via_gate = gate_relu @ self.W_dec.detach() + self.b_dec.detach()
             parts["aux"] = (via_gate - x_norm).pow(2).sum(-1).mean()
-        elif dead_mask is not None and bool(dead_mask.any()):
+        elif dead_mask is not None and bool(dead_mask.any()):  # topk, batchtopk, matryoshka
             parts["auxk"] = aux_coefficient * self._auxk_loss(pre, x_norm - x_hat.detach(), dead_mask, k_aux)
-        if arch == "batchtopk" and self.training:
+        if arch in BATCH_TOPK and self.training:
             self.update_threshold(z)
         return LossOutput(sum(parts.values()), parts, (z > 0).sum(0), x_hat.detach(), x_norm)
 

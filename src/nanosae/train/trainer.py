@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from nanosae.config import SAEConfig, TrainConfig
+from nanosae.config import BATCH_TOPK, SAEConfig, TrainConfig
 from nanosae.data import ActivationStore, ActivationStream
 from nanosae.errors import ConfigError, DataError, FormatError, TrainingError
 from nanosae.io import write_json
@@ -216,7 +216,8 @@ class SAERun:
         self.gen = torch.Generator().manual_seed(cfg.seed)  # this run's own randomness (resampling)
         hook = source.hook if isinstance(source, ActivationStore) else cfg.hook
         sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.architecture,
-                            k=cfg.k if cfg.architecture in ("topk", "batchtopk") else None, hook_name=hook,
+                            k=cfg.k if cfg.architecture in ("topk", *BATCH_TOPK) else None, hook_name=hook,
+                            matryoshka_groups=cfg.matryoshka_groups if cfg.architecture == "matryoshka" else None,
                             model_name=_model_name(cfg, source), context_size=_context_size(cfg, source),
                             dataset_path=",".join(cfg.data.specs), device=cfg.device)
         self.sae = SAE(sae_cfg)
@@ -288,7 +289,7 @@ class SAERun:
         coeff = d["sparsity"] * min(1.0, (self.step + 1) / max(1, d["sparsity_warmup"]))
         dead = self.since_fired >= d["dead_tokens"]
         out = sae.loss(x, sparsity_coefficient=coeff, k_aux=cfg.k_aux, aux_coefficient=cfg.aux_coefficient,
-                       dead_mask=dead if arch in ("topk", "batchtopk") else None)
+                       dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None)
         if not torch.isfinite(out.loss):
             raise TrainingError(f"{self.run_dir}: loss became {float(out.loss)} at step {self.step} (try a lower --lr); "
                                 f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
