@@ -361,8 +361,10 @@ def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[int, sl
     if any((c.model, c.data, c.model_batch_size) != (first.model, first.data, first.model_batch_size) for c in cfgs):
         raise ConfigError("SAEs streamed together must use the same model, data and model batch size")
     hooks = list(dict.fromkeys(c.hook for c in cfgs))
+    # the mixing buffer: big enough to mix documents, small enough not to read far ahead of a short run
+    buffer = min(65536, max(4 * first.batch_size, first.tokens // 8))
     stream = ActivationStream(load_model(first.model, device=first.device), hooks, first.data,
-                              model_batch_size=first.model_batch_size)
+                              model_batch_size=first.model_batch_size, buffer_tokens=buffer)
     return [stream], [(0, stream.columns(c.hook)) for c in cfgs]
 
 
