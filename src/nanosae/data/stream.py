@@ -79,15 +79,20 @@ class ActivationStream:
                     yield block[i : i + batch_size] * factor
                 emitted += 1
 
+        pending, pending_n = [], 0
         for acts in self.activations():
-            buffer = torch.cat([buffer, acts.cpu()])
-            if len(buffer) < self.buffer_tokens:
+            pending.append(acts.cpu())
+            pending_n += len(acts)
+            if len(buffer) + pending_n < self.buffer_tokens:
                 continue
+            buffer = torch.cat([buffer, *pending])  # one copy per refill, not one per forward pass
+            pending, pending_n = [], 0
             if shuffle:
                 buffer = buffer[torch.randperm(len(buffer), generator=gen)]
             n_out = (len(buffer) // 2) // batch_size * batch_size
             yield from emit(buffer[:n_out])
             buffer = buffer[n_out:]
+        buffer = torch.cat([buffer, *pending])
         if shuffle and len(buffer):
             buffer = buffer[torch.randperm(len(buffer), generator=gen)]
         yield from emit(buffer)
