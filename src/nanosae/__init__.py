@@ -6,10 +6,11 @@ from nanosae.errors import ConfigError, DataError, FormatError, HookError, Nanos
 from nanosae.models import HostModel, load_model, wrap
 from nanosae.sae import SAE
 from nanosae.train import TrainResult, train
+from nanosae.eval import evaluate
 
 __all__ = [
     "SAE", "SAEConfig", "HostModel", "load_model", "wrap",
     "CollectConfig", "DataConfig", "ActivationStore", "ActivationStream", "collect",
-    "TrainConfig", "TrainResult", "train", "TrainingError",
+    "TrainConfig", "TrainResult", "train", "TrainingError", "evaluate",
     "NanosaeError", "ConfigError", "FormatError", "ShapeError", "HookError", "DataError",
 ]
