@@ -1,0 +1,26 @@
+"""Integration: `nanosae demo --quick` end to end on the real embedded model and text."""
+
+import json
+import sqlite3
+
+import pytest
+from typer.testing import CliRunner
+
+from nanosae.cli import app
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    for artifact in ("acts/blocks.15.hook_resid_post/manifest.json", "sae/cfg.json", "sae/sae_weights.safetensors",
+                     "metrics.jsonl", "eval.json", "report.html", "features.db"):
+        assert (out / artifact).exists(), artifact
+    m = json.loads((out / "eval.json").read_text())
+    assert 0 < m["fvu"] < 0.6 and 0 < m["l0"] <= 32 and m["dead_fraction"] < 0.5
+    assert 0.3 < m["ce_loss_score"] <= 1.0 and m["ce_loss_clean"] < m["ce_loss_with_sae"] < m["ce_loss_with_ablation"]
+    n = sqlite3.connect(out / "features.db").execute("SELECT COUNT(*) FROM latents WHERE explanation IS NOT NULL").fetchone()[0]
+    assert n > 100
+    assert "five interesting features" in r.output and "nanosae view" in r.output and "steering" in r.output
