@@ -4,7 +4,9 @@ Per batch of held-out windows: one clean forward pass (logits + the activations 
 shared by all SAEs, one ablation pass per hook, one spliced pass per SAE. Everything is accumulated in
 running sums, so memory does not grow with the token count. Positions holding BOS or padding are left
 out exactly as the collector leaves them out, for the activation metrics and for the CE/KL metrics
-(a prediction counts when both the position it is made at and the token it predicts are kept).
+(a prediction counts when both the position it is made at and the token it predicts are kept), and the
+SAE or the ablation replaces the activation only at kept positions: BOS keeps its own activation, as the
+SAE was never trained on it (its huge attention-sink norm would otherwise dominate the CE loss).
 
   fvu            = Σ‖x − x̂‖² / Σ‖x − mean(x)‖²   (explained_variance = 1 − fvu)
   mse            = mean over tokens and dimensions of (x − x̂)²
@@ -112,6 +114,13 @@ def _ce_and_kl(logits: Tensor, clean_logp: list[Tensor] | None, tokens: Tensor, 
     return ce, kl, logps
 
 
+def _splice_kept(sae: SAE, x: Tensor, valid: Tensor) -> Tensor:
+    """The SAE's output at kept positions; BOS/padding keep the model's own activation (the SAE never saw them)."""
+    out = x.clone()
+    out[valid] = sae.splice(x[valid])
+    return out
+
+
 @torch.no_grad()
 def evaluate(
     saes: SAE | list[SAE],
@@ -156,10 +165,8 @@ def evaluate(
         n_pred += int(keep.sum())
         for h in unique_hooks:
             x = cache[h]
-            if ablation == "zero":
-                replacement = torch.zeros_like(x)
-            else:
-                replacement = x[valid].mean(0).expand_as(x)
+            fill = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device) if ablation == "zero" else x[valid].mean(0)
+            replacement = torch.where(valid[..., None], fill, x)  # BOS/padding positions keep their activation
             with model.hooks({h: lambda _, r=replacement: r}):
                 ce_ablation[h] += _ce_and_kl(model.forward(toks), None, toks, keep)[0]
         positions = torch.arange(toks.shape[1], device=toks.device).expand_as(toks)[valid].cpu()
@@ -168,7 +175,7 @@ def evaluate(
             x_hat, z = sae(x)
             s.add(x.cpu(), x_hat.float().cpu(), z.float().cpu(), positions)
             sae.use_error_term = False
-            with model.hooks({hook: sae.splice}):
+            with model.hooks({hook: lambda a, sae=sae: _splice_kept(sae, a, valid)}):
                 spliced = model.forward(toks)
             ce, kl, _ = _ce_and_kl(spliced, clean_logp, toks, keep)
             s.ce_sae += ce
