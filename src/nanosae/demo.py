@@ -31,7 +31,7 @@ class DemoConfig:
 
     def sizes(self) -> dict[str, int]:
         if self.quick:
-            return {"collect": 24_576, "train": 98_304, "eval": 4_000, "features": 12_000}
+            return {"collect": 24_576, "train": 98_304, "eval": 3_000, "features": 8_000}
         return {"collect": 200_000, "train": 600_000, "eval": 20_000, "features": 40_000}
 
 
