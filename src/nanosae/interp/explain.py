@@ -11,12 +11,11 @@ the chosen patterns on the held-out half. Explanations and scores go into featur
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from nanosae.errors import FormatError
+from nanosae.interp.features import open_db
 
 WILDCARD = None
 ACTIVE_FRACTION = 0.25
@@ -109,22 +108,21 @@ def describe(patterns: list[Pattern]) -> str:
     return " | ".join(" ".join("*" if t is WILDCARD else json.dumps(t, ensure_ascii=False) for t in p) for p in patterns)
 
 
-def explain_n2g(db_path: str | Path, progress: Callable[[int, int], None] | None = None) -> int:
-    """Write an N2G explanation and score for every latent that fired into features.db; returns how many."""
-    path = Path(db_path)
-    if path.is_dir():
-        path = path / "features.db"
-    if not path.exists():
-        raise FormatError(f"{path} not found: build it first with `nanosae features RUN --model M --data D`")
-    con = sqlite3.connect(path)
+def write_explanations(db_path: str | Path, explain_one: Callable[[list[Example], float], tuple[str | None, float]],
+                       method: str, most_frequent_first: bool = False, limit: int | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> int:
+    """Explain every feature that fired (or the `limit` most frequent) and write all rows in one transaction."""
+    con = open_db(db_path, readonly=False)
     try:
-        latents = con.execute("SELECT id, max_act FROM latents WHERE fires > 0 ORDER BY id").fetchall()
+        order = "fires DESC, id" if most_frequent_first else "id"
+        sql = f"SELECT id, max_act FROM latents WHERE fires > 0 ORDER BY {order}" + (f" LIMIT {int(limit)}" if limit else "")
+        latents = con.execute(sql).fetchall()
         updates = []
-        for n, (latent, max_act) in enumerate(latents):
-            rows = con.execute("SELECT tokens, acts FROM examples WHERE latent = ? ORDER BY kind DESC, rank", (latent,))
-            examples = [Example(json.loads(t), json.loads(a)) for t, a in rows]
-            patterns, score = explain_latent(examples, max_act)
-            updates.append((describe(patterns) if patterns else None, round(score, 4), "n2g", latent))
+        for n, row in enumerate(latents):
+            rows = con.execute("SELECT tokens, acts FROM examples WHERE latent = ? ORDER BY kind DESC, rank", (row["id"],))
+            examples = [Example(json.loads(r["tokens"]), json.loads(r["acts"])) for r in rows]
+            text, score = explain_one(examples, row["max_act"])
+            updates.append((text, round(score, 4), method, row["id"]))
             if progress is not None:
                 progress(n + 1, len(latents))
         with con:  # one transaction: all explanations land, or none
@@ -132,3 +130,12 @@ def explain_n2g(db_path: str | Path, progress: Callable[[int, int], None] | None
     finally:
         con.close()
     return len(updates)
+
+
+def explain_n2g(db_path: str | Path, progress: Callable[[int, int], None] | None = None) -> int:
+    """Write an N2G explanation and score for every latent that fired into features.db; returns how many."""
+    def one(examples: list[Example], max_act: float) -> tuple[str | None, float]:
+        patterns, score = explain_latent(examples, max_act)
+        return (describe(patterns) if patterns else None), score
+
+    return write_explanations(db_path, one, "n2g", progress=progress)

@@ -17,15 +17,14 @@ import json
 import math
 import os
 import re
-import sqlite3
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from nanosae.errors import FormatError, NanosaeError
-from nanosae.interp.explain import ACTIVE_FRACTION, Example
+from nanosae.errors import NanosaeError
+from nanosae.interp.explain import ACTIVE_FRACTION, Example, write_explanations
 
 
 class ExplainerError(NanosaeError):
@@ -131,25 +130,5 @@ def explain_and_score(explainer: Explainer, examples: list[Example], max_act: fl
 def explain_llm(db_path: str | Path, explainer: Explainer, max_features: int | None = 100,
                 progress: Callable[[int, int], None] | None = None) -> int:
     """Explain the most frequently firing features (up to max_features); one transaction at the end."""
-    path = Path(db_path)
-    if path.is_dir():
-        path = path / "features.db"
-    if not path.exists():
-        raise FormatError(f"{path} not found: build it first with `nanosae features RUN --model M --data D`")
-    con = sqlite3.connect(path)
-    try:
-        latents = con.execute("SELECT id, max_act FROM latents WHERE fires > 0 ORDER BY fires DESC, id"
-                              + (f" LIMIT {int(max_features)}" if max_features else "")).fetchall()
-        updates = []
-        for n, (latent, max_act) in enumerate(latents):
-            rows = con.execute("SELECT tokens, acts FROM examples WHERE latent = ? ORDER BY kind DESC, rank", (latent,))
-            examples = [Example(json.loads(t), json.loads(a)) for t, a in rows]
-            explanation, score = explain_and_score(explainer, examples, max_act)
-            updates.append((explanation, round(score, 4), "llm", latent))
-            if progress is not None:
-                progress(n + 1, len(latents))
-        with con:
-            con.executemany("UPDATE latents SET explanation = ?, score = ?, method = ? WHERE id = ?", updates)
-    finally:
-        con.close()
-    return len(updates)
+    return write_explanations(db_path, lambda examples, max_act: explain_and_score(explainer, examples, max_act), "llm",
+                              most_frequent_first=True, limit=max_features, progress=progress)
