@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,7 +60,6 @@ class _Sums:
     pos_x: Tensor = None  # type: ignore[assignment]
     ce_sae: float = 0.0
     kl: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.sum_x = torch.zeros(self.d_in, dtype=torch.float64)

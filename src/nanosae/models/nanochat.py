@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ class NanochatConfig:
     backout: bool = False
     value_embed_layers: tuple[int, ...] = ()
     ve_gate_channels: int = 12
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def head_dim(self) -> int:
