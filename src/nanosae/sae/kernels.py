@@ -13,7 +13,8 @@ Selections are flat (rows, cols) lists sorted by row; `offsets` marks where each
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +24,20 @@ from torch import Tensor
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
-class Selection(NamedTuple):
+@dataclass
+class Selection:
     rows: Tensor  # (n,) token index of each selected latent, sorted
     cols: Tensor  # (n,) latent index
     offsets: Tensor  # (B,) start of each token's entries in rows/cols
     pre: Tensor  # (n,) the selected pre-activations (no grad)
     n_latents: int
+
+    @cached_property
+    def _transpose(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(order, crow, rows[order]) of the latent-major layout: one counting sort, shared by both backwards."""
+        order = torch.argsort(self.cols.int(), stable=True)  # int32 sorts far faster than int64 on CPU
+        counts = torch.bincount(self.cols, minlength=self.n_latents)
+        return order, torch.cat([counts.new_zeros(1), counts.cumsum(0)]), self.rows[order]
 
     def by_token(self, values: Tensor) -> Tensor:
         """(B, d_sae) CSR matrix with `values` at the selected places."""
@@ -36,20 +45,23 @@ class Selection(NamedTuple):
         return torch.sparse_csr_tensor(crow, self.cols, values, (len(self.offsets), self.n_latents), check_invariants=False)
 
     def by_latent(self, values: Tensor) -> Tensor:
-        """(d_sae, B) CSR matrix: the transpose, for the weight gradients (a counting sort of cols)."""
-        order = torch.argsort(self.cols.int(), stable=True)  # int32 sorts far faster than int64 on CPU
-        counts = torch.bincount(self.cols, minlength=self.n_latents)
-        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return torch.sparse_csr_tensor(crow, self.rows[order], values[order], (self.n_latents, len(self.offsets)),
+        """(d_sae, B) CSR matrix: the transpose, for the weight gradients."""
+        order, crow, rows = self._transpose
+        return torch.sparse_csr_tensor(crow, rows, values[order], (self.n_latents, len(self.offsets)),
                                        check_invariants=False)
 
 
+def per_token(vals_Bk: Tensor, idx_Bk: Tensor, n_latents: int) -> Selection:
+    """A Selection of exactly k latents per token, from topk's (values, indices)."""
+    B, k = idx_Bk.shape
+    rows = torch.arange(B, device=idx_Bk.device).repeat_interleave(k)
+    offsets = torch.arange(0, B * k, k, device=idx_Bk.device)
+    return Selection(rows, idx_Bk.reshape(-1), offsets, vals_Bk.reshape(-1), n_latents)
+
+
 def select_topk(pre_BF: Tensor, k: int) -> Selection:
-    B, Fdim = pre_BF.shape
     vals, idx = pre_BF.topk(k, dim=-1, sorted=False)
-    rows = torch.arange(B, device=pre_BF.device).repeat_interleave(k)
-    offsets = torch.arange(0, B * k, k, device=pre_BF.device)
-    return Selection(rows, idx.reshape(-1), offsets, vals.reshape(-1), Fdim)
+    return per_token(vals, idx, pre_BF.shape[1])
 
 
 def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, dead_F: Tensor | None = None,
@@ -73,12 +85,8 @@ def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
                 aux_v.append(v)
                 aux_i.append(idx)
 
-    def selection(vals: list[Tensor], idx: list[Tensor], kk: int) -> Selection:
-        rows = torch.arange(B, device=xc_BD.device).repeat_interleave(kk)
-        offsets = torch.arange(0, B * kk, kk, device=xc_BD.device)
-        return Selection(rows, torch.cat(idx).reshape(-1), offsets, torch.cat(vals).reshape(-1), Fdim)
-
-    return selection(main_v, main_i, k), (selection(aux_v, aux_i, k_aux) if k_aux else None)
+    main = per_token(torch.cat(main_v), torch.cat(main_i), Fdim)
+    return main, (per_token(torch.cat(aux_v), torch.cat(aux_i), Fdim) if k_aux else None)
 
 
 def select_batch_topk(pre_BF: Tensor, k: int) -> Selection:
