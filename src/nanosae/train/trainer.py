@@ -207,8 +207,11 @@ def save_checkpoint(run_dir: Path, step: int, sae: SAE, state: dict[str, Any], k
 class SAERun:
     """One SAE being trained: its weights, optimizer, counters and files. Several can share one stream."""
 
-    def __init__(self, cfg: TrainConfig, source: Any, columns: slice, rank: int, world: int):
+    def __init__(self, cfg: TrainConfig, source: Any, columns: slice, rank: int, world: int,
+                 sample: Callable[[int], torch.Tensor] | None = None):
+        """sample(n): the first n activations of the source (shared between runs so a stream is read once)."""
         self.cfg, self.source, self.columns, self.rank, self.world = cfg, source, columns, rank, world
+        self.sample = sample or (lambda n: first_tokens(source, n))
         self.run_dir = Path(cfg.out)
         self.d = derived(cfg)
         d_in = columns.stop - columns.start
@@ -254,7 +257,7 @@ class SAERun:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", dataclasses.asdict(self.cfg))
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        sample = first_tokens(self.source, self.cfg.init_sample_tokens)[:, self.columns]
+        sample = self.sample(self.cfg.init_sample_tokens)[:, self.columns]
         if not torch.isfinite(sample).all():
             raise DataError("the training activations contain NaN or inf")
         if self.cfg.normalize_activations:
@@ -386,7 +389,18 @@ def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[Progress], N
         sources, placement = [source], [(0, slice(0, source.d_in))] * len(cfgs)
     else:
         sources, placement = open_sources(cfgs)
-    runs = [SAERun(c, sources[i], cols, rank, world) for c, (i, cols) in zip(cfgs, placement)]
+    # the initialisation sample of each source is read once (a prefix of the largest one any run asks for)
+    largest = max(c.init_sample_tokens for c in cfgs)
+    cached: dict[int, torch.Tensor] = {}
+
+    def sampler(i: int) -> Callable[[int], torch.Tensor]:
+        def sample(n: int) -> torch.Tensor:
+            if i not in cached:
+                cached[i] = first_tokens(sources[i], largest)
+            return cached[i][:n]
+        return sample
+
+    runs = [SAERun(c, sources[i], cols, rank, world, sampler(i)) for c, (i, cols) in zip(cfgs, placement)]
     start = {r.batches_done for r in runs}
     if len(start) > 1:
         raise TrainingError("the runs' checkpoints are at different data positions; resume them separately")
