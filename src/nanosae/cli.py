@@ -115,8 +115,8 @@ class TokenProgress:
     def __exit__(self, *exc: object) -> None:
         self.bar.stop()
 
-    def update(self, done: int, rate: float, note: str = "") -> None:
-        self.bar.update(self.task, completed=done, rate=f"{rate:,.0f} tok/s", note=note)
+    def update(self, done: int, rate: float, note: str = "", total: int | None = None) -> None:
+        self.bar.update(self.task, completed=done, total=total, rate=f"{rate:,.0f} tok/s" if rate > 0 else "", note=note)
 
 
 # Options shared by every command that reads text.
@@ -465,7 +465,7 @@ def explain(
 
     with TokenProgress("explain", 1) as bar:
         def show(done: int, total: int) -> None:
-            bar.bar.update(bar.task, completed=done, total=total)
+            bar.update(done, 0.0, total=total)
 
         if method == "n2g":
             n = explain_n2g(run, progress=show)
@@ -522,9 +522,7 @@ def demo(
             for bar in bars.values():
                 bar.__exit__()
             bars[stage] = TokenProgress(stage, total).__enter__()
-        rate = done / seconds if seconds > 0 else 0.0
-        bars[stage].bar.update(bars[stage].task, total=total)
-        bars[stage].update(done, rate)
+        bars[stage].update(done, done / seconds if seconds > 0 else 0.0, total=total)
 
     try:
         result = run_demo(DemoConfig(out=str(out), quick=quick), progress=show)
