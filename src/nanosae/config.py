@@ -28,18 +28,30 @@ class SAEConfig:
     """Active latents per token for topk / batchtopk / matryoshka."""
     matryoshka_groups: list[int] | None = None
     """Matryoshka: the nested prefix sizes whose reconstructions all enter the loss (default d/8, d/4, d/2, d)."""
-    apply_b_dec_to_input: bool = True
-    """Subtract b_dec from the input before encoding (Anthropic/OpenAI convention)."""
+    apply_b_dec_to_input: bool | None = None
+    """Subtract b_dec from the input before encoding (Anthropic/OpenAI convention); default: yes, except for
+    transcoders (their b_dec lives in the output space)."""
     normalize_activations: str = "none"
     """'none' or 'layer_norm' (OpenAI TopK models: centre and divide by std per token, undone on output)."""
-    activation_scale: float = 1.0
-    """Inputs are multiplied by this before encoding and outputs divided by it (norm scaling from training)."""
+    activation_scale: float | list[float] = 1.0
+    """Inputs are multiplied by this before encoding and outputs divided by it (norm scaling from training);
+    crosscoders keep one factor per layer."""
+    output_scale: float | None = None
+    """Transcoders: the target's factor (outputs are divided by it); None = activation_scale."""
     jumprelu_bandwidth: float = 0.001
     """Width of the rectangle kernel in JumpReLU's pseudo-derivative."""
     dtype: str = "float32"
     device: str = "cpu"
     hook_name: str = ""
     """Hook point the SAE was trained on, e.g. blocks.15.hook_resid_post."""
+    d_out: int | None = None
+    """Width of what is reconstructed: d_in, except for transcoders (the target hook's width)."""
+    hook_name_out: str = ""
+    """Transcoders: the hook predicted from hook_name's activation (e.g. blocks.L.hook_mlp_out)."""
+    skip_connection: bool = False
+    """Transcoders: add a learned linear map of the input, W_skip (d_out, d_in), to the output."""
+    crosscoder_hooks: list[str] | None = None
+    """Crosscoders: the hooks (layers) read and reconstructed together; the input is their concatenation."""
     model_name: str = ""
     context_size: int | None = None
     dataset_path: str = ""
@@ -57,6 +69,7 @@ class SAEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"SAEConfig.{name} must be a positive integer, got {value!r}")
+        self._check_io()
         if self.architecture == "matryoshka":
             groups = self.matryoshka_groups or [self.d_sae // 8, self.d_sae // 4, self.d_sae // 2, self.d_sae]
             groups = sorted({int(g) for g in groups if int(g) > 0} | {self.d_sae})
@@ -67,6 +80,49 @@ class SAEConfig:
             if self.k is None or not 0 < int(self.k) <= self.d_sae:
                 raise ConfigError(f"architecture {self.architecture} needs k in 1..d_sae={self.d_sae}, got k={self.k!r}")
             self.k = int(self.k)
+
+    def _check_io(self) -> None:
+        """Transcoder / crosscoder consistency (both are this same SAE with other inputs and outputs)."""
+        if self.hook_name_out and self.crosscoder_hooks:
+            raise ConfigError("an SAE is either a transcoder (hook_name_out) or a crosscoder (crosscoder_hooks), not both")
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if self.d_out != self.d_in and not self.hook_name_out:
+            raise ConfigError(f"d_out={self.d_out} differs from d_in={self.d_in}, which only a transcoder (hook_name_out) allows")
+        if self.apply_b_dec_to_input is None:
+            self.apply_b_dec_to_input = not self.hook_name_out
+        if self.apply_b_dec_to_input and self.d_out != self.d_in:
+            raise ConfigError("apply_b_dec_to_input needs d_out == d_in (b_dec is the output bias)")
+        if self.skip_connection and not self.hook_name_out:
+            raise ConfigError("skip_connection is for transcoders (set hook_name_out)")
+        if (self.hook_name_out or self.crosscoder_hooks) and self.normalize_activations != "none":
+            raise ConfigError("layer_norm input normalisation is only supported for plain SAEs")
+        if self.crosscoder_hooks:
+            n = len(self.crosscoder_hooks)
+            if n < 2 or self.d_in % n:
+                raise ConfigError(f"a crosscoder needs at least 2 hooks and d_in divisible by them; got {n} hooks, d_in={self.d_in}")
+            self.hook_name = self.hook_name or self.crosscoder_hooks[0]
+        scales = self.activation_scale
+        if isinstance(scales, (list, tuple)) and len(scales) != self.n_blocks:
+            raise ConfigError(f"activation_scale has {len(scales)} factors, expected one per input block ({self.n_blocks})")
+
+    @property
+    def kind(self) -> str:
+        """sae, transcoder or crosscoder."""
+        return "transcoder" if self.hook_name_out else "crosscoder" if self.crosscoder_hooks else "sae"
+
+    @property
+    def n_blocks(self) -> int:
+        """Equal-width blocks the input (and output) splits into: one per crosscoder layer, else 1."""
+        return len(self.crosscoder_hooks) if self.crosscoder_hooks else 1
+
+    @property
+    def input_hooks(self) -> list[str]:
+        return list(self.crosscoder_hooks) if self.crosscoder_hooks else [self.hook_name]
+
+    @property
+    def output_hooks(self) -> list[str]:
+        return list(self.crosscoder_hooks) if self.crosscoder_hooks else [self.hook_name_out or self.hook_name]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

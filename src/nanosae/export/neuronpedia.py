@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nanosae.config import SAEConfig
+from nanosae.errors import ConfigError
 from nanosae.interp.features import open_db
 from nanosae.io import atomic_write, write_json
 from nanosae.sae import SAE
-from nanosae.sae.formats import save_sae
+from nanosae.sae.formats import hook_layer, save_sae
 
 BATCH_SIZE = 128
 
@@ -32,15 +32,30 @@ def _run_paths(run: Path) -> tuple[Path, Path]:
     return sae_path, run / "features.db"
 
 
+@torch.no_grad()
 def saelens_sae(sae: SAE) -> SAE:
-    """The SAE as SAELens runs it at inference: a BatchTopK (or Matryoshka) SAE becomes a JumpReLU with its
-    global threshold."""
-    if sae.cfg.architecture not in ("batchtopk", "matryoshka"):
-        return sae
-    cfg = SAEConfig(**{**sae.cfg.to_dict(), "architecture": "jumprelu", "k": None, "matryoshka_groups": None})
+    """The SAE as SAELens runs it at inference: the activation scaling folded into the weights (SAELens's
+    fold_activation_norm_scaling_factor), and a BatchTopK (or Matryoshka) SAE as a JumpReLU with its global
+    threshold. Pre-activations are unchanged, so thresholds carry over as they are."""
+    if sae.cfg.kind == "crosscoder":
+        raise ConfigError("SAELens has no crosscoder type; share crosscoders in nanosae's own format (the run's sae/ dir)")
+    if sae.cfg.kind == "transcoder" and sae.cfg.architecture == "topk":
+        raise ConfigError("SAELens has no TopK transcoder type (it has relu, skip and jumprelu transcoders)")
+    arch = "jumprelu" if sae.cfg.architecture in ("batchtopk", "matryoshka") else sae.cfg.architecture
+    cfg = SAEConfig(**{**sae.cfg.to_dict(), "architecture": arch, "activation_scale": 1.0, "output_scale": None,
+                       **({"k": None, "matryoshka_groups": None} if arch != sae.cfg.architecture else {})})
     out = SAE(cfg)
-    state = {k: v for k, v in sae.state_dict().items() if k != "threshold"}
-    state["threshold"] = sae.threshold.detach().expand(sae.cfg.d_sae).clone()
+    state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    if arch != sae.cfg.architecture:
+        state["threshold"] = sae.threshold.detach().expand(sae.cfg.d_sae).clone()
+    s_in, s_out = sae.input_factor(), sae.output_factor()
+    s_in_col = s_in[:, None] if isinstance(s_in, torch.Tensor) else s_in
+    s_out_col = s_out[:, None] if isinstance(s_out, torch.Tensor) else s_out
+    state["W_enc"] = state["W_enc"] * s_in_col  # (x·s − b)W = (x − b/s)(sW)
+    state["W_dec"] = state["W_dec"] / s_out
+    state["b_dec"] = state["b_dec"] / s_out
+    if "W_skip" in state:
+        state["W_skip"] = state["W_skip"] * s_in / s_out_col
     out.load_state_dict(state)
     return out
 
@@ -55,11 +70,6 @@ def export_saelens(run: str | Path, out: str | Path) -> Path:
         dens = [r["density"] for r in open_db(db).execute("SELECT density FROM latents ORDER BY id")]
         sparsity = torch.tensor([math.log10(d) if d > 0 else -10.0 for d in dens])  # SAELens stores log10 density
     return save_sae(sae, out, sparsity=sparsity)
-
-
-def _layer(hook: str) -> int:
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    return int(m.group(1)) if m else 0
 
 
 def feature_json(row: Any, examples: list[Any], edges: list[float], n_tokens: int, context: int, dataset: str) -> dict:
@@ -130,15 +140,15 @@ def export_neuronpedia(run: str | Path, out: str | Path, model_id: str | None = 
         for row in rows[start : start + batch]:
             examples = con.execute("SELECT * FROM examples WHERE latent = ? ORDER BY kind DESC, rank", (row["id"],)).fetchall()
             feats.append(feature_json(row, examples, meta["hist_edges"], meta["tokens"], context, dataset))
-        write_json(out / f"batch-{n}.json", {"model_id": model_id, "layer": _layer(meta["hook"]), "sae_set": sae_set,
+        write_json(out / f"batch-{n}.json", {"model_id": model_id, "layer": hook_layer(meta["hook"]), "sae_set": sae_set,
                                             "features": feats})
     explanations = [{"index": r["id"], "description": r["explanation"], "explanationModelName": r["method"] or "unknown",
                      "score": r["score"]} for r in rows if r["explanation"]]
     write_json(out / "explanations.json", explanations)
     write_json(out / "run_settings.json", {"model_id": model_id, "sae_set": sae_set, "hook": meta["hook"],
-                                           "layer": _layer(meta["hook"]), "n_features": len(rows), "tokens": meta["tokens"],
+                                           "layer": hook_layer(meta["hook"]), "n_features": len(rows), "tokens": meta["tokens"],
                                            "data": meta.get("data"), "made_by": "nanosae export neuronpedia"})
     text = README.format(name=sae_set, n_features=len(rows), batch=batch, model=model_id, hook=meta["hook"],
-                         layer=_layer(meta["hook"]))
+                         layer=hook_layer(meta["hook"]))
     atomic_write(out / "README.md", lambda p: p.write_text(text))
     return out

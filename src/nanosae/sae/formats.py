@@ -34,6 +34,8 @@ SPARSITY_FILE = "sparsity.safetensors"
 # Older SAELens releases spelled some keys differently.
 _OLD_KEYS = {"hook_point": "hook_name", "d_model": "d_in", "dict_size": "d_sae"}
 _OLD_ARCHITECTURES = {"standard": "relu"}
+# SAELens names transcoders by architecture; ours keep the activation and mark the transcoder by hook_name_out.
+_TRANSCODERS = {"transcoder": ("relu", False), "skip_transcoder": ("relu", True), "jumprelu_transcoder": ("jumprelu", False)}
 # Normalisations that leave nothing to do at inference (the factor is folded into the weights).
 _INERT_NORMALIZATIONS = {None, "none", "expected_average_only_in"}
 
@@ -53,13 +55,21 @@ def save_sae(sae: SAE, path: str | Path, sparsity: torch.Tensor | None = None) -
 def saelens_cfg(cfg: SAEConfig) -> dict[str, Any]:
     """Our config plus the extra keys older SAELens readers require."""
     d = cfg.to_dict()
-    match = re.match(r"blocks\.(\d+)\.", cfg.hook_name)
-    d["hook_layer"] = int(match.group(1)) if match else 0
+    d["hook_layer"] = hook_layer(cfg.hook_name)
     d["hook_head_index"] = None
+    if cfg.kind == "transcoder":
+        d["hook_layer_out"], d["hook_head_index_out"] = hook_layer(cfg.hook_name_out), None
+        names = {(act, skip): name for name, (act, skip) in _TRANSCODERS.items()}
+        d["architecture"] = names.get((cfg.architecture, cfg.skip_connection), cfg.architecture)
     d["prepend_bos"] = True
     if cfg.k is not None:
         d["activation_fn_kwargs"] = {"k": cfg.k}
     return d
+
+
+def hook_layer(hook: str) -> int:
+    match = re.match(r"blocks\.(\d+)\.", hook)
+    return int(match.group(1)) if match else 0
 
 
 def load_sae(path: str | Path, *, device: str = "cpu", normalize: bool | None = None) -> SAE:
@@ -94,6 +104,9 @@ def _saelens_config(raw: dict[str, Any], where: Path) -> SAEConfig:
     if d.get("activation_fn_str") == "topk" or (arch == "standard" and (d.get("activation_fn_kwargs") or {}).get("k")):
         arch = "topk"
     d["architecture"] = _OLD_ARCHITECTURES.get(arch, arch)
+    if d["architecture"] in _TRANSCODERS:
+        d["architecture"], d["skip_connection"] = _TRANSCODERS[d["architecture"]]
+        d["apply_b_dec_to_input"] = False
     if d.get("k") is None and (d.get("activation_fn_kwargs") or {}).get("k") is not None:
         d["k"] = d["activation_fn_kwargs"]["k"]
     norm = d.get("normalize_activations")
@@ -140,7 +153,7 @@ def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device
                 continue
             raise FormatError(
                 f"{where}: tensor {name} has shape {tuple(got.shape)}, expected {tuple(ref.shape)} "
-                f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}"
+                f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}, d_out={cfg.d_out}"
             )
     sae.load_state_dict({name: tensors[name].to(ref.dtype) for name, ref in expected.items()})
     return sae.to(device)

@@ -8,6 +8,12 @@ Shapes: x (..., d_in), latents z (..., d_sae); W_enc (d_in, d_sae), W_dec (d_sae
   gated      z = 1[π_gate > 0] · ReLU(π_mag), π_mag uses W_enc·exp(r_mag) (shared directions)
   matryoshka BatchTopK latents; the loss sums the reconstruction error of nested prefixes of the latents
              (sizes cfg.matryoshka_groups), so early latents learn general features on their own
+
+The same class is also a transcoder and a crosscoder, because both are an SAE with other inputs/outputs:
+  transcoder  reads hook_name, predicts hook_name_out (e.g. an MLP's input -> its output): W_dec (d_sae, d_out),
+              b_dec in the output space and not subtracted from the input, optional skip x W_skip^T
+  crosscoder  reads and reconstructs several hooks at once (acausal): x is their concatenation, one shared
+              latent space, the loss sums over layers, and decoder norms are summed per layer (L1 weights)
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ class LossOutput(NamedTuple):
     parts: dict[str, Tensor]
     fired: Tensor  # (d_sae,) how many tokens of the batch each latent fired on
     x_hat: Tensor  # reconstruction in the normalised space (detached)
-    x: Tensor  # the normalised input
+    x: Tensor  # the normalised target (the input itself, except for transcoders)
 
 
 class HookPoint(nn.Identity):
@@ -43,12 +49,19 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
-        d, f, dtype = cfg.d_in, cfg.d_sae, DTYPES[cfg.dtype]
-        W_dec_FD = torch.randn(f, d, dtype=torch.float32)
+        d, f, d_out, dtype = cfg.d_in, cfg.d_sae, cfg.d_out, DTYPES[cfg.dtype]
+        W_dec_FD = torch.randn(f, d_out, dtype=torch.float32)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(W_dec_FD.T.contiguous().to(dtype))
+        if cfg.kind == "transcoder":  # input and output are different spaces: no tied transpose
+            W_enc_DF = torch.randn(d, f, dtype=torch.float32)
+            W_enc_DF /= W_enc_DF.norm(dim=0, keepdim=True)
+        else:
+            W_enc_DF = W_dec_FD.T.contiguous()
+        self.W_enc = nn.Parameter(W_enc_DF.to(dtype))
         self.W_dec = nn.Parameter(W_dec_FD.to(dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
+        if cfg.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d, dtype=dtype))
         if cfg.architecture == "gated":
             self.b_gate = nn.Parameter(torch.zeros(f, dtype=dtype))
             self.r_mag = nn.Parameter(torch.zeros(f, dtype=dtype))
@@ -80,6 +93,10 @@ class SAE(nn.Module):
         return self.cfg.d_sae
 
     @property
+    def d_out(self) -> int:
+        return self.cfg.d_out
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.W_dec.dtype
 
@@ -93,6 +110,20 @@ class SAE(nn.Module):
             raise ShapeError(f"SAE input has last dimension {x.shape[-1]}, expected d_in={self.cfg.d_in} (shape {tuple(x.shape)})")
         return x.to(self.dtype)
 
+    def _factor(self, scale: float | list[float], width: int) -> float | Tensor:
+        if isinstance(scale, (list, tuple)):  # one factor per block (crosscoder layer)
+            return torch.tensor(scale, dtype=self.dtype, device=self.device).repeat_interleave(width // len(scale))
+        return float(scale)
+
+    def input_factor(self) -> float | Tensor:
+        """What inputs are multiplied by before encoding (a float, or per-column for crosscoders)."""
+        return self._factor(self.cfg.activation_scale, self.cfg.d_in)
+
+    def output_factor(self) -> float | Tensor:
+        """What reconstructions are divided by to return to the model's units."""
+        scale = self.cfg.output_scale if self.cfg.output_scale is not None else self.cfg.activation_scale
+        return self._factor(scale, self.cfg.d_out)
+
     def _normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         state = None
         if self.cfg.normalize_activations == "layer_norm":
@@ -101,13 +132,22 @@ class SAE(nn.Module):
             std = x.std(dim=-1, keepdim=True)
             x = x / (std + LAYER_NORM_EPS)
             state = (mu, std)
-        if self.cfg.activation_scale != 1.0:
-            x = x * self.cfg.activation_scale
+        factor = self.input_factor()
+        if not isinstance(factor, float) or factor != 1.0:
+            x = x * factor
         return x, state
 
+    def normalize_target(self, y: Tensor) -> Tensor:
+        """A transcoder's target in the space the decoder writes (scaled by the output factor)."""
+        if y.shape[-1] != self.cfg.d_out:
+            raise ShapeError(f"SAE target has last dimension {y.shape[-1]}, expected d_out={self.cfg.d_out} (shape {tuple(y.shape)})")
+        factor = self.output_factor()
+        return y.to(self.dtype) * factor if not isinstance(factor, float) or factor != 1.0 else y.to(self.dtype)
+
     def _denormalize(self, x: Tensor, state: tuple[Tensor, Tensor] | None) -> Tensor:
-        if self.cfg.activation_scale != 1.0:
-            x = x / self.cfg.activation_scale
+        factor = self.output_factor()
+        if not isinstance(factor, float) or factor != 1.0:
+            x = x / factor
         if state is not None:
             mu, std = state
             x = x * std + mu
@@ -160,19 +200,43 @@ class SAE(nn.Module):
         return self.hook_sae_acts_post(self.activate(pre, x_norm))
 
     def decode(self, z: Tensor) -> Tensor:
-        """Reconstruction in the input's units (undoes scaling and the last encode's layer norm)."""
+        """Reconstruction in the input's units (undoes scaling and the last encode's layer norm).
+
+        A skip transcoder's W_skip term depends on the input, so forward() adds it, as in SAELens."""
         x_hat = z.to(self.dtype) @ self.W_dec + self.b_dec
         return self.hook_sae_recons(self._denormalize(x_hat, self._norm_state))
 
+    def _skip(self, x_norm: Tensor) -> Tensor | float:
+        return x_norm @ self.W_skip.T if self.cfg.skip_connection else 0.0
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z = self.encode(x)
-        return self.decode(z), z
+        x_hat = self.decode(z)
+        if self.cfg.skip_connection:
+            x_hat = x_hat + self._denormalize(self._skip(self._normalize(self._check(x))[0]), None)
+        return x_hat, z
 
     def reconstruct_clean(self, x: Tensor) -> Tensor:
         """x_hat without running any hook: what the error term of a splice is measured against."""
         x_norm, state = self._normalize(self._check(x))
         z = self.activate(self.pre_acts(x_norm), x_norm)
-        return self._denormalize(z @ self.W_dec + self.b_dec, state)
+        return self._denormalize(z @ self.W_dec + self.b_dec + self._skip(x_norm), state)
+
+    def gather_input(self, acts: dict[str, Tensor]) -> Tensor:
+        """The SAE's input from activations by hook name (crosscoders: their layers side by side)."""
+        hooks = self.cfg.input_hooks
+        return acts[hooks[0]] if len(hooks) == 1 else torch.cat([acts[h] for h in hooks], dim=-1)
+
+    def output_blocks(self, x_hat: Tensor) -> dict[str, Tensor]:
+        """A reconstruction split into the output hooks' values (one per crosscoder layer)."""
+        hooks = self.cfg.output_hooks
+        return dict(zip(hooks, x_hat.chunk(len(hooks), dim=-1)))
+
+    def decoder_norms(self) -> Tensor:
+        """Per-latent decoder norm; a crosscoder sums its per-layer norms (its L1 weights)."""
+        if self.cfg.crosscoder_hooks:
+            return self.W_dec.view(self.cfg.d_sae, self.cfg.n_blocks, -1).norm(dim=-1).sum(-1)
+        return self.W_dec.norm(dim=1)
 
     def splice(self, x: Tensor) -> Tensor:
         """What the host model sees when this SAE is spliced in at its hook.
@@ -180,6 +244,9 @@ class SAE(nn.Module):
         With use_error_term the output is x_hat + (x - x_hat_clean): exactly x until a hook edits the
         latents, and then x plus the edit's effect (TransformerLens HookedSAE semantics).
         """
+        if self.cfg.kind != "sae":
+            raise ShapeError(f"splice() is for SAEs at one hook; a {self.cfg.kind} reads {self.cfg.input_hooks} and writes "
+                             f"{self.cfg.output_hooks}")
         x_hat, _ = self(x)
         if self.use_error_term:
             with torch.no_grad():
@@ -191,6 +258,7 @@ class SAE(nn.Module):
     def loss(
         self,
         x: Tensor,
+        target: Tensor | None = None,
         *,
         sparsity_coefficient: float = 0.0,
         dead_mask: Tensor | None = None,
@@ -198,7 +266,9 @@ class SAE(nn.Module):
         aux_coefficient: float = 1 / 32,
         fast: bool = True,
     ) -> LossOutput:
-        """Training loss and its parts for a batch x (B, d_in); squared errors are summed over d_in.
+        """Training loss and its parts for a batch x (B, d_in); squared errors are summed over the output.
+
+        target (B, d_out) is what a transcoder predicts; SAEs and crosscoders reconstruct x itself.
 
         sparsity_coefficient is the L1 weight (relu, gated) or the L0 weight (jumprelu).
         dead_mask (d_sae,) enables the AuxK loss (topk/batchtopk): the k_aux largest dead latents
@@ -206,18 +276,20 @@ class SAE(nn.Module):
         topk/batchtopk (same values and gradients as the dense path, far fewer FLOPs).
         """
         x_norm, _ = self._normalize(self._check(x))
+        y = x_norm if target is None else self.normalize_target(target)
         arch = self.cfg.architecture
         if fast and arch in ("topk", "batchtopk") and not x_norm.requires_grad:  # the input's gradient needs the dense path
-            return self._sparse_loss(x_norm, dead_mask, k_aux, aux_coefficient)
+            return self._sparse_loss(x_norm, y, dead_mask, k_aux, aux_coefficient)
         pre = self.pre_acts(x_norm)
         z = self.activate(pre, x_norm)
-        x_hat = z @ self.W_dec + self.b_dec
-        parts = {"mse": (x_hat - x_norm).pow(2).sum(-1).mean()}
-        if arch == "matryoshka":  # every nested prefix reconstructs x on its own; the full one is "mse"
+        skip = self._skip(x_norm)
+        x_hat = z @ self.W_dec + self.b_dec + skip
+        parts = {"mse": (x_hat - y).pow(2).sum(-1).mean()}
+        if arch == "matryoshka":  # every nested prefix reconstructs y on its own; the full one is "mse"
             for m in self.cfg.matryoshka_groups[:-1]:
-                prefix_hat = z[:, :m] @ self.W_dec[:m] + self.b_dec
-                parts[f"mse_{m}"] = (prefix_hat - x_norm).pow(2).sum(-1).mean()
-        dec_norms = self.W_dec.norm(dim=1)
+                prefix_hat = z[:, :m] @ self.W_dec[:m] + self.b_dec + skip
+                parts[f"mse_{m}"] = (prefix_hat - y).pow(2).sum(-1).mean()
+        dec_norms = self.decoder_norms()
         if arch == "relu":
             parts["l1"] = sparsity_coefficient * (z * dec_norms).sum(-1).mean()
         elif arch == "jumprelu":
@@ -227,15 +299,17 @@ class SAE(nn.Module):
             gate_relu = self.gate_pre_acts(x_norm).relu()
             parts["l1"] = sparsity_coefficient * (gate_relu * dec_norms).sum(-1).mean()
             via_gate = gate_relu @ self.W_dec.detach() + self.b_dec.detach()
-            parts["aux"] = (via_gate - x_norm).pow(2).sum(-1).mean()
+            if self.cfg.skip_connection:
+                via_gate = via_gate + skip.detach()
+            parts["aux"] = (via_gate - y).pow(2).sum(-1).mean()
         elif dead_mask is not None and bool(dead_mask.any()):  # topk, batchtopk, matryoshka
-            parts["auxk"] = aux_coefficient * self._auxk_loss(pre, x_norm - x_hat.detach(), dead_mask, k_aux)
+            parts["auxk"] = aux_coefficient * self._auxk_loss(pre, y - x_hat.detach(), dead_mask, k_aux)
         if arch in BATCH_TOPK and self.training:
             self.update_threshold(z)
-        return LossOutput(sum(parts.values()), parts, (z > 0).sum(0), x_hat.detach(), x_norm)
+        return LossOutput(sum(parts.values()), parts, (z > 0).sum(0), x_hat.detach(), y)
 
-    def _sparse_loss(self, x_norm: Tensor, dead_mask: Tensor | None, k_aux: int | None, aux_coefficient: float
-                     ) -> LossOutput:
+    def _sparse_loss(self, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, k_aux: int | None,
+                     aux_coefficient: float) -> LossOutput:
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         dead = dead_mask if dead_mask is not None and bool(dead_mask.any()) else None
         k_aux = k_aux or self.cfg.d_in // 2
@@ -249,17 +323,17 @@ class SAE(nn.Module):
             sel = kernels.select_batch_topk(pre, self.cfg.k)
             aux = kernels.select_dead_topk(pre, dead, k_aux) if dead is not None else None
         vals = kernels.selected_preacts(xc, self.W_enc, self.b_enc, b_dec, sel).relu()
-        x_hat = kernels.sparse_decode(vals, sel, self.W_dec) + self.b_dec
-        parts = {"mse": (x_hat - x_norm).pow(2).sum(-1).mean()}
+        x_hat = kernels.sparse_decode(vals, sel, self.W_dec) + self.b_dec + self._skip(x_norm)
+        parts = {"mse": (x_hat - y).pow(2).sum(-1).mean()}
         if aux is not None:
             aux_vals = kernels.selected_preacts(xc, self.W_enc, self.b_enc, b_dec, aux).relu()
             residual_hat = kernels.sparse_decode(aux_vals, aux, self.W_dec)
-            residual = x_norm - x_hat.detach()
+            residual = y - x_hat.detach()
             parts["auxk"] = aux_coefficient * (residual_hat - residual).pow(2).sum(-1).mean()
         fired = torch.bincount(sel.cols[vals.detach() > 0], minlength=self.cfg.d_sae)
         if self.cfg.architecture == "batchtopk" and self.training:
             self.update_threshold(vals.detach())
-        return LossOutput(sum(parts.values()), parts, fired, x_hat.detach(), x_norm)
+        return LossOutput(sum(parts.values()), parts, fired, x_hat.detach(), y)
 
     def _auxk_loss(self, pre: Tensor, residual: Tensor, dead_mask: Tensor, k_aux: int | None) -> Tensor:
         k = min(k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
