@@ -158,6 +158,15 @@ class DataConfig:
     """Non-UTF-8 bytes: strict (stop with an error) or replace."""
 
 
+def run_io(cfg: "TrainConfig") -> tuple[list[str], list[str]]:
+    """What a training run reads and what it reconstructs: store paths (from stores) or hook names (streaming)."""
+    if cfg.acts or cfg.crosscoder_acts:
+        ins = list(cfg.crosscoder_acts or [str(cfg.acts)])
+        return ins, list(cfg.crosscoder_acts or [str(cfg.acts_out or cfg.acts)])
+    ins = list(cfg.crosscoder_hooks or [cfg.hook])
+    return ins, list(cfg.crosscoder_hooks or [cfg.hook_out or cfg.hook])
+
+
 @dataclass
 class CollectConfig:
     """Collect activations from a host model into an on-disk store (one directory per hook)."""
@@ -193,6 +202,16 @@ class TrainConfig:
     """Host model for streaming."""
     hook: str = "blocks.15.hook_resid_post"
     """Hook point for streaming."""
+    hook_out: str | None = None
+    """Transcoder (streaming): the hook predicted from --hook's activation, e.g. blocks.L.hook_mlp_out."""
+    acts_out: str | None = None
+    """Transcoder (stores): the target hook's store, collected in the same run as --acts."""
+    skip_connection: bool = False
+    """Transcoder: also learn a linear skip map W_skip from input to output."""
+    crosscoder_hooks: list[str] | None = None
+    """Crosscoder (streaming): the hooks read and reconstructed together with one shared latent space."""
+    crosscoder_acts: list[str] | None = None
+    """Crosscoder (stores): one store per hook, collected in one run."""
     data: DataConfig = field(default_factory=DataConfig)
     model_batch_size: int = 8
     """Windows per forward pass when streaming."""
@@ -256,5 +275,11 @@ class TrainConfig:
             raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; expected constant, cosine or linear")
         if self.init_b_dec not in ("geometric_median", "mean", "zeros"):
             raise ConfigError(f"unknown init_b_dec {self.init_b_dec!r}; expected geometric_median, mean or zeros")
+        if (self.hook_out or self.acts_out) and (self.crosscoder_hooks or self.crosscoder_acts):
+            raise ConfigError("a run trains either a transcoder (hook_out / acts_out) or a crosscoder, not both")
+        if self.acts_out and not self.acts:
+            raise ConfigError("acts_out (the transcoder's target store) needs acts (its input store)")
+        if self.skip_connection and not (self.hook_out or self.acts_out):
+            raise ConfigError("skip_connection is for transcoders (give hook_out or acts_out)")
         if self.batch_size <= 0 or self.tokens < self.batch_size:
             raise ConfigError(f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})")

@@ -35,7 +35,7 @@ def test_hand_computed_metrics():
     s.add(x, x_hat, z, torch.tensor([1, 2]))
     s.ce_sae, s.kl = 3.0, 0.5
     sae = SAE(SAEConfig(d_in=2, d_sae=3, architecture="relu"))
-    r = _finish(s, sae, "h", ce_clean=2.0, ce_abl=5.0, n_pred=2, ablation="zero")
+    r = _finish(s, sae, ["h"], ["h"], ce_clean=2.0, ce_abl=5.0, n_pred=2, ablation="zero")
     # errors [0, 1]; mean x = [.5, .5] so total variance = 2 * (.25 + .25) = 1
     assert r["fvu"] == pytest.approx(1.0) and r["explained_variance"] == pytest.approx(0.0)
     assert r["mse"] == pytest.approx(0.25)

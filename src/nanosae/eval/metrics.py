@@ -8,6 +8,10 @@ out exactly as the collector leaves them out, for the activation metrics and for
 SAE or the ablation replaces the activation only at kept positions: BOS keeps its own activation, as the
 SAE was never trained on it (its huge attention-sink norm would otherwise dominate the CE loss).
 
+Transcoders replace their output hook (e.g. the MLP's output: the CE-loss score with the MLP replaced by
+the transcoder, against the MLP ablated); crosscoders replace every layer they read with its reconstruction.
+Both are computed from the clean run's activations, which is what an SAE's splice computes too.
+
   fvu            = Σ‖x − x̂‖² / Σ‖x − mean(x)‖²   (explained_variance = 1 − fvu)
   mse            = mean over tokens and dimensions of (x − x̂)²
   ce_loss_score  = (ce_ablation − ce_with_sae) / (ce_ablation − ce_clean)
@@ -40,9 +44,10 @@ DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens counts as de
 class _Sums:
     """Running sums for one SAE (float64 so millions of tokens add up exactly enough)."""
 
-    d_in: int
+    d_in: int  # the width of what is reconstructed (d_out)
     d_sae: int
     context: int
+    n_blocks: int = 1
     n: int = 0
     sum_x: Tensor = None  # type: ignore[assignment]
     sum_x2: float = 0.0
@@ -60,8 +65,12 @@ class _Sums:
     pos_x: Tensor = None  # type: ignore[assignment]
     ce_sae: float = 0.0
     kl: float = 0.0
+    block_err: Tensor = None  # type: ignore[assignment]
+    block_x2: Tensor = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        self.block_err = torch.zeros(self.n_blocks, dtype=torch.float64)
+        self.block_x2 = torch.zeros(self.n_blocks, dtype=torch.float64)
         self.sum_x = torch.zeros(self.d_in, dtype=torch.float64)
         self.fires = torch.zeros(self.d_sae, dtype=torch.long)
         self.l0_hist = torch.zeros(self.d_sae + 1, dtype=torch.long)
@@ -89,10 +98,17 @@ class _Sums:
         self.pos_err.index_add_(0, positions, err)
         self.pos_x2.index_add_(0, positions, x.pow(2).sum(-1))
         self.pos_x.index_add_(0, positions, x)
+        self.block_err += (x - x_hat).pow(2).view(len(x), self.n_blocks, -1).sum((0, 2))
+        self.block_x2 += x.pow(2).view(len(x), self.n_blocks, -1).sum((0, 2))
 
     def total_variance(self) -> float:
         mean = self.sum_x / self.n
         return self.sum_x2 - self.n * float(mean.pow(2).sum())
+
+    def fvu_by_layer(self) -> list[float]:
+        """Crosscoders: the FVU of each layer's reconstruction."""
+        mean_sq = (self.sum_x / self.n).pow(2).view(self.n_blocks, -1).sum(-1)
+        return (self.block_err / (self.block_x2 - self.n * mean_sq).clamp_min(1e-12)).tolist()
 
     def fvu_by_position(self) -> list[float | None]:
         mean = self.sum_x / self.n
@@ -113,11 +129,25 @@ def _ce_and_kl(logits: Tensor, clean_logp: list[Tensor] | None, tokens: Tensor, 
     return ce, kl, logps
 
 
-def _splice_kept(sae: SAE, x: Tensor, valid: Tensor) -> Tensor:
-    """The SAE's output at kept positions; BOS/padding keep the model's own activation (the SAE never saw them)."""
+def _replace_kept(x: Tensor, valid: Tensor, new: Tensor) -> Tensor:
+    """new at kept positions; BOS/padding keep the model's own activation (the SAE never saw them)."""
     out = x.clone()
-    out[valid] = sae.splice(x[valid])
+    out[valid] = new.to(x.dtype)
     return out
+
+
+def _io_hooks(sae: SAE, hook: str | None, model: HostModel) -> tuple[list[str], list[str]]:
+    """(input hooks, output hooks) of an SAE on this model, checked against its widths."""
+    if hook and sae.cfg.kind != "sae":
+        raise ConfigError(f"a {sae.cfg.kind} reads {sae.cfg.input_hooks} and writes {sae.cfg.output_hooks}; --hook is for plain SAEs")
+    ins, outs = ([hook], [hook]) if hook else (sae.cfg.input_hooks, sae.cfg.output_hooks)
+    for hooks, width, name in ((ins, sae.cfg.d_in, "d_in"), (outs, sae.cfg.d_out, "d_out")):
+        if not all(hooks):
+            raise ConfigError("the SAE does not say which hook it reads (cfg.hook_name); pass --hook")
+        got = sum(model.hook_dim(h) for h in hooks)
+        if got != width:
+            raise ConfigError(f"{', '.join(hooks)} have width {got} but the SAE expects {name}={width}")
+    return ins, outs
 
 
 @torch.no_grad()
@@ -133,8 +163,9 @@ def evaluate(
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """Metrics for one SAE (a dict) or several evaluated on the same tokens (a list of dicts).
 
-    data: a DataConfig, or corpus specs (then the held-out split is used). hooks: where each SAE sits
-    (default: its cfg.hook_name). ablation: 'zero' or 'mean' (the batch's mean activation).
+    data: a DataConfig, or corpus specs (then the held-out split is used). hooks: where each plain SAE sits
+    (default: its cfg.hook_name). ablation: 'zero' or 'mean' (the batch's mean activation) of what the SAE
+    replaces (a transcoder: its output hook, e.g. the MLP's output).
     """
     single = isinstance(saes, SAE)
     sae_list = [saes] if single else list(saes)
@@ -142,16 +173,13 @@ def evaluate(
         raise ConfigError(f"unknown ablation {ablation!r}; expected zero or mean")
     if not isinstance(data, DataConfig):
         data = DataConfig(specs=[data] if isinstance(data, str) else list(data), split="eval")
-    hook_of = list(hooks) if hooks else [s.cfg.hook_name for s in sae_list]
-    for sae, hook in zip(sae_list, hook_of):
-        if not hook:
-            raise ConfigError("the SAE does not say which hook it reads (cfg.hook_name); pass --hook")
-        if model.hook_dim(hook) != sae.cfg.d_in:
-            raise ConfigError(f"{hook} has width {model.hook_dim(hook)} but the SAE expects d_in={sae.cfg.d_in}")
+    io = [_io_hooks(sae, hook, model) for sae, hook in zip(sae_list, list(hooks) if hooks else [None] * len(sae_list))]
+    for sae in sae_list:
         sae.eval()
-    unique_hooks = list(dict.fromkeys(hook_of))
-    sums = [_Sums(s.cfg.d_in, s.cfg.d_sae, data.context_size) for s in sae_list]
-    ce_clean, ce_ablation = 0.0, {h: 0.0 for h in unique_hooks}
+    unique_hooks = list(dict.fromkeys(h for ins, outs in io for h in ins + outs))
+    ablated = list(dict.fromkeys(tuple(outs) for _, outs in io))  # one ablation pass per replaced hook set
+    sums = [_Sums(s.cfg.d_out, s.cfg.d_sae, data.context_size, s.cfg.n_blocks) for s in sae_list]
+    ce_clean, ce_ablation = 0.0, {group: 0.0 for group in ablated}
     n_pred, done, t0 = 0, 0, time.perf_counter()
     batches = in_background(token_batches(iter_documents(data), model.tokenizer, data.context_size, batch_size,
                                           data.pack, data.exclude_first))
@@ -162,19 +190,23 @@ def evaluate(
         ce, _, clean_logp = _ce_and_kl(logits, None, toks, keep)
         ce_clean += ce
         n_pred += int(keep.sum())
-        for h in unique_hooks:
-            x = cache[h]
-            fill = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device) if ablation == "zero" else x[valid].mean(0)
-            replacement = torch.where(valid[..., None], fill, x)  # BOS/padding positions keep their activation
-            with model.hooks({h: lambda _, r=replacement: r}):
-                ce_ablation[h] += _ce_and_kl(model.forward(toks), None, toks, keep)[0]
+        for group in ablated:
+            edits = {}
+            for h in group:
+                x = cache[h]
+                fill = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device) if ablation == "zero" else x[valid].mean(0)
+                edits[h] = lambda _, r=torch.where(valid[..., None], fill, x): r  # BOS/padding keep their activation
+            with model.hooks(edits):
+                ce_ablation[group] += _ce_and_kl(model.forward(toks), None, toks, keep)[0]
         positions = torch.arange(toks.shape[1], device=toks.device).expand_as(toks)[valid].cpu()
-        for sae, hook, s in zip(sae_list, hook_of, sums):
-            x = cache[hook][valid]
+        for sae, (ins, outs), s in zip(sae_list, io, sums):
+            x = torch.cat([cache[h][valid] for h in ins], dim=-1)
+            y = torch.cat([cache[h][valid] for h in outs], dim=-1)
             x_hat, z = sae(x)
-            s.add(x.cpu(), x_hat.float().cpu(), z.float().cpu(), positions)
-            sae.use_error_term = False
-            with model.hooks({hook: lambda a, sae=sae: _splice_kept(sae, a, valid)}):
+            s.add(y.cpu(), x_hat.float().cpu(), z.float().cpu(), positions)
+            edits = {h: lambda _, r=_replace_kept(cache[h], valid, block): r
+                     for h, block in zip(outs, x_hat.chunk(len(outs), dim=-1))}
+            with model.hooks(edits):
                 spliced = model.forward(toks)
             ce, kl, _ = _ce_and_kl(spliced, clean_logp, toks, keep)
             s.ce_sae += ce
@@ -186,17 +218,24 @@ def evaluate(
             break
     if done == 0:
         raise DataError(f"no evaluation tokens from {', '.join(data.specs)} (split {data.split!r})")
-    results = [_finish(s, sae, hook, ce_clean, ce_ablation[hook], n_pred, ablation) for s, sae, hook in zip(sums, sae_list, hook_of)]
+    results = [_finish(s, sae, ins, outs, ce_clean, ce_ablation[tuple(outs)], n_pred, ablation)
+               for s, sae, (ins, outs) in zip(sums, sae_list, io)]
     return results[0] if single else results
 
 
-def _finish(s: _Sums, sae: SAE, hook: str, ce_clean: float, ce_abl: float, n_pred: int, ablation: str) -> dict[str, Any]:
+def _finish(s: _Sums, sae: SAE, ins: list[str], outs: list[str], ce_clean: float, ce_abl: float, n_pred: int,
+            ablation: str) -> dict[str, Any]:
     fvu = s.sum_err / max(s.total_variance(), 1e-12)
     density = (s.fires.double() / s.n)
     clean, with_sae, abl = ce_clean / n_pred, s.ce_sae / n_pred, ce_abl / n_pred
     l0 = s.sum_l0 / s.n
+    extra: dict[str, Any] = {}
+    if sae.cfg.kind == "transcoder":
+        extra = {"hook_out": outs[0]}
+    elif sae.cfg.kind == "crosscoder":
+        extra = {"hooks": outs, "fvu_by_layer": s.fvu_by_layer()}
     return {
-        "hook": hook, "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "tokens": s.n,
+        "hook": ins[0], "kind": sae.cfg.kind, **extra, "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "tokens": s.n,
         "mse": s.sum_err / (s.n * s.d_in), "fvu": fvu, "explained_variance": 1 - fvu,
         "l0": l0, "l0_std": math.sqrt(max(0.0, s.sum_l0_sq / s.n - l0 * l0)), "l1": s.sum_l1 / s.n,
         "dead_fraction": float((s.fires == 0).double().mean()), "dense_fraction": float((density > DENSE_THRESHOLD).double().mean()),

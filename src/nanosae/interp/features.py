@@ -105,6 +105,11 @@ def logit_effects(model: HostModel, sae: SAE, top: int, chunk: int = 256) -> tup
         W_U = weight.detach().float()[:, None] * W_U
     ups, up_ids, downs, down_ids = [], [], [], []
     W_dec = sae.W_dec.detach().float()
+    if sae.cfg.kind == "crosscoder":  # what a latent writes into the last layer it reconstructs
+        W_dec = W_dec.chunk(sae.cfg.n_blocks, dim=1)[-1]
+    if W_dec.shape[1] != W_U.shape[0]:  # e.g. a transcoder writing into the MLP's hidden layer
+        empty = torch.zeros(len(W_dec), 0)
+        return empty, empty.long(), empty, empty.long()
     for i in range(0, len(W_dec), chunk):
         effect = W_dec[i : i + chunk] @ W_U
         v, idx = effect.topk(top, dim=1)
@@ -121,12 +126,17 @@ def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | P
                    progress: Callable[[int, int, float], None] | None = None) -> Path:
     """Stream cfg.tokens tokens through model + SAE and write the feature database to `out`."""
     out = Path(out)
-    hook = hook or sae.cfg.hook_name
-    if not hook:
+    if hook and sae.cfg.kind != "sae":
+        raise DataError(f"a {sae.cfg.kind} reads {sae.cfg.input_hooks}; --hook is for plain SAEs")
+    hooks = [hook] if hook else sae.cfg.input_hooks
+    if not all(hooks):
         raise DataError("the SAE does not say which hook it reads (cfg.hook_name); pass --hook")
-    model.parse_hook(hook)
-    if model.hook_dim(hook) != sae.cfg.d_in:
-        raise DataError(f"{hook} has width {model.hook_dim(hook)} but the SAE expects d_in={sae.cfg.d_in}")
+    for h in hooks:
+        model.parse_hook(h)
+    if sum(model.hook_dim(h) for h in hooks) != sae.cfg.d_in:
+        raise DataError(f"{', '.join(hooks)} have width {sum(model.hook_dim(h) for h in hooks)} but the SAE expects "
+                        f"d_in={sae.cfg.d_in}")
+    hook = ",".join(hooks)
     sae.eval()
     F_, width = sae.cfg.d_sae, cfg.window_left + 1 + cfg.window_right
     state_path = out.with_name(out.name + ".partial.pt")
@@ -156,8 +166,8 @@ def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | P
         if n_tokens >= cfg.tokens:
             break
         toks, valid = batch.tokens, batch.valid
-        _, cache = model.run_with_cache(toks.to(model.device), [hook], return_logits=False)
-        z = sae.encode(cache[hook]).float().cpu() * valid[..., None]  # (B, T, F); BOS/padding positions zeroed
+        _, cache = model.run_with_cache(toks.to(model.device), hooks, return_logits=False)
+        z = sae.encode(torch.cat([cache[h] for h in hooks], dim=-1)).float().cpu() * valid[..., None]  # (B, T, F); BOS/padding positions zeroed
         b, t, f = z.nonzero(as_tuple=True)
         vals = z[b, t, f]
         n_tokens += int(valid.sum())
@@ -230,7 +240,8 @@ def _write_db(out: Path, sae: SAE, model: HostModel, hook: str, cfg: FeaturesCon
     con = sqlite3.connect(tmp)
     try:
         con.executescript(SCHEMA)
-        meta = {"hook": hook, "model": model.name, "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in, "tokens": n_tokens,
+        meta = {"hook": hook, "kind": sae.cfg.kind, "hook_out": ",".join(sae.cfg.output_hooks), "model": model.name,
+                "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in, "tokens": n_tokens,
                 "architecture": sae.cfg.architecture, "hist_edges": HIST_EDGES.tolist(), "window_left": cfg.window_left,
                 "data": cfg.data.specs, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])

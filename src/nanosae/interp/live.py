@@ -6,9 +6,11 @@ model's ~10^8) and the top-k are reported, so tracking costs almost nothing.
 
 Steering, per latent i of an SAE at its hook:
   add    x + v · W_dec[i] / activation_scale     (v in latent-activation units, every position)
-  clamp  the SAE spliced in with its error term, z_i set to v: x + (v − z_i) · W_dec[i] (in model units);
-         everything else about x is left exactly as it was
+  clamp  the SAE spliced in with its error term, z_i set to v: x + decode(z with z_i = v) − decode(z),
+         i.e. x + (v − z_i) · W_dec[i] in model units; everything else about x is left exactly as it was
   ablate clamp to 0
+A transcoder is edited where it writes (its output hook, with z read from its input hook); a crosscoder
+adds each layer's part of W_dec[i] to that layer (clamping it would need every layer at once: it is acausal).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -51,7 +53,8 @@ class FeatureTracker:
         for sae in saes.values():
             if not sae.cfg.hook_name:
                 raise ConfigError("every tracked SAE needs cfg.hook_name")
-            model.parse_hook(sae.cfg.hook_name)
+            for hook in sae.cfg.input_hooks:
+                model.parse_hook(hook)
             sae.eval()
         self.latest: dict[str, Tensor] = {}
         self.history: list[TrackedToken] = []
@@ -65,7 +68,7 @@ class FeatureTracker:
     def features_now(self) -> list[ActiveFeature]:
         out = []
         for name, sae in self.saes.items():
-            z = sae.encode(self.latest[sae.cfg.hook_name][None])[0]
+            z = sae.encode(sae.gather_input(self.latest)[None])[0]
             vals, idx = z.topk(min(self.top_k, len(z)))
             out += [ActiveFeature(name, int(i), float(v), self.labels.get((name, int(i)))) for v, i in zip(vals, idx) if v > 0]
         return out
@@ -73,7 +76,7 @@ class FeatureTracker:
     def generate(self, prompt: str | list[int], callback: Callable[[TrackedToken], None] | None = None,
                  **generate_kwargs) -> Generation:
         """model.generate with tracking; callback(TrackedToken) as each token appears."""
-        hooks = {sae.cfg.hook_name: self._capture(sae.cfg.hook_name) for sae in self.saes.values()}
+        hooks = {h: self._capture(h) for sae in self.saes.values() for h in sae.cfg.input_hooks}
 
         def on_token(step: int, token: int) -> None:
             tracked = TrackedToken(step, token, self.model.tokenizer.decode([token]), self.features_now())
@@ -116,34 +119,38 @@ def parse_edit(text: str) -> Edit:
 
 @contextmanager
 def steering(model: HostModel, sae: SAE, edits: list[Edit]) -> Iterator[None]:
-    """Apply the edits at the SAE's hook while the context is open."""
+    """Apply the edits where the SAE writes (its hook; a transcoder's output hook) while the context is open."""
     for e in edits:
         if not 0 <= e.latent < sae.cfg.d_sae:
             raise ConfigError(f"feature {e.latent} is out of range (the SAE has latents 0..{sae.cfg.d_sae - 1})")
     adds = [e for e in edits if e.mode == "add"]
     clamps = [e for e in edits if e.mode == "clamp"]
-    direction = sum((e.value * sae.W_dec[e.latent] for e in adds), torch.zeros(sae.cfg.d_in, dtype=sae.dtype))
-    direction = (direction / sae.cfg.activation_scale).detach()
+    if clamps and sae.cfg.kind == "crosscoder":
+        raise ConfigError("a crosscoder's latents depend on every layer at once, so they cannot be clamped during a "
+                          "forward pass; add its decoder direction instead (LATENT=+V)")
+    direction = sum((e.value * sae.W_dec[e.latent] for e in adds), torch.zeros(sae.cfg.d_out, dtype=sae.dtype))
+    blocks = sae.output_blocks((direction / sae.output_factor()).detach())
+    read_at = sae.cfg.hook_name if sae.cfg.kind == "transcoder" else None
+    captured: dict[str, Tensor] = {}
 
-    def set_latents(module, inputs, z):
-        z = z.clone()
+    def clamped(y: Tensor) -> Tensor:
+        """y plus the change in the SAE's output when the clamped latents are set (the error term kept)."""
+        z = sae.encode(captured["x"] if read_at else y)
+        z_set = z.clone()
         for e in clamps:
-            z[..., e.latent] = e.value
-        return z
+            z_set[..., e.latent] = e.value
+        return y + (sae.decode(z_set) - sae.decode(z)).to(y.dtype)
 
-    def hook(x: Tensor) -> Tensor:
-        if clamps:
-            x = sae.splice(x)
-        return x + direction.to(x.dtype) if adds else x
+    def write(hook: str) -> Callable[[Tensor], Tensor]:
+        def fn(y: Tensor) -> Tensor:
+            y = clamped(y) if clamps else y
+            return y + blocks[hook].to(y.dtype) if adds else y
+        return fn
 
-    with ExitStack() as stack:
-        if clamps:
-            previous = sae.use_error_term
-            sae.use_error_term = True
-            handle = sae.hook_sae_acts_post.register_forward_hook(set_latents)
-            stack.callback(handle.remove)
-            stack.callback(setattr, sae, "use_error_term", previous)
-        stack.enter_context(model.hooks({sae.cfg.hook_name: hook}))
+    fns = {h: write(h) for h in sae.cfg.output_hooks}
+    if read_at and clamps:
+        fns[read_at] = lambda x: captured.__setitem__("x", x)
+    with model.hooks(fns):
         yield
 
 

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from nanosae.config import BATCH_TOPK, SAEConfig, TrainConfig
+from nanosae.config import BATCH_TOPK, SAEConfig, TrainConfig, run_io
 from nanosae.data import ActivationStore, ActivationStream
 from nanosae.errors import ConfigError, DataError, FormatError, TrainingError
 from nanosae.io import write_json
@@ -204,23 +204,38 @@ def save_checkpoint(run_dir: Path, step: int, sae: SAE, state: dict[str, Any], k
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
-class SAERun:
-    """One SAE being trained: its weights, optimizer, counters and files. Several can share one stream."""
+Placement = list[tuple[int, slice]]  # (source index, columns) of each block of a run's input or target
 
-    def __init__(self, cfg: TrainConfig, source: Any, columns: slice, rank: int, world: int,
-                 sample: Callable[[int], torch.Tensor] | None = None):
-        """sample(n): the first n activations of the source (shared between runs so a stream is read once)."""
-        self.cfg, self.source, self.columns, self.rank, self.world = cfg, source, columns, rank, world
-        self.sample = sample or (lambda n: first_tokens(source, n))
+
+class SAERun:
+    """One SAE being trained: its weights, optimizer, counters and files. Several can share one stream.
+
+    Its input is the concatenation of `ins` (one block for an SAE, one per layer for a crosscoder); its target
+    is `outs` (the same blocks, except for a transcoder).
+    """
+
+    def __init__(self, cfg: TrainConfig, sources: list[Any], ins: Placement, outs: Placement, rank: int, world: int,
+                 sample: Callable[[int, int], torch.Tensor] | None = None):
+        """sample(i, n): the first n activations of source i (shared between runs so a stream is read once)."""
+        self.cfg, self.ins, self.outs, self.rank, self.world = cfg, ins, outs, rank, world
+        self.sample = sample or (lambda i, n: first_tokens(sources[i], n))
+        self.transcoder = ins != outs
         self.run_dir = Path(cfg.out)
         self.d = derived(cfg)
-        d_in = columns.stop - columns.start
+        width = lambda placement: sum(cols.stop - cols.start for _, cols in placement)
+        d_in, d_out = width(ins), width(outs)
         torch.manual_seed(cfg.seed)  # the same initial weights whether trained alone or with others
         self.gen = torch.Generator().manual_seed(cfg.seed)  # this run's own randomness (resampling)
-        hook = source.hook if isinstance(source, ActivationStore) else cfg.hook
+        in_keys, out_keys = run_io(cfg)
+        name = lambda i, key: sources[i].hook if isinstance(sources[i], ActivationStore) else key
+        in_hooks = [name(i, key) for (i, _), key in zip(ins, in_keys)]
+        out_hooks = [name(i, key) for (i, _), key in zip(outs, out_keys)]
+        source = sources[ins[0][0]]
         sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.architecture,
-                            k=cfg.k if cfg.architecture in ("topk", *BATCH_TOPK) else None, hook_name=hook,
+                            k=cfg.k if cfg.architecture in ("topk", *BATCH_TOPK) else None, hook_name=in_hooks[0],
                             matryoshka_groups=cfg.matryoshka_groups if cfg.architecture == "matryoshka" else None,
+                            d_out=d_out, hook_name_out=out_hooks[0] if self.transcoder else "",
+                            skip_connection=cfg.skip_connection, crosscoder_hooks=in_hooks if len(ins) > 1 else None,
                             model_name=_model_name(cfg, source), context_size=_context_size(cfg, source),
                             dataset_path=",".join(cfg.data.specs), device=cfg.device)
         self.sae = SAE(sae_cfg)
@@ -232,19 +247,26 @@ class SAERun:
         self.last: dict[str, float] = {}
         ckpt = latest_checkpoint(self.run_dir) if cfg.resume else None
         if ckpt is not None:
-            self._resume(ckpt, d_in)
+            self._resume(ckpt)
         else:
-            self._start(d_in)
+            self._start()
         _trim_metrics(self.run_dir / "metrics.jsonl", self.step, rank)
         self.sinks = MetricSinks(cfg, self.run_dir) if rank == 0 else None
 
-    def _resume(self, ckpt: Path, d_in: int) -> None:
+    def gather(self, batch: list[torch.Tensor], placement: Placement, rows: slice = slice(None)) -> torch.Tensor:
+        """One run's input or target from the sources' batches (blocks side by side)."""
+        parts = [batch[i][rows, cols] for i, cols in placement]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _resume(self, ckpt: Path) -> None:
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
         loaded = SAE.load(ckpt / "sae")
-        if loaded.cfg.d_sae != self.cfg.d_sae or loaded.cfg.d_in != d_in:
-            raise FormatError(f"{ckpt}: checkpoint has d_in={loaded.cfg.d_in}, d_sae={loaded.cfg.d_sae}; this run asks "
-                              f"for d_in={d_in}, d_sae={self.cfg.d_sae}")
+        shape = lambda c: (c.d_in, c.d_sae, c.d_out)
+        if shape(loaded.cfg) != shape(self.sae.cfg):
+            raise FormatError(f"{ckpt}: checkpoint has (d_in, d_sae, d_out)={shape(loaded.cfg)}; this run asks for "
+                              f"{shape(self.sae.cfg)}")
         self.sae.cfg.activation_scale = loaded.cfg.activation_scale
+        self.sae.cfg.output_scale = loaded.cfg.output_scale
         self.sae.load_state_dict(loaded.state_dict())
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.batches_done, self.since_fired = state["step"], state["batches"], state["since_fired"]
@@ -252,17 +274,25 @@ class SAERun:
         self.gen.set_state(state["rng"])
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
-    def _start(self, d_in: int) -> None:
+    def _start(self) -> None:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", dataclasses.asdict(self.cfg))
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        sample = self.sample(self.cfg.init_sample_tokens)[:, self.columns]
-        if not torch.isfinite(sample).all():
+        n = self.cfg.init_sample_tokens
+        samples = {i: self.sample(i, n) for i, _ in self.ins + self.outs}
+        x, y = self.gather(samples, self.ins), self.gather(samples, self.outs)
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
             raise DataError("the training activations contain NaN or inf")
-        if self.cfg.normalize_activations:
-            self.sae.cfg.activation_scale = math.sqrt(d_in / float(sample.pow(2).sum(-1).mean()))
-        init_sae(self.sae, sample * self.sae.cfg.activation_scale, self.cfg.init_b_dec)
+        if self.cfg.normalize_activations:  # each block's mean squared norm becomes its width
+            scale = lambda placement: [math.sqrt((c.stop - c.start) / float(samples[i][:, c].pow(2).sum(-1).mean()))
+                                       for i, c in placement]
+            in_scales = scale(self.ins)
+            self.sae.cfg.activation_scale = in_scales if len(in_scales) > 1 else in_scales[0]
+            if self.transcoder:
+                self.sae.cfg.output_scale = scale(self.outs)[0]
+        x_norm = x * self.sae.input_factor()
+        init_sae(self.sae, x_norm, self.cfg.init_b_dec, target=y * self.sae.output_factor() if self.transcoder else None)
         if self.cfg.ema_decay:
             self.ema = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
 
@@ -277,12 +307,14 @@ class SAERun:
                 "since_fired": self.since_fired, "rng": self.gen.get_state(), "ema": self.ema, "seconds": self.seconds,
                 "config": dataclasses.asdict(self.cfg)})
 
-    def train_step(self, batch: torch.Tensor) -> dict[str, float] | None:
-        """One optimizer step on this process's slice of the global batch; the metrics when it logs."""
+    def train_step(self, batch: list[torch.Tensor]) -> dict[str, float] | None:
+        """One optimizer step on this process's slice of the global batch (one tensor per source)."""
         cfg, d, sae, opt, arch = self.cfg, self.d, self.sae, self.opt, self.cfg.architecture
         local = cfg.batch_size // self.world
-        x = batch[self.rank * local : (self.rank + 1) * local, self.columns].to(cfg.device)
-        if not torch.isfinite(x).all():
+        rows = slice(self.rank * local, (self.rank + 1) * local)
+        x = self.gather(batch, self.ins, rows).to(cfg.device)
+        y = self.gather(batch, self.outs, rows).to(cfg.device) if self.transcoder else None
+        if not torch.isfinite(x).all() or (y is not None and not torch.isfinite(y).all()):
             raise DataError(f"NaN or inf in the training activations at step {self.step}; "
                             f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
         t0 = time.perf_counter()
@@ -291,7 +323,7 @@ class SAERun:
             group["lr"] = lr
         coeff = d["sparsity"] * min(1.0, (self.step + 1) / max(1, d["sparsity_warmup"]))
         dead = self.since_fired >= d["dead_tokens"]
-        out = sae.loss(x, sparsity_coefficient=coeff, k_aux=cfg.k_aux, aux_coefficient=cfg.aux_coefficient,
+        out = sae.loss(x, y, sparsity_coefficient=coeff, k_aux=cfg.k_aux, aux_coefficient=cfg.aux_coefficient,
                        dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None)
         if not torch.isfinite(out.loss):
             raise TrainingError(f"{self.run_dir}: loss became {float(out.loss)} at step {self.step} (try a lower --lr); "
@@ -311,7 +343,7 @@ class SAERun:
         self.since_fired += cfg.batch_size
         self.since_fired[fired > 0] = 0
         if arch == "relu" and (self.step + 1) % d["resample_every"] == 0:
-            resample_dead(sae, opt, x, self.since_fired >= d["dead_tokens"], self.gen)
+            resample_dead(sae, opt, x, self.since_fired >= d["dead_tokens"], self.gen, target=y)
         if self.ema is not None:
             with torch.no_grad():
                 for k, v in sae.state_dict().items():
@@ -344,31 +376,34 @@ class SAERun:
             self.sinks.close()
 
 
-def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[int, slice]]]:
-    """The sources the runs read, and for each run (source index, its columns).
+def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[Placement, Placement]]]:
+    """The sources the runs read, and for each run where its input and target blocks sit.
 
-    Stores: one per distinct --acts (stores of several hooks must come from one collection, so their
+    Stores: one per distinct store path (stores of several hooks must come from one collection, so their
     shuffled batches line up). Streaming: one forward pass captures every hook, side by side in columns.
     """
-    if all(c.acts for c in cfgs):
-        paths = list(dict.fromkeys(str(c.acts) for c in cfgs))
-        stores = [ActivationStore(p) for p in paths]
+    io = [run_io(c) for c in cfgs]
+    keys = list(dict.fromkeys(k for ins, outs in io for k in ins + outs))
+    from_stores = [bool(c.acts or c.crosscoder_acts) for c in cfgs]
+    if all(from_stores):
+        stores = [ActivationStore(p) for p in keys]
         if len({len(s) for s in stores}) > 1:
             raise DataError("stores trained together must come from one collection (they differ in token count)")
-        return stores, [(paths.index(str(c.acts)), slice(0, stores[paths.index(str(c.acts))].d_in)) for c in cfgs]
-    if any(c.acts for c in cfgs):
+        place = lambda key: (keys.index(key), slice(0, stores[keys.index(key)].d_in))
+        return stores, [([place(k) for k in ins], [place(k) for k in outs]) for ins, outs in io]
+    if any(from_stores):
         raise ConfigError("train either all SAEs from stores (--acts) or all from the model, not a mix")
     from nanosae.models import load_model
 
     first = cfgs[0]
     if any((c.model, c.data, c.model_batch_size) != (first.model, first.data, first.model_batch_size) for c in cfgs):
         raise ConfigError("SAEs streamed together must use the same model, data and model batch size")
-    hooks = list(dict.fromkeys(c.hook for c in cfgs))
     # the mixing buffer: big enough to mix documents, small enough not to read far ahead of a short run
     buffer = min(65536, max(4 * first.batch_size, first.tokens // 8))
-    stream = ActivationStream(load_model(first.model, device=first.device), hooks, first.data,
+    stream = ActivationStream(load_model(first.model, device=first.device), keys, first.data,
                               model_batch_size=first.model_batch_size, buffer_tokens=buffer)
-    return [stream], [(0, stream.columns(c.hook)) for c in cfgs]
+    place = lambda hook: (0, stream.columns(hook))
+    return [stream], [([place(h) for h in ins], [place(h) for h in outs]) for ins, outs in io]
 
 
 def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[Progress], None] | None = None,
@@ -386,21 +421,20 @@ def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[Progress], N
     if first.batch_size % world:
         raise ConfigError(f"batch_size {first.batch_size} is not divisible by {world} processes")
     if source is not None:
-        sources, placement = [source], [(0, slice(0, source.d_in))] * len(cfgs)
+        whole = [(0, slice(0, source.d_in))]
+        sources, placement = [source], [(whole, whole)] * len(cfgs)
     else:
         sources, placement = open_sources(cfgs)
     # the initialisation sample of each source is read once (a prefix of the largest one any run asks for)
     largest = max(c.init_sample_tokens for c in cfgs)
     cached: dict[int, torch.Tensor] = {}
 
-    def sampler(i: int) -> Callable[[int], torch.Tensor]:
-        def sample(n: int) -> torch.Tensor:
-            if i not in cached:
-                cached[i] = first_tokens(sources[i], largest)
-            return cached[i][:n]
-        return sample
+    def sample(i: int, n: int) -> torch.Tensor:
+        if i not in cached:
+            cached[i] = first_tokens(sources[i], largest)
+        return cached[i][:n]
 
-    runs = [SAERun(c, sources[i], cols, rank, world, sampler(i)) for c, (i, cols) in zip(cfgs, placement)]
+    runs = [SAERun(c, sources, ins, outs, rank, world, sample) for c, (ins, outs) in zip(cfgs, placement)]
     start = {r.batches_done for r in runs}
     if len(start) > 1:
         raise TrainingError("the runs' checkpoints are at different data positions; resume them separately")
@@ -414,10 +448,10 @@ def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[Progress], N
                 r.batches_done = batches_done
             if len(batch[0]) < first.batch_size:
                 continue  # an epoch's short tail: skipped, but counted for resume
-            for r, (i, _) in zip(runs, placement):
+            for r in runs:
                 if r.done:
                     continue
-                metrics = r.train_step(batch[i])
+                metrics = r.train_step(batch)
                 if metrics is not None and progress is not None:
                     progress(Progress(r.step, r.d["steps"], metrics))
                 if r.cfg.checkpoint_every and r.step % r.cfg.checkpoint_every == 0 and not r.done:
@@ -462,28 +496,30 @@ def write_json_lines(path: Path, lines: list[str]) -> None:
 
 @torch.no_grad()
 def resample_dead(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor,
-                  gen: torch.Generator | None = None) -> int:
+                  gen: torch.Generator | None = None, target: torch.Tensor | None = None) -> int:
     """Anthropic-style resampling for ReLU SAEs: dead latents restart on inputs the SAE reconstructs worst.
 
     Inputs are drawn with probability proportional to their squared error; the decoder row becomes the
-    (centred) input's direction, the encoder column the same direction scaled to 0.2 × the mean alive
-    encoder norm, b_enc 0, and their Adam moments are reset.
+    (centred) target's direction, the encoder column the (centred) input's direction scaled to 0.2 × the
+    mean alive encoder norm, b_enc 0, and their Adam moments are reset. (target: a transcoder's output.)
     """
     idx = dead.nonzero().flatten()
     if len(idx) == 0:
         return 0
     x_norm, _ = sae._normalize(x)
-    x_hat = sae.reconstruct_clean(x) * sae.cfg.activation_scale
-    err = (x_norm - x_hat).pow(2).sum(-1)
+    y = x_norm if target is None else sae.normalize_target(target)
+    y_hat = sae.normalize_target(sae.reconstruct_clean(x))
+    err = (y - y_hat).pow(2).sum(-1)
     if float(err.sum()) <= 0:
         return 0
     picks = torch.multinomial(err / err.sum(), len(idx), replacement=True, generator=gen)
-    directions = x_norm[picks] - sae.b_dec
-    directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    unit = lambda v: v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    dec_dirs = unit(y[picks] - sae.b_dec)
+    enc_dirs = unit(x_norm[picks] - sae.b_dec) if sae.cfg.apply_b_dec_to_input else unit(x_norm[picks])
     alive = ~dead
     enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-    sae.W_dec[idx] = directions
-    sae.W_enc[:, idx] = directions.T * 0.2 * enc_norm
+    sae.W_dec[idx] = dec_dirs
+    sae.W_enc[:, idx] = enc_dirs.T * 0.2 * enc_norm
     sae.b_enc[idx] = 0.0
     for p, sl in ((sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
         st = opt.state.get(p, {})

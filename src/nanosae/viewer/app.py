@@ -129,9 +129,9 @@ def create_app(run: str | Path, model: str | None = None) -> Any:
 
         host, sae = live.get()
         ids = [host.tokenizer.bos_id, *host.tokenizer.encode(text)][:512]
-        _, cache = host.run_with_cache(torch.tensor([ids]), [sae.cfg.hook_name], return_logits=False)
+        _, cache = host.run_with_cache(torch.tensor([ids]), sae.cfg.input_hooks, return_logits=False)
         with torch.no_grad():
-            z = sae.encode(cache[sae.cfg.hook_name])[0]
+            z = sae.encode(sae.gather_input(cache))[0]
         vals, idx = z.topk(min(top_k, z.shape[1]), dim=-1)
         tokens = [{"text": host.tokenizer.decode([t]), "features": [[int(i), round(float(v), 4)] for v, i in zip(vs, ix) if v > 0]}
                   for t, vs, ix in zip(ids, vals, idx)]

@@ -94,7 +94,7 @@
     const [ov, list] = await Promise.all([get("overview"), features()]);
     app.replaceChildren();
     const meta = ov.meta;
-    document.getElementById("where").textContent = meta.model + " · " + meta.hook + " · " + meta.d_sae + " latents";
+    document.getElementById("where").textContent = meta.model + " · " + (meta.kind === "transcoder" ? meta.hook + " → " + meta.hook_out : meta.hook) + " · " + meta.d_sae + " latents";
     const metrics = el("table", {});
     for (const [k, v] of Object.entries(ov.metrics)) metrics.append(el("tr", {}, el("th", { text: k }), el("td", { text: fmt(v) })));
     const h = ov.density_hist;
