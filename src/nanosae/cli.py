@@ -185,6 +185,10 @@ def train(
     acts: list[Path] = typer.Option(None, help="Activation store(s) from `nanosae collect` (default: stream from the model)."),
     model: str = typer.Option("smollm2-135m", help="Host model, when streaming."),
     hook: list[str] = typer.Option(["blocks.15.hook_resid_post"], help="Hook point(s), when streaming: all in one pass."),
+    hook_out: str = typer.Option(None, help="Transcoder: the hook predicted from --hook (e.g. blocks.5.hook_mlp_out)."),
+    acts_out: Path = typer.Option(None, help="Transcoder from stores: the target hook's store (same collection as --acts)."),
+    skip_connection: bool = typer.Option(False, help="Transcoder: also learn a linear skip map W_skip."),
+    crosscoder: bool = typer.Option(False, help="Train one crosscoder over all --hook (or --acts) values instead of one SAE each."),
     data: list[str] = typer.Option(["builtin:pydocs"], help=DATA_HELP),
     context_size: int = typer.Option(256, help="Tokens per window, when streaming."),
     tokens: str = typer.Option("2M", help="Training tokens, e.g. 200k, 2M."),
@@ -217,6 +221,10 @@ def train(
     from nanosae.train import train as run_train
 
     sources = [("acts", str(a)) for a in acts] if acts else [("hook", h) for h in hook]
+    if crosscoder:
+        sources = [("crosscoder", ",".join(where for _, where in sources))]
+    elif (hook_out or acts_out) and len(sources) > 1:
+        raise ConfigError("a transcoder reads one hook (--hook or --acts) and predicts --hook-out / --acts-out")
     archs, sizes, ks = parse_list(arch, str), parse_list(d_sae, int), parse_list(k, int)
     coeffs = parse_list(l1_coefficient, float) if l1_coefficient else [None]
     cfgs = []
@@ -228,6 +236,9 @@ def train(
         cfgs.append(TrainConfig(
             out=str(out / name if name else out), acts=where if kind == "acts" else None, model=model,
             hook=where if kind == "hook" else hook[0], data=DataConfig(specs=list(data), context_size=context_size),
+            hook_out=hook_out, acts_out=str(acts_out) if acts_out else None, skip_connection=skip_connection,
+            crosscoder_hooks=list(hook) if crosscoder and not acts else None,
+            crosscoder_acts=[str(a) for a in acts] if crosscoder and acts else None,
             tokens=parse_count(tokens), architecture=a, d_sae=size, k=kk, sparsity_coefficient=coeff,
             matryoshka_groups=parse_list(groups, int) if groups else None,
             batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps, grad_clip=grad_clip,

@@ -16,7 +16,22 @@ def model(tiny_model):
 def test_shapes_and_names(model):
     assert (model.n_layers, model.d_model, model.d_mlp) == (3, 32, 48)
     names = model.hook_names()
-    assert "blocks.0.hook_resid_pre" in names and "blocks.2.mlp.hook_post" in names and len(names) == 18
+    assert "blocks.0.hook_resid_pre" in names and "blocks.2.mlp.hook_post" in names and len(names) == 21
+
+
+def test_mlp_input_hook_is_the_normed_mid_residual(model):
+    """ln2.hook_normalized is what the MLP reads: post_attention_layernorm(resid_mid), and MLP(it) = mlp_out."""
+    names = ["blocks.1.hook_resid_mid", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
+    _, c = model.run_with_cache(TOKENS, names)
+    layer = model.module.model.layers[1]
+    with torch.no_grad():
+        assert torch.allclose(c[names[1]], layer.post_attention_layernorm(c[names[0]]), atol=1e-6)
+        assert torch.allclose(layer.mlp(c[names[1]]), c[names[2]], atol=1e-6)
+    # replacing it changes what the MLP computes
+    with model.hooks({names[1]: lambda x: torch.zeros_like(x)}):
+        _, edited = model.run_with_cache(TOKENS, [names[2]])
+    with torch.no_grad():
+        assert torch.allclose(edited[names[2]], layer.mlp(torch.zeros_like(c[names[1]])), atol=1e-6)
 
 
 def test_resid_post_equals_hidden_states(model):

@@ -5,6 +5,7 @@ layer, which modules are the block, its attention, its MLP and the MLP's down pr
   blocks.L.hook_resid_pre   input of the block            blocks.L.hook_attn_out  output of attention
   blocks.L.hook_resid_mid   block input + attention out   blocks.L.hook_mlp_out   output of the MLP
   blocks.L.hook_resid_post  output of the block           blocks.L.mlp.hook_post  input of the down projection
+  blocks.L.ln2.hook_normalized  input of the MLP (after its norm): what transcoders usually read
 Editing resid_mid is done by rewriting the attention output (new_mid - resid_pre), so the residual
 stream itself changes, not just the MLP's view of it.
 """
@@ -24,7 +25,8 @@ from torch import Tensor, nn
 from nanosae.errors import HookError
 from nanosae.models.tokenizers import Tokenizer
 
-HOOK_KINDS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post")
+HOOK_KINDS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post",
+              "ln2.hook_normalized")
 HookFn = Callable[[Tensor], "Tensor | None"]
 
 
@@ -145,11 +147,11 @@ class HostModel:
                 new = fn(_first(output))
                 return None if new is None else _replace_first(output, new)
             return [module.register_forward_hook(out_hook)]
-        if kind == "mlp.hook_post":
-            def down_hook(module, args):
+        if kind in ("mlp.hook_post", "ln2.hook_normalized"):
+            def input_hook(module, args):
                 new = fn(args[0])
                 return None if new is None else (new, *args[1:])
-            return [mods.mlp_down.register_forward_pre_hook(down_hook)]
+            return [(mods.mlp_down if kind == "mlp.hook_post" else mods.mlp).register_forward_pre_hook(input_hook)]
         # hook_resid_mid: block input + attention output, edited through the attention output
         seen: dict[str, Tensor] = {}
         def remember(module, args, kwargs):
