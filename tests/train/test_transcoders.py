@@ -138,6 +138,19 @@ def test_transcoder_and_crosscoder_through_the_cli(tiny_llama_dir, tiny_model, w
         with steering(tiny_model, cc, [Edit(0, 1.0, "clamp")]):
             pass
 
+    # the viewer serves the crosscoder's run: overview, live text and steering (add)
+    from fastapi.testclient import TestClient
+
+    from nanosae.viewer import create_app
+
+    client = TestClient(create_app(tmp_path / "cc", model=str(tiny_llama_dir)))
+    assert client.get("/api/overview").json()["meta"]["kind"] == "crosscoder"
+    tokens = client.post("/api/run_text", json={"text": "w5 w6 w7", "top_k": 3}).json()["tokens"]
+    assert len(tokens) == 3 and any(t["features"] for t in tokens)
+    r = client.post("/api/steer", json={"prompt": "w5 w6", "edits": [{"latent": 1, "value": 50.0, "mode": "add"}],
+                                        "max_new_tokens": 4})
+    assert r.status_code == 200, r.text
+
 
 def test_transcoder_clamp_edits_the_mlp_output(tiny_model):
     """Clamping a transcoder latent adds (v − z_i)·W_dec[i] to the MLP output, computed from the MLP's input."""
