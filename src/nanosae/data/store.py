@@ -270,18 +270,19 @@ class ActivationStore:
         return scale
 
     def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, epochs: int = 1, split: str = "all",
-                scale: bool = False, pool_tokens: int = 131072,
+                scale: bool = False, pool_tokens: int | None = None,
                 start_batch: int = 0) -> Iterator[Tensor]:
         """(batch_size, d_in) float32 batches; every token of the split once per epoch.
 
-        Shuffling draws a seeded permutation of chunks (shard-sized blocks), reads `pool_tokens` of them at
-        a time and permutes tokens within that pool, so memory stays bounded. start_batch skips batches
-        (for exact resume).
-        The last batch of each epoch may be smaller.
+        Shuffling draws a seeded permutation of chunks (1/16 of a pool, at most a shard), reads `pool_tokens`
+        of them at a time (default: 512 MB of float32) and permutes tokens within that pool, so memory stays
+        bounded while every pool mixes text from all over the store. start_batch skips batches (for exact
+        resume). The last batch of each epoch may be smaller.
         """
         lo, hi = self.split_range(split)
         factor = self.norm_scale() if scale else 1.0
-        chunk = max(1, min(int(self.manifest["tokens_per_shard"]), pool_tokens))
+        pool_tokens = pool_tokens or max(131072, 2**29 // (4 * self.d_in))
+        chunk = max(1, min(int(self.manifest["tokens_per_shard"]), max(1024, pool_tokens // 16), pool_tokens))
         emitted = 0
         for epoch in range(epochs):
             rng = np.random.default_rng([seed, epoch])

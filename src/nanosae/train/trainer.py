@@ -61,7 +61,7 @@ def derived(cfg: TrainConfig) -> dict[str, Any]:
         sparsity = {"relu": 5.0, "gated": 5.0, "jumprelu": 1.0}.get(cfg.architecture, 0.0)
     return {
         "steps": steps,
-        "lr": cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(cfg.d_sae / 2**14) * 8 * min(1.0, 10_000 / steps) ** 0.5,
+        "lr": cfg.lr if cfg.lr is not None else 5.4e-4 / math.sqrt(cfg.d_sae / 2**14),
         "warmup": cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else max(1, steps // 20),
         "sparsity_warmup": cfg.sparsity_warmup_steps if cfg.sparsity_warmup_steps is not None else steps // 20,
         "sparsity": sparsity,
