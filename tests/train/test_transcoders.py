@@ -163,3 +163,29 @@ def test_transcoder_clamp_edits_the_mlp_output(tiny_model):
         _, edited = tiny_model.run_with_cache(tokens, [OUT])
     expected = clean[OUT] + (2.5 - z[..., 3:4]) * tc.W_dec[3].detach()
     assert torch.allclose(edited[OUT], expected, atol=1e-5)
+
+
+def test_transcoder_resume_from_stores_is_exact(tmp_path):
+    """A transcoder resumed from a mid-run checkpoint ends with the uninterrupted run's weights (bit for bit)."""
+    import shutil
+
+    from nanosae.data import write_store
+    from nanosae.train import train
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 8, generator=g) * 3
+    y = (x @ torch.randn(8, 16, generator=g) - 1).relu() @ torch.randn(16, 6, generator=g)
+    acts_in = write_store(tmp_path / "in", x, hook="blocks.0.ln2.hook_normalized", model="synthetic", tokens_per_shard=1024)
+    acts_out = write_store(tmp_path / "out", y, hook="blocks.0.hook_mlp_out", model="synthetic", tokens_per_shard=1024)
+    cfg = dict(acts=str(acts_in.path), acts_out=str(acts_out.path), architecture="relu", skip_connection=True,
+               d_sae=32, tokens=8192, batch_size=256, checkpoint_every=8, lr=3e-3, resample_every=10)
+    full = train(TrainConfig(out=str(tmp_path / "full"), **cfg))
+    assert full.sae.cfg.kind == "transcoder" and full.sae.cfg.d_out == 6 and full.sae.cfg.output_scale != 1.0
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "resumed" / "checkpoints").glob("step_*"))
+    assert steps == [24, 32]  # the newest two are kept
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_32")  # as if killed after step 24
+    shutil.rmtree(tmp_path / "resumed" / "sae")
+    resumed = train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, **cfg))
+    for name, value in full.sae.state_dict().items():
+        assert torch.equal(value, resumed.sae.state_dict()[name]), name
