@@ -32,7 +32,7 @@ class DemoConfig:
     def sizes(self) -> dict[str, int]:
         if self.quick:
             return {"collect": 24_576, "train": 98_304, "eval": 3_000, "features": 8_000}
-        return {"collect": 200_000, "train": 200_000, "eval": 8_192, "features": 20_000}
+        return {"collect": 200_000, "train": 200_000, "eval": 4_096, "features": 20_000}
 
 
 def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -58,7 +58,8 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     if not (out / "sae" / "cfg.json").exists():
         train(TrainConfig(out=str(out), acts=str(acts / cfg.hook), tokens=sizes["train"], checkpoint_every=0,
                           log_every=5),
-              progress=lambda p: say("train", p.step, p.steps, p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9)))
+              progress=lambda p: say("train", p.metrics["tokens"], sizes["train"],
+                                     p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9)))
     sae = SAE.load(out / "sae")
     if not (out / "eval.json").exists():
         metrics = evaluate(sae, model, DataConfig(specs=cfg.data, split="eval"), tokens=sizes["eval"],
