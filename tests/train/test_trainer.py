@@ -233,3 +233,18 @@ def test_mixing_stores_and_streaming_is_refused(planted_store, tmp_path):
         nanosae.train([cfg_for(store, tmp_path / "a"), TrainConfig(out=str(tmp_path / "b"), tokens=256 * 300, batch_size=256)])
     with pytest.raises(nanosae.ConfigError, match="share batch_size and tokens"):
         nanosae.train([cfg_for(store, tmp_path / "a"), cfg_for(store, tmp_path / "b", batch_size=128)])
+
+
+def test_initialisation_ties_a_scaled_encoder_and_centres_b_dec(planted_store, tmp_path):
+    from nanosae.train.init import geometric_median
+    from nanosae.train.trainer import SAERun
+
+    store, _ = planted_store
+    cfg = TrainConfig(out=str(tmp_path / "r"), acts=str(store.path), d_sae=64, k=3, tokens=4096, init_sample_tokens=2048)
+    whole = [(0, slice(0, store.d_in))]
+    sae = SAERun(cfg, [store], whole, whole, 0, 1).sae
+    assert torch.allclose(sae.W_enc, 0.5 * sae.W_dec.T)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-6)
+    sample = store.tokens(0, 2048) * sae.cfg.activation_scale
+    assert float(sample.pow(2).sum(-1).mean()) == pytest.approx(store.d_in, rel=1e-4)  # scaled to mean sq norm d_in
+    assert torch.allclose(sae.b_dec, geometric_median(sample), atol=1e-5)

@@ -26,14 +26,16 @@ def geometric_median(points: Tensor, iters: int = 100, tol: float = 1e-6) -> Ten
 
 
 @torch.no_grad()
-def init_sae(sae: SAE, sample: Tensor, b_dec: str = "geometric_median", target: Tensor | None = None) -> None:
-    """Set b_dec from a sample of (normalised) activations and tie W_enc to W_dec.T.
+def init_sae(sae: SAE, sample: Tensor, b_dec: str = "geometric_median", target: Tensor | None = None,
+             encoder_scale: float = 1.0) -> None:
+    """Set b_dec from a sample of (normalised) activations and tie W_enc to encoder_scale · W_dec.T.
 
     A transcoder's b_dec comes from its (normalised) target sample, and its encoder stays untied (input and
-    output are different spaces)."""
+    output are different spaces; its random unit columns are scaled the same way)."""
     sae.normalize_decoder()
     if sae.cfg.kind != "transcoder":
         sae.W_enc.copy_(sae.W_dec.T)
+    sae.W_enc.mul_(encoder_scale)
     sample = sample if target is None else target
     if b_dec == "geometric_median":
         sae.b_dec.copy_(geometric_median(sample))

@@ -292,7 +292,8 @@ class SAERun:
             if self.transcoder:
                 self.sae.cfg.output_scale = scale(self.outs)[0]
         x_norm = x * self.sae.input_factor()
-        init_sae(self.sae, x_norm, self.cfg.init_b_dec, target=y * self.sae.output_factor() if self.transcoder else None)
+        init_sae(self.sae, x_norm, self.cfg.init_b_dec, target=y * self.sae.output_factor() if self.transcoder else None,
+                 encoder_scale=self.cfg.init_encoder_scale)
         if self.cfg.ema_decay:
             self.ema = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
 
