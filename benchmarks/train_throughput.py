@@ -53,22 +53,30 @@ def nanosae_step(x: torch.Tensor):
     return step
 
 
+def adam_step(params, loss_fn):
+    """A plain Adam step (lr 1e-4) on loss_fn(): how the dense reference and every peer are timed."""
+    opt = torch.optim.Adam(params, lr=1e-4)
+
+    def step():
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
 def dense_step(x: torch.Tensor):
     W_enc = torch.nn.Parameter(torch.randn(D_IN, D_SAE) / D_IN**0.5)
     b_enc = torch.nn.Parameter(torch.zeros(D_SAE))
     W_dec = torch.nn.Parameter(torch.randn(D_SAE, D_IN) / D_IN**0.5)
     b_dec = torch.nn.Parameter(torch.zeros(D_IN))
-    opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=1e-4)
 
-    def step():
+    def loss():
         pre = (x - b_dec) @ W_enc + b_enc
         vals, idx = pre.topk(K, dim=-1)
         z = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-        loss = (z @ W_dec + b_dec - x).pow(2).sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+        return (z @ W_dec + b_dec - x).pow(2).sum(-1).mean()
+    return adam_step([W_enc, b_enc, W_dec, b_dec], loss)
 
 
 def peers(x: torch.Tensor) -> dict:
@@ -80,28 +88,14 @@ def peers(x: torch.Tensor) -> dict:
         from sparsify import SparseCoder, SparseCoderConfig
 
         coder = SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K))
-        opt = torch.optim.Adam(coder.parameters(), lr=1e-4)
-
-        def step():
-            loss = coder(x).fvu
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        out["sparsify"] = step
+        out["sparsify"] = adam_step(coder.parameters(), lambda: coder(x).fvu)
     except Exception as e:
         print(f"sparsify not measured: {e}")
     try:
         from dictionary_learning.trainers.top_k import AutoEncoderTopK
 
         ae = AutoEncoderTopK(D_IN, D_SAE, K)
-        opt = torch.optim.Adam(ae.parameters(), lr=1e-4)
-
-        def step():
-            loss = (ae(x) - x).pow(2).sum(-1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        out["dictionary_learning"] = step
+        out["dictionary_learning"] = adam_step(ae.parameters(), lambda: (ae(x) - x).pow(2).sum(-1).mean())
     except Exception as e:
         print(f"dictionary_learning not measured: {e}")
     try:
@@ -109,15 +103,9 @@ def peers(x: torch.Tensor) -> dict:
         from sae_lens.saes.sae import TrainStepInput
 
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))  # its defaults, as a user would
-        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-
-        def step():
-            o = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
-                                                         n_training_steps=0, is_logging_step=False))
-            opt.zero_grad(set_to_none=True)
-            o.loss.backward()
-            opt.step()
-        out["SAELens"] = step
+        step_input = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0,
+                                    is_logging_step=False)
+        out["SAELens"] = adam_step(sae.parameters(), lambda: sae.training_forward_pass(step_input).loss)
     except Exception as e:
         print(f"SAELens not measured: {e}")
     return out

@@ -36,6 +36,7 @@ from nanosae.data.tokens import in_background, token_batches
 from nanosae.errors import ConfigError, DataError
 from nanosae.models import HostModel
 from nanosae.sae import SAE
+from nanosae.sae.model import concat_hooks
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens counts as dense
 
@@ -200,12 +201,12 @@ def evaluate(
                 ce_ablation[group] += _ce_and_kl(model.forward(toks), None, toks, keep)[0]
         positions = torch.arange(toks.shape[1], device=toks.device).expand_as(toks)[valid].cpu()
         for sae, (ins, outs), s in zip(sae_list, io, sums):
-            x = torch.cat([cache[h][valid] for h in ins], dim=-1)
-            y = torch.cat([cache[h][valid] for h in outs], dim=-1)
+            x = sae.gather_input(cache, ins)[valid]
+            y = concat_hooks(cache, outs)[valid]
             x_hat, z = sae(x)
             s.add(y.cpu(), x_hat.float().cpu(), z.float().cpu(), positions)
             edits = {h: lambda _, r=_replace_kept(cache[h], valid, block): r
-                     for h, block in zip(outs, x_hat.chunk(len(outs), dim=-1))}
+                     for h, block in sae.output_blocks(x_hat, outs).items()}
             with model.hooks(edits):
                 spliced = model.forward(toks)
             ce, kl, _ = _ce_and_kl(spliced, clean_logp, toks, keep)

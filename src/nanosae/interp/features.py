@@ -167,7 +167,7 @@ def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | P
             break
         toks, valid = batch.tokens, batch.valid
         _, cache = model.run_with_cache(toks.to(model.device), hooks, return_logits=False)
-        z = sae.encode(torch.cat([cache[h] for h in hooks], dim=-1)).float().cpu() * valid[..., None]  # (B, T, F); BOS/padding positions zeroed
+        z = sae.encode(sae.gather_input(cache, hooks)).float().cpu() * valid[..., None]  # (B, T, F); BOS/padding positions zeroed
         b, t, f = z.nonzero(as_tuple=True)
         vals = z[b, t, f]
         n_tokens += int(valid.sum())

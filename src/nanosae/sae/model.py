@@ -41,6 +41,11 @@ class LossOutput(NamedTuple):
     x: Tensor  # the normalised target (the input itself, except for transcoders)
 
 
+def concat_hooks(acts: dict[str, Tensor], hooks: list[str]) -> Tensor:
+    """Activations of several hooks side by side (the layout of crosscoder inputs and outputs)."""
+    return acts[hooks[0]] if len(hooks) == 1 else torch.cat([acts[h] for h in hooks], dim=-1)
+
+
 class HookPoint(nn.Identity):
     """A named spot in the forward pass; forward hooks registered on it can read or replace the value."""
 
@@ -222,14 +227,15 @@ class SAE(nn.Module):
         z = self.activate(self.pre_acts(x_norm), x_norm)
         return self._denormalize(z @ self.W_dec + self.b_dec + self._skip(x_norm), state)
 
-    def gather_input(self, acts: dict[str, Tensor]) -> Tensor:
-        """The SAE's input from activations by hook name (crosscoders: their layers side by side)."""
-        hooks = self.cfg.input_hooks
-        return acts[hooks[0]] if len(hooks) == 1 else torch.cat([acts[h] for h in hooks], dim=-1)
+    def gather_input(self, acts: dict[str, Tensor], hooks: list[str] | None = None) -> Tensor:
+        """The SAE's input from activations by hook name (crosscoders: their layers side by side).
 
-    def output_blocks(self, x_hat: Tensor) -> dict[str, Tensor]:
+        hooks: where to read instead of cfg.input_hooks (e.g. a plain SAE evaluated at another hook)."""
+        return concat_hooks(acts, hooks or self.cfg.input_hooks)
+
+    def output_blocks(self, x_hat: Tensor, hooks: list[str] | None = None) -> dict[str, Tensor]:
         """A reconstruction split into the output hooks' values (one per crosscoder layer)."""
-        hooks = self.cfg.output_hooks
+        hooks = hooks or self.cfg.output_hooks
         return dict(zip(hooks, x_hat.chunk(len(hooks), dim=-1)))
 
     def decoder_norms(self) -> Tensor:
