@@ -91,3 +91,32 @@ def viewer_run(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
     con.close()
     (run / "eval.json").write_text(json.dumps({"fvu": 0.1, "l0": 3.0, "ce_loss_score": 0.95, "feature_density": [0.1]}))
     return run
+
+
+def assert_replay_matches(model, tokens, layer: int) -> None:
+    """Edits at every hook kind of `layer`, run with the clean pass's earlier blocks replayed, give the same
+    logits as recomputing them — and the edit is not a no-op."""
+    from nanosae.models.host import HOOK_KINDS
+
+    with torch.no_grad():
+        for kind in HOOK_KINDS:
+            name = f"blocks.{layer}.{kind}"
+            n = model.unchanged_blocks([name])
+            assert n == (layer + 1 if kind == "hook_resid_post" else layer)
+            with model.recording_blocks(n) as outputs:
+                clean = model.forward(tokens)
+            assert len(outputs) == n
+            edit = {name: lambda x: x * 0.5 + 1.0}
+            with model.hooks(edit):
+                full = model.forward(tokens)
+            calls = []
+            with model.replaying_blocks(outputs), model.hooks(edit):
+                for i in range(n):
+                    model.layers[i].mlp.register_forward_hook(lambda *a: calls.append(1))
+                replayed = model.forward(tokens)
+            for i in range(n):
+                model.layers[i].mlp._forward_hooks.clear()
+            assert calls == [], f"{name}: replayed blocks still computed their MLP"
+            assert torch.allclose(replayed, full, atol=1e-5), name
+            assert not torch.allclose(full, clean, atol=1e-3), name
+        assert torch.equal(model.forward(tokens), clean)  # the blocks compute again afterwards

@@ -258,6 +258,8 @@ class TrainConfig:
     """Tokens used to estimate b_dec and the activation norm."""
     normalize_activations: bool = True
     """Scale inputs so their mean squared norm is d_in (stored in the SAE as activation_scale)."""
+    input_norm: str = "none"
+    """'layer_norm': centre each input and divide by its std, undone on output (OpenAI's TopK SAEs)."""
     dead_tokens: int | None = None
     """A latent is dead after this many tokens without firing (default tokens/20, at most 10M)."""
     k_aux: int | None = None

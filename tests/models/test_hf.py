@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 import nanosae
 from nanosae import HookError
+from tests.conftest import assert_replay_matches
 
 TOKENS = torch.tensor([[0, 5, 9, 13, 22, 7, 41, 3], [0, 60, 2, 8, 8, 19, 33, 50]])
 
@@ -167,3 +168,7 @@ def test_sampling_is_seeded(model):
     a = model.generate([0, 5], max_new_tokens=8, temperature=1.0, top_k=10, seed=3, stop_at_eos=False)
     b = model.generate([0, 5], max_new_tokens=8, temperature=1.0, top_k=10, seed=3, stop_at_eos=False)
     assert a.tokens == b.tokens
+
+
+def test_replaying_the_clean_prefix_equals_recomputing(model):
+    assert_replay_matches(model, TOKENS, layer=1)

@@ -12,6 +12,7 @@ import torch
 import nanosae
 from nanosae import FormatError
 from nanosae.models.nanochat import NanochatGPT
+from tests.conftest import assert_replay_matches
 
 SPECIAL = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
@@ -243,3 +244,11 @@ def test_wrap_live_module(current):
     assert torch.equal(a["blocks.2.hook_resid_post"], b["blocks.2.hook_resid_post"])
     assert wrapped.generate([256, 5, 6], max_new_tokens=4, stop_at_eos=False).tokens == \
         loaded.generate([256, 5, 6], max_new_tokens=4, stop_at_eos=False).tokens
+
+
+@pytest.mark.parametrize("which", ["released", "current"])
+def test_replaying_the_clean_prefix_equals_recomputing(which, request):
+    """Also with the current model's x0 lambdas, value embeddings and backout (taken after block 2 of 4)."""
+    directory, _ = request.getfixturevalue(which)
+    model = nanosae.load_model(f"nanochat:{directory}")
+    assert_replay_matches(model, torch.randint(0, VOCAB, (2, 12)), layer=2)

@@ -164,6 +164,43 @@ class HostModel:
         return [mods.block.register_forward_pre_hook(remember, with_kwargs=True),
                 mods.attn.register_forward_hook(mid_hook)]
 
+    # ---- reusing a clean pass's prefix --------------------------------------------------------
+    def unchanged_blocks(self, names: list[str]) -> int:
+        """How many leading blocks compute the same outputs when activations at names are edited."""
+        return min((layer + 1 if kind == "hook_resid_post" else layer for layer, kind in map(self.parse_hook, names)),
+                   default=0)
+
+    @contextmanager
+    def recording_blocks(self, n: int) -> Iterator[list[Any]]:
+        """Collect the outputs of blocks 0..n-1 during the passes inside (for replaying_blocks)."""
+        outputs: list[Any] = []
+        handles = [self.layers[i].block.register_forward_hook(lambda m, a, out: outputs.append(out)) for i in range(n)]
+        try:
+            yield outputs
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def replaying_blocks(self, outputs: list[Any]) -> Iterator[None]:
+        """Blocks 0..len(outputs)-1 return these recorded outputs instead of computing them.
+
+        Evaluation edits one layer and runs the model again; the blocks before it would only recompute the
+        clean pass's outputs, so they are replayed (hooks on them still run: an edit at a replayed block's
+        output applies as usual). Exact for blocks without side effects, which every back end has."""
+        blocks = [self.layers[i].block for i in range(len(outputs))]
+        saved = [block.__dict__.get("forward") for block in blocks]  # accelerate may have set one
+        try:
+            for block, out in zip(blocks, outputs):
+                block.forward = lambda *args, _out=out, **kwargs: _out
+            yield
+        finally:
+            for block, old in zip(blocks, saved):
+                if old is None:
+                    del block.forward
+                else:
+                    block.forward = old
+
     # ---- running ----------------------------------------------------------------------------
     def _as_tokens(self, tokens: Tensor | list) -> Tensor:
         t = torch.as_tensor(tokens, dtype=torch.long)

@@ -237,7 +237,8 @@ class SAERun:
                             d_out=d_out, hook_name_out=out_hooks[0] if self.transcoder else "",
                             skip_connection=cfg.skip_connection, crosscoder_hooks=in_hooks if len(ins) > 1 else None,
                             model_name=_model_name(cfg, source), context_size=_context_size(cfg, source),
-                            dataset_path=",".join(cfg.data.specs), device=cfg.device)
+                            dataset_path=",".join(cfg.data.specs), normalize_activations=cfg.input_norm,
+                            device=cfg.device)
         self.sae = SAE(sae_cfg)
         self.sae.train()
         self.opt = make_adam(self.sae, self.d["lr"], cfg)
@@ -284,14 +285,14 @@ class SAERun:
         x, y = self.gather(samples, self.ins), self.gather(samples, self.outs)
         if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
             raise DataError("the training activations contain NaN or inf")
-        if self.cfg.normalize_activations:  # each block's mean squared norm becomes its width
+        if self.cfg.normalize_activations and self.cfg.input_norm == "none":  # mean squared norm -> width
             scale = lambda placement: [math.sqrt((c.stop - c.start) / float(samples[i][:, c].pow(2).sum(-1).mean()))
                                        for i, c in placement]
             in_scales = scale(self.ins)
             self.sae.cfg.activation_scale = in_scales if len(in_scales) > 1 else in_scales[0]
             if self.transcoder:
                 self.sae.cfg.output_scale = scale(self.outs)[0]
-        x_norm = x * self.sae.input_factor()
+        x_norm = self.sae._normalize(x)[0]
         init_sae(self.sae, x_norm, self.cfg.init_b_dec, target=y * self.sae.output_factor() if self.transcoder else None,
                  encoder_scale=self.cfg.init_encoder_scale)
         if self.cfg.ema_decay:
