@@ -205,6 +205,7 @@ def train(
     ema_decay: float = typer.Option(None, help="Save an EMA of the weights (e.g. 0.999)."),
     init_b_dec: str = typer.Option("geometric_median", help="geometric_median, mean, zeros."),
     init_encoder_scale: float = typer.Option(0.5, help="W_enc starts at this times W_dec.T."),
+    input_norm: str = typer.Option("none", help="none, or layer_norm: centre and scale each token (OpenAI's TopK SAEs)."),
     dead_tokens: int = typer.Option(None, help="Tokens without firing after which a latent counts as dead."),
     k_aux: int = typer.Option(None, help="Dead latents in the AuxK loss (default d_in/2)."),
     seed: int = typer.Option(0),
@@ -243,7 +244,7 @@ def train(
             tokens=parse_count(tokens), architecture=a, d_sae=size, k=kk, sparsity_coefficient=coeff,
             matryoshka_groups=parse_list(groups, int) if groups else None,
             batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps, grad_clip=grad_clip,
-            ema_decay=ema_decay, init_b_dec=init_b_dec, init_encoder_scale=init_encoder_scale, dead_tokens=dead_tokens, k_aux=k_aux, seed=seed,
+            ema_decay=ema_decay, init_b_dec=init_b_dec, init_encoder_scale=init_encoder_scale, input_norm=input_norm, dead_tokens=dead_tokens, k_aux=k_aux, seed=seed,
             checkpoint_every=checkpoint_every, resume=resume, log_every=log_every, tensorboard=tensorboard,
             wandb=wandb, device=device))
     steps = cfgs[0].tokens // cfgs[0].batch_size

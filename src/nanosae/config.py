@@ -288,6 +288,8 @@ class TrainConfig:
             raise ConfigError(f"unknown init_b_dec {self.init_b_dec!r}; expected geometric_median, mean or zeros")
         if (self.hook_out or self.acts_out) and (self.crosscoder_hooks or self.crosscoder_acts):
             raise ConfigError("a run trains either a transcoder (hook_out / acts_out) or a crosscoder, not both")
+        if self.input_norm not in NORMALIZATIONS:
+            raise ConfigError(f"unknown input_norm {self.input_norm!r}; expected one of {', '.join(NORMALIZATIONS)}")
         if self.acts_out and not self.acts:
             raise ConfigError("acts_out (the transcoder's target store) needs acts (its input store)")
         if self.skip_connection and not (self.hook_out or self.acts_out):

@@ -248,3 +248,27 @@ def test_initialisation_ties_a_scaled_encoder_and_centres_b_dec(planted_store, t
     sample = store.tokens(0, 2048) * sae.cfg.activation_scale
     assert float(sample.pow(2).sum(-1).mean()) == pytest.approx(store.d_in, rel=1e-4)  # scaled to mean sq norm d_in
     assert torch.allclose(sae.b_dec, geometric_median(sample), atol=1e-5)
+
+
+def test_layer_norm_inputs_train_and_are_undone_on_output(planted_store, tmp_path):
+    """input_norm='layer_norm': b_dec starts at the median of the per-token normalised sample, the SAE learns
+    the planted features, and its reconstruction follows a per-token shift and scale of the input."""
+    from nanosae.train.trainer import SAERun
+
+    store, D = planted_store
+    cfg = cfg_for(store, tmp_path / "ln", input_norm="layer_norm")
+    whole = [(0, slice(0, store.d_in))]
+    fresh = SAERun(cfg, [store], whole, whole, 0, 1).sae
+    sample = store.tokens(0, cfg.init_sample_tokens)
+    centred = sample - sample.mean(-1, keepdim=True)
+    assert fresh.cfg.activation_scale == 1.0
+    assert torch.allclose(fresh.b_dec, geometric_median(centred / (centred.std(-1, keepdim=True) + 1e-5)), atol=1e-5)
+    res = nanosae.train(cfg)
+    assert res.metrics["fvu"] < 0.5
+    sae = SAE.load(tmp_path / "ln" / "sae").eval()
+    assert sae.cfg.normalize_activations == "layer_norm"
+    x = store.tokens(0, 64)
+    with torch.no_grad():
+        assert torch.allclose(sae(3 * x + 2)[0], 3 * sae(x)[0] + 2, atol=1e-4)
+    with pytest.raises(nanosae.ConfigError, match="input_norm"):
+        TrainConfig(out=str(tmp_path / "x"), acts=str(store.path), input_norm="rms")
