@@ -1,3 +1,5 @@
+import json
+import sqlite3
 import subprocess
 import sys
 
@@ -50,7 +52,6 @@ def test_parse_count():
 
 
 def test_eval_command_writes_eval_json_and_report(tiny_llama_dir, word_corpus, tmp_path):
-    import json
 
     runner = CliRunner()
     for name in ("a", "b"):
@@ -74,6 +75,15 @@ def test_features_track_steer_commands(tiny_llama_dir, word_corpus, tmp_path):
                             "--context-size", "16", "--top-n", "4"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run" / "features.db").exists()
+    r = runner.invoke(app, ["collect", "--model", str(tiny_llama_dir), "--hook", "blocks.1.hook_resid_post",
+                            "--data", str(word_corpus), "--tokens", "400", "--context-size", "16", "--dtype", "float32",
+                            "--out", str(tmp_path / "acts")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["features", str(tmp_path / "run"), "--acts", str(tmp_path / "acts"), "--tokens", "300",
+                            "--top-n", "4", "--out", str(tmp_path / "from_store.db")])
+    assert r.exit_code == 0, r.output
+    meta = dict(sqlite3.connect(tmp_path / "from_store.db").execute("SELECT key, value FROM meta").fetchall())
+    assert 300 <= json.loads(meta["tokens"]) <= 400 and json.loads(meta["data"]) == [str(word_corpus)]
     r = runner.invoke(app, ["track", "w5 w6 w7", "--sae", str(tmp_path / "run"), "--max-new-tokens", "4"])
     assert r.exit_code == 0, r.output
     assert "most active features" in r.output
@@ -85,7 +95,6 @@ def test_features_track_steer_commands(tiny_llama_dir, word_corpus, tmp_path):
 
 def test_explain_and_export_commands(viewer_run, tmp_path):
     import shutil
-    import sqlite3
 
     run = tmp_path / "run"
     shutil.copytree(viewer_run, run)

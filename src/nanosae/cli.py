@@ -357,6 +357,8 @@ def features(
     top_n: int = typer.Option(20, help="Top-activating examples per latent."),
     batch_size: int = typer.Option(8),
     out: Path = typer.Option(None, help="Database file (default: RUN/features.db)."),
+    acts: Path = typer.Option(None, help="Read the SAE's input from this store (from `nanosae collect`) instead "
+                                         "of running the model; --data/--split/--context-size are then not used."),
     device: str = typer.Option("cpu"),
     tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
 ) -> None:
@@ -369,7 +371,7 @@ def features(
                          tokens=parse_count(tokens), top_n=top_n, batch_size=batch_size)
     target = out or ((run or (path if path.is_dir() else path.parent)) / "features.db")
     with TokenProgress("features", cfg.tokens) as bar:
-        build_features(sae, host, cfg, target, hook=hook,
+        build_features(sae, host, cfg, target, hook=hook, acts=acts,
                        progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)))
     console.print(f"wrote {target}")
 
@@ -562,6 +564,7 @@ def demo(
         steer_table.add_column("steered")
         steer_table.add_row(st["baseline"], st["steered"])
         console.print(steer_table)
+    console.print("time: " + " · ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()))
     console.print(f"report: {out / 'report.html'}\nviewer: nanosae view {out}\nstatic site: nanosae view {out} --export {out / 'site'}")
 
 

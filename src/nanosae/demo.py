@@ -9,7 +9,9 @@ so an interrupted demo continues where it stopped.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,8 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Run every stage; returns the metrics, five interesting features and a steering example."""
+    """Run every stage; returns the metrics, five interesting features, a steering example and the seconds
+    each stage took in this call (stages already done in an earlier call are skipped and not listed)."""
     from nanosae.data import collect
     from nanosae.eval import evaluate
     from nanosae.eval.report import write_report
@@ -50,27 +53,41 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
 
     out, sizes = Path(cfg.out), cfg.sizes()
     say = progress or (lambda *a: None)
-    model = load_model(cfg.model)
+    seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    with stage("load model"):
+        model = load_model(cfg.model)
     acts = out / "acts"
-    collect(CollectConfig(model=cfg.model, hooks=[cfg.hook], data=DataConfig(specs=cfg.data), tokens=sizes["collect"],
-                          out=str(acts)), model=model,
-            progress=lambda p: say("collect", p.tokens, p.total, p.seconds))
+    with stage("collect"):
+        collect(CollectConfig(model=cfg.model, hooks=[cfg.hook], data=DataConfig(specs=cfg.data), tokens=sizes["collect"],
+                              out=str(acts)), model=model,
+                progress=lambda p: say("collect", p.tokens, p.total, p.seconds))
     if not (out / "sae" / "cfg.json").exists():
-        train(TrainConfig(out=str(out), acts=str(acts / cfg.hook), tokens=sizes["train"], checkpoint_every=0,
-                          log_every=5),
-              progress=lambda p: say("train", p.metrics["tokens"], sizes["train"],
-                                     p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9)))
+        with stage("train"):
+            train(TrainConfig(out=str(out), acts=str(acts / cfg.hook), tokens=sizes["train"], checkpoint_every=0,
+                              log_every=5),
+                  progress=lambda p: say("train", p.metrics["tokens"], sizes["train"],
+                                         p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9)))
     sae = SAE.load(out / "sae")
     if not (out / "eval.json").exists():
-        metrics = evaluate(sae, model, DataConfig(specs=cfg.data, split="eval"), tokens=sizes["eval"],
-                           progress=lambda d, t, s: say("eval", d, t, s))
-        write_json(out / "eval.json", metrics)
-        write_report([metrics], ["demo"], out / "report.html", title="nanosae demo: SmolLM2-135M, blocks.15")
+        with stage("evaluate"):
+            metrics = evaluate(sae, model, DataConfig(specs=cfg.data, split="eval"), tokens=sizes["eval"],
+                               progress=lambda d, t, s: say("eval", d, t, s))
+            write_json(out / "eval.json", metrics)
+            write_report([metrics], ["demo"], out / "report.html", title="nanosae demo: SmolLM2-135M, blocks.15")
     metrics = json.loads((out / "eval.json").read_text())
     if not (out / "features.db").exists():
-        build_features(sae, model, FeaturesConfig(data=DataConfig(specs=cfg.data, split="train"), tokens=sizes["features"]),
-                       out / "features.db", progress=lambda d, t, s: say("features", d, t, s))
-        explain_n2g(out / "features.db", progress=lambda d, t: say("explain", d, t, 0.0))
+        with stage("features"):
+            build_features(sae, model, FeaturesConfig(tokens=sizes["features"]), out / "features.db",
+                           acts=acts / cfg.hook, progress=lambda d, t, s: say("features", d, t, s))
+        with stage("explain"):
+            explain_n2g(out / "features.db", progress=lambda d, t: say("explain", d, t, 0.0))
     con = open_db(out / "features.db")
     rows = con.execute("SELECT id, density, max_act, explanation, score, top_logits FROM latents "
                        "WHERE explanation IS NOT NULL AND density BETWEEN 0.0005 AND 0.2 ORDER BY score DESC LIMIT 5").fetchall()
@@ -79,7 +96,8 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     steering = None
     if features:
         target = features[0]["id"]
-        base, steered = steer(model, sae, [Edit(target, 2.0 * max(1.0, rows[0]["max_act"]), "add")], cfg.steer_prompt,
-                              max_new_tokens=24)
+        with stage("steer"):
+            base, steered = steer(model, sae, [Edit(target, 2.0 * max(1.0, rows[0]["max_act"]), "add")],
+                                  cfg.steer_prompt, max_new_tokens=24)
         steering = {"feature": target, "prompt": cfg.steer_prompt, "baseline": base.text, "steered": steered.text}
-    return {"metrics": metrics, "features": features, "steering": steering, "out": str(out)}
+    return {"metrics": metrics, "features": features, "steering": steering, "out": str(out), "seconds": seconds}

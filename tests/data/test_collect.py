@@ -23,13 +23,15 @@ def config(word_corpus, out, **kw):
 
 
 def expected_activations(model, cfg):
-    """run_with_cache on the same token windows, BOS positions dropped: the independent expectation."""
-    out = {h: [] for h in cfg.hooks}
+    """run_with_cache on the same token windows, BOS positions dropped: the independent expectation
+    (under "ids": each kept token's id and position, read off the windows)."""
+    out = {h: [] for h in cfg.hooks + ["ids"]}
     for batch in token_batches(iter_documents(cfg.data), model.tokenizer, cfg.data.context_size, cfg.batch_size):
         _, cache = model.run_with_cache(batch.tokens, cfg.hooks)
         for h in cfg.hooks:
             out[h].append(cache[h][batch.valid])
-    return {h: torch.cat(v)[: cfg.tokens] for h, v in out.items()}
+        out["ids"] += [[int(batch.tokens[r, t]), t] for r, t in batch.valid.nonzero().tolist()]
+    return {h: torch.cat(v)[: cfg.tokens] for h, v in out.items() if h != "ids"} | {"ids": out["ids"][: cfg.tokens]}
 
 
 def test_store_equals_run_with_cache(tiny_model, word_corpus, tmp_path):
@@ -44,6 +46,8 @@ def test_store_equals_run_with_cache(tiny_model, word_corpus, tmp_path):
         m = store.manifest
         assert (m["hook"], m["dtype"], m["context_size"], m["complete"]) == (hook, "float32", 16, True)
         assert all(len(s["sha256"]) == 64 for s in m["shards"])
+        assert store.token_ids(0, 700).tolist() == expected["ids"]
+        assert store.token_ids(130, 260).tolist() == expected["ids"][130:260]  # across a shard boundary
     assert stores[HOOKS[1]].d_in == tiny_model.d_mlp
 
 
@@ -82,7 +86,7 @@ def test_kill_and_resume_gives_identical_bytes(tiny_model, tiny_llama_dir, word_
     collect(config(word_corpus, killed, dtype="float16"), model=tiny_model)  # same command resumes
     collect(config(word_corpus, tmp_path / "whole", dtype="float16"), model=tiny_model)
     for hook in HOOKS:
-        a, b = sorted((killed / hook).glob("shard_*.npy")), sorted((tmp_path / "whole" / hook).glob("shard_*.npy"))
+        a, b = sorted((killed / hook).glob("*_*.npy")), sorted((tmp_path / "whole" / hook).glob("*_*.npy"))
         assert [p.name for p in a] == [p.name for p in b]
         for x, y in zip(a, b):
             assert x.read_bytes() == y.read_bytes(), x.name
@@ -113,6 +117,11 @@ def test_corrupted_shard_is_named(tiny_model, word_corpus, tmp_path):
     data[-5] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(FormatError, match="shard_00001.npy is corrupted"):
+        ActivationStore(tmp_path / HOOKS[0])
+    shard.write_bytes(bytes(data[:-5]) + bytes([data[-5] ^ 0xFF]) + bytes(data[-4:]))  # repaired
+    ids = tmp_path / HOOKS[0] / "ids_00002.npy"
+    ids.unlink()
+    with pytest.raises(FormatError, match="ids_00002.npy is missing"):
         ActivationStore(tmp_path / HOOKS[0])
 
 
@@ -162,7 +171,7 @@ def test_disk_full_keeps_store_valid(tiny_model, word_corpus, tmp_path, monkeypa
 
     def flaky(path, write):
         calls.append(path)
-        if len(calls) == 3:
+        if len(calls) == 6:  # ids_00000, shard_00000, ids_00001, shard_00001, ids_00002, shard_00002
             def write(tmp, real_write=write):
                 real_write(tmp)  # half the work is done on disk, then the disk is full
                 raise OSError(errno.ENOSPC, "No space left on device")
@@ -174,6 +183,7 @@ def test_disk_full_keeps_store_valid(tiny_model, word_corpus, tmp_path, monkeypa
     store = ActivationStore(tmp_path / HOOKS[0])
     assert len(store) == 256 and not store.manifest["complete"]
     assert not list(tmp_path.rglob("*.tmp"))
+    assert len(store.token_ids(0, 256)) == 256
 
 
 def test_empty_corpus(tiny_model, tmp_path):

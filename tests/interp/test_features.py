@@ -2,6 +2,8 @@
 
 import json
 
+import nanosae
+
 import pytest
 import torch
 
@@ -120,3 +122,34 @@ def test_resume_gives_the_same_database(setup, tiny_model, tmp_path):
     q = "SELECT id, fires, histogram, cofiring FROM latents ORDER BY id"
     assert [tuple(r) for r in a.execute(q)] == [tuple(r) for r in b.execute(q)]
     assert not (tmp_path / "features.db.partial.pt").exists()
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_features_from_a_store_equal_features_from_the_model(tiny_model, word_corpus, tmp_path, pack):
+    """The store's token ids rebuild the collection's windows (BOS separators and padding included), so a
+    database built from stored activations equals one built by running the model on the same text."""
+    from nanosae import CollectConfig
+    from nanosae.data import collect, write_store
+
+    torch.manual_seed(2)
+    sae = SAE(SAEConfig(d_in=32, d_sae=16, architecture="topk", k=3, hook_name=HOOK))
+    data = DataConfig(specs=[str(word_corpus)], context_size=16, split="all", pack=pack)
+    cfg = FeaturesConfig(data=data, tokens=500, top_n=5, reservoir=8, quantile_examples=4, window_left=3,
+                         window_right=2, batch_size=4)
+    store = collect(CollectConfig(model="tiny", hooks=[HOOK], data=data, tokens=800, batch_size=4, dtype="float32",
+                                  tokens_per_shard=100, out=str(tmp_path / "acts")), model=tiny_model)[HOOK]
+    from_model = build_features(sae, tiny_model, cfg, tmp_path / "model.db")
+    from_store = build_features(sae, tiny_model, cfg, tmp_path / "store.db", acts=store)
+    a, b = open_db(from_model), open_db(from_store)
+    for table, order in (("latents", "id"), ("examples", "latent, kind, rank")):
+        rows_a = [tuple(r) for r in a.execute(f"SELECT * FROM {table} ORDER BY {order}")]
+        rows_b = [tuple(r) for r in b.execute(f"SELECT * FROM {table} ORDER BY {order}")]
+        assert len(rows_a) >= 16 and rows_a == rows_b, table
+    bos = json.dumps(tiny_model.tokenizer.decode([tiny_model.tokenizer.bos_id]))[1:-1]
+    assert any(bos in r["tokens"] for r in b.execute("SELECT tokens FROM examples"))  # separators are shown
+    meta = lambda con: {r["key"]: r["value"] for r in con.execute("SELECT * FROM meta") if r["key"] != "created"}
+    assert meta(a) == meta(b)
+
+    bare = write_store(tmp_path / "bare", store.tokens(0, 200), hook=HOOK, context_size=16)
+    with pytest.raises(nanosae.FormatError, match="has no token ids"):
+        build_features(sae, tiny_model, cfg, tmp_path / "bare.db", acts=bare)

@@ -99,12 +99,14 @@ def collect(cfg: CollectConfig, model: HostModel | None = None,
                     continue
                 _, cache = model.run_with_cache(batch.tokens, cfg.hooks, return_logits=False)
                 skip, take = done - seen, min(n_valid, cfg.tokens - seen)
+                positions = torch.arange(batch.tokens.shape[1]).expand_as(batch.tokens)
+                ids = torch.stack([batch.tokens[batch.valid], positions[batch.valid]], dim=1)[skip:take]
                 for hook in cfg.hooks:
                     acts = cache[hook][batch.valid.to(cache[hook].device)][skip:take]
                     if not torch.isfinite(acts).all():
                         raise DataError(f"NaN or inf activations at {hook} (tokens {done}..{done + len(acts)}); "
                                         "nothing after the last complete shard was written")
-                    writers[hook].add(acts)
+                    writers[hook].add(acts, ids)
                 seen += n_valid
                 done = min(seen, cfg.tokens)
                 if progress is not None:

@@ -1,5 +1,8 @@
 """The on-disk activation store: fixed-size .npy shards + manifest.json, one directory per hook.
 
+Beside each shard, `ids_NNNNN.npy` holds (token id, position in its window) per activation as int32, so
+the feature database can be built from a store without running the model again.
+
 Shards are written whole and atomically (temp file + rename) by a background thread, each followed
 by a manifest rewrite (also atomic) that lists it with its SHA-256. A crash therefore leaves a store
 that is valid up to its last complete shard, which is where a resumed collection continues.
@@ -33,6 +36,10 @@ STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.npy"
+
+
+def ids_name(index: int) -> str:
+    return f"ids_{index:05d}.npy"
 
 
 def _to_numpy(x: Tensor, dtype: str) -> np.ndarray:
@@ -94,6 +101,7 @@ class ShardWriter:
             stale.unlink(missing_ok=True)
         self.size = int(manifest["tokens_per_shard"])
         self.pending: list[Tensor] = []
+        self.pending_ids: list[Tensor] = []
         self.pending_tokens = 0
         self.queue: queue.Queue = queue.Queue(maxsize=1)  # bounds memory: at most one shard waiting
         self.error: BaseException | None = None
@@ -104,32 +112,41 @@ class ShardWriter:
     def tokens(self) -> int:
         return sum(s["tokens"] for s in self.manifest["shards"])
 
-    def add(self, acts: Tensor) -> None:
+    def add(self, acts: Tensor, ids: Tensor | None = None) -> None:
+        """Append activations (n, d_in) and, optionally, their (token id, position) pairs (n, 2)."""
         self._raise()
+        if ids is not None and ids.shape != (acts.shape[0], 2):
+            raise DataError(f"token ids have shape {tuple(ids.shape)}, expected ({acts.shape[0]}, 2)")
+        if (ids is None) != (not self.pending_ids) and self.pending:
+            raise DataError("a store gets token ids with every activation or with none")
         self.pending.append(acts.to(STORE_DTYPES[self.manifest["dtype"]]))
+        if ids is not None:
+            self.pending_ids.append(ids.to("cpu", torch.int32))
         self.pending_tokens += acts.shape[0]
         while self.pending_tokens >= self.size:
             block = torch.cat(self.pending)
-            self._put(block[: self.size])
+            id_block = torch.cat(self.pending_ids) if self.pending_ids else None
+            self._put(block[: self.size], None if id_block is None else id_block[: self.size])
             rest = block[self.size :]
             self.pending, self.pending_tokens = ([rest] if len(rest) else []), len(rest)
+            self.pending_ids = [id_block[self.size :]] if id_block is not None and len(rest) else []
 
     def close(self, complete: bool) -> None:
         """Flush the last partial shard (when complete), wait for the writer, write the final manifest."""
         if complete and self.pending_tokens:
-            self._put(torch.cat(self.pending))
-        self.pending, self.pending_tokens = [], 0
+            self._put(torch.cat(self.pending), torch.cat(self.pending_ids) if self.pending_ids else None)
+        self.pending, self.pending_ids, self.pending_tokens = [], [], 0
         self.queue.put(None)
         self.thread.join()
         self._raise()
         self.manifest["complete"] = complete
         write_json(self.dir / MANIFEST, self.manifest)
 
-    def _put(self, shard: Tensor) -> None:
+    def _put(self, shard: Tensor, ids: Tensor | None) -> None:
         while True:
             self._raise()
             try:
-                self.queue.put(shard, timeout=0.5)
+                self.queue.put((shard, ids), timeout=0.5)
                 return
             except queue.Full:
                 continue
@@ -139,16 +156,21 @@ class ShardWriter:
             raise self.error
 
     def _work(self) -> None:
-        while (shard := self.queue.get()) is not None:
+        while (item := self.queue.get()) is not None:
             if self.error is not None:
                 continue
+            shard, ids = item
             index = len(self.manifest["shards"])
             name = shard_name(index)
             try:
+                entry: dict[str, Any] = {}
+                if ids is not None:  # written first: a shard listed in the manifest always has its ids
+                    name = ids_name(index)
+                    entry = {"ids": name, "ids_sha256": save_npy(self.dir / name, ids.numpy())[0]}
+                    name = shard_name(index)
                 digest, size = save_npy(self.dir / name, _to_numpy(shard, self.manifest["dtype"]))
-                del shard
-                self.manifest["shards"].append({"file": name, "tokens": size[0],
-                                                "sha256": digest})
+                del shard, item
+                self.manifest["shards"].append({"file": name, "tokens": size[0], "sha256": digest, **entry})
                 self.manifest["tokens"] = self.tokens
                 self.manifest["bytes"] = self.manifest.get("bytes", 0) + size[1]
                 write_json(self.dir / MANIFEST, self.manifest)
@@ -162,8 +184,9 @@ class ShardWriter:
 
 
 def write_store(directory: str | Path, acts: Tensor, *, hook: str = "", model: str = "", dtype: str = "float32",
-                tokens_per_shard: int = 32768, context_size: int = 0) -> "ActivationStore":
-    """Write activations you already have (N, d_in) as a store, e.g. synthetic data or another tool's cache."""
+                tokens_per_shard: int = 32768, context_size: int = 0, ids: Tensor | None = None) -> "ActivationStore":
+    """Write activations you already have (N, d_in) as a store, e.g. synthetic data or another tool's cache;
+    ids: optional (N, 2) token id and position in its window of each activation."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "model": model, "hook": hook, "d_in": int(acts.shape[1]), "dtype": dtype,
@@ -171,7 +194,7 @@ def write_store(directory: str | Path, acts: Tensor, *, hook: str = "", model: s
                 "target_tokens": int(acts.shape[0]), "tokens": 0, "bytes": 0, "complete": False, "shards": [],
                 "norm_scale": None}
     writer = ShardWriter(directory, manifest)
-    writer.add(acts)
+    writer.add(acts, ids)
     writer.close(complete=True)
     return ActivationStore(directory, verify=False)
 
@@ -211,17 +234,40 @@ class ActivationStore:
         return self.manifest["hook"]
 
     def verify(self) -> None:
-        """Check every shard against its SHA-256; a corrupted or missing shard is named."""
-        for s in self.manifest["shards"]:
-            file = self.path / s["file"]
+        """Check every shard (and token-id file) against its SHA-256; a corrupted or missing file is named."""
+        files = [(s["file"], s["sha256"]) for s in self.manifest["shards"]]
+        files += [(s["ids"], s["ids_sha256"]) for s in self.manifest["shards"] if "ids" in s]
+        for name, sha in files:
+            file = self.path / name
             if not file.exists():
                 raise FormatError(f"{file} is missing from the store")
             digest = hashlib.sha256()
             with open(file, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 22), b""):
                     digest.update(chunk)
-            if digest.hexdigest() != s["sha256"]:
+            if digest.hexdigest() != sha:
                 raise FormatError(f"{file} is corrupted (SHA-256 does not match the manifest)")
+
+    @property
+    def has_ids(self) -> bool:
+        return bool(self.manifest["shards"]) and all("ids" in s for s in self.manifest["shards"])
+
+    def token_ids(self, start: int, stop: int) -> Tensor:
+        """(token id, position in its window) of activations [start, stop) as an (n, 2) long tensor."""
+        if not self.has_ids:
+            raise FormatError(f"{self.path} has no token ids (written by write_store without ids, or by an older "
+                              "nanosae); collect it again, or build features from the model")
+        parts = []
+        for i, s in enumerate(self.manifest["shards"]):
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            if lo >= stop:
+                break
+            if hi > start:
+                a = np.load(self.path / s["ids"], mmap_mode="r")
+                if a.shape != (s["tokens"], 2):
+                    raise FormatError(f"{self.path / s['ids']}: shape {a.shape}, manifest says ({s['tokens']}, 2)")
+                parts.append(torch.from_numpy(np.array(a[max(start, lo) - lo : min(stop, hi) - lo])).long())
+        return torch.cat(parts) if parts else torch.empty(0, 2, dtype=torch.long)
 
     def check(self, d_in: int | None = None, model: str | None = None) -> None:
         """Errors when the store was made from another model or has another width than asked."""

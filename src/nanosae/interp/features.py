@@ -21,8 +21,8 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from nanosae.config import DataConfig
 from nanosae.data.corpus import iter_documents
+from nanosae.data.store import ActivationStore
 from nanosae.data.tokens import in_background, token_batches
 from nanosae.errors import DataError, FormatError
 from nanosae.models import HostModel
@@ -122,25 +123,79 @@ def logit_effects(model: HostModel, sae: SAE, top: int, chunk: int = 256) -> tup
 
 
 @torch.no_grad()
+def _model_batches(model: HostModel, sae: SAE, hooks: list[str], cfg: FeaturesConfig,
+                   skip: int) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+    """(index, tokens (B, T), valid (B, T), SAE input (B, T, d_in)) from windows run through the model."""
+    batches = in_background(token_batches(iter_documents(cfg.data), model.tokenizer, cfg.data.context_size,
+                                          cfg.batch_size, cfg.data.pack, cfg.data.exclude_first))
+    for i, batch in enumerate(batches):
+        if i >= skip:
+            _, cache = model.run_with_cache(batch.tokens.to(model.device), hooks, return_logits=False)
+            yield i, batch.tokens, batch.valid, sae.gather_input(cache, hooks)
+
+
+def _store_batches(store: ActivationStore, cfg: FeaturesConfig, skip: int) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+    """The same from a store: its token ids rebuild the collection's windows (a window starts where the
+    position does not grow), so no model pass is needed. Positions that were not stored hold BOS (window
+    starts, document separators, padding), or -1 (unknown) among the first exclude_first."""
+    context = int(store.manifest.get("context_size") or 0)
+    if context < 2:
+        raise DataError(f"{store.path}: the store does not record its context size; build features from the model")
+    bos = int(store.manifest.get("bos_id", -1))
+    exclude_first = int((store.manifest.get("data") or {}).get("exclude_first", 0))
+    ids = store.token_ids(0, min(len(store), cfg.tokens + cfg.batch_size * context))
+    pos = ids[:, 1]
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), (pos[1:] <= pos[:-1]).nonzero()[:, 0] + 1,
+                        torch.tensor([len(ids)])])
+    for i, r0 in enumerate(range(0, len(starts) - 1, cfg.batch_size)):
+        if i < skip:
+            continue
+        bounds = starts[r0 : r0 + cfg.batch_size + 1]
+        lo, hi = int(bounds[0]), int(bounds[-1])
+        row = torch.repeat_interleave(torch.arange(len(bounds) - 1), bounds.diff())
+        p = pos[lo:hi]
+        tokens = torch.full((len(bounds) - 1, context), bos, dtype=torch.long)
+        tokens[:, 1:exclude_first] = -1
+        tokens[row, p] = ids[lo:hi, 0]
+        valid = torch.zeros(tokens.shape, dtype=torch.bool)
+        valid[row, p] = True
+        x = torch.zeros(*tokens.shape, store.d_in)
+        x[row, p] = store.tokens(lo, hi)
+        yield i, tokens, valid, x
+
+
+@torch.no_grad()
 def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | Path, hook: str | None = None,
-                   progress: Callable[[int, int, float], None] | None = None) -> Path:
-    """Stream cfg.tokens tokens through model + SAE and write the feature database to `out`."""
+                   progress: Callable[[int, int, float], None] | None = None,
+                   acts: ActivationStore | str | Path | None = None) -> Path:
+    """Stream cfg.tokens tokens through model + SAE and write the feature database to `out`.
+
+    acts: read the SAE's input from this store (collected with token ids) instead of running the model;
+    the model then only decodes tokens and gives the logit effects, and cfg.data is not read."""
     out = Path(out)
     if hook and sae.cfg.kind != "sae":
         raise DataError(f"a {sae.cfg.kind} reads {sae.cfg.input_hooks}; --hook is for plain SAEs")
-    hooks = [hook] if hook else sae.cfg.input_hooks
-    if not all(hooks):
-        raise DataError("the SAE does not say which hook it reads (cfg.hook_name); pass --hook")
-    for h in hooks:
-        model.parse_hook(h)
-    if sum(model.hook_dim(h) for h in hooks) != sae.cfg.d_in:
-        raise DataError(f"{', '.join(hooks)} have width {sum(model.hook_dim(h) for h in hooks)} but the SAE expects "
-                        f"d_in={sae.cfg.d_in}")
+    acts_store = acts if acts is None or isinstance(acts, ActivationStore) else ActivationStore(acts, verify=False)
+    if acts_store is not None:
+        if sae.cfg.n_blocks > 1:
+            raise DataError(f"a crosscoder reads {len(sae.cfg.input_hooks)} hooks; build its features from the model")
+        acts_store.check(d_in=sae.cfg.d_in)
+        hooks = [hook or acts_store.hook or sae.cfg.input_hooks[0]]
+    else:
+        hooks = [hook] if hook else sae.cfg.input_hooks
+        if not all(hooks):
+            raise DataError("the SAE does not say which hook it reads (cfg.hook_name); pass --hook")
+        for h in hooks:
+            model.parse_hook(h)
+        if sum(model.hook_dim(h) for h in hooks) != sae.cfg.d_in:
+            raise DataError(f"{', '.join(hooks)} have width {sum(model.hook_dim(h) for h in hooks)} but the SAE "
+                            f"expects d_in={sae.cfg.d_in}")
     hook = ",".join(hooks)
     sae.eval()
     F_, width = sae.cfg.d_sae, cfg.window_left + 1 + cfg.window_right
     state_path = out.with_name(out.name + ".partial.pt")
-    fingerprint = {"cfg": asdict(cfg), "hook": hook, "d_sae": F_, "W_dec_sum": float(sae.W_dec.double().sum())}
+    fingerprint = {"cfg": asdict(cfg), "hook": hook, "d_sae": F_, "W_dec_sum": float(sae.W_dec.double().sum()),
+                   "acts": str(acts_store.path) if acts_store is not None else None}
     n_tokens, batches_done = 0, 0
     fires = torch.zeros(F_, dtype=torch.long)
     act_sum = torch.zeros(F_, dtype=torch.float64)
@@ -158,16 +213,12 @@ def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | P
             reservoir.load(state["reservoir"])
             log.info("resuming the feature pass at %d tokens", n_tokens)
     t0 = time.perf_counter()
-    batches = in_background(token_batches(iter_documents(cfg.data), model.tokenizer, cfg.data.context_size,
-                                          cfg.batch_size, cfg.data.pack, cfg.data.exclude_first))
-    for i, batch in enumerate(batches):
-        if i < batches_done:
-            continue
+    batches = (_store_batches(acts_store, cfg, batches_done) if acts_store is not None
+               else _model_batches(model, sae, hooks, cfg, batches_done))
+    for i, toks, valid, x in batches:
         if n_tokens >= cfg.tokens:
             break
-        toks, valid = batch.tokens, batch.valid
-        _, cache = model.run_with_cache(toks.to(model.device), hooks, return_logits=False)
-        z = sae.encode(sae.gather_input(cache, hooks)).float().cpu() * valid[..., None]  # (B, T, F); BOS/padding positions zeroed
+        z = sae.encode(x).float().cpu() * valid[..., None]  # (B, T, F); BOS/padding positions zeroed
         b, t, f = z.nonzero(as_tuple=True)
         vals = z[b, t, f]
         n_tokens += int(valid.sum())
@@ -186,22 +237,24 @@ def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | P
         # top-N by activation and the reservoir by a random key, both per latent
         zf = z.reshape(-1, F_)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)  # per batch, so a resumed pass draws the same keys
-        for store, key_all in ((top, zf), (reservoir, torch.rand(zf.shape, generator=gen).masked_fill(zf <= 0, -math.inf))):
-            k = min(store.key.shape[1], zf.shape[0])
+        for examples, key_all in ((top, zf), (reservoir, torch.rand(zf.shape, generator=gen).masked_fill(zf <= 0, -math.inf))):
+            k = min(examples.key.shape[1], zf.shape[0])
             key, idx = key_all.T.topk(k, dim=1)  # (F, k) positions in the flat batch
             lat = torch.arange(F_)[:, None].expand(-1, k)
             bb, tt = idx // z.shape[1], idx % z.shape[1]
-            tokens, acts = _windows(toks, z, bb.reshape(-1), tt.reshape(-1), lat.reshape(-1), cfg.window_left, cfg.window_right)
+            tokens, win_acts = _windows(toks, z, bb.reshape(-1), tt.reshape(-1), lat.reshape(-1), cfg.window_left, cfg.window_right)
             act = zf.T.gather(1, idx)
             key = key.masked_fill(act <= 0, -math.inf)
-            store.merge(key, act, tokens.view(F_, k, width), acts.view(F_, k, width))
+            examples.merge(key, act, tokens.view(F_, k, width), win_acts.view(F_, k, width))
         batches_done = i + 1
         if progress is not None:
             progress(min(n_tokens, cfg.tokens), cfg.tokens, time.perf_counter() - t0)
         if cfg.checkpoint_every and batches_done % cfg.checkpoint_every == 0:
             _save_state(state_path, fingerprint, n_tokens, batches_done, fires, act_sum, act_max, hist, cofire, top, reservoir)
     if n_tokens == 0:
-        raise DataError(f"no tokens from {', '.join(cfg.data.specs)}")
+        raise DataError(f"no tokens from {acts_store.path if acts_store is not None else ', '.join(cfg.data.specs)}")
+    if acts_store is not None:
+        cfg = replace(cfg, data=DataConfig(**(acts_store.manifest.get("data") or {"specs": [str(acts_store.path)]})))
     _write_db(out, sae, model, hook, cfg, n_tokens, fires, act_sum, act_max, hist, cofire, top, reservoir)
     state_path.unlink(missing_ok=True)
     return out
@@ -230,8 +283,13 @@ def _write_db(out: Path, sae: SAE, model: HostModel, hook: str, cfg: FeaturesCon
               act_sum: Tensor, act_max: Tensor, hist: Tensor, cofire: Tensor, top: _Examples, reservoir: _Examples) -> None:
     vocab: dict[int, str] = {}
 
+    def piece(i: int) -> str:
+        if i not in vocab:
+            vocab[i] = model.tokenizer.decode([i]) if i >= 0 else ""
+        return vocab[i]
+
     def text(ids: list[int]) -> list[str]:
-        return [vocab.setdefault(i, model.tokenizer.decode([i])) if i >= 0 else "" for i in ids]
+        return [piece(i) for i in ids]
 
     up_v, up_i, down_v, down_i = logit_effects(model, sae, cfg.logit_top)
     diag = cofire.diagonal().double().clamp_min(1)
@@ -246,29 +304,34 @@ def _write_db(out: Path, sae: SAE, model: HostModel, hook: str, cfg: FeaturesCon
                 "data": cfg.data.specs, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
         rows, examples = [], []
+        p_given = cofire.double() / diag[:, None]
+        p_given.fill_diagonal_(-1)
+        co_v, co_i = p_given.topk(min(cfg.cofiring_top, sae.cfg.d_sae), dim=1)
+        # plain lists: per-element tensor indexing in this loop cost more than the feature pass itself
+        co_v, co_i, up_v, up_i, down_v, down_i, fires_l, act_sum_l, act_max_l, hist_l = (
+            t.tolist() for t in (co_v, co_i, up_v, up_i, down_v, down_i, fires, act_sum, act_max, hist))
+        top_l = (top.act.tolist(), top.tokens.tolist(), top.acts.tolist())
+        res_l = (reservoir.act.tolist(), reservoir.tokens.tolist(), reservoir.acts.tolist())
         for i in range(sae.cfg.d_sae):
-            n = int(fires[i])
-            p_given = cofire[i].double() / diag[i]
-            p_given[i] = -1
-            co_v, co_i = p_given.topk(min(cfg.cofiring_top, sae.cfg.d_sae))
-            cofiring = [[int(j), round(float(v), 4)] for j, v in zip(co_i, co_v) if v > 0]
-            rows.append((i, n / n_tokens, n, float(act_sum[i]) / max(n, 1), float(act_max[i]), json.dumps(hist[i].tolist()),
-                         json.dumps([[text([int(t)])[0], round(float(v), 4)] for t, v in zip(up_i[i], up_v[i])]),
-                         json.dumps([[text([int(t)])[0], round(float(v), 4)] for t, v in zip(down_i[i], down_v[i])]),
+            n = int(fires_l[i])
+            cofiring = [[j, round(v, 4)] for j, v in zip(co_i[i], co_v[i]) if v > 0]
+            rows.append((i, n / n_tokens, n, act_sum_l[i] / max(n, 1), act_max_l[i], json.dumps(hist_l[i]),
+                         json.dumps([[piece(t), round(v, 4)] for t, v in zip(up_i[i], up_v[i])]),
+                         json.dumps([[piece(t), round(v, 4)] for t, v in zip(down_i[i], down_v[i])]),
                          json.dumps(cofiring), None, None, None))
-            kept = [r for r in range(top.key.shape[1]) if top.act[i, r] > 0]
+            act, toks, acts = (a[i] for a in top_l)
+            kept = [r for r in range(len(act)) if act[r] > 0]
             for rank, r in enumerate(kept):
-                examples.append((i, "top", rank, float(top.act[i, r]), json.dumps(text(top.tokens[i, r].tolist())),
-                                 json.dumps([round(v, 4) for v in top.acts[i, r].tolist()]), cfg.window_left))
-            res = [r for r in range(reservoir.key.shape[1]) if reservoir.act[i, r] > 0]
-            res.sort(key=lambda r: float(reservoir.act[i, r]))
+                examples.append((i, "top", rank, act[r], json.dumps(text(toks[r])),
+                                 json.dumps([round(v, 4) for v in acts[r]]), cfg.window_left))
+            act, toks, acts = (a[i] for a in res_l)
+            res = sorted((r for r in range(len(act)) if act[r] > 0), key=lambda r: act[r])
             if res:
                 picks = sorted({round(q * (len(res) - 1) / max(1, cfg.quantile_examples - 1)) for q in range(cfg.quantile_examples)})
                 for rank, q in enumerate(picks):
                     r = res[q]
-                    examples.append((i, "quantile", rank, float(reservoir.act[i, r]),
-                                     json.dumps(text(reservoir.tokens[i, r].tolist())),
-                                     json.dumps([round(v, 4) for v in reservoir.acts[i, r].tolist()]), cfg.window_left))
+                    examples.append((i, "quantile", rank, act[r], json.dumps(text(toks[r])),
+                                     json.dumps([round(v, 4) for v in acts[r]]), cfg.window_left))
         con.executemany("INSERT INTO latents VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
         con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?)", examples)
         con.commit()
