@@ -52,7 +52,6 @@ def test_parse_count():
 
 
 def test_eval_command_writes_eval_json_and_report(tiny_llama_dir, word_corpus, tmp_path):
-
     runner = CliRunner()
     for name in ("a", "b"):
         sae = SAE(SAEConfig(d_in=32, d_sae=64, architecture="topk", k=4, hook_name="blocks.1.hook_resid_post",

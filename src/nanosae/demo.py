@@ -40,7 +40,7 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run every stage; returns the metrics, five interesting features, a steering example and the seconds
     each stage took in this call (stages already done in an earlier call are skipped and not listed)."""
-    from nanosae.data import collect
+    from nanosae.data import ActivationStore, collect
     from nanosae.eval import evaluate
     from nanosae.eval.report import write_report
     from nanosae.interp.explain import explain_n2g
@@ -84,8 +84,11 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     metrics = json.loads((out / "eval.json").read_text())
     if not (out / "features.db").exists():
         with stage("features"):
-            build_features(sae, model, FeaturesConfig(tokens=sizes["features"]), out / "features.db",
-                           acts=acts / cfg.hook, progress=lambda d, t, s: say("features", d, t, s))
+            store = ActivationStore(acts / cfg.hook, verify=False)  # older stores have no token ids: run the model
+            build_features(sae, model, FeaturesConfig(data=DataConfig(specs=cfg.data, split="train"),
+                                                      tokens=sizes["features"]),
+                           out / "features.db", acts=store if store.has_ids else None,
+                           progress=lambda d, t, s: say("features", d, t, s))
         with stage("explain"):
             explain_n2g(out / "features.db", progress=lambda d, t: say("explain", d, t, 0.0))
     con = open_db(out / "features.db")
