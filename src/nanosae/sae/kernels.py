@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nanosae.sae.topk import topk_rows
+
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -79,7 +81,7 @@ def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
         for i in range(0, B, chunk):
             x_chunk = xc_BD[i : i + chunk]
             pre = torch.addmm(b_enc_F, x_chunk, W_enc_DF, out=buf[: len(x_chunk)])
-            v, idx = pre.topk(k, dim=-1, sorted=False)
+            v, idx = topk_rows(pre, k)
             main_v.append(v)
             main_i.append(idx)
             if k_aux:

@@ -1,0 +1,46 @@
+/* Row-wise top-k of a float32 matrix: for each row, the k largest values and their columns (unordered).
+   A k-element min-heap per row; AVX2 compares 8 values at a time against the heap's minimum, so most of
+   the row is passed over without a branch. Rows are split over OpenMP threads. Built by topk.py with
+   `cc -O3 -mavx2 -fopenmp -shared`; torch.topk is used when that is not possible. */
+#include <immintrin.h>
+#include <stdint.h>
+
+static void sift_down(float *v, int64_t *ix, int k, int i) {
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, m = i;
+        if (l < k && v[l] < v[m]) m = l;
+        if (r < k && v[r] < v[m]) m = r;
+        if (m == i) return;
+        float tv = v[i]; v[i] = v[m]; v[m] = tv;
+        int64_t ti = ix[i]; ix[i] = ix[m]; ix[m] = ti;
+        i = m;
+    }
+}
+
+static void replace_min(float *v, int64_t *ix, int k, float x, int64_t j) {
+    v[0] = x; ix[0] = j;
+    sift_down(v, ix, k, 0);
+}
+
+void topk_rows(const float *a, int64_t rows, int64_t cols, int64_t lda, int k, int threads, float *out_v,
+               int64_t *out_i) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = a + r * lda;
+        float *v = out_v + r * k;  /* the heap lives in the output row */
+        int64_t *ix = out_i + r * k;
+        for (int j = 0; j < k; j++) { v[j] = row[j]; ix[j] = j; }
+        for (int j = k / 2 - 1; j >= 0; j--) sift_down(v, ix, k, j);
+        int64_t j = k;
+        for (; j < cols && (j & 7); j++) if (row[j] > v[0]) replace_min(v, ix, k, row[j], j);
+        for (; j + 8 <= cols; j += 8) {
+            int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(v[0]), _CMP_GT_OQ));
+            while (mask) {
+                int b = __builtin_ctz(mask);
+                mask &= mask - 1;
+                if (row[j + b] > v[0]) replace_min(v, ix, k, row[j + b], j + b);
+            }
+        }
+        for (; j < cols; j++) if (row[j] > v[0]) replace_min(v, ix, k, row[j], j);
+    }
+}

@@ -1,0 +1,69 @@
+"""Row-wise top-k for CPU float32 through the small C kernel in topk.c (a heap per row, AVX2 compares).
+
+torch.topk spends ~1.8 ns per element on this job (d_sae 4608, k 32): 15% of a training step. The kernel
+skips almost every element with one vector compare against the row's current k-th value. It is compiled
+once with the system C compiler into the cache directory; without a compiler, AVX2, or on other devices
+and dtypes, torch.topk is used (same values and indices up to the order within a row and ties).
+NANOSAE_TORCH_TOPK=1 forces torch.topk.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from nanosae.io import atomic_write, cache_dir
+
+log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name("topk.c")
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet
+
+
+def _build() -> ctypes.CDLL | None:
+    if os.environ.get("NANOSAE_TORCH_TOPK") or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    source = _SOURCE.read_bytes()
+    lib = cache_dir() / f"topk-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    try:
+        if not lib.exists():
+            if compiler is None:
+                return None
+            cmd = lambda out: [compiler, "-O3", "-mavx2", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", str(out)]
+            atomic_write(lib, lambda tmp: subprocess.run(cmd(tmp), check=True, capture_output=True))
+        handle = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.CalledProcessError) as e:
+        log.info("C top-k kernel unavailable (%s); using torch.topk", e)
+        return None
+    handle.topk_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                 ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    handle.topk_rows.restype = None
+    return handle
+
+
+def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the k largest entries of each row of a 2-D tensor, in no particular order."""
+    global _lib
+    if _lib is False:
+        _lib = _build()
+    usable = (_lib is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+              and x.stride(1) == 1 and 0 < k <= x.shape[1] and not x.requires_grad)
+    if not usable:
+        return x.topk(k, dim=-1, sorted=False)
+    rows, cols = x.shape
+    values = torch.empty(rows, k, dtype=x.dtype)
+    indices = torch.empty(rows, k, dtype=torch.long)
+    _lib.topk_rows(x.data_ptr(), rows, cols, x.stride(0), k, torch.get_num_threads(), values.data_ptr(),
+                   indices.data_ptr())
+    return values, indices

@@ -1,0 +1,46 @@
+"""The C top-k kernel against torch.topk (same values and columns per row, up to order)."""
+
+import shutil
+
+import pytest
+import torch
+
+from nanosae.sae import topk
+from nanosae.sae.topk import topk_rows
+
+
+def same_rows(x, k):
+    v, i = topk_rows(x, k)
+    rv, ri = x.topk(k, dim=-1, sorted=False)
+    assert torch.equal(v.sort(-1).values, rv.sort(-1).values)
+    assert torch.equal(i.sort(-1).values, ri.sort(-1).values)
+    assert torch.equal(x.gather(1, i), v)
+
+
+@pytest.mark.parametrize("cols,k", [(4608, 32), (1003, 7), (9, 9), (64, 1), (300, 150)])
+def test_equals_torch_topk(cols, k):
+    torch.manual_seed(cols)
+    same_rows(torch.randn(37, cols), k)
+
+
+def test_strided_rows_inf_and_sorted_input():
+    wide = torch.randn(50, 700)
+    same_rows(wide[:, 3:603], 32)  # rows 700 apart in memory
+    x = torch.randn(20, 400)
+    x[:, ::3] = float("-inf")  # AuxK masks live latents this way
+    same_rows(x, 16)
+    same_rows(torch.arange(4000.0).repeat(3, 1), 32)  # increasing rows: every element replaces the minimum
+    same_rows(-torch.arange(4000.0).repeat(3, 1), 32)
+
+
+def test_kernel_is_used_where_it_can_be_built():
+    topk.topk_rows(torch.randn(2, 64), 4)
+    on_x86_avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("cc")
+    assert (topk._lib is not None) == bool(on_x86_avx2)
+
+
+def test_falls_back_to_torch(monkeypatch):
+    monkeypatch.setattr(topk, "_lib", None)
+    x = torch.randn(5, 100, dtype=torch.float64)
+    v, i = topk_rows(x, 3)
+    assert torch.equal(v, x.topk(3, dim=-1, sorted=False).values)
