@@ -110,12 +110,11 @@ def assert_replay_matches(model, tokens, layer: int) -> None:
             with model.hooks(edit):
                 full = model.forward(tokens)
             calls = []
+            spies = [model.layers[i].mlp.register_forward_hook(lambda *a: calls.append(1)) for i in range(n)]
             with model.replaying_blocks(outputs), model.hooks(edit):
-                for i in range(n):
-                    model.layers[i].mlp.register_forward_hook(lambda *a: calls.append(1))
                 replayed = model.forward(tokens)
-            for i in range(n):
-                model.layers[i].mlp._forward_hooks.clear()
+            for spy in spies:
+                spy.remove()
             assert calls == [], f"{name}: replayed blocks still computed their MLP"
             assert torch.allclose(replayed, full, atol=1e-5), name
             assert not torch.allclose(full, clean, atol=1e-3), name

@@ -122,7 +122,6 @@ def logit_effects(model: HostModel, sae: SAE, top: int, chunk: int = 256) -> tup
     return torch.cat(ups), torch.cat(up_ids), torch.cat(downs), torch.cat(down_ids)
 
 
-@torch.no_grad()
 def _model_batches(model: HostModel, sae: SAE, hooks: list[str], cfg: FeaturesConfig,
                    skip: int) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
     """(index, tokens (B, T), valid (B, T), SAE input (B, T, d_in)) from windows run through the model."""

@@ -10,6 +10,7 @@ NANOSAE_TORCH_TOPK=1 forces torch.topk.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -25,10 +26,11 @@ from nanosae.io import atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("topk.c")
-_lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 
 
-def _build() -> ctypes.CDLL | None:
+@functools.cache
+def kernel() -> ctypes.CDLL | None:
+    """The compiled kernel (built on first use), or None where torch.topk is used."""
     if os.environ.get("NANOSAE_TORCH_TOPK") or platform.machine() not in ("x86_64", "AMD64"):
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -54,16 +56,14 @@ def _build() -> ctypes.CDLL | None:
 
 def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(values, indices) of the k largest entries of each row of a 2-D tensor, in no particular order."""
-    global _lib
-    if _lib is False:
-        _lib = _build()
-    usable = (_lib is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
-              and x.stride(1) == 1 and 0 < k <= x.shape[1] and not x.requires_grad)
-    if not usable:
+    usable = (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
+              and 0 < k <= x.shape[1] and not x.requires_grad)
+    lib = kernel() if usable else None  # not built at all when training on a GPU
+    if lib is None:
         return x.topk(k, dim=-1, sorted=False)
     rows, cols = x.shape
     values = torch.empty(rows, k, dtype=x.dtype)
     indices = torch.empty(rows, k, dtype=torch.long)
-    _lib.topk_rows(x.data_ptr(), rows, cols, x.stride(0), k, torch.get_num_threads(), values.data_ptr(),
-                   indices.data_ptr())
+    lib.topk_rows(x.data_ptr(), rows, cols, x.stride(0), k, torch.get_num_threads(), values.data_ptr(),
+                  indices.data_ptr())
     return values, indices
