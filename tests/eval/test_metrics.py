@@ -108,3 +108,32 @@ def test_report_has_the_plots(tiny_model, word_corpus, tmp_path):
 def test_wrong_width_is_refused(tiny_model, word_corpus):
     with pytest.raises(Exception, match="expects d_in=7"):
         evaluate(SAE(SAEConfig(d_in=7, d_sae=8, architecture="relu", hook_name=HOOK)), tiny_model, data(word_corpus))
+
+
+def test_ce_and_kl_match_a_direct_computation(tiny_model, word_corpus):
+    """CE with the SAE spliced in and KL(clean ‖ spliced), against plain float64 log-softmaxes of full passes."""
+    import torch.nn.functional as F
+
+    from nanosae.data.corpus import iter_documents
+    from nanosae.data.tokens import token_batches
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=tiny_model.d_model, d_sae=64, architecture="topk", k=4, hook_name=HOOK))
+    cfg = data(word_corpus)
+    batch = next(token_batches(iter_documents(cfg), tiny_model.tokenizer, cfg.context_size, 8, cfg.pack, cfg.exclude_first))
+    r = evaluate(sae, tiny_model, cfg, tokens=int(batch.valid.sum()), batch_size=8)
+    toks, valid = batch.tokens, batch.valid
+    keep = valid[:, :-1] & valid[:, 1:]
+    clean, cache = tiny_model.run_with_cache(toks, [HOOK])
+    spliced_acts = cache[HOOK].clone()
+    with torch.no_grad():
+        spliced_acts[valid] = sae(cache[HOOK][valid])[0]
+    with tiny_model.hooks({HOOK: lambda _: spliced_acts}):
+        spliced = tiny_model.forward(toks)
+    logp, logq = (F.log_softmax(t[:, :-1].double(), -1)[keep] for t in (clean, spliced))
+    target = toks[:, 1:][keep][:, None]
+    assert r["tokens"] == int(valid.sum())
+    assert r["ce_loss_clean"] == pytest.approx(float(-logp.gather(1, target).mean()), rel=1e-5)
+    assert r["ce_loss_with_sae"] == pytest.approx(float(-logq.gather(1, target).mean()), rel=1e-5)
+    kl = F.kl_div(logq, logp, reduction="batchmean", log_target=True)
+    assert float(kl) > 1e-3 and r["kl_div"] == pytest.approx(float(kl), rel=1e-4, abs=1e-6)

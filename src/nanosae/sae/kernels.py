@@ -3,10 +3,11 @@
 A TopK SAE step with dense autograd does four (B × d_in × d_sae) GEMMs: the encoder, the decoder, and
 the two weight gradients. Only k of d_sae latents per token are non-zero, so here:
   decode        x_hat = embedding_bag(cols, W_dec, per_sample_weights=vals)       (gather-and-sum of k rows)
-  dW_dec, dvals from embedding_bag's own backward                                 (scatter of k rows)
-  dW_enc        W_enc.T.index_add_(cols, g · x[rows])                             (scatter of k columns)
-  db_enc, dx    index_add / embedding_bag over W_enc.T                            (k per token)
-leaving the encoder's forward GEMM (needed to find the top k) as the only dense work.
+  dvals         sampled dot products g_BD[rows] · W_dec[cols]                     (sparse.sampled_addmm)
+  dW_dec, dW_enc  embedding_bag over the latent-major order of g_BD / x            (sum of k rows per token)
+  db_enc        index_add of the selected gradients
+leaving the encoder's forward GEMM (needed to find the top k) as the only dense work. (AuxK is small dense
+math on the dead latents' columns alone: SAE._auxk_loss_dead_only.)
 Selections are flat (rows, cols) lists sorted by row; `offsets` marks where each row's bag starts.
 """
 
@@ -46,11 +47,12 @@ class Selection:
         crow = torch.cat([self.offsets, self.offsets.new_tensor([len(self.cols)])])
         return torch.sparse_csr_tensor(crow, self.cols, values, (len(self.offsets), self.n_latents), check_invariants=False)
 
-    def by_latent(self, values: Tensor) -> Tensor:
-        """(d_sae, B) CSR matrix: the transpose, for the weight gradients."""
+    def by_latent_times(self, values: Tensor, dense_BD: Tensor) -> Tensor:
+        """(d_sae, D): Σ over a latent's selections of value · dense[row], i.e. (the (B, d_sae) matrix of
+        `values`)ᵀ @ dense. One embedding_bag over the latent-major order: 2-4× faster on CPU than a sparse
+        CSR matmul, which zero-fills and copies a dense result on top of the product."""
         order, crow, rows = self._transpose
-        return torch.sparse_csr_tensor(crow, rows, values[order], (self.n_latents, len(self.offsets)),
-                                       check_invariants=False)
+        return F.embedding_bag(rows, dense_BD, crow[:-1], mode="sum", per_sample_weights=values[order])
 
 
 def per_token(vals_Bk: Tensor, idx_Bk: Tensor, n_latents: int) -> Selection:
@@ -61,36 +63,19 @@ def per_token(vals_Bk: Tensor, idx_Bk: Tensor, n_latents: int) -> Selection:
     return Selection(rows, idx_Bk.reshape(-1), offsets, vals_Bk.reshape(-1), n_latents)
 
 
-def select_topk(pre_BF: Tensor, k: int) -> Selection:
-    vals, idx = pre_BF.topk(k, dim=-1, sorted=False)
-    return per_token(vals, idx, pre_BF.shape[1])
-
-
-def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, dead_F: Tensor | None = None,
-                       k_aux: int = 0, chunk: int = 1024) -> tuple[Selection, Selection | None]:
-    """Encoder GEMM and top-k in row chunks (the chunk stays in cache for topk; no (B, d_sae) buffer).
-
-    Also returns the AuxK selection (top k_aux among dead latents) when dead_F marks any.
-    """
+def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, chunk: int = 1024) -> Selection:
+    """Encoder GEMM and top-k in row chunks (the chunk stays in cache for topk; no (B, d_sae) buffer)."""
     B, Fdim = xc_BD.shape[0], W_enc_DF.shape[1]
-    k_aux = min(k_aux, int(dead_F.sum())) if dead_F is not None else 0
-    main_v, main_i, aux_v, aux_i = [], [], [], []
+    values, indices = [], []
     # one buffer for every chunk: a fresh (chunk, d_sae) tensor per chunk made the step ~9% slower on CPU
     buf = torch.empty(min(chunk, B), Fdim, dtype=W_enc_DF.dtype, device=W_enc_DF.device)
     with torch.no_grad():
         for i in range(0, B, chunk):
             x_chunk = xc_BD[i : i + chunk]
-            pre = torch.addmm(b_enc_F, x_chunk, W_enc_DF, out=buf[: len(x_chunk)])
-            v, idx = topk_rows(pre, k)
-            main_v.append(v)
-            main_i.append(idx)
-            if k_aux:
-                v, idx = pre.masked_fill_(~dead_F, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-                aux_v.append(v)
-                aux_i.append(idx)
-
-    main = per_token(torch.cat(main_v), torch.cat(main_i), Fdim)
-    return main, (per_token(torch.cat(aux_v), torch.cat(aux_i), Fdim) if k_aux else None)
+            v, idx = topk_rows(torch.addmm(b_enc_F, x_chunk, W_enc_DF, out=buf[: len(x_chunk)]), k)
+            values.append(v)
+            indices.append(idx)
+    return per_token(torch.cat(values), torch.cat(indices), Fdim)
 
 
 def select_batch_topk(pre_BF: Tensor, k: int) -> Selection:
@@ -103,12 +88,6 @@ def select_batch_topk(pre_BF: Tensor, k: int) -> Selection:
     counts = torch.bincount(rows, minlength=B)
     offsets = torch.cumsum(counts, 0) - counts
     return Selection(rows, cols, offsets, vals, Fdim)
-
-
-def select_dead_topk(pre_BF: Tensor, dead_F: Tensor, k: int) -> Selection:
-    """For AuxK: the k largest pre-activations among dead latents only."""
-    k = min(k, int(dead_F.sum()))
-    return select_topk(pre_BF.masked_fill(~dead_F, float("-inf")), k)
 
 
 class _SelectedPreacts(torch.autograd.Function):
@@ -131,7 +110,7 @@ class _SelectedPreacts(torch.autograd.Function):
         grad_W = grad_b = grad_b_dec = None
         grad_b_enc = torch.zeros(sel.n_latents, dtype=g_n.dtype, device=g_n.device).index_add_(0, sel.cols, g_n)
         if ctx.needs_input_grad[1]:
-            grad_W = (sel.by_latent(g_n) @ xc_BD).T  # (d_sae, B) sparse @ (B, d_in), viewed as (d_in, d_sae)
+            grad_W = sel.by_latent_times(g_n, xc_BD).T  # (d_sae, d_in), viewed as (d_in, d_sae)
         if ctx.needs_input_grad[2]:
             grad_b = grad_b_enc
         if ctx.centred and ctx.needs_input_grad[3]:
@@ -158,7 +137,7 @@ class _SparseDecode(torch.autograd.Function):
             pattern = sel.by_token(torch.zeros_like(vals))
             grad_vals = torch.sparse.sampled_addmm(pattern, g_BD, W_dec_FD.T, beta=0.0).values()
         if ctx.needs_input_grad[1]:
-            grad_W = sel.by_latent(vals) @ g_BD
+            grad_W = sel.by_latent_times(vals, g_BD)
         return grad_vals, grad_W, None
 
 
