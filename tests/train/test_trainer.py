@@ -272,3 +272,11 @@ def test_layer_norm_inputs_train_and_are_undone_on_output(planted_store, tmp_pat
         assert torch.allclose(sae(3 * x + 2)[0], 3 * sae(x)[0] + 2, atol=1e-4)
     with pytest.raises(nanosae.ConfigError, match="input_norm"):
         TrainConfig(out=str(tmp_path / "x"), acts=str(store.path), input_norm="rms")
+
+
+def test_default_batch_size_by_hand():
+    from nanosae.config import default_batch_size
+
+    # about 400 steps, a power of two, at most 4096 and never more than the run
+    assert [default_batch_size(n) for n in (400_000, 200_000, 98_304, 2_000_000, 300)] == [1024, 512, 256, 4096, 1]
+    assert TrainConfig(acts="x", tokens=400_000).batch_size == 1024
