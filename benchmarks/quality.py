@@ -7,7 +7,7 @@ passes over the collection, other settings default) and with one pass, and, when
 venv (`make bench` puts them in .venv-bench), for sparsify, dictionary_learning and SAELens with their own
 defaults on the same stored activations (one pass in 4096-token batches, as their users would run them; sparsify,
 the best of them, also with two passes), evaluated on the same held-out tokens in the same pass.
-Usage: python benchmarks/quality.py [--acts STORE_DIR] [--eval-tokens 8192] [--out runs/quality]
+Usage: python benchmarks/quality.py [--acts STORE_DIR] [--eval-tokens 10000] [--out runs/quality]
 """
 
 import argparse
@@ -105,7 +105,7 @@ PEERS = {"sparsify": sparsify_defaults, "sparsify, two passes": lambda store: sp
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--acts", help="a stored collection of the job (default: collect it, timed)")
-    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--eval-tokens", type=int, default=10_000)
     p.add_argument("--out", default="runs/quality")
     args = p.parse_args()
     torch.set_num_threads(2)
