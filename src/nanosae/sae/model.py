@@ -339,8 +339,9 @@ class SAE(nn.Module):
 
     def _auxk_loss_dead_only(self, x_norm: Tensor, residual: Tensor, dead_mask: Tensor, k_aux: int) -> Tensor:
         """_auxk_loss computed on the dead latents' columns alone: dead latents are a few % of d_sae, so this
-        is a small dense problem (on CPU ~4× faster than selecting and scattering k_aux sparse entries per
-        token, which is every dead latent whenever fewer than k_aux are dead)."""
+        is a small dense problem, cheaper than selecting and scattering k_aux sparse entries per token (which is
+        every dead latent whenever fewer than k_aux are dead): with the embedding_bag gradients, a 1024-token
+        CPU step ~20% faster. Same values and gradients (tests/sae/test_kernels.py)."""
         dead = dead_mask.nonzero().squeeze(1)
         pre = self._centred(x_norm) @ self.W_enc[:, dead] + self.b_enc[dead]
         if len(dead) > k_aux:
