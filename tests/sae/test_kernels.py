@@ -31,6 +31,14 @@ def test_fast_path_equals_dense(arch, n_dead):
     assert fast.parts.keys() == dense.parts.keys() and ("auxk" in fast.parts) == with_dead
     for name in fast.parts:
         assert torch.allclose(fast.parts[name], dense.parts[name], rtol=1e-10), name
+    if with_dead:  # AuxK by its definition over all latents: live ones masked out, the top k_aux (or all dead) kept
+        with torch.no_grad():
+            x_norm = x * sae.input_factor()
+            pre = (x_norm - sae.b_dec) @ sae.W_enc + sae.b_enc
+            vals, idx = pre.masked_fill(~dead, float("-inf")).topk(min(12, n_dead), dim=-1)
+            residual_hat = torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ sae.W_dec
+            expected = (residual_hat - (x_norm - dense.x_hat)).pow(2).sum(-1).mean() / 32
+        assert torch.allclose(fast.parts["auxk"], expected, rtol=1e-10)
     assert torch.equal(fast.fired, dense.fired)
     assert torch.allclose(fast.x_hat, dense.x_hat, atol=1e-10)
     assert g_fast.keys() == g_dense.keys() == {"W_enc", "b_enc", "W_dec", "b_dec"}

@@ -7,7 +7,7 @@ the two weight gradients. Only k of d_sae latents per token are non-zero, so her
   dW_dec, dW_enc  embedding_bag over the latent-major order of g_BD / x            (sum of k rows per token)
   db_enc        index_add of the selected gradients
 leaving the encoder's forward GEMM (needed to find the top k) as the only dense work. (AuxK is small dense
-math on the dead latents' columns alone: SAE._auxk_loss_dead_only.)
+math on the dead latents' columns alone: SAE._auxk_loss.)
 Selections are flat (rows, cols) lists sorted by row; `offsets` marks where each row's bag starts.
 """
 

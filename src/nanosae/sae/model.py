@@ -309,7 +309,8 @@ class SAE(nn.Module):
                 via_gate = via_gate + skip.detach()
             parts["aux"] = (via_gate - y).pow(2).sum(-1).mean()
         elif dead_mask is not None and bool(dead_mask.any()):  # topk, batchtopk, matryoshka
-            parts["auxk"] = aux_coefficient * self._auxk_loss(pre, y - x_hat.detach(), dead_mask, k_aux)
+            dead = dead_mask.nonzero().squeeze(1)
+            parts["auxk"] = aux_coefficient * self._auxk_loss(pre[:, dead], dead, y - x_hat.detach(), k_aux)
         if arch in BATCH_TOPK and self.training:
             self.update_threshold(z)
         return LossOutput(sum(parts.values()), parts, (z > 0).sum(0), x_hat.detach(), y)
@@ -331,32 +332,27 @@ class SAE(nn.Module):
         x_hat = kernels.sparse_decode(vals, sel, self.W_dec) + self.b_dec + self._skip(x_norm)
         parts = {"mse": (x_hat - y).pow(2).sum(-1).mean()}
         if dead is not None:
-            parts["auxk"] = aux_coefficient * self._auxk_loss_dead_only(x_norm, y - x_hat.detach(), dead, k_aux)
+            dead_idx = dead.nonzero().squeeze(1)
+            dead_pre = self._centred(x_norm) @ self.W_enc[:, dead_idx] + self.b_enc[dead_idx]  # dead columns only
+            parts["auxk"] = aux_coefficient * self._auxk_loss(dead_pre, dead_idx, y - x_hat.detach(), k_aux)
         fired = torch.bincount(sel.cols[vals.detach() > 0], minlength=self.cfg.d_sae)
         if self.cfg.architecture == "batchtopk" and self.training:
             self.update_threshold(vals.detach())
         return LossOutput(sum(parts.values()), parts, fired, x_hat.detach(), y)
 
-    def _auxk_loss_dead_only(self, x_norm: Tensor, residual: Tensor, dead_mask: Tensor, k_aux: int) -> Tensor:
-        """_auxk_loss computed on the dead latents' columns alone: dead latents are a few % of d_sae, so this
-        is a small dense problem, cheaper than selecting and scattering k_aux sparse entries per token (which is
-        every dead latent whenever fewer than k_aux are dead): with the embedding_bag gradients, a 1024-token
-        CPU step ~20% faster. Same values and gradients (tests/sae/test_kernels.py)."""
-        dead = dead_mask.nonzero().squeeze(1)
-        pre = self._centred(x_norm) @ self.W_enc[:, dead] + self.b_enc[dead]
-        if len(dead) > k_aux:
-            values, indices = act.topk(pre, k_aux)
-            z = torch.zeros_like(pre).scatter(-1, indices, values)
+    def _auxk_loss(self, dead_pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int | None) -> Tensor:
+        """AuxK (Gao et al. 2024): the k_aux largest pre-activations among the dead latents (every dead latent
+        when fewer are dead, the usual case) reconstruct the residual error. dead_pre holds the pre-activations
+        of the dead latents' columns `dead` alone: dead latents are a few % of d_sae, so this is a small dense
+        problem (on the sparse path, cheaper than selecting and scattering that many sparse entries per token:
+        with the embedding_bag gradients, a 1024-token CPU step ~20% faster)."""
+        k = k_aux or self.cfg.d_in // 2
+        if dead_pre.shape[1] > k:
+            values, indices = act.topk(dead_pre, k)
+            z = torch.zeros_like(dead_pre).scatter(-1, indices, values)
         else:
-            z = pre.relu()
+            z = dead_pre.relu()
         return (z @ self.W_dec[dead] - residual).pow(2).sum(-1).mean()
-
-    def _auxk_loss(self, pre: Tensor, residual: Tensor, dead_mask: Tensor, k_aux: int | None) -> Tensor:
-        k = min(k_aux or self.cfg.d_in // 2, int(dead_mask.sum()))
-        dead_pre = pre.masked_fill(~dead_mask, float("-inf"))
-        values, indices = act.topk(dead_pre, k)
-        residual_hat = torch.zeros_like(pre).scatter(-1, indices, values) @ self.W_dec
-        return (residual_hat - residual).pow(2).sum(-1).mean()
 
     @torch.no_grad()
     def update_threshold(self, z: Tensor, decay: float = 0.99) -> None:
