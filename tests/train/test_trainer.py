@@ -156,7 +156,7 @@ def test_two_processes_equal_one(planted_store, tmp_path):
     store, _ = planted_store
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), str(store.path), str(tmp_path / "two")], capture_output=True, text=True,
                           env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

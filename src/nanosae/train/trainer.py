@@ -128,12 +128,21 @@ class MetricSinks:
 
 
 # ---- distributed helpers ------------------------------------------------------------------------------
-def dist_info() -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+def dist_info() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call started the process group) under torchrun; (0, 1, False) alone."""
+    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if started:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return dist.get_rank(), dist.get_world_size(), started
+    return 0, 1, False
+
+
+def end_process_group() -> None:
+    """Wait for every process (rank 0 writes the SAE last), then shut the group down: a gloo group left alive
+    at interpreter exit can abort the process ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
@@ -416,7 +425,7 @@ def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[Progress], N
     """
     single = isinstance(cfg, TrainConfig)
     cfgs = [cfg] if single else list(cfg)
-    rank, world = dist_info()
+    rank, world, started_group = dist_info()
     first = cfgs[0]
     if any((c.batch_size, c.tokens) != (first.batch_size, first.tokens) for c in cfgs):
         raise ConfigError("SAEs trained from one stream must share batch_size and tokens")
@@ -466,6 +475,8 @@ def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[Progress], N
         for r in runs:
             r.close()
     results = [r.finish() for r in runs]
+    if started_group:  # only on success: shutting down while another process is mid-collective would hang
+        end_process_group()
     return results[0] if single else results
 
 
