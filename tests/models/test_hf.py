@@ -1,3 +1,4 @@
+import os
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,3 +173,39 @@ def test_sampling_is_seeded(model):
 
 def test_replaying_the_clean_prefix_equals_recomputing(model):
     assert_replay_matches(model, TOKENS, layer=1)
+
+
+
+
+FAULTS_CHILD = r"""
+import resource, torch
+from nanosae.models import keep_freed_memory
+print(keep_freed_memory())
+def layer():  # six 16 MB activations alive at once, then all freed: a forward pass's pattern
+    xs = [torch.ones(4 << 20)]
+    for _ in range(5):
+        xs.append(xs[-1] + 1)
+    return float(xs[-1][0])
+layer()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    layer()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_keep_freed_memory_reuses_freed_activations_instead_of_faulting_fresh_pages():
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    runs = {}
+    for setting in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", FAULTS_CHILD], capture_output=True, text=True, check=True,
+                             env=os.environ | {"NANOSAE_MALLOC_TUNING": setting}).stdout.split()
+        runs[setting] = (out[0], int(out[1]))
+    assert runs["0"][0] == "False" and runs["1"][0] == "True"
+    fresh = 10 * 6 * (16 << 20) // 4096  # page faults if every tensor got fresh pages (glibc's defaults mostly do)
+    assert runs["1"][1] < fresh / 10, runs
