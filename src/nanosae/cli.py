@@ -197,7 +197,7 @@ def train(
     k: str = typer.Option("32", help="Active latents per token (topk, batchtopk); several train together."),
     l1_coefficient: str = typer.Option(None, help="L1 (relu, gated) or L0 (jumprelu) weight; several train together."),
     groups: str = typer.Option(None, help="Matryoshka prefix sizes, e.g. 576,1152,2304,4608 (default d_sae/8,/4,/2,1)."),
-    batch_size: int = typer.Option(None, help="Tokens per step (default: ~400 steps for short runs, at most 4096)."),
+    batch_size: int = typer.Option(None, help="Tokens per step (default: ~500 steps for short runs, at most 4096)."),
     lr: float = typer.Option(None, help="Adam learning rate (default 5.4e-4 / sqrt(d_sae / 16384))."),
     lr_schedule: str = typer.Option("linear", help="constant, cosine or linear decay at the end."),
     lr_warmup_steps: int = typer.Option(None),

@@ -277,6 +277,8 @@ def test_layer_norm_inputs_train_and_are_undone_on_output(planted_store, tmp_pat
 def test_default_batch_size_by_hand():
     from nanosae.config import default_batch_size
 
-    # about 400 steps, a power of two, at most 4096 and never more than the run
-    assert [default_batch_size(n) for n in (400_000, 200_000, 98_304, 2_000_000, 300)] == [1024, 512, 256, 4096, 1]
+    # tokens/500 to the nearest power of two (in log2), at most 4096 and never more than the run:
+    # 600k/500 = 1200 = 2^10.23 -> 1024; 1M/500 = 2000 = 2^10.97 -> 2048; 200k/500 = 400 = 2^8.64 -> 512
+    cases = {400_000: 1024, 600_000: 1024, 1_000_000: 2048, 200_000: 512, 98_304: 256, 2_000_000: 4096, 300: 1}
+    assert {n: default_batch_size(n) for n in cases} == cases
     assert TrainConfig(acts="x", tokens=400_000).batch_size == 1024
