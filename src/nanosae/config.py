@@ -251,7 +251,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 = off)."""
     ema_decay: float | None = None
-    """Keep an exponential moving average of the weights and save it (e.g. 0.999)."""
+    """Keep an exponential moving average of the weights and save it (e.g. 0.999; decay warmed up, see ema_decay_at)."""
     init_b_dec: str = "geometric_median"
     """geometric_median, mean or zeros."""
     init_encoder_scale: float = 0.5

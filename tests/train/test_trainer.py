@@ -13,7 +13,7 @@ import nanosae
 from nanosae import SAE, SAEConfig, TrainConfig, DataError
 from nanosae.data import write_store
 from nanosae.train.init import geometric_median
-from nanosae.train.trainer import derived, lr_at, resample_dead
+from nanosae.train.trainer import derived, ema_decay_at, lr_at, resample_dead
 
 
 def cfg_for(store, out, **kw):
@@ -80,6 +80,23 @@ def test_lr_schedule_by_hand(planted_store, tmp_path):
     assert lr_at(900, cos, derived(cos)) == pytest.approx(0.5)
     const = TrainConfig(acts="x", tokens=10000, batch_size=10, lr=1.0, lr_warmup_steps=1, lr_schedule="constant")
     assert lr_at(999, const, derived(const)) == 1.0
+
+
+def test_weight_average_warms_up_so_a_short_run_keeps_little_of_the_initialisation(planted_store, tmp_path):
+    assert ema_decay_at(0, 0.999) == pytest.approx(1 / 10) and ema_decay_at(10, 0.999) == pytest.approx(11 / 20)
+    assert ema_decay_at(10**6, 0.999) == 0.999 and ema_decay_at(0, 0.05) == 0.05
+    store, _ = planted_store
+    x = store.tokens(0, 4096).float()
+
+    def fvu(sae):
+        with torch.no_grad():
+            return float((sae(x)[0] - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+    plain = nanosae.train(cfg_for(store, tmp_path / "plain", tokens=256 * 60)).sae
+    averaged = nanosae.train(cfg_for(store, tmp_path / "ema", tokens=256 * 60, ema_decay=0.999)).sae
+    assert not torch.equal(plain.W_enc, averaged.W_enc)
+    # a fixed 0.999 over 60 steps would keep 0.999**60 = 94% of the initial weights (FVU near the start's)
+    assert fvu(averaged) < 1.2 * fvu(plain), (fvu(averaged), fvu(plain))
 
 
 def test_geometric_median_balances_unit_vectors():

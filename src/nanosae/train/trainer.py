@@ -83,6 +83,13 @@ def lr_at(step: int, cfg: TrainConfig, d: dict[str, Any]) -> float:
     return d["lr"] * (1 - frac)
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """The weight average's decay at update `step` (0-based), warmed up as min(decay, (1+step)/(10+step)) like
+    TensorFlow's ExponentialMovingAverage(num_updates): a fixed 0.999 over a 600-step run would keep over half
+    of the random initialisation in the average (held-out FVU 0.42 instead of 0.07 on the demo's job)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def make_adam(sae: SAE, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
     """Fused Adam (one pass over the parameters; ~9x faster than the per-tensor loop on CPU) where available."""
     kwargs = dict(lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -356,10 +363,11 @@ class SAERun:
         if arch == "relu" and (self.step + 1) % d["resample_every"] == 0:
             resample_dead(sae, opt, x, self.since_fired >= d["dead_tokens"], self.gen, target=y)
         if self.ema is not None:
+            decay = ema_decay_at(self.step, cfg.ema_decay)
             with torch.no_grad():
                 for k, v in sae.state_dict().items():
                     if v.is_floating_point():
-                        self.ema[k].mul_(cfg.ema_decay).add_(v, alpha=1 - cfg.ema_decay)
+                        self.ema[k].mul_(decay).add_(v, alpha=1 - decay)
                     else:
                         self.ema[k].copy_(v)
         self.seconds += time.perf_counter() - t0
