@@ -26,7 +26,8 @@ from nanosae.models import load_model
 from nanosae.train import train
 
 HOOK, D_SAE, K, PEER_BATCH = "blocks.15.hook_resid_post", 4608, 32, 4096
-TOKENS, DEMO_TRAIN = DemoConfig().sizes()["collect"], DemoConfig().sizes()["train"]
+DEMO_SIZES = DemoConfig().sizes()
+TOKENS, DEMO_TRAIN = DEMO_SIZES["collect"], DEMO_SIZES["train"]
 DATA = ["builtin:pydocs", "builtin:stdlib"]
 
 

@@ -1,4 +1,8 @@
 import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,8 +179,6 @@ def test_replaying_the_clean_prefix_equals_recomputing(model):
     assert_replay_matches(model, TOKENS, layer=1)
 
 
-
-
 FAULTS_CHILD = r"""
 import resource, torch
 from nanosae.models import keep_freed_memory
@@ -195,10 +197,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def test_keep_freed_memory_reuses_freed_activations_instead_of_faulting_fresh_pages():
-    import platform
-    import subprocess
-    import sys
-
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
     runs = {}

@@ -40,7 +40,8 @@ def keep_freed_memory() -> bool:
 
     A CPU forward pass allocates and frees ~10 MB activations in every layer; by default glibc hands such
     blocks back (mmap / heap trimming), so each new one costs a page fault per 4 KB page. Keeping them made
-    SmolLM2's forward ~12% faster on 2 cores (benchmarks/forward.py), for a process that holds its peak memory.
+    collect() 10% faster on 2 cores (benchmarks/collect.py; 3-5% in benchmarks/forward.py), for a process
+    that holds its peak memory.
     Process-wide and Linux/glibc only; NANOSAE_MALLOC_TUNING=0 leaves the allocator alone. Returns whether set.
     """
     if not sys.platform.startswith("linux") or os.environ.get("NANOSAE_MALLOC_TUNING", "1") == "0":
