@@ -15,6 +15,64 @@ NORMALIZATIONS = ("none", "layer_norm")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Whether value fits a field annotation such as 'int', 'float | list[float]' or 'list[str] | None'."""
+    for alt in (a.strip() for a in annotation.split("|")):
+        if alt == "None" and value is None or alt == "bool" and isinstance(value, bool) or alt == "str" and isinstance(value, str):
+            return True
+        if isinstance(value, bool):
+            continue
+        if alt == "int" and isinstance(value, int):
+            return True
+        if alt == "float" and isinstance(value, (int, float)) and math.isfinite(value):
+            return True
+        if alt.startswith("list[") and isinstance(value, (list, tuple)) and all(_type_ok(v, alt[5:-1]) for v in value):
+            return True
+        if alt == "DataConfig" and isinstance(value, DataConfig):
+            return True
+    return False
+
+
+def check_fields(config: Any) -> None:
+    """Every field of a config dataclass has its annotated type (bools are not numbers; floats are finite;
+    integral floats such as 32.0 from other tools' JSON become ints), or a one-line ConfigError names it."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and value.is_integer() and f.type.split("|")[0].strip() == "int":
+            value = int(value)
+            setattr(config, f.name, value)
+        if not _type_ok(value, f.type):
+            raise ConfigError(f"{f.name} must be {_describe(f.type)}, got {_brief(value)}")
+
+
+_WORDS = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false",
+          "list[int]": "a list of integers", "list[float]": "a list of finite numbers", "list[str]": "a list of strings",
+          "DataConfig": "a DataConfig"}
+
+
+def _describe(annotation: str) -> str:
+    return " or ".join(_WORDS.get(a.strip(), a.strip()) for a in annotation.split("|") if a.strip() != "None")
+
+
+def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *, open_low: bool = False,
+                open_high: bool = False) -> None:
+    """A one-line ConfigError when a number (or each of a list) is outside [low, high] (bounds optional / open)."""
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v is None:
+            continue
+        below = low is not None and (v <= low if open_low else v < low)
+        above = high is not None and (v >= high if open_high else v > high)
+        if below or above:
+            lo = "" if low is None else f"{'>' if open_low else '≥'} {low:g}"
+            hi = "" if high is None else f"{'<' if open_high else '≤'} {high:g}"
+            raise ConfigError(f"{name} must be {' and '.join(b for b in (lo, hi) if b)}, got {_brief(v)}")
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 @dataclass
 class SAEConfig:
     """Shape and behaviour of one sparse autoencoder (the keys of cfg.json)."""
@@ -58,8 +116,14 @@ class SAEConfig:
     dataset_path: str = ""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"unknown SAE architecture {self.architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
+        check_range("activation_scale", self.activation_scale, 0, open_low=True)
+        check_range("output_scale", self.output_scale, 0, open_low=True)
+        check_range("jumprelu_bandwidth", self.jumprelu_bandwidth, 0, open_low=True)
+        check_range("context_size", self.context_size, 0)
+        check_range("d_out", self.d_out, 1)
         if self.normalize_activations not in NORMALIZATIONS:
             raise ConfigError(
                 f"unknown normalize_activations {self.normalize_activations!r}; expected one of {', '.join(NORMALIZATIONS)}"
@@ -71,6 +135,7 @@ class SAEConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"SAEConfig.{name} must be a positive integer, got {value!r}")
         self._check_io()
+        check_range("matryoshka_groups", self.matryoshka_groups, 1)
         if self.architecture == "matryoshka":
             groups = self.matryoshka_groups or [self.d_sae // 8, self.d_sae // 4, self.d_sae // 2, self.d_sae]
             groups = sorted({int(g) for g in groups if int(g) > 0} | {self.d_sae})
@@ -158,6 +223,18 @@ class DataConfig:
     encoding_errors: str = "strict"
     """Non-UTF-8 bytes: strict (stop with an error) or replace."""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.specs, str):
+            self.specs = [self.specs]
+        check_fields(self)
+        check_range("context_size", self.context_size, 2)
+        check_range("exclude_first", self.exclude_first, 0, self.context_size - 1)
+        check_range("shuffle_buffer", self.shuffle_buffer, 0)
+        if self.split not in ("all", "train", "eval"):
+            raise ConfigError(f"unknown split {self.split!r}; expected all, train or eval")
+        if self.encoding_errors not in ("strict", "replace"):
+            raise ConfigError(f"unknown encoding_errors {self.encoding_errors!r}; expected strict or replace")
+
 
 def default_batch_size(tokens: int) -> int:
     """About 500 optimizer steps for short runs (tokens/500 rounded to a power of two), capped at 4096-token
@@ -196,6 +273,11 @@ class CollectConfig:
     device: str = "cpu"
     tokenizer: str | None = None
     """nanochat tokenizer directory, when not next to the checkpoints."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("tokens", "batch_size", "tokens_per_shard"):
+            check_range(name, getattr(self, name), 1)
 
 
 @dataclass
@@ -282,8 +364,23 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"unknown SAE architecture {self.architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
+        for name in ("tokens", "d_sae", "k", "model_batch_size", "init_sample_tokens", "dead_tokens", "k_aux",
+                     "resample_every", "log_every"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("lr_warmup_steps", "sparsity_warmup_steps", "checkpoint_every", "grad_clip", "sparsity_coefficient",
+                     "aux_coefficient"):
+            check_range(name, getattr(self, name), 0)
+        check_range("matryoshka_groups", self.matryoshka_groups, 1)
+        check_range("lr", self.lr, 0, open_low=True)
+        check_range("eps", self.eps, 0, open_low=True)
+        check_range("lr_decay_fraction", self.lr_decay_fraction, 0, 1)
+        for name in ("beta1", "beta2", "ema_decay"):
+            check_range(name, getattr(self, name), 0, 1, open_high=True)
+        if self.architecture in ("topk", *BATCH_TOPK) and self.k > self.d_sae:
+            raise ConfigError(f"k ({self.k}) must be at most d_sae ({self.d_sae})")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; expected constant, cosine or linear")
         if self.init_b_dec not in ("geometric_median", "mean", "zeros"):
@@ -298,5 +395,6 @@ class TrainConfig:
             raise ConfigError("skip_connection is for transcoders (give hook_out or acts_out)")
         if self.batch_size is None:
             self.batch_size = default_batch_size(self.tokens)
-        if self.batch_size <= 0 or self.tokens < self.batch_size:
+        check_range("batch_size", self.batch_size, 1)
+        if self.tokens < self.batch_size:
             raise ConfigError(f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})")

@@ -73,7 +73,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     if not (out / "sae" / "cfg.json").exists():
         with stage("train"):
             train(TrainConfig(out=str(out), acts=str(acts / cfg.hook), tokens=sizes["train"], checkpoint_every=0,
-                              log_every=5),
+                              log_every=5, resume=True),
                   progress=lambda p: say("train", p.metrics["tokens"], sizes["train"],
                                          p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9)))
     sae = SAE.load(out / "sae")

@@ -1,13 +1,38 @@
-"""Atomic file writes (a reader, or a crash, never sees half a file) and where nanosae caches things."""
+"""Files nanosae writes: atomically (a reader, or a crash, never sees half a file), with the user's umask,
+under a lock while a process writes them; and where nanosae caches things."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from nanosae.errors import NanosaeError
+
+
+class LockedError(NanosaeError):
+    """Another process is writing the same store, run directory or file."""
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask (read once: os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a file made by mkstemp/mkdtemp (always 0600/0700) the mode a plain open/mkdir would have had."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -20,6 +45,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -31,6 +57,93 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from a file, or a one-line FormatError naming it (missing, unreadable, not JSON, not an object)."""
+    from nanosae.errors import FormatError
+
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FormatError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise FormatError(f"{path} cannot be read: {e.strerror or e}") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def cache_dir() -> Path:
     """$NANOSAE_CACHE, default ~/.cache/nanosae: the dequantized embedded model, the compiled top-k kernel."""
     return Path(os.environ.get("NANOSAE_CACHE") or Path.home() / ".cache" / "nanosae")
+
+
+# ---- write locks ----------------------------------------------------------------------------------------
+_held: dict[str, int] = {}  # lock file -> how many times this process holds it (locks are re-entrant)
+_held_guard = threading.Lock()
+
+
+def lock_path(target: str | Path, directory: bool = True) -> Path:
+    """The lock file of a directory (DIR/.nanosae.lock) or of a file (.NAME.lock beside it)."""
+    target = Path(target)
+    return target / ".nanosae.lock" if directory else target.with_name(f".{target.name}.lock")
+
+
+@contextlib.contextmanager
+def write_lock(target: str | Path, directory: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on a directory (created if needed) or a file while writing it; a second writer gets a one-line
+    LockedError naming the holder's pid. The lock is flock(2)-based: it dies with its process, so a killed
+    run never leaves a stale lock, and the lock file is removed on release."""
+    path = lock_path(target, directory).resolve()
+    key = str(path)
+    with _held_guard:
+        if _held.get(key):
+            _held[key] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[key] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"{target} is being written by another nanosae process (pid {holder}); wait for it "
+                              f"to finish or write elsewhere (lock: {path})") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino  # the previous holder may have removed it meanwhile
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with _held_guard:
+        _held[key] = 1
+    try:
+        yield
+    finally:
+        with _held_guard:
+            del _held[key]
+        path.unlink(missing_ok=True)
+        os.close(fd)

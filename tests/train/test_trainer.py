@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -275,7 +276,7 @@ def test_layer_norm_inputs_train_and_are_undone_on_output(planted_store, tmp_pat
     store, D = planted_store
     cfg = cfg_for(store, tmp_path / "ln", input_norm="layer_norm")
     whole = [(0, slice(0, store.d_in))]
-    fresh = SAERun(cfg, [store], whole, whole, 0, 1).sae
+    fresh = SAERun(dataclasses.replace(cfg, out=str(tmp_path / "probe")), [store], whole, whole, 0, 1).sae
     sample = store.tokens(0, cfg.init_sample_tokens)
     centred = sample - sample.mean(-1, keepdim=True)
     assert fresh.cfg.activation_scale == 1.0

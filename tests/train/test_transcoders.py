@@ -143,7 +143,7 @@ def test_transcoder_and_crosscoder_through_the_cli(tiny_llama_dir, tiny_model, w
 
     from nanosae.viewer import create_app
 
-    client = TestClient(create_app(tmp_path / "cc", model=str(tiny_llama_dir)))
+    client = TestClient(create_app(tmp_path / "cc", model=str(tiny_llama_dir)), base_url="http://localhost")
     assert client.get("/api/overview").json()["meta"]["kind"] == "crosscoder"
     tokens = client.post("/api/run_text", json={"text": "w5 w6 w7", "top_k": 3}).json()["tokens"]
     assert len(tokens) == 3 and any(t["features"] for t in tokens)

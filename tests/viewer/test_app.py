@@ -6,7 +6,7 @@ from nanosae.viewer import create_app
 
 @pytest.fixture(scope="module")
 def client(viewer_run):
-    return TestClient(create_app(viewer_run))
+    return TestClient(create_app(viewer_run), base_url="http://localhost")
 
 
 def test_overview(client):

@@ -8,6 +8,7 @@ the same batch composition, and continues. The final store holds exactly `tokens
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -19,9 +20,10 @@ import torch
 
 from nanosae.config import CollectConfig
 from nanosae.data.corpus import iter_documents
-from nanosae.data.store import FORMAT, MANIFEST, STORE_DTYPES, ActivationStore, ShardWriter, read_manifest
+from nanosae.data.store import FORMAT, MANIFEST, STORE_DTYPES, ActivationStore, ShardWriter, read_manifest, shard_problem
 from nanosae.data.tokens import in_background, token_batches
 from nanosae.errors import ConfigError, DataError
+from nanosae.io import write_lock
 from nanosae.models import HostModel, load_model
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,18 @@ def _resume_manifest(directory: Path, fresh: dict[str, Any]) -> dict[str, Any]:
         if old.get(key) != fresh[key]:
             raise DataError(f"{directory}: the store was collected with {key}={old.get(key)!r}, this run asks for "
                             f"{fresh[key]!r}; use another --out or the same settings")
-    # only full shards are kept: a short last shard is recollected so shard i always holds tokens [i*S, (i+1)*S)
-    size = old["tokens_per_shard"]
-    old["shards"] = [s for s in old["shards"] if s["tokens"] == size][: fresh["target_tokens"] // size]
+    # only full, intact shards are kept: a short last shard is recollected so shard i always holds tokens
+    # [i*S, (i+1)*S), and a missing or corrupted shard is recollected with every shard after it
+    size, kept = old["tokens_per_shard"], []
+    for entry in old["shards"][: fresh["target_tokens"] // size]:
+        problem = None if entry["tokens"] == size else "short"
+        problem = problem or shard_problem(directory, entry)
+        if problem:
+            if problem != "short":
+                log.warning("%s; collecting again from token %d", problem, len(kept) * size)
+            break
+        kept.append(entry)
+    old["shards"] = kept
     old["tokens"] = sum(s["tokens"] for s in old["shards"])
     old["bytes"] = sum((directory / s["file"]).stat().st_size for s in old["shards"] if (directory / s["file"]).exists())
     old.update(target_tokens=fresh["target_tokens"], complete=False, norm_scale=None)
@@ -77,10 +88,19 @@ def collect(cfg: CollectConfig, model: HostModel | None = None,
     for hook in cfg.hooks:
         model.parse_hook(hook)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; expected a directory for the stores")
+    with contextlib.ExitStack() as locks:  # one writer per store: a second collect into it is refused
+        for hook in cfg.hooks:
+            locks.enter_context(write_lock(out / hook))
+        return _collect_locked(cfg, model, out, progress)
+
+
+def _collect_locked(cfg: CollectConfig, model: HostModel, out: Path,
+                    progress: Callable[[Progress], None] | None) -> dict[str, ActivationStore]:
     writers = {}
     for hook in cfg.hooks:
         directory = out / hook
-        directory.mkdir(parents=True, exist_ok=True)
         writers[hook] = ShardWriter(directory, _resume_manifest(directory, _manifest_for(cfg, model, hook)))
     done = min(w.tokens for w in writers.values())
     for w in writers.values():  # hooks may have stopped one shard apart: start all at the common point
@@ -114,6 +134,7 @@ def collect(cfg: CollectConfig, model: HostModel | None = None,
                                       time.perf_counter() - t0))
                 if done >= cfg.tokens:
                     break
+            batches.close()  # stops and joins the prefetch thread now, not at garbage collection
         if done == 0:
             raise DataError(f"the corpus {', '.join(cfg.data.specs)} gave no tokens (empty, or empty after filtering)")
         if done < cfg.tokens:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import math
 import queue
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from nanosae.errors import DataError, FormatError
 from nanosae.io import atomic_write as write_file
-from nanosae.io import write_json
+from nanosae.io import read_json, sha256_file, write_json, write_lock
 
 MANIFEST = "manifest.json"
 FORMAT = "nanosae-activations/1"
@@ -78,21 +78,59 @@ def save_npy(path: Path, array: np.ndarray) -> tuple[str, tuple[int, int]]:
     return result["sha"], (int(array.shape[0]), result["n"])
 
 
+_SHARD_FILE = re.compile(r"(shard|ids)_\d{5}\.npy")
+_NPY_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest, checked: known format and dtype, a positive d_in, and shard entries that name files of
+    this store only (shard_NNNNN.npy / ids_NNNNN.npy: no path can lead outside it) with token counts and
+    SHA-256 digests."""
     path = directory / MANIFEST
     if not path.exists():
         raise FormatError(f"{path} is missing: not an activation store (create one with `nanosae collect`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path} is not valid JSON: {e}") from None
+    manifest = read_json(path)
     if manifest.get("format") != FORMAT:
         raise FormatError(f"{path}: unknown store format {manifest.get('format')!r} (expected {FORMAT})")
+    if manifest.get("dtype") not in STORE_DTYPES:
+        raise FormatError(f"{path}: dtype {manifest.get('dtype')!r} is not one of {', '.join(STORE_DTYPES)}")
+    for key in ("d_in", "tokens_per_shard"):
+        if not _positive_int(manifest.get(key)):
+            raise FormatError(f"{path}: {key} must be a positive integer, got {manifest.get(key)!r}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise FormatError(f"{path}: 'shards' must be a list, got {type(shards).__name__}")
+    for i, s in enumerate(shards):
+        names = [s.get("file"), *([s["ids"]] if isinstance(s, dict) and "ids" in s else [])] if isinstance(s, dict) else []
+        if not names or not all(isinstance(n, str) and _SHARD_FILE.fullmatch(n) for n in names):
+            raise FormatError(f"{path}: shard {i} must name files shard_NNNNN.npy / ids_NNNNN.npy inside the store, "
+                              f"got {s!r:.120}")
+        if not (_positive_int(s.get("tokens")) and isinstance(s.get("sha256"), str)
+                and ("ids" not in s or isinstance(s.get("ids_sha256"), str))):
+            raise FormatError(f"{path}: shard {i} needs a positive 'tokens' count and SHA-256 digests, got {s!r:.120}")
     return manifest
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def shard_problem(directory: Path, entry: dict[str, Any]) -> str | None:
+    """Why a listed shard (or its token ids) cannot be used, or None when its files match their SHA-256."""
+    files = [(entry["file"], entry["sha256"])] + ([(entry["ids"], entry["ids_sha256"])] if "ids" in entry else [])
+    for name, sha in files:
+        file = directory / name
+        if not file.is_file():
+            return f"{file} is missing from the store"
+        if sha256_file(file) != sha:
+            return f"{file} is corrupted (SHA-256 does not match the manifest)"
+    return None
+
+
 class ShardWriter:
-    """Accumulates activations for one hook and writes full shards from a background thread."""
+    """Accumulates activations for one hook and writes full shards from a background thread.
+    The caller holds the directory's write lock (io.write_lock), so the stale temp files removed here are
+    a killed run's, never another writer's."""
 
     def __init__(self, directory: Path, manifest: dict[str, Any]):
         self.dir = directory
@@ -193,9 +231,12 @@ def write_store(directory: str | Path, acts: Tensor, *, hook: str = "", model: s
                 "context_size": context_size, "tokens_per_shard": tokens_per_shard, "batch_size": 0, "data": None,
                 "target_tokens": int(acts.shape[0]), "tokens": 0, "bytes": 0, "complete": False, "shards": [],
                 "norm_scale": None}
-    writer = ShardWriter(directory, manifest)
-    writer.add(acts, ids)
-    writer.close(complete=True)
+    if (directory / MANIFEST).exists():
+        raise DataError(f"{directory} already holds an activation store; write the new one elsewhere")
+    with write_lock(directory):
+        writer = ShardWriter(directory, manifest)
+        writer.add(acts, ids)
+        writer.close(complete=True)
     return ActivationStore(directory, verify=False)
 
 
@@ -216,11 +257,23 @@ class ActivationStore:
         self.dtype = self.manifest["dtype"]
         if verify:
             self.verify()
-        self.shards = [np.load(path / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
-        for s, a in zip(self.manifest["shards"], self.shards):
-            if a.shape != (s["tokens"], self.d_in):
-                raise FormatError(f"{path / s['file']}: shape {a.shape}, manifest says ({s['tokens']}, {self.d_in})")
+        self.shards = [self._open_shard(s) for s in self.manifest["shards"]]
         self.offsets = np.cumsum([0] + [s["tokens"] for s in self.manifest["shards"]])
+
+    def _open_shard(self, entry: dict[str, Any]) -> np.ndarray:
+        """Memory-map one shard, checking its shape and element type against the manifest."""
+        file = self.path / entry["file"]
+        try:
+            a = np.load(file, mmap_mode="r")
+        except FileNotFoundError:
+            raise FormatError(f"{file} is missing from the store (rerun the collect command to repair it)") from None
+        except (ValueError, OSError) as e:
+            raise FormatError(f"{file} is not a readable .npy shard: {e}") from None
+        if a.shape != (entry["tokens"], self.d_in):
+            raise FormatError(f"{file}: shape {a.shape}, manifest says ({entry['tokens']}, {self.d_in})")
+        if a.dtype != _NPY_DTYPES[self.dtype]:
+            raise FormatError(f"{file}: holds {a.dtype} values but the manifest says {self.dtype}")
+        return a
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -235,18 +288,10 @@ class ActivationStore:
 
     def verify(self) -> None:
         """Check every shard (and token-id file) against its SHA-256; a corrupted or missing file is named."""
-        files = [(s["file"], s["sha256"]) for s in self.manifest["shards"]]
-        files += [(s["ids"], s["ids_sha256"]) for s in self.manifest["shards"] if "ids" in s]
-        for name, sha in files:
-            file = self.path / name
-            if not file.exists():
-                raise FormatError(f"{file} is missing from the store")
-            digest = hashlib.sha256()
-            with open(file, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(chunk)
-            if digest.hexdigest() != sha:
-                raise FormatError(f"{file} is corrupted (SHA-256 does not match the manifest)")
+        for entry in self.manifest["shards"]:
+            problem = shard_problem(self.path, entry)
+            if problem:
+                raise FormatError(f"{problem} (rerun the collect command that made the store to repair it)")
 
     @property
     def has_ids(self) -> bool:

@@ -92,26 +92,31 @@ def token_batches(docs: Iterable[str], tokenizer: Tokenizer, context_size: int, 
 def in_background(items: Iterator[T], depth: int = 4) -> Iterator[T]:
     """Run an iterator in a worker thread, `depth` items ahead, so the consumer never waits on it.
 
-    Exceptions in the worker are re-raised in the consumer; closing the consumer stops the worker.
+    Exceptions in the worker are re-raised in the consumer. Closing the consumer (or dropping it) stops the
+    worker and waits for it: a thread still inside native code (a tokenizer, torch) when the interpreter
+    exits can abort the process ("terminate called without an active exception").
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
 
+    def put(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((item, None)):
                     return
-            q.put((done, None))
+            put((done, None))
         except BaseException as e:  # handed to the consumer
-            q.put((done, e))
+            put((done, e))
 
     thread = threading.Thread(target=work, daemon=True, name="nanosae-prefetch")
     thread.start()
@@ -125,3 +130,4 @@ def in_background(items: Iterator[T], depth: int = 4) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+        thread.join()

@@ -234,6 +234,7 @@ def evaluate(
             progress(min(done, tokens), tokens, time.perf_counter() - t0)
         if done >= tokens:
             break
+    batches.close()  # stops and joins the prefetch thread now, not at garbage collection
     if done == 0:
         raise DataError(f"no evaluation tokens from {', '.join(data.specs)} (split {data.split!r})")
     results = [_finish(s, sae, ins, outs, ce_clean, ce_ablation[tuple(outs)], n_pred, ablation)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from nanosae.interp.features import open_db
+from nanosae.io import write_lock
 
 WILDCARD = None
 ACTIVE_FRACTION = 0.25
@@ -112,7 +113,13 @@ def write_explanations(db_path: str | Path, explain_one: Callable[[list[Example]
                        method: str, most_frequent_first: bool = False, limit: int | None = None,
                        progress: Callable[[int, int], None] | None = None) -> int:
     """Explain every feature that fired (or the `limit` most frequent) and write all rows in one transaction."""
-    con = open_db(db_path, readonly=False)
+    db = Path(db_path) / "features.db" if Path(db_path).is_dir() else Path(db_path)
+    with write_lock(db, directory=False):
+        return _write_explanations(open_db(db, readonly=False), explain_one, method, most_frequent_first, limit, progress)
+
+
+def _write_explanations(con: Any, explain_one: Callable[[list[Example], float], tuple[str | None, float]], method: str,
+                        most_frequent_first: bool, limit: int | None, progress: Callable[[int, int], None] | None) -> int:
     try:
         order = "fires DESC, id" if most_frequent_first else "id"
         sql = f"SELECT id, max_act FROM latents WHERE fires > 0 ORDER BY {order}" + (f" LIMIT {int(limit)}" if limit else "")

@@ -29,11 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nanosae.config import DataConfig
+from nanosae.config import DataConfig, check_fields, check_range
 from nanosae.data.corpus import iter_documents
 from nanosae.data.store import ActivationStore
 from nanosae.data.tokens import in_background, token_batches
 from nanosae.errors import DataError, FormatError
+from nanosae.io import write_lock
 from nanosae.models import HostModel
 from nanosae.sae import SAE
 
@@ -61,6 +62,13 @@ class FeaturesConfig:
     seed: int = 0
     checkpoint_every: int = 20
     """Batches between resume checkpoints."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("tokens", "top_n", "reservoir", "quantile_examples", "batch_size", "logit_top", "cofiring_top"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("window_left", "window_right", "checkpoint_every"):
+            check_range(name, getattr(self, name), 0)
 
 
 class _Examples:
@@ -172,6 +180,15 @@ def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | P
     acts: read the SAE's input from this store (collected with token ids) instead of running the model;
     the model then only decodes tokens and gives the logit effects, and cfg.data is not read."""
     out = Path(out)
+    if out.is_dir():
+        raise DataError(f"{out} is a directory; expected the features database's file name (e.g. RUN/features.db)")
+    with write_lock(out, directory=False):
+        return _build_features(sae, model, cfg, out, hook, progress, acts)
+
+
+def _build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: Path, hook: str | None,
+                    progress: Callable[[int, int, float], None] | None,
+                    acts: ActivationStore | str | Path | None) -> Path:
     if hook and sae.cfg.kind != "sae":
         raise DataError(f"a {sae.cfg.kind} reads {sae.cfg.input_hooks}; --hook is for plain SAEs")
     acts_store = acts if acts is None or isinstance(acts, ActivationStore) else ActivationStore(acts, verify=False)
@@ -179,6 +196,10 @@ def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | P
         if sae.cfg.n_blocks > 1:
             raise DataError(f"a crosscoder reads {len(sae.cfg.input_hooks)} hooks; build its features from the model")
         acts_store.check(d_in=sae.cfg.d_in)
+        wanted = hook or sae.cfg.hook_name
+        if wanted and acts_store.hook and acts_store.hook != wanted:
+            raise DataError(f"{acts_store.path} holds {acts_store.hook} activations but the SAE reads {wanted}; "
+                            "give the store of that hook (or --hook to override)")
         hooks = [hook or acts_store.hook or sae.cfg.input_hooks[0]]
     else:
         hooks = [hook] if hook else sae.cfg.input_hooks
@@ -203,8 +224,8 @@ def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | P
     cofire = torch.zeros(F_, F_, dtype=torch.int32)
     top = _Examples(F_, cfg.top_n, width)
     reservoir = _Examples(F_, cfg.reservoir, width)
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = _load_state(state_path)
+    if state is not None:
         if json.loads(state["fingerprint"]) == fingerprint:
             n_tokens, batches_done = int(state["n_tokens"]), int(state["batches"])
             fires, act_sum, act_max, hist, cofire = state["fires"], state["act_sum"], state["act_max"], state["hist"], state["cofire"]
@@ -250,6 +271,7 @@ def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | P
             progress(min(n_tokens, cfg.tokens), cfg.tokens, time.perf_counter() - t0)
         if cfg.checkpoint_every and batches_done % cfg.checkpoint_every == 0:
             _save_state(state_path, fingerprint, n_tokens, batches_done, fires, act_sum, act_max, hist, cofire, top, reservoir)
+    batches.close()  # stops and joins the prefetch thread before the database is written
     if n_tokens == 0:
         raise DataError(f"no tokens from {acts_store.path if acts_store is not None else ', '.join(cfg.data.specs)}")
     if acts_store is not None:
@@ -257,6 +279,19 @@ def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | P
     _write_db(out, sae, model, hook, cfg, n_tokens, fires, act_sum, act_max, hist, cofire, top, reservoir)
     state_path.unlink(missing_ok=True)
     return out
+
+
+def _load_state(path: Path) -> dict[str, Any] | None:
+    """The partial pass's state, or None (absent, or unreadable: then the pass starts over, and says so)."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        json.loads(state["fingerprint"])
+        return state
+    except Exception as e:  # torch.load raises many kinds for truncated or corrupt files
+        log.warning("%s is unreadable (%s); the feature pass starts over", path, (str(e).splitlines() or [type(e).__name__])[0])
+        return None
 
 
 def _save_state(path: Path, fingerprint: dict, n_tokens: int, batches: int, fires: Tensor, act_sum: Tensor,
@@ -340,13 +375,22 @@ def _write_db(out: Path, sae: SAE, model: HostModel, hook: str, cfg: FeaturesCon
 
 
 def open_db(path: str | Path, readonly: bool = True) -> sqlite3.Connection:
-    """Open features.db (read-only by default: the viewer never writes)."""
+    """Open features.db (read-only by default: the viewer never writes), checking that it is one."""
     path = Path(path)
     if path.is_dir():
         path = path / "features.db"
-    if not path.exists():
+    if not path.is_file():
         raise FormatError(f"{path} not found: build it with `nanosae features RUN --model M --data D`")
-    uri = f"file:{path.resolve()}?mode=ro" if readonly else f"file:{path.resolve()}"
+    # as_uri() percent-encodes '#' and '?', which would otherwise end the file name inside the URI
+    uri = path.resolve().as_uri() + ("?mode=ro" if readonly else "?mode=rw")
     con = sqlite3.connect(uri, uri=True, check_same_thread=False)
     con.row_factory = sqlite3.Row
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        con.close()
+        raise FormatError(f"{path} is not a features database ({e})") from None
+    if not {"latents", "examples"} <= tables:
+        con.close()
+        raise FormatError(f"{path} is not a features database (no latents and examples tables)")
     return con

@@ -15,6 +15,7 @@ adds each layer's part of W_dec[i] to that layer (clamping it would need every l
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -101,11 +102,26 @@ class FeatureTracker:
 
 
 # ---- steering ---------------------------------------------------------------------------------------
+MAX_EDIT = 1e4  # far beyond any latent's activation; larger values only overflow the model into NaN
+
+
 @dataclass
 class Edit:
+    """Add value·W_dec[latent] where the SAE writes (mode add), or hold the latent at value (mode clamp)."""
+
     latent: int
     value: float
-    mode: str  # add | clamp
+    mode: str = "add"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.latent, int) or isinstance(self.latent, bool) or self.latent < 0:
+            raise ConfigError(f"feature edit: latent must be a non-negative integer, got {self.latent!r}")
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value) \
+                or abs(self.value) > MAX_EDIT:
+            raise ConfigError(f"feature edit: value must be a finite number within ±{MAX_EDIT:g}, got {self.value!r}")
+        if self.mode not in ("add", "clamp"):
+            raise ConfigError(f"feature edit: mode must be add or clamp, got {self.mode!r}")
+        self.value = float(self.value)
 
 
 def parse_edit(text: str) -> Edit:

@@ -13,11 +13,13 @@ written, then all rows are written in one transaction: a failing endpoint leaves
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -35,15 +37,45 @@ class Explainer(Protocol):
     def complete(self, prompt: str, max_tokens: int) -> str: ...
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: a redirected request would carry the API key to wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
+        raise ExplainerError(f"explainer endpoint {req.full_url} redirected ({code}) to {newurl}; "
+                             "give that address as --explainer-url if you trust it")
+
+
+def is_local(host: str | None) -> bool:
+    """localhost, or a loopback address."""
+    if not host:
+        return False
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class HTTPExplainer:
-    """An OpenAI-compatible /v1/chat/completions endpoint."""
+    """An OpenAI-compatible /v1/chat/completions endpoint.
+
+    The API key is sent only over https, or over http to this machine (a local server), and never across a
+    redirect: a redirect is an error."""
 
     def __init__(self, url: str, model: str = "gpt-4o-mini", api_key: str | None = None, timeout: float = 60.0):
         self.url = url.rstrip("/")
         if not self.url.endswith("/chat/completions"):
             self.url += "/v1/chat/completions" if not self.url.endswith("/v1") else "/chat/completions"
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ExplainerError(f"explainer URL {url!r} is not an http(s) address")
         self.model, self.timeout = model, timeout
         self.api_key = api_key or os.environ.get("NANOSAE_EXPLAINER_KEY") or os.environ.get("OPENAI_API_KEY")
+        if self.api_key and parts.scheme != "https" and not is_local(parts.hostname):
+            raise ExplainerError(f"refusing to send the API key in clear text to {parts.hostname}: use an https "
+                                 "explainer URL (plain http is only for servers on this machine)")
+        self.opener = urllib.request.build_opener(_NoRedirect)
 
     def complete(self, prompt: str, max_tokens: int) -> str:
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
@@ -53,11 +85,11 @@ class HTTPExplainer:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with self.opener.open(request, timeout=self.timeout) as response:
                 answer = json.loads(response.read())
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             raise ExplainerError(f"explainer endpoint {self.url} is unreachable: {getattr(e, 'reason', e)}") from None
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise ExplainerError(f"explainer endpoint {self.url} did not answer JSON") from None
         try:
             return str(answer["choices"][0]["message"]["content"])

@@ -13,18 +13,17 @@ from_state_dict infers from the activation being TopK. We do the same unless tol
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nanosae.config import SAEConfig
 from nanosae.errors import ConfigError, FormatError
-from nanosae.io import atomic_write, write_json
+from nanosae.io import atomic_write, read_json, write_json
 from nanosae.sae.model import DTYPES, SAE
 
 CFG_FILE = "cfg.json"
@@ -88,32 +87,42 @@ def load_sae(path: str | Path, *, device: str = "cpu", normalize: bool | None = 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise FormatError(f"{path} is missing (an SAE directory needs {CFG_FILE} and {WEIGHTS_FILE})")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path} is not valid JSON: {e}") from None
+    return read_json(path)
 
 
 def _saelens_config(raw: dict[str, Any], where: Path) -> SAEConfig:
-    d = dict(raw.get("metadata") or {})  # SAELens v6 moves model/hook facts into metadata
+    """Our SAEConfig from a cfg.json of ours or of any SAELens release; every error names the file."""
+    try:
+        return _saelens_fields(raw, where)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _saelens_fields(raw: dict[str, Any], where: Path) -> SAEConfig:
+    d = dict(_dict(raw.get("metadata")))  # SAELens v6 moves model/hook facts into metadata
     d.update({k: v for k, v in raw.items() if k != "metadata"})
     for old, new in _OLD_KEYS.items():
         if old in d and new not in d:
             d[new] = d[old]
+    kwargs = _dict(d.get("activation_fn_kwargs"))
     arch = d.get("architecture") or "standard"
-    if d.get("activation_fn_str") == "topk" or (arch == "standard" and (d.get("activation_fn_kwargs") or {}).get("k")):
+    if d.get("activation_fn_str") == "topk" or (arch == "standard" and kwargs.get("k")):
         arch = "topk"
-    d["architecture"] = _OLD_ARCHITECTURES.get(arch, arch)
+    d["architecture"] = _OLD_ARCHITECTURES.get(arch, arch) if isinstance(arch, str) else arch
     if d["architecture"] in _TRANSCODERS:
         d["architecture"], d["skip_connection"] = _TRANSCODERS[d["architecture"]]
         d["apply_b_dec_to_input"] = False
-    if d.get("k") is None and (d.get("activation_fn_kwargs") or {}).get("k") is not None:
-        d["k"] = d["activation_fn_kwargs"]["k"]
+    if d.get("k") is None and kwargs.get("k") is not None:
+        d["k"] = kwargs["k"]
     norm = d.get("normalize_activations")
     if norm in _INERT_NORMALIZATIONS:
         d["normalize_activations"] = "none"
     elif norm != "layer_norm":
-        raise ConfigError(f"{where}: normalize_activations={norm!r} is not supported (expected none or layer_norm)")
+        raise ConfigError(f"normalize_activations={norm!r} is not supported (expected none or layer_norm)")
     d["dtype"] = str(d.get("dtype") or "float32").replace("torch.", "")
     d["device"] = "cpu"
     for key in ("hook_name", "model_name", "dataset_path"):
@@ -129,6 +138,7 @@ def _load_saelens_dir(path: Path, device: str) -> SAE:
     weights = path / WEIGHTS_FILE
     if not weights.exists():
         raise FormatError(f"{weights} is missing (an SAE directory needs {CFG_FILE} and {WEIGHTS_FILE})")
+    _check_header(cfg, weights)  # before anything is allocated: cfg.json may claim a huge d_sae
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
@@ -136,6 +146,22 @@ def _load_saelens_dir(path: Path, device: str) -> SAE:
     if "log_threshold" in tensors and "threshold" not in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
     return _build(cfg, tensors, weights, device)
+
+
+def _check_header(cfg: SAEConfig, weights: Path) -> None:
+    """The file's W_enc / W_dec shapes (read from its header) agree with cfg.json."""
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FormatError(f"{weights} is corrupt or truncated: {e}") from None
+    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_out)}
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise FormatError(f"{weights}: missing tensor {name}")
+        if shapes[name] != shape:
+            raise FormatError(f"{weights}: tensor {name} has shape {shapes[name]}, expected {shape} "
+                              f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}, d_out={cfg.d_out} (cfg.json)")
 
 
 def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device: str) -> SAE:
@@ -155,6 +181,10 @@ def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device
                 f"{where}: tensor {name} has shape {tuple(got.shape)}, expected {tuple(ref.shape)} "
                 f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}, d_out={cfg.d_out}"
             )
+        if not got.is_floating_point():
+            raise FormatError(f"{where}: tensor {name} holds {str(got.dtype).replace('torch.', '')} values, expected floats")
+        if not bool(torch.isfinite(got).all()):
+            raise FormatError(f"{where}: tensor {name} holds NaN or infinite values")
     sae.load_state_dict({name: tensors[name].to(ref.dtype) for name, ref in expected.items()})
     return sae.to(device)
 
@@ -163,14 +193,22 @@ def _load_openai(path: Path, device: str, normalize: bool | None) -> SAE:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for truncated/corrupt/unsafe files
-        raise FormatError(f"{path} could not be read as a torch state dict: {str(e).splitlines()[0]}") from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FormatError(f"{path} could not be read as a torch state dict: {why}") from None
     if not isinstance(sd, dict):
         raise FormatError(f"{path}: expected an OpenAI sparse_autoencoder state dict, got {type(sd).__name__}")
     needed = ["pre_bias", "latent_bias", "encoder.weight"]
     missing = [k for k in needed if k not in sd]
     if missing:
         raise FormatError(f"{path}: not an OpenAI sparse_autoencoder state dict (missing {', '.join(missing)})")
+    for key in ("pre_bias", "latent_bias", "encoder.weight", "decoder.weight", "decoder.linear.weight"):
+        if key in sd and not isinstance(sd[key], torch.Tensor):
+            raise FormatError(f"{path}: {key} is a {type(sd[key]).__name__}, expected a tensor")
     enc_FD = sd["encoder.weight"]
+    if enc_FD.dim() != 2:
+        raise FormatError(f"{path}: encoder.weight has shape {tuple(enc_FD.shape)}, expected (d_sae, d_in)")
+    if not enc_FD.is_floating_point():
+        raise FormatError(f"{path}: encoder.weight holds {str(enc_FD.dtype).replace('torch.', '')} values, expected floats")
     d_sae, d_in = enc_FD.shape
     dec_DF = sd.get("decoder.weight")
     if dec_DF is None and "decoder.linear.weight" in sd:  # tied: TiedTranspose wraps the encoder
@@ -179,21 +217,25 @@ def _load_openai(path: Path, device: str, normalize: bool | None) -> SAE:
         raise FormatError(f"{path}: missing decoder.weight")
     activation = sd.get("activation", "ReLU")
     act_state = sd.get("activation_state_dict") or {}
+    if not isinstance(act_state, dict):
+        raise FormatError(f"{path}: activation_state_dict is a {type(act_state).__name__}, expected a dict")
     if activation == "TopK":
         k = act_state.get("k", sd.get("activation.k"))
         postact = act_state.get("postact_fn", sd.get("activation.postact_fn", "ReLU"))
-        if k is None:
-            raise FormatError(f"{path}: TopK activation without k")
+        if isinstance(k, torch.Tensor) and k.numel() == 1:
+            k = k.item()
+        if k is None or isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= d_sae:
+            raise FormatError(f"{path}: TopK activation needs an integer k in 1..{d_sae}, got {k!r:.40}")
         if postact != "ReLU":
-            raise FormatError(f"{path}: TopK with postact_fn {postact!r} is not supported (expected ReLU)")
+            raise FormatError(f"{path}: TopK with postact_fn {postact!r:.40} is not supported (expected ReLU)")
         arch = "topk"
     elif activation == "ReLU":
         arch, k = "relu", None
     else:
-        raise FormatError(f"{path}: activation {activation!r} is not supported (expected ReLU or TopK)")
+        raise FormatError(f"{path}: activation {activation!r:.40} is not supported (expected ReLU or TopK)")
     if normalize is None:
         normalize = activation == "TopK"  # what OpenAI's own from_state_dict infers
-    dtype = next(name for name, dt in DTYPES.items() if dt == enc_FD.dtype)
+    dtype = next((name for name, dt in DTYPES.items() if dt == enc_FD.dtype), "float32")
     cfg = SAEConfig(
         d_in=int(d_in), d_sae=int(d_sae), architecture=arch, k=None if k is None else int(k),
         normalize_activations="layer_norm" if normalize else "none", dtype=dtype,

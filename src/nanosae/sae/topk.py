@@ -16,34 +16,59 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from nanosae.io import atomic_write, cache_dir
+from nanosae.io import atomic_write, cache_dir, sha256_file
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("topk.c")
 
 
+def private_dir(root: Path) -> Path | None:
+    """root/kernels-UID, created 0700; None when it is not this user's alone (then nothing there is loaded)."""
+    d = root / f"kernels-{os.getuid()}"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = d.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        log.warning("%s is not private to this user; the C top-k kernel is not loaded from it", d)
+        return None
+    return d
+
+
+def build_kernel(lib: Path, compiler: str) -> None:
+    """Compile topk.c into lib (atomically) and record its SHA-256 beside it."""
+    cmd = lambda out: [compiler, "-O3", "-mavx2", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", str(out)]
+    atomic_write(lib, lambda tmp: subprocess.run(cmd(tmp), check=True, capture_output=True))
+    lib.chmod(0o700)
+    lib.with_suffix(".sha256").write_text(sha256_file(lib))
+
+
 @functools.cache
 def kernel() -> ctypes.CDLL | None:
-    """The compiled kernel (built on first use), or None where torch.topk is used."""
+    """The compiled kernel (built on first use), or None where torch.topk is used.
+
+    A shared library runs code as soon as it is loaded, so it is only loaded from a directory that is this
+    user's alone (kernels-UID, mode 0700) and only if its SHA-256 is the one recorded when it was built."""
     if os.environ.get("NANOSAE_TORCH_TOPK") or platform.machine() not in ("x86_64", "AMD64"):
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    source = _SOURCE.read_bytes()
-    lib = cache_dir() / f"topk-{hashlib.sha256(source).hexdigest()[:16]}.so"
     try:
-        if not lib.exists():
+        directory = private_dir(cache_dir())
+        if directory is None:
+            return None
+        lib = directory / f"topk-{hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]}.so"
+        recorded = lib.with_suffix(".sha256")
+        if not (lib.is_file() and recorded.is_file() and recorded.read_text().strip() == sha256_file(lib)):
             if compiler is None:
                 return None
-            cmd = lambda out: [compiler, "-O3", "-mavx2", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", str(out)]
-            atomic_write(lib, lambda tmp: subprocess.run(cmd(tmp), check=True, capture_output=True))
+            build_kernel(lib, compiler)
         handle = ctypes.CDLL(str(lib))
     except (OSError, subprocess.CalledProcessError) as e:
         log.info("C top-k kernel unavailable (%s); using torch.topk", e)

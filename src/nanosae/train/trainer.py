@@ -12,6 +12,7 @@ with the same weights, bit for bit, as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from nanosae.config import BATCH_TOPK, SAEConfig, TrainConfig, run_io
 from nanosae.data import ActivationStore, ActivationStream
 from nanosae.errors import ConfigError, DataError, FormatError, TrainingError
-from nanosae.io import write_json
+from nanosae.io import public_mode, read_json, write_json, write_lock
 from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
 from nanosae.train.init import init_sae
@@ -193,19 +194,30 @@ def first_tokens(source: ActivationStore | ActivationStream, n: int) -> torch.Te
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every checkpoint, oldest first."""
+    found = []
+    for p in (run_dir / "checkpoints").glob("step_*"):
+        suffix = p.name.removeprefix("step_")
+        if suffix.isdigit() and (p / "state.pt").exists():
+            found.append((int(suffix), p))
+    return sorted(found)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    steps = sorted((int(p.name.split("_")[1]), p) for p in (run_dir / "checkpoints").glob("step_*")
-                   if (p / "state.pt").exists())
-    return steps[-1][1] if steps else None
+    found = _checkpoints(run_dir)
+    return found[-1][1] if found else None
 
 
 def save_checkpoint(run_dir: Path, step: int, sae: SAE, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoints/step_N/ via a temp directory renamed into place; keep the newest `keep`."""
+    """Write checkpoints/step_N/ via a temp directory renamed into place; keep the newest `keep` up to N (a
+    newer one can only be this run's own, unreadable one it fell back from; it is replaced when reached)."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step}."))
     try:
+        public_mode(tmp, directory=True)
         save_sae(sae, tmp / "sae")
         torch.save(state, tmp / "state.pt")
         if target.exists():
@@ -214,9 +226,66 @@ def save_checkpoint(run_dir: Path, step: int, sae: SAE, state: dict[str, Any], k
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in sorted(root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
+    for _, old in [c for c in _checkpoints(run_dir) if c[0] <= step][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def load_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any], SAE] | None:
+    """The newest readable checkpoint (directory, state, SAE); an unreadable newer one is skipped with a
+    warning (e.g. truncated by a full disk). None when there is none; an error when none can be read."""
+    found = _checkpoints(run_dir)
+    for _, ckpt in reversed(found):
+        try:
+            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not {"optimizer", "step", "batches"} <= set(state):
+                raise FormatError("not a nanosae checkpoint state")
+            return ckpt, state, SAE.load(ckpt / "sae")
+        except Exception as e:  # torch.load raises many kinds for truncated or corrupt files
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", ckpt,
+                        (str(e).splitlines() or [type(e).__name__])[0])
+    if found:
+        raise FormatError(f"{run_dir / 'checkpoints'}: no checkpoint can be read; move it away to start the run over")
+    return None
+
+
+# ---- the run directory: one job per directory -----------------------------------------------------------
+# Settings that may change when a run continues: they do not change what is trained.
+RUNTIME_FIELDS = ("out", "resume", "log_every", "checkpoint_every", "tensorboard", "wandb", "device")
+
+
+def job_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same job: every TrainConfig field but the runtime ones, with store paths
+    resolved (so `acts` and `./acts` are one store), plus the fingerprints of the stores read."""
+    job = {k: v for k, v in cfg.items() if k not in RUNTIME_FIELDS}
+    for key in ("acts", "acts_out"):
+        if job.get(key):
+            job[key] = str(Path(job[key]).resolve())
+    if job.get("crosscoder_acts"):
+        job["crosscoder_acts"] = [str(Path(p).resolve()) for p in job["crosscoder_acts"]]
+    return json.loads(json.dumps(job))  # tuples -> lists, as read back from config.json
+
+
+def store_fingerprint(store: ActivationStore) -> dict[str, Any]:
+    """Which activations a store holds: another collection at the same path is another job."""
+    m = store.manifest
+    first = m["shards"][0]["sha256"] if m["shards"] else None
+    return {"hook": m.get("hook"), "model": m.get("model"), "d_in": store.d_in, "tokens": len(store), "first_shard": first}
+
+
+def compare_jobs(saved: dict[str, Any], job: dict[str, Any], where: Path | str) -> None:
+    """Refuse, naming the first setting that differs, when `where` records another job than this one."""
+    for key in sorted(set(saved) | set(job)):
+        if key == "sources" and key not in saved:  # runs from before fingerprints were recorded
+            continue
+        if saved.get(key) != job.get(key):
+            raise ConfigError(f"{where} records another run ({key}={_short(saved.get(key))}, this run asks for "
+                              f"{_short(job.get(key))}); use another --out, nothing was changed")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
@@ -262,9 +331,13 @@ class SAERun:
         self.ema: dict[str, torch.Tensor] | None = None
         self.step, self.batches_done, self.seconds = 0, 0, 0.0
         self.last: dict[str, float] = {}
-        ckpt = latest_checkpoint(self.run_dir) if cfg.resume else None
-        if ckpt is not None:
-            self._resume(ckpt)
+        stores = {i for i, _ in ins + outs if isinstance(sources[i], ActivationStore)}
+        self.job = job_identity(dataclasses.asdict(cfg)) | {"sources": [store_fingerprint(sources[i]) for i in sorted(stores)]}
+        if rank == 0:
+            self._claim_run_dir()
+        found = load_checkpoint(self.run_dir) if cfg.resume else None
+        if found is not None:
+            self._resume(*found)
         else:
             self._start()
         _trim_metrics(self.run_dir / "metrics.jsonl", self.step, rank)
@@ -275,13 +348,26 @@ class SAERun:
         parts = [batch[i][rows, cols] for i, cols in placement]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def _resume(self, ckpt: Path) -> None:
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        loaded = SAE.load(ckpt / "sae")
-        shape = lambda c: (c.d_in, c.d_sae, c.d_out)
-        if shape(loaded.cfg) != shape(self.sae.cfg):
-            raise FormatError(f"{ckpt}: checkpoint has (d_in, d_sae, d_out)={shape(loaded.cfg)}; this run asks for "
-                              f"{shape(self.sae.cfg)}")
+    def _claim_run_dir(self) -> None:
+        """A run directory holds one job: the same settings continue it (with --resume), others are refused."""
+        run_dir, saved = self.run_dir, self.run_dir / "config.json"
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"--out {run_dir} is a file; expected a run directory")
+        if saved.exists():
+            compare_jobs(job_identity(read_json(saved)), self.job, saved)
+            if not self.cfg.resume:
+                raise ConfigError(f"{run_dir} already holds this run; pass --resume to continue it, or use another --out")
+        elif any((run_dir / name).exists() for name in ("sae", "checkpoints", "metrics.jsonl")):
+            raise ConfigError(f"{run_dir} holds SAE files but no config.json; use another --out, nothing was changed")
+
+    def _resume(self, ckpt: Path, state: dict[str, Any], loaded: SAE) -> None:
+        compare_jobs(state.get("job") or job_identity(state.get("config") or {}), self.job, ckpt)
+        fields = ("architecture", "d_in", "d_sae", "d_out", "k", "hook_name", "hook_name_out", "crosscoder_hooks",
+                  "matryoshka_groups", "skip_connection", "normalize_activations")
+        for name in fields:
+            if getattr(loaded.cfg, name) != getattr(self.sae.cfg, name):
+                raise FormatError(f"{ckpt}: the checkpoint's SAE has {name}={getattr(loaded.cfg, name)!r}; this run "
+                                  f"asks for {getattr(self.sae.cfg, name)!r}")
         self.sae.cfg.activation_scale = loaded.cfg.activation_scale
         self.sae.cfg.output_scale = loaded.cfg.output_scale
         self.sae.load_state_dict(loaded.state_dict())
@@ -289,12 +375,14 @@ class SAERun:
         self.step, self.batches_done, self.since_fired = state["step"], state["batches"], state["since_fired"]
         self.seconds, self.ema = state["seconds"], state.get("ema")
         self.gen.set_state(state["rng"])
+        if ckpt != latest_checkpoint(self.run_dir):
+            log.warning("resumed %s from %s, the newest readable checkpoint", self.run_dir, ckpt.name)
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
     def _start(self) -> None:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / "config.json", dataclasses.asdict(self.cfg))
+            write_json(self.run_dir / "config.json", dataclasses.asdict(self.cfg) | {"sources": self.job["sources"]})
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         n = self.cfg.init_sample_tokens
         samples = {i: self.sample(i, n) for i, _ in self.ins + self.outs}
@@ -323,7 +411,7 @@ class SAERun:
             save_checkpoint(self.run_dir, self.step, self.sae, {
                 "optimizer": self.opt.state_dict(), "step": self.step, "batches": self.batches_done,
                 "since_fired": self.since_fired, "rng": self.gen.get_state(), "ema": self.ema, "seconds": self.seconds,
-                "config": dataclasses.asdict(self.cfg)})
+                "config": dataclasses.asdict(self.cfg), "job": self.job})
 
     def train_step(self, batch: list[torch.Tensor]) -> dict[str, float] | None:
         """One optimizer step on this process's slice of the global batch (one tensor per source)."""
@@ -406,6 +494,9 @@ def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[Placeme
     from_stores = [bool(c.acts or c.crosscoder_acts) for c in cfgs]
     if all(from_stores):
         stores = [ActivationStore(p) for p in keys]
+        for store in stores:
+            if len(store) == 0:
+                raise DataError(f"{store.path}: the store holds no activations (its manifest lists no shards)")
         if len({len(s) for s in stores}) > 1:
             raise DataError("stores trained together must come from one collection (they differ in token count)")
         place = lambda key: (keys.index(key), slice(0, stores[keys.index(key)].d_in))
@@ -439,6 +530,21 @@ def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[Progress], N
         raise ConfigError("SAEs trained from one stream must share batch_size and tokens")
     if first.batch_size % world:
         raise ConfigError(f"batch_size {first.batch_size} is not divisible by {world} processes")
+    if len({str(Path(c.out).resolve()) for c in cfgs}) < len(cfgs):
+        raise ConfigError("SAEs trained together need one run directory each (their --out values repeat)")
+    with contextlib.ExitStack() as locks:  # one writer per run directory (rank 0 writes for every process)
+        if rank == 0:
+            for c in cfgs:
+                locks.enter_context(write_lock(c.out))
+        results = _train_locked(cfgs, progress, source, rank, world)
+    if started_group:  # only on success: shutting down while another process is mid-collective would hang
+        end_process_group()
+    return results[0] if single else results
+
+
+def _train_locked(cfgs: list[TrainConfig], progress: Callable[[Progress], None] | None,
+                  source: ActivationStore | ActivationStream | None, rank: int, world: int) -> list[TrainResult]:
+    first = cfgs[0]
     if source is not None:
         whole = [(0, slice(0, source.d_in))]
         sources, placement = [source], [(whole, whole)] * len(cfgs)
@@ -482,10 +588,7 @@ def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[Progress], N
     finally:
         for r in runs:
             r.close()
-    results = [r.finish() for r in runs]
-    if started_group:  # only on success: shutting down while another process is mid-collective would hang
-        end_process_group()
-    return results[0] if single else results
+    return [r.finish() for r in runs]
 
 
 def _metrics(step: int, cfg: TrainConfig, out: Any, lr: float, since_fired: torch.Tensor, d: dict[str, Any],

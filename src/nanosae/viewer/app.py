@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import sqlite3
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
+from nanosae.errors import ConfigError, FormatError
 from nanosae.interp.features import open_db
+from nanosae.io import public_mode, write_lock
 
 STATIC = Path(__file__).parent / "static"
 SORTS = {"id": "id", "density": "density", "max_act": "max_act", "mean_act": "mean_act", "score": "score"}
@@ -29,8 +34,11 @@ class ViewerData:
         self.run = run if run.is_dir() else run.parent
         self.con = open_db(self.run / "features.db" if (self.run / "features.db").exists() else run)
         self.lock = threading.Lock()
-        self.meta = {r["key"]: json.loads(r["value"]) for r in self.con.execute("SELECT key, value FROM meta")}
-        self.n_latents = int(self.meta["d_sae"])
+        try:
+            self.meta = {r["key"]: json.loads(r["value"]) for r in self.con.execute("SELECT key, value FROM meta")}
+            self.n_latents = int(self.meta["d_sae"])
+        except (sqlite3.Error, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{self.run / 'features.db'}: its meta table is unreadable ({e!r:.80})") from None
 
     def _rows(self, sql: str, args: tuple = ()) -> list[Any]:
         with self.lock:
@@ -52,8 +60,8 @@ class ViewerData:
                  ) -> dict[str, Any]:
         where, args = "", ()
         if q:
-            if q.strip().isdigit():
-                where, args = "WHERE id = ?", (int(q),)
+            if q.strip().isascii() and q.strip().isdigit():  # '²' and '٣' are digits to isdigit but not to int
+                where, args = "WHERE id = ?", (min(int(q), 2**62),)
             else:
                 where, args = "WHERE explanation LIKE ? OR top_logits LIKE ?", (f"%{q}%", f"%{q}%")
         order = f"{SORTS[sort]} {'DESC' if desc else 'ASC'}, id"
@@ -99,13 +107,28 @@ class LiveModel:
             return self.loaded
 
 
-def create_app(run: str | Path, model: str | None = None) -> Any:
+LOCAL_NAMES = ["localhost", "127.0.0.1", "[::1]"]
+WILDCARD_BINDS = ("0.0.0.0", "::", "[::]", "")
+
+
+def allowed_hosts(bind: str) -> list[str]:
+    """Host headers the viewer answers: this machine's names and the bound address. A page on another site
+    that rebinds its DNS name to 127.0.0.1 still sends its own name, and is refused (it could otherwise
+    drive the API, which runs the model). Bound to every interface (--host 0.0.0.0), any name is accepted."""
+    if bind in WILDCARD_BINDS:
+        return ["*"]
+    return LOCAL_NAMES + [f"[{bind}]" if ":" in bind else bind.lower()]
+
+
+def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1") -> Any:
     from fastapi import Body, FastAPI, HTTPException, Query
     from fastapi.staticfiles import StaticFiles
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     data = ViewerData(run)
     live = LiveModel(data.run, model)
     app = FastAPI(title="nanosae viewer", docs_url=None, redoc_url=None)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host), www_redirect=False)
 
     @app.get("/api/overview")
     def overview() -> dict:
@@ -113,7 +136,7 @@ def create_app(run: str | Path, model: str | None = None) -> Any:
 
     @app.get("/api/features")
     def features(q: str = Query("", max_length=200), sort: str = Query("density", pattern="^(id|density|max_act|mean_act|score)$"),
-                 desc: bool = True, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=1_000_000)) -> dict:
+                 desc: bool = True, offset: int = Query(0, ge=0, le=2**62), limit: int = Query(50, ge=1, le=1_000_000)) -> dict:
         return data.features(q, sort, desc, offset, limit)
 
     @app.get("/api/feature/{latent}")
@@ -127,6 +150,10 @@ def create_app(run: str | Path, model: str | None = None) -> Any:
     def run_text(text: str = Body(..., embed=True, max_length=4000), top_k: int = Body(5, embed=True, ge=1, le=20)) -> dict:
         import torch
 
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPException(422, "text is not valid Unicode (it holds a lone surrogate)") from None
         host, sae = live.get()
         ids = [host.tokenizer.bos_id, *host.tokenizer.encode(text)][:512]
         _, cache = host.run_with_cache(torch.tensor([ids]), sae.cfg.input_hooks, return_logits=False)
@@ -143,14 +170,18 @@ def create_app(run: str | Path, model: str | None = None) -> Any:
         from nanosae.errors import NanosaeError
         from nanosae.interp.live import Edit, steer
 
+        try:
+            prompt.encode("utf-8")
+            parsed = [Edit(e["latent"], e["value"], e.get("mode", "add")) for e in edits]
+        except UnicodeEncodeError:
+            raise HTTPException(422, "prompt is not valid Unicode (it holds a lone surrogate)") from None
+        except (KeyError, TypeError, AttributeError):
+            raise HTTPException(422, 'each edit is {"latent": int, "value": number, "mode": "add" | "clamp"}') from None
+        except NanosaeError as e:
+            raise HTTPException(422, str(e)) from None
         host, sae = live.get()
         try:
-            parsed = [Edit(int(e["latent"]), float(e["value"]), str(e.get("mode", "add"))) for e in edits]
-            if any(e.mode not in ("add", "clamp") for e in parsed):
-                raise HTTPException(422, "mode must be add or clamp")
             base, steered = steer(host, sae, parsed, prompt, max_new_tokens=max_new_tokens, seed=seed)
-        except (KeyError, ValueError, TypeError) as e:
-            raise HTTPException(422, f"bad edit: {e}") from None
         except NanosaeError as e:
             raise HTTPException(422, str(e)) from None
         return {"baseline": base.text, "steered": steered.text}
@@ -160,13 +191,55 @@ def create_app(run: str | Path, model: str | None = None) -> Any:
     return app
 
 
+SITE_MARKER = ".nanosae-site"  # lists the files an export wrote: only such a directory is ever replaced
+
+
 def export_static(run: str | Path, out: str | Path) -> Path:
-    """Write the viewer as a static site: the front end plus the API's answers as JSON files."""
+    """Write the viewer as a static site: the front end plus the API's answers as JSON files.
+
+    `out` must be new, empty, or an earlier export whose files are all listed in its marker; the site is
+    built beside it and swapped in, so a directory holding anything else is refused and never touched."""
     data = ViewerData(run)
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(STATIC, out)
+    with write_lock(out, directory=False):
+        _check_export_target(out)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        try:
+            public_mode(tmp, directory=True)
+            _write_site(data, tmp)
+            if out.exists():
+                old = tmp.with_suffix(".old")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def _check_export_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--export {out} is a file; expected a new or empty directory")
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return
+    present = {str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir()}
+    if not present:
+        return
+    marker = out / SITE_MARKER
+    written = set(marker.read_text().splitlines()) if marker.is_file() else set()
+    foreign = sorted(present - written - {SITE_MARKER})
+    if not marker.is_file() or foreign:
+        example = f" (e.g. {foreign[0]})" if foreign else ""
+        raise ConfigError(f"--export {out} holds files a nanosae export did not write{example}; "
+                          "choose a new or empty directory, nothing was changed")
+
+
+def _write_site(data: ViewerData, out: Path) -> None:
+    shutil.copytree(STATIC, out, dirs_exist_ok=True)
     (out / "data" / "feature").mkdir(parents=True)
 
     def put(key: str, value: Any) -> None:  # classic scripts load from file:// where fetch() of JSON is refused
@@ -179,4 +252,5 @@ def export_static(run: str | Path, out: str | Path) -> Path:
     # the page knows it is static by this marker and then reads data/*.js instead of /api
     index = (out / "index.html").read_text().replace('data-mode="api"', 'data-mode="static"')
     (out / "index.html").write_text(index)
-    return out
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir())
+    (out / SITE_MARKER).write_text("".join(f + "\n" for f in files))
