@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -90,11 +91,14 @@ def models_generate(
 def parse_count(text: str) -> int:
     """'200k' -> 200000, '2M' -> 2000000, '4096' -> 4096."""
     units = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
-    t = text.strip().lower().replace("_", "")
+    t = str(text).strip().lower().replace("_", "")
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except (ValueError, KeyError):
-        raise ConfigError(f"cannot read {text!r} as a count (expected e.g. 4096, 200k, 2M)") from None
+        value = math.nan
+    if not (math.isfinite(value) and value == int(value)):
+        raise ConfigError(f"cannot read {text!r} as a whole count (expected e.g. 4096, 200k, 2M)")
+    return int(value)
 
 
 class TokenProgress:
@@ -209,7 +213,7 @@ def train(
     dead_tokens: int = typer.Option(None, help="Tokens without firing after which a latent counts as dead."),
     k_aux: int = typer.Option(None, help="Dead latents in the AuxK loss (default d_in/2)."),
     seed: int = typer.Option(0),
-    checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps (also at the end and on Ctrl-C)."),
+    checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps (0 = only at the end and on Ctrl-C)."),
     resume: bool = typer.Option(False, help="Continue from the newest checkpoints in --out."),
     log_every: int = typer.Option(10),
     tensorboard: bool = typer.Option(False, help="Also log to RUN/tensorboard (needs tensorboard)."),
@@ -366,9 +370,9 @@ def features(
     from nanosae.config import DataConfig
     from nanosae.interp.features import FeaturesConfig, build_features
 
-    run, sae, host = _load_sae_and_model(path, model, device, tokenizer)
     cfg = FeaturesConfig(data=DataConfig(specs=list(data), split=split, context_size=context_size),
                          tokens=parse_count(tokens), top_n=top_n, batch_size=batch_size)
+    run, sae, host = _load_sae_and_model(path, model, device, tokenizer)
     target = out or ((run or (path if path.is_dir() else path.parent)) / "features.db")
     with TokenProgress("features", cfg.tokens) as bar:
         build_features(sae, host, cfg, target, hook=hook, acts=acts,
@@ -446,10 +450,12 @@ def steer(
 @app.command()
 def view(
     run: Path = typer.Argument(..., help="Run directory with features.db (and eval.json)."),
-    port: int = typer.Option(8000),
-    host: str = typer.Option("127.0.0.1", help="Interface to bind (default: this machine only)."),
+    port: int = typer.Option(8000, help="Port to listen on (1..65535)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (default: this machine only; requests must name "
+                                               "localhost or this address, 0.0.0.0 accepts any name)."),
     model: str = typer.Option(None, help="Host model for 'run text' and steering (default: the SAE's model_name)."),
-    export: Path = typer.Option(None, help="Write a self-contained static site to this directory instead of serving."),
+    export: Path = typer.Option(None, help="Write a self-contained static site to this new or empty directory (or "
+                                           "an earlier export, which is replaced) instead of serving."),
 ) -> None:
     """Browse features: overview, feature pages, run text, steering playground (or --export a static site)."""
     from nanosae.viewer import create_app, export_static
@@ -458,10 +464,13 @@ def view(
         out = export_static(run, export)
         console.print(f"static site written to {out} (open {out / 'index.html'})")
         return
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port must be 1..65535, got {port}")
     import uvicorn
 
+    app_ = create_app(run, model=model, host=host)
     console.print(f"nanosae viewer on http://{host}:{port}")
-    uvicorn.run(create_app(run, model=model), host=host, port=port, log_level="warning")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 @app.command()
@@ -573,7 +582,10 @@ def main() -> None:
     try:
         app()
     except NanosaeError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        from rich.text import Text
+
+        message = " ".join(str(e).split("\n")) or type(e).__name__  # one line, and no rich markup read from it
+        Console(stderr=True).print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

@@ -22,9 +22,20 @@ class LockedError(NanosaeError):
     """Another process is writing the same store, run directory or file."""
 
 
-@functools.cache
 def _umask() -> int:
-    """The process's umask (read once: os.umask can only be read by setting it)."""
+    """The process's umask: from /proc on Linux (reading it with os.umask means setting it, which races with
+    threads creating files), else read once that way."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _umask_by_setting()
+
+
+@functools.cache
+def _umask_by_setting() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -104,6 +115,8 @@ def write_lock(target: str | Path, directory: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on a directory (created if needed) or a file while writing it; a second writer gets a one-line
     LockedError naming the holder's pid. The lock is flock(2)-based: it dies with its process, so a killed
     run never leaves a stale lock, and the lock file is removed on release."""
+    if directory and Path(target).exists() and not Path(target).is_dir():
+        raise LockedError(f"{target} is a file; expected a directory to write into")
     path = lock_path(target, directory).resolve()
     key = str(path)
     with _held_guard:

@@ -208,3 +208,69 @@ def test_stream_yields_the_same_activations(tiny_model, word_corpus, tmp_path):
     assert got.shape == everything.shape
     assert torch.allclose(torch.sort(got.sum(-1)).values, torch.sort(everything.sum(-1)).values, atol=1e-4)
     assert not torch.allclose(got, everything)
+
+
+def test_damaged_complete_store_is_repaired_by_the_same_command(tiny_model, word_corpus, tmp_path):
+    """A deleted shard and a corrupted one: rerunning collect recollects from the first damaged shard, and the
+    store ends byte-identical to an undamaged collection."""
+    cfg = config(word_corpus, tmp_path / "acts", hooks=HOOKS[:1], tokens=600)
+    collect(cfg, model=tiny_model)
+    store_dir = tmp_path / "acts" / HOOKS[0]
+    reference = {p.name: p.read_bytes() for p in store_dir.glob("*.npy")}
+    (store_dir / "shard_00003.npy").unlink()
+    ids = store_dir / "ids_00001.npy"
+    ids.write_bytes(ids.read_bytes()[:-3] + b"\xff\xff\xff")
+    with pytest.raises(FormatError, match="ids_00001.npy is corrupted"):
+        ActivationStore(store_dir)
+    collect(cfg, model=tiny_model)
+    assert {p.name: p.read_bytes() for p in store_dir.glob("*.npy")} == reference
+    assert len(ActivationStore(store_dir)) == 600
+
+
+def test_second_writer_is_refused_while_the_first_holds_the_store(tiny_model, word_corpus, tmp_path):
+    from nanosae.io import LockedError, write_lock
+
+    cfg = config(word_corpus, tmp_path / "acts", hooks=HOOKS[:1], tokens=300)
+    stale = tmp_path / "acts" / HOOKS[0] / ".shard_00000.npy.abc.tmp"  # the first writer's file in flight
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"in flight")
+    with write_lock(tmp_path / "acts" / HOOKS[0]):
+        proc = subprocess.run([sys.executable, "-c", f"""
+import sys
+from nanosae.io import write_lock
+try:
+    with write_lock({str(tmp_path / "acts" / HOOKS[0])!r}):
+        sys.exit(0)
+except Exception as e:
+    print(e)
+    sys.exit(3)
+"""], capture_output=True, text=True)
+        assert proc.returncode == 3 and f"pid {os.getpid()}" in proc.stdout, proc.stdout + proc.stderr
+    assert stale.exists()  # the refused writer removed nothing
+    stale.unlink()
+    collect(cfg, model=tiny_model)  # the lock died with its holder: the next writer goes ahead
+    assert not (tmp_path / "acts" / HOOKS[0] / ".nanosae.lock").exists()
+
+
+def store_with_manifest(tmp_path, edit, dtype="float32"):
+    from nanosae.data import write_store
+
+    write_store(tmp_path / "s", torch.randn(300, 8), dtype=dtype, tokens_per_shard=100)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    edit(manifest)
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path / "s"
+
+
+@pytest.mark.parametrize("name", ["/dev/zero", "../outside.npy", "/etc/passwd", "shard_00000.npy/../../x.npy", 7])
+def test_manifest_cannot_name_files_outside_the_store(tmp_path, name):
+    (tmp_path / "outside.npy").write_bytes(b"")
+    path = store_with_manifest(tmp_path, lambda m: m["shards"][0].update(file=name))
+    with pytest.raises(FormatError, match="shard 0 must name files"):
+        ActivationStore(path, verify=False)
+
+
+def test_manifest_dtype_must_match_the_shards(tmp_path):
+    path = store_with_manifest(tmp_path, lambda m: m.update(dtype="bfloat16"), dtype="float16")
+    with pytest.raises(FormatError, match="holds float16 values but the manifest says bfloat16"):
+        ActivationStore(path)  # the checksums still match: only the element type gives it away

@@ -84,3 +84,16 @@ def test_shuffle_is_a_seeded_permutation():
     b = docs("builtin:pydocs", shuffle_buffer=16, seed=1)
     c = docs("builtin:pydocs", shuffle_buffer=16, seed=2)
     assert a == b and a != base and a != c and sorted(a) == sorted(base)
+
+
+def test_text_that_is_not_a_string_is_an_error_naming_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": null}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'text' is null, expected a string"):
+        list(iter_documents(DataConfig(specs=[str(bad)], split="all")))
+    bad.write_text('{"text": {"nested": 0}}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'text' is a dict"):
+        list(iter_documents(DataConfig(specs=[str(bad)], split="all")))
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match=r"ints.parquet: column 'text' holds int64 values, expected strings"):
+        list(iter_documents(DataConfig(specs=[str(tmp_path / "ints.parquet")], split="all")))

@@ -54,3 +54,19 @@ def test_background_worker_passes_items_and_errors():
     assert next(it) == 1
     with pytest.raises(ValueError, match="bad doc"):
         next(it)
+
+
+def test_closing_the_consumer_joins_the_worker():
+    """A prefetch thread left running at exit can abort the process (exit 134): closing must join it."""
+    import threading
+    import time
+
+    def slow():
+        for i in range(1000):
+            time.sleep(0.001)
+            yield i
+
+    items = in_background(slow())
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    items.close()
+    assert not [t for t in threading.enumerate() if t.name == "nanosae-prefetch"]

@@ -153,3 +153,33 @@ def test_features_from_a_store_equal_features_from_the_model(tiny_model, word_co
     bare = write_store(tmp_path / "bare", store.tokens(0, 200), hook=HOOK, context_size=16)
     with pytest.raises(nanosae.FormatError, match="has no token ids"):
         build_features(sae, tiny_model, cfg, tmp_path / "bare.db", acts=bare)
+    other = write_store(tmp_path / "other", store.tokens(0, 200), hook="blocks.0.hook_resid_post", context_size=16)
+    with pytest.raises(nanosae.DataError, match="holds blocks.0.hook_resid_post activations but the SAE reads"):
+        build_features(sae, tiny_model, cfg, tmp_path / "other.db", acts=other)
+
+
+def test_run_paths_with_uri_characters_are_files_not_queries(setup, tmp_path):
+    """'#' and '?' end a file name inside an SQLite URI: explanations must land in the run's own database."""
+    import shutil
+
+    from nanosae.interp.explain import explain_n2g
+
+    _, _, db, _ = setup
+    for name in ("r#A", "r?mode=rw", "r%20b"):
+        run = tmp_path / name
+        run.mkdir()
+        shutil.copy(db, run / "features.db")
+        assert open_db(run).execute("SELECT COUNT(*) FROM latents").fetchone()[0] == 16
+        explain_n2g(run)
+        assert {p.name for p in tmp_path.iterdir()} <= {"r#A", "r?mode=rw", "r%20b"}  # no stray 'r' database
+        assert sorted(p.name for p in run.iterdir()) == ["features.db"]
+
+
+def test_not_a_database_and_bad_settings_are_one_line_errors(setup, tiny_model, tmp_path):
+    sae, cfg, _, _ = setup
+    (tmp_path / "features.db").write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(nanosae.FormatError, match="is not a features database"):
+        open_db(tmp_path)
+    for bad in (dict(batch_size=0), dict(top_n=-3), dict(tokens=0)):
+        with pytest.raises(nanosae.ConfigError, match=next(iter(bad))):
+            FeaturesConfig(**bad)

@@ -120,3 +120,49 @@ def test_local_explainer_and_cli(viewer_run, tmp_path, tiny_model):
     assert rows[0] == 3
     r = CliRunner().invoke(app, ["explain", str(run), "--method", "llm", "--explainer-url", "http://127.0.0.1:9"])
     assert r.exit_code != 0 and "unreachable" in str(r.exception)
+
+
+def redirecting_server(target: str, seen: list):
+    """Answers every POST with a 302 to `target` and records the Authorization header it was sent."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            seen.append(self.headers.get("Authorization"))
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_api_key_is_never_sent_in_clear_text_or_across_a_redirect(monkeypatch):
+    monkeypatch.setenv("NANOSAE_EXPLAINER_KEY", "sk-secret")
+    with pytest.raises(ExplainerError, match="clear text to api.example.com"):
+        HTTPExplainer("http://api.example.com/v1")
+    HTTPExplainer("https://api.example.com/v1")  # https: fine
+    for local in ("http://localhost:8080", "http://127.0.0.1:8080", "http://[::1]:8080"):
+        HTTPExplainer(local)  # a server on this machine: fine
+    with pytest.raises(ExplainerError, match="not an http"):
+        HTTPExplainer("file:///etc/passwd")
+    seen_first, seen_second = [], []
+    second = redirecting_server("http://127.0.0.1:9/never", seen_second)
+    first = redirecting_server(f"http://127.0.0.1:{second.server_port}/v1/chat/completions", seen_first)
+    try:
+        with pytest.raises(ExplainerError, match="redirected"):
+            HTTPExplainer(f"http://127.0.0.1:{first.server_port}/v1").complete("hi", 5)
+    finally:
+        first.shutdown()
+        second.shutdown()
+    assert seen_first == ["Bearer sk-secret"] and seen_second == []  # asked once, never followed
+    monkeypatch.delenv("NANOSAE_EXPLAINER_KEY")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    HTTPExplainer("http://api.example.com/v1")  # without a key, plain http is the user's business

@@ -43,3 +43,28 @@ def test_falls_back_to_torch(monkeypatch):
     x = torch.randn(5, 100, dtype=torch.float64)
     v, i = topk_rows(x, 3)
     assert torch.equal(v, x.topk(3, dim=-1, sorted=False).values)
+
+
+def test_kernel_loads_only_from_a_private_dir_and_with_its_recorded_digest(tmp_path, monkeypatch):
+    """A library loaded by file name runs its constructor: a planted or altered .so must never be loaded."""
+    if topk.kernel() is None:
+        pytest.skip("no C compiler / AVX2 here")
+    import os
+
+    monkeypatch.setenv("NANOSAE_CACHE", str(tmp_path))
+    topk.kernel.cache_clear()
+    try:
+        assert topk.kernel() is not None
+        built = next((tmp_path / f"kernels-{os.getuid()}").glob("topk-*.so"))
+        assert (built.parent.stat().st_mode & 0o777) == 0o700
+        altered = built.with_name("altered")
+        altered.write_bytes(built.read_bytes() + b"planted")
+        os.replace(altered, built)  # altered after it was built (a new file: the loaded one stays mapped)
+        topk.kernel.cache_clear()
+        assert topk.kernel() is not None
+        assert not built.read_bytes().endswith(b"planted")  # rebuilt, not loaded
+        built.parent.chmod(0o777)  # a directory others can write into: nothing there is trusted
+        topk.kernel.cache_clear()
+        assert topk.kernel() is None
+    finally:
+        topk.kernel.cache_clear()

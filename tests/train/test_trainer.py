@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nanosae
-from nanosae import SAE, SAEConfig, TrainConfig, DataError
+from nanosae import SAE, ActivationStore, SAEConfig, TrainConfig, DataError
 from nanosae.data import write_store
 from nanosae.train.init import geometric_median
 from nanosae.train.trainer import derived, ema_decay_at, lr_at, resample_dead
@@ -300,3 +300,75 @@ def test_default_batch_size_by_hand():
     cases = {400_000: 1024, 600_000: 1024, 1_000_000: 2048, 200_000: 512, 98_304: 256, 2_000_000: 4096, 300: 1}
     assert {n: default_batch_size(n) for n in cases} == cases
     assert TrainConfig(acts="x", tokens=400_000).batch_size == 1024
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def small(store, out, **kw):
+    return TrainConfig(**(dict(acts=str(store.path), out=str(out), d_sae=64, k=4, batch_size=512, tokens=512 * 20,
+                               log_every=5, checkpoint_every=5, lr=3e-3) | kw))
+
+
+def test_a_run_directory_holds_one_job(planted_store, tmp_path):
+    """Another job into an existing run is refused before anything is written; the same job continues only
+    with resume, and a resumed run checks every setting and the store it reads."""
+    store, _ = planted_store
+    run = tmp_path / "run"
+    nanosae.train(small(store, run))
+    before = snapshot(run)
+    for change in (dict(k=8), dict(architecture="batchtopk"), dict(d_sae=32), dict(lr=1e-3), dict(seed=1)):
+        for resume in (False, True):
+            with pytest.raises(nanosae.ConfigError, match="records another run"):
+                nanosae.train(small(store, run, resume=resume, **change))
+    with pytest.raises(nanosae.ConfigError, match="already holds this run; pass --resume"):
+        nanosae.train(small(store, run))
+    assert snapshot(run) == before
+    # the same job continues (here: it is finished, so it ends at once with the same weights)
+    again = nanosae.train(small(store, run, resume=True, log_every=1))
+    assert torch.equal(again.sae.W_dec, SAE.load(run / "sae").W_dec)
+
+
+def test_resume_refuses_a_store_of_another_hook_at_the_same_path(planted_store, tmp_path):
+    from nanosae.data import write_store
+
+    store, _ = planted_store
+    acts = tmp_path / "acts"
+    write_store(acts, store.tokens(0, 20_000), hook="blocks.0.hook_resid_post")
+    nanosae.train(small(ActivationStore(acts), tmp_path / "run", checkpoint_every=0))
+    import shutil
+
+    shutil.rmtree(acts)
+    write_store(acts, store.tokens(0, 20_000), hook="blocks.1.hook_resid_post")
+    with pytest.raises(nanosae.ConfigError, match="sources"):
+        nanosae.train(small(ActivationStore(acts), tmp_path / "run", checkpoint_every=0, resume=True))
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(planted_store, tmp_path, caplog):
+    store, _ = planted_store
+    whole = nanosae.train(small(store, tmp_path / "whole"))
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(tmp_path / "whole", run)
+    shutil.rmtree(run / "sae")
+    newest = run / "checkpoints" / "step_20" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk
+    resumed = nanosae.train(small(store, run, resume=True))
+    assert "step_20" in caplog.text and "unreadable" in caplog.text
+    for name, tensor in whole.sae.state_dict().items():
+        assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
+
+
+def test_files_follow_the_umask(planted_store, tmp_path):
+    store, _ = planted_store
+    old = os.umask(0o022)
+    try:
+        nanosae.train(small(store, tmp_path / "run", tokens=512 * 5))
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "run" / "config.json", tmp_path / "run" / "sae" / "sae_weights.safetensors",
+                 tmp_path / "run" / "checkpoints" / "step_5" / "state.pt"]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert (tmp_path / "run" / "checkpoints" / "step_5").stat().st_mode & 0o777 == 0o755

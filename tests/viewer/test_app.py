@@ -66,3 +66,67 @@ def test_run_text_and_steer(client):
     assert r.status_code == 200 and set(r.json()) == {"baseline", "steered"}
     r = client.post("/api/steer", json={"prompt": "w5", "edits": [{"latent": 999, "value": 1}]})
     assert r.status_code == 422 and "out of range" in r.json()["detail"]
+
+
+def test_only_local_host_names_are_answered(viewer_run):
+    """A DNS-rebinding page reaches 127.0.0.1 under its own name: the viewer answers only this machine's names
+    and the bound address, unless it is bound to every interface."""
+    app = create_app(viewer_run, host="127.0.0.1")
+    for base in ("http://localhost:8000", "http://127.0.0.1:8000", "http://[::1]:8000"):
+        assert TestClient(app, base_url=base).get("/api/overview").status_code == 200, base
+    for base in ("http://evil.example:8000", "http://127.0.0.1.evil.example", "http://testserver"):
+        assert TestClient(app, base_url=base).get("/api/overview").status_code == 400, base
+    lan = create_app(viewer_run, host="192.168.1.5")
+    assert TestClient(lan, base_url="http://192.168.1.5:8000").get("/api/overview").status_code == 200
+    anywhere = create_app(viewer_run, host="0.0.0.0")
+    assert TestClient(anywhere, base_url="http://my-box.lan").get("/api/overview").status_code == 200
+
+
+def test_hostile_query_values_are_answered_not_crashed(client):
+    for params in ({"offset": 10**23}, {"q": "²"}, {"q": "٣"}, {"q": "9" * 40}, {"q": "12"}):
+        r = client.get("/api/features", params=params)
+        assert r.status_code in (200, 422), (params, r.status_code)
+    assert client.get("/api/features", params={"q": "9" * 40}).json()["items"] == []
+    r = client.post("/api/run_text", content='{"text": "w5 \\ud800 w6"}', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "text" in r.json()["detail"]
+    bad_edits = [{"latent": 1.5, "value": 1}, {"latent": 2, "value": float("nan")}, {"latent": 2, "value": 1e308},
+                 {"latent": True, "value": 1}, {"latent": 2, "value": "3"}, {"latent": 2, "value": 1, "mode": "drop"},
+                 {"value": 1}, "2=+3"]
+    for edit in bad_edits:
+        body = '{"prompt": "w5", "edits": [%s]}' % __import__("json").dumps(edit).replace("NaN", "NaN")
+        r = client.post("/api/steer", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422, (edit, r.status_code, r.text)
+    r = client.post("/api/steer", content='{"prompt": "w5", "edits": [{"latent": 2, "value": Infinity}]}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "finite" in r.json()["detail"]
+
+
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_never_replaces_what_it_did_not_write(viewer_run, tmp_path):
+    from nanosae.errors import ConfigError
+    from nanosae.viewer import export_static
+
+    victim = tmp_path / "victim"
+    (victim / "precious").mkdir(parents=True)
+    (victim / "precious" / "thesis.txt").write_text("years of work")
+    with pytest.raises(ConfigError, match="did not write"):
+        export_static(viewer_run, victim)
+    assert (victim / "precious" / "thesis.txt").read_text() == "years of work"
+    run_before = tree(viewer_run)
+    with pytest.raises(ConfigError, match="did not write"):
+        export_static(viewer_run, viewer_run)  # the run itself
+    assert tree(viewer_run) == run_before
+    site = tmp_path / "site"
+    export_static(viewer_run, site)
+    first = tree(site)
+    assert "index.html" in first and "data/feature/3.js" in first
+    export_static(viewer_run, site)  # an earlier export is replaced
+    assert tree(site) == first
+    (site / "notes.md").write_text("mine")  # once a person adds a file, the directory is theirs
+    with pytest.raises(ConfigError, match="notes.md"):
+        export_static(viewer_run, site)
+    assert (site / "notes.md").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or lock files left

@@ -72,10 +72,14 @@ def _jsonl(path: Path, opts: DataConfig) -> Iterator[str]:
                 raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
             if not isinstance(record, dict) or opts.text_field not in record:
                 raise DataError(f"{path}:{line_no}: no {opts.text_field!r} field (set --text-field)")
-            yield str(record[opts.text_field])
+            text = record[opts.text_field]
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{line_no}: field {opts.text_field!r} is {_kind(text)}, expected a string")
+            yield text
 
 
 def _parquet(path: Path, opts: DataConfig) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -84,6 +88,9 @@ def _parquet(path: Path, opts: DataConfig) -> Iterator[str]:
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     if opts.text_field not in pf.schema_arrow.names:
         raise DataError(f"{path}: no column {opts.text_field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+    column_type = pf.schema_arrow.field(opts.text_field).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise DataError(f"{path}: column {opts.text_field!r} holds {column_type} values, expected strings (set --text-field)")
     for batch in pf.iter_batches(columns=[opts.text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text is not None:
@@ -113,7 +120,13 @@ def _hf_dataset(name: str, opts: DataConfig) -> Iterator[str]:
     for record in ds:
         if opts.text_field not in record:
             raise DataError(f"dataset {name!r} has no {opts.text_field!r} field (set --text-field)")
-        yield str(record[opts.text_field])
+        if not isinstance(record[opts.text_field], str):
+            raise DataError(f"dataset {name!r}: field {opts.text_field!r} is {_kind(record[opts.text_field])}, expected a string")
+        yield record[opts.text_field]
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
 
 
 def resolve(spec: str) -> list[Path] | None:

@@ -13,6 +13,7 @@ stream itself changes, not just the MLP's view of it.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from nanosae.errors import HookError
+from nanosae.errors import ConfigError, HookError
 from nanosae.models.tokenizers import Tokenizer
 
 HOOK_KINDS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post",
@@ -258,6 +259,7 @@ class HostModel:
 
         temperature 0 is greedy. callback(step, token_id) is called as each token is produced.
         """
+        check_sampling(max_new_tokens, temperature, top_k)
         if isinstance(prompt, str):
             ids = self.tokenizer.encode_chat(prompt) if chat else [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
         else:
@@ -276,6 +278,16 @@ class HostModel:
             if step + 1 < max_new_tokens:
                 logits, cache = self._logits_cached(self._as_tokens([token]), cache)
         return Generation(self.tokenizer.decode(new), new, ids)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+    """One-line errors for sampling settings that would crash or silently do something else."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"temperature must be a finite number ≥ 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:

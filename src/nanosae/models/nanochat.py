@@ -13,7 +13,6 @@ Rotary rotates by -θ on split halves: y1 = x1·cos + x2·sin, y2 = -x1·sin + x
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanosae.errors import FormatError
+from nanosae.io import read_json
 from nanosae.models.host import HostModel, LayerModules
 from nanosae.models.tokenizers import NanochatTokenizer, Tokenizer
 
@@ -280,6 +280,12 @@ def config_from_checkpoint(model_config: dict[str, Any], state: dict[str, Tensor
     missing = [k for k in CONFIG_KEYS if k not in model_config]
     if missing:
         raise FormatError(f"{where}: model_config lacks {', '.join(missing)}")
+    for k in CONFIG_KEYS:
+        v = model_config[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise FormatError(f"{where}: model_config.{k} must be a positive integer, got {v!r:.40}")
+    if model_config["n_embd"] % model_config["n_head"] or model_config["n_head"] % model_config["n_kv_head"]:
+        raise FormatError(f"{where}: n_embd must be divisible by n_head, and n_head by n_kv_head")
     ve_layers = tuple(sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"value_embeds\.(\d+)\.weight", k))))
     smear = state.get("smear_gate.weight")
     current = any(k in state for k in ("resid_lambdas", "smear_gate.weight", "backout_lambda")) or bool(ve_layers)
@@ -319,17 +325,18 @@ def load_nanochat(spec: str, device: str = "cpu", dtype: torch.dtype | None = No
     directory = Path(path_str)
     if not directory.is_dir():
         raise FormatError(f"nanochat checkpoint directory not found: {directory}")
+    if step_str and not (step_str.isascii() and step_str.isdigit()):
+        raise FormatError(f"nanochat:{spec}: the step after @ must be a number, got {step_str!r}")
     model_path, meta_path, step = find_checkpoint(directory, int(step_str) if step_str else None)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{meta_path} is not valid JSON: {e}") from None
-    if "model_config" not in meta:
-        raise FormatError(f"{meta_path}: no model_config")
+    meta = read_json(meta_path)
+    if not isinstance(meta.get("model_config"), dict):
+        raise FormatError(f"{meta_path}: no model_config object")
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FormatError(f"{model_path} could not be read: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # torch raises many kinds for truncated/corrupt/unsafe files
+        raise FormatError(f"{model_path} could not be read: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise FormatError(f"{model_path}: expected a state dict of tensors, got {type(state).__name__}")
     compute = dtype or torch.float32
     state = {k.removeprefix("_orig_mod."): v.to(compute) if v.is_floating_point() else v for k, v in state.items()}
     cfg = config_from_checkpoint(meta["model_config"], state, meta_path)

@@ -122,6 +122,8 @@ def allowed_hosts(bind: str) -> list[str]:
 
 def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1") -> Any:
     from fastapi import Body, FastAPI, HTTPException, Query
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -129,6 +131,13 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
     live = LiveModel(data.run, model)
     app = FastAPI(title="nanosae viewer", docs_url=None, redoc_url=None)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host), www_redirect=False)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
+        """Say what was wrong without echoing the input back (a lone surrogate in it cannot even be encoded)."""
+        where = lambda e: ".".join(str(part) for part in e.get("loc", ()))
+        return JSONResponse({"detail": "; ".join(f"{where(e)}: {e.get('msg', 'invalid')}" for e in exc.errors())},
+                            status_code=422)
 
     @app.get("/api/overview")
     def overview() -> dict:
@@ -150,10 +159,6 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
     def run_text(text: str = Body(..., embed=True, max_length=4000), top_k: int = Body(5, embed=True, ge=1, le=20)) -> dict:
         import torch
 
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise HTTPException(422, "text is not valid Unicode (it holds a lone surrogate)") from None
         host, sae = live.get()
         ids = [host.tokenizer.bos_id, *host.tokenizer.encode(text)][:512]
         _, cache = host.run_with_cache(torch.tensor([ids]), sae.cfg.input_hooks, return_logits=False)
@@ -165,16 +170,14 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
         return {"tokens": tokens[1:]}
 
     @app.post("/api/steer")
-    def steer_route(prompt: str = Body(..., embed=True, max_length=2000), edits: list[dict] = Body(..., embed=True),
-                    max_new_tokens: int = Body(24, embed=True, ge=1, le=128), seed: int = Body(0, embed=True)) -> dict:
+    def steer_route(prompt: str = Body(..., embed=True, max_length=2000), edits: list = Body(..., embed=True),
+                    max_new_tokens: int = Body(24, embed=True, ge=1, le=128),
+                    seed: int = Body(0, embed=True, ge=0, le=2**63 - 1)) -> dict:
         from nanosae.errors import NanosaeError
         from nanosae.interp.live import Edit, steer
 
         try:
-            prompt.encode("utf-8")
             parsed = [Edit(e["latent"], e["value"], e.get("mode", "add")) for e in edits]
-        except UnicodeEncodeError:
-            raise HTTPException(422, "prompt is not valid Unicode (it holds a lone surrogate)") from None
         except (KeyError, TypeError, AttributeError):
             raise HTTPException(422, 'each edit is {"latent": int, "value": number, "mode": "add" | "clamp"}') from None
         except NanosaeError as e:
