@@ -53,6 +53,8 @@ def _resume_manifest(directory: Path, fresh: dict[str, Any]) -> dict[str, Any]:
     if not (directory / MANIFEST).exists():
         return fresh
     old = read_manifest(directory)
+    if not old["shards"]:  # nothing was collected (the run failed at once): nothing to continue or protect
+        return fresh
     for key in _IDENTITY_KEYS:
         if old.get(key) != fresh[key]:
             raise DataError(f"{directory}: the store was collected with {key}={old.get(key)!r}, this run asks for "
@@ -84,12 +86,12 @@ def collect(cfg: CollectConfig, model: HostModel | None = None,
         raise ConfigError("tokens, tokens_per_shard and batch_size must be positive")
     if not cfg.hooks:
         raise ConfigError("no hook given (expected at least one --hook)")
-    model = model or load_model(cfg.model, device=cfg.device, tokenizer=cfg.tokenizer)
-    for hook in cfg.hooks:
-        model.parse_hook(hook)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; expected a directory for the stores")
+    model = model or load_model(cfg.model, device=cfg.device, tokenizer=cfg.tokenizer)
+    for hook in cfg.hooks:
+        model.parse_hook(hook)
     with contextlib.ExitStack() as locks:  # one writer per store: a second collect into it is refused
         for hook in cfg.hooks:
             locks.enter_context(write_lock(out / hook))

@@ -92,7 +92,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     manifest = read_json(path)
     if manifest.get("format") != FORMAT:
         raise FormatError(f"{path}: unknown store format {manifest.get('format')!r} (expected {FORMAT})")
-    if manifest.get("dtype") not in STORE_DTYPES:
+    if not isinstance(manifest.get("dtype"), str) or manifest["dtype"] not in STORE_DTYPES:
         raise FormatError(f"{path}: dtype {manifest.get('dtype')!r} is not one of {', '.join(STORE_DTYPES)}")
     for key in ("d_in", "tokens_per_shard"):
         if not _positive_int(manifest.get(key)):

@@ -111,11 +111,15 @@ def load_hf(spec: str, device: str = "cpu", dtype: torch.dtype | None = None) ->
 
     if Path(spec).exists() and not (Path(spec) / "config.json").exists():
         raise FormatError(f"{spec}: not a Hugging Face model directory (no config.json) nor a nanochat checkpoint directory")
+    if Path(spec).is_dir():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a local load takes seconds; its bar is noise (downloads keep theirs)
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except OSError as e:
-        raise FormatError(f"cannot load Hugging Face model {spec!r}: {str(e).splitlines()[0]}") from None
+        raise FormatError(f"cannot load Hugging Face model {spec!r}: {(str(e).strip().splitlines() or ['?'])[0]}") from None
     return HFModel(model.to(device), tokenizer, spec)
 
 

@@ -108,11 +108,14 @@ def _saelens_fields(raw: dict[str, Any], where: Path) -> SAEConfig:
     for old, new in _OLD_KEYS.items():
         if old in d and new not in d:
             d[new] = d[old]
+    for key in ("architecture", "normalize_activations", "activation_fn_str", "dtype"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise ConfigError(f"{key} must be a string, got {d[key]!r:.40}")
     kwargs = _dict(d.get("activation_fn_kwargs"))
     arch = d.get("architecture") or "standard"
     if d.get("activation_fn_str") == "topk" or (arch == "standard" and kwargs.get("k")):
         arch = "topk"
-    d["architecture"] = _OLD_ARCHITECTURES.get(arch, arch) if isinstance(arch, str) else arch
+    d["architecture"] = _OLD_ARCHITECTURES.get(arch, arch)
     if d["architecture"] in _TRANSCODERS:
         d["architecture"], d["skip_connection"] = _TRANSCODERS[d["architecture"]]
         d["apply_b_dec_to_input"] = False
@@ -215,8 +218,13 @@ def _load_openai(path: Path, device: str, normalize: bool | None) -> SAE:
         dec_DF = enc_FD.T
     if dec_DF is None:
         raise FormatError(f"{path}: missing decoder.weight")
+    if dec_DF.shape != (d_in, d_sae):
+        raise FormatError(f"{path}: decoder.weight has shape {tuple(dec_DF.shape)}, expected {(d_in, d_sae)}")
     activation = sd.get("activation", "ReLU")
-    act_state = sd.get("activation_state_dict") or {}
+    act_state = sd.get("activation_state_dict")
+    act_state = {} if act_state is None else act_state
+    if not isinstance(activation, str):
+        raise FormatError(f"{path}: activation is a {type(activation).__name__}, expected a class name (ReLU or TopK)")
     if not isinstance(act_state, dict):
         raise FormatError(f"{path}: activation_state_dict is a {type(act_state).__name__}, expected a dict")
     if activation == "TopK":

@@ -1,0 +1,297 @@
+"""Malformed files and CLI values: every one ends in exit code 1 and one line on stderr naming the file or
+option, never a traceback, and nothing outside what the command writes is touched.
+
+The CLI runs in this process (nanosae.cli.main with sys.argv set), so an unexpected exception fails the test
+with its traceback instead of being printed. Property-based cases (Hypothesis) mutate valid cfg.json,
+manifest.json and OpenAI .pt files at random.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import nanosae
+from nanosae import SAE, SAEConfig
+from nanosae.data import write_store
+from nanosae.errors import NanosaeError
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    from nanosae.cli import main
+
+    capsys.readouterr()
+    old, sys.argv = sys.argv, ["nanosae", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refused(args: list[str], capsys, names: str, untouched: Path) -> None:
+    """The command exits 1 with one stderr line containing `names`, and `untouched` is byte-identical."""
+    before = tree(untouched)
+    code, err = run_cli(args, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1, (args, code, err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], (args, err)
+    assert tree(untouched) == before, args
+
+
+def one_line_naming(e: NanosaeError, path: Path) -> None:
+    message = str(e)
+    assert message and "\n" not in message and str(path) in message, message
+
+
+# ---- SAE files --------------------------------------------------------------------------------------------
+def small_sae(tmp_path: Path, **cfg) -> Path:
+    SAE(SAEConfig(**(dict(d_in=8, d_sae=16, architecture="topk", k=2, hook_name="blocks.1.hook_resid_post") | cfg))
+        ).save(tmp_path / "sae")
+    return tmp_path / "sae"
+
+
+def edit_cfg(path: Path, change) -> None:
+    cfg = json.loads((path / "cfg.json").read_text())
+    (path / "cfg.json").write_text(json.dumps(change(cfg)))
+
+
+@pytest.mark.parametrize("change,names", [
+    (lambda c: [1, 2], "cfg.json: expected a JSON object, found list"),
+    (lambda c: None, "cfg.json: expected a JSON object, found NoneType"),
+    (lambda c: c | {"activation_scale": "big"}, "activation_scale must be a finite number"),
+    (lambda c: c | {"activation_scale": -2.0}, "activation_scale must be > 0"),
+    (lambda c: c | {"matryoshka_groups": "abc", "architecture": "matryoshka"}, "matryoshka_groups must be"),
+    (lambda c: c | {"d_sae": 10**9}, "tensor W_enc has shape (8, 16), expected (8, 1000000000)"),
+    (lambda c: c | {"k": 2.5}, "k must be an integer"),
+    (lambda c: c | {"architecture": ["topk"]}, "architecture must be a string"),
+])
+def test_malformed_cfg_json(tmp_path, capsys, change, names):
+    path = small_sae(tmp_path)
+    edit_cfg(path, change)
+    refused(["info", path], capsys, names, tmp_path)
+    refused(["info", path], capsys, str(path), tmp_path)
+
+
+def test_nan_weights_are_refused(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    path = small_sae(tmp_path)
+    tensors = load_file(path / "sae_weights.safetensors")
+    tensors["W_dec"][3, 1] = float("nan")
+    save_file(tensors, path / "sae_weights.safetensors")
+    refused(["info", path], capsys, "tensor W_dec holds NaN or infinite values", tmp_path)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=6)
+
+
+@SETTINGS
+@given(key=st.sampled_from(["d_in", "d_sae", "k", "architecture", "activation_scale", "output_scale", "d_out", "dtype",
+                            "hook_name", "normalize_activations", "matryoshka_groups", "apply_b_dec_to_input",
+                            "jumprelu_bandwidth", "context_size", "crosscoder_hooks", "hook_name_out",
+                            "activation_fn_kwargs", "metadata", "skip_connection"]), value=JSON)
+def test_random_cfg_json_values_load_or_fail_in_one_line(tmp_path, key, value):
+    path = small_sae(tmp_path) if not (tmp_path / "sae").exists() else tmp_path / "sae"
+    original = (path / "cfg.json").read_text()
+    try:
+        edit_cfg(path, lambda c: c | {key: value})
+        try:
+            SAE.load(path)
+        except NanosaeError as e:
+            one_line_naming(e, path)
+    finally:
+        (path / "cfg.json").write_text(original)
+
+
+def openai_dict(**change):
+    sd = {"pre_bias": torch.zeros(8), "latent_bias": torch.zeros(16), "encoder.weight": torch.randn(16, 8),
+          "decoder.weight": torch.randn(8, 16), "activation": "TopK", "activation_state_dict": {"k": 2}}
+    return sd | change
+
+
+@pytest.mark.parametrize("content,names", [
+    (openai_dict(**{"encoder.weight": torch.randn(16)}), "encoder.weight has shape (16,)"),
+    (openai_dict(**{"encoder.weight": torch.ones(16, 8, dtype=torch.int64)}), "holds int64 values"),
+    (openai_dict(activation_state_dict={"k": "many"}), "needs an integer k"),
+    (openai_dict(**{"pre_bias": "zeros"}), "pre_bias is a str"),
+    (openai_dict(activation_state_dict=[2]), "activation_state_dict is a list"),
+    ([1, 2, 3], "got list"),
+    (b"", "could not be read as a torch state dict"),
+])
+def test_malformed_openai_pt(tmp_path, capsys, content, names):
+    path = tmp_path / "ae.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    refused(["info", path], capsys, names, tmp_path)
+    refused(["info", path], capsys, str(path), tmp_path)
+
+
+TENSORISH = st.one_of(JSON, st.builds(lambda shape, dtype: torch.zeros(tuple(shape), dtype=dtype),
+                                      st.lists(st.integers(0, 17), max_size=3),
+                                      st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool])))
+
+
+@SETTINGS
+@given(key=st.sampled_from(["pre_bias", "latent_bias", "encoder.weight", "decoder.weight", "activation",
+                            "activation_state_dict", "activation.k"]), value=TENSORISH)
+def test_random_openai_entries_load_or_fail_in_one_line(tmp_path, key, value):
+    path = tmp_path / "ae.pt"
+    torch.save(openai_dict(**{key: value}), path)
+    try:
+        SAE.load(path)
+    except NanosaeError as e:
+        one_line_naming(e, path)
+
+
+# ---- stores -------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def store(tmp_path):
+    return write_store(tmp_path / "acts", torch.randn(300, 8), hook="blocks.0.hook_resid_post", tokens_per_shard=100).path
+
+
+def edit_manifest(path: Path, change) -> None:
+    m = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps(change(m)))
+
+
+@pytest.mark.parametrize("change,names", [
+    (lambda m: m | {"shards": []}, "the store holds no activations"),
+    (lambda m: m | {"shards": "all"}, "'shards' must be a list"),
+    (lambda m: m | {"dtype": "int8"}, "dtype 'int8' is not one of"),
+    (lambda m: m | {"d_in": "wide"}, "d_in must be a positive integer"),
+    (lambda m: m | {"shards": [m["shards"][0] | {"file": "/dev/zero"}]}, "shard 0 must name files"),
+    (lambda m: m | {"shards": [m["shards"][0] | {"tokens": -5}]}, "shard 0 needs a positive 'tokens'"),
+    (lambda m: [m], "manifest.json: expected a JSON object"),
+])
+def test_malformed_manifest(tmp_path, capsys, store, change, names):
+    edit_manifest(store, change)
+    refused(["train", "--acts", store, "--out", tmp_path / "run", "--tokens", "1k"], capsys, names, store)
+    assert not (tmp_path / "run" / "sae").exists()
+
+
+@SETTINGS
+@given(key=st.sampled_from(["format", "dtype", "d_in", "tokens_per_shard", "shards", "hook", "context_size",
+                            "bos_id", "norm_scale"]), value=JSON, shard_key=st.sampled_from(["file", "tokens", "sha256",
+                                                                                          "ids", "ids_sha256"]))
+def test_random_manifest_values_open_or_fail_in_one_line(tmp_path, key, value, shard_key):
+    path = tmp_path / "acts"
+    if not path.exists():
+        write_store(path, torch.randn(300, 8), tokens_per_shard=100)
+    original = (path / "manifest.json").read_text()
+    try:
+        for change in (lambda m: m | {key: value}, lambda m: m | {"shards": [m["shards"][0] | {shard_key: value}]}):
+            edit_manifest(path, change)
+            try:
+                s = nanosae.ActivationStore(path)
+                s.tokens(0, len(s))
+            except NanosaeError as e:
+                one_line_naming(e, path)
+            (path / "manifest.json").write_text(original)
+    finally:
+        (path / "manifest.json").write_text(original)
+
+
+# ---- CLI values -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,names", [
+    (["--tokens", "infk"], "'infk'"),
+    (["--tokens", "1.5"], "'1.5'"),
+    (["--d-sae", "0"], "d_sae must be ≥ 1"),
+    (["--d-sae", "-4"], "d_sae must be ≥ 1"),
+    (["--k", "1.5"], "'1.5'"),
+    (["--k", "64"], "k (64) must be at most d_sae (32)"),
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--ema-decay", "1"], "ema_decay must be ≥ 0 and < 1"),
+    (["--checkpoint-every", "-1"], "checkpoint_every must be ≥ 0"),
+    (["--grad-clip", "inf"], "grad_clip must be a finite number"),
+    (["--arch", "conv"], "unknown SAE architecture 'conv'"),
+])
+def test_bad_train_values(tmp_path, capsys, store, args, names):
+    refused(["train", "--acts", store, "--out", tmp_path / "run", "--tokens", "2k", "--d-sae", "32", *args], capsys,
+            names, tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_that_is_a_file(tmp_path, capsys, store, tiny_llama_dir, word_corpus):
+    (tmp_path / "file").write_text("mine")
+    refused(["train", "--acts", store, "--out", tmp_path / "file", "--tokens", "1k", "--d-sae", "32"], capsys,
+            "is a file", tmp_path)
+    refused(["collect", "--model", tiny_llama_dir, "--hook", "blocks.0.hook_resid_post", "--data", word_corpus,
+             "--out", tmp_path / "file", "--tokens", "100"], capsys, "is a file", tmp_path)
+
+
+def test_bad_values_of_model_commands(tmp_path, capsys, tiny_llama_dir):
+    for args, names in [(["--temperature", "nan"], "temperature must be"), (["--temperature", "-1"], "temperature must be"),
+                        (["--top-k", "0"], "top_k must be"), (["--max-new-tokens", "-2"], "max_new_tokens must be")]:
+        refused(["models", "generate", tiny_llama_dir, "w5 w6", *args], capsys, names, tmp_path)
+
+
+def test_bad_data_files(tmp_path, capsys, tiny_llama_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    (tmp_path / "null.jsonl").write_text('{"text": null}\n')
+    for data, names in [(tmp_path / "ints.parquet", "ints.parquet: column 'text' holds int64"),
+                        (tmp_path / "null.jsonl", "null.jsonl:1: field 'text' is null")]:
+        refused(["collect", "--model", tiny_llama_dir, "--hook", "blocks.0.hook_resid_post", "--data", data, "--out",
+                 tmp_path / "acts", "--tokens", "100", "--split", "all"], capsys, names, tmp_path / "ints.parquet")
+
+
+def test_bad_nanochat_checkpoints(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({}, ckpt / "model_000001.pt")
+    good = {"sequence_len": 32, "vocab_size": 64, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "n_embd": 16}
+    cases = [("nanochat:" + str(ckpt) + "@abc", None, "the step after @ must be a number"),
+             ("nanochat:" + str(ckpt), {"model_config": good | {"n_layer": "two"}}, "n_layer must be a positive integer"),
+             ("nanochat:" + str(ckpt), {"model_config": good | {"n_head": 0}}, "n_head must be a positive integer"),
+             ("nanochat:" + str(ckpt), 7, "meta_000001.json: expected a JSON object"),
+             ("nanochat:" + str(ckpt), {"model_config": [1]}, "no model_config object")]
+    for spec, meta, names in cases:
+        (ckpt / "meta_000001.json").write_text(json.dumps(meta))
+        refused(["models", "hooks", spec], capsys, names, ckpt)
+    (ckpt / "meta_000001.json").write_text(json.dumps({"model_config": good}))
+    torch.save([1, 2], ckpt / "model_000001.pt")
+    refused(["models", "hooks", "nanochat:" + str(ckpt)], capsys, "model_000001.pt: expected a state dict", ckpt)
+
+
+def test_bad_values_of_viewer_and_features(viewer_run, tmp_path, capsys):
+    refused(["view", viewer_run, "--port", "99999"], capsys, "--port must be 1..65535", viewer_run)
+    refused(["features", viewer_run, "--top-n", "-3"], capsys, "top_n must be ≥ 1", viewer_run)
+    refused(["features", viewer_run, "--batch-size", "0"], capsys, "batch_size must be ≥ 1", viewer_run)
+    refused(["steer", "w5", "--sae", viewer_run, "--feature", "2=+1e999"], capsys, "finite number", viewer_run)
+    (tmp_path / "features.db").write_bytes(b"\0garbage" * 64)
+    refused(["view", tmp_path], capsys, "is not a features database", tmp_path)
+    refused(["explain", tmp_path], capsys, "is not a features database", tmp_path)
+
+
+def test_corrupt_features_checkpoint_starts_the_pass_over(tmp_path, tiny_model, word_corpus, caplog):
+    from nanosae import DataConfig
+    from nanosae.interp.features import FeaturesConfig, build_features
+
+    sae = SAE(SAEConfig(d_in=32, d_sae=16, architecture="topk", k=3, hook_name="blocks.1.hook_resid_post"))
+    cfg = FeaturesConfig(data=DataConfig(specs=[str(word_corpus)], context_size=16, split="all"), tokens=200,
+                         batch_size=4)
+    (tmp_path / "features.db.partial.pt").write_bytes(b"PK\x03\x04 truncated")
+    build_features(sae, tiny_model, cfg, tmp_path / "features.db")
+    assert "unreadable" in caplog.text and (tmp_path / "features.db").exists()
+    assert not (tmp_path / "features.db.partial.pt").exists()
