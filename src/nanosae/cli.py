@@ -291,7 +291,7 @@ def eval_cmd(
     from nanosae.config import DataConfig
     from nanosae.eval import evaluate
     from nanosae.eval.report import TABLE_KEYS, write_report
-    from nanosae.io import write_json
+    from nanosae.io import write_json, write_lock
     from nanosae.models import load_model
     from nanosae.sae import SAE
 
@@ -310,7 +310,8 @@ def eval_cmd(
     names = [(run or sae_path).name for run, sae_path in located]
     for (run, sae_path), result in zip(located, results):
         if run is not None:
-            write_json(run / "eval.json", result)
+            with write_lock(run):  # not while a training run writes this directory
+                write_json(run / "eval.json", result)
         elif sae_path.is_file():  # e.g. an OpenAI .pt: eval.json beside it, named after it
             write_json(sae_path.with_suffix(".eval.json"), result)
         else:

@@ -42,6 +42,13 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run every stage; returns the metrics, five interesting features, a steering example and the seconds
     each stage took in this call (stages already done in an earlier call are skipped and not listed)."""
+    from nanosae.io import write_lock
+
+    with write_lock(cfg.out):  # a second demo into the same directory is refused while this one runs
+        return _run_demo(cfg, progress)
+
+
+def _run_demo(cfg: DemoConfig, progress: Progress | None) -> dict[str, Any]:
     from nanosae.data import ActivationStore, collect
     from nanosae.eval import evaluate
     from nanosae.eval.report import write_report
