@@ -26,11 +26,11 @@ def main() -> None:
     nanosae.load_model("smollm2-135m")  # warm the cache so both timings load the same way
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
-        nanosae.train([TrainConfig(out=f"{out}/together/{i}", hook=h, **base) for i, h in enumerate(HOOKS)])
+        nanosae.train([TrainConfig.build(out=f"{out}/together/{i}", hook=h, **base) for i, h in enumerate(HOOKS)])
         together = time.perf_counter() - t
         t = time.perf_counter()
         for i, h in enumerate(HOOKS):
-            nanosae.train(TrainConfig(out=f"{out}/alone/{i}", hook=h, **base))
+            nanosae.train(TrainConfig.build(out=f"{out}/alone/{i}", hook=h, **base))
         separate = time.perf_counter() - t
     print(f"{len(HOOKS)} TopK SAEs (d_sae 2304, k 32) on SmolLM2, {args.tokens:,} streamed tokens each")
     print(f"| runs | wall time |\n|---|---|\n| one stream, all together | {together:.0f} s |\n| separate runs | {separate:.0f} s |")

@@ -126,14 +126,14 @@ def main() -> None:
         store = stores[HOOK] if isinstance(stores, dict) else stores
         times[f"collect {TOKENS // 1000}k"] = time.perf_counter() - t
     t = time.perf_counter()
-    result = train(TrainConfig(out=str(out / "nanosae"), acts=str(store.path), tokens=DEMO_TRAIN, checkpoint_every=0))
+    result = train(TrainConfig.build(out=str(out / "nanosae"), acts=str(store.path), tokens=DEMO_TRAIN, checkpoint_every=0))
     times["train (nanosae)"] = time.perf_counter() - t
     held_out = DataConfig(specs=DATA, split="eval")
     t = time.perf_counter()
     ours = evaluate(result.sae, model, held_out, tokens=args.eval_tokens)
     times["eval"] = time.perf_counter() - t
     t = time.perf_counter()
-    one_pass = train(TrainConfig(out=str(out / "nanosae_one_pass"), acts=str(store.path), tokens=TOKENS, checkpoint_every=0))
+    one_pass = train(TrainConfig.build(out=str(out / "nanosae_one_pass"), acts=str(store.path), tokens=TOKENS, checkpoint_every=0))
     rows = {f"nanosae (as the demo: {DEMO_TRAIN / TOKENS:g} passes)": (ours, result.metrics["dead_fraction"], times["train (nanosae)"]),
             "nanosae, one pass": (None, one_pass.metrics["dead_fraction"], time.perf_counter() - t)}
     peer_saes, peer_secs = {}, {}

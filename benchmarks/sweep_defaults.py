@@ -38,7 +38,7 @@ def main() -> None:
         kw = json.loads(spec)
         name = kw.pop("name", spec)
         with tempfile.TemporaryDirectory() as out:
-            cfg = TrainConfig(out=out, acts=kw.pop("acts", args.train_store), tokens=kw.pop("tokens", 200_000),
+            cfg = TrainConfig.build(out=out, acts=kw.pop("acts", args.train_store), tokens=kw.pop("tokens", 200_000),
                               checkpoint_every=0, log_every=1000, **kw)
             t = time.perf_counter()
             result = train(cfg)
@@ -50,7 +50,7 @@ def main() -> None:
                           "l0": round(float((z > 0).sum(-1).float().mean()), 1),
                           "dead_in_training": round(result.metrics["dead_fraction"], 4),
                           "never_fired_heldout": round(float(((z > 0).sum(0) == 0).float().mean()), 4),
-                          "batch_size": cfg.batch_size, "seconds": round(seconds, 1)}), flush=True)
+                          "batch_size": cfg.optim.batch_size, "seconds": round(seconds, 1)}), flush=True)
     if args.ce_tokens:
         from nanosae.eval import evaluate
         from nanosae.models import load_model

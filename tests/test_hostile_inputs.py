@@ -222,7 +222,7 @@ def test_random_manifest_values_open_or_fail_in_one_line(tmp_path, key, value, s
     (["--ema-decay", "1"], "ema_decay must be ≥ 0 and < 1"),
     (["--checkpoint-every", "-1"], "checkpoint_every must be ≥ 0"),
     (["--grad-clip", "inf"], "grad_clip must be a finite number"),
-    (["--arch", "conv"], "unknown SAE architecture 'conv'"),
+    (["--arch", "conv"], "architecture must be one of relu, topk"),
 ])
 def test_bad_train_values(tmp_path, capsys, store, args, names):
     refused(["train", "--acts", store, "--out", tmp_path / "run", "--tokens", "2k", "--d-sae", "32", *args], capsys,

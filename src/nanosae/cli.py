@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import math
+import contextlib
+import inspect
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from nanosae.config import CollectConfig, EvalConfig, TrainConfig
+from nanosae.interp.features import FeaturesConfig
 from nanosae.errors import ConfigError, NanosaeError
+from nanosae.options import command, gather_data, options_for, parse, parse_count
+from nanosae.train.sweep import SWEEPABLE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sparse autoencoders end to end: collect, train, evaluate, interpret, steer.")
@@ -23,11 +29,12 @@ def _root() -> None:
 
 
 @app.command()
-def info(path: Path = typer.Argument(..., help="SAE directory (ours or SAELens) or OpenAI .pt file.")) -> None:
+def info(path: Path = typer.Argument(..., help="Run directory, SAE directory (ours or SAELens) or OpenAI .pt file.")) -> None:
     """Print an SAE's config and parameter shapes."""
+    from nanosae.rundir import locate
     from nanosae.sae import SAE
 
-    sae = SAE.load(path)
+    sae = SAE.load(locate(path)[1])
     table = Table(title=str(path), show_header=True)
     table.add_column("field")
     table.add_column("value")
@@ -88,19 +95,6 @@ def models_generate(
     console.print()
 
 
-def parse_count(text: str) -> int:
-    """'200k' -> 200000, '2M' -> 2000000, '4096' -> 4096."""
-    units = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
-    t = str(text).strip().lower().replace("_", "")
-    try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except (ValueError, KeyError):
-        value = math.nan
-    if not (math.isfinite(value) and value == int(value)):
-        raise ConfigError(f"cannot read {text!r} as a whole count (expected e.g. 4096, 200k, 2M)")
-    return int(value)
-
-
 class TokenProgress:
     """A rich progress bar for long jobs: tokens done / total, tokens/s, ETA and a free-form note."""
 
@@ -123,50 +117,16 @@ class TokenProgress:
         self.bar.update(self.task, completed=done, total=total, rate=f"{rate:,.0f} tok/s" if rate > 0 else "", note=note)
 
 
-# Options shared by every command that reads text.
-DATA_HELP = "Corpus: builtin:pydocs, builtin:stdlib, .txt/.jsonl/.parquet file, dir, glob, hf:NAME (repeatable)."
-
-
-def data_config(data: list[str], context_size: int, pack: bool, exclude_first: int, split: str, shuffle_buffer: int,
-                seed: int, text_field: str, txt_paragraphs: bool, encoding_errors: str):
-    from nanosae.config import DataConfig
-
-    return DataConfig(specs=list(data), context_size=context_size, pack=pack, exclude_first=exclude_first, split=split,
-                      shuffle_buffer=shuffle_buffer, seed=seed, text_field=text_field, txt_paragraphs=txt_paragraphs,
-                      encoding_errors=encoding_errors)
+COLLECT_OPTIONS = options_for(CollectConfig)
 
 
 @app.command()
-def collect(
-    model: str = typer.Option("smollm2-135m", help="Host model: smollm2-135m, HF dir / hub name / .gguf, nanochat:DIR[@STEP]."),
-    hook: list[str] = typer.Option(["blocks.15.hook_resid_post"], help="Hook point (repeatable: all in one pass)."),
-    data: list[str] = typer.Option(["builtin:pydocs"], help=DATA_HELP),
-    tokens: str = typer.Option("100k", help="Activations per hook, e.g. 250k, 2M (BOS positions excluded)."),
-    out: Path = typer.Option(Path("runs/acts"), help="Output directory (one subdirectory per hook)."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    dtype: str = typer.Option("float16", help="Storage dtype: float16, bfloat16, float32."),
-    tokens_per_shard: int = typer.Option(32768, help="Tokens per shard file."),
-    context_size: int = typer.Option(256, help="Tokens per window."),
-    pack: bool = typer.Option(True, help="Pack documents into full windows (--no-pack: one truncated window per doc)."),
-    exclude_first: int = typer.Option(0, help="Also drop the first N positions of each window."),
-    split: str = typer.Option("train", help="Documents: train (all but every 20th), eval (every 20th), all."),
-    shuffle_buffer: int = typer.Option(0, help="Shuffle documents through a buffer of this many (0 = in order)."),
-    seed: int = typer.Option(0),
-    text_field: str = typer.Option("text", help="Text field of .jsonl/.parquet/HF datasets."),
-    txt_paragraphs: bool = typer.Option(False, help="One document per blank-line block of a .txt file."),
-    encoding_errors: str = typer.Option("strict", help="Non-UTF-8 text: strict (error) or replace."),
-    device: str = typer.Option("cpu"),
-    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
-) -> None:
+@command(COLLECT_OPTIONS)
+def collect(**given: Any) -> None:
     """Collect activations into a sharded on-disk store. Re-run the same command to resume."""
-    from nanosae.config import CollectConfig
     from nanosae.data import collect as run_collect
 
-    cfg = CollectConfig(model=model, hooks=list(hook), tokens=parse_count(tokens), out=str(out), batch_size=batch_size,
-                        dtype=dtype, tokens_per_shard=tokens_per_shard, device=device,
-                        tokenizer=str(tokenizer) if tokenizer else None,
-                        data=data_config(data, context_size, pack, exclude_first, split, shuffle_buffer, seed,
-                                         text_field, txt_paragraphs, encoding_errors))
+    cfg = CollectConfig(**gather_data(parse(COLLECT_OPTIONS, given)))
     with TokenProgress("collect", cfg.tokens) as bar:
         def show(p) -> None:
             bar.update(p.tokens, p.tokens / max(p.seconds, 1e-9), f"{p.bytes_written / 1e6:,.0f} MB written")
@@ -175,149 +135,77 @@ def collect(
         console.print(f"{name}: {len(store):,} tokens × {store.d_in} ({store.dtype}) in {store.path}")
 
 
-def parse_list(text: str, kind: type) -> list:
-    """'2304,4608' -> [2304, 4608] (sweep values)."""
-    try:
-        return [kind(parse_count(v) if kind is int else v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
+TRAIN_OPTIONS = options_for(TrainConfig, sweep=SWEEPABLE, repeat=("acts", "hook"))
+CROSSCODER = inspect.Parameter("crosscoder", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+    False, help="Train one crosscoder over all --hook (or --acts) values instead of one SAE each."))
 
 
 @app.command()
-def train(
-    out: Path = typer.Option(Path("runs/sae"), help="Run directory (several SAEs: one subdirectory each)."),
-    acts: list[Path] = typer.Option(None, help="Activation store(s) from `nanosae collect` (default: stream from the model)."),
-    model: str = typer.Option("smollm2-135m", help="Host model, when streaming."),
-    hook: list[str] = typer.Option(["blocks.15.hook_resid_post"], help="Hook point(s), when streaming: all in one pass."),
-    hook_out: str = typer.Option(None, help="Transcoder: the hook predicted from --hook (e.g. blocks.5.hook_mlp_out)."),
-    acts_out: Path = typer.Option(None, help="Transcoder from stores: the target hook's store (same collection as --acts)."),
-    skip_connection: bool = typer.Option(False, help="Transcoder: also learn a linear skip map W_skip."),
-    crosscoder: bool = typer.Option(False, help="Train one crosscoder over all --hook (or --acts) values instead of one SAE each."),
-    data: list[str] = typer.Option(["builtin:pydocs"], help=DATA_HELP),
-    context_size: int = typer.Option(256, help="Tokens per window, when streaming."),
-    tokens: str = typer.Option("2M", help="Training tokens, e.g. 200k, 2M."),
-    arch: str = typer.Option("topk", help="relu, topk, batchtopk, jumprelu, gated, matryoshka; several train together."),
-    d_sae: str = typer.Option("4608", help="Latents; several (2304,4608) train together."),
-    k: str = typer.Option("32", help="Active latents per token (topk, batchtopk); several train together."),
-    l1_coefficient: str = typer.Option(None, help="L1 (relu, gated) or L0 (jumprelu) weight; several train together."),
-    groups: str = typer.Option(None, help="Matryoshka prefix sizes, e.g. 576,1152,2304,4608 (default d_sae/8,/4,/2,1)."),
-    batch_size: int = typer.Option(None, help="Tokens per step (default: ~500 steps for short runs, at most 4096)."),
-    lr: float = typer.Option(None, help="Adam learning rate (default 5.4e-4 / sqrt(d_sae / 16384))."),
-    lr_schedule: str = typer.Option("linear", help="constant, cosine or linear decay at the end."),
-    lr_warmup_steps: int = typer.Option(None),
-    grad_clip: float = typer.Option(1.0),
-    ema_decay: float = typer.Option(None, help="Save an EMA of the weights (e.g. 0.999)."),
-    init_b_dec: str = typer.Option("geometric_median", help="geometric_median, mean, zeros."),
-    init_encoder_scale: float = typer.Option(0.5, help="W_enc starts at this times W_dec.T."),
-    input_norm: str = typer.Option("none", help="none, or layer_norm: centre and scale each token (OpenAI's TopK SAEs)."),
-    dead_tokens: int = typer.Option(None, help="Tokens without firing after which a latent counts as dead."),
-    k_aux: int = typer.Option(None, help="Dead latents in the AuxK loss (default d_in/2)."),
-    seed: int = typer.Option(0),
-    checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps (0 = only at the end and on Ctrl-C)."),
-    resume: bool = typer.Option(False, help="Continue from the newest checkpoints in --out."),
-    log_every: int = typer.Option(10),
-    tensorboard: bool = typer.Option(False, help="Also log to RUN/tensorboard (needs tensorboard)."),
-    wandb: bool = typer.Option(False, help="Also log to Weights & Biases (needs wandb)."),
-    device: str = typer.Option("cpu"),
-) -> None:
+@command(TRAIN_OPTIONS, [CROSSCODER])
+def train(crosscoder: bool = False, **given: Any) -> None:
     """Train SAEs from stores or straight from the model; several settings train together from one stream."""
-    import itertools
-
-    from nanosae.config import DataConfig, TrainConfig
     from nanosae.train import train as run_train
+    from nanosae.train.sweep import expand_sweep
 
-    sources = [("acts", str(a)) for a in acts] if acts else [("hook", h) for h in hook]
-    if crosscoder:
-        sources = [("crosscoder", ",".join(where for _, where in sources))]
-    elif (hook_out or acts_out) and len(sources) > 1:
-        raise ConfigError("a transcoder reads one hook (--hook or --acts) and predicts --hook-out / --acts-out")
-    archs, sizes, ks = parse_list(arch, str), parse_list(d_sae, int), parse_list(k, int)
-    coeffs = parse_list(l1_coefficient, float) if l1_coefficient else [None]
-    cfgs = []
-    for (kind, where), a, size, kk, coeff in itertools.product(sources, archs, sizes, ks, coeffs):
-        parts = [Path(where).name if len(sources) > 1 else "", a if len(archs) > 1 else "",
-                 f"d_sae={size}" if len(sizes) > 1 else "", f"k={kk}" if len(ks) > 1 else "",
-                 f"l1={coeff}" if len(coeffs) > 1 else ""]
-        name = "-".join(p for p in parts if p)
-        cfgs.append(TrainConfig(
-            out=str(out / name if name else out), acts=where if kind == "acts" else None, model=model,
-            hook=where if kind == "hook" else hook[0], data=DataConfig(specs=list(data), context_size=context_size),
-            hook_out=hook_out, acts_out=str(acts_out) if acts_out else None, skip_connection=skip_connection,
-            crosscoder_hooks=list(hook) if crosscoder and not acts else None,
-            crosscoder_acts=[str(a) for a in acts] if crosscoder and acts else None,
-            tokens=parse_count(tokens), architecture=a, d_sae=size, k=kk, sparsity_coefficient=coeff,
-            matryoshka_groups=parse_list(groups, int) if groups else None,
-            batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps, grad_clip=grad_clip,
-            ema_decay=ema_decay, init_b_dec=init_b_dec, init_encoder_scale=init_encoder_scale, input_norm=input_norm, dead_tokens=dead_tokens, k_aux=k_aux, seed=seed,
-            checkpoint_every=checkpoint_every, resume=resume, log_every=log_every, tensorboard=tensorboard,
-            wandb=wandb, device=device))
-    steps = cfgs[0].tokens // cfgs[0].batch_size
-    label = f"train {len(cfgs)} SAEs" if len(cfgs) > 1 else f"train {arch}"
+    cfgs = expand_sweep(gather_data(parse(TRAIN_OPTIONS, given)), crosscoder=crosscoder)
+    steps = cfgs[0].optim.tokens // cfgs[0].optim.batch_size
+    label = f"train {len(cfgs)} SAEs" if len(cfgs) > 1 else f"train {cfgs[0].sae.architecture}"
     with TokenProgress(label, steps) as bar:
         def show(p) -> None:
             m = p.metrics
             bar.update(p.step, m["tokens_per_s"], f"loss {m['loss']:.3g} fvu {m['fvu']:.3f} l0 {m['l0']:.1f} "
                                                   f"dead {m['dead_fraction']:.1%}")
-        results = run_train(cfgs if len(cfgs) > 1 else cfgs[0], progress=show)
-    for result in results if isinstance(results, list) else [results]:
+        results = run_train(cfgs, progress=show)
+    for result in results:
         m = result.metrics
         console.print(f"saved {result.run_dir / 'sae'}  (fvu {m.get('fvu', float('nan')):.4f}, "
                       f"l0 {m.get('l0', float('nan')):.1f}, dead {m.get('dead_fraction', 0):.2%})")
 
 
-def resolve_sae(path: Path) -> tuple[Path | None, Path]:
-    """(run dir or None, SAE path): a run dir holds sae/; anything else is an SAE file or directory."""
-    if (path / "sae" / "cfg.json").exists():
-        return path, path / "sae"
-    return None, path
+EVAL_OPTIONS = options_for(EvalConfig)
+SAE_PATHS = inspect.Parameter("paths", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[Path], default=typer.Argument(
+    ..., help="Run directories or SAE files/dirs (several: evaluated on the same tokens)."))
+
+
+def _option(name: str, annotation: type, default: Any, help_text: str) -> inspect.Parameter:
+    """A command's own option (not a config field): which SAE, model or device to use."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, help=help_text))
+
+
+MODEL = _option("model", str, None, "Host model (default: the SAE's model_name).")
+HOOK = _option("hook", str, None, "Hook point (default: the SAE's hook_name).")
+DEVICE = _option("device", str, "cpu", "Where the model and SAE run: cpu, cuda, ...")
+TOKENIZER = _option("tokenizer", Path, None, "nanochat tokenizer directory (default: tokenizer/ next to the checkpoints).")
 
 
 @app.command("eval")
-def eval_cmd(
-    paths: list[Path] = typer.Argument(..., help="Run directories or SAE files/dirs (several: evaluated on the same tokens)."),
-    model: str = typer.Option(None, help="Host model (default: the SAE's model_name)."),
-    hook: str = typer.Option(None, help="Hook point (default: the SAE's hook_name)."),
-    data: list[str] = typer.Option(["builtin:pydocs"], help=DATA_HELP),
-    split: str = typer.Option("eval", help="Documents: eval (held out: every 20th), train, all."),
-    tokens: str = typer.Option("20k", help="Evaluation tokens."),
-    context_size: int = typer.Option(256),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    ablation: str = typer.Option("zero", help="Baseline for the CE score: zero or mean ablation."),
-    out: Path = typer.Option(None, help="Where report.html goes (default: the run dir, or the sweep's parent)."),
-    device: str = typer.Option("cpu"),
-    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
-) -> None:
+@command(EVAL_OPTIONS, [SAE_PATHS, MODEL, HOOK, _option("out", Path, None, "Where report.html goes (default: the run "
+         "directory, or the folder holding the SAEs)."), DEVICE, TOKENIZER])
+def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = None, out: Path | None = None,
+             device: str = "cpu", tokenizer: Path | None = None, **given: Any) -> None:
     """Evaluate SAEs: FVU, L0, dead/dense latents, CE/KL with the SAE spliced in; writes eval.json and report.html."""
-    from nanosae.config import DataConfig
     from nanosae.eval import evaluate
     from nanosae.eval.report import TABLE_KEYS, write_report
     from nanosae.io import write_json, write_lock
     from nanosae.models import load_model
+    from nanosae.rundir import eval_path, locate, model_spec, report_dir
     from nanosae.sae import SAE
 
-    located = [resolve_sae(p) for p in paths]
+    cfg = EvalConfig(**gather_data(parse(EVAL_OPTIONS, given)))
+    located = [locate(p) for p in paths]
     saes = [SAE.load(sae_path, device=device) for _, sae_path in located]
-    spec = model or saes[0].cfg.model_name
-    if not spec:
-        raise ConfigError("the SAE does not name its model; pass --model")
+    spec = model_spec(saes[0], model, paths[0])
     host = load_model(spec, device=device, tokenizer=tokenizer)
-    n = parse_count(tokens)
-    cfg = DataConfig(specs=list(data), split=split, context_size=context_size)
-    with TokenProgress("eval", n) as bar:
-        results = evaluate(saes, host, cfg, tokens=n, batch_size=batch_size, ablation=ablation,
+    with TokenProgress("eval", cfg.tokens) as bar:
+        results = evaluate(saes, host, cfg.data, tokens=cfg.tokens, batch_size=cfg.batch_size, ablation=cfg.ablation,
                            hooks=[hook] * len(saes) if hook else None,
                            progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)))
-    names = [(run or sae_path).name for run, sae_path in located]
     for (run, sae_path), result in zip(located, results):
-        if run is not None:
-            with write_lock(run):  # not while a training run writes this directory
-                write_json(run / "eval.json", result)
-        elif sae_path.is_file():  # e.g. an OpenAI .pt: eval.json beside it, named after it
-            write_json(sae_path.with_suffix(".eval.json"), result)
-        else:
-            write_json(sae_path / "eval.json", result)
-    target = out or (located[0][0] if len(located) == 1 and located[0][0] else Path(paths[0]).resolve().parent)
-    report = write_report(results, names, Path(target) / "report.html")
+        with write_lock(run.path) if run else contextlib.nullcontext():  # not while a training run writes it
+            write_json(eval_path(run, sae_path), result)
+    names = [(run.path if run else sae_path).name for run, sae_path in located]
+    report = write_report(results, names, (out or report_dir(located)) / "report.html")
     table = Table(title=f"{spec} · {results[0]['hook']} · {results[0]['tokens']:,} tokens")
     table.add_column("metric")
     for name in names:
@@ -328,53 +216,25 @@ def eval_cmd(
     console.print(f"report: {report}")
 
 
-def _load_sae_and_model(path: Path, model: str | None, device: str, tokenizer: Path | None):
-    from nanosae.models import load_model
-    from nanosae.sae import SAE
-
-    run, sae_path = resolve_sae(path)
-    sae = SAE.load(sae_path, device=device)
-    spec = model or sae.cfg.model_name
-    if not spec:
-        raise ConfigError(f"{path}: the SAE does not name its model; pass --model")
-    return run, sae, load_model(spec, device=device, tokenizer=tokenizer)
-
-
-def _labels(db_path: Path | None, name: str) -> dict:
-    """Explanations from a features.db, keyed (sae name, latent)."""
-    if db_path is None or not Path(db_path).exists():
-        return {}
-    from nanosae.interp.features import open_db
-
-    con = open_db(db_path)
-    return {(name, r["id"]): r["explanation"] for r in con.execute("SELECT id, explanation FROM latents WHERE explanation IS NOT NULL")}
+FEATURES_OPTIONS = options_for(FeaturesConfig)
+SAE_PATH = inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path, default=typer.Argument(
+    ..., help="Run directory or SAE file/dir (ours, SAELens, OpenAI)."))
 
 
 @app.command()
-def features(
-    path: Path = typer.Argument(..., help="Run directory or SAE file/dir (ours, SAELens, OpenAI)."),
-    model: str = typer.Option(None, help="Host model (default: the SAE's model_name)."),
-    hook: str = typer.Option(None, help="Hook point (default: the SAE's hook_name)."),
-    data: list[str] = typer.Option(["builtin:pydocs"], help=DATA_HELP),
-    split: str = typer.Option("all", help="Documents: all, train, eval."),
-    tokens: str = typer.Option("100k", help="Tokens to stream through the model."),
-    context_size: int = typer.Option(256),
-    top_n: int = typer.Option(20, help="Top-activating examples per latent."),
-    batch_size: int = typer.Option(8),
-    out: Path = typer.Option(None, help="Database file (default: RUN/features.db)."),
-    acts: Path = typer.Option(None, help="Read the SAE's input from this store (from `nanosae collect`) instead "
-                                         "of running the model; --data/--split/--context-size are then not used."),
-    device: str = typer.Option("cpu"),
-    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
-) -> None:
+@command(FEATURES_OPTIONS, [SAE_PATH, MODEL, HOOK, _option("out", Path, None, "Database file (default: RUN/features.db)."),
+                            _option("acts", Path, None, "Read the SAE's input from this store (from `nanosae collect`) "
+                                    "instead of running the model; the data options are then not used."),
+                            DEVICE, TOKENIZER])
+def features(path: Path, model: str | None = None, hook: str | None = None, out: Path | None = None,
+             acts: Path | None = None, device: str = "cpu", tokenizer: Path | None = None, **given: Any) -> None:
     """Build features.db: densities, histograms, top and quantile examples, logit effects, co-firing (resumable)."""
-    from nanosae.config import DataConfig
-    from nanosae.interp.features import FeaturesConfig, build_features
+    from nanosae.interp.features import build_features
+    from nanosae.rundir import home, load_sae_and_model
 
-    cfg = FeaturesConfig(data=DataConfig(specs=list(data), split=split, context_size=context_size),
-                         tokens=parse_count(tokens), top_n=top_n, batch_size=batch_size)
-    run, sae, host = _load_sae_and_model(path, model, device, tokenizer)
-    target = out or ((run or (path if path.is_dir() else path.parent)) / "features.db")
+    cfg = FeaturesConfig(**gather_data(parse(FEATURES_OPTIONS, given)))
+    _, sae, host = load_sae_and_model(path, model, device, tokenizer)
+    target = out or home(path) / "features.db"
     with TokenProgress("features", cfg.tokens) as bar:
         build_features(sae, host, cfg, target, hook=hook, acts=acts,
                        progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)))
@@ -395,16 +255,17 @@ def track(
     tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
 ) -> None:
     """Generate and show, live, the top features of every new token; a summary at the end."""
+    from nanosae.interp.features import explanations
     from nanosae.interp.live import FeatureTracker
+    from nanosae.rundir import home, load_sae_and_model, locate
     from nanosae.sae import SAE
 
-    run, first, host = _load_sae_and_model(sae[0], model, device, tokenizer)
+    _, first, host = load_sae_and_model(sae[0], model, device, tokenizer)
     saes, labels = {}, {}
     for i, p in enumerate(sae):
-        r, path = resolve_sae(p)
-        name = (r or path).name if len(sae) > 1 else "sae"
-        saes[name] = first if i == 0 else SAE.load(path, device=device)
-        labels |= _labels((r or path) / "features.db" if (r or path).is_dir() else None, name)
+        name = p.name if len(sae) > 1 else "sae"
+        saes[name] = first if i == 0 else SAE.load(locate(p)[1], device=device)
+        labels |= {(name, latent): text for latent, text in explanations(home(p) / "features.db").items()}
     tracker = FeatureTracker(host, saes, top_k=top_k, labels=labels)
 
     def show(t) -> None:
@@ -436,8 +297,9 @@ def steer(
 ) -> None:
     """Generate with and without feature edits (same seed) and show both side by side."""
     from nanosae.interp.live import parse_edit, steer as run_steer
+    from nanosae.rundir import load_sae_and_model
 
-    _, s, host = _load_sae_and_model(sae, model, device, tokenizer)
+    _, s, host = load_sae_and_model(sae, model, device, tokenizer)
     edits = [parse_edit(f) for f in feature]
     base, steered = run_steer(host, s, edits, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                               seed=seed, chat=chat)
@@ -487,6 +349,7 @@ def explain(
     """Write an explanation and a held-out score for every feature into features.db."""
     from nanosae.interp.explain import explain_n2g
     from nanosae.interp.llm_explain import HTTPExplainer, LocalExplainer, explain_llm
+    from nanosae.rundir import load_sae_and_model
 
     with TokenProgress("explain", 1) as bar:
         def show(done: int, total: int) -> None:
@@ -498,7 +361,7 @@ def explain(
             if explainer_url:
                 explainer = HTTPExplainer(explainer_url, model=explainer_model)
             else:
-                _, _, host = _load_sae_and_model(run, model, "cpu", None)
+                _, _, host = load_sae_and_model(run, model, "cpu", None)
                 explainer = LocalExplainer(host)
             n = explain_llm(run, explainer, max_features=max_features or None, progress=show)
         else:

@@ -5,13 +5,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from nanosae.errors import ConfigError
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
+Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
+InputNorm = Literal["none", "layer_norm"]
+LRSchedule = Literal["constant", "cosine", "linear"]
+BDecInit = Literal["geometric_median", "mean", "zeros"]
+StoreDtype = Literal["float16", "bfloat16", "float32"]
+Ablation = Literal["zero", "mean"]
+ARCHITECTURES = get_args(Architecture)
+LITERALS = {"Architecture": Architecture, "InputNorm": InputNorm, "LRSchedule": LRSchedule, "BDecInit": BDecInit,
+            "StoreDtype": StoreDtype, "Ablation": Ablation}
 BATCH_TOPK = ("batchtopk", "matryoshka")  # architectures that select the top k·B of a batch while training
-NORMALIZATIONS = ("none", "layer_norm")
+NORMALIZATIONS = get_args(InputNorm)
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -28,7 +36,10 @@ def _type_ok(value: Any, annotation: str) -> bool:
             return True
         if alt.startswith("list[") and isinstance(value, (list, tuple)) and all(_type_ok(v, alt[5:-1]) for v in value):
             return True
-        if alt == "DataConfig" and isinstance(value, DataConfig):
+        part = globals().get(alt)  # a nested config (DataConfig, SourceConfig, ...): defined in this module
+        if isinstance(part, type) and dataclasses.is_dataclass(part) and isinstance(value, part):
+            return True
+        if alt in LITERALS and isinstance(value, str) and value in get_args(LITERALS[alt]):
             return True
     return False
 
@@ -51,7 +62,9 @@ _WORDS = {"int": "an integer", "float": "a finite number", "str": "a string", "b
 
 
 def _describe(annotation: str) -> str:
-    return " or ".join(_WORDS.get(a.strip(), a.strip()) for a in annotation.split("|") if a.strip() != "None")
+    words = [("one of " + ", ".join(get_args(LITERALS[a.strip()]))) if a.strip() in LITERALS else _WORDS.get(a.strip(), a.strip())
+             for a in annotation.split("|") if a.strip() != "None"]
+    return " or ".join(words)
 
 
 def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *, open_low: bool = False,
@@ -203,8 +216,8 @@ class SAEConfig:
 class DataConfig:
     """Which text to read and how to turn it into token windows."""
 
-    specs: list[str] = field(default_factory=lambda: ["builtin:pydocs"])
-    """Corpora: builtin:pydocs, builtin:stdlib, .txt/.jsonl/.parquet files, dirs, globs, hf:NAME."""
+    specs: list[str] = field(default_factory=lambda: ["builtin:pydocs"], metadata={"flag": "data"})
+    """Corpus (repeatable): builtin:pydocs, builtin:stdlib, a .txt/.jsonl/.parquet file, dir or glob, hf:NAME."""
     context_size: int = 256
     """Tokens per window."""
     pack: bool = True
@@ -215,13 +228,20 @@ class DataConfig:
     """Documents to use: train (all but every 20th), eval (every 20th), all."""
     shuffle_buffer: int = 0
     """Shuffle documents through a buffer of this many (0 = corpus order)."""
-    seed: int = 0
+    shuffle_seed: int = 0
+    """Seed of the document shuffle buffer."""
     text_field: str = "text"
     """Field holding the text in .jsonl / .parquet / HF datasets."""
     txt_paragraphs: bool = False
     """One document per blank-line-separated block of a .txt file (instead of one per file)."""
     encoding_errors: str = "strict"
     """Non-UTF-8 bytes: strict (stop with an error) or replace."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
+        """From a saved dict (a manifest's "data", a config.json), older key names included."""
+        d = {("shuffle_seed" if k == "seed" else k): v for k, v in d.items()}
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
     def __post_init__(self) -> None:
         if isinstance(self.specs, str):
@@ -243,23 +263,14 @@ def default_batch_size(tokens: int) -> int:
     return int(max(1, min(4096, tokens, 2 ** round(math.log2(max(1.0, tokens / 500))))))
 
 
-def run_io(cfg: "TrainConfig") -> tuple[list[str], list[str]]:
-    """What a training run reads and what it reconstructs: store paths (from stores) or hook names (streaming)."""
-    if cfg.acts or cfg.crosscoder_acts:
-        ins = list(cfg.crosscoder_acts or [str(cfg.acts)])
-        return ins, list(cfg.crosscoder_acts or [str(cfg.acts_out or cfg.acts)])
-    ins = list(cfg.crosscoder_hooks or [cfg.hook])
-    return ins, list(cfg.crosscoder_hooks or [cfg.hook_out or cfg.hook])
-
-
 @dataclass
 class CollectConfig:
     """Collect activations from a host model into an on-disk store (one directory per hook)."""
 
     model: str = "smollm2-135m"
     """Host model spec: smollm2-135m, a HF dir / hub name / .gguf, or nanochat:DIR[@STEP]."""
-    hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"])
-    """Hook points to capture in one pass."""
+    hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"], metadata={"flag": "hook"})
+    """Hook point (repeatable: all are captured in one pass)."""
     data: DataConfig = field(default_factory=DataConfig)
     tokens: int = 100_000
     """Activations to collect per hook (BOS positions excluded)."""
@@ -267,12 +278,14 @@ class CollectConfig:
     """Output directory; each hook gets a subdirectory."""
     batch_size: int = 8
     """Windows per forward pass."""
-    dtype: str = "float16"
+    dtype: StoreDtype = "float16"
     """Storage dtype: float16, bfloat16 or float32."""
     tokens_per_shard: int = 32768
+    """Tokens per shard file."""
     device: str = "cpu"
+    """Where the model runs: cpu, cuda, ..."""
     tokenizer: str | None = None
-    """nanochat tokenizer directory, when not next to the checkpoints."""
+    """nanochat tokenizer directory (default: tokenizer/ next to the checkpoints, $NANOCHAT_BASE_DIR)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -281,120 +294,249 @@ class CollectConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Train one SAE from an activation store (--acts) or straight from the model (streaming)."""
+class EvalConfig:
+    """Evaluate SAEs on held-out text: reconstruction, sparsity, and the model's loss with each SAE spliced in."""
 
-    out: str = "runs/sae"
-    """Run directory: config.json, sae/, checkpoints/, metrics.jsonl."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(split="eval"))
+    tokens: int = 20_000
+    """Evaluation tokens."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    ablation: Ablation = "zero"
+    """Baseline of the CE-loss score: zero or mean ablation of what the SAE replaces."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_range("tokens", self.tokens, 1)
+        check_range("batch_size", self.batch_size, 1)
+
+
+@dataclass
+class SourceConfig:
+    """Where a run's activations come from: stores on disk (acts), or the host model reading text (streaming)."""
+
     acts: str | None = None
     """Activation store to train from (made by `nanosae collect`); without it, activations are streamed."""
+    acts_out: str | None = None
+    """Transcoder from stores: the target hook's store, collected in the same run as acts."""
+    crosscoder_acts: list[str] | None = None
+    """Crosscoder from stores: one store per hook, collected in one run."""
     model: str = "smollm2-135m"
-    """Host model for streaming."""
+    """Host model for streaming: smollm2-135m, a HF dir / hub name / .gguf, or nanochat:DIR[@STEP]."""
     hook: str = "blocks.15.hook_resid_post"
     """Hook point for streaming."""
     hook_out: str | None = None
-    """Transcoder (streaming): the hook predicted from --hook's activation, e.g. blocks.L.hook_mlp_out."""
-    acts_out: str | None = None
-    """Transcoder (stores): the target hook's store, collected in the same run as --acts."""
-    skip_connection: bool = False
-    """Transcoder: also learn a linear skip map W_skip from input to output."""
+    """Transcoder streaming: the hook predicted from hook's activation, e.g. blocks.L.hook_mlp_out."""
     crosscoder_hooks: list[str] | None = None
-    """Crosscoder (streaming): the hooks read and reconstructed together with one shared latent space."""
-    crosscoder_acts: list[str] | None = None
-    """Crosscoder (stores): one store per hook, collected in one run."""
+    """Crosscoder streaming: the hooks read and reconstructed together with one shared latent space."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Text to stream through the model (not used with stores)."""
     model_batch_size: int = 8
     """Windows per forward pass when streaming."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_range("model_batch_size", self.model_batch_size, 1)
+        if (self.hook_out or self.acts_out) and (self.crosscoder_hooks or self.crosscoder_acts):
+            raise ConfigError("a run trains either a transcoder (hook_out / acts_out) or a crosscoder, not both")
+        if self.acts_out and not self.acts:
+            raise ConfigError("acts_out (the transcoder's target store) needs acts (its input store)")
+
+    @property
+    def from_stores(self) -> bool:
+        return bool(self.acts or self.crosscoder_acts)
+
+    @property
+    def transcoder(self) -> bool:
+        return bool(self.hook_out or self.acts_out)
+
+    def io(self) -> tuple[list[str], list[str]]:
+        """What the run reads and what it reconstructs: store paths (from stores) or hook names (streaming)."""
+        if self.from_stores:
+            ins = list(self.crosscoder_acts or [str(self.acts)])
+            return ins, list(self.crosscoder_acts or [str(self.acts_out or self.acts)])
+        ins = list(self.crosscoder_hooks or [self.hook])
+        return ins, list(self.crosscoder_hooks or [self.hook_out or self.hook])
+
+
+@dataclass
+class DictionaryConfig:
+    """The SAE to train; its input width and hooks come from the source."""
+
+    architecture: Architecture = field(default="topk", metadata={"aliases": ["--arch"]})
+    """relu, topk, batchtopk, jumprelu, gated, matryoshka (nested BatchTopK dictionaries); several train together."""
+    d_sae: int = 4608
+    """Number of latents; several (2304,4608) train together."""
+    k: int = 32
+    """Active latents per token (topk, batchtopk, matryoshka); several train together."""
+    matryoshka_groups: list[int] | None = field(default=None, metadata={"aliases": ["--groups"]})
+    """Matryoshka prefix sizes, e.g. 576,1152,2304,4608 (default d_sae/8, /4, /2, d_sae)."""
+    normalize_activations: InputNorm = field(default="none", metadata={"aliases": ["--input-norm"]})
+    """layer_norm: centre each input and divide by its std, undone on output (OpenAI's TopK SAEs)."""
+    skip_connection: bool = False
+    """Transcoder: also learn a linear skip map W_skip from input to output."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_range("d_sae", self.d_sae, 1)
+        check_range("k", self.k, 1)
+        if self.architecture in ("topk", *BATCH_TOPK) and self.k > self.d_sae:
+            raise ConfigError(f"k ({self.k}) must be at most d_sae ({self.d_sae})")
+        check_range("matryoshka_groups", self.matryoshka_groups, 1, self.d_sae)
+
+
+@dataclass
+class OptimConfig:
+    """How the SAE is optimised: budget, Adam, schedule, initialisation, sparsity and dead latents.
+    Knobs left as None are derived from the budget (see train.trainer.Schedule)."""
+
     tokens: int = 2_000_000
     """Training tokens (steps = tokens // batch_size); a smaller store is read for several epochs."""
-    architecture: str = "topk"
-    """relu, topk, batchtopk, jumprelu, gated, matryoshka."""
-    d_sae: int = 4608
-    k: int = 32
-    """Active latents per token (topk, batchtopk, matryoshka)."""
-    matryoshka_groups: list[int] | None = None
-    """Matryoshka prefix sizes (default d_sae/8, /4, /2, d_sae)."""
-    sparsity_coefficient: float | None = None
-    """L1 weight (relu, gated) or L0 weight (jumprelu); default 5.0 / 5.0 / 1.0."""
     batch_size: int | None = None
-    """Tokens per optimizer step; default scaled to the budget: ~500 steps for short runs, 4096 from ~1.5M tokens."""
+    """Tokens per optimizer step; default ~tokens/500 rounded to a power of two, at most 4096."""
     lr: float | None = None
-    """Adam learning rate; default 5.4e-4 / sqrt(d_sae / 2^14) (1e-3 at d_sae 4608)."""
+    """Adam learning rate; default 5.4e-4 / sqrt(d_sae / 2^14)."""
     lr_warmup_steps: int | None = None
     """Linear warm-up steps (default 5% of the run)."""
-    lr_schedule: str = "linear"
-    """constant, cosine or linear decay over the last lr_decay_fraction of the run."""
+    lr_schedule: LRSchedule = "linear"
+    """constant, cosine, or linear decay over the last lr_decay_fraction of the run."""
     lr_decay_fraction: float = 0.2
+    """Share of the run over which the learning rate decays to 0 (cosine, linear)."""
     beta1: float = 0.9
+    """Adam's first-moment decay."""
     beta2: float = 0.999
+    """Adam's second-moment decay."""
     eps: float = 1e-8
-    sparsity_warmup_steps: int | None = None
-    """Steps over which the L1/L0 coefficient ramps up from 0 (default 5% of the run)."""
+    """Adam's epsilon."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 = off)."""
+    sparsity_coefficient: float | None = field(default=None, metadata={"aliases": ["--l1-coefficient"]})
+    """L1 weight (relu, gated) or L0 weight (jumprelu), default 5.0 / 5.0 / 1.0; several train together."""
+    sparsity_warmup_steps: int | None = None
+    """Steps over which the sparsity coefficient ramps up from 0 (default 5% of the run)."""
     ema_decay: float | None = None
-    """Keep an exponential moving average of the weights and save it (e.g. 0.999; decay warmed up, see ema_decay_at)."""
-    init_b_dec: str = "geometric_median"
+    """Save an exponential moving average of the weights (e.g. 0.999; its decay is warmed up)."""
+    init_b_dec: BDecInit = "geometric_median"
     """geometric_median, mean or zeros."""
     init_encoder_scale: float = 0.5
-    """W_enc starts at this times W_dec.T (0.5 measured best on the demo's job: held-out FVU 0.102 -> 0.085)."""
+    """W_enc starts at this times W_dec.T."""
     init_sample_tokens: int = 8192
-    """Tokens used to estimate b_dec and the activation norm."""
-    normalize_activations: bool = True
-    """Scale inputs so their mean squared norm is d_in (stored in the SAE as activation_scale)."""
-    input_norm: str = "none"
-    """'layer_norm': centre each input and divide by its std, undone on output (OpenAI's TopK SAEs)."""
+    """Tokens used to estimate b_dec and the activation scale."""
+    scale_activations: bool = True
+    """Scale inputs so their mean squared norm is d_in (kept in the SAE as activation_scale)."""
     dead_tokens: int | None = None
     """A latent is dead after this many tokens without firing (default tokens/20, at most 10M)."""
     k_aux: int | None = None
     """Dead latents used by the AuxK loss (default d_in/2)."""
     aux_coefficient: float = 1 / 32
+    """Weight of the AuxK loss."""
     resample_every: int | None = None
     """ReLU SAEs: resample dead latents every N steps (default steps/8)."""
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 500
-    """Write a checkpoint every N steps (0 = only at the end and on Ctrl-C)."""
-    resume: bool = False
-    """Continue from the newest checkpoint in out/."""
-    tensorboard: bool = False
-    """Also log metrics to out/tensorboard (needs the tensorboard package)."""
-    wandb: bool = False
-    """Also log metrics to Weights & Biases (needs the wandb package; project from WANDB_PROJECT, default nanosae)."""
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError(f"unknown SAE architecture {self.architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
-        for name in ("tokens", "d_sae", "k", "model_batch_size", "init_sample_tokens", "dead_tokens", "k_aux",
-                     "resample_every", "log_every"):
+        for name in ("tokens", "init_sample_tokens", "dead_tokens", "k_aux", "resample_every"):
             check_range(name, getattr(self, name), 1)
-        for name in ("lr_warmup_steps", "sparsity_warmup_steps", "checkpoint_every", "grad_clip", "sparsity_coefficient",
-                     "aux_coefficient"):
+        for name in ("lr_warmup_steps", "sparsity_warmup_steps", "grad_clip", "sparsity_coefficient", "aux_coefficient"):
             check_range(name, getattr(self, name), 0)
-        check_range("matryoshka_groups", self.matryoshka_groups, 1)
         check_range("lr", self.lr, 0, open_low=True)
         check_range("eps", self.eps, 0, open_low=True)
         check_range("lr_decay_fraction", self.lr_decay_fraction, 0, 1)
         for name in ("beta1", "beta2", "ema_decay"):
             check_range(name, getattr(self, name), 0, 1, open_high=True)
-        if self.architecture in ("topk", *BATCH_TOPK) and self.k > self.d_sae:
-            raise ConfigError(f"k ({self.k}) must be at most d_sae ({self.d_sae})")
-        if self.lr_schedule not in ("constant", "cosine", "linear"):
-            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; expected constant, cosine or linear")
-        if self.init_b_dec not in ("geometric_median", "mean", "zeros"):
-            raise ConfigError(f"unknown init_b_dec {self.init_b_dec!r}; expected geometric_median, mean or zeros")
-        if (self.hook_out or self.acts_out) and (self.crosscoder_hooks or self.crosscoder_acts):
-            raise ConfigError("a run trains either a transcoder (hook_out / acts_out) or a crosscoder, not both")
-        if self.input_norm not in NORMALIZATIONS:
-            raise ConfigError(f"unknown input_norm {self.input_norm!r}; expected one of {', '.join(NORMALIZATIONS)}")
-        if self.acts_out and not self.acts:
-            raise ConfigError("acts_out (the transcoder's target store) needs acts (its input store)")
-        if self.skip_connection and not (self.hook_out or self.acts_out):
-            raise ConfigError("skip_connection is for transcoders (give hook_out or acts_out)")
         if self.batch_size is None:
             self.batch_size = default_batch_size(self.tokens)
         check_range("batch_size", self.batch_size, 1)
         if self.tokens < self.batch_size:
             raise ConfigError(f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})")
+
+
+@dataclass
+class TrainConfig:
+    """Train one SAE (or transcoder, crosscoder) into a run directory."""
+
+    out: str = "runs/sae"
+    """Run directory: config.json, sae/, checkpoints/, metrics.jsonl."""
+    source: SourceConfig = field(default_factory=SourceConfig)
+    sae: DictionaryConfig = field(default_factory=DictionaryConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+    """Initial weights, data order and resampling: the same seed gives the same weights on CPU."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    checkpoint_every: int = 500
+    """Write a checkpoint every N steps (0 = only at the end and on Ctrl-C)."""
+    resume: bool = False
+    """Continue the run in out/ from its newest checkpoint (same settings only)."""
+    tensorboard: bool = False
+    """Also log metrics to out/tensorboard (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log metrics to Weights & Biases (needs wandb; project from WANDB_PROJECT, default nanosae)."""
+    device: str = "cpu"
+    """Where the SAE trains: cpu, cuda, cuda:1, ..."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_range("log_every", self.log_every, 1)
+        check_range("checkpoint_every", self.checkpoint_every, 0)
+        if self.sae.skip_connection and not self.source.transcoder:
+            raise ConfigError("skip_connection is for transcoders (give hook_out or acts_out)")
+
+    @classmethod
+    def build(cls, **values: Any) -> "TrainConfig":
+        """From flat settings, each routed to the part that owns its name (the CLI's flags are these names):
+        TrainConfig.build(acts="runs/acts", d_sae=4608, k=32, tokens=600_000)."""
+        return build_nested(cls, values)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """From a saved config.json: nested as written now, or flat as older versions wrote it."""
+        if isinstance(d.get("optim"), dict):
+            flat = {k: v for part in PARTS if isinstance(d.get(part), dict) for k, v in d[part].items()}
+            flat |= {k: v for k, v in d.items() if k not in PARTS}
+        else:
+            flat = {_OLD_TRAIN_NAMES.get(k, k): v for k, v in d.items()}
+        flat = {k: v for k, v in flat.items() if k in {name for name, _, _ in config_leaves(cls)}}
+        if isinstance(flat.get("data"), dict):
+            flat["data"] = DataConfig.from_dict(flat["data"])
+        return cls.build(**flat)
+
+
+_OLD_TRAIN_NAMES = {"input_norm": "normalize_activations", "normalize_activations": "scale_activations"}
+PARTS = {"source": SourceConfig, "sae": DictionaryConfig, "optim": OptimConfig}
+
+
+def config_leaves(cls: type) -> list[tuple[str, str | None, dataclasses.Field]]:
+    """(name, the part it lives in or None, field) of every setting of a config, in field order. A field
+    typed by one of PARTS is walked into; anything else (DataConfig included) is one setting."""
+    out: list[tuple[str, str | None, dataclasses.Field]] = []
+    for f in dataclasses.fields(cls):
+        if f.name in PARTS and f.type == PARTS[f.name].__name__:
+            out += [(g.name, f.name, g) for g in dataclasses.fields(PARTS[f.name])]
+        else:
+            out.append((f.name, None, f))
+    return out
+
+
+def build_nested(cls: type, values: dict[str, Any]) -> Any:
+    """cls(**values) with every value routed to the part (source, sae, optim) whose field it names."""
+    leaves = config_leaves(cls)
+    known = {name for name, _, _ in leaves}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r} for {cls.__name__}; expected one of {', '.join(sorted(known))}")
+    parts: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for name, part, _ in leaves:
+        if name in values:
+            (parts.setdefault(part, {}) if part else top)[name] = values[name]
+    return cls(**top, **{part: PARTS[part](**parts.get(part, {})) for part in PARTS if part in {f.name for f in dataclasses.fields(cls)}})
+
+
+def flat_settings(cfg: Any) -> dict[str, Any]:
+    """name -> value of every setting of a nested config (the inverse of build_nested), DataConfig as a dict."""
+    out = {}
+    for name, part, _ in config_leaves(type(cfg)):
+        value = getattr(getattr(cfg, part) if part else cfg, name)
+        out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out

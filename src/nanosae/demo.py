@@ -79,7 +79,7 @@ def _run_demo(cfg: DemoConfig, progress: Progress | None) -> dict[str, Any]:
                 progress=lambda p: say("collect", p.tokens, p.total, p.seconds))
     if not (out / "sae" / "cfg.json").exists():
         with stage("train"):
-            train(TrainConfig(out=str(out), acts=str(acts / cfg.hook), tokens=sizes["train"], checkpoint_every=0,
+            train(TrainConfig.build(out=str(out), acts=str(acts / cfg.hook), tokens=sizes["train"], checkpoint_every=0,
                               log_every=5, resume=True),
                   progress=lambda p: say("train", p.metrics["tokens"], sizes["train"],
                                          p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9)))

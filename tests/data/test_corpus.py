@@ -80,9 +80,9 @@ def test_split_holds_out_every_20th():
 
 def test_shuffle_is_a_seeded_permutation():
     base = docs("builtin:pydocs")
-    a = docs("builtin:pydocs", shuffle_buffer=16, seed=1)
-    b = docs("builtin:pydocs", shuffle_buffer=16, seed=1)
-    c = docs("builtin:pydocs", shuffle_buffer=16, seed=2)
+    a = docs("builtin:pydocs", shuffle_buffer=16, shuffle_seed=1)
+    b = docs("builtin:pydocs", shuffle_buffer=16, shuffle_seed=1)
+    c = docs("builtin:pydocs", shuffle_buffer=16, shuffle_seed=2)
     assert a == b and a != base and a != c and sorted(a) == sorted(base)
 
 

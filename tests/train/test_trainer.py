@@ -14,13 +14,13 @@ import nanosae
 from nanosae import SAE, ActivationStore, SAEConfig, TrainConfig, DataError
 from nanosae.data import write_store
 from nanosae.train.init import geometric_median
-from nanosae.train.trainer import derived, ema_decay_at, lr_at, resample_dead
+from nanosae.train.trainer import Schedule, ema_decay_at, lr_at, resample_dead
 
 
 def cfg_for(store, out, **kw):
     base = dict(acts=str(store.path), out=str(out), d_sae=128, k=4, batch_size=256, tokens=256 * 300, log_every=25,
                 checkpoint_every=0, lr=3e-3)
-    return TrainConfig(**(base | kw))
+    return TrainConfig.build(**(base | kw))
 
 
 def test_recovers_planted_features(planted_store, tmp_path):
@@ -34,7 +34,7 @@ def test_recovers_planted_features(planted_store, tmp_path):
     loaded = SAE.load(tmp_path / "run" / "sae")
     assert loaded.cfg.hook_name == "blocks.0.hook_resid_post" and loaded.cfg.activation_scale != 1.0
     assert torch.equal(loaded.W_dec, res.sae.W_dec)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["d_sae"] == 128
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sae"]["d_sae"] == 128
 
 
 @pytest.mark.parametrize("arch", ["relu", "batchtopk", "jumprelu", "gated", "matryoshka"])
@@ -71,16 +71,16 @@ def test_auxk_revives_dead_latents():
 
 
 def test_lr_schedule_by_hand(planted_store, tmp_path):
-    cfg = TrainConfig(acts="x", tokens=1000 * 10, batch_size=10, lr=1.0, lr_warmup_steps=10, lr_schedule="linear",
+    cfg = TrainConfig.build(acts="x", tokens=1000 * 10, batch_size=10, lr=1.0, lr_warmup_steps=10, lr_schedule="linear",
                       lr_decay_fraction=0.2)
-    d = derived(cfg)
-    assert d["steps"] == 1000
+    d = Schedule.of(cfg)
+    assert d.steps == 1000
     assert lr_at(0, cfg, d) == pytest.approx(0.1) and lr_at(9, cfg, d) == pytest.approx(1.0)
     assert lr_at(500, cfg, d) == 1.0 and lr_at(900, cfg, d) == pytest.approx(0.5)
-    cos = TrainConfig(acts="x", tokens=10000, batch_size=10, lr=1.0, lr_warmup_steps=1, lr_schedule="cosine")
-    assert lr_at(900, cos, derived(cos)) == pytest.approx(0.5)
-    const = TrainConfig(acts="x", tokens=10000, batch_size=10, lr=1.0, lr_warmup_steps=1, lr_schedule="constant")
-    assert lr_at(999, const, derived(const)) == 1.0
+    cos = TrainConfig.build(acts="x", tokens=10000, batch_size=10, lr=1.0, lr_warmup_steps=1, lr_schedule="cosine")
+    assert lr_at(900, cos, Schedule.of(cos)) == pytest.approx(0.5)
+    const = TrainConfig.build(acts="x", tokens=10000, batch_size=10, lr=1.0, lr_warmup_steps=1, lr_schedule="constant")
+    assert lr_at(999, const, Schedule.of(const)) == 1.0
 
 
 def test_weight_average_warms_up_so_a_short_run_keeps_little_of_the_initialisation(planted_store, tmp_path):
@@ -127,7 +127,7 @@ def test_nan_input_stops_with_error(tmp_path):
     x[3000] = float("nan")
     store = write_store(tmp_path / "acts", x)
     with pytest.raises(DataError, match="NaN or inf"):
-        nanosae.train(TrainConfig(acts=str(store.path), out=str(tmp_path / "run"), d_sae=32, k=2, batch_size=512,
+        nanosae.train(TrainConfig.build(acts=str(store.path), out=str(tmp_path / "run"), d_sae=32, k=2, batch_size=512,
                                   tokens=4096 * 2, init_sample_tokens=1024, checkpoint_every=0))
 
 
@@ -138,7 +138,7 @@ from nanosae import TrainConfig
 def progress(p):
     if p.step >= 17:
         os.kill(os.getpid(), signal.SIGKILL)
-cfg = TrainConfig(acts=sys.argv[1], out=sys.argv[2], d_sae=64, k=4, batch_size=512, tokens=512 * 30, log_every=1,
+cfg = TrainConfig.build(acts=sys.argv[1], out=sys.argv[2], d_sae=64, k=4, batch_size=512, tokens=512 * 30, log_every=1,
                   checkpoint_every=5, lr=3e-3, ema_decay=0.9)
 nanosae.train(cfg, progress=progress)
 """
@@ -153,8 +153,8 @@ def test_kill_and_resume_is_bit_identical(planted_store, tmp_path):
     assert (killed / "checkpoints" / "step_15").exists() and not (killed / "sae").exists()
     common = dict(acts=str(store.path), d_sae=64, k=4, batch_size=512, tokens=512 * 30, log_every=1, checkpoint_every=5,
                   lr=3e-3, ema_decay=0.9)
-    resumed = nanosae.train(TrainConfig(out=str(killed), resume=True, **common))
-    whole = nanosae.train(TrainConfig(out=str(tmp_path / "whole"), **common))
+    resumed = nanosae.train(TrainConfig.build(out=str(killed), resume=True, **common))
+    whole = nanosae.train(TrainConfig.build(out=str(tmp_path / "whole"), **common))
     for name, tensor in whole.sae.state_dict().items():
         assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
     steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
@@ -164,7 +164,7 @@ def test_kill_and_resume_is_bit_identical(planted_store, tmp_path):
 DDP_SCRIPT = r"""
 import sys, torch, nanosae
 from nanosae import TrainConfig
-cfg = TrainConfig(acts=sys.argv[1], out=sys.argv[2], d_sae=64, k=4, batch_size=512, tokens=512 * 20, log_every=5,
+cfg = TrainConfig.build(acts=sys.argv[1], out=sys.argv[2], d_sae=64, k=4, batch_size=512, tokens=512 * 20, log_every=5,
                   checkpoint_every=0, lr=3e-3)
 nanosae.train(cfg)
 """
@@ -238,9 +238,9 @@ def test_many_hooks_streamed_in_one_pass_equal_each_alone(tiny_llama_dir, word_c
     hooks = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]
     base = dict(model=str(tiny_llama_dir), data=data, d_sae=32, k=4, batch_size=128, tokens=128 * 12,
                 checkpoint_every=0, log_every=4, lr=3e-3, init_sample_tokens=256, model_batch_size=4)
-    together = nanosae.train([TrainConfig(out=str(tmp_path / "together" / h), hook=h, **base) for h in hooks])
+    together = nanosae.train([TrainConfig.build(out=str(tmp_path / "together" / h), hook=h, **base) for h in hooks])
     for h, t in zip(hooks, together):
-        alone = nanosae.train(TrainConfig(out=str(tmp_path / "alone" / h), hook=h, **base))
+        alone = nanosae.train(TrainConfig.build(out=str(tmp_path / "alone" / h), hook=h, **base))
         assert_same_weights(t.sae, alone.sae)
         assert t.sae.cfg.hook_name == h and t.sae.cfg.d_in == (32 if h.endswith("resid_post") else 48)
 
@@ -248,7 +248,7 @@ def test_many_hooks_streamed_in_one_pass_equal_each_alone(tiny_llama_dir, word_c
 def test_mixing_stores_and_streaming_is_refused(planted_store, tmp_path):
     store, _ = planted_store
     with pytest.raises(nanosae.ConfigError, match="not a mix"):
-        nanosae.train([cfg_for(store, tmp_path / "a"), TrainConfig(out=str(tmp_path / "b"), tokens=256 * 300, batch_size=256)])
+        nanosae.train([cfg_for(store, tmp_path / "a"), TrainConfig.build(out=str(tmp_path / "b"), tokens=256 * 300, batch_size=256)])
     with pytest.raises(nanosae.ConfigError, match="share batch_size and tokens"):
         nanosae.train([cfg_for(store, tmp_path / "a"), cfg_for(store, tmp_path / "b", batch_size=128)])
 
@@ -258,7 +258,7 @@ def test_initialisation_ties_a_scaled_encoder_and_centres_b_dec(planted_store, t
     from nanosae.train.trainer import SAERun
 
     store, _ = planted_store
-    cfg = TrainConfig(out=str(tmp_path / "r"), acts=str(store.path), d_sae=64, k=3, tokens=4096, init_sample_tokens=2048)
+    cfg = TrainConfig.build(out=str(tmp_path / "r"), acts=str(store.path), d_sae=64, k=3, tokens=4096, init_sample_tokens=2048)
     whole = [(0, slice(0, store.d_in))]
     sae = SAERun(cfg, [store], whole, whole, 0, 1).sae
     assert torch.allclose(sae.W_enc, 0.5 * sae.W_dec.T)
@@ -269,15 +269,15 @@ def test_initialisation_ties_a_scaled_encoder_and_centres_b_dec(planted_store, t
 
 
 def test_layer_norm_inputs_train_and_are_undone_on_output(planted_store, tmp_path):
-    """input_norm='layer_norm': b_dec starts at the median of the per-token normalised sample, the SAE learns
+    """normalize_activations='layer_norm': b_dec starts at the median of the per-token normalised sample, the SAE learns
     the planted features, and its reconstruction follows a per-token shift and scale of the input."""
     from nanosae.train.trainer import SAERun
 
     store, D = planted_store
-    cfg = cfg_for(store, tmp_path / "ln", input_norm="layer_norm")
+    cfg = cfg_for(store, tmp_path / "ln", normalize_activations="layer_norm")
     whole = [(0, slice(0, store.d_in))]
     fresh = SAERun(dataclasses.replace(cfg, out=str(tmp_path / "probe")), [store], whole, whole, 0, 1).sae
-    sample = store.tokens(0, cfg.init_sample_tokens)
+    sample = store.tokens(0, cfg.optim.init_sample_tokens)
     centred = sample - sample.mean(-1, keepdim=True)
     assert fresh.cfg.activation_scale == 1.0
     assert torch.allclose(fresh.b_dec, geometric_median(centred / (centred.std(-1, keepdim=True) + 1e-5)), atol=1e-5)
@@ -288,8 +288,8 @@ def test_layer_norm_inputs_train_and_are_undone_on_output(planted_store, tmp_pat
     x = store.tokens(0, 64)
     with torch.no_grad():
         assert torch.allclose(sae(3 * x + 2)[0], 3 * sae(x)[0] + 2, atol=1e-4)
-    with pytest.raises(nanosae.ConfigError, match="input_norm"):
-        TrainConfig(out=str(tmp_path / "x"), acts=str(store.path), input_norm="rms")
+    with pytest.raises(nanosae.ConfigError, match="normalize_activations must be one of none, layer_norm"):
+        TrainConfig.build(out=str(tmp_path / "x"), acts=str(store.path), normalize_activations="rms")
 
 
 def test_default_batch_size_by_hand():
@@ -299,7 +299,7 @@ def test_default_batch_size_by_hand():
     # 600k/500 = 1200 = 2^10.23 -> 1024; 1M/500 = 2000 = 2^10.97 -> 2048; 200k/500 = 400 = 2^8.64 -> 512
     cases = {400_000: 1024, 600_000: 1024, 1_000_000: 2048, 200_000: 512, 98_304: 256, 2_000_000: 4096, 300: 1}
     assert {n: default_batch_size(n) for n in cases} == cases
-    assert TrainConfig(acts="x", tokens=400_000).batch_size == 1024
+    assert TrainConfig.build(acts="x", tokens=400_000).optim.batch_size == 1024
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -307,7 +307,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 def small(store, out, **kw):
-    return TrainConfig(**(dict(acts=str(store.path), out=str(out), d_sae=64, k=4, batch_size=512, tokens=512 * 20,
+    return TrainConfig.build(**(dict(acts=str(store.path), out=str(out), d_sae=64, k=4, batch_size=512, tokens=512 * 20,
                                log_every=5, checkpoint_every=5, lr=3e-3) | kw))
 
 

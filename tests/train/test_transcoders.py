@@ -64,7 +64,7 @@ def planted_model(tiny_llama_dir, word_corpus):
 def test_transcoder_recovers_a_planted_sparse_mlp(planted_model, tmp_path):
     model, D, data = planted_model
     stream = nanosae.data.ActivationStream(model, [IN, OUT], data, buffer_tokens=8192)
-    cfg = TrainConfig(out=str(tmp_path / "tc"), hook=IN, hook_out=OUT, architecture="topk", d_sae=192, k=4,
+    cfg = TrainConfig.build(out=str(tmp_path / "tc"), hook=IN, hook_out=OUT, architecture="topk", d_sae=192, k=4,
                       tokens=400_000, batch_size=1024, lr=1e-2, data=data, checkpoint_every=0, log_every=50)
     from nanosae.train.trainer import SAERun, batch_stream
 
@@ -72,7 +72,7 @@ def test_transcoder_recovers_a_planted_sparse_mlp(planted_model, tmp_path):
     batches = batch_stream(stream, cfg, 0)
     while not run.done:
         batch = next(batches)
-        if len(batch) == cfg.batch_size:
+        if len(batch) == cfg.optim.batch_size:
             run.train_step([batch])
     sae = run.finish().sae
     assert sae.cfg.kind == "transcoder" and (sae.cfg.hook_name, sae.cfg.hook_name_out) == (IN, OUT)
@@ -115,7 +115,7 @@ def test_transcoder_and_crosscoder_through_the_cli(tiny_llama_dir, tiny_model, w
     assert cc.cfg.kind == "crosscoder" and cc.cfg.crosscoder_hooks == hooks and cc.cfg.d_in == 64
     assert isinstance(cc.cfg.activation_scale, list) and len(cc.cfg.activation_scale) == 2
     config = json.loads((tmp_path / "cc" / "config.json").read_text())
-    assert config["crosscoder_hooks"] == hooks
+    assert config["source"]["crosscoder_hooks"] == hooks
 
     for run in ("tc", "cc"):
         r = runner.invoke(app, ["eval", str(tmp_path / run), "--model", str(tiny_llama_dir), "--data", str(word_corpus),
@@ -179,13 +179,13 @@ def test_transcoder_resume_from_stores_is_exact(tmp_path):
     acts_out = write_store(tmp_path / "out", y, hook="blocks.0.hook_mlp_out", model="synthetic", tokens_per_shard=1024)
     cfg = dict(acts=str(acts_in.path), acts_out=str(acts_out.path), architecture="relu", skip_connection=True,
                d_sae=32, tokens=8192, batch_size=256, checkpoint_every=8, lr=3e-3, resample_every=10)
-    full = train(TrainConfig(out=str(tmp_path / "full"), **cfg))
+    full = train(TrainConfig.build(out=str(tmp_path / "full"), **cfg))
     assert full.sae.cfg.kind == "transcoder" and full.sae.cfg.d_out == 6 and full.sae.cfg.output_scale != 1.0
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "resumed" / "checkpoints").glob("step_*"))
     assert steps == [24, 32]  # the newest two are kept
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_32")  # as if killed after step 24
     shutil.rmtree(tmp_path / "resumed" / "sae")
-    resumed = train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, **cfg))
+    resumed = train(TrainConfig.build(out=str(tmp_path / "resumed"), resume=True, **cfg))
     for name, value in full.sae.state_dict().items():
         assert torch.equal(value, resumed.sae.state_dict()[name]), name

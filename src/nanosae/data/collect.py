@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from nanosae.config import CollectConfig
+from nanosae.config import CollectConfig, DataConfig
 from nanosae.data.corpus import iter_documents
 from nanosae.data.store import FORMAT, MANIFEST, STORE_DTYPES, ActivationStore, ShardWriter, read_manifest, shard_problem
 from nanosae.data.tokens import in_background, token_batches
@@ -55,6 +55,8 @@ def _resume_manifest(directory: Path, fresh: dict[str, Any]) -> dict[str, Any]:
     old = read_manifest(directory)
     if not old["shards"]:  # nothing was collected (the run failed at once): nothing to continue or protect
         return fresh
+    if isinstance(old.get("data"), dict):  # written by an older nanosae: its key names, today's
+        old["data"] = dataclasses.asdict(DataConfig.from_dict(old["data"]))
     for key in _IDENTITY_KEYS:
         if old.get(key) != fresh[key]:
             raise DataError(f"{directory}: the store was collected with {key}={old.get(key)!r}, this run asks for "

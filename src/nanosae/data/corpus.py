@@ -188,7 +188,7 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
     if shuffle_buffer <= 1:
         yield from ordered()
         return
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.shuffle_seed)
     buffer: list[str] = []
     for doc in ordered():
         buffer.append(doc)

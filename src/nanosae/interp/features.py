@@ -275,7 +275,7 @@ def _build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: Path, 
     if n_tokens == 0:
         raise DataError(f"no tokens from {acts_store.path if acts_store is not None else ', '.join(cfg.data.specs)}")
     if acts_store is not None:
-        cfg = replace(cfg, data=DataConfig(**(acts_store.manifest.get("data") or {"specs": [str(acts_store.path)]})))
+        cfg = replace(cfg, data=DataConfig.from_dict(acts_store.manifest.get("data") or {"specs": [str(acts_store.path)]}))
     _write_db(out, sae, model, hook, cfg, n_tokens, fires, act_sum, act_max, hist, cofire, top, reservoir)
     state_path.unlink(missing_ok=True)
     return out
@@ -394,3 +394,14 @@ def open_db(path: str | Path, readonly: bool = True) -> sqlite3.Connection:
         con.close()
         raise FormatError(f"{path} is not a features database (no latents and examples tables)")
     return con
+
+
+def explanations(path: str | Path) -> dict[int, str]:
+    """latent -> explanation of a features.db ({} when there is no database yet)."""
+    if not Path(path).exists():
+        return {}
+    con = open_db(path)
+    try:
+        return {r["id"]: r["explanation"] for r in con.execute("SELECT id, explanation FROM latents WHERE explanation IS NOT NULL")}
+    finally:
+        con.close()

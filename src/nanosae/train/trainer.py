@@ -22,13 +22,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from nanosae.config import BATCH_TOPK, SAEConfig, TrainConfig, run_io
+from nanosae.config import BATCH_TOPK, SAEConfig, TrainConfig, flat_settings
 from nanosae.data import ActivationStore, ActivationStream
 from nanosae.errors import ConfigError, DataError, FormatError, TrainingError
 from nanosae.io import public_mode, read_json, write_json, write_lock
@@ -54,46 +55,56 @@ class Progress(NamedTuple):
 
 
 # ---- derived defaults -------------------------------------------------------------------------------
-def derived(cfg: TrainConfig) -> dict[str, Any]:
-    """Knobs left as None get values scaled to the run (what we would pick by hand)."""
-    steps = max(1, cfg.tokens // cfg.batch_size)
-    sparsity = cfg.sparsity_coefficient
-    if sparsity is None:
-        sparsity = {"relu": 5.0, "gated": 5.0, "jumprelu": 1.0}.get(cfg.architecture, 0.0)
-    return {
-        "steps": steps,
-        "lr": cfg.lr if cfg.lr is not None else 5.4e-4 / math.sqrt(cfg.d_sae / 2**14),
-        "warmup": cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else max(1, steps // 20),
-        "sparsity_warmup": cfg.sparsity_warmup_steps if cfg.sparsity_warmup_steps is not None else steps // 20,
-        "sparsity": sparsity,
-        "dead_tokens": cfg.dead_tokens if cfg.dead_tokens is not None else max(cfg.batch_size, min(10_000_000, cfg.tokens // 20)),
-        "resample_every": cfg.resample_every if cfg.resample_every is not None else max(10, steps // 8),
-    }
+@dataclass(frozen=True)
+class Schedule:
+    """The run's budget in steps and the knobs left as None, derived from the budget (what we would pick by hand)."""
+
+    steps: int
+    lr: float
+    warmup: int
+    sparsity_warmup: int
+    sparsity: float
+    dead_tokens: int
+    resample_every: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "Schedule":
+        o = cfg.optim
+        steps = max(1, o.tokens // o.batch_size)
+        sparsity = o.sparsity_coefficient
+        if sparsity is None:
+            sparsity = {"relu": 5.0, "gated": 5.0, "jumprelu": 1.0}.get(cfg.sae.architecture, 0.0)
+        default = lambda value, fallback: value if value is not None else fallback
+        return cls(steps=steps, lr=default(o.lr, 5.4e-4 / math.sqrt(cfg.sae.d_sae / 2**14)),
+                   warmup=default(o.lr_warmup_steps, max(1, steps // 20)),
+                   sparsity_warmup=default(o.sparsity_warmup_steps, steps // 20), sparsity=sparsity,
+                   dead_tokens=default(o.dead_tokens, max(o.batch_size, min(10_000_000, o.tokens // 20))),
+                   resample_every=default(o.resample_every, max(10, steps // 8)))
 
 
-def lr_at(step: int, cfg: TrainConfig, d: dict[str, Any]) -> float:
+def lr_at(step: int, cfg: TrainConfig, d: Schedule) -> float:
     """Linear warm-up, then constant / cosine / linear decay over the last lr_decay_fraction of the run."""
-    if step < d["warmup"]:
-        return d["lr"] * (step + 1) / d["warmup"]
-    decay_start = d["steps"] * (1 - cfg.lr_decay_fraction) if cfg.lr_schedule != "constant" else d["steps"]
+    if step < d.warmup:
+        return d.lr * (step + 1) / d.warmup
+    decay_start = d.steps * (1 - cfg.optim.lr_decay_fraction) if cfg.optim.lr_schedule != "constant" else d.steps
     if step < decay_start:
-        return d["lr"]
-    frac = (step - decay_start) / max(1.0, d["steps"] - decay_start)
-    if cfg.lr_schedule == "cosine":
-        return d["lr"] * 0.5 * (1 + math.cos(math.pi * frac))
-    return d["lr"] * (1 - frac)
+        return d.lr
+    frac = (step - decay_start) / max(1.0, d.steps - decay_start)
+    if cfg.optim.lr_schedule == "cosine":
+        return d.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return d.lr * (1 - frac)
 
 
 def ema_decay_at(step: int, decay: float) -> float:
     """The weight average's decay at update `step` (0-based), warmed up as min(decay, (1+step)/(10+step)) like
-    TensorFlow's ExponentialMovingAverage(num_updates): a fixed 0.999 over a 600-step run would keep over half
-    of the random initialisation in the average (held-out FVU 0.42 instead of 0.07 on the demo's job)."""
+    TensorFlow's ExponentialMovingAverage(num_updates): with a fixed decay, a short run's average would still
+    be mostly the random initialisation."""
     return min(decay, (1 + step) / (10 + step))
 
 
 def make_adam(sae: SAE, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
     """Fused Adam (one pass over the parameters; ~9x faster than the per-tensor loop on CPU) where available."""
-    kwargs = dict(lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    kwargs = dict(lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     try:
         return torch.optim.Adam(sae.parameters(), fused=True, **kwargs)
     except (RuntimeError, TypeError):
@@ -164,13 +175,13 @@ def all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
 def batch_stream(source: ActivationStore | ActivationStream, cfg: TrainConfig, start_batch: int) -> Iterator[torch.Tensor]:
     """Endless batches (epochs as needed), counting every batch the source yields, partial ones included."""
     if isinstance(source, ActivationStore):
-        epochs = math.ceil(cfg.tokens / max(1, len(source))) + 1
-        yield from source.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs, start_batch=start_batch)
+        epochs = math.ceil(cfg.optim.tokens / max(1, len(source))) + 1
+        yield from source.batches(cfg.optim.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs, start_batch=start_batch)
         return
     skipped, epoch = 0, 0
     while True:  # a stream restarts its corpus with a new shuffle seed each epoch
         n = 0
-        for batch in source.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
+        for batch in source.batches(cfg.optim.batch_size, shuffle=True, seed=cfg.seed + epoch):
             n += 1
             if skipped < start_batch:
                 skipped += 1
@@ -254,16 +265,26 @@ def load_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any], SAE] | None:
 RUNTIME_FIELDS = ("out", "resume", "log_every", "checkpoint_every", "tensorboard", "wandb", "device")
 
 
-def job_identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What makes two runs the same job: every TrainConfig field but the runtime ones, with store paths
-    resolved (so `acts` and `./acts` are one store), plus the fingerprints of the stores read."""
-    job = {k: v for k, v in cfg.items() if k not in RUNTIME_FIELDS}
+def job_identity(cfg: TrainConfig, sources: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What makes two runs the same job: every setting but the runtime ones, store paths resolved (so `acts`
+    and `./acts` are one store), plus the fingerprints of the stores read (when known)."""
+    job = {k: v for k, v in flat_settings(cfg).items() if k not in RUNTIME_FIELDS}
     for key in ("acts", "acts_out"):
         if job.get(key):
             job[key] = str(Path(job[key]).resolve())
     if job.get("crosscoder_acts"):
         job["crosscoder_acts"] = [str(Path(p).resolve()) for p in job["crosscoder_acts"]]
-    return json.loads(json.dumps(job))  # tuples -> lists, as read back from config.json
+    if sources is not None:
+        job["sources"] = sources
+    return json.loads(json.dumps(job))  # tuples -> lists, as read back from JSON
+
+
+def saved_job(saved: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The job a config.json (or a checkpoint's config) records, in job_identity's form."""
+    try:
+        return job_identity(TrainConfig.from_dict(saved), saved.get("sources"))
+    except ConfigError as e:
+        raise FormatError(f"{where}: {e}") from None
 
 
 def store_fingerprint(store: ActivationStore) -> dict[str, Any]:
@@ -273,7 +294,7 @@ def store_fingerprint(store: ActivationStore) -> dict[str, Any]:
     return {"hook": m.get("hook"), "model": m.get("model"), "d_in": store.d_in, "tokens": len(store), "first_shard": first}
 
 
-def compare_jobs(saved: dict[str, Any], job: dict[str, Any], where: Path | str) -> None:
+def compare_jobs(saved: Schedule, job: dict[str, Any], where: Path | str) -> None:
     """Refuse, naming the first setting that differs, when `where` records another job than this one."""
     for key in sorted(set(saved) | set(job)):
         if key == "sources" and key not in saved:  # runs from before fingerprints were recorded
@@ -306,33 +327,33 @@ class SAERun:
         self.sample = sample or (lambda i, n: first_tokens(sources[i], n))
         self.transcoder = ins != outs
         self.run_dir = Path(cfg.out)
-        self.d = derived(cfg)
+        self.d = Schedule.of(cfg)
         width = lambda placement: sum(cols.stop - cols.start for _, cols in placement)
         d_in, d_out = width(ins), width(outs)
         torch.manual_seed(cfg.seed)  # the same initial weights whether trained alone or with others
         self.gen = torch.Generator().manual_seed(cfg.seed)  # this run's own randomness (resampling)
-        in_keys, out_keys = run_io(cfg)
+        in_keys, out_keys = cfg.source.io()
         name = lambda i, key: sources[i].hook if isinstance(sources[i], ActivationStore) else key
         in_hooks = [name(i, key) for (i, _), key in zip(ins, in_keys)]
         out_hooks = [name(i, key) for (i, _), key in zip(outs, out_keys)]
         source = sources[ins[0][0]]
-        sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.architecture,
-                            k=cfg.k if cfg.architecture in ("topk", *BATCH_TOPK) else None, hook_name=in_hooks[0],
-                            matryoshka_groups=cfg.matryoshka_groups if cfg.architecture == "matryoshka" else None,
+        sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.sae.d_sae, architecture=cfg.sae.architecture,
+                            k=cfg.sae.k if cfg.sae.architecture in ("topk", *BATCH_TOPK) else None, hook_name=in_hooks[0],
+                            matryoshka_groups=cfg.sae.matryoshka_groups if cfg.sae.architecture == "matryoshka" else None,
                             d_out=d_out, hook_name_out=out_hooks[0] if self.transcoder else "",
-                            skip_connection=cfg.skip_connection, crosscoder_hooks=in_hooks if len(ins) > 1 else None,
+                            skip_connection=cfg.sae.skip_connection, crosscoder_hooks=in_hooks if len(ins) > 1 else None,
                             model_name=_model_name(cfg, source), context_size=_context_size(cfg, source),
-                            dataset_path=",".join(cfg.data.specs), normalize_activations=cfg.input_norm,
+                            dataset_path=",".join(cfg.source.data.specs), normalize_activations=cfg.sae.normalize_activations,
                             device=cfg.device)
         self.sae = SAE(sae_cfg)
         self.sae.train()
-        self.opt = make_adam(self.sae, self.d["lr"], cfg)
-        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
+        self.opt = make_adam(self.sae, self.d.lr, cfg)
+        self.since_fired = torch.zeros(cfg.sae.d_sae, dtype=torch.long)
         self.ema: dict[str, torch.Tensor] | None = None
         self.step, self.batches_done, self.seconds = 0, 0, 0.0
         self.last: dict[str, float] = {}
         stores = {i for i, _ in ins + outs if isinstance(sources[i], ActivationStore)}
-        self.job = job_identity(dataclasses.asdict(cfg)) | {"sources": [store_fingerprint(sources[i]) for i in sorted(stores)]}
+        self.job = job_identity(cfg, [store_fingerprint(sources[i]) for i in sorted(stores)])
         if rank == 0:
             self._claim_run_dir()
         found = load_checkpoint(self.run_dir) if cfg.resume else None
@@ -354,14 +375,14 @@ class SAERun:
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"--out {run_dir} is a file; expected a run directory")
         if saved.exists():
-            compare_jobs(job_identity(read_json(saved)), self.job, saved)
+            compare_jobs(saved_job(read_json(saved), saved), self.job, saved)
             if not self.cfg.resume:
                 raise ConfigError(f"{run_dir} already holds this run; pass --resume to continue it, or use another --out")
         elif any((run_dir / name).exists() for name in ("sae", "checkpoints", "metrics.jsonl")):
             raise ConfigError(f"{run_dir} holds SAE files but no config.json; use another --out, nothing was changed")
 
     def _resume(self, ckpt: Path, state: dict[str, Any], loaded: SAE) -> None:
-        compare_jobs(state.get("job") or job_identity(state.get("config") or {}), self.job, ckpt)
+        compare_jobs(state.get("job") or saved_job(state.get("config") or {}, ckpt), self.job, ckpt)
         fields = ("architecture", "d_in", "d_sae", "d_out", "k", "hook_name", "hook_name_out", "crosscoder_hooks",
                   "matryoshka_groups", "skip_connection", "normalize_activations")
         for name in fields:
@@ -384,12 +405,12 @@ class SAERun:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", dataclasses.asdict(self.cfg) | {"sources": self.job["sources"]})
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        n = self.cfg.init_sample_tokens
+        n = self.cfg.optim.init_sample_tokens
         samples = {i: self.sample(i, n) for i, _ in self.ins + self.outs}
         x, y = self.gather(samples, self.ins), self.gather(samples, self.outs)
         if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
             raise DataError("the training activations contain NaN or inf")
-        if self.cfg.normalize_activations and self.cfg.input_norm == "none":  # mean squared norm -> width
+        if self.cfg.optim.scale_activations and self.cfg.sae.normalize_activations == "none":  # mean squared norm -> width
             scale = lambda placement: [math.sqrt((c.stop - c.start) / float(samples[i][:, c].pow(2).sum(-1).mean()))
                                        for i, c in placement]
             in_scales = scale(self.ins)
@@ -397,14 +418,14 @@ class SAERun:
             if self.transcoder:
                 self.sae.cfg.output_scale = scale(self.outs)[0]
         x_norm = self.sae._normalize(x)[0]
-        init_sae(self.sae, x_norm, self.cfg.init_b_dec, target=y * self.sae.output_factor() if self.transcoder else None,
-                 encoder_scale=self.cfg.init_encoder_scale)
-        if self.cfg.ema_decay:
+        init_sae(self.sae, x_norm, self.cfg.optim.init_b_dec, target=y * self.sae.output_factor() if self.transcoder else None,
+                 encoder_scale=self.cfg.optim.init_encoder_scale)
+        if self.cfg.optim.ema_decay:
             self.ema = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
 
     @property
     def done(self) -> bool:
-        return self.step >= self.d["steps"]
+        return self.step >= self.d.steps
 
     def checkpoint(self) -> None:
         if self.rank == 0:
@@ -415,8 +436,8 @@ class SAERun:
 
     def train_step(self, batch: list[torch.Tensor]) -> dict[str, float] | None:
         """One optimizer step on this process's slice of the global batch (one tensor per source)."""
-        cfg, d, sae, opt, arch = self.cfg, self.d, self.sae, self.opt, self.cfg.architecture
-        local = cfg.batch_size // self.world
+        cfg, d, sae, opt, arch = self.cfg, self.d, self.sae, self.opt, self.cfg.sae.architecture
+        local = cfg.optim.batch_size // self.world
         rows = slice(self.rank * local, (self.rank + 1) * local)
         x = self.gather(batch, self.ins, rows).to(cfg.device)
         y = self.gather(batch, self.outs, rows).to(cfg.device) if self.transcoder else None
@@ -427,9 +448,9 @@ class SAERun:
         lr = lr_at(self.step, cfg, d)
         for group in opt.param_groups:
             group["lr"] = lr
-        coeff = d["sparsity"] * min(1.0, (self.step + 1) / max(1, d["sparsity_warmup"]))
-        dead = self.since_fired >= d["dead_tokens"]
-        out = sae.loss(x, y, sparsity_coefficient=coeff, k_aux=cfg.k_aux, aux_coefficient=cfg.aux_coefficient,
+        coeff = d.sparsity * min(1.0, (self.step + 1) / max(1, d.sparsity_warmup))
+        dead = self.since_fired >= d.dead_tokens
+        out = sae.loss(x, y, sparsity_coefficient=coeff, k_aux=cfg.optim.k_aux, aux_coefficient=cfg.optim.aux_coefficient,
                        dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None)
         if not torch.isfinite(out.loss):
             raise TrainingError(f"{self.run_dir}: loss became {float(out.loss)} at step {self.step} (try a lower --lr); "
@@ -439,19 +460,19 @@ class SAERun:
         fired = out.fired.float()
         all_reduce_mean([p.grad for p in sae.parameters() if p.grad is not None] + [fired], self.world)
         sae.remove_parallel_grad()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.optim.grad_clip)
         opt.step()
         sae.normalize_decoder()
         if arch == "jumprelu":
             with torch.no_grad():
                 sae.threshold.clamp_(min=0.0)
-        self.since_fired += cfg.batch_size
+        self.since_fired += cfg.optim.batch_size
         self.since_fired[fired > 0] = 0
-        if arch == "relu" and (self.step + 1) % d["resample_every"] == 0:
-            resample_dead(sae, opt, x, self.since_fired >= d["dead_tokens"], self.gen, target=y)
+        if arch == "relu" and (self.step + 1) % d.resample_every == 0:
+            resample_dead(sae, opt, x, self.since_fired >= d.dead_tokens, self.gen, target=y)
         if self.ema is not None:
-            decay = ema_decay_at(self.step, cfg.ema_decay)
+            decay = ema_decay_at(self.step, cfg.optim.ema_decay)
             with torch.no_grad():
                 for k, v in sae.state_dict().items():
                     if v.is_floating_point():
@@ -460,7 +481,7 @@ class SAERun:
                         self.ema[k].copy_(v)
         self.seconds += time.perf_counter() - t0
         self.step += 1
-        if self.step % cfg.log_every and self.step != d["steps"]:
+        if self.step % cfg.log_every and self.step != d.steps:
             return None
         self.last = _metrics(self.step, cfg, out, lr, self.since_fired, d, self.seconds, self.world)
         if self.rank == 0:
@@ -476,7 +497,7 @@ class SAERun:
         if self.rank == 0:
             save_sae(self.sae, self.run_dir / "sae")
             self.checkpoint()
-        return TrainResult(self.sae, self.run_dir, self.step, self.step * self.cfg.batch_size, self.last)
+        return TrainResult(self.sae, self.run_dir, self.step, self.step * self.cfg.optim.batch_size, self.last)
 
     def close(self) -> None:
         if self.sinks is not None:
@@ -489,9 +510,9 @@ def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[Placeme
     Stores: one per distinct store path (stores of several hooks must come from one collection, so their
     shuffled batches line up). Streaming: one forward pass captures every hook, side by side in columns.
     """
-    io = [run_io(c) for c in cfgs]
+    io = [c.source.io() for c in cfgs]
     keys = list(dict.fromkeys(k for ins, outs in io for k in ins + outs))
-    from_stores = [bool(c.acts or c.crosscoder_acts) for c in cfgs]
+    from_stores = [c.source.from_stores for c in cfgs]
     if all(from_stores):
         stores = [ActivationStore(p) for p in keys]
         for store in stores:
@@ -506,12 +527,12 @@ def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[Placeme
     from nanosae.models import load_model
 
     first = cfgs[0]
-    if any((c.model, c.data, c.model_batch_size) != (first.model, first.data, first.model_batch_size) for c in cfgs):
+    if any((c.source.model, c.source.data, c.source.model_batch_size) != (first.source.model, first.source.data, first.source.model_batch_size) for c in cfgs):
         raise ConfigError("SAEs streamed together must use the same model, data and model batch size")
     # the mixing buffer: big enough to mix documents, small enough not to read far ahead of a short run
-    buffer = min(65536, max(4 * first.batch_size, first.tokens // 8))
-    stream = ActivationStream(load_model(first.model, device=first.device), keys, first.data,
-                              model_batch_size=first.model_batch_size, buffer_tokens=buffer)
+    buffer = min(65536, max(4 * first.optim.batch_size, first.optim.tokens // 8))
+    stream = ActivationStream(load_model(first.source.model, device=first.device), keys, first.source.data,
+                              model_batch_size=first.source.model_batch_size, buffer_tokens=buffer)
     place = lambda hook: (0, stream.columns(hook))
     return [stream], [([place(h) for h in ins], [place(h) for h in outs]) for ins, outs in io]
 
@@ -526,10 +547,10 @@ def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[Progress], N
     cfgs = [cfg] if single else list(cfg)
     rank, world, started_group = dist_info()
     first = cfgs[0]
-    if any((c.batch_size, c.tokens) != (first.batch_size, first.tokens) for c in cfgs):
+    if any((c.optim.batch_size, c.optim.tokens) != (first.optim.batch_size, first.optim.tokens) for c in cfgs):
         raise ConfigError("SAEs trained from one stream must share batch_size and tokens")
-    if first.batch_size % world:
-        raise ConfigError(f"batch_size {first.batch_size} is not divisible by {world} processes")
+    if first.optim.batch_size % world:
+        raise ConfigError(f"batch_size {first.optim.batch_size} is not divisible by {world} processes")
     if len({str(Path(c.out).resolve()) for c in cfgs}) < len(cfgs):
         raise ConfigError("SAEs trained together need one run directory each (their --out values repeat)")
     with contextlib.ExitStack() as locks:  # one writer per run directory (rank 0 writes for every process)
@@ -551,7 +572,7 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[Progress], None] 
     else:
         sources, placement = open_sources(cfgs)
     # the initialisation sample of each source is read once (a prefix of the largest one any run asks for)
-    largest = max(c.init_sample_tokens for c in cfgs)
+    largest = max(c.optim.init_sample_tokens for c in cfgs)
     cached: dict[int, torch.Tensor] = {}
 
     def sample(i: int, n: int) -> torch.Tensor:
@@ -571,14 +592,14 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[Progress], None] 
             batches_done += 1
             for r in runs:
                 r.batches_done = batches_done
-            if len(batch[0]) < first.batch_size:
+            if len(batch[0]) < first.optim.batch_size:
                 continue  # an epoch's short tail: skipped, but counted for resume
             for r in runs:
                 if r.done:
                     continue
                 metrics = r.train_step(batch)
                 if metrics is not None and progress is not None:
-                    progress(Progress(r.step, r.d["steps"], metrics))
+                    progress(Progress(r.step, r.d.steps, metrics))
                 if r.cfg.checkpoint_every and r.step % r.cfg.checkpoint_every == 0 and not r.done:
                     r.checkpoint()
     except KeyboardInterrupt:
@@ -591,16 +612,16 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[Progress], None] 
     return [r.finish() for r in runs]
 
 
-def _metrics(step: int, cfg: TrainConfig, out: Any, lr: float, since_fired: torch.Tensor, d: dict[str, Any],
+def _metrics(step: int, cfg: TrainConfig, out: Any, lr: float, since_fired: torch.Tensor, d: Schedule,
              seconds: float, world: int) -> dict[str, float]:
     x, x_hat = out.x, out.x_hat
     stats = torch.stack([(x - x_hat).pow(2).sum(), (x - x.mean(0)).pow(2).sum(), out.fired.sum().float() / len(x)])
     all_reduce_mean([stats], world)
-    metrics = {"step": step, "tokens": step * cfg.batch_size, "loss": float(out.loss.detach())}
+    metrics = {"step": step, "tokens": step * cfg.optim.batch_size, "loss": float(out.loss.detach())}
     metrics |= {k: float(v.detach()) for k, v in out.parts.items()}
     metrics |= {"l0": float(stats[2]), "fvu": float(stats[0] / stats[1].clamp_min(1e-12)),
-                "dead_fraction": float((since_fired >= d["dead_tokens"]).float().mean()), "lr": lr,
-                "tokens_per_s": step * cfg.batch_size / max(seconds, 1e-9)}
+                "dead_fraction": float((since_fired >= d.dead_tokens).float().mean()), "lr": lr,
+                "tokens_per_s": step * cfg.optim.batch_size / max(seconds, 1e-9)}
     return metrics
 
 
@@ -656,8 +677,8 @@ def resample_dead(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: t
 def _model_name(cfg: TrainConfig, source: Any) -> str:
     if isinstance(source, ActivationStore):
         return source.manifest["model"]
-    return source.model.name if hasattr(source, "model") else cfg.model
+    return source.model.name if hasattr(source, "model") else cfg.source.model
 
 
 def _context_size(cfg: TrainConfig, source: Any) -> int:
-    return source.manifest["context_size"] if isinstance(source, ActivationStore) else cfg.data.context_size
+    return source.manifest["context_size"] if isinstance(source, ActivationStore) else cfg.source.data.context_size

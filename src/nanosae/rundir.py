@@ -1,0 +1,100 @@
+"""The run directory: where one training run and everything made from it live.
+
+    RUN/config.json        the TrainConfig (and the stores' fingerprints)
+    RUN/sae/               the final SAE (cfg.json + sae_weights.safetensors)
+    RUN/checkpoints/step_N/
+    RUN/metrics.jsonl      training metrics, one line per logged step
+    RUN/eval.json, RUN/report.html, RUN/features.db
+
+Every command that takes "a run directory or an SAE" resolves it here, and finds the host model here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nanosae.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def sae(self) -> Path:
+        return self.path / "sae"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def eval(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def features(self) -> Path:
+        return self.path / "features.db"
+
+
+def locate(path: str | Path) -> tuple[RunDir | None, Path]:
+    """(the run, or None, and the SAE path): a run directory holds sae/cfg.json; anything else is an SAE file
+    or directory (ours, SAELens, OpenAI .pt)."""
+    path = Path(path)
+    if (path / "sae" / "cfg.json").exists():
+        return RunDir(path), path / "sae"
+    return None, path
+
+
+def home(path: str | Path) -> Path:
+    """Where files made from an SAE go: its run directory, the SAE directory itself, or a .pt file's folder."""
+    run, sae = locate(path)
+    return run.path if run else sae if sae.is_dir() else sae.parent
+
+
+def eval_path(run: RunDir | None, sae: Path) -> Path:
+    """Where an SAE's eval.json goes: its run directory, its own directory, or beside a .pt file (NAME.eval.json)."""
+    if run is not None:
+        return run.eval
+    return sae.with_suffix(".eval.json") if sae.is_file() else sae / "eval.json"
+
+
+def report_dir(located: list[tuple[RunDir | None, Path]]) -> Path:
+    """Where one report over these SAEs goes: the run directory of a single run, else the folder above them."""
+    if len(located) == 1 and located[0][0] is not None:
+        return located[0][0].path
+    run, sae = located[0]
+    return (run.path if run else sae).resolve().parent
+
+
+def model_spec(sae: Any, model: str | None, where: str | Path = "") -> str:
+    """The host model to run an SAE on: the one asked for, else the one the SAE was trained on."""
+    spec = model or sae.cfg.model_name
+    if not spec:
+        raise ConfigError(f"{where or 'the SAE'}: the SAE does not name its model (cfg.json model_name); pass --model")
+    return spec
+
+
+def load_sae_and_model(path: str | Path, model: str | None = None, device: str = "cpu",
+                       tokenizer: str | Path | None = None) -> tuple[RunDir | None, Any, Any]:
+    """(run or None, SAE, host model) for a run directory or SAE path; the model defaults to the SAE's own."""
+    from nanosae.models import load_model
+    from nanosae.sae import SAE
+
+    run, sae_path = locate(path)
+    sae = SAE.load(sae_path, device=device)
+    return run, sae, load_model(model_spec(sae, model, path), device=device, tokenizer=tokenizer)

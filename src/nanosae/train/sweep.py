@@ -1,0 +1,48 @@
+"""Several SAEs from one command: every --acts / --hook value and every combination of the sweep fields'
+values becomes a TrainConfig, each in its own folder of the run directory named by what varies."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+from nanosae.config import SourceConfig, TrainConfig
+from nanosae.errors import ConfigError
+
+SWEEPABLE = ("architecture", "d_sae", "k", "sparsity_coefficient")
+"""Settings that take several comma-separated values on the command line; each combination is one SAE."""
+
+
+def expand_sweep(settings: dict[str, Any], crosscoder: bool = False) -> list[TrainConfig]:
+    """settings: TrainConfig.build's names, where `acts` and `hook` are lists (one run per value, or one
+    crosscoder over all of them) and SWEEPABLE names may be lists. Returns the configs, trained together."""
+    settings = dict(settings)
+    acts, hooks = settings.pop("acts", None) or [], settings.pop("hook", None) or [SourceConfig.hook]
+    sources = [("acts", str(a)) for a in acts] if acts else [("hook", h) for h in hooks]
+    if crosscoder:
+        key = "crosscoder_acts" if acts else "crosscoder_hooks"
+        settings[key] = [where for _, where in sources]
+        sources = [("crosscoder", "")]
+    elif (settings.get("hook_out") or settings.get("acts_out")) and len(sources) > 1:
+        raise ConfigError("a transcoder reads one hook (--hook or --acts) and predicts --hook-out / --acts-out")
+    grid = {name: _as_list(settings.pop(name)) for name in SWEEPABLE if name in settings}
+    out = Path(settings.pop("out", TrainConfig.out))
+    cfgs = []
+    for (kind, where), *values in itertools.product(sources, *grid.values()):
+        chosen = dict(zip(grid, values))
+        parts = [Path(where).name if len(sources) > 1 else ""]
+        parts += [_label(name, value) for name, value in chosen.items() if len(grid[name]) > 1]
+        name = "-".join(p for p in parts if p)
+        place = {"acts": where} if kind == "acts" else {"hook": where} if kind == "hook" else {}
+        cfgs.append(TrainConfig.build(out=str(out / name if name else out), **settings, **place,
+                                      **{k: v for k, v in chosen.items() if v is not None}))
+    return cfgs
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _label(name: str, value: Any) -> str:
+    return str(value) if name == "architecture" else f"{name}={value}"
