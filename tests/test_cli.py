@@ -46,7 +46,7 @@ def test_collect_then_train_sweep(tiny_llama_dir, word_corpus, tmp_path):
 
 
 def test_parse_count():
-    from nanosae.cli import parse_count
+    from nanosae.options import parse_count
 
     assert (parse_count("200k"), parse_count("2M"), parse_count("4096"), parse_count("1.5k")) == (200_000, 2_000_000, 4096, 1500)
 

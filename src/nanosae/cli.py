@@ -15,7 +15,7 @@ from rich.table import Table
 from nanosae.config import CollectConfig, EvalConfig, TrainConfig
 from nanosae.interp.features import FeaturesConfig
 from nanosae.errors import ConfigError, NanosaeError
-from nanosae.options import command, gather_data, options_for, parse, parse_count
+from nanosae.options import command, gather_data, options_for, parse
 from nanosae.train.sweep import SWEEPABLE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -255,7 +255,7 @@ def track(
     tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
 ) -> None:
     """Generate and show, live, the top features of every new token; a summary at the end."""
-    from nanosae.interp.features import explanations
+    from nanosae.interp.featuredb import explanations
     from nanosae.interp.live import FeatureTracker
     from nanosae.rundir import home, load_sae_and_model, locate
     from nanosae.sae import SAE
@@ -376,7 +376,7 @@ app.add_typer(export_app, name="export")
 @export_app.command("saelens")
 def export_saelens_cmd(run: Path = typer.Argument(...), out: Path = typer.Option(..., help="Output directory.")) -> None:
     """A plain SAELens-loadable directory (BatchTopK becomes JumpReLU with its threshold, as SAELens runs it)."""
-    from nanosae.export.neuronpedia import export_saelens
+    from nanosae.export.saelens import export_saelens
 
     console.print(f"wrote {export_saelens(run, out)}")
 

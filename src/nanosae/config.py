@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+import torch
+
 from nanosae.errors import ConfigError
 
 Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
@@ -20,7 +22,9 @@ LITERALS = {"Architecture": Architecture, "InputNorm": InputNorm, "LRSchedule": 
             "StoreDtype": StoreDtype, "Ablation": Ablation}
 BATCH_TOPK = ("batchtopk", "matryoshka")  # architectures that select the top k·B of a batch while training
 NORMALIZATIONS = get_args(InputNorm)
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+"""The dtypes nanosae names (SAE weights: all four; activation stores: StoreDtype)."""
+STORE_DTYPES = {name: TORCH_DTYPES[name] for name in get_args(StoreDtype)}
 
 
 def _type_ok(value: Any, annotation: str) -> bool:
@@ -141,8 +145,8 @@ class SAEConfig:
             raise ConfigError(
                 f"unknown normalize_activations {self.normalize_activations!r}; expected one of {', '.join(NORMALIZATIONS)}"
             )
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.dtype not in TORCH_DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(TORCH_DTYPES)}")
         for name in ("d_in", "d_sae"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

@@ -53,7 +53,8 @@ def _run_demo(cfg: DemoConfig, progress: Progress | None) -> dict[str, Any]:
     from nanosae.eval import evaluate
     from nanosae.eval.report import write_report
     from nanosae.interp.explain import explain_n2g
-    from nanosae.interp.features import FeaturesConfig, build_features, open_db
+    from nanosae.interp.featuredb import FeatureDB
+    from nanosae.interp.features import FeaturesConfig, build_features
     from nanosae.interp.live import Edit, steer
     from nanosae.io import write_json
     from nanosae.models import load_model
@@ -100,9 +101,7 @@ def _run_demo(cfg: DemoConfig, progress: Progress | None) -> dict[str, Any]:
                            progress=lambda d, t, s: say("features", d, t, s))
         with stage("explain"):
             explain_n2g(out / "features.db", progress=lambda d, t: say("explain", d, t, 0.0))
-    con = open_db(out / "features.db")
-    rows = con.execute("SELECT id, density, max_act, explanation, score, top_logits FROM latents "
-                       "WHERE explanation IS NOT NULL AND density BETWEEN 0.0005 AND 0.2 ORDER BY score DESC LIMIT 5").fetchall()
+    rows = FeatureDB(out).best_explained(5, min_density=0.0005, max_density=0.2)
     features = [{"id": r["id"], "density": r["density"], "explanation": r["explanation"], "score": r["score"],
                  "top_logits": [t for t, _ in json.loads(r["top_logits"])[:5]]} for r in rows]
     steering = None

@@ -228,7 +228,7 @@ def test_damaged_complete_store_is_repaired_by_the_same_command(tiny_model, word
 
 
 def test_second_writer_is_refused_while_the_first_holds_the_store(tiny_model, word_corpus, tmp_path):
-    from nanosae.io import LockedError, write_lock
+    from nanosae.io import write_lock
 
     cfg = config(word_corpus, tmp_path / "acts", hooks=HOOKS[:1], tokens=300)
     stale = tmp_path / "acts" / HOOKS[0] / ".shard_00000.npy.abc.tmp"  # the first writer's file in flight

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from nanosae import SAE, SAEConfig
-from nanosae.export.neuronpedia import export_neuronpedia, export_saelens
+from nanosae.export.neuronpedia import export_neuronpedia
+from nanosae.export.saelens import export_saelens
 
 FEATURE_KEYS = {"feature_index", "neg_str", "neg_values", "pos_str", "pos_values", "frac_nonzero",
                 "freq_hist_data_bar_values", "freq_hist_data_bar_heights", "correlated_features_indices", "activations",

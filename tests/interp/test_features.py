@@ -9,7 +9,8 @@ import torch
 
 from nanosae import SAE, SAEConfig, DataConfig
 from nanosae.data import iter_documents, token_batches
-from nanosae.interp.features import FeaturesConfig, build_features, open_db
+from nanosae.interp.featuredb import open_db
+from nanosae.interp.features import FeaturesConfig, build_features
 
 HOOK = "blocks.1.hook_resid_post"
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nanosae import SAE, SAEConfig, ShapeError, ConfigError
-from nanosae.sae import activations as act
+from nanosae.sae import jumprelu as act
+from nanosae.train.losses import normalize_decoder, remove_parallel_grad, sae_loss
 
 # A tiny hand-checkable SAE: d_in=2, d_sae=3.
 W_ENC = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
@@ -64,7 +65,7 @@ def test_batchtopk_threshold_estimated_in_training():
     sae = SAE(SAEConfig(d_in=8, d_sae=32, architecture="batchtopk", k=4))
     sae.train()
     x = torch.randn(64, 8)
-    sae.loss(x)
+    sae_loss(sae, x)
     z = sae.encode(x)
     assert math.isclose(float(sae.threshold), float(z[z > 0].min().detach()), rel_tol=1e-6)
 
@@ -103,7 +104,7 @@ def test_jumprelu_l0_loss_reaches_threshold():
     sae = tiny("jumprelu")
     with torch.no_grad():
         sae.threshold.copy_(torch.tensor([1.9996, 5.0, 5.0]))  # pre[0] = 2 sits inside the kernel
-    parts = sae.loss(X, sparsity_coefficient=1.0).parts
+    parts = sae_loss(sae, X, sparsity_coefficient=1.0).parts
     assert float(parts["l0"]) == 1.0
     parts["l0"].backward()
     assert torch.allclose(sae.threshold.grad, torch.tensor([-1000.0, 0.0, 0.0], dtype=torch.float64))
@@ -112,7 +113,7 @@ def test_jumprelu_l0_loss_reaches_threshold():
 def test_gated_gradients_flow_as_specified():
     sae = SAE(SAEConfig(d_in=6, d_sae=12, architecture="gated"))
     x = torch.randn(32, 6)
-    parts = sae.loss(x, sparsity_coefficient=0.1).parts
+    parts = sae_loss(sae, x, sparsity_coefficient=0.1).parts
     parts["mse"].backward(retain_graph=True)
     # the reconstruction trains the magnitude path, never the gate bias (Heaviside has no gradient)
     assert sae.b_gate.grad is None or torch.count_nonzero(sae.b_gate.grad) == 0
@@ -128,7 +129,7 @@ def test_relu_l1_weighted_by_decoder_norms():
     sae = tiny("relu")
     with torch.no_grad():
         sae.W_dec.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 4.0]]))  # norms 2, 1, 5
-    parts = sae.loss(X, sparsity_coefficient=0.5).parts
+    parts = sae_loss(sae, X, sparsity_coefficient=0.5).parts
     assert math.isclose(float(parts["l1"]), 0.5 * (2 * 2 + 1 * 1 + 0.5 * 5))
     x_hat = torch.tensor([2.0, 0.0]) * 2 + torch.tensor([0.0, 1.0]) + torch.tensor([3.0, 4.0]) * 0.5 + B_DEC
     assert math.isclose(float(parts["mse"]), float(((x_hat - X[0]) ** 2).sum()))
@@ -139,7 +140,7 @@ def test_auxk_uses_only_dead_latents():
     x = torch.randn(10, 8)
     dead = torch.zeros(16, dtype=torch.bool)
     dead[[3, 7]] = True
-    parts = sae.loss(x, dead_mask=dead, k_aux=4, fast=False).parts
+    parts = sae_loss(sae, x, dead_mask=dead, k_aux=4, fast=False).parts
     parts["auxk"].backward()
     rows_with_grad = sae.W_dec.grad.abs().sum(1) > 0
     assert set(rows_with_grad.nonzero().flatten().tolist()) == {3, 7}
@@ -152,26 +153,26 @@ def test_auxk_uses_only_dead_latents():
         aux[:, [3, 7]] = pre[:, [3, 7]].relu()
         expected = ((aux @ sae.W_dec - residual) ** 2).sum(-1).mean() / 32
     assert torch.allclose(parts["auxk"], expected, rtol=1e-5)
-    assert "auxk" not in sae.loss(x, dead_mask=torch.zeros(16, dtype=torch.bool)).parts
+    assert "auxk" not in sae_loss(sae, x, dead_mask=torch.zeros(16, dtype=torch.bool)).parts
 
 
 def test_decoder_projection_keeps_unit_norm():
     sae = SAE(SAEConfig(d_in=16, d_sae=32, architecture="relu"))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     x = torch.randn(64, 16)
-    sae.loss(x, sparsity_coefficient=1e-3).loss.backward()
-    sae.remove_parallel_grad()
+    sae_loss(sae, x, sparsity_coefficient=1e-3).loss.backward()
+    remove_parallel_grad(sae)
     assert torch.allclose((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(32), atol=1e-6)
     opt.step()
-    sae.normalize_decoder()
+    normalize_decoder(sae)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-6)
 
 
 def test_projection_removes_first_order_norm_change():
     sae = SAE(SAEConfig(d_in=16, d_sae=32, architecture="relu"))
-    sae.loss(torch.randn(64, 16), sparsity_coefficient=1e-3).loss.backward()
+    sae_loss(sae, torch.randn(64, 16), sparsity_coefficient=1e-3).loss.backward()
     raw = sae.W_dec.grad.clone()
-    sae.remove_parallel_grad()
+    remove_parallel_grad(sae)
     lr = 1e-3
     with torch.no_grad():
         drift_projected = ((sae.W_dec - lr * sae.W_dec.grad).norm(dim=1) - 1).abs().max()
@@ -245,21 +246,45 @@ def test_matryoshka_prefix_losses_hand_computed():
     assert sae.cfg.matryoshka_groups == [1, 2, 4]
     sae.train()
     x = torch.tensor([[2.0, 3.0]], dtype=torch.float64)  # z = [2, 3, 2, 3] (k*B = 4 keeps all)
-    parts = sae.loss(x).parts
+    parts = sae_loss(sae, x).parts
     # prefix 1: 2*[1,0] + b = [2.1, .2] -> err [-.1, 2.8]; prefix 2: [2.1, 3.2] -> [-.1, -.2];
     # all 4: [2.1 + 1, 3.2 + 1.5] = [3.1, 4.7] -> [-1.1, -1.7]
     assert float(parts["mse_1"]) == pytest.approx(0.01 + 7.84)
     assert float(parts["mse_2"]) == pytest.approx(0.01 + 0.04)
     assert float(parts["mse"]) == pytest.approx(1.21 + 2.89)
-    assert float(sae.loss(x).loss) == pytest.approx(7.85 + 0.05 + 4.10)
+    assert float(sae_loss(sae, x).loss) == pytest.approx(7.85 + 0.05 + 4.10)
 
 
 def test_matryoshka_default_groups_and_inference_threshold():
     sae = SAE(SAEConfig(d_in=8, d_sae=64, architecture="matryoshka", k=4))
     assert sae.cfg.matryoshka_groups == [8, 16, 32, 64]
     sae.train()
-    sae.loss(torch.randn(32, 8))
+    sae_loss(sae, torch.randn(32, 8))
     assert float(sae.threshold) > 0
     sae.eval()
     z = sae.encode(torch.randn(5, 8))
     assert ((z == 0) | (z > float(sae.threshold))).all()
+
+
+def test_layer_norm_state_is_passed_explicitly():
+    """decode() keeps no state from the last encode(): a layer-norm SAE's decode needs the norm of its own
+    inputs, and two interleaved encodes cannot mix them up."""
+    from nanosae.errors import ConfigError
+
+    sae = SAE(SAEConfig(d_in=16, d_sae=32, architecture="topk", k=4, normalize_activations="layer_norm"))
+    a, b = torch.randn(5, 16) * 3 + 1, torch.randn(5, 16) * 0.1 - 2
+    za, norm_a = sae.encode(a, return_norm=True)
+    sae.encode(b)  # another input in between changes nothing
+    x_hat, _ = sae(a)
+    assert torch.allclose(sae.decode(za, norm_a), x_hat, atol=1e-6)
+    mu, std = a.mean(-1, keepdim=True), (a - a.mean(-1, keepdim=True)).std(-1, keepdim=True)
+    assert torch.allclose(sae.decode(za, norm_a), (za @ sae.W_dec + sae.b_dec) * std + mu, atol=1e-5)
+    with pytest.raises(ConfigError, match="needs the norm state"):
+        sae.decode(za)
+
+
+def test_every_architecture_has_one_activation():
+    from nanosae.config import ARCHITECTURES
+    from nanosae.sae.model import ACTIVATIONS
+
+    assert set(ACTIVATIONS) == set(ARCHITECTURES)

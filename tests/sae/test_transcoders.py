@@ -7,7 +7,8 @@ import torch
 
 from nanosae import SAE, SAEConfig
 from nanosae.errors import ConfigError, ShapeError
-from nanosae.export.neuronpedia import saelens_sae
+from nanosae.export.saelens import saelens_sae
+from nanosae.train.losses import sae_loss
 
 
 def set_weights(sae: SAE, **tensors) -> None:
@@ -27,7 +28,7 @@ def test_transcoder_shapes_and_no_input_centring():
     x_hat, z = sae(torch.randn(7, 3))
     assert x_hat.shape == (7, 2) and z.shape == (7, 5)
     with pytest.raises(ShapeError, match="d_out=2"):
-        sae.loss(torch.randn(4, 3), torch.randn(4, 3))
+        sae_loss(sae, torch.randn(4, 3), torch.randn(4, 3))
     with pytest.raises(ShapeError, match="splice"):
         sae.splice(torch.randn(4, 3))
 
@@ -40,7 +41,7 @@ def test_transcoder_loss_by_hand():
                 W_skip=[[0.5, 0.0]])
     x, y = torch.tensor([[1.0, 1.0]]), torch.tensor([[20.0]])
     # pre = [1 + 2, -1 + 0.5] = [3, -0.5] -> z = [3, 0]; y_hat = 3·3 + 1 + 0.5·1 = 10.5
-    out = sae.loss(x, y, sparsity_coefficient=0.1, fast=False)
+    out = sae_loss(sae, x, y, sparsity_coefficient=0.1, fast=False)
     assert float(out.parts["mse"]) == pytest.approx((20 - 10.5) ** 2)
     assert float(out.parts["l1"]) == pytest.approx(0.1 * 3 * 3.0)  # z·‖W_dec row‖ = 3·3
     x_hat, z = sae(x)
@@ -60,7 +61,7 @@ def test_transcoder_sparse_path_equals_dense():
     grads = []
     for fast in (True, False):
         sae.zero_grad()
-        out = sae.loss(x, y, dead_mask=dead, k_aux=5, fast=fast)
+        out = sae_loss(sae, x, y, dead_mask=dead, k_aux=5, fast=fast)
         out.loss.backward()
         grads.append((float(out.loss), {n: p.grad.clone() for n, p in sae.named_parameters()}))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
@@ -78,7 +79,7 @@ def test_crosscoder_shapes_and_loss_by_hand():
                 W_dec=[[3.0, 4.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]], b_dec=[0.0, 0.0, 0.0, 0.0])
     x = torch.tensor([[2.0, 0.0, 1.0, 0.0]])  # layer 0 = (2, 0), layer 1 = (1, 0)
     # z = [2, 1]; x_hat = 2·[3, 4, 0, 1] + 1·[0, 0, 1, 0] = [6, 8, 1, 2]
-    out = sae.loss(x, sparsity_coefficient=0.5, fast=False)
+    out = sae_loss(sae, x, sparsity_coefficient=0.5, fast=False)
     assert float(out.parts["mse"]) == pytest.approx(16 + 64 + 0 + 4)
     # decoder norms per latent: latent 0: ‖(3,4)‖ + ‖(0,1)‖ = 6; latent 1: ‖(0,0)‖ + ‖(1,0)‖ = 1
     assert sae.decoder_norms().tolist() == pytest.approx([6.0, 1.0])

@@ -15,6 +15,7 @@ from nanosae import SAE, ActivationStore, SAEConfig, TrainConfig, DataError
 from nanosae.data import write_store
 from nanosae.train.init import geometric_median
 from nanosae.train.trainer import Schedule, ema_decay_at, lr_at, resample_dead
+from nanosae.train.losses import normalize_decoder, sae_loss
 
 
 def cfg_for(store, out, **kw):
@@ -59,11 +60,11 @@ def test_auxk_revives_dead_latents():
         for step in range(200):
             with torch.no_grad():
                 dead = (sae.encode(x[:512]) > 0).sum(0) == 0
-            out = sae.loss(x[torch.randint(0, 2048, (256,))], dead_mask=dead, k_aux=8, aux_coefficient=aux_coefficient)
+            out = sae_loss(sae, x[torch.randint(0, 2048, (256,))], dead_mask=dead, k_aux=8, aux_coefficient=aux_coefficient)
             opt.zero_grad()
             out.loss.backward()
             opt.step()
-            sae.normalize_decoder()
+            normalize_decoder(sae)
         return int(((sae.encode(x) > 0).float().mean(0)[:32] > 0.005).sum())  # revived: fire on > 0.5% of tokens
 
     assert run(0.0) <= 2
@@ -111,7 +112,7 @@ def test_geometric_median_balances_unit_vectors():
 def test_resample_dead_relu(tmp_path):
     sae = SAE(SAEConfig(d_in=8, d_sae=16, architecture="relu"))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    sae.loss(torch.randn(32, 8)).loss.backward()
+    sae_loss(sae, torch.randn(32, 8)).loss.backward()
     opt.step()
     dead = torch.zeros(16, dtype=torch.bool)
     dead[[2, 5]] = True

@@ -11,7 +11,8 @@ import nanosae
 from nanosae import SAE, CollectConfig, DataConfig, TrainConfig
 from nanosae.cli import app
 from nanosae.eval import evaluate
-from nanosae.interp.features import FeaturesConfig, build_features, open_db
+from nanosae.interp.featuredb import open_db
+from nanosae.interp.features import FeaturesConfig, build_features
 from nanosae.interp.live import Edit, FeatureTracker, steering
 
 IN, OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"

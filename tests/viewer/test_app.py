@@ -51,7 +51,7 @@ def test_no_path_outside_static(client):
 def test_database_is_read_only(viewer_run):
     import sqlite3
 
-    from nanosae.interp.features import open_db
+    from nanosae.interp.featuredb import open_db
 
     con = open_db(viewer_run / "features.db")
     with pytest.raises(sqlite3.OperationalError):

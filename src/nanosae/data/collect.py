@@ -20,7 +20,7 @@ import torch
 
 from nanosae.config import CollectConfig, DataConfig
 from nanosae.data.corpus import iter_documents
-from nanosae.data.store import FORMAT, MANIFEST, STORE_DTYPES, ActivationStore, ShardWriter, read_manifest, shard_problem
+from nanosae.data.store import FORMAT, MANIFEST, ActivationStore, ShardWriter, read_manifest, shard_problem
 from nanosae.data.tokens import in_background, token_batches
 from nanosae.errors import ConfigError, DataError
 from nanosae.io import write_lock
@@ -82,8 +82,6 @@ def _resume_manifest(directory: Path, fresh: dict[str, Any]) -> dict[str, Any]:
 def collect(cfg: CollectConfig, model: HostModel | None = None,
             progress: Callable[[Progress], None] | None = None) -> dict[str, ActivationStore]:
     """Collect cfg.tokens activations per hook into cfg.out/<hook>/; returns the opened stores."""
-    if cfg.dtype not in STORE_DTYPES:
-        raise ConfigError(f"unknown store dtype {cfg.dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
     if cfg.tokens <= 0 or cfg.tokens_per_shard <= 0 or cfg.batch_size <= 0:
         raise ConfigError("tokens, tokens_per_shard and batch_size must be positive")
     if not cfg.hooks:

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nanosae.config import STORE_DTYPES
 from nanosae.errors import DataError, FormatError
 from nanosae.io import atomic_write as write_file
 from nanosae.io import read_json, sha256_file, write_json, write_lock
 
 MANIFEST = "manifest.json"
 FORMAT = "nanosae-activations/1"
-STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def shard_name(index: int) -> str:

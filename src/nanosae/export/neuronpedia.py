@@ -1,4 +1,4 @@
-"""Share SAEs where the community looks: a plain SAELens directory, and Neuronpedia's upload files.
+"""Neuronpedia's upload files for a run: the SAE in SAELens format plus feature dashboards and explanations.
 
 Neuronpedia layout (as SAEDashboard's NeuronpediaRunner writes it): batch-N.json files, each
 {"model_id", "layer", "sae_set", "features": [...]} with per feature its index, pos_str/pos_values and
@@ -11,65 +11,17 @@ explanations.json and the SAE itself in SAELens format under sae/.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from nanosae.config import SAEConfig
-from nanosae.errors import ConfigError
-from nanosae.interp.features import open_db
+from nanosae.export.saelens import export_saelens
+from nanosae.interp.featuredb import FeatureDB
 from nanosae.io import atomic_write, write_json
+from nanosae.rundir import locate
 from nanosae.sae import SAE
-from nanosae.sae.formats import hook_layer, save_sae
+from nanosae.sae.formats import hook_layer
 
 BATCH_SIZE = 128
-
-
-def _run_paths(run: Path) -> tuple[Path, Path]:
-    sae_path = run / "sae" if (run / "sae").exists() else run
-    return sae_path, run / "features.db"
-
-
-@torch.no_grad()
-def saelens_sae(sae: SAE) -> SAE:
-    """The SAE as SAELens runs it at inference: the activation scaling folded into the weights (SAELens's
-    fold_activation_norm_scaling_factor), and a BatchTopK (or Matryoshka) SAE as a JumpReLU with its global
-    threshold. Pre-activations are unchanged, so thresholds carry over as they are."""
-    if sae.cfg.kind == "crosscoder":
-        raise ConfigError("SAELens has no crosscoder type; share crosscoders in nanosae's own format (the run's sae/ dir)")
-    if sae.cfg.kind == "transcoder" and sae.cfg.architecture == "topk":
-        raise ConfigError("SAELens has no TopK transcoder type (it has relu, skip and jumprelu transcoders)")
-    arch = "jumprelu" if sae.cfg.architecture in ("batchtopk", "matryoshka") else sae.cfg.architecture
-    cfg = SAEConfig(**{**sae.cfg.to_dict(), "architecture": arch, "activation_scale": 1.0, "output_scale": None,
-                       **({"k": None, "matryoshka_groups": None} if arch != sae.cfg.architecture else {})})
-    out = SAE(cfg)
-    state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
-    if arch != sae.cfg.architecture:
-        state["threshold"] = sae.threshold.detach().expand(sae.cfg.d_sae).clone()
-    s_in, s_out = sae.input_factor(), sae.output_factor()
-    s_in_col = s_in[:, None] if isinstance(s_in, torch.Tensor) else s_in
-    s_out_col = s_out[:, None] if isinstance(s_out, torch.Tensor) else s_out
-    state["W_enc"] = state["W_enc"] * s_in_col  # (x·s − b)W = (x − b/s)(sW)
-    state["W_dec"] = state["W_dec"] / s_out
-    state["b_dec"] = state["b_dec"] / s_out
-    if "W_skip" in state:
-        state["W_skip"] = state["W_skip"] * s_in / s_out_col
-    out.load_state_dict(state)
-    return out
-
-
-def export_saelens(run: str | Path, out: str | Path) -> Path:
-    """Write a plain SAELens-loadable directory (cfg.json, sae_weights.safetensors, sparsity.safetensors)."""
-    run, out = Path(run), Path(out)
-    sae_path, db = _run_paths(run)
-    sae = saelens_sae(SAE.load(sae_path))
-    sparsity = None
-    if db.exists():
-        dens = [r["density"] for r in open_db(db).execute("SELECT density FROM latents ORDER BY id")]
-        sparsity = torch.tensor([math.log10(d) if d > 0 else -10.0 for d in dens])  # SAELens stores log10 density
-    return save_sae(sae, out, sparsity=sparsity)
 
 
 def feature_json(row: Any, examples: list[Any], edges: list[float], n_tokens: int, context: int, dataset: str) -> dict:
@@ -125,21 +77,19 @@ Upload steps:
 def export_neuronpedia(run: str | Path, out: str | Path, model_id: str | None = None, sae_set: str | None = None,
                        batch: int = BATCH_SIZE) -> Path:
     run, out = Path(run), Path(out)
-    sae_path, db_path = _run_paths(run)
-    con = open_db(db_path)
-    meta = {r["key"]: json.loads(r["value"]) for r in con.execute("SELECT key, value FROM meta")}
+    _, sae_path = locate(run)
+    db = FeatureDB(run)
+    meta = db.meta()
     out.mkdir(parents=True, exist_ok=True)
     export_saelens(run, out / "sae")
     model_id = model_id or str(meta["model"]).replace("/", "_")
     sae_set = sae_set or f"nanosae-{meta['architecture']}-{meta['d_sae']}"
     context = int(SAE.load(sae_path).cfg.context_size or 128)
-    rows = con.execute("SELECT * FROM latents ORDER BY id").fetchall()
+    rows = db.latents()
     dataset = ",".join(meta.get("data") or [])
     for n, start in enumerate(range(0, len(rows), batch)):
-        feats = []
-        for row in rows[start : start + batch]:
-            examples = con.execute("SELECT * FROM examples WHERE latent = ? ORDER BY kind DESC, rank", (row["id"],)).fetchall()
-            feats.append(feature_json(row, examples, meta["hist_edges"], meta["tokens"], context, dataset))
+        feats = [feature_json(row, db.examples(row["id"]), meta["hist_edges"], meta["tokens"], context, dataset)
+                 for row in rows[start : start + batch]]
         write_json(out / f"batch-{n}.json", {"model_id": model_id, "layer": hook_layer(meta["hook"]), "sae_set": sae_set,
                                             "features": feats})
     explanations = [{"index": r["id"], "description": r["explanation"], "explanationModelName": r["method"] or "unknown",

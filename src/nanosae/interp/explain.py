@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from nanosae.interp.features import open_db
+from nanosae.interp.featuredb import FeatureDB
+from nanosae.interp.featuredb import db_path as db_path_of
 from nanosae.io import write_lock
 
 WILDCARD = None
@@ -113,29 +114,20 @@ def write_explanations(db_path: str | Path, explain_one: Callable[[list[Example]
                        method: str, most_frequent_first: bool = False, limit: int | None = None,
                        progress: Callable[[int, int], None] | None = None) -> int:
     """Explain every feature that fired (or the `limit` most frequent) and write all rows in one transaction."""
-    db = Path(db_path) / "features.db" if Path(db_path).is_dir() else Path(db_path)
-    with write_lock(db, directory=False):
-        return _write_explanations(open_db(db, readonly=False), explain_one, method, most_frequent_first, limit, progress)
-
-
-def _write_explanations(con: Any, explain_one: Callable[[list[Example], float], tuple[str | None, float]], method: str,
-                        most_frequent_first: bool, limit: int | None, progress: Callable[[int, int], None] | None) -> int:
-    try:
-        order = "fires DESC, id" if most_frequent_first else "id"
-        sql = f"SELECT id, max_act FROM latents WHERE fires > 0 ORDER BY {order}" + (f" LIMIT {int(limit)}" if limit else "")
-        latents = con.execute(sql).fetchall()
-        updates = []
-        for n, row in enumerate(latents):
-            rows = con.execute("SELECT tokens, acts FROM examples WHERE latent = ? ORDER BY kind DESC, rank", (row["id"],))
-            examples = [Example(json.loads(r["tokens"]), json.loads(r["acts"])) for r in rows]
-            text, score = explain_one(examples, row["max_act"])
-            updates.append((text, round(score, 4), method, row["id"]))
-            if progress is not None:
-                progress(n + 1, len(latents))
-        with con:  # one transaction: all explanations land, or none
-            con.executemany("UPDATE latents SET explanation = ?, score = ?, method = ? WHERE id = ?", updates)
-    finally:
-        con.close()
+    with write_lock(db_path_of(db_path), directory=False):
+        db = FeatureDB(db_path, readonly=False)
+        try:
+            latents = db.to_explain(most_frequent_first, limit)
+            updates = []
+            for n, row in enumerate(latents):
+                examples = [Example(json.loads(r["tokens"]), json.loads(r["acts"])) for r in db.examples(row["id"])]
+                text, score = explain_one(examples, row["max_act"])
+                updates.append((text, round(score, 4), method, row["id"]))
+                if progress is not None:
+                    progress(n + 1, len(latents))
+            db.set_explanations(updates)
+        finally:
+            db.close()
     return len(updates)
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -33,7 +31,8 @@ from nanosae.config import DataConfig, check_fields, check_range
 from nanosae.data.corpus import iter_documents
 from nanosae.data.store import ActivationStore
 from nanosae.data.tokens import in_background, token_batches
-from nanosae.errors import DataError, FormatError
+from nanosae.errors import DataError
+from nanosae.interp.featuredb import write_db
 from nanosae.io import write_lock
 from nanosae.models import HostModel
 from nanosae.sae import SAE
@@ -189,132 +188,144 @@ def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | P
 def _build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: Path, hook: str | None,
                     progress: Callable[[int, int, float], None] | None,
                     acts: ActivationStore | str | Path | None) -> Path:
-    if hook and sae.cfg.kind != "sae":
-        raise DataError(f"a {sae.cfg.kind} reads {sae.cfg.input_hooks}; --hook is for plain SAEs")
     acts_store = acts if acts is None or isinstance(acts, ActivationStore) else ActivationStore(acts, verify=False)
-    if acts_store is not None:
-        if sae.cfg.n_blocks > 1:
-            raise DataError(f"a crosscoder reads {len(sae.cfg.input_hooks)} hooks; build its features from the model")
-        acts_store.check(d_in=sae.cfg.d_in)
-        wanted = hook or sae.cfg.hook_name
-        if wanted and acts_store.hook and acts_store.hook != wanted:
-            raise DataError(f"{acts_store.path} holds {acts_store.hook} activations but the SAE reads {wanted}; "
-                            "give the store of that hook (or --hook to override)")
-        hooks = [hook or acts_store.hook or sae.cfg.input_hooks[0]]
-    else:
-        hooks = [hook] if hook else sae.cfg.input_hooks
-        if not all(hooks):
-            raise DataError("the SAE does not say which hook it reads (cfg.hook_name); pass --hook")
-        for h in hooks:
-            model.parse_hook(h)
-        if sum(model.hook_dim(h) for h in hooks) != sae.cfg.d_in:
-            raise DataError(f"{', '.join(hooks)} have width {sum(model.hook_dim(h) for h in hooks)} but the SAE "
-                            f"expects d_in={sae.cfg.d_in}")
-    hook = ",".join(hooks)
+    hooks = _hooks_read(sae, model, hook, acts_store)
     sae.eval()
-    F_, width = sae.cfg.d_sae, cfg.window_left + 1 + cfg.window_right
     state_path = out.with_name(out.name + ".partial.pt")
-    fingerprint = {"cfg": asdict(cfg), "hook": hook, "d_sae": F_, "W_dec_sum": float(sae.W_dec.double().sum()),
+    fingerprint = {"cfg": asdict(cfg), "hook": ",".join(hooks), "d_sae": sae.cfg.d_sae,
+                   "W_dec_sum": float(sae.W_dec.double().sum()),
                    "acts": str(acts_store.path) if acts_store is not None else None}
-    n_tokens, batches_done = 0, 0
-    fires = torch.zeros(F_, dtype=torch.long)
-    act_sum = torch.zeros(F_, dtype=torch.float64)
-    act_max = torch.zeros(F_)
-    hist = torch.zeros(F_, len(HIST_EDGES) + 1, dtype=torch.long)
-    cofire = torch.zeros(F_, F_, dtype=torch.int32)
-    top = _Examples(F_, cfg.top_n, width)
-    reservoir = _Examples(F_, cfg.reservoir, width)
-    state = _load_state(state_path)
-    if state is not None:
-        if json.loads(state["fingerprint"]) == fingerprint:
-            n_tokens, batches_done = int(state["n_tokens"]), int(state["batches"])
-            fires, act_sum, act_max, hist, cofire = state["fires"], state["act_sum"], state["act_max"], state["hist"], state["cofire"]
-            top.load(state["top"])
-            reservoir.load(state["reservoir"])
-            log.info("resuming the feature pass at %d tokens", n_tokens)
+    acc = FeatureStats.resume(state_path, fingerprint) or FeatureStats(sae.cfg.d_sae, cfg)
     t0 = time.perf_counter()
-    batches = (_store_batches(acts_store, cfg, batches_done) if acts_store is not None
-               else _model_batches(model, sae, hooks, cfg, batches_done))
+    batches = (_store_batches(acts_store, cfg, acc.batches) if acts_store is not None
+               else _model_batches(model, sae, hooks, cfg, acc.batches))
     for i, toks, valid, x in batches:
-        if n_tokens >= cfg.tokens:
+        if acc.n_tokens >= cfg.tokens:
             break
-        z = sae.encode(x).float().cpu() * valid[..., None]  # (B, T, F); BOS/padding positions zeroed
-        b, t, f = z.nonzero(as_tuple=True)
-        vals = z[b, t, f]
-        n_tokens += int(valid.sum())
-        fires += torch.bincount(f, minlength=F_)
-        act_sum.index_add_(0, f, vals.double())
-        act_max = torch.maximum(act_max, z.amax(dim=(0, 1)))
-        bucket = torch.bucketize(vals, HIST_EDGES)
-        hist.view(-1).index_add_(0, f * hist.shape[1] + bucket, torch.ones_like(bucket))
-        # co-firing: for each token, every pair of its active latents
-        flat_row = b * z.shape[1] + t
-        S = torch.sparse_coo_tensor(torch.stack([flat_row, f]), torch.ones_like(vals), (z.shape[0] * z.shape[1], F_),
-                                    check_invariants=False)
-        co = torch.sparse.mm(S.t().coalesce(), S).coalesce()
-        ij = co.indices()
-        cofire.view(-1).index_add_(0, ij[0] * F_ + ij[1], co.values().round().int())
-        # top-N by activation and the reservoir by a random key, both per latent
-        zf = z.reshape(-1, F_)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)  # per batch, so a resumed pass draws the same keys
-        for examples, key_all in ((top, zf), (reservoir, torch.rand(zf.shape, generator=gen).masked_fill(zf <= 0, -math.inf))):
-            k = min(examples.key.shape[1], zf.shape[0])
-            key, idx = key_all.T.topk(k, dim=1)  # (F, k) positions in the flat batch
-            lat = torch.arange(F_)[:, None].expand(-1, k)
-            bb, tt = idx // z.shape[1], idx % z.shape[1]
-            tokens, win_acts = _windows(toks, z, bb.reshape(-1), tt.reshape(-1), lat.reshape(-1), cfg.window_left, cfg.window_right)
-            act = zf.T.gather(1, idx)
-            key = key.masked_fill(act <= 0, -math.inf)
-            examples.merge(key, act, tokens.view(F_, k, width), win_acts.view(F_, k, width))
-        batches_done = i + 1
+        acc.add(i, toks, valid, sae.encode(x).float().cpu() * valid[..., None])  # BOS/padding positions zeroed
         if progress is not None:
-            progress(min(n_tokens, cfg.tokens), cfg.tokens, time.perf_counter() - t0)
-        if cfg.checkpoint_every and batches_done % cfg.checkpoint_every == 0:
-            _save_state(state_path, fingerprint, n_tokens, batches_done, fires, act_sum, act_max, hist, cofire, top, reservoir)
+            progress(min(acc.n_tokens, cfg.tokens), cfg.tokens, time.perf_counter() - t0)
+        if cfg.checkpoint_every and acc.batches % cfg.checkpoint_every == 0:
+            acc.save(state_path, fingerprint)
     batches.close()  # stops and joins the prefetch thread before the database is written
-    if n_tokens == 0:
+    if acc.n_tokens == 0:
         raise DataError(f"no tokens from {acts_store.path if acts_store is not None else ', '.join(cfg.data.specs)}")
     if acts_store is not None:
         cfg = replace(cfg, data=DataConfig.from_dict(acts_store.manifest.get("data") or {"specs": [str(acts_store.path)]}))
-    _write_db(out, sae, model, hook, cfg, n_tokens, fires, act_sum, act_max, hist, cofire, top, reservoir)
+    _write_db(out, sae, model, ",".join(hooks), cfg, acc)
     state_path.unlink(missing_ok=True)
     return out
 
 
-def _load_state(path: Path) -> dict[str, Any] | None:
-    """The partial pass's state, or None (absent, or unreadable: then the pass starts over, and says so)."""
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        json.loads(state["fingerprint"])
-        return state
-    except Exception as e:  # torch.load raises many kinds for truncated or corrupt files
-        log.warning("%s is unreadable (%s); the feature pass starts over", path, (str(e).splitlines() or [type(e).__name__])[0])
-        return None
+def _hooks_read(sae: SAE, model: HostModel, hook: str | None, store: ActivationStore | None) -> list[str]:
+    """The hooks the SAE's input comes from, checked against the model or the store."""
+    if hook and sae.cfg.kind != "sae":
+        raise DataError(f"a {sae.cfg.kind} reads {sae.cfg.input_hooks}; --hook is for plain SAEs")
+    if store is not None:
+        if sae.cfg.n_blocks > 1:
+            raise DataError(f"a crosscoder reads {len(sae.cfg.input_hooks)} hooks; build its features from the model")
+        store.check(d_in=sae.cfg.d_in)
+        wanted = hook or sae.cfg.hook_name
+        if wanted and store.hook and store.hook != wanted:
+            raise DataError(f"{store.path} holds {store.hook} activations but the SAE reads {wanted}; "
+                            "give the store of that hook (or --hook to override)")
+        return [hook or store.hook or sae.cfg.input_hooks[0]]
+    hooks = [hook] if hook else sae.cfg.input_hooks
+    if not all(hooks):
+        raise DataError("the SAE does not say which hook it reads (cfg.hook_name); pass --hook")
+    for h in hooks:
+        model.parse_hook(h)
+    if sum(model.hook_dim(h) for h in hooks) != sae.cfg.d_in:
+        raise DataError(f"{', '.join(hooks)} have width {sum(model.hook_dim(h) for h in hooks)} but the SAE "
+                        f"expects d_in={sae.cfg.d_in}")
+    return hooks
 
 
-def _save_state(path: Path, fingerprint: dict, n_tokens: int, batches: int, fires: Tensor, act_sum: Tensor,
-                act_max: Tensor, hist: Tensor, cofire: Tensor, top: _Examples, reservoir: _Examples) -> None:
-    from nanosae.io import atomic_write
+class FeatureStats:
+    """Everything the feature pass accumulates, in fixed-size tensors (memory does not grow with tokens)."""
 
-    state = {"fingerprint": json.dumps(fingerprint), "n_tokens": n_tokens, "batches": batches, "fires": fires,
-             "act_sum": act_sum, "act_max": act_max, "hist": hist, "cofire": cofire, "top": top.state(),
-             "reservoir": reservoir.state()}
-    atomic_write(path, lambda p: torch.save(state, p))
+    def __init__(self, d_sae: int, cfg: FeaturesConfig):
+        width = cfg.window_left + 1 + cfg.window_right
+        self.cfg, self.n_tokens, self.batches = cfg, 0, 0
+        self.fires = torch.zeros(d_sae, dtype=torch.long)
+        self.act_sum = torch.zeros(d_sae, dtype=torch.float64)
+        self.act_max = torch.zeros(d_sae)
+        self.hist = torch.zeros(d_sae, len(HIST_EDGES) + 1, dtype=torch.long)
+        self.cofire = torch.zeros(d_sae, d_sae, dtype=torch.int32)
+        self.top = _Examples(d_sae, cfg.top_n, width)
+        self.reservoir = _Examples(d_sae, cfg.reservoir, width)
+
+    TENSORS = ("fires", "act_sum", "act_max", "hist", "cofire")
+
+    def add(self, i: int, toks: Tensor, valid: Tensor, z: Tensor) -> None:
+        """Batch i: its token ids (B, T), kept positions (B, T) and latents (B, T, F), zero where not kept."""
+        F_, cfg = z.shape[-1], self.cfg
+        b, t, f = z.nonzero(as_tuple=True)
+        vals = z[b, t, f]
+        self.n_tokens += int(valid.sum())
+        self.fires += torch.bincount(f, minlength=F_)
+        self.act_sum.index_add_(0, f, vals.double())
+        self.act_max = torch.maximum(self.act_max, z.amax(dim=(0, 1)))
+        bucket = torch.bucketize(vals, HIST_EDGES)
+        self.hist.view(-1).index_add_(0, f * self.hist.shape[1] + bucket, torch.ones_like(bucket))
+        # co-firing: for each token, every pair of its active latents
+        S = torch.sparse_coo_tensor(torch.stack([b * z.shape[1] + t, f]), torch.ones_like(vals),
+                                    (z.shape[0] * z.shape[1], F_), check_invariants=False)
+        co = torch.sparse.mm(S.t().coalesce(), S).coalesce()
+        ij = co.indices()
+        self.cofire.view(-1).index_add_(0, ij[0] * F_ + ij[1], co.values().round().int())
+        # top-N by activation and the reservoir by a random key, both per latent
+        zf = z.reshape(-1, F_)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)  # per batch, so a resumed pass draws the same keys
+        random_keys = torch.rand(zf.shape, generator=gen).masked_fill(zf <= 0, -math.inf)
+        for examples, key_all in ((self.top, zf), (self.reservoir, random_keys)):
+            k = min(examples.key.shape[1], zf.shape[0])
+            key, idx = key_all.T.topk(k, dim=1)  # (F, k) positions in the flat batch
+            lat = torch.arange(F_)[:, None].expand(-1, k)
+            bb, tt = idx // z.shape[1], idx % z.shape[1]
+            tokens, win_acts = _windows(toks, z, bb.reshape(-1), tt.reshape(-1), lat.reshape(-1), cfg.window_left,
+                                        cfg.window_right)
+            act = zf.T.gather(1, idx)
+            key = key.masked_fill(act <= 0, -math.inf)
+            width = tokens.shape[-1]
+            examples.merge(key, act, tokens.view(F_, k, width), win_acts.view(F_, k, width))
+        self.batches = i + 1
+
+    def save(self, path: Path, fingerprint: dict[str, Any]) -> None:
+        from nanosae.io import atomic_write
+
+        state = {"fingerprint": json.dumps(fingerprint), "n_tokens": self.n_tokens, "batches": self.batches,
+                 "top": self.top.state(), "reservoir": self.reservoir.state(),
+                 **{name: getattr(self, name) for name in self.TENSORS}}
+        atomic_write(path, lambda p: torch.save(state, p))
+
+    @classmethod
+    def resume(cls, path: Path, fingerprint: dict[str, Any]) -> "FeatureStats | None":
+        """The partial pass saved at path when it was made with the same settings, SAE and data; else None (an
+        unreadable state is reported and the pass starts over)."""
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if json.loads(state["fingerprint"]) != fingerprint:
+                return None
+            cfg = FeaturesConfig(**{**fingerprint["cfg"], "data": DataConfig(**fingerprint["cfg"]["data"])})
+            acc = cls(fingerprint["d_sae"], cfg)
+            acc.n_tokens, acc.batches = int(state["n_tokens"]), int(state["batches"])
+            for name in cls.TENSORS:
+                setattr(acc, name, state[name])
+            acc.top.load(state["top"])
+            acc.reservoir.load(state["reservoir"])
+        except Exception as e:  # torch.load raises many kinds for truncated or corrupt files
+            log.warning("%s is unreadable (%s); the feature pass starts over", path,
+                        (str(e).splitlines() or [type(e).__name__])[0])
+            return None
+        log.info("resuming the feature pass at %d tokens", acc.n_tokens)
+        return acc
 
 
-SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE latents (id INTEGER PRIMARY KEY, density REAL, fires INTEGER, mean_act REAL, max_act REAL,
-    histogram TEXT, top_logits TEXT, bottom_logits TEXT, cofiring TEXT, explanation TEXT, score REAL, method TEXT);
-CREATE TABLE examples (latent INTEGER, kind TEXT, rank INTEGER, activation REAL, tokens TEXT, acts TEXT, focus INTEGER);
-CREATE INDEX examples_latent ON examples (latent, kind, rank);
-"""
-
-
-def _write_db(out: Path, sae: SAE, model: HostModel, hook: str, cfg: FeaturesConfig, n_tokens: int, fires: Tensor,
-              act_sum: Tensor, act_max: Tensor, hist: Tensor, cofire: Tensor, top: _Examples, reservoir: _Examples) -> None:
+def _write_db(out: Path, sae: SAE, model: HostModel, hook: str, cfg: FeaturesConfig, acc: FeatureStats) -> None:
+    """The accumulated statistics as database rows: per latent its summary and examples, decoded to text."""
     vocab: dict[int, str] = {}
 
     def piece(i: int) -> str:
@@ -322,86 +333,49 @@ def _write_db(out: Path, sae: SAE, model: HostModel, hook: str, cfg: FeaturesCon
             vocab[i] = model.tokenizer.decode([i]) if i >= 0 else ""
         return vocab[i]
 
-    def text(ids: list[int]) -> list[str]:
-        return [piece(i) for i in ids]
+    meta = {"hook": hook, "kind": sae.cfg.kind, "hook_out": ",".join(sae.cfg.output_hooks), "model": model.name,
+            "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in, "tokens": acc.n_tokens, "architecture": sae.cfg.architecture,
+            "hist_edges": HIST_EDGES.tolist(), "window_left": cfg.window_left, "data": cfg.data.specs,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_db(out, meta, _latent_rows(sae, model, cfg, acc, piece), _example_rows(cfg, acc, piece))
 
+
+def _latent_rows(sae: SAE, model: HostModel, cfg: FeaturesConfig, acc: FeatureStats,
+                 piece: Callable[[int], str]) -> list[tuple]:
     up_v, up_i, down_v, down_i = logit_effects(model, sae, cfg.logit_top)
-    diag = cofire.diagonal().double().clamp_min(1)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    con = sqlite3.connect(tmp)
-    try:
-        con.executescript(SCHEMA)
-        meta = {"hook": hook, "kind": sae.cfg.kind, "hook_out": ",".join(sae.cfg.output_hooks), "model": model.name,
-                "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in, "tokens": n_tokens,
-                "architecture": sae.cfg.architecture, "hist_edges": HIST_EDGES.tolist(), "window_left": cfg.window_left,
-                "data": cfg.data.specs, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
-        rows, examples = [], []
-        p_given = cofire.double() / diag[:, None]
-        p_given.fill_diagonal_(-1)
-        co_v, co_i = p_given.topk(min(cfg.cofiring_top, sae.cfg.d_sae), dim=1)
-        # plain lists: per-element tensor indexing in this loop cost more than the feature pass itself
-        co_v, co_i, up_v, up_i, down_v, down_i, fires_l, act_sum_l, act_max_l, hist_l = (
-            t.tolist() for t in (co_v, co_i, up_v, up_i, down_v, down_i, fires, act_sum, act_max, hist))
-        top_l = (top.act.tolist(), top.tokens.tolist(), top.acts.tolist())
-        res_l = (reservoir.act.tolist(), reservoir.tokens.tolist(), reservoir.acts.tolist())
-        for i in range(sae.cfg.d_sae):
-            n = int(fires_l[i])
-            cofiring = [[j, round(v, 4)] for j, v in zip(co_i[i], co_v[i]) if v > 0]
-            rows.append((i, n / n_tokens, n, act_sum_l[i] / max(n, 1), act_max_l[i], json.dumps(hist_l[i]),
-                         json.dumps([[piece(t), round(v, 4)] for t, v in zip(up_i[i], up_v[i])]),
-                         json.dumps([[piece(t), round(v, 4)] for t, v in zip(down_i[i], down_v[i])]),
-                         json.dumps(cofiring), None, None, None))
-            act, toks, acts = (a[i] for a in top_l)
-            kept = [r for r in range(len(act)) if act[r] > 0]
-            for rank, r in enumerate(kept):
-                examples.append((i, "top", rank, act[r], json.dumps(text(toks[r])),
-                                 json.dumps([round(v, 4) for v in acts[r]]), cfg.window_left))
-            act, toks, acts = (a[i] for a in res_l)
-            res = sorted((r for r in range(len(act)) if act[r] > 0), key=lambda r: act[r])
-            if res:
-                picks = sorted({round(q * (len(res) - 1) / max(1, cfg.quantile_examples - 1)) for q in range(cfg.quantile_examples)})
-                for rank, q in enumerate(picks):
-                    r = res[q]
-                    examples.append((i, "quantile", rank, act[r], json.dumps(text(toks[r])),
-                                     json.dumps([round(v, 4) for v in acts[r]]), cfg.window_left))
-        con.executemany("INSERT INTO latents VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-        con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?)", examples)
-        con.commit()
-    finally:
-        con.close()
-    os.replace(tmp, out)
+    p_given = acc.cofire.double() / acc.cofire.diagonal().double().clamp_min(1)[:, None]
+    p_given.fill_diagonal_(-1)
+    co_v, co_i = p_given.topk(min(cfg.cofiring_top, sae.cfg.d_sae), dim=1)
+    # plain lists: per-element tensor indexing in this loop cost more than the feature pass itself
+    co_v, co_i, up_v, up_i, down_v, down_i, fires, act_sum, act_max, hist = (
+        t.tolist() for t in (co_v, co_i, up_v, up_i, down_v, down_i, acc.fires, acc.act_sum, acc.act_max, acc.hist))
+    rows = []
+    for i in range(sae.cfg.d_sae):
+        n = int(fires[i])
+        cofiring = [[j, round(v, 4)] for j, v in zip(co_i[i], co_v[i]) if v > 0]
+        rows.append((i, n / acc.n_tokens, n, act_sum[i] / max(n, 1), act_max[i], json.dumps(hist[i]),
+                     json.dumps([[piece(t), round(v, 4)] for t, v in zip(up_i[i], up_v[i])]),
+                     json.dumps([[piece(t), round(v, 4)] for t, v in zip(down_i[i], down_v[i])]),
+                     json.dumps(cofiring), None, None, None))
+    return rows
 
 
-def open_db(path: str | Path, readonly: bool = True) -> sqlite3.Connection:
-    """Open features.db (read-only by default: the viewer never writes), checking that it is one."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "features.db"
-    if not path.is_file():
-        raise FormatError(f"{path} not found: build it with `nanosae features RUN --model M --data D`")
-    # as_uri() percent-encodes '#' and '?', which would otherwise end the file name inside the URI
-    uri = path.resolve().as_uri() + ("?mode=ro" if readonly else "?mode=rw")
-    con = sqlite3.connect(uri, uri=True, check_same_thread=False)
-    con.row_factory = sqlite3.Row
-    try:
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError as e:
-        con.close()
-        raise FormatError(f"{path} is not a features database ({e})") from None
-    if not {"latents", "examples"} <= tables:
-        con.close()
-        raise FormatError(f"{path} is not a features database (no latents and examples tables)")
-    return con
-
-
-def explanations(path: str | Path) -> dict[int, str]:
-    """latent -> explanation of a features.db ({} when there is no database yet)."""
-    if not Path(path).exists():
-        return {}
-    con = open_db(path)
-    try:
-        return {r["id"]: r["explanation"] for r in con.execute("SELECT id, explanation FROM latents WHERE explanation IS NOT NULL")}
-    finally:
-        con.close()
+def _example_rows(cfg: FeaturesConfig, acc: FeatureStats, piece: Callable[[int], str]) -> list[tuple]:
+    """Top examples by rank, and quantile examples picked at evenly spaced activation ranks of the reservoir."""
+    row = lambda i, kind, rank, act, toks, acts: (i, kind, rank, act, json.dumps([piece(t) for t in toks]),
+                                                  json.dumps([round(v, 4) for v in acts]), cfg.window_left)
+    top = (acc.top.act.tolist(), acc.top.tokens.tolist(), acc.top.acts.tolist())
+    res = (acc.reservoir.act.tolist(), acc.reservoir.tokens.tolist(), acc.reservoir.acts.tolist())
+    examples = []
+    for i in range(len(top[0])):
+        act, toks, acts = (a[i] for a in top)
+        kept = [r for r in range(len(act)) if act[r] > 0]
+        examples += [row(i, "top", rank, act[r], toks[r], acts[r]) for rank, r in enumerate(kept)]
+        act, toks, acts = (a[i] for a in res)
+        fired = sorted((r for r in range(len(act)) if act[r] > 0), key=lambda r: act[r])
+        if fired:
+            n = cfg.quantile_examples
+            picks = sorted({round(q * (len(fired) - 1) / max(1, n - 1)) for q in range(n)})
+            examples += [row(i, "quantile", rank, act[fired[q]], toks[fired[q]], acts[fired[q]])
+                         for rank, q in enumerate(picks)]
+    return examples

@@ -151,11 +151,11 @@ def steering(model: HostModel, sae: SAE, edits: list[Edit]) -> Iterator[None]:
 
     def clamped(y: Tensor) -> Tensor:
         """y plus the change in the SAE's output when the clamped latents are set (the error term kept)."""
-        z = sae.encode(captured["x"] if read_at else y)
+        z, norm = sae.encode(captured["x"] if read_at else y, return_norm=True)
         z_set = z.clone()
         for e in clamps:
             z_set[..., e.latent] = e.value
-        return y + (sae.decode(z_set) - sae.decode(z)).to(y.dtype)
+        return y + (sae.decode(z_set, norm) - sae.decode(z, norm)).to(y.dtype)
 
     def write(hook: str) -> Callable[[Tensor], Tensor]:
         def fn(y: Tensor) -> Tensor:

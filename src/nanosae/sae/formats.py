@@ -21,10 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from nanosae.config import SAEConfig
+from nanosae.config import TORCH_DTYPES, SAEConfig
 from nanosae.errors import ConfigError, FormatError
 from nanosae.io import atomic_write, read_json, write_json
-from nanosae.sae.model import DTYPES, SAE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -39,7 +38,7 @@ _TRANSCODERS = {"transcoder": ("relu", False), "skip_transcoder": ("relu", True)
 _INERT_NORMALIZATIONS = {None, "none", "expected_average_only_in"}
 
 
-def save_sae(sae: SAE, path: str | Path, sparsity: torch.Tensor | None = None) -> Path:
+def save_sae(sae: Any, path: str | Path, sparsity: torch.Tensor | None = None) -> Path:
     """Write cfg.json + sae_weights.safetensors (+ sparsity.safetensors) into directory path, atomically."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -71,16 +70,18 @@ def hook_layer(hook: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def load_sae(path: str | Path, *, device: str = "cpu", normalize: bool | None = None) -> SAE:
+def load_sae(path: str | Path, *, build: Any, device: str = "cpu", normalize: bool | None = None) -> Any:
+    """An SAE from any of the formats above, made by `build(cfg)` (SAE.load passes the SAE class: this module
+    never imports the model, so the model can import it)."""
     path = Path(path)
     if not path.exists():
         raise FormatError(f"SAE file not found: {path}")
     if path.is_dir():
-        return _load_saelens_dir(path, device)
+        return _load_saelens_dir(path, device, build)
     if path.name == WEIGHTS_FILE or path.name == CFG_FILE:
-        return _load_saelens_dir(path.parent, device)
+        return _load_saelens_dir(path.parent, device, build)
     if path.suffix in (".pt", ".pth", ".bin"):
-        return _load_openai(path, device, normalize)
+        return _load_openai(path, device, normalize, build)
     raise FormatError(f"{path}: not an SAE (expected a directory with {CFG_FILE} or an OpenAI .pt state dict)")
 
 
@@ -136,7 +137,7 @@ def _saelens_fields(raw: dict[str, Any], where: Path) -> SAEConfig:
     return SAEConfig.from_dict(d)
 
 
-def _load_saelens_dir(path: Path, device: str) -> SAE:
+def _load_saelens_dir(path: Path, device: str, build: Any) -> Any:
     cfg = _saelens_config(_read_json(path / CFG_FILE), path / CFG_FILE)
     weights = path / WEIGHTS_FILE
     if not weights.exists():
@@ -148,7 +149,7 @@ def _load_saelens_dir(path: Path, device: str) -> SAE:
         raise FormatError(f"{weights} is corrupt or truncated: {e}") from None
     if "log_threshold" in tensors and "threshold" not in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
-    return _build(cfg, tensors, weights, device)
+    return _build(cfg, tensors, weights, device, build)
 
 
 def _check_header(cfg: SAEConfig, weights: Path) -> None:
@@ -167,8 +168,8 @@ def _check_header(cfg: SAEConfig, weights: Path) -> None:
                               f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}, d_out={cfg.d_out} (cfg.json)")
 
 
-def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device: str) -> SAE:
-    sae = SAE(cfg)
+def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device: str, build: Any) -> Any:
+    sae = build(cfg)
     expected = sae.state_dict()
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -192,7 +193,7 @@ def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device
     return sae.to(device)
 
 
-def _load_openai(path: Path, device: str, normalize: bool | None) -> SAE:
+def _load_openai(path: Path, device: str, normalize: bool | None, build: Any) -> Any:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for truncated/corrupt/unsafe files
@@ -243,10 +244,10 @@ def _load_openai(path: Path, device: str, normalize: bool | None) -> SAE:
         raise FormatError(f"{path}: activation {activation!r:.40} is not supported (expected ReLU or TopK)")
     if normalize is None:
         normalize = activation == "TopK"  # what OpenAI's own from_state_dict infers
-    dtype = next((name for name, dt in DTYPES.items() if dt == enc_FD.dtype), "float32")
+    dtype = next((name for name, dt in TORCH_DTYPES.items() if dt == enc_FD.dtype), "float32")
     cfg = SAEConfig(
         d_in=int(d_in), d_sae=int(d_sae), architecture=arch, k=None if k is None else int(k),
         normalize_activations="layer_norm" if normalize else "none", dtype=dtype,
     )
     tensors = {"W_enc": enc_FD.T, "b_enc": sd["latent_bias"], "W_dec": dec_DF.T, "b_dec": sd["pre_bias"]}
-    return _build(cfg, {n: t.contiguous() for n, t in tensors.items()}, path, device)
+    return _build(cfg, {n: t.contiguous() for n, t in tensors.items()}, path, device, build)

@@ -18,27 +18,20 @@ The same class is also a transcoder and a crosscoder, because both are an SAE wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from nanosae.config import BATCH_TOPK, SAEConfig
-from nanosae.errors import ShapeError
-from nanosae.sae import activations as act
-from nanosae.sae import kernels
+from nanosae.config import BATCH_TOPK, TORCH_DTYPES, SAEConfig
+from nanosae.errors import ConfigError, ShapeError
+from nanosae.sae import formats
+from nanosae.sae.jumprelu import jumprelu
+from nanosae.sae.topk import topk_rows
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 LAYER_NORM_EPS = 1e-5  # OpenAI's LN(): (x - mean) / (std + eps), std with N-1
-
-
-class LossOutput(NamedTuple):
-    loss: Tensor
-    parts: dict[str, Tensor]
-    fired: Tensor  # (d_sae,) how many tokens of the batch each latent fired on
-    x_hat: Tensor  # reconstruction in the normalised space (detached)
-    x: Tensor  # the normalised target (the input itself, except for transcoders)
+NormState = tuple[Tensor, Tensor]  # layer-norm SAEs: each input's (mean, std), needed to undo the norm on output
 
 
 def concat_hooks(acts: dict[str, Tensor], hooks: list[str]) -> Tensor:
@@ -54,7 +47,7 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
-        d, f, d_out, dtype = cfg.d_in, cfg.d_sae, cfg.d_out, DTYPES[cfg.dtype]
+        d, f, d_out, dtype = cfg.d_in, cfg.d_sae, cfg.d_out, TORCH_DTYPES[cfg.dtype]
         W_dec_FD = torch.randn(f, d_out, dtype=torch.float32)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
         if cfg.kind == "transcoder":  # input and output are different spaces: no tied transpose
@@ -76,7 +69,7 @@ class SAE(nn.Module):
         if cfg.architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.full((f,), 0.001, dtype=dtype))
         if cfg.architecture in BATCH_TOPK:
-            # Global inference threshold, estimated during training (see update_threshold).
+            # Global inference threshold, estimated during training (train.losses.update_threshold).
             self.register_buffer("threshold", torch.zeros((), dtype=dtype))
         self.use_error_term = False
         self.hook_sae_input = HookPoint()
@@ -85,7 +78,6 @@ class SAE(nn.Module):
         self.hook_sae_recons = HookPoint()
         self.hook_sae_error = HookPoint()
         self.hook_sae_output = HookPoint()
-        self._norm_state: tuple[Tensor, Tensor] | None = None
         self.to(cfg.device)
 
     # ---- properties -------------------------------------------------------------------------
@@ -129,7 +121,7 @@ class SAE(nn.Module):
         scale = self.cfg.output_scale if self.cfg.output_scale is not None else self.cfg.activation_scale
         return self._factor(scale, self.cfg.d_out)
 
-    def _normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    def _normalize(self, x: Tensor) -> tuple[Tensor, NormState | None]:
         state = None
         if self.cfg.normalize_activations == "layer_norm":
             mu = x.mean(dim=-1, keepdim=True)
@@ -149,7 +141,7 @@ class SAE(nn.Module):
         factor = self.output_factor()
         return y.to(self.dtype) * factor if not isinstance(factor, float) or factor != 1.0 else y.to(self.dtype)
 
-    def _denormalize(self, x: Tensor, state: tuple[Tensor, Tensor] | None) -> Tensor:
+    def _denormalize(self, x: Tensor, state: NormState | None) -> Tensor:
         factor = self.output_factor()
         if not isinstance(factor, float) or factor != 1.0:
             x = x / factor
@@ -175,48 +167,34 @@ class SAE(nn.Module):
 
     def activate(self, pre: Tensor, x_norm: Tensor | None = None) -> Tensor:
         """Latents from pre-activations (x_norm is needed by gated SAEs for the gate path)."""
-        arch = self.cfg.architecture
-        if arch == "relu":
-            return pre.relu()
-        if arch == "topk":
-            values, indices = act.topk(pre, self.cfg.k)
-            return torch.zeros_like(pre).scatter(-1, indices, values)
-        if arch in BATCH_TOPK:
-            if self.training:
-                return self._batch_topk(pre)
-            return pre.relu() * (pre > self.threshold).to(pre.dtype)
-        if arch == "jumprelu":
-            return act.jumprelu(pre, self.threshold, self.cfg.jumprelu_bandwidth)
-        # gated: the gate's Heaviside step passes no gradient; the gate trains through the aux loss
-        gate = (self.gate_pre_acts(x_norm) > 0).to(pre.dtype)
-        return gate * pre.relu()
+        return ACTIVATIONS[self.cfg.architecture](self, pre, x_norm)
 
-    def _batch_topk(self, pre: Tensor) -> Tensor:
-        flat = pre.relu().reshape(-1)
-        n_keep = min(self.cfg.k * (pre.numel() // self.cfg.d_sae), flat.numel())
-        values, indices = flat.topk(n_keep, sorted=False)
-        return torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Latents z (..., d_sae). Remembers layer-norm statistics so decode() can undo them."""
+    def encode(self, x: Tensor, return_norm: bool = False) -> Tensor | tuple[Tensor, NormState | None]:
+        """Latents z (..., d_sae); with return_norm, also the layer-norm state decode() needs to undo the
+        norm (None for SAEs without layer_norm), as OpenAI's encode returns it."""
         x = self.hook_sae_input(self._check(x))
-        x_norm, self._norm_state = self._normalize(x)
+        x_norm, norm = self._normalize(x)
         pre = self.hook_sae_acts_pre(self.pre_acts(x_norm))
-        return self.hook_sae_acts_post(self.activate(pre, x_norm))
+        z = self.hook_sae_acts_post(self.activate(pre, x_norm))
+        return (z, norm) if return_norm else z
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Reconstruction in the input's units (undoes scaling and the last encode's layer norm).
+    def decode(self, z: Tensor, norm: NormState | None = None) -> Tensor:
+        """Reconstruction in the input's units: the activation scale undone, and a layer-norm SAE's norm undone
+        with the state encode(x, return_norm=True) gave for those inputs.
 
         A skip transcoder's W_skip term depends on the input, so forward() adds it, as in SAELens."""
+        if norm is None and self.cfg.normalize_activations == "layer_norm":
+            raise ConfigError("this SAE normalises each input (layer_norm): decode(z, norm) needs the norm state "
+                              "from encode(x, return_norm=True)")
         x_hat = z.to(self.dtype) @ self.W_dec + self.b_dec
-        return self.hook_sae_recons(self._denormalize(x_hat, self._norm_state))
+        return self.hook_sae_recons(self._denormalize(x_hat, norm))
 
     def _skip(self, x_norm: Tensor) -> Tensor | float:
         return x_norm @ self.W_skip.T if self.cfg.skip_connection else 0.0
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        z = self.encode(x)
-        x_hat = self.decode(z)
+        z, norm = self.encode(x, return_norm=True)
+        x_hat = self.decode(z, norm)
         if self.cfg.skip_connection:
             x_hat = x_hat + self._denormalize(self._skip(self._normalize(self._check(x))[0]), None)
         return x_hat, z
@@ -260,137 +238,45 @@ class SAE(nn.Module):
             x_hat = x_hat + self.hook_sae_error(error)
         return self.hook_sae_output(x_hat).to(x.dtype)
 
-    # ---- training helpers ---------------------------------------------------------------------
-    def loss(
-        self,
-        x: Tensor,
-        target: Tensor | None = None,
-        *,
-        sparsity_coefficient: float = 0.0,
-        dead_mask: Tensor | None = None,
-        k_aux: int | None = None,
-        aux_coefficient: float = 1 / 32,
-        fast: bool = True,
-    ) -> LossOutput:
-        """Training loss and its parts for a batch x (B, d_in); squared errors are summed over the output.
-
-        target (B, d_out) is what a transcoder predicts; SAEs and crosscoders reconstruct x itself.
-
-        sparsity_coefficient is the L1 weight (relu, gated) or the L0 weight (jumprelu).
-        dead_mask (d_sae,) enables the AuxK loss (topk/batchtopk): the k_aux largest dead latents
-        reconstruct the residual error (Gao et al. 2024). fast uses the sparse kernels for
-        topk/batchtopk (same values and gradients as the dense path, far fewer FLOPs).
-        """
-        x_norm, _ = self._normalize(self._check(x))
-        y = x_norm if target is None else self.normalize_target(target)
-        arch = self.cfg.architecture
-        if fast and arch in ("topk", "batchtopk") and not x_norm.requires_grad:  # the input's gradient needs the dense path
-            return self._sparse_loss(x_norm, y, dead_mask, k_aux, aux_coefficient)
-        pre = self.pre_acts(x_norm)
-        z = self.activate(pre, x_norm)
-        skip = self._skip(x_norm)
-        x_hat = z @ self.W_dec + self.b_dec + skip
-        parts = {"mse": (x_hat - y).pow(2).sum(-1).mean()}
-        if arch == "matryoshka":  # every nested prefix reconstructs y on its own; the full one is "mse"
-            for m in self.cfg.matryoshka_groups[:-1]:
-                prefix_hat = z[:, :m] @ self.W_dec[:m] + self.b_dec + skip
-                parts[f"mse_{m}"] = (prefix_hat - y).pow(2).sum(-1).mean()
-        dec_norms = self.decoder_norms()
-        if arch == "relu":
-            parts["l1"] = sparsity_coefficient * (z * dec_norms).sum(-1).mean()
-        elif arch == "jumprelu":
-            active = act.step(pre, self.threshold, self.cfg.jumprelu_bandwidth)
-            parts["l0"] = sparsity_coefficient * active.sum(-1).mean()
-        elif arch == "gated":
-            gate_relu = self.gate_pre_acts(x_norm).relu()
-            parts["l1"] = sparsity_coefficient * (gate_relu * dec_norms).sum(-1).mean()
-            via_gate = gate_relu @ self.W_dec.detach() + self.b_dec.detach()
-            if self.cfg.skip_connection:
-                via_gate = via_gate + skip.detach()
-            parts["aux"] = (via_gate - y).pow(2).sum(-1).mean()
-        elif dead_mask is not None and bool(dead_mask.any()):  # topk, batchtopk, matryoshka
-            dead = dead_mask.nonzero().squeeze(1)
-            parts["auxk"] = aux_coefficient * self._auxk_loss(pre[:, dead], dead, y - x_hat.detach(), k_aux)
-        if arch in BATCH_TOPK and self.training:
-            self.update_threshold(z)
-        return LossOutput(sum(parts.values()), parts, (z > 0).sum(0), x_hat.detach(), y)
-
-    def _sparse_loss(self, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, k_aux: int | None,
-                     aux_coefficient: float) -> LossOutput:
-        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        dead = dead_mask if dead_mask is not None and bool(dead_mask.any()) else None
-        k_aux = k_aux or self.cfg.d_in // 2
-        xc = self._centred(x_norm).detach()
-        if self.cfg.architecture == "topk":
-            sel = kernels.encode_select_topk(xc, self.W_enc.detach(), self.b_enc.detach(), self.cfg.k)
-        else:
-            with torch.no_grad():
-                pre = xc @ self.W_enc
-                pre += self.b_enc
-            sel = kernels.select_batch_topk(pre, self.cfg.k)
-        vals = kernels.selected_preacts(xc, self.W_enc, self.b_enc, b_dec, sel).relu()
-        x_hat = kernels.sparse_decode(vals, sel, self.W_dec) + self.b_dec + self._skip(x_norm)
-        parts = {"mse": (x_hat - y).pow(2).sum(-1).mean()}
-        if dead is not None:
-            dead_idx = dead.nonzero().squeeze(1)
-            dead_pre = self._centred(x_norm) @ self.W_enc[:, dead_idx] + self.b_enc[dead_idx]  # dead columns only
-            parts["auxk"] = aux_coefficient * self._auxk_loss(dead_pre, dead_idx, y - x_hat.detach(), k_aux)
-        fired = torch.bincount(sel.cols[vals.detach() > 0], minlength=self.cfg.d_sae)
-        if self.cfg.architecture == "batchtopk" and self.training:
-            self.update_threshold(vals.detach())
-        return LossOutput(sum(parts.values()), parts, fired, x_hat.detach(), y)
-
-    def _auxk_loss(self, dead_pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int | None) -> Tensor:
-        """AuxK (Gao et al. 2024): the k_aux largest pre-activations among the dead latents (every dead latent
-        when fewer are dead, the usual case) reconstruct the residual error. dead_pre holds the pre-activations
-        of the dead latents' columns `dead` alone: dead latents are a few % of d_sae, so this is a small dense
-        problem (on the sparse path, cheaper than selecting and scattering that many sparse entries per token:
-        with the embedding_bag gradients, a 1024-token CPU step ~20% faster)."""
-        k = k_aux or self.cfg.d_in // 2
-        if dead_pre.shape[1] > k:
-            values, indices = act.topk(dead_pre, k)
-            z = torch.zeros_like(dead_pre).scatter(-1, indices, values)
-        else:
-            z = dead_pre.relu()
-        return (z @ self.W_dec[dead] - residual).pow(2).sum(-1).mean()
-
-    @torch.no_grad()
-    def update_threshold(self, z: Tensor, decay: float = 0.99) -> None:
-        """BatchTopK: track the smallest kept activation per batch (EMA) as the inference threshold."""
-        kept = z[z > 0]
-        if kept.numel() == 0:
-            return
-        batch_min = kept.min().to(self.threshold.dtype)
-        if self.threshold <= 0:
-            self.threshold.copy_(batch_min)
-        else:
-            self.threshold.mul_(decay).add_((1 - decay) * batch_min)
-
-    @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Scale every decoder row to unit norm."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-    @torch.no_grad()
-    def remove_parallel_grad(self) -> None:
-        """Project out the part of each W_dec row's gradient along the row, so unit norms survive a step.
-
-        Rows are unit-norm between steps (normalize_decoder), so the projection needs no normalisation.
-        """
-        if self.W_dec.grad is None:
-            return
-        dots = torch.linalg.vecdot(self.W_dec.grad, self.W_dec, dim=1)
-        self.W_dec.grad.addcmul_(dots[:, None], self.W_dec, value=-1.0)
-
     # ---- files ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        from nanosae.sae.formats import save_sae
-
-        return save_sae(self, path)
+        """cfg.json + sae_weights.safetensors into directory path (the SAELens layout), atomically."""
+        return formats.save_sae(self, path)
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "cpu", normalize: bool | None = None) -> "SAE":
         """Load our dir, a SAELens dir, or an OpenAI sparse_autoencoder .pt (normalize: override its LN flag)."""
-        from nanosae.sae.formats import load_sae
+        return formats.load_sae(path, device=device, normalize=normalize, build=cls)
 
-        return load_sae(path, device=device, normalize=normalize)
+
+# ---- activation functions: one per architecture (adding an architecture starts here) ---------------------
+def _topk(sae: SAE, pre: Tensor, x_norm: Tensor | None) -> Tensor:
+    """The k largest pre-activations per token, after ReLU."""
+    values, indices = topk_rows(pre, sae.cfg.k)
+    return torch.zeros_like(pre).scatter(-1, indices, values.relu())
+
+
+def _batch_topk(sae: SAE, pre: Tensor, x_norm: Tensor | None) -> Tensor:
+    """Training: the k·B largest of the batch; inference: every pre-activation above the learned threshold."""
+    if not sae.training:
+        return pre.relu() * (pre > sae.threshold).to(pre.dtype)
+    flat = pre.relu().reshape(-1)
+    n_keep = min(sae.cfg.k * (pre.numel() // sae.cfg.d_sae), flat.numel())
+    values, indices = flat.topk(n_keep, sorted=False)
+    return torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
+
+
+def _gated(sae: SAE, pre: Tensor, x_norm: Tensor | None) -> Tensor:
+    """The gate's sign picks the active latents (its Heaviside step passes no gradient: the gate trains through
+    the auxiliary loss), the magnitude path gives their values."""
+    return (sae.gate_pre_acts(x_norm) > 0).to(pre.dtype) * pre.relu()
+
+
+ACTIVATIONS: dict[str, Callable[[SAE, Tensor, Tensor | None], Tensor]] = {
+    "relu": lambda sae, pre, x_norm: pre.relu(),
+    "topk": _topk,
+    "batchtopk": _batch_topk,
+    "matryoshka": _batch_topk,
+    "jumprelu": lambda sae, pre, x_norm: jumprelu(pre, sae.threshold, sae.cfg.jumprelu_bandwidth),
+    "gated": _gated,
+}

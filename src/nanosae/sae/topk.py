@@ -80,7 +80,8 @@ def kernel() -> ctypes.CDLL | None:
 
 
 def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(values, indices) of the k largest entries of each row of a 2-D tensor, in no particular order."""
+    """(values, indices) of the k largest entries along the last dimension, in no particular order: the one
+    top-k of nanosae (the C kernel for CPU float32 rows without gradients, torch.topk otherwise)."""
     usable = (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
               and 0 < k <= x.shape[1] and not x.requires_grad)
     lib = kernel() if usable else None  # not built at all when training on a GPU

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from nanosae.errors import ConfigError
 from nanosae.sae import SAE
+from nanosae.train.losses import normalize_decoder
 
 
 def geometric_median(points: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
@@ -32,7 +33,7 @@ def init_sae(sae: SAE, sample: Tensor, b_dec: str = "geometric_median", target: 
 
     A transcoder's b_dec comes from its (normalised) target sample, and its encoder stays untied (input and
     output are different spaces; its random unit columns are scaled the same way)."""
-    sae.normalize_decoder()
+    normalize_decoder(sae)
     if sae.cfg.kind != "transcoder":
         sae.W_enc.copy_(sae.W_dec.T)
     sae.W_enc.mul_(encoder_scale)

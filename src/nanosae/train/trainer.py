@@ -36,6 +36,7 @@ from nanosae.io import public_mode, read_json, write_json, write_lock
 from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
 from nanosae.train.init import init_sae
+from nanosae.train.losses import normalize_decoder, remove_parallel_grad, sae_loss
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +451,7 @@ class SAERun:
             group["lr"] = lr
         coeff = d.sparsity * min(1.0, (self.step + 1) / max(1, d.sparsity_warmup))
         dead = self.since_fired >= d.dead_tokens
-        out = sae.loss(x, y, sparsity_coefficient=coeff, k_aux=cfg.optim.k_aux, aux_coefficient=cfg.optim.aux_coefficient,
+        out = sae_loss(sae, x, y, sparsity_coefficient=coeff, k_aux=cfg.optim.k_aux, aux_coefficient=cfg.optim.aux_coefficient,
                        dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None)
         if not torch.isfinite(out.loss):
             raise TrainingError(f"{self.run_dir}: loss became {float(out.loss)} at step {self.step} (try a lower --lr); "
@@ -459,11 +460,11 @@ class SAERun:
         out.loss.backward()
         fired = out.fired.float()
         all_reduce_mean([p.grad for p in sae.parameters() if p.grad is not None] + [fired], self.world)
-        sae.remove_parallel_grad()
+        remove_parallel_grad(sae)
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.optim.grad_clip)
         opt.step()
-        sae.normalize_decoder()
+        normalize_decoder(sae)
         if arch == "jumprelu":
             with torch.no_grad():
                 sae.threshold.clamp_(min=0.0)

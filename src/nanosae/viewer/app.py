@@ -12,18 +12,17 @@ import json
 import math
 import os
 import shutil
-import sqlite3
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
-from nanosae.errors import ConfigError, FormatError
-from nanosae.interp.features import open_db
+from nanosae.errors import ConfigError
+from nanosae.interp.featuredb import FeatureDB
 from nanosae.io import public_mode, write_lock
+from nanosae.rundir import RunDir, load_sae_and_model
 
 STATIC = Path(__file__).parent / "static"
-SORTS = {"id": "id", "density": "density", "max_act": "max_act", "mean_act": "mean_act", "score": "score"}
 
 
 class ViewerData:
@@ -32,24 +31,16 @@ class ViewerData:
     def __init__(self, run: str | Path):
         run = Path(run)
         self.run = run if run.is_dir() else run.parent
-        self.con = open_db(self.run / "features.db" if (self.run / "features.db").exists() else run)
-        self.lock = threading.Lock()
-        try:
-            self.meta = {r["key"]: json.loads(r["value"]) for r in self.con.execute("SELECT key, value FROM meta")}
-            self.n_latents = int(self.meta["d_sae"])
-        except (sqlite3.Error, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{self.run / 'features.db'}: its meta table is unreadable ({e!r:.80})") from None
-
-    def _rows(self, sql: str, args: tuple = ()) -> list[Any]:
-        with self.lock:
-            return self.con.execute(sql, args).fetchall()
+        self.db = FeatureDB(run)
+        self.meta = self.db.meta()
+        self.n_latents = int(self.meta["d_sae"])
 
     def overview(self) -> dict[str, Any]:
         metrics = {}
-        eval_path = self.run / "eval.json"
+        eval_path = RunDir(self.run).eval
         if eval_path.exists():
             metrics = {k: v for k, v in json.loads(eval_path.read_text()).items() if not isinstance(v, list)}
-        dens = [r["density"] for r in self._rows("SELECT density FROM latents")]
+        dens = self.db.densities()
         logs = [math.log10(d) for d in dens if d > 0]
         bins = [-7 + 0.25 * i for i in range(29)]
         counts = [sum(1 for v in logs if lo <= v < lo + 0.25) for lo in bins[:-1]]
@@ -58,29 +49,18 @@ class ViewerData:
 
     def features(self, q: str = "", sort: str = "density", desc: bool = True, offset: int = 0, limit: int = 50
                  ) -> dict[str, Any]:
-        where, args = "", ()
-        if q:
-            if q.strip().isascii() and q.strip().isdigit():  # '²' and '٣' are digits to isdigit but not to int
-                where, args = "WHERE id = ?", (min(int(q), 2**62),)
-            else:
-                where, args = "WHERE explanation LIKE ? OR top_logits LIKE ?", (f"%{q}%", f"%{q}%")
-        order = f"{SORTS[sort]} {'DESC' if desc else 'ASC'}, id"
-        total = self._rows(f"SELECT COUNT(*) AS n FROM latents {where}", args)[0]["n"]
-        rows = self._rows(f"SELECT id, density, mean_act, max_act, explanation, score, top_logits FROM latents {where} "
-                          f"ORDER BY {order} LIMIT ? OFFSET ?", (*args, limit, offset))
+        total, rows = self.db.search(q, sort, desc, offset, limit)
         items = [{"id": r["id"], "density": r["density"], "mean_act": r["mean_act"], "max_act": r["max_act"],
                   "explanation": r["explanation"], "score": r["score"],
                   "top_logits": [t for t, _ in json.loads(r["top_logits"])[:5]]} for r in rows]
         return {"total": total, "items": items}
 
     def feature(self, latent: int) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM latents WHERE id = ?", (latent,))
-        if not rows:
+        r = self.db.latent(latent)
+        if r is None:
             return None
-        r = rows[0]
         examples = [{"kind": e["kind"], "rank": e["rank"], "activation": e["activation"], "tokens": json.loads(e["tokens"]),
-                     "acts": json.loads(e["acts"]), "focus": e["focus"]}
-                    for e in self._rows("SELECT * FROM examples WHERE latent = ? ORDER BY kind DESC, rank", (latent,))]
+                     "acts": json.loads(e["acts"]), "focus": e["focus"]} for e in self.db.examples(latent)]
         return {"id": latent, "density": r["density"], "fires": r["fires"], "mean_act": r["mean_act"],
                 "max_act": r["max_act"], "histogram": {"edges": self.meta["hist_edges"], "counts": json.loads(r["histogram"])},
                 "top_logits": json.loads(r["top_logits"]), "bottom_logits": json.loads(r["bottom_logits"]),
@@ -89,7 +69,7 @@ class ViewerData:
 
 
 class LiveModel:
-    """The host model and SAE, loaded on first use, for 'run text' and the steering playground."""
+    """The host model and SAE for 'run text' and the steering playground, loaded on first use."""
 
     def __init__(self, run: Path, model: str | None):
         self.run, self.spec = run, model
@@ -99,11 +79,8 @@ class LiveModel:
     def get(self) -> tuple[Any, Any]:
         with self.lock:
             if self.loaded is None:
-                from nanosae.models import load_model
-                from nanosae.sae import SAE
-
-                sae = SAE.load(self.run / "sae" if (self.run / "sae").exists() else self.run)
-                self.loaded = (load_model(self.spec or sae.cfg.model_name), sae)
+                _, sae, host = load_sae_and_model(self.run, self.spec)
+                self.loaded = (host, sae)
             return self.loaded
 
 

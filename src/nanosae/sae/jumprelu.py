@@ -1,4 +1,4 @@
-"""Activation functions with the pseudo-derivatives JumpReLU SAEs train with.
+"""JumpReLU and its step function, with the pseudo-derivatives JumpReLU SAEs train with.
 
 Rajamanoharan et al. 2024 ("Jumping Ahead"): the step function H(pre - θ) has zero derivative almost
 everywhere, so θ gets a straight-through estimate through a rectangle kernel of width ε instead:
@@ -63,9 +63,3 @@ def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
 def step(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     """1[pre > θ] (counts active latents for the L0 penalty), pseudo-derivative for θ only."""
     return _Step.apply(pre, threshold, bandwidth)
-
-
-def topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest pre-activations per row after ReLU, as (values, indices)."""
-    values, indices = pre.topk(k, dim=-1, sorted=False)
-    return values.relu(), indices

@@ -1,0 +1,157 @@
+"""features.db: the schema and every query nanosae makes of it (the feature pass writes it, explanations
+update it, the viewer, the CLI, the demo and the exports read it).
+
+    meta      key -> JSON value: hook, model, d_sae, tokens, hist_edges, window_left, data, ...
+    latents   one row per latent: density, fires, mean/max activation, histogram, logit effects, co-firing,
+              and the explanation with its score and method
+    examples  top and quantile examples of each latent: token window, activation per token, focus position
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from nanosae.errors import FormatError
+from nanosae.io import public_mode
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE latents (id INTEGER PRIMARY KEY, density REAL, fires INTEGER, mean_act REAL, max_act REAL,
+    histogram TEXT, top_logits TEXT, bottom_logits TEXT, cofiring TEXT, explanation TEXT, score REAL, method TEXT);
+CREATE TABLE examples (latent INTEGER, kind TEXT, rank INTEGER, activation REAL, tokens TEXT, acts TEXT, focus INTEGER);
+CREATE INDEX examples_latent ON examples (latent, kind, rank);
+"""
+SORTS = ("id", "density", "max_act", "mean_act", "score")
+
+
+def db_path(path: str | Path) -> Path:
+    """A run directory's features.db, or the file itself."""
+    path = Path(path)
+    return path / "features.db" if path.is_dir() else path
+
+
+def open_db(path: str | Path, readonly: bool = True) -> sqlite3.Connection:
+    """Open features.db (read-only by default: the viewer never writes), checking that it is one."""
+    path = db_path(path)
+    if not path.is_file():
+        raise FormatError(f"{path} not found: build it with `nanosae features RUN --model M --data D`")
+    # as_uri() percent-encodes '#' and '?', which would otherwise end the file name inside the URI
+    uri = path.resolve().as_uri() + ("?mode=ro" if readonly else "?mode=rw")
+    con = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    con.row_factory = sqlite3.Row
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        con.close()
+        raise FormatError(f"{path} is not a features database ({e})") from None
+    if not {"latents", "examples"} <= tables:
+        con.close()
+        raise FormatError(f"{path} is not a features database (no latents and examples tables)")
+    return con
+
+
+def write_db(out: Path, meta: dict[str, Any], latents: Iterable[tuple], examples: Iterable[tuple]) -> None:
+    """Write a whole database to a temp file and rename it over `out` (a reader never sees half of one)."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    con = sqlite3.connect(tmp)
+    try:
+        con.executescript(SCHEMA)
+        con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+        con.executemany("INSERT INTO latents VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", latents)
+        con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?)", examples)
+        con.commit()
+    finally:
+        con.close()
+    public_mode(tmp)
+    os.replace(tmp, out)
+
+
+class FeatureDB:
+    """Queries of one features.db; safe to share between threads (the viewer's requests)."""
+
+    def __init__(self, path: str | Path, readonly: bool = True):
+        self.path = db_path(path)
+        self.con = open_db(self.path, readonly)
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def rows(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self.lock:
+            return self.con.execute(sql, args).fetchall()
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            meta = {r["key"]: json.loads(r["value"]) for r in self.rows("SELECT key, value FROM meta")}
+            int(meta["d_sae"])
+        except (sqlite3.Error, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{self.path}: its meta table is unreadable ({e!r:.80})") from None
+        return meta
+
+    def densities(self) -> list[float]:
+        """Every latent's firing density, by id."""
+        return [r["density"] for r in self.rows("SELECT density FROM latents ORDER BY id")]
+
+    def latent(self, latent: int) -> sqlite3.Row | None:
+        found = self.rows("SELECT * FROM latents WHERE id = ?", (latent,))
+        return found[0] if found else None
+
+    def latents(self) -> list[sqlite3.Row]:
+        return self.rows("SELECT * FROM latents ORDER BY id")
+
+    def examples(self, latent: int) -> list[sqlite3.Row]:
+        """Top examples by rank, then quantile examples by rank."""
+        return self.rows("SELECT * FROM examples WHERE latent = ? ORDER BY kind DESC, rank", (latent,))
+
+    def search(self, q: str = "", sort: str = "density", desc: bool = True, offset: int = 0,
+               limit: int = 50) -> tuple[int, list[sqlite3.Row]]:
+        """(how many match, one page of them): q is a latent id, or text in explanations and output tokens."""
+        where, args = "", ()
+        if q:
+            if q.strip().isascii() and q.strip().isdigit():  # '²' and '٣' are digits to isdigit but not to int
+                where, args = "WHERE id = ?", (min(int(q), 2**62),)
+            else:
+                where, args = "WHERE explanation LIKE ? OR top_logits LIKE ?", (f"%{q}%", f"%{q}%")
+        order = f"{sort if sort in SORTS else 'density'} {'DESC' if desc else 'ASC'}, id"
+        total = self.rows(f"SELECT COUNT(*) AS n FROM latents {where}", args)[0]["n"]
+        rows = self.rows(f"SELECT id, density, mean_act, max_act, explanation, score, top_logits FROM latents {where} "
+                         f"ORDER BY {order} LIMIT ? OFFSET ?", (*args, limit, offset))
+        return total, rows
+
+    def explanations(self) -> dict[int, str]:
+        return {r["id"]: r["explanation"] for r in self.rows("SELECT id, explanation FROM latents WHERE explanation IS NOT NULL")}
+
+    def to_explain(self, most_frequent_first: bool = False, limit: int | None = None) -> list[sqlite3.Row]:
+        """(id, max_act) of the latents that fired, by id or most frequent first."""
+        order = "fires DESC, id" if most_frequent_first else "id"
+        return self.rows(f"SELECT id, max_act FROM latents WHERE fires > 0 ORDER BY {order}" +
+                         (f" LIMIT {int(limit)}" if limit else ""))
+
+    def set_explanations(self, updates: list[tuple[str | None, float, str, int]]) -> None:
+        """(explanation, score, method, id) rows, in one transaction: all land, or none."""
+        with self.lock, self.con:
+            self.con.executemany("UPDATE latents SET explanation = ?, score = ?, method = ? WHERE id = ?", updates)
+
+    def best_explained(self, n: int, min_density: float, max_density: float) -> list[sqlite3.Row]:
+        """The n best-scored explained latents whose density lies in [min_density, max_density]."""
+        return self.rows("SELECT id, density, max_act, explanation, score, top_logits FROM latents WHERE explanation "
+                         "IS NOT NULL AND density BETWEEN ? AND ? ORDER BY score DESC LIMIT ?", (min_density, max_density, n))
+
+
+def explanations(path: str | Path) -> dict[int, str]:
+    """latent -> explanation of a features.db ({} when there is no database yet)."""
+    if not db_path(path).exists():
+        return {}
+    db = FeatureDB(path)
+    try:
+        return db.explanations()
+    finally:
+        db.close()

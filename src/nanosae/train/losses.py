@@ -1,0 +1,154 @@
+"""What training minimises, and the steps that keep an SAE trainable: the loss of each architecture (sparse
+kernels for TopK/BatchTopK), AuxK for dead latents, BatchTopK's inference threshold, unit-norm decoder rows.
+
+Squared errors are summed over the output and averaged over tokens, in the SAE's normalised space.
+  relu      mse + λ·Σ z_i‖W_dec,i‖                       (L1 weighted by decoder norms)
+  jumprelu  mse + λ·Σ H(pre_i − θ_i)                     (L0 through the step's pseudo-derivative)
+  gated     mse + λ·Σ ReLU(π_gate)_i‖W_dec,i‖ + aux       (aux: the gate path reconstructs on its own)
+  topk, batchtopk, matryoshka: mse (+ each matryoshka prefix's mse) + AuxK on the dead latents
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from nanosae.config import BATCH_TOPK
+from nanosae.sae import SAE, kernels
+from nanosae.sae.jumprelu import step
+from nanosae.sae.topk import topk_rows
+
+
+class LossOutput(NamedTuple):
+    loss: Tensor
+    parts: dict[str, Tensor]
+    fired: Tensor  # (d_sae,) how many tokens of the batch each latent fired on
+    x_hat: Tensor  # reconstruction in the normalised space (detached)
+    x: Tensor  # the normalised target (the input itself, except for transcoders)
+
+
+def sae_loss(
+    sae: SAE,
+    x: Tensor,
+    target: Tensor | None = None,
+    *,
+    sparsity_coefficient: float = 0.0,
+    dead_mask: Tensor | None = None,
+    k_aux: int | None = None,
+    aux_coefficient: float = 1 / 32,
+    fast: bool = True,
+) -> LossOutput:
+    """Training loss and its parts for a batch x (B, d_in).
+
+    target (B, d_out) is what a transcoder predicts; SAEs and crosscoders reconstruct x itself.
+    sparsity_coefficient is the L1 weight (relu, gated) or the L0 weight (jumprelu).
+    dead_mask (d_sae,) enables the AuxK loss (topk/batchtopk/matryoshka): the k_aux largest dead latents
+    reconstruct the residual error (Gao et al. 2024). fast uses the sparse kernels for topk/batchtopk
+    (same values and gradients as the dense path, far fewer FLOPs).
+    """
+    x_norm, _ = sae._normalize(sae._check(x))
+    y = x_norm if target is None else sae.normalize_target(target)
+    arch = sae.cfg.architecture
+    if fast and arch in ("topk", "batchtopk") and not x_norm.requires_grad:  # the input's gradient needs the dense path
+        return _sparse_loss(sae, x_norm, y, dead_mask, k_aux, aux_coefficient)
+    pre = sae.pre_acts(x_norm)
+    z = sae.activate(pre, x_norm)
+    skip = sae._skip(x_norm)
+    x_hat = z @ sae.W_dec + sae.b_dec + skip
+    parts = {"mse": (x_hat - y).pow(2).sum(-1).mean()}
+    if arch == "matryoshka":  # every nested prefix reconstructs y on its own; the full one is "mse"
+        for m in sae.cfg.matryoshka_groups[:-1]:
+            prefix_hat = z[:, :m] @ sae.W_dec[:m] + sae.b_dec + skip
+            parts[f"mse_{m}"] = (prefix_hat - y).pow(2).sum(-1).mean()
+    dec_norms = sae.decoder_norms()
+    if arch == "relu":
+        parts["l1"] = sparsity_coefficient * (z * dec_norms).sum(-1).mean()
+    elif arch == "jumprelu":
+        active = step(pre, sae.threshold, sae.cfg.jumprelu_bandwidth)
+        parts["l0"] = sparsity_coefficient * active.sum(-1).mean()
+    elif arch == "gated":
+        gate_relu = sae.gate_pre_acts(x_norm).relu()
+        parts["l1"] = sparsity_coefficient * (gate_relu * dec_norms).sum(-1).mean()
+        via_gate = gate_relu @ sae.W_dec.detach() + sae.b_dec.detach()
+        if sae.cfg.skip_connection:
+            via_gate = via_gate + skip.detach()
+        parts["aux"] = (via_gate - y).pow(2).sum(-1).mean()
+    elif dead_mask is not None and bool(dead_mask.any()):  # topk, batchtopk, matryoshka
+        dead = dead_mask.nonzero().squeeze(1)
+        parts["auxk"] = aux_coefficient * auxk_loss(sae, pre[:, dead], dead, y - x_hat.detach(), k_aux)
+    if arch in BATCH_TOPK and sae.training:
+        update_threshold(sae, z)
+    return LossOutput(sum(parts.values()), parts, (z > 0).sum(0), x_hat.detach(), y)
+
+
+def _sparse_loss(sae: SAE, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, k_aux: int | None,
+                 aux_coefficient: float) -> LossOutput:
+    b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
+    dead = dead_mask if dead_mask is not None and bool(dead_mask.any()) else None
+    k_aux = k_aux or sae.cfg.d_in // 2
+    xc = sae._centred(x_norm).detach()
+    if sae.cfg.architecture == "topk":
+        sel = kernels.encode_select_topk(xc, sae.W_enc.detach(), sae.b_enc.detach(), sae.cfg.k)
+    else:
+        with torch.no_grad():
+            pre = xc @ sae.W_enc
+            pre += sae.b_enc
+        sel = kernels.select_batch_topk(pre, sae.cfg.k)
+    vals = kernels.selected_preacts(xc, sae.W_enc, sae.b_enc, b_dec, sel).relu()
+    x_hat = kernels.sparse_decode(vals, sel, sae.W_dec) + sae.b_dec + sae._skip(x_norm)
+    parts = {"mse": (x_hat - y).pow(2).sum(-1).mean()}
+    if dead is not None:
+        dead_idx = dead.nonzero().squeeze(1)
+        dead_pre = sae._centred(x_norm) @ sae.W_enc[:, dead_idx] + sae.b_enc[dead_idx]  # dead columns only
+        parts["auxk"] = aux_coefficient * auxk_loss(sae, dead_pre, dead_idx, y - x_hat.detach(), k_aux)
+    fired = torch.bincount(sel.cols[vals.detach() > 0], minlength=sae.cfg.d_sae)
+    if sae.cfg.architecture == "batchtopk" and sae.training:
+        update_threshold(sae, vals.detach())
+    return LossOutput(sum(parts.values()), parts, fired, x_hat.detach(), y)
+
+
+def auxk_loss(sae: SAE, dead_pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int | None) -> Tensor:
+    """AuxK (Gao et al. 2024): the k_aux largest pre-activations among the dead latents (every dead latent
+    when fewer are dead, the usual case) reconstruct the residual error. dead_pre holds the pre-activations
+    of the dead latents' columns `dead` alone: dead latents are a few % of d_sae, so this is a small dense
+    problem (on the sparse path, cheaper than selecting and scattering that many sparse entries per token)."""
+    k = k_aux or sae.cfg.d_in // 2
+    if dead_pre.shape[1] > k:
+        values, indices = topk_rows(dead_pre, k)
+        z = torch.zeros_like(dead_pre).scatter(-1, indices, values.relu())
+    else:
+        z = dead_pre.relu()
+    return (z @ sae.W_dec[dead] - residual).pow(2).sum(-1).mean()
+
+
+@torch.no_grad()
+def update_threshold(sae: SAE, z: Tensor, decay: float = 0.99) -> None:
+    """BatchTopK: track the smallest kept activation per batch (EMA) as the inference threshold."""
+    kept = z[z > 0]
+    if kept.numel() == 0:
+        return
+    batch_min = kept.min().to(sae.threshold.dtype)
+    if sae.threshold <= 0:
+        sae.threshold.copy_(batch_min)
+    else:
+        sae.threshold.mul_(decay).add_((1 - decay) * batch_min)
+
+
+@torch.no_grad()
+def normalize_decoder(sae: SAE) -> None:
+    """Scale every decoder row to unit norm."""
+    sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def remove_parallel_grad(sae: SAE) -> None:
+    """Project out the part of each W_dec row's gradient along the row, so unit norms survive a step.
+
+    Rows are unit-norm between steps (normalize_decoder), so the projection needs no normalisation.
+    """
+    if sae.W_dec.grad is None:
+        return
+    dots = torch.linalg.vecdot(sae.W_dec.grad, sae.W_dec, dim=1)
+    sae.W_dec.grad.addcmul_(dots[:, None], sae.W_dec, value=-1.0)
