@@ -20,6 +20,8 @@ DATA = ["builtin:pydocs", "builtin:stdlib"]
 RSS_CHILD = r"""
 import json, resource, sys, nanosae
 from nanosae import CollectConfig, DataConfig
+from nanosae.models import keep_freed_memory
+keep_freed_memory()  # as the CLI does; NANOSAE_MALLOC_TUNING=0 turns it off
 cfg = CollectConfig(hooks=[sys.argv[1]], data=DataConfig(specs=sys.argv[4:]), tokens=int(sys.argv[2]), out=sys.argv[3])
 t = __import__("time").perf_counter()
 nanosae.collect(cfg)

@@ -1,5 +1,5 @@
 """Forward throughput of the embedded SmolLM2 on CPU: full pass vs the pass truncated after layer 15, with
-glibc's default allocator settings and with nanosae's (`keep_freed_memory`, set by load_model).
+glibc's default allocator settings and with nanosae's (`nanosae.models.keep_freed_memory()`, which the CLI sets).
 
 Each setting runs in its own process, alternating, `--rounds` times each; prints tokens/s (best of the
 processes) and the ratios: truncated/full (≈2× expected: 16 of 30 blocks, no lm_head) and kept/default.
@@ -28,7 +28,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     import nanosae
+    from nanosae.models import keep_freed_memory
 
+    keep_freed_memory()  # as the CLI does; NANOSAE_MALLOC_TUNING=0 in the environment turns it off
     model = nanosae.load_model("smollm2-135m")
     tokens = torch.randint(100, 40000, (args.batch, args.seq))
     n, hook = tokens.numel(), "blocks.15.hook_resid_post"

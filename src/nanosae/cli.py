@@ -26,6 +26,9 @@ console = Console()
 @app.callback()
 def _root() -> None:
     """Sparse autoencoders end to end: collect, train, evaluate, interpret, steer."""
+    from nanosae.models import keep_freed_memory
+
+    keep_freed_memory()  # the command owns its process: reuse freed activation memory (NANOSAE_MALLOC_TUNING=0: off)
 
 
 @app.command()

@@ -18,7 +18,7 @@ from typing import Any
 
 from nanosae.config import CollectConfig, DataConfig, TrainConfig
 
-Progress = Callable[[str, int, int, float], None]  # stage, done, total, seconds
+StageProgress = Callable[[str, int, int, float], None]  # stage, done, total, seconds
 
 
 @dataclass
@@ -39,16 +39,19 @@ class DemoConfig:
         return {"collect": 200_000, "train": 600_000, "eval": 4_096, "features": 20_000}
 
 
-def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig, progress: StageProgress | None = None) -> dict[str, Any]:
     """Run every stage; returns the metrics, five interesting features, a steering example and the seconds
     each stage took in this call (stages already done in an earlier call are skipped and not listed)."""
     from nanosae.io import write_lock
 
+    from nanosae.models import keep_freed_memory
+
+    keep_freed_memory()  # the demo owns its process, as the CLI does (NANOSAE_MALLOC_TUNING=0: off)
     with write_lock(cfg.out):  # a second demo into the same directory is refused while this one runs
         return _run_demo(cfg, progress)
 
 
-def _run_demo(cfg: DemoConfig, progress: Progress | None) -> dict[str, Any]:
+def _run_demo(cfg: DemoConfig, progress: StageProgress | None) -> dict[str, Any]:
     from nanosae.data import ActivationStore, collect
     from nanosae.eval import evaluate
     from nanosae.eval.report import write_report

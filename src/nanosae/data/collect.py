@@ -29,7 +29,7 @@ from nanosae.models import HostModel, load_model
 log = logging.getLogger(__name__)
 
 
-class Progress(NamedTuple):
+class CollectProgress(NamedTuple):
     tokens: int
     total: int
     bytes_written: int
@@ -80,7 +80,7 @@ def _resume_manifest(directory: Path, fresh: dict[str, Any]) -> dict[str, Any]:
 
 
 def collect(cfg: CollectConfig, model: HostModel | None = None,
-            progress: Callable[[Progress], None] | None = None) -> dict[str, ActivationStore]:
+            progress: Callable[[CollectProgress], None] | None = None) -> dict[str, ActivationStore]:
     """Collect cfg.tokens activations per hook into cfg.out/<hook>/; returns the opened stores."""
     if cfg.tokens <= 0 or cfg.tokens_per_shard <= 0 or cfg.batch_size <= 0:
         raise ConfigError("tokens, tokens_per_shard and batch_size must be positive")
@@ -99,7 +99,7 @@ def collect(cfg: CollectConfig, model: HostModel | None = None,
 
 
 def _collect_locked(cfg: CollectConfig, model: HostModel, out: Path,
-                    progress: Callable[[Progress], None] | None) -> dict[str, ActivationStore]:
+                    progress: Callable[[CollectProgress], None] | None) -> dict[str, ActivationStore]:
     writers = {}
     for hook in cfg.hooks:
         directory = out / hook
@@ -132,7 +132,7 @@ def _collect_locked(cfg: CollectConfig, model: HostModel, out: Path,
                 seen += n_valid
                 done = min(seen, cfg.tokens)
                 if progress is not None:
-                    progress(Progress(done, cfg.tokens, sum(w.manifest["bytes"] for w in writers.values()),
+                    progress(CollectProgress(done, cfg.tokens, sum(w.manifest["bytes"] for w in writers.values()),
                                       time.perf_counter() - t0))
                 if done >= cfg.tokens:
                     break

@@ -127,6 +127,12 @@ def shard_problem(directory: Path, entry: dict[str, Any]) -> str | None:
     return None
 
 
+def norm_scale(x: Tensor) -> float:
+    """sqrt(width / mean squared norm): the factor that gives activations x (n, width) a mean squared norm
+    equal to their width, as SAELens's and sparsify's activation normalisation do."""
+    return math.sqrt(x.shape[-1] / float(x.pow(2).sum(-1).mean()))
+
+
 class ShardWriter:
     """Accumulates activations for one hook and writes full shards from a background thread.
     The caller holds the directory's write lock (io.write_lock), so the stale temp files removed here are
@@ -352,8 +358,7 @@ class ActivationStore:
         sample = torch.stack([self.tokens(int(i), int(i) + 1)[0] for i in idx])
         if not torch.isfinite(sample).all():
             raise DataError(f"{self.path}: the store holds NaN or inf activations")
-        scale = math.sqrt(self.d_in / float(sample.pow(2).sum(-1).mean()))
-        self.manifest["norm_scale"] = scale
+        self.manifest["norm_scale"] = scale = norm_scale(sample)
         try:
             write_json(self.path / MANIFEST, self.manifest)
         except OSError:

@@ -7,7 +7,6 @@ batches do not come from the same few documents.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -31,7 +30,6 @@ class ActivationStream:
         self.model, self.hook, self.data = model, self.hooks[0], data
         self.model_batch_size, self.buffer_tokens = model_batch_size, buffer_tokens
         self.d_in = sum(model.hook_dim(h) for h in self.hooks)
-        self._norm_scale: float | None = None
 
     def columns(self, hook: str) -> slice:
         """Where one hook's activations sit in the batches."""
@@ -50,24 +48,8 @@ class ActivationStream:
                 raise DataError(f"NaN or inf activations at {', '.join(self.hooks)}")
             yield acts
 
-    def norm_scale(self, n_tokens: int = 20_000) -> float:
-        """sqrt(d_in / mean squared norm) over the first n_tokens of the stream."""
-        if self._norm_scale is None:
-            seen, total = 0, 0.0
-            for acts in self.activations():
-                total += float(acts.pow(2).sum())
-                seen += len(acts)
-                if seen >= n_tokens:
-                    break
-            if seen == 0:
-                raise DataError(f"the corpus {', '.join(self.data.specs)} gave no tokens")
-            self._norm_scale = math.sqrt(self.d_in / (total / seen))
-        return self._norm_scale
-
-    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, scale: bool = False,
-                start_batch: int = 0) -> Iterator[Tensor]:
+    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, start_batch: int = 0) -> Iterator[Tensor]:
         """(batch_size, d_in) float32 batches until the corpus ends (a smaller last batch)."""
-        factor = self.norm_scale() if scale else 1.0
         gen = torch.Generator().manual_seed(seed)
         buffer = torch.empty(0, self.d_in)
         emitted = 0
@@ -76,7 +58,7 @@ class ActivationStream:
             nonlocal emitted
             for i in range(0, len(block), batch_size):
                 if emitted >= start_batch:
-                    yield block[i : i + batch_size] * factor
+                    yield block[i : i + batch_size]
                 emitted += 1
 
         pending, pending_n = [], 0

@@ -26,7 +26,6 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
     from nanosae.models.hf import load_hf
     from nanosae.models.nanochat import load_nanochat
 
-    keep_freed_memory()
     if spec.startswith("nanochat:"):
         return load_nanochat(spec.removeprefix("nanochat:"), device, dtype, tokenizer)
     path = Path(spec.partition("@")[0])
@@ -39,10 +38,10 @@ def keep_freed_memory() -> bool:
     """Let glibc keep freed blocks of up to 32 MB for reuse instead of returning them to the OS.
 
     A CPU forward pass allocates and frees ~10 MB activations in every layer; by default glibc hands such
-    blocks back (mmap / heap trimming), so each new one costs a page fault per 4 KB page. Keeping them made
-    collect() 10% faster on 2 cores (benchmarks/collect.py; 3-5% in benchmarks/forward.py), for a process
-    that holds its peak memory.
-    Process-wide and Linux/glibc only; NANOSAE_MALLOC_TUNING=0 leaves the allocator alone. Returns whether set.
+    blocks back (mmap / heap trimming), so each new one costs a page fault per 4 KB page (docs/benchmarks.md
+    measures the gain). The process then holds its peak memory. It changes the whole process, so nanosae's
+    library never calls it on its own: the `nanosae` command and the demo do, and so can your script.
+    Linux/glibc only; NANOSAE_MALLOC_TUNING=0 leaves the allocator alone. Returns whether it was set.
     """
     if not sys.platform.startswith("linux") or os.environ.get("NANOSAE_MALLOC_TUNING", "1") == "0":
         return False

@@ -1,3 +1,3 @@
-from nanosae.train.trainer import Progress, TrainResult, train
+from nanosae.train.trainer import TrainProgress, TrainResult, train
 
-__all__ = ["Progress", "TrainResult", "train"]
+__all__ = ["TrainProgress", "TrainResult", "train"]

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from nanosae.config import BATCH_TOPK, SAEConfig, TrainConfig, flat_settings
 from nanosae.data import ActivationStore, ActivationStream
+from nanosae.data.store import norm_scale
 from nanosae.errors import ConfigError, DataError, FormatError, TrainingError
 from nanosae.io import public_mode, read_json, write_json, write_lock
 from nanosae.sae import SAE
@@ -49,7 +50,7 @@ class TrainResult(NamedTuple):
     metrics: dict[str, float]
 
 
-class Progress(NamedTuple):
+class TrainProgress(NamedTuple):
     step: int
     steps: int
     metrics: dict[str, float]
@@ -412,8 +413,7 @@ class SAERun:
         if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
             raise DataError("the training activations contain NaN or inf")
         if self.cfg.optim.scale_activations and self.cfg.sae.normalize_activations == "none":  # mean squared norm -> width
-            scale = lambda placement: [math.sqrt((c.stop - c.start) / float(samples[i][:, c].pow(2).sum(-1).mean()))
-                                       for i, c in placement]
+            scale = lambda placement: [norm_scale(samples[i][:, c]) for i, c in placement]
             in_scales = scale(self.ins)
             self.sae.cfg.activation_scale = in_scales if len(in_scales) > 1 else in_scales[0]
             if self.transcoder:
@@ -538,7 +538,7 @@ def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[Placeme
     return [stream], [([place(h) for h in ins], [place(h) for h in outs]) for ins, outs in io]
 
 
-def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[Progress], None] | None = None,
+def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[TrainProgress], None] | None = None,
           source: ActivationStore | ActivationStream | None = None) -> TrainResult | list[TrainResult]:
     """Train one SAE into cfg.out, or several from one stream (one read of the stores / one forward pass).
 
@@ -564,7 +564,7 @@ def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[Progress], N
     return results[0] if single else results
 
 
-def _train_locked(cfgs: list[TrainConfig], progress: Callable[[Progress], None] | None,
+def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], None] | None,
                   source: ActivationStore | ActivationStream | None, rank: int, world: int) -> list[TrainResult]:
     first = cfgs[0]
     if source is not None:
@@ -600,7 +600,7 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[Progress], None] 
                     continue
                 metrics = r.train_step(batch)
                 if metrics is not None and progress is not None:
-                    progress(Progress(r.step, r.d.steps, metrics))
+                    progress(TrainProgress(r.step, r.d.steps, metrics))
                 if r.cfg.checkpoint_every and r.step % r.cfg.checkpoint_every == 0 and not r.done:
                     r.checkpoint()
     except KeyboardInterrupt:
