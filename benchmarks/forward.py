@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+from _results import save
+
 
 def tokens_per_s(fn, n_tokens: int, reps: int) -> float:
     fn()  # warm-up
@@ -64,6 +66,7 @@ def main() -> None:
     for name, key in (("full (30 layers + lm_head)", "full"), ("truncated after layer 15", "truncated")):
         print(f"| {name} | {d[key]:,.0f} | {k[key]:,.0f} | {k[key] / d[key]:.2f}x |")
     print(f"ratio truncated/full (kept): {k['truncated'] / k['full']:.2f}x")
+    save(__file__, {"default": d, "kept": k})
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import time
 import nanosae
 from nanosae import DataConfig, TrainConfig
 
+from _results import save
+
 HOOKS = ["blocks.5.hook_resid_post", "blocks.10.hook_resid_post", "blocks.15.hook_resid_post"]
 
 
@@ -35,6 +37,7 @@ def main() -> None:
     print(f"{len(HOOKS)} TopK SAEs (d_sae 2304, k 32) on SmolLM2, {args.tokens:,} streamed tokens each")
     print(f"| runs | wall time |\n|---|---|\n| one stream, all together | {together:.0f} s |\n| separate runs | {separate:.0f} s |")
     print(f"separate / together: {separate / together:.2f}x")
+    save(__file__, {"together_s": together, "separate_s": separate, "tokens": args.tokens})
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from nanosae.eval import evaluate
 from nanosae.models import load_model
 from nanosae.train import train
 
+from _results import save
+
 HOOK, D_SAE, K, PEER_BATCH = "blocks.15.hook_resid_post", 4608, 32, 4096
 DEMO_SIZES = DemoConfig().sizes()
 TOKENS, DEMO_TRAIN = DEMO_SIZES["collect"], DEMO_SIZES["train"]
@@ -161,6 +163,9 @@ def main() -> None:
     total = sum(v for k, v in times.items() if k != "load model")
     print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; time to result (collect + train + eval) {total:.0f} s")
     print("targets: FVU <= 0.06, CE-loss score >= 0.98, dead <= 1% in training, whole path <= 270 s")
+    save(__file__, {"seconds": times, "rows": {name: {"metrics": {k: v for k, v in m.items() if not isinstance(v, list)},
+                                                     "dead_in_training": dead, "train_s": sec}
+                                              for name, (m, dead, sec) in rows.items()}})
 
 
 if __name__ == "__main__":

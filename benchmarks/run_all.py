@@ -10,7 +10,8 @@ from pathlib import Path
 here = Path(__file__).parent
 failed = []
 for script in sorted(here.glob("*.py")):
-    if script.name in (Path(__file__).name, "train_throughput.py", "quality.py", "sweep_defaults.py"):
+    if script.name.startswith("_") or script.name in (Path(__file__).name, "train_throughput.py", "quality.py",
+                                                       "sweep_defaults.py"):
         continue
     print(f"\n=== {script.name} ===", flush=True)
     if subprocess.run([sys.executable, str(script)]).returncode != 0:

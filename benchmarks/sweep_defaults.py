@@ -22,6 +22,8 @@ import torch
 from nanosae import ActivationStore, TrainConfig
 from nanosae.train import train
 
+from _results import save
+
 
 def main() -> None:
     p = argparse.ArgumentParser(usage=__doc__)
@@ -33,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(2)
     held_out = ActivationStore(args.eval_store).tokens(0, 20_000).float()
     variance = (held_out - held_out.mean(0)).pow(2).sum()
-    trained = {}
+    trained, figures = {}, []
     for spec in args.variants:
         kw = json.loads(spec)
         name = kw.pop("name", spec)
@@ -46,11 +48,12 @@ def main() -> None:
         trained[name] = result.sae.eval()
         with torch.no_grad():
             x_hat, z = result.sae(held_out)
-        print(json.dumps({"name": name, "heldout_fvu": round(float((x_hat - held_out).pow(2).sum() / variance), 4),
-                          "l0": round(float((z > 0).sum(-1).float().mean()), 1),
-                          "dead_in_training": round(result.metrics["dead_fraction"], 4),
-                          "never_fired_heldout": round(float(((z > 0).sum(0) == 0).float().mean()), 4),
-                          "batch_size": cfg.optim.batch_size, "seconds": round(seconds, 1)}), flush=True)
+        figures.append({"name": name, "heldout_fvu": round(float((x_hat - held_out).pow(2).sum() / variance), 4),
+                        "l0": round(float((z > 0).sum(-1).float().mean()), 1),
+                        "dead_in_training": round(result.metrics["dead_fraction"], 4),
+                        "never_fired_heldout": round(float(((z > 0).sum(0) == 0).float().mean()), 4),
+                        "batch_size": cfg.optim.batch_size, "seconds": round(seconds, 1)})
+        print(json.dumps(figures[-1]), flush=True)
     if args.ce_tokens:
         from nanosae.eval import evaluate
         from nanosae.models import load_model
@@ -58,8 +61,10 @@ def main() -> None:
         results = evaluate(list(trained.values()), load_model("smollm2-135m"), ["builtin:pydocs", "builtin:stdlib"],
                            tokens=args.ce_tokens)
         for name, r in zip(trained, results):
-            print(json.dumps({"name": name, "tokens": r["tokens"], **{k: round(r[k], 4) for k in (
-                "fvu", "ce_loss_score", "kl_div", "cosine_similarity", "dead_fraction")}}), flush=True)
+            figures.append({"name": name, "tokens": r["tokens"], **{k: round(r[k], 4) for k in (
+                "fvu", "ce_loss_score", "kl_div", "cosine_similarity", "dead_fraction")}})
+            print(json.dumps(figures[-1]), flush=True)
+    save(__file__, figures)
 
 
 if __name__ == "__main__":

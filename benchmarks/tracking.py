@@ -15,6 +15,8 @@ import nanosae
 from nanosae import SAE, SAEConfig
 from nanosae.interp.live import FeatureTracker
 
+from _results import save
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -39,6 +41,7 @@ def main() -> None:
     print(f"SmolLM2-135M, {args.tokens} tokens, KV cache, {torch.get_num_threads()} threads, best of {args.reps}")
     print(f"| generation | tokens/s |\n|---|---|\n| plain | {args.tokens / plain:.1f} |\n| with tracking | {args.tokens / tracked:.1f} |")
     print(f"tracking overhead: {(tracked / plain - 1) * 100:.1f}% (target <= 5%)")
+    save(__file__, {"plain_tokens_per_s": args.tokens / plain, "tracked_tokens_per_s": args.tokens / tracked})
 
 
 if __name__ == "__main__":
