@@ -106,3 +106,31 @@ def test_explain_and_export_commands(viewer_run, tmp_path):
     assert (tmp_path / "np" / "batch-0.json").exists()
     r = CliRunner().invoke(app, ["export", "saelens", str(run), "--out", str(tmp_path / "sl")])
     assert r.exit_code == 0 and SAE.load(tmp_path / "sl").cfg.d_sae == 24
+
+
+def test_every_option_has_help_and_the_configs_are_the_flags():
+    """The generated options: every config field is a flag of its name, with the field's docstring as help."""
+    import typer as typer_mod
+
+    import nanosae.config as config_mod
+    from nanosae.config import TrainConfig, config_leaves
+    from nanosae.options import field_docs
+
+    cmd = typer_mod.main.get_command(app)
+    todo, missing = [("", cmd)], []
+    while todo:
+        path, c = todo.pop()
+        if getattr(c, "commands", None):
+            todo += [(f"{path} {n}", s) for n, s in c.commands.items()]
+            continue
+        missing += [(path, p.name) for p in c.params if not getattr(p, "help", None) and p.name != "help"]
+    assert missing == []
+    train_params = {p.name: p for p in cmd.commands["train"].params}
+    for name, part, f in config_leaves(TrainConfig):
+        if name == "data":
+            continue
+        assert name in train_params, name
+        owner = {"source": "SourceConfig", "sae": "DictionaryConfig", "optim": "OptimConfig"}.get(part, "TrainConfig")
+        assert train_params[name].help.replace("\\[", "[") == field_docs(getattr(config_mod, owner))[name], name
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.startswith("nanosae ")

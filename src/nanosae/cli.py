@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nanosae.config import CollectConfig, EvalConfig, TrainConfig
+from nanosae.config import CollectConfig, EvalConfig, GenerationConfig, TrainConfig
 from nanosae.interp.features import FeaturesConfig
 from nanosae.errors import ConfigError, NanosaeError
 from nanosae.options import command, gather_data, options_for, parse
@@ -23,8 +24,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        console.print(f"nanosae {version('nanosae')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print nanosae's version and exit.")) -> None:
     """Sparse autoencoders end to end: collect, train, evaluate, interpret, steer."""
     from nanosae.models import keep_freed_memory
 
@@ -48,9 +58,24 @@ def info(path: Path = typer.Argument(..., help="Run directory, SAE directory (ou
     console.print(table)
 
 
+TOKENIZER_HELP = "nanochat tokenizer directory (default: tokenizer/ next to the checkpoints, $NANOCHAT_BASE_DIR)."
+MODEL_SPEC_HELP = "smollm2-135m, a HF dir / hub name / .gguf, or nanochat:DIR[@STEP]."
+
+
+def _option(name: str, annotation: type, default: Any, help_text: str) -> inspect.Parameter:
+    """A command's own option (not a config field): which SAE, model or device to use."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, help=help_text))
+
+
+MODEL = _option("model", str, None, "Host model (default: the SAE's model_name).")
+HOOK = _option("hook", str, None, "Hook point (default: the SAE's hook_name).")
+DEVICE = _option("device", str, "cpu", "Where the model and SAE run: cpu, cuda, ...")
+TOKENIZER = _option("tokenizer", Path, None, TOKENIZER_HELP)
+
+
 models_app = typer.Typer(no_args_is_help=True, help="Host models: list hook points, generate text.")
 app.add_typer(models_app, name="models")
-TOKENIZER_HELP = "nanochat tokenizer directory (default: tokenizer/ next to the checkpoints, $NANOCHAT_BASE_DIR)."
 
 
 @models_app.command("hooks")
@@ -70,20 +95,20 @@ def models_hooks(
     console.print(table)
 
 
+GENERATION_OPTIONS = options_for(GenerationConfig)
+PROMPT = inspect.Parameter("prompt", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+                           default=typer.Argument(..., help="Text the model continues."))
+
+
 @models_app.command("generate")
-def models_generate(
-    spec: str = typer.Argument(..., help="smollm2-135m, a HF dir / hub name / .gguf, or nanochat:DIR[@STEP]."),
-    prompt: str = typer.Argument(...),
-    max_new_tokens: int = typer.Option(32, help="Tokens to generate."),
-    temperature: float = typer.Option(0.0, help="0 = greedy."),
-    top_k: int = typer.Option(None, help="Sample from the k most likely tokens."),
-    seed: int = typer.Option(0),
-    chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat format."),
-    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
-) -> None:
+@command(GENERATION_OPTIONS, [inspect.Parameter("spec", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+                                                default=typer.Argument(..., help=MODEL_SPEC_HELP)), PROMPT,
+                              _option("tokenizer", Path, None, TOKENIZER_HELP)])
+def models_generate(spec: str, prompt: str, tokenizer: Path | None = None, **given: Any) -> None:
     """Print a continuation of PROMPT (greedy by default), streaming tokens as they come."""
     from nanosae.models import load_model
 
+    gen = GenerationConfig(**parse(GENERATION_OPTIONS, given))
     model = load_model(spec, tokenizer=tokenizer)
     console.print(prompt, end="", style="bold", highlight=False)
     shown: list[int] = []
@@ -93,8 +118,7 @@ def models_generate(
         shown.append(token)
         console.print(model.tokenizer.decode(shown)[len(before):], end="", highlight=False)
 
-    model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                   chat=chat, callback=stream)
+    model.generate(prompt, **dataclasses.asdict(gen), callback=stream)
     console.print()
 
 
@@ -170,16 +194,6 @@ SAE_PATHS = inspect.Parameter("paths", inspect.Parameter.POSITIONAL_OR_KEYWORD, 
     ..., help="Run directories or SAE files/dirs (several: evaluated on the same tokens)."))
 
 
-def _option(name: str, annotation: type, default: Any, help_text: str) -> inspect.Parameter:
-    """A command's own option (not a config field): which SAE, model or device to use."""
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=typer.Option(default, help=help_text))
-
-
-MODEL = _option("model", str, None, "Host model (default: the SAE's model_name).")
-HOOK = _option("hook", str, None, "Hook point (default: the SAE's hook_name).")
-DEVICE = _option("device", str, "cpu", "Where the model and SAE run: cpu, cuda, ...")
-TOKENIZER = _option("tokenizer", Path, None, "nanochat tokenizer directory (default: tokenizer/ next to the checkpoints).")
 
 
 @app.command("eval")
@@ -244,39 +258,35 @@ def features(path: Path, model: str | None = None, hook: str | None = None, out:
     console.print(f"wrote {target}")
 
 
+SAES = _option("sae", list[Path], ..., "SAE (run directory or file); repeatable to track several at once.")
+
+
 @app.command()
-def track(
-    prompt: str = typer.Argument(...),
-    sae: list[Path] = typer.Option(..., help="SAE (run dir or file); repeatable to track several at once."),
-    model: str = typer.Option(None, help="Host model (default: the first SAE's model_name)."),
-    max_new_tokens: int = typer.Option(32),
-    top_k: int = typer.Option(5, help="Features shown per token and SAE."),
-    temperature: float = typer.Option(0.0),
-    seed: int = typer.Option(0),
-    chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat format."),
-    device: str = typer.Option("cpu"),
-    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
-) -> None:
+@command(GENERATION_OPTIONS, [PROMPT, SAES, _option("top_features", int, 5, "Features shown per token and SAE."),
+                              MODEL, DEVICE, TOKENIZER])
+def track(prompt: str, sae: list[Path], top_features: int = 5, model: str | None = None, device: str = "cpu",
+          tokenizer: Path | None = None, **given: Any) -> None:
     """Generate and show, live, the top features of every new token; a summary at the end."""
     from nanosae.interp.featuredb import explanations
     from nanosae.interp.live import FeatureTracker
     from nanosae.rundir import home, load_sae_and_model, locate
     from nanosae.sae import SAE
 
+    gen = GenerationConfig(**parse(GENERATION_OPTIONS, given))
     _, first, host = load_sae_and_model(sae[0], model, device, tokenizer)
     saes, labels = {}, {}
     for i, p in enumerate(sae):
         name = p.name if len(sae) > 1 else "sae"
         saes[name] = first if i == 0 else SAE.load(locate(p)[1], device=device)
         labels |= {(name, latent): text for latent, text in explanations(home(p) / "features.db").items()}
-    tracker = FeatureTracker(host, saes, top_k=top_k, labels=labels)
+    tracker = FeatureTracker(host, saes, top_k=top_features, labels=labels)
 
     def show(t) -> None:
         feats = "  ".join(f"{f.latent}:{f.activation:.2f}" + (f" ({f.label})" if f.label else "") for f in t.features)
         console.print(f"[bold]{t.text!r:>14}[/bold]  {feats}", highlight=False)
 
-    gen = tracker.generate(prompt, callback=show, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat)
-    console.print(f"\n[bold]{prompt}[/bold]{gen.text}\n", highlight=False)
+    out = tracker.generate(prompt, callback=show, **dataclasses.asdict(gen))
+    console.print(f"\n[bold]{prompt}[/bold]{out.text}\n", highlight=False)
     table = Table(title="most active features")
     for col in ("sae", "latent", "tokens active", "max activation", "label"):
         table.add_column(col)
@@ -286,26 +296,19 @@ def track(
 
 
 @app.command()
-def steer(
-    prompt: str = typer.Argument(...),
-    sae: Path = typer.Option(..., help="SAE (run dir or file)."),
-    feature: list[str] = typer.Option(..., help="LATENT=+V adds V·W_dec, LATENT=-V subtracts, LATENT=V clamps, LATENT=0 ablates."),
-    model: str = typer.Option(None, help="Host model (default: the SAE's model_name)."),
-    max_new_tokens: int = typer.Option(32),
-    temperature: float = typer.Option(0.0),
-    seed: int = typer.Option(0),
-    chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat format."),
-    device: str = typer.Option("cpu"),
-    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
-) -> None:
+@command(GENERATION_OPTIONS, [PROMPT, _option("sae", Path, ..., "SAE (run directory or file)."),
+                              _option("feature", list[str], ..., "LATENT=+V adds V·W_dec, LATENT=-V subtracts, LATENT=V "
+                                      "clamps, LATENT=0 ablates (repeatable)."), MODEL, DEVICE, TOKENIZER])
+def steer(prompt: str, sae: Path, feature: list[str], model: str | None = None, device: str = "cpu",
+          tokenizer: Path | None = None, **given: Any) -> None:
     """Generate with and without feature edits (same seed) and show both side by side."""
     from nanosae.interp.live import parse_edit, steer as run_steer
     from nanosae.rundir import load_sae_and_model
 
-    _, s, host = load_sae_and_model(sae, model, device, tokenizer)
+    gen = GenerationConfig(**parse(GENERATION_OPTIONS, given))
     edits = [parse_edit(f) for f in feature]
-    base, steered = run_steer(host, s, edits, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                              seed=seed, chat=chat)
+    _, s, host = load_sae_and_model(sae, model, device, tokenizer)
+    base, steered = run_steer(host, s, edits, prompt, **dataclasses.asdict(gen))
     table = Table(title=prompt, show_lines=True)
     table.add_column("baseline")
     table.add_column("steered: " + ", ".join(feature))
@@ -377,7 +380,8 @@ app.add_typer(export_app, name="export")
 
 
 @export_app.command("saelens")
-def export_saelens_cmd(run: Path = typer.Argument(...), out: Path = typer.Option(..., help="Output directory.")) -> None:
+def export_saelens_cmd(run: Path = typer.Argument(..., help="Run directory or SAE directory/file."),
+                       out: Path = typer.Option(..., help="Output directory.")) -> None:
     """A plain SAELens-loadable directory (BatchTopK becomes JumpReLU with its threshold, as SAELens runs it)."""
     from nanosae.export.saelens import export_saelens
 

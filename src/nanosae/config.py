@@ -262,8 +262,8 @@ class DataConfig:
 
 def default_batch_size(tokens: int) -> int:
     """About 500 optimizer steps for short runs (tokens/500 rounded to a power of two), capped at 4096-token
-    batches. The demo's sweeps in README: at a fixed token budget, twice the steps gave a better CE-loss score
-    at the same FVU, and 200k-1M tokens did best at 512-1024 (smaller batches left more dead latents)."""
+    batches: at a fixed token budget more steps give a better CE-loss score at the same FVU, until batches
+    get so small that latents die (the sweeps in docs/benchmarks.md)."""
     return int(max(1, min(4096, tokens, 2 ** round(math.log2(max(1.0, tokens / 500))))))
 
 
@@ -295,6 +295,28 @@ class CollectConfig:
         check_fields(self)
         for name in ("tokens", "batch_size", "tokens_per_shard"):
             check_range(name, getattr(self, name), 1)
+
+
+@dataclass
+class GenerationConfig:
+    """How a continuation is sampled (generate, track, steer)."""
+
+    max_new_tokens: int = 32
+    """Tokens to generate."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 = greedy."""
+    top_k: int | None = None
+    """Sample only from the k most likely tokens."""
+    seed: int = 0
+    """Seed of the sampler (steering compares both generations under the same seed)."""
+    chat: bool = False
+    """Wrap the prompt in the model's chat format."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_range("max_new_tokens", self.max_new_tokens, 0)
+        check_range("temperature", self.temperature, 0)
+        check_range("top_k", self.top_k, 1)
 
 
 @dataclass

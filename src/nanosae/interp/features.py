@@ -47,18 +47,25 @@ class FeaturesConfig:
 
     data: DataConfig = field(default_factory=lambda: DataConfig(specs=["builtin:pydocs"], split="all"))
     tokens: int = 100_000
+    """Tokens to read (from the model, or from the store with --acts)."""
     top_n: int = 20
     """Top-activating examples kept per latent."""
     reservoir: int = 32
     """Random firing examples kept per latent, from which quantile examples are picked."""
     quantile_examples: int = 8
+    """Examples shown at evenly spaced activation quantiles, picked from the reservoir."""
     window_left: int = 12
     """Tokens of context before the activating token."""
     window_right: int = 4
+    """Tokens of context after the activating token."""
     batch_size: int = 8
+    """Windows per forward pass."""
     logit_top: int = 10
+    """Output tokens each latent promotes (and suppresses) most, kept per latent."""
     cofiring_top: int = 10
+    """Latents that fire together with each latent most often, kept per latent."""
     seed: int = 0
+    """Seed of the reservoir's random keys."""
     checkpoint_every: int = 20
     """Batches between resume checkpoints."""
 

@@ -13,7 +13,6 @@ stream itself changes, not just the MLP's view of it.
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from nanosae.errors import ConfigError, HookError
+from nanosae.errors import HookError
 from nanosae.models.tokenizers import Tokenizer
 
 HOOK_KINDS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post",
@@ -282,12 +281,9 @@ class HostModel:
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
     """One-line errors for sampling settings that would crash or silently do something else."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise ConfigError(f"temperature must be a finite number ≥ 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
+    from nanosae.config import GenerationConfig
+
+    GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:

@@ -7,7 +7,7 @@ the two weight gradients. Only k of d_sae latents per token are non-zero, so her
   dW_dec, dW_enc  embedding_bag over the latent-major order of g_BD / x            (sum of k rows per token)
   db_enc        index_add of the selected gradients
 leaving the encoder's forward GEMM (needed to find the top k) as the only dense work. (AuxK is small dense
-math on the dead latents' columns alone: SAE._auxk_loss.)
+math on the dead latents' columns alone: train.losses.auxk_loss.)
 Selections are flat (rows, cols) lists sorted by row; `offsets` marks where each row's bag starts.
 """
 
@@ -49,8 +49,8 @@ class Selection:
 
     def by_latent_times(self, values: Tensor, dense_BD: Tensor) -> Tensor:
         """(d_sae, D): Σ over a latent's selections of value · dense[row], i.e. (the (B, d_sae) matrix of
-        `values`)ᵀ @ dense. One embedding_bag over the latent-major order: 2-4× faster on CPU than a sparse
-        CSR matmul, which zero-fills and copies a dense result on top of the product."""
+        `values`)ᵀ @ dense. One embedding_bag over the latent-major order: no zero-filled dense result and no
+        copy on top of the product, as a sparse CSR matmul would make."""
         order, crow, rows = self._transpose
         return F.embedding_bag(rows, dense_BD, crow[:-1], mode="sum", per_sample_weights=values[order])
 
@@ -67,7 +67,7 @@ def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
     """Encoder GEMM and top-k in row chunks (the chunk stays in cache for topk; no (B, d_sae) buffer)."""
     B, Fdim = xc_BD.shape[0], W_enc_DF.shape[1]
     values, indices = [], []
-    # one buffer for every chunk: a fresh (chunk, d_sae) tensor per chunk made the step ~9% slower on CPU
+    # one buffer for every chunk: allocating a fresh (chunk, d_sae) tensor per chunk costs page faults each time
     buf = torch.empty(min(chunk, B), Fdim, dtype=W_enc_DF.dtype, device=W_enc_DF.device)
     with torch.no_grad():
         for i in range(0, B, chunk):

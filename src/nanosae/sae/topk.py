@@ -1,7 +1,8 @@
 """Row-wise top-k for CPU float32 through the small C kernel in topk.c (a heap per row, AVX2 compares).
 
-torch.topk spends ~1.8 ns per element on this job (d_sae 4608, k 32): 15% of a training step. The kernel
-skips almost every element with one vector compare against the row's current k-th value. It is compiled
+torch.topk looks at every element with scalar work, a sizeable share of a TopK training step on CPU. The
+kernel skips almost every element with one vector compare against the row's current k-th value
+(docs/benchmarks.md times both). It is compiled
 once with the system C compiler into the cache directory; without a compiler, AVX2, or on other devices
 and dtypes, torch.topk is used (same values and indices up to the order within a row and ties).
 NANOSAE_TORCH_TOPK=1 forces torch.topk.

@@ -105,7 +105,7 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def make_adam(sae: SAE, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
-    """Fused Adam (one pass over the parameters; ~9x faster than the per-tensor loop on CPU) where available."""
+    """Fused Adam (one pass over all parameters instead of a loop over tensors) where available."""
     kwargs = dict(lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     try:
         return torch.optim.Adam(sae.parameters(), fused=True, **kwargs)
