@@ -100,9 +100,15 @@ def test_report_has_the_plots(tiny_model, word_corpus, tmp_path):
     b = SAE(SAEConfig(d_in=tiny_model.d_model, d_sae=64, architecture="topk", k=4, hook_name=HOOK))
     results = evaluate([a, b], tiny_model, data(word_corpus), tokens=200)
     page = write_report(results, ["identity", "<b>topk</b>"], tmp_path / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 5  # density, L0, FVU by position, 2 frontiers
+    assert all(r["l0_std"] == 0 for r in results)  # both fire a fixed number of latents per token
+    assert page.count('src="data:image/png;base64,') == 4  # density, FVU by position, 2 frontiers; no L0 histogram
+    assert "L0 per token" not in page and "divides the totals over all tokens" in page
     assert "Feature density" in page and "ce_loss_score" in page
     assert "<b>topk</b>" not in page and "&lt;b&gt;topk&lt;/b&gt;" in page
+    relu = SAE(SAEConfig(d_in=tiny_model.d_model, d_sae=64, architecture="relu", hook_name=HOOK))
+    results = evaluate([relu], tiny_model, data(word_corpus), tokens=200)
+    page = write_report(results, ["relu"], tmp_path / "relu.html").read_text()
+    assert results[0]["l0_std"] > 0 and "L0 per token" in page and page.count('src="data:image/png;base64,') == 3
 
 
 def test_wrong_width_is_refused(tiny_model, word_corpus):
