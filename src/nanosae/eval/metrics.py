@@ -209,24 +209,17 @@ def evaluate(
         ce_clean += ce
         n_pred += int(keep.sum())
         for group in ablated:
-            edits = {}
-            for h in group:
-                x = cache[h]
-                fill = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device) if ablation == "zero" else x[valid].mean(0)
-                edits[h] = lambda _, r=torch.where(valid[..., None], fill, x): r  # BOS/padding keep their activation
+            edits = {h: _ablated(cache[h], valid, ablation) for h in group}
             with model.replaying_blocks(clean_blocks[:prefix[group]]), model.hooks(edits):
                 ce_ablation[group] += _ce_and_kl(model.forward(toks), None, toks, keep)[0]
         positions = torch.arange(toks.shape[1], device=toks.device).expand_as(toks)[valid].cpu()
         for sae, (ins, outs), s in zip(sae_list, io, sums):
-            x = sae.gather_input(cache, ins)[valid]
-            y = concat_hooks(cache, outs)[valid]
-            x_hat, z = sae(x)
-            s.add(y.cpu(), x_hat.float().cpu(), z.float().cpu(), positions)
+            x_hat, z = sae(sae.gather_input(cache, ins)[valid])
+            s.add(concat_hooks(cache, outs)[valid].cpu(), x_hat.float().cpu(), z.float().cpu(), positions)
             edits = {h: lambda _, r=_replace_kept(cache[h], valid, block): r
                      for h, block in sae.output_blocks(x_hat, outs).items()}
             with model.replaying_blocks(clean_blocks[:prefix[tuple(outs)]]), model.hooks(edits):
-                spliced = model.forward(toks)
-            ce, kl, _ = _ce_and_kl(spliced, clean, toks, keep)
+                ce, kl, _ = _ce_and_kl(model.forward(toks), clean, toks, keep)
             s.ce_sae += ce
             s.kl += kl
         done += int(valid.sum())
@@ -240,6 +233,13 @@ def evaluate(
     results = [_finish(s, sae, ins, outs, ce_clean, ce_ablation[tuple(outs)], n_pred, ablation)
                for s, sae, (ins, outs) in zip(sums, sae_list, io)]
     return results[0] if single else results
+
+
+def _ablated(x: Tensor, valid: Tensor, ablation: str) -> Callable[[Tensor], Tensor]:
+    """A hook putting zeros or the batch's mean activation at the kept positions (BOS/padding keep theirs)."""
+    fill = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device) if ablation == "zero" else x[valid].mean(0)
+    replaced = torch.where(valid[..., None], fill, x)
+    return lambda _: replaced
 
 
 def _finish(s: _Sums, sae: SAE, ins: list[str], outs: list[str], ce_clean: float, ce_abl: float, n_pred: int,
