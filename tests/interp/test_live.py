@@ -14,16 +14,22 @@ def sae():
     return s
 
 
-def test_tracker_matches_saes_on_cached_activations(tiny_model, sae):
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_tracked_latents_are_each_tokens_own_position_in_one_full_pass(tiny_model, sae, temperature):
+    """A prompt plus a 16-token generation, tracked: beside every generated token, the latents of that token's
+    own position, equal to the SAEs' latents from one plain forward pass over the same tokens."""
     other = SAE(SAEConfig(d_in=32, d_sae=16, architecture="relu", hook_name="blocks.0.hook_resid_post"))
     tracker = FeatureTracker(tiny_model, {"a": sae, "b": other}, top_k=3, labels={("a", 0): "zero"})
     seen = []
-    gen = tracker.generate([0, 5, 9, 13], max_new_tokens=6, stop_at_eos=False, callback=seen.append)
-    assert [t.token for t in seen] == gen.tokens and len(seen) == 6
+    gen = tracker.generate([0, 5, 9, 13], max_new_tokens=16, stop_at_eos=False, temperature=temperature,
+                           callback=seen.append)
+    assert [t.token for t in seen] == gen.tokens and len(seen) == 16
+    plain = tiny_model.generate([0, 5, 9, 13], max_new_tokens=16, stop_at_eos=False, temperature=temperature)
+    assert plain.tokens == gen.tokens  # tracking does not change what is generated
     full = torch.tensor([gen.prompt_tokens + gen.tokens])
     _, cache = tiny_model.run_with_cache(full, [HOOK, "blocks.0.hook_resid_post"])
     for t in seen:
-        pos = len(gen.prompt_tokens) - 1 + t.step  # the position whose output produced this token
+        pos = len(gen.prompt_tokens) + t.step  # the token's own position
         for name, s in (("a", sae), ("b", other)):
             z = s.encode(cache[s.cfg.hook_name][0, pos])
             vals, idx = z.topk(3)

@@ -1,8 +1,10 @@
 """Features while the model runs: live tracking during generation, and steering (add / clamp / ablate).
 
-Tracking: a hook at each SAE's hook point keeps the activation of the newest position; when the model
-emits a token, that position's latents are encoded (one d_in × d_sae product per token, next to the
-model's ~10^8) and the top-k are reported, so tracking costs almost nothing.
+Tracking: a hook at each SAE's hook point keeps the activation of the newest position. A token's own
+latents exist only once the model has read it, one step after it was sampled, so each token is reported
+when the next forward pass has run (the last one after an extra cached step): the latents shown beside a
+token are those of its position, as in features.db and the viewer. Encoding one position is one
+d_in × d_sae product per token next to the model's ~10^8, so tracking costs almost nothing.
 
 Steering, per latent i of an SAE at its hook:
   add    x + v · W_dec[i] / activation_scale     (v in latent-activation units, every position)
@@ -79,14 +81,25 @@ class FeatureTracker:
         """model.generate with tracking; callback(TrackedToken) as each token appears."""
         hooks = {h: self._capture(h) for sae in self.saes.values() for h in sae.cfg.input_hooks}
 
-        def on_token(step: int, token: int) -> None:
+        pending: list[tuple[int, int]] = []  # the sampled token the model has not read yet
+
+        def report() -> None:
+            step, token = pending.pop()
             tracked = TrackedToken(step, token, self.model.tokenizer.decode([token]), self.features_now())
             self.history.append(tracked)
             if callback is not None:
                 callback(tracked)
 
+        def on_token(step: int, token: int) -> None:
+            if pending:  # the forward pass just run read the previous token: its latents are the newest
+                report()
+            pending.append((step, token))
+
         with self.model.hooks(hooks):
-            return self.model.generate(prompt, callback=on_token, **generate_kwargs)
+            generation = self.model.generate(prompt, callback=on_token, feed_last=True, **generate_kwargs)
+        if pending:
+            report()
+        return generation
 
     def summary(self, n: int = 10) -> list[tuple[ActiveFeature, int]]:
         """The features active on the most generated tokens (with their largest activation)."""

@@ -253,10 +253,13 @@ class HostModel:
         chat: bool = False,
         callback: Callable[[int, int], None] | None = None,
         stop_at_eos: bool = True,
+        feed_last: bool = False,
     ) -> Generation:
         """Sample a continuation with a KV cache; hooks in force apply at every step.
 
-        temperature 0 is greedy. callback(step, token_id) is called as each token is produced.
+        temperature 0 is greedy. callback(step, token_id) is called as each token is produced, before the
+        model has read it; feed_last also runs the last token through the model, so hooks see every
+        generated token at its own position (live tracking needs that).
         """
         check_sampling(max_new_tokens, temperature, top_k)
         if isinstance(prompt, str):
@@ -272,10 +275,11 @@ class HostModel:
             new.append(token)
             if callback is not None:
                 callback(step, token)
-            if stop_at_eos and token == self.tokenizer.eos_id:
-                break
-            if step + 1 < max_new_tokens:
+            last = (stop_at_eos and token == self.tokenizer.eos_id) or step + 1 == max_new_tokens
+            if feed_last or not last:
                 logits, cache = self._logits_cached(self._as_tokens([token]), cache)
+            if last:
+                break
         return Generation(self.tokenizer.decode(new), new, ids)
 
 
