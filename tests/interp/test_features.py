@@ -51,14 +51,36 @@ def test_density_mean_max(setup):
         assert sum(json.loads(row["histogram"])) == len(fired)
 
 
-def test_top_examples_are_the_largest_activations(setup):
-    sae, cfg, db, Z = setup
+@pytest.fixture(scope="module")
+def windows(setup, tiny_model):
+    """Brute force, per window of the same batches: each latent's largest activation there, and the tokens."""
+    sae, cfg, _, _ = setup
+    maxima, texts, n = [], [], 0
+    for batch in token_batches(iter_documents(cfg.data), tiny_model.tokenizer, 16, 4):
+        if n >= cfg.tokens:
+            break
+        _, cache = tiny_model.run_with_cache(batch.tokens, [HOOK])
+        z = (sae.encode(cache[HOOK]) * batch.valid[..., None]).detach()
+        maxima.append(z.amax(dim=1))
+        texts += [[tiny_model.tokenizer.decode([t]) for t in row] for row in batch.tokens.tolist()]
+        n += int(batch.valid.sum())
+    return torch.cat(maxima), texts
+
+
+def test_top_examples_are_the_largest_activations_one_per_window(setup, windows):
+    """Each top example is a different window, shown at that window's strongest token for the latent: the
+    top-n of the per-window maxima, not one passage re-centred on its other tokens."""
+    sae, cfg, db, _ = setup
+    maxima, _ = windows
     con = open_db(db)
     for i in range(sae.cfg.d_sae):
-        got = [r["activation"] for r in con.execute("SELECT activation FROM examples WHERE latent=? AND kind='top' ORDER BY rank", (i,))]
-        col = Z[:, i]
+        rows = con.execute("SELECT * FROM examples WHERE latent=? AND kind='top' ORDER BY rank", (i,)).fetchall()
+        col = maxima[:, i]
         expected = col[col > 0].sort(descending=True).values[: cfg.top_n].tolist()
-        assert got == pytest.approx(expected, rel=1e-5)
+        assert [r["activation"] for r in rows] == pytest.approx(expected, rel=1e-5)
+        for r in rows:
+            acts = json.loads(r["acts"])
+            assert acts[r["focus"]] == pytest.approx(max(acts), abs=1e-4)  # the focus is the window's maximum
 
 
 def test_examples_carry_their_context(setup):

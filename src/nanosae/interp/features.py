@@ -2,10 +2,10 @@
 
 Per latent, with fixed-size accumulators (memory does not grow with the token count):
   density, mean and max activation, a histogram on fixed log-spaced bins
-  top-N examples: the N largest activations, each with the token window around it and the latent's
-      activation on every token of that window (kept by a running top-N merge per batch)
-  quantile examples: a uniform reservoir of firing tokens (top-K by a random key), from which examples at
-      evenly spaced activation quantiles are picked at the end, so not only the extremes are shown
+  top-N examples: the N windows with the largest activation, each shown around its strongest token with
+      the latent's activation on every token (a running top-N merge per batch; one example per window)
+  quantile examples: a uniform reservoir of firing windows (top-K by a random key, one firing token each),
+      from which examples at evenly spaced activation quantiles are picked at the end
   co-firing: counts of tokens where two latents fire together (sparse products), top-10 by P(j | i)
   logit effects: W_dec[i] through the unembedding with the final norm's weight folded in, as
       TransformerLens's fold_ln does (the norm's scale is a positive per-token factor and is dropped)
@@ -281,18 +281,20 @@ class FeatureStats:
         co = torch.sparse.mm(S.t().coalesce(), S).coalesce()
         ij = co.indices()
         self.cofire.view(-1).index_add_(0, ij[0] * F_ + ij[1], co.values().round().int())
-        # top-N by activation and the reservoir by a random key, both per latent
-        zf = z.reshape(-1, F_)
+        # top-N by activation and the reservoir by a random key, both per latent and at most one per window:
+        # each window (a row of the batch; rows never overlap) offers its best position by the key, so two
+        # examples of a latent are never one passage re-centred on another of its tokens
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)  # per batch, so a resumed pass draws the same keys
-        random_keys = torch.rand(zf.shape, generator=gen).masked_fill(zf <= 0, -math.inf)
-        for examples, key_all in ((self.top, zf), (self.reservoir, random_keys)):
-            k = min(examples.key.shape[1], zf.shape[0])
-            key, idx = key_all.T.topk(k, dim=1)  # (F, k) positions in the flat batch
+        random_keys = torch.rand(z.shape, generator=gen).masked_fill(z <= 0, -math.inf)
+        for examples, key_all in ((self.top, z), (self.reservoir, random_keys)):
+            row_key, row_pos = key_all.max(dim=1)  # (B, F): each window's best key and where it is
+            k = min(examples.key.shape[1], z.shape[0])
+            key, bb = row_key.T.topk(k, dim=1)  # (F, k) windows
             lat = torch.arange(F_)[:, None].expand(-1, k)
-            bb, tt = idx // z.shape[1], idx % z.shape[1]
+            tt = row_pos.T.gather(1, bb)
+            act = z[bb, tt, lat]
             tokens, win_acts = _windows(toks, z, bb.reshape(-1), tt.reshape(-1), lat.reshape(-1), cfg.window_left,
                                         cfg.window_right)
-            act = zf.T.gather(1, idx)
             key = key.masked_fill(act <= 0, -math.inf)
             width = tokens.shape[-1]
             examples.merge(key, act, tokens.view(F_, k, width), win_acts.view(F_, k, width))
