@@ -31,9 +31,11 @@ def test_error_is_one_line_without_traceback(tmp_path):
 def test_collect_then_train_sweep(tiny_llama_dir, word_corpus, tmp_path):
     runner = CliRunner()
     acts = tmp_path / "acts"
+    second = tmp_path / "more.txt"
+    second.write_text("w5 w6 w7 " * 40)
     r = runner.invoke(app, ["collect", "--model", str(tiny_llama_dir), "--hook", "blocks.1.hook_resid_post",
-                            "--data", str(word_corpus), "--split", "all", "--tokens", "1k", "--out", str(acts),
-                            "--context-size", "16", "--dtype", "float32", "--tokens-per-shard", "256"])
+                            "--data", str(word_corpus), "--data", str(second), "--split", "all", "--tokens", "1k",
+                            "--out", str(acts), "--context-size", "16", "--dtype", "float32", "--tokens-per-shard", "256"])
     assert r.exit_code == 0, r.output
     store = nanosae.ActivationStore(acts / "blocks.1.hook_resid_post")
     assert len(store) == 1000 and store.manifest["data"]["split"] == "all"
@@ -43,6 +45,7 @@ def test_collect_then_train_sweep(tiny_llama_dir, word_corpus, tmp_path):
     for size in (32, 64):
         sae = SAE.load(tmp_path / "sweep" / f"d_sae={size}" / "sae")
         assert (sae.cfg.d_sae, sae.cfg.k, sae.cfg.hook_name) == (size, 4, "blocks.1.hook_resid_post")
+        assert sae.cfg.dataset_path == f"{word_corpus},{second}"  # every corpus of the collection, not the default
 
 
 def test_parse_count():

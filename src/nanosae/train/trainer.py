@@ -345,7 +345,7 @@ class SAERun:
                             d_out=d_out, hook_name_out=out_hooks[0] if self.transcoder else "",
                             skip_connection=cfg.sae.skip_connection, crosscoder_hooks=in_hooks if len(ins) > 1 else None,
                             model_name=_model_name(cfg, source), context_size=_context_size(cfg, source),
-                            dataset_path=",".join(cfg.source.data.specs), normalize_activations=cfg.sae.normalize_activations,
+                            dataset_path=_dataset_path(cfg, source), normalize_activations=cfg.sae.normalize_activations,
                             device=cfg.device)
         self.sae = SAE(sae_cfg)
         self.sae.train()
@@ -679,6 +679,16 @@ def _model_name(cfg: TrainConfig, source: Any) -> str:
     if isinstance(source, ActivationStore):
         return source.manifest["model"]
     return source.model.name if hasattr(source, "model") else cfg.source.model
+
+
+def _dataset_path(cfg: TrainConfig, source: Any) -> str:
+    """Every corpus the activations came from (a store records its collection's), comma-separated as
+    SAELens's dataset_path; the store's own path when it does not record any."""
+    if isinstance(source, ActivationStore):
+        specs = (source.manifest.get("data") or {}).get("specs") or [str(source.path)]
+    else:
+        specs = cfg.source.data.specs
+    return ",".join(map(str, specs))
 
 
 def _context_size(cfg: TrainConfig, source: Any) -> int:
