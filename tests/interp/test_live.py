@@ -31,7 +31,7 @@ def test_tracked_latents_are_each_tokens_own_position_in_one_full_pass(tiny_mode
     for t in seen:
         pos = len(gen.prompt_tokens) + t.step  # the token's own position
         for name, s in (("a", sae), ("b", other)):
-            z = s.encode(cache[s.cfg.hook_name][0, pos])
+            z = s.encode(cache[s.cfg.hook_name][0, pos]).detach()
             vals, idx = z.topk(3)
             expected = [(int(i), float(v)) for v, i in zip(vals, idx) if v > 0]
             got = [(f.latent, f.activation) for f in t.features if f.sae == name]

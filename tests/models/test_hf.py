@@ -207,3 +207,14 @@ def test_keep_freed_memory_reuses_freed_activations_instead_of_faulting_fresh_pa
     assert runs["0"][0] == "False" and runs["1"][0] == "True"
     fresh = 10 * 6 * (16 << 20) // 4096  # page faults if every tensor got fresh pages (glibc's defaults mostly do)
     assert runs["1"][1] < fresh / 10, runs
+
+
+def test_generation_raises_no_deprecation_warnings(model):
+    """Cached generation uses the current transformers API (no past_key_values warning in track/steer/viewer)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate([0, 5, 9], max_new_tokens=4, stop_at_eos=False, feed_last=True)
+    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], \
+        [str(w.message) for w in caught]

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")  # torch.sparse.mm below
 
 from nanosae.config import DataConfig, check_fields, check_range
 from nanosae.data.corpus import iter_documents

@@ -7,6 +7,7 @@ safetensors checkpoint under $NANOSAE_CACHE (default ~/.cache/nanosae) and later
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -89,6 +90,11 @@ class HFModel(HostModel):
         return self.module(input_ids=tokens, use_cache=False).logits
 
     def _logits_cached(self, tokens: Tensor, cache: Any) -> tuple[Tensor, Any]:
+        # transformers >= 5.2x names the KV cache `cache` (the old `past_key_values` warns); older releases
+        # know only `past_key_values`
+        if "cache" in inspect.signature(self.module.forward).parameters:
+            out = self.module(input_ids=tokens, cache=cache, use_cache=True)
+            return out.logits, out.cache
         out = self.module(input_ids=tokens, past_key_values=cache, use_cache=True)
         return out.logits, out.past_key_values
 
