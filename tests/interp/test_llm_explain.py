@@ -9,13 +9,15 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from nanosae.interp.llm_explain import (ExplainerError, HTTPExplainer, correlation, explain_and_score, explain_llm,
-                                        parse_simulation)
-from tests.interp.test_explain import synthetic
+from nanosae.interp.explain import Evidence
+from nanosae.interp.llm_explain import ExplainerError, HTTPExplainer, explain_and_score, explain_llm
+from tests.interp.test_explain import make_db as make_n2g_db
+from tests.interp.test_explain import silent_text, synthetic
 
 
 def fake_server(rule: str):
-    """Explains every feature with `rule`; simulates with the true rule ('def fib') or at random."""
+    """Explains every feature with `rule`; answers detection questions by the true rule ('def fib') when the
+    explanation is that rule, at random otherwise."""
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -25,14 +27,12 @@ def fake_server(rule: str):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             assert self.path == "/v1/chat/completions" and body["messages"][0]["role"] == "user"
             prompt = body["messages"][0]["content"]
-            if "predict how strongly" in prompt:
-                tokens = [ast.literal_eval(line.split("\t", 1)[1]) for line in prompt.split("\n\n")[-1].splitlines()]
-                rng = random.Random(len(prompt))
+            if "Does this feature fire" in prompt:
+                text = prompt.split("Text: ", 1)[1].rsplit("\n\nDoes this feature", 1)[0]
                 if "fib after def" in prompt:
-                    values = [10 if i and tokens[i - 1] == " def" and t == " fib" else 0 for i, t in enumerate(tokens)]
+                    content = "Yes" if " def fib" in text else "No"
                 else:
-                    values = [rng.randrange(11) for _ in tokens]
-                content = "\n".join(f"{i}\t{v}" for i, v in enumerate(values))
+                    content = random.Random(text).choice(["Yes", "No"])
             else:
                 content = rule
             data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
@@ -48,34 +48,20 @@ def fake_server(rule: str):
 
 
 @pytest.mark.parametrize("rule,good", [("the token fib after def", True), ("random words", False)])
-def test_simulation_scores_true_rule_high_random_low(rule, good):
+def test_detection_scores_true_rule_high_random_low(rule, good):
     server = fake_server(rule)
     try:
         explainer = HTTPExplainer(f"http://127.0.0.1:{server.server_port}")
-        explanation, score = explain_and_score(explainer, synthetic(12), max_act=6.0)
+        evidence = Evidence(synthetic(12), silent_text(30), max_act=6.0, fires=60)
+        explanation, found = explain_and_score(explainer, evidence)
     finally:
         server.shutdown()
     assert explanation == rule
-    assert (score > 0.9) if good else (score < 0.3)
-
-
-def test_parse_and_correlation():
-    assert parse_simulation("0\t3\n1: 7\nnoise\n5\t9", 3) == [3.0, 7.0, 0.0]
-    assert correlation([0, 1, 2], [0, 2, 4]) == pytest.approx(1.0)
-    assert correlation([1, 1], [0, 1]) == 0.0
+    assert (found.score > 0.9) if good else (found.score < 0.75)
 
 
 def make_db(path):
-    con = sqlite3.connect(path)
-    con.executescript("""CREATE TABLE latents (id INTEGER PRIMARY KEY, fires INTEGER, max_act REAL, explanation TEXT,
-                         score REAL, method TEXT);
-                         CREATE TABLE examples (latent INTEGER, kind TEXT, rank INTEGER, tokens TEXT, acts TEXT);""")
-    con.execute("INSERT INTO latents VALUES (0, 10, 6.0, 'old', 0.5, 'n2g'), (1, 5, 6.0, NULL, NULL, NULL)")
-    for latent in (0, 1):
-        for rank, ex in enumerate(synthetic(6, seed=latent)):
-            con.execute("INSERT INTO examples VALUES (?, 'top', ?, ?, ?)", (latent, rank, json.dumps(ex.tokens), json.dumps(ex.acts)))
-    con.commit()
-    con.close()
+    make_n2g_db(path, fires=(60, 40))
 
 
 def test_explain_llm_writes_all_rows(tmp_path):
@@ -105,8 +91,9 @@ def test_local_explainer_and_cli(viewer_run, tmp_path, tiny_model):
     from nanosae.cli import app
     from nanosae.interp.llm_explain import LocalExplainer
 
-    text = LocalExplainer(tiny_model).complete("w5 w6", max_tokens=3)
-    assert isinstance(text, str)
+    local = LocalExplainer(tiny_model)
+    assert isinstance(local.complete("w5 w6", max_tokens=3), str)
+    assert isinstance(local.says_yes("w5 w6"), bool)
     run = tmp_path / "run"
     shutil.copytree(viewer_run, run)
     server = fake_server("the token fib after def")

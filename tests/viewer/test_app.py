@@ -29,7 +29,9 @@ def test_feature_list_search_and_sort(client):
 def test_feature_page_data(client):
     f = client.get("/api/feature/3").json()
     assert f["id"] == 3 and f["examples"] and {"tokens", "acts", "focus"} <= set(f["examples"][0])
-    assert len(f["top_logits"]) == 10 and f["score"] == 0.9
+    assert len(f["top_logits"]) == 10 and (f["score"], f["precision"], f["recall"]) == (0.9, 0.8, 0.7)
+    quiet = client.get("/api/feature/5").json()
+    assert quiet["explanation"] is None and "too few to explain" in quiet["note"]
 
 
 def test_bad_requests_are_clean_errors(client):

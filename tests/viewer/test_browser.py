@@ -70,6 +70,7 @@ def check_feature_page(page):
     assert page.locator("#top-examples .tok", has_text="<script>").count() == 1
     assert page.locator("#top-examples img").count() == 0
     assert "<b onmouseover" in page.inner_text("#explanation")
+    assert "precision 0.80, recall 0.70" in page.inner_text("#feature-title + p")
     assert page.evaluate("window.__xss") is None
 
 
@@ -82,6 +83,11 @@ def test_overview_search_and_feature_page(browser, server):
     page.click("#features tr.row")
     check_feature_page(page)
     page.hover("#top-examples .tok.focus >> nth=0")
+    page.goto(server + "/#/feature/5")  # a latent without an explanation says why
+    page.wait_for_function("document.querySelector('#feature-title')?.textContent === 'feature 5'")
+    assert "too few to explain" in page.inner_text("#explanation")
+    page.goto(server + "/#/feature/3")
+    page.wait_for_selector("#top-examples .tok")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "viewer_feature.png"), full_page=True)
     assert errors == []

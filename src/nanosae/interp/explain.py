@@ -1,11 +1,21 @@
-"""N2G-style explanations: short token patterns that predict where a latent fires, scored on held-out examples.
+"""Explanations and how honestly they are scored.
 
-For each latent, its examples (token windows with the latent's activation on every token) are split:
-even-ranked ones to build patterns, odd-ranked ones to score them. A pattern is a token sequence ending at
-the activating token, with optional wildcards ("*"): (t0), (t-1, t0), (t-2, *, t0), (t-2, t-1, t0).
-Patterns are chosen greedily, up to three, each one kept only if it raises the F1 of predicting "strongly
-active" positions (activation ≥ 25% of the latent's maximum) on the building half. The score is the F1 of
-the chosen patterns on the held-out half. Explanations and scores go into features.db in one transaction.
+Evidence for a latent: its top and quantile examples (token windows with the latent's activation on every
+token) and the random windows of the text stored in features.db (where it mostly does not fire). A token is
+"active" when the latent reaches 25% of its maximum there. Both kinds of window are split: even-ranked ones
+build the explanation, odd-ranked ones score it.
+
+N2G patterns: a token sequence ending at the activating token, with optional wildcards ("*"): (t0),
+(t-1, t0), (t-2, *, t0), (t-2, t-1, t0). Up to three are chosen greedily, each kept only if it raises the
+token-level F1 of predicting active tokens on the building windows, non-activating ones included, so a
+pattern that also matches where the latent is silent is not chosen.
+
+Detection score (Bills et al. 2023; EleutherAI delphi's "detection"): on the held-out windows where the
+latent is active and the held-out windows where it is not (random text, and near misses from the quantile
+examples), does the explanation say the latent fires in the window? Stored: precision, recall and the
+balanced accuracy (the mean of the recalls of both kinds: 0.5 is chance, whatever the mix) as the score. A
+pattern found in every window ("a space") scores 0.5, however often the latent fires on spaces.
+Latents with fewer than MIN_FIRES firings get no explanation, and a note that says so.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from nanosae.io import write_lock
 
 WILDCARD = None
 ACTIVE_FRACTION = 0.25
+MIN_FIRES = 20
 Pattern = tuple  # tokens from oldest to the activating one; None = any token
 
 
@@ -29,11 +40,56 @@ class Example(NamedTuple):
     acts: list[float]
 
 
+class Evidence(NamedTuple):
+    """What a latent's explanation is built and scored on."""
+
+    examples: list[Example]
+    """Top examples by rank, then quantile examples by rank."""
+    others: list[Example]
+    """Random windows of the text, with this latent's activation on each token (mostly zero)."""
+    max_act: float
+    fires: int
+
+    @property
+    def threshold(self) -> float:
+        return ACTIVE_FRACTION * self.max_act
+
+    def split(self) -> tuple[list[Example], list[Example]]:
+        """(building windows, held-out windows): even- and odd-ranked examples and random windows."""
+        return self.examples[0::2] + self.others[0::2], self.examples[1::2] + self.others[1::2]
+
+
+class Detection(NamedTuple):
+    precision: float
+    recall: float
+    score: float
+    """Balanced accuracy: (recall on active windows + recall on inactive windows) / 2."""
+
+
+def detection(says_active: Callable[[list[str]], bool], windows: list[Example], threshold: float) -> Detection | None:
+    """Window-level detection of "the latent is active here" against the truth; None without windows of
+    both kinds."""
+    active = [w for w in windows if max(w.acts, default=0.0) >= threshold]
+    silent = [w for w in windows if max(w.acts, default=0.0) < threshold]
+    if not active or not silent:
+        return None
+    tp = sum(bool(says_active(w.tokens)) for w in active)
+    fp = sum(bool(says_active(w.tokens)) for w in silent)
+    recall = tp / len(active)
+    return Detection(tp / (tp + fp) if tp + fp else 0.0, recall, (recall + 1 - fp / len(silent)) / 2)
+
+
+# ---- N2G patterns ------------------------------------------------------------------------------------------
 def matches(pattern: Pattern, tokens: list[str], pos: int) -> bool:
     start = pos - len(pattern) + 1
     if start < 0:
         return False
     return all(p is WILDCARD or p == tokens[start + i] for i, p in enumerate(pattern))
+
+
+def found_in(patterns: list[Pattern], tokens: list[str]) -> bool:
+    """Whether any pattern matches anywhere in a window."""
+    return any(matches(p, tokens, pos) for p in patterns for pos in range(len(tokens)) if tokens[pos])
 
 
 def candidates(tokens: list[str], pos: int) -> list[Pattern]:
@@ -47,7 +103,7 @@ def candidates(tokens: list[str], pos: int) -> list[Pattern]:
 
 
 def f1(patterns: list[Pattern], examples: list[Example], threshold: float) -> tuple[float, float, float]:
-    """(precision, recall, F1) of 'some pattern matches here' against 'activation ≥ threshold here'."""
+    """(precision, recall, F1) of 'some pattern matches here' against 'activation ≥ threshold here', per token."""
     index, active = _index(examples, threshold)
     return _score(set().union(*(index.get(p, set()) for p in patterns)) if patterns else set(), active)
 
@@ -74,17 +130,10 @@ def _score(predicted: set, active: set) -> tuple[float, float, float]:
     return precision, recall, (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
 
 
-MIN_HELD_OUT_ACTIVE = 3  # fewer strongly active held-out positions than this: no evidence, score 0
-
-
-def explain_latent(examples: list[Example], max_act: float, max_patterns: int = 3) -> tuple[list[Pattern], float]:
-    """Patterns built on the even-ranked examples and their held-out F1 on the odd-ranked ones."""
-    threshold = ACTIVE_FRACTION * max_act
-    build, held_out = examples[0::2], examples[1::2]
-    if not build or max_act <= 0:
-        return [], 0.0
-    index, active = _index(build, threshold)
-    pool = {c for (e, pos) in active for c in candidates(build[e].tokens, pos) if len(index[c] & active) >= 2}
+def build_patterns(windows: list[Example], threshold: float, max_patterns: int = 3) -> list[Pattern]:
+    """Greedy: the candidate that most raises token-level F1 on the windows, up to max_patterns."""
+    index, active = _index(windows, threshold)
+    pool = {c for (e, pos) in active for c in candidates(windows[e].tokens, pos) if len(index[c] & active) >= 2}
     chosen: list[Pattern] = []
     covered: set = set()
     best = 0.0
@@ -98,11 +147,18 @@ def explain_latent(examples: list[Example], max_act: float, max_patterns: int = 
         chosen.append(c)
         covered |= index[c]
         best = score
-    h_index, h_active = _index(held_out, threshold)
-    if len(h_active) < MIN_HELD_OUT_ACTIVE:
-        return chosen, 0.0
-    predicted = set().union(*(h_index.get(p, set()) for p in chosen)) if chosen else set()
-    return chosen, _score(predicted, h_active)[2]
+    return chosen
+
+
+def explain_latent(evidence: Evidence) -> tuple[list[Pattern], Detection | None]:
+    """Patterns built on the building windows, and their detection score on the held-out ones."""
+    build, held_out = evidence.split()
+    if evidence.max_act <= 0 or not build:
+        return [], None
+    patterns = build_patterns(build, evidence.threshold)
+    if not patterns:
+        return [], None
+    return patterns, detection(lambda tokens: found_in(patterns, tokens), held_out, evidence.threshold)
 
 
 def describe(patterns: list[Pattern]) -> str:
@@ -110,31 +166,53 @@ def describe(patterns: list[Pattern]) -> str:
     return " | ".join(" ".join("*" if t is WILDCARD else json.dumps(t, ensure_ascii=False) for t in p) for p in patterns)
 
 
-def write_explanations(db_path: str | Path, explain_one: Callable[[list[Example], float], tuple[str | None, float]],
-                       method: str, most_frequent_first: bool = False, limit: int | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> int:
-    """Explain every feature that fired (or the `limit` most frequent) and write all rows in one transaction."""
+# ---- writing them into features.db ---------------------------------------------------------------------------
+Explainer = Callable[[Evidence], tuple[str | None, Detection | None]]
+
+
+def write_explanations(db_path: str | Path, explain_one: Explainer, method: str, most_frequent_first: bool = False,
+                       limit: int | None = None, progress: Callable[[int, int], None] | None = None) -> int:
+    """Explain every latent that fired (or the `limit` most frequent) and write all rows in one transaction;
+    latents with too little evidence get a note instead. Returns how many got an explanation."""
     with write_lock(db_path_of(db_path), directory=False):
         db = FeatureDB(db_path, readonly=False)
         try:
             latents = db.to_explain(most_frequent_first, limit)
-            updates = []
+            windows = db.random_windows()
+            updates, explained = [], 0
             for n, row in enumerate(latents):
-                examples = [Example(json.loads(r["tokens"]), json.loads(r["acts"])) for r in db.examples(row["id"])]
-                text, score = explain_one(examples, row["max_act"])
-                updates.append((text, round(score, 4), method, row["id"]))
+                text, found, note = _explain_row(db, row, windows, explain_one)
+                explained += text is not None
+                updates.append((text, None if found is None else round(found.score, 4),
+                                None if found is None else round(found.precision, 4),
+                                None if found is None else round(found.recall, 4), method, note, row["id"]))
                 if progress is not None:
                     progress(n + 1, len(latents))
             db.set_explanations(updates)
         finally:
             db.close()
-    return len(updates)
+    return explained
+
+
+def _explain_row(db: FeatureDB, row: dict, windows: list, explain_one: Explainer
+                 ) -> tuple[str | None, Detection | None, str | None]:
+    if row["fires"] < MIN_FIRES:
+        return None, None, f"fired {row['fires']} times in the text read: too few to explain (needs {MIN_FIRES})"
+    key = str(row["id"])
+    examples = [Example(json.loads(r["tokens"]), json.loads(r["acts"])) for r in db.examples(row["id"])]
+    others = [Example(tokens, [per_token.get(key, 0.0) for per_token in latents]) for tokens, latents in windows]
+    text, found = explain_one(Evidence(examples, others, row["max_act"], row["fires"]))
+    if text is None:
+        return None, None, "no pattern predicts where it fires"
+    if found is None:
+        return text, None, "not scored: no held-out windows where it is silent (it fires almost everywhere)"
+    return text, found, None
 
 
 def explain_n2g(db_path: str | Path, progress: Callable[[int, int], None] | None = None) -> int:
-    """Write an N2G explanation and score for every latent that fired into features.db; returns how many."""
-    def one(examples: list[Example], max_act: float) -> tuple[str | None, float]:
-        patterns, score = explain_latent(examples, max_act)
-        return (describe(patterns) if patterns else None), score
+    """Write an N2G explanation and its detection score for every latent with enough evidence; returns how many."""
+    def one(evidence: Evidence) -> tuple[str | None, Detection | None]:
+        patterns, found = explain_latent(evidence)
+        return (describe(patterns) if patterns else None), found
 
     return write_explanations(db_path, one, "n2g", progress=progress)

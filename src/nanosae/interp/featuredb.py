@@ -3,8 +3,11 @@ update it, the viewer, the CLI, the demo and the exports read it).
 
     meta      key -> JSON value: hook, model, d_sae, tokens, hist_edges, window_left, data, ...
     latents   one row per latent: density, fires, mean/max activation, histogram, logit effects, co-firing,
-              and the explanation with its score and method
+              and the explanation with its detection score (balanced accuracy), precision, recall and
+              method, or a note saying why there is none
     examples  top and quantile examples of each latent: token window, activation per token, focus position
+    windows   random windows of the text with every token's firing latents ({latent: activation} per token):
+              the non-activating text explanations are scored against
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from nanosae.io import public_mode
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE latents (id INTEGER PRIMARY KEY, density REAL, fires INTEGER, mean_act REAL, max_act REAL,
-    histogram TEXT, top_logits TEXT, bottom_logits TEXT, cofiring TEXT, explanation TEXT, score REAL, method TEXT);
+    histogram TEXT, top_logits TEXT, bottom_logits TEXT, cofiring TEXT, explanation TEXT, score REAL, method TEXT,
+    precision REAL, recall REAL, note TEXT);
 CREATE TABLE examples (latent INTEGER, kind TEXT, rank INTEGER, activation REAL, tokens TEXT, acts TEXT, focus INTEGER);
 CREATE INDEX examples_latent ON examples (latent, kind, rank);
+CREATE TABLE windows (id INTEGER PRIMARY KEY, tokens TEXT, latents TEXT);
 """
+SCORE_COLUMNS = {"precision": "REAL", "recall": "REAL", "note": "TEXT"}  # added after the first release
 SORTS = ("id", "density", "max_act", "mean_act", "score")
 
 
@@ -56,7 +62,8 @@ def open_db(path: str | Path, readonly: bool = True) -> sqlite3.Connection:
     return con
 
 
-def write_db(out: Path, meta: dict[str, Any], latents: Iterable[tuple], examples: Iterable[tuple]) -> None:
+def write_db(out: Path, meta: dict[str, Any], latents: Iterable[tuple], examples: Iterable[tuple],
+             windows: Iterable[tuple] = ()) -> None:
     """Write a whole database to a temp file and rename it over `out` (a reader never sees half of one)."""
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
@@ -64,8 +71,9 @@ def write_db(out: Path, meta: dict[str, Any], latents: Iterable[tuple], examples
     try:
         con.executescript(SCHEMA)
         con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
-        con.executemany("INSERT INTO latents VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", latents)
+        con.executemany("INSERT INTO latents VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", latents)
         con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?)", examples)
+        con.executemany("INSERT INTO windows VALUES (?,?,?)", windows)
         con.commit()
     finally:
         con.close()
@@ -130,15 +138,27 @@ class FeatureDB:
         return {r["id"]: r["explanation"] for r in self.rows("SELECT id, explanation FROM latents WHERE explanation IS NOT NULL")}
 
     def to_explain(self, most_frequent_first: bool = False, limit: int | None = None) -> list[sqlite3.Row]:
-        """(id, max_act) of the latents that fired, by id or most frequent first."""
+        """(id, fires, max_act) of the latents that fired, by id or most frequent first."""
         order = "fires DESC, id" if most_frequent_first else "id"
-        return self.rows(f"SELECT id, max_act FROM latents WHERE fires > 0 ORDER BY {order}" +
+        return self.rows(f"SELECT id, fires, max_act FROM latents WHERE fires > 0 ORDER BY {order}" +
                          (f" LIMIT {int(limit)}" if limit else ""))
 
-    def set_explanations(self, updates: list[tuple[str | None, float, str, int]]) -> None:
-        """(explanation, score, method, id) rows, in one transaction: all land, or none."""
+    def set_explanations(self, updates: list[tuple]) -> None:
+        """(explanation, score, precision, recall, method, note, id) rows, in one transaction: all land, or none."""
         with self.lock, self.con:
-            self.con.executemany("UPDATE latents SET explanation = ?, score = ?, method = ? WHERE id = ?", updates)
+            columns = {r["name"] for r in self.con.execute("PRAGMA table_info(latents)")}
+            for name, kind in SCORE_COLUMNS.items():  # a database from before these columns gets them now
+                if name not in columns:
+                    self.con.execute(f"ALTER TABLE latents ADD COLUMN {name} {kind}")
+            self.con.executemany("UPDATE latents SET explanation = ?, score = ?, precision = ?, recall = ?, method = ?, "
+                                 "note = ? WHERE id = ?", updates)
+
+    def random_windows(self) -> list[tuple[list[str], list[dict[str, float]]]]:
+        """(tokens, {latent: activation} per token) of the random windows ([] for databases without them)."""
+        tables = {r[0] for r in self.rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "windows" not in tables:
+            return []
+        return [(json.loads(r["tokens"]), json.loads(r["latents"])) for r in self.rows("SELECT * FROM windows ORDER BY id")]
 
     def best_explained(self, n: int, min_density: float, max_density: float) -> list[sqlite3.Row]:
         """The n best-scored explained latents whose density lies in [min_density, max_density]."""

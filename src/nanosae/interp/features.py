@@ -55,6 +55,9 @@ class FeaturesConfig:
     """Top-activating examples kept per latent."""
     reservoir: int = 32
     """Random firing examples kept per latent, from which quantile examples are picked."""
+    random_windows: int = 256
+    """Random windows of the text kept with every token's largest latents: the non-activating text that
+    explanations are scored against."""
     quantile_examples: int = 8
     """Examples shown at evenly spaced activation quantiles, picked from the reservoir."""
     window_left: int = 12
@@ -74,7 +77,8 @@ class FeaturesConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("tokens", "top_n", "reservoir", "quantile_examples", "batch_size", "logit_top", "cofiring_top"):
+        for name in ("tokens", "top_n", "reservoir", "quantile_examples", "batch_size", "logit_top", "cofiring_top",
+                     "random_windows"):
             check_range(name, getattr(self, name), 1)
         for name in ("window_left", "window_right", "checkpoint_every"):
             check_range(name, getattr(self, name), 0)
@@ -101,6 +105,45 @@ class _Examples:
 
     def load(self, state: dict[str, Tensor]) -> None:
         self.key, self.act, self.tokens, self.acts = state["key"], state["act"], state["tokens"], state["acts"]
+
+
+class _RandomWindows:
+    """A uniform sample of the text's windows (top-M by a random key), each with the largest latents of every
+    token: the non-activating text explanations are scored against (a latent's activation on a token not
+    kept here was below the C largest of that token, treated as zero)."""
+
+    def __init__(self, m: int, width: int, c: int):
+        self.key = torch.full((m,), -math.inf)
+        self.tokens = torch.full((m, width), -1, dtype=torch.int32)
+        self.idx = torch.zeros(m, width, c, dtype=torch.int32)
+        self.val = torch.zeros(m, width, c)
+
+    def add(self, toks: Tensor, valid: Tensor, z: Tensor, gen: torch.Generator, left: int, right: int) -> None:
+        """One window per row of the batch, centred on a random kept position."""
+        rows = valid.any(dim=1).nonzero()[:, 0]
+        if not len(rows):
+            return
+        weights = valid[rows].float()
+        t = torch.multinomial(weights, 1, generator=gen)[:, 0]
+        key = torch.rand(len(rows), generator=gen)
+        offsets = torch.arange(-left, right + 1)
+        pos = t[:, None] + offsets[None, :]
+        inside = (pos >= 0) & (pos < toks.shape[1])
+        pos = pos.clamp(0, toks.shape[1] - 1)
+        tokens = toks[rows[:, None], pos].masked_fill(~inside, -1).int()
+        val, idx = z[rows[:, None], pos].topk(self.idx.shape[-1], dim=-1)  # (n, W, C)
+        val = val.masked_fill(~inside[..., None], 0.0)
+        best = torch.cat([self.key, key]).topk(len(self.key)).indices
+        self.key = torch.cat([self.key, key])[best]
+        self.tokens = torch.cat([self.tokens, tokens])[best]
+        self.idx = torch.cat([self.idx, idx.int()])[best]
+        self.val = torch.cat([self.val, val])[best]
+
+    def state(self) -> dict[str, Tensor]:
+        return {"key": self.key, "tokens": self.tokens, "idx": self.idx, "val": self.val}
+
+    def load(self, state: dict[str, Tensor]) -> None:
+        self.key, self.tokens, self.idx, self.val = state["key"], state["tokens"], state["idx"], state["val"]
 
 
 def _windows(tok_BT: Tensor, z_BTF: Tensor, b: Tensor, t: Tensor, f: Tensor, left: int, right: int) -> tuple[Tensor, Tensor]:
@@ -264,6 +307,7 @@ class FeatureStats:
         self.cofire = torch.zeros(d_sae, d_sae, dtype=torch.int32)
         self.top = _Examples(d_sae, cfg.top_n, width)
         self.reservoir = _Examples(d_sae, cfg.reservoir, width)
+        self.random = _RandomWindows(cfg.random_windows, width, min(64, d_sae))
 
     TENSORS = ("fires", "act_sum", "act_max", "hist", "cofire")
 
@@ -301,13 +345,14 @@ class FeatureStats:
             key = key.masked_fill(act <= 0, -math.inf)
             width = tokens.shape[-1]
             examples.merge(key, act, tokens.view(F_, k, width), win_acts.view(F_, k, width))
+        self.random.add(toks, valid, z, gen, cfg.window_left, cfg.window_right)
         self.batches = i + 1
 
     def save(self, path: Path, fingerprint: dict[str, Any]) -> None:
         from nanosae.io import atomic_write
 
         state = {"fingerprint": json.dumps(fingerprint), "n_tokens": self.n_tokens, "batches": self.batches,
-                 "top": self.top.state(), "reservoir": self.reservoir.state(),
+                 "top": self.top.state(), "reservoir": self.reservoir.state(), "random": self.random.state(),
                  **{name: getattr(self, name) for name in self.TENSORS}}
         atomic_write(path, lambda p: torch.save(state, p))
 
@@ -328,6 +373,7 @@ class FeatureStats:
                 setattr(acc, name, state[name])
             acc.top.load(state["top"])
             acc.reservoir.load(state["reservoir"])
+            acc.random.load(state["random"])
         except Exception as e:  # torch.load raises many kinds for truncated or corrupt files
             log.warning("%s is unreadable (%s); the feature pass starts over", path,
                         (str(e).splitlines() or [type(e).__name__])[0])
@@ -349,7 +395,8 @@ def _write_db(out: Path, sae: SAE, model: HostModel, hook: str, cfg: FeaturesCon
             "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in, "tokens": acc.n_tokens, "architecture": sae.cfg.architecture,
             "hist_edges": HIST_EDGES.tolist(), "window_left": cfg.window_left, "data": cfg.data.specs,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_db(out, meta, _latent_rows(sae, model, cfg, acc, piece), _example_rows(cfg, acc, piece))
+    write_db(out, meta, _latent_rows(sae, model, cfg, acc, piece), _example_rows(cfg, acc, piece),
+             _random_window_rows(acc, piece))
 
 
 def _latent_rows(sae: SAE, model: HostModel, cfg: FeaturesConfig, acc: FeatureStats,
@@ -368,7 +415,18 @@ def _latent_rows(sae: SAE, model: HostModel, cfg: FeaturesConfig, acc: FeatureSt
         rows.append((i, n / acc.n_tokens, n, act_sum[i] / max(n, 1), act_max[i], json.dumps(hist[i]),
                      json.dumps([[piece(t), round(v, 4)] for t, v in zip(up_i[i], up_v[i])]),
                      json.dumps([[piece(t), round(v, 4)] for t, v in zip(down_i[i], down_v[i])]),
-                     json.dumps(cofiring), None, None, None))
+                     json.dumps(cofiring), None, None, None, None, None, None))
+    return rows
+
+
+def _random_window_rows(acc: FeatureStats, piece: Callable[[int], str]) -> list[tuple]:
+    """(id, tokens, latents): latents as one {latent: activation} object per token (firing latents only)."""
+    rows = []
+    kept = acc.random.key > -math.inf
+    for n, (toks, idx, val) in enumerate(zip(acc.random.tokens[kept].tolist(), acc.random.idx[kept].tolist(),
+                                             acc.random.val[kept].tolist())):
+        latents = [{str(i): round(v, 4) for i, v in zip(ii, vv) if v > 0} for ii, vv in zip(idx, val)]
+        rows.append((n, json.dumps([piece(t) for t in toks]), json.dumps(latents)))
     return rows
 
 

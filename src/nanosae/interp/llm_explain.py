@@ -1,10 +1,11 @@
-"""LLM explanations scored by simulation (after Bills et al. 2023, as in OpenAI's automated interpretability).
+"""LLM explanations, scored by detection (Bills et al. 2023; EleutherAI delphi's "detection").
 
-1. Explain: the explainer sees a feature's even-ranked examples with its strongly active tokens marked
-   <<like this>> and writes one line.
-2. Simulate: given only that line and an odd-ranked (held-out) example, the explainer predicts an
-   activation 0-10 for every token; the score is the correlation of the predictions with the truth over
-   all held-out tokens.
+1. Explain: the explainer sees a feature's building windows where it is active, with its strongly active
+   tokens marked <<like this>>, and writes one line.
+2. Score: given only that line and a held-out window (active ones, and random or near-miss text where the
+   feature is silent), the explainer answers whether the feature fires in it: one short answer per window
+   (the local model reads the probability of "Yes" against "No" from one forward pass, no generation). The
+   score is the balanced accuracy of those answers (see explain.py).
 The explainer is any OpenAI-compatible chat endpoint (HTTPExplainer: --explainer-url or
 NANOSAE_EXPLAINER_URL, key from NANOSAE_EXPLAINER_KEY / OPENAI_API_KEY) or the local host model
 (LocalExplainer: works offline, e.g. SmolLM2-Instruct). Every answer is gathered before anything is
@@ -15,9 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import os
-import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from nanosae.errors import NanosaeError
-from nanosae.interp.explain import ACTIVE_FRACTION, Example, write_explanations
+from nanosae.interp.explain import Detection, Evidence, Example, detection, write_explanations
 
 
 class ExplainerError(NanosaeError):
@@ -106,61 +105,56 @@ class LocalExplainer:
     def complete(self, prompt: str, max_tokens: int) -> str:
         return self.model.generate(prompt, max_new_tokens=max_tokens, chat=True).text
 
+    def says_yes(self, prompt: str) -> bool:
+        """One forward pass: is "Yes" likelier than "No" as the first token of the answer?"""
+        import torch
+
+        tok = self.model.tokenizer
+        yes, no = tok.encode("Yes")[0], tok.encode("No")[0]
+        with torch.no_grad():
+            logits = self.model.forward(torch.tensor([tok.encode_chat(prompt)]))[0, -1]
+        return bool(logits[yes] > logits[no])
+
 
 def marked(example: Example, threshold: float) -> str:
     return "".join(f"<<{t}>>" if a >= threshold else t for t, a in zip(example.tokens, example.acts))
 
 
-def explanation_prompt(examples: list[Example], max_act: float) -> str:
-    threshold = ACTIVE_FRACTION * max_act
+def explanation_prompt(examples: list[Example], threshold: float) -> str:
     shown = "\n".join(f"{i + 1}. {marked(e, threshold)}" for i, e in enumerate(examples))
     return ("We are studying a feature of a language model. Below are text excerpts where it activates; the tokens "
             "where it is strongly active are marked <<like this>>.\n\n" + shown +
             "\n\nIn one short line, say what the feature responds to. Answer with the description only.")
 
 
-def simulation_prompt(explanation: str, tokens: list[str]) -> str:
-    listing = "\n".join(f"{i}\t{t!r}" for i, t in enumerate(tokens))
-    return (f"A feature of a language model is described as: {explanation}\n\nFor each token below (index, tab, token), "
-            "predict how strongly the feature activates on it, from 0 (not at all) to 10 (maximally). Answer with one "
-            "line per token: index, a tab, the number.\n\n" + listing)
+def detection_prompt(explanation: str, tokens: list[str]) -> str:
+    return (f"A feature of a language model is described as: {explanation}\n\nText: {''.join(tokens)}\n\n"
+            "Does this feature fire anywhere in the text? Answer Yes or No.")
 
 
-def parse_simulation(reply: str, n: int) -> list[float]:
-    """Predicted activations per token index (missing or unreadable lines count as 0)."""
-    values = [0.0] * n
-    for line in reply.splitlines():
-        m = re.match(r"\s*(\d+)\s*[\t:,]\s*(-?\d+(?:\.\d+)?)", line)
-        if m and int(m.group(1)) < n:
-            values[int(m.group(1))] = float(m.group(2))
-    return values
+def says_active(explainer: Explainer, explanation: str, tokens: list[str]) -> bool:
+    prompt = detection_prompt(explanation, tokens)
+    if hasattr(explainer, "says_yes"):
+        return explainer.says_yes(prompt)
+    return explainer.complete(prompt, max_tokens=2).strip().lower().startswith("y")
 
 
-def correlation(a: list[float], b: list[float]) -> float:
-    n = len(a)
-    if n < 2:
-        return 0.0
-    ma, mb = sum(a) / n, sum(b) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
-    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
-    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else 0.0
-
-
-def explain_and_score(explainer: Explainer, examples: list[Example], max_act: float) -> tuple[str, float]:
-    build, held_out = examples[0::2], examples[1::2] or examples[0::2]
-    explanation = explainer.complete(explanation_prompt(build, max_act), max_tokens=60).strip().splitlines()
-    explanation = explanation[0].strip() if explanation else ""
-    predicted, actual = [], []
-    for ex in held_out:
-        tokens = ex.tokens
-        predicted += parse_simulation(explainer.complete(simulation_prompt(explanation, tokens), max_tokens=8 * len(tokens)),
-                                      len(tokens))
-        actual += ex.acts
-    return explanation, correlation(predicted, actual)
+def explain_and_score(explainer: Explainer, evidence: Evidence) -> tuple[str | None, Detection | None]:
+    """One line from the building windows where the latent is active, scored on the held-out windows."""
+    build, held_out = evidence.split()
+    shown = [w for w in build if max(w.acts, default=0.0) >= evidence.threshold][:10]
+    if not shown:
+        return None, None
+    lines = explainer.complete(explanation_prompt(shown, evidence.threshold), max_tokens=60).strip().splitlines()
+    explanation = lines[0].strip() if lines else ""
+    if not explanation:
+        return None, None
+    return explanation, detection(lambda tokens: says_active(explainer, explanation, tokens), held_out,
+                                  evidence.threshold)
 
 
 def explain_llm(db_path: str | Path, explainer: Explainer, max_features: int | None = 100,
                 progress: Callable[[int, int], None] | None = None) -> int:
     """Explain the most frequently firing features (up to max_features); one transaction at the end."""
-    return write_explanations(db_path, lambda examples, max_act: explain_and_score(explainer, examples, max_act), "llm",
+    return write_explanations(db_path, lambda evidence: explain_and_score(explainer, evidence), "llm",
                               most_frequent_first=True, limit=max_features, progress=progress)

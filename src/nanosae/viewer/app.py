@@ -65,7 +65,13 @@ class ViewerData:
                 "max_act": r["max_act"], "histogram": {"edges": self.meta["hist_edges"], "counts": json.loads(r["histogram"])},
                 "top_logits": json.loads(r["top_logits"]), "bottom_logits": json.loads(r["bottom_logits"]),
                 "cofiring": json.loads(r["cofiring"]), "explanation": r["explanation"], "score": r["score"],
+                "precision": _get(r, "precision"), "recall": _get(r, "recall"), "note": _get(r, "note"),
                 "method": r["method"], "examples": examples}
+
+
+def _get(row: Any, key: str) -> Any:
+    """A column that databases written before it was added do not have."""
+    return row[key] if key in row.keys() else None
 
 
 class LiveModel:

@@ -136,8 +136,10 @@
     const f = await get("feature/" + id);
     app.replaceChildren();
     app.append(el("h2", { id: "feature-title", text: "feature " + f.id }),
-      el("p", {}, el("b", { text: "explanation: " }), el("span", { id: "explanation", text: f.explanation || "none yet (nanosae explain RUN)" }),
-        f.score !== null && f.score !== undefined ? el("span", { class: "muted", text: " (score " + fmt(f.score, 3) + ")" }) : ""),
+      el("p", {}, el("b", { text: "explanation: " }),
+        el("span", { id: "explanation", text: f.explanation || f.note || "none yet (nanosae explain RUN)" }),
+        f.score !== null && f.score !== undefined ? el("span", { class: "muted", text: " (detection score " + fmt(f.score, 3) +
+          (f.precision !== null && f.precision !== undefined ? ", precision " + fmt(f.precision, 2) + ", recall " + fmt(f.recall, 2) : "") + ")" }) : ""),
       el("p", { class: "muted", text: "density " + fmt(f.density, 3) + " · fires " + f.fires + " · mean " + fmt(f.mean_act, 3) + " · max " + fmt(f.max_act, 3) }));
     const h = f.histogram;
     const labels = h.counts.map((_, i) => i === 0 ? "< " + fmt(h.edges[0]) : "≥ " + fmt(h.edges[i - 1], 3));
