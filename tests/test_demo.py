@@ -1,6 +1,7 @@
 """Integration: `nanosae demo --quick` end to end on the real embedded model and text."""
 
 import json
+import re
 import sqlite3
 
 import pytest
@@ -24,3 +25,13 @@ def test_demo_quick_end_to_end(tmp_path):
     n = sqlite3.connect(out / "features.db").execute("SELECT COUNT(*) FROM latents WHERE explanation IS NOT NULL").fetchone()[0]
     assert n > 100
     assert "five interesting features" in r.output and "nanosae view" in r.output and "steering" in r.output
+    from nanosae.demo import interesting_features
+    from nanosae.interp.featuredb import FeatureDB
+
+    feats = interesting_features(FeatureDB(out), 5)
+    assert feats and len({f["explanation"] for f in feats}) == len(feats)
+    assert all(f["fires"] >= 50 and re.search(r"[A-Za-z]{3}", f["explanation"]) and f["density"] <= 0.05 for f in feats)
+    # every feature with enough firings was read from the whole store, and the steering effect is measured
+    assert sqlite3.connect(out / "features.db").execute("SELECT value FROM meta WHERE key = 'tokens'").fetchone()[0] == "24576"
+    before, after = map(float, re.search(r"fires on .*: ([0-9.e+-]+) -> ([0-9.e+-]+)", r.output.replace("\n", " ")).groups())
+    assert after > before

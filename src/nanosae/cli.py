@@ -431,19 +431,23 @@ def demo(
     for key in TABLE_KEYS:
         table.add_row(key, f"{m[key]:.4g}" if isinstance(m[key], float) else str(m[key]))
     console.print(table)
-    feats = Table(title="five interesting features (N2G explanations, held-out F1)")
-    for col in ("feature", "density", "explanation", "score", "top output tokens"):
+    feats = Table(title="five interesting features (N2G explanations; detection score on held-out and silent text)")
+    for col in ("feature", "fires", "density", "explanation", "score", "top output tokens"):
         feats.add_column(col)
     for f in result["features"]:
-        feats.add_row(str(f["id"]), f"{f['density']:.2%}", f["explanation"], f"{f['score']:.2f}", " ".join(map(repr, f["top_logits"])))
+        feats.add_row(str(f["id"]), str(f["fires"]), f"{f['density']:.2%}", f["explanation"], f"{f['score']:.2f}",
+                      " ".join(map(repr, f["top_logits"])))
     console.print(feats)
     st = result["steering"]
     if st:
-        steer_table = Table(title=f"steering: feature {st['feature']} added to {st['prompt']!r}", show_lines=True)
+        steer_table = Table(title=f"steering: feature {st['feature']} ({st['explanation']}) added with strength "
+                                  f"{st['strength']:.1f} to {st['prompt']!r}", show_lines=True)
         steer_table.add_column("baseline")
         steer_table.add_column("steered")
         steer_table.add_row(st["baseline"], st["steered"])
         console.print(steer_table)
+        console.print(f"next-token probability of the tokens it fires on ({' '.join(map(repr, st['tokens']))}): "
+                      f"{st['probability_before']:.2e} -> {st['probability_after']:.2e}", highlight=False)
     console.print("time: " + " · ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()))
     console.print(f"report: {out / 'report.html'}\nviewer: nanosae view {out}\nstatic site: nanosae view {out} --export {out / 'site'}")
 

@@ -134,6 +134,15 @@ class FeatureDB:
                          f"ORDER BY {order} LIMIT ? OFFSET ?", (*args, limit, offset))
         return total, rows
 
+    def focus_tokens(self, latent: int, n: int = 5) -> list[str]:
+        """The distinct tokens a latent fires on most strongly (the focus of its top examples), best first."""
+        out: list[str] = []
+        for e in self.examples(latent):
+            token = json.loads(e["tokens"])[e["focus"]]
+            if e["kind"] == "top" and token not in out:
+                out.append(token)
+        return out[:n]
+
     def explanations(self) -> dict[int, str]:
         return {r["id"]: r["explanation"] for r in self.rows("SELECT id, explanation FROM latents WHERE explanation IS NOT NULL")}
 

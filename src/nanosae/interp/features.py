@@ -157,8 +157,10 @@ def _windows(tok_BT: Tensor, z_BTF: Tensor, b: Tensor, t: Tensor, f: Tensor, lef
     return tokens, acts
 
 
-def logit_effects(model: HostModel, sae: SAE, top: int, chunk: int = 256) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Top boosted / suppressed output tokens of each decoder direction: (values, ids) for each side."""
+def logit_effects(model: HostModel, sae: SAE, top: int, chunk: int = 256,
+                  latents: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top boosted / suppressed output tokens of each decoder direction (or of `latents` only): (values, ids)
+    for each side."""
     norm, W_U = model.unembed()
     W_U = W_U.detach().float()
     weight = getattr(norm, "weight", None)
@@ -166,6 +168,8 @@ def logit_effects(model: HostModel, sae: SAE, top: int, chunk: int = 256) -> tup
         W_U = weight.detach().float()[:, None] * W_U
     ups, up_ids, downs, down_ids = [], [], [], []
     W_dec = sae.W_dec.detach().float()
+    if latents is not None:
+        W_dec = W_dec[latents]
     if sae.cfg.kind == "crosscoder":  # what a latent writes into the last layer it reconstructs
         W_dec = W_dec.chunk(sae.cfg.n_blocks, dim=1)[-1]
     if W_dec.shape[1] != W_U.shape[0]:  # e.g. a transcoder writing into the MLP's hidden layer

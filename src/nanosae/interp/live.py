@@ -190,3 +190,13 @@ def steer(model: HostModel, sae: SAE, edits: list[Edit], prompt: str | list[int]
     with torch.no_grad(), steering(model, sae, edits):
         steered = model.generate(prompt, **generate_kwargs)
     return baseline, steered
+
+
+@torch.no_grad()
+def next_token_probability(model: HostModel, sae: SAE, edits: list[Edit], prompt: str, token_ids: list[int]) -> float:
+    """The probability mass the model puts on token_ids right after the prompt, with the edits applied: how
+    a steering edit is measured, not only read."""
+    ids = torch.tensor([[model.tokenizer.bos_id, *model.tokenizer.encode(prompt)]])
+    with steering(model, sae, edits):
+        logits = model.forward(ids)[0, -1].float()
+    return float(logits.softmax(-1)[token_ids].sum())
