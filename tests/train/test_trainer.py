@@ -175,14 +175,20 @@ def test_two_processes_equal_one(planted_store, tmp_path):
     store, _ = planted_store
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(store.path), str(tmp_path / "two")], capture_output=True, text=True,
-                          env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), str(store.path), str(tmp_path / f"two{attempt}")], capture_output=True,
+                              text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+        # Known and rare under heavy load: a gloo worker thread aborts a finished rank at interpreter exit
+        # (exit -6, after the SAE is written; torch issue "register atexit handler to destroy process groups").
+        # One retry keeps it from failing CI; any other failure fails at once.
+        if proc.returncode == 0 or "exitcode: -6" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run([sys.executable, str(script), str(store.path), str(tmp_path / "one")], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two, one = SAE.load(tmp_path / "two" / "sae"), SAE.load(tmp_path / "one" / "sae")
+    two, one = SAE.load(tmp_path / f"two{attempt}" / "sae"), SAE.load(tmp_path / "one" / "sae")
     for name, tensor in one.state_dict().items():
         assert torch.allclose(tensor, two.state_dict()[name], atol=1e-4), name
 
