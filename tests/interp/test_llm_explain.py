@@ -93,7 +93,16 @@ def test_local_explainer_and_cli(viewer_run, tmp_path, tiny_model):
 
     local = LocalExplainer(tiny_model)
     assert isinstance(local.complete("w5 w6", max_tokens=3), str)
-    assert isinstance(local.says_yes("w5 w6"), bool)
+    said = local.says_yes(["w5 w6", "w7 w8 w9 w10"])
+    assert len(said) == 2 and all(isinstance(a, bool) for a in said)
+    # batched, right-padded prompts give each prompt's own last-token logits (padding comes after it)
+    import torch
+
+    ids = [tiny_model.tokenizer.encode_chat(p) for p in ("w5 w6", "w7 w8 w9 w10")]
+    batch = torch.tensor([ids[0] + [0, 0], ids[1]])
+    together = tiny_model.logits_at(batch, [2, 4], [3, 11])
+    alone = torch.cat([tiny_model.logits_at(torch.tensor([i]), [len(i) - 1], [3, 11]) for i in ids])
+    assert torch.allclose(together, alone, atol=1e-5)
     run = tmp_path / "run"
     shutil.copytree(viewer_run, run)
     server = fake_server("the token fib after def")

@@ -218,3 +218,10 @@ def test_generation_raises_no_deprecation_warnings(model):
         model.generate([0, 5, 9], max_new_tokens=4, stop_at_eos=False, feed_last=True)
     assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], \
         [str(w.message) for w in caught]
+
+
+def test_logits_at_equals_the_full_forward(model):
+    tokens = torch.tensor([[0, 5, 9, 13, 20], [0, 7, 7, 2, 2]])
+    full = model.forward(tokens)
+    got = model.logits_at(tokens, [4, 2], [3, 11, 40])
+    assert torch.allclose(got, full[[0, 1], [4, 2]][:, [3, 11, 40]], atol=1e-5)

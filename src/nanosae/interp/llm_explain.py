@@ -105,15 +105,18 @@ class LocalExplainer:
     def complete(self, prompt: str, max_tokens: int) -> str:
         return self.model.generate(prompt, max_new_tokens=max_tokens, chat=True).text
 
-    def says_yes(self, prompt: str) -> bool:
-        """One forward pass: is "Yes" likelier than "No" as the first token of the answer?"""
+    def says_yes(self, prompts: list[str]) -> list[bool]:
+        """Is "Yes" likelier than "No" as the first token of each answer? One batched forward pass: prompts are
+        right-padded, and a causal model's logits at a prompt's last token do not see the padding after it."""
         import torch
 
         tok = self.model.tokenizer
         yes, no = tok.encode("Yes")[0], tok.encode("No")[0]
-        with torch.no_grad():
-            logits = self.model.forward(torch.tensor([tok.encode_chat(prompt)]))[0, -1]
-        return bool(logits[yes] > logits[no])
+        ids = [tok.encode_chat(p) for p in prompts]
+        width = max(map(len, ids))
+        batch = torch.tensor([i + [tok.bos_id] * (width - len(i)) for i in ids])
+        yes_no = self.model.logits_at(batch, [len(i) - 1 for i in ids], [yes, no])
+        return (yes_no[:, 0] > yes_no[:, 1]).tolist()
 
 
 def marked(example: Example, threshold: float) -> str:
@@ -132,25 +135,34 @@ def detection_prompt(explanation: str, tokens: list[str]) -> str:
             "Does this feature fire anywhere in the text? Answer Yes or No.")
 
 
-def says_active(explainer: Explainer, explanation: str, tokens: list[str]) -> bool:
-    prompt = detection_prompt(explanation, tokens)
+def answers(explainer: Explainer, explanation: str, windows: list[list[str]]) -> list[bool]:
+    """The explainer's yes/no per window: one batched pass for the local model, one short reply per window
+    from an endpoint."""
+    prompts = [detection_prompt(explanation, tokens) for tokens in windows]
     if hasattr(explainer, "says_yes"):
-        return explainer.says_yes(prompt)
-    return explainer.complete(prompt, max_tokens=2).strip().lower().startswith("y")
+        return explainer.says_yes(prompts) if prompts else []
+    return [explainer.complete(p, max_tokens=2).strip().lower().startswith("y") for p in prompts]
+
+
+SCORED_WINDOWS = 10  # held-out windows of each kind asked about per feature: enough to tell 0.5 from 0.9
 
 
 def explain_and_score(explainer: Explainer, evidence: Evidence) -> tuple[str | None, Detection | None]:
-    """One line from the building windows where the latent is active, scored on the held-out windows."""
+    """One line from the building windows where the latent is active, scored on up to SCORED_WINDOWS held-out
+    windows where it is active and as many where it is silent."""
     build, held_out = evidence.split()
-    shown = [w for w in build if max(w.acts, default=0.0) >= evidence.threshold][:10]
+    shown = [w for w in build if max(w.acts, default=0.0) >= evidence.threshold][:8]
     if not shown:
         return None, None
-    lines = explainer.complete(explanation_prompt(shown, evidence.threshold), max_tokens=60).strip().splitlines()
+    lines = explainer.complete(explanation_prompt(shown, evidence.threshold), max_tokens=24).strip().splitlines()
     explanation = lines[0].strip() if lines else ""
     if not explanation:
         return None, None
-    return explanation, detection(lambda tokens: says_active(explainer, explanation, tokens), held_out,
-                                  evidence.threshold)
+    active = [w for w in held_out if max(w.acts, default=0.0) >= evidence.threshold][:SCORED_WINDOWS]
+    silent = [w for w in held_out if max(w.acts, default=0.0) < evidence.threshold][:SCORED_WINDOWS]
+    asked = active + silent
+    said = dict(zip((id(w.tokens) for w in asked), answers(explainer, explanation, [w.tokens for w in asked])))
+    return explanation, detection(lambda tokens: said[id(tokens)], asked, evidence.threshold)
 
 
 def explain_llm(db_path: str | Path, explainer: Explainer, max_features: int | None = 100,

@@ -98,6 +98,15 @@ class HFModel(HostModel):
         out = self.module(input_ids=tokens, past_key_values=cache, use_cache=True)
         return out.logits, out.past_key_values
 
+    @torch.no_grad()
+    def logits_at(self, tokens: Tensor | list, positions: list[int], token_ids: list[int]) -> Tensor:
+        base = getattr(self.module, "base_model", None)
+        if base is None or base is self.module:
+            return super().logits_at(tokens, positions, token_ids)
+        hidden = base(input_ids=self._as_tokens(tokens)).last_hidden_state  # after the final norm
+        last = hidden[torch.arange(len(positions)), torch.tensor(positions)]
+        return last @ self.module.get_output_embeddings().weight[token_ids].T
+
     def unembed(self) -> tuple[nn.Module, Tensor]:
         """The final norm module and W_U (d_model, vocab), for logit effects of decoder directions."""
         base = getattr(self.module, "model", None) or getattr(self.module, "transformer", None)

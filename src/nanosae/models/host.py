@@ -212,6 +212,13 @@ class HostModel:
     def forward(self, tokens: Tensor | list) -> Tensor:
         return self._logits(self._as_tokens(tokens))
 
+    @torch.no_grad()
+    def logits_at(self, tokens: Tensor | list, positions: list[int], token_ids: list[int]) -> Tensor:
+        """(batch, len(token_ids)) logits of a few tokens at one position per row: what yes/no questions to
+        the model need, without the full-vocabulary logits of every position."""
+        logits = self.forward(tokens)
+        return logits[torch.arange(len(positions)), torch.tensor(positions)][:, token_ids]
+
     __call__ = forward
 
     @torch.no_grad()
