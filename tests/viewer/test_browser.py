@@ -110,9 +110,23 @@ def test_exported_site_opens_from_disk(browser, viewer_run, tmp_path):
     site = export_static(viewer_run, tmp_path / "site")
     page, errors = open_page(browser, (site / "index.html").as_uri() + "#/feature/3")
     check_feature_page(page)
+    # the packed data unpacks to what the server answers (floats to the 4 digits the pages show)
+    from nanosae.viewer.app import ViewerData
+
+    served = ViewerData(viewer_run).feature(3)
+    unpacked = page.evaluate('window.NANOSAE_DATA["feature/3"]')
+    assert [e["tokens"] for e in unpacked["examples"]] == [e["tokens"] for e in served["examples"]]
+    assert [(e["kind"], e["rank"], e["focus"]) for e in unpacked["examples"]] == \
+        [(e["kind"], e["rank"], e["focus"]) for e in served["examples"]]
+    for got, want in zip(unpacked["examples"], served["examples"]):
+        assert got["acts"] == pytest.approx(want["acts"], abs=1e-3)
+    assert unpacked["histogram"]["counts"] == served["histogram"]["counts"]
     assert page.locator("a", has_text="run text").count() == 0  # live pages need a server
     page.goto((site / "index.html").as_uri() + "#/")
     page.wait_for_selector("#features tr.row")
     assert page.locator("#features tr.row").count() == 24
+    page.goto((site / "index.html").as_uri() + "#/run")  # the live pages say they need the server
+    page.wait_for_selector("#needs-server")
+    assert "nanosae view" in page.inner_text("#needs-server")
     assert errors == []
     page.close()

@@ -224,17 +224,67 @@ def _check_export_target(out: Path) -> None:
                           "choose a new or empty directory, nothing was changed")
 
 
+CHUNK = 512  # features per data file of a static export: a few files, each loaded on first use
+
+
+DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"  # app.js reads the same 64
+
+
+def _digits(n: int, width: int) -> str:
+    """n in base 64, `width` characters: a window's token indices as one short string."""
+    return "".join(DIGITS[(n >> (6 * k)) & 63] for k in reversed(range(width)))
+
+
+def _compact(value: Any) -> str:
+    """JSON without spaces, every float to 4 significant digits (what the pages show)."""
+    def rounded(v: Any) -> Any:
+        if isinstance(v, float):
+            return float(f"{v:.4g}")
+        if isinstance(v, list):
+            return [rounded(x) for x in v]
+        if isinstance(v, dict):
+            return {k: rounded(x) for k, x in v.items()}
+        return v
+
+    return json.dumps(rounded(value), separators=(",", ":"))
+
+
+def _packed(f: dict[str, Any], strings: dict[str, int]) -> dict[str, Any]:
+    """A feature page in few bytes (app.js's NANOSAE_UNPACK undoes it): histogram edges shared by all, logit
+    effects to 3 decimals, examples as [is_top, activation, token indices, focus, then position and
+    activation × 1000 of every token where the latent fires]."""
+    f = dict(f, histogram=f["histogram"]["counts"])
+    for side in ("top_logits", "bottom_logits"):
+        f[side] = [[t, round(v, 3)] for t, v in f[side]]
+    f["examples"] = [[int(e["kind"] == "top"), round(e["activation"], 4),
+                      [strings.setdefault(t, len(strings)) for t in e["tokens"]], e["focus"],
+                      *(x for p, a in enumerate(e["acts"]) if round(a * 1000) for x in (p, round(a * 1000)))]
+                     for e in f["examples"]]
+    return f
+
+
 def _write_site(data: ViewerData, out: Path) -> None:
+    """The front end plus the API's answers as classic scripts (file:// pages may not fetch() JSON): the
+    overview, the feature list, and the feature pages packed CHUNK to a file, each file's token strings
+    stored once and referred to by index."""
     shutil.copytree(STATIC, out, dirs_exist_ok=True)
-    (out / "data" / "feature").mkdir(parents=True)
+    (out / "data").mkdir()
 
-    def put(key: str, value: Any) -> None:  # classic scripts load from file:// where fetch() of JSON is refused
-        (out / "data" / f"{key}.js").write_text(f"window.NANOSAE_DATA[{json.dumps(key)}] = {json.dumps(value)};\n")
+    def put(name: str, script: str) -> None:
+        (out / "data" / f"{name}.js").write_text(script)
 
-    put("overview", data.overview())
-    put("features", data.features(limit=data.n_latents, sort="id", desc=False))
-    for i in range(data.n_latents):
-        put(f"feature/{i}", data.feature(i))
+    entry = lambda key, value: f"window.NANOSAE_DATA[{json.dumps(key)}] = {_compact(value)};\n"
+    put("features", entry("features", data.features(limit=data.n_latents, sort="id", desc=False)))
+    put("overview", entry("overview", data.overview()) + f"window.NANOSAE_CHUNK = {CHUNK};\n"
+        f"window.NANOSAE_HIST_EDGES = {json.dumps(data.meta['hist_edges'])};\n")
+    for start in range(0, data.n_latents, CHUNK):
+        strings: dict[str, int] = {}
+        feats = [_packed(data.feature(i), strings) for i in range(start, min(start + CHUNK, data.n_latents))]
+        width = max(1, math.ceil(math.log(max(2, len(strings)), 64)))
+        for f in feats:
+            for e in f["examples"]:
+                e[2] = "".join(_digits(i, width) for i in e[2])
+        put(f"features-{start // CHUNK}", f"window.NANOSAE_UNPACK({_compact(list(strings))}, {width}, {_compact(feats)});\n")
     # the page knows it is static by this marker and then reads data/*.js instead of /api
     index = (out / "index.html").read_text().replace('data-mode="api"', 'data-mode="static"')
     (out / "index.html").write_text(index)

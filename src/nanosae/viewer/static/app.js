@@ -35,9 +35,41 @@
     });
   }
 
+  // a static export packs feature pages into data/features-N.js; token strings are stored once per file
+  const DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  const indices = (text, width) => {
+    const out = [];
+    for (let i = 0; i < text.length; i += width) {
+      let n = 0;
+      for (let k = 0; k < width; k++) n = n * 64 + DIGITS.indexOf(text[i + k]);
+      out.push(n);
+    }
+    return out;
+  };
+  window.NANOSAE_UNPACK = (strings, width, feats) => {
+    const rank = { top: 0, quantile: 0 };
+    for (const f of feats) {
+      rank.top = 0;
+      rank.quantile = 0;
+      f.histogram = { edges: window.NANOSAE_HIST_EDGES, counts: f.histogram };
+      f.examples = f.examples.map(([top, activation, tokens, focus, ...firing]) => {
+        const kind = top ? "top" : "quantile";
+        const ids = indices(tokens, width);
+        const acts = ids.map(() => 0);
+        for (let i = 0; i < firing.length; i += 2) acts[firing[i]] = firing[i + 1] / 1000;
+        return { kind, rank: rank[kind]++, activation, tokens: ids.map((i) => strings[i]), acts, focus };
+      });
+      window.NANOSAE_DATA["feature/" + f.id] = f;
+    }
+  };
+
   async function get(path) {
     if (MODE === "static") {
-      if (!(path in window.NANOSAE_DATA)) await loadScript("data/" + path + ".js");
+      const m = path.match(/^feature\/(\d+)$/);
+      if (m && !(path in window.NANOSAE_DATA)) {
+        if (!("overview" in window.NANOSAE_DATA)) await loadScript("data/overview.js");
+        await loadScript("data/features-" + Math.floor(parseInt(m[1], 10) / window.NANOSAE_CHUNK) + ".js");
+      } else if (!(path in window.NANOSAE_DATA)) await loadScript("data/" + path + ".js");
       const found = window.NANOSAE_DATA[path];
       if (found === undefined) throw new Error("no data for " + path);
       return found;
@@ -210,8 +242,11 @@
     try {
       const m = hash.match(/^#\/feature\/(\d+)$/);
       if (m) await feature(parseInt(m[1], 10));
-      else if (hash === "#/run" && MODE !== "static") runText();
-      else if (hash === "#/steer" && MODE !== "static") steerPage();
+      else if ((hash === "#/run" || hash === "#/steer") && MODE === "static")
+        app.replaceChildren(el("p", { id: "needs-server", text: "Run text and steering run the model, so they need the " +
+          "viewer's server: nanosae view RUN (this is a static export)." }));
+      else if (hash === "#/run") runText();
+      else if (hash === "#/steer") steerPage();
       else await overview();
     } catch (e) {
       app.replaceChildren(el("p", { class: "error", text: String(e.message || e) }));
