@@ -85,6 +85,7 @@ def viewer_run(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
     row = con.execute("SELECT rowid, tokens FROM examples WHERE latent = 3 AND kind = 'top' ORDER BY rank").fetchone()
     tokens = json.loads(row[1])
     tokens[0], tokens[1] = XSS_TOKENS
+    tokens[2], tokens[3] = "\n", "<|im_start|>"  # shown as ↵ and as a badge
     con.execute("UPDATE examples SET tokens = ? WHERE rowid = ?", (json.dumps(tokens), row[0]))
     con.execute("UPDATE latents SET explanation = ?, score = 0.9, precision = 0.8, recall = 0.7 WHERE id = 3",
                 ('<b onmouseover="window.__xss=3">bold</b> words',))

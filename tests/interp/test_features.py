@@ -206,3 +206,17 @@ def test_not_a_database_and_bad_settings_are_one_line_errors(setup, tiny_model, 
     for bad in (dict(batch_size=0), dict(top_n=-3), dict(tokens=0)):
         with pytest.raises(nanosae.ConfigError, match=next(iter(bad))):
             FeaturesConfig(**bad)
+
+
+def test_byte_pieces_of_one_character_are_merged():
+    """A byte-level tokenizer splits 'é' and '🙂' over several tokens, each decoding to U+FFFD alone: the
+    feature database shows the character on its first token and nothing on the others, so texts and
+    activations stay aligned."""
+    from nanosae.interp.features import readable
+
+    data = "aé🙂b".encode()  # one token per byte: a, 2 bytes, 4 bytes, b
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")
+    pieces = readable(decode, list(data), lambda i: decode([i]))
+    assert pieces == ["a", "é", "", "🙂", "", "", "", "b"]
+    assert readable(decode, [-1, *data[:3]], lambda i: "" if i < 0 else decode([i])) == ["", "a", "é", ""]
+

@@ -69,6 +69,8 @@ def check_feature_page(page):
     # hostile corpus text is shown as text, never run
     assert page.locator("#top-examples .tok", has_text="<script>").count() == 1
     assert page.locator("#top-examples img").count() == 0
+    assert page.locator("#top-examples .tok.special", has_text="<|im_start|>").count() == 1  # a badge
+    assert page.locator("#top-examples .tok", has_text="↵").count() >= 1  # a line break, visible, one line
     assert "<b onmouseover" in page.inner_text("#explanation")
     assert "precision 0.80, recall 0.70" in page.inner_text("#feature-title + p")
     assert page.evaluate("window.__xss") is None

@@ -386,6 +386,26 @@ class FeatureStats:
         return acc
 
 
+def readable(decode: Callable[[list[int]], str], ids: list[int], piece: Callable[[int], str]) -> list[str]:
+    """Each token's text, with the byte-level pieces of one character (a UTF-8 sequence split over tokens,
+    shown as '\ufffd' alone) merged into the first of them and the others left empty, so text and activations
+    stay aligned token by token."""
+    out = [piece(i) for i in ids]
+    n = 0
+    while n < len(ids):
+        if "\ufffd" in out[n] and ids[n] >= 0:
+            for end in range(n + 2, min(n + 4, len(ids)) + 1):  # a UTF-8 character is at most 4 bytes
+                if min(ids[n:end]) < 0:
+                    break
+                text = decode(ids[n:end])
+                if "\ufffd" not in text:
+                    out[n:end] = [text] + [""] * (end - n - 1)
+                    n = end - 1
+                    break
+        n += 1
+    return out
+
+
 def _write_db(out: Path, sae: SAE, model: HostModel, hook: str, cfg: FeaturesConfig, acc: FeatureStats) -> None:
     """The accumulated statistics as database rows: per latent its summary and examples, decoded to text."""
     vocab: dict[int, str] = {}
@@ -395,12 +415,15 @@ def _write_db(out: Path, sae: SAE, model: HostModel, hook: str, cfg: FeaturesCon
             vocab[i] = model.tokenizer.decode([i]) if i >= 0 else ""
         return vocab[i]
 
+    def text(ids: list[int]) -> list[str]:
+        return readable(model.tokenizer.decode, ids, piece)
+
     meta = {"hook": hook, "kind": sae.cfg.kind, "hook_out": ",".join(sae.cfg.output_hooks), "model": model.name,
             "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in, "tokens": acc.n_tokens, "architecture": sae.cfg.architecture,
             "hist_edges": HIST_EDGES.tolist(), "window_left": cfg.window_left, "data": cfg.data.specs,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_db(out, meta, _latent_rows(sae, model, cfg, acc, piece), _example_rows(cfg, acc, piece),
-             _random_window_rows(acc, piece))
+    write_db(out, meta, _latent_rows(sae, model, cfg, acc, piece), _example_rows(cfg, acc, text),
+             _random_window_rows(acc, text))
 
 
 def _latent_rows(sae: SAE, model: HostModel, cfg: FeaturesConfig, acc: FeatureStats,
@@ -423,20 +446,20 @@ def _latent_rows(sae: SAE, model: HostModel, cfg: FeaturesConfig, acc: FeatureSt
     return rows
 
 
-def _random_window_rows(acc: FeatureStats, piece: Callable[[int], str]) -> list[tuple]:
+def _random_window_rows(acc: FeatureStats, text: Callable[[list[int]], list[str]]) -> list[tuple]:
     """(id, tokens, latents): latents as one {latent: activation} object per token (firing latents only)."""
     rows = []
     kept = acc.random.key > -math.inf
     for n, (toks, idx, val) in enumerate(zip(acc.random.tokens[kept].tolist(), acc.random.idx[kept].tolist(),
                                              acc.random.val[kept].tolist())):
         latents = [{str(i): round(v, 4) for i, v in zip(ii, vv) if v > 0} for ii, vv in zip(idx, val)]
-        rows.append((n, json.dumps([piece(t) for t in toks]), json.dumps(latents)))
+        rows.append((n, json.dumps(text(toks)), json.dumps(latents)))
     return rows
 
 
-def _example_rows(cfg: FeaturesConfig, acc: FeatureStats, piece: Callable[[int], str]) -> list[tuple]:
+def _example_rows(cfg: FeaturesConfig, acc: FeatureStats, text: Callable[[list[int]], list[str]]) -> list[tuple]:
     """Top examples by rank, and quantile examples picked at evenly spaced activation ranks of the reservoir."""
-    row = lambda i, kind, rank, act, toks, acts: (i, kind, rank, act, json.dumps([piece(t) for t in toks]),
+    row = lambda i, kind, rank, act, toks, acts: (i, kind, rank, act, json.dumps(text(toks)),
                                                   json.dumps([round(v, 4) for v in acts]), cfg.window_left)
     top = (acc.top.act.tolist(), acc.top.tokens.tolist(), acc.top.acts.tolist())
     res = (acc.reservoir.act.tolist(), acc.reservoir.tokens.tolist(), acc.reservoir.acts.tolist())

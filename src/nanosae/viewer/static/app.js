@@ -109,13 +109,22 @@
     return svg;
   }
 
+  // a token as a reader sees it: line breaks and tabs as visible marks (an example stays one line), special
+  // tokens (<|im_start|>, <s>, ...) as badges
+  const SPECIAL = /^(<\|[^|]*\|>|<\/?s>|<unk>|<pad>)$/;
+  function tokenSpan(text, attrs) {
+    const special = SPECIAL.test(text);
+    const span = el("span", Object.assign({}, attrs, { class: (attrs.class || "tok") + (special ? " special" : "") }));
+    span.textContent = special ? text : text.replace(/\r?\n/g, "↵").replace(/\t/g, "⇥");
+    return span;
+  }
+
   function heat(example, maxAct) {
     const line = el("div", { class: "example" });
     example.tokens.forEach((tok, i) => {
       const a = example.acts[i] || 0;
       const alpha = maxAct > 0 ? Math.min(1, a / maxAct) : 0;
-      const span = el("span", { class: "tok" + (i === example.focus ? " focus" : ""), title: "activation " + fmt(a), "data-act": String(a) });
-      span.textContent = tok;
+      const span = tokenSpan(tok, { class: "tok" + (i === example.focus ? " focus" : ""), title: "activation " + fmt(a), "data-act": String(a) });
       if (a > 0) span.style.background = "rgba(230, 110, 20, " + (0.15 + 0.85 * alpha).toFixed(3) + ")";
       line.append(span);
     });
@@ -203,8 +212,7 @@
         out.replaceChildren();
         for (const t of r.tokens) {
           const top = t.features[0] ? t.features[0][1] : 0;
-          const span = el("span", { class: "tok", title: t.features.map(([i, v]) => i + ": " + fmt(v, 3)).join("\n") });
-          span.textContent = t.text;
+          const span = tokenSpan(t.text, { class: "tok", title: t.features.map(([i, v]) => i + ": " + fmt(v, 3)).join("\n") });
           if (top > 0) span.style.background = "rgba(230, 110, 20, " + Math.min(1, 0.15 + top / 20).toFixed(3) + ")";
           span.onclick = () => t.features[0] && (location.hash = "#/feature/" + t.features[0][0]);
           out.append(span);
