@@ -90,6 +90,8 @@ def viewer_run(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
     con.execute("UPDATE latents SET explanation = ?, score = 0.9, precision = 0.8, recall = 0.7 WHERE id = 3",
                 ('<b onmouseover="window.__xss=3">bold</b> words',))
     con.execute("UPDATE latents SET note = 'fired 4 times in the text read: too few to explain (needs 20)' WHERE id = 5")
+    con.execute("UPDATE latents SET fires = 0, density = 0, max_act = 0, mean_act = 0 WHERE id = 7")  # never fired
+    con.execute("DELETE FROM examples WHERE latent = 7")
     con.commit()
     con.close()
     (run / "eval.json").write_text(json.dumps({"fvu": 0.1, "l0": 3.0, "ce_loss_score": 0.95, "feature_density": [0.1]}))

@@ -337,7 +337,7 @@ def view(
         raise ConfigError(f"--port must be 1..65535, got {port}")
     import uvicorn
 
-    app_ = create_app(run, model=model, host=host)
+    app_ = create_app(run, model=model, host=host, preload=True)
     console.print(f"nanosae viewer on http://{host}:{port}")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 

@@ -26,7 +26,7 @@ def server(viewer_run):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(viewer_run), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(create_app(viewer_run, preload=True), host="127.0.0.1", port=port, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -72,7 +72,7 @@ def check_feature_page(page):
     assert page.locator("#top-examples .tok.special", has_text="<|im_start|>").count() == 1  # a badge
     assert page.locator("#top-examples .tok", has_text="↵").count() >= 1  # a line break, visible, one line
     assert "<b onmouseover" in page.inner_text("#explanation")
-    assert "precision 0.80, recall 0.70" in page.inner_text("#feature-title + p")
+    assert "precision 0.80, recall 0.70" in page.inner_text("#feature-nav + p")
     assert page.evaluate("window.__xss") is None
 
 
@@ -132,3 +132,69 @@ def test_exported_site_opens_from_disk(browser, viewer_run, tmp_path):
     assert "nanosae view" in page.inner_text("#needs-server")
     assert errors == []
     page.close()
+
+
+def test_feature_page_layout_and_navigation(browser, server):
+    """At 1280×900 the top examples start in the first screen; the histogram has axis labels, quantile examples
+    are headed by where they sit, co-firing latents show their explanations, previous / next / random move
+    between features, and a dead latent says so."""
+    page, errors = open_page(browser, server + "/#/feature/3")
+    page.wait_for_selector("#top-examples .tok")
+    assert page.locator("#top-examples").bounding_box()["y"] < 900
+    assert page.locator("#histogram text.tick").count() >= 5
+    quantiles = page.locator("#quantile-examples .example").count()
+    assert quantiles > 0 and page.locator("#quantile-examples .interval").count() == quantiles
+    assert "percentile 0" in page.inner_text("#quantile-examples .interval >> nth=0")
+    assert page.locator("#cofiring .cofire-expl").count() >= 1
+    page.click("#next")
+    page.wait_for_function("document.querySelector('#feature-title').textContent === 'feature 4'")
+    page.click("#prev")
+    page.wait_for_function("document.querySelector('#feature-title').textContent === 'feature 3'")
+    assert page.get_attribute("#random", "href").startswith("#/feature/")
+    page.click("#steer-link")  # opens the playground with this feature's edit filled in
+    page.wait_for_selector("#steer-edits")
+    assert page.input_value("#steer-edits").startswith("3=+")
+    page.goto(server + "/#/feature/7")
+    page.wait_for_selector("#never-fired")
+    assert "never fired" in page.inner_text("#never-fired") and page.locator("#top-examples").count() == 0
+    assert errors == []
+    page.close()
+
+
+def test_overview_pages_and_searches_example_text(browser, server):
+    page, errors = open_page(browser, server + "/")
+    page.wait_for_selector("#features tr.row")
+    assert page.locator("#features").bounding_box()["y"] < 900  # the list is in the first screen
+    assert page.inner_text("#showing") == "showing 1–24 of 24 features"
+    assert page.is_disabled("#page-next") and page.is_disabled("#page-prev")
+    page.fill("#search", "<script>")  # text that appears only inside an example of feature 3
+    page.wait_for_function("document.querySelector('#showing').textContent.includes('of 24 features)')")
+    ids = [page.locator("#features tr.row").nth(i).get_attribute("data-id") for i in range(page.locator("#features tr.row").count())]
+    assert "3" in ids
+    page.click("#features tr.row[data-id='3']")
+    page.wait_for_selector("#top-examples .tok")
+    assert page.evaluate("window.scrollY") == 0  # the feature page opens at its top
+    assert errors == []
+    page.close()
+
+
+def test_run_text_side_panel_and_steering_controls(browser, server):
+    page, errors = open_page(browser, server + "/#/run")
+    page.fill("#run-input", "w5 w9 w12")
+    page.click("#run-button")
+    page.wait_for_selector("#run-output .tok")
+    page.click("#run-output .tok >> nth=1")
+    page.wait_for_selector("#run-panel .panel-feature, #run-panel p")
+    assert "token" in page.inner_text("#run-panel")
+    assert page.locator("#run-output .tok.selected").count() == 1
+    page.goto(server + "/#/steer?feature=2&value=3")
+    page.wait_for_selector("#steer-tokens")
+    assert page.input_value("#steer-edits") == "2=+3"
+    page.fill("#steer-tokens", "3")
+    page.fill("#steer-temperature", "0")
+    page.click("text=generate")
+    page.wait_for_selector("#steer-steered")
+    assert "<|" not in page.inner_text("#steer-steered")
+    assert errors == []
+    page.close()
+

@@ -121,13 +121,16 @@ class FeatureDB:
 
     def search(self, q: str = "", sort: str = "density", desc: bool = True, offset: int = 0,
                limit: int = 50) -> tuple[int, list[sqlite3.Row]]:
-        """(how many match, one page of them): q is a latent id, or text in explanations and output tokens."""
+        """(how many match, one page of them): q is a latent id, or text in explanations, output tokens or
+        examples (one token's text, as stored)."""
         where, args = "", ()
         if q:
             if q.strip().isascii() and q.strip().isdigit():  # '²' and '٣' are digits to isdigit but not to int
                 where, args = "WHERE id = ?", (min(int(q), 2**62),)
-            else:
-                where, args = "WHERE explanation LIKE ? OR top_logits LIKE ?", (f"%{q}%", f"%{q}%")
+            else:  # explanations, output tokens, and the text of the latent's examples
+                where = ("WHERE explanation LIKE ? OR top_logits LIKE ? OR id IN "
+                         "(SELECT latent FROM examples WHERE tokens LIKE ?)")
+                args = (f"%{q}%", f"%{q}%", f"%{json.dumps(q)[1:-1]}%")
         order = f"{sort if sort in SORTS else 'density'} {'DESC' if desc else 'ASC'}, id"
         total = self.rows(f"SELECT COUNT(*) AS n FROM latents {where}", args)[0]["n"]
         rows = self.rows(f"SELECT id, density, mean_act, max_act, explanation, score, top_logits FROM latents {where} "

@@ -103,7 +103,9 @@ def allowed_hosts(bind: str) -> list[str]:
     return LOCAL_NAMES + [f"[{bind}]" if ":" in bind else bind.lower()]
 
 
-def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1") -> Any:
+def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1", preload: bool = False) -> Any:
+    """The viewer's app; preload starts loading the host model and SAE in the background right away, so the
+    first 'run text' or steering request does not wait for it."""
     from fastapi import Body, FastAPI, HTTPException, Query
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -112,6 +114,8 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
 
     data = ViewerData(run)
     live = LiveModel(data.run, model)
+    if preload:
+        threading.Thread(target=live.get, daemon=True, name="nanosae-preload").start()
     app = FastAPI(title="nanosae viewer", docs_url=None, redoc_url=None)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host), www_redirect=False)
 
@@ -155,6 +159,7 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
     @app.post("/api/steer")
     def steer_route(prompt: str = Body(..., embed=True, max_length=2000), edits: list = Body(..., embed=True),
                     max_new_tokens: int = Body(24, embed=True, ge=1, le=128),
+                    temperature: float = Body(0.0, embed=True, ge=0.0, le=5.0),
                     seed: int = Body(0, embed=True, ge=0, le=2**63 - 1)) -> dict:
         from nanosae.errors import NanosaeError
         from nanosae.interp.live import Edit, steer
@@ -167,7 +172,8 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
             raise HTTPException(422, str(e)) from None
         host, sae = live.get()
         try:
-            base, steered = steer(host, sae, parsed, prompt, max_new_tokens=max_new_tokens, seed=seed)
+            base, steered = steer(host, sae, parsed, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  seed=seed)
         except NanosaeError as e:
             raise HTTPException(422, str(e)) from None
         return {"baseline": base.text, "steered": steered.text}

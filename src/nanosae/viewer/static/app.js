@@ -144,27 +144,50 @@
       el("div", { class: "card" }, el("h3", { text: "metrics" }), Object.keys(ov.metrics).length ? metrics : el("p", { class: "muted", text: "no eval.json yet (nanosae eval RUN)" })),
       el("div", { class: "card" }, el("h3", { text: "feature density (log10)" }), bars(h.counts, labels, 460, 140),
         el("p", { class: "muted", text: h.never_fired + " latents never fired in " + meta.tokens + " tokens" }))));
-    const search = el("input", { id: "search", placeholder: "search id, explanation or token", size: "40" });
+    const search = el("input", { id: "search", size: "40", placeholder: MODE === "static" ?
+      "search id, explanation or output token" : "search id, explanation, output token or example text" });
     const sort = el("select", { id: "sort" }, ...["density", "max_act", "mean_act", "score", "id"].map((s) => el("option", { value: s, text: "sort: " + s })));
     const table = el("table", { id: "features" });
-    const count = el("span", { class: "muted" });
-    function render() {
-      const q = search.value.trim().toLowerCase();
+    const count = el("span", { id: "showing", class: "muted" });
+    const prev = el("button", { id: "page-prev", text: "← previous" });
+    const next = el("button", { id: "page-next", text: "next →" });
+    const PAGE = 100;
+    let page = 0, pending = 0;
+    async function matching(q) {
+      if (!q) return list;
+      if (MODE !== "static" && !/^\d+$/.test(q)) {  // the server also searches the examples' text
+        const ids = new Set((await get("features?limit=100000&q=" + encodeURIComponent(q))).items.map((f) => f.id));
+        return list.filter((f) => ids.has(f.id));
+      }
+      const low = q.toLowerCase();
+      return list.filter((f) => String(f.id) === q || (f.explanation || "").toLowerCase().includes(low) ||
+        f.top_logits.some((t) => t.toLowerCase().includes(low)));
+    }
+    async function render() {
+      const ticket = ++pending;
+      let rows = await matching(search.value.trim());
+      if (ticket !== pending) return;  // a newer keystroke is on its way
       const key = sort.value;
-      let rows = list.filter((f) => !q || String(f.id) === q || (f.explanation || "").toLowerCase().includes(q) ||
-        f.top_logits.some((t) => t.toLowerCase().includes(q)));
       rows = rows.slice().sort((a, b) => key === "id" ? a.id - b.id : (b[key] ?? -Infinity) - (a[key] ?? -Infinity));
-      count.textContent = rows.length + " features";
+      page = Math.min(page, Math.max(0, Math.ceil(rows.length / PAGE) - 1));
+      const shown = rows.slice(page * PAGE, (page + 1) * PAGE);
+      count.textContent = rows.length ? "showing " + (page * PAGE + 1) + "–" + (page * PAGE + shown.length) + " of " + rows.length
+        + (rows.length < list.length ? " (of " + list.length + " features)" : " features") : "no feature matches";
+      prev.disabled = page === 0;
+      next.disabled = (page + 1) * PAGE >= rows.length;
       table.replaceChildren(el("tr", {}, ...["id", "density", "max act", "explanation", "top output tokens"].map((t) => el("th", { text: t }))));
-      for (const f of rows.slice(0, 300)) {
+      for (const f of shown) {
         table.append(el("tr", { class: "row", "data-id": String(f.id), onclick: () => (location.hash = "#/feature/" + f.id) },
           el("td", { text: String(f.id) }), el("td", { text: fmt(f.density, 3) }), el("td", { text: fmt(f.max_act, 3) }),
           el("td", { text: f.explanation || "" }), el("td", { text: f.top_logits.join(" · ") })));
       }
     }
-    search.oninput = render;
-    sort.onchange = render;
-    app.append(el("div", { class: "card" }, el("h3", { text: "features" }), search, " ", sort, " ", count, table));
+    search.oninput = () => { page = 0; render(); };
+    sort.onchange = () => { page = 0; render(); };
+    prev.onclick = () => { page -= 1; render(); };
+    next.onclick = () => { page += 1; render(); };
+    // the feature list first, in the first screen; metrics and the density histogram after it
+    app.prepend(el("div", { class: "card" }, el("h3", { text: "features" }), search, " ", sort, " ", count, " ", prev, " ", next, table));
     render();
   }
 
@@ -173,58 +196,132 @@
     return featureList;
   }
 
+  // an activation histogram over the observed range, with axis ticks and labels
+  function histogram(counts, edges) {
+    const ns = "http://www.w3.org/2000/svg";
+    const used = counts.map((c, i) => (c > 0 ? i : -1)).filter((i) => i >= 0);
+    const first = used.length ? used[0] : 0;
+    const last = used.length ? used[used.length - 1] : counts.length - 1;
+    const shown = counts.slice(first, last + 1);
+    const lo = (i) => (i === 0 ? 0 : edges[i - 1]);
+    const width = 460, height = 150, left = 40, bottom = 30;
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("width", width);
+    svg.setAttribute("height", height);
+    svg.setAttribute("id", "histogram");
+    const max = Math.max(1, ...shown);
+    const w = (width - left) / Math.max(1, shown.length);
+    const text = (x, y, s, anchor) => {
+      const t = document.createElementNS(ns, "text");
+      t.setAttribute("x", x); t.setAttribute("y", y); t.setAttribute("font-size", "10");
+      t.setAttribute("text-anchor", anchor || "middle"); t.setAttribute("class", "tick");
+      t.textContent = s;
+      svg.append(t);
+    };
+    shown.forEach((c, k) => {
+      const r = document.createElementNS(ns, "rect");
+      const h = (c / max) * (height - bottom - 6);
+      r.setAttribute("x", left + k * w); r.setAttribute("y", height - bottom - h);
+      r.setAttribute("width", Math.max(1, w - 1)); r.setAttribute("height", h);
+      const t = document.createElementNS(ns, "title");
+      t.textContent = fmt(lo(first + k), 3) + "–" + fmt(edges[first + k] ?? lo(first + k), 3) + ": " + c;
+      r.append(t);
+      svg.append(r);
+    });
+    for (const k of [0, Math.floor(shown.length / 2), shown.length]) text(left + k * w, height - bottom + 14, fmt(lo(first + k), 2));
+    text(left + (width - left) / 2, height - 2, "activation (log-spaced bins)");
+    text(left - 4, 10, String(max), "end");
+    text(left - 4, height - bottom, "0", "end");
+    return svg;
+  }
+
   async function feature(id) {
-    const f = await get("feature/" + id);
+    const [f, list] = await Promise.all([get("feature/" + id), features()]);
+    const names = new Map(list.map((x) => [x.id, x.explanation]));
+    const n = list.length;
     app.replaceChildren();
-    app.append(el("h2", { id: "feature-title", text: "feature " + f.id }),
+    const nav = el("p", { id: "feature-nav" },
+      el("a", { id: "prev", href: "#/feature/" + ((id - 1 + n) % n), text: "← previous" }), " · ",
+      el("a", { id: "next", href: "#/feature/" + ((id + 1) % n), text: "next →" }), " · ",
+      el("a", { id: "random", href: "#/feature/" + Math.floor(Math.random() * n), text: "random" }),
+      MODE === "static" ? "" : el("span", {}, " · ", el("a", { id: "steer-link", href: "#/steer?feature=" + id + "&value=" +
+        fmt(2 * Math.max(1, f.max_act), 3), text: "steer with this feature" })));
+    app.append(el("h2", { id: "feature-title", text: "feature " + f.id }), nav,
       el("p", {}, el("b", { text: "explanation: " }),
         el("span", { id: "explanation", text: f.explanation || f.note || "none yet (nanosae explain RUN)" }),
         f.score !== null && f.score !== undefined ? el("span", { class: "muted", text: " (detection score " + fmt(f.score, 3) +
           (f.precision !== null && f.precision !== undefined ? ", precision " + fmt(f.precision, 2) + ", recall " + fmt(f.recall, 2) : "") + ")" }) : ""),
       el("p", { class: "muted", text: "density " + fmt(f.density, 3) + " · fires " + f.fires + " · mean " + fmt(f.mean_act, 3) + " · max " + fmt(f.max_act, 3) }));
-    const h = f.histogram;
-    const labels = h.counts.map((_, i) => i === 0 ? "< " + fmt(h.edges[0]) : "≥ " + fmt(h.edges[i - 1], 3));
+    if (!f.fires) {
+      app.append(el("p", { id: "never-fired", class: "notice", text: "This latent never fired in the text the feature " +
+        "database read, so it has no examples, histogram or explanation (a dead latent, or one for text not read)." }));
+    }
+    // the examples first: what a reader looks for, in the first screen
+    const top = f.examples.filter((e) => e.kind === "top");
+    const topCard = el("div", { class: "card examples", id: "top-examples" }, el("h4", { text: "top activations (one per window)" }));
+    top.forEach((e) => topCard.append(el("div", {}, el("span", { class: "muted act", text: fmt(e.activation, 3) + "  " }), heat(e, f.max_act))));
+    if (top.length) app.append(topCard);
+    const quant = f.examples.filter((e) => e.kind === "quantile");
+    if (quant.length) {
+      const card = el("div", { class: "card examples", id: "quantile-examples" }, el("h4", { text: "across the range of its activations" }));
+      quant.forEach((e, k) => {
+        const pct = Math.round((100 * k) / Math.max(1, quant.length - 1));
+        const next = quant[k + 1] ? fmt(quant[k + 1].activation, 3) : fmt(f.max_act, 3);
+        card.append(el("h5", { class: "interval", text: "percentile " + pct + " of its firings · activation " + fmt(e.activation, 3) + " (next shown: " + next + ")" }),
+          heat(e, f.max_act));
+      });
+      app.append(card);
+    }
     const logits = (rows, title) => el("div", {}, el("h4", { text: title }),
       el("table", {}, ...rows.map(([t, v]) => el("tr", {}, el("td", { class: "example", text: JSON.stringify(t) }), el("td", { text: fmt(v, 3) })))));
-    const cof = el("div", {}, el("h4", { text: "fires together with" }),
-      ...f.cofiring.map(([j, p]) => el("div", {}, el("a", { href: "#/feature/" + j, text: "feature " + j }), " ", el("span", { class: "muted", text: "P = " + fmt(p, 3) }))));
+    const cof = el("div", { id: "cofiring" }, el("h4", { text: "fires together with" }),
+      ...f.cofiring.map(([j, p]) => el("div", {}, el("a", { href: "#/feature/" + j, text: "feature " + j }), " ",
+        el("span", { class: "muted", text: "P = " + fmt(p, 3) + " · " }), el("span", { class: "cofire-expl", text: names.get(j) || "(no explanation)" }))));
     app.append(el("div", { class: "grid" },
-      el("div", { class: "card" }, el("h4", { text: "activation histogram" }), bars(h.counts, labels, 460, 120)),
+      el("div", { class: "card" }, el("h4", { text: "activation histogram" }), histogram(f.histogram.counts, f.histogram.edges)),
       el("div", { class: "card" }, cof)),
       el("div", { class: "grid" }, el("div", { class: "card" }, logits(f.top_logits, "boosted output tokens")),
         el("div", { class: "card" }, logits(f.bottom_logits, "suppressed output tokens"))));
-    for (const kind of ["top", "quantile"]) {
-      const exs = f.examples.filter((e) => e.kind === kind);
-      const card = el("div", { class: "card examples", id: kind + "-examples" }, el("h4", { text: kind === "top" ? "top activations" : "examples across the activation quantiles" }));
-      exs.forEach((e) => card.append(el("div", {}, el("span", { class: "muted", text: fmt(e.activation, 3) + "  " }), heat(e, f.max_act))));
-      app.append(card);
-    }
+    window.scrollTo(0, 0);
   }
 
   function runText() {
     const box = el("textarea", { id: "run-input" });
     box.value = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)";
     const out = el("div", { class: "card example", id: "run-output" });
+    const panel = el("div", { class: "card", id: "run-panel" }, el("p", { class: "muted", text: "click a token to see its strongest features" }));
     const go = el("button", { id: "run-button", text: "run", onclick: async () => {
       out.textContent = "running…";
       try {
-        const r = await post("run_text", { text: box.value, top_k: 5 });
+        const [r, list] = await Promise.all([post("run_text", { text: box.value, top_k: 5 }), features()]);
+        const names = new Map(list.map((x) => [x.id, x.explanation]));
         out.replaceChildren();
         for (const t of r.tokens) {
           const top = t.features[0] ? t.features[0][1] : 0;
           const span = tokenSpan(t.text, { class: "tok", title: t.features.map(([i, v]) => i + ": " + fmt(v, 3)).join("\n") });
           if (top > 0) span.style.background = "rgba(230, 110, 20, " + Math.min(1, 0.15 + top / 20).toFixed(3) + ")";
-          span.onclick = () => t.features[0] && (location.hash = "#/feature/" + t.features[0][0]);
+          span.onclick = () => {
+            out.querySelectorAll(".selected").forEach((x) => x.classList.remove("selected"));
+            span.classList.add("selected");
+            panel.replaceChildren(el("h4", { text: "token " + JSON.stringify(t.text) }),
+              ...(t.features.length ? t.features.map(([i, v]) => el("div", { class: "panel-feature" },
+                el("a", { href: "#/feature/" + i, text: "feature " + i }), el("span", { class: "muted", text: " " + fmt(v, 3) + " · " }),
+                el("span", { text: names.get(i) || "(no explanation)" }))) : [el("p", { class: "muted", text: "no feature fires here" })]));
+          };
           out.append(span);
         }
       } catch (e) { out.replaceChildren(el("span", { class: "error", text: String(e.message || e) })); }
     } });
-    app.replaceChildren(el("h2", { text: "run text" }), el("p", { class: "muted", text: "hover a token for its top features; click to open the strongest" }), box, go, out);
+    app.replaceChildren(el("h2", { text: "run text" }), el("p", { class: "muted", text: "click a token to see its strongest features" }),
+      box, go, el("div", { class: "run-cols" }, out, panel));
   }
 
-  function steerPage() {
+  function steerPage(params) {
     const prompt = el("input", { id: "steer-prompt", size: "60", value: "The weather today is" });
     const edits = el("input", { id: "steer-edits", size: "30", placeholder: "123=+8, 77=0" });
+    if (params.get("feature")) edits.value = params.get("feature") + "=+" + (params.get("value") || "8");
+    const tokens = el("input", { id: "steer-tokens", type: "number", min: "1", max: "128", value: "24", size: "4" });
+    const temp = el("input", { id: "steer-temperature", type: "number", min: "0", step: "0.1", value: "0", size: "4" });
     const out = el("div", { class: "cols" });
     const go = el("button", { text: "generate", onclick: async () => {
       out.textContent = "generating…";
@@ -235,14 +332,16 @@
           const v = parseFloat(m[3]) * (m[2] === "-" ? -1 : 1);
           return { latent: parseInt(m[1], 10), value: v, mode: m[2] ? "add" : "clamp" };
         });
-        const r = await post("steer", { prompt: prompt.value, edits: parsed, max_new_tokens: 24 });
-        out.replaceChildren(el("div", {}, el("h4", { text: "baseline" }), el("pre", { text: prompt.value + r.baseline })),
-          el("div", {}, el("h4", { text: "steered" }), el("pre", { text: prompt.value + r.steered })));
+        const r = await post("steer", { prompt: prompt.value, edits: parsed, max_new_tokens: parseInt(tokens.value, 10),
+                                        temperature: parseFloat(temp.value) });
+        const plain = (text) => text.replace(/<\|[^|]*\|>/g, "");  // special tokens are not text
+        out.replaceChildren(el("div", {}, el("h4", { text: "baseline" }), el("pre", { id: "steer-baseline", text: prompt.value + plain(r.baseline) })),
+          el("div", {}, el("h4", { text: "steered" }), el("pre", { id: "steer-steered", text: prompt.value + plain(r.steered) })));
       } catch (e) { out.replaceChildren(el("span", { class: "error", text: String(e.message || e) })); }
     } });
     app.replaceChildren(el("h2", { text: "steering playground" }),
       el("p", { class: "muted", text: "LATENT=+V adds V × its decoder direction, LATENT=V clamps it, LATENT=0 ablates" }),
-      prompt, " ", edits, " ", go, out);
+      prompt, " ", edits, " ", el("label", {}, " tokens ", tokens), el("label", {}, " temperature ", temp), " ", go, out);
   }
 
   async function route() {
@@ -250,11 +349,11 @@
     try {
       const m = hash.match(/^#\/feature\/(\d+)$/);
       if (m) await feature(parseInt(m[1], 10));
-      else if ((hash === "#/run" || hash === "#/steer") && MODE === "static")
+      else if ((hash === "#/run" || hash.startsWith("#/steer")) && MODE === "static")
         app.replaceChildren(el("p", { id: "needs-server", text: "Run text and steering run the model, so they need the " +
           "viewer's server: nanosae view RUN (this is a static export)." }));
       else if (hash === "#/run") runText();
-      else if (hash === "#/steer") steerPage();
+      else if (hash.startsWith("#/steer")) steerPage(new URLSearchParams(hash.split("?")[1] || ""));
       else await overview();
     } catch (e) {
       app.replaceChildren(el("p", { class: "error", text: String(e.message || e) }));
