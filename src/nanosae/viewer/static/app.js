@@ -259,7 +259,7 @@
     // the examples first: what a reader looks for, in the first screen
     const top = f.examples.filter((e) => e.kind === "top");
     const topCard = el("div", { class: "card examples", id: "top-examples" }, el("h4", { text: "top activations (one per window)" }));
-    top.forEach((e) => topCard.append(el("div", {}, el("span", { class: "muted act", text: fmt(e.activation, 3) + "  " }), heat(e, f.max_act))));
+    top.forEach((e) => topCard.append(el("div", { class: "ex-row" }, el("span", { class: "muted act", text: fmt(e.activation, 3) }), heat(e, f.max_act))));
     if (top.length) app.append(topCard);
     const quant = f.examples.filter((e) => e.kind === "quantile");
     if (quant.length) {
