@@ -144,17 +144,17 @@ def answers(explainer: Explainer, explanation: str, windows: list[list[str]]) ->
     return [explainer.complete(p, max_tokens=2).strip().lower().startswith("y") for p in prompts]
 
 
-SCORED_WINDOWS = 10  # held-out windows of each kind asked about per feature: enough to tell 0.5 from 0.9
+SCORED_WINDOWS = 6  # held-out windows of each kind asked about per feature: enough to tell 0.5 from 0.9
 
 
 def explain_and_score(explainer: Explainer, evidence: Evidence) -> tuple[str | None, Detection | None]:
     """One line from the building windows where the latent is active, scored on up to SCORED_WINDOWS held-out
     windows where it is active and as many where it is silent."""
     build, held_out = evidence.split()
-    shown = [w for w in build if max(w.acts, default=0.0) >= evidence.threshold][:8]
+    shown = [w for w in build if max(w.acts, default=0.0) >= evidence.threshold][:6]
     if not shown:
         return None, None
-    lines = explainer.complete(explanation_prompt(shown, evidence.threshold), max_tokens=24).strip().splitlines()
+    lines = explainer.complete(explanation_prompt(shown, evidence.threshold), max_tokens=20).strip().splitlines()
     explanation = lines[0].strip() if lines else ""
     if not explanation:
         return None, None
