@@ -20,6 +20,7 @@ Latents with fewer than MIN_FIRES firings get no explanation, and a note that sa
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,8 @@ from nanosae.io import write_lock
 WILDCARD = None
 ACTIVE_FRACTION = 0.25
 MIN_FIRES = 20
+BUILD_OTHERS = 32  # random windows a pattern is built against (a pattern found everywhere matches most of them)
+SCORE_OTHERS = 64  # random windows an explanation is scored on (enough to measure how often it says "fires")
 Pattern = tuple  # tokens from oldest to the activating one; None = any token
 
 
@@ -55,8 +58,11 @@ class Evidence(NamedTuple):
         return ACTIVE_FRACTION * self.max_act
 
     def split(self) -> tuple[list[Example], list[Example]]:
-        """(building windows, held-out windows): even- and odd-ranked examples and random windows."""
-        return self.examples[0::2] + self.others[0::2], self.examples[1::2] + self.others[1::2]
+        """(building windows, held-out windows): even- and odd-ranked examples, and disjoint sets of random
+        windows (BUILD_OTHERS to keep over-general patterns out, SCORE_OTHERS to score on)."""
+        build = self.others[0 : 2 * BUILD_OTHERS : 2]
+        held_out = self.others[1::2][:SCORE_OTHERS]
+        return self.examples[0::2] + build, self.examples[1::2] + held_out
 
 
 class Detection(NamedTuple):
@@ -88,8 +94,22 @@ def matches(pattern: Pattern, tokens: list[str], pos: int) -> bool:
 
 
 def found_in(patterns: list[Pattern], tokens: list[str]) -> bool:
-    """Whether any pattern matches anywhere in a window."""
-    return any(matches(p, tokens, pos) for p in patterns for pos in range(len(tokens)) if tokens[pos])
+    """Whether any pattern matches anywhere in a window (patterns are candidates of some window, so matching
+    one is being among this window's candidates)."""
+    present = _patterns_in(tuple(tokens))
+    return any(tuple(p) in present for p in patterns)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _patterns_at(tokens: tuple) -> tuple:
+    """Every position's candidate patterns (none at empty tokens). Cached: the random windows are the same for
+    every latent."""
+    return tuple(tuple(candidates(list(tokens), pos)) if tok else () for pos, tok in enumerate(tokens))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _patterns_in(tokens: tuple) -> frozenset:
+    return frozenset(c for at in _patterns_at(tokens) for c in at)
 
 
 def candidates(tokens: list[str], pos: int) -> list[Pattern]:
@@ -113,12 +133,10 @@ def _index(examples: list[Example], threshold: float) -> tuple[dict[Pattern, set
     index: dict[Pattern, set] = {}
     active = set()
     for e, ex in enumerate(examples):
-        for pos, tok in enumerate(ex.tokens):
-            if not tok:
-                continue
-            for c in candidates(ex.tokens, pos):
+        for pos, at in enumerate(_patterns_at(tuple(ex.tokens))):
+            for c in at:
                 index.setdefault(c, set()).add((e, pos))
-            if ex.acts[pos] >= threshold:
+            if at and ex.acts[pos] >= threshold:
                 active.add((e, pos))
     return index, active
 
@@ -178,7 +196,7 @@ def write_explanations(db_path: str | Path, explain_one: Explainer, method: str,
         db = FeatureDB(db_path, readonly=False)
         try:
             latents = db.to_explain(most_frequent_first, limit)
-            windows = db.random_windows()
+            windows = RandomText(db.random_windows()[: 2 * max(BUILD_OTHERS, SCORE_OTHERS)])
             updates, explained = [], 0
             for n, row in enumerate(latents):
                 text, found, note = _explain_row(db, row, windows, explain_one)
@@ -194,14 +212,31 @@ def write_explanations(db_path: str | Path, explain_one: Explainer, method: str,
     return explained
 
 
-def _explain_row(db: FeatureDB, row: dict, windows: list, explain_one: Explainer
+class RandomText:
+    """The random windows of features.db, indexed by latent once (not searched again for every latent)."""
+
+    def __init__(self, windows: list[tuple[list[str], list[dict[str, float]]]]):
+        self.tokens = [tokens for tokens, _ in windows]
+        self.firing: dict[int, list[tuple[int, int, float]]] = {}
+        for w, (_, latents) in enumerate(windows):
+            for pos, per_token in enumerate(latents):
+                for latent, act in per_token.items():
+                    self.firing.setdefault(int(latent), []).append((w, pos, act))
+
+    def of(self, latent: int) -> list[Example]:
+        """The windows with this latent's activation on every token."""
+        acts = [[0.0] * len(tokens) for tokens in self.tokens]
+        for w, pos, act in self.firing.get(latent, ()):
+            acts[w][pos] = act
+        return [Example(tokens, a) for tokens, a in zip(self.tokens, acts)]
+
+
+def _explain_row(db: FeatureDB, row: dict, windows: RandomText, explain_one: Explainer
                  ) -> tuple[str | None, Detection | None, str | None]:
     if row["fires"] < MIN_FIRES:
         return None, None, f"fired {row['fires']} times in the text read: too few to explain (needs {MIN_FIRES})"
-    key = str(row["id"])
     examples = [Example(json.loads(r["tokens"]), json.loads(r["acts"])) for r in db.examples(row["id"])]
-    others = [Example(tokens, [per_token.get(key, 0.0) for per_token in latents]) for tokens, latents in windows]
-    text, found = explain_one(Evidence(examples, others, row["max_act"], row["fires"]))
+    text, found = explain_one(Evidence(examples, windows.of(row["id"]), row["max_act"], row["fires"]))
     if text is None:
         return None, None, "no pattern predicts where it fires"
     if found is None:
