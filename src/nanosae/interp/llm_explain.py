@@ -144,7 +144,7 @@ def answers(explainer: Explainer, explanation: str, windows: list[list[str]]) ->
     return [explainer.complete(p, max_tokens=2).strip().lower().startswith("y") for p in prompts]
 
 
-SCORED_WINDOWS = 6  # held-out windows of each kind asked about per feature: enough to tell 0.5 from 0.9
+SCORED_WINDOWS = 5  # held-out windows of each kind asked about per feature: enough to tell 0.5 from 0.9
 
 
 def explain_and_score(explainer: Explainer, evidence: Evidence) -> tuple[str | None, Detection | None]:
