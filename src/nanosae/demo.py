@@ -61,10 +61,12 @@ def _run_demo(cfg: DemoConfig, progress: StageProgress | None) -> dict[str, Any]
     from nanosae.interp.features import FeaturesConfig, build_features
     from nanosae.io import write_json
     from nanosae.models import load_model
+    from nanosae.rundir import RunDir
     from nanosae.sae import SAE
     from nanosae.train import train
 
     out, sizes = Path(cfg.out), cfg.sizes()
+    run = RunDir(out)
     say = progress or (lambda *a: None)
     seconds: dict[str, float] = {}
 
@@ -81,29 +83,29 @@ def _run_demo(cfg: DemoConfig, progress: StageProgress | None) -> dict[str, Any]
         collect(CollectConfig(model=cfg.model, hooks=[cfg.hook], data=DataConfig(specs=cfg.data), tokens=sizes["collect"],
                               out=str(acts)), model=model,
                 progress=lambda p: say("collect", p.tokens, p.total, p.seconds))
-    if not (out / "sae" / "cfg.json").exists():
+    if not (run.sae / "cfg.json").exists():
         with stage("train"):
             train(TrainConfig.build(out=str(out), acts=str(acts / cfg.hook), tokens=sizes["train"], checkpoint_every=0,
                               log_every=5, resume=True),
                   progress=lambda p: say("train", p.metrics["tokens"], sizes["train"],
                                          p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9)))
-    sae = SAE.load(out / "sae")
-    if not (out / "eval.json").exists():
+    sae = SAE.load(run.sae)
+    if not run.eval.exists():
         with stage("evaluate"):
             metrics = evaluate(sae, model, DataConfig(specs=cfg.data, split="eval"), tokens=sizes["eval"],
                                progress=lambda d, t, s: say("eval", d, t, s))
-            write_json(out / "eval.json", metrics)
-            write_report([metrics], ["demo"], out / "report.html", title="nanosae demo: SmolLM2-135M, blocks.15")
-    metrics = json.loads((out / "eval.json").read_text())
-    if not (out / "features.db").exists():
+            write_json(run.eval, metrics)
+            write_report([metrics], ["demo"], run.report, title="nanosae demo: SmolLM2-135M, blocks.15")
+    metrics = json.loads(run.eval.read_text())
+    if not run.features.exists():
         with stage("features"):
             store = ActivationStore(acts / cfg.hook, verify=False)  # older stores have no token ids: run the model
             build_features(sae, model, FeaturesConfig(data=DataConfig(specs=cfg.data, split="train"),
                                                       tokens=sizes["features"]),
-                           out / "features.db", acts=store if store.has_ids else None,
+                           run.features, acts=store if store.has_ids else None,
                            progress=lambda d, t, s: say("features", d, t, s))
         with stage("explain"):
-            explain_n2g(out / "features.db", progress=lambda d, t: say("explain", d, t, 0.0))
+            explain_n2g(run.features, progress=lambda d, t: say("explain", d, t, 0.0))
     db = FeatureDB(out)
     features = interesting_features(db, 5)
     steering = None
@@ -141,7 +143,7 @@ def steering_example(model: Any, sae: Any, db: Any, features: list[dict[str, Any
     best = None
     for feature in features:
         tokens = db.focus_tokens(feature["id"])
-        ids = sorted({model.tokenizer.encode(t)[0] for t in tokens if model.tokenizer.encode(t)})
+        ids = sorted({encoded[0] for encoded in map(model.tokenizer.encode, tokens) if encoded})
         before = next_token_probability(model, sae, [], prompt, ids)
         for multiple in (1, 2, 4, 8):
             edit = Edit(feature["id"], multiple * max(1.0, feature["max_act"]), "add")

@@ -72,11 +72,16 @@ class Detection(NamedTuple):
     """Balanced accuracy: (recall on active windows + recall on inactive windows) / 2."""
 
 
+def by_activity(windows: list[Example], threshold: float) -> tuple[list[Example], list[Example]]:
+    """(windows where the latent is active somewhere, windows where it is not), in their order."""
+    active = [w for w in windows if max(w.acts, default=0.0) >= threshold]
+    return active, [w for w in windows if max(w.acts, default=0.0) < threshold]
+
+
 def detection(says_active: Callable[[list[str]], bool], windows: list[Example], threshold: float) -> Detection | None:
     """Window-level detection of "the latent is active here" against the truth; None without windows of
     both kinds."""
-    active = [w for w in windows if max(w.acts, default=0.0) >= threshold]
-    silent = [w for w in windows if max(w.acts, default=0.0) < threshold]
+    active, silent = by_activity(windows, threshold)
     if not active or not silent:
         return None
     tp = sum(bool(says_active(w.tokens)) for w in active)
@@ -86,13 +91,6 @@ def detection(says_active: Callable[[list[str]], bool], windows: list[Example], 
 
 
 # ---- N2G patterns ------------------------------------------------------------------------------------------
-def matches(pattern: Pattern, tokens: list[str], pos: int) -> bool:
-    start = pos - len(pattern) + 1
-    if start < 0:
-        return False
-    return all(p is WILDCARD or p == tokens[start + i] for i, p in enumerate(pattern))
-
-
 def found_in(patterns: list[Pattern], tokens: list[str]) -> bool:
     """Whether any pattern matches anywhere in a window (patterns are candidates of some window, so matching
     one is being among this window's candidates)."""
@@ -151,7 +149,7 @@ def _score(predicted: set, active: set) -> tuple[float, float, float]:
 def build_patterns(windows: list[Example], threshold: float, max_patterns: int = 3) -> list[Pattern]:
     """Greedy: the candidate that most raises token-level F1 on the windows, up to max_patterns."""
     index, active = _index(windows, threshold)
-    pool = {c for (e, pos) in active for c in candidates(windows[e].tokens, pos) if len(index[c] & active) >= 2}
+    pool = {c for (e, pos) in active for c in _patterns_at(tuple(windows[e].tokens))[pos] if len(index[c] & active) >= 2}
     chosen: list[Pattern] = []
     covered: set = set()
     best = 0.0

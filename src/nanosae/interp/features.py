@@ -126,10 +126,7 @@ class _RandomWindows:
         weights = valid[rows].float()
         t = torch.multinomial(weights, 1, generator=gen)[:, 0]
         key = torch.rand(len(rows), generator=gen)
-        offsets = torch.arange(-left, right + 1)
-        pos = t[:, None] + offsets[None, :]
-        inside = (pos >= 0) & (pos < toks.shape[1])
-        pos = pos.clamp(0, toks.shape[1] - 1)
+        pos, inside = _window_positions(t, toks.shape[1], left, right)
         tokens = toks[rows[:, None], pos].masked_fill(~inside, -1).int()
         val, idx = z[rows[:, None], pos].topk(self.idx.shape[-1], dim=-1)  # (n, W, C)
         val = val.masked_fill(~inside[..., None], 0.0)
@@ -146,12 +143,17 @@ class _RandomWindows:
         self.key, self.tokens, self.idx, self.val = state["key"], state["tokens"], state["idx"], state["val"]
 
 
+def _window_positions(t: Tensor, length: int, left: int, right: int) -> tuple[Tensor, Tensor]:
+    """The positions of the windows around positions t, (n, left+1+right), clamped into the row, and which of
+    them lie inside it."""
+    pos = t[:, None] + torch.arange(-left, right + 1)[None, :]
+    inside = (pos >= 0) & (pos < length)
+    return pos.clamp(0, length - 1), inside
+
+
 def _windows(tok_BT: Tensor, z_BTF: Tensor, b: Tensor, t: Tensor, f: Tensor, left: int, right: int) -> tuple[Tensor, Tensor]:
     """Token ids and latent-f activations of the windows around (b, t): (n, left+1+right), -1 padded."""
-    offsets = torch.arange(-left, right + 1)
-    pos = t[:, None] + offsets[None, :]
-    inside = (pos >= 0) & (pos < tok_BT.shape[1])
-    pos = pos.clamp(0, tok_BT.shape[1] - 1)
+    pos, inside = _window_positions(t, tok_BT.shape[1], left, right)
     tokens = tok_BT[b[:, None], pos].masked_fill(~inside, -1).int()
     acts = z_BTF[b[:, None], pos, f[:, None]].masked_fill(~inside, 0.0)
     return tokens, acts
@@ -370,7 +372,7 @@ class FeatureStats:
             state = torch.load(path, map_location="cpu", weights_only=True)
             if json.loads(state["fingerprint"]) != fingerprint:
                 return None
-            cfg = FeaturesConfig(**{**fingerprint["cfg"], "data": DataConfig(**fingerprint["cfg"]["data"])})
+            cfg = FeaturesConfig(**{**fingerprint["cfg"], "data": DataConfig.from_dict(fingerprint["cfg"]["data"])})
             acc = cls(fingerprint["d_sae"], cfg)
             acc.n_tokens, acc.batches = int(state["n_tokens"]), int(state["batches"])
             for name in cls.TENSORS:

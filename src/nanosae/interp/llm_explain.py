@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from nanosae.errors import NanosaeError
-from nanosae.interp.explain import Detection, Evidence, Example, detection, write_explanations
+from nanosae.interp.explain import Detection, Evidence, Example, by_activity, detection, write_explanations
 
 
 class ExplainerError(NanosaeError):
@@ -151,16 +151,15 @@ def explain_and_score(explainer: Explainer, evidence: Evidence) -> tuple[str | N
     """One line from the building windows where the latent is active, scored on up to SCORED_WINDOWS held-out
     windows where it is active and as many where it is silent."""
     build, held_out = evidence.split()
-    shown = [w for w in build if max(w.acts, default=0.0) >= evidence.threshold][:6]
+    shown = by_activity(build, evidence.threshold)[0][:6]
     if not shown:
         return None, None
     lines = explainer.complete(explanation_prompt(shown, evidence.threshold), max_tokens=20).strip().splitlines()
     explanation = lines[0].strip() if lines else ""
     if not explanation:
         return None, None
-    active = [w for w in held_out if max(w.acts, default=0.0) >= evidence.threshold][:SCORED_WINDOWS]
-    silent = [w for w in held_out if max(w.acts, default=0.0) < evidence.threshold][:SCORED_WINDOWS]
-    asked = active + silent
+    active, silent = by_activity(held_out, evidence.threshold)
+    asked = active[:SCORED_WINDOWS] + silent[:SCORED_WINDOWS]
     said = dict(zip((id(w.tokens) for w in asked), answers(explainer, explanation, [w.tokens for w in asked])))
     return explanation, detection(lambda tokens: said[id(tokens)], asked, evidence.threshold)
 

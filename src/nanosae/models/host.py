@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from nanosae.config import GenerationConfig
 from nanosae.errors import HookError
 from nanosae.models.tokenizers import Tokenizer
 
@@ -268,7 +269,7 @@ class HostModel:
         model has read it; feed_last also runs the last token through the model, so hooks see every
         generated token at its own position (live tracking needs that).
         """
-        check_sampling(max_new_tokens, temperature, top_k)
+        GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, chat=chat)  # checks
         if isinstance(prompt, str):
             ids = self.tokenizer.encode_chat(prompt) if chat else [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
         else:
@@ -288,13 +289,6 @@ class HostModel:
             if last:
                 break
         return Generation(self.tokenizer.decode(new), new, ids)
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
-    """One-line errors for sampling settings that would crash or silently do something else."""
-    from nanosae.config import GenerationConfig
-
-    GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:

@@ -34,6 +34,7 @@ from nanosae.data import ActivationStore, ActivationStream
 from nanosae.data.store import norm_scale
 from nanosae.errors import ConfigError, DataError, FormatError, TrainingError
 from nanosae.io import public_mode, read_json, write_json, write_lock
+from nanosae.rundir import RunDir
 from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
 from nanosae.train.init import init_sae
@@ -210,7 +211,7 @@ def first_tokens(source: ActivationStore | ActivationStream, n: int) -> torch.Te
 def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every checkpoint, oldest first."""
     found = []
-    for p in (run_dir / "checkpoints").glob("step_*"):
+    for p in RunDir(run_dir).checkpoints.glob("step_*"):
         suffix = p.name.removeprefix("step_")
         if suffix.isdigit() and (p / "state.pt").exists():
             found.append((int(suffix), p))
@@ -225,7 +226,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def save_checkpoint(run_dir: Path, step: int, sae: SAE, state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoints/step_N/ via a temp directory renamed into place; keep the newest `keep` up to N (a
     newer one can only be this run's own, unreadable one it fell back from; it is replaced when reached)."""
-    root = run_dir / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step}."))
@@ -258,7 +259,7 @@ def load_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any], SAE] | None:
             log.warning("checkpoint %s is unreadable (%s); trying the previous one", ckpt,
                         (str(e).splitlines() or [type(e).__name__])[0])
     if found:
-        raise FormatError(f"{run_dir / 'checkpoints'}: no checkpoint can be read; move it away to start the run over")
+        raise FormatError(f"{RunDir(run_dir).checkpoints}: no checkpoint can be read; move it away to start the run over")
     return None
 
 
@@ -296,7 +297,7 @@ def store_fingerprint(store: ActivationStore) -> dict[str, Any]:
     return {"hook": m.get("hook"), "model": m.get("model"), "d_in": store.d_in, "tokens": len(store), "first_shard": first}
 
 
-def compare_jobs(saved: Schedule, job: dict[str, Any], where: Path | str) -> None:
+def compare_jobs(saved: dict[str, Any], job: dict[str, Any], where: Path | str) -> None:
     """Refuse, naming the first setting that differs, when `where` records another job than this one."""
     for key in sorted(set(saved) | set(job)):
         if key == "sources" and key not in saved:  # runs from before fingerprints were recorded
@@ -329,6 +330,7 @@ class SAERun:
         self.sample = sample or (lambda i, n: first_tokens(sources[i], n))
         self.transcoder = ins != outs
         self.run_dir = Path(cfg.out)
+        self.files = RunDir(self.run_dir)
         self.d = Schedule.of(cfg)
         width = lambda placement: sum(cols.stop - cols.start for _, cols in placement)
         d_in, d_out = width(ins), width(outs)
@@ -363,7 +365,7 @@ class SAERun:
             self._resume(*found)
         else:
             self._start()
-        _trim_metrics(self.run_dir / "metrics.jsonl", self.step, rank)
+        _trim_metrics(self.files.metrics, self.step, rank)
         self.sinks = MetricSinks(cfg, self.run_dir) if rank == 0 else None
 
     def gather(self, batch: list[torch.Tensor], placement: Placement, rows: slice = slice(None)) -> torch.Tensor:
@@ -373,14 +375,14 @@ class SAERun:
 
     def _claim_run_dir(self) -> None:
         """A run directory holds one job: the same settings continue it (with --resume), others are refused."""
-        run_dir, saved = self.run_dir, self.run_dir / "config.json"
+        run_dir, saved = self.run_dir, self.files.config
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"--out {run_dir} is a file; expected a run directory")
         if saved.exists():
             compare_jobs(saved_job(read_json(saved), saved), self.job, saved)
             if not self.cfg.resume:
                 raise ConfigError(f"{run_dir} already holds this run; pass --resume to continue it, or use another --out")
-        elif any((run_dir / name).exists() for name in ("sae", "checkpoints", "metrics.jsonl")):
+        elif any(p.exists() for p in (self.files.sae, self.files.checkpoints, self.files.metrics)):
             raise ConfigError(f"{run_dir} holds SAE files but no config.json; use another --out, nothing was changed")
 
     def _resume(self, ckpt: Path, state: dict[str, Any], loaded: SAE) -> None:
@@ -405,8 +407,8 @@ class SAERun:
     def _start(self) -> None:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / "config.json", dataclasses.asdict(self.cfg) | {"sources": self.job["sources"]})
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            write_json(self.files.config, dataclasses.asdict(self.cfg) | {"sources": self.job["sources"]})
+            self.files.metrics.unlink(missing_ok=True)
         n = self.cfg.optim.init_sample_tokens
         samples = {i: self.sample(i, n) for i, _ in self.ins + self.outs}
         x, y = self.gather(samples, self.ins), self.gather(samples, self.outs)
@@ -486,7 +488,7 @@ class SAERun:
             return None
         self.last = _metrics(self.step, cfg, out, lr, self.since_fired, d, self.seconds, self.world)
         if self.rank == 0:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            with open(self.files.metrics, "a") as f:
                 f.write(json.dumps(self.last) + "\n")
             self.sinks.log(self.last)
         return self.last
@@ -496,7 +498,7 @@ class SAERun:
             self.sae.load_state_dict(self.ema)
         self.sae.eval()
         if self.rank == 0:
-            save_sae(self.sae, self.run_dir / "sae")
+            save_sae(self.sae, self.files.sae)
             self.checkpoint()
         return TrainResult(self.sae, self.run_dir, self.step, self.step * self.cfg.optim.batch_size, self.last)
 

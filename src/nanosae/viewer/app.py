@@ -264,7 +264,7 @@ def _packed(f: dict[str, Any], strings: dict[str, int]) -> dict[str, Any]:
         f[side] = [[t, round(v, 3)] for t, v in f[side]]
     f["examples"] = [[int(e["kind"] == "top"), round(e["activation"], 4),
                       [strings.setdefault(t, len(strings)) for t in e["tokens"]], e["focus"],
-                      *(x for p, a in enumerate(e["acts"]) if round(a * 1000) for x in (p, round(a * 1000)))]
+                      *(x for p, a in enumerate(round(a * 1000) for a in e["acts"]) if a for x in (p, a))]
                      for e in f["examples"]]
     return f
 
