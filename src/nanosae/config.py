@@ -458,6 +458,11 @@ class OptimConfig:
     """Weight of the AuxK loss."""
     resample_every: int | None = None
     """ReLU SAEs: resample dead latents every N steps (default steps/8)."""
+    kl_finetune: float = 0.0
+    """Share of the tokens, at the end, trained on KL(clean ‖ spliced) + MSE through the rest of the model
+    (end-to-end fine-tune; lowers the CE-loss gap; each step runs the model twice, see docs/training.md)."""
+    kl_coefficient: float | None = None
+    """Weight of the KL term in the fine-tune; default: set at its first step so KL and MSE weigh the same."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -468,6 +473,8 @@ class OptimConfig:
         check_range("lr", self.lr, 0, open_low=True)
         check_range("eps", self.eps, 0, open_low=True)
         check_range("lr_decay_fraction", self.lr_decay_fraction, 0, 1)
+        check_range("kl_finetune", self.kl_finetune, 0, 1)
+        check_range("kl_coefficient", self.kl_coefficient, 0)
         for name in ("beta1", "beta2", "ema_decay"):
             check_range(name, getattr(self, name), 0, 1, open_high=True)
         if self.batch_size is None:

@@ -37,6 +37,7 @@ from nanosae.io import public_mode, read_json, write_json, write_lock
 from nanosae.rundir import RunDir
 from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
+from nanosae.train.finetune import check_finetune, finetune
 from nanosae.train.init import init_sae
 from nanosae.train.losses import normalize_decoder, remove_parallel_grad, sae_loss
 
@@ -69,6 +70,7 @@ class Schedule:
     sparsity: float
     dead_tokens: int
     resample_every: int
+    kl_steps: int  # the last steps, trained end to end (train.finetune)
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> "Schedule":
@@ -82,7 +84,8 @@ class Schedule:
                    warmup=default(o.lr_warmup_steps, max(1, steps // 20)),
                    sparsity_warmup=default(o.sparsity_warmup_steps, steps // 20), sparsity=sparsity,
                    dead_tokens=default(o.dead_tokens, max(o.batch_size, min(10_000_000, o.tokens // 20))),
-                   resample_every=default(o.resample_every, max(10, steps // 8)))
+                   resample_every=default(o.resample_every, max(10, steps // 8)),
+                   kl_steps=min(steps, round(steps * o.kl_finetune)))
 
 
 def lr_at(step: int, cfg: TrainConfig, d: Schedule) -> float:
@@ -354,6 +357,7 @@ class SAERun:
         self.opt = make_adam(self.sae, self.d.lr, cfg)
         self.since_fired = torch.zeros(cfg.sae.d_sae, dtype=torch.long)
         self.ema: dict[str, torch.Tensor] | None = None
+        self.kl_coefficient: float | None = None  # set by the fine-tune's first step
         self.step, self.batches_done, self.seconds = 0, 0, 0.0
         self.last: dict[str, float] = {}
         stores = {i for i, _ in ins + outs if isinstance(sources[i], ActivationStore)}
@@ -399,6 +403,7 @@ class SAERun:
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.batches_done, self.since_fired = state["step"], state["batches"], state["since_fired"]
         self.seconds, self.ema = state["seconds"], state.get("ema")
+        self.kl_coefficient = state.get("kl_coefficient")
         self.gen.set_state(state["rng"])
         if ckpt != latest_checkpoint(self.run_dir):
             log.warning("resumed %s from %s, the newest readable checkpoint", self.run_dir, ckpt.name)
@@ -430,20 +435,32 @@ class SAERun:
     def done(self) -> bool:
         return self.step >= self.d.steps
 
+    @property
+    def stored_done(self) -> bool:
+        """Done with the steps read from the activations (the rest is the end-to-end fine-tune)."""
+        return self.step >= self.d.steps - self.d.kl_steps
+
     def checkpoint(self) -> None:
         if self.rank == 0:
             save_checkpoint(self.run_dir, self.step, self.sae, {
                 "optimizer": self.opt.state_dict(), "step": self.step, "batches": self.batches_done,
                 "since_fired": self.since_fired, "rng": self.gen.get_state(), "ema": self.ema, "seconds": self.seconds,
+                "kl_coefficient": self.kl_coefficient,
                 "config": dataclasses.asdict(self.cfg), "job": self.job})
 
     def train_step(self, batch: list[torch.Tensor]) -> dict[str, float] | None:
         """One optimizer step on this process's slice of the global batch (one tensor per source)."""
-        cfg, d, sae, opt, arch = self.cfg, self.d, self.sae, self.opt, self.cfg.sae.architecture
-        local = cfg.optim.batch_size // self.world
+        local = self.cfg.optim.batch_size // self.world
         rows = slice(self.rank * local, (self.rank + 1) * local)
-        x = self.gather(batch, self.ins, rows).to(cfg.device)
-        y = self.gather(batch, self.outs, rows).to(cfg.device) if self.transcoder else None
+        x = self.gather(batch, self.ins, rows).to(self.cfg.device)
+        y = self.gather(batch, self.outs, rows).to(self.cfg.device) if self.transcoder else None
+        return self.step_on(x, y)
+
+    def step_on(self, x: torch.Tensor, y: torch.Tensor | None,
+                extra: Callable[[Any], dict[str, torch.Tensor]] | None = None) -> dict[str, float] | None:
+        """One optimizer step on inputs x (targets y for a transcoder); extra(loss output) adds loss terms
+        (the end-to-end fine-tune's KL). Returns the metrics when they are logged."""
+        cfg, d, sae, opt, arch = self.cfg, self.d, self.sae, self.opt, self.cfg.sae.architecture
         if not torch.isfinite(x).all() or (y is not None and not torch.isfinite(y).all()):
             raise DataError(f"NaN or inf in the training activations at step {self.step}; "
                             f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
@@ -455,6 +472,9 @@ class SAERun:
         dead = self.since_fired >= d.dead_tokens
         out = sae_loss(sae, x, y, sparsity_coefficient=coeff, k_aux=cfg.optim.k_aux, aux_coefficient=cfg.optim.aux_coefficient,
                        dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None)
+        if extra is not None:
+            added = extra(out)
+            out = out._replace(loss=out.loss + sum(added.values()), parts=out.parts | added)
         if not torch.isfinite(out.loss):
             raise TrainingError(f"{self.run_dir}: loss became {float(out.loss)} at step {self.step} (try a lower --lr); "
                                 f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
@@ -470,7 +490,7 @@ class SAERun:
         if arch == "jumprelu":
             with torch.no_grad():
                 sae.threshold.clamp_(min=0.0)
-        self.since_fired += cfg.optim.batch_size
+        self.since_fired += len(x) * self.world
         self.since_fired[fired > 0] = 0
         if arch == "relu" and (self.step + 1) % d.resample_every == 0:
             resample_dead(sae, opt, x, self.since_fired >= d.dead_tokens, self.gen, target=y)
@@ -588,9 +608,10 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
     if len(start) > 1:
         raise TrainingError("the runs' checkpoints are at different data positions; resume them separately")
     batches_done = start.pop()
+    check_finetune(runs, world)
     streams = [batch_stream(s, first, batches_done) for s in sources]
     try:
-        while not all(r.done for r in runs):
+        while not all(r.stored_done for r in runs):
             batch = [next(s) for s in streams]
             batches_done += 1
             for r in runs:
@@ -598,13 +619,18 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
             if len(batch[0]) < first.optim.batch_size:
                 continue  # an epoch's short tail: skipped, but counted for resume
             for r in runs:
-                if r.done:
+                if r.stored_done:
                     continue
                 metrics = r.train_step(batch)
                 if metrics is not None and progress is not None:
                     progress(TrainProgress(r.step, r.d.steps, metrics))
                 if r.cfg.checkpoint_every and r.step % r.cfg.checkpoint_every == 0 and not r.done:
                     r.checkpoint()
+        for s in streams:
+            s.close()
+        for r in runs:  # the end-to-end fine-tune, when asked for: the last steps run through the model
+            report = None if progress is None else lambda m, r=r: progress(TrainProgress(r.step, r.d.steps, m))
+            finetune(r, sources[r.ins[0][0]], report)
     except KeyboardInterrupt:
         for r in runs:
             r.checkpoint()
