@@ -1,70 +1,76 @@
-"""The sweeps behind the training defaults: held-out FVU / L0 / dead latents (and, with --ce-tokens, the
-CE-loss score and KL from splicing each SAE into the model) for TrainConfig variants.
+"""The sweeps behind the training defaults: TrainConfig variants on several jobs side by side, so a change that
+helps one job and hurts another shows.
 
-Needs a training store and a held-out store of the demo's job (SmolLM2 blocks.15, pydocs + stdlib):
-  nanosae collect --hook blocks.15.hook_resid_post --data builtin:pydocs --data builtin:stdlib --tokens 200k --out S/train
-  nanosae collect --hook blocks.15.hook_resid_post --data builtin:pydocs --data builtin:stdlib --split eval \
-      --tokens 30k --out S/eval
-  python benchmarks/sweep_defaults.py S/train/blocks.15.hook_resid_post S/eval/blocks.15.hook_resid_post \
-      [--ce-tokens 10240] '{"name": "b1024 lr1e-3", "batch_size": 1024, "lr": 0.001}' '{"tokens": 400000}' ...
-Each variant: TopK d_sae 4608, k 32, 200k tokens unless the JSON says otherwise; one JSON line of results each.
---ce-tokens N: afterwards, evaluate every variant on the same N held-out tokens of the model (one shared clean
-pass; `nanosae.evaluate`), one more JSON line each.
+Each job is a stored collection (its manifest names the model, hook and corpus); every variant trains on it for
+`--passes` passes (TopK d_sae 4608, k 32 unless the variant says otherwise) and is evaluated on the job's
+held-out documents (the corpus's eval split), all variants of a job on the same tokens in one shared clean pass.
+  python benchmarks/sweep_defaults.py --store demo=runs/quality/demo/acts/blocks.15.hook_resid_post \
+      --store stdlib5=runs/quality/stdlib5/acts/blocks.5.hook_resid_post \
+      --store pydocs25=runs/quality/pydocs25/acts/blocks.25.hook_resid_post \
+      '{"name": "defaults"}' '{"name": "lr 1.5x", "lr_scale": 1.5}' '{"name": "kl 5%", "kl_finetune": 0.05}'
+A variant is flat TrainConfig settings as JSON ("name" labels it); the first is the baseline the others are
+compared with, per job (FVU and CE-loss gap as ratios to it).
 """
 
 import argparse
 import json
-import tempfile
 import time
 
 import torch
 
-from nanosae import ActivationStore, TrainConfig
-from nanosae.train import train
+from nanosae import ActivationStore, DataConfig
+from nanosae.eval import evaluate
+from nanosae.models import load_model
 
 from _results import save
+from quality import Job, nanosae
 
 
 def main() -> None:
     p = argparse.ArgumentParser(usage=__doc__)
-    p.add_argument("train_store")
-    p.add_argument("eval_store")
+    p.add_argument("--store", action="append", required=True, help="NAME=STORE_DIR (repeatable)")
+    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--eval-tokens", type=int, default=10_000)
+    p.add_argument("--out", default="runs/sweep")
     p.add_argument("variants", nargs="+")
-    p.add_argument("--ce-tokens", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(2)
-    held_out = ActivationStore(args.eval_store).tokens(0, 20_000).float()
-    variance = (held_out - held_out.mean(0)).pow(2).sum()
-    trained, figures = {}, []
-    for spec in args.variants:
-        kw = json.loads(spec)
-        name = kw.pop("name", spec)
-        with tempfile.TemporaryDirectory() as out:
-            cfg = TrainConfig.build(out=out, acts=kw.pop("acts", args.train_store), tokens=kw.pop("tokens", 200_000),
-                              checkpoint_every=0, log_every=1000, **kw)
+    variants = [json.loads(v) for v in args.variants]
+    names = [v.pop("name", json.dumps(v)) for v in variants]
+    table: dict[str, dict[str, dict]] = {name: {} for name in names}
+    models = {}
+    for spec in args.store:
+        job_name, _, path = spec.partition("=")
+        store = ActivationStore(path)
+        m = store.manifest
+        job = Job(m["hook"], m["data"]["specs"], len(store), args.passes, store=store)
+        saes = {}
+        for name, settings in zip(names, variants):
             t = time.perf_counter()
-            result = train(cfg)
-            seconds = time.perf_counter() - t
-        trained[name] = result.sae.eval()
-        with torch.no_grad():
-            x_hat, z = result.sae(held_out)
-        figures.append({"name": name, "heldout_fvu": round(float((x_hat - held_out).pow(2).sum() / variance), 4),
-                        "l0": round(float((z > 0).sum(-1).float().mean()), 1),
-                        "dead_in_training": round(result.metrics["dead_fraction"], 4),
-                        "never_fired_heldout": round(float(((z > 0).sum(0) == 0).float().mean()), 4),
-                        "batch_size": cfg.optim.batch_size, "seconds": round(seconds, 1)})
-        print(json.dumps(figures[-1]), flush=True)
-    if args.ce_tokens:
-        from nanosae.eval import evaluate
-        from nanosae.models import load_model
-
-        results = evaluate(list(trained.values()), load_model("smollm2-135m"), ["builtin:pydocs", "builtin:stdlib"],
-                           tokens=args.ce_tokens)
-        for name, r in zip(trained, results):
-            figures.append({"name": name, "tokens": r["tokens"], **{k: round(r[k], 4) for k in (
-                "fvu", "ce_loss_score", "kl_div", "cosine_similarity", "dead_fraction")}})
-            print(json.dumps(figures[-1]), flush=True)
-    save(__file__, figures)
+            sae, metrics = nanosae(job, f"{args.out}/{job_name}/{name.replace(' ', '_').replace('/', '_')}", **settings)
+            saes[name] = sae
+            table[name][job_name] = {"train_s": round(time.perf_counter() - t, 1), "dead_in_training": metrics["dead_fraction"]}
+            print(f"{job_name}: {name} trained in {table[name][job_name]['train_s']:.0f} s", flush=True)
+        if m["model"] not in models:
+            models[m["model"]] = load_model(m["model"])
+        held_out = DataConfig(specs=job.data, context_size=m["context_size"], split="eval")
+        results = evaluate(list(saes.values()), models[m["model"]], held_out, tokens=args.eval_tokens)
+        for name, r in zip(saes, results):
+            table[name][job_name] |= {k: r[k] for k in ("fvu", "ce_loss_score", "kl_div", "dead_fraction")}
+            print(json.dumps({"job": job_name, "variant": name, **table[name][job_name]}), flush=True)
+    jobs = [s.partition("=")[0] for s in args.store]
+    base = table[names[0]]
+    print(f"\n{args.passes} passes over each store; FVU / CE-loss score (ratio of FVU, of CE gap to '{names[0]}')\n")
+    print("| variant | " + " | ".join(jobs) + " |\n|---|" + "---|" * len(jobs))
+    for name in names:
+        cells = []
+        for j in jobs:
+            r, b = table[name][j], base[j]
+            ratio = f" ({r['fvu'] / b['fvu']:.2f}x, {(1 - r['ce_loss_score']) / max(1e-9, 1 - b['ce_loss_score']):.2f}x)" \
+                if name != names[0] else ""
+            cells.append(f"{r['fvu']:.4f} / {r['ce_loss_score']:.4f}{ratio}, {r['train_s']:.0f} s")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    save(__file__, {"passes": args.passes, "variants": dict(zip(names, variants)), "results": table})
 
 
 if __name__ == "__main__":

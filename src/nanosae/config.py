@@ -458,6 +458,10 @@ class OptimConfig:
     """Weight of the AuxK loss."""
     resample_every: int | None = None
     """ReLU SAEs: resample dead latents every N steps (default steps/8)."""
+    k_anneal: float = 0.0
+    """TopK family: share of the run over which k falls linearly from k_start to k (0 = k throughout)."""
+    k_start: int | None = None
+    """Where k_anneal starts (default 4 × k)."""
     kl_finetune: float = 0.0
     """Share of the tokens, at the end, trained on KL(clean ‖ spliced) + MSE through the rest of the model
     (end-to-end fine-tune; lowers the CE-loss gap; each step runs the model twice, see docs/training.md)."""
@@ -474,6 +478,8 @@ class OptimConfig:
         check_range("eps", self.eps, 0, open_low=True)
         check_range("lr_decay_fraction", self.lr_decay_fraction, 0, 1)
         check_range("kl_finetune", self.kl_finetune, 0, 1)
+        check_range("k_anneal", self.k_anneal, 0, 1)
+        check_range("k_start", self.k_start, 1)
         check_range("kl_coefficient", self.kl_coefficient, 0)
         for name in ("beta1", "beta2", "ema_decay"):
             check_range(name, getattr(self, name), 0, 1, open_high=True)

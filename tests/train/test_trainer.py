@@ -14,7 +14,8 @@ import nanosae
 from nanosae import SAE, ActivationStore, SAEConfig, TrainConfig, DataError
 from nanosae.data import write_store
 from nanosae.train.init import geometric_median
-from nanosae.train.trainer import Schedule, ema_decay_at, lr_at, resample_dead
+from nanosae.train import trainer as trainer_module
+from nanosae.train.trainer import Schedule, ema_decay_at, k_at, lr_at, resample_dead
 from nanosae.train.losses import normalize_decoder, sae_loss
 
 
@@ -82,6 +83,36 @@ def test_lr_schedule_by_hand(planted_store, tmp_path):
     assert lr_at(900, cos, Schedule.of(cos)) == pytest.approx(0.5)
     const = TrainConfig.build(acts="x", tokens=10000, batch_size=10, lr=1.0, lr_warmup_steps=1, lr_schedule="constant")
     assert lr_at(999, const, Schedule.of(const)) == 1.0
+
+
+def test_k_annealing_by_hand(planted_store, tmp_path):
+    cfg = TrainConfig.build(acts="x", tokens=100 * 10, batch_size=10, k=8, k_anneal=0.5, k_start=40)
+    d = Schedule.of(cfg)
+    assert [k_at(s, cfg, d) for s in (0, 25, 49, 50, 99)] == [40, 24, 9, 8, 8]  # 40 → 8 over 50 steps
+    assert k_at(0, TrainConfig.build(acts="x", tokens=1000, batch_size=10, k=8, k_anneal=0.5), d) == 32  # 4k
+    assert k_at(0, TrainConfig.build(acts="x", tokens=1000, batch_size=10, k=8), d) == 8
+    store, _ = planted_store
+    seen = []
+    original = trainer_module.sae_loss
+    def spy(sae, *args, **kwargs):
+        seen.append(sae.cfg.k)
+        return original(sae, *args, **kwargs)
+    trainer_module.sae_loss = spy
+
+    def stop_at_6(p):
+        if p.step == 6:
+            raise KeyboardInterrupt  # checkpoints where it stands, as Ctrl-C does
+
+    common = dict(k=4, k_anneal=0.5, k_start=12, tokens=256 * 20, checkpoint_every=5, log_every=1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            nanosae.train(cfg_for(store, tmp_path / "a", **common), progress=stop_at_6)
+        assert SAE.load(tmp_path / "a" / "checkpoints" / "step_6" / "sae").cfg.k == 4  # saved mid-anneal with its k
+        result = nanosae.train(cfg_for(store, tmp_path / "a", resume=True, **common))
+    finally:
+        trainer_module.sae_loss = original
+    assert seen == [12, 11, 10, 10, 9, 8, 7, 6, 6, 5] + [4] * 10  # round(12 - 0.8 * step), then k
+    assert result.sae.cfg.k == 4
 
 
 def test_weight_average_warms_up_so_a_short_run_keeps_little_of_the_initialisation(planted_store, tmp_path):

@@ -101,6 +101,16 @@ def lr_at(step: int, cfg: TrainConfig, d: Schedule) -> float:
     return d.lr * (1 - frac)
 
 
+def k_at(step: int, cfg: TrainConfig, d: Schedule) -> int | None:
+    """k for this step: k_start falling linearly to k over the first k_anneal of the run, then k."""
+    k = cfg.sae.k if cfg.sae.architecture in ("topk", *BATCH_TOPK) else None
+    if k is None or not cfg.optim.k_anneal:
+        return k
+    start = cfg.optim.k_start or 4 * k
+    span = max(1, round(d.steps * cfg.optim.k_anneal))
+    return k if step >= span else round(start + (k - start) * step / span)
+
+
 def ema_decay_at(step: int, decay: float) -> float:
     """The weight average's decay at update `step` (0-based), warmed up as min(decay, (1+step)/(10+step)) like
     TensorFlow's ExponentialMovingAverage(num_updates): with a fixed decay, a short run's average would still
@@ -470,8 +480,13 @@ class SAERun:
             group["lr"] = lr
         coeff = d.sparsity * min(1.0, (self.step + 1) / max(1, d.sparsity_warmup))
         dead = self.since_fired >= d.dead_tokens
-        out = sae_loss(sae, x, y, sparsity_coefficient=coeff, k_aux=cfg.optim.k_aux, aux_coefficient=cfg.optim.aux_coefficient,
-                       dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None)
+        k = sae.cfg.k
+        sae.cfg.k = k_at(self.step, cfg, d)  # k annealing: only while the loss is computed
+        try:
+            out = sae_loss(sae, x, y, sparsity_coefficient=coeff, k_aux=cfg.optim.k_aux,
+                           aux_coefficient=cfg.optim.aux_coefficient, dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None)
+        finally:
+            sae.cfg.k = k
         if extra is not None:
             added = extra(out)
             out = out._replace(loss=out.loss + sum(added.values()), parts=out.parts | added)
