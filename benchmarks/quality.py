@@ -1,52 +1,78 @@
-"""The demo's job, measured end to end: is an SAE trained with nanosae's defaults good, and how fast?
+"""Quality at equal budget: every trainer on the same stored activations for the same number of tokens.
 
-SmolLM2-135M (embedded), blocks.15.hook_resid_post, builtin:pydocs + builtin:stdlib, TopK d_sae 4608, k 32,
-200k collected tokens, evaluated on held-out documents (every 20th; BOS excluded). Prints the time to result
-(collect + train + eval) and FVU, CE-loss score, L0 and dead latents for nanosae as the demo trains it (its
-passes over the collection, other settings default) and with one pass, and, when they are installed in this
-venv (`make bench` puts them in .venv-bench), for sparsify, dictionary_learning and SAELens with their own
-defaults on the same stored activations (one pass in 4096-token batches, as their users would run them; sparsify,
-the best of them, also with two passes), evaluated on the same held-out tokens in the same pass.
-Usage: python benchmarks/quality.py [--acts STORE_DIR] [--eval-tokens 10000] [--out runs/quality]
+A job is a hook and a corpus (SmolLM2-135M, embedded): `--tokens` are collected (or read from `--acts`), every
+trainer reads them `--passes` times (TopK d_sae 4608, k 32 unless told otherwise), and every SAE is evaluated on
+the same held-out tokens in one shared clean pass (the corpus's eval split: every 20th document; BOS excluded):
+FVU, CE-loss score, KL, L0, latents dead in training and never firing in evaluation, train seconds.
+
+Trainers: nanosae's defaults as TopK, BatchTopK and Matryoshka (same L0), nanosae with a KL fine-tune phase, and,
+when installed in this venv (`make bench` puts them in .venv-bench), sparsify at its usual 4096-token batches and
+at nanosae's batch size, dictionary_learning and SAELens with their defaults. `--only` picks some of them;
+`--variant JSON` adds nanosae TrainConfig variants (flat settings, e.g. '{"name": "lr2x", "lr": 0.001}').
+
+The three jobs of docs/benchmarks.md (200k collected tokens, three passes each):
+  python benchmarks/quality.py --job demo        # blocks.15.hook_resid_post, builtin:pydocs + builtin:stdlib
+  python benchmarks/quality.py --job stdlib5     # blocks.5.hook_resid_post, builtin:stdlib
+  python benchmarks/quality.py --job pydocs25    # blocks.25.hook_resid_post, builtin:pydocs
+or any other: --hook H --data SPEC [--data SPEC] --tokens 200k --passes 3 [--acts STORE] [--out DIR]
 """
 
+from __future__ import annotations
+
 import argparse
+import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from nanosae import SAE, ActivationStore, CollectConfig, DataConfig, SAEConfig, TrainConfig
-from nanosae.demo import DemoConfig
 from nanosae.data import collect
 from nanosae.eval import evaluate
-from nanosae.models import load_model
+from nanosae.models import keep_freed_memory, load_model
+from nanosae.options import parse_count
 from nanosae.train import train
 
 from _results import save
 
-HOOK, D_SAE, K, PEER_BATCH = "blocks.15.hook_resid_post", 4608, 32, 4096
-DEMO_SIZES = DemoConfig().sizes()
-TOKENS, DEMO_TRAIN = DEMO_SIZES["collect"], DEMO_SIZES["train"]
-DATA = ["builtin:pydocs", "builtin:stdlib"]
+PEER_BATCH = 4096
+JOBS = {"demo": ("blocks.15.hook_resid_post", ["builtin:pydocs", "builtin:stdlib"]),
+        "stdlib5": ("blocks.5.hook_resid_post", ["builtin:stdlib"]),
+        "pydocs25": ("blocks.25.hook_resid_post", ["builtin:pydocs"])}
 
 
-def batches(store: ActivationStore, batch_size: int, seed: int = 0, passes: int = 1):
-    """The same shuffled 4096-token batches for every peer (fp32)."""
-    return store.batches(batch_size, shuffle=True, seed=seed, epochs=passes)
+@dataclass
+class Job:
+    hook: str
+    data: list[str]
+    tokens: int = 200_000
+    passes: int = 3
+    d_sae: int = 4608
+    k: int = 32
+    store: ActivationStore = field(default=None, repr=False)  # type: ignore[assignment]
+
+    @property
+    def budget(self) -> int:
+        """Training tokens every trainer gets."""
+        return self.passes * len(self.store)
+
+    def batches(self, batch_size: int, seed: int = 0):
+        """The stored activations, shuffled, `passes` times over (fp32); every peer reads the same ones."""
+        return self.store.batches(batch_size, shuffle=True, seed=seed, epochs=self.passes)
 
 
-def as_topk_sae(W_enc, b_enc, W_dec, b_dec, centred: bool) -> SAE:
-    sae = SAE(SAEConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], architecture="topk", k=K, hook_name=HOOK,
+def as_topk_sae(job: Job, W_enc, b_enc, W_dec, b_dec, centred: bool) -> SAE:
+    sae = SAE(SAEConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], architecture="topk", k=job.k, hook_name=job.hook,
                         apply_b_dec_to_input=centred))
     sae.load_state_dict({"W_enc": W_enc.detach().float(), "b_enc": b_enc.detach().float(),
                          "W_dec": W_dec.detach().float(), "b_dec": b_dec.detach().float()})
     return sae.eval()
 
 
-def sparsify_defaults(store: ActivationStore, passes: int = 1) -> SAE:
+def sparsify_defaults(job: Job, batch_size: int = PEER_BATCH) -> SAE:
     """sparsify's Trainer defaults: signum (SignSGD in a schedule-free wrapper, lr 5e-3/sqrt(latents/2^14)),
     b_dec at the first batch's mean, unit-norm decoder, FVU loss, no AuxK."""
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
@@ -54,11 +80,11 @@ def sparsify_defaults(store: ActivationStore, passes: int = 1) -> SAE:
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
 
-    coder = SparseCoder(store.d_in, SparseCoderConfig(num_latents=D_SAE, k=K))
-    opt = ScheduleFreeWrapper(SignSGD([dict(params=coder.parameters(), lr=5e-3 / (D_SAE / 2**14) ** 0.5)]), momentum=0.95)
+    coder = SparseCoder(job.store.d_in, SparseCoderConfig(num_latents=job.d_sae, k=job.k))
+    opt = ScheduleFreeWrapper(SignSGD([dict(params=coder.parameters(), lr=5e-3 / (job.d_sae / 2**14) ** 0.5)]), momentum=0.95)
     opt.train()
-    for step, x in enumerate(batches(store, PEER_BATCH, passes=passes)):
-        if len(x) < PEER_BATCH:
+    for step, x in enumerate(job.batches(batch_size)):
+        if len(x) < batch_size:
             continue
         if step == 0:
             coder.b_dec.data = x.mean(0)
@@ -70,102 +96,144 @@ def sparsify_defaults(store: ActivationStore, passes: int = 1) -> SAE:
         opt.step()
     opt.eval()  # schedule-free: switch to the averaged weights for inference
     coder.set_decoder_norm_to_unit_norm()
-    return as_topk_sae(coder.encoder.weight.T, coder.encoder.bias, coder.W_dec, coder.b_dec, centred=True)
+    return as_topk_sae(job, coder.encoder.weight.T, coder.encoder.bias, coder.W_dec, coder.b_dec, centred=True)
 
 
-def dictionary_learning_defaults(store: ActivationStore) -> SAE:
+def dictionary_learning_defaults(job: Job) -> SAE:
     """dictionary_learning's trainSAE with TopKTrainer and its defaults (auto lr), except the warm-up: its default
-    of 1000 steps is refused for a 48-step run, so it gets 5% of the run as ours does."""
+    of 1000 steps is refused for a short run, so it gets 5% of the run as ours does."""
     from dictionary_learning.trainers.top_k import TopKTrainer
     from dictionary_learning.training import trainSAE
 
-    steps = TOKENS // PEER_BATCH
+    steps = job.budget // PEER_BATCH
+    layer = int(job.hook.split(".")[1])
     with tempfile.TemporaryDirectory() as out:  # trainSAE returns nothing: its result is the saved ae.pt
-        trainSAE(data=iter(batches(store, PEER_BATCH)), steps=steps, device="cpu", save_dir=out,
-                 trainer_configs=[dict(trainer=TopKTrainer, steps=steps, activation_dim=store.d_in, dict_size=D_SAE,
-                                       k=K, layer=15, lm_name="smollm2-135m", device="cpu",
+        trainSAE(data=iter(job.batches(PEER_BATCH)), steps=steps, device="cpu", save_dir=out,
+                 trainer_configs=[dict(trainer=TopKTrainer, steps=steps, activation_dim=job.store.d_in, dict_size=job.d_sae,
+                                       k=job.k, layer=layer, lm_name="smollm2-135m", device="cpu",
                                        warmup_steps=max(1, steps // 20))])
         sd = torch.load(Path(out) / "trainer_0" / "ae.pt", weights_only=True)
-    return as_topk_sae(sd["encoder.weight"].T, sd["encoder.bias"], sd["decoder.weight"].T, sd["b_dec"], centred=True)
+    return as_topk_sae(job, sd["encoder.weight"].T, sd["encoder.bias"], sd["decoder.weight"].T, sd["b_dec"], centred=True)
 
 
-def saelens_defaults(store: ActivationStore) -> SAE:
+def saelens_defaults(job: Job) -> SAE:
     """SAELens's SAETrainer with a TopK training SAE and its defaults (constant lr 3e-4, b_dec at zero)."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=store.d_in, d_sae=D_SAE, k=K))
-    cfg = SAETrainerConfig(total_training_samples=TOKENS, train_batch_size_samples=PEER_BATCH, device="cpu",
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=job.store.d_in, d_sae=job.d_sae, k=job.k))
+    cfg = SAETrainerConfig(total_training_samples=job.budget, train_batch_size_samples=PEER_BATCH, device="cpu",
                            lr_end=3e-4 / 10)  # what its runner config's post-init sets (lr / 10)
-    trained = SAETrainer(cfg, sae, iter(batches(store, PEER_BATCH))).fit()
-    return as_topk_sae(trained.W_enc, trained.b_enc, trained.W_dec, trained.b_dec,
+    trained = SAETrainer(cfg, sae, iter(job.batches(PEER_BATCH))).fit()
+    return as_topk_sae(job, trained.W_enc, trained.b_enc, trained.W_dec, trained.b_dec,
                        centred=bool(getattr(trained.cfg, "apply_b_dec_to_input", True)))
 
 
-PEERS = {"sparsify": sparsify_defaults, "sparsify, two passes": lambda store: sparsify_defaults(store, passes=2),
-         "dictionary_learning": dictionary_learning_defaults, "SAELens": saelens_defaults}
+def nanosae(job: Job, out: Path, **settings) -> tuple[SAE, dict]:
+    """nanosae's trainer with its defaults plus `settings` (flat TrainConfig fields)."""
+    settings = {"d_sae": job.d_sae, "k": job.k, **settings}
+    result = train(TrainConfig.build(out=str(out), acts=str(job.store.path), tokens=job.budget, checkpoint_every=0,
+                                     log_every=10_000, **settings))
+    return result.sae, result.metrics
+
+
+def trainers(job: Job, out: Path, variants: list[dict]) -> dict:
+    """name -> a function training one SAE (returning it, or it and nanosae's training metrics)."""
+    ours = TrainConfig.build(tokens=job.budget).optim.batch_size
+    runs = {"nanosae TopK": lambda: nanosae(job, out / "topk"),
+            "nanosae BatchTopK": lambda: nanosae(job, out / "batchtopk", architecture="batchtopk"),
+            "nanosae Matryoshka": lambda: nanosae(job, out / "matryoshka", architecture="matryoshka"),
+            "nanosae TopK + KL fine-tune": lambda: nanosae(job, out / "topk_kl", kl_finetune=0.1),
+            f"sparsify (batch {PEER_BATCH})": lambda: sparsify_defaults(job),
+            f"sparsify (batch {ours})": lambda: sparsify_defaults(job, ours),
+            f"dictionary_learning (batch {PEER_BATCH})": lambda: dictionary_learning_defaults(job),
+            f"SAELens (batch {PEER_BATCH})": lambda: saelens_defaults(job)}
+    for v in variants:
+        v = dict(v)
+        name = v.pop("name", json.dumps(v))
+        runs[f"nanosae {name}"] = lambda v=v, name=name: nanosae(job, out / name.replace(" ", "_").replace("/", "_"), **v)
+    return runs
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--acts", help="a stored collection of the job (default: collect it, timed)")
+    p = argparse.ArgumentParser(usage=__doc__)
+    p.add_argument("--job", choices=sorted(JOBS), help="one of the three jobs (sets --hook and --data)")
+    p.add_argument("--hook", default=JOBS["demo"][0])
+    p.add_argument("--data", action="append", help="corpus spec (repeatable; default the demo's)")
+    p.add_argument("--tokens", default="200k", help="collected tokens")
+    p.add_argument("--passes", type=int, default=3, help="passes every trainer makes over them")
+    p.add_argument("--acts", help="a stored collection of the job (default: collect it into OUT/acts)")
     p.add_argument("--eval-tokens", type=int, default=10_000)
-    p.add_argument("--out", default="runs/quality")
+    p.add_argument("--only", help="comma-separated substrings of trainer names to run")
+    p.add_argument("--variant", action="append", default=[], help="nanosae variant as JSON (repeatable)")
+    p.add_argument("--out", help="default runs/quality/JOB")
     args = p.parse_args()
     torch.set_num_threads(2)
-    out = Path(args.out)
-    times = {}
-    t = time.perf_counter()
+    keep_freed_memory()  # as the nanosae command does
+    hook, data = JOBS[args.job] if args.job else (args.hook, args.data or JOBS["demo"][1])
+    job = Job(hook, data, parse_count(args.tokens), args.passes)
+    out = Path(args.out or f"runs/quality/{args.job or hook}")
     model = load_model("smollm2-135m")
-    times["load model"] = time.perf_counter() - t
+    t = time.perf_counter()
     if args.acts:
-        store = ActivationStore(args.acts)
+        job.store = ActivationStore(args.acts)
     else:
-        t = time.perf_counter()
-        stores = collect(CollectConfig(hooks=[HOOK], data=DataConfig(specs=DATA), tokens=TOKENS, out=str(out / "acts")),
+        stores = collect(CollectConfig(hooks=[hook], data=DataConfig(specs=data), tokens=job.tokens, out=str(out / "acts")),
                          model=model)
-        store = stores[HOOK] if isinstance(stores, dict) else stores
-        times[f"collect {TOKENS // 1000}k"] = time.perf_counter() - t
-    t = time.perf_counter()
-    result = train(TrainConfig.build(out=str(out / "nanosae"), acts=str(store.path), tokens=DEMO_TRAIN, checkpoint_every=0))
-    times["train (nanosae)"] = time.perf_counter() - t
-    held_out = DataConfig(specs=DATA, split="eval")
-    t = time.perf_counter()
-    ours = evaluate(result.sae, model, held_out, tokens=args.eval_tokens)
-    times["eval"] = time.perf_counter() - t
-    t = time.perf_counter()
-    one_pass = train(TrainConfig.build(out=str(out / "nanosae_one_pass"), acts=str(store.path), tokens=TOKENS, checkpoint_every=0))
-    rows = {f"nanosae (as the demo: {DEMO_TRAIN / TOKENS:g} passes)": (ours, result.metrics["dead_fraction"], times["train (nanosae)"]),
-            "nanosae, one pass": (None, one_pass.metrics["dead_fraction"], time.perf_counter() - t)}
-    peer_saes, peer_secs = {}, {}
-    for name, fn in PEERS.items():
+        job.store = stores[hook] if isinstance(stores, dict) else stores
+    collect_s = time.perf_counter() - t
+    runs = trainers(job, out / "runs", [json.loads(v) for v in args.variant])
+    if args.only:
+        wanted = [w.strip().lower() for w in args.only.split(",")]
+        runs = {name: fn for name, fn in runs.items() if any(w in name.lower() for w in wanted)}
+    saes, rows = {}, {}
+    for name, fn in runs.items():
         try:
             t = time.perf_counter()
-            peer_saes[name] = fn(store)
-            peer_secs[name] = time.perf_counter() - t
+            trained = fn()
+            seconds = time.perf_counter() - t
         except ImportError as e:
             print(f"{name} not measured (not installed here: {e.name})")
+            continue
         except Exception as e:  # a peer's own refusal: report it, measure the others
-            print(f"{name} failed with its defaults: {type(e).__name__}: {e}")
-    others = [one_pass.sae, *peer_saes.values()]  # evaluated on the same tokens as ours, sharing one clean pass
-    one_pass_metrics, *peer_metrics = evaluate(others, model, held_out, tokens=args.eval_tokens)
-    rows["nanosae, one pass"] = (one_pass_metrics, *rows["nanosae, one pass"][1:])
-    for name, metrics in zip(peer_saes, peer_metrics):
-        rows[f"{name} (its defaults)"] = (metrics, None, peer_secs[name])
-    print(f"\nSmolLM2-135M {HOOK}, TopK d_sae {D_SAE} k {K}, {TOKENS:,} collected tokens, "
-          f"{ours['tokens']:,} held-out eval tokens")
-    print("\n| trainer | FVU | CE-loss score | L0 | dead in training | never fired in eval | train s |\n|---|---|---|---|---|---|---|")
-    for name, (m, dead, sec) in rows.items():
-        dead_text = "-" if dead is None else f"{dead:.2%}"
-        print(f"| {name} | {m['fvu']:.4f} | {m['ce_loss_score']:.4f} | {m['l0']:.1f} | {dead_text} | "
-              f"{m['dead_fraction']:.2%} | {sec:.0f} |")
-    total = sum(v for k, v in times.items() if k != "load model")
-    print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; time to result (collect + train + eval) {total:.0f} s")
-    print("targets: FVU <= 0.06, CE-loss score >= 0.98, dead <= 1% in training, whole path <= 270 s")
-    save(__file__, {"seconds": times, "rows": {name: {"metrics": {k: v for k, v in m.items() if not isinstance(v, list)},
-                                                     "dead_in_training": dead, "train_s": sec}
-                                              for name, (m, dead, sec) in rows.items()}})
+            print(f"{name} failed: {type(e).__name__}: {e}")
+            continue
+        sae, metrics = trained if isinstance(trained, tuple) else (trained, {})
+        saes[name] = sae
+        rows[name] = {"train_s": round(seconds, 1), "dead_in_training": metrics.get("dead_fraction")}
+        print(f"trained {name} in {seconds:.0f} s", flush=True)
+    held_out = DataConfig(specs=data, split="eval")
+    t = time.perf_counter()
+    results = evaluate(list(saes.values()), model, held_out, tokens=args.eval_tokens)
+    eval_s = time.perf_counter() - t
+    for name, m in zip(saes, results):
+        rows[name] |= {k: m[k] for k in ("fvu", "ce_loss_score", "kl_div", "l0", "dead_fraction")}
+    n_eval = results[0]["tokens"] if results else 0
+    print(f"\nSmolLM2-135M {hook} on {' + '.join(data)}: {len(job.store):,} collected tokens x {job.passes} passes = "
+          f"{job.budget:,} training tokens for every trainer; d_sae {job.d_sae}, k {job.k} (L0 {job.k}); "
+          f"{n_eval:,} held-out eval tokens")
+    print("\n| trainer | FVU | CE-loss score | KL | L0 | dead in training | never fired in eval | train s |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        if "fvu" not in r:
+            continue
+        dead = "-" if r["dead_in_training"] is None else f"{r['dead_in_training']:.2%}"
+        print(f"| {name} | {r['fvu']:.4f} | {r['ce_loss_score']:.4f} | {r['kl_div']:.4f} | {r['l0']:.1f} | {dead} | "
+              f"{r['dead_fraction']:.2%} | {r['train_s']:.0f} |")
+    peers = [r for n, r in rows.items() if n.startswith("sparsify") and "fvu" in r]
+    if peers:
+        best = min(peers, key=lambda r: r["fvu"])
+        print("\nagainst sparsify's best row (targets: CE gap <= 0.75x, FVU <= 0.9x):")
+        for name, r in rows.items():
+            if name.startswith("nanosae") and "fvu" in r:
+                gap = (1 - r["ce_loss_score"]) / max(1e-9, 1 - best["ce_loss_score"])
+                print(f"  {name}: CE gap {gap:.2f}x, FVU {r['fvu'] / best['fvu']:.2f}x")
+    print(f"\ncollect {collect_s:.0f} s, eval {eval_s:.0f} s")
+    name = f"quality_{args.job}" if args.job else "quality"
+    save(name + ".py", {"job": {"hook": hook, "data": data, "collected_tokens": len(job.store), "passes": job.passes,
+                                "training_tokens": job.budget, "d_sae": job.d_sae, "k": job.k, "eval_tokens": n_eval},
+                        "rows": rows, "seconds": {"collect": collect_s, "eval": eval_s}})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 
 from nanosae import ActivationStore, DataConfig
 from nanosae.eval import evaluate
-from nanosae.models import load_model
+from nanosae.models import keep_freed_memory, load_model
 
 from _results import save
 from quality import Job, nanosae
@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("variants", nargs="+")
     args = p.parse_args()
     torch.set_num_threads(2)
+    keep_freed_memory()  # as the nanosae command does
     variants = [json.loads(v) for v in args.variants]
     names = [v.pop("name", json.dumps(v)) for v in variants]
     table: dict[str, dict[str, dict]] = {name: {} for name in names}

@@ -458,6 +458,8 @@ class OptimConfig:
     """Weight of the AuxK loss."""
     resample_every: int | None = None
     """ReLU SAEs: resample dead latents every N steps (default steps/8)."""
+    norm_weighting: float = 0.0
+    """Weight each token's squared error by (‖x‖² / batch mean)^−p: 0 plain MSE, 1 error relative to the norm."""
     k_anneal: float = 0.0
     """TopK family: share of the run over which k falls linearly from k_start to k (0 = k throughout)."""
     k_start: int | None = None
@@ -479,6 +481,7 @@ class OptimConfig:
         check_range("lr_decay_fraction", self.lr_decay_fraction, 0, 1)
         check_range("kl_finetune", self.kl_finetune, 0, 1)
         check_range("k_anneal", self.k_anneal, 0, 1)
+        check_range("norm_weighting", self.norm_weighting, 0, 2)
         check_range("k_start", self.k_start, 1)
         check_range("kl_coefficient", self.kl_coefficient, 0)
         for name in ("beta1", "beta2", "ema_decay"):

@@ -16,7 +16,8 @@ def grads(sae, x, **kw):
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("n_dead", [0, 8, 30])  # 8 < k_aux: AuxK uses every dead latent; 30 > k_aux: the top 12
-def test_fast_path_equals_dense(arch, n_dead):
+@pytest.mark.parametrize("norm_weighting", [0.0, 0.7])
+def test_fast_path_equals_dense(arch, n_dead, norm_weighting):
     sae = SAE(SAEConfig(d_in=24, d_sae=96, architecture=arch, k=6, dtype="float64"))
     with torch.no_grad():
         sae.b_dec.normal_()
@@ -26,7 +27,7 @@ def test_fast_path_equals_dense(arch, n_dead):
     with_dead = n_dead > 0
     dead = torch.zeros(96, dtype=torch.bool)
     dead[torch.randperm(96)[:n_dead]] = True
-    kw = dict(dead_mask=dead if with_dead else None, k_aux=12)
+    kw = dict(dead_mask=dead if with_dead else None, k_aux=12, norm_weighting=norm_weighting)
     fast, g_fast = grads(sae, x, fast=True, **kw)
     dense, g_dense = grads(sae, x, fast=False, **kw)
     assert fast.parts.keys() == dense.parts.keys() and ("auxk" in fast.parts) == with_dead
@@ -45,6 +46,21 @@ def test_fast_path_equals_dense(arch, n_dead):
     assert g_fast.keys() == g_dense.keys() == {"W_enc", "b_enc", "W_dec", "b_dec"}
     for name in g_fast:
         assert torch.allclose(g_fast[name], g_dense[name], atol=1e-10), name
+
+
+def test_norm_weighting_by_hand():
+    """Two tokens with squared norms 1 and 4 (mean 2.5): weights (1/2.5)^-1, (4/2.5)^-1 = 2.5, 0.625, over
+    their mean 1.5625 = 1.6, 0.4; the loss is the weighted mean of the squared errors."""
+    sae = SAE(SAEConfig(d_in=2, d_sae=4, architecture="topk", k=1, dtype="float64"))
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.zero_()  # every latent 0: x_hat = b_dec = 0
+        sae.b_dec.zero_()
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    for fast in (True, False):
+        out = sae_loss(sae, x, norm_weighting=1.0, fast=fast)
+        assert float(out.parts["mse"]) == pytest.approx((1.6 * 1 + 0.4 * 4) / 2)
+        assert float(sae_loss(sae, x, fast=fast).parts["mse"]) == pytest.approx((1 + 4) / 2)
 
 
 def test_batchtopk_fast_keeps_exactly_kB():

@@ -38,6 +38,7 @@ def sae_loss(
     dead_mask: Tensor | None = None,
     k_aux: int | None = None,
     aux_coefficient: float = 1 / 32,
+    norm_weighting: float = 0.0,
     fast: bool = True,
 ) -> LossOutput:
     """Training loss and its parts for a batch x (B, d_in).
@@ -45,23 +46,25 @@ def sae_loss(
     target (B, d_out) is what a transcoder predicts; SAEs and crosscoders reconstruct x itself.
     sparsity_coefficient is the L1 weight (relu, gated) or the L0 weight (jumprelu).
     dead_mask (d_sae,) enables the AuxK loss (topk/batchtopk/matryoshka): the k_aux largest dead latents
-    reconstruct the residual error (Gao et al. 2024). fast uses the sparse kernels for topk/batchtopk
+    reconstruct the residual error (Gao et al. 2024). norm_weighting p weights each token's squared error by
+    (‖y‖² / batch mean ‖y‖²)^−p, normalised to mean 1 (0: plain MSE). fast uses the sparse kernels for topk/batchtopk
     (same values and gradients as the dense path, far fewer FLOPs).
     """
     x_norm, _ = sae._normalize(sae._check(x))
     y = x_norm if target is None else sae.normalize_target(target)
     arch = sae.cfg.architecture
     if fast and arch in ("topk", "batchtopk") and not x_norm.requires_grad:  # the input's gradient needs the dense path
-        return _sparse_loss(sae, x_norm, y, dead_mask, k_aux, aux_coefficient)
+        return _sparse_loss(sae, x_norm, y, dead_mask, k_aux, aux_coefficient, norm_weighting)
     pre = sae.pre_acts(x_norm)
     z = sae.activate(pre, x_norm)
     skip = sae._skip(x_norm)
     x_hat = z @ sae.W_dec + sae.b_dec + skip
-    parts = {"mse": (x_hat - y).pow(2).sum(-1).mean()}
+    weights = token_weights(y, norm_weighting)
+    parts = {"mse": squared_error(x_hat, y, weights)}
     if arch == "matryoshka":  # every nested prefix reconstructs y on its own; the full one is "mse"
         for m in sae.cfg.matryoshka_groups[:-1]:
             prefix_hat = z[:, :m] @ sae.W_dec[:m] + sae.b_dec + skip
-            parts[f"mse_{m}"] = (prefix_hat - y).pow(2).sum(-1).mean()
+            parts[f"mse_{m}"] = squared_error(prefix_hat, y, weights)
     dec_norms = sae.decoder_norms()
     if arch == "relu":
         parts["l1"] = sparsity_coefficient * (z * dec_norms).sum(-1).mean()
@@ -83,8 +86,24 @@ def sae_loss(
     return LossOutput(sum(parts.values()), parts, (z > 0).sum(0), x_hat.detach(), y)
 
 
+def token_weights(y: Tensor, power: float) -> Tensor | None:
+    """Per-token weights (‖y‖² / mean ‖y‖²)^−power with mean 1: a few huge-norm tokens (attention sinks,
+    outlier dimensions) dominate a plain MSE, while the model's predictions depend on the ordinary ones."""
+    if not power:
+        return None
+    sq = y.detach().float().pow(2).sum(-1)
+    w = (sq / sq.mean().clamp_min(1e-12)).clamp_min(1e-6).pow(-power)
+    return (w / w.mean()).to(y.dtype)
+
+
+def squared_error(x_hat: Tensor, y: Tensor, weights: Tensor | None) -> Tensor:
+    """Squared error summed over the output, averaged over tokens (weighted when weights are given)."""
+    err = (x_hat - y).pow(2).sum(-1)
+    return err.mean() if weights is None else (err * weights).mean()
+
+
 def _sparse_loss(sae: SAE, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, k_aux: int | None,
-                 aux_coefficient: float) -> LossOutput:
+                 aux_coefficient: float, norm_weighting: float = 0.0) -> LossOutput:
     b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
     dead = dead_mask if dead_mask is not None and bool(dead_mask.any()) else None
     k_aux = k_aux or sae.cfg.d_in // 2
@@ -98,7 +117,7 @@ def _sparse_loss(sae: SAE, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, 
         sel = kernels.select_batch_topk(pre, sae.cfg.k)
     vals = kernels.selected_preacts(xc, sae.W_enc, sae.b_enc, b_dec, sel).relu()
     x_hat = kernels.sparse_decode(vals, sel, sae.W_dec) + sae.b_dec + sae._skip(x_norm)
-    parts = {"mse": (x_hat - y).pow(2).sum(-1).mean()}
+    parts = {"mse": squared_error(x_hat, y, token_weights(y, norm_weighting))}
     if dead is not None:
         dead_idx = dead.nonzero().squeeze(1)
         dead_pre = sae._centred(x_norm) @ sae.W_enc[:, dead_idx] + sae.b_enc[dead_idx]  # dead columns only

@@ -484,7 +484,8 @@ class SAERun:
         sae.cfg.k = k_at(self.step, cfg, d)  # k annealing: only while the loss is computed
         try:
             out = sae_loss(sae, x, y, sparsity_coefficient=coeff, k_aux=cfg.optim.k_aux,
-                           aux_coefficient=cfg.optim.aux_coefficient, dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None)
+                           aux_coefficient=cfg.optim.aux_coefficient, norm_weighting=cfg.optim.norm_weighting,
+                           dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None)
         finally:
             sae.cfg.k = k
         if extra is not None:
