@@ -13,6 +13,7 @@ compared with, per job (FVU and CE-loss gap as ratios to it).
 """
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -44,7 +45,8 @@ def main() -> None:
         job_name, _, path = spec.partition("=")
         store = ActivationStore(path)
         m = store.manifest
-        job = Job(m["hook"], m["data"]["specs"], len(store), args.passes, store=store)
+        data = DataConfig.from_dict(m["data"])
+        job = Job(m["hook"], data, len(store), args.passes, store=store)
         saes = {}
         for name, settings in zip(names, variants):
             t = time.perf_counter()
@@ -54,7 +56,7 @@ def main() -> None:
             print(f"{job_name}: {name} trained in {table[name][job_name]['train_s']:.0f} s", flush=True)
         if m["model"] not in models:
             models[m["model"]] = load_model(m["model"])
-        held_out = DataConfig(specs=job.data, context_size=m["context_size"], split="eval")
+        held_out = dataclasses.replace(data, split="eval")
         results = evaluate(list(saes.values()), models[m["model"]], held_out, tokens=args.eval_tokens)
         for name, r in zip(saes, results):
             table[name][job_name] |= {k: r[k] for k in ("fvu", "ce_loss_score", "kl_div", "dead_fraction")}
