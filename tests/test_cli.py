@@ -69,6 +69,26 @@ def test_eval_command_writes_eval_json_and_report(tiny_llama_dir, word_corpus, t
     assert (tmp_path / "sweep" / "report.html").exists() and "ce_loss_score" in r.output
 
 
+def test_eval_full_suite_writes_sections_and_saebench_files(viewer_run, word_corpus, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(viewer_run, run)
+    r = CliRunner().invoke(app, ["eval", str(run), "--suite", "full", "--data", str(word_corpus), "--tokens", "100",
+                                 "--context-size", "16"])
+    assert r.exit_code == 0, r.output
+    result = json.loads((run / "eval.json").read_text())
+    # the tiny word-level tokenizer has no single-token English words and cannot read Python: said, not failed
+    assert "single-token words" in result["absorption"]["note"] and "no usable" in result["sparse_probing"]["note"]
+    assert result["explanations"] == {"explanation_score": 0.9, "explanation_score_std": 0.0, "latents_scored": 1,
+                                      "latents": 24, "methods": []}
+    files = sorted(p.name for p in (run / "saebench").iterdir())
+    assert files == ["autointerp.json", "core.json"]
+    core = json.loads((run / "saebench" / "core.json").read_text())
+    assert core["eval_type_id"] == "core" and core["eval_result_metrics"]["sparsity"]["l0"] == result["l0"]
+    assert "explanations: explanation_score" in r.output
+
+
 def test_features_track_steer_commands(tiny_llama_dir, word_corpus, tmp_path):
     runner = CliRunner()
     SAE(SAEConfig(d_in=32, d_sae=16, architecture="topk", k=3, hook_name="blocks.1.hook_resid_post",

@@ -201,9 +201,11 @@ SAE_PATHS = inspect.Parameter("paths", inspect.Parameter.POSITIONAL_OR_KEYWORD, 
          "directory, or the folder holding the SAEs)."), DEVICE, TOKENIZER])
 def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = None, out: Path | None = None,
              device: str = "cpu", tokenizer: Path | None = None, **given: Any) -> None:
-    """Evaluate SAEs: FVU, L0, dead/dense latents, CE/KL with the SAE spliced in; writes eval.json and report.html."""
+    """Evaluate SAEs: FVU, L0, dead/dense latents, CE/KL with the SAE spliced in (--suite full: also absorption,
+    sparse probing, explanation scores); writes eval.json (+ saebench/*.json) and report.html."""
     from nanosae.eval import evaluate
     from nanosae.eval.report import TABLE_KEYS, write_report
+    from nanosae.eval.suite import run_suite, write_saebench
     from nanosae.io import write_json, write_lock
     from nanosae.models import load_model
     from nanosae.rundir import eval_path, locate, model_spec, report_dir
@@ -218,9 +220,18 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
         results = evaluate(saes, host, cfg.data, tokens=cfg.tokens, batch_size=cfg.batch_size, ablation=cfg.ablation,
                            hooks=[hook] * len(saes) if hook else None,
                            progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)))
-    for (run, sae_path), result in zip(located, results):
+    if cfg.suite == "full":
+        dbs = [run.features if run else None for run, _ in located]
+        with console.status("full suite") as status:
+            extra = run_suite(saes, host, [hook or r["hook"] for r in results], dbs,
+                              status=lambda text: status.update(f"full suite: {text}"))
+        results = [r | sections for r, sections in zip(results, extra)]
+    for (run, sae_path), result, sae in zip(located, results, saes):
         with write_lock(run.path) if run else contextlib.nullcontext():  # not while a training run writes it
-            write_json(eval_path(run, sae_path), result)
+            path = write_json(eval_path(run, sae_path), result)
+            if cfg.suite == "full":
+                write_saebench(path.parent / (f"{path.name.removesuffix('.eval.json')}.saebench" if path.name.endswith(
+                    ".eval.json") else "saebench"), result, sae)
     names = [(run.path if run else sae_path).name for run, sae_path in located]
     report = write_report(results, names, (out or report_dir(located)) / "report.html")
     table = Table(title=f"{spec} · {results[0]['hook']} · {results[0]['tokens']:,} tokens")
@@ -229,8 +240,20 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
         table.add_column(name, justify="right")
     for key in TABLE_KEYS:
         table.add_row(key, *[f"{r[key]:.4g}" if isinstance(r[key], float) else str(r[key]) for r in results])
+    for section, key in SUITE_KEYS if cfg.suite == "full" else ():
+        table.add_row(f"{section}: {key}", *[_cell((r.get(section) or {}).get(key)) for r in results])
     console.print(table)
     console.print(f"report: {report}")
+
+
+SUITE_KEYS = [("absorption", "mean_absorption_fraction_score"), ("absorption", "mean_full_absorption_score"),
+              ("absorption", "mean_num_split_features"), ("sparse_probing", "llm_test_accuracy"),
+              ("sparse_probing", "sae_top_1_test_accuracy"), ("sparse_probing", "sae_top_5_test_accuracy"),
+              ("explanations", "explanation_score"), ("explanations", "latents_scored")]
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 FEATURES_OPTIONS = options_for(FeaturesConfig)

@@ -17,9 +17,10 @@ LRSchedule = Literal["constant", "cosine", "linear"]
 BDecInit = Literal["geometric_median", "mean", "zeros"]
 StoreDtype = Literal["float16", "bfloat16", "float32"]
 Ablation = Literal["zero", "mean"]
+Suite = Literal["core", "full"]
 ARCHITECTURES = get_args(Architecture)
 LITERALS = {"Architecture": Architecture, "InputNorm": InputNorm, "LRSchedule": LRSchedule, "BDecInit": BDecInit,
-            "StoreDtype": StoreDtype, "Ablation": Ablation}
+            "StoreDtype": StoreDtype, "Ablation": Ablation, "Suite": Suite}
 BATCH_TOPK = ("batchtopk", "matryoshka")  # architectures that select the top k·B of a batch while training
 NORMALIZATIONS = get_args(InputNorm)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -330,6 +331,8 @@ class EvalConfig:
     """Windows per forward pass."""
     ablation: Ablation = "zero"
     """Baseline of the CE-loss score: zero or mean ablation of what the SAE replaces."""
+    suite: Suite = "core"
+    """core: reconstruction, sparsity, CE/KL; full: also absorption, sparse probing and explanation scores."""
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -5,8 +5,8 @@ when, for some words, the latents that usually carry "starts with L" stay silent
 (say, "the word 'lion'") fires instead with the letter direction folded into its decoder row. Steps:
 
 1. words: single tokens of the host model's vocabulary that are a space and letters (" apple"), each with
-   its first letter; prompts "{word} has the first letter:" after a few in-context examples ("... : A");
-   the activation is read at the word's own token, at the SAE's hook; words split into train and test.
+   its first letter; lines "{word} has the first letter: A", many per prompt after a few example lines; the
+   activation is read at each word's own token, at the SAE's hook; words split into train and test.
 2. a logistic probe per letter (one-vs-rest) on those activations: the letter's ground-truth direction.
 3. each letter's main latents by k-sparse probing: latents ranked by how much more they fire on the letter's
    words; k grows from 1 while the test F1 of a probe on the top k jumps by more than f1_jump; the extra
@@ -45,7 +45,9 @@ EPS = 1e-8
 class AbsorptionConfig:
     template: str = "{word} has the first letter:"
     icl_examples: int = 4
-    max_words: int = 1200
+    """Answered lines before the first word read in each prompt."""
+    words_per_prompt: int = 32
+    max_words: int = 3000
     test_fraction: float = 0.3
     max_k: int = 10
     f1_jump: float = 0.03
@@ -53,14 +55,14 @@ class AbsorptionConfig:
     fraction_cos: float = 0.1
     proportion: float = 0.4
     max_absorbers: int = 3
-    batch_size: int = 32
+    batch_size: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
         if "{word}" not in self.template:
             raise ConfigError(f"absorption template {self.template!r} must contain {{word}}")
         check_range("test_fraction", self.test_fraction, 0, 1, open_low=True, open_high=True)
-        for name in ("max_words", "max_k", "max_absorbers", "batch_size"):
+        for name in ("max_words", "max_k", "max_absorbers", "batch_size", "words_per_prompt"):
             check_range(name, getattr(self, name), 1)
 
 
@@ -76,33 +78,42 @@ def letter_words(model: HostModel, max_words: int, seed: int = 0) -> list[str]:
     return words[:max_words]
 
 
-def prompts(model: HostModel, words: list[str], cfg: AbsorptionConfig) -> list[tuple[list[int], int]]:
-    """(tokens, position of the word's token) per word; in-context examples drawn from the other words."""
-    rng = random.Random(cfg.seed)
-    tok, out = model.tokenizer, []
-    for word in words:
-        examples = rng.sample([w for w in words if w != word], cfg.icl_examples)
-        lines = "".join(f"{cfg.template.format(word=w)} {w.strip()[0].upper()}\n" for w in examples)
-        head = [tok.bos_id] + tok.encode(lines + word)
-        full = [tok.bos_id] + tok.encode(lines + cfg.template.format(word=word))
-        if full[: len(head)] != head:  # the word merged with what follows: no clean position to read
-            full = head
-        out.append((full, len(head) - 1))
+def prompts(model: HostModel, words: list[str], cfg: AbsorptionConfig) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token sequences of answered lines ("{word} has the first letter: A") and, in each, (word index,
+    position of its token) of the words read. Many words share a sequence: every line is an in-context example
+    for the lines after it, and a word's activation cannot see its own answer (it comes later), so one pass
+    reads many words; the first icl_examples lines of each sequence only serve as examples. A word whose token
+    merges with the text around it is left out."""
+    tok, rng = model.tokenizer, random.Random(cfg.seed)
+    line = lambda w: f"{cfg.template.format(word=w)} {w.strip()[0].upper()}\n"
+    out = []
+    for start in range(0, len(words), cfg.words_per_prompt):
+        chunk = list(range(start, min(start + cfg.words_per_prompt, len(words))))
+        examples = rng.sample([w for i, w in enumerate(words) if not start <= i < chunk[-1] + 1] or words,
+                              min(cfg.icl_examples, len(words)))
+        text, heads = "".join(map(line, examples)), []
+        for i in chunk:
+            heads.append((i, tok.encode(text + words[i])))
+            text += line(words[i])
+        tokens = [tok.bos_id] + tok.encode(text)
+        out.append((tokens, [(i, len(head)) for i, head in heads if tokens[1: len(head) + 1] == head]))
     return out
 
 
 @torch.no_grad()
-def word_activations(model: HostModel, hook: str, words: list[str], cfg: AbsorptionConfig) -> Tensor:
-    """(words, d) activations at the hook, read at each word's token."""
+def word_activations(model: HostModel, hook: str, words: list[str], cfg: AbsorptionConfig) -> tuple[Tensor, list[int]]:
+    """(activations at the hook read at each word's token, the indices of the words read)."""
     rows = prompts(model, words, cfg)
-    out = []
+    out, read = [], []
     for i in range(0, len(rows), cfg.batch_size):
         batch = rows[i: i + cfg.batch_size]
         width = max(len(t) for t, _ in batch)
         tokens = torch.tensor([t + [model.tokenizer.bos_id] * (width - len(t)) for t, _ in batch])  # padding after: causal
         _, cache = model.run_with_cache(tokens, [hook], return_logits=False)
-        out.append(cache[hook][torch.arange(len(batch)), torch.tensor([p for _, p in batch])].float().cpu())
-    return torch.cat(out)
+        for j, (_, places) in enumerate(batch):
+            out.append(cache[hook][j, [p for _, p in places]].float().cpu())
+            read += [w for w, _ in places]
+    return torch.cat(out), read
 
 
 def absorption(sae: SAE, model: HostModel, cfg: AbsorptionConfig | None = None, hook: str | None = None) -> dict[str, Any]:
@@ -111,11 +122,15 @@ def absorption(sae: SAE, model: HostModel, cfg: AbsorptionConfig | None = None, 
     if sae.cfg.kind != "sae":
         raise ConfigError(f"absorption is for SAEs at one hook, not a {sae.cfg.kind}")
     hook = hook or sae.cfg.hook_name
+    x, labels = letter_data(model, hook, cfg)
+    return absorption_from_activations(sae, x, labels, list(LETTERS), cfg) | {"hook": hook}
+
+
+def letter_data(model: HostModel, hook: str, cfg: AbsorptionConfig) -> tuple[Tensor, Tensor]:
+    """(activations at each word's token, first-letter ids): what every SAE at that hook is scored on."""
     words = letter_words(model, cfg.max_words, cfg.seed)
-    x = word_activations(model, hook, words, cfg)
-    labels = torch.tensor([LETTERS.index(w.strip()[0].lower()) for w in words])
-    result = absorption_from_activations(sae, x, labels, list(LETTERS), cfg)
-    return result | {"hook": hook, "words": len(words)}
+    x, read = word_activations(model, hook, words, cfg)
+    return x, torch.tensor([LETTERS.index(words[i].strip()[0].lower()) for i in read])
 
 
 def _contribution_scale(sae: SAE, x: Tensor) -> Tensor:
@@ -176,7 +191,7 @@ def absorption_from_activations(sae: SAE, x: Tensor, labels: Tensor, classes: li
             "std_dev_absorption_fraction_score": _std(col("mean_absorption_fraction")),
             "std_dev_full_absorption_score": _std(col("full_absorption_rate")),
             "std_dev_num_split_features": _std(col("num_split_features")),
-            "letters_scored": len(scored), "details": details, "config": asdict(cfg)}
+            "letters_scored": len(scored), "words": n, "details": details, "config": asdict(cfg)}
 
 
 def _absorbed(act_proj: Tensor, contributions: Tensor, acts: Tensor, cos: Tensor, main: list[int],

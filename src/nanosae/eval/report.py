@@ -81,6 +81,76 @@ def frontier_plot(results: list[dict], names: list[str], key: str, label: str) -
     return _figure("L0", label, draw, size=(5, 3.4), legend=False)
 
 
+def frontier_plot_of(results: list[dict], names: list[str], section: str, key: str, label: str) -> str:
+    """A frontier of a suite section's metric against L0 (SAEs without the section left out)."""
+    kept = [(r | {"_y": r[section][key]}, n) for r, n in zip(results, names) if key in (r.get(section) or {})]
+    return frontier_plot([r for r, _ in kept], [n for _, n in kept], "_y", label)
+
+
+def absorption_plot(results: list[dict], names: list[str]) -> str:
+    def draw(ax: Any) -> None:
+        width = 0.8 / len(results)
+        for i, (r, name) in enumerate(zip(results, names)):
+            details = r["absorption"]["details"]
+            ax.bar([j + i * width for j in range(len(details))], [d["mean_absorption_fraction"] for d in details],
+                   width=width, label=name, alpha=0.8)
+            ax.set_xticks(range(len(details)), [d["first_letter"] for d in details])
+
+    return _figure("first letter", "absorption fraction", draw, size=(8, 3))
+
+
+SUITE_ROWS = {"absorption": ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
+                             "letters_scored", "words"),
+              "sparse_probing": ("llm_test_accuracy", "sae_test_accuracy", "llm_top_1_test_accuracy", "sae_top_1_test_accuracy",
+                                 "sae_top_2_test_accuracy", "sae_top_5_test_accuracy", "sae_top_20_test_accuracy", "tasks"),
+              "explanations": ("explanation_score", "explanation_score_std", "latents_scored", "latents")}
+SUITE_NOTES = {
+    "absorption": "First-letter task (Chanin et al. 2024, SAEBench's rules): the share of a letter's direction that latents "
+                  "other than the letter's main latents carry, on words the letter probe gets right; lower is better.",
+    "sparse_probing": "Test accuracy of logistic probes on the dense activations (llm) and on the k SAE latents whose mean "
+                      "differs most between the classes (sae top k), averaged over the token-level tasks below.",
+    "explanations": "Mean detection score (balanced accuracy on held-out active and silent windows) of the explanations "
+                    "in features.db."}
+
+
+def suite_sections(results: list[dict], names: list[str]) -> str:
+    """The full suite's tables and plots (nothing when no result has them)."""
+    out = []
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    for section, keys in SUITE_ROWS.items():
+        if not any(isinstance(r.get(section), dict) for r in results):
+            continue
+        rows = "".join(f"<tr><th>{html.escape(k)}</th>" + "".join(
+            f"<td>{_fmt((r.get(section) or {}).get(k, (r.get(section) or {}).get('note', '-')))}</td>" for r in results) + "</tr>"
+            for k in keys)
+        out.append(f"<h2>{html.escape(section.replace('_', ' '))}</h2><p class='note'>{html.escape(SUITE_NOTES[section])}</p>"
+                   f"<table><tr><th>metric</th>{head}</tr>{rows}</table>")
+        if section == "absorption" and all("details" in (r.get("absorption") or {}) for r in results):
+            out.append(f'<figure><img alt="absorption by letter" src="{absorption_plot(results, names)}"></figure>')
+        if section == "sparse_probing":
+            for r, name in zip(results, names):
+                details = (r.get("sparse_probing") or {}).get("details") or {}
+                if not details:
+                    continue
+                cols = [k for k in next(iter(details.values())) if k.endswith("accuracy") or k == "examples"]
+                body = "".join(f"<tr><th>{html.escape(t)}</th>" + "".join(f"<td>{_fmt(d[c])}</td>" for c in cols) + "</tr>"
+                               for t, d in details.items())
+                out.append(f"<h3>{html.escape(name)}: tasks</h3><table><tr><th>task</th>"
+                           + "".join(f"<th>{html.escape(c.removesuffix('_test_accuracy'))}</th>" for c in cols)
+                           + f"</tr>{body}</table>")
+    if len(results) > 1:
+        plots = []
+        if sum("mean_absorption_fraction_score" in (r.get("absorption") or {}) for r in results) > 1:
+            plots.append(("Absorption vs L0", frontier_plot_of(results, names, "absorption", "mean_absorption_fraction_score",
+                                                              "absorption fraction")))
+        if sum("sae_top_1_test_accuracy" in (r.get("sparse_probing") or {}) for r in results) > 1:
+            plots.append(("Sparse probing vs L0", frontier_plot_of(results, names, "sparse_probing", "sae_top_1_test_accuracy",
+                                                                  "top-1 probing accuracy")))
+        out += [f'<figure><figcaption>{html.escape(t)}</figcaption><img alt="{html.escape(t)}" src="{src}"></figure>'
+                for t, src in plots]
+    return "".join(out)
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if not math.isnan(v) else "nan"
@@ -106,7 +176,8 @@ def render(results: list[dict], names: list[str], title: str = "nanosae evaluati
 <style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f4f4f4}}figure{{display:inline-block;margin:1em}}
 figcaption{{font-weight:600}}.note{{max-width:36em;font-size:12px;color:#555}}</style></head><body><h1>{html.escape(title)}</h1><p>hook: {hooks}; {results[0]['tokens']:,} held-out tokens,
-{html.escape(results[0]['ablation'])}-ablation baseline.</p><table><tr><th>metric</th>{head}</tr>{rows}</table>{figs}</body></html>"""
+{html.escape(results[0]['ablation'])}-ablation baseline.</p><table><tr><th>metric</th>{head}</tr>{rows}</table>{figs}
+{suite_sections(results, names)}</body></html>"""
 
 
 def write_report(results: list[dict], names: list[str], path: str | Path, title: str = "nanosae evaluation") -> Path:
