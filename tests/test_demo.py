@@ -35,3 +35,16 @@ def test_demo_quick_end_to_end(tmp_path):
     assert sqlite3.connect(out / "features.db").execute("SELECT value FROM meta WHERE key = 'tokens'").fetchone()[0] == "24576"
     before, after = map(float, re.search(r"fires on .*: ([0-9.e+-]+) -> ([0-9.e+-]+)", r.output.replace("\n", " ")).groups())
     assert after > before
+    # the evaluations beyond reconstruction, from Python, on the real model (smaller than the defaults)
+    from nanosae import SAE
+    from nanosae.eval.absorption import AbsorptionConfig, absorption
+    from nanosae.eval.probing import ProbingConfig, sparse_probing
+    from nanosae.models import load_model
+
+    model, sae = load_model("smollm2-135m"), SAE.load(out / "sae")
+    absorbed = absorption(sae, model, AbsorptionConfig(max_words=800))
+    assert absorbed["words"] > 700 and absorbed["letters_scored"] >= 15
+    assert 0 <= absorbed["mean_full_absorption_score"] <= 1 and 0 <= absorbed["mean_absorption_fraction_score"] <= 1
+    probed = sparse_probing(sae, model, ProbingConfig(windows=16, per_class=150))
+    assert probed["tasks"] >= 6 and probed["details"]["keyword"]["llm_test_accuracy"] > 0.85
+    assert probed["llm_test_accuracy"] >= probed["sae_top_1_test_accuracy"] - 0.1
