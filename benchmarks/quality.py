@@ -159,7 +159,7 @@ def trainers(job: Job, out: Path, variants: list[dict]) -> dict:
     runs = {"nanosae TopK": lambda: nanosae(job, out / "topk"),
             "nanosae BatchTopK": lambda: nanosae(job, out / "batchtopk", architecture="batchtopk"),
             "nanosae Matryoshka": lambda: nanosae(job, out / "matryoshka", architecture="matryoshka"),
-            "nanosae TopK + KL fine-tune": lambda: nanosae(job, out / "topk_kl", kl_finetune=0.1),
+            "nanosae TopK + KL fine-tune 5%": lambda: nanosae(job, out / "topk_kl", kl_finetune=0.05),
             f"sparsify (batch {PEER_BATCH})": lambda: sparsify_defaults(job),
             f"sparsify (batch {ours})": lambda: sparsify_defaults(job, ours),
             f"dictionary_learning (batch {PEER_BATCH})": lambda: dictionary_learning_defaults(job),
