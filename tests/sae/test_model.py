@@ -70,6 +70,19 @@ def test_batchtopk_threshold_estimated_in_training():
     assert math.isclose(float(sae.threshold), float(z[z > 0].min().detach()), rel_tol=1e-6)
 
 
+def test_calibrated_threshold_gives_exactly_k_per_token_on_the_sample():
+    from nanosae.train.losses import calibrate_threshold
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=8, d_sae=32, architecture="batchtopk", k=4, dtype="float64"))
+    x = torch.randn(500, 8, dtype=torch.float64)
+    threshold = calibrate_threshold(sae, x)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    assert int((pre > threshold).sum()) == 4 * 500  # by hand: the pre-activations above it
+    sae.eval()
+    assert float((sae.encode(x) > 0).sum(-1).double().mean()) == 4.0
+
+
 def test_jumprelu_encode_hand_computed():
     sae = tiny("jumprelu")
     with torch.no_grad():

@@ -39,9 +39,12 @@ from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
 from nanosae.train.finetune import check_finetune, finetune
 from nanosae.train.init import init_sae
-from nanosae.train.losses import normalize_decoder, remove_parallel_grad, sae_loss
+from nanosae.train.losses import calibrate_threshold, normalize_decoder, remove_parallel_grad, sae_loss
 
 log = logging.getLogger(__name__)
+
+
+CALIBRATION_TOKENS = 8192  # BatchTopK's inference threshold is set on this many tokens after training
 
 
 class TrainResult(NamedTuple):
@@ -529,9 +532,13 @@ class SAERun:
             self.sinks.log(self.last)
         return self.last
 
-    def finish(self) -> TrainResult:
+    def finish(self, calibration: list[list[torch.Tensor]] | None = None) -> TrainResult:
+        """Final weights (the EMA when kept); BatchTopK's threshold calibrated on the calibration batches."""
         if self.ema is not None:
             self.sae.load_state_dict(self.ema)
+        if calibration and self.cfg.sae.architecture in BATCH_TOPK:
+            x = torch.cat([self.gather(b, self.ins) for b in calibration]).to(self.cfg.device)
+            self.last["threshold"] = calibrate_threshold(self.sae, x)
         self.sae.eval()
         if self.rank == 0:
             save_sae(self.sae, self.files.sae)
@@ -642,6 +649,9 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
                     progress(TrainProgress(r.step, r.d.steps, metrics))
                 if r.cfg.checkpoint_every and r.step % r.cfg.checkpoint_every == 0 and not r.done:
                     r.checkpoint()
+        calibration = None  # BatchTopK thresholds: set on batches the runs did not train on, after training
+        if any(r.cfg.sae.architecture in BATCH_TOPK for r in runs):
+            calibration = [[next(s) for s in streams] for _ in range(math.ceil(CALIBRATION_TOKENS / first.optim.batch_size))]
         for s in streams:
             s.close()
         for r in runs:  # the end-to-end fine-tune, when asked for: the last steps run through the model
@@ -654,7 +664,7 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
     finally:
         for r in runs:
             r.close()
-    return [r.finish() for r in runs]
+    return [r.finish(calibration) for r in runs]
 
 
 def _metrics(step: int, cfg: TrainConfig, out: Any, lr: float, since_fired: torch.Tensor, d: Schedule,
