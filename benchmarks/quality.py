@@ -206,6 +206,7 @@ def main() -> None:
     saes, rows = {}, {}
     for name, fn in runs.items():
         try:
+            torch.manual_seed(0)  # the peers draw their initial weights from torch's global generator
             t = time.perf_counter()
             trained = fn()
             seconds = time.perf_counter() - t
