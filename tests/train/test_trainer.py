@@ -54,10 +54,10 @@ def test_every_architecture_trains(planted_store, tmp_path, arch):
 def test_batch_topk_threshold_is_calibrated_to_k_after_training(planted_store, tmp_path, arch):
     store, _ = planted_store
     res = nanosae.train(cfg_for(store, tmp_path / arch, architecture=arch, tokens=256 * 60))
-    sae = SAE.load(tmp_path / arch / "sae")
+    sae = SAE.load(tmp_path / arch / "sae").eval()  # inference: the threshold, not the batch's top k
     assert float(sae.threshold) == pytest.approx(res.metrics["threshold"])
-    l0 = float((sae.encode(store.tokens(0, 20_000).float()) > 0).sum(-1).float().mean())
-    assert abs(l0 - 4) < 0.4, l0  # k on tokens it was not calibrated on, too
+    l0 = float((sae.encode(store.tokens(0, 40_000).float()) > 0).sum(-1).float().mean())
+    assert abs(l0 - 4) < 0.3, l0  # k over the whole store, not only on the calibration tokens
 
 
 def test_auxk_revives_dead_latents():
