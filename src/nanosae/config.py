@@ -460,7 +460,7 @@ class OptimConfig:
     aux_coefficient: float = 1 / 32
     """Weight of the AuxK loss."""
     resample_every: int | None = None
-    """ReLU SAEs: resample dead latents every N steps (default steps/8)."""
+    """ReLU SAEs: resample dead latents every N steps (default steps/8), in the first half of the run only."""
     norm_weighting: float = 0.0
     """Weight each token's squared error by (‖x‖² / batch mean)^−p: 0 plain MSE, 1 error relative to the norm."""
     k_anneal: float = 0.0

@@ -511,7 +511,8 @@ class SAERun:
                 sae.threshold.clamp_(min=0.0)
         self.since_fired += len(x) * self.world
         self.since_fired[fired > 0] = 0
-        if arch == "relu" and (self.step + 1) % d.resample_every == 0:
+        # resampled latents fire on many tokens for a few steps: never in the second half, so the run ends settled
+        if arch == "relu" and (self.step + 1) % d.resample_every == 0 and self.step + 1 <= d.steps // 2:
             resample_dead(sae, opt, x, self.since_fired >= d.dead_tokens, self.gen, target=y)
         if self.ema is not None:
             decay = ema_decay_at(self.step, cfg.optim.ema_decay)
