@@ -34,7 +34,7 @@ $(BENCH_STAMP): pyproject.toml benchmarks/constraints.txt
 bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py
 	$(BENCH) benchmarks/train_throughput.py
-	$(BENCH) benchmarks/quality.py
+	for job in demo stdlib5 pydocs25; do $(BENCH) benchmarks/quality.py --job $$job || exit 1; done
 
 clean:
 	rm -rf .venv .venv-bench runs .pytest_cache
