@@ -180,7 +180,7 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=3, help="passes every trainer makes over them")
     p.add_argument("--acts", help="a stored collection of the job (default: collect it into OUT/acts)")
     p.add_argument("--eval-tokens", type=int, default=10_000)
-    p.add_argument("--only", help="comma-separated substrings of trainer names to run")
+    p.add_argument("--only", help="comma-separated trainer names, or parts of names, to run")
     p.add_argument("--variant", action="append", default=[], help="nanosae variant as JSON (repeatable)")
     p.add_argument("--out", help="default runs/quality/JOB")
     args = p.parse_args()
@@ -202,7 +202,9 @@ def main() -> None:
     runs = trainers(job, out / "runs", [json.loads(v) for v in args.variant])
     if args.only:
         wanted = [w.strip().lower() for w in args.only.split(",")]
-        runs = {name: fn for name, fn in runs.items() if any(w in name.lower() for w in wanted)}
+        exact = [w for w in wanted if w in {name.lower() for name in runs}]  # a whole name picks that one alone
+        runs = {name: fn for name, fn in runs.items()
+                if name.lower() in exact or any(w in name.lower() for w in wanted if w not in exact)}
     saes, rows = {}, {}
     for name, fn in runs.items():
         try:
