@@ -10,7 +10,7 @@ from nanosae import SAE, CollectConfig, ConfigError, DataConfig, SAEConfig, Trai
 from nanosae.data import collect
 from nanosae.data.corpus import iter_documents
 from nanosae.data.tokens import token_batches
-from nanosae.train.finetune import spliced_kl
+from nanosae.train.finetune import clean_pass, spliced_kl
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -46,7 +46,7 @@ def test_spliced_kl_and_its_gradient_equal_a_plain_forward_pass(tiny_model, word
     assert not batch.valid.all()  # BOS positions are left as the model computes them
     for p in tiny_model.module.parameters():
         p.requires_grad_(False)
-    _, ours = spliced_kl(sae, tiny_model, HOOK, batch.tokens, batch.valid)
+    ours = spliced_kl(sae, tiny_model, HOOK, batch.tokens, batch.valid, clean_pass(tiny_model, HOOK, batch.tokens))
     ours.backward()
     got = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
     sae.zero_grad()

@@ -34,6 +34,7 @@ from torch import Tensor
 from nanosae.config import check_range
 from nanosae.errors import ConfigError, DataError
 from nanosae.eval.probes import f1, fit_logistic, top_latents
+from nanosae.eval.probing import window_activations
 from nanosae.models import HostModel
 from nanosae.sae import SAE
 
@@ -100,20 +101,12 @@ def prompts(model: HostModel, words: list[str], cfg: AbsorptionConfig) -> list[t
     return out
 
 
-@torch.no_grad()
 def word_activations(model: HostModel, hook: str, words: list[str], cfg: AbsorptionConfig) -> tuple[Tensor, list[int]]:
     """(activations at the hook read at each word's token, the indices of the words read)."""
     rows = prompts(model, words, cfg)
-    out, read = [], []
-    for i in range(0, len(rows), cfg.batch_size):
-        batch = rows[i: i + cfg.batch_size]
-        width = max(len(t) for t, _ in batch)
-        tokens = torch.tensor([t + [model.tokenizer.bos_id] * (width - len(t)) for t, _ in batch])  # padding after: causal
-        _, cache = model.run_with_cache(tokens, [hook], return_logits=False)
-        for j, (_, places) in enumerate(batch):
-            out.append(cache[hook][j, [p for _, p in places]].float().cpu())
-            read += [w for w, _ in places]
-    return torch.cat(out), read
+    acts = window_activations(model, hook, [tokens for tokens, _ in rows], cfg.batch_size)
+    x = torch.cat([a[[p for _, p in places]] for a, (_, places) in zip(acts, rows)])
+    return x, [w for _, places in rows for w, _ in places]
 
 
 def absorption(sae: SAE, model: HostModel, cfg: AbsorptionConfig | None = None, hook: str | None = None) -> dict[str, Any]:

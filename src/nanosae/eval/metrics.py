@@ -144,7 +144,7 @@ def _ce_and_kl(logits: Tensor, clean: Clean | None, tokens: Tensor, keep: Tensor
     return ce, kl, rows
 
 
-def _replace_kept(x: Tensor, valid: Tensor, new: Tensor) -> Tensor:
+def replace_kept(x: Tensor, valid: Tensor, new: Tensor) -> Tensor:
     """new at kept positions; BOS/padding keep the model's own activation (the SAE never saw them)."""
     out = x.clone()
     out[valid] = new.to(x.dtype)
@@ -216,7 +216,7 @@ def evaluate(
         for sae, (ins, outs), s in zip(sae_list, io, sums):
             x_hat, z = sae(sae.gather_input(cache, ins)[valid])
             s.add(concat_hooks(cache, outs)[valid].cpu(), x_hat.float().cpu(), z.float().cpu(), positions)
-            edits = {h: lambda _, r=_replace_kept(cache[h], valid, block): r
+            edits = {h: lambda _, r=replace_kept(cache[h], valid, block): r
                      for h, block in sae.output_blocks(x_hat, outs).items()}
             with model.replaying_blocks(clean_blocks[:prefix[tuple(outs)]]), model.hooks(edits):
                 ce, kl, _ = _ce_and_kl(model.forward(toks), clean, toks, keep)

@@ -144,8 +144,9 @@ def _first_char(text: str, start: int, end: int) -> int:
 
 # ---- activations ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def _activations(model: HostModel, hook: str, windows: list[list[int]], batch_size: int) -> list[Tensor]:
-    """(len(window), d) activations per window (BOS first, its position included)."""
+def window_activations(model: HostModel, hook: str, windows: list[list[int]], batch_size: int) -> list[Tensor]:
+    """(len(window), d) activations at the hook per token window of any length (each padded after its end, which
+    a causal model never reads), the pass stopped after the hook's block."""
     out = []
     for i in range(0, len(windows), batch_size):
         batch = windows[i: i + batch_size]
@@ -198,7 +199,7 @@ def _user_task(model: HostModel, hook: str, path: Path, cfg: ProbingConfig) -> t
         ids = tok.encode(text)[: cfg.context_size - 1]
         if not isinstance(text, str) or not ids:
             raise DataError(f"{path}:{n}: \"text\" must be non-empty text")
-        acts = _activations(model, hook, [[tok.bos_id] + ids], 1)[0][1:]
+        acts = window_activations(model, hook, [[tok.bos_id] + ids], 1)[0][1:]
         if isinstance(labels, (bool, int)) and labels in (0, 1):
             xs.append(acts.mean(0, keepdim=True))
             ys.append(int(labels))
@@ -247,7 +248,7 @@ def probing_data(model: HostModel, hook: str, cfg: ProbingConfig) -> dict[str, t
         if not specs:
             continue
         windows, labels = _labelled_windows(model, specs, labeller, cfg, split)
-        acts = _activations(model, hook, windows, cfg.batch_size)
+        acts = window_activations(model, hook, windows, cfg.batch_size)
         for task in tasks:
             keep = [(w, i) for w, lab in enumerate(labels) for i, v in enumerate(lab[task]) if v is not None]
             data[task] = (torch.stack([acts[w][i] for w, i in keep]), torch.tensor([labels[w][task][i] for w, i in keep]))

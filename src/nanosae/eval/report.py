@@ -70,21 +70,18 @@ FVU_POSITION_NOTE = ("Each point divides the squared error of the tokens at that
                      "tokens of very large norm, which the SAE reconstructs well, weigh more there and it is lower.")
 
 
-def frontier_plot(results: list[dict], names: list[str], key: str, label: str) -> str:
+def frontier_plot(results: list[dict], names: list[str], key: str, label: str, section: str | None = None) -> str:
+    """A metric against L0 per SAE; section: a full-suite section holding the metric (SAEs without it left out)."""
+    points = [(r["l0"], (r.get(section) or {}) if section else r, name) for r, name in zip(results, names)]
+    points = [(x, values[key], name) for x, values, name in points if key in values]
+
     def draw(ax: Any) -> None:
-        xs, ys = [r["l0"] for r in results], [r[key] for r in results]
-        ax.scatter(xs, ys)
-        for x, y, name in zip(xs, ys, names):
+        ax.scatter([x for x, _, _ in points], [y for _, y, _ in points])
+        for x, y, name in points:
             ax.annotate(name, (x, y), fontsize=6)
         ax.set_xscale("log")
 
     return _figure("L0", label, draw, size=(5, 3.4), legend=False)
-
-
-def frontier_plot_of(results: list[dict], names: list[str], section: str, key: str, label: str) -> str:
-    """A frontier of a suite section's metric against L0 (SAEs without the section left out)."""
-    kept = [(r | {"_y": r[section][key]}, n) for r, n in zip(results, names) if key in (r.get(section) or {})]
-    return frontier_plot([r for r, _ in kept], [n for _, n in kept], "_y", label)
 
 
 def absorption_plot(results: list[dict], names: list[str]) -> str:
@@ -141,11 +138,11 @@ def suite_sections(results: list[dict], names: list[str]) -> str:
     if len(results) > 1:
         plots = []
         if sum("mean_absorption_fraction_score" in (r.get("absorption") or {}) for r in results) > 1:
-            plots.append(("Absorption vs L0", frontier_plot_of(results, names, "absorption", "mean_absorption_fraction_score",
-                                                              "absorption fraction")))
+            plots.append(("Absorption vs L0", frontier_plot(results, names, "mean_absorption_fraction_score",
+                                                           "absorption fraction", section="absorption")))
         if sum("sae_top_1_test_accuracy" in (r.get("sparse_probing") or {}) for r in results) > 1:
-            plots.append(("Sparse probing vs L0", frontier_plot_of(results, names, "sparse_probing", "sae_top_1_test_accuracy",
-                                                                  "top-1 probing accuracy")))
+            plots.append(("Sparse probing vs L0", frontier_plot(results, names, "sae_top_1_test_accuracy",
+                                                               "top-1 probing accuracy", section="sparse_probing")))
         out += [f'<figure><figcaption>{html.escape(t)}</figcaption><img alt="{html.escape(t)}" src="{src}"></figure>'
                 for t, src in plots]
     return "".join(out)

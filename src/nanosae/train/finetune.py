@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from nanosae.data import ActivationStore
 from nanosae.data.corpus import iter_documents
 from nanosae.data.tokens import TokenBatch, in_background, token_batches
 from nanosae.errors import ConfigError
+from nanosae.eval.metrics import replace_kept
 from nanosae.models import HostModel, load_model
 
 if TYPE_CHECKING:
@@ -91,57 +92,53 @@ def finetune(run: "SAERun", source, progress=None) -> None:
         p.requires_grad_(False)
     hook = run.sae.cfg.hook_name
     model.parse_hook(hook)  # a clear error when the store's hook is not this model's
-    prefix = model.unchanged_blocks([hook])
     rows = max(1, math.ceil(run.cfg.optim.batch_size / (data.context_size - 1)))
     stream = windows(model, data, rows)
     done_in_phase = run.step - (run.d.steps - run.d.kl_steps)
     try:
         for batch in itertools.islice(stream, done_in_phase, None):  # resumed inside the phase: skip what was used
-            _step(run, model, hook, prefix, batch, progress)
+            _step(run, model, hook, batch, progress)
             if run.done:
                 break
     finally:
         stream.close()
 
 
-def spliced_kl(sae, model: HostModel, hook: str, tokens: Tensor, valid: Tensor,
-               clean: tuple[Tensor, Tensor, list] | None = None) -> tuple[Tensor, Tensor]:
-    """(the SAE's input at the kept positions, mean KL(clean ‖ spliced) over kept predictions, differentiable in
-    the SAE's weights). clean: (logits, activations, recorded blocks) from an earlier clean pass."""
+class Clean(NamedTuple):
+    logits: Tensor
+    acts: Tensor  # at the hook
+    blocks: list  # outputs of the blocks before the hook, replayed by the spliced pass
+
+
+def clean_pass(model: HostModel, hook: str, tokens: Tensor) -> Clean:
+    with model.recording_blocks(model.unchanged_blocks([hook])) as blocks:
+        logits, cache = model.run_with_cache(tokens, [hook])
+    return Clean(logits, cache[hook], blocks)
+
+
+def spliced_kl(sae, model: HostModel, hook: str, tokens: Tensor, valid: Tensor, clean: Clean) -> Tensor:
+    """Mean KL(clean ‖ spliced) over kept predictions, differentiable in the SAE's weights: the SAE's
+    reconstruction replaces the kept positions' activations, the blocks after the hook are recomputed."""
     keep = valid[:, :-1] & valid[:, 1:]  # predictions made at a kept position of a kept token
-    prefix = model.unchanged_blocks([hook])
-    if clean is None:
-        with model.recording_blocks(prefix) as blocks:
-            logits, cache = model.run_with_cache(tokens, [hook])
-        clean = (logits, cache[hook], blocks)
-    clean_logits, acts, blocks = clean
-    x = acts[valid].float()
-    x_hat, _ = sae(x)
-    spliced = acts.masked_scatter(valid[..., None], x_hat.to(acts.dtype))
-    with model.replaying_blocks(blocks[:prefix]), model.hooks({hook: lambda _: spliced}):
+    x_hat, _ = sae(clean.acts[valid].float())
+    spliced = replace_kept(clean.acts, valid, x_hat)
+    with model.replaying_blocks(clean.blocks), model.hooks({hook: lambda _: spliced}):
         logits = model._logits(tokens)
-    return x, kl_divergence(clean_logits[:, :-1][keep], logits[:, :-1][keep])
+    return kl_divergence(clean.logits[:, :-1][keep], logits[:, :-1][keep])
 
 
-def _step(run: "SAERun", model: HostModel, hook: str, prefix: int, batch: TokenBatch, progress) -> None:
+def _step(run: "SAERun", model: HostModel, hook: str, batch: TokenBatch, progress) -> None:
     tokens, valid = batch.tokens.to(model.device), batch.valid.to(model.device)
     if not (valid[:, :-1] & valid[:, 1:]).any():
         return
-    with model.recording_blocks(prefix) as blocks:
-        clean_logits, cache = model.run_with_cache(tokens, [hook])
-    clean = (clean_logits, cache[hook], blocks)
-    x = cache[hook][valid].float()
+    clean = clean_pass(model, hook, tokens)
 
     def kl_term(out) -> dict[str, Tensor]:
-        _, kl = spliced_kl(run.sae, model, hook, tokens, valid, clean)
+        kl = spliced_kl(run.sae, model, hook, tokens, valid, clean)
         if run.kl_coefficient is None:  # balance the two terms once, at the phase's first step
             run.kl_coefficient = run.cfg.optim.kl_coefficient
             if run.kl_coefficient is None:
                 run.kl_coefficient = float(out.parts["mse"].detach()) / max(float(kl.detach()), 1e-12)
         return {"kl": run.kl_coefficient * kl}
 
-    metrics = run.step_on(x, None, extra=kl_term)
-    if metrics is not None and progress is not None:
-        progress(metrics)
-    if run.cfg.checkpoint_every and run.step % run.cfg.checkpoint_every == 0 and not run.done:
-        run.checkpoint()
+    run.after_step(run.step_on(clean.acts[valid].float(), None, extra=kl_term), progress)

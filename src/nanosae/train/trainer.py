@@ -533,6 +533,13 @@ class SAERun:
             self.sinks.log(self.last)
         return self.last
 
+    def after_step(self, metrics: dict[str, float] | None, progress: Callable[[TrainProgress], None] | None) -> None:
+        """Report a logged step's metrics and write a checkpoint when one is due (not at the end: finish does)."""
+        if metrics is not None and progress is not None:
+            progress(TrainProgress(self.step, self.d.steps, metrics))
+        if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and not self.done:
+            self.checkpoint()
+
     def finish(self, calibration: list[list[torch.Tensor]] | None = None) -> TrainResult:
         """Final weights (the EMA when kept); BatchTopK's threshold calibrated on the calibration batches."""
         if self.ema is not None:
@@ -645,19 +652,14 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
             for r in runs:
                 if r.stored_done:
                     continue
-                metrics = r.train_step(batch)
-                if metrics is not None and progress is not None:
-                    progress(TrainProgress(r.step, r.d.steps, metrics))
-                if r.cfg.checkpoint_every and r.step % r.cfg.checkpoint_every == 0 and not r.done:
-                    r.checkpoint()
+                r.after_step(r.train_step(batch), progress)
         calibration = None  # BatchTopK thresholds: set on batches the runs did not train on, after training
         if any(r.cfg.sae.architecture in BATCH_TOPK for r in runs):
             calibration = [[next(s) for s in streams] for _ in range(math.ceil(CALIBRATION_TOKENS / first.optim.batch_size))]
         for s in streams:
             s.close()
         for r in runs:  # the end-to-end fine-tune, when asked for: the last steps run through the model
-            report = None if progress is None else lambda m, r=r: progress(TrainProgress(r.step, r.d.steps, m))
-            finetune(r, sources[r.ins[0][0]], report)
+            finetune(r, sources[r.ins[0][0]], progress)
     except KeyboardInterrupt:
         for r in runs:
             r.checkpoint()
