@@ -68,3 +68,24 @@ def test_batchtopk_fast_keeps_exactly_kB():
     sae.train()
     out = sae_loss(sae, torch.randn(10, 8))
     assert int(out.fired.sum()) <= 30 and int(out.fired.sum()) >= 25  # k*B selected, minus any non-positive
+
+
+@pytest.mark.parametrize("n_dead", [5, 40])  # fewer dead than k_aux (all of them per token), and more
+def test_auxk_selection_over_chunks_is_the_masked_topk(n_dead):
+    """The chunked encoder's AuxK selection, chunk by chunk, equals topk over the dead columns of the full
+    pre-activations (live ones masked to -inf)."""
+    from nanosae.sae import kernels
+
+    torch.manual_seed(n_dead)
+    xc, W, b = torch.randn(50, 16), torch.randn(16, 80), torch.randn(80)
+    dead = torch.randperm(80)[:n_dead].sort().values
+    sel, aux = kernels.encode_select_topk(xc, W, b, k=4, chunk=7, dead=dead, k_aux=10)
+    pre = xc @ W + b
+    masked = torch.full_like(pre, float("-inf"))
+    masked[:, dead] = pre[:, dead]
+    vals, idx = masked.topk(min(10, n_dead), dim=-1)
+    assert torch.equal(aux.rows, torch.arange(50).repeat_interleave(min(10, n_dead)))
+    got = torch.sparse_coo_tensor(torch.stack([aux.rows, aux.cols]), aux.pre, (50, 80)).to_dense()
+    want = torch.zeros(50, 80).scatter(1, idx, vals)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(sel.cols.view(50, 4).sort(-1).values, pre.topk(4, dim=-1).indices.sort(-1).values)

@@ -17,7 +17,7 @@ def same_rows(x, k):
     assert torch.equal(x.gather(1, i), v)
 
 
-@pytest.mark.parametrize("cols,k", [(4608, 32), (1003, 7), (9, 9), (64, 1), (300, 150)])
+@pytest.mark.parametrize("cols,k", [(4608, 32), (1003, 7), (9, 9), (64, 1), (300, 150), (2304, 288), (77, 76)])
 def test_equals_torch_topk(cols, k):
     torch.manual_seed(cols)
     same_rows(torch.randn(37, cols), k)
@@ -31,6 +31,15 @@ def test_strided_rows_inf_and_sorted_input():
     same_rows(x, 16)
     same_rows(torch.arange(4000.0).repeat(3, 1), 32)  # increasing rows: every element replaces the minimum
     same_rows(-torch.arange(4000.0).repeat(3, 1), 32)
+
+
+@pytest.mark.parametrize("k", [3, 150])  # the heap, and the quickselect used when k is a large share of the row
+def test_ties_give_the_right_values_and_distinct_columns(k):
+    x = torch.randint(0, 4, (25, 300)).float()  # many equal values: which of the tied columns is free
+    v, i = topk_rows(x, k)
+    assert torch.equal(v.sort(-1).values, x.topk(k, dim=-1).values.sort(-1).values)
+    assert torch.equal(x.gather(1, i), v)
+    assert all(len(set(row.tolist())) == k for row in i)
 
 
 def test_kernel_is_used_where_it_can_be_built():

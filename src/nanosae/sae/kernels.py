@@ -6,8 +6,9 @@ the two weight gradients. Only k of d_sae latents per token are non-zero, so her
   dvals         sampled dot products g_BD[rows] · W_dec[cols]                     (sparse.sampled_addmm)
   dW_dec, dW_enc  embedding_bag over the latent-major order of g_BD / x            (sum of k rows per token)
   db_enc        index_add of the selected gradients
-leaving the encoder's forward GEMM (needed to find the top k) as the only dense work. (AuxK is small dense
-math on the dead latents' columns alone: train.losses.auxk_loss.)
+leaving the encoder's forward GEMM (needed to find the top k) as the only dense work. AuxK is one more
+Selection (the k_aux largest dead latents per token, picked from the same pre-activations) through the same
+two functions, so a step with half the latents dead adds sparse work, not dense GEMMs.
 Selections are flat (rows, cols) lists sorted by row; `offsets` marks where each row's bag starts.
 """
 
@@ -63,19 +64,39 @@ def per_token(vals_Bk: Tensor, idx_Bk: Tensor, n_latents: int) -> Selection:
     return Selection(rows, idx_Bk.reshape(-1), offsets, vals_Bk.reshape(-1), n_latents)
 
 
-def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, chunk: int = 1024) -> Selection:
-    """Encoder GEMM and top-k in row chunks (the chunk stays in cache for topk; no (B, d_sae) buffer)."""
+def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, chunk: int = 1024,
+                       dead: Tensor | None = None, k_aux: int = 0) -> tuple[Selection, Selection | None]:
+    """Encoder GEMM and top-k in row chunks (the chunk stays in cache for topk; no (B, d_sae) buffer).
+
+    With dead latent indices, also AuxK's selection from the same pre-activations: the k_aux largest among
+    the dead latents of each token (all of them when fewer are dead), so AuxK costs no second encoder GEMM."""
     B, Fdim = xc_BD.shape[0], W_enc_DF.shape[1]
-    values, indices = [], []
+    values, indices, aux_values, aux_indices = [], [], [], []
     # one buffer for every chunk: allocating a fresh (chunk, d_sae) tensor per chunk costs page faults each time
     buf = torch.empty(min(chunk, B), Fdim, dtype=W_enc_DF.dtype, device=W_enc_DF.device)
     with torch.no_grad():
         for i in range(0, B, chunk):
             x_chunk = xc_BD[i : i + chunk]
-            v, idx = topk_rows(torch.addmm(b_enc_F, x_chunk, W_enc_DF, out=buf[: len(x_chunk)]), k)
+            pre = torch.addmm(b_enc_F, x_chunk, W_enc_DF, out=buf[: len(x_chunk)])
+            v, idx = topk_rows(pre, k)
             values.append(v)
             indices.append(idx)
-    return per_token(torch.cat(values), torch.cat(indices), Fdim)
+            if dead is not None:
+                v, idx = select_among(pre, dead, k_aux)
+                aux_values.append(v)
+                aux_indices.append(idx)
+    sel = per_token(torch.cat(values), torch.cat(indices), Fdim)
+    return sel, per_token(torch.cat(aux_values), torch.cat(aux_indices), Fdim) if dead is not None else None
+
+
+def select_among(pre_BF: Tensor, columns: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, latent indices) of the k largest pre-activations per row among `columns` (all of them when
+    there are no more than k)."""
+    sub = pre_BF.index_select(1, columns)
+    if len(columns) <= k:
+        return sub, columns.expand(len(sub), -1)
+    v, idx = topk_rows(sub, k)
+    return v, columns[idx]
 
 
 def select_batch_topk(pre_BF: Tensor, k: int) -> Selection:

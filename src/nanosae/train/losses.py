@@ -105,23 +105,25 @@ def squared_error(x_hat: Tensor, y: Tensor, weights: Tensor | None) -> Tensor:
 def _sparse_loss(sae: SAE, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, k_aux: int | None,
                  aux_coefficient: float, norm_weighting: float = 0.0) -> LossOutput:
     b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
-    dead = dead_mask if dead_mask is not None and bool(dead_mask.any()) else None
+    dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None and bool(dead_mask.any()) else None
     k_aux = k_aux or sae.cfg.d_in // 2
     xc = sae._centred(x_norm).detach()
     if sae.cfg.architecture == "topk":
-        sel = kernels.encode_select_topk(xc, sae.W_enc.detach(), sae.b_enc.detach(), sae.cfg.k)
+        sel, aux = kernels.encode_select_topk(xc, sae.W_enc.detach(), sae.b_enc.detach(), sae.cfg.k,
+                                              dead=dead_idx, k_aux=k_aux)
     else:
         with torch.no_grad():
             pre = xc @ sae.W_enc
             pre += sae.b_enc
         sel = kernels.select_batch_topk(pre, sae.cfg.k)
+        aux = kernels.per_token(*kernels.select_among(pre, dead_idx, k_aux), sae.cfg.d_sae) if dead_idx is not None else None
     vals = kernels.selected_preacts(xc, sae.W_enc, sae.b_enc, b_dec, sel).relu()
     x_hat = kernels.sparse_decode(vals, sel, sae.W_dec) + sae.b_dec + sae._skip(x_norm)
     parts = {"mse": squared_error(x_hat, y, token_weights(y, norm_weighting))}
-    if dead is not None:
-        dead_idx = dead.nonzero().squeeze(1)
-        dead_pre = sae._centred(x_norm) @ sae.W_enc[:, dead_idx] + sae.b_enc[dead_idx]  # dead columns only
-        parts["auxk"] = aux_coefficient * auxk_loss(sae, dead_pre, dead_idx, y - x_hat.detach(), k_aux)
+    if aux is not None:  # AuxK through the same sparse kernels: the dead latents' top k_aux reconstruct the residual
+        aux_vals = kernels.selected_preacts(xc, sae.W_enc, sae.b_enc, b_dec, aux).relu()
+        residual_hat = kernels.sparse_decode(aux_vals, aux, sae.W_dec)
+        parts["auxk"] = aux_coefficient * (residual_hat - (y - x_hat.detach())).pow(2).sum(-1).mean()
     fired = torch.bincount(sel.cols[vals.detach() > 0], minlength=sae.cfg.d_sae)
     if sae.cfg.architecture == "batchtopk" and sae.training:
         update_threshold(sae, vals.detach())
@@ -129,10 +131,9 @@ def _sparse_loss(sae: SAE, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, 
 
 
 def auxk_loss(sae: SAE, dead_pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int | None) -> Tensor:
-    """AuxK (Gao et al. 2024): the k_aux largest pre-activations among the dead latents (every dead latent
-    when fewer are dead, the usual case) reconstruct the residual error. dead_pre holds the pre-activations
-    of the dead latents' columns `dead` alone: dead latents are a few % of d_sae, so this is a small dense
-    problem (on the sparse path, cheaper than selecting and scattering that many sparse entries per token)."""
+    """AuxK (Gao et al. 2024) on the dense path: the k_aux largest pre-activations among the dead latents
+    (every dead latent when fewer are dead) reconstruct the residual error. dead_pre holds the pre-activations
+    of the dead latents' columns `dead` alone. (The sparse path does the same through kernels.select_among.)"""
     k = k_aux or sae.cfg.d_in // 2
     if dead_pre.shape[1] > k:
         values, indices = topk_rows(dead_pre, k)
