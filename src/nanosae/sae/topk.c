@@ -1,7 +1,7 @@
 /* Row-wise top-k of a float32 matrix: for each row, the k largest values and their columns (unordered).
    A k-element min-heap per row; AVX2 compares 8 values at a time against the heap's minimum, so most of
    the row is passed over without a branch. When k is a large share of the row (AuxK's k_aux among the dead
-   latents) most elements enter the heap, so a quickselect on a copy of the row is used instead: O(cols)
+   latents) most elements enter the heap, so a sampled threshold and a quickselect are used instead: O(cols)
    work whatever k is. Rows are split over OpenMP threads. Built by topk.py with
    `cc -O3 -mavx2 -fopenmp -shared`; torch.topk is used when that is not possible. */
 #include <immintrin.h>
@@ -48,6 +48,9 @@ static void select_largest(float *v, int64_t *ix, int64_t n, int64_t k) {
     }
 }
 
+/* Large k: a threshold from every 8th element (a little below where the k-th largest should fall), one
+   branch-free pass keeping the elements at or above it, then quickselect among those few; when the threshold
+   keeps fewer than k (an unlucky sample), quickselect over the whole row. */
 static void topk_rows_select(const float *a, int64_t rows, int64_t cols, int64_t lda, int k, int threads,
                              float *out_v, int64_t *out_i) {
     #pragma omp parallel num_threads(threads)
@@ -57,8 +60,19 @@ static void topk_rows_select(const float *a, int64_t rows, int64_t cols, int64_t
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             const float *row = a + r * lda;
-            for (int64_t j = 0; j < cols; j++) { v[j] = row[j]; ix[j] = j; }
-            select_largest(v, ix, cols, k);
+            int64_t m = cols / 8, q = (k * m) / cols, n = 0;
+            q += q / 4 + 4;
+            if (q < m) {
+                for (int64_t j = 0; j < m; j++) v[j] = row[8 * j];
+                select_largest(v, ix, m, q);
+                float t = v[q - 1];
+                for (int64_t j = 0; j < cols; j++) { v[n] = row[j]; ix[n] = j; n += row[j] >= t; }
+            }
+            if (n < k) {
+                n = cols;
+                for (int64_t j = 0; j < cols; j++) { v[j] = row[j]; ix[j] = j; }
+            }
+            select_largest(v, ix, n, k);
             for (int j = 0; j < k; j++) { out_v[r * k + j] = v[j]; out_i[r * k + j] = ix[j]; }
         }
         free(v);
