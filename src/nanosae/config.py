@@ -519,11 +519,15 @@ class TrainConfig:
     """Also log metrics to Weights & Biases (needs wandb; project from WANDB_PROJECT, default nanosae)."""
     device: str = "cpu"
     """Where the SAE trains: cpu, cuda, cuda:1, ..."""
+    shard_latents: int = 0
+    """Under torchrun: split the latents over N processes (each holds d_sae/N latents and their Adam state;
+    TopK only); world/N replicas of them train data-parallel. 0: every process holds the whole SAE."""
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_range("log_every", self.log_every, 1)
         check_range("checkpoint_every", self.checkpoint_every, 0)
+        check_range("shard_latents", self.shard_latents, 0)
         if self.sae.skip_connection and not self.source.transcoder:
             raise ConfigError("skip_connection is for transcoders (give hook_out or acts_out)")
 

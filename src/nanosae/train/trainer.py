@@ -38,6 +38,8 @@ from nanosae.rundir import RunDir
 from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
 from nanosae.train.finetune import check_finetune, finetune
+from nanosae.train.sharded import (check_shardable, clip_gradients, gather_full, load_shard, local_slice, make_shards,
+                                   reduce_gradients, save_shard, shard_file, shard_names, sharded_loss)
 from nanosae.train.init import init_sae
 from nanosae.train.losses import calibrate_threshold, normalize_decoder, remove_parallel_grad, sae_loss
 
@@ -239,16 +241,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, sae: SAE, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, sae: SAE | None, state: dict[str, Any], moved: dict[str, Path] | None = None,
+                    keep: int = 2) -> Path:
     """Write checkpoints/step_N/ via a temp directory renamed into place; keep the newest `keep` up to N (a
-    newer one can only be this run's own, unreadable one it fell back from; it is replaced when reached)."""
+    newer one can only be this run's own, unreadable one it fell back from; it is replaced when reached).
+    moved: files (written by other processes) moved in under the given names; sae None: no whole SAE."""
     root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step}."))
     try:
         public_mode(tmp, directory=True)
-        save_sae(sae, tmp / "sae")
+        if sae is not None:
+            save_sae(sae, tmp / "sae")
+        for name, path in (moved or {}).items():
+            os.replace(path, tmp / name)
         torch.save(state, tmp / "state.pt")
         if target.exists():
             shutil.rmtree(target)
@@ -261,15 +268,20 @@ def save_checkpoint(run_dir: Path, step: int, sae: SAE, state: dict[str, Any], k
     return target
 
 
-def load_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any], SAE] | None:
+def load_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any], SAE | None] | None:
     """The newest readable checkpoint (directory, state, SAE); an unreadable newer one is skipped with a
     warning (e.g. truncated by a full disk). None when there is none; an error when none can be read."""
     found = _checkpoints(run_dir)
     for _, ckpt in reversed(found):
         try:
             state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or not {"optimizer", "step", "batches"} <= set(state):
+            if not isinstance(state, dict) or not {"step", "batches"} <= set(state) or not {"optimizer", "shards"} & set(state):
                 raise FormatError("not a nanosae checkpoint state")
+            if "shards" in state:  # sharded latents: one file per slice, no whole SAE
+                missing = [n for n in shard_names(state["shards"]) if not (ckpt / n).is_file()]
+                if missing:
+                    raise FormatError(f"{missing[0]} is missing")
+                return ckpt, state, None
             return ckpt, state, SAE.load(ckpt / "sae")
         except Exception as e:  # torch.load raises many kinds for truncated or corrupt files
             log.warning("checkpoint %s is unreadable (%s); trying the previous one", ckpt,
@@ -343,6 +355,14 @@ class SAERun:
                  sample: Callable[[int, int], torch.Tensor] | None = None):
         """sample(i, n): the first n activations of source i (shared between runs so a stream is read once)."""
         self.cfg, self.ins, self.outs, self.rank, self.world = cfg, ins, outs, rank, world
+        self.shards = None
+        if cfg.shard_latents:
+            if not dist.is_initialized():
+                raise ConfigError("--shard-latents splits the latents over processes: start with torchrun --nproc_per_node N")
+            check_shardable(cfg)
+            self.shards = make_shards(cfg.shard_latents, rank, world, cfg.sae.d_sae)
+        # the part of each batch this process trains on: replicas of the latent shards split the batch
+        self.data_rank, self.data_world = (self.shards.replica, self.shards.replicas) if self.shards else (rank, world)
         self.sample = sample or (lambda i, n: first_tokens(sources[i], n))
         self.transcoder = ins != outs
         self.run_dir = Path(cfg.out)
@@ -364,10 +384,9 @@ class SAERun:
                             skip_connection=cfg.sae.skip_connection, crosscoder_hooks=in_hooks if len(ins) > 1 else None,
                             model_name=_model_name(cfg, source), context_size=_context_size(cfg, source),
                             dataset_path=_dataset_path(cfg, source), normalize_activations=cfg.sae.normalize_activations,
-                            device=cfg.device)
+                            device="cpu" if self.shards else cfg.device)  # sharded: initialised whole, then sliced
         self.sae = SAE(sae_cfg)
         self.sae.train()
-        self.opt = make_adam(self.sae, self.d.lr, cfg)
         self.since_fired = torch.zeros(cfg.sae.d_sae, dtype=torch.long)
         self.ema: dict[str, torch.Tensor] | None = None
         self.kl_coefficient: float | None = None  # set by the fine-tune's first step
@@ -378,10 +397,15 @@ class SAERun:
         if rank == 0:
             self._claim_run_dir()
         found = load_checkpoint(self.run_dir) if cfg.resume else None
+        if found is None:
+            self._start()
+        if self.shards:
+            self.sae = local_slice(self.sae, self.shards, cfg.device)
+        self.opt = make_adam(self.sae, self.d.lr, cfg)
         if found is not None:
             self._resume(*found)
-        else:
-            self._start()
+        elif cfg.optim.ema_decay:
+            self.ema = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
         _trim_metrics(self.files.metrics, self.step, rank)
         self.sinks = MetricSinks(cfg, self.run_dir) if rank == 0 else None
 
@@ -402,8 +426,28 @@ class SAERun:
         elif any(p.exists() for p in (self.files.sae, self.files.checkpoints, self.files.metrics)):
             raise ConfigError(f"{run_dir} holds SAE files but no config.json; use another --out, nothing was changed")
 
-    def _resume(self, ckpt: Path, state: dict[str, Any], loaded: SAE) -> None:
+    def _resume(self, ckpt: Path, state: dict[str, Any], loaded: SAE | None) -> None:
         compare_jobs(state.get("job") or saved_job(state.get("config") or {}, ckpt), self.job, ckpt)
+        if self.shards:  # the job's settings match, so the slice's shapes do: its own file holds its state
+            shard = load_shard(ckpt, self.shards)
+            self.sae.cfg.activation_scale, self.sae.cfg.output_scale = state["scales"]
+            self.sae.load_state_dict(shard["sae"])
+            self.opt.load_state_dict(shard["optimizer"])
+            self.ema = shard["ema"]
+        else:
+            self._load_whole(ckpt, state, loaded)
+        self.step, self.batches_done, self.since_fired = state["step"], state["batches"], state["since_fired"]
+        self.seconds = state["seconds"]
+        self.kl_coefficient = state.get("kl_coefficient")
+        self.gen.set_state(state["rng"])
+        if ckpt != latest_checkpoint(self.run_dir):
+            log.warning("resumed %s from %s, the newest readable checkpoint", self.run_dir, ckpt.name)
+        log.info("resumed %s at step %d", self.run_dir, self.step)
+
+    def _load_whole(self, ckpt: Path, state: dict[str, Any], loaded: SAE | None) -> None:
+        if loaded is None:
+            raise FormatError(f"{ckpt}: a checkpoint of latents sharded over processes; resume it with the same "
+                              f"--shard-latents under torchrun")
         fields = ("architecture", "d_in", "d_sae", "d_out", "k", "hook_name", "hook_name_out", "crosscoder_hooks",
                   "matryoshka_groups", "skip_connection", "normalize_activations")
         for name in fields:
@@ -414,13 +458,7 @@ class SAERun:
         self.sae.cfg.output_scale = loaded.cfg.output_scale
         self.sae.load_state_dict(loaded.state_dict())
         self.opt.load_state_dict(state["optimizer"])
-        self.step, self.batches_done, self.since_fired = state["step"], state["batches"], state["since_fired"]
-        self.seconds, self.ema = state["seconds"], state.get("ema")
-        self.kl_coefficient = state.get("kl_coefficient")
-        self.gen.set_state(state["rng"])
-        if ckpt != latest_checkpoint(self.run_dir):
-            log.warning("resumed %s from %s, the newest readable checkpoint", self.run_dir, ckpt.name)
-        log.info("resumed %s at step %d", self.run_dir, self.step)
+        self.ema = state.get("ema")
 
     def _start(self) -> None:
         if self.rank == 0:
@@ -441,8 +479,6 @@ class SAERun:
         x_norm = self.sae._normalize(x)[0]
         init_sae(self.sae, x_norm, self.cfg.optim.init_b_dec, target=y * self.sae.output_factor() if self.transcoder else None,
                  encoder_scale=self.cfg.optim.init_encoder_scale)
-        if self.cfg.optim.ema_decay:
-            self.ema = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
 
     @property
     def done(self) -> bool:
@@ -454,17 +490,29 @@ class SAERun:
         return self.step >= self.d.steps - self.d.kl_steps
 
     def checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint; with sharded latents every slice first writes its own file, which rank 0
+        moves into the step's directory (so a checkpoint directory is whole or absent)."""
+        state = {"step": self.step, "batches": self.batches_done, "since_fired": self.since_fired,
+                 "rng": self.gen.get_state(), "seconds": self.seconds, "kl_coefficient": self.kl_coefficient,
+                 "config": dataclasses.asdict(self.cfg), "job": self.job}
+        if self.shards is None:
+            if self.rank == 0:
+                save_checkpoint(self.run_dir, self.step, self.sae, state | {"optimizer": self.opt.state_dict(), "ema": self.ema})
+            return
+        root = self.files.checkpoints
+        save_shard(root, self.step, self.shards, {"sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
+                                                  "ema": self.ema})
+        dist.barrier()
         if self.rank == 0:
-            save_checkpoint(self.run_dir, self.step, self.sae, {
-                "optimizer": self.opt.state_dict(), "step": self.step, "batches": self.batches_done,
-                "since_fired": self.since_fired, "rng": self.gen.get_state(), "ema": self.ema, "seconds": self.seconds,
-                "kl_coefficient": self.kl_coefficient,
-                "config": dataclasses.asdict(self.cfg), "job": self.job})
+            cfg, n = self.sae.cfg, self.shards.n
+            moved = {name: shard_file(root, self.step, i, n) for i, name in enumerate(shard_names(n))}
+            save_checkpoint(self.run_dir, self.step, None, state | {"scales": (cfg.activation_scale, cfg.output_scale),
+                                                                      "shards": self.shards.n}, moved)
 
     def train_step(self, batch: list[torch.Tensor]) -> dict[str, float] | None:
         """One optimizer step on this process's slice of the global batch (one tensor per source)."""
-        local = self.cfg.optim.batch_size // self.world
-        rows = slice(self.rank * local, (self.rank + 1) * local)
+        local = self.cfg.optim.batch_size // self.data_world
+        rows = slice(self.data_rank * local, (self.data_rank + 1) * local)
         x = self.gather(batch, self.ins, rows).to(self.cfg.device)
         y = self.gather(batch, self.outs, rows).to(self.cfg.device) if self.transcoder else None
         return self.step_on(x, y)
@@ -486,9 +534,13 @@ class SAERun:
         k = sae.cfg.k
         sae.cfg.k = k_at(self.step, cfg, d)  # k annealing: only while the loss is computed
         try:
-            out = sae_loss(sae, x, y, sparsity_coefficient=coeff, k_aux=cfg.optim.k_aux,
-                           aux_coefficient=cfg.optim.aux_coefficient, norm_weighting=cfg.optim.norm_weighting,
-                           dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None)
+            if self.shards:
+                out = sharded_loss(sae, x, y, self.shards, dead_mask=dead, k_aux=cfg.optim.k_aux,
+                                   aux_coefficient=cfg.optim.aux_coefficient, norm_weighting=cfg.optim.norm_weighting)
+            else:
+                out = sae_loss(sae, x, y, sparsity_coefficient=coeff, k_aux=cfg.optim.k_aux,
+                               aux_coefficient=cfg.optim.aux_coefficient, norm_weighting=cfg.optim.norm_weighting,
+                               dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None)
         finally:
             sae.cfg.k = k
         if extra is not None:
@@ -500,16 +552,21 @@ class SAERun:
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         fired = out.fired.float()
-        all_reduce_mean([p.grad for p in sae.parameters() if p.grad is not None] + [fired], self.world)
+        if self.shards:
+            reduce_gradients(sae, self.shards, fired)
+        else:
+            all_reduce_mean([p.grad for p in sae.parameters() if p.grad is not None] + [fired], self.world)
         remove_parallel_grad(sae)
-        if cfg.optim.grad_clip:
+        if cfg.optim.grad_clip and self.shards:
+            clip_gradients(sae, self.shards, cfg.optim.grad_clip)
+        elif cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.optim.grad_clip)
         opt.step()
         normalize_decoder(sae)
         if arch == "jumprelu":
             with torch.no_grad():
                 sae.threshold.clamp_(min=0.0)
-        self.since_fired += len(x) * self.world
+        self.since_fired += len(x) * self.data_world
         self.since_fired[fired > 0] = 0
         # resampled latents fire on many tokens for a few steps: never in the second half, so the run ends settled
         if arch == "relu" and (self.step + 1) % d.resample_every == 0 and self.step + 1 <= d.steps // 2:
@@ -548,10 +605,11 @@ class SAERun:
             x = torch.cat([self.gather(b, self.ins) for b in calibration]).to(self.cfg.device)
             self.last["threshold"] = calibrate_threshold(self.sae, x)
         self.sae.eval()
+        whole = gather_full(self.sae, self.shards, self.cfg.sae.d_sae) if self.shards else self.sae
         if self.rank == 0:
-            save_sae(self.sae, self.files.sae)
-            self.checkpoint()
-        return TrainResult(self.sae, self.run_dir, self.step, self.step * self.cfg.optim.batch_size, self.last)
+            save_sae(whole, self.files.sae)
+        self.checkpoint()
+        return TrainResult(whole, self.run_dir, self.step, self.step * self.cfg.optim.batch_size, self.last)
 
     def close(self) -> None:
         if self.sinks is not None:
