@@ -522,6 +522,9 @@ class TrainConfig:
     shard_latents: int = 0
     """Under torchrun: split the latents over N processes (each holds d_sae/N latents and their Adam state;
     TopK only); world/N replicas of them train data-parallel. 0: every process holds the whole SAE."""
+    distribute_saes: bool = False
+    """Under torchrun, with several SAEs from one stream: each process trains its share of the SAEs whole on
+    every batch (as sparsify's distribute_modules), instead of every SAE on a slice of each batch."""
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -293,7 +293,7 @@ def load_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any], SAE | None] | 
 
 # ---- the run directory: one job per directory -----------------------------------------------------------
 # Settings that may change when a run continues: they do not change what is trained.
-RUNTIME_FIELDS = ("out", "resume", "log_every", "checkpoint_every", "tensorboard", "wandb", "device")
+RUNTIME_FIELDS = ("out", "resume", "log_every", "checkpoint_every", "tensorboard", "wandb", "device", "distribute_saes")
 
 
 def job_identity(cfg: TrainConfig, sources: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -661,22 +661,37 @@ def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[TrainProgres
     first = cfgs[0]
     if any((c.optim.batch_size, c.optim.tokens) != (first.optim.batch_size, first.optim.tokens) for c in cfgs):
         raise ConfigError("SAEs trained from one stream must share batch_size and tokens")
-    if first.optim.batch_size % world:
+    spread = owners(cfgs, world) if first.distribute_saes else None
+    if spread is None and first.optim.batch_size % world:
         raise ConfigError(f"batch_size {first.optim.batch_size} is not divisible by {world} processes")
     if len({str(Path(c.out).resolve()) for c in cfgs}) < len(cfgs):
         raise ConfigError("SAEs trained together need one run directory each (their --out values repeat)")
-    with contextlib.ExitStack() as locks:  # one writer per run directory (rank 0 writes for every process)
-        if rank == 0:
-            for c in cfgs:
+    with contextlib.ExitStack() as locks:  # one writer per run directory (its owner, or rank 0 for every process)
+        for i, c in enumerate(cfgs):
+            if (spread[i] if spread else 0) == rank:
                 locks.enter_context(write_lock(c.out))
-        results = _train_locked(cfgs, progress, source, rank, world)
+        results = _train_locked(cfgs, progress, source, rank, world, spread)
     if started_group:  # only on success: shutting down while another process is mid-collective would hang
         end_process_group()
     return results[0] if single else results
 
 
+def owners(cfgs: list[TrainConfig], world: int) -> list[int]:
+    """distribute_saes: the rank that trains each SAE (round robin; every rank reads every batch whole)."""
+    if any(c.distribute_saes != cfgs[0].distribute_saes for c in cfgs):
+        raise ConfigError("SAEs trained together either all spread over the processes (distribute_saes) or none")
+    if any(c.shard_latents for c in cfgs):
+        raise ConfigError("distribute_saes spreads whole SAEs over the processes; it cannot be combined with shard_latents")
+    if len(cfgs) < world:
+        raise ConfigError(f"distribute_saes needs at least one SAE per process ({len(cfgs)} SAEs, {world} processes)")
+    return [i % world for i in range(len(cfgs))]
+
+
 def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], None] | None,
-                  source: ActivationStore | ActivationStream | None, rank: int, world: int) -> list[TrainResult]:
+                  source: ActivationStore | ActivationStream | None, rank: int, world: int,
+                  spread: list[int] | None = None) -> list[TrainResult]:
+    """Train the runs; with spread (the owner rank of each config), this rank trains only its own, as a single
+    process would, and the others' results are read from their run directories at the end."""
     first = cfgs[0]
     if source is not None:
         whole = [(0, slice(0, source.d_in))]
@@ -692,8 +707,16 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
             cached[i] = first_tokens(sources[i], largest)
         return cached[i][:n]
 
-    runs = [SAERun(c, sources, ins, outs, rank, world, sample) for c, (ins, outs) in zip(cfgs, placement)]
+    mine = [i for i in range(len(cfgs)) if spread is None or spread[i] == rank]
+    as_rank, as_world = (0, 1) if spread else (rank, world)
+    if spread:
+        log.info("process %d trains %s", rank, ", ".join(cfgs[i].out for i in mine))
+    runs = [SAERun(cfgs[i], sources, *placement[i], as_rank, as_world, sample) for i in mine]
     start = {r.batches_done for r in runs}
+    if spread and world > 1:  # every rank reads the same batches: their checkpoints must agree across ranks
+        ends = torch.tensor([min(start), -max(start)])
+        dist.all_reduce(ends, op=dist.ReduceOp.MIN)
+        start |= {int(ends[0]), -int(ends[1])}
     if len(start) > 1:
         raise TrainingError("the runs' checkpoints are at different data positions; resume them separately")
     batches_done = start.pop()
@@ -725,7 +748,19 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
     finally:
         for r in runs:
             r.close()
-    return [r.finish(calibration) for r in runs]
+    finished = dict(zip(mine, [r.finish(calibration) for r in runs]))
+    if spread and world > 1:
+        dist.barrier()  # every owner has saved its SAEs
+    return [finished.get(i) or saved_result(cfgs[i]) for i in range(len(cfgs))]
+
+
+def saved_result(cfg: TrainConfig) -> TrainResult:
+    """A finished run read back from its directory (an SAE another process trained)."""
+    files = RunDir(Path(cfg.out))
+    lines = files.metrics.read_text().splitlines() if files.metrics.exists() else []
+    last = json.loads(lines[-1]) if lines else {}
+    steps = cfg.optim.tokens // cfg.optim.batch_size
+    return TrainResult(SAE.load(files.sae), Path(cfg.out), steps, steps * cfg.optim.batch_size, last)
 
 
 def _metrics(step: int, cfg: TrainConfig, out: Any, lr: float, since_fired: torch.Tensor, d: Schedule,

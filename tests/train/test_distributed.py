@@ -1,5 +1,6 @@
-"""Latents sharded over processes (gloo, CPU): the same losses, gradients and weights as one process, exact
-resume from sharded checkpoints, and sharding combined with data parallelism."""
+"""Training over several processes (gloo, CPU). Latents sharded over processes: the same losses, gradients and
+weights as one process, exact resume from sharded checkpoints, sharding combined with data parallelism. SAEs
+spread over processes: each trained as one process trains it."""
 
 import json
 import os
@@ -17,7 +18,8 @@ SETTINGS = dict(d_sae=128, k=4, batch_size=512, tokens=512 * 20, log_every=1, ch
                 dead_tokens=512)  # 128 latents for 64 planted features, dead after one silent batch: AuxK runs
 
 SCRIPT = r"""
-import json, os, signal, sys, torch, torch.distributed as dist
+import json, logging, os, signal, sys, torch, torch.distributed as dist
+logging.basicConfig(level=logging.INFO)
 import nanosae
 from nanosae import SAE, SAEConfig, TrainConfig
 settings, kill_at, grads_to = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -47,7 +49,8 @@ if grads_to:  # one step's loss and gradients, sharded over the processes, gathe
 def progress(p):
     if kill_at and p.step >= kill_at and int(os.environ["RANK"]) == 0:
         os.kill(os.getpid(), signal.SIGKILL)
-nanosae.train(TrainConfig.build(**settings), progress=progress)
+cfgs = [TrainConfig.build(**c) for c in settings] if isinstance(settings, list) else TrainConfig.build(**settings)
+nanosae.train(cfgs, progress=progress)
 """
 
 
@@ -145,3 +148,26 @@ def test_refusals(planted_store, tmp_path):
         nanosae.train(TrainConfig.build(**(SETTINGS | dict(acts=str(store.path), out=str(tmp_path / "r"), shard_latents=2))))
     with pytest.raises(ConfigError, match="shard_latents"):
         TrainConfig.build(shard_latents=-1)
+
+
+def test_saes_spread_over_processes_train_as_in_one(planted_store, tmp_path):
+    """Three SAEs of one stream over two processes (rank 0 trains two, rank 1 one), each on every whole batch."""
+    store, _ = planted_store
+    common = dict(acts=str(store.path), d_sae=64, batch_size=512, tokens=512 * 10, log_every=5, checkpoint_every=0,
+                  lr=3e-3, distribute_saes=True)
+    spread = [common | dict(k=k, out=str(tmp_path / f"spread_k{k}")) for k in (2, 4, 6)]
+    proc = torchrun(tmp_path, 2, spread)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = {line.split("process ")[1] for line in proc.stderr.splitlines() if "trains" in line}
+    assert trained == {f"0 trains {spread[0]['out']}, {spread[2]['out']}", f"1 trains {spread[1]['out']}"}
+    alone = nanosae.train([TrainConfig.build(**(c | dict(out=c["out"].replace("spread", "one"), distribute_saes=False)))
+                           for c in spread])
+    for cfg, one in zip(spread, alone):
+        two = SAE.load(tmp_path / cfg["out"] / "sae")
+        assert two.cfg.k == one.sae.cfg.k
+        for name, tensor in one.sae.state_dict().items():
+            assert torch.allclose(tensor, two.state_dict()[name], atol=1e-5), name
+    with pytest.raises(ConfigError, match="at least one SAE per process"):
+        from nanosae.train.trainer import owners
+
+        owners([TrainConfig.build(**spread[0])], world=2)
