@@ -10,6 +10,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                              reason="no CUDA device here"))])
+def device(request) -> str:
+    """A test that takes `device` runs on the CPU and again on CUDA where a GPU is present: kernels, SAE math,
+    training steps, splicing and steering, evaluation."""
+    return request.param
+
+
 def make_hf_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -50,6 +58,14 @@ def tiny_model(tiny_llama_dir):
     import nanosae
 
     return nanosae.load_model(str(tiny_llama_dir))
+
+
+@pytest.fixture()
+def tiny_model_on(tiny_llama_dir, tiny_model, device):
+    """The tiny model on `device` (the session's CPU one when that is the device)."""
+    import nanosae
+
+    return tiny_model if device == "cpu" else nanosae.load_model(str(tiny_llama_dir), device=device)
 
 
 @pytest.fixture(scope="session")

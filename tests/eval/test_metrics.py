@@ -27,11 +27,11 @@ def identity_sae(d):
     return sae
 
 
-def test_hand_computed_metrics():
+def test_hand_computed_metrics(device):
     s = _Sums(d_in=2, d_sae=3, context=4)
-    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    x_hat = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
-    z = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]], device=device)
+    x_hat = torch.tensor([[1.0, 0.0], [0.0, 0.0]], device=device)
+    z = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], device=device)
     s.add(x, x_hat, z, torch.tensor([1, 2]))
     s.ce_sae, s.kl = 3.0, 0.5
     sae = SAE(SAEConfig(d_in=2, d_sae=3, architecture="relu"))
@@ -116,19 +116,20 @@ def test_wrong_width_is_refused(tiny_model, word_corpus):
         evaluate(SAE(SAEConfig(d_in=7, d_sae=8, architecture="relu", hook_name=HOOK)), tiny_model, data(word_corpus))
 
 
-def test_ce_and_kl_match_a_direct_computation(tiny_model, word_corpus):
+def test_ce_and_kl_match_a_direct_computation(tiny_model_on, word_corpus, device):
     """CE with the SAE spliced in and KL(clean ‖ spliced), against plain float64 log-softmaxes of full passes."""
     import torch.nn.functional as F
 
     from nanosae.data.corpus import iter_documents
     from nanosae.data.tokens import token_batches
 
+    tiny_model = tiny_model_on
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=tiny_model.d_model, d_sae=64, architecture="topk", k=4, hook_name=HOOK))
+    sae = SAE(SAEConfig(d_in=tiny_model.d_model, d_sae=64, architecture="topk", k=4, hook_name=HOOK, device=device))
     cfg = data(word_corpus)
     batch = next(token_batches(iter_documents(cfg), tiny_model.tokenizer, cfg.context_size, 8, cfg.pack, cfg.exclude_first))
     r = evaluate(sae, tiny_model, cfg, tokens=int(batch.valid.sum()), batch_size=8)
-    toks, valid = batch.tokens, batch.valid
+    toks, valid = batch.tokens.to(device), batch.valid.to(device)
     keep = valid[:, :-1] & valid[:, 1:]
     clean, cache = tiny_model.run_with_cache(toks, [HOOK])
     spliced_acts = cache[HOOK].clone()

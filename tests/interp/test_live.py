@@ -55,7 +55,8 @@ def test_strength_zero_equals_baseline(tiny_model, sae):
     assert base.tokens == steered.tokens
 
 
-def test_add_moves_along_the_decoder_direction(tiny_model, sae):
+def test_add_moves_along_the_decoder_direction(tiny_model_on, sae, device):
+    tiny_model, sae = tiny_model_on, sae.to(device)
     toks = torch.tensor([[0, 5, 9, 13]])
     _, clean = tiny_model.run_with_cache(toks, [HOOK])
     seen = {}
@@ -65,7 +66,8 @@ def test_add_moves_along_the_decoder_direction(tiny_model, sae):
     assert torch.allclose(c["blocks.2.hook_resid_pre"], clean[HOOK] + 2.0 * sae.W_dec[4] / 0.5, atol=1e-5)
 
 
-def test_clamp_changes_only_that_latent(tiny_model, sae):
+def test_clamp_changes_only_that_latent(tiny_model_on, sae, device):
+    tiny_model, sae = tiny_model_on, sae.to(device)
     toks = torch.tensor([[0, 5, 9, 13]])
     _, clean = tiny_model.run_with_cache(toks, [HOOK])
     x = clean[HOOK]

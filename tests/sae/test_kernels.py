@@ -17,16 +17,17 @@ def grads(sae, x, **kw):
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("n_dead", [0, 8, 30])  # 8 < k_aux: AuxK uses every dead latent; 30 > k_aux: the top 12
 @pytest.mark.parametrize("norm_weighting", [0.0, 0.7])
-def test_fast_path_equals_dense(arch, n_dead, norm_weighting):
-    sae = SAE(SAEConfig(d_in=24, d_sae=96, architecture=arch, k=6, dtype="float64"))
+def test_fast_path_equals_dense(arch, n_dead, norm_weighting, device):
+    sae = SAE(SAEConfig(d_in=24, d_sae=96, architecture=arch, k=6, dtype="float64", device=device))
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(std=0.1)
     sae.train()
-    x = torch.randn(40, 24, dtype=torch.float64) * 2
+    x = torch.randn(40, 24, dtype=torch.float64).to(device) * 2
     with_dead = n_dead > 0
     dead = torch.zeros(96, dtype=torch.bool)
     dead[torch.randperm(96)[:n_dead]] = True
+    dead = dead.to(device)
     kw = dict(dead_mask=dead if with_dead else None, k_aux=12, norm_weighting=norm_weighting)
     fast, g_fast = grads(sae, x, fast=True, **kw)
     dense, g_dense = grads(sae, x, fast=False, **kw)

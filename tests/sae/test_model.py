@@ -34,13 +34,13 @@ def test_apply_b_dec_to_input_off():
     assert torch.equal(z, torch.tensor([[3.0, 1.0, 0.0]], dtype=torch.float64))
 
 
-def test_topk_keeps_exactly_k():
+def test_topk_keeps_exactly_k(device):
     assert torch.equal(tiny("topk", k=2).encode(X), torch.tensor([[2.0, 1.0, 0.0]], dtype=torch.float64))
-    sae = SAE(SAEConfig(d_in=16, d_sae=64, architecture="topk", k=5))
-    z = sae.encode(torch.randn(100, 16) * 3)
+    sae = SAE(SAEConfig(d_in=16, d_sae=64, architecture="topk", k=5, device=device))
+    z = sae.encode(torch.randn(100, 16, device=device) * 3)
     assert ((z != 0).sum(-1) <= 5).all() and ((z != 0).sum(-1) == 5).float().mean() > 0.9
     # the kept ones are the largest pre-activations
-    pre = sae.pre_acts(torch.randn(1, 16))
+    pre = sae.pre_acts(torch.randn(1, 16, device=device))
     z = sae.activate(pre)
     kept = z[0] != 0
     assert pre[0][kept].min() >= pre[0][~kept].max()
@@ -193,9 +193,9 @@ def test_projection_removes_first_order_norm_change():
     assert drift_projected < drift_raw / 100
 
 
-def test_layer_norm_and_scale_are_undone():
-    sae = SAE(SAEConfig(d_in=8, d_sae=16, architecture="relu", normalize_activations="layer_norm"))
-    x = torch.randn(4, 8) * 5 + 3
+def test_layer_norm_and_scale_are_undone(device):
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, architecture="relu", normalize_activations="layer_norm", device=device))
+    x = torch.randn(4, 8, device=device) * 5 + 3
     x_hat, z = sae(x)
     mu = x.mean(-1, keepdim=True)
     std = (x - mu).std(-1, keepdim=True)
@@ -203,15 +203,15 @@ def test_layer_norm_and_scale_are_undone():
     z_ref = ((xn - sae.b_dec) @ sae.W_enc + sae.b_enc).relu()
     assert torch.allclose(z, z_ref, atol=1e-6)
     assert torch.allclose(x_hat, (z_ref @ sae.W_dec + sae.b_dec) * std + mu, atol=1e-5)
-    scaled = SAE(SAEConfig(d_in=8, d_sae=16, architecture="relu", activation_scale=0.5))
+    scaled = SAE(SAEConfig(d_in=8, d_sae=16, architecture="relu", activation_scale=0.5, device=device))
     z = scaled.encode(x)
     assert torch.allclose(z, ((x * 0.5 - scaled.b_dec) @ scaled.W_enc + scaled.b_enc).relu(), atol=1e-6)
     assert torch.allclose(scaled.decode(z), (z @ scaled.W_dec + scaled.b_dec) / 0.5, atol=1e-6)
 
 
-def test_splice_error_term():
-    sae = SAE(SAEConfig(d_in=8, d_sae=32, architecture="topk", k=4))
-    x = torch.randn(5, 8)
+def test_splice_error_term(device):
+    sae = SAE(SAEConfig(d_in=8, d_sae=32, architecture="topk", k=4, device=device))
+    x = torch.randn(5, 8, device=device)
     assert torch.allclose(sae.splice(x), sae(x)[0])  # without error term: the reconstruction
     sae.use_error_term = True
     assert torch.allclose(sae.splice(x), x, atol=1e-6)  # with it: exact until an edit

@@ -25,25 +25,26 @@ def cfg_for(store, out, **kw):
     return TrainConfig.build(**(base | kw))
 
 
-def test_recovers_planted_features(planted_store, tmp_path):
+def test_recovers_planted_features(planted_store, tmp_path, device):
     store, D = planted_store
-    res = nanosae.train(cfg_for(store, tmp_path / "run"))
+    res = nanosae.train(cfg_for(store, tmp_path / "run", device=device))
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["loss"] < lines[0]["loss"] and lines[-1]["step"] == 300
     assert res.metrics["fvu"] < 0.5
-    cos = (torch.nn.functional.normalize(res.sae.W_dec, dim=1) @ D.T).max(0).values
+    cos = (torch.nn.functional.normalize(res.sae.W_dec.cpu(), dim=1) @ D.T).max(0).values
     assert (cos > 0.9).float().mean() > 0.8, cos
     loaded = SAE.load(tmp_path / "run" / "sae")
     assert loaded.cfg.hook_name == "blocks.0.hook_resid_post" and loaded.cfg.activation_scale != 1.0
-    assert torch.equal(loaded.W_dec, res.sae.W_dec)
+    assert torch.equal(loaded.W_dec, res.sae.W_dec.cpu())
     assert json.loads((tmp_path / "run" / "config.json").read_text())["sae"]["d_sae"] == 128
 
 
 @pytest.mark.parametrize("arch", ["relu", "batchtopk", "jumprelu", "gated", "matryoshka"])
-def test_every_architecture_trains(planted_store, tmp_path, arch):
+def test_every_architecture_trains(planted_store, tmp_path, arch, device):
     store, _ = planted_store
     coeff = {"relu": 0.05, "gated": 0.05, "jumprelu": 0.01}.get(arch)
-    res = nanosae.train(cfg_for(store, tmp_path / arch, architecture=arch, tokens=256 * 100, sparsity_coefficient=coeff))
+    res = nanosae.train(cfg_for(store, tmp_path / arch, architecture=arch, tokens=256 * 100, sparsity_coefficient=coeff,
+                                device=device))
     lines = [json.loads(l) for l in (tmp_path / arch / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["mse"] < lines[0]["mse"]
     assert res.metrics["fvu"] < 0.6 and 0 < res.metrics["l0"] < 128

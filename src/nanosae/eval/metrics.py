@@ -82,7 +82,11 @@ class _Sums:
         self.pos_x = torch.zeros(self.context, self.d_in, dtype=torch.float64)
 
     def add(self, x: Tensor, x_hat: Tensor, z: Tensor, positions: Tensor) -> None:
-        x, x_hat, z = x.double(), x_hat.double(), z.double()
+        if self.fires.device != x.device:  # sums live where the activations are (no copy of z per batch)
+            for name, value in vars(self).items():
+                if isinstance(value, Tensor):
+                    setattr(self, name, value.to(x.device))
+        x, x_hat, z, positions = x.double(), x_hat.double(), z.double(), positions.to(x.device)
         err = (x - x_hat).pow(2).sum(-1)
         l0 = (z != 0).sum(-1)
         self.n += len(x)

@@ -157,7 +157,7 @@ def steering(model: HostModel, sae: SAE, edits: list[Edit]) -> Iterator[None]:
     if clamps and sae.cfg.kind == "crosscoder":
         raise ConfigError("a crosscoder's latents depend on every layer at once, so they cannot be clamped during a "
                           "forward pass; add its decoder direction instead (LATENT=+V)")
-    direction = sum((e.value * sae.W_dec[e.latent] for e in adds), torch.zeros(sae.cfg.d_out, dtype=sae.dtype))
+    direction = sum((e.value * sae.W_dec[e.latent] for e in adds), torch.zeros(sae.cfg.d_out, dtype=sae.dtype, device=sae.device))
     blocks = sae.output_blocks((direction / sae.output_factor()).detach())
     read_at = sae.cfg.hook_name if sae.cfg.kind == "transcoder" else None
     captured: dict[str, Tensor] = {}

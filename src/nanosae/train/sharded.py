@@ -184,7 +184,7 @@ def clip_gradients(sae: SAE, shards: Shards, max_norm: float) -> None:
     grads = {n: p.grad for n, p in sae.named_parameters() if p.grad is not None}
     sliced = torch.stack([g.pow(2).sum() for n, g in grads.items() if n in SHARDED]).sum()
     dist.all_reduce(sliced, group=shards.group)
-    shared = sum((g.pow(2).sum() for n, g in grads.items() if n not in SHARDED), torch.zeros(()))
+    shared = sum((g.pow(2).sum() for n, g in grads.items() if n not in SHARDED), sliced.new_zeros(()))
     coef = (max_norm / ((sliced + shared).sqrt() + 1e-6)).clamp(max=1.0)
     for g in grads.values():
         g.mul_(coef)

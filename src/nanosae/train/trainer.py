@@ -433,7 +433,7 @@ class SAERun:
             self.sae.cfg.activation_scale, self.sae.cfg.output_scale = state["scales"]
             self.sae.load_state_dict(shard["sae"])
             self.opt.load_state_dict(shard["optimizer"])
-            self.ema = shard["ema"]
+            self.ema = on_device(shard["ema"], self.cfg.device)
         else:
             self._load_whole(ckpt, state, loaded)
         self.step, self.batches_done, self.since_fired = state["step"], state["batches"], state["since_fired"]
@@ -458,7 +458,7 @@ class SAERun:
         self.sae.cfg.output_scale = loaded.cfg.output_scale
         self.sae.load_state_dict(loaded.state_dict())
         self.opt.load_state_dict(state["optimizer"])
-        self.ema = state.get("ema")
+        self.ema = on_device(state.get("ema"), self.cfg.device)
 
     def _start(self) -> None:
         if self.rank == 0:
@@ -530,7 +530,7 @@ class SAERun:
         for group in opt.param_groups:
             group["lr"] = lr
         coeff = d.sparsity * min(1.0, (self.step + 1) / max(1, d.sparsity_warmup))
-        dead = self.since_fired >= d.dead_tokens
+        dead = (self.since_fired >= d.dead_tokens).to(sae.device)  # counters stay on the CPU (checkpoints)
         k = sae.cfg.k
         sae.cfg.k = k_at(self.step, cfg, d)  # k annealing: only while the loss is computed
         try:
@@ -567,10 +567,10 @@ class SAERun:
             with torch.no_grad():
                 sae.threshold.clamp_(min=0.0)
         self.since_fired += len(x) * self.data_world
-        self.since_fired[fired > 0] = 0
+        self.since_fired[fired.cpu() > 0] = 0
         # resampled latents fire on many tokens for a few steps: never in the second half, so the run ends settled
         if arch == "relu" and (self.step + 1) % d.resample_every == 0 and self.step + 1 <= d.steps // 2:
-            resample_dead(sae, opt, x, self.since_fired >= d.dead_tokens, self.gen, target=y)
+            resample_dead(sae, opt, x, (self.since_fired >= d.dead_tokens).to(sae.device), self.gen, target=y)
         if self.ema is not None:
             decay = ema_decay_at(self.step, cfg.optim.ema_decay)
             with torch.no_grad():
@@ -754,6 +754,11 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
     return [finished.get(i) or saved_result(cfgs[i]) for i in range(len(cfgs))]
 
 
+def on_device(tensors: dict[str, torch.Tensor] | None, device: str) -> dict[str, torch.Tensor] | None:
+    """A state dict read from a checkpoint (on the CPU) moved to where the SAE trains."""
+    return None if tensors is None else {k: v.to(device) for k, v in tensors.items()}
+
+
 def saved_result(cfg: TrainConfig) -> TrainResult:
     """A finished run read back from its directory (an SAE another process trained)."""
     files = RunDir(Path(cfg.out))
@@ -808,7 +813,7 @@ def resample_dead(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: t
     err = (y - y_hat).pow(2).sum(-1)
     if float(err.sum()) <= 0:
         return 0
-    picks = torch.multinomial(err / err.sum(), len(idx), replacement=True, generator=gen)
+    picks = torch.multinomial((err / err.sum()).cpu(), len(idx), replacement=True, generator=gen).to(err.device)
     unit = lambda v: v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
     dec_dirs = unit(y[picks] - sae.b_dec)
     enc_dirs = unit(x_norm[picks] - sae.b_dec) if sae.cfg.apply_b_dec_to_input else unit(x_norm[picks])
