@@ -16,16 +16,25 @@ InputNorm = Literal["none", "layer_norm"]
 LRSchedule = Literal["constant", "cosine", "linear"]
 BDecInit = Literal["geometric_median", "mean", "zeros"]
 StoreDtype = Literal["float16", "bfloat16", "float32"]
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 Ablation = Literal["zero", "mean"]
 Suite = Literal["core", "full"]
 ARCHITECTURES = get_args(Architecture)
 LITERALS = {"Architecture": Architecture, "InputNorm": InputNorm, "LRSchedule": LRSchedule, "BDecInit": BDecInit,
-            "StoreDtype": StoreDtype, "Ablation": Ablation, "Suite": Suite}
+            "StoreDtype": StoreDtype, "ModelDtype": ModelDtype, "Ablation": Ablation, "Suite": Suite}
 BATCH_TOPK = ("batchtopk", "matryoshka")  # architectures that select the top k·B of a batch while training
 NORMALIZATIONS = get_args(InputNorm)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 """The dtypes nanosae names (SAE weights: all four; activation stores: StoreDtype)."""
 STORE_DTYPES = {name: TORCH_DTYPES[name] for name in get_args(StoreDtype)}
+
+
+def model_dtype(name: str, device: str) -> torch.dtype:
+    """The host model's compute dtype: `auto` is bfloat16 on a GPU (as the field runs models there) and float32
+    on the CPU (where bfloat16 matmuls are slower and the stored activations would differ for no gain)."""
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return TORCH_DTYPES[name]
 
 
 def _type_ok(value: Any, annotation: str) -> bool:
@@ -289,6 +298,8 @@ class CollectConfig:
     """Tokens per shard file."""
     device: str = "cpu"
     """Where the model runs: cpu, cuda, ..."""
+    model_dtype: ModelDtype = "auto"
+    """The host model's compute dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16."""
     tokenizer: str | None = None
     """nanochat tokenizer directory (default: tokenizer/ next to the checkpoints, $NANOCHAT_BASE_DIR)."""
 
@@ -362,6 +373,8 @@ class SourceConfig:
     """Text to stream through the model (not used with stores)."""
     model_batch_size: int = 8
     """Windows per forward pass when streaming."""
+    model_dtype: ModelDtype = "auto"
+    """Streaming: the host model's compute dtype (auto: bfloat16 on a GPU, float32 on the CPU)."""
 
     def __post_init__(self) -> None:
         check_fields(self)

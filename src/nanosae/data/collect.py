@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from nanosae.config import CollectConfig, DataConfig
+from nanosae.config import CollectConfig, DataConfig, model_dtype
 from nanosae.data.corpus import iter_documents
 from nanosae.data.store import FORMAT, MANIFEST, ActivationStore, ShardWriter, read_manifest, shard_problem
 from nanosae.data.tokens import in_background, token_batches
@@ -37,12 +37,13 @@ class CollectProgress(NamedTuple):
 
 
 # Settings that must not change between a run and its resume (they change which activations land where).
-_IDENTITY_KEYS = ("model", "hook", "d_in", "dtype", "context_size", "tokens_per_shard", "batch_size", "data")
+_IDENTITY_KEYS = ("model", "hook", "d_in", "dtype", "context_size", "tokens_per_shard", "batch_size", "data", "model_dtype")
 
 
 def _manifest_for(cfg: CollectConfig, model: HostModel, hook: str) -> dict[str, Any]:
     return {
         "format": FORMAT, "model": model.name, "hook": hook, "d_in": model.hook_dim(hook), "dtype": cfg.dtype,
+        "model_dtype": str(model.dtype).removeprefix("torch."),
         "context_size": cfg.data.context_size, "tokens_per_shard": cfg.tokens_per_shard, "batch_size": cfg.batch_size,
         "data": dataclasses.asdict(cfg.data), "bos_id": model.tokenizer.bos_id, "target_tokens": cfg.tokens,
         "tokens": 0, "bytes": 0, "complete": False, "shards": [], "norm_scale": None,
@@ -58,7 +59,7 @@ def _resume_manifest(directory: Path, fresh: dict[str, Any]) -> dict[str, Any]:
     if isinstance(old.get("data"), dict):  # written by an older nanosae: its key names, today's
         old["data"] = dataclasses.asdict(DataConfig.from_dict(old["data"]))
     for key in _IDENTITY_KEYS:
-        if old.get(key) != fresh[key]:
+        if old.get(key, fresh[key] if key == "model_dtype" else None) != fresh[key]:  # stores from before it was recorded
             raise DataError(f"{directory}: the store was collected with {key}={old.get(key)!r}, this run asks for "
                             f"{fresh[key]!r}; use another --out or the same settings")
     # only full, intact shards are kept: a short last shard is recollected so shard i always holds tokens
@@ -89,7 +90,8 @@ def collect(cfg: CollectConfig, model: HostModel | None = None,
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; expected a directory for the stores")
-    model = model or load_model(cfg.model, device=cfg.device, tokenizer=cfg.tokenizer)
+    model = model or load_model(cfg.model, device=cfg.device, dtype=model_dtype(cfg.model_dtype, cfg.device),
+                                tokenizer=cfg.tokenizer)
     for hook in cfg.hooks:
         model.parse_hook(hook)
     with contextlib.ExitStack() as locks:  # one writer per store: a second collect into it is refused

@@ -64,8 +64,12 @@ def find_layers(model: nn.Module) -> list[LayerModules]:
             layers = []
             for block in blocks:
                 mlp = _first_child(block, ("mlp",), "MLP")
+                # sandwich norms (Gemma-2/3): attention and MLP outputs are normed before joining the residual
+                sandwich = hasattr(block, "pre_feedforward_layernorm") and hasattr(block, "post_feedforward_layernorm")
                 layers.append(LayerModules(block, _first_child(block, _ATTN_NAMES, "attention"), mlp,
-                                           _first_child(mlp, _DOWN_NAMES, "MLP down projection")))
+                                           _first_child(mlp, _DOWN_NAMES, "MLP down projection"),
+                                           block.post_attention_layernorm if sandwich else None,
+                                           block.post_feedforward_layernorm if sandwich else None))
             return layers
     raise ConfigError(f"cannot find decoder layers in {type(model).__name__} (looked for {', '.join(_LAYER_PATHS)})")
 

@@ -37,6 +37,11 @@ class LayerModules:
     attn: nn.Module
     mlp: nn.Module
     mlp_down: nn.Module
+    attn_out: nn.Module | None = None
+    """The module whose output the block adds to the residual after attention (Gemma-2's sandwich norm:
+    post_attention_layernorm); None: the attention itself."""
+    mlp_out: nn.Module | None = None
+    """Likewise after the MLP (Gemma-2: post_feedforward_layernorm); None: the MLP itself."""
 
 
 class Generation(NamedTuple):
@@ -78,6 +83,11 @@ class HostModel:
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (of the first floating-point weight)."""
+        return next(p.dtype for p in self.module.parameters() if p.is_floating_point())
 
     # ---- back-end specifics -----------------------------------------------------------------
     def _logits(self, tokens: Tensor) -> Tensor:
@@ -143,7 +153,8 @@ class HostModel:
                 return None if new is None else (args, {**kwargs, "hidden_states": new})
             return [mods.block.register_forward_pre_hook(pre_hook, with_kwargs=True)]
         if kind in ("hook_resid_post", "hook_attn_out", "hook_mlp_out"):
-            module = {"hook_resid_post": mods.block, "hook_attn_out": mods.attn, "hook_mlp_out": mods.mlp}[kind]
+            module = {"hook_resid_post": mods.block, "hook_attn_out": mods.attn_out or mods.attn,
+                      "hook_mlp_out": mods.mlp_out or mods.mlp}[kind]
             def out_hook(module, args, output):
                 new = fn(_first(output))
                 return None if new is None else _replace_first(output, new)
@@ -163,7 +174,7 @@ class HostModel:
             new = fn(pre + attn_out)
             return None if new is None else _replace_first(output, new - pre)
         return [mods.block.register_forward_pre_hook(remember, with_kwargs=True),
-                mods.attn.register_forward_hook(mid_hook)]
+                (mods.attn_out or mods.attn).register_forward_hook(mid_hook)]
 
     # ---- reusing a clean pass's prefix --------------------------------------------------------
     def unchanged_blocks(self, names: list[str]) -> int:

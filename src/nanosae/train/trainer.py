@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from nanosae.config import BATCH_TOPK, SAEConfig, TrainConfig, flat_settings
+from nanosae.config import BATCH_TOPK, SAEConfig, TrainConfig, flat_settings, model_dtype
 from nanosae.data import ActivationStore, ActivationStream
 from nanosae.data.store import norm_scale
 from nanosae.errors import ConfigError, DataError, FormatError, TrainingError
@@ -643,7 +643,8 @@ def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[Placeme
         raise ConfigError("SAEs streamed together must use the same model, data and model batch size")
     # the mixing buffer: big enough to mix documents, small enough not to read far ahead of a short run
     buffer = min(65536, max(4 * first.optim.batch_size, first.optim.tokens // 8))
-    stream = ActivationStream(load_model(first.source.model, device=first.device), keys, first.source.data,
+    host = load_model(first.source.model, device=first.device, dtype=model_dtype(first.source.model_dtype, first.device))
+    stream = ActivationStream(host, keys, first.source.data,
                               model_batch_size=first.source.model_batch_size, buffer_tokens=buffer)
     place = lambda hook: (0, stream.columns(hook))
     return [stream], [([place(h) for h in ins], [place(h) for h in outs]) for ins, outs in io]
