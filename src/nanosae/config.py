@@ -485,6 +485,9 @@ class OptimConfig:
     (end-to-end fine-tune; lowers the CE-loss gap; each step runs the model twice, see docs/training.md)."""
     kl_coefficient: float | None = None
     """Weight of the KL term in the fine-tune; default: set at its first step so KL and MSE weigh the same."""
+    encoder_bf16: bool = False
+    """TopK/BatchTopK: run the encoder GEMM (the dense part of a step) in bfloat16, as autocast would; weights,
+    gradients and Adam state stay float32. For GPUs' tensor cores; on a CPU it is slower."""
 
     def __post_init__(self) -> None:
         check_fields(self)

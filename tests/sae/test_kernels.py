@@ -90,3 +90,19 @@ def test_auxk_selection_over_chunks_is_the_masked_topk(n_dead):
     want = torch.zeros(50, 80).scatter(1, idx, vals)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.equal(sel.cols.view(50, 4).sort(-1).values, pre.topk(4, dim=-1).indices.sort(-1).values)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_encoder_in_bfloat16_picks_nearly_the_same_latents(arch, device):
+    """The bfloat16 encoder GEMM changes only near-ties: the loss stays within bfloat16's precision of the
+    float32 one and the gradients keep their direction; the weights stay float32."""
+    sae = SAE(SAEConfig(d_in=64, d_sae=256, architecture=arch, k=8, device=device))
+    sae.train()
+    x = torch.randn(128, 64, device=device)
+    exact, g_exact = grads(sae, x)
+    half, g_half = grads(sae, x, encoder_bf16=True)
+    assert torch.allclose(half.loss, exact.loss, rtol=2e-2)
+    for name in g_exact:
+        assert g_half[name].dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(g_half[name].flatten(), g_exact[name].flatten(), dim=0)
+        assert cos > 0.9, (name, float(cos))

@@ -51,7 +51,8 @@ class ActivationStream:
     def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, start_batch: int = 0) -> Iterator[Tensor]:
         """(batch_size, d_in) float32 batches until the corpus ends (a smaller last batch)."""
         gen = torch.Generator().manual_seed(seed)
-        buffer = torch.empty(0, self.d_in)
+        # the buffer stays where the model runs: on a GPU, batches go to the SAE without a round trip via the CPU
+        buffer = torch.empty(0, self.d_in, device=self.model.device)
         emitted = 0
 
         def emit(block: Tensor) -> Iterator[Tensor]:
@@ -63,18 +64,18 @@ class ActivationStream:
 
         pending, pending_n = [], 0
         for acts in self.activations():
-            pending.append(acts.cpu())
+            pending.append(acts)
             pending_n += len(acts)
             if len(buffer) + pending_n < self.buffer_tokens:
                 continue
             buffer = torch.cat([buffer, *pending])  # one copy per refill, not one per forward pass
             pending, pending_n = [], 0
             if shuffle:
-                buffer = buffer[torch.randperm(len(buffer), generator=gen)]
+                buffer = buffer[torch.randperm(len(buffer), generator=gen).to(buffer.device)]
             n_out = (len(buffer) // 2) // batch_size * batch_size
             yield from emit(buffer[:n_out])
             buffer = buffer[n_out:]
         buffer = torch.cat([buffer, *pending])
         if shuffle and len(buffer):
-            buffer = buffer[torch.randperm(len(buffer), generator=gen)]
+            buffer = buffer[torch.randperm(len(buffer), generator=gen).to(buffer.device)]
         yield from emit(buffer)

@@ -65,25 +65,30 @@ def per_token(vals_Bk: Tensor, idx_Bk: Tensor, n_latents: int) -> Selection:
 
 
 def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, chunk: int = 1024,
-                       dead: Tensor | None = None, k_aux: int = 0) -> tuple[Selection, Selection | None]:
+                       dead: Tensor | None = None, k_aux: int = 0, gemm_dtype: torch.dtype | None = None
+                       ) -> tuple[Selection, Selection | None]:
     """Encoder GEMM and top-k in row chunks (the chunk stays in cache for topk; no (B, d_sae) buffer).
 
     With dead latent indices, also AuxK's selection from the same pre-activations: the k_aux largest among
-    the dead latents of each token (all of them when fewer are dead), so AuxK costs no second encoder GEMM."""
-    B, Fdim = xc_BD.shape[0], W_enc_DF.shape[1]
+    the dead latents of each token (all of them when fewer are dead), so AuxK costs no second encoder GEMM.
+    gemm_dtype (e.g. bfloat16 on a GPU's tensor cores): the GEMM's precision, as autocast would run it; the
+    selected values come back in the weights' dtype."""
+    B, Fdim, dtype = xc_BD.shape[0], W_enc_DF.shape[1], W_enc_DF.dtype
+    gemm_dtype = gemm_dtype or dtype
+    W, b = W_enc_DF.to(gemm_dtype), b_enc_F.to(gemm_dtype)
     values, indices, aux_values, aux_indices = [], [], [], []
     # one buffer for every chunk: allocating a fresh (chunk, d_sae) tensor per chunk costs page faults each time
-    buf = torch.empty(min(chunk, B), Fdim, dtype=W_enc_DF.dtype, device=W_enc_DF.device)
+    buf = torch.empty(min(chunk, B), Fdim, dtype=gemm_dtype, device=W_enc_DF.device)
     with torch.no_grad():
         for i in range(0, B, chunk):
-            x_chunk = xc_BD[i : i + chunk]
-            pre = torch.addmm(b_enc_F, x_chunk, W_enc_DF, out=buf[: len(x_chunk)])
+            x_chunk = xc_BD[i : i + chunk].to(gemm_dtype)
+            pre = torch.addmm(b, x_chunk, W, out=buf[: len(x_chunk)])
             v, idx = topk_rows(pre, k)
-            values.append(v)
+            values.append(v.to(dtype))
             indices.append(idx)
             if dead is not None:
                 v, idx = select_among(pre, dead, k_aux)
-                aux_values.append(v)
+                aux_values.append(v.to(dtype))
                 aux_indices.append(idx)
     sel = per_token(torch.cat(values), torch.cat(indices), Fdim)
     return sel, per_token(torch.cat(aux_values), torch.cat(aux_indices), Fdim) if dead is not None else None

@@ -40,6 +40,7 @@ def sae_loss(
     aux_coefficient: float = 1 / 32,
     norm_weighting: float = 0.0,
     fast: bool = True,
+    encoder_bf16: bool = False,
 ) -> LossOutput:
     """Training loss and its parts for a batch x (B, d_in).
 
@@ -48,13 +49,15 @@ def sae_loss(
     dead_mask (d_sae,) enables the AuxK loss (topk/batchtopk/matryoshka): the k_aux largest dead latents
     reconstruct the residual error (Gao et al. 2024). norm_weighting p weights each token's squared error by
     (‖y‖² / batch mean ‖y‖²)^−p, normalised to mean 1 (0: plain MSE). fast uses the sparse kernels for topk/batchtopk
-    (same values and gradients as the dense path, far fewer FLOPs).
+    (same values and gradients as the dense path, far fewer FLOPs). encoder_bf16: the sparse path's encoder GEMM
+    (which picks the latents and gives their values) in bfloat16; weights and gradients stay in their dtype.
     """
     x_norm, _ = sae._normalize(sae._check(x))
     y = x_norm if target is None else sae.normalize_target(target)
     arch = sae.cfg.architecture
     if fast and arch in ("topk", "batchtopk") and not x_norm.requires_grad:  # the input's gradient needs the dense path
-        return _sparse_loss(sae, x_norm, y, dead_mask, k_aux, aux_coefficient, norm_weighting)
+        return _sparse_loss(sae, x_norm, y, dead_mask, k_aux, aux_coefficient, norm_weighting,
+                            torch.bfloat16 if encoder_bf16 else None)
     pre = sae.pre_acts(x_norm)
     z = sae.activate(pre, x_norm)
     skip = sae._skip(x_norm)
@@ -103,17 +106,18 @@ def squared_error(x_hat: Tensor, y: Tensor, weights: Tensor | None) -> Tensor:
 
 
 def _sparse_loss(sae: SAE, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, k_aux: int | None,
-                 aux_coefficient: float, norm_weighting: float = 0.0) -> LossOutput:
+                 aux_coefficient: float, norm_weighting: float = 0.0, gemm_dtype: torch.dtype | None = None) -> LossOutput:
     b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
     dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None and bool(dead_mask.any()) else None
     k_aux = k_aux or sae.cfg.d_in // 2
     xc = sae._centred(x_norm).detach()
     if sae.cfg.architecture == "topk":
         sel, aux = kernels.encode_select_topk(xc, sae.W_enc.detach(), sae.b_enc.detach(), sae.cfg.k,
-                                              dead=dead_idx, k_aux=k_aux)
+                                              dead=dead_idx, k_aux=k_aux, gemm_dtype=gemm_dtype)
     else:
         with torch.no_grad():
-            pre = xc @ sae.W_enc
+            dt = gemm_dtype or xc.dtype
+            pre = (xc.to(dt) @ sae.W_enc.to(dt)).to(xc.dtype)
             pre += sae.b_enc
         sel = kernels.select_batch_topk(pre, sae.cfg.k)
         aux = kernels.per_token(*kernels.select_among(pre, dead_idx, k_aux), sae.cfg.d_sae) if dead_idx is not None else None

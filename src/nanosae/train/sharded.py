@@ -129,7 +129,8 @@ def _summed(partial: Tensor, shards: Shards) -> Tensor:
 
 
 def sharded_loss(sae: SAE, x: Tensor, target: Tensor | None, shards: Shards, *, dead_mask: Tensor | None,
-                 k_aux: int | None, aux_coefficient: float, norm_weighting: float = 0.0) -> LossOutput:
+                 k_aux: int | None, aux_coefficient: float, norm_weighting: float = 0.0,
+                 encoder_bf16: bool = False) -> LossOutput:
     """train.losses.sae_loss for a TopK SAE whose latents are spread over the ranks of shards.group.
 
     dead_mask covers every latent (each rank tracks all of them). `fired` covers every latent too."""
@@ -142,7 +143,8 @@ def sharded_loss(sae: SAE, x: Tensor, target: Tensor | None, shards: Shards, *, 
     if dead_local is not None and not len(dead_local):
         dead_local = None  # dead latents elsewhere only: this slice offers no AuxK candidates
     xc = sae._centred(x_norm).detach()
-    sel, aux = kernels.encode_select_topk(xc, sae.W_enc.detach(), sae.b_enc.detach(), k, dead=dead_local, k_aux=k_aux)
+    sel, aux = kernels.encode_select_topk(xc, sae.W_enc.detach(), sae.b_enc.detach(), k, dead=dead_local, k_aux=k_aux,
+                                          gemm_dtype=torch.bfloat16 if encoder_bf16 else None)
     local = sel.pre.view(len(x), k), sel.cols.view(len(x), k) + offset
     sel = _mine(*_global_top(*local, k, shards), shards)
     vals = kernels.selected_preacts(xc, sae.W_enc, sae.b_enc, None, sel).relu()  # b_dec: see reduce_gradients

@@ -536,11 +536,13 @@ class SAERun:
         try:
             if self.shards:
                 out = sharded_loss(sae, x, y, self.shards, dead_mask=dead, k_aux=cfg.optim.k_aux,
-                                   aux_coefficient=cfg.optim.aux_coefficient, norm_weighting=cfg.optim.norm_weighting)
+                                   aux_coefficient=cfg.optim.aux_coefficient, norm_weighting=cfg.optim.norm_weighting,
+                                   encoder_bf16=cfg.optim.encoder_bf16)
             else:
                 out = sae_loss(sae, x, y, sparsity_coefficient=coeff, k_aux=cfg.optim.k_aux,
                                aux_coefficient=cfg.optim.aux_coefficient, norm_weighting=cfg.optim.norm_weighting,
-                               dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None)
+                               dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None,
+                               encoder_bf16=cfg.optim.encoder_bf16)
         finally:
             sae.cfg.k = k
         if extra is not None:
