@@ -274,3 +274,16 @@ def test_manifest_dtype_must_match_the_shards(tmp_path):
     path = store_with_manifest(tmp_path, lambda m: m.update(dtype="bfloat16"), dtype="float16")
     with pytest.raises(FormatError, match="holds float16 values but the manifest says bfloat16"):
         ActivationStore(path)  # the checksums still match: only the element type gives it away
+
+
+def test_write_store_from_blocks_equals_one_tensor(tmp_path):
+    """A store larger than memory is written block by block; the result equals writing the whole tensor."""
+    x = torch.randn(1000, 8)
+    whole = nanosae.data.write_store(tmp_path / "whole", x, dtype="float16", tokens_per_shard=128)
+    parts = nanosae.data.write_store(tmp_path / "parts", (x[i : i + 70] for i in range(0, 1000, 70)), dtype="float16",
+                                     tokens_per_shard=128)
+    assert len(parts) == 1000 and parts.manifest["complete"]
+    assert [s["sha256"] for s in parts.manifest["shards"]] == [s["sha256"] for s in whole.manifest["shards"]]
+    assert torch.equal(parts.tokens(0, 1000), x.half().float())
+    with pytest.raises(DataError, match="expected d_in=8"):
+        nanosae.data.write_store(tmp_path / "bad", iter([x, torch.randn(5, 9)]))

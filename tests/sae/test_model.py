@@ -301,3 +301,16 @@ def test_every_architecture_has_one_activation():
     from nanosae.sae.model import ACTIVATIONS
 
     assert set(ACTIVATIONS) == set(ARCHITECTURES)
+
+
+def test_encoder_is_held_latent_major_in_its_own_memory():
+    """W_enc is (d_in, d_sae) but stored latent-major, like W_dec, so the sparse backward's gradient needs no
+    transposed copy; it is tied to W_dec.T in value only, never in memory."""
+    from nanosae.train.losses import sae_loss
+
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=2))
+    assert sae.W_enc.shape == (8, 16) and sae.W_enc.stride() == (1, 8)
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+    assert sae.W_enc.untyped_storage().data_ptr() != sae.W_dec.untyped_storage().data_ptr()
+    sae_loss(sae, torch.randn(32, 8)).loss.backward()
+    assert sae.W_enc.grad.stride() == (1, 8)

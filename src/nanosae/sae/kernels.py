@@ -64,7 +64,7 @@ def per_token(vals_Bk: Tensor, idx_Bk: Tensor, n_latents: int) -> Selection:
     return Selection(rows, idx_Bk.reshape(-1), offsets, vals_Bk.reshape(-1), n_latents)
 
 
-def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, chunk: int = 1024,
+def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, chunk: int | None = None,
                        dead: Tensor | None = None, k_aux: int = 0, gemm_dtype: torch.dtype | None = None
                        ) -> tuple[Selection, Selection | None]:
     """Encoder GEMM and top-k in row chunks (the chunk stays in cache for topk; no (B, d_sae) buffer).
@@ -74,6 +74,7 @@ def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
     gemm_dtype (e.g. bfloat16 on a GPU's tensor cores): the GEMM's precision, as autocast would run it; the
     selected values come back in the weights' dtype."""
     B, Fdim, dtype = xc_BD.shape[0], W_enc_DF.shape[1], W_enc_DF.dtype
+    chunk = chunk or min(1024, max(64, 2**26 // Fdim))  # the buffer stays <= 256 MB of float32 at any d_sae
     gemm_dtype = gemm_dtype or dtype
     W, b = W_enc_DF.to(gemm_dtype), b_enc_F.to(gemm_dtype)
     values, indices, aux_values, aux_indices = [], [], [], []

@@ -54,8 +54,11 @@ class SAE(nn.Module):
             W_enc_DF = torch.randn(d, f, dtype=torch.float32)
             W_enc_DF /= W_enc_DF.norm(dim=0, keepdim=True)
         else:
-            W_enc_DF = W_dec_FD.T.contiguous()
-        self.W_enc = nn.Parameter(W_enc_DF.to(dtype))
+            W_enc_DF = W_dec_FD.T
+        # (d_in, d_sae) held latent-major in memory, as W_dec is: the sparse backward computes its gradient one
+        # latent row at a time, so it lands in the parameter's own layout (no transposed copy of a 600 MB
+        # gradient per step at d_sae 65k), and the encoder GEMM reads the transpose for free
+        self.W_enc = nn.Parameter(W_enc_DF.T.to(dtype, copy=True, memory_format=torch.contiguous_format).T)
         self.W_dec = nn.Parameter(W_dec_FD.to(dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
         if cfg.skip_connection:
