@@ -33,7 +33,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert all(f["fires"] >= 50 and re.search(r"[A-Za-z]{3}", f["explanation"]) and f["density"] <= 0.05 for f in feats)
     # every feature with enough firings was read from the whole store, and the steering effect is measured
     assert sqlite3.connect(out / "features.db").execute("SELECT value FROM meta WHERE key = 'tokens'").fetchone()[0] == "24576"
-    before, after = map(float, re.search(r"fires on .*: ([0-9.e+-]+) -> ([0-9.e+-]+)", r.output.replace("\n", " ")).groups())
+    before, after = map(float, re.search(r"fires on .*:\s+([0-9.e+-]+)\s+->\s+([0-9.e+-]+)", r.output.replace("\n", " ")).groups())
     assert after > before
     # the evaluations beyond reconstruction, from Python, on the real model (smaller than the defaults)
     from nanosae import SAE
