@@ -22,6 +22,7 @@ from collections import Counter
 import torch
 
 from _results import save
+from train_throughput import Shape, nanosae_step
 
 TRAIN_SHAPES = [(2304, 65536, 64), (576, 4608, 32)]
 MODELS = {
@@ -66,24 +67,6 @@ def reset_peak(device: str) -> None:
 
 
 # ---- 1. SAE training --------------------------------------------------------------------------------------
-def nanosae_step(x: torch.Tensor, d_sae: int, k: int, encoder_bf16: bool):
-    from nanosae import SAE, SAEConfig, TrainConfig
-    from nanosae.train.losses import normalize_decoder, remove_parallel_grad, sae_loss
-    from nanosae.train.trainer import make_adam
-
-    sae = SAE(SAEConfig(d_in=x.shape[1], d_sae=d_sae, architecture="topk", k=k, device=str(x.device)))
-    opt = make_adam(sae, 1e-4, TrainConfig())
-
-    def step():
-        out = sae_loss(sae, x, encoder_bf16=encoder_bf16)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        remove_parallel_grad(sae)
-        opt.step()
-        normalize_decoder(sae)
-    return step
-
-
 def sparsify_step(x: torch.Tensor, d_sae: int, k: int, autocast: bool):
     from sparsify import SparseCoder, SparseCoderConfig
 
@@ -112,8 +95,9 @@ def training(device: str, shapes: list[tuple[int, int, int]], batch: int, reps: 
             rows["GEMM bound (bfloat16)"] = rate(lambda: xb @ Wb, batch, device, reps)
         del W
         reset_peak(device)
-        for name, make in [("nanosae", lambda: nanosae_step(x, d_sae, k, False)),
-                           ("nanosae --encoder-bf16", lambda: nanosae_step(x, d_sae, k, True)),
+        shape = Shape(d_in, d_sae, k, batch)
+        for name, make in [("nanosae", lambda: nanosae_step(x, shape)),
+                           ("nanosae --encoder-bf16", lambda: nanosae_step(x, shape, encoder_bf16=True)),
                            ("sparsify", lambda: sparsify_step(x, d_sae, k, False)),
                            ("sparsify (bf16 autocast)", lambda: sparsify_step(x, d_sae, k, True))]:
             try:

@@ -62,12 +62,13 @@ def dead_mask(s: Shape, fraction: float) -> torch.Tensor | None:
     return mask
 
 
-def nanosae_step(x: torch.Tensor, s: Shape, dead: torch.Tensor | None = None):
-    sae = SAE(SAEConfig(d_in=s.d_in, d_sae=s.d_sae, architecture="topk", k=s.k))
+def nanosae_step(x: torch.Tensor, s: Shape, dead: torch.Tensor | None = None, encoder_bf16: bool = False):
+    """One nanosae training step as the trainer takes it, on x's device (also used by gpu.py)."""
+    sae = SAE(SAEConfig(d_in=s.d_in, d_sae=s.d_sae, architecture="topk", k=s.k, device=str(x.device)))
     opt = make_adam(sae, 1e-4, TrainConfig())
 
     def step():
-        out = sae_loss(sae, x, dead_mask=dead)  # k_aux = d_in / 2, as sparsify
+        out = sae_loss(sae, x, dead_mask=dead, encoder_bf16=encoder_bf16)  # k_aux = d_in / 2, as sparsify
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         remove_parallel_grad(sae)
