@@ -1,0 +1,377 @@
+"""Circuits: attribution graphs over per-layer transcoders (Ameisen et al. 2025, "Circuit Tracing"), on one machine.
+
+The replacement model runs the host model with every MLP's output replaced by its transcoder's output plus an
+error node (what the transcoder misses on this prompt), so its logits equal the model's. Freezing the attention
+patterns and the norms' scales at their values on the prompt makes it linear in its sources: the input
+embeddings, the error nodes and the active features' activations. The direct effect of source s on target t is
+a_s · ∂t/∂a_s in that frozen model, where t is a feature's pre-activation or an output logit (minus the mean
+logit); paths through other features are cut because features are inputs of the frozen model, not computed in it.
+
+Rows of the adjacency matrix are targets, columns sources, both in the order [features, error nodes (layer-major),
+input tokens, logits]. Rows are computed in batches: the prompt is repeated once per target in the batch, each
+copy's target summed into one scalar, and one backward pass gives every copy's gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from nanosae.errors import ConfigError, FormatError
+from nanosae.io import read_json, write_json
+from nanosae.models.host import HostModel, _StopForward
+from nanosae.sae import SAE
+
+MANIFEST = "transcoders.json"
+
+
+def mlp_hooks(layer: int) -> tuple[str, str]:
+    """Where a per-layer transcoder reads and writes: the MLP's (normed) input and its output."""
+    return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+
+
+# ---- a set of transcoders, one per layer --------------------------------------------------------------------
+def write_manifest(run: Path, model: str, layers: dict[int, str]) -> None:
+    """RUN/transcoders.json: the model and, per layer, the run directory (relative to RUN) holding its transcoder."""
+    write_json(run / MANIFEST, {"model": model, "layers": {str(k): v for k, v in sorted(layers.items())}})
+
+
+def load_transcoders(run: str | Path, device: str = "cpu") -> tuple[str, dict[int, SAE]]:
+    """(model spec, {layer: transcoder}) from a run directory made by `train --transcoders`."""
+    run = Path(run)
+    if not (run / MANIFEST).exists():
+        raise FormatError(f"{run}: no {MANIFEST} (train a set with `nanosae train --transcoders all --out {run}`)")
+    manifest = read_json(run / MANIFEST)
+    out = {}
+    for layer, where in manifest["layers"].items():
+        tc = SAE.load(run / where / "sae", device=device)
+        if (tc.cfg.hook_name, tc.cfg.hook_name_out) != mlp_hooks(int(layer)):
+            raise FormatError(f"{run / where}: reads {tc.cfg.hook_name} and writes {tc.cfg.hook_name_out}, expected "
+                              f"{' -> '.join(mlp_hooks(int(layer)))}")
+        out[int(layer)] = tc.eval()
+    return manifest["model"], out
+
+
+def transcoder_output(tc: SAE, z: Tensor, x: Tensor) -> Tensor:
+    """What the transcoder writes for latents z (its skip term from input x included), in the model's units."""
+    out = tc.decode(z)
+    if tc.cfg.skip_connection:
+        out = out + tc._denormalize(tc._skip(tc._normalize(tc._check(x))[0]), None)
+    return out
+
+
+# ---- the clean pass and the replacement model -----------------------------------------------------------------
+@dataclass
+class CleanPass:
+    tokens: Tensor  # (1, T)
+    logits: Tensor  # (T, vocab)
+    embeddings: Tensor  # (T, d_model): block 0's input
+    latents: dict[int, Tensor]  # per layer (T, d_sae)
+    errors: dict[int, Tensor]  # per layer (T, d_model): MLP output minus the transcoder's
+
+
+@torch.no_grad()
+def clean_pass(model: HostModel, transcoders: dict[int, SAE], tokens: Tensor) -> CleanPass:
+    names = ["blocks.0.hook_resid_pre"] + [h for layer in transcoders for h in mlp_hooks(layer)]
+    logits, cache = model.run_with_cache(tokens, names)
+    latents, errors = {}, {}
+    for layer, tc in transcoders.items():
+        x, y = (cache[h][0] for h in mlp_hooks(layer))
+        latents[layer] = tc.encode(x)
+        errors[layer] = y - transcoder_output(tc, latents[layer], x).to(y.dtype)
+    return CleanPass(model._as_tokens(tokens), logits[0], cache["blocks.0.hook_resid_pre"][0], latents, errors)
+
+
+def replacement_forward(model: HostModel, transcoders: dict[int, SAE], tokens: Tensor, embeddings: Tensor,
+                        latents: dict[int, Tensor], errors: dict[int, Tensor], stop_at_layer: int | None = None,
+                        mlp_inputs: dict[int, Tensor] | None = None) -> Tensor | None:
+    """The model with block 0's input set to `embeddings` and each transcoder layer's MLP output replaced by
+    transcoder_output(latents) + errors (batched like tokens). Returns the logits (None when stopped early);
+    mlp_inputs, when given, receives each layer's MLP input as computed in this pass."""
+    seen: dict[int, Tensor] = {} if mlp_inputs is None else mlp_inputs
+    hooks: dict[str, Any] = {"blocks.0.hook_resid_pre": lambda _: embeddings}
+    for layer, tc in transcoders.items():
+        read, write = mlp_hooks(layer)
+        hooks[read] = lambda x, layer=layer: seen.__setitem__(layer, x)
+        hooks[write] = lambda y, layer=layer, tc=tc: (transcoder_output(tc, latents[layer], seen[layer])
+                                                      + errors[layer]).to(y.dtype)
+    with model.hooks(hooks, stop_at_layer=stop_at_layer):
+        try:
+            return model._logits(tokens)
+        except _StopForward:
+            return None
+
+
+# ---- freezing attention patterns and norm scales ---------------------------------------------------------------
+def _frozen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                      **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """The model family's own eager attention with queries and keys detached: the pattern is a constant."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query.detach(), key.detach(), value, attention_mask, **kwargs)
+
+
+def _frozen_norm(module: nn.Module) -> Any:
+    """A forward for an RMSNorm / LayerNorm with its scale (1/rms or 1/std) detached; None for other modules."""
+    name = type(module).__name__
+    if isinstance(module, nn.LayerNorm):
+        def layer_norm(x: Tensor) -> Tensor:
+            centred = x - x.mean(-1, keepdim=True)
+            scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + module.eps)
+            out = centred * scale
+            return out * module.weight + module.bias if module.elementwise_affine else out
+        return layer_norm
+    if not name.endswith("RMSNorm"):
+        return None
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if eps is None or getattr(module, "weight", None) is None:
+        raise ConfigError(f"cannot freeze {name}: expected an eps and a weight")
+    gemma = name.startswith("Gemma")  # Gemma's RMSNorm scales by (1 + weight), in float32
+
+    def rms_norm(x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.detach().pow(2).mean(-1, keepdim=True) + eps)
+        if gemma:
+            return (normed * (1.0 + module.weight.float())).type_as(x)
+        return module.weight * normed.to(x.dtype)
+    return rms_norm
+
+
+_REGISTERED = False
+
+
+@contextlib.contextmanager
+def frozen(model: HostModel) -> Iterator[None]:
+    """Inside: attention patterns and norm scales are constants for autograd (values unchanged)."""
+    global _REGISTERED
+    config = getattr(model.module, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise ConfigError(f"attribution needs a Hugging Face model (got {type(model.module).__name__})")
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+        AttentionInterface.register("nanosae_frozen", _frozen_attention)
+        AttentionMaskInterface.register("nanosae_frozen", eager_mask)
+        _REGISTERED = True
+    patched = [(m, m.__dict__.get("forward")) for m in model.module.modules() if _frozen_norm(m) is not None]
+    old = config._attn_implementation
+    try:
+        config._attn_implementation = "nanosae_frozen"
+        for m, _ in patched:
+            m.forward = _frozen_norm(m)
+        yield
+    finally:
+        config._attn_implementation = old
+        for m, forward in patched:
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
+
+
+# ---- the graph ---------------------------------------------------------------------------------------------
+@dataclass
+class Graph:
+    """An attribution graph: adjacency[target, source] = direct effect, nodes in the order [features (layer, pos,
+    latent), error nodes (layer-major over positions), input tokens, logits]."""
+
+    prompt: str
+    tokens: list[int]
+    token_strs: list[str]
+    layers: list[int]  # transcoder layers, in order
+    features: Tensor  # (n, 3) layer, position, latent
+    activations: Tensor  # (n,)
+    logit_tokens: list[int]
+    logit_probs: list[float]
+    adjacency: Tensor  # (N, N)
+    explored: Tensor  # (N,) bool: rows computed (every logit; features within max_feature_nodes)
+    model: str = ""
+    transcoders: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.tokens)
+
+    def error_index(self, layer: int, pos: int) -> int:
+        return self.n_features + self.layers.index(layer) * self.n_pos + pos
+
+    def token_index(self, pos: int) -> int:
+        return self.n_features + len(self.layers) * self.n_pos + pos
+
+    def logit_index(self, i: int) -> int:
+        return self.n_features + (len(self.layers) + 1) * self.n_pos + i
+
+
+def top_logits(logits: Tensor, probability: float = 0.95, at_most: int = 10) -> tuple[list[int], list[float]]:
+    """The most likely next tokens until their probabilities add up to `probability` (at most `at_most`)."""
+    probs = logits.float().softmax(-1)
+    values, ids = probs.sort(descending=True)
+    n = int((values.cumsum(0) < probability).sum()) + 1
+    n = max(1, min(n, at_most))
+    return ids[:n].tolist(), values[:n].tolist()
+
+
+def _rows(model: HostModel, transcoders: dict[int, SAE], clean: CleanPass, targets: list[tuple[str, int, int, int]],
+          features: Tensor, activations: Tensor, layers: list[int]) -> Tensor:
+    """Adjacency rows for targets ("feature", layer, pos, latent) or ("logit", -1, pos, token id): one batched
+    frozen forward and backward with a copy of the prompt per target."""
+    nb, T = len(targets), clean.tokens.shape[1]
+    stop = None if any(kind == "logit" for kind, *_ in targets) else max(layer for _, layer, _, _ in targets) + 1
+    emb = clean.embeddings.expand(nb, -1, -1).clone().requires_grad_(True)
+    lat = {L: z.expand(nb, -1, -1).clone().requires_grad_(True) for L, z in clean.latents.items()}
+    err = {L: e.expand(nb, -1, -1).clone().requires_grad_(True) for L, e in clean.errors.items()}
+    inputs: dict[int, Tensor] = {}
+    with torch.enable_grad(), frozen(model):
+        logits = replacement_forward(model, transcoders, clean.tokens.expand(nb, -1), emb, lat, err, stop, inputs)
+        values = []
+        for b, (kind, layer, pos, index) in enumerate(targets):
+            if kind == "logit":
+                row = logits[b, pos].float()
+                values.append(row[index] - row.mean())
+            else:
+                tc = transcoders[layer]
+                values.append(tc.pre_acts(tc._normalize(tc._check(inputs[layer][b, pos]))[0])[index])
+        sources = [emb] + [lat[L] for L in layers] + [err[L] for L in layers]
+        grads = torch.autograd.grad(torch.stack(values).sum(), sources, allow_unused=True)
+    g_emb, g_lat, g_err = grads[0], grads[1 : 1 + len(layers)], grads[1 + len(layers):]
+    zero = lambda like: torch.zeros_like(like)
+    g_lat = {L: g if g is not None else zero(lat[L]) for L, g in zip(layers, g_lat)}
+    g_err = [g if g is not None else zero(err[L]) for L, g in zip(layers, g_err)]
+    feature_cols = torch.zeros(nb, len(features))
+    for L in layers:
+        mine = (features[:, 0] == L).nonzero().squeeze(1)
+        feature_cols[:, mine] = g_lat[L][:, features[mine, 1], features[mine, 2]].float()
+    feature_cols *= activations
+    error_cols = torch.cat([(g * clean.errors[L]).sum(-1) for L, g in zip(layers, g_err)], 1)
+    token_cols = (g_emb * clean.embeddings).sum(-1)
+    return torch.cat([feature_cols, error_cols.float(), token_cols.float()], 1).detach()
+
+
+def attribute(model: HostModel, transcoders: dict[int, SAE], prompt: str | list[int], *, logit_probability: float = 0.95,
+              max_logits: int = 10, max_feature_nodes: int | None = None, batch_size: int = 32,
+              progress: Any = None) -> Graph:
+    """The attribution graph of a prompt (text, or token ids with BOS first) over the transcoders.
+
+    max_feature_nodes: compute incoming edges for at most this many features, chosen by their influence on
+    the logits as estimated from the rows computed so far (all features when None); the others stay sources."""
+    tokens = [model.tokenizer.bos_id, *model.tokenizer.encode(prompt)] if isinstance(prompt, str) else list(prompt)
+    clean = clean_pass(model, transcoders, torch.tensor([tokens]))
+    layers = sorted(transcoders)
+    feats = [(L, p, i) for L in layers for p, i in clean.latents[L].nonzero().tolist()]
+    features = torch.tensor(feats, dtype=torch.long).reshape(-1, 3)
+    activations = torch.tensor([float(clean.latents[L][p, i]) for L, p, i in feats])
+    logit_ids, logit_probs = top_logits(clean.logits[-1], logit_probability, max_logits)
+    n_f, T = len(feats), len(tokens)
+    n_nodes = n_f + (len(layers) + 1) * T + len(logit_ids)
+    adjacency = torch.zeros(n_nodes, n_nodes)
+    explored = torch.zeros(n_nodes, dtype=torch.bool)
+    graph = Graph(prompt if isinstance(prompt, str) else model.tokenizer.decode(tokens[1:]), tokens,
+                  [model.tokenizer.decode([t]) for t in tokens], layers, features, activations, logit_ids, logit_probs,
+                  adjacency, explored, model=model.name)
+    first_logit = graph.logit_index(0)
+    rows = _rows(model, transcoders, clean, [("logit", -1, T - 1, t) for t in logit_ids], features, activations, layers)
+    adjacency[first_logit:, : rows.shape[1]] = rows
+    explored[first_logit:] = True
+    budget = n_f if max_feature_nodes is None else min(n_f, max_feature_nodes)
+    done = 0
+    while done < budget:
+        if max_feature_nodes is None:
+            order = [i for i in range(n_f) if not explored[i]]
+        else:  # the most influential unexplored features, by the rows known so far
+            influence = node_influence(adjacency, logit_weights(graph))[:n_f]
+            influence[explored[:n_f]] = -1
+            order = influence.argsort(descending=True).tolist()
+        chosen = order[: min(batch_size, budget - done)]
+        targets = [("feature", *features[i].tolist()) for i in chosen]
+        adjacency[chosen, : n_nodes - len(logit_ids)] = _rows(model, transcoders, clean, targets, features, activations,
+                                                               layers)[:, : n_nodes - len(logit_ids)]
+        explored[chosen] = True
+        done += len(chosen)
+        if progress is not None:
+            progress(done, budget)
+    return graph
+
+
+# ---- influence, pruning, scores ------------------------------------------------------------------------------
+def logit_weights(graph: Graph) -> Tensor:
+    w = torch.zeros(len(graph.adjacency))
+    w[graph.logit_index(0):] = torch.tensor(graph.logit_probs)
+    return w
+
+
+def normalized(adjacency: Tensor) -> Tensor:
+    """|A| with each target's incoming edges summing to 1 (rows without inputs stay 0)."""
+    a = adjacency.abs()
+    return a / a.sum(1, keepdim=True).clamp_min(1e-10)
+
+
+def node_influence(adjacency: Tensor, weights: Tensor, max_iter: int = 1000) -> Tensor:
+    """Each node's total (direct and indirect) influence on the weighted logits: w·(A + A² + …) on the
+    normalized graph (a DAG, so the series ends)."""
+    a = normalized(adjacency)
+    current = weights @ a
+    total = current.clone()
+    for _ in range(max_iter):
+        current = current @ a
+        if not bool(current.any()):
+            break
+        total += current
+    return total
+
+
+def _threshold(scores: Tensor, share: float) -> float:
+    """The score above which the highest scores add up to `share` of the total."""
+    values = scores.flatten().sort(descending=True).values
+    cumulative = values.cumsum(0) / values.sum().clamp_min(1e-12)
+    return float(values[min(int(torch.searchsorted(cumulative, torch.tensor(share))), len(values) - 1)])
+
+
+def prune(graph: Graph, node_share: float = 0.8, edge_share: float = 0.98) -> tuple[Tensor, Tensor]:
+    """(node mask, edge mask) keeping the features and error nodes that carry `node_share` of the influence on
+    the logits, then the edges carrying `edge_share` of the remaining graph's; tokens and logits always stay,
+    and features left without incoming or outgoing edges go."""
+    weights = logit_weights(graph)
+    influence = node_influence(graph.adjacency, weights)
+    keep = influence >= _threshold(influence[: graph.token_index(0)], node_share)
+    keep[graph.token_index(0):] = True
+    a = graph.adjacency.clone()
+    a[~keep] = 0
+    a[:, ~keep] = 0
+    edge_scores = normalized(a) * (node_influence(a, weights) + weights)[:, None]
+    edges = (edge_scores >= _threshold(edge_scores[edge_scores > 0], edge_share)) & (a != 0)
+    inner = graph.token_index(0)
+    while True:  # features and errors need an outgoing edge, features an incoming one (explored ones)
+        before = keep.clone()
+        keep[:inner] &= edges[:, :inner].any(0)
+        keep[: graph.n_features] &= edges[: graph.n_features].any(1) | ~graph.explored[: graph.n_features]
+        edges &= keep[:, None] & keep[None, :]
+        if torch.equal(before, keep):
+            return keep, edges
+
+
+def scores(graph: Graph) -> dict[str, float]:
+    """Replacement score: the share of end-to-end influence on the logits that starts at input tokens rather than
+    error nodes. Completeness: the share of every node's inputs coming from features and tokens rather than
+    errors, averaged with each node's influence on the logits as weight (Ameisen et al. 2025)."""
+    weights = logit_weights(graph)
+    influence = node_influence(graph.adjacency, weights) + weights
+    errors = slice(graph.n_features, graph.token_index(0))
+    tokens = slice(graph.token_index(0), graph.logit_index(0))
+    a = normalized(graph.adjacency)
+    has_inputs = a.sum(1) > 0
+    non_error = torch.where(has_inputs, 1 - a[:, errors].sum(1), torch.ones(len(a)))
+    token_part, error_part = float(influence[tokens].sum()), float(influence[errors].sum())
+    return {"replacement_score": token_part / max(token_part + error_part, 1e-12),
+            "completeness_score": float((non_error * influence).sum() / influence.sum().clamp_min(1e-12))}

@@ -1,0 +1,143 @@
+"""Attribution graphs: the replacement model is exact with its error nodes, every edge equals the Jacobian of an
+independently written frozen replacement model, pruning keeps what it promises, and the graph file has
+Neuronpedia's layout."""
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from nanosae import SAE, SAEConfig
+from nanosae.interp import circuits as C
+
+TOKENS = [0, 5, 9, 13, 22, 7, 41]
+
+
+def random_transcoders(model, d_sae=48, k=4, skip=False):
+    torch.manual_seed(1)
+    tcs = {}
+    for layer in range(model.n_layers):
+        read, write = C.mlp_hooks(layer)
+        tc = SAE(SAEConfig(d_in=model.d_model, d_sae=d_sae, architecture="topk", k=k, hook_name=read, hook_name_out=write,
+                           d_out=model.d_model, skip_connection=skip))
+        with torch.no_grad():
+            tc.W_dec.mul_(0.3)
+            tc.b_enc.normal_(std=0.1)
+            if skip:
+                tc.W_skip.normal_(std=0.05)
+        tcs[layer] = tc.eval()
+    return tcs
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_replacement_model_with_error_nodes_equals_the_model(tiny_model, skip):
+    tcs = random_transcoders(tiny_model, skip=skip)
+    clean = C.clean_pass(tiny_model, tcs, torch.tensor([TOKENS]))
+    with torch.no_grad():
+        logits = C.replacement_forward(tiny_model, tcs, clean.tokens, clean.embeddings[None],
+                                       {L: z[None] for L, z in clean.latents.items()},
+                                       {L: e[None] for L, e in clean.errors.items()})
+        plain = tiny_model.forward(torch.tensor([TOKENS]))
+    assert torch.allclose(logits, plain, atol=2e-4)  # float32 rounding of y = (transcoder + error)
+    assert any(e.abs().max() > 0.1 for e in clean.errors.values())  # the transcoders really differ from the MLPs
+    with torch.no_grad():  # without the error nodes it is another model
+        bare = C.replacement_forward(tiny_model, tcs, clean.tokens, clean.embeddings[None],
+                                     {L: z[None] for L, z in clean.latents.items()},
+                                     {L: torch.zeros_like(e)[None] for L, e in clean.errors.items()})
+    assert not torch.allclose(bare, plain, atol=1e-3)
+
+
+def manual_frozen_llama(hf, tcs, clean):
+    """The frozen replacement model of a Llama written out by hand from its weights: norm scales and attention
+    patterns computed once from the clean pass, MLPs replaced by transcoder outputs plus errors. Returns
+    f(embeddings, latents..., errors...) -> (every layer's MLP input, logits)."""
+    T = clean.tokens.shape[1]
+    pos = torch.arange(T)[None]
+    layers = hf.model.layers
+
+    def rms_scale(h, eps):
+        return torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+    def attention(layer, normed, pattern=None):
+        a = layer.self_attn
+        hd = a.head_dim
+        q = a.q_proj(normed).view(1, T, -1, hd).transpose(1, 2)
+        k = a.k_proj(normed).view(1, T, -1, hd).transpose(1, 2)
+        v = a.v_proj(normed).view(1, T, -1, hd).transpose(1, 2)
+        reps = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(reps, 1), v.repeat_interleave(reps, 1)
+        if pattern is None:
+            cos, sin = hf.model.rotary_emb(normed, pos)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            scores = q @ k.transpose(-1, -2) * a.scaling
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            pattern = scores.softmax(-1)
+        return a.o_proj((pattern @ v).transpose(1, 2).reshape(1, T, -1)), pattern
+
+    # the frozen constants, from a plain pass
+    frozen, h = [], clean.embeddings[None]
+    with torch.no_grad():
+        for L, layer in enumerate(layers):
+            r1 = rms_scale(h, layer.input_layernorm.variance_epsilon)
+            att, pattern = attention(layer, layer.input_layernorm.weight * h * r1)
+            mid = h + att
+            r2 = rms_scale(mid, layer.post_attention_layernorm.variance_epsilon)
+            frozen.append((r1, pattern, r2))
+            h = mid + layer.mlp(layer.post_attention_layernorm.weight * mid * r2)
+        rf = rms_scale(h, hf.model.norm.variance_epsilon)
+
+    def f(emb, *lat_err):
+        lat, err = lat_err[: len(layers)], lat_err[len(layers):]
+        h, inputs = emb[None], []
+        for L, layer in enumerate(layers):
+            r1, pattern, r2 = frozen[L]
+            h = h + attention(layer, layer.input_layernorm.weight * h * r1, pattern)[0]
+            x = layer.post_attention_layernorm.weight * h * r2
+            inputs.append(x[0])
+            h = h + C.transcoder_output(tcs[L], lat[L][None], x) + err[L][None]
+        return inputs, hf.lm_head(hf.model.norm.weight * h * rf)[0]
+    return f
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_every_edge_is_the_jacobian_of_the_frozen_replacement_model(tiny_model, skip):
+    tcs = random_transcoders(tiny_model, skip=skip)
+    graph = C.attribute(tiny_model, tcs, TOKENS, batch_size=16)
+    clean = C.clean_pass(tiny_model, tcs, torch.tensor([TOKENS]))
+    f = manual_frozen_llama(tiny_model.module, tcs, clean)
+    layers = graph.layers
+    sources = (clean.embeddings, *[clean.latents[L] for L in layers], *[clean.errors[L] for L in layers])
+    _, logits = f(*sources)
+    assert torch.allclose(logits, clean.logits, atol=2e-4)  # the hand-written model is the model (float32)
+
+    def targets(*src):
+        inputs, logits = f(*src)
+        feats = [tcs[L].pre_acts(tcs[L]._normalize(inputs[L][p])[0])[i] for L, p, i in graph.features.tolist()]
+        last = logits[-1]
+        return torch.stack(feats + [last[t] - last.mean() for t in graph.logit_tokens])
+
+    J = torch.autograd.functional.jacobian(targets, sources)  # one (n_targets, *source shape) block per source
+    n_f, T = graph.n_features, len(TOKENS)
+    expected = torch.zeros(n_f + len(graph.logit_tokens), graph.adjacency.shape[1])
+    for col, (L, p, i) in enumerate(graph.features.tolist()):
+        expected[:, col] = J[1 + layers.index(L)][:, p, i] * graph.activations[col]
+    for li, L in enumerate(layers):
+        expected[:, graph.error_index(L, 0): graph.error_index(L, 0) + T] = \
+            (J[1 + len(layers) + li] * clean.errors[L]).sum(-1)
+    expected[:, graph.token_index(0): graph.token_index(0) + T] = (J[0] * clean.embeddings).sum(-1)
+    rows = list(range(n_f)) + [graph.logit_index(i) for i in range(len(graph.logit_tokens))]
+    got = graph.adjacency[rows]
+    assert graph.explored[rows].all()
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-3), (got - expected).abs().max()
+    assert (got[:n_f].abs() > 1e-3).sum() > 20  # a graph with real edges, not a zero matrix matching zeros
+    # causality: nothing reaches a feature from a later position or from its own layer or above
+    for col, (L, p, i) in enumerate(graph.features.tolist()):
+        later = (graph.features[:, 1] > p) | (graph.features[:, 0] >= L)
+        assert not got[col, :n_f][later].any()
+
+
+def test_logit_targets_cover_the_probability_asked_for():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0]).log_softmax(-1)
+    ids, probs = C.top_logits(logits, probability=0.7, at_most=10)
+    p = logits.softmax(-1)
+    assert ids[0] == 0 and sum(probs) >= 0.7 and sum(probs) - probs[-1] < 0.7
+    assert C.top_logits(logits, probability=0.999, at_most=2)[0] == [0, 1]
