@@ -141,3 +141,55 @@ def test_logit_targets_cover_the_probability_asked_for():
     p = logits.softmax(-1)
     assert ids[0] == 0 and sum(probs) >= 0.7 and sum(probs) - probs[-1] < 0.7
     assert C.top_logits(logits, probability=0.999, at_most=2)[0] == [0, 1]
+
+
+NODE_FIELDS = {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str, "jsNodeId": str,
+               "token_prob": float, "is_target_logit": bool, "run_idx": int, "reverse_ctx_idx": int, "clerp": str,
+               "influence": float}
+FEATURE_TYPES = {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
+
+
+def test_pruning_keeps_the_share_of_influence_asked_for(tiny_model):
+    graph = C.attribute(tiny_model, random_transcoders(tiny_model), TOKENS)
+    influence = C.node_influence(graph.adjacency, C.logit_weights(graph))
+    inner = slice(0, graph.token_index(0))
+    total = float(influence[inner].sum())
+    kept = {}
+    for share in (0.5, 0.8, 0.95):
+        keep, edges = C.prune(graph, node_share=share, edge_share=1.0)
+        kept[share] = int(keep[inner].sum())
+        assert float(influence[inner][keep[inner]].sum()) >= share * total - 1e-6
+        assert keep[graph.token_index(0):].all()  # tokens and logits always stay
+        assert not edges[~keep].any() and not edges[:, ~keep].any()
+    assert kept[0.5] < kept[0.8] < kept[0.95]
+    _, fewer_edges = C.prune(graph, node_share=0.8, edge_share=0.5)
+    assert fewer_edges.sum() < C.prune(graph, node_share=0.8, edge_share=0.99)[1].sum()
+
+
+def test_graph_json_has_neuronpedias_layout(tiny_model):
+    graph = C.attribute(tiny_model, random_transcoders(tiny_model), TOKENS)
+    data = C.to_neuronpedia(graph, slug="tiny", labels={(0, 3): "a label"})
+    assert set(data) == {"metadata", "qParams", "nodes", "links"}
+    meta = data["metadata"]
+    assert meta["slug"] == "tiny" and meta["prompt_tokens"] == graph.token_strs and meta["schema_version"] == 1
+    assert 0 <= meta["info"]["replacement_score"] <= 1 and 0 <= meta["info"]["completeness_score"] <= 1
+    assert set(data["qParams"]) == {"pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"}
+    ids = [n["node_id"] for n in data["nodes"]]
+    assert len(ids) == len(set(ids))
+    for node in data["nodes"]:
+        for key, kind in NODE_FIELDS.items():
+            assert isinstance(node[key], kind), (key, node)
+        assert node["feature_type"] in FEATURE_TYPES
+    kinds = {n["feature_type"] for n in data["nodes"]}
+    assert {"embedding", "logit", "cross layer transcoder"} <= kinds
+    assert sum(n["is_target_logit"] for n in data["nodes"]) == 1
+    assert all(l["source"] in ids and l["target"] in ids and isinstance(l["weight"], float) for l in data["links"])
+    feature = next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")
+    layer, latent, pos = map(int, feature["node_id"].split("_"))
+    assert feature["feature"] == C.cantor(layer, latent) and feature["ctx_idx"] == pos
+    paths = C.strongest_paths(data, n=3)
+    assert paths and paths[0][0] >= paths[-1][0]
+    for score, path in paths:
+        assert path[0]["feature_type"] == "embedding" and path[-1]["is_target_logit"] and 0 < score <= 1
+        links = {(l["source"], l["target"]) for l in data["links"]}
+        assert all((a["node_id"], b["node_id"]) in links for a, b in zip(path, path[1:]))

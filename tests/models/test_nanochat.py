@@ -252,3 +252,23 @@ def test_replaying_the_clean_prefix_equals_recomputing(which, request):
     directory, _ = request.getfixturevalue(which)
     model = nanosae.load_model(f"nanochat:{directory}")
     assert_replay_matches(model, torch.randint(0, VOCAB, (2, 12)), layer=2)
+
+
+@pytest.mark.parametrize("which", ["released", "current"])
+def test_replacement_model_with_error_nodes_equals_the_model(which, request):
+    """Every MLP replaced by a transcoder plus its error node: the logits are the model's (circuits)."""
+    from nanosae.interp import circuits as C
+    from tests.interp.test_circuits import random_transcoders
+
+    directory, _ = request.getfixturevalue(which)
+    model = nanosae.load_model(f"nanochat:{directory}")
+    tcs = random_transcoders(model)
+    tokens = torch.randint(0, VOCAB, (1, 10))
+    clean = C.clean_pass(model, tcs, tokens)
+    with torch.no_grad():
+        logits = C.replacement_forward(model, tcs, clean.tokens, clean.embeddings[None],
+                                       {L: z[None] for L, z in clean.latents.items()},
+                                       {L: e[None] for L, e in clean.errors.items()})
+        plain = model.forward(tokens)
+    assert torch.allclose(logits, plain, atol=1e-4)
+    assert any(e.abs().max() > 0.01 for e in clean.errors.values())

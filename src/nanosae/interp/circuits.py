@@ -280,6 +280,7 @@ def attribute(model: HostModel, transcoders: dict[int, SAE], prompt: str | list[
     graph = Graph(prompt if isinstance(prompt, str) else model.tokenizer.decode(tokens[1:]), tokens,
                   [model.tokenizer.decode([t]) for t in tokens], layers, features, activations, logit_ids, logit_probs,
                   adjacency, explored, model=model.name)
+    graph.info["logit_strs"] = {t: model.tokenizer.decode([t]) for t in logit_ids}
     first_logit = graph.logit_index(0)
     rows = _rows(model, transcoders, clean, [("logit", -1, T - 1, t) for t in logit_ids], features, activations, layers)
     adjacency[first_logit:, : rows.shape[1]] = rows
@@ -375,3 +376,83 @@ def scores(graph: Graph) -> dict[str, float]:
     token_part, error_part = float(influence[tokens].sum()), float(influence[errors].sum())
     return {"replacement_score": token_part / max(token_part + error_part, 1e-12),
             "completeness_score": float((non_error * influence).sum() / influence.sum().clamp_min(1e-12))}
+
+
+# ---- the graph file: Neuronpedia's attribution-graph layout -------------------------------------------------------
+def cantor(a: int, b: int) -> int:
+    """Neuronpedia's single integer for a (layer, latent) pair."""
+    return (a + b) * (a + b + 1) // 2 + b
+
+
+def to_neuronpedia(graph: Graph, *, slug: str = "nanosae-graph", node_share: float = 0.8, edge_share: float = 0.98,
+                   n_layers: int | None = None, labels: dict[tuple[int, int], str] | None = None) -> dict[str, Any]:
+    """The pruned graph as the JSON Neuronpedia's graph viewer loads (metadata, qParams, nodes, links), which
+    nanosae's viewer reads too. labels: (layer, latent) -> explanation, shown as each feature's clerp."""
+    keep, edges = prune(graph, node_share, edge_share)
+    influence = node_influence(graph.adjacency, logit_weights(graph))
+    order = influence.argsort(descending=True)
+    cumulative = torch.zeros_like(influence)
+    cumulative[order] = influence[order].cumsum(0) / influence.sum().clamp_min(1e-12)
+    n_layers = n_layers or (max(graph.layers) + 1)
+    labels = labels or {}
+    nodes: dict[int, dict[str, Any]] = {}
+    for i in keep.nonzero().squeeze(1).tolist():
+        base = {"influence": float(cumulative[i]), "token_prob": 0.0, "is_target_logit": False, "run_idx": 0,
+                "reverse_ctx_idx": 0, "clerp": ""}
+        if i < graph.n_features:
+            layer, pos, latent = graph.features[i].tolist()
+            node = {"node_id": f"{layer}_{latent}_{pos}", "feature": cantor(layer, latent), "layer": str(layer),
+                    "ctx_idx": pos, "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{latent}-0",
+                    "activation": float(graph.activations[i]), "clerp": labels.get((layer, latent), "")}
+        elif i < graph.token_index(0):
+            layer, pos = graph.layers[(i - graph.n_features) // graph.n_pos], (i - graph.n_features) % graph.n_pos
+            node = {"node_id": f"{layer}_-1_{pos}", "feature": -1, "layer": str(layer), "ctx_idx": pos,
+                    "feature_type": "mlp reconstruction error", "jsNodeId": f"{layer}_-1-{pos}"}
+        elif i < graph.logit_index(0):
+            pos = i - graph.token_index(0)
+            token = graph.tokens[pos]
+            node = {"node_id": f"E_{token}_{pos}", "feature": pos, "layer": "E", "ctx_idx": pos,
+                    "feature_type": "embedding", "jsNodeId": f"E_{token}-{pos}", "clerp": graph.token_strs[pos]}
+        else:
+            j = i - graph.logit_index(0)
+            token, p = graph.logit_tokens[j], graph.logit_probs[j]
+            node = {"node_id": f"{n_layers + 1}_{token}_{graph.n_pos - 1}", "feature": token, "layer": str(n_layers + 1),
+                    "ctx_idx": graph.n_pos - 1, "feature_type": "logit", "token_prob": p, "is_target_logit": j == 0,
+                    "jsNodeId": f"L_{token}-{graph.n_pos - 1}",
+                    "clerp": f'Output "{graph.info.get("logit_strs", {}).get(token, token)}" (p={p:.3f})'}
+        nodes[i] = base | node
+    links = [{"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(graph.adjacency[t, s])}
+             for t, s in edges.nonzero().tolist() if s in nodes and t in nodes]
+    used = {l["source"] for l in links} | {l["target"] for l in links}
+    node_list = [n for n in nodes.values() if n["node_id"] in used or n["feature_type"] in ("embedding", "logit")]
+    return {"metadata": {"slug": slug, "scan": graph.model, "transcoder_list": [], "prompt_tokens": graph.token_strs,
+                         "prompt": graph.prompt, "node_threshold": node_share, "schema_version": 1,
+                         "info": {"creator_name": "nanosae", "transcoders": graph.transcoders, **scores(graph),
+                                  "edge_threshold": edge_share}},
+            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+            "nodes": node_list, "links": links}
+
+
+def strongest_paths(graph_json: dict[str, Any], n: int = 5, max_len: int = 8) -> list[tuple[float, list[dict]]]:
+    """The n paths from an input token to the target logit with the largest product of edge weights (each
+    edge's weight divided by the largest weight into its target), best first."""
+    nodes = {node["node_id"]: node for node in graph_json["nodes"]}
+    into: dict[str, list[tuple[str, float]]] = {}
+    for link in graph_json["links"]:
+        into.setdefault(link["target"], []).append((link["source"], link["weight"]))
+    scale = {t: max(abs(w) for _, w in srcs) for t, srcs in into.items()}
+    target = next(node["node_id"] for node in graph_json["nodes"] if node.get("is_target_logit"))
+    beams, done = [(1.0, [target])], []
+    for _ in range(max_len):
+        grown = []
+        for score, path in beams:
+            for src, w in into.get(path[-1], []):
+                if src in path:
+                    continue
+                step = (score * abs(w) / scale[path[-1]], path + [src])
+                (done if nodes[src]["feature_type"] == "embedding" else grown).append(step)
+        beams = sorted(grown, key=lambda b: -b[0])[: 4 * n]
+        if not beams:
+            break
+    done.sort(key=lambda b: -b[0])
+    return [(score, [nodes[i] for i in reversed(path)]) for score, path in done[:n]]
