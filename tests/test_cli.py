@@ -157,3 +157,30 @@ def test_every_option_has_help_and_the_configs_are_the_flags():
         assert train_params[name].help.replace("\\[", "[") == field_docs(getattr(config_mod, owner))[name], name
     r = CliRunner().invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.startswith("nanosae ")
+
+
+def test_train_a_transcoder_set_then_trace(tiny_llama_dir, word_corpus, tmp_path):
+    """train --transcoders all: one transcoder per layer from one stream, a manifest; trace: a graph file in
+    Neuronpedia's layout, its scores and paths printed, never overwritten."""
+    runner = CliRunner()
+    run = tmp_path / "tcs"
+    r = runner.invoke(app, ["train", "--transcoders", "all", "--model", str(tiny_llama_dir), "--data", str(word_corpus),
+                            "--context-size", "16", "--d-sae", "64", "--k", "4", "--tokens", "2k", "--batch-size", "250",
+                            "--out", str(run), "--lr", "0.003", "--skip-connection"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((run / "transcoders.json").read_text())
+    assert manifest["model"] == str(tiny_llama_dir) and manifest["layers"] == {str(L): f"layer_{L}" for L in range(3)}
+    for layer in range(3):
+        tc = SAE.load(run / f"layer_{layer}" / "sae")
+        assert (tc.cfg.hook_name, tc.cfg.hook_name_out) == (f"blocks.{layer}.ln2.hook_normalized",
+                                                            f"blocks.{layer}.hook_mlp_out")
+        assert tc.cfg.skip_connection
+    r = runner.invoke(app, ["trace", "w5 w6 w7 w8", "--transcoders", str(run), "--max-feature-nodes", "40"])
+    assert r.exit_code == 0, r.output
+    graph = json.loads((run / "graphs" / "w5-w6-w7-w8.json").read_text())
+    assert graph["metadata"]["prompt"] == "w5 w6 w7 w8" and graph["links"]
+    assert "replacement score" in r.output and " -> " in r.output
+    again = runner.invoke(app, ["trace", "w5 w6 w7 w8", "--transcoders", str(run)])
+    assert again.exit_code != 0 and "exists" in str(again.exception)
+    bad = runner.invoke(app, ["train", "--transcoders", "1,x", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "expected 'all' or layers" in str(bad.exception)

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nanosae.config import CollectConfig, EvalConfig, GenerationConfig, TrainConfig
+from nanosae.config import CollectConfig, EvalConfig, GenerationConfig, SourceConfig, TrainConfig
 from nanosae.interp.features import FeaturesConfig
 from nanosae.errors import ConfigError, NanosaeError
 from nanosae.options import command, gather_data, options_for, parse
@@ -165,16 +165,36 @@ def collect(**given: Any) -> None:
 TRAIN_OPTIONS = options_for(TrainConfig, sweep=SWEEPABLE, repeat=("acts", "hook"))
 CROSSCODER = inspect.Parameter("crosscoder", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
     False, help="Train one crosscoder over all --hook (or --acts) values instead of one SAE each."))
+TRANSCODERS = _option("transcoders", str, None, "Train one transcoder per layer (MLP input -> MLP output) from one "
+                      "forward pass: 'all' or layers like 0,5,10; the set (RUN/layer_L + transcoders.json) is what "
+                      "`nanosae trace --transcoders RUN` reads.")
+
+
+def transcoder_layers(spec: str, model: str) -> list[int]:
+    """'all' (every layer of the model) or a comma list of layers."""
+    if spec == "all":
+        from nanosae.models import load_model
+
+        return list(range(load_model(model).n_layers))
+    try:
+        return sorted({int(part) for part in spec.split(",")})
+    except ValueError:
+        raise ConfigError(f"--transcoders {spec!r}: expected 'all' or layers like 0,5,10") from None
 
 
 @app.command()
-@command(TRAIN_OPTIONS, [CROSSCODER])
-def train(crosscoder: bool = False, **given: Any) -> None:
+@command(TRAIN_OPTIONS, [CROSSCODER, TRANSCODERS])
+def train(crosscoder: bool = False, transcoders: str | None = None, **given: Any) -> None:
     """Train SAEs from stores or straight from the model; several settings train together from one stream."""
     from nanosae.train import train as run_train
-    from nanosae.train.sweep import expand_sweep
+    from nanosae.train.sweep import expand_sweep, transcoder_set
 
-    cfgs = expand_sweep(gather_data(parse(TRAIN_OPTIONS, given)), crosscoder=crosscoder)
+    settings = gather_data(parse(TRAIN_OPTIONS, given))
+    if transcoders:
+        layers = transcoder_layers(transcoders, settings.get("model", SourceConfig.model))
+        cfgs = transcoder_set(settings, layers)
+    else:
+        cfgs = expand_sweep(settings, crosscoder=crosscoder)
     steps = cfgs[0].optim.tokens // cfgs[0].optim.batch_size
     label = f"train {len(cfgs)} SAEs" if len(cfgs) > 1 else f"train {cfgs[0].sae.architecture}"
     with TokenProgress(label, steps) as bar:
@@ -187,6 +207,12 @@ def train(crosscoder: bool = False, **given: Any) -> None:
         m = result.metrics
         console.print(f"saved {result.run_dir / 'sae'}  (fvu {m.get('fvu', float('nan')):.4f}, "
                       f"l0 {m.get('l0', float('nan')):.1f}, dead {m.get('dead_fraction', 0):.2%})")
+    if transcoders:
+        from nanosae.interp.circuits import write_manifest
+
+        run = Path(cfgs[0].out).parent
+        write_manifest(run, cfgs[0].source.model, {layer: f"layer_{layer}" for layer in layers})
+        console.print(f"transcoder set: {run} (trace with: nanosae trace \"PROMPT\" --transcoders {run})")
 
 
 EVAL_OPTIONS = options_for(EvalConfig)
@@ -337,6 +363,61 @@ def steer(prompt: str, sae: Path, feature: list[str], model: str | None = None, 
     table.add_column("steered: " + ", ".join(feature))
     table.add_row(base.text, steered.text)
     console.print(table)
+
+
+@app.command()
+def trace(
+    prompt: str = typer.Argument(..., help="The text whose next token is traced."),
+    transcoders: Path = typer.Option(..., help="A transcoder set: the run directory of `train --transcoders`."),
+    out: Path = typer.Option(None, help="The graph file (default: TRANSCODERS/graphs/SLUG.json; never overwritten)."),
+    node_threshold: float = typer.Option(0.8, help="Keep the features and errors carrying this share of the "
+                                                   "influence on the logits."),
+    edge_threshold: float = typer.Option(0.98, help="Keep the edges carrying this share of the pruned graph's influence."),
+    max_feature_nodes: int = typer.Option(1024, help="Compute incoming edges for at most this many features (the "
+                                                     "most influential first)."),
+    paths: int = typer.Option(5, help="Strongest token-to-logit paths to print."),
+    device: str = typer.Option("cpu", help="Where the model and transcoders run."),
+) -> None:
+    """An attribution graph of a prompt over a transcoder set: saved in Neuronpedia's graph layout (the viewer
+    shows it too), with its scores and the strongest paths to the top logit printed."""
+    import re
+
+    from nanosae.interp.circuits import attribute, load_transcoders, strongest_paths, to_neuronpedia
+    from nanosae.interp.featuredb import explanations
+    from nanosae.io import write_json
+    from nanosae.models import load_model
+
+    for name, value in (("node-threshold", node_threshold), ("edge-threshold", edge_threshold)):
+        if not 0 < value <= 1:
+            raise ConfigError(f"--{name} must be in (0, 1], got {value}")
+    spec, tcs = load_transcoders(transcoders, device)
+    host = load_model(spec, device=device)
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "graph"
+    out = out or transcoders / "graphs" / f"{slug}.json"
+    if out.exists():
+        raise ConfigError(f"{out} exists (it may hold pinned nodes and supernodes); give another --out")
+    with TokenProgress("attribution (features)", max_feature_nodes) as bar:
+        graph = attribute(host, tcs, prompt, max_feature_nodes=max_feature_nodes,
+                          progress=lambda done, total: bar.update(done, 0.0, f"{done}/{total} features"))
+    graph.transcoders = str(transcoders)
+    labels = {(layer, latent): text for layer in tcs
+              for latent, text in explanations(transcoders / f"layer_{layer}").items()}
+    data = to_neuronpedia(graph, slug=slug, node_share=node_threshold, edge_share=edge_threshold,
+                          n_layers=host.n_layers, labels=labels)
+    write_json(out, data)
+    info = data["metadata"]["info"]
+    console.print("top logits: " + ", ".join(f"{graph.info['logit_strs'][t]!r} {p:.3f}"
+                                             for t, p in zip(graph.logit_tokens, graph.logit_probs)))
+    console.print(f"{graph.n_features} active features ({int(graph.explored[:graph.n_features].sum())} traced), "
+                  f"kept {len(data['nodes'])} nodes and {len(data['links'])} edges; replacement score "
+                  f"{info['replacement_score']:.3f}, completeness {info['completeness_score']:.3f}")
+    name = lambda n: {"embedding": lambda: f"{n['clerp']!r}", "logit": lambda: n["clerp"],
+                      "mlp reconstruction error": lambda: f"error L{n['layer']}@{n['ctx_idx']}"}.get(
+        n["feature_type"], lambda: f"L{n['layer']} #{n['node_id'].split('_')[1]}@{n['ctx_idx']}"
+                                   + (f" {n['clerp']!r}" if n["clerp"] else ""))()
+    for score, path in strongest_paths(data, paths):
+        console.print(f"{score:.3f}  " + " -> ".join(name(n) for n in path))
+    console.print(f"graph: {out}  (nanosae view {transcoders}; or upload the file to Neuronpedia)")
 
 
 @app.command()

@@ -46,3 +46,20 @@ def _as_list(value: Any) -> list:
 
 def _label(name: str, value: Any) -> str:
     return str(value) if name == "architecture" else f"{name}={value}"
+
+
+def transcoder_set(settings: dict[str, Any], layers: list[int]) -> list[TrainConfig]:
+    """One transcoder per layer, reading blocks.L.ln2.hook_normalized and predicting blocks.L.hook_mlp_out, all
+    trained together from one forward pass per batch, each in RUN/layer_L (the set's manifest goes in RUN)."""
+    settings = dict(settings)
+    for name in ("acts", "acts_out", "hook", "hook_out", "crosscoder_hooks", "crosscoder_acts"):
+        if settings.pop(name, None) not in (None, [], SourceConfig.hook, [SourceConfig.hook]):
+            raise ConfigError(f"--transcoders chooses each transcoder's hooks; {name} cannot be given with it")
+    for name in SWEEPABLE:
+        if isinstance(settings.get(name), (list, tuple)):
+            if len(settings[name]) > 1:
+                raise ConfigError(f"--transcoders trains one set: give one value of {name}")
+            settings[name] = settings[name][0]
+    out = Path(settings.pop("out", TrainConfig.out))
+    return [TrainConfig.build(out=str(out / f"layer_{layer}"), hook=f"blocks.{layer}.ln2.hook_normalized",
+                              hook_out=f"blocks.{layer}.hook_mlp_out", **settings) for layer in layers]
