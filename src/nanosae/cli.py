@@ -408,7 +408,7 @@ def trace(
     info = data["metadata"]["info"]
     console.print("top logits: " + ", ".join(f"{graph.info['logit_strs'][t]!r} {p:.3f}"
                                              for t, p in zip(graph.logit_tokens, graph.logit_probs)))
-    console.print(f"{graph.n_features} active features ({int(graph.explored[:graph.n_features].sum())} traced), "
+    console.print(f"{graph.info['active_features']} active features ({graph.n_features} traced), "
                   f"kept {len(data['nodes'])} nodes and {len(data['links'])} edges; replacement score "
                   f"{info['replacement_score']:.3f}, completeness {info['completeness_score']:.3f}")
     name = lambda n: {"embedding": lambda: f"{n['clerp']!r}", "logit": lambda: n["clerp"],

@@ -193,3 +193,19 @@ def test_graph_json_has_neuronpedias_layout(tiny_model):
         assert path[0]["feature_type"] == "embedding" and path[-1]["is_target_logit"] and 0 < score <= 1
         links = {(l["source"], l["target"]) for l in data["links"]}
         assert all((a["node_id"], b["node_id"]) in links for a, b in zip(path, path[1:]))
+
+
+def test_tracing_fewer_features_keeps_their_edges_and_picks_influential_ones(tiny_model):
+    tcs = random_transcoders(tiny_model)
+    full = C.attribute(tiny_model, tcs, TOKENS)
+    part = C.attribute(tiny_model, tcs, TOKENS, max_feature_nodes=10, batch_size=4)
+    assert part.n_features == 10 < full.n_features
+    index = {tuple(f): i for i, f in enumerate(full.features.tolist())}
+    kept = [index[tuple(f)] for f in part.features.tolist()]
+    cols = kept + list(range(full.n_features, full.adjacency.shape[0]))  # its features, errors, tokens, logits
+    rows = kept + [full.logit_index(i) for i in range(len(full.logit_tokens))]
+    part_rows = list(range(10)) + [part.logit_index(i) for i in range(len(part.logit_tokens))]
+    assert torch.allclose(part.adjacency[part_rows][:, : len(cols)], full.adjacency[rows][:, cols], atol=1e-6)
+    influence = C.node_influence(full.adjacency, C.logit_weights(full))[: full.n_features]
+    top = set(influence.argsort(descending=True)[:10].tolist())
+    assert len(top & set(kept)) >= 6  # chosen by influence estimated from partial rows: mostly the true top ten

@@ -61,10 +61,23 @@ def load_transcoders(run: str | Path, device: str = "cpu") -> tuple[str, dict[in
 
 def transcoder_output(tc: SAE, z: Tensor, x: Tensor) -> Tensor:
     """What the transcoder writes for latents z (its skip term from input x included), in the model's units."""
-    out = tc.decode(z)
-    if tc.cfg.skip_connection:
-        out = out + tc._denormalize(tc._skip(tc._normalize(tc._check(x))[0]), None)
-    return out
+    return tc.decode(z) + skip_term(tc, x)
+
+
+def skip_term(tc: SAE, x: Tensor) -> Tensor | float:
+    """A skip transcoder's linear term x W_skip^T in the model's units (0 without one)."""
+    if not tc.cfg.skip_connection:
+        return 0.0
+    return tc._denormalize(tc._skip(tc._normalize(tc._check(x))[0]), None)
+
+
+def sparse_decode(tc: SAE, values: Tensor, positions: Tensor, latents: Tensor, n_pos: int) -> Tensor:
+    """tc.decode of latents given as their active entries: values (batch, n) at (positions, latents), so a
+    gradient reaches only the active features (a dense (batch, T, d_sae) decode costs d_sae/k times more)."""
+    rows = tc.W_dec[latents]
+    out = torch.zeros(values.shape[0], n_pos, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    out = out.index_add(1, positions, values[..., None].to(rows.dtype) * rows)
+    return (out + tc.b_dec) / tc.output_factor()
 
 
 # ---- the clean pass and the replacement model -----------------------------------------------------------------
@@ -90,18 +103,20 @@ def clean_pass(model: HostModel, transcoders: dict[int, SAE], tokens: Tensor) ->
 
 
 def replacement_forward(model: HostModel, transcoders: dict[int, SAE], tokens: Tensor, embeddings: Tensor,
-                        latents: dict[int, Tensor], errors: dict[int, Tensor], stop_at_layer: int | None = None,
-                        mlp_inputs: dict[int, Tensor] | None = None) -> Tensor | None:
+                        latents: dict[int, Tensor] | None = None, errors: dict[int, Tensor] | None = None,
+                        stop_at_layer: int | None = None, mlp_inputs: dict[int, Tensor] | None = None,
+                        written: dict[int, Tensor] | None = None) -> Tensor | None:
     """The model with block 0's input set to `embeddings` and each transcoder layer's MLP output replaced by
-    transcoder_output(latents) + errors (batched like tokens). Returns the logits (None when stopped early);
-    mlp_inputs, when given, receives each layer's MLP input as computed in this pass."""
+    transcoder_output(latents) + errors (batched like tokens); or, with `written`, by written[L] plus the skip
+    term. Returns the logits (None when stopped early); mlp_inputs receives each layer's MLP input."""
     seen: dict[int, Tensor] = {} if mlp_inputs is None else mlp_inputs
+    if written is None:
+        written = {L: tc.decode(latents[L]) + errors[L] for L, tc in transcoders.items()}
     hooks: dict[str, Any] = {"blocks.0.hook_resid_pre": lambda _: embeddings}
     for layer, tc in transcoders.items():
         read, write = mlp_hooks(layer)
         hooks[read] = lambda x, layer=layer: seen.__setitem__(layer, x)
-        hooks[write] = lambda y, layer=layer, tc=tc: (transcoder_output(tc, latents[layer], seen[layer])
-                                                      + errors[layer]).to(y.dtype)
+        hooks[write] = lambda y, layer=layer, tc=tc: (written[layer] + skip_term(tc, seen[layer])).to(y.dtype)
     with model.hooks(hooks, stop_at_layer=stop_at_layer):
         try:
             return model._logits(tokens)
@@ -225,16 +240,21 @@ def top_logits(logits: Tensor, probability: float = 0.95, at_most: int = 10) -> 
 
 def _rows(model: HostModel, transcoders: dict[int, SAE], clean: CleanPass, targets: list[tuple[str, int, int, int]],
           features: Tensor, activations: Tensor, layers: list[int]) -> Tensor:
-    """Adjacency rows for targets ("feature", layer, pos, latent) or ("logit", -1, pos, token id): one batched
-    frozen forward and backward with a copy of the prompt per target."""
+    """Rows of the adjacency for targets ("feature", layer, pos, latent) or ("logit", -1, pos, token id), over the
+    sources [every active feature, error nodes, tokens]: one batched frozen forward and backward, a copy of the
+    prompt per target. Features enter as leaves holding their activations, so paths through them are cut."""
     nb, T = len(targets), clean.tokens.shape[1]
     stop = None if any(kind == "logit" for kind, *_ in targets) else max(layer for _, layer, _, _ in targets) + 1
     emb = clean.embeddings.expand(nb, -1, -1).clone().requires_grad_(True)
-    lat = {L: z.expand(nb, -1, -1).clone().requires_grad_(True) for L, z in clean.latents.items()}
     err = {L: e.expand(nb, -1, -1).clone().requires_grad_(True) for L, e in clean.errors.items()}
+    mine = {L: (features[:, 0] == L).nonzero().squeeze(1) for L in layers}
+    vals = {L: activations[mine[L]].expand(nb, -1).clone().requires_grad_(True) for L in layers}
     inputs: dict[int, Tensor] = {}
     with torch.enable_grad(), frozen(model):
-        logits = replacement_forward(model, transcoders, clean.tokens.expand(nb, -1), emb, lat, err, stop, inputs)
+        written = {L: sparse_decode(tc, vals[L], features[mine[L], 1], features[mine[L], 2], T) + err[L]
+                   for L, tc in transcoders.items()}
+        logits = replacement_forward(model, transcoders, clean.tokens.expand(nb, -1), emb, stop_at_layer=stop,
+                                     mlp_inputs=inputs, written=written)
         values = []
         for b, (kind, layer, pos, index) in enumerate(targets):
             if kind == "logit":
@@ -243,18 +263,16 @@ def _rows(model: HostModel, transcoders: dict[int, SAE], clean: CleanPass, targe
             else:
                 tc = transcoders[layer]
                 values.append(tc.pre_acts(tc._normalize(tc._check(inputs[layer][b, pos]))[0])[index])
-        sources = [emb] + [lat[L] for L in layers] + [err[L] for L in layers]
+        sources = [emb] + [vals[L] for L in layers] + [err[L] for L in layers]
         grads = torch.autograd.grad(torch.stack(values).sum(), sources, allow_unused=True)
-    g_emb, g_lat, g_err = grads[0], grads[1 : 1 + len(layers)], grads[1 + len(layers):]
-    zero = lambda like: torch.zeros_like(like)
-    g_lat = {L: g if g is not None else zero(lat[L]) for L, g in zip(layers, g_lat)}
-    g_err = [g if g is not None else zero(err[L]) for L, g in zip(layers, g_err)]
+    g_emb, g_vals, g_err = grads[0], grads[1 : 1 + len(layers)], grads[1 + len(layers):]
     feature_cols = torch.zeros(nb, len(features))
-    for L in layers:
-        mine = (features[:, 0] == L).nonzero().squeeze(1)
-        feature_cols[:, mine] = g_lat[L][:, features[mine, 1], features[mine, 2]].float()
+    for L, g in zip(layers, g_vals):
+        if g is not None:
+            feature_cols[:, mine[L]] = g.float()
     feature_cols *= activations
-    error_cols = torch.cat([(g * clean.errors[L]).sum(-1) for L, g in zip(layers, g_err)], 1)
+    error_cols = torch.cat([(g * clean.errors[L]).sum(-1) if g is not None else torch.zeros(nb, T)
+                            for L, g in zip(layers, g_err)], 1)
     token_cols = (g_emb * clean.embeddings).sum(-1)
     return torch.cat([feature_cols, error_cols.float(), token_cols.float()], 1).detach()
 
@@ -264,8 +282,9 @@ def attribute(model: HostModel, transcoders: dict[int, SAE], prompt: str | list[
               progress: Any = None) -> Graph:
     """The attribution graph of a prompt (text, or token ids with BOS first) over the transcoders.
 
-    max_feature_nodes: compute incoming edges for at most this many features, chosen by their influence on
-    the logits as estimated from the rows computed so far (all features when None); the others stay sources."""
+    max_feature_nodes: trace (compute the incoming edges of) at most this many features, chosen in rounds by
+    their influence on the logits as estimated from the rows computed so far; the graph holds the traced
+    features (all active ones when None), and the others' effects are left out, as circuit-tracer does."""
     tokens = [model.tokenizer.bos_id, *model.tokenizer.encode(prompt)] if isinstance(prompt, str) else list(prompt)
     clean = clean_pass(model, transcoders, torch.tensor([tokens]))
     layers = sorted(transcoders)
@@ -273,35 +292,45 @@ def attribute(model: HostModel, transcoders: dict[int, SAE], prompt: str | list[
     features = torch.tensor(feats, dtype=torch.long).reshape(-1, 3)
     activations = torch.tensor([float(clean.latents[L][p, i]) for L, p, i in feats])
     logit_ids, logit_probs = top_logits(clean.logits[-1], logit_probability, max_logits)
-    n_f, T = len(feats), len(tokens)
-    n_nodes = n_f + (len(layers) + 1) * T + len(logit_ids)
-    adjacency = torch.zeros(n_nodes, n_nodes)
-    explored = torch.zeros(n_nodes, dtype=torch.bool)
-    graph = Graph(prompt if isinstance(prompt, str) else model.tokenizer.decode(tokens[1:]), tokens,
-                  [model.tokenizer.decode([t]) for t in tokens], layers, features, activations, logit_ids, logit_probs,
-                  adjacency, explored, model=model.name)
-    graph.info["logit_strs"] = {t: model.tokenizer.decode([t]) for t in logit_ids}
-    first_logit = graph.logit_index(0)
-    rows = _rows(model, transcoders, clean, [("logit", -1, T - 1, t) for t in logit_ids], features, activations, layers)
-    adjacency[first_logit:, : rows.shape[1]] = rows
-    explored[first_logit:] = True
+    n_f, T, n_l = len(feats), len(tokens), len(logit_ids)
+    # rows computed so far, over the sources [all active features, errors, tokens]; a row's node id is its
+    # feature's index, or n_src + j for logit j (errors and tokens have no incoming edges)
+    rows = [_rows(model, transcoders, clean, [("logit", -1, T - 1, t) for t in logit_ids], features, activations, layers)]
+    n_src = n_f + (len(layers) + 1) * T
+    row_ids = list(range(n_src, n_src + n_l))  # logits: after every source
+    weights = torch.tensor(logit_probs)
+    traced: list[int] = []
     budget = n_f if max_feature_nodes is None else min(n_f, max_feature_nodes)
-    done = 0
-    while done < budget:
+    while len(traced) < budget:
         if max_feature_nodes is None:
-            order = [i for i in range(n_f) if not explored[i]]
-        else:  # the most influential unexplored features, by the rows known so far
-            influence = node_influence(adjacency, logit_weights(graph))[:n_f]
-            influence[explored[:n_f]] = -1
+            order = list(range(len(traced), n_f))
+        else:  # the most influential untraced features, by the rows known so far
+            known = torch.cat(rows)
+            influence = influence_from_rows(known, torch.tensor(row_ids), torch.cat([torch.zeros(len(traced)), weights]),
+                                            n_src + n_l)[:n_f]
+            influence[traced] = -1
             order = influence.argsort(descending=True).tolist()
-        chosen = order[: min(batch_size, budget - done)]
-        targets = [("feature", *features[i].tolist()) for i in chosen]
-        adjacency[chosen, : n_nodes - len(logit_ids)] = _rows(model, transcoders, clean, targets, features, activations,
-                                                               layers)[:, : n_nodes - len(logit_ids)]
-        explored[chosen] = True
-        done += len(chosen)
+        chosen = sorted(order[: min(batch_size, budget - len(traced))], key=lambda i: feats[i][0])
+        rows.insert(len(rows) - 1, _rows(model, transcoders, clean, [("feature", *feats[i]) for i in chosen], features,
+                                         activations, layers))
+        row_ids = row_ids[: len(traced)] + chosen + row_ids[len(traced):]
+        traced += chosen
         if progress is not None:
-            progress(done, budget)
+            progress(len(traced), budget)
+    known = torch.cat(rows)  # rows in the order traced features..., logits
+    keep = sorted(traced)  # the graph's features, in (layer, position, latent) order
+    columns = torch.tensor(keep + list(range(n_f, n_src)), dtype=torch.long)
+    n_nodes = len(keep) + (len(layers) + 1) * T + n_l
+    adjacency = torch.zeros(n_nodes, n_nodes)
+    where = {f: i for i, f in enumerate(traced)}
+    for new, f in enumerate(keep):
+        adjacency[new, : len(columns)] = known[where[f], columns]
+    adjacency[n_nodes - n_l:, : len(columns)] = known[len(traced):, columns]
+    graph = Graph(prompt if isinstance(prompt, str) else model.tokenizer.decode(tokens[1:]), tokens,
+                  [model.tokenizer.decode([t]) for t in tokens], layers, features[keep], activations[keep], logit_ids,
+                  logit_probs, adjacency, torch.ones(n_nodes, dtype=torch.bool), model=model.name)
+    graph.info["logit_strs"] = {t: model.tokenizer.decode([t]) for t in logit_ids}
+    graph.info["active_features"] = n_f
     return graph
 
 
@@ -321,11 +350,19 @@ def normalized(adjacency: Tensor) -> Tensor:
 def node_influence(adjacency: Tensor, weights: Tensor, max_iter: int = 1000) -> Tensor:
     """Each node's total (direct and indirect) influence on the weighted logits: w·(A + A² + …) on the
     normalized graph (a DAG, so the series ends)."""
-    a = normalized(adjacency)
-    current = weights @ a
+    return influence_from_rows(adjacency, torch.arange(len(adjacency)), weights, len(adjacency), max_iter)
+
+
+def influence_from_rows(rows: Tensor, row_ids: Tensor, row_weights: Tensor, n: int, max_iter: int = 1000) -> Tensor:
+    """node_influence when only some rows (targets row_ids, with logit weights row_weights) of the adjacency over
+    n sources are known: the others have no inputs, so every product touches those rows alone."""
+    a = normalized(rows[:, :n])
+    if a.shape[1] < n:  # targets that are never sources (logits): zero columns
+        a = torch.cat([a, a.new_zeros(len(a), n - a.shape[1])], 1)
+    current = row_weights @ a
     total = current.clone()
     for _ in range(max_iter):
-        current = current @ a
+        current = current[row_ids] @ a
         if not bool(current.any()):
             break
         total += current
