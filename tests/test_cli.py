@@ -164,10 +164,10 @@ def test_train_a_transcoder_set_then_trace(tiny_llama_dir, word_corpus, tmp_path
     Neuronpedia's layout, its scores and paths printed, never overwritten."""
     runner = CliRunner()
     run = tmp_path / "tcs"
-    r = runner.invoke(app, ["train", "--transcoders", "all", "--model", str(tiny_llama_dir), "--data", str(word_corpus),
-                            "--context-size", "16", "--d-sae", "64", "--k", "4", "--tokens", "2k", "--batch-size", "250",
-                            "--out", str(run), "--lr", "0.003", "--skip-connection"])
-    assert r.exit_code == 0, r.output
+    trained = runner.invoke(app, ["train", "--transcoders", "all", "--model", str(tiny_llama_dir), "--data",
+                                  str(word_corpus), "--context-size", "16", "--d-sae", "64", "--k", "4", "--tokens", "2k",
+                                  "--batch-size", "250", "--out", str(run), "--lr", "0.003", "--skip-connection"])
+    assert trained.exit_code == 0, trained.output
     manifest = json.loads((run / "transcoders.json").read_text())
     assert manifest["model"] == str(tiny_llama_dir) and manifest["layers"] == {str(L): f"layer_{L}" for L in range(3)}
     for layer in range(3):
@@ -180,6 +180,15 @@ def test_train_a_transcoder_set_then_trace(tiny_llama_dir, word_corpus, tmp_path
     graph = json.loads((run / "graphs" / "w5-w6-w7-w8.json").read_text())
     assert graph["metadata"]["prompt"] == "w5 w6 w7 w8" and graph["links"]
     assert "replacement score" in r.output and " -> " in r.output
+    scores = json.loads((run / "replacement.json").read_text())
+    assert set(scores["fvu_by_layer"]) == {"0", "1", "2"} and "replacement_ce_score" in scores
+    assert "every MLP replaced at once" in " ".join(trained.output.split())
+    node = next(n["node_id"] for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder")
+    r = runner.invoke(app, ["intervene", "w5 w6 w7 w8", "--transcoders", str(run), "--set", f"{node}=10",
+                            "--max-new-tokens", "3"])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "original" in out and f"{node}=10" in out and "activations before" in out
     again = runner.invoke(app, ["trace", "w5 w6 w7 w8", "--transcoders", str(run)])
     assert again.exit_code != 0 and "exists" in str(again.exception)
     bad = runner.invoke(app, ["train", "--transcoders", "1,x", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "x")])

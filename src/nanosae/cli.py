@@ -210,9 +210,21 @@ def train(crosscoder: bool = False, transcoders: str | None = None, **given: Any
     if transcoders:
         from nanosae.interp.circuits import write_manifest
 
+        from nanosae.interp.circuits import load_transcoders, replacement_scores
+        from nanosae.io import write_json
+        from nanosae.models import load_model
+
         run = Path(cfgs[0].out).parent
         write_manifest(run, cfgs[0].source.model, {layer: f"layer_{layer}" for layer in layers})
-        console.print(f"transcoder set: {run} (trace with: nanosae trace \"PROMPT\" --transcoders {run})")
+        spec, tcs = load_transcoders(run, cfgs[0].device)
+        data = dataclasses.replace(cfgs[0].source.data, split="eval")
+        scores = replacement_scores(load_model(spec, device=cfgs[0].device), tcs, data)
+        write_json(run / "replacement.json", scores)
+        console.print(f"transcoder set: {run}; every MLP replaced at once: CE-loss score "
+                      f"{scores['replacement_ce_score']:.3f} (CE {scores['ce_loss_clean']:.3f} clean, "
+                      f"{scores['ce_loss_replaced']:.3f} replaced, {scores['ce_loss_mlps_zeroed']:.3f} MLPs zeroed); "
+                      f"FVU by layer " + " ".join(f"{v:.2f}" for v in scores["fvu_by_layer"].values()))
+        console.print(f"trace with: nanosae trace \"PROMPT\" --transcoders {run}")
 
 
 EVAL_OPTIONS = options_for(EvalConfig)
@@ -418,6 +430,35 @@ def trace(
     for score, path in strongest_paths(data, paths):
         console.print(f"{score:.3f}  " + " -> ".join(name(n) for n in path))
     console.print(f"graph: {out}  (nanosae view {transcoders}; or upload the file to Neuronpedia)")
+
+
+@app.command()
+def intervene(
+    prompt: str = typer.Argument(..., help="The prompt."),
+    transcoders: Path = typer.Option(..., help="A transcoder set: the run directory of `train --transcoders`."),
+    set_: list[str] = typer.Option(..., "--set", help="A feature edit by graph node id: LAYER_LATENT_POS=VALUE sets "
+                                                     "it, LAYER_LATENT_POS*FACTOR scales it (repeatable)."),
+    max_new_tokens: int = typer.Option(20, help="Tokens of greedy continuation."),
+    device: str = typer.Option("cpu", help="Where the model and transcoders run."),
+) -> None:
+    """Test a circuit hypothesis: set or scale features of a graph and compare the top next tokens and the
+    continuation with the original."""
+    from nanosae.interp.circuits import intervene as run_intervene, load_transcoders, parse_node_edit
+    from nanosae.models import load_model
+
+    edits = [parse_node_edit(e) for e in set_]
+    spec, tcs = load_transcoders(transcoders, device)
+    result = run_intervene(load_model(spec, device=device), tcs, prompt, edits, max_new_tokens=max_new_tokens)
+    table = Table(title=prompt, show_lines=True)
+    table.add_column("original")
+    table.add_column("edited: " + ", ".join(set_))
+    for key in ("top", "continuation"):
+        cells = [result[side][key] for side in ("original", "edited")]
+        if key == "top":
+            cells = ["  ".join(f"{t!r} {p:.3f}" for t, p in cell) for cell in cells]
+        table.add_row(*cells)
+    console.print(table)
+    console.print("activations before: " + ", ".join(f"{k} {v:.3f}" for k, v in result["activations_before"].items()))
 
 
 @app.command()

@@ -209,3 +209,54 @@ def test_tracing_fewer_features_keeps_their_edges_and_picks_influential_ones(tin
     influence = C.node_influence(full.adjacency, C.logit_weights(full))[: full.n_features]
     top = set(influence.argsort(descending=True)[:10].tolist())
     assert len(top & set(kept)) >= 6  # chosen by influence estimated from partial rows: mostly the true top ten
+
+
+def test_replacement_scores_against_direct_computations(tiny_model, word_corpus):
+    import torch.nn.functional as F
+
+    from nanosae import DataConfig
+    from nanosae.data import iter_documents, token_batches
+
+    data = DataConfig(specs=[str(word_corpus)], context_size=16, split="eval")
+    tcs = random_transcoders(tiny_model)
+    zero = random_transcoders(tiny_model)
+    with torch.no_grad():
+        for tc in zero.values():
+            tc.W_dec.zero_()
+            tc.b_dec.zero_()
+    batch = next(token_batches(iter_documents(data), tiny_model.tokenizer, 16, 8))
+    n = int(batch.valid.sum())
+    r = C.replacement_scores(tiny_model, tcs, data, tokens=n, batch_size=8)
+    z = C.replacement_scores(tiny_model, zero, data, tokens=n, batch_size=8)
+    keep = batch.valid[:, :-1] & batch.valid[:, 1:]
+    logits = tiny_model.forward(batch.tokens)
+    direct = F.cross_entropy(logits[:, :-1][keep], batch.tokens[:, 1:][keep])
+    assert r["tokens"] == n and r["ce_loss_clean"] == pytest.approx(float(direct), rel=1e-5)
+    assert z["ce_loss_replaced"] == pytest.approx(z["ce_loss_mlps_zeroed"], rel=1e-6)  # zero transcoders = zeroed MLPs
+    assert z["replacement_ce_score"] == pytest.approx(0.0, abs=1e-5)
+    assert all(v >= 1.0 for v in z["fvu_by_layer"].values())  # predicting 0: error = Σy² >= variance
+    assert r["ce_loss_replaced"] != pytest.approx(r["ce_loss_clean"])
+
+
+def test_feature_edits_add_the_decoder_direction_at_that_place_only(tiny_model):
+    tcs = random_transcoders(tiny_model)
+    ids = torch.tensor([TOKENS])
+    clean = C.clean_pass(tiny_model, tcs, ids)
+    layer, pos = 1, 3
+    latent = int(clean.latents[layer][pos].argmax())
+    old = float(clean.latents[layer][pos, latent])
+    _, before = tiny_model.run_with_cache(ids, [C.mlp_hooks(layer)[1]])
+    with C.feature_edits(tiny_model, tcs, ids, [((layer, latent, pos), "=", old + 5.0)]) as was:
+        _, after = tiny_model.run_with_cache(ids, [C.mlp_hooks(layer)[1]])
+    assert was == {(layer, latent, pos): pytest.approx(old)}
+    delta = after[C.mlp_hooks(layer)[1]][0] - before[C.mlp_hooks(layer)[1]][0]
+    assert torch.allclose(delta[pos], 5.0 * tcs[layer].W_dec[latent].detach(), atol=1e-5)
+    assert delta[torch.arange(len(TOKENS)) != pos].abs().max() == 0
+    same = C.intervene(tiny_model, tcs, TOKENS, [((layer, latent, pos), "*", 1.0)], max_new_tokens=4)
+    assert same["original"] == same["edited"]
+    moved = C.intervene(tiny_model, tcs, TOKENS, [((layer, latent, pos), "=", old + 50.0)], max_new_tokens=4)
+    assert moved["original"]["top"] != moved["edited"]["top"]
+    with pytest.raises(Exception, match="LAYER_LATENT_POS"):
+        C.parse_node_edit("12-3")
+    assert C.parse_node_edit("12_345_5=0") == ((12, 345, 5), "=", 0.0)
+    assert C.parse_node_edit("3_7_2*-1.5") == ((3, 7, 2), "*", -1.5)

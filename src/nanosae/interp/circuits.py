@@ -493,3 +493,124 @@ def strongest_paths(graph_json: dict[str, Any], n: int = 5, max_len: int = 8) ->
             break
     done.sort(key=lambda b: -b[0])
     return [(score, [nodes[i] for i in reversed(path)]) for score, path in done[:n]]
+
+
+# ---- the set as a whole: every MLP replaced at once -------------------------------------------------------------
+@torch.no_grad()
+def replacement_scores(model: HostModel, transcoders: dict[int, SAE], data: Any, tokens: int = 4096,
+                       batch_size: int = 8) -> dict[str, Any]:
+    """How well the set stands in for the MLPs, on held-out text: per layer the FVU of its output, and the
+    CE-loss score with every transcoder layer's MLP replaced at once (each reading the replaced model's own
+    activations, so errors compound): (CE with those MLPs zeroed − CE replaced) / (CE zeroed − CE clean)."""
+    from nanosae.data.corpus import iter_documents
+    from nanosae.data.tokens import token_batches
+
+    ce = {"clean": 0.0, "replaced": 0.0, "zeroed": 0.0}
+    err = {L: 0.0 for L in transcoders}
+    sums = {L: [0.0, None, 0] for L in transcoders}  # Σ|y|², Σy, n
+    n_pred = n_tok = 0
+    names = [h for L in transcoders for h in mlp_hooks(L)]
+    for batch in token_batches(iter_documents(data), model.tokenizer, data.context_size, batch_size):
+        toks, valid = model._as_tokens(batch.tokens), batch.valid.to(model.device)
+        keep = valid[:, :-1] & valid[:, 1:]
+        target = toks[:, 1:][keep]
+
+        def ce_of(logits: Tensor) -> float:
+            return float(torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target, reduction="sum"))
+        logits, cache = model.run_with_cache(toks, names)
+        ce["clean"] += ce_of(logits)
+        for L, tc in transcoders.items():
+            x, y = (cache[h][valid] for h in mlp_hooks(L))
+            err[L] += float((transcoder_output(tc, tc.encode(x), x) - y).pow(2).sum())
+            s = sums[L]
+            s[0] += float(y.pow(2).sum())
+            s[1] = y.sum(0) if s[1] is None else s[1] + y.sum(0)
+            s[2] += len(y)
+        seen: dict[int, Tensor] = {}
+        replaced: dict[str, Any] = {}
+        for L, tc in transcoders.items():
+            read, write = mlp_hooks(L)
+            replaced[read] = lambda x, L=L: seen.__setitem__(L, x)
+            replaced[write] = lambda y, L=L, tc=tc: transcoder_output(tc, tc.encode(seen[L]), seen[L]).to(y.dtype)
+        with model.hooks(replaced):
+            ce["replaced"] += ce_of(model.forward(toks))
+        with model.hooks({mlp_hooks(L)[1]: torch.zeros_like for L in transcoders}):
+            ce["zeroed"] += ce_of(model.forward(toks))
+        n_pred += int(keep.sum())
+        n_tok += int(valid.sum())
+        if n_tok >= tokens:
+            break
+    if n_pred == 0:
+        raise ConfigError("no text to score the transcoders on (the data gave no tokens)")
+    ce = {k: v / n_pred for k, v in ce.items()}
+    fvu = {L: err[L] / max(s[0] - float(s[1].pow(2).sum()) / s[2], 1e-12) for L, s in sums.items()}
+    score = (ce["zeroed"] - ce["replaced"]) / max(ce["zeroed"] - ce["clean"], 1e-12)
+    return {"tokens": n_tok, "fvu_by_layer": {str(L): v for L, v in fvu.items()}, "ce_loss_clean": ce["clean"],
+            "ce_loss_replaced": ce["replaced"], "ce_loss_mlps_zeroed": ce["zeroed"], "replacement_ce_score": score}
+
+
+# ---- interventions: set or scale features, see what the model does -------------------------------------------
+def parse_node_edit(text: str) -> tuple[tuple[int, int, int], str, float]:
+    """'LAYER_LATENT_POS=V' sets a feature (a graph's node id), 'LAYER_LATENT_POS*F' scales it."""
+    for op in ("=", "*"):
+        if op in text:
+            node, value = text.split(op, 1)
+            try:
+                layer, latent, pos = (int(v) for v in node.split("_"))
+                return (layer, latent, pos), op, float(value)
+            except ValueError:
+                break
+    raise ConfigError(f"cannot read feature edit {text!r}; expected LAYER_LATENT_POS=VALUE or LAYER_LATENT_POS*FACTOR "
+                      f"(a graph node id, e.g. 12_345_5=0)")
+
+
+@contextlib.contextmanager
+def feature_edits(model: HostModel, transcoders: dict[int, SAE], tokens: Tensor,
+                  edits: list[tuple[tuple[int, int, int], str, float]]) -> Iterator[dict[tuple[int, int, int], float]]:
+    """Inside: each edited feature's activation at its prompt position is set (=) or scaled (*), by adding the
+    change times its decoder direction to that layer's MLP output (the transcoder's error kept, as a splice
+    with its error term). Yields the activations before the edits."""
+    clean = clean_pass(model, transcoders, tokens)
+    before, adds = {}, {}
+    for (layer, latent, pos), op, value in edits:
+        if layer not in transcoders:
+            raise ConfigError(f"no transcoder at layer {layer} (the set has {sorted(transcoders)})")
+        tc = transcoders[layer]
+        if not (0 <= latent < tc.cfg.d_sae and 0 <= pos < tokens.shape[1]):
+            raise ConfigError(f"feature {layer}_{latent}_{pos} is out of range (d_sae {tc.cfg.d_sae}, "
+                              f"{tokens.shape[1]} positions)")
+        old = float(clean.latents[layer][pos, latent])
+        before[(layer, latent, pos)] = old
+        new = value if op == "=" else old * value
+        direction = tc.W_dec[latent].detach() * (new - old) / tc.output_factor()
+        adds.setdefault(layer, []).append((pos, direction))
+
+    def add(layer: int) -> Any:
+        def fn(y: Tensor) -> Tensor:
+            if y.shape[1] < tokens.shape[1]:  # a generated token's step: the prompt's edits are in the KV cache
+                return y
+            y = y.clone()
+            for pos, direction in adds[layer]:
+                y[:, pos] += direction.to(y.dtype)
+            return y
+        return fn
+    with model.hooks({mlp_hooks(layer)[1]: add(layer) for layer in adds}):
+        yield before
+
+
+def intervene(model: HostModel, transcoders: dict[int, SAE], prompt: str | list[int],
+              edits: list[tuple[tuple[int, int, int], str, float]], max_new_tokens: int = 20,
+              top: int = 5) -> dict[str, Any]:
+    """Top next-token probabilities and a greedy continuation, without and with the feature edits."""
+    tokens = [model.tokenizer.bos_id, *model.tokenizer.encode(prompt)] if isinstance(prompt, str) else list(prompt)
+    ids = torch.tensor([tokens])
+
+    def run() -> dict[str, Any]:
+        probs = model.forward(ids)[0, -1].float().softmax(-1)
+        p, t = probs.topk(min(top, len(probs)))
+        gen = model.generate(tokens, max_new_tokens=max_new_tokens, temperature=0.0, stop_at_eos=False)
+        return {"top": [(model.tokenizer.decode([int(i)]), float(v)) for v, i in zip(p, t)], "continuation": gen.text}
+    original = run()
+    with feature_edits(model, transcoders, ids, edits) as before:
+        edited = run()
+    return {"original": original, "edited": edited, "activations_before": {f"{l}_{f}_{p}": v for (l, f, p), v in before.items()}}
