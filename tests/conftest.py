@@ -140,3 +140,38 @@ def assert_replay_matches(model, tokens, layer: int) -> None:
             assert torch.allclose(replayed, full, atol=1e-5), name
             assert not torch.allclose(full, clean, atol=1e-3), name
         assert torch.equal(model.forward(tokens), clean)  # the blocks compute again afterwards
+
+
+@pytest.fixture(scope="session")
+def transcoder_set(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
+    """A transcoder set for the tiny model (random transcoders), a features.db for layer 1 with one explanation,
+    and one traced graph, graphs/tiny.json (every node kept)."""
+    from nanosae import DataConfig, SAE, SAEConfig
+    from nanosae.interp import circuits as C
+    from nanosae.interp.features import FeaturesConfig, build_features
+
+    run = tmp_path_factory.mktemp("transcoder_set")
+    torch.manual_seed(4)
+    tcs = {}
+    for layer in range(tiny_model.n_layers):
+        read, write = C.mlp_hooks(layer)
+        tc = SAE(SAEConfig(d_in=32, d_sae=24, architecture="topk", k=3, hook_name=read, hook_name_out=write, d_out=32,
+                           model_name=str(tiny_llama_dir)))
+        with torch.no_grad():
+            tc.W_dec.mul_(0.3)
+        tc.save(run / f"layer_{layer}" / "sae")
+        tcs[layer] = tc.eval()
+    C.write_manifest(run, str(tiny_llama_dir), {L: f"layer_{L}" for L in tcs})
+    cfg = FeaturesConfig(data=DataConfig(specs=[str(word_corpus)], context_size=16, split="all"), tokens=400, top_n=4,
+                         batch_size=4)
+    build_features(tcs[1], tiny_model, cfg, run / "layer_1" / "features.db")
+    con = sqlite3.connect(run / "layer_1" / "features.db")
+    con.execute("UPDATE latents SET explanation = 'planted explanation'")
+    con.commit()
+    con.close()
+    graph = C.attribute(tiny_model, tcs, [0, 5, 9, 13, 22, 7])
+    graph.transcoders = str(run)
+    (run / "graphs").mkdir()
+    (run / "graphs" / "tiny.json").write_text(json.dumps(C.to_neuronpedia(graph, slug="tiny", node_share=1.0,
+                                                                          edge_share=1.0, n_layers=3)))
+    return run

@@ -614,3 +614,11 @@ def intervene(model: HostModel, transcoders: dict[int, SAE], prompt: str | list[
     with feature_edits(model, transcoders, ids, edits) as before:
         edited = run()
     return {"original": original, "edited": edited, "activations_before": {f"{l}_{f}_{p}": v for (l, f, p), v in before.items()}}
+
+
+def read_json_graph(path: str | Path) -> dict[str, Any]:
+    """A graph file, checked for the layout to_neuronpedia writes (one-line FormatError naming the file)."""
+    data = read_json(path)
+    if not {"metadata", "qParams", "nodes", "links"} <= set(data) or not isinstance(data["nodes"], list):
+        raise FormatError(f"{path}: not an attribution graph (expected metadata, qParams, nodes, links)")
+    return data

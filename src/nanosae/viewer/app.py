@@ -105,17 +105,16 @@ def allowed_hosts(bind: str) -> list[str]:
 
 def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1", preload: bool = False) -> Any:
     """The viewer's app; preload starts loading the host model and SAE in the background right away, so the
-    first 'run text' or steering request does not wait for it."""
+    first 'run text' or steering request does not wait for it.
+
+    A transcoder set (`train --transcoders`: transcoders.json, layer_L/, graphs/) gets the graph pages instead:
+    its root lists the graphs, each layer with a features.db is a whole viewer under /layer/L/."""
     from fastapi import Body, FastAPI, HTTPException, Query
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    data = ViewerData(run)
-    live = LiveModel(data.run, model)
-    if preload:
-        threading.Thread(target=live.get, daemon=True, name="nanosae-preload").start()
     app = FastAPI(title="nanosae viewer", docs_url=None, redoc_url=None)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host), www_redirect=False)
 
@@ -125,6 +124,13 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
         where = lambda e: ".".join(str(part) for part in e.get("loc", ()))
         return JSONResponse({"detail": "; ".join(f"{where(e)}: {e.get('msg', 'invalid')}" for e in exc.errors())},
                             status_code=422)
+
+    if is_transcoder_set(run):
+        return _graph_app(app, Path(run), model, host)
+    data = ViewerData(run)
+    live = LiveModel(data.run, model)
+    if preload:
+        threading.Thread(target=live.get, daemon=True, name="nanosae-preload").start()
 
     @app.get("/api/overview")
     def overview() -> dict:
@@ -179,6 +185,105 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
         return {"baseline": base.text, "steered": steered.text}
 
     # last, so the API routes above win: everything else is a file of viewer/static and nothing outside it
+    app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
+    return app
+
+
+def is_transcoder_set(run: str | Path) -> bool:
+    from nanosae.interp.circuits import MANIFEST
+
+    return (Path(run) / MANIFEST).is_file()
+
+
+SLUG = "^[a-z0-9][a-z0-9-]{0,63}$"
+
+
+def _graph_app(app: Any, run: Path, model: str | None, host: str) -> Any:
+    """Graph pages of a transcoder set: list, read, save pins and supernodes (into the graph file, atomically),
+    feature summaries per layer, interventions; each layer with a features.db mounted as a viewer."""
+    import re
+
+    from fastapi import Body, HTTPException
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    from nanosae.errors import NanosaeError
+    from nanosae.interp.circuits import intervene, load_transcoders, read_json_graph
+    from nanosae.io import write_json
+    from nanosae.models import load_model
+
+    graphs = run / "graphs"
+    layers = {int(d.name.split("_")[1]): ViewerData(d) for d in sorted(run.glob("layer_*"))
+              if re.fullmatch(r"layer_\d+", d.name) and (d / "features.db").is_file()}
+    lock = threading.Lock()
+    loaded: dict[str, Any] = {}
+
+    def graph_file(slug: str) -> Path:
+        if not re.fullmatch(SLUG, slug) or not (graphs / f"{slug}.json").is_file():
+            raise HTTPException(404, f"no graph {slug!r}")
+        return graphs / f"{slug}.json"
+
+    @app.get("/api/graphs")
+    def list_graphs() -> dict:
+        return {"graphs": sorted(p.stem for p in graphs.glob("*.json") if re.fullmatch(SLUG, p.stem))}
+
+    @app.get("/api/graph/{slug}")
+    def graph(slug: str) -> dict:
+        return read_json_graph(graph_file(slug))
+
+    @app.put("/api/graph/{slug}/qparams")
+    def save_qparams(slug: str, pinnedIds: list[str] = Body(..., max_length=10_000),
+                     supernodes: list[list[str]] = Body(..., max_length=1000)) -> dict:
+        path = graph_file(slug)
+        with lock:
+            data = read_json_graph(path)
+            ids = {n["node_id"] for n in data["nodes"]}
+            unknown = [i for i in pinnedIds + [m for g in supernodes for m in g[1:]] if i not in ids]
+            if unknown or any(len(g) < 2 or not g[0].strip() for g in supernodes):
+                raise HTTPException(422, f"unknown node {unknown[0]!r}" if unknown else
+                                    "a supernode is [name, node ids...] with a name and at least one node")
+            data["qParams"] |= {"pinnedIds": pinnedIds, "supernodes": supernodes}
+            write_json(path, data)
+        return data["qParams"]
+
+    @app.get("/api/layer/{layer}/feature/{latent}")
+    def layer_feature(layer: int, latent: int) -> dict:
+        found = layers[layer].feature(latent) if layer in layers and 0 <= latent < layers[layer].n_latents else None
+        if found is None:
+            raise HTTPException(404, f"no feature page for layer {layer} latent {latent} (run `nanosae features` on "
+                                     f"{run / f'layer_{layer}'})")
+        return found
+
+    @app.post("/api/intervene")
+    def intervene_route(slug: str = Body(..., embed=True), edits: list = Body(..., embed=True, max_length=64),
+                        max_new_tokens: int = Body(16, embed=True, ge=1, le=64)) -> dict:
+        data = read_json_graph(graph_file(slug))
+        nodes = {n["node_id"]: n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"}
+        try:
+            parsed = [(tuple(int(v) for v in e["node_id"].split("_")), e["op"], float(e["value"])) for e in edits
+                      if e["node_id"] in nodes and e["op"] in ("=", "*")]
+        except (KeyError, TypeError, ValueError):
+            raise HTTPException(422, 'each edit is {"node_id": a feature node, "op": "=" | "*", "value": number}') from None
+        if len(parsed) != len(edits):
+            raise HTTPException(422, "edits name feature nodes of this graph, with op = or *")
+        with lock:
+            if not loaded:
+                spec, tcs = load_transcoders(run)
+                loaded.update(model=load_model(model or spec), tcs=tcs)
+        try:
+            return intervene(loaded["model"], loaded["tcs"], data["metadata"]["prompt"],
+                             [((layer, latent, pos), op, v) for (layer, latent, pos), op, v in parsed],
+                             max_new_tokens=max_new_tokens)
+        except NanosaeError as e:
+            raise HTTPException(422, str(e)) from None
+
+    for layer, layer_data in layers.items():
+        app.mount(f"/layer/{layer}", create_app(layer_data.run, model, host), name=f"layer-{layer}")
+
+    @app.get("/")
+    def root() -> FileResponse:
+        return FileResponse(STATIC / "graph.html")
+
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
     return app
 

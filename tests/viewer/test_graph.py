@@ -1,0 +1,106 @@
+"""The graph pages of a transcoder set: the API (list, read, pins and supernodes saved into the graph file,
+feature summaries per layer, interventions) and the page in headless Chromium."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from nanosae.viewer import create_app
+
+from tests.viewer.test_browser import CHROMIUM, open_page
+
+
+@pytest.fixture()
+def graph_run(transcoder_set, tmp_path):
+    run = tmp_path / "set"
+    shutil.copytree(transcoder_set, run)
+    return run
+
+
+def feature_node(run, layer="1"):
+    data = json.loads((run / "graphs" / "tiny.json").read_text())
+    return next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder" and n["layer"] == layer)
+
+
+def test_graph_api(graph_run):
+    client = TestClient(create_app(graph_run), base_url="http://localhost")
+    assert client.get("/api/graphs").json() == {"graphs": ["tiny"]}
+    graph = client.get("/api/graph/tiny").json()
+    assert graph["metadata"]["slug"] == "tiny" and graph["links"]
+    assert client.get("/api/graph/nope").status_code == 404
+    assert client.get("/api/graph/..%2Fetc").status_code == 404
+    node = feature_node(graph_run)
+    r = client.put("/api/graph/tiny/qparams", json={"pinnedIds": [node["node_id"]], "supernodes": [["a group", node["node_id"]]]})
+    assert r.status_code == 200
+    saved = json.loads((graph_run / "graphs" / "tiny.json").read_text())["qParams"]
+    assert saved["pinnedIds"] == [node["node_id"]] and saved["supernodes"] == [["a group", node["node_id"]]]
+    assert saved["linkType"] == "both"  # the rest of qParams kept
+    bad = client.put("/api/graph/tiny/qparams", json={"pinnedIds": ["99_1_1"], "supernodes": []})
+    assert bad.status_code == 422 and "99_1_1" in bad.json()["detail"]
+    layer, latent = node["node_id"].split("_")[:2]
+    page = client.get(f"/api/layer/{layer}/feature/{latent}").json()
+    assert page["explanation"] == "planted explanation"
+    assert client.get("/api/layer/0/feature/1").status_code == 404  # no features.db for layer 0
+    assert client.get("/layer/1/api/overview").status_code == 200  # the layer's own viewer
+    r = client.post("/api/intervene", json={"slug": "tiny", "edits": [{"node_id": node["node_id"], "op": "=", "value": 30}],
+                                            "max_new_tokens": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"original", "edited", "activations_before"} and body["original"]["top"]
+    assert client.post("/api/intervene", json={"slug": "tiny", "edits": [{"node_id": "E_5_1", "op": "=", "value": 1}]}
+                       ).status_code == 422
+    assert client.get("/").status_code == 200 and "graph.js" in client.get("/").text
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")
+def test_graph_page_in_a_browser(graph_run):
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    from tests.viewer.test_browser import ARGS
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(graph_run), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    node = feature_node(graph_run)["node_id"]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page, errors = open_page(browser, f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("a[href*='slug=tiny']")
+            page.click("a[href*='slug=tiny']")
+            page.wait_for_selector("#graph-svg circle")
+            assert page.locator("#graph-svg .edge").count() > 0
+            assert page.locator("#graph-svg circle.embedding").count() == 6
+            page.click(f"circle[data-node-id='{node}']")
+            page.wait_for_selector("#feature-explanation")
+            assert page.inner_text("#feature-explanation") == "planted explanation"
+            assert "/layer/1/#/feature/" in page.get_attribute("#feature-link", "href")
+            page.click("#pin")
+            page.wait_for_selector(f"circle.pinned[data-node-id='{node}']")
+            page.fill("#supernode-name", "my group")
+            page.click("#group")
+            page.wait_for_selector("#supernodes li")
+            page.reload()
+            page.wait_for_selector(f"circle.pinned[data-node-id='{node}']")  # pinning survives a reload
+            assert "my group" in page.inner_text("#supernodes")
+            page.click("#run-edits")
+            page.wait_for_selector("#intervention .cols")
+            assert "original" in page.inner_text("#intervention") and "edited" in page.inner_text("#intervention")
+            assert errors == []
+            browser.close()
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=5)
