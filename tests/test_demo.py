@@ -48,3 +48,23 @@ def test_demo_quick_end_to_end(tmp_path):
     probed = sparse_probing(sae, model, ProbingConfig(windows=16, per_class=150))
     assert probed["tasks"] >= 6 and probed["details"]["keyword"]["llm_test_accuracy"] > 0.85
     assert probed["llm_test_accuracy"] >= probed["sae_top_1_test_accuracy"] - 0.1
+
+
+def test_circuits_demo_stages_on_a_tiny_model(tiny_llama_dir, word_corpus, tmp_path):
+    """Every stage of `nanosae demo --circuits` (the real one is measured in docs: ~15 minutes), on the tiny
+    model: a transcoder per layer, replacement scores, a feature database per layer, the traced graph; a second
+    call finds everything done."""
+    from nanosae.demo import CircuitsDemoConfig, run_circuits_demo
+
+    cfg = CircuitsDemoConfig(out=str(tmp_path / "c"), model=str(tiny_llama_dir), data=[str(word_corpus)],
+                             prompt="w5 w6 w7 w8 w9", tokens=2000, d_sae=32, k=4, feature_tokens=300,
+                             max_feature_nodes=20, context_size=16)
+    result = run_circuits_demo(cfg)
+    out = tmp_path / "c"
+    assert json.loads((out / "transcoders.json").read_text())["layers"] == {str(L): f"layer_{L}" for L in range(3)}
+    assert all((out / f"layer_{L}" / "features.db").exists() for L in range(3))
+    graph = json.loads((out / "graphs" / "demo.json").read_text())
+    assert graph["metadata"]["prompt"] == "w5 w6 w7 w8 w9" and graph["links"]
+    assert 0 <= result["info"]["replacement_score"] <= 1 and result["top_logits"]
+    again = run_circuits_demo(cfg)
+    assert set(again["seconds"]) <= {"load model", "features"}  # nothing recomputed

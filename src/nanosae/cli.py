@@ -377,6 +377,29 @@ def steer(prompt: str, sae: Path, feature: list[str], model: str | None = None, 
     console.print(table)
 
 
+def describe_node(n: dict[str, Any]) -> str:
+    """A graph node in a line: a token, a feature (layer, latent, position, explanation), an error, a logit."""
+    if n["feature_type"] == "embedding":
+        return repr(n["clerp"])
+    if n["feature_type"] == "logit":
+        return n["clerp"]
+    if n["feature_type"] == "mlp reconstruction error":
+        return f"error L{n['layer']}@{n['ctx_idx']}"
+    return f"L{n['layer']} #{n['node_id'].split('_')[1]}@{n['ctx_idx']}" + (f" {n['clerp']!r}" if n["clerp"] else "")
+
+
+def show_circuits(result: dict[str, Any]) -> None:
+    s, info = result["scores"], result["info"]
+    console.print(f"transcoders: every MLP replaced at once, CE-loss score {s['replacement_ce_score']:.3f}; "
+                  f"FVU by layer {min(s['fvu_by_layer'].values()):.2f}..{max(s['fvu_by_layer'].values()):.2f}")
+    console.print("top logits: " + ", ".join(result["top_logits"]))
+    console.print(f"graph: replacement score {info['replacement_score']:.3f}, completeness {info['completeness_score']:.3f}")
+    for score, path in result["paths"]:
+        console.print(f"{score:.3f}  " + " -> ".join(describe_node(n) for n in path))
+    console.print("time: " + " · ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()))
+    console.print(f"graph file: {result['graph']} (upload it to Neuronpedia, or: nanosae view {result['out']})")
+
+
 @app.command()
 def trace(
     prompt: str = typer.Argument(..., help="The text whose next token is traced."),
@@ -423,12 +446,8 @@ def trace(
     console.print(f"{graph.info['active_features']} active features ({graph.n_features} traced), "
                   f"kept {len(data['nodes'])} nodes and {len(data['links'])} edges; replacement score "
                   f"{info['replacement_score']:.3f}, completeness {info['completeness_score']:.3f}")
-    name = lambda n: {"embedding": lambda: f"{n['clerp']!r}", "logit": lambda: n["clerp"],
-                      "mlp reconstruction error": lambda: f"error L{n['layer']}@{n['ctx_idx']}"}.get(
-        n["feature_type"], lambda: f"L{n['layer']} #{n['node_id'].split('_')[1]}@{n['ctx_idx']}"
-                                   + (f" {n['clerp']!r}" if n["clerp"] else ""))()
     for score, path in strongest_paths(data, paths):
-        console.print(f"{score:.3f}  " + " -> ".join(name(n) for n in path))
+        console.print(f"{score:.3f}  " + " -> ".join(describe_node(n) for n in path))
     console.print(f"graph: {out}  (nanosae view {transcoders}; or upload the file to Neuronpedia)")
 
 
@@ -550,6 +569,8 @@ def export_neuronpedia_cmd(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes (an interrupted demo continues)."),
     quick: bool = typer.Option(False, help="A first look in a few minutes (fewer tokens everywhere)."),
+    circuits: bool = typer.Option(False, help="The second demo: transcoders for every layer, their feature databases "
+                                              "and a traced prompt (out defaults to runs/demo-circuits)."),
 ) -> None:
     """The whole path on SmolLM2 + Python's docs: collect, train, evaluate, features, explanations, steering."""
     from nanosae.demo import DemoConfig, run_demo
@@ -564,6 +585,17 @@ def demo(
             bars[stage] = TokenProgress(stage, total).__enter__()
         bars[stage].update(done, done / seconds if seconds > 0 else 0.0, total=total)
 
+    if circuits:
+        from nanosae.demo import CircuitsDemoConfig, run_circuits_demo
+
+        where = str(out) if out != Path("runs/demo") else CircuitsDemoConfig.out
+        try:
+            result = run_circuits_demo(CircuitsDemoConfig(out=where), progress=show)
+        finally:
+            for bar in bars.values():
+                bar.__exit__()
+        show_circuits(result)
+        return
     try:
         result = run_demo(DemoConfig(out=str(out), quick=quick), progress=show)
     finally:

@@ -162,3 +162,94 @@ def steering_example(model: Any, sae: Any, db: Any, features: list[dict[str, Any
     return {"feature": feature["id"], "explanation": feature["explanation"], "prompt": prompt, "strength": edit.value,
             "baseline": base.text, "steered": steered.text, "tokens": tokens, "probability_before": before,
             "probability_after": after}
+
+
+# ---- the second demo: circuits ----------------------------------------------------------------------------------
+CIRCUIT_PROMPT = "import os\n\nfor name in os.listdir(path):\n    full = os.path.join(path, name"
+
+
+@dataclass
+class CircuitsDemoConfig:
+    out: str = "runs/demo-circuits"
+    model: str = "smollm2-135m"
+    data: list[str] = field(default_factory=lambda: ["builtin:pydocs", "builtin:stdlib"])
+    prompt: str = CIRCUIT_PROMPT
+    """Traced: what drives the model to close the call's bracket."""
+    tokens: int = 120_000
+    """Training tokens, streamed once through the model for every transcoder at once."""
+    d_sae: int = 2048
+    k: int = 16
+    feature_tokens: int = 8192
+    """Tokens read for each layer's feature database."""
+    max_feature_nodes: int = 512
+    context_size: int = 256
+    """Token window of training, scoring and feature databases."""
+
+
+def run_circuits_demo(cfg: CircuitsDemoConfig, progress: StageProgress | None = None) -> dict[str, Any]:
+    """Transcoders for every layer from one stream, their replacement scores, a feature database with N2G
+    explanations per layer, and one traced prompt; stages already done are skipped (the run continues)."""
+    from nanosae.io import write_lock
+    from nanosae.models import keep_freed_memory
+
+    keep_freed_memory()
+    with write_lock(cfg.out):
+        return _run_circuits_demo(cfg, progress)
+
+
+def _run_circuits_demo(cfg: CircuitsDemoConfig, progress: StageProgress | None) -> dict[str, Any]:
+    from nanosae.interp import circuits as C
+    from nanosae.interp.explain import explain_n2g
+    from nanosae.interp.featuredb import explanations
+    from nanosae.interp.features import FeaturesConfig, build_features
+    from nanosae.io import read_json, write_json
+    from nanosae.models import load_model
+    from nanosae.train import train
+    from nanosae.train.sweep import transcoder_set
+
+    out = Path(cfg.out)
+    say = progress or (lambda *a: None)
+    seconds: dict[str, float] = {}
+    data = lambda split: DataConfig(specs=cfg.data, split=split, context_size=cfg.context_size)
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    with stage("load model"):
+        model = load_model(cfg.model)
+    layers = list(range(model.n_layers))
+    if not (out / C.MANIFEST).exists():
+        with stage("train"):
+            cfgs = transcoder_set({"model": cfg.model, "data": data("train"), "d_sae": cfg.d_sae, "k": cfg.k,
+                                   "tokens": cfg.tokens, "checkpoint_every": 0, "log_every": 5, "resume": True,
+                                   "out": str(out)}, layers)
+            train(cfgs, progress=lambda p: say("train", p.metrics["tokens"], cfg.tokens,
+                                               p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9)))
+            C.write_manifest(out, cfg.model, {L: f"layer_{L}" for L in layers})
+    _, tcs = C.load_transcoders(out)
+    if not (out / "replacement.json").exists():
+        with stage("score"):
+            write_json(out / "replacement.json", C.replacement_scores(model, tcs, data("eval")))
+    scores = read_json(out / "replacement.json")
+    with stage("features"):
+        for L in layers:
+            db = out / f"layer_{L}" / "features.db"
+            if not db.exists():
+                build_features(tcs[L], model, FeaturesConfig(data=data("train"), tokens=cfg.feature_tokens), db)
+                explain_n2g(db)
+            say("features", L + 1, len(layers), seconds.get("features", 0.0))
+    graph_file = out / "graphs" / "demo.json"
+    if not graph_file.exists():
+        with stage("trace"):
+            graph = C.attribute(model, tcs, cfg.prompt, max_feature_nodes=cfg.max_feature_nodes,
+                                progress=lambda d, t: say("trace", d, t, 0.0))
+            graph.transcoders = str(out)
+            labels = {(L, i): text for L in layers for i, text in explanations(out / f"layer_{L}").items()}
+            write_json(graph_file, C.to_neuronpedia(graph, slug="demo", n_layers=model.n_layers, labels=labels))
+    data = read_json(graph_file)
+    return {"out": str(out), "scores": scores, "graph": str(graph_file), "info": data["metadata"]["info"],
+            "top_logits": [n["clerp"] for n in data["nodes"] if n["feature_type"] == "logit"],
+            "paths": C.strongest_paths(data, 5), "seconds": seconds}
