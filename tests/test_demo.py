@@ -57,7 +57,7 @@ def test_circuits_demo_stages_on_a_tiny_model(tiny_llama_dir, word_corpus, tmp_p
     from nanosae.demo import CircuitsDemoConfig, run_circuits_demo
 
     cfg = CircuitsDemoConfig(out=str(tmp_path / "c"), model=str(tiny_llama_dir), data=[str(word_corpus)],
-                             prompt="w5 w6 w7 w8 w9", tokens=2000, d_sae=32, k=4, feature_tokens=300,
+                             prompt="w5 w6 w7 w8 w9", tokens=2000, d_sae=32, k=4, batch_size=250, feature_tokens=300,
                              max_feature_nodes=20, context_size=16)
     result = run_circuits_demo(cfg)
     out = tmp_path / "c"

@@ -98,10 +98,12 @@ def manual_frozen_llama(hf, tcs, clean):
     return f
 
 
-@pytest.mark.parametrize("skip", [False, True])
-def test_every_edge_is_the_jacobian_of_the_frozen_replacement_model(tiny_model, skip):
+@pytest.mark.parametrize("skip,skip_bos", [(False, True), (True, True), (False, False)])
+def test_every_edge_is_the_jacobian_of_the_frozen_replacement_model(tiny_model, skip, skip_bos):
+    """(skip: transcoders with a skip connection; skip_bos: the BOS position's features are constants, not nodes.)"""
     tcs = random_transcoders(tiny_model, skip=skip)
-    graph = C.attribute(tiny_model, tcs, TOKENS, batch_size=16)
+    graph = C.attribute(tiny_model, tcs, TOKENS, batch_size=16, skip_bos_features=skip_bos)
+    assert (graph.features[:, 1] == 0).any() != skip_bos
     clean = C.clean_pass(tiny_model, tcs, torch.tensor([TOKENS]))
     f = manual_frozen_llama(tiny_model.module, tcs, clean)
     layers = graph.layers

@@ -252,7 +252,7 @@ def _rows(model: HostModel, transcoders: dict[int, SAE], clean: CleanPass, targe
     inputs: dict[int, Tensor] = {}
     with torch.enable_grad(), frozen(model):
         written = {L: sparse_decode(tc, vals[L], features[mine[L], 1], features[mine[L], 2], T) + err[L]
-                   for L, tc in transcoders.items()}
+                   + _not_nodes(tc, clean.latents[L], features[mine[L]]) for L, tc in transcoders.items()}
         logits = replacement_forward(model, transcoders, clean.tokens.expand(nb, -1), emb, stop_at_layer=stop,
                                      mlp_inputs=inputs, written=written)
         values = []
@@ -277,18 +277,28 @@ def _rows(model: HostModel, transcoders: dict[int, SAE], clean: CleanPass, targe
     return torch.cat([feature_cols, error_cols.float(), token_cols.float()], 1).detach()
 
 
+def _not_nodes(tc: SAE, latents: Tensor, nodes: Tensor) -> Tensor:
+    """What the active features that are not graph nodes (the BOS position's) write: a constant of the pass."""
+    rest = latents.clone()
+    rest[nodes[:, 1], nodes[:, 2]] = 0
+    return (rest @ tc.W_dec).detach() / tc.output_factor()
+
+
 def attribute(model: HostModel, transcoders: dict[int, SAE], prompt: str | list[int], *, logit_probability: float = 0.95,
               max_logits: int = 10, max_feature_nodes: int | None = None, batch_size: int = 32,
-              progress: Any = None) -> Graph:
+              skip_bos_features: bool = True, progress: Any = None) -> Graph:
     """The attribution graph of a prompt (text, or token ids with BOS first) over the transcoders.
 
     max_feature_nodes: trace (compute the incoming edges of) at most this many features, chosen in rounds by
     their influence on the logits as estimated from the rows computed so far; the graph holds the traced
-    features (all active ones when None), and the others' effects are left out, as circuit-tracer does."""
+    features (all active ones when None), and the others' effects are left out, as circuit-tracer does.
+    skip_bos_features: leave out the features at the BOS position (the same on every prompt: the attention sink's
+    large-norm state, which otherwise heads every path); its token node stays."""
     tokens = [model.tokenizer.bos_id, *model.tokenizer.encode(prompt)] if isinstance(prompt, str) else list(prompt)
     clean = clean_pass(model, transcoders, torch.tensor([tokens]))
     layers = sorted(transcoders)
-    feats = [(L, p, i) for L in layers for p, i in clean.latents[L].nonzero().tolist()]
+    first = 1 if skip_bos_features and tokens[0] == model.tokenizer.bos_id else 0
+    feats = [(L, p, i) for L in layers for p, i in clean.latents[L].nonzero().tolist() if p >= first]
     features = torch.tensor(feats, dtype=torch.long).reshape(-1, 3)
     activations = torch.tensor([float(clean.latents[L][p, i]) for L, p, i in feats])
     logit_ids, logit_probs = top_logits(clean.logits[-1], logit_probability, max_logits)
