@@ -84,8 +84,13 @@ def test_graph_page_in_a_browser(graph_run):
             page.wait_for_selector("#graph-svg circle")
             assert page.locator("#graph-svg .edge").count() > 0
             assert page.locator("#graph-svg circle.embedding").count() == 6
+            page.fill("#shown-edges", "0")
+            assert page.locator("#graph-svg .edge").count() == 0
             page.click(f"circle[data-node-id='{node}']")
             page.wait_for_selector("#feature-explanation")
+            node_edges = [l for l in json.loads((graph_run / "graphs" / "tiny.json").read_text())["links"]
+                          if node in (l["source"], l["target"])]
+            assert page.locator("#graph-svg .edge.around").count() == len(node_edges) > 0
             assert page.inner_text("#feature-explanation") == "planted explanation"
             assert "/layer/1/#/feature/" in page.get_attribute("#feature-link", "href")
             page.click("#pin")

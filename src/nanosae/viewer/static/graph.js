@@ -62,12 +62,23 @@
       });
     }
     const picture = svg("svg", { width, height, id: "graph-svg" });
+    const edgeLayer = svg("g", { id: "edges" });
+    picture.append(edgeLayer);
     const maxW = Math.max(...graph.links.map((l) => Math.abs(l.weight)), 1e-9);
-    for (const l of graph.links) {
+    const strongest = [...graph.links].sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight));
+    const edgePath = (l, cls) => {
       const [x1, y1] = pos[l.source], [x2, y2] = pos[l.target];
-      picture.append(svg("path", { class: "edge", d: `M${x1},${y1} C${x1},${(y1 + y2) / 2} ${x2},${(y1 + y2) / 2} ${x2},${y2}`,
-        stroke: l.weight > 0 ? "#2b6cb0" : "#c53030", "stroke-width": 0.4 + 3.5 * Math.abs(l.weight) / maxW }));
-    }
+      return svg("path", { class: cls, d: `M${x1},${y1} C${x1},${(y1 + y2) / 2} ${x2},${(y1 + y2) / 2} ${x2},${y2}`,
+        stroke: l.weight > 0 ? "#2b6cb0" : "#c53030", "stroke-width": 0.4 + 3.5 * Math.abs(l.weight) / maxW });
+    };
+    // a graph keeps thousands of edges: the strongest are drawn, and every edge of the selected node
+    let shown = Math.min(400, strongest.length), selected = null;
+    const drawEdges = () => {
+      const around = selected ? graph.links.filter((l) => l.source === selected || l.target === selected) : [];
+      edgeLayer.replaceChildren(...strongest.slice(0, shown).map((l) => edgePath(l, "edge")),
+        ...around.map((l) => edgePath(l, "edge around")));
+    };
+    drawEdges();
     for (let r = 0; r < nRows; r++) {
       const label = r === 0 ? "emb" : r === nRows - 1 ? "logits" : "L" + (r - 1);
       const t = svg("text", { x: 4, y: height - bottom - r * rowH - rowH / 2 + 4, class: "layerlabel" });
@@ -145,6 +156,8 @@
     async function select(n) {
       for (const c of Object.values(circles)) c.classList.remove("selected");
       circles[n.node_id].classList.add("selected");
+      selected = n.node_id;
+      drawEdges();
       const pinButton = el("button", { id: "pin", text: pinned.has(n.node_id) ? "unpin" : "pin", onclick: async () => {
         pinned.has(n.node_id) ? pinned.delete(n.node_id) : pinned.add(n.node_id);
         paint();
@@ -172,7 +185,10 @@
     app.replaceChildren(
       el("h2", { text: meta.prompt }),
       el("p", { class: "muted", text: `replacement score ${fmt(info.replacement_score ?? NaN)} · completeness ${fmt(info.completeness_score ?? NaN)} · `
-        + `${graph.nodes.length} nodes, ${graph.links.length} edges (blue excites, red inhibits; width ∝ |weight|)` }),
+        + `${graph.nodes.length} nodes, ${graph.links.length} edges (blue excites, red inhibits; width ∝ |weight|) · drawn: the ` },
+        el("input", { id: "shown-edges", type: "number", min: 0, max: strongest.length, value: shown, style: "width: 5em",
+          oninput: (e) => { shown = Math.max(0, Math.min(strongest.length, Number(e.target.value) || 0)); drawEdges(); } }),
+        " strongest edges and every edge of the selected node"),
       el("div", { class: "graph-cols" }, el("div", { class: "graph-wrap" }, picture), el("div", { class: "side" }, detail, pinList)));
     renderPins();
   }
