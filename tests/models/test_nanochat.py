@@ -272,3 +272,16 @@ def test_replacement_model_with_error_nodes_equals_the_model(which, request):
         plain = model.forward(tokens)
     assert torch.allclose(logits, plain, atol=1e-4)
     assert any(e.abs().max() > 0.01 for e in clean.errors.values())
+
+
+def test_attribution_refuses_nanochat_in_one_line(current):
+    """Attribution freezes attention patterns and norms through Hugging Face's attention interface; nanochat's are
+    plain functions, so it is refused with a clear message (the replacement model itself is exact, above)."""
+    from nanosae.errors import ConfigError
+    from nanosae.interp import circuits as C
+    from tests.interp.test_circuits import random_transcoders
+
+    directory, _ = current
+    model = nanosae.load_model(f"nanochat:{directory}")
+    with pytest.raises(ConfigError, match="attribution needs a Hugging Face model"):
+        C.attribute(model, random_transcoders(model), [256, 5, 6, 7])
