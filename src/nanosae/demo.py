@@ -40,6 +40,16 @@ class DemoConfig:
         return {"collect": 200_000, "train": 600_000, "eval": 4_096, "features": 200_000}  # features: the whole store
 
 
+def stage_timer(seconds: dict[str, float]) -> Callable[[str], Any]:
+    """A context manager per stage name that adds the stage's wall time to seconds[name]."""
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+    return stage
+
+
 def run_demo(cfg: DemoConfig, progress: StageProgress | None = None) -> dict[str, Any]:
     """Run every stage; returns the metrics, five interesting features, a steering example and the seconds
     each stage took in this call (stages already done in an earlier call are skipped and not listed)."""
@@ -69,12 +79,7 @@ def _run_demo(cfg: DemoConfig, progress: StageProgress | None) -> dict[str, Any]
     run = RunDir(out)
     say = progress or (lambda *a: None)
     seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+    stage = stage_timer(seconds)
 
     with stage("load model"):
         model = load_model(cfg.model)
@@ -213,13 +218,8 @@ def _run_circuits_demo(cfg: CircuitsDemoConfig, progress: StageProgress | None) 
     out = Path(cfg.out)
     say = progress or (lambda *a: None)
     seconds: dict[str, float] = {}
+    stage = stage_timer(seconds)
     data = lambda split: DataConfig(specs=cfg.data, split=split, context_size=cfg.context_size)
-
-    @contextmanager
-    def stage(name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
 
     with stage("load model"):
         model = load_model(cfg.model)
