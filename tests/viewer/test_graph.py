@@ -109,3 +109,32 @@ def test_graph_page_in_a_browser(graph_run):
     finally:
         srv.should_exit = True
         thread.join(timeout=5)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")
+def test_static_export_of_the_graphs(graph_run, tmp_path):
+    """`view --export` on a transcoder set: the graph page from file://, feature explanations of its nodes,
+    pins kept in the browser."""
+    from playwright.sync_api import sync_playwright
+
+    from nanosae.viewer import export_static
+    from tests.viewer.test_browser import ARGS
+
+    site = export_static(graph_run, tmp_path / "site")
+    assert (site / "index.html").exists() and (site / "data" / "graphs.js").exists()
+    node = feature_node(graph_run)["node_id"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page, errors = open_page(browser, (site / "index.html").as_uri())
+        page.click("a[href*='slug=tiny']")
+        page.wait_for_selector("#graph-svg circle")
+        page.click(f"circle[data-node-id='{node}']")
+        page.wait_for_selector("#feature-explanation")
+        assert page.inner_text("#feature-explanation") == "planted explanation"
+        page.click("#pin")
+        page.wait_for_selector(f"circle.pinned[data-node-id='{node}']")
+        page.reload()
+        page.wait_for_selector(f"circle.pinned[data-node-id='{node}']")
+        assert errors == []
+        browser.close()
+    assert export_static(graph_run, site) == site  # an earlier export is replaced

@@ -296,14 +296,18 @@ def export_static(run: str | Path, out: str | Path) -> Path:
 
     `out` must be new, empty, or an earlier export whose files are all listed in its marker; the site is
     built beside it and swapped in, so a directory holding anything else is refused and never touched."""
-    data = ViewerData(run)
+    graph_set = is_transcoder_set(run)
+    data = None if graph_set else ViewerData(run)
     out = Path(out)
     with write_lock(out, directory=False):
         _check_export_target(out)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
         try:
             public_mode(tmp, directory=True)
-            _write_site(data, tmp)
+            if graph_set:
+                _write_graph_site(Path(run), tmp)
+            else:
+                _write_site(data, tmp)
             if out.exists():
                 old = tmp.with_suffix(".old")
                 os.replace(out, old)
@@ -372,6 +376,44 @@ def _packed(f: dict[str, Any], strings: dict[str, int]) -> dict[str, Any]:
                       *(x for p, a in enumerate(round(a * 1000) for a in e["acts"]) if a for x in (p, a))]
                      for e in f["examples"]]
     return f
+
+
+def _write_graph_site(run: Path, out: Path) -> None:
+    """A transcoder set's graphs as a static site: the graph page with every graph and, for their feature nodes,
+    the explanation and top logits from the layers' features.db (no model: pins stay in the browser, and
+    interventions need `nanosae view`)."""
+    import re
+
+    from nanosae.interp.circuits import read_json_graph
+
+    shutil.copytree(STATIC, out, dirs_exist_ok=True)
+    graphs = {p.stem: read_json_graph(p) for p in sorted((run / "graphs").glob("*.json")) if re.fullmatch(SLUG, p.stem)}
+    dbs: dict[int, ViewerData | None] = {}
+    features = {}
+    for graph in graphs.values():
+        for node in graph["nodes"]:
+            if node["feature_type"] != "cross layer transcoder":
+                continue
+            layer, latent = (int(v) for v in node["node_id"].split("_")[:2])
+            if layer not in dbs:
+                where = run / f"layer_{layer}"
+                dbs[layer] = ViewerData(where) if (where / "features.db").is_file() else None
+            if dbs[layer] is not None and f"{layer}_{latent}" not in features:
+                f = dbs[layer].feature(latent)
+                if f is not None:
+                    features[f"{layer}_{latent}"] = {"explanation": f["explanation"], "top_logits": f["top_logits"][:5]}
+    (out / "data").mkdir()
+    (out / "data" / "graphs.js").write_text(f"window.NANOSAE_GRAPHS = {_compact(graphs)};\n"
+                                            f"window.NANOSAE_GRAPH_FEATURES = {_compact(features)};\n")
+    page = (out / "graph.html").read_text().replace("<body>", '<body data-mode="static">')
+    page = page.replace('href="/style.css"', 'href="style.css"').replace('src="/graph.js"', 'src="data/graphs.js"></script>\n'
+                                                                                        '<script src="graph.js"')
+    page = page.replace('href="/" class="brand"', 'href="index.html" class="brand"').replace('<a href="/">graphs</a>',
+                                                                                          '<a href="index.html">graphs</a>')
+    (out / "index.html").write_text(page)
+    (out / "graph.html").write_text(page)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir())
+    (out / SITE_MARKER).write_text("".join(f + "\n" for f in files))
 
 
 def _write_site(data: ViewerData, out: Path) -> None:

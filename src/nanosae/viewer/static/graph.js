@@ -5,6 +5,9 @@
   const app = document.getElementById("app");
   const SVG = "http://www.w3.org/2000/svg";
   const slug = new URLSearchParams(location.search).get("slug");
+  // a static export (data-mode="static") reads data/graphs.js; pins and supernodes then live in this browser
+  const STATIC = document.body.dataset.mode === "static";
+  const pageOf = (g) => (STATIC ? "graph.html" : "/graph.html") + "?slug=" + encodeURIComponent(g);
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -22,17 +25,41 @@
     return node;
   }
   async function api(path, options) {
+    if (STATIC) return fromExport(path, options);
     const r = await fetch(path, options);
     const body = await r.json();
     if (!r.ok) throw new Error(body.detail || r.statusText);
     return body;
+  }
+  function fromExport(path, options) {
+    const graphs = window.NANOSAE_GRAPHS || {};
+    let m;
+    if (path === "/api/graphs") return { graphs: Object.keys(graphs).sort() };
+    if ((m = path.match(/^\/api\/graph\/([^/]+)\/qparams$/))) {
+      localStorage.setItem("nanosae-qparams-" + decodeURIComponent(m[1]), options.body);
+      return JSON.parse(options.body);
+    }
+    if ((m = path.match(/^\/api\/graph\/([^/]+)$/))) {
+      const name = decodeURIComponent(m[1]);
+      if (!graphs[name]) throw new Error("no graph " + name);
+      const graph = JSON.parse(JSON.stringify(graphs[name]));
+      const saved = localStorage.getItem("nanosae-qparams-" + name);
+      if (saved) Object.assign(graph.qParams, JSON.parse(saved));
+      return graph;
+    }
+    if ((m = path.match(/^\/api\/layer\/(\d+)\/feature\/(\d+)$/))) {
+      const f = (window.NANOSAE_GRAPH_FEATURES || {})[m[1] + "_" + m[2]];
+      if (!f) throw new Error("no feature page for this node in the export");
+      return f;
+    }
+    throw new Error("interventions need the model: run nanosae view on the transcoder set");
   }
   const fmt = (v) => (typeof v === "number" ? v.toPrecision(3) : String(v));
 
   async function listGraphs() {
     const { graphs } = await api("/api/graphs");
     app.replaceChildren(el("h2", { text: "attribution graphs" }),
-      graphs.length ? el("ul", {}, ...graphs.map((g) => el("li", {}, el("a", { href: "/graph.html?slug=" + encodeURIComponent(g), text: g }))))
+      graphs.length ? el("ul", {}, ...graphs.map((g) => el("li", {}, el("a", { href: pageOf(g), text: g }))))
         : el("p", { class: "muted", text: "no graphs yet: nanosae trace \"PROMPT\" --transcoders THIS_DIR" }));
   }
 
@@ -176,7 +203,8 @@
         const f = await api(`/api/layer/${layer}/feature/${latent}`);
         detail.append(el("p", { id: "feature-explanation", text: f.explanation || "(no explanation yet)" }),
           el("p", { class: "muted", text: "top logits: " + f.top_logits.slice(0, 5).map(([t]) => JSON.stringify(t)).join(" ") }),
-          el("a", { href: `/layer/${layer}/#/feature/${latent}`, id: "feature-link", text: "feature page (layer " + layer + ", #" + latent + ")" }));
+          STATIC ? "" : el("a", { href: `/layer/${layer}/#/feature/${latent}`, id: "feature-link",
+                                  text: "feature page (layer " + layer + ", #" + latent + ")" }));
       } catch (e) {
         detail.append(el("p", { class: "muted", id: "feature-explanation", text: e.message }));
       }
