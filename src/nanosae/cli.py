@@ -385,7 +385,9 @@ def describe_node(n: dict[str, Any]) -> str:
         return n["clerp"]
     if n["feature_type"] == "mlp reconstruction error":
         return f"error L{n['layer']}@{n['ctx_idx']}"
-    return f"L{n['layer']} #{n['node_id'].split('_')[1]}@{n['ctx_idx']}" + (f" {n['clerp']!r}" if n["clerp"] else "")
+    from nanosae.interp.circuits import node_key
+
+    return f"L{n['layer']} #{node_key(n['node_id'])[1]}@{n['ctx_idx']}" + (f" {n['clerp']!r}" if n["clerp"] else "")
 
 
 def show_circuits(result: dict[str, Any]) -> None:

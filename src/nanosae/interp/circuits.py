@@ -294,7 +294,7 @@ def attribute(model: HostModel, transcoders: dict[int, SAE], prompt: str | list[
     features (all active ones when None), and the others' effects are left out, as circuit-tracer does.
     skip_bos_features: leave out the features at the BOS position (the same on every prompt: the attention sink's
     large-norm state, which otherwise heads every path); its token node stays."""
-    tokens = [model.tokenizer.bos_id, *model.tokenizer.encode(prompt)] if isinstance(prompt, str) else list(prompt)
+    tokens = model.prompt_ids(prompt)
     clean = clean_pass(model, transcoders, torch.tensor([tokens]))
     layers = sorted(transcoders)
     first = 1 if skip_bos_features and tokens[0] == model.tokenizer.bos_id else 0
@@ -560,14 +560,19 @@ def replacement_scores(model: HostModel, transcoders: dict[int, SAE], data: Any,
 
 
 # ---- interventions: set or scale features, see what the model does -------------------------------------------
+def node_key(node_id: str) -> tuple[int, int, int]:
+    """(layer, latent, position) of a feature node id 'LAYER_LATENT_POS' (ValueError for anything else)."""
+    layer, latent, pos = (int(v) for v in node_id.split("_"))
+    return layer, latent, pos
+
+
 def parse_node_edit(text: str) -> tuple[tuple[int, int, int], str, float]:
     """'LAYER_LATENT_POS=V' sets a feature (a graph's node id), 'LAYER_LATENT_POS*F' scales it."""
     for op in ("=", "*"):
         if op in text:
             node, value = text.split(op, 1)
             try:
-                layer, latent, pos = (int(v) for v in node.split("_"))
-                return (layer, latent, pos), op, float(value)
+                return node_key(node), op, float(value)
             except ValueError:
                 break
     raise ConfigError(f"cannot read feature edit {text!r}; expected LAYER_LATENT_POS=VALUE or LAYER_LATENT_POS*FACTOR "
@@ -612,7 +617,7 @@ def intervene(model: HostModel, transcoders: dict[int, SAE], prompt: str | list[
               edits: list[tuple[tuple[int, int, int], str, float]], max_new_tokens: int = 20,
               top: int = 5) -> dict[str, Any]:
     """Top next-token probabilities and a greedy continuation, without and with the feature edits."""
-    tokens = [model.tokenizer.bos_id, *model.tokenizer.encode(prompt)] if isinstance(prompt, str) else list(prompt)
+    tokens = model.prompt_ids(prompt)
     ids = torch.tensor([tokens])
 
     def run() -> dict[str, Any]:

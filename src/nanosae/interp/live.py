@@ -196,7 +196,7 @@ def steer(model: HostModel, sae: SAE, edits: list[Edit], prompt: str | list[int]
 def next_token_probability(model: HostModel, sae: SAE, edits: list[Edit], prompt: str, token_ids: list[int]) -> float:
     """The probability mass the model puts on token_ids right after the prompt, with the edits applied: how
     a steering edit is measured, not only read."""
-    ids = torch.tensor([[model.tokenizer.bos_id, *model.tokenizer.encode(prompt)]])
+    ids = torch.tensor([model.prompt_ids(prompt)])
     with steering(model, sae, edits):
         logits = model.forward(ids)[0, -1].float()
     return float(logits.softmax(-1)[token_ids].sum())

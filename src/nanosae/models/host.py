@@ -214,6 +214,10 @@ class HostModel:
                     block.forward = old
 
     # ---- running ----------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A text prompt's token ids with BOS first; token ids are taken as they are."""
+        return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)] if isinstance(prompt, str) else list(prompt)
+
     def _as_tokens(self, tokens: Tensor | list) -> Tensor:
         t = torch.as_tensor(tokens, dtype=torch.long)
         if t.dim() == 1:
@@ -281,10 +285,7 @@ class HostModel:
         generated token at its own position (live tracking needs that).
         """
         GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, chat=chat)  # checks
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode_chat(prompt) if chat else [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
-        else:
-            ids = list(prompt)
+        ids = self.tokenizer.encode_chat(prompt) if chat and isinstance(prompt, str) else self.prompt_ids(prompt)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         cache = self._new_cache()
         logits, cache = self._logits_cached(self._as_tokens(ids), cache)

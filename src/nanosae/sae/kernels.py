@@ -56,6 +56,12 @@ class Selection:
         return F.embedding_bag(rows, dense_BD, crow[:-1], mode="sum", per_sample_weights=values[order])
 
 
+def by_row(rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int, n_latents: int) -> Selection:
+    """A Selection from (row, latent, value) entries sorted by row, any number per row (none included)."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    return Selection(rows, cols, torch.cumsum(counts, 0) - counts, vals, n_latents)
+
+
 def per_token(vals_Bk: Tensor, idx_Bk: Tensor, n_latents: int) -> Selection:
     """A Selection of exactly k latents per token, from topk's (values, indices)."""
     B, k = idx_Bk.shape
@@ -111,10 +117,7 @@ def select_batch_topk(pre_BF: Tensor, k: int) -> Selection:
     vals, flat = pre_BF.reshape(-1).topk(min(k * B, pre_BF.numel()), sorted=False)
     flat, order = flat.sort()
     vals = vals[order]
-    rows, cols = flat // Fdim, flat % Fdim
-    counts = torch.bincount(rows, minlength=B)
-    offsets = torch.cumsum(counts, 0) - counts
-    return Selection(rows, cols, offsets, vals, Fdim)
+    return by_row(flat // Fdim, flat % Fdim, vals, B, Fdim)
 
 
 class _SelectedPreacts(torch.autograd.Function):

@@ -116,9 +116,7 @@ def _mine(vals: Tensor, idx: Tensor, shards: Shards) -> kernels.Selection:
     cols = shards.cols
     mask = (idx >= cols.start) & (idx < cols.stop)
     rows, which = mask.nonzero(as_tuple=True)
-    counts = torch.bincount(rows, minlength=len(idx))
-    offsets = torch.cumsum(counts, 0) - counts
-    return kernels.Selection(rows, idx[rows, which] - cols.start, offsets, vals[rows, which], cols.stop - cols.start)
+    return kernels.by_row(rows, idx[rows, which] - cols.start, vals[rows, which], len(idx), cols.stop - cols.start)
 
 
 def _summed(partial: Tensor, shards: Shards) -> Tensor:

@@ -153,7 +153,7 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
         import torch
 
         host, sae = live.get()
-        ids = [host.tokenizer.bos_id, *host.tokenizer.encode(text)][:512]
+        ids = host.prompt_ids(text)[:512]
         _, cache = host.run_with_cache(torch.tensor([ids]), sae.cfg.input_hooks, return_logits=False)
         with torch.no_grad():
             z = sae.encode(sae.gather_input(cache))[0]
@@ -208,7 +208,7 @@ def _graph_app(app: Any, run: Path, model: str | None, host: str) -> Any:
     from fastapi.staticfiles import StaticFiles
 
     from nanosae.errors import NanosaeError
-    from nanosae.interp.circuits import intervene, load_transcoders, read_json_graph
+    from nanosae.interp.circuits import intervene, load_transcoders, node_key, read_json_graph
     from nanosae.io import write_json
     from nanosae.models import load_model
 
@@ -260,7 +260,7 @@ def _graph_app(app: Any, run: Path, model: str | None, host: str) -> Any:
         data = read_json_graph(graph_file(slug))
         nodes = {n["node_id"]: n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"}
         try:
-            parsed = [(tuple(int(v) for v in e["node_id"].split("_")), e["op"], float(e["value"])) for e in edits
+            parsed = [(node_key(e["node_id"]), e["op"], float(e["value"])) for e in edits
                       if e["node_id"] in nodes and e["op"] in ("=", "*")]
         except (KeyError, TypeError, ValueError):
             raise HTTPException(422, 'each edit is {"node_id": a feature node, "op": "=" | "*", "value": number}') from None
@@ -271,8 +271,7 @@ def _graph_app(app: Any, run: Path, model: str | None, host: str) -> Any:
                 spec, tcs = load_transcoders(run)
                 loaded.update(model=load_model(model or spec), tcs=tcs)
         try:
-            return intervene(loaded["model"], loaded["tcs"], data["metadata"]["prompt"],
-                             [((layer, latent, pos), op, v) for (layer, latent, pos), op, v in parsed],
+            return intervene(loaded["model"], loaded["tcs"], data["metadata"]["prompt"], parsed,
                              max_new_tokens=max_new_tokens)
         except NanosaeError as e:
             raise HTTPException(422, str(e)) from None
@@ -384,7 +383,7 @@ def _write_graph_site(run: Path, out: Path) -> None:
     interventions need `nanosae view`)."""
     import re
 
-    from nanosae.interp.circuits import read_json_graph
+    from nanosae.interp.circuits import node_key, read_json_graph
 
     shutil.copytree(STATIC, out, dirs_exist_ok=True)
     graphs = {p.stem: read_json_graph(p) for p in sorted((run / "graphs").glob("*.json")) if re.fullmatch(SLUG, p.stem)}
@@ -394,7 +393,7 @@ def _write_graph_site(run: Path, out: Path) -> None:
         for node in graph["nodes"]:
             if node["feature_type"] != "cross layer transcoder":
                 continue
-            layer, latent = (int(v) for v in node["node_id"].split("_")[:2])
+            layer, latent, _ = node_key(node["node_id"])
             if layer not in dbs:
                 where = run / f"layer_{layer}"
                 dbs[layer] = ViewerData(where) if (where / "features.db").is_file() else None
