@@ -169,7 +169,7 @@ def transcoder_set(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
     con.execute("UPDATE latents SET explanation = 'planted explanation'")
     con.commit()
     con.close()
-    graph = C.attribute(tiny_model, tcs, [0, 5, 9, 13, 22, 7])
+    graph = C.attribute(tiny_model, C.TranscoderSet(tcs), [0, 5, 9, 13, 22, 7])
     graph.transcoders = str(run)
     (run / "graphs").mkdir()
     (run / "graphs" / "tiny.json").write_text(json.dumps(C.to_neuronpedia(graph, slug="tiny", node_share=1.0,

@@ -3,6 +3,7 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 import nanosae
@@ -159,17 +160,26 @@ def test_every_option_has_help_and_the_configs_are_the_flags():
     assert r.exit_code == 0 and r.output.startswith("nanosae ")
 
 
-def test_train_a_transcoder_set_then_trace(tiny_llama_dir, word_corpus, tmp_path):
-    """train --transcoders all: one transcoder per layer from one stream, a manifest; trace: a graph file in
-    Neuronpedia's layout, its scores and paths printed, never overwritten."""
+@pytest.mark.parametrize("cross_layer", [False, True])
+def test_train_a_transcoder_set_then_trace(tiny_llama_dir, word_corpus, tmp_path, cross_layer):
+    """train --transcoders all: one transcoder per layer from one stream (--cross-layer: also writing to every
+    later MLP), a manifest; trace: a graph file in Neuronpedia's layout, its scores and paths printed, never
+    overwritten; intervene from a graph node."""
+    from nanosae.interp.circuits import load_transcoders
+
     runner = CliRunner()
     run = tmp_path / "tcs"
     trained = runner.invoke(app, ["train", "--transcoders", "all", "--model", str(tiny_llama_dir), "--data",
                                   str(word_corpus), "--context-size", "16", "--d-sae", "64", "--k", "4", "--tokens", "2k",
-                                  "--batch-size", "250", "--out", str(run), "--lr", "0.003", "--skip-connection"])
+                                  "--batch-size", "250", "--out", str(run), "--lr", "0.003", "--skip-connection"]
+                            + ["--cross-layer"] * cross_layer)
     assert trained.exit_code == 0, trained.output
     manifest = json.loads((run / "transcoders.json").read_text())
     assert manifest["model"] == str(tiny_llama_dir) and manifest["layers"] == {str(L): f"layer_{L}" for L in range(3)}
+    assert manifest["cross_layer"] == cross_layer
+    later = load_transcoders(run)[1].later
+    assert set(later) == ({0, 1} if cross_layer else set())
+    assert all(rows.shape == (64, 2 - L, 32) and rows.abs().sum() > 0 for L, rows in later.items())  # learned, not 0
     for layer in range(3):
         tc = SAE.load(run / f"layer_{layer}" / "sae")
         assert (tc.cfg.hook_name, tc.cfg.hook_name_out) == (f"blocks.{layer}.ln2.hook_normalized",

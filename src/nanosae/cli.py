@@ -208,19 +208,18 @@ def train(crosscoder: bool = False, transcoders: str | None = None, **given: Any
         console.print(f"saved {result.run_dir / 'sae'}  (fvu {m.get('fvu', float('nan')):.4f}, "
                       f"l0 {m.get('l0', float('nan')):.1f}, dead {m.get('dead_fraction', 0):.2%})")
     if transcoders:
-        from nanosae.interp.circuits import write_manifest
-
-        from nanosae.interp.circuits import load_transcoders, replacement_scores
+        from nanosae.interp.circuits import load_transcoders, replacement_scores, write_manifest
         from nanosae.io import write_json
         from nanosae.models import load_model
 
         run = Path(cfgs[0].out).parent
-        write_manifest(run, cfgs[0].source.model, {layer: f"layer_{layer}" for layer in layers})
+        write_manifest(run, cfgs[0].source.model, {layer: f"layer_{layer}" for layer in layers}, cfgs[0].sae.cross_layer)
         spec, tcs = load_transcoders(run, cfgs[0].device)
         data = dataclasses.replace(cfgs[0].source.data, split="eval")
         scores = replacement_scores(load_model(spec, device=cfgs[0].device), tcs, data)
         write_json(run / "replacement.json", scores)
-        console.print(f"transcoder set: {run}; every MLP replaced at once: CE-loss score "
+        kind = "cross-layer transcoder" if cfgs[0].sae.cross_layer else "transcoder set"
+        console.print(f"{kind}: {run}; every MLP replaced at once: CE-loss score "
                       f"{scores['replacement_ce_score']:.3f} (CE {scores['ce_loss_clean']:.3f} clean, "
                       f"{scores['ce_loss_replaced']:.3f} replaced, {scores['ce_loss_mlps_zeroed']:.3f} MLPs zeroed); "
                       f"FVU by layer " + " ".join(f"{v:.2f}" for v in scores["fvu_by_layer"].values()))

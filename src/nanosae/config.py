@@ -417,6 +417,8 @@ class DictionaryConfig:
     """layer_norm: centre each input and divide by its std, undone on output (OpenAI's TopK SAEs)."""
     skip_connection: bool = False
     """Transcoder: also learn a linear skip map W_skip from input to output."""
+    cross_layer: bool = False
+    """With --transcoders: cross-layer transcoders, each layer's features also writing to every later MLP output."""
 
     def __post_init__(self) -> None:
         check_fields(self)

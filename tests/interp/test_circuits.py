@@ -12,9 +12,10 @@ from nanosae.interp import circuits as C
 TOKENS = [0, 5, 9, 13, 22, 7, 41]
 
 
-def random_transcoders(model, d_sae=48, k=4, skip=False):
+def random_transcoders(model, d_sae=48, k=4, skip=False, cross_layer=False):
+    """Random TopK transcoders at every layer; cross_layer: with decoders to every later layer too."""
     torch.manual_seed(1)
-    tcs = {}
+    tcs = C.TranscoderSet({})
     for layer in range(model.n_layers):
         read, write = C.mlp_hooks(layer)
         tc = SAE(SAEConfig(d_in=model.d_model, d_sae=d_sae, architecture="topk", k=k, hook_name=read, hook_name_out=write,
@@ -24,13 +25,25 @@ def random_transcoders(model, d_sae=48, k=4, skip=False):
             tc.b_enc.normal_(std=0.1)
             if skip:
                 tc.W_skip.normal_(std=0.05)
-        tcs[layer] = tc.eval()
+        tcs.by_layer[layer] = tc.eval()
+        if cross_layer and layer < model.n_layers - 1:
+            tcs.later[layer] = 0.2 * torch.randn(d_sae, model.n_layers - 1 - layer, model.d_model)
     return tcs
 
 
-@pytest.mark.parametrize("skip", [False, True])
-def test_replacement_model_with_error_nodes_equals_the_model(tiny_model, skip):
-    tcs = random_transcoders(tiny_model, skip=skip)
+def cross_layer_output(tcs, L, lat, x):
+    """Layer L's replacement MLP output written out densely: its own transcoder's output plus every earlier
+    layer's latents times its decoder to L, in L's output units."""
+    out = tcs[L].decode(lat[L]) + C.skip_term(tcs[L], x)
+    for i in tcs.later:
+        if i < L:
+            out = out + lat[i] @ tcs.later[i][:, L - i - 1] / tcs[L].output_factor()
+    return out
+
+
+@pytest.mark.parametrize("skip,cross_layer", [(False, False), (True, False), (False, True)])
+def test_replacement_model_with_error_nodes_equals_the_model(tiny_model, skip, cross_layer):
+    tcs = random_transcoders(tiny_model, skip=skip, cross_layer=cross_layer)
     clean = C.clean_pass(tiny_model, tcs, torch.tensor([TOKENS]))
     with torch.no_grad():
         logits = C.replacement_forward(tiny_model, tcs, clean.tokens, clean.embeddings[None],
@@ -93,15 +106,17 @@ def manual_frozen_llama(hf, tcs, clean):
             h = h + attention(layer, layer.input_layernorm.weight * h * r1, pattern)[0]
             x = layer.post_attention_layernorm.weight * h * r2
             inputs.append(x[0])
-            h = h + C.transcoder_output(tcs[L], lat[L][None], x) + err[L][None]
+            h = h + cross_layer_output(tcs, L, [z[None] for z in lat], x) + err[L][None]
         return inputs, hf.lm_head(hf.model.norm.weight * h * rf)[0]
     return f
 
 
-@pytest.mark.parametrize("skip,skip_bos", [(False, True), (True, True), (False, False)])
-def test_every_edge_is_the_jacobian_of_the_frozen_replacement_model(tiny_model, skip, skip_bos):
-    """(skip: transcoders with a skip connection; skip_bos: the BOS position's features are constants, not nodes.)"""
-    tcs = random_transcoders(tiny_model, skip=skip)
+@pytest.mark.parametrize("skip,skip_bos,cross_layer", [(False, True, False), (True, True, False), (False, False, False),
+                                                       (True, True, True)])
+def test_every_edge_is_the_jacobian_of_the_frozen_replacement_model(tiny_model, skip, skip_bos, cross_layer):
+    """(skip: transcoders with a skip connection; skip_bos: the BOS position's features are constants, not nodes;
+    cross_layer: every layer's features also write to every later MLP.)"""
+    tcs = random_transcoders(tiny_model, skip=skip, cross_layer=cross_layer)
     graph = C.attribute(tiny_model, tcs, TOKENS, batch_size=16, skip_bos_features=skip_bos)
     assert (graph.features[:, 1] == 0).any() != skip_bos
     clean = C.clean_pass(tiny_model, tcs, torch.tensor([TOKENS]))
@@ -223,7 +238,7 @@ def test_replacement_scores_against_direct_computations(tiny_model, word_corpus)
     tcs = random_transcoders(tiny_model)
     zero = random_transcoders(tiny_model)
     with torch.no_grad():
-        for tc in zero.values():
+        for tc in zero.by_layer.values():
             tc.W_dec.zero_()
             tc.b_dec.zero_()
     batch = next(token_batches(iter_documents(data), tiny_model.tokenizer, 16, 8))
@@ -238,6 +253,44 @@ def test_replacement_scores_against_direct_computations(tiny_model, word_corpus)
     assert z["replacement_ce_score"] == pytest.approx(0.0, abs=1e-5)
     assert all(v >= 1.0 for v in z["fvu_by_layer"].values())  # predicting 0: error = Σy² >= variance
     assert r["ce_loss_replaced"] != pytest.approx(r["ce_loss_clean"])
+
+
+def test_cross_layer_replacement_scores_against_a_hand_written_replacement(tiny_model, word_corpus):
+    """Every MLP replaced by the dense cross-layer formula, in hooks written here: the same CE and FVUs."""
+    import torch.nn.functional as F
+
+    from nanosae import DataConfig
+    from nanosae.data import iter_documents, token_batches
+
+    data = DataConfig(specs=[str(word_corpus)], context_size=16, split="eval")
+    tcs = random_transcoders(tiny_model, cross_layer=True, skip=True)
+    batch = next(token_batches(iter_documents(data), tiny_model.tokenizer, 16, 8))
+    r = C.replacement_scores(tiny_model, tcs, data, tokens=int(batch.valid.sum()), batch_size=8)
+    keep = batch.valid[:, :-1] & batch.valid[:, 1:]
+    lat, seen = {}, {}
+
+    def read(L):
+        def fn(x):
+            seen[L], lat[L] = x, tcs[L].encode(x)
+        return fn
+    hooks = {}
+    for L in range(tiny_model.n_layers):
+        hooks[C.mlp_hooks(L)[0]] = read(L)
+        hooks[C.mlp_hooks(L)[1]] = lambda y, L=L: cross_layer_output(tcs, L, lat, seen[L])
+    with torch.no_grad(), tiny_model.hooks(hooks):
+        logits = tiny_model.forward(batch.tokens)
+    replaced = F.cross_entropy(logits[:, :-1][keep], batch.tokens[:, 1:][keep])
+    assert r["ce_loss_replaced"] == pytest.approx(float(replaced), rel=1e-5)
+    # FVU of each layer's output on the clean model's activations, the earlier layers' latents included
+    names = [h for L in range(tiny_model.n_layers) for h in C.mlp_hooks(L)]
+    _, cache = tiny_model.run_with_cache(batch.tokens, names)
+    with torch.no_grad():
+        clean_lat = {L: tcs[L].encode(cache[C.mlp_hooks(L)[0]][batch.valid]) for L in range(tiny_model.n_layers)}
+    for L in range(tiny_model.n_layers):
+        x, y = (cache[h][batch.valid] for h in C.mlp_hooks(L))
+        with torch.no_grad():
+            err = (cross_layer_output(tcs, L, clean_lat, x) - y).pow(2).sum()
+        assert r["fvu_by_layer"][str(L)] == pytest.approx(float(err / (y - y.mean(0)).pow(2).sum()), rel=1e-4)
 
 
 def test_feature_edits_add_the_decoder_direction_at_that_place_only(tiny_model):
@@ -262,3 +315,33 @@ def test_feature_edits_add_the_decoder_direction_at_that_place_only(tiny_model):
         C.parse_node_edit("12-3")
     assert C.parse_node_edit("12_345_5=0") == ((12, 345, 5), "=", 0.0)
     assert C.parse_node_edit("3_7_2*-1.5") == ((3, 7, 2), "*", -1.5)
+
+
+def test_cross_layer_feature_edits_move_every_mlp_the_feature_writes_to(tiny_model):
+    tcs = random_transcoders(tiny_model, cross_layer=True)
+    ids = torch.tensor([TOKENS])
+    clean = C.clean_pass(tiny_model, tcs, ids)
+    pos = 3
+    latent = int(clean.latents[0][pos].argmax())
+    outs = [C.mlp_hooks(L)[1] for L in range(tiny_model.n_layers)]
+    # the later MLPs' outputs would move anyway (the residual changes): read the change at each MLP as its
+    # output minus what the unedited MLP computes from its (changed) input, i.e. what the edit added there
+    def added(edits):
+        got = {}
+        hooks = {}
+        for L in range(tiny_model.n_layers):
+            read, write = C.mlp_hooks(L)
+            mlp = tiny_model.module.model.layers[L].mlp
+            hooks[read] = lambda x, L=L: got.__setitem__(("in", L), x)
+            hooks[write] = lambda y, L=L, mlp=mlp: got.__setitem__(  # the MLP by hand: its own hook would recurse
+                L, y - mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(got[("in", L)])) * mlp.up_proj(got[("in", L)])))
+        with C.feature_edits(tiny_model, tcs, ids, edits), tiny_model.hooks(hooks):
+            tiny_model.forward(ids)
+        return got
+    moved = added([((0, latent, pos), "*", 3.0)])
+    old = float(clean.latents[0][pos, latent])
+    for L in range(tiny_model.n_layers):
+        expected = (2.0 * old * (tcs[0].W_dec[latent] if L == 0 else tcs.later[0][latent, L - 1])
+                    / tcs[L].output_factor())
+        assert torch.allclose(moved[L][0, pos], expected.detach(), atol=1e-4)
+        assert moved[L][0, torch.arange(len(TOKENS)) != pos].abs().max() < 1e-5

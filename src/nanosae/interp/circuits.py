@@ -1,4 +1,5 @@
-"""Circuits: attribution graphs over per-layer transcoders (Ameisen et al. 2025, "Circuit Tracing"), on one machine.
+"""Circuits: attribution graphs over per-layer or cross-layer transcoders (Ameisen et al. 2025, "Circuit Tracing"), on
+one machine.
 
 The replacement model runs the host model with every MLP's output replaced by its transcoder's output plus an
 error node (what the transcoder misses on this prompt), so its logits equal the model's. Freezing the attention
@@ -37,31 +38,98 @@ def mlp_hooks(layer: int) -> tuple[str, str]:
     return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
 
 
-# ---- a set of transcoders, one per layer --------------------------------------------------------------------
-def write_manifest(run: Path, model: str, layers: dict[int, str]) -> None:
-    """RUN/transcoders.json: the model and, per layer, the run directory (relative to RUN) holding its transcoder."""
-    write_json(run / MANIFEST, {"model": model, "layers": {str(k): v for k, v in sorted(layers.items())}})
+# ---- a set of transcoders: one per layer, or cross-layer ----------------------------------------------------
+@dataclass
+class TranscoderSet:
+    """Each layer's transcoder (encoder, own decoder, skip) and, for a cross-layer transcoder, each layer's
+    decoders to the later layers of the set: later[L] (d_sae, n_later, d_model) in the later layers' normalised
+    output units. Layer j's MLP is replaced by Σ_{i<=j} z_i·W_dec(i->j) + b_dec_j (+ skip)."""
+
+    by_layer: dict[int, SAE]
+    later: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.by_layer)
+
+    @property
+    def cross_layer(self) -> bool:
+        return bool(self.later)
+
+    def __getitem__(self, layer: int) -> SAE:
+        return self.by_layer[layer]
+
+    def __contains__(self, layer: int) -> bool:
+        return layer in self.by_layer
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.by_layer)
+
+    def items(self) -> list[tuple[int, SAE]]:
+        return [(layer, self.by_layer[layer]) for layer in self.layers]
+
+    def writers(self, target: int) -> list[int]:
+        """The layers whose features write to `target`'s MLP output (itself, and earlier ones if cross-layer)."""
+        return [i for i in self.layers if i == target or (i < target and i in self.later)]
+
+    def targets(self, layer: int) -> list[int]:
+        """The MLP outputs `layer`'s features write to."""
+        return [j for j in self.layers if layer in self.writers(j)]
+
+    def rows(self, source: int, target: int, latents: Tensor | None = None) -> Tensor:
+        """The decoder rows of `source`'s features (all, or those latents) into `target`'s MLP output, in the
+        model's units."""
+        tc = self.by_layer[target]
+        if source == target:
+            rows = tc.W_dec
+        else:
+            rows = self.later[source][:, self.layers.index(target) - self.layers.index(source) - 1]
+        return (rows if latents is None else rows[latents]) / tc.output_factor()
+
+    def decode(self, target: int, latents: dict[int, Tensor]) -> Tensor:
+        """What the features write to `target`'s MLP output (b_dec included, the skip term not)."""
+        out = self.by_layer[target].decode(latents[target])
+        for i in self.writers(target):
+            if i != target:
+                out = out + (latents[i] @ self.rows(i, target)).to(out.dtype)
+        return out
+
+    def output(self, target: int, latents: dict[int, Tensor], x: Tensor) -> Tensor:
+        """The replacement of `target`'s MLP output, given the latents of every layer up to it and its MLP input x."""
+        return self.decode(target, latents) + skip_term(self.by_layer[target], x)
 
 
-def load_transcoders(run: str | Path, device: str = "cpu") -> tuple[str, dict[int, SAE]]:
-    """(model spec, {layer: transcoder}) from a run directory made by `train --transcoders`."""
+def write_manifest(run: Path, model: str, layers: dict[int, str], cross_layer: bool = False) -> None:
+    """RUN/transcoders.json: the model, whether the set is cross-layer, and per layer the run directory
+    (relative to RUN) holding its transcoder."""
+    write_json(run / MANIFEST, {"model": model, "cross_layer": cross_layer,
+                                "layers": {str(k): v for k, v in sorted(layers.items())}})
+
+
+def load_transcoders(run: str | Path, device: str = "cpu") -> tuple[str, TranscoderSet]:
+    """(model spec, the set) from a run directory made by `train --transcoders`."""
+    from nanosae.train.cross_layer import load_later
+
     run = Path(run)
     if not (run / MANIFEST).exists():
         raise FormatError(f"{run}: no {MANIFEST} (train a set with `nanosae train --transcoders all --out {run}`)")
     manifest = read_json(run / MANIFEST)
-    out = {}
+    tset = TranscoderSet({})
     for layer, where in manifest["layers"].items():
         tc = SAE.load(run / where / "sae", device=device)
         if (tc.cfg.hook_name, tc.cfg.hook_name_out) != mlp_hooks(int(layer)):
             raise FormatError(f"{run / where}: reads {tc.cfg.hook_name} and writes {tc.cfg.hook_name_out}, expected "
                               f"{' -> '.join(mlp_hooks(int(layer)))}")
-        out[int(layer)] = tc.eval()
-    return manifest["model"], out
-
-
-def transcoder_output(tc: SAE, z: Tensor, x: Tensor) -> Tensor:
-    """What the transcoder writes for latents z (its skip term from input x included), in the model's units."""
-    return tc.decode(z) + skip_term(tc, x)
+        tset.by_layer[int(layer)] = tc.eval()
+    if manifest.get("cross_layer"):
+        for layer in tset.layers[:-1]:
+            tc = tset[layer]
+            later = [j for j in tset.layers if j > layer]
+            tset.later[layer] = load_later(run / manifest["layers"][str(layer)], later, tc.cfg.d_sae, tc.cfg.d_out, device)
+    return manifest["model"], tset
 
 
 def skip_term(tc: SAE, x: Tensor) -> Tensor | float:
@@ -71,13 +139,12 @@ def skip_term(tc: SAE, x: Tensor) -> Tensor | float:
     return tc._denormalize(tc._skip(tc._normalize(tc._check(x))[0]), None)
 
 
-def sparse_decode(tc: SAE, values: Tensor, positions: Tensor, latents: Tensor, n_pos: int) -> Tensor:
-    """tc.decode of latents given as their active entries: values (batch, n) at (positions, latents), so a
-    gradient reaches only the active features (a dense (batch, T, d_sae) decode costs d_sae/k times more)."""
-    rows = tc.W_dec[latents]
+def placed(rows: Tensor, values: Tensor, positions: Tensor, n_pos: int) -> Tensor:
+    """Σ values·rows at their positions: (batch, n) values of n features at `positions`, their decoder rows
+    (n, d_model); the gradient reaches only the active features (a dense (batch, T, d_sae) decode costs d_sae/k
+    times more)."""
     out = torch.zeros(values.shape[0], n_pos, rows.shape[1], dtype=rows.dtype, device=rows.device)
-    out = out.index_add(1, positions, values[..., None].to(rows.dtype) * rows)
-    return (out + tc.b_dec) / tc.output_factor()
+    return out.index_add(1, positions, values[..., None].to(rows.dtype) * rows)
 
 
 # ---- the clean pass and the replacement model -----------------------------------------------------------------
@@ -91,27 +158,28 @@ class CleanPass:
 
 
 @torch.no_grad()
-def clean_pass(model: HostModel, transcoders: dict[int, SAE], tokens: Tensor) -> CleanPass:
+def clean_pass(model: HostModel, transcoders: TranscoderSet, tokens: Tensor) -> CleanPass:
     names = ["blocks.0.hook_resid_pre"] + [h for layer in transcoders for h in mlp_hooks(layer)]
     logits, cache = model.run_with_cache(tokens, names)
     latents, errors = {}, {}
     for layer, tc in transcoders.items():
+        latents[layer] = tc.encode(cache[mlp_hooks(layer)[0]][0])
+    for layer in transcoders.layers:
         x, y = (cache[h][0] for h in mlp_hooks(layer))
-        latents[layer] = tc.encode(x)
-        errors[layer] = y - transcoder_output(tc, latents[layer], x).to(y.dtype)
+        errors[layer] = y - transcoders.output(layer, latents, x).to(y.dtype)
     return CleanPass(model._as_tokens(tokens), logits[0], cache["blocks.0.hook_resid_pre"][0], latents, errors)
 
 
-def replacement_forward(model: HostModel, transcoders: dict[int, SAE], tokens: Tensor, embeddings: Tensor,
+def replacement_forward(model: HostModel, transcoders: TranscoderSet, tokens: Tensor, embeddings: Tensor,
                         latents: dict[int, Tensor] | None = None, errors: dict[int, Tensor] | None = None,
                         stop_at_layer: int | None = None, mlp_inputs: dict[int, Tensor] | None = None,
                         written: dict[int, Tensor] | None = None) -> Tensor | None:
     """The model with block 0's input set to `embeddings` and each transcoder layer's MLP output replaced by
-    transcoder_output(latents) + errors (batched like tokens); or, with `written`, by written[L] plus the skip
+    the set's output for those latents plus errors (batched like tokens); or, with `written`, by written[L] plus the skip
     term. Returns the logits (None when stopped early); mlp_inputs receives each layer's MLP input."""
     seen: dict[int, Tensor] = {} if mlp_inputs is None else mlp_inputs
     if written is None:
-        written = {L: tc.decode(latents[L]) + errors[L] for L, tc in transcoders.items()}
+        written = {L: transcoders.decode(L, latents) + errors[L] for L in transcoders.layers}
     hooks: dict[str, Any] = {"blocks.0.hook_resid_pre": lambda _: embeddings}
     for layer, tc in transcoders.items():
         read, write = mlp_hooks(layer)
@@ -238,7 +306,7 @@ def top_logits(logits: Tensor, probability: float = 0.95, at_most: int = 10) -> 
     return ids[:n].tolist(), values[:n].tolist()
 
 
-def _rows(model: HostModel, transcoders: dict[int, SAE], clean: CleanPass, targets: list[tuple[str, int, int, int]],
+def _rows(model: HostModel, transcoders: TranscoderSet, clean: CleanPass, targets: list[tuple[str, int, int, int]],
           features: Tensor, activations: Tensor, layers: list[int]) -> Tensor:
     """Rows of the adjacency for targets ("feature", layer, pos, latent) or ("logit", -1, pos, token id), over the
     sources [every active feature, error nodes, tokens]: one batched frozen forward and backward, a copy of the
@@ -251,8 +319,7 @@ def _rows(model: HostModel, transcoders: dict[int, SAE], clean: CleanPass, targe
     vals = {L: activations[mine[L]].expand(nb, -1).clone().requires_grad_(True) for L in layers}
     inputs: dict[int, Tensor] = {}
     with torch.enable_grad(), frozen(model):
-        written = {L: sparse_decode(tc, vals[L], features[mine[L], 1], features[mine[L], 2], T) + err[L]
-                   + _not_nodes(tc, clean.latents[L], features[mine[L]]) for L, tc in transcoders.items()}
+        written = {L: _written(transcoders, L, vals, features, mine, clean.latents, T) + err[L] for L in layers}
         logits = replacement_forward(model, transcoders, clean.tokens.expand(nb, -1), emb, stop_at_layer=stop,
                                      mlp_inputs=inputs, written=written)
         values = []
@@ -277,14 +344,24 @@ def _rows(model: HostModel, transcoders: dict[int, SAE], clean: CleanPass, targe
     return torch.cat([feature_cols, error_cols.float(), token_cols.float()], 1).detach()
 
 
-def _not_nodes(tc: SAE, latents: Tensor, nodes: Tensor) -> Tensor:
-    """What the active features that are not graph nodes (the BOS position's) write: a constant of the pass."""
-    rest = latents.clone()
-    rest[nodes[:, 1], nodes[:, 2]] = 0
-    return (rest @ tc.W_dec).detach() / tc.output_factor()
+def _written(tset: TranscoderSet, target: int, vals: dict[int, Tensor], features: Tensor, mine: dict[int, Tensor],
+             latents: dict[int, Tensor], n_pos: int) -> Tensor:
+    """What the features write to `target`'s MLP output: the graph's features from their value leaves vals[L]
+    (batch, n) (a sparse decode, so gradients reach only them), plus the active features that are not graph
+    nodes (the BOS position's) as a constant of the pass, plus b_dec."""
+    tc = tset[target]
+    out = tc.b_dec / tc.output_factor()
+    for i in tset.writers(target):
+        nodes = features[mine[i]]
+        rest = latents[i].clone()
+        rest[nodes[:, 1], nodes[:, 2]] = 0
+        pos, latent = rest.nonzero(as_tuple=True)
+        out = out + placed(tset.rows(i, target, nodes[:, 2]), vals[i], nodes[:, 1], n_pos)
+        out = out + placed(tset.rows(i, target, latent), rest[pos, latent][None], pos, n_pos).detach()
+    return out
 
 
-def attribute(model: HostModel, transcoders: dict[int, SAE], prompt: str | list[int], *, logit_probability: float = 0.95,
+def attribute(model: HostModel, transcoders: TranscoderSet, prompt: str | list[int], *, logit_probability: float = 0.95,
               max_logits: int = 10, max_feature_nodes: int | None = None, batch_size: int = 32,
               skip_bos_features: bool = True, progress: Any = None) -> Graph:
     """The attribution graph of a prompt (text, or token ids with BOS first) over the transcoders.
@@ -296,7 +373,7 @@ def attribute(model: HostModel, transcoders: dict[int, SAE], prompt: str | list[
     large-norm state, which otherwise heads every path); its token node stays."""
     tokens = model.prompt_ids(prompt)
     clean = clean_pass(model, transcoders, torch.tensor([tokens]))
-    layers = sorted(transcoders)
+    layers = transcoders.layers
     first = 1 if skip_bos_features and tokens[0] == model.tokenizer.bos_id else 0
     feats = [(L, p, i) for L in layers for p, i in clean.latents[L].nonzero().tolist() if p >= first]
     features = torch.tensor(feats, dtype=torch.long).reshape(-1, 3)
@@ -507,7 +584,7 @@ def strongest_paths(graph_json: dict[str, Any], n: int = 5, max_len: int = 8) ->
 
 # ---- the set as a whole: every MLP replaced at once -------------------------------------------------------------
 @torch.no_grad()
-def replacement_scores(model: HostModel, transcoders: dict[int, SAE], data: Any, tokens: int = 4096,
+def replacement_scores(model: HostModel, transcoders: TranscoderSet, data: Any, tokens: int = 4096,
                        batch_size: int = 8) -> dict[str, Any]:
     """How well the set stands in for the MLPs, on held-out text: per layer the FVU of its output, and the
     CE-loss score with every transcoder layer's MLP replaced at once (each reading the replaced model's own
@@ -529,19 +606,21 @@ def replacement_scores(model: HostModel, transcoders: dict[int, SAE], data: Any,
             return float(torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target, reduction="sum"))
         logits, cache = model.run_with_cache(toks, names)
         ce["clean"] += ce_of(logits)
-        for L, tc in transcoders.items():
+        codes = {L: tc.encode(cache[mlp_hooks(L)[0]][valid]) for L, tc in transcoders.items()}
+        for L in transcoders.layers:
             x, y = (cache[h][valid] for h in mlp_hooks(L))
-            err[L] += float((transcoder_output(tc, tc.encode(x), x) - y).pow(2).sum())
+            err[L] += float((transcoders.output(L, codes, x) - y).pow(2).sum())
             s = sums[L]
             s[0] += float(y.pow(2).sum())
             s[1] = y.sum(0) if s[1] is None else s[1] + y.sum(0)
             s[2] += len(y)
         seen: dict[int, Tensor] = {}
+        z: dict[int, Tensor] = {}  # each layer's latents from the replaced model's own MLP input
         replaced: dict[str, Any] = {}
         for L, tc in transcoders.items():
             read, write = mlp_hooks(L)
-            replaced[read] = lambda x, L=L: seen.__setitem__(L, x)
-            replaced[write] = lambda y, L=L, tc=tc: transcoder_output(tc, tc.encode(seen[L]), seen[L]).to(y.dtype)
+            replaced[read] = lambda x, L=L, tc=tc: _remember(seen, z, L, x, tc)
+            replaced[write] = lambda y, L=L: transcoders.output(L, z, seen[L]).to(y.dtype)
         with model.hooks(replaced):
             ce["replaced"] += ce_of(model.forward(toks))
         with model.hooks({mlp_hooks(L)[1]: torch.zeros_like for L in transcoders}):
@@ -557,6 +636,11 @@ def replacement_scores(model: HostModel, transcoders: dict[int, SAE], data: Any,
     score = (ce["zeroed"] - ce["replaced"]) / max(ce["zeroed"] - ce["clean"], 1e-12)
     return {"tokens": n_tok, "fvu_by_layer": {str(L): v for L, v in fvu.items()}, "ce_loss_clean": ce["clean"],
             "ce_loss_replaced": ce["replaced"], "ce_loss_mlps_zeroed": ce["zeroed"], "replacement_ce_score": score}
+
+
+def _remember(seen: dict[int, Tensor], z: dict[int, Tensor], layer: int, x: Tensor, tc: SAE) -> None:
+    """A read hook: keep the MLP input and its latents (None: the activation is left as it is)."""
+    seen[layer], z[layer] = x, tc.encode(x)
 
 
 # ---- interventions: set or scale features, see what the model does -------------------------------------------
@@ -580,16 +664,17 @@ def parse_node_edit(text: str) -> tuple[tuple[int, int, int], str, float]:
 
 
 @contextlib.contextmanager
-def feature_edits(model: HostModel, transcoders: dict[int, SAE], tokens: Tensor,
+def feature_edits(model: HostModel, transcoders: TranscoderSet, tokens: Tensor,
                   edits: list[tuple[tuple[int, int, int], str, float]]) -> Iterator[dict[tuple[int, int, int], float]]:
     """Inside: each edited feature's activation at its prompt position is set (=) or scaled (*), by adding the
-    change times its decoder direction to that layer's MLP output (the transcoder's error kept, as a splice
-    with its error term). Yields the activations before the edits."""
+    change times its decoder direction to that layer's MLP output (and, cross-layer, each later MLP output it
+    writes to), the transcoder's error kept, as a splice with its error term. Yields the activations before
+    the edits."""
     clean = clean_pass(model, transcoders, tokens)
     before, adds = {}, {}
     for (layer, latent, pos), op, value in edits:
         if layer not in transcoders:
-            raise ConfigError(f"no transcoder at layer {layer} (the set has {sorted(transcoders)})")
+            raise ConfigError(f"no transcoder at layer {layer} (the set has {transcoders.layers})")
         tc = transcoders[layer]
         if not (0 <= latent < tc.cfg.d_sae and 0 <= pos < tokens.shape[1]):
             raise ConfigError(f"feature {layer}_{latent}_{pos} is out of range (d_sae {tc.cfg.d_sae}, "
@@ -597,8 +682,9 @@ def feature_edits(model: HostModel, transcoders: dict[int, SAE], tokens: Tensor,
         old = float(clean.latents[layer][pos, latent])
         before[(layer, latent, pos)] = old
         new = value if op == "=" else old * value
-        direction = tc.W_dec[latent].detach() * (new - old) / tc.output_factor()
-        adds.setdefault(layer, []).append((pos, direction))
+        for target in transcoders.targets(layer):
+            direction = transcoders.rows(layer, target, torch.tensor(latent)).detach() * (new - old)
+            adds.setdefault(target, []).append((pos, direction))
 
     def add(layer: int) -> Any:
         def fn(y: Tensor) -> Tensor:
@@ -613,7 +699,7 @@ def feature_edits(model: HostModel, transcoders: dict[int, SAE], tokens: Tensor,
         yield before
 
 
-def intervene(model: HostModel, transcoders: dict[int, SAE], prompt: str | list[int],
+def intervene(model: HostModel, transcoders: TranscoderSet, prompt: str | list[int],
               edits: list[tuple[tuple[int, int, int], str, float]], max_new_tokens: int = 20,
               top: int = 5) -> dict[str, Any]:
     """Top next-token probabilities and a greedy continuation, without and with the feature edits."""

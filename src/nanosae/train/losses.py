@@ -27,6 +27,7 @@ class LossOutput(NamedTuple):
     fired: Tensor  # (d_sae,) how many tokens of the batch each latent fired on
     x_hat: Tensor  # reconstruction in the normalised space (detached)
     x: Tensor  # the normalised target (the input itself, except for transcoders)
+    codes: tuple[Tensor, kernels.Selection] | None = None  # the sparse path's latent values (with grad) and places
 
 
 def sae_loss(
@@ -41,6 +42,7 @@ def sae_loss(
     norm_weighting: float = 0.0,
     fast: bool = True,
     encoder_bf16: bool = False,
+    added: Tensor | None = None,
 ) -> LossOutput:
     """Training loss and its parts for a batch x (B, d_in).
 
@@ -51,22 +53,26 @@ def sae_loss(
     (‖y‖² / batch mean ‖y‖²)^−p, normalised to mean 1 (0: plain MSE). fast uses the sparse kernels for topk/batchtopk
     (same values and gradients as the dense path, far fewer FLOPs). encoder_bf16: the sparse path's encoder GEMM
     (which picks the latents and gives their values) in bfloat16; weights and gradients stay in their dtype.
+    added (B, d_out): a prediction made elsewhere, in the normalised output space, added to this SAE's before
+    the error is taken (a cross-layer transcoder's earlier layers writing into this one; gradients flow to it).
     """
     x_norm, _ = sae._normalize(sae._check(x))
     y = x_norm if target is None else sae.normalize_target(target)
     arch = sae.cfg.architecture
     if fast and arch in ("topk", "batchtopk") and not x_norm.requires_grad:  # the input's gradient needs the dense path
         return _sparse_loss(sae, x_norm, y, dead_mask, k_aux, aux_coefficient, norm_weighting,
-                            torch.bfloat16 if encoder_bf16 else None)
+                            torch.bfloat16 if encoder_bf16 else None, added)
     pre = sae.pre_acts(x_norm)
     z = sae.activate(pre, x_norm)
     skip = sae._skip(x_norm)
     x_hat = z @ sae.W_dec + sae.b_dec + skip
+    if added is not None:
+        x_hat = x_hat + added
     weights = token_weights(y, norm_weighting)
     parts = {"mse": squared_error(x_hat, y, weights)}
     if arch == "matryoshka":  # every nested prefix reconstructs y on its own; the full one is "mse"
         for m in sae.cfg.matryoshka_groups[:-1]:
-            prefix_hat = z[:, :m] @ sae.W_dec[:m] + sae.b_dec + skip
+            prefix_hat = z[:, :m] @ sae.W_dec[:m] + sae.b_dec + skip + (0.0 if added is None else added)
             parts[f"mse_{m}"] = squared_error(prefix_hat, y, weights)
     dec_norms = sae.decoder_norms()
     if arch == "relu":
@@ -106,7 +112,8 @@ def squared_error(x_hat: Tensor, y: Tensor, weights: Tensor | None) -> Tensor:
 
 
 def _sparse_loss(sae: SAE, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, k_aux: int | None,
-                 aux_coefficient: float, norm_weighting: float = 0.0, gemm_dtype: torch.dtype | None = None) -> LossOutput:
+                 aux_coefficient: float, norm_weighting: float = 0.0, gemm_dtype: torch.dtype | None = None,
+                 added: Tensor | None = None) -> LossOutput:
     b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
     dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None and bool(dead_mask.any()) else None
     k_aux = k_aux or sae.cfg.d_in // 2
@@ -123,6 +130,8 @@ def _sparse_loss(sae: SAE, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, 
         aux = kernels.per_token(*kernels.select_among(pre, dead_idx, k_aux), sae.cfg.d_sae) if dead_idx is not None else None
     vals = kernels.selected_preacts(xc, sae.W_enc, sae.b_enc, b_dec, sel).relu()
     x_hat = kernels.sparse_decode(vals, sel, sae.W_dec) + sae.b_dec + sae._skip(x_norm)
+    if added is not None:
+        x_hat = x_hat + added
     parts = {"mse": squared_error(x_hat, y, token_weights(y, norm_weighting))}
     if aux is not None:  # AuxK through the same sparse kernels: the dead latents' top k_aux reconstruct the residual
         aux_vals = kernels.selected_preacts(xc, sae.W_enc, sae.b_enc, b_dec, aux).relu()
@@ -131,7 +140,7 @@ def _sparse_loss(sae: SAE, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, 
     fired = torch.bincount(sel.cols[vals.detach() > 0], minlength=sae.cfg.d_sae)
     if sae.cfg.architecture == "batchtopk" and sae.training:
         update_threshold(sae, vals.detach())
-    return LossOutput(sum(parts.values()), parts, fired, x_hat.detach(), y)
+    return LossOutput(sum(parts.values()), parts, fired, x_hat.detach(), y, (vals, sel))
 
 
 def auxk_loss(sae: SAE, dead_pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int | None) -> Tensor:

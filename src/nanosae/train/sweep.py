@@ -18,6 +18,8 @@ def expand_sweep(settings: dict[str, Any], crosscoder: bool = False) -> list[Tra
     """settings: TrainConfig.build's names, where `acts` and `hook` are lists (one run per value, or one
     crosscoder over all of them) and SWEEPABLE names may be lists. Returns the configs, trained together."""
     settings = dict(settings)
+    if settings.get("cross_layer"):
+        raise ConfigError("--cross-layer trains a set of layers: give it with --transcoders all (or layers like 0,1,2)")
     acts, hooks = settings.pop("acts", None) or [], settings.pop("hook", None) or [SourceConfig.hook]
     sources = [("acts", str(a)) for a in acts] if acts else [("hook", h) for h in hooks]
     if crosscoder:
@@ -50,7 +52,8 @@ def _label(name: str, value: Any) -> str:
 
 def transcoder_set(settings: dict[str, Any], layers: list[int]) -> list[TrainConfig]:
     """One transcoder per layer, reading blocks.L.ln2.hook_normalized and predicting blocks.L.hook_mlp_out, all
-    trained together from one forward pass per batch, each in RUN/layer_L (the set's manifest goes in RUN)."""
+    trained together from one forward pass per batch, each in RUN/layer_L (the set's manifest goes in RUN).
+    With cross_layer, each layer's features also write to every later layer's MLP output (train.cross_layer)."""
     settings = dict(settings)
     for name in ("acts", "acts_out", "hook", "hook_out", "crosscoder_hooks", "crosscoder_acts"):
         if settings.pop(name, None) not in (None, [], SourceConfig.hook, [SourceConfig.hook]):

@@ -41,7 +41,7 @@ from nanosae.train.finetune import check_finetune, finetune
 from nanosae.train.sharded import (check_shardable, clip_gradients, gather_full, load_shard, local_slice, make_shards,
                                    reduce_gradients, save_shard, shard_file, shard_names, sharded_loss)
 from nanosae.train.init import init_sae
-from nanosae.train.losses import calibrate_threshold, normalize_decoder, remove_parallel_grad, sae_loss
+from nanosae.train.losses import LossOutput, calibrate_threshold, normalize_decoder, remove_parallel_grad, sae_loss
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,8 @@ def load_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any], SAE | None] | 
             state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not {"step", "batches"} <= set(state) or not {"optimizer", "shards"} & set(state):
                 raise FormatError("not a nanosae checkpoint state")
+            if "decoders" in state:  # a cross-layer transcoder's later-layer decoders: no SAE
+                return ckpt, state, None
             if "shards" in state:  # sharded latents: one file per slice, no whole SAE
                 missing = [n for n in shard_names(state["shards"]) if not (ckpt / n).is_file()]
                 if missing:
@@ -392,6 +394,8 @@ class SAERun:
         self.kl_coefficient: float | None = None  # set by the fine-tune's first step
         self.step, self.batches_done, self.seconds = 0, 0, 0.0
         self.last: dict[str, float] = {}
+        self.unit_decoder = True  # decoder rows kept at unit norm (a cross-layer transcoder norms them jointly)
+        self._started = 0.0
         stores = {i for i, _ in ins + outs if isinstance(sources[i], ActivationStore)}
         self.job = job_identity(cfg, [store_fingerprint(sources[i]) for i in sorted(stores)])
         if rank == 0:
@@ -521,13 +525,22 @@ class SAERun:
                 extra: Callable[[Any], dict[str, torch.Tensor]] | None = None) -> dict[str, float] | None:
         """One optimizer step on inputs x (targets y for a transcoder); extra(loss output) adds loss terms
         (the end-to-end fine-tune's KL). Returns the metrics when they are logged."""
-        cfg, d, sae, opt, arch = self.cfg, self.d, self.sae, self.opt, self.cfg.sae.architecture
+        out = self.loss_on(x, y, extra)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        return self.apply_step(out, x, y)
+
+    def loss_on(self, x: torch.Tensor, y: torch.Tensor | None, extra: Callable[[Any], dict[str, torch.Tensor]] | None = None,
+                added: torch.Tensor | None = None) -> LossOutput:
+        """The loss of one step (added: a prediction from elsewhere, see sae_loss); apply_step, after the
+        backward pass, takes the step. Split so that coupled SAEs (a cross-layer transcoder) share one backward."""
+        cfg, d, sae, arch = self.cfg, self.d, self.sae, self.cfg.sae.architecture
         if not torch.isfinite(x).all() or (y is not None and not torch.isfinite(y).all()):
             raise DataError(f"NaN or inf in the training activations at step {self.step}; "
                             f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
-        t0 = time.perf_counter()
+        self._started = time.perf_counter()
         lr = lr_at(self.step, cfg, d)
-        for group in opt.param_groups:
+        for group in self.opt.param_groups:
             group["lr"] = lr
         coeff = d.sparsity * min(1.0, (self.step + 1) / max(1, d.sparsity_warmup))
         dead = (self.since_fired >= d.dead_tokens).to(sae.device)  # counters stay on the CPU (checkpoints)
@@ -542,7 +555,7 @@ class SAERun:
                 out = sae_loss(sae, x, y, sparsity_coefficient=coeff, k_aux=cfg.optim.k_aux,
                                aux_coefficient=cfg.optim.aux_coefficient, norm_weighting=cfg.optim.norm_weighting,
                                dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None,
-                               encoder_bf16=cfg.optim.encoder_bf16)
+                               encoder_bf16=cfg.optim.encoder_bf16, added=added)
         finally:
             sae.cfg.k = k
         if extra is not None:
@@ -551,20 +564,26 @@ class SAERun:
         if not torch.isfinite(out.loss):
             raise TrainingError(f"{self.run_dir}: loss became {float(out.loss)} at step {self.step} (try a lower --lr); "
                                 f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        return out
+
+    def apply_step(self, out: LossOutput, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float] | None:
+        """The optimizer step once out.loss's gradients are in; the metrics when they are logged."""
+        cfg, d, sae, opt, arch = self.cfg, self.d, self.sae, self.opt, self.cfg.sae.architecture
+        lr = opt.param_groups[0]["lr"]
         fired = out.fired.float()
         if self.shards:
             reduce_gradients(sae, self.shards, fired)
         else:
             all_reduce_mean([p.grad for p in sae.parameters() if p.grad is not None] + [fired], self.world)
-        remove_parallel_grad(sae)
+        if self.unit_decoder:
+            remove_parallel_grad(sae)
         if cfg.optim.grad_clip and self.shards:
             clip_gradients(sae, self.shards, cfg.optim.grad_clip)
         elif cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.optim.grad_clip)
         opt.step()
-        normalize_decoder(sae)
+        if self.unit_decoder:
+            normalize_decoder(sae)
         if arch == "jumprelu":
             with torch.no_grad():
                 sae.threshold.clamp_(min=0.0)
@@ -581,7 +600,7 @@ class SAERun:
                         self.ema[k].mul_(decay).add_(v, alpha=1 - decay)
                     else:
                         self.ema[k].copy_(v)
-        self.seconds += time.perf_counter() - t0
+        self.seconds += time.perf_counter() - self._started
         self.step += 1
         if self.step % cfg.log_every and self.step != d.steps:
             return None
@@ -665,6 +684,10 @@ def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[TrainProgres
     if any((c.optim.batch_size, c.optim.tokens) != (first.optim.batch_size, first.optim.tokens) for c in cfgs):
         raise ConfigError("SAEs trained from one stream must share batch_size and tokens")
     spread = owners(cfgs, world) if first.distribute_saes else None
+    if first.sae.cross_layer:
+        from nanosae.train.cross_layer import check_cross_layer
+
+        check_cross_layer(cfgs, world)
     if spread is None and first.optim.batch_size % world:
         raise ConfigError(f"batch_size {first.optim.batch_size} is not divisible by {world} processes")
     if len({str(Path(c.out).resolve()) for c in cfgs}) < len(cfgs):
@@ -724,6 +747,11 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
         raise TrainingError("the runs' checkpoints are at different data positions; resume them separately")
     batches_done = start.pop()
     check_finetune(runs, world)
+    coupled = None
+    if first.sae.cross_layer:
+        from nanosae.train.cross_layer import CrossLayer
+
+        coupled = CrossLayer(runs, Path(first.out).parent)
     streams = [batch_stream(s, first, batches_done) for s in sources]
     try:
         while not all(r.stored_done for r in runs):
@@ -733,6 +761,11 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
                 r.batches_done = batches_done
             if len(batch[0]) < first.optim.batch_size:
                 continue  # an epoch's short tail: skipped, but counted for resume
+            if coupled is not None:  # the layers of a cross-layer transcoder: one joint step
+                for r, metrics in zip(runs, coupled.train_step(batch)):
+                    r.after_step(metrics, progress)
+                coupled.after_step()
+                continue
             for r in runs:
                 if r.stored_done:
                     continue
@@ -747,11 +780,15 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
     except KeyboardInterrupt:
         for r in runs:
             r.checkpoint()
+        if coupled is not None:
+            coupled.checkpoint()
         raise
     finally:
         for r in runs:
             r.close()
     finished = dict(zip(mine, [r.finish(calibration) for r in runs]))
+    if coupled is not None:
+        coupled.finish()
     if spread and world > 1:
         dist.barrier()  # every owner has saved its SAEs
     return [finished.get(i) or saved_result(cfgs[i]) for i in range(len(cfgs))]
