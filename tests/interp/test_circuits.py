@@ -121,10 +121,19 @@ def test_every_edge_is_the_jacobian_of_the_frozen_replacement_model(tiny_model, 
     assert (graph.features[:, 1] == 0).any() != skip_bos
     clean = C.clean_pass(tiny_model, tcs, torch.tensor([TOKENS]))
     f = manual_frozen_llama(tiny_model.module, tcs, clean)
-    layers = graph.layers
-    sources = (clean.embeddings, *[clean.latents[L] for L in layers], *[clean.errors[L] for L in layers])
+    sources = (clean.embeddings, *[clean.latents[L] for L in graph.layers], *[clean.errors[L] for L in graph.layers])
     _, logits = f(*sources)
     assert torch.allclose(logits, clean.logits, atol=2e-4)  # the hand-written model is the model (float32)
+
+    assert_edges_are_the_jacobian(graph, clean, f, tcs)
+
+
+def assert_edges_are_the_jacobian(graph, clean, f, tcs):
+    """Every edge (into features and logits) equals the Jacobian entry of f(embeddings, latents..., errors...)
+    -> (MLP inputs, logits) times the source's value; nothing reaches a feature from a later position or from
+    its own layer or above."""
+    layers = graph.layers
+    sources = (clean.embeddings, *[clean.latents[L] for L in layers], *[clean.errors[L] for L in layers])
 
     def targets(*src):
         inputs, logits = f(*src)
@@ -133,7 +142,7 @@ def test_every_edge_is_the_jacobian_of_the_frozen_replacement_model(tiny_model, 
         return torch.stack(feats + [last[t] - last.mean() for t in graph.logit_tokens])
 
     J = torch.autograd.functional.jacobian(targets, sources)  # one (n_targets, *source shape) block per source
-    n_f, T = graph.n_features, len(TOKENS)
+    n_f, T = graph.n_features, graph.n_pos
     expected = torch.zeros(n_f + len(graph.logit_tokens), graph.adjacency.shape[1])
     for col, (L, p, i) in enumerate(graph.features.tolist()):
         expected[:, col] = J[1 + layers.index(L)][:, p, i] * graph.activations[col]
@@ -146,7 +155,6 @@ def test_every_edge_is_the_jacobian_of_the_frozen_replacement_model(tiny_model, 
     assert graph.explored[rows].all()
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-3), (got - expected).abs().max()
     assert (got[:n_f].abs() > 1e-3).sum() > 20  # a graph with real edges, not a zero matrix matching zeros
-    # causality: nothing reaches a feature from a later position or from its own layer or above
     for col, (L, p, i) in enumerate(graph.features.tolist()):
         later = (graph.features[:, 1] > p) | (graph.features[:, 0] >= L)
         assert not got[col, :n_f][later].any()

@@ -84,6 +84,13 @@ def rms(x):
 
 
 def ref_forward(sd, idx, current, seq_len, windows=True):
+    return ref_pass(sd, idx, current, seq_len, windows)[0]
+
+
+def ref_pass(sd, idx, current, seq_len, windows=True, frozen=None, x0=None, mlp=None):
+    """(softcapped logits, logits before the softcap, every MLP's input, x0). frozen: a dict filled with the
+    norm scales, attention patterns and gates when empty and read as constants when not (the frozen model);
+    x0: replaces the embedding that every block reads; mlp(i, input): replaces MLP i's output."""
     n, d, H, KV = CFG["n_layer"], CFG["n_embd"], CFG["n_head"], CFG["n_kv_head"]
     hd, T = d // H, len(idx)
     base = 100000 if current else 10000
@@ -91,51 +98,63 @@ def ref_forward(sd, idx, current, seq_len, windows=True):
     cos, sin = ang.cos(), ang.sin()
     if not current:
         cos, sin = cos.bfloat16().float(), sin.bfloat16().float()
+    record = frozen is not None and not frozen
+    const = lambda key, value: frozen.setdefault(key, value.detach()) if frozen is not None else value
 
     def rot(v):  # v (T, hd): halves rotated by -theta
         a, b = v[:, : hd // 2], v[:, hd // 2:]
         return torch.cat([a * cos + b * sin, -a * sin + b * cos], dim=1)
 
+    def scaled(key, x):  # rms(x), its scale a constant when frozen
+        return x * const(key, 1 / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps))
+
     short = math.ceil(seq_len / 4 / 128) * 128
     window = [short, short, short, seq_len] if (current and windows) else [10**9] * n
-    x = rms(sd["transformer.wte.weight"][idx])
-    if current:
-        e = x.clone()
-        for t in range(1, T):
-            x[t] = e[t] + sd["smear_lambda"] * torch.sigmoid(e[t, :24] @ sd["smear_gate.weight"][0]) * e[t - 1]
-    x0, backout = x, None
+    if x0 is None:
+        x = rms(sd["transformer.wte.weight"][idx])
+        if current:
+            e = x.clone()
+            for t in range(1, T):
+                x[t] = e[t] + sd["smear_lambda"] * torch.sigmoid(e[t, :24] @ sd["smear_gate.weight"][0]) * e[t - 1]
+        x0 = x
+    x, backout, inputs = x0, None, []
     for i in range(n):
         W = lambda name: sd[f"transformer.h.{i}.{name}.weight"]
         if current:
             x = sd["resid_lambdas"][i] * x + sd["x0_lambdas"][i] * x0
-        h = rms(x)
+        h = scaled(("attn", i), x)
         q, k, v = h @ W("attn.c_q").T, h @ W("attn.c_k").T, h @ W("attn.c_v").T
         if current and f"value_embeds.{i}.weight" in sd:
-            gate = 3 * torch.sigmoid(h[:, :12] @ W("attn.ve_gate").T)  # (T, KV)
+            gate = const(("gate", i), 3 * torch.sigmoid(h[:, :12] @ W("attn.ve_gate").T))  # (T, KV)
             ve = sd[f"value_embeds.{i}.weight"][idx]
             v = v + (gate[:, :, None] * ve.view(T, KV, hd)).reshape(T, KV * hd)
         heads = []
         for hh in range(H):
             g = hh // (H // KV)
+            vh = v[:, g * hd:(g + 1) * hd]
+            if frozen and not record:
+                heads.append(frozen[("pattern", i, hh)] @ vh)
+                continue
             qh = rms(rot(q[:, hh * hd:(hh + 1) * hd]))
             kh = rms(rot(k[:, g * hd:(g + 1) * hd]))
             if current:
                 qh, kh = qh * 1.2, kh * 1.2
-            vh = v[:, g * hd:(g + 1) * hd]
             scores = qh @ kh.T / math.sqrt(hd)
             for t in range(T):
                 for s in range(T):
                     if s > t or t - s > window[i]:
                         scores[t, s] = float("-inf")
-            heads.append(torch.softmax(scores, dim=-1) @ vh)
+            heads.append(const(("pattern", i, hh), torch.softmax(scores, dim=-1)) @ vh)
         x = x + torch.cat(heads, dim=1) @ W("attn.c_proj").T
-        x = x + torch.relu(rms(x) @ W("mlp.c_fc").T).pow(2) @ W("mlp.c_proj").T
+        m = scaled(("mlp", i), x)
+        inputs.append(m)
+        x = x + (torch.relu(m @ W("mlp.c_fc").T).pow(2) @ W("mlp.c_proj").T if mlp is None else mlp(i, m))
         if current and i == n // 2:
             backout = x
     if current:
         x = x - sd["backout_lambda"] * backout
-    logits = (rms(x) @ sd["lm_head.weight"].T)[:, :VOCAB]
-    return 15 * torch.tanh(logits / 15)
+    logits = (scaled("final", x) @ sd["lm_head.weight"].T)[:, :VOCAB]
+    return 15 * torch.tanh(logits / 15), logits, inputs, x0
 
 
 def test_released_generation_matches_reference(released):
@@ -274,14 +293,32 @@ def test_replacement_model_with_error_nodes_equals_the_model(which, request):
     assert any(e.abs().max() > 0.01 for e in clean.errors.values())
 
 
-def test_attribution_refuses_nanochat_in_one_line(current):
-    """Attribution freezes attention patterns and norms through Hugging Face's attention interface; nanochat's are
-    plain functions, so it is refused with a clear message (the replacement model itself is exact, above)."""
-    from nanosae.errors import ConfigError
+@pytest.mark.parametrize("which,cross_layer", [("released", False), ("current", True)])
+def test_every_edge_is_the_jacobian_of_a_hand_written_frozen_nanochat(which, cross_layer, request):
+    """Attribution through nanochat (both generations; the current one with x0 lambdas, value embeddings, smear,
+    backout, windows and the softcap): every edge equals the Jacobian of the frozen replacement model written
+    out above from the checkpoint's tensors, with norm scales, patterns and gates held at their clean values
+    and logits taken before the softcap."""
     from nanosae.interp import circuits as C
-    from tests.interp.test_circuits import random_transcoders
+    from tests.interp.test_circuits import assert_edges_are_the_jacobian, cross_layer_output, random_transcoders
 
-    directory, _ = current
+    directory, sd = request.getfixturevalue(which)
     model = nanosae.load_model(f"nanochat:{directory}")
-    with pytest.raises(ConfigError, match="attribution needs a Hugging Face model"):
-        C.attribute(model, random_transcoders(model), [256, 5, 6, 7])
+    tcs = random_transcoders(model, skip=cross_layer, cross_layer=cross_layer)
+    idx = [256, 40, 7, 99, 13, 200, 5, 61]
+    graph = C.attribute(model, tcs, idx, batch_size=16)
+    clean = C.clean_pass(model, tcs, torch.tensor([idx]))
+    seq_len = 512 if which == "current" else 64
+    frozen = {}
+    with torch.no_grad():
+        plain, _, _, x0 = ref_pass(sd, torch.tensor(idx), which == "current", seq_len, frozen=frozen)
+    assert torch.allclose(plain, clean.logits, atol=1e-4)  # the reference is the model
+    assert torch.allclose(x0, clean.embeddings, atol=1e-5)  # the token nodes are x0, what every block reads
+    n = CFG["n_layer"]
+
+    def f(emb, *lat_err):
+        lat, err = lat_err[:n], lat_err[n:]
+        mlp = lambda i, m: cross_layer_output(tcs, i, lat, m) + err[i]
+        _, logits, inputs, _ = ref_pass(sd, torch.tensor(idx), which == "current", seq_len, frozen=frozen, x0=emb, mlp=mlp)
+        return inputs, logits
+    assert_edges_are_the_jacobian(graph, clean, f, tcs)

@@ -89,6 +89,11 @@ class TranscoderSet:
             rows = self.later[source][:, self.layers.index(target) - self.layers.index(source) - 1]
         return (rows if latents is None else rows[latents]) / tc.output_factor()
 
+    def rows_to_targets(self, source: int, latents: Tensor) -> Tensor:
+        """Those latents' decoder rows into every MLP output they write to, (n, len(targets(source)), d_model),
+        in the model's units."""
+        return torch.stack([self.rows(source, target, latents) for target in self.targets(source)], 1)
+
     def decode(self, target: int, latents: dict[int, Tensor]) -> Tensor:
         """What the features write to `target`'s MLP output (b_dec included, the skip term not)."""
         out = self.by_layer[target].decode(latents[target])
@@ -140,11 +145,10 @@ def skip_term(tc: SAE, x: Tensor) -> Tensor | float:
 
 
 def placed(rows: Tensor, values: Tensor, positions: Tensor, n_pos: int) -> Tensor:
-    """Σ values·rows at their positions: (batch, n) values of n features at `positions`, their decoder rows
-    (n, d_model); the gradient reaches only the active features (a dense (batch, T, d_sae) decode costs d_sae/k
-    times more)."""
-    out = torch.zeros(values.shape[0], n_pos, rows.shape[1], dtype=rows.dtype, device=rows.device)
-    return out.index_add(1, positions, values[..., None].to(rows.dtype) * rows)
+    """Σ values·rows at their positions, (batch, n_pos, width): (batch, n) values of n features at `positions`,
+    their decoder rows (n, width). One product per position, so neither a dense (batch, T, d_sae) decode nor a
+    (batch, n, width) product is ever made, and the gradient reaches only these features."""
+    return torch.stack([values[:, positions == p].to(rows.dtype) @ rows[positions == p] for p in range(n_pos)], 1)
 
 
 # ---- the clean pass and the replacement model -----------------------------------------------------------------
@@ -157,35 +161,54 @@ class CleanPass:
     errors: dict[int, Tensor]  # per layer (T, d_model): MLP output minus the transcoder's
 
 
+@contextlib.contextmanager
+def token_embeddings(model: HostModel, fn: Any) -> Iterator[None]:
+    """Inside: fn reads or replaces the token embeddings where the replacement model takes them as a source:
+    block 0's input, or for nanochat the normed (and smeared) embedding x0 that every block reads."""
+    from nanosae.models.nanochat import NanochatGPT
+
+    if isinstance(model.module, NanochatGPT):
+        handle = model.module.embed_out.register_forward_hook(lambda module, args, out: fn(out))
+        try:
+            yield
+        finally:
+            handle.remove()
+    else:
+        with model.hooks({"blocks.0.hook_resid_pre": fn}):
+            yield
+
+
 @torch.no_grad()
 def clean_pass(model: HostModel, transcoders: TranscoderSet, tokens: Tensor) -> CleanPass:
-    names = ["blocks.0.hook_resid_pre"] + [h for layer in transcoders for h in mlp_hooks(layer)]
-    logits, cache = model.run_with_cache(tokens, names)
+    names = [h for layer in transcoders for h in mlp_hooks(layer)]
+    seen: list[Tensor] = []
+    with token_embeddings(model, seen.append):
+        logits, cache = model.run_with_cache(tokens, names)
     latents, errors = {}, {}
     for layer, tc in transcoders.items():
         latents[layer] = tc.encode(cache[mlp_hooks(layer)[0]][0])
     for layer in transcoders.layers:
         x, y = (cache[h][0] for h in mlp_hooks(layer))
         errors[layer] = y - transcoders.output(layer, latents, x).to(y.dtype)
-    return CleanPass(model._as_tokens(tokens), logits[0], cache["blocks.0.hook_resid_pre"][0], latents, errors)
+    return CleanPass(model._as_tokens(tokens), logits[0], seen[0][0], latents, errors)
 
 
 def replacement_forward(model: HostModel, transcoders: TranscoderSet, tokens: Tensor, embeddings: Tensor,
                         latents: dict[int, Tensor] | None = None, errors: dict[int, Tensor] | None = None,
                         stop_at_layer: int | None = None, mlp_inputs: dict[int, Tensor] | None = None,
                         written: dict[int, Tensor] | None = None) -> Tensor | None:
-    """The model with block 0's input set to `embeddings` and each transcoder layer's MLP output replaced by
+    """The model with its token embeddings set to `embeddings` and each transcoder layer's MLP output replaced by
     the set's output for those latents plus errors (batched like tokens); or, with `written`, by written[L] plus the skip
     term. Returns the logits (None when stopped early); mlp_inputs receives each layer's MLP input."""
     seen: dict[int, Tensor] = {} if mlp_inputs is None else mlp_inputs
     if written is None:
         written = {L: transcoders.decode(L, latents) + errors[L] for L in transcoders.layers}
-    hooks: dict[str, Any] = {"blocks.0.hook_resid_pre": lambda _: embeddings}
+    hooks: dict[str, Any] = {}
     for layer, tc in transcoders.items():
         read, write = mlp_hooks(layer)
         hooks[read] = lambda x, layer=layer: seen.__setitem__(layer, x)
         hooks[write] = lambda y, layer=layer, tc=tc: (written[layer] + skip_term(tc, seen[layer])).to(y.dtype)
-    with model.hooks(hooks, stop_at_layer=stop_at_layer):
+    with token_embeddings(model, lambda _: embeddings), model.hooks(hooks, stop_at_layer=stop_at_layer):
         try:
             return model._logits(tokens)
         except _StopForward:
@@ -231,11 +254,19 @@ _REGISTERED = False
 
 @contextlib.contextmanager
 def frozen(model: HostModel) -> Iterator[None]:
-    """Inside: attention patterns and norm scales are constants for autograd (values unchanged)."""
+    """Inside: attention patterns and norm scales are constants for autograd (values unchanged); nanochat's
+    gates too, and its logits come before the softcap (models.nanochat.frozen_for_attribution)."""
     global _REGISTERED
+    from nanosae.models.nanochat import NanochatGPT, frozen_for_attribution
+
+    if isinstance(model.module, NanochatGPT):
+        with frozen_for_attribution(model.module):
+            yield
+        return
     config = getattr(model.module, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
-        raise ConfigError(f"attribution needs a Hugging Face model (got {type(model.module).__name__})")
+        raise ConfigError(f"attribution needs a Hugging Face model or a nanochat checkpoint loaded by nanosae "
+                          f"(got {type(model.module).__name__})")
     if not _REGISTERED:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -319,7 +350,8 @@ def _rows(model: HostModel, transcoders: TranscoderSet, clean: CleanPass, target
     vals = {L: activations[mine[L]].expand(nb, -1).clone().requires_grad_(True) for L in layers}
     inputs: dict[int, Tensor] = {}
     with torch.enable_grad(), frozen(model):
-        written = {L: _written(transcoders, L, vals, features, mine, clean.latents, T) + err[L] for L in layers}
+        written = _written(transcoders, vals, features, mine, clean.latents, T)
+        written = {L: written[L] + err[L] for L in layers}
         logits = replacement_forward(model, transcoders, clean.tokens.expand(nb, -1), emb, stop_at_layer=stop,
                                      mlp_inputs=inputs, written=written)
         values = []
@@ -344,21 +376,25 @@ def _rows(model: HostModel, transcoders: TranscoderSet, clean: CleanPass, target
     return torch.cat([feature_cols, error_cols.float(), token_cols.float()], 1).detach()
 
 
-def _written(tset: TranscoderSet, target: int, vals: dict[int, Tensor], features: Tensor, mine: dict[int, Tensor],
-             latents: dict[int, Tensor], n_pos: int) -> Tensor:
-    """What the features write to `target`'s MLP output: the graph's features from their value leaves vals[L]
+def _written(tset: TranscoderSet, vals: dict[int, Tensor], features: Tensor, mine: dict[int, Tensor],
+             latents: dict[int, Tensor], n_pos: int) -> dict[int, Tensor]:
+    """What the features write to each MLP output: the graph's features from their value leaves vals[L]
     (batch, n) (a sparse decode, so gradients reach only them), plus the active features that are not graph
-    nodes (the BOS position's) as a constant of the pass, plus b_dec."""
-    tc = tset[target]
-    out = tc.b_dec / tc.output_factor()
-    for i in tset.writers(target):
+    nodes (the BOS position's) as a constant of the pass, plus b_dec. One decode per source layer, into all of
+    its targets at once."""
+    written = {j: tset[j].b_dec / tset[j].output_factor() for j in tset.layers}
+    for i in tset.layers:
         nodes = features[mine[i]]
         rest = latents[i].clone()
         rest[nodes[:, 1], nodes[:, 2]] = 0
         pos, latent = rest.nonzero(as_tuple=True)
-        out = out + placed(tset.rows(i, target, nodes[:, 2]), vals[i], nodes[:, 1], n_pos)
-        out = out + placed(tset.rows(i, target, latent), rest[pos, latent][None], pos, n_pos).detach()
-    return out
+        targets = tset.targets(i)
+        out = placed(tset.rows_to_targets(i, nodes[:, 2]).flatten(1), vals[i], nodes[:, 1], n_pos)
+        out = out + placed(tset.rows_to_targets(i, latent).flatten(1), rest[pos, latent][None], pos, n_pos).detach()
+        out = out.unflatten(2, (len(targets), -1))
+        for t, j in enumerate(targets):
+            written[j] = written[j] + out[:, :, t]
+    return written
 
 
 def attribute(model: HostModel, transcoders: TranscoderSet, prompt: str | list[int], *, logit_probability: float = 0.95,

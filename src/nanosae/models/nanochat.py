@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,10 @@ class NanochatConfig:
         return sizes
 
 
-def norm(x: Tensor) -> Tensor:
+def norm(x: Tensor, frozen: bool = False) -> Tensor:
+    """RMSNorm without weights; frozen: the same values, with the scale 1/rms a constant for autograd."""
+    if frozen:
+        return x * torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
     return F.rms_norm(x, (x.size(-1),))
 
 
@@ -109,7 +114,7 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = nn.Linear(cfg.ve_gate_channels, cfg.n_kv_head, bias=False) if has_ve else None
 
     def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, window: int | None,
-                cache: KVCache | None) -> Tensor:
+                cache: KVCache | None, frozen: bool = False) -> Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, cfg.n_head, cfg.head_dim)
@@ -117,10 +122,13 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, cfg.n_kv_head, cfg.head_dim)
         if ve is not None:
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., : cfg.ve_gate_channels]))
+            gate = gate.detach() if frozen else gate
             v = v + gate.unsqueeze(-1) * ve.view(B, T, cfg.n_kv_head, cfg.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         if cfg.current:
             q, k = q * 1.2, k * 1.2
+        if frozen:  # the attention pattern is a constant
+            q, k = q.detach(), k.detach()
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             if cache.k[self.layer] is not None:
@@ -160,17 +168,23 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, window: int | None,
-                cache: KVCache | None) -> Tensor:
-        x = x + self.attn(norm(x), ve, cos, sin, window, cache)
-        return x + self.mlp(norm(x))
+                cache: KVCache | None, frozen: bool = False) -> Tensor:
+        x = x + self.attn(norm(x, frozen), ve, cos, sin, window, cache, frozen)
+        return x + self.mlp(norm(x, frozen))
 
 
 class NanochatGPT(nn.Module):
-    """Module and parameter names as in nanochat, so its state dicts load with strict=True."""
+    """Module and parameter names as in nanochat, so its state dicts load with strict=True.
+
+    frozen (set by `frozen_for_attribution`): attention patterns, norm scales and gates are constants for
+    autograd and the logits come before the softcap, so the model is linear in its residual stream (circuits);
+    embed_out is where the token embeddings (after the norm and smear) enter, read and replaced there."""
 
     def __init__(self, cfg: NanochatConfig):
         super().__init__()
         self.config = cfg
+        self.frozen = False
+        self.embed_out = nn.Identity()
         vocab = cfg.padded_vocab_size or cfg.vocab_size
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(vocab, cfg.n_embd),
@@ -200,6 +214,7 @@ class NanochatGPT(nn.Module):
             cache.prev_embedding = x[:, -1:, :]
         if x.shape[1] > 1:
             gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, 1:, :c]))
+            gate = gate.detach() if self.frozen else gate
             return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
         if prev is not None:
             return x + self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, :, :c])) * prev
@@ -212,23 +227,35 @@ class NanochatGPT(nn.Module):
         if t0 + T > self.cos.shape[1]:
             raise FormatError(f"sequence of {t0 + T} tokens exceeds the rotary table ({self.cos.shape[1]})")
         cos, sin = self.cos[:, t0 : t0 + T], self.sin[:, t0 : t0 + T]
-        x = norm(self.transformer.wte(idx).to(self.lm_head.weight.dtype))
+        x = norm(self.transformer.wte(idx).to(self.lm_head.weight.dtype), self.frozen)
         if cfg.smear_channels:
             x = self._smear(x, cache)
+        x = self.embed_out(x)
         x0, x_backout = x, None
         for i, block in enumerate(self.transformer.h):
             if cfg.resid_lambdas:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in getattr(self, "value_embeds", {}) else None
-            x = block(x, ve, cos, sin, self.windows[i], cache)
+            x = block(x, ve, cos, sin, self.windows[i], cache, self.frozen)
             if cfg.backout and i == cfg.n_layer // 2:
                 x_backout = x
         if x_backout is not None:
             x = x - self.backout_lambda * x_backout
-        logits = self.lm_head(norm(x))[..., : cfg.vocab_size].float()
+        logits = self.lm_head(norm(x, self.frozen))[..., : cfg.vocab_size].float()
         if cache is not None:
             cache.pos += T
-        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        return logits if self.frozen else SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
+@contextmanager
+def frozen_for_attribution(module: NanochatGPT) -> Iterator[None]:
+    """Inside: the model is linear in its residual stream (see NanochatGPT), its values unchanged but the logits
+    taken before the softcap."""
+    module.frozen = True
+    try:
+        yield
+    finally:
+        module.frozen = False
 
 
 def nanochat_layers(module: nn.Module) -> list[LayerModules]:
