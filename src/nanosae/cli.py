@@ -411,7 +411,7 @@ def trace(
     edge_threshold: float = typer.Option(0.98, help="Keep the edges carrying this share of the pruned graph's influence."),
     max_feature_nodes: int = typer.Option(1024, help="Compute incoming edges for at most this many features (the "
                                                      "most influential first)."),
-    paths: int = typer.Option(5, help="Strongest token-to-logit paths to print."),
+    paths: int = typer.Option(5, help="Input tokens whose strongest path to the top logit is printed (one per token)."),
     device: str = typer.Option("cpu", help="Where the model and transcoders run."),
 ) -> None:
     """An attribution graph of a prompt over a transcoder set: saved in Neuronpedia's graph layout (the viewer

@@ -486,7 +486,9 @@ class OptimConfig:
     """Share of the tokens, at the end, trained on KL(clean ‖ spliced) + MSE through the rest of the model
     (end-to-end fine-tune; lowers the CE-loss gap; each step runs the model twice, see docs/training.md)."""
     kl_coefficient: float | None = None
-    """Weight of the KL term in the fine-tune; default: set at its first step so KL and MSE weigh the same."""
+    """Weight of the KL term in the fine-tune; default: set at its first step so KL weighs kl_balance × MSE."""
+    kl_balance: float = 1.0
+    """Without kl_coefficient: how many times the MSE the KL term weighs at the fine-tune's first step."""
     encoder_bf16: bool = False
     """TopK/BatchTopK: run the encoder GEMM (the dense part of a step) in bfloat16, as autocast would; weights,
     gradients and Adam state stay float32. For GPUs' tensor cores; on a CPU it is slower."""
@@ -505,6 +507,7 @@ class OptimConfig:
         check_range("norm_weighting", self.norm_weighting, 0, 2)
         check_range("k_start", self.k_start, 1)
         check_range("kl_coefficient", self.kl_coefficient, 0)
+        check_range("kl_balance", self.kl_balance, 0, open_low=True)
         for name in ("beta1", "beta2", "ema_decay"):
             check_range(name, getattr(self, name), 0, 1, open_high=True)
         if self.batch_size is None:

@@ -197,6 +197,14 @@ def test_graph_json_has_neuronpedias_layout(tiny_model):
     assert set(data) == {"metadata", "qParams", "nodes", "links"}
     meta = data["metadata"]
     assert meta["slug"] == "tiny" and meta["prompt_tokens"] == graph.token_strs and meta["schema_version"] == 1
+    # the required fields and types of Neuronpedia's graph schema (apps/webapp/app/api/graph/graph-schema.json)
+    assert all(isinstance(meta[k], str) for k in ("slug", "scan", "prompt"))
+    assert all(isinstance(t, str) for t in meta["prompt_tokens"]) and isinstance(meta["node_threshold"], float)
+    assert meta["pruning_settings"] == {"node_threshold": 0.8, "edge_threshold": 0.98}
+    gen = meta["generation_settings"]
+    assert isinstance(gen["max_n_logits"], int) and isinstance(gen["desired_logit_prob"], float)
+    assert isinstance(gen["batch_size"], int) and gen["max_feature_nodes"] == graph.n_features
+    assert meta["info"]["generator"]["name"] == "nanosae" and isinstance(meta["info"]["generator"]["version"], str)
     assert 0 <= meta["info"]["replacement_score"] <= 1 and 0 <= meta["info"]["completeness_score"] <= 1
     assert set(data["qParams"]) == {"pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"}
     ids = [n["node_id"] for n in data["nodes"]]
@@ -218,6 +226,36 @@ def test_graph_json_has_neuronpedias_layout(tiny_model):
         assert path[0]["feature_type"] == "embedding" and path[-1]["is_target_logit"] and 0 < score <= 1
         links = {(l["source"], l["target"]) for l in data["links"]}
         assert all((a["node_id"], b["node_id"]) in links for a, b in zip(path, path[1:]))
+    assert len({path[0]["node_id"] for _, path in paths}) == len(paths)  # one path per token
+
+
+def test_strongest_paths_against_every_path_enumerated(tiny_model):
+    """Each token's best path is the best of all its paths (enumerated here), and tokens rank by it."""
+    data = C.to_neuronpedia(C.attribute(tiny_model, random_transcoders(tiny_model), TOKENS), node_share=0.9)
+    out, scale = {}, {}
+    for l in data["links"]:
+        out.setdefault(l["source"], []).append((l["target"], abs(l["weight"])))
+        scale[l["target"]] = max(scale.get(l["target"], 0), abs(l["weight"]))
+    target = next(n["node_id"] for n in data["nodes"] if n["is_target_logit"])
+
+    def all_paths(node):
+        if node == target:
+            yield 1.0, [node]
+        for t, w in out.get(node, []):
+            for score, rest in all_paths(t):
+                yield w / scale[t] * score, [node] + rest
+    best = {}
+    for n in data["nodes"]:
+        if n["feature_type"] == "embedding":
+            found = list(all_paths(n["node_id"]))
+            if found:
+                best[n["node_id"]] = max(found, key=lambda p: p[0])
+    paths = C.strongest_paths(data, n=len(best))
+    assert len(paths) == len(best) >= 3
+    assert [p[0] for p in paths] == pytest.approx(sorted((b[0] for b in best.values()), reverse=True))
+    for score, path in paths:
+        assert score == pytest.approx(best[path[0]["node_id"]][0])
+        assert [n["node_id"] for n in path] == best[path[0]["node_id"]][1]
 
 
 def test_tracing_fewer_features_keeps_their_edges_and_picks_influential_ones(tiny_model):
@@ -353,3 +391,14 @@ def test_cross_layer_feature_edits_move_every_mlp_the_feature_writes_to(tiny_mod
                     / tcs[L].output_factor())
         assert torch.allclose(moved[L][0, pos], expected.detach(), atol=1e-4)
         assert moved[L][0, torch.arange(len(TOKENS)) != pos].abs().max() < 1e-5
+
+
+def test_attribution_refuses_a_model_it_cannot_freeze_in_one_line():
+    """Freezing needs Hugging Face's attention interface or nanosae's own nanochat module."""
+    from types import SimpleNamespace
+
+    from nanosae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attribution needs a Hugging Face model or a nanochat checkpoint"):
+        with C.frozen(SimpleNamespace(module=torch.nn.Linear(2, 2))):
+            pass

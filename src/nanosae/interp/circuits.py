@@ -454,6 +454,9 @@ def attribute(model: HostModel, transcoders: TranscoderSet, prompt: str | list[i
                   logit_probs, adjacency, torch.ones(n_nodes, dtype=torch.bool), model=model.name)
     graph.info["logit_strs"] = {t: model.tokenizer.decode([t]) for t in logit_ids}
     graph.info["active_features"] = n_f
+    graph.info["generation_settings"] = {"max_n_logits": max_logits, "desired_logit_prob": logit_probability,
+                                         "batch_size": batch_size, "max_feature_nodes": budget,
+                                         "skip_bos_features": skip_bos_features}
     return graph
 
 
@@ -585,37 +588,48 @@ def to_neuronpedia(graph: Graph, *, slug: str = "nanosae-graph", node_share: flo
              for t, s in edges.nonzero().tolist() if s in nodes and t in nodes]
     used = {l["source"] for l in links} | {l["target"] for l in links}
     node_list = [n for n in nodes.values() if n["node_id"] in used or n["feature_type"] in ("embedding", "logit")]
+    from importlib.metadata import version
+
     return {"metadata": {"slug": slug, "scan": graph.model, "transcoder_list": [], "prompt_tokens": graph.token_strs,
                          "prompt": graph.prompt, "node_threshold": node_share, "schema_version": 1,
                          "info": {"creator_name": "nanosae", "transcoders": graph.transcoders, **scores(graph),
-                                  "edge_threshold": edge_share}},
+                                  "edge_threshold": edge_share,
+                                  "generator": {"name": "nanosae", "version": version("nanosae")}},
+                         "generation_settings": graph.info.get("generation_settings", {}),
+                         "pruning_settings": {"node_threshold": node_share, "edge_threshold": edge_share}},
             "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
             "nodes": node_list, "links": links}
 
 
-def strongest_paths(graph_json: dict[str, Any], n: int = 5, max_len: int = 8) -> list[tuple[float, list[dict]]]:
-    """The n paths from an input token to the target logit with the largest product of edge weights (each
-    edge's weight divided by the largest weight into its target), best first."""
+def strongest_paths(graph_json: dict[str, Any], n: int = 5) -> list[tuple[float, list[dict]]]:
+    """For each of the n input tokens that reach the target logit most strongly, its strongest path there: the
+    path whose product of edge weights (each divided by the largest weight into its target) is largest, found
+    exactly over the graph (a DAG). One path per token, so a prompt-specific path is not hidden behind many
+    variants of one through an attention-sink position. Best first."""
     nodes = {node["node_id"]: node for node in graph_json["nodes"]}
-    into: dict[str, list[tuple[str, float]]] = {}
+    out: dict[str, list[tuple[str, float]]] = {}
+    scale: dict[str, float] = {}
     for link in graph_json["links"]:
-        into.setdefault(link["target"], []).append((link["source"], link["weight"]))
-    scale = {t: max(abs(w) for _, w in srcs) for t, srcs in into.items()}
+        out.setdefault(link["source"], []).append((link["target"], link["weight"]))
+        scale[link["target"]] = max(scale.get(link["target"], 0.0), abs(link["weight"]))
     target = next(node["node_id"] for node in graph_json["nodes"] if node.get("is_target_logit"))
-    beams, done = [(1.0, [target])], []
-    for _ in range(max_len):
-        grown = []
-        for score, path in beams:
-            for src, w in into.get(path[-1], []):
-                if src in path:
-                    continue
-                step = (score * abs(w) / scale[path[-1]], path + [src])
-                (done if nodes[src]["feature_type"] == "embedding" else grown).append(step)
-        beams = sorted(grown, key=lambda b: -b[0])[: 4 * n]
-        if not beams:
+    best: dict[str, tuple[float, str | None]] = {target: (1.0, None)}  # node -> (score to the target, next node)
+
+    def score(node: str) -> float:
+        if node not in best:
+            best[node] = max(((abs(w) / scale[t] * score(t), t) for t, w in out.get(node, [])), default=(0.0, None))
+        return best[node][0]
+    starts = sorted((node_id for node_id, node in nodes.items() if node["feature_type"] == "embedding"),
+                    key=score, reverse=True)
+    paths = []
+    for start in starts[:n]:
+        if score(start) <= 0:
             break
-    done.sort(key=lambda b: -b[0])
-    return [(score, [nodes[i] for i in reversed(path)]) for score, path in done[:n]]
+        path = [start]
+        while path[-1] != target:
+            path.append(best[path[-1]][1])
+        paths.append((score(start), [nodes[i] for i in path]))
+    return paths
 
 
 # ---- the set as a whole: every MLP replaced at once -------------------------------------------------------------

@@ -9,7 +9,7 @@ hook's kept positions; only the blocks from the hook on are recomputed, and the 
 into the SAE (the model's weights are frozen).
 
   loss = mse (+ AuxK) + λ · mean over kept predictions of KL(clean ‖ spliced)
-  λ: --kl-coefficient, or set at the phase's first step so that λ·KL equals the MSE there, then fixed
+  λ: --kl-coefficient, or set at the phase's first step so that λ·KL equals --kl-balance × the MSE there, then fixed
 
 The windows come from the store's own corpus (its manifest records the collection's data settings and model)
 or from the streamed corpus, read from the start; the activations are recomputed, so the SAE sees exactly
@@ -138,7 +138,8 @@ def _step(run: "SAERun", model: HostModel, hook: str, batch: TokenBatch, progres
         if run.kl_coefficient is None:  # balance the two terms once, at the phase's first step
             run.kl_coefficient = run.cfg.optim.kl_coefficient
             if run.kl_coefficient is None:
-                run.kl_coefficient = float(out.parts["mse"].detach()) / max(float(kl.detach()), 1e-12)
+                balance = run.cfg.optim.kl_balance
+                run.kl_coefficient = balance * float(out.parts["mse"].detach()) / max(float(kl.detach()), 1e-12)
         return {"kl": run.kl_coefficient * kl}
 
     run.after_step(run.step_on(clean.acts[valid].float(), None, extra=kl_term), progress)
