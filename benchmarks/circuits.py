@@ -69,7 +69,7 @@ def main() -> None:
     print(f"load {loaded:.1f} s; attribution {attributed:.1f} s; pruning + JSON {pruned:.1f} s; "
           f"graph in {total:.1f} s (target <= 120 s); kept {len(data['nodes'])} nodes, {len(data['links'])} edges; "
           f"replacement {data['metadata']['info']['replacement_score']:.3f}")
-    save(__file__, {"features": graph.info["active_features"], "traced": graph.n_features,
+    save("circuits_cross_layer.py" if tcs.cross_layer else __file__, {"features": graph.info["active_features"], "traced": graph.n_features,
                     "attribution_s": attributed, "prune_json_s": pruned, "total_s": total,
                     "max_feature_nodes": args.max_feature_nodes, "batch_size": args.batch_size,
                     "cross_layer": tcs.cross_layer, "d_sae": tcs[0].cfg.d_sae})
