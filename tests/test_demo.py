@@ -30,6 +30,10 @@ def test_demo_quick_end_to_end(tmp_path):
 
     feats = interesting_features(FeatureDB(out), 5)
     assert feats and len({f["explanation"] for f in feats}) == len(feats)
+    from nanosae.demo import leading_token
+
+    assert len({leading_token(f["explanation"]) for f in feats}) == len(feats)  # one feature per leading token
+    assert leading_token('" Self" | "self" "["') == "self" and leading_token('"0" | " __ name"') == "0"
     assert all(f["fires"] >= 50 and re.search(r"[A-Za-z]{3}", f["explanation"]) and f["density"] <= 0.05 for f in feats)
     # every feature with enough firings was read from the whole store, and the steering effect is measured
     assert sqlite3.connect(out / "features.db").execute("SELECT value FROM meta WHERE key = 'tokens'").fetchone()[0] == "24576"

@@ -439,7 +439,7 @@ class OptimConfig:
     batch_size: int | None = None
     """Tokens per optimizer step; default ~tokens/500 rounded to a power of two, at most 4096."""
     lr: float | None = None
-    """Adam learning rate; default 5.4e-4 / sqrt(d_sae / 2^14)."""
+    """Adam learning rate; default 6.63e-4 / sqrt(d_sae / 2^14) (1.25e-3 at d_sae 4608)."""
     lr_warmup_steps: int | None = None
     """Linear warm-up steps (default 5% of the run)."""
     lr_schedule: LRSchedule = "linear"

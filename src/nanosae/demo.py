@@ -120,18 +120,26 @@ def _run_demo(cfg: DemoConfig, progress: StageProgress | None) -> dict[str, Any]
     return {"metrics": metrics, "features": features, "steering": steering, "out": str(out), "seconds": seconds}
 
 
+def leading_token(explanation: str) -> str:
+    """The first quoted token of an N2G explanation, trimmed and lower-cased ('" Self" | "x"' -> 'self')."""
+    match = re.search(r'"(.*?)"', explanation)
+    return (match.group(1) if match else explanation).strip().lower()
+
+
 def interesting_features(db: Any, n: int) -> list[dict[str, Any]]:
     """Features a researcher would look at first: enough evidence (≥ 50 firings), an explanation that says
-    something (a word of three letters or more, no special tokens), each explanation once, not dense or
-    position-like (density ≤ 5%), best detection score first, then most evidence."""
+    something (a word of three letters or more, no special tokens), each leading token once (a dictionary
+    splits a frequent token like " self" into several features; five of them would show one thing), not dense
+    or position-like (density ≤ 5%), best detection score first, then most evidence."""
     rows = db.rows("SELECT id, density, fires, max_act, explanation, score, top_logits FROM latents WHERE explanation "
                    "IS NOT NULL AND score IS NOT NULL AND fires >= 50 AND density <= 0.05 ORDER BY score DESC, fires DESC")
     out, seen = [], set()
     for r in rows:
         text = r["explanation"]
-        if text in seen or "<|" in text or not re.search(r"[A-Za-z]{3}", text):
+        lead = leading_token(text)
+        if lead in seen or "<|" in text or not re.search(r"[A-Za-z]{3}", text):
             continue
-        seen.add(text)
+        seen.add(lead)
         out.append({"id": r["id"], "density": r["density"], "fires": r["fires"], "max_act": r["max_act"],
                     "explanation": text, "score": r["score"], "top_logits": [t for t, _ in json.loads(r["top_logits"])[:5]]})
         if len(out) == n:

@@ -85,7 +85,7 @@ class Schedule:
         if sparsity is None:
             sparsity = {"relu": 5.0, "gated": 5.0, "jumprelu": 1.0}.get(cfg.sae.architecture, 0.0)
         default = lambda value, fallback: value if value is not None else fallback
-        return cls(steps=steps, lr=default(o.lr, 5.4e-4 / math.sqrt(cfg.sae.d_sae / 2**14)),
+        return cls(steps=steps, lr=default(o.lr, 6.63e-4 / math.sqrt(cfg.sae.d_sae / 2**14)),
                    warmup=default(o.lr_warmup_steps, max(1, steps // 20)),
                    sparsity_warmup=default(o.sparsity_warmup_steps, steps // 20), sparsity=sparsity,
                    dead_tokens=default(o.dead_tokens, max(o.batch_size, min(10_000_000, o.tokens // 20))),
