@@ -27,3 +27,8 @@ class DataError(NanosaeError):
 
 class TrainingError(NanosaeError):
     """Training diverged (NaN/inf loss) or cannot continue."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of a third-party exception's message (its type when it has none), for a one-line error."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

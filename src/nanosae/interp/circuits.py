@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from importlib.metadata import version
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,9 +185,8 @@ def clean_pass(model: HostModel, transcoders: TranscoderSet, tokens: Tensor) -> 
     seen: list[Tensor] = []
     with token_embeddings(model, seen.append):
         logits, cache = model.run_with_cache(tokens, names)
-    latents, errors = {}, {}
-    for layer, tc in transcoders.items():
-        latents[layer] = tc.encode(cache[mlp_hooks(layer)[0]][0])
+    latents = {layer: tc.encode(cache[mlp_hooks(layer)[0]][0]) for layer, tc in transcoders.items()}
+    errors = {}
     for layer in transcoders.layers:
         x, y = (cache[h][0] for h in mlp_hooks(layer))
         errors[layer] = y - transcoders.output(layer, latents, x).to(y.dtype)
@@ -588,8 +588,6 @@ def to_neuronpedia(graph: Graph, *, slug: str = "nanosae-graph", node_share: flo
              for t, s in edges.nonzero().tolist() if s in nodes and t in nodes]
     used = {l["source"] for l in links} | {l["target"] for l in links}
     node_list = [n for n in nodes.values() if n["node_id"] in used or n["feature_type"] in ("embedding", "logit")]
-    from importlib.metadata import version
-
     return {"metadata": {"slug": slug, "scan": graph.model, "transcoder_list": [], "prompt_tokens": graph.token_strs,
                          "prompt": graph.prompt, "node_threshold": node_share, "schema_version": 1,
                          "info": {"creator_name": "nanosae", "transcoders": graph.transcoders, **scores(graph),

@@ -34,7 +34,7 @@ from nanosae.config import DataConfig, check_fields, check_range
 from nanosae.data.corpus import iter_documents
 from nanosae.data.store import ActivationStore
 from nanosae.data.tokens import in_background, token_batches
-from nanosae.errors import DataError
+from nanosae.errors import DataError, first_line
 from nanosae.interp.featuredb import write_db
 from nanosae.io import write_lock
 from nanosae.models import HostModel
@@ -382,7 +382,7 @@ class FeatureStats:
             acc.random.load(state["random"])
         except Exception as e:  # torch.load raises many kinds for truncated or corrupt files
             log.warning("%s is unreadable (%s); the feature pass starts over", path,
-                        (str(e).splitlines() or [type(e).__name__])[0])
+                        first_line(e))
             return None
         log.info("resuming the feature pass at %d tokens", acc.n_tokens)
         return acc

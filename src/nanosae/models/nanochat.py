@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nanosae.errors import FormatError
+from nanosae.errors import FormatError, first_line
 from nanosae.io import read_json
 from nanosae.models.host import HostModel, LayerModules
 from nanosae.models.tokenizers import NanochatTokenizer, Tokenizer
@@ -361,7 +361,7 @@ def load_nanochat(spec: str, device: str = "cpu", dtype: torch.dtype | None = No
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for truncated/corrupt/unsafe files
-        raise FormatError(f"{model_path} could not be read: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        raise FormatError(f"{model_path} could not be read: {first_line(e)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise FormatError(f"{model_path}: expected a state dict of tensors, got {type(state).__name__}")
     compute = dtype or torch.float32

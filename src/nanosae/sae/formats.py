@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nanosae.config import TORCH_DTYPES, SAEConfig
-from nanosae.errors import ConfigError, FormatError
+from nanosae.errors import ConfigError, FormatError, first_line
 from nanosae.io import atomic_write, read_json, write_json
 
 CFG_FILE = "cfg.json"
@@ -197,7 +197,7 @@ def _load_openai(path: Path, device: str, normalize: bool | None, build: Any) ->
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for truncated/corrupt/unsafe files
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        why = first_line(e)
         raise FormatError(f"{path} could not be read as a torch state dict: {why}") from None
     if not isinstance(sd, dict):
         raise FormatError(f"{path}: expected an OpenAI sparse_autoencoder state dict, got {type(sd).__name__}")

@@ -15,19 +15,16 @@ RUN/cross_layer/checkpoints/step_N at the same steps as the layers'.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanosae.config import TrainConfig
-from nanosae.errors import ConfigError, FormatError, TrainingError
+from nanosae.errors import ConfigError, FormatError, TrainingError, first_line
 from nanosae.io import atomic_write
 from nanosae.sae import kernels
-
-if TYPE_CHECKING:
-    from nanosae.train.trainer import SAERun
+from nanosae.train.trainer import SAERun, load_checkpoint, lr_at, save_checkpoint
 
 CROSS_FILE = "cross_decoder.safetensors"
 
@@ -48,16 +45,13 @@ def check_cross_layer(cfgs: list[TrainConfig], world: int) -> None:
 class CrossLayer:
     """The decoders from each layer's latents to every later layer's MLP output, and the joint step."""
 
-    def __init__(self, runs: list["SAERun"], run_dir: Path):
-        from nanosae.train.trainer import load_checkpoint, lr_at
-
+    def __init__(self, runs: list[SAERun], run_dir: Path):
         cfg = runs[0].cfg
-        self.runs, self.lr_at = runs, lr_at
+        self.runs = runs
         self.path = run_dir / "cross_layer"
         n, d_model = len(runs), runs[0].sae.cfg.d_out
-        self.widths = [(n - 1 - i) * d_model for i in range(n - 1)]
-        self.decoders = [torch.zeros(r.sae.cfg.d_sae, w, device=cfg.device, requires_grad=True)
-                         for r, w in zip(runs, self.widths)]
+        self.decoders = [torch.zeros(r.sae.cfg.d_sae, (n - 1 - i) * d_model, device=cfg.device, requires_grad=True)
+                         for i, r in enumerate(runs[:-1])]
         o = cfg.optim
         self.opt = torch.optim.Adam(self.decoders, lr=o.lr or 0.0, betas=(o.beta1, o.beta2), eps=o.eps)
         self.step = runs[0].step
@@ -69,7 +63,7 @@ class CrossLayer:
                     w.copy_(saved)
             self.opt.load_state_dict(state["optimizer"])
             self.step = state["step"]
-        if self.step != runs[0].step or any(r.step != self.step for r in runs):
+        if any(r.step != self.step for r in runs):
             raise TrainingError(f"{self.path}: the cross-layer decoders are at step {self.step}, the layers at "
                                 f"{sorted({r.step for r in runs})}; train again into a new --out")
         for r in runs:
@@ -95,7 +89,7 @@ class CrossLayer:
             r.opt.zero_grad(set_to_none=True)
         self.opt.zero_grad(set_to_none=True)
         sum(out.loss for out, _, _ in steps).backward()
-        lr = self.lr_at(self.step, runs[0].cfg, runs[0].d)
+        lr = lr_at(self.step, runs[0].cfg, runs[0].d)
         for group in self.opt.param_groups:
             group["lr"] = lr
         if runs[0].cfg.optim.grad_clip:
@@ -125,8 +119,6 @@ class CrossLayer:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        from nanosae.train.trainer import save_checkpoint
-
         save_checkpoint(self.path, self.step, None, {"step": self.step, "batches": self.runs[0].batches_done,
                                                      "optimizer": self.opt.state_dict(),
                                                      "decoders": [w.detach().cpu() for w in self.decoders]})
@@ -142,7 +134,7 @@ class CrossLayer:
         self.checkpoint()
 
 
-def layer_of(run: "SAERun") -> int:
+def layer_of(run: SAERun) -> int:
     """The layer a set's run belongs to, from its input hook (blocks.L.ln2.hook_normalized)."""
     return int(run.sae.cfg.hook_name.split(".")[1])
 
@@ -155,7 +147,7 @@ def load_later(run_dir: Path, later: list[int], d_sae: int, d_model: int, device
         with safe_open(str(path), "pt", device=device) as f:
             layers, rows = (f.metadata() or {}).get("later_layers"), f.get_tensor("W_dec_later")
     except Exception as e:  # missing, truncated or not safetensors
-        raise FormatError(f"{path}: cannot read the cross-layer decoders ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+        raise FormatError(f"{path}: cannot read the cross-layer decoders ({first_line(e)})") from None
     expected = ",".join(map(str, later))
     if layers != expected or tuple(rows.shape) != (d_sae, len(later), d_model):
         raise FormatError(f"{path}: decoders to layers {layers} of shape {tuple(rows.shape)}; expected layers {expected} "

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from nanosae.config import BATCH_TOPK, SAEConfig, TrainConfig, flat_settings, model_dtype
 from nanosae.data import ActivationStore, ActivationStream
 from nanosae.data.store import norm_scale
-from nanosae.errors import ConfigError, DataError, FormatError, TrainingError
+from nanosae.errors import ConfigError, DataError, FormatError, TrainingError, first_line
 from nanosae.io import public_mode, read_json, write_json, write_lock
 from nanosae.rundir import RunDir
 from nanosae.sae import SAE
@@ -287,7 +287,7 @@ def load_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any], SAE | None] | 
             return ckpt, state, SAE.load(ckpt / "sae")
         except Exception as e:  # torch.load raises many kinds for truncated or corrupt files
             log.warning("checkpoint %s is unreadable (%s); trying the previous one", ckpt,
-                        (str(e).splitlines() or [type(e).__name__])[0])
+                        first_line(e))
     if found:
         raise FormatError(f"{RunDir(run_dir).checkpoints}: no checkpoint can be read; move it away to start the run over")
     return None
