@@ -271,10 +271,10 @@ class DataConfig:
 
 
 def default_batch_size(tokens: int) -> int:
-    """About 500 optimizer steps for short runs (tokens/500 rounded to a power of two), capped at 4096-token
-    batches: at a fixed token budget more steps give a better CE-loss score at the same FVU, until batches
-    get so small that latents die (the sweeps in docs/benchmarks.md)."""
-    return int(max(1, min(4096, tokens, 2 ** round(math.log2(max(1.0, tokens / 500))))))
+    """About 1000 optimizer steps for short runs (tokens/1000 rounded to a power of two), capped at 4096-token
+    batches: at a fixed token budget more steps give a better CE-loss score, until batches get so small that
+    latents die; the learning rate follows the batch (trainer.Schedule) so they do not (docs/benchmarks.md)."""
+    return int(max(1, min(4096, tokens, 2 ** round(math.log2(max(1.0, tokens / 1000))))))
 
 
 @dataclass
@@ -437,15 +437,22 @@ class OptimConfig:
     tokens: int = 2_000_000
     """Training tokens (steps = tokens // batch_size); a smaller store is read for several epochs."""
     batch_size: int | None = None
-    """Tokens per optimizer step; default ~tokens/500 rounded to a power of two, at most 4096."""
+    """Tokens per optimizer step; default ~tokens/1000 rounded to a power of two, at most 4096."""
     lr: float | None = None
-    """Adam learning rate; default 6.63e-4 / sqrt(d_sae / 2^14) (1.25e-3 at d_sae 4608)."""
+    """Adam learning rate; default 6.63e-4 / sqrt(d_sae / 2^14) × sqrt(batch_size / 1024) (1.25e-3 at d_sae 4608
+    and batch 1024, 8.8e-4 at batch 512)."""
     lr_warmup_steps: int | None = None
     """Linear warm-up steps (default 5% of the run)."""
     lr_schedule: LRSchedule = "linear"
     """constant, cosine, or linear decay over the last lr_decay_fraction of the run."""
     lr_decay_fraction: float = 0.2
     """Share of the run over which the learning rate decays to 0 (cosine, linear)."""
+    decoder_lr_scale: float | None = None
+    """The decoder's (W_dec, b_dec) learning rate as a multiple of lr; default 3 for the TopK family, else 1."""
+    refit_decoder: bool | None = None
+    """When training ends, set the decoder to the least-squares decoder for the trained encoder's codes on the
+    stored activations (default: on for TopK/BatchTopK SAEs up to 8192 latents trained from --acts, without
+    kl_finetune or ema_decay; see train.refit)."""
     beta1: float = 0.9
     """Adam's first-moment decay."""
     beta2: float = 0.999
@@ -503,6 +510,7 @@ class OptimConfig:
         check_range("eps", self.eps, 0, open_low=True)
         check_range("lr_decay_fraction", self.lr_decay_fraction, 0, 1)
         check_range("kl_finetune", self.kl_finetune, 0, 1)
+        check_range("decoder_lr_scale", self.decoder_lr_scale, 0, open_low=True)
         check_range("k_anneal", self.k_anneal, 0, 1)
         check_range("norm_weighting", self.norm_weighting, 0, 2)
         check_range("k_start", self.k_start, 1)

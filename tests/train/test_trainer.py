@@ -344,11 +344,17 @@ def test_layer_norm_inputs_train_and_are_undone_on_output(planted_store, tmp_pat
 def test_default_batch_size_by_hand():
     from nanosae.config import default_batch_size
 
-    # tokens/500 to the nearest power of two (in log2), at most 4096 and never more than the run:
-    # 600k/500 = 1200 = 2^10.23 -> 1024; 1M/500 = 2000 = 2^10.97 -> 2048; 200k/500 = 400 = 2^8.64 -> 512
-    cases = {400_000: 1024, 600_000: 1024, 1_000_000: 2048, 200_000: 512, 98_304: 256, 2_000_000: 4096, 300: 1}
+    # tokens/1000 to the nearest power of two (in log2), at most 4096 and never more than the run:
+    # 600k/1000 = 600 = 2^9.23 -> 512; 1M/1000 = 2^9.97 -> 1024; 200k/1000 = 2^7.64 -> 256; 2M/1000 = 2^10.97 -> 2048
+    cases = {400_000: 512, 600_000: 512, 1_000_000: 1024, 200_000: 256, 98_304: 128, 2_000_000: 2048, 4_000_000: 4096,
+             300: 1}
     assert {n: default_batch_size(n) for n in cases} == cases
-    assert TrainConfig.build(acts="x", tokens=400_000).optim.batch_size == 1024
+    assert TrainConfig.build(acts="x", tokens=400_000).optim.batch_size == 512
+    # the learning rate: 6.63e-4 at 2^14 latents and batch 1024, / sqrt(latents / 2^14), x sqrt(batch / 1024)
+    lr = lambda **kw: Schedule.of(TrainConfig.build(acts="x", **kw)).lr
+    assert lr(tokens=1_000_000, d_sae=16384) == pytest.approx(6.63e-4)
+    assert lr(tokens=600_000, d_sae=4608) == pytest.approx(6.63e-4 * (16384 / 4608) ** 0.5 / 2 ** 0.5)  # 8.84e-4
+    assert lr(tokens=4_000_000, d_sae=65536) == pytest.approx(6.63e-4 / 2 * 2)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -91,7 +91,7 @@ class CrossLayer:
         sum(out.loss for out, _, _ in steps).backward()
         lr = lr_at(self.step, runs[0].cfg, runs[0].d)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * runs[0].d.decoder_lr_scale  # decoders, as the layers' own (trainer.make_adam)
         if runs[0].cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.decoders, runs[0].cfg.optim.grad_clip)
         self.opt.step()

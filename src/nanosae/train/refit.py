@@ -1,0 +1,115 @@
+"""Decoder refit: when training ends, the decoder becomes the least-squares decoder for the encoder's codes.
+
+With unit-norm rows and a few hundred Adam steps, an SAE's decoder is still far from the best one for the codes
+its trained encoder gives: the codes run small (the least-squares rows are ~1.3× longer on average) and the
+directions lag. Solving for the decoder once, over the stored activations read one more time, takes seconds and
+lowered held-out FVU and the CE-loss gap on every job measured (docs/benchmarks.md). The refit rows are not
+unit-norm: their lengths carry the scale the codes lack, so the encoder, and which latents it picks, stay as
+they were.
+
+  G = Σ [z, 1]ᵀ[z, 1]   R = Σ [z, 1]ᵀ y   over the stored tokens (z: the final codes, y: the normalised target)
+  [W_dec; b_dec] = (G + W)⁻¹ (R + W·[W_dec; b_dec]_trained)
+  W: prior × mean(diag G) for every latent (a rare latent stays near its trained row), a small ridge for b_dec
+
+G is (d_sae+1)², which is why the default applies up to MAX_DEFAULT_LATENTS latents. It needs the stored
+activations: accumulating the codes of a streamed run's last steps instead (its encoder still moving) gave the
+CE-loss gain but not the FVU gain, so streamed runs are not refit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nanosae.errors import ConfigError
+from nanosae.sae import SAE, kernels
+
+MAX_DEFAULT_LATENTS = 8192  # G in float64 is 512 MiB at this width
+MAX_TOKENS = 2_000_000  # read at most this many stored tokens again
+RIDGE = 1e-4  # the bias row's, relative to its diagonal entry
+PRIOR = 0.1
+
+
+class DecoderRefit:
+    """The normal equations of the decoder, summed over batches of codes."""
+
+    def __init__(self, d_sae: int, d_out: int, device: torch.device | str = "cpu"):
+        self.gram = torch.zeros(d_sae + 1, d_sae + 1, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(d_sae + 1, d_out, dtype=torch.float64, device=device)
+
+    def add(self, vals: Tensor, sel: kernels.Selection, y: Tensor) -> None:
+        """One batch: its selected latent values (sel's layout, token-major) and normalised targets y (B, d_out)."""
+        m = self.gram.shape[0] - 1
+        vals, y = vals.detach().double(), y.detach().double()
+        cols, values = _padded(sel, vals)  # (B, most per token); padding has value 0, so it adds nothing
+        for t in range(0, len(cols), 256):  # every pair of one token's latents adds z_i·z_j at (i, j)
+            c, v = cols[t:t + 256], values[t:t + 256]
+            self.gram.view(-1).index_add_(0, (c[:, :, None] * (m + 1) + c[:, None, :]).flatten(),
+                                          (v[:, :, None] * v[:, None, :]).flatten())
+        sums = torch.zeros(m, dtype=torch.float64, device=vals.device).index_add_(0, sel.cols, vals)
+        self.gram[m, :m] += sums
+        self.gram[:m, m] += sums
+        self.gram[m, m] += len(y)
+        self.cross[:m] += sel.by_latent_times(vals, y)
+        self.cross[m] += y.sum(0)
+
+    @torch.no_grad()
+    def apply(self, sae: SAE) -> int:
+        """Set the SAE's decoder to the least-squares solution; returns how many latents were refit.
+
+        The solution is pulled towards the trained rows with the same weight for every latent (PRIOR × the mean
+        of G's diagonal): a latent that fired often is set by its data, a rare one stays near its trained row
+        instead of fitting the few tokens it fired on."""
+        m = self.gram.shape[0] - 1
+        diag = self.gram.diagonal()
+        fired = diag[:m] > 0
+        keep = torch.cat([fired, fired.new_ones(1)])  # the bias row always
+        weight = torch.full((int(keep.sum()),), PRIOR * float(diag[:m][fired].mean()), dtype=torch.float64,
+                            device=diag.device)
+        weight[-1] = RIDGE * float(diag[m])
+        trained = torch.cat([sae.W_dec[fired.to(sae.device)], sae.b_dec[None]]).to(diag.device, torch.float64)
+        solution = torch.linalg.solve(self.gram[keep][:, keep] + torch.diag(weight),
+                                      self.cross[keep] + weight[:, None] * trained).to(sae.W_dec.dtype)
+        rows, bias = solution[:-1].to(sae.device), solution[-1].to(sae.device)
+        if sae.cfg.apply_b_dec_to_input:  # the encoder subtracts b_dec: move b_enc so its pre-activations stay
+            sae.b_enc += (bias - sae.b_dec) @ sae.W_enc
+        sae.W_dec[fired.to(sae.device)] = rows
+        sae.b_dec.copy_(bias)
+        return int(fired.sum())
+
+
+def _padded(sel: kernels.Selection, vals: Tensor) -> tuple[Tensor, Tensor]:
+    """sel's entries as (tokens, most entries of one token) latent indices and values, zero-padded."""
+    n_tokens = len(sel.offsets)
+    counts = torch.diff(sel.offsets, append=sel.offsets.new_tensor([len(sel.rows)]))
+    width = int(counts.max()) if n_tokens else 0
+    slot = torch.arange(len(sel.rows), device=sel.rows.device) - sel.offsets[sel.rows]
+    cols = sel.cols.new_zeros(n_tokens, width)
+    values = vals.new_zeros(n_tokens, width)
+    cols[sel.rows, slot] = sel.cols
+    values[sel.rows, slot] = vals
+    return cols, values
+
+
+def codes(sae: SAE, x: Tensor) -> tuple[Tensor, kernels.Selection]:
+    """The codes the trained SAE gives x (inference: BatchTopK by its threshold), as sparse values and places."""
+    z = sae.encode(x)
+    rows, cols = z.nonzero(as_tuple=True)
+    return z[rows, cols], kernels.by_row(rows, cols, z[rows, cols], len(x), sae.cfg.d_sae)
+
+
+def refit_applies(cfg, stored: bool) -> bool:
+    """Whether the run refits its decoder: refit_decoder, or its default where the refit applies."""
+    o, sae = cfg.optim, cfg.sae
+    why_not = ("it is for topk and batchtopk SAEs" if sae.architecture not in ("topk", "batchtopk") else
+               "it reads the stored activations again (--acts), and this run streams them" if not stored else
+               "the end-to-end fine-tune (kl_finetune) trains the decoder last" if o.kl_finetune else
+               "the saved weights are the EMA (ema_decay), not those that gave the codes" if o.ema_decay else
+               "the latents are sharded over processes (shard_latents)" if cfg.shard_latents else
+               "a cross-layer transcoder's decoders are coupled across layers" if sae.cross_layer else
+               "a skip transcoder's target includes its skip term" if sae.skip_connection else None)
+    if o.refit_decoder is None:
+        return why_not is None and sae.d_sae <= MAX_DEFAULT_LATENTS
+    if o.refit_decoder and why_not:
+        raise ConfigError(f"refit_decoder cannot be used here: {why_not}")
+    return o.refit_decoder
