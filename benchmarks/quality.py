@@ -222,6 +222,8 @@ def main() -> None:
         saes[name] = sae
         rows[name] = {"train_s": round(seconds, 1), "dead_in_training": metrics.get("dead_fraction")}
         print(f"trained {name} in {seconds:.0f} s", flush=True)
+    if not saes:
+        raise SystemExit("no trainer was measured (see the messages above)")
     held_out = dataclasses.replace(data, split="eval")
     seconds = {"collect": collect_s}
     if not args.acts and "nanosae TopK" in saes:  # the demo's time to result: collect, train, evaluate as it does

@@ -452,7 +452,7 @@ class OptimConfig:
     refit_decoder: bool | None = None
     """When training ends, set the decoder to the least-squares decoder for the trained encoder's codes on the
     stored activations (default: on for TopK/BatchTopK SAEs up to 8192 latents trained from --acts, without
-    kl_finetune or ema_decay; see train.refit)."""
+    kl_finetune; see train.refit)."""
     beta1: float = 0.9
     """Adam's first-moment decay."""
     beta2: float = 0.999

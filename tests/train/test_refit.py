@@ -36,7 +36,7 @@ def test_normal_equations_equal_the_dense_codes(arch):
         counts = torch.diff(sel.offsets, append=sel.offsets.new_tensor([len(sel.rows)]))
         assert counts.min() != counts.max()
     Z1 = torch.cat([torch.cat(Z), torch.ones(192, 1, dtype=torch.float64)], 1)
-    torch.testing.assert_close(refit.gram, Z1.T @ Z1, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(refit.full_gram(), Z1.T @ Z1, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(refit.cross, Z1.T @ torch.cat(Y), rtol=1e-12, atol=1e-9)
 
 
@@ -117,7 +117,8 @@ def test_defaults_and_refusals(planted_store):
     store, _ = planted_store
     on = lambda stored=True, **kw: refit.refit_applies(cfg_for(store, "x", **kw), stored)
     assert on() and not on(stored=False)  # a streamed run has nothing to read again
-    assert not on(architecture="relu") and not on(d_sae=16384) and not on(kl_finetune=0.1) and not on(ema_decay=0.99)
+    assert not on(architecture="relu") and not on(d_sae=16384) and not on(kl_finetune=0.1)
+    assert on(ema_decay=0.99)  # the refit reads the codes of the weights it saves, the average among them
     assert on(d_sae=16384, refit_decoder=True) and not on(refit_decoder=False)
     with pytest.raises(ConfigError, match="refit_decoder cannot be used here: .*kl_finetune"):
         on(refit_decoder=True, kl_finetune=0.1)

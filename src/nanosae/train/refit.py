@@ -9,7 +9,7 @@ they were.
 
   G = Σ [z, 1]ᵀ[z, 1]   R = Σ [z, 1]ᵀ y   over the stored tokens (z: the final codes, y: the normalised target)
   [W_dec; b_dec] = (G + W)⁻¹ (R + W·[W_dec; b_dec]_trained)
-  W: prior × mean(diag G) for every latent (a rare latent stays near its trained row), a small ridge for b_dec
+  W: PRIOR × mean(diag G) for every latent (a rare latent stays near its trained row), a small ridge for b_dec
 
 G is (d_sae+1)², which is why the default applies up to MAX_DEFAULT_LATENTS latents. It needs the stored
 activations: accumulating the codes of a streamed run's last steps instead (its encoder still moving) gave the
@@ -27,14 +27,14 @@ from nanosae.sae import SAE, kernels
 MAX_DEFAULT_LATENTS = 8192  # G in float64 is 512 MiB at this width
 MAX_TOKENS = 2_000_000  # read at most this many stored tokens again
 RIDGE = 1e-4  # the bias row's, relative to its diagonal entry
-PRIOR = 0.1
+PRIOR = 0.1  # every latent's pull to its trained row, relative to the mean of G's diagonal
 
 
 class DecoderRefit:
     """The normal equations of the decoder, summed over batches of codes."""
 
     def __init__(self, d_sae: int, d_out: int, device: torch.device | str = "cpu"):
-        self.gram = torch.zeros(d_sae + 1, d_sae + 1, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(d_sae + 1, d_sae + 1, dtype=torch.float64, device=device)  # one side: full_gram()
         self.cross = torch.zeros(d_sae + 1, d_out, dtype=torch.float64, device=device)
 
     def add(self, vals: Tensor, sel: kernels.Selection, y: Tensor) -> None:
@@ -42,16 +42,19 @@ class DecoderRefit:
         m = self.gram.shape[0] - 1
         vals, y = vals.detach().double(), y.detach().double()
         cols, values = _padded(sel, vals)  # (B, most per token); padding has value 0, so it adds nothing
-        for t in range(0, len(cols), 256):  # every pair of one token's latents adds z_i·z_j at (i, j)
-            c, v = cols[t:t + 256], values[t:t + 256]
-            self.gram.view(-1).index_add_(0, (c[:, :, None] * (m + 1) + c[:, None, :]).flatten(),
-                                          (v[:, :, None] * v[:, None, :]).flatten())
+        a, b = torch.triu_indices(cols.shape[1], cols.shape[1], device=cols.device)
+        for t in range(0, len(cols), 1024):  # every pair of one token's latents adds z_i·z_j at (i, j) or (j, i)
+            c, v = cols[t:t + 1024], values[t:t + 1024]
+            self.gram.view(-1).index_add_(0, (c[:, a] * (m + 1) + c[:, b]).flatten(), (v[:, a] * v[:, b]).flatten())
         sums = torch.zeros(m, dtype=torch.float64, device=vals.device).index_add_(0, sel.cols, vals)
         self.gram[m, :m] += sums
-        self.gram[:m, m] += sums
         self.gram[m, m] += len(y)
         self.cross[:m] += sel.by_latent_times(vals, y)
         self.cross[m] += y.sum(0)
+
+    def full_gram(self) -> Tensor:
+        """G itself: add() writes each pair of latents once, on one side of the diagonal (half the work)."""
+        return self.gram + self.gram.T - torch.diag(self.gram.diagonal())
 
     @torch.no_grad()
     def apply(self, sae: SAE) -> int:
@@ -61,14 +64,15 @@ class DecoderRefit:
         of G's diagonal): a latent that fired often is set by its data, a rare one stays near its trained row
         instead of fitting the few tokens it fired on."""
         m = self.gram.shape[0] - 1
-        diag = self.gram.diagonal()
+        gram = self.full_gram()
+        diag = gram.diagonal()
         fired = diag[:m] > 0
         keep = torch.cat([fired, fired.new_ones(1)])  # the bias row always
         weight = torch.full((int(keep.sum()),), PRIOR * float(diag[:m][fired].mean()), dtype=torch.float64,
                             device=diag.device)
         weight[-1] = RIDGE * float(diag[m])
         trained = torch.cat([sae.W_dec[fired.to(sae.device)], sae.b_dec[None]]).to(diag.device, torch.float64)
-        solution = torch.linalg.solve(self.gram[keep][:, keep] + torch.diag(weight),
+        solution = torch.linalg.solve(gram[keep][:, keep] + torch.diag(weight),
                                       self.cross[keep] + weight[:, None] * trained).to(sae.W_dec.dtype)
         rows, bias = solution[:-1].to(sae.device), solution[-1].to(sae.device)
         if sae.cfg.apply_b_dec_to_input:  # the encoder subtracts b_dec: move b_enc so its pre-activations stay
@@ -92,7 +96,12 @@ def _padded(sel: kernels.Selection, vals: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def codes(sae: SAE, x: Tensor) -> tuple[Tensor, kernels.Selection]:
-    """The codes the trained SAE gives x (inference: BatchTopK by its threshold), as sparse values and places."""
+    """The codes the trained SAE gives x (inference: BatchTopK by its threshold), as sparse values and places.
+    TopK through the training step's sparse kernel (no (B, d_sae) tensor), the rest through encode()."""
+    if sae.cfg.architecture == "topk" and sae.cfg.normalize_activations == "none":
+        x_norm = sae._normalize(x)[0]
+        sel, _ = kernels.encode_select_topk(sae._centred(x_norm), sae.W_enc, sae.b_enc, sae.cfg.k)
+        return sel.pre.relu(), sel
     z = sae.encode(x)
     rows, cols = z.nonzero(as_tuple=True)
     return z[rows, cols], kernels.by_row(rows, cols, z[rows, cols], len(x), sae.cfg.d_sae)
@@ -104,7 +113,6 @@ def refit_applies(cfg, stored: bool) -> bool:
     why_not = ("it is for topk and batchtopk SAEs" if sae.architecture not in ("topk", "batchtopk") else
                "it reads the stored activations again (--acts), and this run streams them" if not stored else
                "the end-to-end fine-tune (kl_finetune) trains the decoder last" if o.kl_finetune else
-               "the saved weights are the EMA (ema_decay), not those that gave the codes" if o.ema_decay else
                "the latents are sharded over processes (shard_latents)" if cfg.shard_latents else
                "a cross-layer transcoder's decoders are coupled across layers" if sae.cross_layer else
                "a skip transcoder's target includes its skip term" if sae.skip_connection else None)

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import itertools
 import math
 import os
 import shutil
@@ -822,10 +821,12 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
     finally:
         for r in runs:
             r.close()
-    def stored() -> Iterator[list[torch.Tensor]]:  # the refit's pass: every source's batches in step
+    def stored() -> Iterator[list[torch.Tensor]]:  # the refit's pass: the first n tokens of every source, in step
         n = min(len(sources[0]), first.optim.tokens, MAX_TOKENS)
-        reads = [s.batches(first.optim.batch_size, shuffle=False) for s in sources]
-        return itertools.islice(zip(*reads), math.ceil(n / first.optim.batch_size))
+        for i, batch in enumerate(zip(*[s.batches(4096, shuffle=False) for s in sources])):
+            if i * 4096 >= n:
+                return
+            yield [b[: n - i * 4096] for b in batch]
 
     finished = dict(zip(mine, [r.finish(calibration, stored) for r in runs]))
     if coupled is not None:
