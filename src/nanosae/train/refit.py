@@ -41,11 +41,10 @@ class DecoderRefit:
         """One batch: its selected latent values (sel's layout, token-major) and normalised targets y (B, d_out)."""
         m = self.gram.shape[0] - 1
         vals, y = vals.detach().double(), y.detach().double()
-        cols, values = _padded(sel, vals)  # (B, most per token); padding has value 0, so it adds nothing
-        a, b = torch.triu_indices(cols.shape[1], cols.shape[1], device=cols.device)
-        for t in range(0, len(cols), 1024):  # every pair of one token's latents adds z_i·z_j at (i, j) or (j, i)
-            c, v = cols[t:t + 1024], values[t:t + 1024]
-            self.gram.view(-1).index_add_(0, (c[:, a] * (m + 1) + c[:, b]).flatten(), (v[:, a] * v[:, b]).flatten())
+        a, b = _pairs(sel)  # every pair of one token's latents, once: z_a·z_b added at (a, b)
+        for t in range(0, len(a), 1 << 22):  # bounded index tensors, however many latents a token holds
+            i, j = a[t:t + (1 << 22)], b[t:t + (1 << 22)]
+            self.gram.view(-1).index_add_(0, sel.cols[i] * (m + 1) + sel.cols[j], vals[i] * vals[j])
         sums = torch.zeros(m, dtype=torch.float64, device=vals.device).index_add_(0, sel.cols, vals)
         self.gram[m, :m] += sums
         self.gram[m, m] += len(y)
@@ -82,17 +81,17 @@ class DecoderRefit:
         return int(fired.sum())
 
 
-def _padded(sel: kernels.Selection, vals: Tensor) -> tuple[Tensor, Tensor]:
-    """sel's entries as (tokens, most entries of one token) latent indices and values, zero-padded."""
-    n_tokens = len(sel.offsets)
-    counts = torch.diff(sel.offsets, append=sel.offsets.new_tensor([len(sel.rows)]))
-    width = int(counts.max()) if n_tokens else 0
-    slot = torch.arange(len(sel.rows), device=sel.rows.device) - sel.offsets[sel.rows]
-    cols = sel.cols.new_zeros(n_tokens, width)
-    values = vals.new_zeros(n_tokens, width)
-    cols[sel.rows, slot] = sel.cols
-    values[sel.rows, slot] = vals
-    return cols, values
+def _pairs(sel: kernels.Selection) -> tuple[Tensor, Tensor]:
+    """Entry indices (a, b), a <= b, of every pair of entries of the same token: sel is token-major, so entry a
+    at slot s of a token holding c entries pairs with a, a+1, ..., a+(c-s-1). No padding, so a token with many
+    latents (BatchTopK) costs its own pairs only."""
+    n = len(sel.rows)
+    counts = torch.diff(sel.offsets, append=sel.offsets.new_tensor([n]))
+    slot = torch.arange(n, device=sel.rows.device) - sel.offsets[sel.rows]
+    partners = counts[sel.rows] - slot
+    a = torch.repeat_interleave(torch.arange(n, device=sel.rows.device), partners)
+    block = torch.repeat_interleave(torch.cumsum(partners, 0) - partners, partners)
+    return a, a + (torch.arange(len(a), device=a.device) - block)
 
 
 def codes(sae: SAE, x: Tensor) -> tuple[Tensor, kernels.Selection]:
