@@ -9,6 +9,7 @@ from nanosae.train.losses import sae_loss
 from nanosae.train import refit
 from nanosae.train.refit import DecoderRefit
 from nanosae.train.trainer import Schedule, lr_at
+from tests.train.test_trainer import cfg_for
 
 
 def random_sae(arch: str, d_in=12, d_sae=40, k=5, seed=0) -> SAE:
@@ -68,12 +69,6 @@ def test_apply_is_the_least_squares_decoder_and_keeps_the_encoder():
     assert torch.equal(sae.W_dec[~fired], old_rows[~fired])
     torch.testing.assert_close(sae.W_dec[fired].double(), rows, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sae.b_dec.double(), bias, rtol=1e-4, atol=1e-4)
-
-
-def cfg_for(store, out, **kw):
-    base = dict(acts=str(store.path), out=str(out), d_sae=128, k=4, batch_size=256, tokens=256 * 100, log_every=25,
-                checkpoint_every=0, lr=3e-3)
-    return TrainConfig.build(**(base | kw))
 
 
 def test_trained_decoder_is_the_least_squares_decoder_of_the_stored_codes(planted_store, tmp_path):

@@ -21,11 +21,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nanosae.config import TrainConfig
 from nanosae.errors import ConfigError
 from nanosae.sae import SAE, kernels
 
 MAX_DEFAULT_LATENTS = 8192  # G in float64 is 512 MiB at this width
 MAX_TOKENS = 2_000_000  # read at most this many stored tokens again
+READ_BATCH = 4096  # tokens per read of that pass (its own size: the training batch may be far smaller)
 RIDGE = 1e-4  # the bias row's, relative to its diagonal entry
 PRIOR = 0.1  # every latent's pull to its trained row, relative to the mean of G's diagonal
 
@@ -106,7 +108,7 @@ def codes(sae: SAE, x: Tensor) -> tuple[Tensor, kernels.Selection]:
     return z[rows, cols], kernels.by_row(rows, cols, z[rows, cols], len(x), sae.cfg.d_sae)
 
 
-def refit_applies(cfg, stored: bool) -> bool:
+def refit_applies(cfg: TrainConfig, stored: bool) -> bool:
     """Whether the run refits its decoder: refit_decoder, or its default where the refit applies."""
     o, sae = cfg.optim, cfg.sae
     why_not = ("it is for topk and batchtopk SAEs" if sae.architecture not in ("topk", "batchtopk") else

@@ -41,7 +41,7 @@ from nanosae.train.finetune import check_finetune, finetune
 from nanosae.train.sharded import (check_shardable, clip_gradients, gather_full, load_shard, local_slice, make_shards,
                                    reduce_gradients, save_shard, shard_file, shard_names, sharded_loss)
 from nanosae.train.init import init_sae
-from nanosae.train.refit import MAX_TOKENS, DecoderRefit, codes, refit_applies
+from nanosae.train.refit import MAX_TOKENS, READ_BATCH, DecoderRefit, codes, refit_applies
 from nanosae.train.losses import LossOutput, calibrate_threshold, normalize_decoder, remove_parallel_grad, sae_loss
 
 log = logging.getLogger(__name__)
@@ -634,7 +634,7 @@ class SAERun:
     @torch.no_grad()
     def refit_decoder(self, batches: Iterable[list[torch.Tensor]]) -> None:
         """The least-squares decoder for the final codes of the stored batches (train.refit); this process
-        reads its slice of each batch, as in training."""
+        reads its slice of each batch, as in training. Leaves the SAE in eval mode (its inference codes)."""
         sae = self.sae.eval()
         refit = DecoderRefit(sae.cfg.d_sae, sae.cfg.d_out, sae.device)
         for batch in batches:
@@ -646,7 +646,6 @@ class SAERun:
             refit.add(*codes(sae, x), y)
         all_reduce_mean([refit.gram, refit.cross], self.world)
         self.last["refit_latents"] = refit.apply(sae)
-        sae.train()
 
     def finish(self, calibration: list[list[torch.Tensor]] | None = None,
                stored: Callable[[], Iterable[list[torch.Tensor]]] | None = None) -> TrainResult:
@@ -823,10 +822,10 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
             r.close()
     def stored() -> Iterator[list[torch.Tensor]]:  # the refit's pass: the first n tokens of every source, in step
         n = min(len(sources[0]), first.optim.tokens, MAX_TOKENS)
-        for i, batch in enumerate(zip(*[s.batches(4096, shuffle=False) for s in sources])):
-            if i * 4096 >= n:
+        for i, batch in enumerate(zip(*[s.batches(READ_BATCH, shuffle=False) for s in sources])):
+            if i * READ_BATCH >= n:
                 return
-            yield [b[: n - i * 4096] for b in batch]
+            yield [b[: n - i * READ_BATCH] for b in batch]
 
     finished = dict(zip(mine, [r.finish(calibration, stored) for r in runs]))
     if coupled is not None:
