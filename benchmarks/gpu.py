@@ -85,7 +85,7 @@ def sparsify_step(x: torch.Tensor, d_sae: int, k: int, autocast: bool):
 def training(device: str, shapes: list[tuple[int, int, int]], batch: int, reps: int) -> dict:
     if not device.startswith("cuda"):
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs a GPU
-    out = {}
+    out, steps_of = {}, {f"{d_in}x{d_sae} k{k}": {} for d_in, d_sae, k in shapes}
     for d_in, d_sae, k in shapes:
         x = torch.randn(batch, d_in, device=device)
         W = torch.randn(d_in, d_sae, device=device)
@@ -102,12 +102,37 @@ def training(device: str, shapes: list[tuple[int, int, int]], batch: int, reps: 
                            ("sparsify (bf16 autocast)", lambda: sparsify_step(x, d_sae, k, True))]:
             try:
                 reset_peak(device)
-                rows[name] = rate(make(), batch, device, reps)
+                step = make()
+                rows[name] = rate(step, batch, device, reps)
                 rows[name + " peak GiB"] = peak_gib(device)
-            except ImportError as e:
-                print(f"{name} not measured: {e}")
+                steps_of[f"{d_in}x{d_sae} k{k}"][name] = breakdown(step, device)
+            except Exception as e:  # a peer that does not import or run here is reported, not fatal
+                print(f"{name} not measured: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         out[f"{d_in}x{d_sae} k{k}"] = rows
-    return out
+    return out, steps_of
+
+
+def breakdown(step, device: str, top: int = 6, calls: int = 3) -> dict:
+    """Where a step's time goes, so a shortfall names its part: the `top` kernels (operators on a CPU) by their
+    own time, as shares of the step's total, and that total in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    step()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            step()
+        sync(device)
+
+    def own(e) -> float:
+        if cuda:
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        return e.self_cpu_time_total
+    events = prof.key_averages()
+    total = sum(own(e) for e in events) or 1.0
+    parts = {e.key[:70]: own(e) / total for e in sorted(events, key=own, reverse=True)[:top]}
+    return {"ms_per_step": total / calls / 1000, "parts": parts}
 
 
 # ---- 2. collection and 3. streaming ---------------------------------------------------------------------------
@@ -143,9 +168,10 @@ def host(name: str, device: str, smoke: bool):
                                          max_position_embeddings=2048)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # built in bfloat16 directly
+    torch.set_default_dtype(torch.bfloat16)  # built in bfloat16, on the device directly (no 2B-parameter CPU init)
     try:
-        module = getattr(transformers, model_name)(cfg).to(device)
+        with torch.device(device):
+            module = getattr(transformers, model_name)(cfg)
     finally:
         torch.set_default_dtype(default)
     return HFModel(module, word_tokenizer(vocab), name)
@@ -236,7 +262,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
     print(f"nanosae GPU benchmark on {name} ({time.strftime('%Y-%m-%d')}), torch {torch.__version__}\n")
     shapes = [(64, 512, 8)] if smoke else TRAIN_SHAPES
-    train = training(device, shapes, batch=256 if smoke else 4096, reps=3 if smoke else 10)
+    train, steps_of = training(device, shapes, batch=256 if smoke else 4096, reps=3 if smoke else 10)
     print(f"| SAE training (batch {256 if smoke else 4096}, tokens/s) | " + " | ".join(train) + " |\n|---|" + "---|" * len(train))
     for row in dict.fromkeys(r for v in train.values() for r in v):
         cells = [train[s].get(row) for s in train]
@@ -245,8 +271,15 @@ def main() -> None:
     for shape, rows in train.items():
         peers = [v for k, v in rows.items() if k.startswith("sparsify") and "GiB" not in k]
         ours = max(v for k, v in rows.items() if k.startswith("nanosae") and "GiB" not in k)
+        bound = max(v for k, v in rows.items() if k.startswith("GEMM bound"))
+        print(f"{shape}: nanosae's best at {ours / bound:.0%} of the fastest encoder GEMM alone")
         if peers:
             print(f"{shape}: nanosae / sparsify's best {ours / max(peers):.2f}x (target >= 1.5x)")
+    print("\nwhere a step's time goes (own time of the top kernels, share of the step):")
+    for shape, trainers in steps_of.items():
+        for name, b in trainers.items():
+            parts = ", ".join(f"{k} {v:.0%}" for k, v in b["parts"].items())
+            print(f"- {shape} {name} ({b['ms_per_step']:.2f} ms): {parts}")
     col = collection(device, list(MODELS), tokens=8192 if not smoke else 256, smoke=smoke)
     print("\n| collection (bfloat16 model) | truncated forward tok/s | collect tok/s | ratio (target >= 0.9) | peak GiB |")
     print("|---|---|---|---|---|")
@@ -258,7 +291,7 @@ def main() -> None:
           f"{st['forward_tokens_per_s']:,.0f} tok/s, with the SAE {st['train_tokens_per_s']:,.0f} tok/s: the SAE adds "
           f"{st['sae_share']:.0%} (target <= 15%)")
     save(__file__, {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "smoke": smoke,
-                    "training": train, "collection": col, "streaming": st})
+                    "training": train, "step_breakdown": steps_of, "collection": col, "streaming": st})
 
 
 if __name__ == "__main__":

@@ -181,21 +181,21 @@ from nanosae import TrainConfig
 def progress(p):
     if p.step >= 17:
         os.kill(os.getpid(), signal.SIGKILL)
-cfg = TrainConfig.build(acts=sys.argv[1], out=sys.argv[2], d_sae=64, k=4, batch_size=512, tokens=512 * 30, log_every=1,
-                  checkpoint_every=5, lr=3e-3, ema_decay=0.9)
+cfg = TrainConfig.build(acts=sys.argv[1], out=sys.argv[2], device=sys.argv[3], d_sae=64, k=4, batch_size=512,
+                        tokens=512 * 30, log_every=1, checkpoint_every=5, lr=3e-3, ema_decay=0.9)
 nanosae.train(cfg, progress=progress)
 """
 
 
-def test_kill_and_resume_is_bit_identical(planted_store, tmp_path):
+def test_kill_and_resume_is_bit_identical(planted_store, tmp_path, device):
     store, _ = planted_store
     killed = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(store.path), str(killed)], capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": os.getcwd()})
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(store.path), str(killed), device], capture_output=True,
+                          text=True, env=os.environ | {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == -9, proc.stderr
     assert (killed / "checkpoints" / "step_15").exists() and not (killed / "sae").exists()
-    common = dict(acts=str(store.path), d_sae=64, k=4, batch_size=512, tokens=512 * 30, log_every=1, checkpoint_every=5,
-                  lr=3e-3, ema_decay=0.9)
+    common = dict(acts=str(store.path), device=device, d_sae=64, k=4, batch_size=512, tokens=512 * 30, log_every=1,
+                  checkpoint_every=5, lr=3e-3, ema_decay=0.9)
     resumed = nanosae.train(TrainConfig.build(out=str(killed), resume=True, **common))
     whole = nanosae.train(TrainConfig.build(out=str(tmp_path / "whole"), **common))
     for name, tensor in whole.sae.state_dict().items():
