@@ -22,6 +22,7 @@ from collections import Counter
 import torch
 
 from _results import save
+from nanosae.sae import kernels
 from train_throughput import Shape, nanosae_step
 
 TRAIN_SHAPES = [(2304, 65536, 64), (576, 4608, 32)]
@@ -96,10 +97,14 @@ def training(device: str, shapes: list[tuple[int, int, int]], batch: int, reps: 
         del W
         reset_peak(device)
         shape = Shape(d_in, d_sae, k, batch)
-        for name, make in [("nanosae", lambda: nanosae_step(x, shape)),
-                           ("nanosae --encoder-bf16", lambda: nanosae_step(x, shape, encoder_bf16=True)),
-                           ("sparsify", lambda: sparsify_step(x, d_sae, k, False)),
-                           ("sparsify (bf16 autocast)", lambda: sparsify_step(x, d_sae, k, True))]:
+        trainers = [("nanosae", lambda: nanosae_step(x, shape)),
+                    ("nanosae --encoder-bf16", lambda: nanosae_step(x, shape, encoder_bf16=True)),
+                    ("sparsify", lambda: sparsify_step(x, d_sae, k, False)),
+                    ("sparsify (bf16 autocast)", lambda: sparsify_step(x, d_sae, k, True))]
+        other = "csr" if kernels.ROWS_SUM.get(x.device.type) == "embedding_bag" else "embedding_bag"
+        trainers += [(f"nanosae --encoder-bf16, rows summed by {other}",  # the other way to sum selected rows
+                      lambda: with_rows_sum(other, nanosae_step(x, shape, encoder_bf16=True), x.device.type))]
+        for name, make in trainers:
             try:
                 reset_peak(device)
                 step = make()
@@ -110,6 +115,18 @@ def training(device: str, shapes: list[tuple[int, int, int]], batch: int, reps: 
                 print(f"{name} not measured: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         out[f"{d_in}x{d_sae} k{k}"] = rows
     return out, steps_of
+
+
+def with_rows_sum(how: str, step, device_type: str):
+    """step, run with kernels.ROWS_SUM set to `how` for its device."""
+    def run():
+        kept = kernels.ROWS_SUM.get(device_type)
+        kernels.ROWS_SUM[device_type] = how
+        try:
+            step()
+        finally:
+            kernels.ROWS_SUM[device_type] = kept
+    return run
 
 
 def breakdown(step, device: str, top: int = 6, calls: int = 3) -> dict:
@@ -145,7 +162,7 @@ def word_tokenizer(vocab_size: int):
     from nanosae.data import iter_documents
 
     words = Counter()
-    for i, doc in enumerate(iter_documents(DataConfig())):
+    for i, doc in enumerate(iter_documents(DataConfig(specs=["builtin:stdlib"]))):
         words.update(doc.split())
         if i > 2000:
             break
@@ -187,7 +204,7 @@ def collection(device: str, names: list[str], tokens: int, smoke: bool) -> dict:
     for name in names:
         model = host(name, device, smoke)
         hook = f"blocks.{model.n_layers // 2}.hook_resid_post"
-        data = DataConfig(context_size=256 if not smoke else 32)
+        data = DataConfig(specs=["builtin:stdlib"], context_size=256 if not smoke else 32)  # millions of tokens
         batch = 16 if not smoke else 4
         windows = token_batches(iter_documents(data), model.tokenizer, data.context_size, batch)
         fixed = [next(windows) for _ in range(4)]
@@ -225,7 +242,7 @@ def streaming(device: str, tokens: int, smoke: bool) -> dict:
 
     model = host("llama-3.2-1b", device, smoke)
     hook = f"blocks.{model.n_layers // 2}.hook_resid_post"
-    data = DataConfig(context_size=256 if not smoke else 32)
+    data = DataConfig(specs=["builtin:stdlib"], context_size=256 if not smoke else 32)
     mbs = 16 if not smoke else 4
     d_sae, batch = (16384, 4096) if not smoke else (512, 256)
 
@@ -280,13 +297,13 @@ def main() -> None:
         for name, b in trainers.items():
             parts = ", ".join(f"{k} {v:.0%}" for k, v in b["parts"].items())
             print(f"- {shape} {name} ({b['ms_per_step']:.2f} ms): {parts}")
-    col = collection(device, list(MODELS), tokens=8192 if not smoke else 256, smoke=smoke)
+    col = collection(device, list(MODELS), tokens=262144 if not smoke else 256, smoke=smoke)
     print("\n| collection (bfloat16 model) | truncated forward tok/s | collect tok/s | ratio (target >= 0.9) | peak GiB |")
     print("|---|---|---|---|---|")
     for m, r in col.items():
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         print(f"| {m} | {r['forward_tokens_per_s']:,.0f} | {r['collect_tokens_per_s']:,.0f} | {r['ratio']:.2f} | {peak} |")
-    st = streaming(device, tokens=65536 if not smoke else 1024, smoke=smoke)
+    st = streaming(device, tokens=524288 if not smoke else 1024, smoke=smoke)
     print(f"\nstreaming training from llama-3.2-1b-shaped, d_sae {st['d_sae']}: forward alone "
           f"{st['forward_tokens_per_s']:,.0f} tok/s, with the SAE {st['train_tokens_per_s']:,.0f} tok/s: the SAE adds "
           f"{st['sae_share']:.0%} (target <= 15%)")

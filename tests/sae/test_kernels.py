@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nanosae import SAE, SAEConfig
+from nanosae.sae import kernels
 from nanosae.train.losses import sae_loss
 
 
@@ -17,7 +18,9 @@ def grads(sae, x, **kw):
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("n_dead", [0, 8, 30])  # 8 < k_aux: AuxK uses every dead latent; 30 > k_aux: the top 12
 @pytest.mark.parametrize("norm_weighting", [0.0, 0.7])
-def test_fast_path_equals_dense(arch, n_dead, norm_weighting, device):
+@pytest.mark.parametrize("rows_sum", ["embedding_bag", "csr"])
+def test_fast_path_equals_dense(arch, n_dead, norm_weighting, rows_sum, device, monkeypatch):
+    monkeypatch.setitem(kernels.ROWS_SUM, device, rows_sum)
     sae = SAE(SAEConfig(d_in=24, d_sae=96, architecture=arch, k=6, dtype="float64", device=device))
     with torch.no_grad():
         sae.b_dec.normal_()
@@ -106,3 +109,34 @@ def test_encoder_in_bfloat16_picks_nearly_the_same_latents(arch, device):
         assert g_half[name].dtype == torch.float32
         cos = torch.nn.functional.cosine_similarity(g_half[name].flatten(), g_exact[name].flatten(), dim=0)
         assert cos > 0.9, (name, float(cos))
+
+
+def test_sums_in_a_fixed_order_equal_index_add(device):
+    """The GPU's deterministic sums (stable sort + segments) equal index_add_'s, empty indices included, and the
+    same call twice gives the same bits."""
+    index = torch.randint(0, 50, (5000,), device=device)
+    index[index == 7] = 8  # index 7 never occurs
+    values = torch.randn(5000, dtype=torch.float64, device=device)
+    expected = torch.zeros(50, dtype=torch.float64, device=device).index_add_(0, index, values)
+    got = kernels.sorted_sum(index, values, 50)
+    assert torch.allclose(got, expected, atol=1e-12) and got[7] == 0
+    assert torch.equal(got, kernels.sorted_sum(index, values, 50))
+    assert torch.equal(kernels.count(index, 50), torch.bincount(index, minlength=50))
+    assert torch.equal(kernels.count(index, 50, values > 0), torch.bincount(index[values > 0], minlength=50))
+    target = torch.ones(50, dtype=torch.float64, device=device)
+    assert torch.allclose(kernels.index_add_exact(target, index, values), expected + 1, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_a_topk_step_on_cuda_never_waits_for_the_gpu():
+    """No host synchronisation inside a TopK training step (a sync makes a small step launch-bound)."""
+    from nanosae.train.losses import sae_loss
+
+    sae = SAE(SAEConfig(d_in=64, d_sae=512, architecture="topk", k=8, device="cuda"))
+    x = torch.randn(256, 64, device="cuda")
+    sae_loss(sae, x).loss.backward()  # warm-up: first calls may sync (allocator, cuBLAS handles)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sae_loss(sae, x).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

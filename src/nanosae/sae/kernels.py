@@ -10,6 +10,8 @@ leaving the encoder's forward GEMM (needed to find the top k) as the only dense 
 Selection (the k_aux largest dead latents per token, picked from the same pre-activations) through the same
 two functions, so a step with half the latents dead adds sparse work, not dense GEMMs.
 Selections are flat (rows, cols) lists sorted by row; `offsets` marks where each row's bag starts.
+On a GPU the step has no host synchronisation (counts are integer index_adds, not bincount, which reads the
+maximum back) and every float sum is taken in a fixed order, so a resumed run equals the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -40,25 +42,68 @@ class Selection:
     def _transpose(self) -> tuple[Tensor, Tensor, Tensor]:
         """(order, crow, rows[order]) of the latent-major layout: one counting sort, shared by both backwards."""
         order = torch.argsort(self.cols.int(), stable=True)  # int32 sorts far faster than int64 on CPU
-        counts = torch.bincount(self.cols, minlength=self.n_latents)
+        counts = count(self.cols, self.n_latents)
         return order, torch.cat([counts.new_zeros(1), counts.cumsum(0)]), self.rows[order]
 
     def by_token(self, values: Tensor) -> Tensor:
         """(B, d_sae) CSR matrix with `values` at the selected places."""
-        crow = torch.cat([self.offsets, self.offsets.new_tensor([len(self.cols)])])
-        return torch.sparse_csr_tensor(crow, self.cols, values, (len(self.offsets), self.n_latents), check_invariants=False)
+        return csr(self.offsets, self.cols, values, self.n_latents)
 
     def by_latent_times(self, values: Tensor, dense_BD: Tensor) -> Tensor:
         """(d_sae, D): Σ over a latent's selections of value · dense[row], i.e. (the (B, d_sae) matrix of
-        `values`)ᵀ @ dense. One embedding_bag over the latent-major order: no zero-filled dense result and no
-        copy on top of the product, as a sparse CSR matmul would make."""
+        `values`)ᵀ @ dense, as a sum of rows over the latent-major order."""
         order, crow, rows = self._transpose
-        return F.embedding_bag(rows, dense_BD, crow[:-1], mode="sum", per_sample_weights=values[order])
+        return rows_sum(rows, crow[:-1], values[order], dense_BD)
+
+    def by_latent_sum(self, values: Tensor) -> Tensor:
+        """(d_sae,): Σ over a latent's selections of value, in the same order on every run and device."""
+        order, crow, _ = self._transpose
+        return torch.segment_reduce(values[order], "sum", offsets=crow, unsafe=True)  # unsafe: no check that syncs
+
+
+# How a weighted sum of selected rows is taken, per device type: "embedding_bag" (a gather-and-sum with no
+# zero-filled result) or "csr" (a sparse CSR matrix times the dense rows: cuSPARSE's SpMM on a GPU). A module
+# setting so that benchmarks/gpu.py can time both on the same step; docs/scale.md gives the figures behind it.
+ROWS_SUM = {"cpu": "embedding_bag", "cuda": "embedding_bag"}
+
+
+def csr(offsets: Tensor, cols: Tensor, values: Tensor, n_cols: int) -> Tensor:
+    """(len(offsets), n_cols) CSR matrix whose row r holds values[offsets[r]:offsets[r+1]] at cols."""
+    crow = torch.cat([offsets, offsets.new_full((1,), len(cols))])  # no host-to-device copy (a sync)
+    return torch.sparse_csr_tensor(crow, cols, values, (len(offsets), n_cols), check_invariants=False)
+
+
+def rows_sum(index: Tensor, offsets: Tensor, weights: Tensor, table: Tensor) -> Tensor:
+    """(len(offsets), D): out[b] = Σ_j weights[j] · table[index[j]] over bag b's entries (offsets[b] onwards)."""
+    if ROWS_SUM.get(table.device.type, "embedding_bag") == "csr":
+        return csr(offsets, index, weights, len(table)) @ table
+    return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights)
+
+
+def count(index: Tensor, n: int, where: Tensor | None = None) -> Tensor:
+    """(n,) how often each of 0..n-1 occurs in index (only where `where` holds, when given): bincount without
+    the host sync CUDA's bincount makes, and without the one a boolean mask would."""
+    ones = torch.ones_like(index) if where is None else where.long()
+    return torch.zeros(n, dtype=torch.long, device=index.device).index_add_(0, index, ones)
+
+
+def index_add_exact(target: Tensor, index: Tensor, values: Tensor) -> Tensor:
+    """target.index_add_(0, index, values), summed in one fixed order on every device: CUDA's index_add_ adds
+    floats in whatever order its atomics land, which changes the last bits from run to run."""
+    if target.device.type == "cpu":
+        return target.index_add_(0, index, values)
+    return target.add_(sorted_sum(index, values, len(target)))
+
+
+def sorted_sum(index: Tensor, values: Tensor, n: int) -> Tensor:
+    """(n,) Σ of values per index, each sum taken in the order the values come (a stable sort, then segments)."""
+    order = torch.argsort(index, stable=True)
+    return torch.segment_reduce(values[order], "sum", lengths=count(index, n), unsafe=True)
 
 
 def by_row(rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int, n_latents: int) -> Selection:
     """A Selection from (row, latent, value) entries sorted by row, any number per row (none included)."""
-    counts = torch.bincount(rows, minlength=n_rows)
+    counts = count(rows, n_rows)
     return Selection(rows, cols, torch.cumsum(counts, 0) - counts, vals, n_latents)
 
 
@@ -80,7 +125,9 @@ def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
     gemm_dtype (e.g. bfloat16 on a GPU's tensor cores): the GEMM's precision, as autocast would run it; the
     selected values come back in the weights' dtype."""
     B, Fdim, dtype = xc_BD.shape[0], W_enc_DF.shape[1], W_enc_DF.dtype
-    chunk = chunk or min(1024, max(64, 2**26 // Fdim))  # the buffer stays <= 256 MB of float32 at any d_sae
+    if chunk is None and W_enc_DF.device.type == "cpu":
+        chunk = min(1024, max(64, 2**26 // Fdim))  # the buffer stays <= 256 MB of float32 and in cache for topk
+    chunk = chunk or max(64, 2**29 // Fdim)  # a GPU takes the batch in one GEMM, up to a 2 GiB float32 buffer
     gemm_dtype = gemm_dtype or dtype
     W, b = W_enc_DF.to(gemm_dtype), b_enc_F.to(gemm_dtype)
     values, indices, aux_values, aux_indices = [], [], [], []
@@ -138,7 +185,7 @@ class _SelectedPreacts(torch.autograd.Function):
         xc_BD, W_enc_DF = ctx.saved_tensors
         sel = ctx.sel
         grad_W = grad_b = grad_b_dec = None
-        grad_b_enc = torch.zeros(sel.n_latents, dtype=g_n.dtype, device=g_n.device).index_add_(0, sel.cols, g_n)
+        grad_b_enc = sel.by_latent_sum(g_n)
         if ctx.needs_input_grad[1]:
             grad_W = sel.by_latent_times(g_n, xc_BD).T  # (d_sae, d_in), viewed as (d_in, d_sae)
         if ctx.needs_input_grad[2]:
@@ -155,7 +202,7 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx, vals: Tensor, W_dec_FD: Tensor, sel: Selection) -> Tensor:
         ctx.save_for_backward(vals, W_dec_FD)
         ctx.sel = sel
-        return F.embedding_bag(sel.cols, W_dec_FD, sel.offsets, mode="sum", per_sample_weights=vals)
+        return rows_sum(sel.cols, sel.offsets, vals, W_dec_FD)
 
     @staticmethod
     def backward(ctx, g_BD: Tensor):

@@ -137,7 +137,7 @@ def _sparse_loss(sae: SAE, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, 
         aux_vals = kernels.selected_preacts(xc, sae.W_enc, sae.b_enc, b_dec, aux).relu()
         residual_hat = kernels.sparse_decode(aux_vals, aux, sae.W_dec)
         parts["auxk"] = aux_coefficient * (residual_hat - (y - x_hat.detach())).pow(2).sum(-1).mean()
-    fired = torch.bincount(sel.cols[vals.detach() > 0], minlength=sae.cfg.d_sae)
+    fired = kernels.count(sel.cols, sae.cfg.d_sae, vals.detach() > 0)
     if sae.cfg.architecture == "batchtopk" and sae.training:
         update_threshold(sae, vals.detach())
     return LossOutput(sum(parts.values()), parts, fired, x_hat.detach(), y, (vals, sel))

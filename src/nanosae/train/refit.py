@@ -46,9 +46,8 @@ class DecoderRefit:
         a, b = _pairs(sel)  # every pair of one token's latents, once: z_a·z_b added at (a, b)
         for t in range(0, len(a), 1 << 22):  # bounded index tensors, however many latents a token holds
             i, j = a[t:t + (1 << 22)], b[t:t + (1 << 22)]
-            self.gram.view(-1).index_add_(0, sel.cols[i] * (m + 1) + sel.cols[j], vals[i] * vals[j])
-        sums = torch.zeros(m, dtype=torch.float64, device=vals.device).index_add_(0, sel.cols, vals)
-        self.gram[m, :m] += sums
+            kernels.index_add_exact(self.gram.view(-1), sel.cols[i] * (m + 1) + sel.cols[j], vals[i] * vals[j])
+        self.gram[m, :m] += sel.by_latent_sum(vals)
         self.gram[m, m] += len(y)
         self.cross[:m] += sel.by_latent_times(vals, y)
         self.cross[m] += y.sum(0)

@@ -159,7 +159,7 @@ def sharded_loss(sae: SAE, x: Tensor, target: Tensor | None, shards: Shards, *, 
         aux_vals = kernels.selected_preacts(xc, sae.W_enc, sae.b_enc, None, aux).relu()
         residual_hat = _summed(kernels.sparse_decode(aux_vals, aux, sae.W_dec), shards)
         parts["auxk"] = aux_coefficient * (residual_hat - (y - x_hat.detach())).pow(2).sum(-1).mean()
-    fired_local = torch.bincount(sel.cols[vals.detach() > 0], minlength=sae.cfg.d_sae)
+    fired_local = kernels.count(sel.cols, sae.cfg.d_sae, vals.detach() > 0)
     fired = [torch.empty_like(fired_local) for _ in range(shards.n)]
     dist.all_gather(fired, fired_local, group=shards.group)
     return LossOutput(sum(parts.values()), parts, torch.cat(fired), x_hat.detach(), y)

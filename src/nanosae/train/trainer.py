@@ -399,7 +399,8 @@ class SAERun:
                             device="cpu" if self.shards else cfg.device)  # sharded: initialised whole, then sliced
         self.sae = SAE(sae_cfg)
         self.sae.train()
-        self.since_fired = torch.zeros(cfg.sae.d_sae, dtype=torch.long)
+        self.since_fired = torch.zeros(cfg.sae.d_sae, dtype=torch.long)  # moves to the device of the counts it takes
+        self.tokens_seen = 0  # a bound on since_fired: no latent can be dead before dead_tokens (no device sync)
         self.ema: dict[str, torch.Tensor] | None = None
         self.kl_coefficient: float | None = None  # set by the fine-tune's first step
         self.step, self.batches_done, self.seconds = 0, 0, 0.0
@@ -453,6 +454,7 @@ class SAERun:
         else:
             self._load_whole(ckpt, state, loaded)
         self.step, self.batches_done, self.since_fired = state["step"], state["batches"], state["since_fired"]
+        self.tokens_seen = self.d.dead_tokens  # resumed: any latent may be dead already
         self.seconds = state["seconds"]
         self.kl_coefficient = state.get("kl_coefficient")
         self.refit_done = state.get("refit_done", False)
@@ -509,7 +511,7 @@ class SAERun:
     def checkpoint(self) -> None:
         """Rank 0 writes the checkpoint; with sharded latents every slice first writes its own file, which rank 0
         moves into the step's directory (so a checkpoint directory is whole or absent)."""
-        state = {"step": self.step, "batches": self.batches_done, "since_fired": self.since_fired,
+        state = {"step": self.step, "batches": self.batches_done, "since_fired": self.since_fired.cpu(),
                  "rng": self.gen.get_state(), "seconds": self.seconds, "kl_coefficient": self.kl_coefficient,
                  "config": dataclasses.asdict(self.cfg), "job": self.job, "refit_done": self.refit_done}
         if self.shards is None:
@@ -548,15 +550,12 @@ class SAERun:
         """The loss of one step (added: a prediction from elsewhere, see sae_loss); apply_step, after the
         backward pass, takes the step. Split so that coupled SAEs (a cross-layer transcoder) share one backward."""
         cfg, d, sae, arch = self.cfg, self.d, self.sae, self.cfg.sae.architecture
-        if not torch.isfinite(x).all() or (y is not None and not torch.isfinite(y).all()):
-            raise DataError(f"NaN or inf in the training activations at step {self.step}; "
-                            f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
         self._started = time.perf_counter()
         lr = lr_at(self.step, cfg, d)
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         coeff = d.sparsity * min(1.0, (self.step + 1) / max(1, d.sparsity_warmup))
-        dead = (self.since_fired >= d.dead_tokens).to(sae.device)  # counters stay on the CPU (checkpoints)
+        dead = (self.since_fired >= d.dead_tokens).to(sae.device) if self.tokens_seen >= d.dead_tokens else None
         k = sae.cfg.k
         sae.cfg.k = k_at(self.step, cfg, d)  # k annealing: only while the loss is computed
         try:
@@ -574,7 +573,10 @@ class SAERun:
         if extra is not None:
             added = extra(out)
             out = out._replace(loss=out.loss + sum(added.values()), parts=out.parts | added)
-        if not torch.isfinite(out.loss):
+        if not torch.isfinite(out.loss):  # the step's one wait for the device; bad input shows here first
+            if not torch.isfinite(x).all() or (y is not None and not torch.isfinite(y).all()):
+                raise DataError(f"NaN or inf in the training activations at step {self.step}; "
+                                f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
             raise TrainingError(f"{self.run_dir}: loss became {float(out.loss)} at step {self.step} (try a lower --lr); "
                                 f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
         return out
@@ -600,8 +602,8 @@ class SAERun:
         if arch == "jumprelu":
             with torch.no_grad():
                 sae.threshold.clamp_(min=0.0)
-        self.since_fired += len(x) * self.data_world
-        self.since_fired[fired.cpu() > 0] = 0
+        self.since_fired = self.since_fired.to(fired.device).add_(len(x) * self.data_world).masked_fill_(fired > 0, 0)
+        self.tokens_seen += len(x) * self.data_world
         # resampled latents fire on many tokens for a few steps: never in the second half, so the run ends settled
         if arch == "relu" and (self.step + 1) % d.resample_every == 0 and self.step + 1 <= d.steps // 2:
             resample_dead(sae, opt, x, (self.since_fired >= d.dead_tokens).to(sae.device), self.gen, target=y)
