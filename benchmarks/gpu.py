@@ -18,6 +18,7 @@ import argparse
 import os
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -228,9 +229,27 @@ def collection(device: str, names: list[str], tokens: int, smoke: bool) -> dict:
             sync(device)
             col = tokens / (time.perf_counter() - t)
         out[name] = {"forward_tokens_per_s": fwd, "collect_tokens_per_s": col, "ratio": col / fwd,
+                     "writes_tokens_per_s": store_writes(cfg.tokens_per_shard, model.hook_dim(hook)),
                      "peak_gib": peak_gib(device), "hook": hook}
         del model
     return out
+
+
+def store_writes(rows: int, d_in: int, reps: int = 3) -> float:
+    """Tokens/s the store's shard writes alone sustain here (float16 shards: np.save, SHA-256, atomic rename):
+    the bound on collection when they, not the model, are the slower part."""
+    import tempfile
+
+    import numpy as np
+
+    from nanosae.data.store import save_npy
+
+    shard = np.random.default_rng(0).standard_normal((rows, d_in), dtype=np.float32).astype(np.float16)
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        for i in range(reps):
+            save_npy(Path(d) / f"shard_{i:05d}.npy", shard)
+        return rows * reps / (time.perf_counter() - t)
 
 
 def streaming(device: str, tokens: int, smoke: bool) -> dict:
@@ -246,6 +265,12 @@ def streaming(device: str, tokens: int, smoke: bool) -> dict:
     mbs = 16 if not smoke else 4
     d_sae, batch = (16384, 4096) if not smoke else (512, 256)
 
+    logged: list[tuple[int, float]] = []  # (step, time) at each logged step: the steady rate, setup left out
+
+    def at_log(p) -> None:
+        sync(device)
+        logged.append((p.step, time.perf_counter()))
+
     def run(train: bool) -> float:
         stream = ActivationStream(model, [hook], data, model_batch_size=mbs, buffer_tokens=4 * batch)
         sync(device)
@@ -253,8 +278,8 @@ def streaming(device: str, tokens: int, smoke: bool) -> dict:
         if train:
             with tempfile.TemporaryDirectory() as d:
                 nanosae.train(TrainConfig.build(out=d, hook=hook, d_sae=d_sae, k=64 if not smoke else 8, tokens=tokens,
-                                                batch_size=batch, device=device, checkpoint_every=0, log_every=10**9),
-                              source=stream)
+                                                batch_size=batch, device=device, checkpoint_every=0, log_every=8),
+                              source=stream, progress=at_log)
         else:
             n = 0
             for acts in stream.activations():
@@ -266,7 +291,10 @@ def streaming(device: str, tokens: int, smoke: bool) -> dict:
     run(False)  # warm-up
     reset_peak(device)
     fwd, trained = run(False), run(True)
+    (s0, t0), (s1, t1) = logged[0], logged[-1]
+    steady = (s1 - s0) * batch / (t1 - t0) if s1 > s0 else float("nan")
     return {"forward_tokens_per_s": fwd, "train_tokens_per_s": trained, "sae_share": fwd / trained - 1,
+            "steady_train_tokens_per_s": steady, "steady_sae_share": fwd / steady - 1,
             "peak_gib": peak_gib(device), "d_sae": d_sae}
 
 
@@ -298,15 +326,18 @@ def main() -> None:
             parts = ", ".join(f"{k} {v:.0%}" for k, v in b["parts"].items())
             print(f"- {shape} {name} ({b['ms_per_step']:.2f} ms): {parts}")
     col = collection(device, list(MODELS), tokens=262144 if not smoke else 256, smoke=smoke)
-    print("\n| collection (bfloat16 model) | truncated forward tok/s | collect tok/s | ratio (target >= 0.9) | peak GiB |")
-    print("|---|---|---|---|---|")
+    print("\n| collection (bfloat16 model) | truncated forward tok/s | collect tok/s | ratio (target >= 0.9) "
+          "| shard writes alone tok/s | peak GiB |")
+    print("|---|---|---|---|---|---|")
     for m, r in col.items():
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        print(f"| {m} | {r['forward_tokens_per_s']:,.0f} | {r['collect_tokens_per_s']:,.0f} | {r['ratio']:.2f} | {peak} |")
-    st = streaming(device, tokens=524288 if not smoke else 1024, smoke=smoke)
+        print(f"| {m} | {r['forward_tokens_per_s']:,.0f} | {r['collect_tokens_per_s']:,.0f} | {r['ratio']:.2f} "
+              f"| {r['writes_tokens_per_s']:,.0f} | {peak} |")
+    st = streaming(device, tokens=524288 if not smoke else 4096, smoke=smoke)
     print(f"\nstreaming training from llama-3.2-1b-shaped, d_sae {st['d_sae']}: forward alone "
           f"{st['forward_tokens_per_s']:,.0f} tok/s, with the SAE {st['train_tokens_per_s']:,.0f} tok/s: the SAE adds "
-          f"{st['sae_share']:.0%} (target <= 15%)")
+          f"{st['sae_share']:.0%} (target <= 15%); once started (setup left out) {st['steady_train_tokens_per_s']:,.0f} "
+          f"tok/s, {st['steady_sae_share']:.0%}")
     save(__file__, {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "smoke": smoke,
                     "training": train, "step_breakdown": steps_of, "collection": col, "streaming": st})
 

@@ -64,7 +64,7 @@ class Selection:
 # How a weighted sum of selected rows is taken, per device type: "embedding_bag" (a gather-and-sum with no
 # zero-filled result) or "csr" (a sparse CSR matrix times the dense rows: cuSPARSE's SpMM on a GPU). A module
 # setting so that benchmarks/gpu.py can time both on the same step; docs/scale.md gives the figures behind it.
-ROWS_SUM = {"cpu": "embedding_bag", "cuda": "embedding_bag"}
+ROWS_SUM = {"cpu": "embedding_bag", "cuda": "csr"}
 
 
 def csr(offsets: Tensor, cols: Tensor, values: Tensor, n_cols: int) -> Tensor:
