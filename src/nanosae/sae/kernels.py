@@ -37,6 +37,7 @@ class Selection:
     offsets: Tensor  # (B,) start of each token's entries in rows/cols
     pre: Tensor  # (n,) the selected pre-activations (no grad)
     n_latents: int
+    same_per_row: bool = False  # exactly k latents per token (TopK): the selections cuSPARSE's SpMM is used on
 
     @cached_property
     def _transpose(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -53,7 +54,7 @@ class Selection:
         """(d_sae, D): Σ over a latent's selections of value · dense[row], i.e. (the (B, d_sae) matrix of
         `values`)ᵀ @ dense, as a sum of rows over the latent-major order."""
         order, crow, rows = self._transpose
-        return rows_sum(rows, crow[:-1], values[order], dense_BD)
+        return rows_sum(rows, crow[:-1], values[order], dense_BD, self.same_per_row)
 
     def by_latent_sum(self, values: Tensor) -> Tensor:
         """(d_sae,): Σ over a latent's selections of value, in the same order on every run and device."""
@@ -64,6 +65,8 @@ class Selection:
 # How a weighted sum of selected rows is taken, per device type: "embedding_bag" (a gather-and-sum with no
 # zero-filled result) or "csr" (a sparse CSR matrix times the dense rows: cuSPARSE's SpMM on a GPU). A module
 # setting so that benchmarks/gpu.py can time both on the same step; docs/scale.md gives the figures behind it.
+# "csr" applies to TopK's selections only: a BatchTopK training step through cuSPARSE's SpMM hit an illegal
+# memory access on an H200 (torch 2.11, CUDA 13.0), so other selections keep embedding_bag everywhere.
 ROWS_SUM = {"cpu": "embedding_bag", "cuda": "csr"}
 
 
@@ -73,9 +76,9 @@ def csr(offsets: Tensor, cols: Tensor, values: Tensor, n_cols: int) -> Tensor:
     return torch.sparse_csr_tensor(crow, cols, values, (len(offsets), n_cols), check_invariants=False)
 
 
-def rows_sum(index: Tensor, offsets: Tensor, weights: Tensor, table: Tensor) -> Tensor:
+def rows_sum(index: Tensor, offsets: Tensor, weights: Tensor, table: Tensor, csr_ok: bool = True) -> Tensor:
     """(len(offsets), D): out[b] = Σ_j weights[j] · table[index[j]] over bag b's entries (offsets[b] onwards)."""
-    if ROWS_SUM.get(table.device.type, "embedding_bag") == "csr":
+    if csr_ok and ROWS_SUM.get(table.device.type, "embedding_bag") == "csr":
         return csr(offsets, index, weights, len(table)) @ table
     return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights)
 
@@ -112,7 +115,7 @@ def per_token(vals_Bk: Tensor, idx_Bk: Tensor, n_latents: int) -> Selection:
     B, k = idx_Bk.shape
     rows = torch.arange(B, device=idx_Bk.device).repeat_interleave(k)
     offsets = torch.arange(0, B * k, k, device=idx_Bk.device)
-    return Selection(rows, idx_Bk.reshape(-1), offsets, vals_Bk.reshape(-1), n_latents)
+    return Selection(rows, idx_Bk.reshape(-1), offsets, vals_Bk.reshape(-1), n_latents, same_per_row=True)
 
 
 def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, chunk: int | None = None,
@@ -202,7 +205,7 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx, vals: Tensor, W_dec_FD: Tensor, sel: Selection) -> Tensor:
         ctx.save_for_backward(vals, W_dec_FD)
         ctx.sel = sel
-        return rows_sum(sel.cols, sel.offsets, vals, W_dec_FD)
+        return rows_sum(sel.cols, sel.offsets, vals, W_dec_FD, sel.same_per_row)
 
     @staticmethod
     def backward(ctx, g_BD: Tensor):
