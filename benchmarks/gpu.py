@@ -1,4 +1,4 @@
-"""GPU figures in one script (about 5 minutes on one GPU): SAE training, collection, streaming, memory.
+"""GPU figures in one script (about 70 s on an H200): SAE training, collection, streaming, memory.
 
 1. SAE training tokens/s at d_in 2304, d_sae 65,536, k 64 and at the demo's 576 / 4608 / 32 (batch 4096): nanosae
    (float32, and with --encoder-bf16's bfloat16 encoder GEMM), sparsify (its Triton decoder when importable, in
