@@ -241,15 +241,19 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
     """Evaluate SAEs: FVU, L0, dead/dense latents, CE/KL with the SAE spliced in (--suite full: also absorption,
     sparse probing, explanation scores); writes eval.json (+ saebench/*.json) and report.html."""
     from nanosae.eval import evaluate
-    from nanosae.eval.report import TABLE_KEYS, write_report
+    from nanosae.eval.report import TABLE_KEYS, is_report, write_report
+    from nanosae.outputs import check_file, resolved
     from nanosae.eval.suite import run_suite, write_saebench
     from nanosae.io import write_json, write_lock
     from nanosae.models import load_model
-    from nanosae.rundir import eval_path, locate, model_spec, report_dir
+    from nanosae.rundir import eval_path, home, locate, model_spec, report_dir
     from nanosae.sae import SAE
 
     cfg = EvalConfig(**gather_data(parse(EVAL_OPTIONS, given)))
     located = [locate(p) for p in paths]
+    where = resolved(out) if out else report_dir(located)  # checked before the work, not after it
+    own = out is None or where in {home(p).resolve() for p in paths}
+    report_path = check_file(where / "report.html", "evaluation report", is_report, home=where if own else None)
     saes = [SAE.load(sae_path, device=device) for _, sae_path in located]
     spec = model_spec(saes[0], model, paths[0])
     host = load_model(spec, device=device, tokenizer=tokenizer)
@@ -270,7 +274,7 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
                 write_saebench(path.parent / (f"{path.name.removesuffix('.eval.json')}.saebench" if path.name.endswith(
                     ".eval.json") else "saebench"), result, sae)
     names = [(run.path if run else sae_path).name for run, sae_path in located]
-    report = write_report(results, names, (out or report_dir(located)) / "report.html")
+    report = write_report(results, names, report_path)
     table = Table(title=f"{spec} · {results[0]['hook']} · {results[0]['tokens']:,} tokens")
     table.add_column("metric")
     for name in names:
@@ -313,7 +317,7 @@ def features(path: Path, model: str | None = None, hook: str | None = None, out:
     _, sae, host = load_sae_and_model(path, model, device, tokenizer)
     target = out or home(path) / "features.db"
     with TokenProgress("features", cfg.tokens) as bar:
-        build_features(sae, host, cfg, target, hook=hook, acts=acts,
+        build_features(sae, host, cfg, target, hook=hook, acts=acts, home=home(path),
                        progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)))
     console.print(f"wrote {target}")
 

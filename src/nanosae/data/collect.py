@@ -24,6 +24,7 @@ from nanosae.data.store import FORMAT, MANIFEST, ActivationStore, ShardWriter, r
 from nanosae.data.tokens import in_background, token_batches
 from nanosae.errors import ConfigError, DataError
 from nanosae.io import write_lock
+from nanosae.outputs import check_job_dir
 from nanosae.models import HostModel, load_model
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,10 @@ def collect(cfg: CollectConfig, model: HostModel | None = None,
                                 tokenizer=cfg.tokenizer)
     for hook in cfg.hooks:
         model.parse_hook(hook)
+        check_job_dir(out / hook, "activation store", allow=("training run", "transcoder set"))
+        if (out / hook).is_dir() and any((out / hook).iterdir()) and not (out / hook / MANIFEST).exists():
+            raise ConfigError(f"--out {out / hook} holds files but no {MANIFEST}: not a store; use another --out, "
+                              "nothing was changed")
     with contextlib.ExitStack() as locks:  # one writer per store: a second collect into it is refused
         for hook in cfg.hooks:
             locks.enter_context(write_lock(out / hook))

@@ -169,12 +169,22 @@ def render(results: list[dict], names: list[str], title: str = "nanosae evaluati
     figs = "".join(f'<figure><figcaption>{html.escape(t)}</figcaption><img alt="{html.escape(t)}" src="{src}">'
                    + (f'<p class="note">{html.escape(note)}</p>' if note else "") + "</figure>" for t, src, note in plots)
     hooks = ", ".join(sorted({html.escape(r["hook"]) for r in results}))
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8"><meta name="generator" content="nanosae"><title>{html.escape(title)}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f4f4f4}}figure{{display:inline-block;margin:1em}}
 figcaption{{font-weight:600}}.note{{max-width:36em;font-size:12px;color:#555}}</style></head><body><h1>{html.escape(title)}</h1><p>hook: {hooks}; {results[0]['tokens']:,} held-out tokens,
 {html.escape(results[0]['ablation'])}-ablation baseline.</p><table><tr><th>metric</th>{head}</tr>{rows}</table>{figs}
 {suite_sections(results, names)}</body></html>"""
+
+
+def is_report(path: Path) -> bool:
+    """A page write_report made (the only kind of report.html eval replaces)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    return b'<meta name="generator" content="nanosae">' in head or b"<title>nanosae evaluation" in head
 
 
 def write_report(results: list[dict], names: list[str], path: str | Path, title: str = "nanosae evaluation") -> Path:

@@ -14,10 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nanosae.export.saelens import export_saelens
+from nanosae.export.saelens import write_saelens
 from nanosae.interp.featuredb import FeatureDB
 from nanosae.io import atomic_write, write_json
-from nanosae.rundir import locate
+from nanosae.outputs import replacing_dir, resolved
+from nanosae.rundir import home, locate
 from nanosae.sae import SAE
 from nanosae.sae.formats import hook_layer
 
@@ -76,12 +77,18 @@ Upload steps:
 
 def export_neuronpedia(run: str | Path, out: str | Path, model_id: str | None = None, sae_set: str | None = None,
                        batch: int = BATCH_SIZE) -> Path:
-    run, out = Path(run), Path(out)
+    run = Path(run)
     _, sae_path = locate(run)
     db = FeatureDB(run)
     meta = db.meta()
-    out.mkdir(parents=True, exist_ok=True)
-    export_saelens(run, out / "sae")
+    with replacing_dir(out, "Neuronpedia export", home=home(run).resolve()) as tmp:
+        _write_neuronpedia(run, tmp, db, meta, sae_path, model_id, sae_set, batch)
+    return resolved(out)
+
+
+def _write_neuronpedia(run: Path, out: Path, db: FeatureDB, meta: dict, sae_path: Path, model_id: str | None,
+                       sae_set: str | None, batch: int) -> None:
+    write_saelens(run, out / "sae")
     model_id = model_id or str(meta["model"]).replace("/", "_")
     sae_set = sae_set or f"nanosae-{meta['architecture']}-{meta['d_sae']}"
     context = int(SAE.load(sae_path).cfg.context_size or 128)
@@ -101,4 +108,3 @@ def export_neuronpedia(run: str | Path, out: str | Path, model_id: str | None = 
     text = README.format(name=sae_set, n_features=len(rows), batch=batch, model=model_id, hook=meta["hook"],
                          layer=hook_layer(meta["hook"]))
     atomic_write(out / "README.md", lambda p: p.write_text(text))
-    return out

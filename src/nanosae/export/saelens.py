@@ -11,6 +11,7 @@ import torch
 from nanosae.config import SAEConfig
 from nanosae.errors import ConfigError
 from nanosae.interp.featuredb import FeatureDB, db_path
+from nanosae.outputs import replacing_dir, resolved
 from nanosae.rundir import home, locate
 from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
@@ -45,8 +46,16 @@ def saelens_sae(sae: SAE) -> SAE:
 
 
 def export_saelens(run: str | Path, out: str | Path) -> Path:
-    """Write a plain SAELens-loadable directory (cfg.json, sae_weights.safetensors, sparsity.safetensors)."""
-    run_dir, sae_path = locate(run)
+    """Write a plain SAELens-loadable directory (cfg.json, sae_weights.safetensors, sparsity.safetensors): a new
+    or empty one, or an earlier SAELens export (outputs.check_dir), swapped in whole."""
+    with replacing_dir(out, "SAELens export", home=home(run).resolve()) as tmp:
+        write_saelens(run, tmp)
+    return resolved(out)
+
+
+def write_saelens(run: str | Path, out: Path) -> Path:
+    """The SAELens files of a run's SAE written into `out` (a directory the caller has claimed)."""
+    _, sae_path = locate(run)
     sae = saelens_sae(SAE.load(sae_path))
     sparsity = None
     db = db_path(home(run))

@@ -36,6 +36,22 @@ SCORE_COLUMNS = {"precision": "REAL", "recall": "REAL", "note": "TEXT"}  # added
 SORTS = ("id", "density", "max_act", "mean_act", "score")
 
 
+def is_features_db(path: Path) -> bool:
+    """A file the features pass wrote: SQLite holding this module's tables (anything else is not replaced)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                return False
+        con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+        return {"meta", "latents", "examples"} <= names
+    except (OSError, sqlite3.Error):
+        return False
+
+
 def db_path(path: str | Path) -> Path:
     """A run directory's features.db, or the file itself."""
     path = Path(path)

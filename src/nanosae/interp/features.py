@@ -35,8 +35,9 @@ from nanosae.data.corpus import iter_documents
 from nanosae.data.store import ActivationStore
 from nanosae.data.tokens import in_background, token_batches
 from nanosae.errors import DataError, first_line
-from nanosae.interp.featuredb import write_db
+from nanosae.interp.featuredb import is_features_db, write_db
 from nanosae.io import write_lock
+from nanosae.outputs import check_file
 from nanosae.models import HostModel
 from nanosae.sae import SAE
 
@@ -232,14 +233,17 @@ def _store_batches(store: ActivationStore, cfg: FeaturesConfig, skip: int) -> It
 @torch.no_grad()
 def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | Path, hook: str | None = None,
                    progress: Callable[[int, int, float], None] | None = None,
-                   acts: ActivationStore | str | Path | None = None) -> Path:
+                   acts: ActivationStore | str | Path | None = None, home: str | Path | None = None) -> Path:
     """Stream cfg.tokens tokens through model + SAE and write the feature database to `out`.
 
     acts: read the SAE's input from this store (collected with token ids) instead of running the model;
-    the model then only decodes tokens and gives the logit effects, and cfg.data is not read."""
+    the model then only decodes tokens and gives the logit effects, and cfg.data is not read.
+    out must be new or an earlier features database, and not inside another job's directory than `home`
+    (the SAE's run; default: the folder holding out)."""
     out = Path(out)
     if out.is_dir():
         raise DataError(f"{out} is a directory; expected the features database's file name (e.g. RUN/features.db)")
+    out = check_file(out, "features database", is_features_db, home=Path(home) if home else Path(out).resolve().parent)
     with write_lock(out, directory=False):
         return _build_features(sae, model, cfg, out, hook, progress, acts)
 
@@ -251,7 +255,7 @@ def _build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: Path, 
     hooks = _hooks_read(sae, model, hook, acts_store)
     sae.eval()
     state_path = out.with_name(out.name + ".partial.pt")
-    fingerprint = {"cfg": asdict(cfg), "hook": ",".join(hooks), "d_sae": sae.cfg.d_sae,
+    fingerprint = {"cfg": asdict(cfg), "hook": ",".join(hooks), "d_sae": sae.cfg.d_sae, "model": model.name,
                    "W_dec_sum": float(sae.W_dec.double().sum()),
                    "acts": str(acts_store.path) if acts_store is not None else None}
     acc = FeatureStats.resume(state_path, fingerprint) or FeatureStats(sae.cfg.d_sae, cfg)

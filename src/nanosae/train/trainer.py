@@ -33,6 +33,7 @@ from nanosae.config import BATCH_TOPK, SAEConfig, TrainConfig, flat_settings, mo
 from nanosae.data import ActivationStore, ActivationStream
 from nanosae.data.store import norm_scale
 from nanosae.errors import ConfigError, DataError, FormatError, TrainingError, first_line
+from nanosae.outputs import check_job_dir
 from nanosae.io import public_mode, read_json, write_json, write_lock
 from nanosae.rundir import RunDir
 from nanosae.sae import SAE
@@ -436,6 +437,7 @@ class SAERun:
         run_dir, saved = self.run_dir, self.files.config
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"--out {run_dir} is a file; expected a run directory")
+        check_job_dir(run_dir, "training run", allow=("training run", "transcoder set"))
         if saved.exists():
             compare_jobs(saved_job(read_json(saved), saved), self.job, saved)
             if not self.cfg.resume:

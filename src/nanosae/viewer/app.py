@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 from nanosae.errors import ConfigError
 from nanosae.interp.featuredb import FeatureDB
-from nanosae.io import public_mode, write_lock
+from nanosae.outputs import replacing_dir, resolved
 from nanosae.rundir import RunDir, load_sae_and_model
 
 STATIC = Path(__file__).parent / "static"
@@ -287,55 +285,19 @@ def _graph_app(app: Any, run: Path, model: str | None, host: str) -> Any:
     return app
 
 
-SITE_MARKER = ".nanosae-site"  # lists the files an export wrote: only such a directory is ever replaced
-
-
 def export_static(run: str | Path, out: str | Path) -> Path:
     """Write the viewer as a static site: the front end plus the API's answers as JSON files.
 
-    `out` must be new, empty, or an earlier export whose files are all listed in its marker; the site is
-    built beside it and swapped in, so a directory holding anything else is refused and never touched."""
+    `out` must be new, empty, or an earlier export (outputs.check_dir); the site is built beside it and
+    swapped in, so a directory holding anything else is refused and never touched."""
     graph_set = is_transcoder_set(run)
     data = None if graph_set else ViewerData(run)
-    out = Path(out)
-    with write_lock(out, directory=False):
-        _check_export_target(out)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-        try:
-            public_mode(tmp, directory=True)
-            if graph_set:
-                _write_graph_site(Path(run), tmp)
-            else:
-                _write_site(data, tmp)
-            if out.exists():
-                old = tmp.with_suffix(".old")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out
-
-
-def _check_export_target(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--export {out} is a file; expected a new or empty directory")
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return
-    present = {str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir()}
-    if not present:
-        return
-    marker = out / SITE_MARKER
-    written = set(marker.read_text().splitlines()) if marker.is_file() else set()
-    foreign = sorted(present - written - {SITE_MARKER})
-    if not marker.is_file() or foreign:
-        example = f" (e.g. {foreign[0]})" if foreign else ""
-        raise ConfigError(f"--export {out} holds files a nanosae export did not write{example}; "
-                          "choose a new or empty directory, nothing was changed")
+    with replacing_dir(out, "viewer site", home=Path(run).resolve(), flag="--export") as tmp:
+        if graph_set:
+            _write_graph_site(Path(run), tmp)
+        else:
+            _write_site(data, tmp)
+    return resolved(out)
 
 
 CHUNK = 512  # features per data file of a static export: a few files, each loaded on first use
@@ -411,8 +373,6 @@ def _write_graph_site(run: Path, out: Path) -> None:
                                                                                           '<a href="index.html">graphs</a>')
     (out / "index.html").write_text(page)
     (out / "graph.html").write_text(page)
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir())
-    (out / SITE_MARKER).write_text("".join(f + "\n" for f in files))
 
 
 def _write_site(data: ViewerData, out: Path) -> None:
@@ -440,5 +400,3 @@ def _write_site(data: ViewerData, out: Path) -> None:
     # the page knows it is static by this marker and then reads data/*.js instead of /api
     index = (out / "index.html").read_text().replace('data-mode="api"', 'data-mode="static"')
     (out / "index.html").write_text(index)
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir())
-    (out / SITE_MARKER).write_text("".join(f + "\n" for f in files))
