@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from nanosae import SAE, SAEConfig
+from nanosae import SAE
 from nanosae.data import write_store
 from nanosae.outputs import MARKER
 from tests.test_hostile_inputs import refused, run_cli, tree

@@ -8,7 +8,6 @@ so an interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -69,7 +68,7 @@ def _run_demo(cfg: DemoConfig, progress: StageProgress | None) -> dict[str, Any]
     from nanosae.interp.explain import explain_n2g
     from nanosae.interp.featuredb import FeatureDB
     from nanosae.interp.features import FeaturesConfig, build_features
-    from nanosae.io import write_json
+    from nanosae.io import read_json, write_json
     from nanosae.models import load_model
     from nanosae.rundir import RunDir
     from nanosae.sae import SAE
@@ -101,7 +100,7 @@ def _run_demo(cfg: DemoConfig, progress: StageProgress | None) -> dict[str, Any]
                                progress=lambda d, t, s: say("eval", d, t, s))
             write_json(run.eval, metrics)
             write_report([metrics], ["demo"], run.report, title="nanosae demo: SmolLM2-135M, blocks.15")
-    metrics = json.loads(run.eval.read_text())
+    metrics = read_json(run.eval)
     if not run.features.exists():
         with stage("features"):
             store = ActivationStore(acts / cfg.hook, verify=False)  # older stores have no token ids: run the model
@@ -141,7 +140,8 @@ def interesting_features(db: Any, n: int) -> list[dict[str, Any]]:
             continue
         seen.add(lead)
         out.append({"id": r["id"], "density": r["density"], "fires": r["fires"], "max_act": r["max_act"],
-                    "explanation": text, "score": r["score"], "top_logits": [t for t, _ in json.loads(r["top_logits"])[:5]]})
+                    "explanation": text, "score": r["score"],
+                    "top_logits": [t for t, _ in db.cell(r["top_logits"], "top_logits")[:5]]})
         if len(out) == n:
             break
     return out

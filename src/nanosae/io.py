@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -68,27 +69,65 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
-    """A JSON object from a file, or a one-line FormatError naming it (missing, unreadable, not JSON, not an object)."""
+JSON_LIMIT = 1 << 30  # bytes: a graph or an export batch is tens of MB; nothing nanosae writes comes near this
+
+
+def regular_file(path: str | Path) -> Path:
+    """path, if it is a regular file (following links); a FIFO, device or directory is refused before it is
+    opened (opening a FIFO waits forever for a writer). A missing path passes: the caller reports it."""
     from nanosae.errors import FormatError
 
     path = Path(path)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        mode = path.stat().st_mode
     except FileNotFoundError:
-        raise FormatError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path} is not valid JSON: {e}") from None
+        return path
     except OSError as e:
         raise FormatError(f"{path} cannot be read: {e.strerror or e}") from None
-    if not isinstance(value, dict):
-        raise FormatError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    if not stat.S_ISREG(mode):
+        what = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise FormatError(f"{path} is {what}, expected a regular file")
+    return path
+
+
+def parse_json(text: str | bytes, where: str | Path) -> Any:
+    """JSON from text, or a one-line FormatError naming `where`: invalid JSON, nesting too deep for the parser
+    (RecursionError) and integers longer than Python converts (ValueError) alike."""
+    from nanosae.errors import FormatError, first_line
+
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise FormatError(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise FormatError(f"{where}: {first_line(e)}") from None
+
+
+def read_json(path: str | Path, expect: type = dict) -> Any:
+    """A JSON value of type `expect` (an object by default) from a file, or a one-line FormatError naming it:
+    missing, not a regular file, over JSON_LIMIT, unreadable, not JSON, or another type."""
+    from nanosae.errors import FormatError
+
+    path = regular_file(path)
+    try:
+        if path.stat().st_size > JSON_LIMIT:
+            raise FormatError(f"{path} is {path.stat().st_size:,} bytes, more than a nanosae JSON file holds")
+        value = parse_json(path.read_bytes(), path)
+    except FileNotFoundError:
+        raise FormatError(f"{path} is missing") from None
+    except OSError as e:
+        raise FormatError(f"{path} cannot be read: {e.strerror or e}") from None
+    if not isinstance(value, expect):
+        kind = "object" if expect is dict else "list" if expect is list else expect.__name__
+        raise FormatError(f"{path}: expected a JSON {kind}, found {type(value).__name__}")
     return value
 
 
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(regular_file(path), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()

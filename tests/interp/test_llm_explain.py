@@ -1,6 +1,5 @@
 """LLM explanations against a fake OpenAI-compatible server on 127.0.0.1."""
 
-import ast
 import json
 import random
 import sqlite3

@@ -11,7 +11,6 @@ import torch
 
 import nanosae
 from nanosae import FormatError
-from nanosae.models.nanochat import NanochatGPT
 from tests.conftest import assert_replay_matches
 
 SPECIAL = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",

@@ -3,7 +3,6 @@ KL of the spliced model, exact resume inside the phase, and its refusals."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import nanosae
 from nanosae import SAE, CollectConfig, ConfigError, DataConfig, SAEConfig, TrainConfig

@@ -2,9 +2,8 @@ import pytest
 import torch
 
 import nanosae
-from nanosae import SAE, SAEConfig, TrainConfig
+from nanosae import SAE, SAEConfig
 from nanosae.errors import ConfigError
-from nanosae.sae import kernels
 from nanosae.train.losses import sae_loss
 from nanosae.train import refit
 from nanosae.train.refit import DecoderRefit

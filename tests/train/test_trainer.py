@@ -1,9 +1,7 @@
 import dataclasses
 import json
-import math
 from pathlib import Path
 import os
-import signal
 import subprocess
 import sys
 

@@ -8,7 +8,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import nanosae
-from nanosae import SAE, CollectConfig, DataConfig, TrainConfig
+from nanosae import SAE, DataConfig, TrainConfig
 from nanosae.cli import app
 from nanosae.eval import evaluate
 from nanosae.interp.featuredb import open_db

@@ -1,7 +1,5 @@
 """Browser tests: Playwright driving Debian's chromium (installed by .ci/run) against the real viewer."""
 
-import os
-import shutil
 import socket
 import threading
 import time

@@ -13,14 +13,15 @@ Several specs are read one after the other. Documents are numbered in that order
 from __future__ import annotations
 
 import glob as globlib
-import json
+
 import random
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
 from nanosae.config import DataConfig
-from nanosae.errors import DataError
+from nanosae.errors import DataError, FormatError
+from nanosae.io import parse_json
 
 HOLDOUT_EVERY = 20
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
@@ -67,9 +68,9 @@ def _jsonl(path: Path, opts: DataConfig) -> Iterator[str]:
             if not line:
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+                record = parse_json(line, f"{path}:{line_no}")
+            except FormatError as e:
+                raise DataError(str(e)) from None
             if not isinstance(record, dict) or opts.text_field not in record:
                 raise DataError(f"{path}:{line_no}: no {opts.text_field!r} field (set --text-field)")
             text = record[opts.text_field]

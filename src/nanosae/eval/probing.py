@@ -21,7 +21,7 @@ differs most between the classes, k in ks — SAEBench's sparse probing, on loca
 from __future__ import annotations
 
 import io
-import json
+
 import keyword
 import random
 import re
@@ -36,7 +36,8 @@ from torch import Tensor
 
 from nanosae.config import DataConfig, check_range
 from nanosae.data.corpus import iter_documents
-from nanosae.errors import ConfigError, DataError
+from nanosae.errors import ConfigError, DataError, FormatError
+from nanosae.io import parse_json
 from nanosae.eval.probes import accuracy, fit_logistic, k_sparse_probe
 from nanosae.models import HostModel
 from nanosae.sae import SAE
@@ -192,9 +193,9 @@ def _user_task(model: HostModel, hook: str, path: Path, cfg: ProbingConfig) -> t
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     for n, line in lines:
         try:
-            record = json.loads(line)
+            record = parse_json(line, f"{path}:{n}")
             text, labels = record["text"], record["labels"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (FormatError, KeyError, TypeError):
             raise DataError(f"{path}:{n}: expected a JSON object with \"text\" and \"labels\"") from None
         ids = tok.encode(text)[: cfg.context_size - 1]
         if not isinstance(text, str) or not ids:

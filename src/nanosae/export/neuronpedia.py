@@ -10,8 +10,8 @@ explanations.json and the SAE itself in SAELens format under sae/.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from nanosae.export.saelens import write_saelens
@@ -25,10 +25,13 @@ from nanosae.sae.formats import hook_layer
 BATCH_SIZE = 128
 
 
-def feature_json(row: Any, examples: list[Any], edges: list[float], n_tokens: int, context: int, dataset: str) -> dict:
-    hist = json.loads(row["histogram"])
+def feature_json(row: Any, examples: list[Any], edges: list[float], n_tokens: int, context: int, dataset: str,
+                 cell: Callable[[Any, str], Any]) -> dict:
+    """One feature in Neuronpedia's batch layout; cell parses a JSON column (FeatureDB.cell: a damaged one is a
+    one-line error naming the database)."""
+    hist = cell(row["histogram"], "histogram")
     centres = [edges[0] / 2] + [(edges[i - 1] + edges[i]) / 2 for i in range(1, len(edges))] + [edges[-1]]
-    pos, neg = json.loads(row["top_logits"]), json.loads(row["bottom_logits"])
+    pos, neg = cell(row["top_logits"], "top_logits"), cell(row["bottom_logits"], "bottom_logits")
     quantiles = [e for e in examples if e["kind"] == "quantile"]
     activations = []
     for e in examples:
@@ -38,12 +41,12 @@ def feature_json(row: Any, examples: list[Any], edges: list[float], n_tokens: in
             bin_min = bin_max = e["activation"]
             contains = 1 / max(1, len(quantiles))
         activations.append({"bin_min": bin_min, "bin_max": bin_max, "bin_contains": contains,
-                            "tokens": json.loads(e["tokens"]), "values": json.loads(e["acts"]),
+                            "tokens": cell(e["tokens"], "example tokens"), "values": cell(e["acts"], "example acts"),
                             "qualifying_token_index": e["focus"]})
     return {
         "feature_index": row["id"], "neuron_alignment_indices": [], "neuron_alignment_values": [],
         "neuron_alignment_l1": [], "correlated_neurons_indices": [], "correlated_neurons_l1": [],
-        "correlated_neurons_pearson": [], "correlated_features_indices": [j for j, _ in json.loads(row["cofiring"])],
+        "correlated_neurons_pearson": [], "correlated_features_indices": [j for j, _ in cell(row["cofiring"], "cofiring")],
         "correlated_features_l1": [], "correlated_features_pearson": [],
         "neg_str": [t for t, _ in neg], "neg_values": [v for _, v in neg],
         "pos_str": [t for t, _ in pos], "pos_values": [v for _, v in pos],
@@ -95,7 +98,7 @@ def _write_neuronpedia(run: Path, out: Path, db: FeatureDB, meta: dict, sae_path
     rows = db.latents()
     dataset = ",".join(meta.get("data") or [])
     for n, start in enumerate(range(0, len(rows), batch)):
-        feats = [feature_json(row, db.examples(row["id"]), meta["hist_edges"], meta["tokens"], context, dataset)
+        feats = [feature_json(row, db.examples(row["id"]), meta["hist_edges"], meta["tokens"], context, dataset, db.cell)
                  for row in rows[start : start + batch]]
         write_json(out / f"batch-{n}.json", {"model_id": model_id, "layer": hook_layer(meta["hook"]), "sae_set": sae_set,
                                             "features": feats})

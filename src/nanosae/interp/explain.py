@@ -233,7 +233,8 @@ def _explain_row(db: FeatureDB, row: dict, windows: RandomText, explain_one: Exp
                  ) -> tuple[str | None, Detection | None, str | None]:
     if row["fires"] < MIN_FIRES:
         return None, None, f"fired {row['fires']} times in the text read: too few to explain (needs {MIN_FIRES})"
-    examples = [Example(json.loads(r["tokens"]), json.loads(r["acts"])) for r in db.examples(row["id"])]
+    examples = [Example(db.cell(r["tokens"], "example tokens"), db.cell(r["acts"], "example acts"))
+                for r in db.examples(row["id"])]
     text, found = explain_one(Evidence(examples, windows.of(row["id"]), row["max_act"], row["fires"]))
     if text is None:
         return None, None, "no pattern predicts where it fires"

@@ -13,6 +13,7 @@ update it, the viewer, the CLI, the demo and the exports read it).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -21,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from nanosae.errors import FormatError
-from nanosae.io import public_mode
+from nanosae.io import parse_json, public_mode
+
+MAX_LATENTS = 1 << 24  # a features.db claiming more is damaged, not large
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -113,16 +116,30 @@ class FeatureDB:
             return self.con.execute(sql, args).fetchall()
 
     def meta(self) -> dict[str, Any]:
+        """The meta table, checked: d_sae a sane positive integer, hist_edges a list of finite numbers."""
         try:
-            meta = {r["key"]: json.loads(r["value"]) for r in self.rows("SELECT key, value FROM meta")}
-            int(meta["d_sae"])
-        except (sqlite3.Error, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{self.path}: its meta table is unreadable ({e!r:.80})") from None
+            meta = {r["key"]: parse_json(r["value"], f"{self.path} meta {r['key']}")
+                    for r in self.rows("SELECT key, value FROM meta")}
+        except sqlite3.Error as e:
+            raise FormatError(f"{self.path}: its meta table is unreadable ({e})") from None
+        d_sae, edges = meta.get("d_sae"), meta.get("hist_edges")
+        if not (isinstance(d_sae, int) and 0 < d_sae <= MAX_LATENTS):
+            raise FormatError(f"{self.path}: meta d_sae is {str(d_sae)[:40]!r}, expected an integer in 1..{MAX_LATENTS}")
+        if not (isinstance(edges, list) and len(edges) >= 2 and all(isinstance(e, (int, float)) and math.isfinite(e)
+                                                                       for e in edges)):
+            raise FormatError(f"{self.path}: meta hist_edges must be a list of at least two finite numbers")
         return meta
 
+    def cell(self, value: Any, what: str) -> Any:
+        """A JSON column's value, or a one-line FormatError naming the database and the column."""
+        if not isinstance(value, (str, bytes)):
+            raise FormatError(f"{self.path}: {what} is {type(value).__name__}, expected JSON text")
+        return parse_json(value, f"{self.path} {what}")
+
     def densities(self) -> list[float]:
-        """Every latent's firing density, by id."""
-        return [r["density"] for r in self.rows("SELECT density FROM latents ORDER BY id")]
+        """Every latent's firing density, by id (a missing or non-numeric one counts as never firing)."""
+        return [float(d) if isinstance(d := r["density"], (int, float)) and math.isfinite(d) else 0.0
+                for r in self.rows("SELECT density FROM latents ORDER BY id")]
 
     def latent(self, latent: int) -> sqlite3.Row | None:
         found = self.rows("SELECT * FROM latents WHERE id = ?", (latent,))
@@ -157,7 +174,7 @@ class FeatureDB:
         """The distinct tokens a latent fires on most strongly (the focus of its top examples), best first."""
         out: list[str] = []
         for e in self.examples(latent):
-            token = json.loads(e["tokens"])[e["focus"]]
+            token = self.cell(e["tokens"], f"latent {latent} example tokens")[e["focus"]]
             if e["kind"] == "top" and token not in out:
                 out.append(token)
         return out[:n]
@@ -186,7 +203,8 @@ class FeatureDB:
         tables = {r[0] for r in self.rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "windows" not in tables:
             return []
-        return [(json.loads(r["tokens"]), json.loads(r["latents"])) for r in self.rows("SELECT * FROM windows ORDER BY id")]
+        return [(self.cell(r["tokens"], "window tokens"), self.cell(r["latents"], "window latents"))
+                for r in self.rows("SELECT * FROM windows ORDER BY id")]
 
     def best_explained(self, n: int, min_density: float, max_density: float) -> list[sqlite3.Row]:
         """The n best-scored explained latents whose density lies in [min_density, max_density]."""

@@ -24,7 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from nanosae.errors import NanosaeError
+from nanosae.errors import FormatError, NanosaeError
+from nanosae.io import parse_json
 from nanosae.interp.explain import Detection, Evidence, Example, by_activity, detection, write_explanations
 
 
@@ -85,10 +86,10 @@ class HTTPExplainer:
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
             with self.opener.open(request, timeout=self.timeout) as response:
-                answer = json.loads(response.read())
+                answer = parse_json(response.read(), f"explainer endpoint {self.url}")
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             raise ExplainerError(f"explainer endpoint {self.url} is unreachable: {getattr(e, 'reason', e)}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except FormatError:
             raise ExplainerError(f"explainer endpoint {self.url} did not answer JSON") from None
         try:
             return str(answer["choices"][0]["message"]["content"])

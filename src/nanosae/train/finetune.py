@@ -23,7 +23,6 @@ import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

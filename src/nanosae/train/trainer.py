@@ -34,7 +34,7 @@ from nanosae.data import ActivationStore, ActivationStream
 from nanosae.data.store import norm_scale
 from nanosae.errors import ConfigError, DataError, FormatError, TrainingError, first_line
 from nanosae.outputs import check_job_dir
-from nanosae.io import public_mode, read_json, write_json, write_lock
+from nanosae.io import parse_json, public_mode, read_json, write_json, write_lock
 from nanosae.rundir import RunDir
 from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
@@ -848,7 +848,7 @@ def saved_result(cfg: TrainConfig) -> TrainResult:
     """A finished run read back from its directory (an SAE another process trained)."""
     files = RunDir(Path(cfg.out))
     lines = files.metrics.read_text().splitlines() if files.metrics.exists() else []
-    last = json.loads(lines[-1]) if lines else {}
+    last = parse_json(lines[-1], files.metrics) if lines else {}
     steps = cfg.optim.tokens // cfg.optim.batch_size
     return TrainResult(SAE.load(files.sae), Path(cfg.out), steps, steps * cfg.optim.batch_size, last)
 
@@ -870,8 +870,16 @@ def _trim_metrics(path: Path, step: int, rank: int) -> None:
     """On resume, drop logged lines from after the checkpoint so the log has each step once."""
     if rank or not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    write_json_lines(path, lines)
+    kept = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            logged = parse_json(line, f"{path}:{n}") if line else None
+        except FormatError:  # a line cut short when the run was killed: dropped, said once
+            log.warning("%s:%d is not a JSON line (cut short by a kill?); dropped", path, n)
+            continue
+        if isinstance(logged, dict) and isinstance(logged.get("step"), int) and logged["step"] <= step:
+            kept.append(line)
+    write_json_lines(path, kept)
 
 
 def write_json_lines(path: Path, lines: list[str]) -> None:

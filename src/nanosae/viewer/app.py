@@ -15,7 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from nanosae.errors import ConfigError
+from nanosae.errors import FormatError, NanosaeError, first_line
+from nanosae.io import read_json
 from nanosae.interp.featuredb import FeatureDB
 from nanosae.outputs import replacing_dir, resolved
 from nanosae.rundir import RunDir, load_sae_and_model
@@ -37,7 +38,10 @@ class ViewerData:
         metrics = {}
         eval_path = RunDir(self.run).eval
         if eval_path.exists():
-            metrics = {k: v for k, v in json.loads(eval_path.read_text()).items() if not isinstance(v, list)}
+            try:
+                metrics = {k: v for k, v in read_json(eval_path).items() if isinstance(v, (int, float, str))}
+            except FormatError as e:  # the overview still shows; the page says why the metrics are missing
+                metrics = {"eval.json": first_line(e)}
         dens = self.db.densities()
         logs = [math.log10(d) for d in dens if d > 0]
         bins = [-7 + 0.25 * i for i in range(29)]
@@ -50,19 +54,20 @@ class ViewerData:
         total, rows = self.db.search(q, sort, desc, offset, limit)
         items = [{"id": r["id"], "density": r["density"], "mean_act": r["mean_act"], "max_act": r["max_act"],
                   "explanation": r["explanation"], "score": r["score"],
-                  "top_logits": [t for t, _ in json.loads(r["top_logits"])[:5]]} for r in rows]
+                  "top_logits": [t for t, _ in self.db.cell(r["top_logits"], "top_logits")[:5]]} for r in rows]
         return {"total": total, "items": items}
 
     def feature(self, latent: int) -> dict[str, Any] | None:
         r = self.db.latent(latent)
         if r is None:
             return None
-        examples = [{"kind": e["kind"], "rank": e["rank"], "activation": e["activation"], "tokens": json.loads(e["tokens"]),
-                     "acts": json.loads(e["acts"]), "focus": e["focus"]} for e in self.db.examples(latent)]
+        examples = [{"kind": e["kind"], "rank": e["rank"], "activation": e["activation"], "tokens": self.db.cell(e["tokens"], "example tokens"),
+                     "acts": self.db.cell(e["acts"], "example acts"), "focus": e["focus"]} for e in self.db.examples(latent)]
         return {"id": latent, "density": r["density"], "fires": r["fires"], "mean_act": r["mean_act"],
-                "max_act": r["max_act"], "histogram": {"edges": self.meta["hist_edges"], "counts": json.loads(r["histogram"])},
-                "top_logits": json.loads(r["top_logits"]), "bottom_logits": json.loads(r["bottom_logits"]),
-                "cofiring": json.loads(r["cofiring"]), "explanation": r["explanation"], "score": r["score"],
+                "max_act": r["max_act"], "histogram": {"edges": self.meta["hist_edges"], "counts": self.db.cell(r["histogram"], "histogram")},
+                "top_logits": self.db.cell(r["top_logits"], "top_logits"),
+                "bottom_logits": self.db.cell(r["bottom_logits"], "bottom_logits"),
+                "cofiring": self.db.cell(r["cofiring"], "cofiring"), "explanation": r["explanation"], "score": r["score"],
                 "precision": _get(r, "precision"), "recall": _get(r, "recall"), "note": _get(r, "note"),
                 "method": r["method"], "examples": examples}
 
@@ -122,6 +127,11 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
         where = lambda e: ".".join(str(part) for part in e.get("loc", ()))
         return JSONResponse({"detail": "; ".join(f"{where(e)}: {e.get('msg', 'invalid')}" for e in exc.errors())},
                             status_code=422)
+
+    @app.exception_handler(NanosaeError)
+    def damaged(request: Any, exc: NanosaeError) -> JSONResponse:
+        """A damaged file behind the page (features.db, eval.json, a graph): its one-line reason, no traceback."""
+        return JSONResponse({"detail": str(exc)}, status_code=500)
 
     if is_transcoder_set(run):
         return _graph_app(app, Path(run), model, host)
