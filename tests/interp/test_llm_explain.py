@@ -158,6 +158,25 @@ def test_api_key_is_never_sent_in_clear_text_or_across_a_redirect(monkeypatch):
         first.shutdown()
         second.shutdown()
     assert seen_first == ["Bearer sk-secret"] and seen_second == []  # asked once, never followed
+    with pytest.raises(ExplainerError, match="clear text to evil.localhost"):
+        HTTPExplainer("http://evil.localhost:8080")  # only `localhost` itself is this machine
     monkeypatch.delenv("NANOSAE_EXPLAINER_KEY")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     HTTPExplainer("http://api.example.com/v1")  # without a key, plain http is the user's business
+
+
+def test_the_key_never_goes_through_a_proxy_in_clear_text(monkeypatch):
+    """With http_proxy set, a request to a local http endpoint goes straight to it: the proxy sees nothing."""
+    monkeypatch.setenv("NANOSAE_EXPLAINER_KEY", "sk-secret")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    proxied = []
+    proxy = redirecting_server("http://127.0.0.1:9/never", proxied)
+    server = fake_server("a rule")
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server_port}")
+    try:
+        assert HTTPExplainer(f"http://127.0.0.1:{server.server_port}/v1").complete("hi", 5) == "a rule"
+    finally:
+        proxy.shutdown()
+        server.shutdown()
+    assert proxied == []

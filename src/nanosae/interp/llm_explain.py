@@ -46,10 +46,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def is_local(host: str | None) -> bool:
-    """localhost, or a loopback address."""
+    """`localhost` exactly, or a loopback address (not `evil.localhost`: a resolver may send that anywhere)."""
     if not host:
         return False
-    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -61,7 +61,8 @@ class HTTPExplainer:
     """An OpenAI-compatible /v1/chat/completions endpoint.
 
     The API key is sent only over https, or over http to this machine (a local server), and never across a
-    redirect: a redirect is an error."""
+    redirect: a redirect is an error. A plain-http request that carries the key never goes through a proxy
+    (the proxy would read it); an https one may, since a proxy only tunnels its encrypted bytes."""
 
     def __init__(self, url: str, model: str = "gpt-4o-mini", api_key: str | None = None, timeout: float = 60.0):
         self.url = url.rstrip("/")
@@ -75,7 +76,8 @@ class HTTPExplainer:
         if self.api_key and parts.scheme != "https" and not is_local(parts.hostname):
             raise ExplainerError(f"refusing to send the API key in clear text to {parts.hostname}: use an https "
                                  "explainer URL (plain http is only for servers on this machine)")
-        self.opener = urllib.request.build_opener(_NoRedirect)
+        no_proxy = [urllib.request.ProxyHandler({})] if self.api_key and parts.scheme == "http" else []
+        self.opener = urllib.request.build_opener(_NoRedirect, *no_proxy)
 
     def complete(self, prompt: str, max_tokens: int) -> str:
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
