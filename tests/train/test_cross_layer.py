@@ -118,6 +118,35 @@ def test_a_killed_cross_layer_run_resumes_to_the_same_weights(two_layer_stores, 
             assert torch.equal(tensor, a[L].state_dict()[name]), (L, name)
 
 
+@pytest.mark.parametrize("cross_layer", [False, True])
+def test_a_set_killed_between_two_layers_checkpoints_resumes_from_the_newest_step_all_have(two_layer_stores, tmp_path,
+                                                                                           cross_layer):
+    """Interrupted after layer 0's step 12 but before layer 1's (per-layer: layer 1 checkpoints at 11), or killed
+    between the layers' writes of step 12 (cross-layer): the set resumes at step 10, which every layer (and the
+    cross-layer decoders) has, and ends where the uninterrupted set ends."""
+    import shutil
+
+    common = dict(tokens=256 * 20, checkpoint_every=5, cross_layer=cross_layer)
+
+    def stop_at_12(p):
+        if p.step == 12:
+            raise KeyboardInterrupt  # every layer checkpoints at 12, as Ctrl-C does
+    with pytest.raises(KeyboardInterrupt):
+        nanosae.train(set_cfgs(two_layer_stores, tmp_path / "a", **common), progress=stop_at_12)
+    steps = lambda L: sorted(int(p.name[5:]) for p in (tmp_path / "a" / f"layer_{L}" / "checkpoints").glob("step_*"))
+    if cross_layer:
+        shutil.rmtree(tmp_path / "a" / "layer_1" / "checkpoints" / "step_12")  # the kill came before layer 1's write
+    assert steps(0) == [10, 12] and steps(1) == [10, 11] if not cross_layer else steps(1) == [10]
+    nanosae.train(set_cfgs(two_layer_stores, tmp_path / "a", resume=True, **common))
+    nanosae.train(set_cfgs(two_layer_stores, tmp_path / "b", **common))
+    a, b = read_set(tmp_path / "a", cross_layer), read_set(tmp_path / "b", cross_layer)
+    for L in (0, 1):
+        for name, tensor in b[L].state_dict().items():
+            assert torch.equal(tensor, a[L].state_dict()[name]), (L, name)
+    if cross_layer:
+        assert torch.equal(a.later[0], b.later[0])
+
+
 def test_cross_layer_refusals_and_a_corrupt_decoder_file(two_layer_stores, tmp_path):
     with pytest.raises(ConfigError, match="TopK or BatchTopK"):
         nanosae.train(set_cfgs(two_layer_stores, tmp_path / "relu", architecture="relu"))

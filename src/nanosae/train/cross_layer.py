@@ -45,7 +45,7 @@ def check_cross_layer(cfgs: list[TrainConfig], world: int) -> None:
 class CrossLayer:
     """The decoders from each layer's latents to every later layer's MLP output, and the joint step."""
 
-    def __init__(self, runs: list[SAERun], run_dir: Path):
+    def __init__(self, runs: list[SAERun], run_dir: Path, resume_steps: set[int] | None = None):
         cfg = runs[0].cfg
         self.runs = runs
         self.path = run_dir / "cross_layer"
@@ -55,7 +55,7 @@ class CrossLayer:
         o = cfg.optim
         self.opt = torch.optim.Adam(self.decoders, lr=o.lr or 0.0, betas=(o.beta1, o.beta2), eps=o.eps)
         self.step = runs[0].step
-        found = load_checkpoint(self.path) if cfg.resume else None
+        found = load_checkpoint(self.path, resume_steps) if cfg.resume else None
         if found is not None:
             _, state, _ = found
             with torch.no_grad():

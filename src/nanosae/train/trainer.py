@@ -279,10 +279,18 @@ def save_checkpoint(run_dir: Path, step: int, sae: SAE | None, state: dict[str, 
     return target
 
 
-def load_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any], SAE | None] | None:
-    """The newest readable checkpoint (directory, state, SAE); an unreadable newer one is skipped with a
-    warning (e.g. truncated by a full disk). None when there is none; an error when none can be read."""
-    found = _checkpoints(run_dir)
+def common_steps(run_dirs: list[Path]) -> set[int]:
+    """The checkpoint steps every one of these runs has on disk: runs that share a stream (a transcoder set)
+    resume together from the newest of them, even when a kill fell between two runs' checkpoints."""
+    steps = [{step for step, _ in _checkpoints(d)} for d in run_dirs]
+    return set.intersection(*steps) if steps else set()
+
+
+def load_checkpoint(run_dir: Path, steps: set[int] | None = None) -> tuple[Path, dict[str, Any], SAE | None] | None:
+    """The newest readable checkpoint (directory, state, SAE), among `steps` when given; an unreadable newer one
+    is skipped with a warning (e.g. truncated by a full disk). None when there is none; an error when none can
+    be read."""
+    found = [c for c in _checkpoints(run_dir) if steps is None or c[0] in steps]
     for _, ckpt in reversed(found):
         try:
             state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
@@ -365,8 +373,9 @@ class SAERun:
     """
 
     def __init__(self, cfg: TrainConfig, sources: list[Any], ins: Placement, outs: Placement, rank: int, world: int,
-                 sample: Callable[[int, int], torch.Tensor] | None = None):
-        """sample(i, n): the first n activations of source i (shared between runs so a stream is read once)."""
+                 sample: Callable[[int, int], torch.Tensor] | None = None, resume_steps: set[int] | None = None):
+        """sample(i, n): the first n activations of source i (shared between runs so a stream is read once);
+        resume_steps: the checkpoint steps it may resume from (those its stream-mates have too)."""
         self.cfg, self.ins, self.outs, self.rank, self.world = cfg, ins, outs, rank, world
         self.shards = None
         if cfg.shard_latents:
@@ -414,7 +423,7 @@ class SAERun:
         self.job = job_identity(cfg, [store_fingerprint(sources[i]) for i in sorted(stores)])
         if rank == 0:
             self._claim_run_dir()
-        found = load_checkpoint(self.run_dir) if cfg.resume else None
+        found = load_checkpoint(self.run_dir, resume_steps) if cfg.resume else None
         if found is None:
             self._start()
         if self.shards:
@@ -775,7 +784,12 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
     as_rank, as_world = (0, 1) if spread else (rank, world)
     if spread:
         log.info("process %d trains %s", rank, ", ".join(cfgs[i].out for i in mine))
-    runs = [SAERun(cfgs[i], sources, *placement[i], as_rank, as_world, sample) for i in mine]
+    # runs sharing this process's stream resume from a step every one of them (and the cross-layer decoders) has
+    steps = None
+    if first.resume and (len(mine) > 1 or first.sae.cross_layer):
+        steps = common_steps([Path(cfgs[i].out) for i in mine]
+                             + ([Path(first.out).parent / "cross_layer"] if first.sae.cross_layer else []))
+    runs = [SAERun(cfgs[i], sources, *placement[i], as_rank, as_world, sample, resume_steps=steps) for i in mine]
     start = {r.batches_done for r in runs}
     if spread and world > 1:  # every rank reads the same batches: their checkpoints must agree across ranks
         ends = torch.tensor([min(start), -max(start)])
@@ -789,16 +803,18 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
     if first.sae.cross_layer:
         from nanosae.train.cross_layer import CrossLayer
 
-        coupled = CrossLayer(runs, Path(first.out).parent)
+        coupled = CrossLayer(runs, Path(first.out).parent, steps)
     streams = [batch_stream(s, first, batches_done) for s in sources]
     try:
         while not all(r.stored_done for r in runs):
             batch = [next(s) for s in streams]
             batches_done += 1
+            short = len(batch[0]) < first.optim.batch_size  # an epoch's short tail: skipped, but counted for resume
             for r in runs:
-                r.batches_done = batches_done
-            if len(batch[0]) < first.optim.batch_size:
-                continue  # an epoch's short tail: skipped, but counted for resume
+                if short or coupled is not None or r.stored_done:
+                    r.batches_done = batches_done
+            if short:
+                continue
             if coupled is not None:  # the layers of a cross-layer transcoder: one joint step
                 for r, metrics in zip(runs, coupled.train_step(batch)):
                     r.after_step(metrics, progress)
@@ -807,6 +823,7 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
             for r in runs:
                 if r.stored_done:
                     continue
+                r.batches_done = batches_done  # only now: a Ctrl-C before its step checkpoints its true position
                 r.after_step(r.train_step(batch), progress)
         calibration = None  # BatchTopK thresholds: set on batches the runs did not train on, after training
         if any(r.cfg.sae.architecture in BATCH_TOPK for r in runs):
