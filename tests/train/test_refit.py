@@ -131,3 +131,19 @@ def test_batchtopk_is_refit_on_its_inference_codes(planted_store, tmp_path, arch
     x = store.tokens(30_000, 40_000).float()
     held_out_fvu = float((sae(x)[0] - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     assert held_out_fvu < 0.5
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_a_finished_run_resumed_ends_with_the_same_weights(planted_store, tmp_path, arch):
+    """EMA swap, BatchTopK calibration and the refit are derived again from the last checkpoint's training
+    state: resuming a finished run (or one killed after its last checkpoint) changes nothing."""
+    import shutil
+
+    store, _ = planted_store
+    cfg = dict(architecture=arch, ema_decay=0.9, tokens=256 * 40)
+    first = nanosae.train(cfg_for(store, tmp_path / "run", **cfg)).sae
+    again = nanosae.train(cfg_for(store, tmp_path / "run", resume=True, **cfg)).sae
+    shutil.rmtree(tmp_path / "run" / "sae")  # killed after the last checkpoint, before the SAE was saved
+    third = nanosae.train(cfg_for(store, tmp_path / "run", resume=True, **cfg)).sae
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]) and torch.equal(tensor, third.state_dict()[name]), name

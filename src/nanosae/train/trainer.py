@@ -663,7 +663,9 @@ class SAERun:
     def finish(self, calibration: list[list[torch.Tensor]] | None = None,
                stored: Callable[[], Iterable[list[torch.Tensor]]] | None = None) -> TrainResult:
         """Final weights (the EMA when kept); BatchTopK's threshold calibrated on the calibration batches; the
-        decoder refit on the stored batches (once: a finished run resumed keeps its refit decoder)."""
+        decoder refit on the stored batches. The last checkpoint holds the training state from before these
+        steps, so a finished run that is resumed derives them again and ends with the same weights."""
+        self.checkpoint()
         if self.ema is not None:
             self.sae.load_state_dict(self.ema)
         if calibration and self.cfg.sae.architecture in BATCH_TOPK:
@@ -676,7 +678,6 @@ class SAERun:
         whole = gather_full(self.sae, self.shards, self.cfg.sae.d_sae) if self.shards else self.sae
         if self.rank == 0:
             save_sae(whole, self.files.sae)
-        self.checkpoint()
         return TrainResult(whole, self.run_dir, self.step, self.step * self.cfg.optim.batch_size, self.last)
 
     def close(self) -> None:
