@@ -171,6 +171,7 @@ def write_lock(target: str | Path, directory: bool = True) -> Iterator[None]:
             with _held_guard:
                 _held[key] -= 1
         return
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]  # removed again if left empty
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
@@ -199,3 +200,8 @@ def write_lock(target: str | Path, directory: bool = True) -> Iterator[None]:
             del _held[key]
         path.unlink(missing_ok=True)
         os.close(fd)
+        for folder in made:  # a refused or failed job leaves no empty directory behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break

@@ -425,3 +425,12 @@ def test_files_follow_the_umask(planted_store, tmp_path):
                  tmp_path / "run" / "checkpoints" / "step_5" / "state.pt"]:
         assert path.stat().st_mode & 0o777 == 0o644, path
     assert (tmp_path / "run" / "checkpoints" / "step_5").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_batch_larger_than_the_store_is_refused_before_anything_is_written(planted_store, tmp_path):
+    store, _ = planted_store
+    for batch, tokens in [(len(store) + 1, 10**6), (10**9, 10**9)]:
+        with pytest.raises(nanosae.ConfigError, match=f"more than the {len(store):,} tokens"):
+            nanosae.train(cfg_for(store, tmp_path / "run", batch_size=batch, tokens=tokens))
+        assert not (tmp_path / "run").exists()
+    nanosae.train(cfg_for(store, tmp_path / "run", batch_size=256, tokens=256 * 4))  # the corrected command runs

@@ -772,6 +772,11 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
         sources, placement = [source], [(whole, whole)] * len(cfgs)
     else:
         sources, placement = open_sources(cfgs)
+    stored = [s for s in sources if isinstance(s, ActivationStore)]
+    if stored and first.optim.batch_size * world > len(stored[0]):  # before any run directory is written
+        raise ConfigError(f"--batch-size {first.optim.batch_size}{f' x {world} processes' if world > 1 else ''} is "
+                          f"more than the {len(stored[0]):,} tokens {stored[0].path} holds; use a batch of at most "
+                          f"{len(stored[0]) // world:,}")
     # the initialisation sample of each source is read once (a prefix of the largest one any run asks for)
     largest = max(c.optim.init_sample_tokens for c in cfgs)
     cached: dict[int, torch.Tensor] = {}
