@@ -203,3 +203,19 @@ def test_train_a_transcoder_set_then_trace(tiny_llama_dir, word_corpus, tmp_path
     assert again.exit_code != 0 and "exists" in str(again.exception)
     bad = runner.invoke(app, ["train", "--transcoders", "1,x", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "expected 'all' or layers" in str(bad.exception)
+
+
+def test_a_set_trained_on_too_few_documents_for_a_held_out_split_is_scored_on_its_text_and_says_so(
+        tiny_llama_dir, tmp_path):
+    from tests.conftest import word_docs
+
+    data = tmp_path / "five"
+    data.mkdir()
+    for i, doc in enumerate(word_docs(5, min_words=200, max_words=300)):
+        (data / f"doc{i}.txt").write_text(doc)
+    r = CliRunner().invoke(app, ["train", "--transcoders", "all", "--model", str(tiny_llama_dir), "--data", str(data),
+                                 "--context-size", "16", "--d-sae", "16", "--k", "2", "--tokens", "1k",
+                                 "--batch-size", "100", "--out", str(tmp_path / "set")])
+    assert r.exit_code == 0, r.output
+    assert "scored on the training text" in " ".join(r.output.split())
+    assert json.loads((tmp_path / "set" / "replacement.json").read_text())["scored_on"] == "all"

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nanosae.config import CollectConfig, EvalConfig, GenerationConfig, SourceConfig, TrainConfig
+from nanosae.config import CollectConfig, DataConfig, EvalConfig, GenerationConfig, SourceConfig, TrainConfig
 from nanosae.interp.features import FeaturesConfig
 from nanosae.errors import ConfigError, NanosaeError
 from nanosae.options import command, gather_data, options_for, parse
@@ -193,6 +193,7 @@ def train(crosscoder: bool = False, transcoders: str | None = None, **given: Any
     if transcoders:
         layers = transcoder_layers(transcoders, settings.get("model", SourceConfig.model))
         cfgs = transcoder_set(settings, layers)
+        scoring = scoring_data(cfgs[0].source.data)  # settled before the work: the set is scored after it
     else:
         cfgs = expand_sweep(settings, crosscoder=crosscoder)
     steps = cfgs[0].optim.tokens // cfgs[0].optim.batch_size
@@ -215,15 +216,25 @@ def train(crosscoder: bool = False, transcoders: str | None = None, **given: Any
         run = Path(cfgs[0].out).parent
         write_manifest(run, cfgs[0].source.model, {layer: f"layer_{layer}" for layer in layers}, cfgs[0].sae.cross_layer)
         spec, tcs = load_transcoders(run, cfgs[0].device)
-        data = dataclasses.replace(cfgs[0].source.data, split="eval")
-        scores = replacement_scores(load_model(spec, device=cfgs[0].device), tcs, data)
+        scores = replacement_scores(load_model(spec, device=cfgs[0].device), tcs, scoring) | {"scored_on": scoring.split}
         write_json(run / "replacement.json", scores)
+        if scoring.split != "eval":
+            console.print("[yellow]the data has no held-out documents (every 20th); the set was scored on the "
+                          "training text, which flatters it[/yellow]")
         kind = "cross-layer transcoder" if cfgs[0].sae.cross_layer else "transcoder set"
         console.print(f"{kind}: {run}; every MLP replaced at once: CE-loss score "
                       f"{scores['replacement_ce_score']:.3f} (CE {scores['ce_loss_clean']:.3f} clean, "
                       f"{scores['ce_loss_replaced']:.3f} replaced, {scores['ce_loss_mlps_zeroed']:.3f} MLPs zeroed); "
                       f"FVU by layer " + " ".join(f"{v:.2f}" for v in scores["fvu_by_layer"].values()))
         console.print(f"trace with: nanosae trace \"PROMPT\" --transcoders {run}")
+
+
+def scoring_data(data: DataConfig) -> DataConfig:
+    """The held-out split (every 20th document), or all the text when it holds none (fewer than 20 documents)."""
+    from nanosae.data import iter_documents
+
+    held_out = dataclasses.replace(data, split="eval")
+    return held_out if next(iter(iter_documents(held_out)), None) is not None else dataclasses.replace(data, split="all")
 
 
 EVAL_OPTIONS = options_for(EvalConfig)
