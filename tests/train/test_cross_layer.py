@@ -2,6 +2,8 @@
 only a cross-layer decoder can (a later MLP driven by an earlier layer's input), a killed run resumes to the same
 weights, and the saved set reads back checked."""
 
+import json
+
 import pytest
 import torch
 
@@ -155,6 +157,24 @@ def test_cross_layer_refusals_and_a_corrupt_decoder_file(two_layer_stores, tmp_p
         from nanosae.train.sweep import expand_sweep
         expand_sweep({"cross_layer": True, "out": str(tmp_path / "x")})
     nanosae.train(set_cfgs(two_layer_stores, tmp_path / "ok", tokens=256 * 4))
+    from safetensors.torch import load_file, save_file
+
+    good = (tmp_path / "ok" / "layer_0" / CROSS_FILE).read_bytes()
+    rows = load_file(tmp_path / "ok" / "layer_0" / CROSS_FILE)
+    rows["W_dec_later"][0, 0, 0] = float("nan")
+    save_file(rows, tmp_path / "ok" / "layer_0" / CROSS_FILE, metadata={"later_layers": "1"})
+    with pytest.raises(FormatError, match=f"{CROSS_FILE}: the cross-layer decoders hold NaN"):
+        read_set(tmp_path / "ok", True)
     (tmp_path / "ok" / "layer_0" / CROSS_FILE).write_bytes(b"not safetensors")
     with pytest.raises(FormatError, match=CROSS_FILE):
         read_set(tmp_path / "ok", True)
+    (tmp_path / "ok" / "layer_0" / CROSS_FILE).write_bytes(good)
+    manifest = tmp_path / "ok" / C.MANIFEST
+    valid = json.loads(manifest.read_text())
+    for bad, says in [({"layers": []}, "layers must be an object"), ({"layers": {"x": "layer_0"}}, "not a layer number"),
+                      ({"layers": {"0": "../../etc"}}, "relative path inside"), ({"layers": {"0": "/etc"}}, "relative path"),
+                      ({"layers": {"0": 5}}, "relative path"), ({"model": 3}, "model must be"),
+                      ({"cross_layer": "yes"}, "cross_layer must be")]:
+        manifest.write_text(json.dumps(valid | bad))
+        with pytest.raises(FormatError, match=says):
+            C.load_transcoders(tmp_path / "ok")

@@ -115,14 +115,38 @@ def write_manifest(run: Path, model: str, layers: dict[int, str], cross_layer: b
                                 "layers": {str(k): v for k, v in sorted(layers.items())}})
 
 
+MAX_LAYERS = 4096
+
+
+def read_set_manifest(run: Path) -> dict[str, Any]:
+    """transcoders.json, checked: a model string, a cross_layer flag, and layers {"L": "dir"} with L a layer
+    number and dir a relative path inside the set (no absolute paths, no `..`, no links out of it)."""
+    path = run / MANIFEST
+    if not path.exists():
+        raise FormatError(f"{run}: no {MANIFEST} (train a set with `nanosae train --transcoders all --out {run}`)")
+    manifest = read_json(path)
+    layers, root = manifest.get("layers"), run.resolve()
+    if not isinstance(manifest.get("model"), str) or not manifest["model"]:
+        raise FormatError(f"{path}: model must be a non-empty string")
+    if not isinstance(manifest.get("cross_layer", False), bool):
+        raise FormatError(f"{path}: cross_layer must be true or false")
+    if not isinstance(layers, dict) or not layers:
+        raise FormatError(f"{path}: layers must be an object of layer number -> directory, e.g. {{\"0\": \"layer_0\"}}")
+    for key, where in layers.items():
+        if not (key.isdigit() and int(key) < MAX_LAYERS):
+            raise FormatError(f"{path}: layer {key[:20]!r} is not a layer number (0..{MAX_LAYERS - 1})")
+        if not isinstance(where, str) or not where or Path(where).is_absolute() or ".." in Path(where).parts \
+                or not (run / where).resolve().is_relative_to(root):
+            raise FormatError(f"{path}: layer {key}'s directory {str(where)[:60]!r} must be a relative path inside {run}")
+    return manifest
+
+
 def load_transcoders(run: str | Path, device: str = "cpu") -> tuple[str, TranscoderSet]:
     """(model spec, the set) from a run directory made by `train --transcoders`."""
     from nanosae.train.cross_layer import load_later
 
     run = Path(run)
-    if not (run / MANIFEST).exists():
-        raise FormatError(f"{run}: no {MANIFEST} (train a set with `nanosae train --transcoders all --out {run}`)")
-    manifest = read_json(run / MANIFEST)
+    manifest = read_set_manifest(run)
     tset = TranscoderSet({})
     for layer, where in manifest["layers"].items():
         tc = SAE.load(run / where / "sae", device=device)

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from nanosae.config import TrainConfig
 from nanosae.errors import ConfigError, FormatError, TrainingError, first_line
-from nanosae.io import atomic_write
+from nanosae.io import atomic_write, regular_file
 from nanosae.sae import kernels
 from nanosae.train.trainer import SAERun, load_checkpoint, lr_at, save_checkpoint
 
@@ -142,7 +142,7 @@ def layer_of(run: SAERun) -> int:
 def load_later(run_dir: Path, later: list[int], d_sae: int, d_model: int, device: str = "cpu") -> torch.Tensor:
     """A layer's decoders to the later layers (d_sae, n_later, d_model), checked against the set (FormatError
     naming the file)."""
-    path = run_dir / CROSS_FILE
+    path = regular_file(run_dir / CROSS_FILE)
     try:
         with safe_open(str(path), "pt", device=device) as f:
             layers, rows = (f.metadata() or {}).get("later_layers"), f.get_tensor("W_dec_later")
@@ -152,4 +152,6 @@ def load_later(run_dir: Path, later: list[int], d_sae: int, d_model: int, device
     if layers != expected or tuple(rows.shape) != (d_sae, len(later), d_model):
         raise FormatError(f"{path}: decoders to layers {layers} of shape {tuple(rows.shape)}; expected layers {expected} "
                           f"and shape ({d_sae}, {len(later)}, {d_model})")
+    if not rows.is_floating_point() or not bool(torch.isfinite(rows).all()):
+        raise FormatError(f"{path}: the cross-layer decoders hold NaN, infinite or non-float values")
     return rows
