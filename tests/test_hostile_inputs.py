@@ -223,11 +223,39 @@ def test_random_manifest_values_open_or_fail_in_one_line(tmp_path, key, value, s
     (["--checkpoint-every", "-1"], "checkpoint_every must be ≥ 0"),
     (["--grad-clip", "inf"], "grad_clip must be a finite number"),
     (["--arch", "conv"], "architecture must be one of relu, topk"),
+    (["--architecture", ","], "no values"),
+    (["--device", "evil"], "'evil' is not a device"),
+    (["--device", "cuda:99"], "cuda:99"),
+    (["--seed", "-1"], "seed must be ≥ 0"),
+    (["--k", "4", "--k-start", "100000"], "k_start must be ≥ 4 and ≤ 32"),
+    (["--d-sae", "1e12"], "d_sae must be ≥ 1 and ≤ 16,777,216"),
+    (["--batch-size", "1000", "--tokens", "1e9"], "more than the 300 tokens"),
 ])
 def test_bad_train_values(tmp_path, capsys, store, args, names):
     refused(["train", "--acts", store, "--out", tmp_path / "run", "--tokens", "2k", "--d-sae", "32", *args], capsys,
             names, tmp_path)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_sae_larger_than_memory_is_refused_before_allocating():
+    from nanosae.train.trainer import check_fits
+
+    with pytest.raises(nanosae.ConfigError, match="needs about 2,048 GiB"):
+        check_fits(4096, 1 << 24, 4096, "cpu")  # within the d_sae cap, not within any laptop
+    check_fits(576, 4608, 576, "cpu")
+
+
+@pytest.mark.parametrize("acts,names", [(torch.zeros(300, 8), "all zero"), (torch.randn(300, 1), None)])
+def test_degenerate_stores(tmp_path, capsys, acts, names):
+    """An all-zero store is refused naming it; a width-1 store trains (AuxK takes at least one latent)."""
+    path = write_store(tmp_path / "acts", acts).path
+    args = ["train", "--acts", path, "--out", tmp_path / "run", "--tokens", "1k", "--batch-size", "100",
+            "--d-sae", "4", "--k", "1"]
+    if names:
+        refused(args, capsys, names, tmp_path)
+        assert not (tmp_path / "run").exists()
+    else:
+        assert run_cli(args, capsys)[0] == 0
 
 
 def test_out_that_is_a_file(tmp_path, capsys, store, tiny_llama_dir, word_corpus):

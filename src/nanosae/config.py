@@ -90,9 +90,36 @@ def check_range(name: str, value: Any, low: float | None = None, high: float | N
         below = low is not None and (v <= low if open_low else v < low)
         above = high is not None and (v >= high if open_high else v > high)
         if below or above:
-            lo = "" if low is None else f"{'>' if open_low else '≥'} {low:g}"
-            hi = "" if high is None else f"{'<' if open_high else '≤'} {high:g}"
+            lo = "" if low is None else f"{'>' if open_low else '≥'} {_number(low)}"
+            hi = "" if high is None else f"{'<' if open_high else '≤'} {_number(high)}"
             raise ConfigError(f"{name} must be {' and '.join(b for b in (lo, hi) if b)}, got {_brief(v)}")
+
+
+MAX_LATENTS = 1 << 24  # 16.7M: past the largest published dictionaries; a larger d_sae is a typo (1e12)
+MAX_SEED = 2**32 - 1
+
+
+def check_device(device: str, name: str = "device") -> str:
+    """A device this machine has: cpu, cuda / cuda:N with CUDA present, or mps where present."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{name} {_brief(device)} is not a device; expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{name} {device!r}: no CUDA device is usable here (torch {torch.__version__}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{name} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{name} {device!r}: no MPS device here; use cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"{name} {device!r}: nanosae runs on cpu, cuda or mps")
+    return device
+
+
+def _number(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 def _brief(value: Any) -> str:
@@ -307,6 +334,7 @@ class CollectConfig:
         check_fields(self)
         for name in ("tokens", "batch_size", "tokens_per_shard"):
             check_range(name, getattr(self, name), 1)
+        check_device(self.device)
 
 
 @dataclass
@@ -422,7 +450,7 @@ class DictionaryConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        check_range("d_sae", self.d_sae, 1)
+        check_range("d_sae", self.d_sae, 1, MAX_LATENTS)
         check_range("k", self.k, 1)
         if self.architecture in ("topk", *BATCH_TOPK) and self.k > self.d_sae:
             raise ConfigError(f"k ({self.k}) must be at most d_sae ({self.d_sae})")
@@ -560,6 +588,10 @@ class TrainConfig:
         check_range("log_every", self.log_every, 1)
         check_range("checkpoint_every", self.checkpoint_every, 0)
         check_range("shard_latents", self.shard_latents, 0)
+        check_range("seed", self.seed, 0, MAX_SEED)
+        check_device(self.device)
+        if self.optim.k_start is not None and self.sae.architecture in ("topk", *BATCH_TOPK):
+            check_range("k_start", self.optim.k_start, self.sae.k, self.sae.d_sae)
         if self.sae.skip_connection and not self.source.transcoder:
             raise ConfigError("skip_connection is for transcoders (give hook_out or acts_out)")
 

@@ -131,7 +131,10 @@ def shard_problem(directory: Path, entry: dict[str, Any]) -> str | None:
 def norm_scale(x: Tensor) -> float:
     """sqrt(width / mean squared norm): the factor that gives activations x (n, width) a mean squared norm
     equal to their width, as SAELens's and sparsify's activation normalisation do."""
-    return math.sqrt(x.shape[-1] / float(x.pow(2).sum(-1).mean()))
+    mean_sq = float(x.pow(2).sum(-1).mean())
+    if not mean_sq > 0:
+        raise DataError("the activations are all zero: nothing to train on (was the hook point right?)")
+    return math.sqrt(x.shape[-1] / mean_sq)
 
 
 class ShardWriter:
@@ -384,7 +387,10 @@ class ActivationStore:
         sample = torch.stack([self.tokens(int(i), int(i) + 1)[0] for i in idx])
         if not torch.isfinite(sample).all():
             raise DataError(f"{self.path}: the store holds NaN or inf activations")
-        self.manifest["norm_scale"] = scale = norm_scale(sample)
+        try:
+            self.manifest["norm_scale"] = scale = norm_scale(sample)
+        except DataError as e:
+            raise DataError(f"{self.path}: {e}") from None
         try:
             write_json(self.path / MANIFEST, self.manifest)
         except OSError:

@@ -23,9 +23,11 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
     A plain directory holding model_*.pt + meta_*.json is read as a nanochat checkpoint too.
     tokenizer: a nanochat tokenizer directory, when it is not found next to the checkpoints.
     """
+    from nanosae.config import check_device
     from nanosae.models.hf import load_hf
     from nanosae.models.nanochat import load_nanochat
 
+    check_device(device)
     if spec.startswith("nanochat:"):
         return load_nanochat(spec.removeprefix("nanochat:"), device, dtype, tokenizer)
     path = Path(spec.partition("@")[0])

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from nanosae.config import BATCH_TOPK, TORCH_DTYPES, SAEConfig
+from nanosae.config import BATCH_TOPK, TORCH_DTYPES, SAEConfig, check_device
 from nanosae.errors import ConfigError, ShapeError
 from nanosae.sae import formats
 from nanosae.sae.jumprelu import jumprelu
@@ -249,6 +249,7 @@ class SAE(nn.Module):
     @classmethod
     def load(cls, path: str | Path, *, device: str = "cpu", normalize: bool | None = None) -> "SAE":
         """Load our dir, a SAELens dir, or an OpenAI sparse_autoencoder .pt (normalize: override its LN flag)."""
+        check_device(device)
         return formats.load_sae(path, device=device, normalize=normalize, build=cls)
 
 

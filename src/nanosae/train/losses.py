@@ -116,7 +116,7 @@ def _sparse_loss(sae: SAE, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, 
                  added: Tensor | None = None) -> LossOutput:
     b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
     dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None and bool(dead_mask.any()) else None
-    k_aux = k_aux or sae.cfg.d_in // 2
+    k_aux = k_aux or max(1, sae.cfg.d_in // 2)
     xc = sae._centred(x_norm).detach()
     if sae.cfg.architecture == "topk":
         sel, aux = kernels.encode_select_topk(xc, sae.W_enc.detach(), sae.b_enc.detach(), sae.cfg.k,
@@ -147,7 +147,7 @@ def auxk_loss(sae: SAE, dead_pre: Tensor, dead: Tensor, residual: Tensor, k_aux:
     """AuxK (Gao et al. 2024) on the dense path: the k_aux largest pre-activations among the dead latents
     (every dead latent when fewer are dead) reconstruct the residual error. dead_pre holds the pre-activations
     of the dead latents' columns `dead` alone. (The sparse path does the same through kernels.select_among.)"""
-    k = k_aux or sae.cfg.d_in // 2
+    k = k_aux or max(1, sae.cfg.d_in // 2)
     if dead_pre.shape[1] > k:
         values, indices = topk_rows(dead_pre, k)
         z = torch.zeros_like(dead_pre).scatter(-1, indices, values.relu())

@@ -134,7 +134,7 @@ def sharded_loss(sae: SAE, x: Tensor, target: Tensor | None, shards: Shards, *, 
     dead_mask covers every latent (each rank tracks all of them). `fired` covers every latent too."""
     x_norm, _ = sae._normalize(sae._check(x))
     y = x_norm if target is None else sae.normalize_target(target)
-    k, k_aux = sae.cfg.k, k_aux or sae.cfg.d_in // 2
+    k, k_aux = sae.cfg.k, k_aux or max(1, sae.cfg.d_in // 2)
     offset = shards.cols.start
     n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
     dead_local = dead_mask[shards.cols].nonzero().squeeze(1) if n_dead else None

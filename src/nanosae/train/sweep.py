@@ -43,7 +43,10 @@ def expand_sweep(settings: dict[str, Any], crosscoder: bool = False) -> list[Tra
 
 
 def _as_list(value: Any) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ConfigError("a swept setting was given no values (e.g. --architecture ,)")
+    return values
 
 
 def _label(name: str, value: Any) -> str:

@@ -312,6 +312,19 @@ def load_checkpoint(run_dir: Path, steps: set[int] | None = None) -> tuple[Path,
     return None
 
 
+def check_fits(d_in: int, d_sae: int, d_out: int, device: str, shards: int = 1) -> None:
+    """Refuse, before allocating, an SAE whose weights, gradients and Adam state (16 bytes a weight) cannot fit
+    in this machine's memory (or the GPU's)."""
+    need = 16 * (d_in + d_out) * d_sae / max(1, shards)
+    if torch.device(device).type == "cuda":
+        have, where = torch.cuda.get_device_properties(torch.device(device)).total_memory, "the GPU"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    if need > have:
+        raise ConfigError(f"d_sae {d_sae:,} at width {d_in} needs about {need / 2**30:,.0f} GiB for weights, gradients "
+                          f"and Adam state; {where} has {have / 2**30:,.0f} GiB")
+
+
 # ---- the run directory: one job per directory -----------------------------------------------------------
 # Settings that may change when a run continues: they do not change what is trained.
 RUNTIME_FIELDS = ("out", "resume", "log_every", "checkpoint_every", "tensorboard", "wandb", "device", "distribute_saes")
@@ -386,12 +399,14 @@ class SAERun:
         # the part of each batch this process trains on: replicas of the latent shards split the batch
         self.data_rank, self.data_world = (self.shards.replica, self.shards.replicas) if self.shards else (rank, world)
         self.sample = sample or (lambda i, n: first_tokens(sources[i], n))
+        self.source_list = sources
         self.transcoder = ins != outs
         self.run_dir = Path(cfg.out)
         self.files = RunDir(self.run_dir)
         self.d = Schedule.of(cfg)
         width = lambda placement: sum(cols.stop - cols.start for _, cols in placement)
         d_in, d_out = width(ins), width(outs)
+        check_fits(d_in, cfg.sae.d_sae, d_out, cfg.device, (world // cfg.shard_latents) if cfg.shard_latents else 1)
         torch.manual_seed(cfg.seed)  # the same initial weights whether trained alone or with others
         self.gen = torch.Generator().manual_seed(cfg.seed)  # this run's own randomness (resampling)
         in_keys, out_keys = cfg.source.io()
@@ -491,21 +506,28 @@ class SAERun:
         self.ema = on_device(state.get("ema"), self.cfg.device)
 
     def _start(self) -> None:
+        """A new run: the initialisation sample checked and the scales set first, then config.json written (a
+        refused start leaves no run behind that would refuse the corrected command)."""
+        n = self.cfg.optim.init_sample_tokens
+        samples = {i: self.sample(i, n) for i, _ in self.ins + self.outs}
+        x, y = self.gather(samples, self.ins), self.gather(samples, self.outs)
+        where = ", ".join(dict.fromkeys(str(getattr(self.source_list[i], "path", "the model's activations"))
+                                        for i, _ in self.ins + self.outs))
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            raise DataError(f"{where}: the training activations contain NaN or inf")
+        if self.cfg.optim.scale_activations and self.cfg.sae.normalize_activations == "none":  # mean squared norm -> width
+            try:
+                scale = lambda placement: [norm_scale(samples[i][:, c]) for i, c in placement]
+                in_scales = scale(self.ins)
+                self.sae.cfg.activation_scale = in_scales if len(in_scales) > 1 else in_scales[0]
+                if self.transcoder:
+                    self.sae.cfg.output_scale = scale(self.outs)[0]
+            except DataError as e:
+                raise DataError(f"{where}: {e}") from None
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.files.config, dataclasses.asdict(self.cfg) | {"sources": self.job["sources"]})
             self.files.metrics.unlink(missing_ok=True)
-        n = self.cfg.optim.init_sample_tokens
-        samples = {i: self.sample(i, n) for i, _ in self.ins + self.outs}
-        x, y = self.gather(samples, self.ins), self.gather(samples, self.outs)
-        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-            raise DataError("the training activations contain NaN or inf")
-        if self.cfg.optim.scale_activations and self.cfg.sae.normalize_activations == "none":  # mean squared norm -> width
-            scale = lambda placement: [norm_scale(samples[i][:, c]) for i, c in placement]
-            in_scales = scale(self.ins)
-            self.sae.cfg.activation_scale = in_scales if len(in_scales) > 1 else in_scales[0]
-            if self.transcoder:
-                self.sae.cfg.output_scale = scale(self.outs)[0]
         x_norm = self.sae._normalize(x)[0]
         init_sae(self.sae, x_norm, self.cfg.optim.init_b_dec, target=y * self.sae.output_factor() if self.transcoder else None,
                  encoder_scale=self.cfg.optim.init_encoder_scale)
