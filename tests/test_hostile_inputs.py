@@ -323,3 +323,23 @@ def test_corrupt_features_checkpoint_starts_the_pass_over(tmp_path, tiny_model, 
     build_features(sae, tiny_model, cfg, tmp_path / "features.db")
     assert "unreadable" in caplog.text and (tmp_path / "features.db").exists()
     assert not (tmp_path / "features.db.partial.pt").exists()
+
+
+def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path, capsys):
+    """Opening a FIFO for reading waits for a writer forever: every reader refuses one first."""
+    import os
+
+    sae_dir = tmp_path / "sae"
+    SAE(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=2)).save(sae_dir)
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        target = sae_dir / name
+        kept = target.read_bytes()
+        target.unlink()
+        os.mkfifo(target)
+        with pytest.raises(NanosaeError, match="is a FIFO"):
+            SAE.load(sae_dir)
+        target.unlink()
+        target.write_bytes(kept)
+    os.mkfifo(tmp_path / "sae.pt")
+    with pytest.raises(NanosaeError, match="is a FIFO"):
+        SAE.load(tmp_path / "sae.pt")

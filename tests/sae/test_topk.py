@@ -77,3 +77,22 @@ def test_kernel_loads_only_from_a_private_dir_and_with_its_recorded_digest(tmp_p
         assert topk.kernel() is None
     finally:
         topk.kernel.cache_clear()
+
+
+def test_a_fifo_as_the_kernels_digest_is_replaced_not_waited_on(tmp_path, monkeypatch):
+    if topk.kernel() is None:
+        pytest.skip("no C compiler / AVX2 here")
+    import os
+
+    monkeypatch.setenv("NANOSAE_CACHE", str(tmp_path))
+    topk.kernel.cache_clear()
+    try:
+        assert topk.kernel() is not None
+        digest = next((tmp_path / f"kernels-{os.getuid()}").glob("topk-*.sha256"))
+        digest.unlink()
+        os.mkfifo(digest)
+        topk.kernel.cache_clear()
+        assert topk.kernel() is not None  # rebuilt; the digest is a file again
+        assert digest.is_file() and len(digest.read_text()) == 64
+    finally:
+        topk.kernel.cache_clear()

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from nanosae.config import TORCH_DTYPES, SAEConfig
 from nanosae.errors import ConfigError, FormatError, first_line
-from nanosae.io import atomic_write, read_json, write_json
+from nanosae.io import atomic_write, read_json, regular_file, write_json
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -139,7 +139,7 @@ def _saelens_fields(raw: dict[str, Any], where: Path) -> SAEConfig:
 
 def _load_saelens_dir(path: Path, device: str, build: Any) -> Any:
     cfg = _saelens_config(_read_json(path / CFG_FILE), path / CFG_FILE)
-    weights = path / WEIGHTS_FILE
+    weights = regular_file(path / WEIGHTS_FILE)  # a FIFO would block the reader forever
     if not weights.exists():
         raise FormatError(f"{weights} is missing (an SAE directory needs {CFG_FILE} and {WEIGHTS_FILE})")
     _check_header(cfg, weights)  # before anything is allocated: cfg.json may claim a huge d_sae
@@ -195,7 +195,7 @@ def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device
 
 def _load_openai(path: Path, device: str, normalize: bool | None, build: Any) -> Any:
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(regular_file(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for truncated/corrupt/unsafe files
         why = first_line(e)
         raise FormatError(f"{path} could not be read as a torch state dict: {why}") from None
