@@ -124,3 +124,17 @@ def test_an_export_written_by_an_earlier_version_is_still_replaced(viewer_run, t
     (site / ".nanosae-site").write_text("".join(f + "\n" for f in files))  # the old marker: a file list alone
     export_static(viewer_run, site)
     assert (site / MARKER).read_text().splitlines()[0] == "viewer site"
+
+
+def test_every_file_of_an_export_follows_the_umask(viewer_run, tmp_path):
+    import os
+
+    from nanosae.viewer import export_static
+
+    old = os.umask(0o027)
+    try:
+        export_static(viewer_run, tmp_path / "site")
+    finally:
+        os.umask(old)
+    for p in [tmp_path / "site", *(tmp_path / "site").rglob("*")]:
+        assert p.stat().st_mode & 0o777 == (0o750 if p.is_dir() else 0o640), p

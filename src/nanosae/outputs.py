@@ -125,6 +125,9 @@ def replacing_dir(out: str | Path, kind: str, home: Path | None = None, flag: st
         try:
             public_mode(tmp, directory=True)
             yield tmp
+            for p in [tmp, *tmp.rglob("*")]:  # copied files keep their source's mode: give each the user's umask
+                if not p.is_symlink():
+                    public_mode(p, directory=p.is_dir())
             files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.is_dir())
             (tmp / MARKER).write_text("".join(f + "\n" for f in [kind, *files]))
             if out.exists():
