@@ -343,3 +343,25 @@ def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path, capsys):
     os.mkfifo(tmp_path / "sae.pt")
     with pytest.raises(NanosaeError, match="is a FIFO"):
         SAE.load(tmp_path / "sae.pt")
+
+
+def test_bad_values_of_circuit_commands(transcoder_set, tmp_path, capsys):
+    refused(["trace", "w5 w6", "--transcoders", transcoder_set, "--max-feature-nodes", "-1"], capsys,
+            "--max-feature-nodes must be at least 1", transcoder_set)
+    refused(["intervene", "w5 w6", "--transcoders", transcoder_set, "--set", "0_1_1=nan"], capsys,
+            "must be a finite number", transcoder_set)
+    refused(["features", transcoder_set / "layer_1", "--window-left", "1e9"], capsys, "window_left must be", transcoder_set)
+
+
+def test_a_checkpoint_whose_state_disagrees_with_its_name_is_skipped(tmp_path, store, caplog):
+    from nanosae import TrainConfig
+
+    cfg = dict(acts=str(store), out=str(tmp_path / "run"), d_sae=16, k=2, batch_size=50, tokens=50 * 6,
+               checkpoint_every=2)
+    whole = nanosae.train(TrainConfig.build(**cfg))
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "step_6").rename(ckpts / "step_1000000000000000")  # a step far past the run, as a hostile name
+    again = nanosae.train(TrainConfig.build(**cfg, resume=True))
+    assert "step_1000000000000000 is unreadable" in caplog.text  # its state says step 6: not trusted
+    for name, tensor in whole.sae.state_dict().items():
+        assert torch.equal(tensor, again.sae.state_dict()[name]), name

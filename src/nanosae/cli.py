@@ -441,6 +441,9 @@ def trace(
     for name, value in (("node-threshold", node_threshold), ("edge-threshold", edge_threshold)):
         if not 0 < value <= 1:
             raise ConfigError(f"--{name} must be in (0, 1], got {value}")
+    for name, value in (("max-feature-nodes", max_feature_nodes), ("paths", paths)):
+        if value < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {value}")
     spec, tcs = load_transcoders(transcoders, device)
     host = load_model(spec, device=device)
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "graph"
@@ -482,6 +485,8 @@ def intervene(
     from nanosae.models import load_model
 
     edits = [parse_node_edit(e) for e in set_]
+    if max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be at least 0, got {max_new_tokens}")
     spec, tcs = load_transcoders(transcoders, device)
     result = run_intervene(load_model(spec, device=device), tcs, prompt, edits, max_new_tokens=max_new_tokens)
     table = Table(title=prompt, show_lines=True)

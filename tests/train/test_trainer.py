@@ -2,6 +2,7 @@ import dataclasses
 import json
 from pathlib import Path
 import os
+import shutil
 import subprocess
 import sys
 
@@ -434,3 +435,14 @@ def test_a_batch_larger_than_the_store_is_refused_before_anything_is_written(pla
             nanosae.train(cfg_for(store, tmp_path / "run", batch_size=batch, tokens=tokens))
         assert not (tmp_path / "run").exists()
     nanosae.train(cfg_for(store, tmp_path / "run", batch_size=256, tokens=256 * 4))  # the corrected command runs
+
+
+def test_checkpoints_that_is_a_file_is_refused_before_anything_changes(planted_store, tmp_path):
+    store, _ = planted_store
+    nanosae.train(cfg_for(store, tmp_path / "run", tokens=256 * 4))
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    (tmp_path / "run" / "checkpoints").write_text("mine")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(nanosae.FormatError, match="checkpoints is a file"):
+        nanosae.train(cfg_for(store, tmp_path / "run", tokens=256 * 4, resume=True))
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before

@@ -40,6 +40,9 @@ def test_graph_api(graph_run):
     assert saved["linkType"] == "both"  # the rest of qParams kept
     bad = client.put("/api/graph/tiny/qparams", json={"pinnedIds": ["99_1_1"], "supernodes": []})
     assert bad.status_code == 422 and "99_1_1" in bad.json()["detail"]
+    huge = client.put("/api/graph/tiny/qparams", json={"pinnedIds": [], "supernodes": [["x" * 5_000_000, node["node_id"]]]})
+    assert huge.status_code == 422 and "1..200 characters" in huge.json()["detail"]
+    assert json.loads((graph_run / "graphs" / "tiny.json").read_text())["qParams"] == saved  # nothing saved
     layer, latent = node["node_id"].split("_")[:2]
     page = client.get(f"/api/layer/{layer}/feature/{latent}").json()
     assert page["explanation"] == "planted explanation"

@@ -16,6 +16,7 @@ copy's target summed into one scalar, and one backward pass gives every copy's g
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from importlib.metadata import version
 from collections.abc import Iterator
@@ -728,9 +729,12 @@ def parse_node_edit(text: str) -> tuple[tuple[int, int, int], str, float]:
         if op in text:
             node, value = text.split(op, 1)
             try:
-                return node_key(node), op, float(value)
+                key, number = node_key(node), float(value)
             except ValueError:
                 break
+            if not math.isfinite(number):
+                raise ConfigError(f"feature edit {text[:60]!r}: the value must be a finite number")
+            return key, op, number
     raise ConfigError(f"cannot read feature edit {text!r}; expected LAYER_LATENT_POS=VALUE or LAYER_LATENT_POS*FACTOR "
                       f"(a graph node id, e.g. 12_345_5=0)")
 

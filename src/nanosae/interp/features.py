@@ -81,8 +81,9 @@ class FeaturesConfig:
         for name in ("tokens", "top_n", "reservoir", "quantile_examples", "batch_size", "logit_top", "cofiring_top",
                      "random_windows"):
             check_range(name, getattr(self, name), 1)
-        for name in ("window_left", "window_right", "checkpoint_every"):
-            check_range(name, getattr(self, name), 0)
+        for name in ("window_left", "window_right"):
+            check_range(name, getattr(self, name), 0, 1024)  # a window is what a page shows around a token
+        check_range("checkpoint_every", self.checkpoint_every, 0)
 
 
 class _Examples:

@@ -291,11 +291,13 @@ def load_checkpoint(run_dir: Path, steps: set[int] | None = None) -> tuple[Path,
     is skipped with a warning (e.g. truncated by a full disk). None when there is none; an error when none can
     be read."""
     found = [c for c in _checkpoints(run_dir) if steps is None or c[0] in steps]
-    for _, ckpt in reversed(found):
+    for step, ckpt in reversed(found):
         try:
             state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not {"step", "batches"} <= set(state) or not {"optimizer", "shards"} & set(state):
                 raise FormatError("not a nanosae checkpoint state")
+            if state["step"] != step or not isinstance(state["batches"], int) or state["batches"] < step:
+                raise FormatError(f"its state says step {str(state['step'])[:20]}, batch {str(state['batches'])[:20]}")
             if "decoders" in state:  # a cross-layer transcoder's later-layer decoders: no SAE
                 return ckpt, state, None
             if "shards" in state:  # sharded latents: one file per slice, no whole SAE
@@ -462,6 +464,9 @@ class SAERun:
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"--out {run_dir} is a file; expected a run directory")
         check_job_dir(run_dir, "training run", allow=("training run", "transcoder set"))
+        for sub in (self.files.checkpoints, self.files.sae):
+            if sub.exists() and not sub.is_dir():
+                raise FormatError(f"{sub} is a file, not a directory; move it away, nothing was changed")
         if saved.exists():
             compare_jobs(saved_job(read_json(saved), saved), self.job, saved)
             if not self.cfg.resume:
@@ -470,6 +475,8 @@ class SAERun:
             raise ConfigError(f"{run_dir} holds SAE files but no config.json; use another --out, nothing was changed")
 
     def _resume(self, ckpt: Path, state: dict[str, Any], loaded: SAE | None) -> None:
+        if state["step"] > self.d.steps:
+            raise FormatError(f"{ckpt}: step {state['step']:,} is beyond this run's {self.d.steps:,} steps")
         compare_jobs(state.get("job") or saved_job(state.get("config") or {}, ckpt), self.job, ckpt)
         if self.shards:  # the job's settings match, so the slice's shapes do: its own file holds its state
             shard = load_shard(ckpt, self.shards)

@@ -247,9 +247,10 @@ def _graph_app(app: Any, run: Path, model: str | None, host: str) -> Any:
             data = read_json_graph(path)
             ids = {n["node_id"] for n in data["nodes"]}
             unknown = [i for i in pinnedIds + [m for g in supernodes for m in g[1:]] if i not in ids]
-            if unknown or any(len(g) < 2 or not g[0].strip() for g in supernodes):
-                raise HTTPException(422, f"unknown node {unknown[0]!r}" if unknown else
-                                    "a supernode is [name, node ids...] with a name and at least one node")
+            if unknown or any(len(g) < 2 or not g[0].strip() or len(g[0]) > 200 for g in supernodes):
+                raise HTTPException(422, f"unknown node {unknown[0][:60]!r}" if unknown else
+                                    "a supernode is [name, node ids...] with a name of 1..200 characters and at least "
+                                    "one node")
             data["qParams"] |= {"pinnedIds": pinnedIds, "supernodes": supernodes}
             write_json(path, data)
         return data["qParams"]
