@@ -88,6 +88,15 @@ def test_eval_full_suite_writes_sections_and_saebench_files(viewer_run, word_cor
     core = json.loads((run / "saebench" / "core.json").read_text())
     assert core["eval_type_id"] == "core" and core["eval_result_metrics"]["sparsity"]["l0"] == result["l0"]
     assert "explanations: explanation_score" in r.output
+    task = tmp_path / "has_w7.jsonl"  # your own probing task: the built-in ones need real text, this one does not
+    words = [[f"w{(7 * i + j) % 12 + 3}" for j in range(12)] for i in range(60)]
+    task.write_text("".join(json.dumps({"text": " ".join(w), "labels": [int(x == "w7") for x in w]}) + "\n"
+                            for w in words))
+    r = CliRunner().invoke(app, ["eval", str(run), "--suite", "full", "--data", str(word_corpus), "--tokens", "100",
+                                 "--context-size", "16", "--probing-task", str(task)])
+    assert r.exit_code == 0, r.output
+    probing = json.loads((run / "eval.json").read_text())["sparse_probing"]
+    assert set(probing["details"]) == {"has_w7"} and probing["details"]["has_w7"]["llm_test_accuracy"] > 0.9
 
 
 def test_features_track_steer_commands(tiny_llama_dir, word_corpus, tmp_path):

@@ -365,3 +365,39 @@ def test_a_checkpoint_whose_state_disagrees_with_its_name_is_skipped(tmp_path, s
     assert "step_1000000000000000 is unreadable" in caplog.text  # its state says step 6: not trusted
     for name, tensor in whole.sae.state_dict().items():
         assert torch.equal(tensor, again.sae.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("content,names", [
+    (b"", "no examples"),
+    (b"\xff\xfe not utf-8", "not UTF-8"),
+    (b"[" * 100_000, "nested too deeply"),
+    (b'{"text": "w3", "labels": ' + b"9" * 5000 + b"}", "4300"),
+    (b"[1, 2]\n", "expected a JSON object"),
+    (b'{"text": 5, "labels": 1}\n', '"text" must be non-empty text'),
+    (b'{"text": "  ", "labels": 1}\n', '"text" must be non-empty text'),
+    (b'{"text": "w3 w4", "labels": 2}\n', '"labels" must be 0/1'),
+    (b'{"text": "w3 w4", "labels": [1, [0]]}\n', '"labels" must be 0/1'),
+    (b'{"text": "w3 w4", "labels": NaN}\n', '"labels" must be 0/1'),
+    (b'{"text": "w3 w4", "labels": []}\n', '"labels" must be 0/1'),
+    (b'{"text": "w3 w4"}\n', '"labels" must be 0/1'),
+    (b'{"text": "w3 w4", "labels": 1}\n{oops\n', ":2 is not valid JSON"),
+    (None, "is a directory"),
+    ("fifo", "is a FIFO"),
+])
+def test_hostile_probing_tasks_are_refused_before_the_evaluation(viewer_run, tmp_path, capsys, content, names):
+    import os
+
+    task = tmp_path / "task.jsonl"
+    if content is None:
+        task.mkdir()
+    elif content == "fifo":
+        os.mkfifo(task)
+    else:
+        task.write_bytes(content)
+    refused(["eval", viewer_run, "--suite", "full", "--probing-task", task, "--tokens", "64"], capsys, names, viewer_run)
+
+
+def test_a_probing_task_needs_the_full_suite(viewer_run, tmp_path, capsys):
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"text": "w3 w4", "labels": 1}\n')
+    refused(["eval", viewer_run, "--probing-task", task], capsys, "add --suite full", viewer_run)

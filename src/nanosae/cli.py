@@ -254,6 +254,7 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
     from nanosae.eval import evaluate
     from nanosae.eval.report import TABLE_KEYS, is_report, write_report
     from nanosae.outputs import check_file, resolved
+    from nanosae.eval.probing import ProbingConfig, read_user_task
     from nanosae.eval.suite import run_suite, write_saebench
     from nanosae.io import write_json, write_lock
     from nanosae.models import load_model
@@ -261,6 +262,8 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
     from nanosae.sae import SAE
 
     cfg = EvalConfig(**gather_data(parse(EVAL_OPTIONS, given)))
+    for task in cfg.probing_task:  # every line checked before the work
+        read_user_task(task)
     located = [locate(p) for p in paths]
     where = resolved(out) if out else report_dir(located)  # checked before the work, not after it
     own = out is None or where in {home(p).resolve() for p in paths}
@@ -276,7 +279,8 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
         dbs = [run.features if run else None for run, _ in located]
         with console.status("full suite") as status:
             extra = run_suite(saes, host, [hook or r["hook"] for r in results], dbs,
-                              status=lambda text: status.update(f"full suite: {text}"))
+                              status=lambda text: status.update(f"full suite: {text}"),
+                              probing_cfg=ProbingConfig(user_tasks=[str(t) for t in cfg.probing_task]))
         results = [r | sections for r, sections in zip(results, extra)]
     for (run, sae_path), result, sae in zip(located, results, saes):
         with write_lock(run.path) if run else contextlib.nullcontext():  # not while a training run writes it

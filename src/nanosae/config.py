@@ -372,11 +372,16 @@ class EvalConfig:
     """Baseline of the CE-loss score: zero or mean ablation of what the SAE replaces."""
     suite: Suite = "core"
     """core: reconstruction, sparsity, CE/KL; full: also absorption, sparse probing and explanation scores."""
+    probing_task: list[str] = field(default_factory=list)
+    """With --suite full: your own sparse-probing task, a JSONL file of {"text": ..., "labels": 0/1 or one 0/1 per
+    token} (repeatable; each file is a task named after it)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_range("tokens", self.tokens, 1)
         check_range("batch_size", self.batch_size, 1)
+        if self.probing_task and self.suite != "full":
+            raise ConfigError("--probing-task is part of the full suite; add --suite full")
 
 
 @dataclass

@@ -37,7 +37,7 @@ from torch import Tensor
 from nanosae.config import DataConfig, check_range
 from nanosae.data.corpus import iter_documents
 from nanosae.errors import ConfigError, DataError, FormatError
-from nanosae.io import parse_json
+from nanosae.io import parse_json, regular_file
 from nanosae.eval.probes import accuracy, fit_logistic, k_sparse_probe
 from nanosae.models import HostModel
 from nanosae.sae import SAE
@@ -185,33 +185,65 @@ def _labelled_windows(model: HostModel, specs: list[str], labeller, cfg: Probing
     return windows, labels
 
 
+USER_TASK_LIMIT = 64 << 20  # bytes: a probing task is labelled text, not a corpus
+
+
+def read_user_task(path: str | Path) -> list[tuple[int, str, int | list[int]]]:
+    """(line, text, labels) of a JSONL probing task, every line checked before anything runs: {"text": non-empty
+    text, "labels": 0/1 (the document) or a list of 0/1 (one per token)}. A one-line DataError otherwise."""
+    path = Path(path)
+    try:
+        regular_file(path)
+        if not path.exists():
+            raise DataError(f"probing task {path} does not exist")
+        if path.stat().st_size > USER_TASK_LIMIT:
+            raise DataError(f"probing task {path} is over {USER_TASK_LIMIT >> 20} MB")
+        text_of_file = path.read_bytes().decode("utf-8")
+    except FormatError as e:
+        raise DataError(str(e)) from None
+    except UnicodeDecodeError:
+        raise DataError(f"probing task {path} is not UTF-8 text") from None
+    is_label = lambda v: isinstance(v, (bool, int)) and v in (0, 1)
+    records = []
+    for n, line in enumerate(text_of_file.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            record = parse_json(line, where)
+        except FormatError as e:
+            raise DataError(str(e)) from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object with \"text\" and \"labels\"")
+        text, labels = record.get("text"), record.get("labels")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: \"text\" must be non-empty text")
+        if not (is_label(labels) or (isinstance(labels, list) and labels and all(is_label(v) for v in labels))):
+            raise DataError(f"{where}: \"labels\" must be 0/1, or a list of 0/1 with one per token")
+        records.append((n, text, labels))
+    if not records:
+        raise DataError(f"probing task {path}: no examples")
+    return records
+
+
 def _user_task(model: HostModel, hook: str, path: Path, cfg: ProbingConfig) -> tuple[Tensor, Tensor]:
     """(activations, labels) of a JSONL task: a document label averages its tokens, token labels each."""
     tok = model.tokenizer
     xs, ys = [], []
-    with open(path, encoding="utf-8") as f:
-        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-    for n, line in lines:
-        try:
-            record = parse_json(line, f"{path}:{n}")
-            text, labels = record["text"], record["labels"]
-        except (FormatError, KeyError, TypeError):
-            raise DataError(f"{path}:{n}: expected a JSON object with \"text\" and \"labels\"") from None
-        ids = tok.encode(text)[: cfg.context_size - 1]
-        if not isinstance(text, str) or not ids:
-            raise DataError(f"{path}:{n}: \"text\" must be non-empty text")
+    for n, text, labels in read_user_task(path):
+        all_ids = tok.encode(text)
+        ids = all_ids[: cfg.context_size - 1]
+        if not ids:
+            raise DataError(f"{path}:{n}: \"text\" gives no tokens")
         acts = window_activations(model, hook, [[tok.bos_id] + ids], 1)[0][1:]
-        if isinstance(labels, (bool, int)) and labels in (0, 1):
+        if not isinstance(labels, list):
             xs.append(acts.mean(0, keepdim=True))
             ys.append(int(labels))
-        elif isinstance(labels, list) and len(labels) == len(tok.encode(text)) and all(v in (0, 1) for v in labels):
+        elif len(labels) == len(all_ids):
             xs.append(acts)
             ys += [int(v) for v in labels[: len(ids)]]
         else:
-            raise DataError(f"{path}:{n}: \"labels\" must be 0/1, or a list of 0/1 with one per token "
-                            f"({len(tok.encode(text))} tokens)")
-    if not xs:
-        raise DataError(f"{path}: no examples")
+            raise DataError(f"{path}:{n}: {len(labels)} labels for {len(all_ids)} tokens; give one per token")
     return torch.cat(xs), torch.tensor(ys)
 
 
@@ -248,7 +280,12 @@ def probing_data(model: HostModel, hook: str, cfg: ProbingConfig) -> dict[str, t
                                           (cfg.prose, prose_labels, PROSE_TASKS, "all")):
         if not specs:
             continue
-        windows, labels = _labelled_windows(model, specs, labeller, cfg, split)
+        try:
+            windows, labels = _labelled_windows(model, specs, labeller, cfg, split)
+        except DataError:
+            if not cfg.user_tasks:
+                raise
+            continue  # this model cannot read the built-in text (e.g. a toy tokenizer): the user's tasks still run
         acts = window_activations(model, hook, windows, cfg.batch_size)
         for task in tasks:
             keep = [(w, i) for w, lab in enumerate(labels) for i, v in enumerate(lab[task]) if v is not None]
