@@ -180,6 +180,13 @@ def edit_manifest(path: Path, change) -> None:
     (lambda m: m | {"shards": [m["shards"][0] | {"file": "/dev/zero"}]}, "shard 0 must name files"),
     (lambda m: m | {"shards": [m["shards"][0] | {"tokens": -5}]}, "shard 0 needs a positive 'tokens'"),
     (lambda m: [m], "manifest.json: expected a JSON object"),
+    (lambda m: m | {"hook": ["blocks.0"]}, "hook must be str"),
+    (lambda m: m | {"model": 7}, "model must be str"),
+    (lambda m: m | {"context_size": -3}, "context_size must be a non-negative"),
+    (lambda m: m | {"context_size": "long"}, "context_size must be int"),
+    (lambda m: m | {"data": ["builtin:pydocs"]}, "data must be dict"),
+    (lambda m: m | {"data": {"context_size": "x"}}, "data:"),
+    (lambda m: m | {"norm_scale": 0}, "norm_scale must be positive"),
 ])
 def test_malformed_manifest(tmp_path, capsys, store, change, names):
     edit_manifest(store, change)

@@ -90,6 +90,8 @@ def test_kill_and_resume_gives_identical_bytes(tiny_model, tiny_llama_dir, word_
         for x, y in zip(a, b):
             assert x.read_bytes() == y.read_bytes(), x.name
         assert len(ActivationStore(killed / hook)) == 700
+        shards = sum(p.stat().st_size for p in (killed / hook).glob("shard_*.npy"))
+        assert ActivationStore(killed / hook).manifest["bytes"] == shards  # hooks cut back to a common point too
     assert not list(killed.rglob("*.tmp"))
 
 
@@ -286,3 +288,21 @@ def test_write_store_from_blocks_equals_one_tensor(tmp_path):
     assert torch.equal(parts.tokens(0, 1000), x.half().float())
     with pytest.raises(DataError, match="expected d_in=8"):
         nanosae.data.write_store(tmp_path / "bad", iter([x, torch.randn(5, 9)]))
+
+
+def test_hooks_a_shard_apart_resume_from_their_common_point_with_true_byte_counts(tiny_model, word_corpus, tmp_path):
+    """One hook's store a shard ahead of the other's (a kill between their writes): both continue from the common
+    point, and each manifest's byte count is that of its shards, not the dropped shard's too."""
+    import json
+
+    collect(config(word_corpus, tmp_path, tokens=512), model=tiny_model)
+    behind = tmp_path / HOOKS[0] / "manifest.json"
+    m = json.loads(behind.read_text())
+    m["shards"], m["complete"] = m["shards"][:-1], False
+    m["tokens"], m["bytes"] = 384, m["bytes"] - (tmp_path / HOOKS[0] / "shard_00003.npy").stat().st_size
+    behind.write_text(json.dumps(m))
+    collect(config(word_corpus, tmp_path, tokens=640), model=tiny_model)
+    for hook in HOOKS:
+        store = ActivationStore(tmp_path / hook)
+        assert len(store) == 640
+        assert store.manifest["bytes"] == sum(p.stat().st_size for p in (tmp_path / hook).glob("shard_*.npy")), hook

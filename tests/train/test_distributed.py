@@ -133,6 +133,20 @@ def test_sharded_resume_is_exact(sharded_run):
     assert [m["step"] for m in metrics(tmp / "killed")] == list(range(1, 21))
 
 
+def test_a_truncated_slice_falls_back_to_the_previous_checkpoint(sharded_run):
+    tmp, settings = sharded_run
+    killed = settings | dict(out=str(tmp / "truncated"))
+    assert torchrun(tmp, 2, killed, kill_at=17).returncode != 0
+    shard = tmp / "truncated" / "checkpoints" / "step_15" / "shard-1-of-2.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a full disk, a kill during a copy
+    proc = torchrun(tmp, 2, killed | dict(resume=True))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step_15 is unreadable" in proc.stderr
+    whole, resumed = SAE.load(tmp / "two" / "sae"), SAE.load(tmp / "truncated" / "sae")
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
 def test_shards_combine_with_data_parallelism(sharded_run):
     """Four processes: two replicas of two latent shards, each replica training on half of every batch."""
     tmp, settings = sharded_run

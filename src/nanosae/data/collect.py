@@ -114,6 +114,8 @@ def _collect_locked(cfg: CollectConfig, model: HostModel, out: Path,
     done = min(w.tokens for w in writers.values())
     for w in writers.values():  # hooks may have stopped one shard apart: start all at the common point
         w.manifest["shards"] = w.manifest["shards"][: done // cfg.tokens_per_shard]
+        w.manifest["tokens"] = w.tokens
+        w.manifest["bytes"] = sum((w.dir / s["file"]).stat().st_size for s in w.manifest["shards"])
     start_tokens, t0, seen = done, time.perf_counter(), 0
     complete = False
     try:

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nanosae.config import STORE_DTYPES
-from nanosae.errors import DataError, FormatError
+from nanosae.config import STORE_DTYPES, DataConfig
+from nanosae.errors import DataError, FormatError, NanosaeError, first_line
 from nanosae.io import atomic_write as write_file
 from nanosae.io import read_json, sha256_file, write_json, write_lock
 
@@ -109,7 +109,32 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         if not (_positive_int(s.get("tokens")) and isinstance(s.get("sha256"), str)
                 and ("ids" not in s or isinstance(s.get("ids_sha256"), str))):
             raise FormatError(f"{path}: shard {i} needs a positive 'tokens' count and SHA-256 digests, got {s!r:.120}")
+    _check_optional_fields(manifest, path)
     return manifest
+
+
+def _check_optional_fields(manifest: dict[str, Any], path: Path) -> None:
+    """The fields readers use besides the shards (collect writes them all; a store from write_store may leave
+    them empty): each of its type, or absent/null."""
+    kinds = {"hook": str, "model": str, "model_dtype": str, "context_size": int, "bos_id": int, "tokens": int,
+             "bytes": int, "batch_size": int, "target_tokens": int, "complete": bool, "data": dict,
+             "norm_scale": (int, float)}
+    for key, kind in kinds.items():
+        value = manifest.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise FormatError(f"{path}: {key} must be {getattr(kind, '__name__', 'a number')}, got {str(value)[:40]!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (value < 0 or not math.isfinite(value)):
+            raise FormatError(f"{path}: {key} must be a non-negative finite number, got {value!r}")
+    if manifest.get("norm_scale") == 0:
+        raise FormatError(f"{path}: norm_scale must be positive")
+    data = manifest.get("data")
+    if data is not None:
+        try:
+            DataConfig.from_dict(data)
+        except (NanosaeError, TypeError, ValueError) as e:
+            raise FormatError(f"{path}: data: {first_line(e)}") from None
 
 
 def _positive_int(value: Any) -> bool:

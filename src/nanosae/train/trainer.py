@@ -301,9 +301,8 @@ def load_checkpoint(run_dir: Path, steps: set[int] | None = None) -> tuple[Path,
             if "decoders" in state:  # a cross-layer transcoder's later-layer decoders: no SAE
                 return ckpt, state, None
             if "shards" in state:  # sharded latents: one file per slice, no whole SAE
-                missing = [n for n in shard_names(state["shards"]) if not (ckpt / n).is_file()]
-                if missing:
-                    raise FormatError(f"{missing[0]} is missing")
+                for name in shard_names(state["shards"]):  # each opened (its index read), so a truncated one falls back
+                    torch.load(ckpt / name, map_location="cpu", weights_only=True, mmap=True)
                 return ckpt, state, None
             return ckpt, state, SAE.load(ckpt / "sae")
         except Exception as e:  # torch.load raises many kinds for truncated or corrupt files
