@@ -408,3 +408,22 @@ def test_a_probing_task_needs_the_full_suite(viewer_run, tmp_path, capsys):
     task = tmp_path / "task.jsonl"
     task.write_text('{"text": "w3 w4", "labels": 1}\n')
     refused(["eval", viewer_run, "--probing-task", task], capsys, "add --suite full", viewer_run)
+
+
+@SETTINGS
+@given(key=st.sampled_from(["model", "cross_layer", "layers"]), value=JSON, layer_key=st.text(max_size=6),
+       layer_value=JSON)
+def test_random_transcoders_json_values_load_or_fail_in_one_line(transcoder_set, key, value, layer_key, layer_value):
+    from nanosae.interp import circuits as C
+
+    path = transcoder_set / C.MANIFEST
+    original = path.read_text()
+    try:
+        for change in (lambda m: m | {key: value}, lambda m: m | {"layers": m["layers"] | {layer_key: layer_value}}):
+            path.write_text(json.dumps(change(json.loads(original))))
+            try:
+                C.load_transcoders(transcoder_set)
+            except NanosaeError as e:
+                one_line_naming(e, transcoder_set)
+    finally:
+        path.write_text(original)
