@@ -98,6 +98,7 @@ def test_graph_page_in_a_browser(graph_run):
             assert "/layer/1/#/feature/" in page.get_attribute("#feature-link", "href")
             page.click("#pin")
             page.wait_for_selector(f"circle.pinned[data-node-id='{node}']")
+            page.wait_for_selector("#pin:has-text('unpin')")  # the pin is saved and its list redrawn (a new name box)
             page.fill("#supernode-name", "my group")
             page.click("#group")
             page.wait_for_selector("#supernodes li")
