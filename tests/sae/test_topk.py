@@ -1,5 +1,6 @@
 """The C top-k kernel against torch.topk (same values and columns per row, up to order)."""
 
+import os
 import shutil
 
 import pytest
@@ -54,45 +55,39 @@ def test_falls_back_to_torch(monkeypatch):
     assert torch.equal(v, x.topk(3, dim=-1, sorted=False).values)
 
 
-def test_kernel_loads_only_from_a_private_dir_and_with_its_recorded_digest(tmp_path, monkeypatch):
+@pytest.fixture()
+def fresh_kernel(tmp_path, monkeypatch):
+    """The kernel built anew into an empty cache at tmp_path (the cached handle forgotten before and after)."""
+    if topk.kernel() is None:
+        pytest.skip("no C compiler / AVX2 here")
+    monkeypatch.setenv("NANOSAE_CACHE", str(tmp_path))
+    topk.kernel.cache_clear()
+    try:
+        assert topk.kernel() is not None
+        yield tmp_path / f"kernels-{os.getuid()}"
+    finally:
+        topk.kernel.cache_clear()
+
+
+def test_kernel_loads_only_from_a_private_dir_and_with_its_recorded_digest(fresh_kernel):
     """A library loaded by file name runs its constructor: a planted or altered .so must never be loaded."""
-    if topk.kernel() is None:
-        pytest.skip("no C compiler / AVX2 here")
-    import os
-
-    monkeypatch.setenv("NANOSAE_CACHE", str(tmp_path))
+    built = next(fresh_kernel.glob("topk-*.so"))
+    assert (built.parent.stat().st_mode & 0o777) == 0o700
+    altered = built.with_name("altered")
+    altered.write_bytes(built.read_bytes() + b"planted")
+    os.replace(altered, built)  # altered after it was built (a new file: the loaded one stays mapped)
     topk.kernel.cache_clear()
-    try:
-        assert topk.kernel() is not None
-        built = next((tmp_path / f"kernels-{os.getuid()}").glob("topk-*.so"))
-        assert (built.parent.stat().st_mode & 0o777) == 0o700
-        altered = built.with_name("altered")
-        altered.write_bytes(built.read_bytes() + b"planted")
-        os.replace(altered, built)  # altered after it was built (a new file: the loaded one stays mapped)
-        topk.kernel.cache_clear()
-        assert topk.kernel() is not None
-        assert not built.read_bytes().endswith(b"planted")  # rebuilt, not loaded
-        built.parent.chmod(0o777)  # a directory others can write into: nothing there is trusted
-        topk.kernel.cache_clear()
-        assert topk.kernel() is None
-    finally:
-        topk.kernel.cache_clear()
-
-
-def test_a_fifo_as_the_kernels_digest_is_replaced_not_waited_on(tmp_path, monkeypatch):
-    if topk.kernel() is None:
-        pytest.skip("no C compiler / AVX2 here")
-    import os
-
-    monkeypatch.setenv("NANOSAE_CACHE", str(tmp_path))
+    assert topk.kernel() is not None
+    assert not built.read_bytes().endswith(b"planted")  # rebuilt, not loaded
+    built.parent.chmod(0o777)  # a directory others can write into: nothing there is trusted
     topk.kernel.cache_clear()
-    try:
-        assert topk.kernel() is not None
-        digest = next((tmp_path / f"kernels-{os.getuid()}").glob("topk-*.sha256"))
-        digest.unlink()
-        os.mkfifo(digest)
-        topk.kernel.cache_clear()
-        assert topk.kernel() is not None  # rebuilt; the digest is a file again
-        assert digest.is_file() and len(digest.read_text()) == 64
-    finally:
-        topk.kernel.cache_clear()
+    assert topk.kernel() is None
+
+
+def test_a_fifo_as_the_kernels_digest_is_replaced_not_waited_on(fresh_kernel):
+    digest = next(fresh_kernel.glob("topk-*.sha256"))
+    digest.unlink()
+    os.mkfifo(digest)
+    topk.kernel.cache_clear()
+    assert topk.kernel() is not None  # rebuilt; the digest is a file again
+    assert digest.is_file() and len(digest.read_text()) == 64

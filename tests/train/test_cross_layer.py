@@ -50,6 +50,16 @@ def fvu(tset, stores, layer):
     return float(err / (y - y.mean(0)).pow(2).sum())
 
 
+def assert_same_sets(a_dir, b_dir, cross_layer):
+    """Two sets' transcoders (and cross-layer decoders) are bit-identical."""
+    a, b = read_set(a_dir, cross_layer), read_set(b_dir, cross_layer)
+    for L in (0, 1):
+        for name, tensor in b[L].state_dict().items():
+            assert torch.equal(tensor, a[L].state_dict()[name]), (L, name)
+    if cross_layer:
+        assert torch.equal(a.later[0], b.later[0])
+
+
 def read_set(out, cross_layer):
     C.write_manifest(out, "synthetic", {0: "layer_0", 1: "layer_1"}, cross_layer)
     return C.load_transcoders(out)[1]
@@ -141,12 +151,42 @@ def test_a_set_killed_between_two_layers_checkpoints_resumes_from_the_newest_ste
     assert steps(0) == [10, 12] and steps(1) == [10, 11] if not cross_layer else steps(1) == [10]
     nanosae.train(set_cfgs(two_layer_stores, tmp_path / "a", resume=True, **common))
     nanosae.train(set_cfgs(two_layer_stores, tmp_path / "b", **common))
-    a, b = read_set(tmp_path / "a", cross_layer), read_set(tmp_path / "b", cross_layer)
-    for L in (0, 1):
-        for name, tensor in b[L].state_dict().items():
-            assert torch.equal(tensor, a[L].state_dict()[name]), (L, name)
-    if cross_layer:
-        assert torch.equal(a.later[0], b.later[0])
+    assert_same_sets(tmp_path / "a", tmp_path / "b", cross_layer)
+
+
+KILL_SET = r"""
+import json, os, signal, sys
+from pathlib import Path
+import nanosae
+from tests.train.test_cross_layer import set_cfgs
+stores, out, kill_at, cross = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+def progress(p):  # the first layer to report step kill_at dies there: a per-layer set's second layer has not stepped
+    if p.step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+nanosae.train(set_cfgs(stores, out, tokens=256 * 24, checkpoint_every=4, cross_layer=cross), progress=progress)
+"""
+
+
+@pytest.mark.parametrize("cross_layer", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_set_killed_at_a_random_step_resumes_to_the_uninterrupted_weights(two_layer_stores, tmp_path, cross_layer, seed):
+    """kill -9 at a random step (for a per-layer set, after the first layer's step and before the second's):
+    the same command with --resume ends with the uninterrupted set's weights, bit for bit."""
+    import os
+    import random
+    import subprocess
+    import sys
+
+    kill_at = random.Random(seed).randrange(5, 23)
+    stores = {k: str(v) for k, v in two_layer_stores.items()}
+    proc = subprocess.run([sys.executable, "-c", KILL_SET, json.dumps(stores), str(tmp_path / "a"), str(kill_at),
+                           str(int(cross_layer))], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    common = dict(tokens=256 * 24, checkpoint_every=4, cross_layer=cross_layer)
+    nanosae.train(set_cfgs(two_layer_stores, tmp_path / "a", resume=True, **common))
+    nanosae.train(set_cfgs(two_layer_stores, tmp_path / "b", **common))
+    assert_same_sets(tmp_path / "a", tmp_path / "b", cross_layer)
 
 
 def test_cross_layer_refusals_and_a_corrupt_decoder_file(two_layer_stores, tmp_path):

@@ -29,7 +29,7 @@ from torch import Tensor
 from nanosae.config import STORE_DTYPES, DataConfig
 from nanosae.errors import DataError, FormatError, NanosaeError, first_line
 from nanosae.io import atomic_write as write_file
-from nanosae.io import read_json, sha256_file, write_json, write_lock
+from nanosae.io import read_json, regular_file, sha256_file, write_json, write_lock
 
 MANIFEST = "manifest.json"
 FORMAT = "nanosae-activations/1"
@@ -135,6 +135,17 @@ def _check_optional_fields(manifest: dict[str, Any], path: Path) -> None:
             DataConfig.from_dict(data)
         except (NanosaeError, TypeError, ValueError) as e:
             raise FormatError(f"{path}: data: {first_line(e)}") from None
+
+
+def load_npy(file: Path) -> np.ndarray:
+    """A store file memory-mapped, or a one-line FormatError naming it (missing, not a regular file, empty,
+    truncated, not .npy)."""
+    try:
+        return np.load(regular_file(file), mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise FormatError(f"{file} is missing from the store (rerun the collect command to repair it)") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise FormatError(f"{file} is not a readable .npy file: {first_line(e)}") from None
 
 
 def _positive_int(value: Any) -> bool:
@@ -317,12 +328,7 @@ class ActivationStore:
     def _open_shard(self, entry: dict[str, Any]) -> np.ndarray:
         """Memory-map one shard, checking its shape and element type against the manifest."""
         file = self.path / entry["file"]
-        try:
-            a = np.load(file, mmap_mode="r")
-        except FileNotFoundError:
-            raise FormatError(f"{file} is missing from the store (rerun the collect command to repair it)") from None
-        except (ValueError, OSError) as e:
-            raise FormatError(f"{file} is not a readable .npy shard: {e}") from None
+        a = load_npy(file)
         if a.shape != (entry["tokens"], self.d_in):
             raise FormatError(f"{file}: shape {a.shape}, manifest says ({entry['tokens']}, {self.d_in})")
         if a.dtype != _NPY_DTYPES[self.dtype]:
@@ -362,9 +368,10 @@ class ActivationStore:
             if lo >= stop:
                 break
             if hi > start:
-                a = np.load(self.path / s["ids"], mmap_mode="r")
-                if a.shape != (s["tokens"], 2):
-                    raise FormatError(f"{self.path / s['ids']}: shape {a.shape}, manifest says ({s['tokens']}, 2)")
+                file = self.path / s["ids"]
+                a = load_npy(file)
+                if a.shape != (s["tokens"], 2) or a.dtype.kind not in "iu":
+                    raise FormatError(f"{file}: {a.dtype} of shape {a.shape}, manifest says integers of ({s['tokens']}, 2)")
                 parts.append(torch.from_numpy(np.array(a[max(start, lo) - lo : min(stop, hi) - lo])).long())
         return torch.cat(parts) if parts else torch.empty(0, 2, dtype=torch.long)
 

@@ -34,7 +34,7 @@ from nanosae.data import ActivationStore, ActivationStream
 from nanosae.data.store import norm_scale
 from nanosae.errors import ConfigError, DataError, FormatError, TrainingError, first_line
 from nanosae.outputs import check_job_dir
-from nanosae.io import parse_json, public_mode, read_json, write_json, write_lock
+from nanosae.io import parse_json, public_mode, read_json, regular_file, write_json, write_lock
 from nanosae.rundir import RunDir
 from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
@@ -293,7 +293,7 @@ def load_checkpoint(run_dir: Path, steps: set[int] | None = None) -> tuple[Path,
     found = [c for c in _checkpoints(run_dir) if steps is None or c[0] in steps]
     for step, ckpt in reversed(found):
         try:
-            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+            state = torch.load(regular_file(ckpt / "state.pt"), map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not {"step", "batches"} <= set(state) or not {"optimizer", "shards"} & set(state):
                 raise FormatError("not a nanosae checkpoint state")
             if state["step"] != step or not isinstance(state["batches"], int) or state["batches"] < step:
