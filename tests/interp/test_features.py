@@ -4,6 +4,8 @@ import json
 
 import nanosae
 
+import shutil
+
 import pytest
 import torch
 
@@ -145,6 +147,41 @@ def test_resume_gives_the_same_database(setup, tiny_model, tmp_path):
     q = "SELECT id, fires, histogram, cofiring FROM latents ORDER BY id"
     assert [tuple(r) for r in a.execute(q)] == [tuple(r) for r in b.execute(q)]
     assert not (tmp_path / "features.db.partial.pt").exists()
+
+
+def test_a_partial_pass_of_another_model_is_not_resumed(setup, tiny_model, tiny_llama_dir, tmp_path):
+    """Interrupted with model A, run again with model B: B's database is B's alone (the model is in the resume
+    fingerprint), equal to a pass with B from scratch."""
+    import dataclasses
+
+    from transformers import LlamaForCausalLM
+
+    sae, cfg, _, _ = setup
+    cfg = dataclasses.replace(cfg, checkpoint_every=1)
+    other = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    torch.manual_seed(7)
+    for p in other.parameters():
+        p.data.normal_(std=0.05)
+    other.save_pretrained(tmp_path / "b")
+    shutil.copy(tiny_llama_dir / "tokenizer.json", tmp_path / "b")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_llama_dir / name).exists():
+            shutil.copy(tiny_llama_dir / name, tmp_path / "b")
+    model_b = nanosae.load_model(str(tmp_path / "b"))
+    calls = []
+
+    def stop(done, total, seconds):
+        calls.append(done)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_features(sae, tiny_model, cfg, tmp_path / "features.db", progress=stop)
+    build_features(sae, model_b, cfg, tmp_path / "features.db")
+    build_features(sae, model_b, cfg, tmp_path / "fresh.db")
+    a, b = open_db(tmp_path / "features.db"), open_db(tmp_path / "fresh.db")
+    q = "SELECT id, fires, histogram, cofiring FROM latents ORDER BY id"
+    assert [tuple(r) for r in a.execute(q)] == [tuple(r) for r in b.execute(q)]
 
 
 @pytest.mark.parametrize("pack", [True, False])
