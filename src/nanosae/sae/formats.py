@@ -1,4 +1,5 @@
-"""SAE files: our own (= SAELens layout), SAELens's (incl. older key names), OpenAI sparse_autoencoder .pt.
+"""SAE files: our own (= SAELens layout), SAELens's (incl. older key names), OpenAI sparse_autoencoder .pt, and
+the field's other formats through sae/foreign.py (sparsify).
 
 SAELens layout: a directory with cfg.json + sae_weights.safetensors (W_enc, b_enc, W_dec, b_dec and
 threshold / b_gate, r_mag, b_mag where the architecture has them).
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from nanosae.config import TORCH_DTYPES, SAEConfig
 from nanosae.errors import ConfigError, FormatError, first_line
 from nanosae.io import atomic_write, read_json, regular_file, write_json
+from nanosae.sae import foreign
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -76,6 +78,11 @@ def load_sae(path: str | Path, *, build: Any, device: str = "cpu", normalize: bo
     path = Path(path)
     if not path.exists():
         raise FormatError(f"SAE file not found: {path}")
+    if path.is_dir() and foreign.is_sparsify(path):
+        return foreign.load_sparsify(path, device, build)
+    if path.is_dir() and not (path / CFG_FILE).exists() and foreign.sparsify_hookpoints(path):
+        raise FormatError(f"{path} is a sparsify checkpoint of several sparse coders; give one hookpoint folder: "
+                          + ", ".join(str(path / h) for h in foreign.sparsify_hookpoints(path)[:8]))
     if path.is_dir():
         return _load_saelens_dir(path, device, build)
     if path.name == WEIGHTS_FILE or path.name == CFG_FILE:
@@ -149,7 +156,7 @@ def _load_saelens_dir(path: Path, device: str, build: Any) -> Any:
         raise FormatError(f"{weights} is corrupt or truncated: {e}") from None
     if "log_threshold" in tensors and "threshold" not in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
-    return _build(cfg, tensors, weights, device, build)
+    return build_checked(cfg, tensors, weights, device, build)
 
 
 def _check_header(cfg: SAEConfig, weights: Path) -> None:
@@ -168,7 +175,7 @@ def _check_header(cfg: SAEConfig, weights: Path) -> None:
                               f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}, d_out={cfg.d_out} (cfg.json)")
 
 
-def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device: str, build: Any) -> Any:
+def build_checked(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device: str, build: Any) -> Any:
     sae = build(cfg)
     expected = sae.state_dict()
     missing = sorted(set(expected) - set(tensors))
@@ -250,4 +257,4 @@ def _load_openai(path: Path, device: str, normalize: bool | None, build: Any) ->
         normalize_activations="layer_norm" if normalize else "none", dtype=dtype,
     )
     tensors = {"W_enc": enc_FD.T, "b_enc": sd["latent_bias"], "W_dec": dec_DF.T, "b_dec": sd["pre_bias"]}
-    return _build(cfg, {n: t.contiguous() for n, t in tensors.items()}, path, device, build)
+    return build_checked(cfg, {n: t.contiguous() for n, t in tensors.items()}, path, device, build)

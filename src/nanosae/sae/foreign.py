@@ -1,0 +1,87 @@
+"""Dictionaries other tools trained, read into nanosae's SAE: EleutherAI's sparsify so far.
+
+sparsify (SparseCoder.save_to_disk): one folder per hookpoint holding cfg.json ({activation, num_latents or
+expansion_factor, k, transcode, skip_connection, multi_topk, d_in, ...}) and sae.safetensors (encoder.weight
+(d_sae, d_in), encoder.bias, W_dec (d_sae, d_in), b_dec, optional W_skip (d_in, d_in)). Its forward is
+  z = topk(relu((x - b_dec) W_encᵀ + b_enc))     (a transcoder does not subtract b_dec)
+  y = z W_dec + b_dec (+ x W_skipᵀ)
+which is nanosae's TopK SAE (transcoder) with W_enc = encoder.weightᵀ. Hookpoints are module paths of the
+Hugging Face model (`layers.6`, `model.layers.6.mlp`); they map onto nanosae's hook names below.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from nanosae.config import SAEConfig
+from nanosae.errors import FormatError, first_line
+from nanosae.io import read_json, regular_file
+
+SPARSIFY_WEIGHTS = "sae.safetensors"
+_PREFIXES = ("model.", "gpt_neox.", "transformer.", "base_model.model.")
+
+
+def is_sparsify(path: Path) -> bool:
+    return (path / SPARSIFY_WEIGHTS).exists() and (path / "cfg.json").exists()
+
+
+def sparsify_hookpoints(path: Path) -> list[str]:
+    """The hookpoint folders of a sparsify checkpoint root (each a sparse coder)."""
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and is_sparsify(p)) if path.is_dir() else []
+
+
+def hook_names(module: str, transcoder: bool) -> tuple[str, str | None]:
+    """(hook read, hook written or None) of a sparsify hookpoint: `layers.L` is the residual stream after block
+    L; `layers.L.mlp` the MLP's output for an SAE, and for a transcoder its input (after the second norm) and
+    output; `layers.L.self_attn` / `.attention` the attention output. Other names are kept as they are."""
+    for prefix in _PREFIXES:
+        module = module.removeprefix(prefix)
+    module = re.sub(r"^(h|blocks|layer)\.(\d+)", r"layers.\2", module)
+    m = re.fullmatch(r"layers\.(\d+)(?:\.(mlp|self_attn|attention|attn))?", module)
+    if not m:
+        return module, module if transcoder else None
+    layer, part = m.group(1), m.group(2)
+    if part is None:
+        return f"blocks.{layer}.hook_resid_post", (f"blocks.{layer}.hook_resid_post" if transcoder else None)
+    out = f"blocks.{layer}.hook_mlp_out" if part == "mlp" else f"blocks.{layer}.hook_attn_out"
+    if not transcoder:
+        return out, None
+    return (f"blocks.{layer}.ln2.hook_normalized" if part == "mlp" else f"blocks.{layer}.hook_resid_pre"), out
+
+
+def load_sparsify(path: Path, device: str, build: Any) -> Any:
+    """A sparsify sparse coder (SAE or transcoder, with or without skip) as nanosae's TopK SAE."""
+    cfg_path = path / "cfg.json"
+    raw = read_json(cfg_path)
+    if raw.get("activation", "topk") != "topk":
+        raise FormatError(f"{cfg_path}: activation {raw.get('activation')!r} is not supported (nanosae reads "
+                          "sparsify's topk sparse coders)")
+    d_in, k = raw.get("d_in"), raw.get("k")
+    num_latents = raw.get("num_latents") or (d_in * raw.get("expansion_factor", 32) if isinstance(d_in, int) else None)
+    for name, value in (("d_in", d_in), ("k", k), ("num_latents", num_latents)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise FormatError(f"{cfg_path}: {name} must be a positive integer, got {str(value)[:40]!r}")
+    weights = regular_file(path / SPARSIFY_WEIGHTS)
+    try:
+        t = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FormatError(f"{weights} is corrupt or truncated: {first_line(e)}") from None
+    missing = [n for n in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if n not in t]
+    if missing:
+        raise FormatError(f"{weights}: missing tensor {missing[0]} (not a sparsify sparse coder?)")
+    transcoder, skip = bool(raw.get("transcode")), "W_skip" in t
+    hook_in, hook_out = hook_names(path.name, transcoder or skip)
+    d_out = t["W_dec"].shape[-1] if t["W_dec"].dim() == 2 else 0
+    cfg = SAEConfig(d_in=d_in, d_sae=num_latents, architecture="topk", k=k, dtype=str(t["encoder.weight"].dtype)
+                    .replace("torch.", ""), hook_name=hook_in, hook_name_out=hook_out or "", d_out=d_out if hook_out else None,
+                    apply_b_dec_to_input=not transcoder, skip_connection=skip)
+    tensors = {"W_enc": t["encoder.weight"].T.contiguous(), "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
+               "b_dec": t["b_dec"]} | ({"W_skip": t["W_skip"]} if skip else {})
+    from nanosae.sae.formats import build_checked
+
+    return build_checked(cfg, tensors, weights, device, build)
