@@ -56,3 +56,47 @@ def test_damaged_sparsify_files_are_one_line(tmp_path):
     (coder / "sae.safetensors").write_bytes(weights[:100])
     with pytest.raises(FormatError, match="sae.safetensors is corrupt"):
         SAE.load(coder)
+
+
+def gemma_scope_file(root, d_in=12, d_sae=40, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    path = root / "models--google--gemma-scope-2b-pt-res" / "snapshots" / "abc" / "layer_3" / "width_16k" / \
+        "average_l0_40" / "params.npz"
+    path.parent.mkdir(parents=True)
+    arrays = {"W_enc": rng.normal(size=(d_in, d_sae)), "W_dec": rng.normal(size=(d_sae, d_in)),
+              "b_enc": rng.normal(size=d_sae) * 0.1, "b_dec": rng.normal(size=d_in), "threshold": rng.uniform(0, 1, d_sae)}
+    np.savez(path, **{k: v.astype(np.float32) for k, v in arrays.items()})
+    return path, {k: torch.tensor(v, dtype=torch.float32) for k, v in arrays.items()}
+
+
+def test_gemma_scope_params_are_its_jumprelu_equations(tmp_path):
+    """z = pre·1[pre > θ] with pre = x W_enc + b_enc (no b_dec subtracted), x̂ = z W_dec + b_dec: the release's
+    definition, written out here; the hook and model come from the release's path."""
+    path, p = gemma_scope_file(tmp_path)
+    x = torch.randn(20, 12)
+    pre = x @ p["W_enc"] + p["b_enc"]
+    z = pre * (pre > p["threshold"])
+    for where in (path, path.parent):  # the file or its folder
+        sae = SAE.load(where)
+        assert sae.cfg.architecture == "jumprelu" and sae.cfg.hook_name == "blocks.3.hook_resid_post"
+        assert sae.cfg.model_name == "google/gemma-2-2b"
+        torch.testing.assert_close(sae.encode(x), z)
+        torch.testing.assert_close(sae(x)[0], z @ p["W_dec"] + p["b_dec"])
+    assert 0 < (z > 0).float().mean() < 1  # the threshold really cuts
+
+
+def test_damaged_gemma_scope_files_are_one_line(tmp_path):
+    import numpy as np
+
+    path, p = gemma_scope_file(tmp_path)
+    np.savez(path, W_enc=p["W_enc"].numpy())
+    with pytest.raises(FormatError, match="params.npz: missing W_dec"):
+        SAE.load(path)
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(FormatError, match="params.npz is not a readable .npz"):
+        SAE.load(path)
+    np.savez(path, **({k: v.numpy() for k, v in p.items()} | {"W_enc": np.full((12, 40), np.nan, dtype=np.float32)}))
+    with pytest.raises(FormatError, match="NaN"):
+        SAE.load(path)

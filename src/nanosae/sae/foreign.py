@@ -1,4 +1,4 @@
-"""Dictionaries other tools trained, read into nanosae's SAE: EleutherAI's sparsify so far.
+"""Dictionaries other tools trained, read into nanosae's SAE: EleutherAI's sparsify and Google's Gemma Scope.
 
 sparsify (SparseCoder.save_to_disk): one folder per hookpoint holding cfg.json ({activation, num_latents or
 expansion_factor, k, transcode, skip_connection, multi_topk, d_in, ...}) and sae.safetensors (encoder.weight
@@ -7,14 +7,23 @@ expansion_factor, k, transcode, skip_connection, multi_topk, d_in, ...}) and sae
   y = z W_dec + b_dec (+ x W_skipᵀ)
 which is nanosae's TopK SAE (transcoder) with W_enc = encoder.weightᵀ. Hookpoints are module paths of the
 Hugging Face model (`layers.6`, `model.layers.6.mlp`); they map onto nanosae's hook names below.
+
+Gemma Scope (params.npz, as in google/gemma-scope-*): W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc, b_dec,
+threshold (d_sae); a JumpReLU SAE that does not subtract b_dec from its input:
+  z = pre · 1[pre > threshold],  pre = x W_enc + b_enc;   x̂ = z W_dec + b_dec
+The release lays files out as REPO/layer_L/width_W/average_l0_N/params.npz, with the site in the repository's
+name (gemma-scope-2b-pt-res, -mlp, -att): those give the hook.
 """
 
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -85,3 +94,48 @@ def load_sparsify(path: Path, device: str, build: Any) -> Any:
     from nanosae.sae.formats import build_checked
 
     return build_checked(cfg, tensors, weights, device, build)
+
+
+GEMMA_SCOPE_FILE = "params.npz"
+_GEMMA_SITES = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}
+
+
+def is_gemma_scope(path: Path) -> bool:
+    return path.name == GEMMA_SCOPE_FILE or (path.is_dir() and (path / GEMMA_SCOPE_FILE).exists())
+
+
+def gemma_scope_hook(path: Path) -> str:
+    """blocks.L.SITE from a Gemma Scope path (layer_L below a gemma-scope-*-res / -mlp / -att repository, as
+    downloaded or in the Hugging Face cache); "" when the path does not say."""
+    parts = [p.lower() for p in path.resolve().parts]
+    layer = next((m.group(1) for p in reversed(parts) if (m := re.fullmatch(r"layer_(\d+)", p))), None)
+    site = next((s for p in reversed(parts) for s in _GEMMA_SITES if re.search(rf"gemma-scope-[^/]*-{s}(?:$|[-_])", p)),
+                None)
+    return f"blocks.{layer}.{_GEMMA_SITES[site]}" if layer is not None and site else ""
+
+
+def load_gemma_scope(path: Path, device: str, build: Any) -> Any:
+    """A Gemma Scope JumpReLU SAE (params.npz, read without pickle)."""
+    file = path if path.name == GEMMA_SCOPE_FILE else path / GEMMA_SCOPE_FILE
+    if "transcoder" in str(file.resolve()).lower():
+        raise FormatError(f"{file}: Gemma Scope transcoders are not read yet (its SAEs are)")
+    try:
+        with np.load(regular_file(file), allow_pickle=False) as npz:
+            arrays = {name: np.array(npz[name]) for name in npz.files}
+    except FileNotFoundError:
+        raise FormatError(f"{file} is missing") from None
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise FormatError(f"{file} is not a readable .npz: {first_line(e)}") from None
+    missing = [n for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold") if n not in arrays]
+    if missing or arrays["W_enc"].ndim != 2:
+        raise FormatError(f"{file}: missing {missing[0] if missing else 'a 2-d W_enc'} (not a Gemma Scope SAE?)")
+    d_in, d_sae = arrays["W_enc"].shape
+    tensors = {name: torch.from_numpy(a.astype(np.float32)) for name, a in arrays.items()
+               if name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+    release = re.search(r"gemma-scope-(2b|9b|27b)-(pt|it)", str(file.resolve()).lower())
+    model = f"google/gemma-2-{release.group(1)}{'-it' if release.group(2) == 'it' else ''}" if release else ""
+    cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture="jumprelu", hook_name=gemma_scope_hook(file),
+                    apply_b_dec_to_input=False, model_name=model)
+    from nanosae.sae.formats import build_checked
+
+    return build_checked(cfg, tensors, file, device, build)
