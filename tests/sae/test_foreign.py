@@ -100,3 +100,41 @@ def test_damaged_gemma_scope_files_are_one_line(tmp_path):
     np.savez(path, **({k: v.numpy() for k, v in p.items()} | {"W_enc": np.full((12, 40), np.nan, dtype=np.float32)}))
     with pytest.raises(FormatError, match="NaN"):
         SAE.load(path)
+
+
+DL = Path(__file__).parents[1] / "fixtures" / "dictionary_learning"
+DL_CLASSES = ["AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder",
+              "GatedAutoEncoder"]
+
+
+@pytest.mark.parametrize("dict_class", DL_CLASSES)
+def test_dictionary_learning_dictionaries_give_their_own_outputs(dict_class):
+    """Each class as its from_pretrained loads it (AutoEncoder's decoder normalised), on the same input."""
+    expected = load_file(DL / "expected.safetensors")
+    sae = SAE.load(DL / dict_class)
+    assert sae.cfg.hook_name == "blocks.1.hook_resid_post" and sae.cfg.model_name == "tiny"
+    x_hat, z = sae(expected["x"])
+    torch.testing.assert_close(x_hat, expected[f"{dict_class}/x_hat"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z, expected[f"{dict_class}/features"], rtol=1e-5, atol=1e-5)
+    assert 0 < (z > 0).float().mean() < 1
+
+
+def test_damaged_dictionary_learning_files_are_one_line(tmp_path):
+    folder = tmp_path / "ae"
+    shutil.copytree(DL / "BatchTopKSAE", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({"trainer": config["trainer"] | {"dict_class": "ConvSAE"}}))
+    with pytest.raises(FormatError, match="'ConvSAE' is not one nanosae reads"):
+        SAE.load(folder)
+    (folder / "config.json").write_text(json.dumps({"trainer": "x"}))
+    with pytest.raises(FormatError, match="trainer.dict_class 'None' is not one"):
+        SAE.load(folder / "ae.pt")
+    (folder / "config.json").write_text(json.dumps(config))
+    state = torch.load(folder / "ae.pt", weights_only=True)
+    del state["b_dec"]
+    torch.save(state, folder / "ae.pt")
+    with pytest.raises(FormatError, match="missing b_dec for a BatchTopKSAE"):
+        SAE.load(folder)
+    (folder / "ae.pt").write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(FormatError, match="ae.pt: not a readable state dict"):
+        SAE.load(folder)

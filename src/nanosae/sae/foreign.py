@@ -1,4 +1,5 @@
-"""Dictionaries other tools trained, read into nanosae's SAE: EleutherAI's sparsify and Google's Gemma Scope.
+"""Dictionaries other tools trained, read into nanosae's SAE: EleutherAI's sparsify, Google's Gemma Scope and
+dictionary_learning's.
 
 sparsify (SparseCoder.save_to_disk): one folder per hookpoint holding cfg.json ({activation, num_latents or
 expansion_factor, k, transcode, skip_connection, multi_topk, d_in, ...}) and sae.safetensors (encoder.weight
@@ -13,6 +14,12 @@ threshold (d_sae); a JumpReLU SAE that does not subtract b_dec from its input:
   z = pre · 1[pre > threshold],  pre = x W_enc + b_enc;   x̂ = z W_dec + b_dec
 The release lays files out as REPO/layer_L/width_W/average_l0_N/params.npz, with the site in the repository's
 name (gemma-scope-2b-pt-res, -mlp, -att): those give the hook.
+
+dictionary_learning (its trainers save ae.pt, the state dict, and config.json with {"trainer": {"dict_class",
+"activation_dim", "dict_size", "k", "layer", "lm_name", "submodule_name", ...}}): each class's parameters map onto
+nanosae's names (DL_CLASSES); every class but JumpReluAutoEncoder subtracts b_dec from its input. As its
+from_pretrained does, AutoEncoder's decoder columns are scaled to unit norm with the encoder scaled to match
+(the reconstruction is unchanged); BatchTopK and Matryoshka run on their inference threshold.
 """
 
 from __future__ import annotations
@@ -139,3 +146,73 @@ def load_gemma_scope(path: Path, device: str, build: Any) -> Any:
     from nanosae.sae.formats import build_checked
 
     return build_checked(cfg, tensors, file, device, build)
+
+
+DL_FILE = "ae.pt"
+# dict_class -> (architecture, {nanosae name: (their name, transpose)})
+_LINEAR = {"W_enc": ("encoder.weight", True), "b_enc": ("encoder.bias", False), "W_dec": ("decoder.weight", True),
+           "b_dec": ("b_dec", False)}
+_PLAIN = {"W_enc": ("W_enc", False), "b_enc": ("b_enc", False), "W_dec": ("W_dec", False), "b_dec": ("b_dec", False)}
+DL_CLASSES = {
+    "AutoEncoder": ("relu", _LINEAR | {"b_dec": ("bias", False)}),
+    "AutoEncoderTopK": ("topk", _LINEAR),
+    "BatchTopKSAE": ("batchtopk", _LINEAR | {"threshold": ("threshold", False)}),
+    "MatryoshkaBatchTopKSAE": ("matryoshka", _PLAIN | {"threshold": ("threshold", False)}),
+    "JumpReluAutoEncoder": ("jumprelu", _PLAIN | {"threshold": ("threshold", False)}),
+    "GatedAutoEncoder": ("gated", {"W_enc": ("encoder.weight", True), "W_dec": ("decoder.weight", True),
+                                   "b_dec": ("decoder_bias", False), "b_gate": ("gate_bias", False),
+                                   "r_mag": ("r_mag", False), "b_mag": ("mag_bias", False)}),
+}
+
+
+def is_dictionary_learning(path: Path) -> bool:
+    """ae.pt with the trainer's config.json beside it (an ae.pt alone may be another tool's state dict)."""
+    file = path if path.name == DL_FILE else path / DL_FILE
+    return file.exists() and (file.parent / "config.json").exists()
+
+
+def dl_hook(trainer: dict[str, Any]) -> str:
+    """blocks.L.SITE from a trainer's layer and submodule_name (resid_post_layer_3, mlp_out_layer_3, attn_out_..)."""
+    layer, name = trainer.get("layer"), str(trainer.get("submodule_name") or "")
+    site = next((s for key, s in (("resid_post", "hook_resid_post"), ("resid_pre", "hook_resid_pre"),
+                                  ("mlp", "hook_mlp_out"), ("attn", "hook_attn_out")) if key in name), None)
+    return f"blocks.{layer}.{site}" if isinstance(layer, int) and site else ""
+
+
+def load_dictionary_learning(path: Path, device: str, build: Any) -> Any:
+    """A dictionary_learning dictionary (ae.pt + config.json beside it), read with weights_only=True."""
+    file = path if path.name == DL_FILE else path / DL_FILE
+    config = file.parent / "config.json"
+    trainer = read_json(config).get("trainer")
+    if not isinstance(trainer, dict) or trainer.get("dict_class") not in DL_CLASSES:
+        found = trainer.get("dict_class") if isinstance(trainer, dict) else None
+        raise FormatError(f"{config}: trainer.dict_class {str(found)[:40]!r} is not one nanosae reads "
+                          f"({', '.join(DL_CLASSES)})")
+    arch, names = DL_CLASSES[trainer["dict_class"]]
+    try:
+        state = torch.load(regular_file(file), map_location="cpu", weights_only=True)
+    except FormatError:
+        raise
+    except Exception as e:  # torch raises many kinds for truncated, corrupt or unsafe files
+        raise FormatError(f"{file}: not a readable state dict ({first_line(e)})") from None
+    if not isinstance(state, dict) or any(theirs not in state for theirs, _ in names.values()):
+        missing = next((t for t, _ in names.values() if not isinstance(state, dict) or t not in state), "?")
+        raise FormatError(f"{file}: missing {missing} for a {trainer['dict_class']}")
+    t = {ours: (state[theirs].T if transpose else state[theirs]).contiguous().float()
+         for ours, (theirs, transpose) in names.items()}
+    if arch == "relu":  # from_pretrained's normalize_decoder: unit decoder rows, features scaled to match
+        norms = t["W_dec"].norm(dim=1)
+        t["W_dec"], t["W_enc"], t["b_enc"] = t["W_dec"] / norms[:, None], t["W_enc"] * norms, t["b_enc"] * norms
+    if arch in ("batchtopk", "matryoshka"):
+        t["threshold"] = t["threshold"].reshape(())
+    d_in, d_sae = t["W_enc"].shape
+    k = state.get("k")
+    groups = [int(g) for g in torch.cumsum(state["group_sizes"], 0)] if arch == "matryoshka" and "group_sizes" in state \
+        else None
+    cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture=arch, hook_name=dl_hook(trainer),
+                    model_name=str(trainer.get("lm_name") or ""), apply_b_dec_to_input=arch != "jumprelu",
+                    k=int(k) if isinstance(k, torch.Tensor) and k.numel() == 1 else trainer.get("k"),
+                    matryoshka_groups=groups)
+    from nanosae.sae.formats import build_checked
+
+    return build_checked(cfg, t, file, device, build)

@@ -78,6 +78,8 @@ def load_sae(path: str | Path, *, build: Any, device: str = "cpu", normalize: bo
     path = Path(path)
     if not path.exists():
         raise FormatError(f"SAE file not found: {path}")
+    if foreign.is_dictionary_learning(path):
+        return foreign.load_dictionary_learning(path, device, build)
     if foreign.is_gemma_scope(path):
         return foreign.load_gemma_scope(path, device, build)
     if path.is_dir() and foreign.is_sparsify(path):

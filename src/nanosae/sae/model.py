@@ -248,9 +248,10 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "cpu", normalize: bool | None = None) -> "SAE":
-        """Load our dir, a SAELens dir, or an OpenAI sparse_autoencoder .pt (normalize: override its LN flag)."""
+        """Load our dir, SAELens's, an OpenAI sparse_autoencoder .pt (normalize: override its LN flag), or the
+        field's other formats (sae/foreign.py). In eval mode: a loaded SAE infers (BatchTopK by its threshold)."""
         check_device(device)
-        return formats.load_sae(path, device=device, normalize=normalize, build=cls)
+        return formats.load_sae(path, device=device, normalize=normalize, build=cls).eval()
 
 
 # ---- activation functions: one per architecture (adding an architecture starts here) ---------------------
