@@ -258,7 +258,9 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
     from nanosae.eval.suite import run_suite, write_saebench
     from nanosae.io import write_json, write_lock
     from nanosae.models import load_model
-    from nanosae.rundir import eval_path, home, locate, model_spec, report_dir
+    import re
+
+    from nanosae.rundir import eval_path, home, is_hub, locate, model_spec, report_dir
     from nanosae.sae import SAE
 
     cfg = EvalConfig(**gather_data(parse(EVAL_OPTIONS, given)))
@@ -266,7 +268,7 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
         read_user_task(task)
     located = [locate(p) for p in paths]
     where = resolved(out) if out else report_dir(located)  # checked before the work, not after it
-    own = out is None or where in {home(p).resolve() for p in paths}
+    own = out is None or where in {home(p).resolve() for p in paths if not is_hub(p)}
     report_path = check_file(where / "report.html", "evaluation report", is_report, home=where if own else None)
     saes = [SAE.load(sae_path, device=device) for _, sae_path in located]
     spec = model_spec(saes[0], model, paths[0])
@@ -284,7 +286,8 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
         results = [r | sections for r, sections in zip(results, extra)]
     for (run, sae_path), result, sae in zip(located, results, saes):
         with write_lock(run.path) if run else contextlib.nullcontext():  # not while a training run writes it
-            path = write_json(eval_path(run, sae_path), result)
+            hub_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(sae_path).removeprefix("hf:"))
+            path = write_json(where / f"{hub_name}.eval.json" if is_hub(sae_path) else eval_path(run, sae_path), result)
             if cfg.suite == "full":
                 write_saebench(path.parent / (f"{path.name.removesuffix('.eval.json')}.saebench" if path.name.endswith(
                     ".eval.json") else "saebench"), result, sae)
@@ -326,13 +329,13 @@ def features(path: Path, model: str | None = None, hook: str | None = None, out:
              acts: Path | None = None, device: str = "cpu", tokenizer: Path | None = None, **given: Any) -> None:
     """Build features.db: densities, histograms, top and quantile examples, logit effects, co-firing (resumable)."""
     from nanosae.interp.features import build_features
-    from nanosae.rundir import home, load_sae_and_model
+    from nanosae.rundir import home, is_hub, load_sae_and_model
 
     cfg = FeaturesConfig(**gather_data(parse(FEATURES_OPTIONS, given)))
+    target = out or home(path) / "features.db"  # before loading anything: a Hub id needs --out
     _, sae, host = load_sae_and_model(path, model, device, tokenizer)
-    target = out or home(path) / "features.db"
     with TokenProgress("features", cfg.tokens) as bar:
-        build_features(sae, host, cfg, target, hook=hook, acts=acts, home=home(path),
+        build_features(sae, host, cfg, target, hook=hook, acts=acts, home=None if is_hub(path) else home(path),
                        progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)))
     console.print(f"wrote {target}")
 

@@ -60,8 +60,16 @@ def locate(path: str | Path) -> tuple[RunDir | None, Path]:
     return None, path
 
 
+def is_hub(path: str | Path) -> bool:
+    """An `hf:ORG/REPO[/SUBPATH]` id (read from the Hugging Face cache; nothing is ever written beside it)."""
+    return str(path).startswith("hf:")
+
+
 def home(path: str | Path) -> Path:
-    """Where files made from an SAE go: its run directory, the SAE directory itself, or a .pt file's folder."""
+    """Where files made from an SAE go: its run directory, the SAE directory itself, or a .pt file's folder.
+    A Hub id has none: its files go where --out says."""
+    if is_hub(path):
+        raise ConfigError(f"{path} is a Hub id: nothing is written into the Hugging Face cache; give --out")
     run, sae = locate(path)
     return run.path if run else sae if sae.is_dir() else sae.parent
 
@@ -78,6 +86,8 @@ def report_dir(located: list[tuple[RunDir | None, Path]]) -> Path:
     if len(located) == 1 and located[0][0] is not None:
         return located[0][0].path
     run, sae = located[0]
+    if is_hub(sae):
+        raise ConfigError(f"{sae} is a Hub id: nothing is written into the Hugging Face cache; give --out")
     return (run.path if run else sae).resolve().parent
 
 

@@ -2,6 +2,7 @@
 themselves (fixtures written by the peer's own code: tests/fixtures/*/make.py)."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -138,3 +139,71 @@ def test_damaged_dictionary_learning_files_are_one_line(tmp_path):
     (folder / "ae.pt").write_bytes(b"PK\x03\x04 cut")
     with pytest.raises(FormatError, match="ae.pt: not a readable state dict"):
         SAE.load(folder)
+
+
+def hub_cache(home: Path, repo: str, files: dict[str, Path]) -> None:
+    """A Hugging Face cache holding one snapshot of `repo`, laid out as huggingface_hub lays it out (blobs named
+    by content, snapshot files linking to them, refs/main naming the commit)."""
+    import hashlib
+
+    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    for name, source in files.items():
+        data = source.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(data)
+        link = root / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+
+
+def test_hub_ids_resolve_from_the_cache_offline(tmp_path, monkeypatch, capsys):
+    """hf:ORG/REPO/SUBPATH reads a sparsify hookpoint and a Gemma Scope file from an offline cache; nothing is
+    written into the cache; an id the cache lacks is one line."""
+    from tests.test_hostile_inputs import refused, run_cli
+
+    gemma, _ = gemma_scope_file(tmp_path / "made")
+    hub_cache(tmp_path / "hf", "EleutherAI/sae-tiny", {f"layers.1/{n}": SPARSIFY / "checkpoint" / "layers.1" / n
+                                                      for n in ("cfg.json", "sae.safetensors")})
+    hub_cache(tmp_path / "hf", "google/gemma-scope-2b-pt-res", {"layer_3/width_16k/average_l0_40/params.npz": gemma})
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sae = SAE.load("hf:EleutherAI/sae-tiny/layers.1")
+    direct = SAE.load(SPARSIFY / "checkpoint" / "layers.1")
+    assert torch.equal(sae.W_enc, direct.W_enc) and sae.cfg.hook_name == "blocks.1.hook_resid_post"
+    scope = SAE.load("hf:google/gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_40")
+    assert scope.cfg.hook_name == "blocks.3.hook_resid_post" and scope.cfg.model_name == "google/gemma-2-2b"
+    before = sorted(p.name for p in (tmp_path / "hf").rglob("*"))
+    assert run_cli(["info", "hf:EleutherAI/sae-tiny/layers.1"], capsys)[0] == 0
+    refused(["features", "hf:EleutherAI/sae-tiny/layers.1", "--model", "x"], capsys, "give --out", tmp_path / "hf")
+    assert run_cli(["export", "saelens", "hf:EleutherAI/sae-tiny/layers.1", "--out", tmp_path / "mine" / "sae"],
+                   capsys)[0] == 0  # a copy of one's own, in nanosae's (= SAELens's) layout
+    assert torch.equal(SAE.load(tmp_path / "mine" / "sae").W_dec, direct.W_dec)
+    assert sorted(p.name for p in (tmp_path / "hf").rglob("*")) == before
+    with pytest.raises(FormatError, match="hf:someone/absent: not in the local Hugging Face cache"):
+        SAE.load("hf:someone/absent")
+    with pytest.raises(FormatError, match="has no 'layers.9'"):
+        SAE.load("hf:EleutherAI/sae-tiny/layers.9")
+
+
+class _Payload:
+    """Runs code when unpickled (what a plain torch.load of a hostile ae.pt would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_payload_in_ae_pt_never_runs(tmp_path):
+    folder = tmp_path / "ae"
+    shutil.copytree(DL / "AutoEncoderTopK", folder)
+    marker = tmp_path / "payload_ran"
+    torch.save({"encoder.weight": _Payload(marker)}, folder / "ae.pt")
+    with pytest.raises(FormatError, match="ae.pt: not a readable state dict"):
+        SAE.load(folder)
+    assert not marker.exists()

@@ -12,7 +12,7 @@ from nanosae.config import SAEConfig
 from nanosae.errors import ConfigError
 from nanosae.interp.featuredb import FeatureDB, db_path
 from nanosae.outputs import replacing_dir, resolved
-from nanosae.rundir import home, locate
+from nanosae.rundir import home, is_hub, locate
 from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
 
@@ -48,7 +48,7 @@ def saelens_sae(sae: SAE) -> SAE:
 def export_saelens(run: str | Path, out: str | Path) -> Path:
     """Write a plain SAELens-loadable directory (cfg.json, sae_weights.safetensors, sparsity.safetensors): a new
     or empty one, or an earlier SAELens export (outputs.check_dir), swapped in whole."""
-    with replacing_dir(out, "SAELens export", home=home(run).resolve()) as tmp:
+    with replacing_dir(out, "SAELens export", home=None if is_hub(run) else home(run).resolve()) as tmp:
         write_saelens(run, tmp)
     return resolved(out)
 
@@ -58,8 +58,8 @@ def write_saelens(run: str | Path, out: Path) -> Path:
     _, sae_path = locate(run)
     sae = saelens_sae(SAE.load(sae_path))
     sparsity = None
-    db = db_path(home(run))
-    if db.exists():
+    db = None if is_hub(run) else db_path(home(run))
+    if db is not None and db.exists():
         dens = FeatureDB(db).densities()
         sparsity = torch.tensor([math.log10(d) if d > 0 else -10.0 for d in dens])  # SAELens stores log10 density
     return save_sae(sae, Path(out), sparsity=sparsity)

@@ -24,6 +24,7 @@ from_pretrained does, AutoEncoder's decoder columns are scaled to unit norm with
 
 from __future__ import annotations
 
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -114,7 +115,7 @@ def is_gemma_scope(path: Path) -> bool:
 def gemma_scope_hook(path: Path) -> str:
     """blocks.L.SITE from a Gemma Scope path (layer_L below a gemma-scope-*-res / -mlp / -att repository, as
     downloaded or in the Hugging Face cache); "" when the path does not say."""
-    parts = [p.lower() for p in path.resolve().parts]
+    parts = [p.lower() for p in Path(os.path.abspath(path)).parts]  # not resolved: a cache's links name blobs
     layer = next((m.group(1) for p in reversed(parts) if (m := re.fullmatch(r"layer_(\d+)", p))), None)
     site = next((s for p in reversed(parts) for s in _GEMMA_SITES if re.search(rf"gemma-scope-[^/]*-{s}(?:$|[-_])", p)),
                 None)
@@ -124,7 +125,7 @@ def gemma_scope_hook(path: Path) -> str:
 def load_gemma_scope(path: Path, device: str, build: Any) -> Any:
     """A Gemma Scope JumpReLU SAE (params.npz, read without pickle)."""
     file = path if path.name == GEMMA_SCOPE_FILE else path / GEMMA_SCOPE_FILE
-    if "transcoder" in str(file.resolve()).lower():
+    if "transcoder" in os.path.abspath(file).lower():
         raise FormatError(f"{file}: Gemma Scope transcoders are not read yet (its SAEs are)")
     try:
         with np.load(regular_file(file), allow_pickle=False) as npz:
@@ -139,7 +140,7 @@ def load_gemma_scope(path: Path, device: str, build: Any) -> Any:
     d_in, d_sae = arrays["W_enc"].shape
     tensors = {name: torch.from_numpy(a.astype(np.float32)) for name, a in arrays.items()
                if name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
-    release = re.search(r"gemma-scope-(2b|9b|27b)-(pt|it)", str(file.resolve()).lower())
+    release = re.search(r"gemma-scope-(2b|9b|27b)-(pt|it)", os.path.abspath(file).lower())
     model = f"google/gemma-2-{release.group(1)}{'-it' if release.group(2) == 'it' else ''}" if release else ""
     cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture="jumprelu", hook_name=gemma_scope_hook(file),
                     apply_b_dec_to_input=False, model_name=model)
@@ -216,3 +217,30 @@ def load_dictionary_learning(path: Path, device: str, build: Any) -> Any:
     from nanosae.sae.formats import build_checked
 
     return build_checked(cfg, t, file, device, build)
+
+
+def resolve_hub(spec: str) -> Path:
+    """`hf:ORG/REPO[/SUBPATH]` -> the local path of that folder or file, downloaded once into huggingface_hub's
+    cache (only SUBPATH's files) and read from the cache after that, offline too (HF_HUB_OFFLINE=1)."""
+    parts = spec.removeprefix("hf:").strip("/").split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise FormatError(f"{spec!r}: a Hub id is hf:ORG/REPO or hf:ORG/REPO/SUBPATH")
+    repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        from huggingface_hub import constants, snapshot_download
+
+        # read at call time (huggingface_hub reads them once, when first imported)
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or constants.HF_HUB_OFFLINE
+        home = os.environ.get("HF_HOME")
+        cache = os.environ.get("HF_HUB_CACHE") or (str(Path(home) / "hub") if home else None)
+        root = Path(snapshot_download(repo, allow_patterns=[sub, f"{sub}/*"] if sub else None, cache_dir=cache,
+                                      local_files_only=offline))
+    except ImportError:
+        raise FormatError(f"{spec}: reading from the Hugging Face Hub needs huggingface_hub (pip install "
+                          "'nanosae[hf]')") from None
+    except Exception as e:  # offline without a cached copy, unknown repository, no network
+        raise FormatError(f"{spec}: not in the local Hugging Face cache and not downloadable ({first_line(e)})") from None
+    path = root / sub if sub else root
+    if not path.exists():
+        raise FormatError(f"{spec}: {repo} has no {sub!r}")
+    return path
