@@ -580,6 +580,15 @@ def export_saelens_cmd(run: Path = typer.Argument(..., help="Run directory or SA
     console.print(f"wrote {export_saelens(run, out)}")
 
 
+@export_app.command("sparsify")
+def export_sparsify_cmd(run: Path = typer.Argument(..., help="Run directory or SAE (a TopK SAE or transcoder)."),
+                        out: Path = typer.Option(..., help="Output directory (a sparsify checkpoint root).")) -> None:
+    """Write a TopK SAE in EleutherAI sparsify's layout (OUT/HOOKPOINT/cfg.json + sae.safetensors)."""
+    from nanosae.export.sparsify import export_sparsify
+
+    console.print(f"wrote {export_sparsify(run, out)}")
+
+
 @export_app.command("neuronpedia")
 def export_neuronpedia_cmd(
     run: Path = typer.Argument(..., help="Run directory with sae/ and features.db."),

@@ -127,9 +127,8 @@ def test_missing_db_names_the_command(tmp_path):
         open_db(tmp_path)
 
 
-def test_resume_gives_the_same_database(setup, tiny_model, tmp_path):
-    sae, cfg, db, _ = setup
-    cfg.checkpoint_every = 1
+def interrupted_pass(sae, model, cfg, out):
+    """A features pass stopped by Ctrl-C after its third batch (its partial state saved)."""
     calls = []
 
     def stop(done, total, seconds):
@@ -138,7 +137,13 @@ def test_resume_gives_the_same_database(setup, tiny_model, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_features(sae, tiny_model, cfg, tmp_path / "features.db", progress=stop)
+        build_features(sae, model, cfg, out, progress=stop)
+
+
+def test_resume_gives_the_same_database(setup, tiny_model, tmp_path):
+    sae, cfg, db, _ = setup
+    cfg.checkpoint_every = 1
+    interrupted_pass(sae, tiny_model, cfg, tmp_path / "features.db")
     assert (tmp_path / "features.db.partial.pt").exists() and not (tmp_path / "features.db").exists()
     build_features(sae, tiny_model, cfg, tmp_path / "features.db")
     a, b = open_db(db), open_db(tmp_path / "features.db")
@@ -168,15 +173,7 @@ def test_a_partial_pass_of_another_model_is_not_resumed(setup, tiny_model, tiny_
         if (tiny_llama_dir / name).exists():
             shutil.copy(tiny_llama_dir / name, tmp_path / "b")
     model_b = nanosae.load_model(str(tmp_path / "b"))
-    calls = []
-
-    def stop(done, total, seconds):
-        calls.append(done)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build_features(sae, tiny_model, cfg, tmp_path / "features.db", progress=stop)
+    interrupted_pass(sae, tiny_model, cfg, tmp_path / "features.db")
     build_features(sae, model_b, cfg, tmp_path / "features.db")
     build_features(sae, model_b, cfg, tmp_path / "fresh.db")
     a, b = open_db(tmp_path / "features.db"), open_db(tmp_path / "fresh.db")

@@ -207,3 +207,46 @@ def test_a_pickle_payload_in_ae_pt_never_runs(tmp_path):
     with pytest.raises(FormatError, match="ae.pt: not a readable state dict"):
         SAE.load(folder)
     assert not marker.exists()
+
+
+def scaled_sae(**kw) -> "SAE":
+    """A TopK SAE whose every part matters: an activation scale, biases off zero, rows not unit norm."""
+    from nanosae import SAEConfig
+
+    torch.manual_seed(0)
+    cfg = dict(d_in=16, d_sae=48, architecture="topk", k=4, hook_name="blocks.2.hook_resid_post", activation_scale=2.5)
+    sae = SAE(SAEConfig(**(cfg | kw))).eval()
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(std=0.3)
+    return sae
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder", "skip transcoder", "transcoder subtracting b_dec"])
+def test_export_sparsify_reads_back_to_the_same_outputs(tmp_path, kind, capsys):
+    """export sparsify, then read with the sparsify reader (checked above against sparsify's own forward)."""
+    from tests.test_hostile_inputs import run_cli
+
+    io = dict(hook_name="blocks.2.ln2.hook_normalized", hook_name_out="blocks.2.hook_mlp_out", d_out=16,
+              output_scale=1.5)
+    kw = {"sae": {}, "transcoder": io | {"apply_b_dec_to_input": False},
+          "skip transcoder": io | {"apply_b_dec_to_input": False, "skip_connection": True},
+          "transcoder subtracting b_dec": io | {"apply_b_dec_to_input": True}}[kind]
+    sae = scaled_sae(**kw)
+    sae.save(tmp_path / "run" / "sae")
+    assert run_cli(["export", "sparsify", tmp_path / "run", "--out", tmp_path / "sparsify"], capsys)[0] == 0
+    point = "layers.2" if kind == "sae" else "layers.2.mlp"
+    assert sorted(p.name for p in (tmp_path / "sparsify" / point).iterdir()) == ["cfg.json", "sae.safetensors"]
+    back = SAE.load(tmp_path / "sparsify" / point)
+    x = torch.randn(64, 16) * 3
+    torch.testing.assert_close(back(x)[0], sae(x)[0], rtol=1e-4, atol=1e-4)
+    assert back.cfg.hook_name == sae.cfg.hook_name and back.cfg.hook_name_out == sae.cfg.hook_name_out
+
+
+def test_export_sparsify_refuses_what_sparsify_cannot_hold(tmp_path, capsys):
+    from tests.test_hostile_inputs import refused
+
+    scaled_sae(architecture="relu", k=None).save(tmp_path / "relu" / "sae")
+    refused(["export", "sparsify", tmp_path / "relu", "--out", tmp_path / "x"], capsys, "TopK sparse coders only",
+            tmp_path / "relu")
+    assert not (tmp_path / "x").exists()

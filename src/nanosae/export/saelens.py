@@ -26,7 +26,13 @@ def saelens_sae(sae: SAE) -> SAE:
         raise ConfigError("SAELens has no crosscoder type; share crosscoders in nanosae's own format (the run's sae/ dir)")
     if sae.cfg.kind == "transcoder" and sae.cfg.architecture == "topk":
         raise ConfigError("SAELens has no TopK transcoder type (it has relu, skip and jumprelu transcoders)")
-    arch = "jumprelu" if sae.cfg.architecture in ("batchtopk", "matryoshka") else sae.cfg.architecture
+    return fold_scales(sae, "jumprelu" if sae.cfg.architecture in ("batchtopk", "matryoshka") else sae.cfg.architecture)
+
+
+@torch.no_grad()
+def fold_scales(sae: SAE, arch: str) -> SAE:
+    """The same SAE with its activation scaling folded into the weights (input and output scale 1), as `arch`
+    (a BatchTopK/Matryoshka SAE as `jumprelu` keeps its global threshold per latent)."""
     cfg = SAEConfig(**{**sae.cfg.to_dict(), "architecture": arch, "activation_scale": 1.0, "output_scale": None,
                        **({"k": None, "matryoshka_groups": None} if arch != sae.cfg.architecture else {})})
     out = SAE(cfg)
