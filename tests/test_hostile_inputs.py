@@ -358,6 +358,9 @@ def test_bad_values_of_circuit_commands(transcoder_set, tmp_path, capsys):
     refused(["intervene", "w5 w6", "--transcoders", transcoder_set, "--set", "0_1_1=nan"], capsys,
             "must be a finite number", transcoder_set)
     refused(["features", transcoder_set / "layer_1", "--window-left", "1e9"], capsys, "window_left must be", transcoder_set)
+    store = write_store(tmp_path / "acts", torch.randn(64, 8)).path
+    refused(["trace", "w5 w6", "--transcoders", transcoder_set, "--out", store / "graph.json"], capsys,
+            "activation store", tmp_path)
 
 
 def test_a_checkpoint_whose_state_disagrees_with_its_name_is_skipped(tmp_path, store, caplog):

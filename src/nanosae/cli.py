@@ -440,6 +440,7 @@ def trace(
     shows it too), with its scores and the strongest paths to the top logit printed."""
     import re
 
+    from nanosae.outputs import check_outside_jobs
     from nanosae.interp.circuits import attribute, load_transcoders, strongest_paths, to_neuronpedia
     from nanosae.interp.featuredb import explanations
     from nanosae.io import write_json
@@ -451,12 +452,13 @@ def trace(
     for name, value in (("max-feature-nodes", max_feature_nodes), ("paths", paths)):
         if value < 1:
             raise ConfigError(f"--{name} must be at least 1, got {value}")
-    spec, tcs = load_transcoders(transcoders, device)
-    host = load_model(spec, device=device)
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "graph"
     out = out or transcoders / "graphs" / f"{slug}.json"
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise ConfigError(f"{out} exists (it may hold pinned nodes and supernodes); give another --out")
+    check_outside_jobs(out, home=transcoders)  # a graph of this set goes anywhere but into another job's folder
+    spec, tcs = load_transcoders(transcoders, device)
+    host = load_model(spec, device=device)
     with TokenProgress("attribution (features)", max_feature_nodes) as bar:
         graph = attribute(host, tcs, prompt, max_feature_nodes=max_feature_nodes,
                           progress=lambda done, total: bar.update(done, 0.0, f"{done}/{total} features"))

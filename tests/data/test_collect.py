@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -75,9 +76,10 @@ nanosae.collect(CollectConfig(model="tiny", hooks=["blocks.0.hook_resid_post", "
 """
 
 
-def test_kill_and_resume_gives_identical_bytes(tiny_model, tiny_llama_dir, word_corpus, tmp_path):
+@pytest.mark.parametrize("kill_at", [400, *random.Random(0).sample(range(200, 650), 2)])
+def test_kill_and_resume_gives_identical_bytes(tiny_model, tiny_llama_dir, word_corpus, tmp_path, kill_at):
     killed = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(tiny_llama_dir), str(word_corpus), str(killed), "400"],
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(tiny_llama_dir), str(word_corpus), str(killed), str(kill_at)],
                           capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr  # it really died mid-way
     partial = ActivationStore(killed / HOOKS[0], verify=True)  # still a valid store

@@ -2,6 +2,7 @@ import dataclasses
 import json
 from pathlib import Path
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -178,7 +179,7 @@ import os, signal, sys
 import nanosae
 from nanosae import TrainConfig
 def progress(p):
-    if p.step >= 17:
+    if p.step >= int(sys.argv[4]):
         os.kill(os.getpid(), signal.SIGKILL)
 cfg = TrainConfig.build(acts=sys.argv[1], out=sys.argv[2], device=sys.argv[3], d_sae=64, k=4, batch_size=512,
                         tokens=512 * 30, log_every=1, checkpoint_every=5, lr=3e-3, ema_decay=0.9)
@@ -188,11 +189,25 @@ nanosae.train(cfg, progress=progress)
 
 def test_kill_and_resume_is_bit_identical(planted_store, tmp_path, device):
     store, _ = planted_store
+    kill_and_resume(store, tmp_path, device, kill_at=17)
+
+
+@pytest.mark.parametrize("kill_at", random.Random(0).sample(range(1, 31), 3))
+def test_kill_at_a_random_step_is_bit_identical(planted_store, tmp_path, kill_at):
+    """kill -9 at seeded random steps (the last one may be drawn: before the EMA swap and refit)."""
+    store, _ = planted_store
+    kill_and_resume(store, tmp_path, "cpu", kill_at=kill_at)
+
+
+def kill_and_resume(store, tmp_path, device: str, kill_at: int) -> None:
     killed = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(store.path), str(killed), device], capture_output=True,
-                          text=True, env=os.environ | {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])})
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(store.path), str(killed), device, str(kill_at)],
+                          capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == -9, proc.stderr
-    assert (killed / "checkpoints" / "step_15").exists() and not (killed / "sae").exists()
+    assert not (killed / "sae").exists()
+    newest = max((int(p.name[5:]) for p in (killed / "checkpoints").glob("step_*")), default=0)
+    assert newest == (kill_at - 1) // 5 * 5  # it died after its last checkpoint, before the next
     common = dict(acts=str(store.path), device=device, d_sae=64, k=4, batch_size=512, tokens=512 * 30, log_every=1,
                   checkpoint_every=5, lr=3e-3, ema_decay=0.9)
     resumed = nanosae.train(TrainConfig.build(out=str(killed), resume=True, **common))
