@@ -26,14 +26,20 @@ def saelens_sae(sae: SAE) -> SAE:
         raise ConfigError("SAELens has no crosscoder type; share crosscoders in nanosae's own format (the run's sae/ dir)")
     if sae.cfg.kind == "transcoder" and sae.cfg.architecture == "topk":
         raise ConfigError("SAELens has no TopK transcoder type (it has relu, skip and jumprelu transcoders)")
-    return fold_scales(sae, "jumprelu" if sae.cfg.architecture in ("batchtopk", "matryoshka") else sae.cfg.architecture)
+    arch = "jumprelu" if sae.cfg.architecture in ("batchtopk", "matryoshka") else sae.cfg.architecture
+    # SAELens's transcoders never subtract b_dec from their input (its reader, and ours, say so)
+    return fold_scales(sae, arch, subtract_b_dec=bool(sae.cfg.apply_b_dec_to_input) and sae.cfg.kind != "transcoder")
 
 
 @torch.no_grad()
-def fold_scales(sae: SAE, arch: str) -> SAE:
+def fold_scales(sae: SAE, arch: str, subtract_b_dec: bool) -> SAE:
     """The same SAE with its activation scaling folded into the weights (input and output scale 1), as `arch`
-    (a BatchTopK/Matryoshka SAE as `jumprelu` keeps its global threshold per latent)."""
+    (a BatchTopK/Matryoshka SAE as `jumprelu` keeps its global threshold per latent), subtracting b_dec from its
+    input or not as asked. Ours computes pre = (s_in·x − a·b_dec) W_enc + b_enc; the folded one
+    (x − t·b_dec') W_enc' + b_enc' with W_enc' = s_in·W_enc, b_dec' = b_dec / s_out: equal when
+    b_enc' = b_enc − a·b_dec W_enc + t·b_dec' W_enc' (a transcoder's two scales differ, so b_dec moves)."""
     cfg = SAEConfig(**{**sae.cfg.to_dict(), "architecture": arch, "activation_scale": 1.0, "output_scale": None,
+                       "apply_b_dec_to_input": subtract_b_dec,
                        **({"k": None, "matryoshka_groups": None} if arch != sae.cfg.architecture else {})})
     out = SAE(cfg)
     state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
@@ -47,6 +53,13 @@ def fold_scales(sae: SAE, arch: str) -> SAE:
     state["b_dec"] = state["b_dec"] / s_out
     if "W_skip" in state:
         state["W_skip"] = state["W_skip"] * s_in / s_out_col
+    # an SAE keeping its convention needs nothing (one scale: b_dec/s · s·W_enc = b_dec W_enc); b_dec lives in the
+    # input's space only when it is subtracted from it
+    if sae.cfg.kind == "transcoder" or bool(sae.cfg.apply_b_dec_to_input) != subtract_b_dec:
+        if sae.cfg.apply_b_dec_to_input:
+            state["b_enc"] = state["b_enc"] - sae.b_dec @ sae.W_enc
+        if subtract_b_dec:
+            state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]
     out.load_state_dict(state)
     return out
 

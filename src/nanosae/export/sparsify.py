@@ -1,9 +1,9 @@
 """An SAE in EleutherAI sparsify's layout, so `SparseCoder.load_from_disk` / `load_many` read it unchanged:
 OUT/HOOKPOINT/cfg.json + sae.safetensors (see sae/foreign.py for the format and its equations).
 
-sparsify has no input scaling and subtracts b_dec only for SAEs (not transcoders): the activation scale is folded
-into the weights (as for SAELens), and b_dec's place in the encoder into b_enc where the two conventions differ.
-Only TopK dictionaries have a sparsify form."""
+sparsify has no input scaling and subtracts b_dec only for SAEs (not transcoders): export.saelens.fold_scales folds
+the activation scale into the weights and moves b_dec's place in the encoder into b_enc where the conventions
+differ. Only TopK dictionaries have a sparsify form."""
 
 from __future__ import annotations
 
@@ -40,12 +40,9 @@ def sparsify_files(sae: SAE) -> tuple[str, dict, dict[str, torch.Tensor]]:
     transcoder = sae.cfg.kind == "transcoder"
     if transcoder and sae.cfg.d_out != sae.cfg.d_in:
         raise ConfigError(f"sparsify's transcoders map a width to itself; this one maps {sae.cfg.d_in} to {sae.cfg.d_out}")
-    folded = fold_scales(sae, "topk")  # activation scale folded into W_enc, W_dec, b_dec, W_skip
-    W_enc, W_dec, b_dec = folded.W_enc.float(), folded.W_dec.float(), folded.b_dec.float()
-    # ours: pre = (s·x − a·b_dec) W_enc + b_enc; sparsify's: (x − t·b_dec') W_enc' + b_enc', with W_enc' = s·W_enc,
-    # b_dec' = b_dec / s_out, a = apply_b_dec_to_input, t = not a transcoder. Equal when b_enc' is:
-    a, t = float(bool(sae.cfg.apply_b_dec_to_input)), float(not transcoder)
-    b_enc = sae.b_enc.float() - a * (sae.b_dec.float() @ sae.W_enc.float()) + t * (b_dec @ W_enc)
+    folded = fold_scales(sae, "topk", subtract_b_dec=not transcoder)  # sparsify subtracts b_dec for SAEs only
+    W_enc, b_enc, W_dec, b_dec = (folded.W_enc.float(), folded.b_enc.float(), folded.W_dec.float(),
+                                  folded.b_dec.float())
     tensors = {"encoder.weight": W_enc.T.contiguous(), "encoder.bias": b_enc.contiguous(), "W_dec": W_dec.contiguous(),
                "b_dec": b_dec.contiguous()}
     if sae.cfg.skip_connection:

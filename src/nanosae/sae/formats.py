@@ -60,7 +60,8 @@ def saelens_cfg(cfg: SAEConfig) -> dict[str, Any]:
     if cfg.kind == "transcoder":
         d["hook_layer_out"], d["hook_head_index_out"] = hook_layer(cfg.hook_name_out), None
         names = {(act, skip): name for name, (act, skip) in _TRANSCODERS.items()}
-        d["architecture"] = names.get((cfg.architecture, cfg.skip_connection), cfg.architecture)
+        if not cfg.apply_b_dec_to_input:  # SAELens's transcoder names mean "b_dec is not subtracted" to its readers
+            d["architecture"] = names.get((cfg.architecture, cfg.skip_connection), cfg.architecture)
     d["prepend_bos"] = True
     if cfg.k is not None:
         d["activation_fn_kwargs"] = {"k": cfg.k}
