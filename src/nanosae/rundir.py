@@ -11,6 +11,7 @@ Every command that takes "a run directory or an SAE" resolves it here, and finds
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,4 +108,26 @@ def load_sae_and_model(path: str | Path, model: str | None = None, device: str =
 
     run, sae_path = locate(path)
     sae = SAE.load(sae_path, device=device)
-    return run, sae, load_model(model_spec(sae, model, path), device=device, tokenizer=tokenizer)
+    host = load_model(model_spec(sae, model, path), device=device, tokenizer=tokenizer)
+    check_fit(sae, host, path)
+    return run, sae, host
+
+
+def check_fit(sae: Any, host: Any, where: str | Path) -> None:
+    """An SAE from elsewhere must read the width its hook has in this model: one line naming the file otherwise
+    (an SAE trained for another model, or another layer count)."""
+    from nanosae.errors import HookError, ShapeError
+
+    hook = sae.cfg.hook_name
+    if not hook or sae.cfg.kind == "crosscoder":
+        return
+    try:
+        width = host.hook_dim(hook)
+    except HookError:
+        if re.match(r"blocks\.(\d+)\.", hook) and int(hook.split(".")[1]) >= host.n_layers:
+            raise HookError(f"{where} reads {hook}, but {host.name} has {host.n_layers} layers (0..{host.n_layers - 1})") \
+                from None
+        return  # a site nanosae has no hook for: the command names the valid ones when it uses it (or --hook)
+    if width != sae.cfg.d_in:
+        raise ShapeError(f"{where} reads {sae.cfg.d_in}-wide activations at {hook}, but {host.name} has {width} there "
+                         "(an SAE of another model? give --model)")

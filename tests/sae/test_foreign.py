@@ -250,3 +250,16 @@ def test_export_sparsify_refuses_what_sparsify_cannot_hold(tmp_path, capsys):
     refused(["export", "sparsify", tmp_path / "relu", "--out", tmp_path / "x"], capsys, "TopK sparse coders only",
             tmp_path / "relu")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_dictionary_of_another_model_is_refused_naming_the_file(tiny_llama_dir, tmp_path, capsys):
+    """sparsify's 16-wide coder on the 32-wide tiny model, or a layer the model lacks: one line naming the file."""
+    from tests.test_hostile_inputs import refused
+
+    coder = SPARSIFY / "checkpoint" / "layers.1"
+    refused(["steer", "w5", "--sae", coder, "--model", tiny_llama_dir, "--feature", "1=+2"], capsys,
+            "reads 16-wide activations at blocks.1.hook_resid_post", tmp_path)
+    deep = tmp_path / "layers.9"
+    shutil.copytree(coder, deep)
+    refused(["steer", "w5", "--sae", deep, "--model", tiny_llama_dir, "--feature", "1=+2"], capsys, "has 3 layers",
+            tmp_path / "nothing")
