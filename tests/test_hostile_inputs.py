@@ -430,3 +430,48 @@ def test_random_transcoders_json_values_load_or_fail_in_one_line(transcoder_set,
                 one_line_naming(e, transcoder_set)
     finally:
         path.write_text(original)
+
+
+@SETTINGS
+@given(key=st.sampled_from(["metadata", "qParams", "nodes", "links"]), value=JSON,
+       node_key=st.sampled_from(["node_id", "feature_type", "layer", "ctx_idx"]), node_value=JSON)
+def test_random_graph_file_values_show_or_fail_in_one_line(transcoder_set, key, value, node_key, node_value):
+    """The viewer's graph routes and the static export answer a mutated graph file with the graph or its one-line
+    reason: never a server traceback."""
+    from fastapi.testclient import TestClient
+
+    from nanosae.viewer import create_app
+
+    path = transcoder_set / "graphs" / "tiny.json"
+    original = path.read_text()
+    client = TestClient(create_app(transcoder_set), base_url="http://localhost", raise_server_exceptions=True)
+    try:
+        good = json.loads(original)
+        for data in (good | {key: value}, good | {"nodes": [good["nodes"][0] | {node_key: node_value}, *good["nodes"][1:]]}):
+            path.write_text(json.dumps(data))
+            for url in ("/api/graphs", "/api/graph/tiny"):
+                r = client.get(url)
+                assert r.status_code in (200, 404, 422, 500), r.status_code
+                if r.status_code == 500:
+                    assert "tiny.json" in r.json()["detail"] and "\n" not in r.json()["detail"]
+    finally:
+        path.write_text(original)
+
+
+@SETTINGS
+@given(key=st.sampled_from(["seed", "out", "source", "sae", "optim", "log_every", "sources"]), value=JSON)
+def test_random_config_json_values_resume_or_fail_in_one_line(tmp_path_factory, key, value):
+    """A run's config.json with one field replaced: --resume continues it or says why in one line."""
+    from nanosae import TrainConfig
+
+    root = tmp_path_factory.mktemp("cfg")
+    store = write_store(root / "acts", torch.randn(400, 8))
+    cfg = dict(acts=str(store.path), out=str(root / "run"), d_sae=16, k=2, batch_size=100, tokens=400,
+               checkpoint_every=2)
+    nanosae.train(TrainConfig.build(**cfg))
+    config = root / "run" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {key: value}))
+    try:
+        nanosae.train(TrainConfig.build(**cfg, resume=True))
+    except NanosaeError as e:
+        one_line_naming(e, root / "run")

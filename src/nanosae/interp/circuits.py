@@ -798,4 +798,19 @@ def read_json_graph(path: str | Path) -> dict[str, Any]:
     data = read_json(path)
     if not {"metadata", "qParams", "nodes", "links"} <= set(data) or not isinstance(data["nodes"], list):
         raise FormatError(f"{path}: not an attribution graph (expected metadata, qParams, nodes, links)")
+    if not isinstance(data["metadata"], dict) or not isinstance(data["qParams"], dict) \
+            or not isinstance(data["links"], list):
+        raise FormatError(f"{path}: metadata and qParams must be objects, links a list")
+    for i, node in enumerate(data["nodes"]):
+        if not (isinstance(node, dict) and isinstance(node.get("node_id"), str) and isinstance(node.get("feature_type"), str)):
+            raise FormatError(f"{path}: node {i} needs a node_id and a feature_type (text)")
+        if node["feature_type"] == "cross layer transcoder":
+            try:
+                node_key(node["node_id"])
+            except ValueError:
+                raise FormatError(f"{path}: node {i}'s id {node['node_id'][:40]!r} is not LAYER_LATENT_POS") from None
+    for i, link in enumerate(data["links"]):
+        if not (isinstance(link, dict) and isinstance(link.get("source"), str) and isinstance(link.get("target"), str)
+                and isinstance(link.get("weight"), (int, float)) and not isinstance(link.get("weight"), bool)):
+            raise FormatError(f"{path}: link {i} needs a source, a target (node ids) and a numeric weight")
     return data
