@@ -132,3 +132,35 @@ def test_explain_n2g_writes_scores_and_says_why_a_latent_has_no_explanation(tmp_
 def test_missing_db(tmp_path):
     with pytest.raises(Exception, match="nanosae features"):
         explain_n2g(tmp_path)
+
+
+def test_an_interrupted_pass_resumes_from_its_saved_rows_and_only_the_same_pass_does(tmp_path, monkeypatch):
+    import shutil
+
+    from nanosae.interp import explain as E
+
+    make_db(tmp_path / "features.db")
+    shutil.copy(tmp_path / "features.db", tmp_path / "before.db")
+    monkeypatch.setattr(E, "PARTIAL_EVERY", 1)
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        explain_n2g(tmp_path, progress=stop)
+    partial = tmp_path / "features.db.explain.partial.json"
+    assert (tmp_path / "features.db").read_bytes() == (tmp_path / "before.db").read_bytes()  # nothing written yet
+    saved = json.loads(partial.read_text())
+    assert [row[-1] for row in saved["updates"]] == [0]
+    saved["updates"][0][0] = "SAVED BEFORE THE KILL"  # so the test can tell a resumed pass from a fresh one
+    partial.write_text(json.dumps(saved))
+    assert explain_n2g(tmp_path) == 1
+    con = sqlite3.connect(tmp_path / "features.db")
+    assert con.execute("SELECT explanation FROM latents WHERE id = 0").fetchone()[0] == "SAVED BEFORE THE KILL"
+    con.close()
+    assert not partial.exists()
+    shutil.copy(tmp_path / "before.db", tmp_path / "features.db")
+    partial.write_text(json.dumps(saved | {"fingerprint": saved["fingerprint"] | {"method": "llm"}}))
+    explain_n2g(tmp_path)  # another pass's rows are not taken
+    con = sqlite3.connect(tmp_path / "features.db")
+    assert con.execute("SELECT explanation FROM latents WHERE id = 0").fetchone()[0].startswith('" def"')

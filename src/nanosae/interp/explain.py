@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 from nanosae.interp.featuredb import FeatureDB
 from nanosae.interp.featuredb import db_path as db_path_of
-from nanosae.io import write_lock
+from nanosae.errors import FormatError
+from nanosae.io import read_json, sha256_file, write_json, write_lock
+
+log = logging.getLogger(__name__)
 
 WILDCARD = None
 ACTIVE_FRACTION = 0.25
@@ -186,28 +190,60 @@ def describe(patterns: list[Pattern]) -> str:
 Explainer = Callable[[Evidence], tuple[str | None, Detection | None]]
 
 
+PARTIAL_EVERY = 10  # latents between saves of an unfinished pass (an LLM pass is seconds a latent)
+
+
 def write_explanations(db_path: str | Path, explain_one: Explainer, method: str, most_frequent_first: bool = False,
-                       limit: int | None = None, progress: Callable[[int, int], None] | None = None) -> int:
+                       limit: int | None = None, progress: Callable[[int, int], None] | None = None,
+                       explainer: str = "") -> int:
     """Explain every latent that fired (or the `limit` most frequent) and write all rows in one transaction;
-    latents with too little evidence get a note instead. Returns how many got an explanation."""
-    with write_lock(db_path_of(db_path), directory=False):
+    latents with too little evidence get a note instead. Returns how many got an explanation.
+
+    Resumable: the rows so far are saved beside the database (DB.explain.partial.json, atomically) every
+    PARTIAL_EVERY latents; the same pass run again (same database contents, method, explainer, limit and order)
+    continues after them, any other pass starts over."""
+    path = db_path_of(db_path)
+    partial = path.with_name(path.name + ".explain.partial.json")
+    with write_lock(path, directory=False):
         db = FeatureDB(db_path, readonly=False)
         try:
+            fingerprint = {"db": sha256_file(path), "method": method, "explainer": explainer, "limit": limit,
+                           "most_frequent_first": most_frequent_first}
             latents = db.to_explain(most_frequent_first, limit)
             windows = RandomText(db.random_windows()[: 2 * max(BUILD_OTHERS, SCORE_OTHERS)])
-            updates, explained = [], 0
+            updates = _resumed(partial, fingerprint)
             for n, row in enumerate(latents):
+                if n < len(updates):
+                    continue
                 text, found, note = _explain_row(db, row, windows, explain_one)
-                explained += text is not None
-                updates.append((text, None if found is None else round(found.score, 4),
+                updates.append([text, None if found is None else round(found.score, 4),
                                 None if found is None else round(found.precision, 4),
-                                None if found is None else round(found.recall, 4), method, note, row["id"]))
+                                None if found is None else round(found.recall, 4), method, note, row["id"]])
+                if (n + 1) % PARTIAL_EVERY == 0:
+                    write_json(partial, {"fingerprint": fingerprint, "updates": updates})
                 if progress is not None:
                     progress(n + 1, len(latents))
-            db.set_explanations(updates)
+            db.set_explanations([tuple(u) for u in updates])
         finally:
             db.close()
-    return explained
+        partial.unlink(missing_ok=True)
+    return sum(u[0] is not None for u in updates)
+
+
+def _resumed(partial: Path, fingerprint: dict) -> list[list]:
+    """The rows an interrupted run of this same pass saved (none for another pass, or an unreadable file)."""
+    if not partial.exists():
+        return []
+    try:
+        saved = read_json(partial)
+    except FormatError as e:
+        log.warning("%s is unreadable (%s); explaining from the start", partial, e)
+        return []
+    rows = saved.get("updates")
+    if saved.get("fingerprint") != fingerprint or not isinstance(rows, list) or not all(
+            isinstance(r, list) and len(r) == 7 for r in rows):
+        return []
+    return rows
 
 
 class RandomText:

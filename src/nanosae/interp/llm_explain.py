@@ -171,4 +171,6 @@ def explain_llm(db_path: str | Path, explainer: Explainer, max_features: int | N
                 progress: Callable[[int, int], None] | None = None) -> int:
     """Explain the most frequently firing features (up to max_features); one transaction at the end."""
     return write_explanations(db_path, lambda evidence: explain_and_score(explainer, evidence), "llm",
-                              most_frequent_first=True, limit=max_features, progress=progress)
+                              most_frequent_first=True, limit=max_features, progress=progress,
+                              explainer=f"{type(explainer).__name__}:{getattr(explainer, 'url', '')}:"
+                                        f"{getattr(explainer, 'model', '')}")
