@@ -407,7 +407,7 @@ class SAERun:
         self.d = Schedule.of(cfg)
         width = lambda placement: sum(cols.stop - cols.start for _, cols in placement)
         d_in, d_out = width(ins), width(outs)
-        check_fits(d_in, cfg.sae.d_sae, d_out, cfg.device, (world // cfg.shard_latents) if cfg.shard_latents else 1)
+        check_fits(d_in, cfg.sae.d_sae, d_out, cfg.device, cfg.shard_latents or 1)  # each process holds d_sae / N
         torch.manual_seed(cfg.seed)  # the same initial weights whether trained alone or with others
         self.gen = torch.Generator().manual_seed(cfg.seed)  # this run's own randomness (resampling)
         in_keys, out_keys = cfg.source.io()
