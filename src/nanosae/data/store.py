@@ -164,12 +164,13 @@ def shard_problem(directory: Path, entry: dict[str, Any]) -> str | None:
     return None
 
 
-def norm_scale(x: Tensor) -> float:
+def norm_scale(x: Tensor, where: str | Path) -> float:
     """sqrt(width / mean squared norm): the factor that gives activations x (n, width) a mean squared norm
-    equal to their width, as SAELens's and sparsify's activation normalisation do."""
+    equal to their width, as SAELens's and sparsify's activation normalisation do. `where` (the store, or the
+    model's activations) names them when they are all zero."""
     mean_sq = float(x.pow(2).sum(-1).mean())
     if not mean_sq > 0:
-        raise DataError("the activations are all zero: nothing to train on (was the hook point right?)")
+        raise DataError(f"{where}: the activations are all zero: nothing to train on (was the hook point right?)")
     return math.sqrt(x.shape[-1] / mean_sq)
 
 
@@ -419,10 +420,7 @@ class ActivationStore:
         sample = torch.stack([self.tokens(int(i), int(i) + 1)[0] for i in idx])
         if not torch.isfinite(sample).all():
             raise DataError(f"{self.path}: the store holds NaN or inf activations")
-        try:
-            self.manifest["norm_scale"] = scale = norm_scale(sample)
-        except DataError as e:
-            raise DataError(f"{self.path}: {e}") from None
+        self.manifest["norm_scale"] = scale = norm_scale(sample, self.path)
         try:
             write_json(self.path / MANIFEST, self.manifest)
         except OSError:

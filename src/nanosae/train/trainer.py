@@ -426,7 +426,6 @@ class SAERun:
         self.sae = SAE(sae_cfg)
         self.sae.train()
         self.since_fired = torch.zeros(cfg.sae.d_sae, dtype=torch.long)  # moves to the device of the counts it takes
-        self.tokens_seen = 0  # a bound on since_fired: no latent can be dead before dead_tokens (no device sync)
         self.ema: dict[str, torch.Tensor] | None = None
         self.kl_coefficient: float | None = None  # set by the fine-tune's first step
         self.step, self.batches_done, self.seconds = 0, 0, 0.0
@@ -486,7 +485,6 @@ class SAERun:
         else:
             self._load_whole(ckpt, state, loaded)
         self.step, self.batches_done, self.since_fired = state["step"], state["batches"], state["since_fired"]
-        self.tokens_seen = self.d.dead_tokens  # resumed: any latent may be dead already
         self.seconds = state["seconds"]
         self.kl_coefficient = state.get("kl_coefficient")
         self.refit_done = state.get("refit_done", False)
@@ -522,14 +520,11 @@ class SAERun:
         if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
             raise DataError(f"{where}: the training activations contain NaN or inf")
         if self.cfg.optim.scale_activations and self.cfg.sae.normalize_activations == "none":  # mean squared norm -> width
-            try:
-                scale = lambda placement: [norm_scale(samples[i][:, c]) for i, c in placement]
-                in_scales = scale(self.ins)
-                self.sae.cfg.activation_scale = in_scales if len(in_scales) > 1 else in_scales[0]
-                if self.transcoder:
-                    self.sae.cfg.output_scale = scale(self.outs)[0]
-            except DataError as e:
-                raise DataError(f"{where}: {e}") from None
+            scale = lambda placement: [norm_scale(samples[i][:, c], where) for i, c in placement]
+            in_scales = scale(self.ins)
+            self.sae.cfg.activation_scale = in_scales if len(in_scales) > 1 else in_scales[0]
+            if self.transcoder:
+                self.sae.cfg.output_scale = scale(self.outs)[0]
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.files.config, dataclasses.asdict(self.cfg) | {"sources": self.job["sources"]})
@@ -594,7 +589,9 @@ class SAERun:
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         coeff = d.sparsity * min(1.0, (self.step + 1) / max(1, d.sparsity_warmup))
-        dead = (self.since_fired >= d.dead_tokens).to(sae.device) if self.tokens_seen >= d.dead_tokens else None
+        # the tokens read so far bound since_fired: no latent can be dead before dead_tokens (and no device sync)
+        could_be_dead = self.batches_done * cfg.optim.batch_size >= d.dead_tokens
+        dead = (self.since_fired >= d.dead_tokens).to(sae.device) if could_be_dead else None
         k = sae.cfg.k
         sae.cfg.k = k_at(self.step, cfg, d)  # k annealing: only while the loss is computed
         try:
@@ -642,7 +639,6 @@ class SAERun:
             with torch.no_grad():
                 sae.threshold.clamp_(min=0.0)
         self.since_fired = self.since_fired.to(fired.device).add_(len(x) * self.data_world).masked_fill_(fired > 0, 0)
-        self.tokens_seen += len(x) * self.data_world
         # resampled latents fire on many tokens for a few steps: never in the second half, so the run ends settled
         if arch == "relu" and (self.step + 1) % d.resample_every == 0 and self.step + 1 <= d.steps // 2:
             resample_dead(sae, opt, x, (self.since_fired >= d.dead_tokens).to(sae.device), self.gen, target=y)
