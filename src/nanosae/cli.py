@@ -260,7 +260,7 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
     from nanosae.models import load_model
     import re
 
-    from nanosae.rundir import eval_path, home, is_hub, locate, model_spec, report_dir
+    from nanosae.rundir import eval_path, is_hub, locate, model_spec, own_home, report_dir
     from nanosae.sae import SAE
 
     cfg = EvalConfig(**gather_data(parse(EVAL_OPTIONS, given)))
@@ -268,7 +268,7 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
         read_user_task(task)
     located = [locate(p) for p in paths]
     where = resolved(out) if out else report_dir(located)  # checked before the work, not after it
-    own = out is None or where in {home(p).resolve() for p in paths if not is_hub(p)}
+    own = out is None or where in {own_home(p) for p in paths}
     report_path = check_file(where / "report.html", "evaluation report", is_report, home=where if own else None)
     saes = [SAE.load(sae_path, device=device) for _, sae_path in located]
     spec = model_spec(saes[0], model, paths[0])
@@ -329,13 +329,13 @@ def features(path: Path, model: str | None = None, hook: str | None = None, out:
              acts: Path | None = None, device: str = "cpu", tokenizer: Path | None = None, **given: Any) -> None:
     """Build features.db: densities, histograms, top and quantile examples, logit effects, co-firing (resumable)."""
     from nanosae.interp.features import build_features
-    from nanosae.rundir import home, is_hub, load_sae_and_model
+    from nanosae.rundir import home, load_sae_and_model, own_home
 
     cfg = FeaturesConfig(**gather_data(parse(FEATURES_OPTIONS, given)))
     target = out or home(path) / "features.db"  # before loading anything: a Hub id needs --out
     _, sae, host = load_sae_and_model(path, model, device, tokenizer)
     with TokenProgress("features", cfg.tokens) as bar:
-        build_features(sae, host, cfg, target, hook=hook, acts=acts, home=None if is_hub(path) else home(path),
+        build_features(sae, host, cfg, target, hook=hook, acts=acts, home=own_home(path),
                        progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)))
     console.print(f"wrote {target}")
 

@@ -112,8 +112,8 @@ def read_json(path: str | Path, expect: type = dict) -> Any:
 
     path = regular_file(path)
     try:
-        if path.stat().st_size > JSON_LIMIT:
-            raise FormatError(f"{path} is {path.stat().st_size:,} bytes, more than a nanosae JSON file holds")
+        if (size := path.stat().st_size) > JSON_LIMIT:
+            raise FormatError(f"{path} is {size:,} bytes, more than a nanosae JSON file holds")
         value = parse_json(path.read_bytes(), path)
     except FileNotFoundError:
         raise FormatError(f"{path} is missing") from None

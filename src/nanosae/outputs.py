@@ -30,19 +30,23 @@ def job_kind(directory: Path) -> str | None:
     for name, kind in LEGACY_MARKERS.items():
         if (directory / name).is_file():
             return kind
-    if (directory / "manifest.json").is_file() and any(directory.glob("shard_*.npy")):
+    manifest = directory / "manifest.json"
+    if manifest.is_file() and (any(directory.glob("shard_*.npy")) or _says_store(manifest)):
         return "activation store"
-    if (directory / "manifest.json").is_file() and (directory / "manifest.json").stat().st_size < 1 << 20:
-        try:
-            if '"nanosae-activations' in (directory / "manifest.json").read_text(errors="replace")[:4096]:
-                return "activation store"
-        except OSError:
-            pass
     if (directory / "config.json").is_file() and any((directory / p).exists() for p in ("sae", "checkpoints", "metrics.jsonl")):
         return "training run"
     if (directory / "transcoders.json").is_file():
         return "transcoder set"
     return None
+
+
+def _says_store(manifest: Path) -> bool:
+    """A manifest.json naming nanosae's store format in its first bytes (a store holding no shard yet)."""
+    try:
+        with open(manifest, "rb") as f:
+            return b'"nanosae-activations' in f.read(4096)
+    except OSError:
+        return False
 
 
 def _marker(directory: Path) -> tuple[str, set[str]]:
@@ -96,8 +100,9 @@ def check_dir(out: str | Path, kind: str, home: Path | None = None, flag: str = 
         raise ConfigError(f"{flag} {out} is a file; expected a new or empty directory")
     if not out.exists():
         return out
-    present = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_symlink() or not p.is_dir()}
-    present |= {str(p.relative_to(out)) for p in out.rglob("*") if p.is_dir() and not p.is_symlink() and not any(p.iterdir())}
+    # every entry but the folders that hold something: a file, a link or an empty folder may be a person's
+    present = {str(p.relative_to(out)) for p in out.rglob("*")
+               if p.is_symlink() or not p.is_dir() or not any(p.iterdir())}
     if not present:
         return out
     held = job_kind(out)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nanosae.errors import ConfigError
+from nanosae.sae.foreign import is_hub
 
 
 @dataclass(frozen=True)
@@ -61,18 +62,22 @@ def locate(path: str | Path) -> tuple[RunDir | None, Path]:
     return None, path
 
 
-def is_hub(path: str | Path) -> bool:
-    """An `hf:ORG/REPO[/SUBPATH]` id (read from the Hugging Face cache; nothing is ever written beside it)."""
-    return str(path).startswith("hf:")
-
-
 def home(path: str | Path) -> Path:
     """Where files made from an SAE go: its run directory, the SAE directory itself, or a .pt file's folder.
     A Hub id has none: its files go where --out says."""
-    if is_hub(path):
-        raise ConfigError(f"{path} is a Hub id: nothing is written into the Hugging Face cache; give --out")
+    _refuse_hub(path)
     run, sae = locate(path)
     return run.path if run else sae if sae.is_dir() else sae.parent
+
+
+def own_home(path: str | Path) -> Path | None:
+    """The folder outputs made from this SAE may sit inside (outputs.check_outside_jobs), or None for a Hub id."""
+    return None if is_hub(path) else home(path).resolve()
+
+
+def _refuse_hub(path: str | Path) -> None:
+    if is_hub(path):
+        raise ConfigError(f"{path} is a Hub id: nothing is written into the Hugging Face cache; give --out")
 
 
 def eval_path(run: RunDir | None, sae: Path) -> Path:
@@ -87,8 +92,7 @@ def report_dir(located: list[tuple[RunDir | None, Path]]) -> Path:
     if len(located) == 1 and located[0][0] is not None:
         return located[0][0].path
     run, sae = located[0]
-    if is_hub(sae):
-        raise ConfigError(f"{sae} is a Hub id: nothing is written into the Hugging Face cache; give --out")
+    _refuse_hub(sae)
     return (run.path if run else sae).resolve().parent
 
 

@@ -18,7 +18,7 @@ from nanosae.export.saelens import write_saelens
 from nanosae.interp.featuredb import FeatureDB
 from nanosae.io import atomic_write, write_json
 from nanosae.outputs import replacing_dir, resolved
-from nanosae.rundir import home, locate
+from nanosae.rundir import locate, own_home
 from nanosae.sae import SAE
 from nanosae.sae.formats import hook_layer
 
@@ -84,7 +84,7 @@ def export_neuronpedia(run: str | Path, out: str | Path, model_id: str | None = 
     _, sae_path = locate(run)
     db = FeatureDB(run)
     meta = db.meta()
-    with replacing_dir(out, "Neuronpedia export", home=home(run).resolve()) as tmp:
+    with replacing_dir(out, "Neuronpedia export", home=own_home(run)) as tmp:
         _write_neuronpedia(run, tmp, db, meta, sae_path, model_id, sae_set, batch)
     return resolved(out)
 

@@ -12,7 +12,7 @@ from nanosae.config import SAEConfig
 from nanosae.errors import ConfigError
 from nanosae.interp.featuredb import FeatureDB, db_path
 from nanosae.outputs import replacing_dir, resolved
-from nanosae.rundir import home, is_hub, locate
+from nanosae.rundir import locate, own_home
 from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
 
@@ -67,7 +67,7 @@ def fold_scales(sae: SAE, arch: str, subtract_b_dec: bool) -> SAE:
 def export_saelens(run: str | Path, out: str | Path) -> Path:
     """Write a plain SAELens-loadable directory (cfg.json, sae_weights.safetensors, sparsity.safetensors): a new
     or empty one, or an earlier SAELens export (outputs.check_dir), swapped in whole."""
-    with replacing_dir(out, "SAELens export", home=None if is_hub(run) else home(run).resolve()) as tmp:
+    with replacing_dir(out, "SAELens export", home=own_home(run)) as tmp:
         write_saelens(run, tmp)
     return resolved(out)
 
@@ -77,7 +77,8 @@ def write_saelens(run: str | Path, out: Path) -> Path:
     _, sae_path = locate(run)
     sae = saelens_sae(SAE.load(sae_path))
     sparsity = None
-    db = None if is_hub(run) else db_path(home(run))
+    folder = own_home(run)  # a Hub SAE has no features.db beside it
+    db = db_path(folder) if folder is not None else None
     if db is not None and db.exists():
         dens = FeatureDB(db).densities()
         sparsity = torch.tensor([math.log10(d) if d > 0 else -10.0 for d in dens])  # SAELens stores log10 density

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from nanosae.errors import ConfigError
 from nanosae.export.saelens import fold_scales
 from nanosae.outputs import replacing_dir, resolved
-from nanosae.rundir import home, is_hub, locate
+from nanosae.rundir import locate, own_home
 from nanosae.sae import SAE
 
 
@@ -57,7 +57,7 @@ def export_sparsify(run: str | Path, out: str | Path) -> Path:
     """OUT/HOOKPOINT/{cfg.json, sae.safetensors}: new, empty, or an earlier sparsify export (outputs.check_dir)."""
     _, sae_path = locate(run)
     name, cfg, tensors = sparsify_files(SAE.load(sae_path))
-    with replacing_dir(out, "sparsify export", home=None if is_hub(run) else home(run).resolve()) as tmp:
+    with replacing_dir(out, "sparsify export", home=own_home(run)) as tmp:
         (tmp / name).mkdir()
         save_file(tensors, str(tmp / name / "sae.safetensors"))
         (tmp / name / "cfg.json").write_text(json.dumps(cfg))

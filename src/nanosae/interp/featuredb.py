@@ -21,10 +21,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from nanosae.config import MAX_LATENTS  # a features.db claiming more is damaged, not large
 from nanosae.errors import FormatError
 from nanosae.io import parse_json, public_mode
-
-MAX_LATENTS = 1 << 24  # a features.db claiming more is damaged, not large
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);

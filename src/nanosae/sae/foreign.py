@@ -219,6 +219,11 @@ def load_dictionary_learning(path: Path, device: str, build: Any) -> Any:
     return build_checked(cfg, t, file, device, build)
 
 
+def is_hub(path: str | Path) -> bool:
+    """An `hf:ORG/REPO[/SUBPATH]` id (read from the Hugging Face cache; nothing is ever written beside it)."""
+    return str(path).startswith("hf:")
+
+
 def resolve_hub(spec: str) -> Path:
     """`hf:ORG/REPO[/SUBPATH]` -> the local path of that folder or file, downloaded once into huggingface_hub's
     cache (only SUBPATH's files) and read from the cache after that, offline too (HF_HUB_OFFLINE=1)."""

@@ -76,7 +76,7 @@ def hook_layer(hook: str) -> int:
 def load_sae(path: str | Path, *, build: Any, device: str = "cpu", normalize: bool | None = None) -> Any:
     """An SAE from any of the formats above, made by `build(cfg)` (SAE.load passes the SAE class: this module
     never imports the model, so the model can import it)."""
-    path = foreign.resolve_hub(str(path)) if str(path).startswith("hf:") else Path(path)
+    path = foreign.resolve_hub(str(path)) if foreign.is_hub(path) else Path(path)
     if not path.exists():
         raise FormatError(f"SAE file not found: {path}")
     if foreign.is_dictionary_learning(path):
