@@ -20,6 +20,7 @@ def main() -> None:
     from nanosae.demo import CIRCUIT_PROMPT
     from nanosae.interp import circuits as C
     from nanosae.models import load_model
+    from nanosae.rundir import TranscoderSetDir
     from nanosae.train import train
     from nanosae.train.sweep import transcoder_set
 
@@ -45,7 +46,7 @@ def main() -> None:
         t0 = time.perf_counter()
         train(transcoder_set(settings, layers))
         trained = time.perf_counter() - t0
-        C.write_manifest(out, "smollm2-135m", {L: f"layer_{L}" for L in layers}, kind == "cross-layer")
+        TranscoderSetDir(out).write_manifest("smollm2-135m", layers, kind == "cross-layer")
         _, tcs = C.load_transcoders(out)
         scores = C.replacement_scores(model, tcs, data("eval"))
         t0 = time.perf_counter()

@@ -146,6 +146,7 @@ def assert_replay_matches(model, tokens, layer: int) -> None:
 def transcoder_set(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
     """A transcoder set for the tiny model (random transcoders), a features.db for layer 1 with one explanation,
     and one traced graph, graphs/tiny.json (every node kept)."""
+    from nanosae.rundir import TranscoderSetDir
     from nanosae import DataConfig, SAE, SAEConfig
     from nanosae.interp import circuits as C
     from nanosae.interp.features import FeaturesConfig, build_features
@@ -161,7 +162,7 @@ def transcoder_set(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
             tc.W_dec.mul_(0.3)
         tc.save(run / f"layer_{layer}" / "sae")
         tcs[layer] = tc.eval()
-    C.write_manifest(run, str(tiny_llama_dir), {L: f"layer_{L}" for L in tcs})
+    TranscoderSetDir(run).write_manifest(str(tiny_llama_dir), list(tcs))
     cfg = FeaturesConfig(data=DataConfig(specs=[str(word_corpus)], context_size=16, split="all"), tokens=400, top_n=4,
                          batch_size=4)
     build_features(tcs[1], tiny_model, cfg, run / "layer_1" / "features.db")

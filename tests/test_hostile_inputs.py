@@ -418,8 +418,9 @@ def test_a_probing_task_needs_the_full_suite(viewer_run, tmp_path, capsys):
        layer_value=JSON)
 def test_random_transcoders_json_values_load_or_fail_in_one_line(transcoder_set, key, value, layer_key, layer_value):
     from nanosae.interp import circuits as C
+    from nanosae.rundir import TranscoderSetDir
 
-    path = transcoder_set / C.MANIFEST
+    path = TranscoderSetDir(transcoder_set).manifest
     original = path.read_text()
     try:
         for change in (lambda m: m | {key: value}, lambda m: m | {"layers": m["layers"] | {layer_key: layer_value}}):

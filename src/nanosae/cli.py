@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import sys
@@ -13,7 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nanosae.config import CollectConfig, DataConfig, EvalConfig, GenerationConfig, SourceConfig, TrainConfig
+from nanosae.config import (CollectConfig, EvalConfig, ExplainConfig, ExportConfig, GenerationConfig, InterveneConfig,
+                            SourceConfig, TraceConfig, TrainConfig, ViewConfig)
+from nanosae.demo import DemoConfig
 from nanosae.interp.features import FeaturesConfig
 from nanosae.errors import ConfigError, NanosaeError
 from nanosae.options import command, gather_data, options_for, parse
@@ -98,6 +99,8 @@ def models_hooks(
 GENERATION_OPTIONS = options_for(GenerationConfig)
 PROMPT = inspect.Parameter("prompt", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
                            default=typer.Argument(..., help="Text the model continues."))
+PROMPT_TRACED = inspect.Parameter("prompt", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+                                  default=typer.Argument(..., help="The text whose next token is traced."))
 
 
 @models_app.command("generate")
@@ -193,7 +196,6 @@ def train(crosscoder: bool = False, transcoders: str | None = None, **given: Any
     if transcoders:
         layers = transcoder_layers(transcoders, settings.get("model", SourceConfig.model))
         cfgs = transcoder_set(settings, layers)
-        scoring = scoring_data(cfgs[0].source.data)  # settled before the work: the set is scored after it
     else:
         cfgs = expand_sweep(settings, crosscoder=crosscoder)
     steps = cfgs[0].optim.tokens // cfgs[0].optim.batch_size
@@ -203,38 +205,27 @@ def train(crosscoder: bool = False, transcoders: str | None = None, **given: Any
             m = p.metrics
             bar.update(p.step, m["tokens_per_s"], f"loss {m['loss']:.3g} fvu {m['fvu']:.3f} l0 {m['l0']:.1f} "
                                                   f"dead {m['dead_fraction']:.1%}")
-        results = run_train(cfgs, progress=show)
+        if transcoders:
+            from nanosae.interp.transcoder_sets import train_set
+
+            trained = train_set(cfgs, layers, progress=show)
+            results, scores = trained.results, trained.scores
+        else:
+            results = run_train(cfgs, progress=show)
     for result in results:
         m = result.metrics
         console.print(f"saved {result.run_dir / 'sae'}  (fvu {m.get('fvu', float('nan')):.4f}, "
                       f"l0 {m.get('l0', float('nan')):.1f}, dead {m.get('dead_fraction', 0):.2%})")
     if transcoders:
-        from nanosae.interp.circuits import load_transcoders, replacement_scores, write_manifest
-        from nanosae.io import write_json
-        from nanosae.models import load_model
-
-        run = Path(cfgs[0].out).parent
-        write_manifest(run, cfgs[0].source.model, {layer: f"layer_{layer}" for layer in layers}, cfgs[0].sae.cross_layer)
-        spec, tcs = load_transcoders(run, cfgs[0].device)
-        scores = replacement_scores(load_model(spec, device=cfgs[0].device), tcs, scoring) | {"scored_on": scoring.split}
-        write_json(run / "replacement.json", scores)
-        if scoring.split != "eval":
+        if scores["scored_on"] != "eval":
             console.print("[yellow]the data has no held-out documents (every 20th); the set was scored on the "
                           "training text, which flatters it[/yellow]")
         kind = "cross-layer transcoder" if cfgs[0].sae.cross_layer else "transcoder set"
-        console.print(f"{kind}: {run}; every MLP replaced at once: CE-loss score "
+        console.print(f"{kind}: {trained.path}; every MLP replaced at once: CE-loss score "
                       f"{scores['replacement_ce_score']:.3f} (CE {scores['ce_loss_clean']:.3f} clean, "
                       f"{scores['ce_loss_replaced']:.3f} replaced, {scores['ce_loss_mlps_zeroed']:.3f} MLPs zeroed); "
                       f"FVU by layer " + " ".join(f"{v:.2f}" for v in scores["fvu_by_layer"].values()))
-        console.print(f"trace with: nanosae trace \"PROMPT\" --transcoders {run}")
-
-
-def scoring_data(data: DataConfig) -> DataConfig:
-    """The held-out split (every 20th document), or all the text when it holds none (fewer than 20 documents)."""
-    from nanosae.data import iter_documents
-
-    held_out = dataclasses.replace(data, split="eval")
-    return held_out if next(iter(iter_documents(held_out)), None) is not None else dataclasses.replace(data, split="all")
+        console.print(f"trace with: nanosae trace \"PROMPT\" --transcoders {trained.path}")
 
 
 EVAL_OPTIONS = options_for(EvalConfig)
@@ -251,48 +242,17 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
              device: str = "cpu", tokenizer: Path | None = None, **given: Any) -> None:
     """Evaluate SAEs: FVU, L0, dead/dense latents, CE/KL with the SAE spliced in (--suite full: also absorption,
     sparse probing, explanation scores); writes eval.json (+ saebench/*.json) and report.html."""
-    from nanosae.eval import evaluate
-    from nanosae.eval.report import TABLE_KEYS, is_report, write_report
-    from nanosae.outputs import check_file, resolved
-    from nanosae.eval.probing import ProbingConfig, read_user_task
-    from nanosae.eval.suite import run_suite, write_saebench
-    from nanosae.io import write_json, write_lock
-    from nanosae.models import load_model
-    import re
-
-    from nanosae.rundir import eval_path, is_hub, locate, model_spec, own_home, report_dir
-    from nanosae.sae import SAE
+    from nanosae.eval.report import TABLE_KEYS
+    from nanosae.eval.run import evaluate_paths
+    from nanosae.interp.featuredb import explanation_score
 
     cfg = EvalConfig(**gather_data(parse(EVAL_OPTIONS, given)))
-    for task in cfg.probing_task:  # every line checked before the work
-        read_user_task(task)
-    located = [locate(p) for p in paths]
-    where = resolved(out) if out else report_dir(located)  # checked before the work, not after it
-    own = out is None or where in {own_home(p) for p in paths}
-    report_path = check_file(where / "report.html", "evaluation report", is_report, home=where if own else None)
-    saes = [SAE.load(sae_path, device=device) for _, sae_path in located]
-    spec = model_spec(saes[0], model, paths[0])
-    host = load_model(spec, device=device, tokenizer=tokenizer)
-    with TokenProgress("eval", cfg.tokens) as bar:
-        results = evaluate(saes, host, cfg.data, tokens=cfg.tokens, batch_size=cfg.batch_size, ablation=cfg.ablation,
-                           hooks=[hook] * len(saes) if hook else None,
-                           progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)))
-    if cfg.suite == "full":
-        dbs = [run.features if run else None for run, _ in located]
-        with console.status("full suite") as status:
-            extra = run_suite(saes, host, [hook or r["hook"] for r in results], dbs,
-                              status=lambda text: status.update(f"full suite: {text}"),
-                              probing_cfg=ProbingConfig(user_tasks=[str(t) for t in cfg.probing_task]))
-        results = [r | sections for r, sections in zip(results, extra)]
-    for (run, sae_path), result, sae in zip(located, results, saes):
-        with write_lock(run.path) if run else contextlib.nullcontext():  # not while a training run writes it
-            hub_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(sae_path).removeprefix("hf:"))
-            path = write_json(where / f"{hub_name}.eval.json" if is_hub(sae_path) else eval_path(run, sae_path), result)
-            if cfg.suite == "full":
-                write_saebench(path.parent / (f"{path.name.removesuffix('.eval.json')}.saebench" if path.name.endswith(
-                    ".eval.json") else "saebench"), result, sae)
-    names = [(run.path if run else sae_path).name for run, sae_path in located]
-    report = write_report(results, names, report_path)
+    explained = lambda runs: [explanation_score(run.features if run else None) for run in runs]
+    with TokenProgress("eval", cfg.tokens) as bar:  # the full suite's stages show as the bar's note
+        results, names, report, spec = evaluate_paths(
+            paths, cfg, model, hook, out, device, tokenizer, explanations=explained,
+            progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)),
+            status=lambda text: bar.update(cfg.tokens, 0.0, f"full suite: {text}"))
     table = Table(title=f"{spec} · {results[0]['hook']} · {results[0]['tokens']:,} tokens")
     table.add_column("metric")
     for name in names:
@@ -423,84 +383,49 @@ def show_circuits(result: dict[str, Any]) -> None:
     console.print(f"graph file: {result['graph']} (upload it to Neuronpedia, or: nanosae view {result['out']})")
 
 
+TRACE_OPTIONS = options_for(TraceConfig)
+
+
 @app.command()
-def trace(
-    prompt: str = typer.Argument(..., help="The text whose next token is traced."),
-    transcoders: Path = typer.Option(..., help="A transcoder set: the run directory of `train --transcoders`."),
-    out: Path = typer.Option(None, help="The graph file (default: TRANSCODERS/graphs/SLUG.json; never overwritten)."),
-    node_threshold: float = typer.Option(0.8, help="Keep the features and errors carrying this share of the "
-                                                   "influence on the logits."),
-    edge_threshold: float = typer.Option(0.98, help="Keep the edges carrying this share of the pruned graph's influence."),
-    max_feature_nodes: int = typer.Option(1024, help="Compute incoming edges for at most this many features (the "
-                                                     "most influential first)."),
-    paths: int = typer.Option(5, help="Input tokens whose strongest path to the top logit is printed (one per token)."),
-    device: str = typer.Option("cpu", help="Where the model and transcoders run."),
-) -> None:
+@command(TRACE_OPTIONS, [PROMPT_TRACED])
+def trace(prompt: str, **given: Any) -> None:
     """An attribution graph of a prompt over a transcoder set: saved in Neuronpedia's graph layout (the viewer
     shows it too), with its scores and the strongest paths to the top logit printed."""
-    import re
+    from nanosae.interp.circuits import strongest_paths
+    from nanosae.interp.transcoder_sets import trace as run_trace
 
-    from nanosae.outputs import check_outside_jobs
-    from nanosae.interp.circuits import attribute, load_transcoders, strongest_paths, to_neuronpedia
-    from nanosae.interp.featuredb import explanations
-    from nanosae.io import write_json
-    from nanosae.models import load_model
-
-    for name, value in (("node-threshold", node_threshold), ("edge-threshold", edge_threshold)):
-        if not 0 < value <= 1:
-            raise ConfigError(f"--{name} must be in (0, 1], got {value}")
-    for name, value in (("max-feature-nodes", max_feature_nodes), ("paths", paths)):
-        if value < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {value}")
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "graph"
-    out = out or transcoders / "graphs" / f"{slug}.json"
-    if out.exists() or out.is_symlink():
-        raise ConfigError(f"{out} exists (it may hold pinned nodes and supernodes); give another --out")
-    check_outside_jobs(out, home=transcoders)  # a graph of this set goes anywhere but into another job's folder
-    spec, tcs = load_transcoders(transcoders, device)
-    host = load_model(spec, device=device)
-    with TokenProgress("attribution (features)", max_feature_nodes) as bar:
-        graph = attribute(host, tcs, prompt, max_feature_nodes=max_feature_nodes,
-                          progress=lambda done, total: bar.update(done, 0.0, f"{done}/{total} features"))
-    graph.transcoders = str(transcoders)
-    labels = {(layer, latent): text for layer in tcs
-              for latent, text in explanations(transcoders / f"layer_{layer}").items()}
-    data = to_neuronpedia(graph, slug=slug, node_share=node_threshold, edge_share=edge_threshold,
-                          n_layers=host.n_layers, labels=labels)
-    write_json(out, data)
+    cfg = TraceConfig(**parse(TRACE_OPTIONS, given))
+    with TokenProgress("attribution (features)", cfg.max_feature_nodes) as bar:
+        graph, data, out = run_trace(prompt, cfg, progress=lambda done, total: bar.update(done, 0.0, f"{done}/{total} features"))
     info = data["metadata"]["info"]
     console.print("top logits: " + ", ".join(f"{graph.info['logit_strs'][t]!r} {p:.3f}"
                                              for t, p in zip(graph.logit_tokens, graph.logit_probs)))
     console.print(f"{graph.info['active_features']} active features ({graph.n_features} traced), "
                   f"kept {len(data['nodes'])} nodes and {len(data['links'])} edges; replacement score "
                   f"{info['replacement_score']:.3f}, completeness {info['completeness_score']:.3f}")
-    for score, path in strongest_paths(data, paths):
+    for score, path in strongest_paths(data, cfg.paths):
         console.print(f"{score:.3f}  " + " -> ".join(describe_node(n) for n in path))
-    console.print(f"graph: {out}  (nanosae view {transcoders}; or upload the file to Neuronpedia)")
+    console.print(f"graph: {out}  (nanosae view {cfg.transcoders}; or upload the file to Neuronpedia)")
+
+
+INTERVENE_OPTIONS = options_for(InterveneConfig)
 
 
 @app.command()
-def intervene(
-    prompt: str = typer.Argument(..., help="The prompt."),
-    transcoders: Path = typer.Option(..., help="A transcoder set: the run directory of `train --transcoders`."),
-    set_: list[str] = typer.Option(..., "--set", help="A feature edit by graph node id: LAYER_LATENT_POS=VALUE sets "
-                                                     "it, LAYER_LATENT_POS*FACTOR scales it (repeatable)."),
-    max_new_tokens: int = typer.Option(20, help="Tokens of greedy continuation."),
-    device: str = typer.Option("cpu", help="Where the model and transcoders run."),
-) -> None:
+@command(INTERVENE_OPTIONS, [PROMPT_TRACED])
+def intervene(prompt: str, **given: Any) -> None:
     """Test a circuit hypothesis: set or scale features of a graph and compare the top next tokens and the
     continuation with the original."""
     from nanosae.interp.circuits import intervene as run_intervene, load_transcoders, parse_node_edit
     from nanosae.models import load_model
 
-    edits = [parse_node_edit(e) for e in set_]
-    if max_new_tokens < 0:
-        raise ConfigError(f"--max-new-tokens must be at least 0, got {max_new_tokens}")
-    spec, tcs = load_transcoders(transcoders, device)
-    result = run_intervene(load_model(spec, device=device), tcs, prompt, edits, max_new_tokens=max_new_tokens)
+    cfg = InterveneConfig(**parse(INTERVENE_OPTIONS, given))
+    edits = [parse_node_edit(e) for e in cfg.edits]
+    spec, tcs = load_transcoders(cfg.transcoders, cfg.device)
+    result = run_intervene(load_model(spec, device=cfg.device), tcs, prompt, edits, max_new_tokens=cfg.max_new_tokens)
     table = Table(title=prompt, show_lines=True)
     table.add_column("original")
-    table.add_column("edited: " + ", ".join(set_))
+    table.add_column("edited: " + ", ".join(cfg.edits))
     for key in ("top", "continuation"):
         cells = [result[side][key] for side in ("original", "edited")]
         if key == "top":
@@ -510,62 +435,43 @@ def intervene(
     console.print("activations before: " + ", ".join(f"{k} {v:.3f}" for k, v in result["activations_before"].items()))
 
 
+VIEW_OPTIONS = options_for(ViewConfig)
+RUN_VIEWED = inspect.Parameter("run", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path, default=typer.Argument(
+    ..., help="Run directory with features.db (and eval.json), or a transcoder set."))
+
+
 @app.command()
-def view(
-    run: Path = typer.Argument(..., help="Run directory with features.db (and eval.json)."),
-    port: int = typer.Option(8000, help="Port to listen on (1..65535)."),
-    host: str = typer.Option("127.0.0.1", help="Interface to bind (default: this machine only; requests must name "
-                                               "localhost or this address, 0.0.0.0 accepts any name)."),
-    model: str = typer.Option(None, help="Host model for 'run text' and steering (default: the SAE's model_name)."),
-    export: Path = typer.Option(None, help="Write a self-contained static site to this new or empty directory (or "
-                                           "an earlier export, which is replaced) instead of serving."),
-) -> None:
+@command(VIEW_OPTIONS, [RUN_VIEWED])
+def view(run: Path, **given: Any) -> None:
     """Browse features: overview, feature pages, run text, steering playground (or --export a static site)."""
     from nanosae.viewer import create_app, export_static
 
-    if export is not None:
-        out = export_static(run, export)
+    cfg = ViewConfig(**parse(VIEW_OPTIONS, given))
+    if cfg.export is not None:
+        out = export_static(run, cfg.export)
         console.print(f"static site written to {out} (open {out / 'index.html'})")
         return
-    if not 0 < port < 65536:
-        raise ConfigError(f"--port must be 1..65535, got {port}")
     import uvicorn
 
-    app_ = create_app(run, model=model, host=host, preload=True)
-    console.print(f"nanosae viewer on http://{host}:{port}")
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    app_ = create_app(run, model=cfg.model, host=cfg.host, preload=True)
+    console.print(f"nanosae viewer on http://{cfg.host}:{cfg.port}")
+    uvicorn.run(app_, host=cfg.host, port=cfg.port, log_level="warning")
+
+
+EXPLAIN_OPTIONS = options_for(ExplainConfig)
+RUN_EXPLAINED = inspect.Parameter("run", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path, default=typer.Argument(
+    ..., help="Run directory (or features.db) to explain."))
 
 
 @app.command()
-def explain(
-    run: Path = typer.Argument(..., help="Run directory (or features.db) to explain."),
-    method: str = typer.Option("n2g", help="n2g (token patterns) or llm (a language model writes, then simulates)."),
-    explainer_url: str = typer.Option(None, envvar="NANOSAE_EXPLAINER_URL",
-                                      help="OpenAI-compatible endpoint for --method llm (default: the local host model)."),
-    explainer_model: str = typer.Option("gpt-4o-mini", help="Model name sent to the endpoint."),
-    max_features: int = typer.Option(100, help="--method llm: explain this many of the most frequent features (0 = all)."),
-    model: str = typer.Option(None, help="Local explainer model (default: the SAE's model_name)."),
-) -> None:
+@command(EXPLAIN_OPTIONS, [RUN_EXPLAINED])
+def explain(run: Path, **given: Any) -> None:
     """Write an explanation and a held-out score for every feature into features.db."""
-    from nanosae.interp.explain import explain_n2g
-    from nanosae.interp.llm_explain import HTTPExplainer, LocalExplainer, explain_llm
-    from nanosae.rundir import load_sae_and_model
+    from nanosae.interp.llm_explain import explain
 
+    cfg = ExplainConfig(**parse(EXPLAIN_OPTIONS, given))
     with TokenProgress("explain", 1) as bar:
-        def show(done: int, total: int) -> None:
-            bar.update(done, 0.0, total=total)
-
-        if method == "n2g":
-            n = explain_n2g(run, progress=show)
-        elif method == "llm":
-            if explainer_url:
-                explainer = HTTPExplainer(explainer_url, model=explainer_model)
-            else:
-                _, _, host = load_sae_and_model(run, model, "cpu", None)
-                explainer = LocalExplainer(host)
-            n = explain_llm(run, explainer, max_features=max_features or None, progress=show)
-        else:
-            raise ConfigError(f"unknown explanation method {method!r}; expected n2g or llm")
+        n = explain(run, cfg, progress=lambda done, total: bar.update(done, 0.0, total=total))
     console.print(f"explained {n} features in {run}")
 
 
@@ -573,48 +479,58 @@ export_app = typer.Typer(no_args_is_help=True, help="Export an SAE for other too
 app.add_typer(export_app, name="export")
 
 
+EXPORT_OPTIONS = options_for(ExportConfig, skip=("model_id", "sae_set"))
+NEURONPEDIA_OPTIONS = options_for(ExportConfig)
+
+
+def _run_argument(what: str) -> inspect.Parameter:
+    return inspect.Parameter("run", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+                             default=typer.Argument(..., help=what))
+
+
 @export_app.command("saelens")
-def export_saelens_cmd(run: Path = typer.Argument(..., help="Run directory or SAE directory/file."),
-                       out: Path = typer.Option(..., help="Output directory.")) -> None:
+@command(EXPORT_OPTIONS, [_run_argument("Run directory or SAE directory/file.")])
+def export_saelens_cmd(run: Path, **given: Any) -> None:
     """A plain SAELens-loadable directory (BatchTopK becomes JumpReLU with its threshold, as SAELens runs it)."""
     from nanosae.export.saelens import export_saelens
 
-    console.print(f"wrote {export_saelens(run, out)}")
+    console.print(f"wrote {export_saelens(run, ExportConfig(**parse(EXPORT_OPTIONS, given)).out)}")
 
 
 @export_app.command("sparsify")
-def export_sparsify_cmd(run: Path = typer.Argument(..., help="Run directory or SAE (a TopK SAE or transcoder)."),
-                        out: Path = typer.Option(..., help="Output directory (a sparsify checkpoint root).")) -> None:
+@command(EXPORT_OPTIONS, [_run_argument("Run directory or SAE (a TopK SAE or transcoder).")])
+def export_sparsify_cmd(run: Path, **given: Any) -> None:
     """Write a TopK SAE in EleutherAI sparsify's layout (OUT/HOOKPOINT/cfg.json + sae.safetensors)."""
     from nanosae.export.sparsify import export_sparsify
 
-    console.print(f"wrote {export_sparsify(run, out)}")
+    console.print(f"wrote {export_sparsify(run, ExportConfig(**parse(EXPORT_OPTIONS, given)).out)}")
 
 
 @export_app.command("neuronpedia")
-def export_neuronpedia_cmd(
-    run: Path = typer.Argument(..., help="Run directory with sae/ and features.db."),
-    out: Path = typer.Option(..., help="Output directory."),
-    model_id: str = typer.Option(None, help="Neuronpedia model id (default: the model name)."),
-    sae_set: str = typer.Option(None, help="Neuronpedia SAE set name."),
-) -> None:
+@command(NEURONPEDIA_OPTIONS, [_run_argument("Run directory with sae/ and features.db.")])
+def export_neuronpedia_cmd(run: Path, **given: Any) -> None:
     """Neuronpedia upload files: the SAE (SAELens format), dashboard batches, explanations, a README."""
     from nanosae.export.neuronpedia import export_neuronpedia
 
-    console.print(f"wrote {export_neuronpedia(run, out, model_id=model_id, sae_set=sae_set)} (see its README.md)")
+    cfg = ExportConfig(**parse(NEURONPEDIA_OPTIONS, given))
+    console.print(f"wrote {export_neuronpedia(run, cfg.out, model_id=cfg.model_id, sae_set=cfg.sae_set)} (see its README.md)")
+
+
+DEMO_OPTIONS = options_for(DemoConfig)
+CIRCUITS = inspect.Parameter("circuits", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+    False, help="The second demo: transcoders for every layer, their feature databases and a traced prompt (out "
+                "defaults to runs/demo-circuits)."))
 
 
 @app.command()
-def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes (an interrupted demo continues)."),
-    quick: bool = typer.Option(False, help="A first look in a few minutes (fewer tokens everywhere)."),
-    circuits: bool = typer.Option(False, help="The second demo: transcoders for every layer, their feature databases "
-                                              "and a traced prompt (out defaults to runs/demo-circuits)."),
-) -> None:
+@command(DEMO_OPTIONS, [CIRCUITS])
+def demo(circuits: bool = False, **given: Any) -> None:
     """The whole path on SmolLM2 + Python's docs: collect, train, evaluate, features, explanations, steering."""
-    from nanosae.demo import DemoConfig, run_demo
+    from nanosae.demo import run_demo
     from nanosae.eval.report import TABLE_KEYS
 
+    cfg = DemoConfig(**parse(DEMO_OPTIONS, given))
+    out = Path(cfg.out)
     bars: dict[str, TokenProgress] = {}
 
     def show(stage: str, done: int, total: int, seconds: float) -> None:
@@ -627,7 +543,7 @@ def demo(
     if circuits:
         from nanosae.demo import CircuitsDemoConfig, run_circuits_demo
 
-        where = str(out) if out != Path("runs/demo") else CircuitsDemoConfig.out
+        where = cfg.out if cfg.out != DemoConfig.out else CircuitsDemoConfig.out
         try:
             result = run_circuits_demo(CircuitsDemoConfig(out=where), progress=show)
         finally:
@@ -636,7 +552,7 @@ def demo(
         show_circuits(result)
         return
     try:
-        result = run_demo(DemoConfig(out=str(out), quick=quick), progress=show)
+        result = run_demo(cfg, progress=show)
     finally:
         for bar in bars.values():
             bar.__exit__()

@@ -9,9 +9,9 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from nanosae import registry
 from nanosae.errors import ConfigError
 
-Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
 InputNorm = Literal["none", "layer_norm"]
 LRSchedule = Literal["constant", "cosine", "linear"]
 BDecInit = Literal["geometric_median", "mean", "zeros"]
@@ -19,11 +19,10 @@ StoreDtype = Literal["float16", "bfloat16", "float32"]
 ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 Ablation = Literal["zero", "mean"]
 Suite = Literal["core", "full"]
-ARCHITECTURES = get_args(Architecture)
-LITERALS = {"Architecture": Architecture, "InputNorm": InputNorm, "LRSchedule": LRSchedule, "BDecInit": BDecInit,
+LITERALS = {"InputNorm": InputNorm, "LRSchedule": LRSchedule, "BDecInit": BDecInit,
             "StoreDtype": StoreDtype, "ModelDtype": ModelDtype, "Ablation": Ablation, "Suite": Suite}
-BATCH_TOPK = ("batchtopk", "matryoshka")  # architectures that select the top k·B of a batch while training
 NORMALIZATIONS = get_args(InputNorm)
+DEFAULT_MODEL = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct (models.hf)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 """The dtypes nanosae names (SAE weights: all four; activation stores: StoreDtype)."""
 STORE_DTYPES = {name: TORCH_DTYPES[name] for name in get_args(StoreDtype)}
@@ -135,8 +134,8 @@ class SAEConfig:
     """Width of the activations the SAE reads (e.g. the host model's d_model)."""
     d_sae: int
     """Number of latents (dictionary size)."""
-    architecture: str = "topk"
-    """One of relu, topk, batchtopk, jumprelu, gated, matryoshka (nested BatchTopK dictionaries)."""
+    architecture: str = registry.DEFAULT_ARCHITECTURE
+    """A registered architecture (nanosae.registry): relu, topk, batchtopk, jumprelu, gated, matryoshka."""
     k: int | None = None
     """Active latents per token for topk / batchtopk / matryoshka."""
     matryoshka_groups: list[int] | None = None
@@ -171,8 +170,7 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError(f"unknown SAE architecture {self.architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
+        arch = registry.get(self.architecture)
         check_range("activation_scale", self.activation_scale, 0, open_low=True)
         check_range("output_scale", self.output_scale, 0, open_low=True)
         check_range("jumprelu_bandwidth", self.jumprelu_bandwidth, 0, open_low=True)
@@ -190,13 +188,13 @@ class SAEConfig:
                 raise ConfigError(f"SAEConfig.{name} must be a positive integer, got {value!r}")
         self._check_io()
         check_range("matryoshka_groups", self.matryoshka_groups, 1)
-        if self.architecture == "matryoshka":
+        if arch.nested:
             groups = self.matryoshka_groups or [self.d_sae // 8, self.d_sae // 4, self.d_sae // 2, self.d_sae]
             groups = sorted({int(g) for g in groups if int(g) > 0} | {self.d_sae})
             if groups[-1] != self.d_sae or any(g > self.d_sae for g in groups):
                 raise ConfigError(f"matryoshka_groups must be prefix sizes up to d_sae={self.d_sae}, got {self.matryoshka_groups}")
             self.matryoshka_groups = groups
-        if self.architecture in ("topk", "batchtopk", "matryoshka"):
+        if arch.uses_k:
             if self.k is None or not 0 < int(self.k) <= self.d_sae:
                 raise ConfigError(f"architecture {self.architecture} needs k in 1..d_sae={self.d_sae}, got k={self.k!r}")
             self.k = int(self.k)
@@ -308,7 +306,7 @@ def default_batch_size(tokens: int) -> int:
 class CollectConfig:
     """Collect activations from a host model into an on-disk store (one directory per hook)."""
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     """Host model spec: smollm2-135m, a HF dir / hub name / .gguf, or nanochat:DIR[@STEP]."""
     hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"], metadata={"flag": "hook"})
     """Hook point (repeatable: all are captured in one pass)."""
@@ -384,6 +382,117 @@ class EvalConfig:
             raise ConfigError("--probing-task is part of the full suite; add --suite full")
 
 
+NODE_THRESHOLD = 0.8  # an attribution graph keeps the nodes carrying this share of the influence on the logits
+EDGE_THRESHOLD = 0.98  # ... and the edges carrying this share of the pruned graph's influence (circuit-tracer's)
+
+
+@dataclass
+class TraceConfig:
+    """Trace a prompt's next token through a transcoder set into an attribution graph."""
+
+    transcoders: str = ""
+    """A transcoder set: the run directory of `train --transcoders`."""
+    out: str | None = None
+    """The graph file (default: TRANSCODERS/graphs/SLUG.json; never overwritten)."""
+    node_threshold: float = NODE_THRESHOLD
+    """Keep the features and errors carrying this share of the influence on the logits."""
+    edge_threshold: float = EDGE_THRESHOLD
+    """Keep the edges carrying this share of the pruned graph's influence."""
+    max_feature_nodes: int = 1024
+    """Compute incoming edges for at most this many features (the most influential first)."""
+    paths: int = 5
+    """Input tokens whose strongest path to the top logit is printed (one per token)."""
+    device: str = "cpu"
+    """Where the model and transcoders run."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.transcoders:
+            raise ConfigError("--transcoders is required: the run directory of `nanosae train --transcoders`")
+        for name in ("node_threshold", "edge_threshold"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("max_feature_nodes", "paths"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_device(self.device)
+
+
+@dataclass
+class InterveneConfig:
+    """Set or scale features of a traced prompt and compare the model's next tokens and continuation."""
+
+    transcoders: str = field(default="", metadata={"required": True})
+    """A transcoder set: the run directory of `train --transcoders`."""
+    edits: list[str] = field(default_factory=list, metadata={"flag": "set", "required": True})
+    """A feature edit by graph node id: LAYER_LATENT_POS=VALUE sets it, LAYER_LATENT_POS*FACTOR scales it (repeatable)."""
+    max_new_tokens: int = 20
+    """Tokens of greedy continuation."""
+    device: str = "cpu"
+    """Where the model and transcoders run."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"--max-new-tokens must be at least 0, got {self.max_new_tokens}")
+        check_device(self.device)
+
+
+@dataclass
+class ViewConfig:
+    """Serve the viewer (or write it as a static site)."""
+
+    port: int = 8000
+    """Port to listen on (1..65535)."""
+    host: str = "127.0.0.1"
+    """Interface to bind (default: this machine only; requests must name localhost or this address, 0.0.0.0 accepts
+    any name)."""
+    model: str | None = None
+    """Host model for 'run text' and steering (default: the SAE's model_name)."""
+    export: str | None = None
+    """Write a self-contained static site to this new or empty directory (or an earlier export, which is replaced)
+    instead of serving."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be 1..65535, got {self.port}")
+
+
+@dataclass
+class ExplainConfig:
+    """Which explanations `explain` writes into a features.db, and with what."""
+
+    method: str = "n2g"
+    """n2g (token patterns) or llm (a language model writes, then simulates)."""
+    explainer_url: str | None = field(default=None, metadata={"envvar": "NANOSAE_EXPLAINER_URL"})
+    """OpenAI-compatible endpoint for --method llm (default: the local host model)."""
+    explainer_model: str = "gpt-4o-mini"
+    """Model name sent to the endpoint."""
+    max_features: int = 100
+    """--method llm: explain this many of the most frequent features (0 = all)."""
+    model: str | None = None
+    """Local explainer model (default: the SAE's model_name)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.method not in ("n2g", "llm"):
+            raise ConfigError(f"unknown explanation method {self.method!r}; expected n2g or llm")
+        check_range("max_features", self.max_features, 0)
+
+
+@dataclass
+class ExportConfig:
+    """Where an export goes, and the names Neuronpedia files it under."""
+
+    out: str = field(default="", metadata={"required": True})
+    """Output directory."""
+    model_id: str | None = None
+    """Neuronpedia: the model id (default: the model name)."""
+    sae_set: str | None = None
+    """Neuronpedia: the SAE set name."""
+
+
 @dataclass
 class SourceConfig:
     """Where a run's activations come from: stores on disk (acts), or the host model reading text (streaming)."""
@@ -394,7 +503,7 @@ class SourceConfig:
     """Transcoder from stores: the target hook's store, collected in the same run as acts."""
     crosscoder_acts: list[str] | None = None
     """Crosscoder from stores: one store per hook, collected in one run."""
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     """Host model for streaming: smollm2-135m, a HF dir / hub name / .gguf, or nanochat:DIR[@STEP]."""
     hook: str = "blocks.15.hook_resid_post"
     """Hook point for streaming."""
@@ -438,8 +547,9 @@ class SourceConfig:
 class DictionaryConfig:
     """The SAE to train; its input width and hooks come from the source."""
 
-    architecture: Architecture = field(default="topk", metadata={"aliases": ["--arch"]})
-    """relu, topk, batchtopk, jumprelu, gated, matryoshka (nested BatchTopK dictionaries); several train together."""
+    architecture: str = field(default=registry.DEFAULT_ARCHITECTURE, metadata={"aliases": ["--arch"]})
+    """relu, topk, batchtopk, jumprelu, gated, matryoshka (nested BatchTopK dictionaries), or another registered
+    in nanosae.registry; several train together."""
     d_sae: int = 4608
     """Number of latents; several (2304,4608) train together."""
     k: int = 32
@@ -457,9 +567,23 @@ class DictionaryConfig:
         check_fields(self)
         check_range("d_sae", self.d_sae, 1, MAX_LATENTS)
         check_range("k", self.k, 1)
-        if self.architecture in ("topk", *BATCH_TOPK) and self.k > self.d_sae:
+        if self.architecture not in registry.names():
+            raise ConfigError(f"architecture must be one of {', '.join(registry.names())}, got {_brief(self.architecture)}")
+        if self.arch.uses_k and self.k > self.d_sae:
             raise ConfigError(f"k ({self.k}) must be at most d_sae ({self.d_sae})")
         check_range("matryoshka_groups", self.matryoshka_groups, 1, self.d_sae)
+
+    @property
+    def arch(self) -> registry.Architecture:
+        return registry.get(self.architecture)
+
+    def sae_config(self, **io: Any) -> SAEConfig:
+        """The SAEConfig these settings give for a source's widths and hooks (io: d_in, d_out, hook_name, ...):
+        the fields an architecture does not use are left unset."""
+        arch = self.arch
+        return SAEConfig(architecture=self.architecture, d_sae=self.d_sae, k=self.k if arch.uses_k else None,
+                         matryoshka_groups=self.matryoshka_groups if arch.nested else None,
+                         normalize_activations=self.normalize_activations, skip_connection=self.skip_connection, **io)
 
 
 @dataclass
@@ -595,7 +719,7 @@ class TrainConfig:
         check_range("shard_latents", self.shard_latents, 0)
         check_range("seed", self.seed, 0, MAX_SEED)
         check_device(self.device)
-        if self.optim.k_start is not None and self.sae.architecture in ("topk", *BATCH_TOPK):
+        if self.optim.k_start is not None and self.sae.arch.uses_k:
             check_range("k_start", self.optim.k_start, self.sae.k, self.sae.d_sae)
         if self.sae.skip_connection and not self.source.transcoder:
             raise ConfigError("skip_connection is for transcoders (give hook_out or acts_out)")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanosae.config import CollectConfig, DataConfig, TrainConfig
+from nanosae.config import DEFAULT_MODEL, CollectConfig, DataConfig, TrainConfig
 
 StageProgress = Callable[[str, int, int, float], None]  # stage, done, total, seconds
 
@@ -24,18 +24,23 @@ StageProgress = Callable[[str, int, int, float], None]  # stage, done, total, se
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
+    """Where the demo writes (an interrupted demo continues)."""
     quick: bool = False
-    """A first look in a few minutes: fewer tokens everywhere."""
-    model: str = "smollm2-135m"
+    """A first look in a few minutes (fewer tokens everywhere)."""
+    model: str = DEFAULT_MODEL
+    """The host model."""
     hook: str = "blocks.15.hook_resid_post"
+    """Where the SAE reads the model."""
     data: list[str] = field(default_factory=lambda: ["builtin:pydocs", "builtin:stdlib"])
+    """The text (repeatable): collected, evaluated on (every 20th document) and explained with."""
     steer_prompt: str = "The best way to learn Python is"
+    """The prompt the steering example continues."""
 
     def sizes(self) -> dict[str, int]:
         if self.quick:
             return {"collect": 24_576, "train": 98_304, "eval": 3_000, "features": 24_576}
-        # three passes over the collection: the CE-loss score keeps rising with passes while FVU stays flat
-        # (10k held-out tokens: one 0.967, two 0.975, three 0.9795, five 0.981; README, Benchmarks); three fit 4.5 min
+        # three passes over the collection: the CE-loss score keeps rising with passes while FVU stays flat, and
+        # three fit the demo's time (docs/benchmarks.md, "Training passes")
         return {"collect": 200_000, "train": 600_000, "eval": 4_096, "features": 200_000}  # features: the whole store
 
 
@@ -130,8 +135,7 @@ def interesting_features(db: Any, n: int) -> list[dict[str, Any]]:
     something (a word of three letters or more, no special tokens), each leading token once (a dictionary
     splits a frequent token like " self" into several features; five of them would show one thing), not dense
     or position-like (density ≤ 5%), best detection score first, then most evidence."""
-    rows = db.rows("SELECT id, density, fires, max_act, explanation, score, top_logits FROM latents WHERE explanation "
-                   "IS NOT NULL AND score IS NOT NULL AND fires >= 50 AND density <= 0.05 ORDER BY score DESC, fires DESC")
+    rows = db.explained(min_fires=50, max_density=0.05)
     out, seen = [], set()
     for r in rows:
         text = r["explanation"]
@@ -184,7 +188,7 @@ CIRCUIT_PROMPT = "import os\n\nfor name in os.listdir(path):\n    full = os.path
 @dataclass
 class CircuitsDemoConfig:
     out: str = "runs/demo-circuits"
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     data: list[str] = field(default_factory=lambda: ["builtin:pydocs", "builtin:stdlib"])
     prompt: str = CIRCUIT_PROMPT
     """Traced: what drives the model to close the call's bracket."""
@@ -214,16 +218,18 @@ def run_circuits_demo(cfg: CircuitsDemoConfig, progress: StageProgress | None = 
 
 
 def _run_circuits_demo(cfg: CircuitsDemoConfig, progress: StageProgress | None) -> dict[str, Any]:
-    from nanosae.interp import circuits as C
+    from nanosae.config import TraceConfig
+    from nanosae.interp import transcoder_sets as sets
+    from nanosae.interp.circuits import load_transcoders, strongest_paths
     from nanosae.interp.explain import explain_n2g
-    from nanosae.interp.featuredb import explanations
     from nanosae.interp.features import FeaturesConfig, build_features
-    from nanosae.io import read_json, write_json
+    from nanosae.io import read_json
     from nanosae.models import load_model
-    from nanosae.train import train
+    from nanosae.rundir import TranscoderSetDir
     from nanosae.train.sweep import transcoder_set
 
     out = Path(cfg.out)
+    tset = TranscoderSetDir(out)
     say = progress or (lambda *a: None)
     seconds: dict[str, float] = {}
     stage = stage_timer(seconds)
@@ -232,36 +238,33 @@ def _run_circuits_demo(cfg: CircuitsDemoConfig, progress: StageProgress | None) 
     with stage("load model"):
         model = load_model(cfg.model)
     layers = list(range(model.n_layers))
-    if not (out / C.MANIFEST).exists():
+    if not tset.exists():
         with stage("train"):
             cfgs = transcoder_set({"model": cfg.model, "data": data("train"), "d_sae": cfg.d_sae, "k": cfg.k,
                                    "batch_size": cfg.batch_size,
                                    "tokens": cfg.tokens, "checkpoint_every": 0, "log_every": 5, "resume": True,
                                    "out": str(out)}, layers)
-            train(cfgs, progress=lambda p: say("train", p.metrics["tokens"], cfg.tokens,
-                                               p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9)))
-            C.write_manifest(out, cfg.model, {L: f"layer_{L}" for L in layers})
-    _, tcs = C.load_transcoders(out)
-    if not (out / "replacement.json").exists():
+            sets.train_set(cfgs, layers, model=model,
+                           progress=lambda p: say("train", p.metrics["tokens"], cfg.tokens,
+                                                  p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9)))
+    if not tset.replacement.exists():  # stopped between training and scoring
         with stage("score"):
-            write_json(out / "replacement.json", C.replacement_scores(model, tcs, data("eval")))
-    scores = read_json(out / "replacement.json")
+            sets.score_set(out, data("eval"), model)
+    scores = sets.read_scores(out)
+    _, tcs = load_transcoders(out)
     with stage("features"):
-        for L in layers:
-            db = out / f"layer_{L}" / "features.db"
+        for L, run in tset.layer_runs().items():
+            db = run / "features.db"
             if not db.exists():
                 build_features(tcs[L], model, FeaturesConfig(data=data("train"), tokens=cfg.feature_tokens), db)
                 explain_n2g(db)
             say("features", L + 1, len(layers), seconds.get("features", 0.0))
-    graph_file = out / "graphs" / "demo.json"
+    graph_file = tset.graph("demo")
     if not graph_file.exists():
         with stage("trace"):
-            graph = C.attribute(model, tcs, cfg.prompt, max_feature_nodes=cfg.max_feature_nodes,
-                                progress=lambda d, t: say("trace", d, t, 0.0))
-            graph.transcoders = str(out)
-            labels = {(L, i): text for L in layers for i, text in explanations(out / f"layer_{L}").items()}
-            write_json(graph_file, C.to_neuronpedia(graph, slug="demo", n_layers=model.n_layers, labels=labels))
+            sets.trace(cfg.prompt, TraceConfig(transcoders=str(out), max_feature_nodes=cfg.max_feature_nodes),
+                       model=model, slug="demo", progress=lambda d, t: say("trace", d, t, 0.0))
     data = read_json(graph_file)
     return {"out": str(out), "scores": scores, "graph": str(graph_file), "info": data["metadata"]["info"],
             "top_logits": [n["clerp"] for n in data["nodes"] if n["feature_type"] == "logit"],
-            "paths": C.strongest_paths(data, 5), "seconds": seconds}
+            "paths": strongest_paths(data, 5), "seconds": seconds}

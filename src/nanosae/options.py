@@ -37,6 +37,10 @@ class Option:
     """None is a valid value (the field's default is derived later)."""
     sweep: bool = False
     """Several comma-separated values train together."""
+    required: bool = False
+    """The command cannot run without it (metadata={"required": True})."""
+    envvar: str | None = None
+    """An environment variable read when the flag is not given (metadata={"envvar": ...})."""
 
 
 @functools.cache
@@ -86,7 +90,8 @@ def options_for(cls: type, sweep: tuple[str, ...] = (), repeat: tuple[str, ...] 
         help_text = field_docs(owner).get(f.name, "")
         if base in LITERALS and not help_text:
             help_text = "one of " + ", ".join(LITERALS[base].__args__)
-        out.append(Option(f.name, kind, default, flags, help_text, "None" in alts, f.name in sweep))
+        out.append(Option(f.name, kind, default, flags, help_text, "None" in alts, f.name in sweep,
+                          f.metadata.get("required", False), f.metadata.get("envvar")))
     return out
 
 
@@ -110,7 +115,8 @@ def signature(options: list[Option], extra: list[inspect.Parameter] = ()) -> ins
         if o.sweep:
             metavar = "V[,V,...]"
         params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=typer.Option(
-            default, *o.flags, help=escape(o.help), metavar=None if o.kind == "bool" else metavar)))
+            ... if o.required else default, *o.flags, help=escape(o.help), envvar=o.envvar,
+            metavar=None if o.kind == "bool" else metavar)))
     positional = [p for p in extra if p.kind != inspect.Parameter.KEYWORD_ONLY]  # arguments come first
     return inspect.Signature(positional + params + [p for p in extra if p not in positional])
 

@@ -7,6 +7,14 @@
     RUN/eval.json, RUN/report.html, RUN/features.db
 
 Every command that takes "a run directory or an SAE" resolves it here, and finds the host model here.
+
+A transcoder set (`train --transcoders`) is a directory of such runs, one per layer (TranscoderSetDir):
+
+    SET/transcoders.json   the manifest: the model, cross_layer, and per layer the run directory (layer_L)
+    SET/layer_L/           one training run (its features.db too, once built)
+    SET/cross_layer/       a cross-layer set's coupled checkpoints
+    SET/replacement.json   every MLP replaced at once: the set's scores
+    SET/graphs/SLUG.json   attribution graphs (Neuronpedia's layout)
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nanosae.errors import ConfigError
+from nanosae.errors import ConfigError, FormatError
+from nanosae.io import read_json, write_json
+from nanosae.outputs import check_outside_jobs
 from nanosae.sae.foreign import is_hub
 
 
@@ -51,6 +61,90 @@ class RunDir:
     @property
     def features(self) -> Path:
         return self.path / "features.db"
+
+
+MAX_LAYERS = 4096
+GRAPH_SLUG = "^[a-z0-9][a-z0-9-]{0,63}$"
+
+
+@dataclass(frozen=True)
+class TranscoderSetDir:
+    """The layout of a transcoder set (see the module docstring); the one place that knows it."""
+
+    path: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / "transcoders.json"
+
+    @property
+    def replacement(self) -> Path:
+        return self.path / "replacement.json"
+
+    @property
+    def graphs(self) -> Path:
+        return self.path / "graphs"
+
+    @property
+    def cross_layer(self) -> Path:
+        return self.path / "cross_layer"
+
+    def layer(self, layer: int) -> Path:
+        """Where a layer's transcoder run goes when the set is trained (the manifest says where it went)."""
+        return self.path / f"layer_{layer}"
+
+    def exists(self) -> bool:
+        return self.manifest.is_file()
+
+    def write_manifest(self, model: str, layers: list[int], cross_layer: bool = False) -> None:
+        write_json(self.manifest, {"model": model, "cross_layer": cross_layer,
+                                   "layers": {str(k): self.layer(k).name for k in sorted(layers)}})
+
+    def read_manifest(self) -> dict[str, Any]:
+        """transcoders.json, checked: a model string, a cross_layer flag, and layers {"L": "dir"} with L a layer
+        number and dir a relative path inside the set (no absolute paths, no `..`, no links out of it)."""
+        run, path = self.path, self.manifest
+        if not path.exists():
+            raise FormatError(f"{run}: no {path.name} (train a set with `nanosae train --transcoders all --out {run}`)")
+        manifest = read_json(path)
+        layers, root = manifest.get("layers"), run.resolve()
+        if not isinstance(manifest.get("model"), str) or not manifest["model"]:
+            raise FormatError(f"{path}: model must be a non-empty string")
+        if not isinstance(manifest.get("cross_layer", False), bool):
+            raise FormatError(f"{path}: cross_layer must be true or false")
+        if not isinstance(layers, dict) or not layers:
+            raise FormatError(f"{path}: layers must be an object of layer number -> directory, e.g. {{\"0\": \"layer_0\"}}")
+        for key, where in layers.items():
+            if not (key.isdigit() and int(key) < MAX_LAYERS):
+                raise FormatError(f"{path}: layer {key[:20]!r} is not a layer number (0..{MAX_LAYERS - 1})")
+            if not isinstance(where, str) or not where or Path(where).is_absolute() or ".." in Path(where).parts \
+                    or not (run / where).resolve().is_relative_to(root):
+                raise FormatError(f"{path}: layer {key}'s directory {str(where)[:60]!r} must be a relative path inside {run}")
+        return manifest
+
+    def layer_runs(self) -> dict[int, Path]:
+        """Each layer's run directory, as the manifest records it."""
+        return {int(layer): self.path / where for layer, where in self.read_manifest()["layers"].items()}
+
+    def graph(self, slug: str) -> Path:
+        """A graph's file by its slug, or a ConfigError for a slug that is not one (a path in disguise)."""
+        if not re.fullmatch(GRAPH_SLUG, slug):
+            raise ConfigError(f"{slug[:70]!r} is not a graph name (lowercase letters, digits and dashes)")
+        return self.graphs / f"{slug}.json"
+
+    def graph_names(self) -> list[str]:
+        return sorted(p.stem for p in self.graphs.glob("*.json") if p.is_file() and re.fullmatch(GRAPH_SLUG, p.stem))
+
+    def new_graph(self, prompt: str, out: Path | None = None, slug: str | None = None) -> tuple[str, Path]:
+        """(slug, file) for a new graph of prompt: out, or graphs/SLUG.json (the slug made from the prompt unless
+        given); an existing file is never replaced (it may hold pinned nodes and supernodes), nor one placed
+        inside another job's folder."""
+        slug = slug or re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "graph"
+        out = out or self.graph(slug)
+        if out.exists() or out.is_symlink():
+            raise ConfigError(f"{out} exists (it may hold pinned nodes and supernodes); give another --out")
+        check_outside_jobs(out, home=self.path)  # a graph of this set goes anywhere but into another job's folder
+        return slug, out
 
 
 def locate(path: str | Path) -> tuple[RunDir | None, Path]:

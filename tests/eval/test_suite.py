@@ -5,7 +5,8 @@ import sqlite3
 import pytest
 
 from nanosae import SAE, SAEConfig
-from nanosae.eval.suite import explanation_score, saebench_records
+from nanosae.eval.suite import saebench_records
+from nanosae.interp.featuredb import explanation_score
 
 
 def test_saebench_records_carry_the_sections_under_saebenchs_names():

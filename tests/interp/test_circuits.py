@@ -137,7 +137,7 @@ def assert_edges_are_the_jacobian(graph, clean, f, tcs):
 
     def targets(*src):
         inputs, logits = f(*src)
-        feats = [tcs[L].pre_acts(tcs[L]._normalize(inputs[L][p])[0])[i] for L, p, i in graph.features.tolist()]
+        feats = [tcs[L].pre_acts(tcs[L].normalize_input(inputs[L][p])[0])[i] for L, p, i in graph.features.tolist()]
         last = logits[-1]
         return torch.stack(feats + [last[t] - last.mean() for t in graph.logit_tokens])
 

@@ -297,10 +297,10 @@ def test_layer_norm_state_is_passed_explicitly():
 
 
 def test_every_architecture_has_one_activation():
-    from nanosae.config import ARCHITECTURES
-    from nanosae.sae.model import ACTIVATIONS
+    from nanosae import registry
 
-    assert set(ACTIVATIONS) == set(ARCHITECTURES)
+    assert {"relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"} <= set(registry.names())
+    assert all(callable(registry.get(name).activate) for name in registry.names())
 
 
 def test_encoder_is_held_latent_major_in_its_own_memory():

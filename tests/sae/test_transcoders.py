@@ -94,7 +94,7 @@ def test_crosscoder_scales_each_layer():
     sae = SAE(SAEConfig(d_in=4, d_sae=3, architecture="topk", k=1, crosscoder_hooks=["a", "b"], activation_scale=[2.0, 0.5]))
     assert sae.input_factor().tolist() == [2.0, 2.0, 0.5, 0.5]
     x = torch.randn(5, 4)
-    x_norm, _ = sae._normalize(x)
+    x_norm, _ = sae.normalize_input(x)
     assert torch.allclose(x_norm, x * torch.tensor([2.0, 2.0, 0.5, 0.5]))
     with pytest.raises(ConfigError, match="one per input block"):
         SAEConfig(d_in=4, d_sae=3, crosscoder_hooks=["a", "b"], activation_scale=[1.0, 1.0, 1.0], k=1)

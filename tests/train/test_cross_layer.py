@@ -15,6 +15,7 @@ from nanosae.interp import circuits as C
 from nanosae.sae import kernels
 from nanosae.train.cross_layer import CROSS_FILE
 from nanosae.train.losses import sae_loss
+from nanosae.rundir import TranscoderSetDir
 
 D, ATOMS, N = 16, 24, 12288
 
@@ -61,7 +62,7 @@ def assert_same_sets(a_dir, b_dir, cross_layer):
 
 
 def read_set(out, cross_layer):
-    C.write_manifest(out, "synthetic", {0: "layer_0", 1: "layer_1"}, cross_layer)
+    TranscoderSetDir(out).write_manifest("synthetic", [0, 1], cross_layer)
     return C.load_transcoders(out)[1]
 
 
@@ -209,7 +210,7 @@ def test_cross_layer_refusals_and_a_corrupt_decoder_file(two_layer_stores, tmp_p
     with pytest.raises(FormatError, match=CROSS_FILE):
         read_set(tmp_path / "ok", True)
     (tmp_path / "ok" / "layer_0" / CROSS_FILE).write_bytes(good)
-    manifest = tmp_path / "ok" / C.MANIFEST
+    manifest = TranscoderSetDir(tmp_path / "ok").manifest
     valid = json.loads(manifest.read_text())
     for bad, says in [({"layers": []}, "layers must be an object"), ({"layers": {"x": "layer_0"}}, "not a layer number"),
                       ({"layers": {"0": "../../etc"}}, "relative path inside"), ({"layers": {"0": "/etc"}}, "relative path"),

@@ -7,7 +7,7 @@ from nanosae.errors import ConfigError
 from nanosae.train.losses import sae_loss
 from nanosae.train import refit
 from nanosae.train.refit import DecoderRefit
-from nanosae.train.trainer import Schedule, lr_at
+from nanosae.train.schedule import Schedule, lr_at
 from tests.train.test_trainer import cfg_for
 
 
@@ -81,7 +81,7 @@ def test_trained_decoder_is_the_least_squares_decoder_of_the_stored_codes(plante
     sae = res.sae.eval()
     Z = plain.encode(x).double()
     torch.testing.assert_close(sae.encode(x).double(), Z, rtol=1e-4, atol=1e-4)  # the encoder's codes are kept
-    fired, rows, bias = expected_decoder(Z, plain._normalize(x)[0], plain.W_dec, plain.b_dec)
+    fired, rows, bias = expected_decoder(Z, plain.normalize_input(x)[0], plain.W_dec, plain.b_dec)
     assert res.metrics["refit_latents"] == int(fired.sum())
     torch.testing.assert_close(sae.W_dec[fired].double(), rows, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(sae.b_dec.double(), bias, rtol=1e-3, atol=1e-4)

@@ -15,7 +15,8 @@ from nanosae import SAE, ActivationStore, SAEConfig, TrainConfig, DataError
 from nanosae.data import write_store
 from nanosae.train.init import geometric_median
 from nanosae.train import trainer as trainer_module
-from nanosae.train.trainer import Schedule, ema_decay_at, k_at, lr_at, resample_dead
+from nanosae.train.schedule import Schedule, ema_decay_at, k_at, lr_at
+from nanosae.train.trainer import resample_dead
 from nanosae.train.losses import normalize_decoder, sae_loss
 
 
@@ -106,7 +107,7 @@ def test_k_annealing_by_hand(planted_store, tmp_path):
     seen = []
     original = trainer_module.sae_loss
     def spy(sae, *args, **kwargs):
-        seen.append(sae.cfg.k)
+        seen.append(kwargs["k"])  # this step's k, passed (the config stays as set)
         return original(sae, *args, **kwargs)
     trainer_module.sae_loss = spy
 

@@ -1,6 +1,5 @@
 from nanosae.eval.metrics import evaluate
 from nanosae.eval.absorption import AbsorptionConfig, absorption  # noqa: E402  (the function shadows its module's name)
 from nanosae.eval.probing import ProbingConfig, sparse_probing
-from nanosae.eval.suite import explanation_score
 
-__all__ = ["evaluate", "absorption", "AbsorptionConfig", "sparse_probing", "ProbingConfig", "explanation_score"]
+__all__ = ["evaluate", "absorption", "AbsorptionConfig", "sparse_probing", "ProbingConfig"]

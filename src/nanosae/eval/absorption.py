@@ -128,10 +128,10 @@ def letter_data(model: HostModel, hook: str, cfg: AbsorptionConfig) -> tuple[Ten
 
 def _contribution_scale(sae: SAE, x: Tensor) -> Tensor:
     """(n,) factor taking a decoder row times an activation to the input's units, per token."""
-    _, state = sae._normalize(x)
+    _, state = sae.normalize_input(x)
     unit = torch.zeros(len(x), sae.cfg.d_out, dtype=sae.dtype)
     unit[:, 0] = 1.0
-    return (sae._denormalize(unit, state) - sae._denormalize(torch.zeros_like(unit), state))[:, 0]
+    return (sae.denormalize(unit, state) - sae.denormalize(torch.zeros_like(unit), state))[:, 0]
 
 
 @torch.no_grad()

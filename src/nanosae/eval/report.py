@@ -9,12 +9,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure  # the object API: no pyplot, so no backend is chosen for the caller
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from nanosae.io import atomic_write  # noqa: E402
+from nanosae.io import atomic_write
 
 TABLE_KEYS = ("fvu", "explained_variance", "mse", "l0", "l0_std", "l1", "dead_fraction", "dense_fraction",
               "cosine_similarity", "relative_reconstruction_norm", "ce_loss_clean", "ce_loss_with_sae",
@@ -24,13 +21,13 @@ TABLE_KEYS = ("fvu", "explained_variance", "mse", "l0", "l0_std", "l1", "dead_fr
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _figure(xlabel: str, ylabel: str, draw: Any, size: tuple[float, float] = (6, 3.2), legend: bool = True) -> str:
     """One plot as a PNG data URI: draw(ax) puts the data in, the rest is shared."""
-    fig, ax = plt.subplots(figsize=size)
+    fig = Figure(figsize=size)
+    ax = fig.subplots()
     draw(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -8,7 +8,6 @@ computed once per hook and shared by all SAEs evaluated together.
 
 from __future__ import annotations
 
-import statistics
 import time
 import uuid
 from collections.abc import Callable
@@ -27,28 +26,7 @@ SAEBENCH_TYPES = {"core": "core", "absorption": "absorption_first_letter", "spar
                   "explanations": "autointerp"}
 
 
-def explanation_score(db: Path | None) -> dict[str, Any]:
-    """Mean detection score of the explanations in a features.db (balanced accuracy on held-out active and
-    silent windows; see docs/interpretation.md), with how many latents were scored."""
-    if db is None or not db.exists():
-        return {"latents_scored": 0, "note": "no features.db: run `nanosae features` and `nanosae explain` first"}
-    from nanosae.interp.featuredb import FeatureDB
-
-    fdb = FeatureDB(db)
-    try:
-        rows = fdb.rows("SELECT score, method FROM latents WHERE score IS NOT NULL")
-        total = fdb.rows("SELECT count(*) AS n FROM latents")[0]["n"]
-    finally:
-        fdb.close()
-    scores = [r["score"] for r in rows]
-    methods = sorted({r["method"] for r in rows if r["method"]})
-    if not scores:
-        return {"latents_scored": 0, "latents": total, "note": "features.db holds no scored explanation: run `nanosae explain`"}
-    return {"explanation_score": statistics.fmean(scores), "explanation_score_std": statistics.pstdev(scores),
-            "latents_scored": len(scores), "latents": total, "methods": methods}
-
-
-def run_suite(saes: list[SAE], model: HostModel, hooks: list[str], dbs: list[Path | None],
+def run_suite(saes: list[SAE], model: HostModel, hooks: list[str], explanations: list[dict[str, Any]],
               status: Callable[[str], None] = lambda _: None, absorption_cfg: AbsorptionConfig | None = None,
               probing_cfg: ProbingConfig | None = None) -> list[dict[str, Any]]:
     """The sections beyond the core metrics for each SAE (plain SAEs; others get a note)."""
@@ -56,7 +34,7 @@ def run_suite(saes: list[SAE], model: HostModel, hooks: list[str], dbs: list[Pat
     letters: dict[str, Any] = {}
     tasks: dict[str, Any] = {}
     out = []
-    for sae, hook, db in zip(saes, hooks, dbs):
+    for sae, hook, explained in zip(saes, hooks, explanations):
         sections: dict[str, Any] = {}
         if sae.cfg.kind != "sae":
             note = {"note": f"absorption and sparse probing are for SAEs at one hook, not a {sae.cfg.kind}"}
@@ -77,7 +55,7 @@ def run_suite(saes: list[SAE], model: HostModel, hooks: list[str], dbs: list[Pat
                 return probe_tasks(sae, tasks[hook], probing_cfg)
 
             sections["absorption"], sections["sparse_probing"] = _timed(absorbed), _timed(probed)
-        sections["explanations"] = explanation_score(db)
+        sections["explanations"] = explained
         out.append(sections)
     return out
 

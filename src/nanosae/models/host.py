@@ -50,7 +50,7 @@ class Generation(NamedTuple):
     prompt_tokens: list[int]
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised from a hook to end a truncated forward pass after the last block needed."""
 
 
@@ -135,7 +135,7 @@ class HostModel:
                 handles.extend(self._register(self.layers[layer], kind, fn))
             if stop_at_layer is not None and stop_at_layer < self.n_layers:
                 def stop(module, args, output):
-                    raise _StopForward
+                    raise StopForward
                 handles.append(self.layers[max(stop_at_layer - 1, 0)].block.register_forward_hook(stop))
             yield
         finally:
@@ -218,7 +218,8 @@ class HostModel:
         """A text prompt's token ids with BOS first; token ids are taken as they are."""
         return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)] if isinstance(prompt, str) else list(prompt)
 
-    def _as_tokens(self, tokens: Tensor | list) -> Tensor:
+    def as_tokens(self, tokens: Tensor | list) -> Tensor:
+        """Token ids as a (batch, T) long tensor on the model's device (one sequence becomes a batch of one)."""
         t = torch.as_tensor(tokens, dtype=torch.long)
         if t.dim() == 1:
             t = t[None]
@@ -226,7 +227,11 @@ class HostModel:
 
     @torch.no_grad()
     def forward(self, tokens: Tensor | list) -> Tensor:
-        return self._logits(self._as_tokens(tokens))
+        return self._logits(self.as_tokens(tokens))
+
+    def logits(self, tokens: Tensor) -> Tensor:
+        """The forward pass with autograd on (forward() runs without it): for gradients through the model."""
+        return self._logits(tokens)
 
     @torch.no_grad()
     def logits_at(self, tokens: Tensor | list, positions: list[int], token_ids: list[int]) -> Tensor:
@@ -260,8 +265,8 @@ class HostModel:
         logits = None
         with self.hooks({name: capture(name) for name in names}, stop_at_layer=stop_at_layer):
             try:
-                logits = self._logits(self._as_tokens(tokens))
-            except _StopForward:
+                logits = self._logits(self.as_tokens(tokens))
+            except StopForward:
                 pass
         return logits, cache
 
@@ -288,7 +293,7 @@ class HostModel:
         ids = self.tokenizer.encode_chat(prompt) if chat and isinstance(prompt, str) else self.prompt_ids(prompt)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         cache = self._new_cache()
-        logits, cache = self._logits_cached(self._as_tokens(ids), cache)
+        logits, cache = self._logits_cached(self.as_tokens(ids), cache)
         new: list[int] = []
         for step in range(max_new_tokens):
             token = sample(logits[0, -1].float().cpu(), temperature, top_k, generator)
@@ -297,7 +302,7 @@ class HostModel:
                 callback(step, token)
             last = (stop_at_eos and token == self.tokenizer.eos_id) or step + 1 == max_new_tokens
             if feed_last or not last:
-                logits, cache = self._logits_cached(self._as_tokens([token]), cache)
+                logits, cache = self._logits_cached(self.as_tokens([token]), cache)
             if last:
                 break
         return Generation(self.tokenizer.decode(new), new, ids)

@@ -35,9 +35,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from nanosae import registry
 from nanosae.config import SAEConfig
 from nanosae.errors import FormatError, first_line
 from nanosae.io import read_json, regular_file
+from nanosae.sae.architectures import BATCHTOPK, GATED, JUMPRELU, MATRYOSHKA, RELU, TOPK
 
 SPARSIFY_WEIGHTS = "sae.safetensors"
 _PREFIXES = ("model.", "gpt_neox.", "transformer.", "base_model.model.")
@@ -75,7 +77,7 @@ def load_sparsify(path: Path, device: str, build: Any) -> Any:
     """A sparsify sparse coder (SAE or transcoder, with or without skip) as nanosae's TopK SAE."""
     cfg_path = path / "cfg.json"
     raw = read_json(cfg_path)
-    if raw.get("activation", "topk") != "topk":
+    if raw.get("activation", TOPK.name) != TOPK.name:  # sparsify's name for it is ours
         raise FormatError(f"{cfg_path}: activation {raw.get('activation')!r} is not supported (nanosae reads "
                           "sparsify's topk sparse coders)")
     d_in, k = raw.get("d_in"), raw.get("k")
@@ -94,13 +96,11 @@ def load_sparsify(path: Path, device: str, build: Any) -> Any:
     transcoder, skip = bool(raw.get("transcode")), "W_skip" in t
     hook_in, hook_out = hook_names(path.name, transcoder or skip)
     d_out = t["W_dec"].shape[-1] if t["W_dec"].dim() == 2 else 0
-    cfg = SAEConfig(d_in=d_in, d_sae=num_latents, architecture="topk", k=k, dtype=str(t["encoder.weight"].dtype)
+    cfg = SAEConfig(d_in=d_in, d_sae=num_latents, architecture=TOPK.name, k=k, dtype=str(t["encoder.weight"].dtype)
                     .replace("torch.", ""), hook_name=hook_in, hook_name_out=hook_out or "", d_out=d_out if hook_out else None,
                     apply_b_dec_to_input=not transcoder, skip_connection=skip)
     tensors = {"W_enc": t["encoder.weight"].T.contiguous(), "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
                "b_dec": t["b_dec"]} | ({"W_skip": t["W_skip"]} if skip else {})
-    from nanosae.sae.formats import build_checked
-
     return build_checked(cfg, tensors, weights, device, build)
 
 
@@ -142,10 +142,8 @@ def load_gemma_scope(path: Path, device: str, build: Any) -> Any:
                if name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
     release = re.search(r"gemma-scope-(2b|9b|27b)-(pt|it)", os.path.abspath(file).lower())
     model = f"google/gemma-2-{release.group(1)}{'-it' if release.group(2) == 'it' else ''}" if release else ""
-    cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture="jumprelu", hook_name=gemma_scope_hook(file),
+    cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture=JUMPRELU.name, hook_name=gemma_scope_hook(file),
                     apply_b_dec_to_input=False, model_name=model)
-    from nanosae.sae.formats import build_checked
-
     return build_checked(cfg, tensors, file, device, build)
 
 
@@ -155,12 +153,12 @@ _LINEAR = {"W_enc": ("encoder.weight", True), "b_enc": ("encoder.bias", False), 
            "b_dec": ("b_dec", False)}
 _PLAIN = {"W_enc": ("W_enc", False), "b_enc": ("b_enc", False), "W_dec": ("W_dec", False), "b_dec": ("b_dec", False)}
 DL_CLASSES = {
-    "AutoEncoder": ("relu", _LINEAR | {"b_dec": ("bias", False)}),
-    "AutoEncoderTopK": ("topk", _LINEAR),
-    "BatchTopKSAE": ("batchtopk", _LINEAR | {"threshold": ("threshold", False)}),
-    "MatryoshkaBatchTopKSAE": ("matryoshka", _PLAIN | {"threshold": ("threshold", False)}),
-    "JumpReluAutoEncoder": ("jumprelu", _PLAIN | {"threshold": ("threshold", False)}),
-    "GatedAutoEncoder": ("gated", {"W_enc": ("encoder.weight", True), "W_dec": ("decoder.weight", True),
+    "AutoEncoder": (RELU.name, _LINEAR | {"b_dec": ("bias", False)}),
+    "AutoEncoderTopK": (TOPK.name, _LINEAR),
+    "BatchTopKSAE": (BATCHTOPK.name, _LINEAR | {"threshold": ("threshold", False)}),
+    "MatryoshkaBatchTopKSAE": (MATRYOSHKA.name, _PLAIN | {"threshold": ("threshold", False)}),
+    "JumpReluAutoEncoder": (JUMPRELU.name, _PLAIN | {"threshold": ("threshold", False)}),
+    "GatedAutoEncoder": (GATED.name, {"W_enc": ("encoder.weight", True), "W_dec": ("decoder.weight", True),
                                    "b_dec": ("decoder_bias", False), "b_gate": ("gate_bias", False),
                                    "r_mag": ("r_mag", False), "b_mag": ("mag_bias", False)}),
 }
@@ -201,21 +199,19 @@ def load_dictionary_learning(path: Path, device: str, build: Any) -> Any:
         raise FormatError(f"{file}: missing {missing} for a {trainer['dict_class']}")
     t = {ours: (state[theirs].T if transpose else state[theirs]).contiguous().float()
          for ours, (theirs, transpose) in names.items()}
-    if arch == "relu":  # from_pretrained's normalize_decoder: unit decoder rows, features scaled to match
+    if arch == RELU.name:  # from_pretrained's normalize_decoder: unit decoder rows, features scaled to match
         norms = t["W_dec"].norm(dim=1)
         t["W_dec"], t["W_enc"], t["b_enc"] = t["W_dec"] / norms[:, None], t["W_enc"] * norms, t["b_enc"] * norms
-    if arch in ("batchtopk", "matryoshka"):
+    if registry.get(arch).selection == "batch":
         t["threshold"] = t["threshold"].reshape(())
     d_in, d_sae = t["W_enc"].shape
     k = state.get("k")
-    groups = [int(g) for g in torch.cumsum(state["group_sizes"], 0)] if arch == "matryoshka" and "group_sizes" in state \
+    groups = [int(g) for g in torch.cumsum(state["group_sizes"], 0)] if registry.get(arch).nested and "group_sizes" in state \
         else None
     cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture=arch, hook_name=dl_hook(trainer),
-                    model_name=str(trainer.get("lm_name") or ""), apply_b_dec_to_input=arch != "jumprelu",
+                    model_name=str(trainer.get("lm_name") or ""), apply_b_dec_to_input=arch != JUMPRELU.name,
                     k=int(k) if isinstance(k, torch.Tensor) and k.numel() == 1 else trainer.get("k"),
                     matryoshka_groups=groups)
-    from nanosae.sae.formats import build_checked
-
     return build_checked(cfg, t, file, device, build)
 
 
@@ -249,3 +245,29 @@ def resolve_hub(spec: str) -> Path:
     if not path.exists():
         raise FormatError(f"{spec}: {repo} has no {sub!r}")
     return path
+
+
+def build_checked(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device: str, build: Any) -> Any:
+    """build(cfg) with tensors (our names) loaded, each checked for shape and finite floats against `where`."""
+    sae = build(cfg)
+    expected = sae.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise FormatError(f"{where}: missing tensors {', '.join(missing)} for architecture {cfg.architecture}")
+    for name, ref in expected.items():
+        got = tensors[name]
+        if got.shape != ref.shape:
+            # Some writers store a per-latent batchtopk threshold; a single value is what we use.
+            if name == "threshold" and ref.dim() == 0 and got.numel() and bool((got == got.flatten()[0]).all()):
+                tensors[name] = got.flatten()[0]
+                continue
+            raise FormatError(
+                f"{where}: tensor {name} has shape {tuple(got.shape)}, expected {tuple(ref.shape)} "
+                f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}, d_out={cfg.d_out}"
+            )
+        if not got.is_floating_point():
+            raise FormatError(f"{where}: tensor {name} holds {str(got.dtype).replace('torch.', '')} values, expected floats")
+        if not bool(torch.isfinite(got).all()):
+            raise FormatError(f"{where}: tensor {name} holds NaN or infinite values")
+    sae.load_state_dict({name: tensors[name].to(ref.dtype) for name, ref in expected.items()})
+    return sae.to(device)

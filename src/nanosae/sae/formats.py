@@ -26,6 +26,8 @@ from nanosae.config import TORCH_DTYPES, SAEConfig
 from nanosae.errors import ConfigError, FormatError, first_line
 from nanosae.io import atomic_write, read_json, regular_file, write_json
 from nanosae.sae import foreign
+from nanosae.sae.architectures import JUMPRELU, RELU, TOPK
+from nanosae.sae.foreign import build_checked
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -33,9 +35,10 @@ SPARSITY_FILE = "sparsity.safetensors"
 
 # Older SAELens releases spelled some keys differently.
 _OLD_KEYS = {"hook_point": "hook_name", "d_model": "d_in", "dict_size": "d_sae"}
-_OLD_ARCHITECTURES = {"standard": "relu"}
+_OLD_ARCHITECTURES = {"standard": RELU.name}
 # SAELens names transcoders by architecture; ours keep the activation and mark the transcoder by hook_name_out.
-_TRANSCODERS = {"transcoder": ("relu", False), "skip_transcoder": ("relu", True), "jumprelu_transcoder": ("jumprelu", False)}
+_TRANSCODERS = {"transcoder": (RELU.name, False), "skip_transcoder": (RELU.name, True),
+                "jumprelu_transcoder": (JUMPRELU.name, False)}
 # Normalisations that leave nothing to do at inference (the factor is folded into the weights).
 _INERT_NORMALIZATIONS = {None, "none", "expected_average_only_in"}
 
@@ -126,8 +129,8 @@ def _saelens_fields(raw: dict[str, Any], where: Path) -> SAEConfig:
             raise ConfigError(f"{key} must be a string, got {d[key]!r:.40}")
     kwargs = _dict(d.get("activation_fn_kwargs"))
     arch = d.get("architecture") or "standard"
-    if d.get("activation_fn_str") == "topk" or (arch == "standard" and kwargs.get("k")):
-        arch = "topk"
+    if d.get("activation_fn_str") == TOPK.name or (arch == "standard" and kwargs.get("k")):
+        arch = TOPK.name
     d["architecture"] = _OLD_ARCHITECTURES.get(arch, arch)
     if d["architecture"] in _TRANSCODERS:
         d["architecture"], d["skip_connection"] = _TRANSCODERS[d["architecture"]]
@@ -180,31 +183,6 @@ def _check_header(cfg: SAEConfig, weights: Path) -> None:
                               f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}, d_out={cfg.d_out} (cfg.json)")
 
 
-def build_checked(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device: str, build: Any) -> Any:
-    sae = build(cfg)
-    expected = sae.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise FormatError(f"{where}: missing tensors {', '.join(missing)} for architecture {cfg.architecture}")
-    for name, ref in expected.items():
-        got = tensors[name]
-        if got.shape != ref.shape:
-            # Some writers store a per-latent batchtopk threshold; a single value is what we use.
-            if name == "threshold" and ref.dim() == 0 and got.numel() and bool((got == got.flatten()[0]).all()):
-                tensors[name] = got.flatten()[0]
-                continue
-            raise FormatError(
-                f"{where}: tensor {name} has shape {tuple(got.shape)}, expected {tuple(ref.shape)} "
-                f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}, d_out={cfg.d_out}"
-            )
-        if not got.is_floating_point():
-            raise FormatError(f"{where}: tensor {name} holds {str(got.dtype).replace('torch.', '')} values, expected floats")
-        if not bool(torch.isfinite(got).all()):
-            raise FormatError(f"{where}: tensor {name} holds NaN or infinite values")
-    sae.load_state_dict({name: tensors[name].to(ref.dtype) for name, ref in expected.items()})
-    return sae.to(device)
-
-
 def _load_openai(path: Path, device: str, normalize: bool | None, build: Any) -> Any:
     try:
         sd = torch.load(regular_file(path), map_location="cpu", weights_only=True)
@@ -249,9 +227,9 @@ def _load_openai(path: Path, device: str, normalize: bool | None, build: Any) ->
             raise FormatError(f"{path}: TopK activation needs an integer k in 1..{d_sae}, got {k!r:.40}")
         if postact != "ReLU":
             raise FormatError(f"{path}: TopK with postact_fn {postact!r:.40} is not supported (expected ReLU)")
-        arch = "topk"
+        arch = TOPK.name
     elif activation == "ReLU":
-        arch, k = "relu", None
+        arch, k = RELU.name, None
     else:
         raise FormatError(f"{path}: activation {activation!r:.40} is not supported (expected ReLU or TopK)")
     if normalize is None:

@@ -65,9 +65,8 @@ class Selection:
 # How a weighted sum of selected rows is taken, per device type: "embedding_bag" (a gather-and-sum with no
 # zero-filled result) or "csr" (a sparse CSR matrix times the dense rows: cuSPARSE's SpMM on a GPU). A module
 # setting so that benchmarks/gpu.py can time both on the same step; docs/scale.md gives the figures behind it.
-# "csr" made the large GPU step 1.46x faster on an H200 but is not the default: with it on (TopK selections
-# only), the CUDA tests hit an illegal memory access in the test after the first TopK run (torch 2.11, CUDA
-# 13.0), cause not yet found. Until it is, csr is for measuring, and only on TopK's selections.
+# "csr" is faster on a GPU's large steps but not the default: with it on, the CUDA tests hit an illegal memory
+# access whose cause is not yet found (docs/scale.md), so csr is for measuring, and only on TopK's selections.
 ROWS_SUM = {"cpu": "embedding_bag", "cuda": "embedding_bag"}
 
 
@@ -162,10 +161,16 @@ def select_among(pre_BF: Tensor, columns: Tensor, k: int) -> tuple[Tensor, Tenso
     return v, columns[idx]
 
 
+def batch_top(pre: Tensor, n: int, sorted: bool = False) -> tuple[Tensor, Tensor]:
+    """(values, flat indices) of the n largest ReLU'd pre-activations of a whole batch: BatchTopK's one
+    selection (training keeps n = k·B of them; its inference threshold sits between the k·B-th and the next)."""
+    return pre.relu().reshape(-1).topk(min(n, pre.numel()), sorted=sorted)
+
+
 def select_batch_topk(pre_BF: Tensor, k: int) -> Selection:
     """The k·B largest (positive) pre-activations of the whole batch."""
     B, Fdim = pre_BF.shape
-    vals, flat = pre_BF.reshape(-1).topk(min(k * B, pre_BF.numel()), sorted=False)
+    vals, flat = batch_top(pre_BF, k * B)
     flat, order = flat.sort()
     vals = vals[order]
     return by_row(flat // Fdim, flat % Fdim, vals, B, Fdim)

@@ -1,13 +1,8 @@
 """The sparse autoencoder: one module, five architectures, SAELens parameter names.
 
 Shapes: x (..., d_in), latents z (..., d_sae); W_enc (d_in, d_sae), W_dec (d_sae, d_in).
-  relu       z = ReLU((x - b_dec) W_enc + b_enc), L1 penalty weighted by decoder row norms
-  topk       keep the k largest pre-activations per token (after ReLU)
-  batchtopk  training: keep the k·B largest across the batch; inference: z = pre·1[pre > threshold]
-  jumprelu   z = pre·1[pre > θ_i] per latent, L0 penalty through a pseudo-derivative
-  gated      z = 1[π_gate > 0] · ReLU(π_mag), π_mag uses W_enc·exp(r_mag) (shared directions)
-  matryoshka BatchTopK latents; the loss sums the reconstruction error of nested prefixes of the latents
-             (sizes cfg.matryoshka_groups), so early latents learn general features on their own
+pre = (x - b_dec) W_enc + b_enc, and z = the architecture's activation of pre (nanosae.sae.architectures:
+relu, topk, batchtopk, jumprelu, gated, matryoshka, and whatever else is registered in nanosae.registry).
 
 The same class is also a transcoder and a crosscoder, because both are an SAE with other inputs/outputs:
   transcoder  reads hook_name, predicts hook_name_out (e.g. an MLP's input -> its output): W_dec (d_sae, d_out),
@@ -18,17 +13,16 @@ The same class is also a transcoder and a crosscoder, because both are an SAE wi
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from nanosae.config import BATCH_TOPK, TORCH_DTYPES, SAEConfig, check_device
+from nanosae import registry
+from nanosae.config import TORCH_DTYPES, SAEConfig, check_device
 from nanosae.errors import ConfigError, ShapeError
+from nanosae.sae import architectures as _builtin  # noqa: F401  (registers the built-in architectures)
 from nanosae.sae import formats
-from nanosae.sae.jumprelu import jumprelu
-from nanosae.sae.topk import topk_rows
 
 LAYER_NORM_EPS = 1e-5  # OpenAI's LN(): (x - mean) / (std + eps), std with N-1
 NormState = tuple[Tensor, Tensor]  # layer-norm SAEs: each input's (mean, std), needed to undo the norm on output
@@ -63,17 +57,12 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
         if cfg.skip_connection:
             self.W_skip = nn.Parameter(torch.zeros(d_out, d, dtype=dtype))
-        if cfg.architecture == "gated":
-            self.b_gate = nn.Parameter(torch.zeros(f, dtype=dtype))
-            self.r_mag = nn.Parameter(torch.zeros(f, dtype=dtype))
-            self.b_mag = nn.Parameter(torch.zeros(f, dtype=dtype))
-        else:
-            self.b_enc = nn.Parameter(torch.zeros(f, dtype=dtype))
-        if cfg.architecture == "jumprelu":
-            self.threshold = nn.Parameter(torch.full((f,), 0.001, dtype=dtype))
-        if cfg.architecture in BATCH_TOPK:
-            # Global inference threshold, estimated during training (train.losses.update_threshold).
-            self.register_buffer("threshold", torch.zeros((), dtype=dtype))
+        self.arch = registry.get(cfg.architecture)
+        params = self.arch.parameters(f, dtype) if self.arch.parameters else {"b_enc": torch.zeros(f, dtype=dtype)}
+        for name, value in params.items():
+            self.register_parameter(name, nn.Parameter(value))
+        for name, value in (self.arch.buffers(f, dtype) if self.arch.buffers else {}).items():
+            self.register_buffer(name, value)
         self.use_error_term = False
         self.hook_sae_input = HookPoint()
         self.hook_sae_acts_pre = HookPoint()
@@ -105,7 +94,8 @@ class SAE(nn.Module):
         return self.W_dec.device
 
     # ---- input normalisation ----------------------------------------------------------------
-    def _check(self, x: Tensor) -> Tensor:
+    def check_input(self, x: Tensor) -> Tensor:
+        """x in the SAE's dtype, or a one-line ShapeError when its width is not d_in."""
         if x.shape[-1] != self.cfg.d_in:
             raise ShapeError(f"SAE input has last dimension {x.shape[-1]}, expected d_in={self.cfg.d_in} (shape {tuple(x.shape)})")
         return x.to(self.dtype)
@@ -124,7 +114,8 @@ class SAE(nn.Module):
         scale = self.cfg.output_scale if self.cfg.output_scale is not None else self.cfg.activation_scale
         return self._factor(scale, self.cfg.d_out)
 
-    def _normalize(self, x: Tensor) -> tuple[Tensor, NormState | None]:
+    def normalize_input(self, x: Tensor) -> tuple[Tensor, NormState | None]:
+        """x in the space the SAE encodes (scaled, layer-normed where asked) and the state that undoes it."""
         state = None
         if self.cfg.normalize_activations == "layer_norm":
             mu = x.mean(dim=-1, keepdim=True)
@@ -144,7 +135,8 @@ class SAE(nn.Module):
         factor = self.output_factor()
         return y.to(self.dtype) * factor if not isinstance(factor, float) or factor != 1.0 else y.to(self.dtype)
 
-    def _denormalize(self, x: Tensor, state: NormState | None) -> Tensor:
+    def denormalize(self, x: Tensor, state: NormState | None) -> Tensor:
+        """A reconstruction back in the model's units (normalize_input undone)."""
         factor = self.output_factor()
         if not isinstance(factor, float) or factor != 1.0:
             x = x / factor
@@ -154,29 +146,34 @@ class SAE(nn.Module):
         return x
 
     # ---- encode / decode --------------------------------------------------------------------
-    def _centred(self, x: Tensor) -> Tensor:
+    def centre(self, x: Tensor) -> Tensor:
+        """What the encoder multiplies: the input less b_dec where the SAE subtracts it."""
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     def pre_acts(self, x_norm: Tensor) -> Tensor:
         """Pre-activations of a normalised input (for gated: the magnitude path π_mag)."""
-        xc = self._centred(x_norm)
-        if self.cfg.architecture == "gated":
-            return xc @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+        xc = self.centre(x_norm)
+        if self.arch.pre_acts is not None:
+            return self.arch.pre_acts(self, xc)
         return xc @ self.W_enc + self.b_enc
 
     def gate_pre_acts(self, x_norm: Tensor) -> Tensor:
         """Gated SAEs only: π_gate, whose sign decides which latents are active."""
-        return self._centred(x_norm) @ self.W_enc + self.b_gate
+        return self.centre(x_norm) @ self.W_enc + self.b_gate
 
-    def activate(self, pre: Tensor, x_norm: Tensor | None = None) -> Tensor:
-        """Latents from pre-activations (x_norm is needed by gated SAEs for the gate path)."""
-        return ACTIVATIONS[self.cfg.architecture](self, pre, x_norm)
+    def activate(self, pre: Tensor, x_norm: Tensor | None = None, k: int | None = None) -> Tensor:
+        """Latents from pre-activations (x_norm is needed by gated SAEs for the gate path). In training mode,
+        the training form (BatchTopK: the batch's top k·B; k: this step's k, default cfg.k), as nn.Module's
+        train() switches dropout; in eval mode the inference form (BatchTopK: the calibrated threshold)."""
+        if not self.training and self.arch.infer is not None:
+            return self.arch.infer(self, pre, x_norm)
+        return self.arch.activate(self, pre, x_norm, self.cfg.k if k is None else k)
 
     def encode(self, x: Tensor, return_norm: bool = False) -> Tensor | tuple[Tensor, NormState | None]:
         """Latents z (..., d_sae); with return_norm, also the layer-norm state decode() needs to undo the
         norm (None for SAEs without layer_norm), as OpenAI's encode returns it."""
-        x = self.hook_sae_input(self._check(x))
-        x_norm, norm = self._normalize(x)
+        x = self.hook_sae_input(self.check_input(x))
+        x_norm, norm = self.normalize_input(x)
         pre = self.hook_sae_acts_pre(self.pre_acts(x_norm))
         z = self.hook_sae_acts_post(self.activate(pre, x_norm))
         return (z, norm) if return_norm else z
@@ -190,23 +187,24 @@ class SAE(nn.Module):
             raise ConfigError("this SAE normalises each input (layer_norm): decode(z, norm) needs the norm state "
                               "from encode(x, return_norm=True)")
         x_hat = z.to(self.dtype) @ self.W_dec + self.b_dec
-        return self.hook_sae_recons(self._denormalize(x_hat, norm))
+        return self.hook_sae_recons(self.denormalize(x_hat, norm))
 
-    def _skip(self, x_norm: Tensor) -> Tensor | float:
+    def skip(self, x_norm: Tensor) -> Tensor | float:
+        """A skip transcoder's linear term (0.0 for everything else)."""
         return x_norm @ self.W_skip.T if self.cfg.skip_connection else 0.0
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z, norm = self.encode(x, return_norm=True)
         x_hat = self.decode(z, norm)
         if self.cfg.skip_connection:
-            x_hat = x_hat + self._denormalize(self._skip(self._normalize(self._check(x))[0]), None)
+            x_hat = x_hat + self.denormalize(self.skip(self.normalize_input(self.check_input(x))[0]), None)
         return x_hat, z
 
     def reconstruct_clean(self, x: Tensor) -> Tensor:
         """x_hat without running any hook: what the error term of a splice is measured against."""
-        x_norm, state = self._normalize(self._check(x))
+        x_norm, state = self.normalize_input(self.check_input(x))
         z = self.activate(self.pre_acts(x_norm), x_norm)
-        return self._denormalize(z @ self.W_dec + self.b_dec + self._skip(x_norm), state)
+        return self.denormalize(z @ self.W_dec + self.b_dec + self.skip(x_norm), state)
 
     def gather_input(self, acts: dict[str, Tensor], hooks: list[str] | None = None) -> Tensor:
         """The SAE's input from activations by hook name (crosscoders: their layers side by side).
@@ -237,7 +235,7 @@ class SAE(nn.Module):
         x_hat, _ = self(x)
         if self.use_error_term:
             with torch.no_grad():
-                error = self._check(x) - self.reconstruct_clean(x)
+                error = self.check_input(x) - self.reconstruct_clean(x)
             x_hat = x_hat + self.hook_sae_error(error)
         return self.hook_sae_output(x_hat).to(x.dtype)
 
@@ -253,35 +251,3 @@ class SAE(nn.Module):
         check_device(device)
         return formats.load_sae(path, device=device, normalize=normalize, build=cls).eval()
 
-
-# ---- activation functions: one per architecture (adding an architecture starts here) ---------------------
-def _topk(sae: SAE, pre: Tensor, x_norm: Tensor | None) -> Tensor:
-    """The k largest pre-activations per token, after ReLU."""
-    values, indices = topk_rows(pre, sae.cfg.k)
-    return torch.zeros_like(pre).scatter(-1, indices, values.relu())
-
-
-def _batch_topk(sae: SAE, pre: Tensor, x_norm: Tensor | None) -> Tensor:
-    """Training: the k·B largest of the batch; inference: every pre-activation above the learned threshold."""
-    if not sae.training:
-        return pre.relu() * (pre > sae.threshold).to(pre.dtype)
-    flat = pre.relu().reshape(-1)
-    n_keep = min(sae.cfg.k * (pre.numel() // sae.cfg.d_sae), flat.numel())
-    values, indices = flat.topk(n_keep, sorted=False)
-    return torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
-
-
-def _gated(sae: SAE, pre: Tensor, x_norm: Tensor | None) -> Tensor:
-    """The gate's sign picks the active latents (its Heaviside step passes no gradient: the gate trains through
-    the auxiliary loss), the magnitude path gives their values."""
-    return (sae.gate_pre_acts(x_norm) > 0).to(pre.dtype) * pre.relu()
-
-
-ACTIVATIONS: dict[str, Callable[[SAE, Tensor, Tensor | None], Tensor]] = {
-    "relu": lambda sae, pre, x_norm: pre.relu(),
-    "topk": _topk,
-    "batchtopk": _batch_topk,
-    "matryoshka": _batch_topk,
-    "jumprelu": lambda sae, pre, x_norm: jumprelu(pre, sae.threshold, sae.cfg.jumprelu_bandwidth),
-    "gated": _gated,
-}

@@ -15,16 +15,22 @@ RUN/cross_layer/checkpoints/step_N at the same steps as the layers'.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nanosae import registry
 from nanosae.config import TrainConfig
 from nanosae.errors import ConfigError, FormatError, TrainingError, first_line
 from nanosae.io import atomic_write, regular_file
 from nanosae.sae import kernels
-from nanosae.train.trainer import SAERun, load_checkpoint, lr_at, save_checkpoint
+from nanosae.train.checkpoint import load_checkpoint, save_checkpoint
+from nanosae.train.schedule import lr_at
+
+if TYPE_CHECKING:
+    from nanosae.train.trainer import SAERun
 
 CROSS_FILE = "cross_decoder.safetensors"
 
@@ -32,8 +38,9 @@ CROSS_FILE = "cross_decoder.safetensors"
 def check_cross_layer(cfgs: list[TrainConfig], world: int) -> None:
     """Refuse what a cross-layer transcoder cannot train with, before any run directory is touched."""
     cfg = cfgs[0]
-    if any(c.sae.architecture not in ("topk", "batchtopk") for c in cfgs):
-        raise ConfigError("cross-layer transcoders are TopK or BatchTopK (--architecture topk or batchtopk)")
+    if any(c.sae.arch.sparse is None for c in cfgs):
+        raise ConfigError(f"cross-layer transcoders are TopK or BatchTopK, trained on the sparse kernels "
+                          f"(--architecture {' or '.join(registry.sparse_names())})")
     if len(cfgs) < 2:
         raise ConfigError("a cross-layer transcoder needs at least two layers (--transcoders all, or 0,1,...)")
     if world > 1 or cfg.shard_latents or cfg.distribute_saes:

@@ -122,7 +122,7 @@ def spliced_kl(sae, model: HostModel, hook: str, tokens: Tensor, valid: Tensor, 
     x_hat, _ = sae(clean.acts[valid].float())
     spliced = replace_kept(clean.acts, valid, x_hat)
     with model.replaying_blocks(clean.blocks), model.hooks({hook: lambda _: spliced}):
-        logits = model._logits(tokens)
+        logits = model.logits(tokens)
     return kl_divergence(clean.logits[:, :-1][keep], logits[:, :-1][keep])
 
 

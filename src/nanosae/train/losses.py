@@ -10,15 +10,17 @@ Squared errors are summed over the output and averaged over tokens, in the SAE's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from nanosae.config import BATCH_TOPK
+from nanosae.registry import LossInputs
 from nanosae.sae import SAE, kernels
-from nanosae.sae.jumprelu import step
+from nanosae.sae.architectures import squared_error
 from nanosae.sae.topk import topk_rows
+from nanosae.train.schedule import default_k_aux
 
 
 class LossOutput(NamedTuple):
@@ -35,6 +37,7 @@ def sae_loss(
     x: Tensor,
     target: Tensor | None = None,
     *,
+    k: int | None = None,
     sparsity_coefficient: float = 0.0,
     dead_mask: Tensor | None = None,
     k_aux: int | None = None,
@@ -47,6 +50,7 @@ def sae_loss(
     """Training loss and its parts for a batch x (B, d_in).
 
     target (B, d_out) is what a transcoder predicts; SAEs and crosscoders reconstruct x itself.
+    k: this step's k for the TopK family (k annealing), default the SAE's.
     sparsity_coefficient is the L1 weight (relu, gated) or the L0 weight (jumprelu).
     dead_mask (d_sae,) enables the AuxK loss (topk/batchtopk/matryoshka): the k_aux largest dead latents
     reconstruct the residual error (Gao et al. 2024). norm_weighting p weights each token's squared error by
@@ -56,41 +60,31 @@ def sae_loss(
     added (B, d_out): a prediction made elsewhere, in the normalised output space, added to this SAE's before
     the error is taken (a cross-layer transcoder's earlier layers writing into this one; gradients flow to it).
     """
-    x_norm, _ = sae._normalize(sae._check(x))
+    x_norm, _ = sae.normalize_input(sae.check_input(x))
     y = x_norm if target is None else sae.normalize_target(target)
-    arch = sae.cfg.architecture
-    if fast and arch in ("topk", "batchtopk") and not x_norm.requires_grad:  # the input's gradient needs the dense path
-        return _sparse_loss(sae, x_norm, y, dead_mask, k_aux, aux_coefficient, norm_weighting,
-                            torch.bfloat16 if encoder_bf16 else None, added)
+    arch, k = sae.arch, sae.cfg.k if k is None else k
+    k_aux = k_aux or default_k_aux(sae.cfg.d_in)
+    dead = dead_mask.nonzero().squeeze(1) if dead_mask is not None and bool(dead_mask.any()) else None
+    if fast and arch.sparse is not None and not x_norm.requires_grad:  # the input's gradient needs the dense path
+        xc = sae.centre(x_norm).detach()
+        sel, aux = arch.sparse(sae, xc, k, dead, k_aux, torch.bfloat16 if encoder_bf16 else None)
+        out = sparse_loss(sae, x_norm, xc, y, sel, aux, aux_coefficient, norm_weighting, added)
+        if arch.selection == "batch" and sae.training:
+            update_threshold(sae, out.codes[0].detach())
+        return out
     pre = sae.pre_acts(x_norm)
-    z = sae.activate(pre, x_norm)
-    skip = sae._skip(x_norm)
+    z = sae.activate(pre, x_norm, k)
+    skip = sae.skip(x_norm)
     x_hat = z @ sae.W_dec + sae.b_dec + skip
     if added is not None:
         x_hat = x_hat + added
     weights = token_weights(y, norm_weighting)
     parts = {"mse": squared_error(x_hat, y, weights)}
-    if arch == "matryoshka":  # every nested prefix reconstructs y on its own; the full one is "mse"
-        for m in sae.cfg.matryoshka_groups[:-1]:
-            prefix_hat = z[:, :m] @ sae.W_dec[:m] + sae.b_dec + skip + (0.0 if added is None else added)
-            parts[f"mse_{m}"] = squared_error(prefix_hat, y, weights)
-    dec_norms = sae.decoder_norms()
-    if arch == "relu":
-        parts["l1"] = sparsity_coefficient * (z * dec_norms).sum(-1).mean()
-    elif arch == "jumprelu":
-        active = step(pre, sae.threshold, sae.cfg.jumprelu_bandwidth)
-        parts["l0"] = sparsity_coefficient * active.sum(-1).mean()
-    elif arch == "gated":
-        gate_relu = sae.gate_pre_acts(x_norm).relu()
-        parts["l1"] = sparsity_coefficient * (gate_relu * dec_norms).sum(-1).mean()
-        via_gate = gate_relu @ sae.W_dec.detach() + sae.b_dec.detach()
-        if sae.cfg.skip_connection:
-            via_gate = via_gate + skip.detach()
-        parts["aux"] = (via_gate - y).pow(2).sum(-1).mean()
-    elif dead_mask is not None and bool(dead_mask.any()):  # topk, batchtopk, matryoshka
-        dead = dead_mask.nonzero().squeeze(1)
+    if arch.loss_terms is not None:
+        parts |= arch.loss_terms(sae, LossInputs(x_norm, y, pre, z, x_hat, skip, added, weights, sparsity_coefficient))
+    if dead is not None and arch.dead_latents == "auxk":
         parts["auxk"] = aux_coefficient * auxk_loss(sae, pre[:, dead], dead, y - x_hat.detach(), k_aux)
-    if arch in BATCH_TOPK and sae.training:
+    if arch.selection == "batch" and sae.training:
         update_threshold(sae, z)
     return LossOutput(sum(parts.values()), parts, (z > 0).sum(0), x_hat.detach(), y)
 
@@ -105,41 +99,24 @@ def token_weights(y: Tensor, power: float) -> Tensor | None:
     return (w / w.mean()).to(y.dtype)
 
 
-def squared_error(x_hat: Tensor, y: Tensor, weights: Tensor | None) -> Tensor:
-    """Squared error summed over the output, averaged over tokens (weighted when weights are given)."""
-    err = (x_hat - y).pow(2).sum(-1)
-    return err.mean() if weights is None else (err * weights).mean()
-
-
-def _sparse_loss(sae: SAE, x_norm: Tensor, y: Tensor, dead_mask: Tensor | None, k_aux: int | None,
-                 aux_coefficient: float, norm_weighting: float = 0.0, gemm_dtype: torch.dtype | None = None,
-                 added: Tensor | None = None) -> LossOutput:
-    b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
-    dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None and bool(dead_mask.any()) else None
-    k_aux = k_aux or max(1, sae.cfg.d_in // 2)
-    xc = sae._centred(x_norm).detach()
-    if sae.cfg.architecture == "topk":
-        sel, aux = kernels.encode_select_topk(xc, sae.W_enc.detach(), sae.b_enc.detach(), sae.cfg.k,
-                                              dead=dead_idx, k_aux=k_aux, gemm_dtype=gemm_dtype)
-    else:
-        with torch.no_grad():
-            dt = gemm_dtype or xc.dtype
-            pre = (xc.to(dt) @ sae.W_enc.to(dt)).to(xc.dtype)
-            pre += sae.b_enc
-        sel = kernels.select_batch_topk(pre, sae.cfg.k)
-        aux = kernels.per_token(*kernels.select_among(pre, dead_idx, k_aux), sae.cfg.d_sae) if dead_idx is not None else None
+def sparse_loss(sae: SAE, x_norm: Tensor, xc: Tensor, y: Tensor, sel: kernels.Selection,
+                aux: kernels.Selection | None, aux_coefficient: float, norm_weighting: float = 0.0,
+                added: Tensor | None = None, total: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
+    """The TopK family's loss from its selections (the latents each token keeps, and AuxK's among the dead
+    ones), through the sparse kernels. total(partial): the whole reconstruction from this process's part, with
+    latents sharded over processes (b_dec's gradient through the encoder is then added by the caller)."""
+    b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input and total is None else None
+    total = total or (lambda t: t)
     vals = kernels.selected_preacts(xc, sae.W_enc, sae.b_enc, b_dec, sel).relu()
-    x_hat = kernels.sparse_decode(vals, sel, sae.W_dec) + sae.b_dec + sae._skip(x_norm)
+    x_hat = total(kernels.sparse_decode(vals, sel, sae.W_dec)) + sae.b_dec + sae.skip(x_norm)
     if added is not None:
         x_hat = x_hat + added
     parts = {"mse": squared_error(x_hat, y, token_weights(y, norm_weighting))}
     if aux is not None:  # AuxK through the same sparse kernels: the dead latents' top k_aux reconstruct the residual
         aux_vals = kernels.selected_preacts(xc, sae.W_enc, sae.b_enc, b_dec, aux).relu()
-        residual_hat = kernels.sparse_decode(aux_vals, aux, sae.W_dec)
+        residual_hat = total(kernels.sparse_decode(aux_vals, aux, sae.W_dec))
         parts["auxk"] = aux_coefficient * (residual_hat - (y - x_hat.detach())).pow(2).sum(-1).mean()
     fired = kernels.count(sel.cols, sae.cfg.d_sae, vals.detach() > 0)
-    if sae.cfg.architecture == "batchtopk" and sae.training:
-        update_threshold(sae, vals.detach())
     return LossOutput(sum(parts.values()), parts, fired, x_hat.detach(), y, (vals, sel))
 
 
@@ -147,7 +124,7 @@ def auxk_loss(sae: SAE, dead_pre: Tensor, dead: Tensor, residual: Tensor, k_aux:
     """AuxK (Gao et al. 2024) on the dense path: the k_aux largest pre-activations among the dead latents
     (every dead latent when fewer are dead) reconstruct the residual error. dead_pre holds the pre-activations
     of the dead latents' columns `dead` alone. (The sparse path does the same through kernels.select_among.)"""
-    k = k_aux or max(1, sae.cfg.d_in // 2)
+    k = k_aux or default_k_aux(sae.cfg.d_in)
     if dead_pre.shape[1] > k:
         values, indices = topk_rows(dead_pre, k)
         z = torch.zeros_like(dead_pre).scatter(-1, indices, values.relu())
@@ -174,11 +151,11 @@ def calibrate_threshold(sae: SAE, x: Tensor) -> float:
     """BatchTopK / Matryoshka: set the inference threshold so that the mean L0 on x is exactly k: halfway
     between the (k·n)-th and (k·n+1)-th largest positive pre-activations of the sample, i.e. the batch top-k of
     one large batch. The running minimum tracked in training sits below that (it follows each batch's
-    smallest kept value), which gave the demo's BatchTopK SAE an L0 of 34 instead of 32."""
-    x_norm, _ = sae._normalize(x)
-    pre = sae.pre_acts(x_norm).relu().flatten()
+    smallest kept value), so inference would keep more than k latents per token (docs/benchmarks.md)."""
+    x_norm, _ = sae.normalize_input(x)
+    pre = sae.pre_acts(x_norm)
     n_keep = min(sae.cfg.k * len(x), pre.numel() - 1)
-    top = pre.topk(n_keep + 1).values
+    top, _ = kernels.batch_top(pre, n_keep + 1, sorted=True)
     threshold = float((top[n_keep - 1] + top[n_keep]) / 2)
     sae.threshold.fill_(threshold)
     return threshold

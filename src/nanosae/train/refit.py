@@ -12,8 +12,8 @@ they were.
   W: PRIOR × mean(diag G) for every latent (a rare latent stays near its trained row), a small ridge for b_dec
 
 G is (d_sae+1)², which is why the default applies up to MAX_DEFAULT_LATENTS latents. It needs the stored
-activations: accumulating the codes of a streamed run's last steps instead (its encoder still moving) gave the
-CE-loss gain but not the FVU gain, so streamed runs are not refit.
+activations: the codes of a streamed run's last steps come from an encoder still moving, which is why streamed
+runs are not refit (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nanosae import registry
 from nanosae.config import TrainConfig
 from nanosae.errors import ConfigError
 from nanosae.sae import SAE, kernels
@@ -98,9 +99,9 @@ def _pairs(sel: kernels.Selection) -> tuple[Tensor, Tensor]:
 def codes(sae: SAE, x: Tensor) -> tuple[Tensor, kernels.Selection]:
     """The codes the trained SAE gives x (inference: BatchTopK by its threshold), as sparse values and places.
     TopK through the training step's sparse kernel (no (B, d_sae) tensor), the rest through encode()."""
-    if sae.cfg.architecture == "topk" and sae.cfg.normalize_activations == "none":
-        x_norm = sae._normalize(x)[0]
-        sel, _ = kernels.encode_select_topk(sae._centred(x_norm), sae.W_enc, sae.b_enc, sae.cfg.k)
+    if sae.arch.selection == "token" and sae.arch.sparse and sae.cfg.normalize_activations == "none":
+        x_norm = sae.normalize_input(x)[0]
+        sel, _ = kernels.encode_select_topk(sae.centre(x_norm), sae.W_enc, sae.b_enc, sae.cfg.k)
         return sel.pre.relu(), sel
     z = sae.encode(x)
     rows, cols = z.nonzero(as_tuple=True)
@@ -110,7 +111,7 @@ def codes(sae: SAE, x: Tensor) -> tuple[Tensor, kernels.Selection]:
 def refit_applies(cfg: TrainConfig, stored: bool) -> bool:
     """Whether the run refits its decoder: refit_decoder, or its default where the refit applies."""
     o, sae = cfg.optim, cfg.sae
-    why_not = ("it is for topk and batchtopk SAEs" if sae.architecture not in ("topk", "batchtopk") else
+    why_not = (f"it is for {' and '.join(registry.sparse_names())} SAEs" if sae.arch.sparse is None else
                "it reads the stored activations again (--acts), and this run streams them" if not stored else
                "the end-to-end fine-tune (kl_finetune) trains the decoder last" if o.kl_finetune else
                "the latents are sharded over processes (shard_latents)" if cfg.shard_latents else

@@ -26,7 +26,8 @@ from torch import Tensor
 from nanosae.errors import ConfigError, FormatError
 from nanosae.io import atomic_write
 from nanosae.sae import SAE, kernels
-from nanosae.train.losses import LossOutput, squared_error, token_weights
+from nanosae.train.losses import LossOutput, sparse_loss
+from nanosae.train.schedule import default_k_aux
 
 SHARDED = ("W_enc", "b_enc", "W_dec")  # the parameters split by latent; the rest is on every rank
 
@@ -63,7 +64,7 @@ def make_shards(n: int, rank: int, world: int, d_sae: int) -> Shards:
 
 def check_shardable(cfg: Any) -> None:
     """What sharded training supports: TopK dictionaries from stores or a stream, without the KL fine-tune."""
-    if cfg.sae.architecture != "topk":
+    if cfg.sae.arch.selection != "token" or cfg.sae.arch.sparse is None:
         raise ConfigError(f"--shard-latents trains TopK dictionaries (got --architecture {cfg.sae.architecture})")
     if cfg.optim.kl_finetune:
         raise ConfigError("--shard-latents and --kl-finetune cannot be combined")
@@ -126,28 +127,27 @@ def _summed(partial: Tensor, shards: Shards) -> Tensor:
     return partial + (total - partial.detach())
 
 
-def sharded_loss(sae: SAE, x: Tensor, target: Tensor | None, shards: Shards, *, dead_mask: Tensor | None,
-                 k_aux: int | None, aux_coefficient: float, norm_weighting: float = 0.0,
+def sharded_loss(sae: SAE, x: Tensor, target: Tensor | None, shards: Shards, *, k: int | None = None,
+                 dead_mask: Tensor | None, k_aux: int | None, aux_coefficient: float, norm_weighting: float = 0.0,
                  encoder_bf16: bool = False) -> LossOutput:
-    """train.losses.sae_loss for a TopK SAE whose latents are spread over the ranks of shards.group.
+    """train.losses.sae_loss for a TopK SAE whose latents are spread over the ranks of shards.group: each rank
+    selects among its own latents, the global top k of every token is agreed, and losses.sparse_loss takes it
+    from there with the reconstruction summed over the ranks.
 
     dead_mask covers every latent (each rank tracks all of them). `fired` covers every latent too."""
-    x_norm, _ = sae._normalize(sae._check(x))
+    x_norm, _ = sae.normalize_input(sae.check_input(x))
     y = x_norm if target is None else sae.normalize_target(target)
-    k, k_aux = sae.cfg.k, k_aux or max(1, sae.cfg.d_in // 2)
+    k, k_aux = k or sae.cfg.k, k_aux or default_k_aux(sae.cfg.d_in)
     offset = shards.cols.start
     n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
     dead_local = dead_mask[shards.cols].nonzero().squeeze(1) if n_dead else None
     if dead_local is not None and not len(dead_local):
         dead_local = None  # dead latents elsewhere only: this slice offers no AuxK candidates
-    xc = sae._centred(x_norm).detach()
+    xc = sae.centre(x_norm).detach()
     sel, aux = kernels.encode_select_topk(xc, sae.W_enc.detach(), sae.b_enc.detach(), k, dead=dead_local, k_aux=k_aux,
                                           gemm_dtype=torch.bfloat16 if encoder_bf16 else None)
     local = sel.pre.view(len(x), k), sel.cols.view(len(x), k) + offset
     sel = _mine(*_global_top(*local, k, shards), shards)
-    vals = kernels.selected_preacts(xc, sae.W_enc, sae.b_enc, None, sel).relu()  # b_dec: see reduce_gradients
-    x_hat = _summed(kernels.sparse_decode(vals, sel, sae.W_dec), shards) + sae.b_dec + sae._skip(x_norm)
-    parts = {"mse": squared_error(x_hat, y, token_weights(y, norm_weighting))}
     if n_dead:  # AuxK: the global top k_aux among the dead latents of every slice (padded to k_aux candidates each)
         cand_v = torch.full((len(x), k_aux), float("-inf"), dtype=xc.dtype, device=xc.device)
         cand_i = torch.zeros((len(x), k_aux), dtype=torch.long, device=xc.device)
@@ -156,13 +156,11 @@ def sharded_loss(sae: SAE, x: Tensor, target: Tensor | None, shards: Shards, *, 
             cand_v[:, :width] = aux.pre.view(len(x), width)
             cand_i[:, :width] = aux.cols.view(len(x), width) + offset
         aux = _mine(*_global_top(cand_v, cand_i, min(k_aux, n_dead), shards), shards)
-        aux_vals = kernels.selected_preacts(xc, sae.W_enc, sae.b_enc, None, aux).relu()
-        residual_hat = _summed(kernels.sparse_decode(aux_vals, aux, sae.W_dec), shards)
-        parts["auxk"] = aux_coefficient * (residual_hat - (y - x_hat.detach())).pow(2).sum(-1).mean()
-    fired_local = kernels.count(sel.cols, sae.cfg.d_sae, vals.detach() > 0)
-    fired = [torch.empty_like(fired_local) for _ in range(shards.n)]
-    dist.all_gather(fired, fired_local, group=shards.group)
-    return LossOutput(sum(parts.values()), parts, torch.cat(fired), x_hat.detach(), y)
+    out = sparse_loss(sae, x_norm, xc, y, sel, aux if n_dead else None, aux_coefficient, norm_weighting,
+                      total=lambda partial: _summed(partial, shards))
+    fired = [torch.empty_like(out.fired) for _ in range(shards.n)]
+    dist.all_gather(fired, out.fired, group=shards.group)
+    return out._replace(fired=torch.cat(fired), codes=None)
 
 
 def reduce_gradients(sae: SAE, shards: Shards, fired: Tensor) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from nanosae.config import SourceConfig, TrainConfig
 from nanosae.errors import ConfigError
+from nanosae.rundir import TranscoderSetDir
 
 SWEEPABLE = ("architecture", "d_sae", "k", "sparsity_coefficient")
 """Settings that take several comma-separated values on the command line; each combination is one SAE."""
@@ -66,6 +67,6 @@ def transcoder_set(settings: dict[str, Any], layers: list[int]) -> list[TrainCon
             if len(settings[name]) > 1:
                 raise ConfigError(f"--transcoders trains one set: give one value of {name}")
             settings[name] = settings[name][0]
-    out = Path(settings.pop("out", TrainConfig.out))
-    return [TrainConfig.build(out=str(out / f"layer_{layer}"), hook=f"blocks.{layer}.ln2.hook_normalized",
+    tset = TranscoderSetDir(Path(settings.pop("out", TrainConfig.out)))
+    return [TrainConfig.build(out=str(tset.layer(layer)), hook=f"blocks.{layer}.ln2.hook_normalized",
                               hook_out=f"blocks.{layer}.hook_mlp_out", **settings) for layer in layers]

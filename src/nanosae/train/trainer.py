@@ -18,32 +18,33 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from nanosae.config import BATCH_TOPK, SAEConfig, TrainConfig, flat_settings, model_dtype
+from nanosae.config import TrainConfig, model_dtype
 from nanosae.data import ActivationStore, ActivationStream
 from nanosae.data.store import norm_scale
-from nanosae.errors import ConfigError, DataError, FormatError, TrainingError, first_line
+from nanosae.errors import ConfigError, DataError, FormatError, TrainingError
 from nanosae.outputs import check_job_dir
-from nanosae.io import parse_json, public_mode, read_json, regular_file, write_json, write_lock
+from nanosae.io import parse_json, read_json, write_json, write_lock
 from nanosae.rundir import RunDir
 from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
+from nanosae.train.checkpoint import (common_steps, compare_jobs, job_identity, latest_checkpoint, load_checkpoint,
+                                      save_checkpoint, saved_job, store_fingerprint)
+from nanosae.train.cross_layer import CrossLayer, check_cross_layer
 from nanosae.train.finetune import check_finetune, finetune
 from nanosae.train.sharded import (check_shardable, clip_gradients, gather_full, load_shard, local_slice, make_shards,
                                    reduce_gradients, save_shard, shard_file, shard_names, sharded_loss)
 from nanosae.train.init import init_sae
 from nanosae.train.refit import MAX_TOKENS, READ_BATCH, DecoderRefit, codes, refit_applies
 from nanosae.train.losses import LossOutput, calibrate_threshold, normalize_decoder, remove_parallel_grad, sae_loss
+from nanosae.train.schedule import Schedule, ema_decay_at, k_at, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -63,70 +64,6 @@ class TrainProgress(NamedTuple):
     step: int
     steps: int
     metrics: dict[str, float]
-
-
-# ---- derived defaults -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Schedule:
-    """The run's budget in steps and the knobs left as None, derived from the budget (what we would pick by hand)."""
-
-    steps: int
-    lr: float
-    warmup: int
-    sparsity_warmup: int
-    sparsity: float
-    dead_tokens: int
-    resample_every: int
-    kl_steps: int  # the last steps, trained end to end (train.finetune)
-    decoder_lr_scale: float
-
-    @classmethod
-    def of(cls, cfg: TrainConfig) -> "Schedule":
-        o = cfg.optim
-        steps = max(1, o.tokens // o.batch_size)
-        sparsity = o.sparsity_coefficient
-        if sparsity is None:
-            sparsity = {"relu": 5.0, "gated": 5.0, "jumprelu": 1.0}.get(cfg.sae.architecture, 0.0)
-        default = lambda value, fallback: value if value is not None else fallback
-        # the rate falls as latents grow (sparsify's rule) and follows the batch by Adam's square-root rule
-        lr = 6.63e-4 / math.sqrt(cfg.sae.d_sae / 2**14) * math.sqrt(o.batch_size / 1024)
-        return cls(steps=steps, lr=default(o.lr, lr),
-                   warmup=default(o.lr_warmup_steps, max(1, steps // 20)),
-                   sparsity_warmup=default(o.sparsity_warmup_steps, steps // 20), sparsity=sparsity,
-                   dead_tokens=default(o.dead_tokens, max(o.batch_size, min(10_000_000, o.tokens // 20))),
-                   resample_every=default(o.resample_every, max(10, steps // 8)),
-                   kl_steps=min(steps, round(steps * o.kl_finetune)),
-                   decoder_lr_scale=default(o.decoder_lr_scale, 3.0 if cfg.sae.architecture in ("topk", *BATCH_TOPK) else 1.0))
-
-
-def lr_at(step: int, cfg: TrainConfig, d: Schedule) -> float:
-    """Linear warm-up, then constant / cosine / linear decay over the last lr_decay_fraction of the run."""
-    if step < d.warmup:
-        return d.lr * (step + 1) / d.warmup
-    decay_start = d.steps * (1 - cfg.optim.lr_decay_fraction) if cfg.optim.lr_schedule != "constant" else d.steps
-    if step < decay_start:
-        return d.lr
-    frac = (step - decay_start) / max(1.0, d.steps - decay_start)
-    if cfg.optim.lr_schedule == "cosine":
-        return d.lr * 0.5 * (1 + math.cos(math.pi * frac))
-    return d.lr * (1 - frac)
-
-
-def k_at(step: int, cfg: TrainConfig, d: Schedule) -> int | None:
-    """k for this step: k_start falling linearly to k over the first k_anneal of the run, then k."""
-    k = cfg.sae.k if cfg.sae.architecture in ("topk", *BATCH_TOPK) else None
-    if k is None or not cfg.optim.k_anneal:
-        return k
-    start = cfg.optim.k_start or 4 * k
-    span = max(1, round(d.steps * cfg.optim.k_anneal))
-    return k if step >= span else round(start + (k - start) * step / span)
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """The weight average's decay at update `step` (0-based), warmed up as min(decay, (1+step)/(10+step)) like
-    TensorFlow's ExponentialMovingAverage(num_updates): with a fixed decay, a short run's average would still
-    be mostly the random initialisation."""
-    return min(decay, (1 + step) / (10 + step))
 
 
 def make_adam(sae: SAE, lr: float, cfg: TrainConfig, decoder_lr_scale: float = 1.0) -> torch.optim.Adam:
@@ -236,83 +173,6 @@ def first_tokens(source: ActivationStore | ActivationStream, n: int) -> torch.Te
     return torch.cat(parts)[:n]
 
 
-# ---- checkpoints --------------------------------------------------------------------------------------
-def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, directory) of every checkpoint, oldest first."""
-    found = []
-    for p in RunDir(run_dir).checkpoints.glob("step_*"):
-        suffix = p.name.removeprefix("step_")
-        if suffix.isdigit() and (p / "state.pt").exists():
-            found.append((int(suffix), p))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = _checkpoints(run_dir)
-    return found[-1][1] if found else None
-
-
-def save_checkpoint(run_dir: Path, step: int, sae: SAE | None, state: dict[str, Any], moved: dict[str, Path] | None = None,
-                    keep: int = 2) -> Path:
-    """Write checkpoints/step_N/ via a temp directory renamed into place; keep the newest `keep` up to N (a
-    newer one can only be this run's own, unreadable one it fell back from; it is replaced when reached).
-    moved: files (written by other processes) moved in under the given names; sae None: no whole SAE."""
-    root = RunDir(run_dir).checkpoints
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step}."))
-    try:
-        public_mode(tmp, directory=True)
-        if sae is not None:
-            save_sae(sae, tmp / "sae")
-        for name, path in (moved or {}).items():
-            os.replace(path, tmp / name)
-        torch.save(state, tmp / "state.pt")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in [c for c in _checkpoints(run_dir) if c[0] <= step][:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def common_steps(run_dirs: list[Path]) -> set[int]:
-    """The checkpoint steps every one of these runs has on disk: runs that share a stream (a transcoder set)
-    resume together from the newest of them, even when a kill fell between two runs' checkpoints."""
-    steps = [{step for step, _ in _checkpoints(d)} for d in run_dirs]
-    return set.intersection(*steps) if steps else set()
-
-
-def load_checkpoint(run_dir: Path, steps: set[int] | None = None) -> tuple[Path, dict[str, Any], SAE | None] | None:
-    """The newest readable checkpoint (directory, state, SAE), among `steps` when given; an unreadable newer one
-    is skipped with a warning (e.g. truncated by a full disk). None when there is none; an error when none can
-    be read."""
-    found = [c for c in _checkpoints(run_dir) if steps is None or c[0] in steps]
-    for step, ckpt in reversed(found):
-        try:
-            state = torch.load(regular_file(ckpt / "state.pt"), map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or not {"step", "batches"} <= set(state) or not {"optimizer", "shards"} & set(state):
-                raise FormatError("not a nanosae checkpoint state")
-            if state["step"] != step or not isinstance(state["batches"], int) or state["batches"] < step:
-                raise FormatError(f"its state says step {str(state['step'])[:20]}, batch {str(state['batches'])[:20]}")
-            if "decoders" in state:  # a cross-layer transcoder's later-layer decoders: no SAE
-                return ckpt, state, None
-            if "shards" in state:  # sharded latents: one file per slice, no whole SAE
-                for name in shard_names(state["shards"]):  # each opened (its index read), so a truncated one falls back
-                    torch.load(ckpt / name, map_location="cpu", weights_only=True, mmap=True)
-                return ckpt, state, None
-            return ckpt, state, SAE.load(ckpt / "sae")
-        except Exception as e:  # torch.load raises many kinds for truncated or corrupt files
-            log.warning("checkpoint %s is unreadable (%s); trying the previous one", ckpt,
-                        first_line(e))
-    if found:
-        raise FormatError(f"{RunDir(run_dir).checkpoints}: no checkpoint can be read; move it away to start the run over")
-    return None
-
-
 def check_fits(d_in: int, d_sae: int, d_out: int, device: str, shards: int = 1) -> None:
     """Refuse, before allocating, an SAE whose weights, gradients and Adam state (16 bytes a weight) cannot fit
     in this machine's memory (or the GPU's)."""
@@ -324,55 +184,6 @@ def check_fits(d_in: int, d_sae: int, d_out: int, device: str, shards: int = 1) 
     if need > have:
         raise ConfigError(f"d_sae {d_sae:,} at width {d_in} needs about {need / 2**30:,.0f} GiB for weights, gradients "
                           f"and Adam state; {where} has {have / 2**30:,.0f} GiB")
-
-
-# ---- the run directory: one job per directory -----------------------------------------------------------
-# Settings that may change when a run continues: they do not change what is trained.
-RUNTIME_FIELDS = ("out", "resume", "log_every", "checkpoint_every", "tensorboard", "wandb", "device", "distribute_saes")
-
-
-def job_identity(cfg: TrainConfig, sources: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """What makes two runs the same job: every setting but the runtime ones, store paths resolved (so `acts`
-    and `./acts` are one store), plus the fingerprints of the stores read (when known)."""
-    job = {k: v for k, v in flat_settings(cfg).items() if k not in RUNTIME_FIELDS}
-    for key in ("acts", "acts_out"):
-        if job.get(key):
-            job[key] = str(Path(job[key]).resolve())
-    if job.get("crosscoder_acts"):
-        job["crosscoder_acts"] = [str(Path(p).resolve()) for p in job["crosscoder_acts"]]
-    if sources is not None:
-        job["sources"] = sources
-    return json.loads(json.dumps(job))  # tuples -> lists, as read back from JSON
-
-
-def saved_job(saved: dict[str, Any], where: Path) -> dict[str, Any]:
-    """The job a config.json (or a checkpoint's config) records, in job_identity's form."""
-    try:
-        return job_identity(TrainConfig.from_dict(saved), saved.get("sources"))
-    except ConfigError as e:
-        raise FormatError(f"{where}: {e}") from None
-
-
-def store_fingerprint(store: ActivationStore) -> dict[str, Any]:
-    """Which activations a store holds: another collection at the same path is another job."""
-    m = store.manifest
-    first = m["shards"][0]["sha256"] if m["shards"] else None
-    return {"hook": m.get("hook"), "model": m.get("model"), "d_in": store.d_in, "tokens": len(store), "first_shard": first}
-
-
-def compare_jobs(saved: dict[str, Any], job: dict[str, Any], where: Path | str) -> None:
-    """Refuse, naming the first setting that differs, when `where` records another job than this one."""
-    for key in sorted(set(saved) | set(job)):
-        if key == "sources" and key not in saved:  # runs from before fingerprints were recorded
-            continue
-        if saved.get(key) != job.get(key):
-            raise ConfigError(f"{where} records another run ({key}={_short(saved.get(key))}, this run asks for "
-                              f"{_short(job.get(key))}); use another --out, nothing was changed")
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
@@ -404,9 +215,9 @@ class SAERun:
         self.transcoder = ins != outs
         self.run_dir = Path(cfg.out)
         self.files = RunDir(self.run_dir)
-        self.d = Schedule.of(cfg)
         width = lambda placement: sum(cols.stop - cols.start for _, cols in placement)
         d_in, d_out = width(ins), width(outs)
+        self.d = Schedule.of(cfg, d_in)
         check_fits(d_in, cfg.sae.d_sae, d_out, cfg.device, cfg.shard_latents or 1)  # each process holds d_sae / N
         torch.manual_seed(cfg.seed)  # the same initial weights whether trained alone or with others
         self.gen = torch.Generator().manual_seed(cfg.seed)  # this run's own randomness (resampling)
@@ -415,14 +226,12 @@ class SAERun:
         in_hooks = [name(i, key) for (i, _), key in zip(ins, in_keys)]
         out_hooks = [name(i, key) for (i, _), key in zip(outs, out_keys)]
         source = sources[ins[0][0]]
-        sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.sae.d_sae, architecture=cfg.sae.architecture,
-                            k=cfg.sae.k if cfg.sae.architecture in ("topk", *BATCH_TOPK) else None, hook_name=in_hooks[0],
-                            matryoshka_groups=cfg.sae.matryoshka_groups if cfg.sae.architecture == "matryoshka" else None,
-                            d_out=d_out, hook_name_out=out_hooks[0] if self.transcoder else "",
-                            skip_connection=cfg.sae.skip_connection, crosscoder_hooks=in_hooks if len(ins) > 1 else None,
-                            model_name=_model_name(cfg, source), context_size=_context_size(cfg, source),
-                            dataset_path=_dataset_path(cfg, source), normalize_activations=cfg.sae.normalize_activations,
-                            device="cpu" if self.shards else cfg.device)  # sharded: initialised whole, then sliced
+        sae_cfg = cfg.sae.sae_config(d_in=d_in, hook_name=in_hooks[0], d_out=d_out,
+                                     hook_name_out=out_hooks[0] if self.transcoder else "",
+                                     crosscoder_hooks=in_hooks if len(ins) > 1 else None,
+                                     model_name=_model_name(cfg, source), context_size=_context_size(cfg, source),
+                                     dataset_path=_dataset_path(cfg, source),
+                                     device="cpu" if self.shards else cfg.device)  # sharded: initialised whole, then sliced
         self.sae = SAE(sae_cfg)
         self.sae.train()
         self.since_fired = torch.zeros(cfg.sae.d_sae, dtype=torch.long)  # moves to the device of the counts it takes
@@ -529,7 +338,7 @@ class SAERun:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.files.config, dataclasses.asdict(self.cfg) | {"sources": self.job["sources"]})
             self.files.metrics.unlink(missing_ok=True)
-        x_norm = self.sae._normalize(x)[0]
+        x_norm = self.sae.normalize_input(x)[0]
         init_sae(self.sae, x_norm, self.cfg.optim.init_b_dec, target=y * self.sae.output_factor() if self.transcoder else None,
                  encoder_scale=self.cfg.optim.init_encoder_scale)
 
@@ -583,7 +392,7 @@ class SAERun:
                 added: torch.Tensor | None = None) -> LossOutput:
         """The loss of one step (added: a prediction from elsewhere, see sae_loss); apply_step, after the
         backward pass, takes the step. Split so that coupled SAEs (a cross-layer transcoder) share one backward."""
-        cfg, d, sae, arch = self.cfg, self.d, self.sae, self.cfg.sae.architecture
+        cfg, d, sae = self.cfg, self.d, self.sae
         self._started = time.perf_counter()
         lr = lr_at(self.step, cfg, d)
         for group in self.opt.param_groups:
@@ -592,20 +401,16 @@ class SAERun:
         # the tokens read so far bound since_fired: no latent can be dead before dead_tokens (and no device sync)
         could_be_dead = self.batches_done * cfg.optim.batch_size >= d.dead_tokens
         dead = (self.since_fired >= d.dead_tokens).to(sae.device) if could_be_dead else None
-        k = sae.cfg.k
-        sae.cfg.k = k_at(self.step, cfg, d)  # k annealing: only while the loss is computed
-        try:
-            if self.shards:
-                out = sharded_loss(sae, x, y, self.shards, dead_mask=dead, k_aux=cfg.optim.k_aux,
-                                   aux_coefficient=cfg.optim.aux_coefficient, norm_weighting=cfg.optim.norm_weighting,
-                                   encoder_bf16=cfg.optim.encoder_bf16)
-            else:
-                out = sae_loss(sae, x, y, sparsity_coefficient=coeff, k_aux=cfg.optim.k_aux,
+        k = k_at(self.step, cfg, d)  # k annealing
+        if self.shards:
+            out = sharded_loss(sae, x, y, self.shards, k=k, dead_mask=dead, k_aux=d.k_aux,
                                aux_coefficient=cfg.optim.aux_coefficient, norm_weighting=cfg.optim.norm_weighting,
-                               dead_mask=dead if arch in ("topk", *BATCH_TOPK) else None,
-                               encoder_bf16=cfg.optim.encoder_bf16, added=added)
-        finally:
-            sae.cfg.k = k
+                               encoder_bf16=cfg.optim.encoder_bf16)
+        else:
+            out = sae_loss(sae, x, y, k=k, sparsity_coefficient=coeff, k_aux=d.k_aux,
+                           aux_coefficient=cfg.optim.aux_coefficient, norm_weighting=cfg.optim.norm_weighting,
+                           dead_mask=dead if sae.arch.dead_latents == "auxk" else None,
+                           encoder_bf16=cfg.optim.encoder_bf16, added=added)
         if extra is not None:
             added = extra(out)
             out = out._replace(loss=out.loss + sum(added.values()), parts=out.parts | added)
@@ -619,7 +424,7 @@ class SAERun:
 
     def apply_step(self, out: LossOutput, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float] | None:
         """The optimizer step once out.loss's gradients are in; the metrics when they are logged."""
-        cfg, d, sae, opt, arch = self.cfg, self.d, self.sae, self.opt, self.cfg.sae.architecture
+        cfg, d, sae, opt = self.cfg, self.d, self.sae, self.opt
         lr = opt.param_groups[0]["lr"]
         fired = out.fired.float()
         if self.shards:
@@ -635,12 +440,11 @@ class SAERun:
         opt.step()
         if self.unit_decoder:
             normalize_decoder(sae)
-        if arch == "jumprelu":
-            with torch.no_grad():
-                sae.threshold.clamp_(min=0.0)
+        if sae.arch.after_step is not None:
+            sae.arch.after_step(sae)
         self.since_fired = self.since_fired.to(fired.device).add_(len(x) * self.data_world).masked_fill_(fired > 0, 0)
         # resampled latents fire on many tokens for a few steps: never in the second half, so the run ends settled
-        if arch == "relu" and (self.step + 1) % d.resample_every == 0 and self.step + 1 <= d.steps // 2:
+        if sae.arch.dead_latents == "resample" and (self.step + 1) % d.resample_every == 0 and self.step + 1 <= d.steps // 2:
             resample_dead(sae, opt, x, (self.since_fired >= d.dead_tokens).to(sae.device), self.gen, target=y)
         if self.ema is not None:
             decay = ema_decay_at(self.step, cfg.optim.ema_decay)
@@ -679,7 +483,7 @@ class SAERun:
             rows = slice(self.data_rank * local, (self.data_rank + 1) * local)
             x = self.gather(batch, self.ins, rows).to(self.cfg.device)
             y = sae.normalize_target(self.gather(batch, self.outs, rows).to(self.cfg.device)) if self.transcoder \
-                else sae._normalize(x)[0]
+                else sae.normalize_input(x)[0]
             refit.add(*codes(sae, x), y)
         all_reduce_mean([refit.gram, refit.cross], self.world)
         self.last["refit_latents"] = refit.apply(sae)
@@ -692,7 +496,7 @@ class SAERun:
         self.checkpoint()
         if self.ema is not None:
             self.sae.load_state_dict(self.ema)
-        if calibration and self.cfg.sae.architecture in BATCH_TOPK:
+        if calibration and self.sae.arch.selection == "batch":
             x = torch.cat([self.gather(b, self.ins) for b in calibration]).to(self.cfg.device)
             self.last["threshold"] = calibrate_threshold(self.sae, x)
         if self.refits and stored is not None and not self.refit_done:
@@ -757,8 +561,6 @@ def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[TrainProgres
         raise ConfigError("SAEs trained from one stream must share batch_size and tokens")
     spread = owners(cfgs, world) if first.distribute_saes else None
     if first.sae.cross_layer:
-        from nanosae.train.cross_layer import check_cross_layer
-
         check_cross_layer(cfgs, world)
     if spread is None and first.optim.batch_size % world:
         raise ConfigError(f"batch_size {first.optim.batch_size} is not divisible by {world} processes")
@@ -831,7 +633,6 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
     check_finetune(runs, world)
     coupled = None
     if first.sae.cross_layer:
-        from nanosae.train.cross_layer import CrossLayer
 
         coupled = CrossLayer(runs, Path(first.out).parent, steps)
     streams = [batch_stream(s, first, batches_done) for s in sources]
@@ -856,7 +657,7 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
                 r.batches_done = batches_done  # only now: a Ctrl-C before its step checkpoints its true position
                 r.after_step(r.train_step(batch), progress)
         calibration = None  # BatchTopK thresholds: set on batches the runs did not train on, after training
-        if any(r.cfg.sae.architecture in BATCH_TOPK for r in runs):
+        if any(r.cfg.sae.arch.selection == "batch" for r in runs):
             calibration = [[next(s) for s in streams] for _ in range(math.ceil(CALIBRATION_TOKENS / first.optim.batch_size))]
         for s in streams:
             s.close()
@@ -947,7 +748,7 @@ def resample_dead(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: t
     idx = dead.nonzero().flatten()
     if len(idx) == 0:
         return 0
-    x_norm, _ = sae._normalize(x)
+    x_norm, _ = sae.normalize_input(x)
     y = x_norm if target is None else sae.normalize_target(target)
     y_hat = sae.normalize_target(sae.reconstruct_clean(x))
     err = (y - y_hat).pow(2).sum(-1)

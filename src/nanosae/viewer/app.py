@@ -19,7 +19,7 @@ from nanosae.errors import FormatError, NanosaeError, first_line
 from nanosae.io import read_json
 from nanosae.interp.featuredb import FeatureDB
 from nanosae.outputs import replacing_dir, resolved
-from nanosae.rundir import RunDir, load_sae_and_model
+from nanosae.rundir import RunDir, TranscoderSetDir, load_sae_and_model
 
 STATIC = Path(__file__).parent / "static"
 
@@ -198,19 +198,12 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
 
 
 def is_transcoder_set(run: str | Path) -> bool:
-    from nanosae.interp.circuits import MANIFEST
-
-    return (Path(run) / MANIFEST).is_file()
-
-
-SLUG = "^[a-z0-9][a-z0-9-]{0,63}$"
+    return TranscoderSetDir(Path(run)).exists()
 
 
 def _graph_app(app: Any, run: Path, model: str | None, host: str) -> Any:
     """Graph pages of a transcoder set: list, read, save pins and supernodes (into the graph file, atomically),
     feature summaries per layer, interventions; each layer with a features.db mounted as a viewer."""
-    import re
-
     from fastapi import Body, HTTPException
     from fastapi.responses import FileResponse
     from fastapi.staticfiles import StaticFiles
@@ -220,20 +213,20 @@ def _graph_app(app: Any, run: Path, model: str | None, host: str) -> Any:
     from nanosae.io import write_json
     from nanosae.models import load_model
 
-    graphs = run / "graphs"
-    layers = {int(d.name.split("_")[1]): ViewerData(d) for d in sorted(run.glob("layer_*"))
-              if re.fullmatch(r"layer_\d+", d.name) and (d / "features.db").is_file()}
+    tset = TranscoderSetDir(run)
+    layer_runs = tset.layer_runs()
+    layers = {layer: ViewerData(d) for layer, d in sorted(layer_runs.items()) if (d / "features.db").is_file()}
     lock = threading.Lock()
     loaded: dict[str, Any] = {}
 
     def graph_file(slug: str) -> Path:
-        if not re.fullmatch(SLUG, slug) or not (graphs / f"{slug}.json").is_file():
+        if slug not in tset.graph_names():
             raise HTTPException(404, f"no graph {slug!r}")
-        return graphs / f"{slug}.json"
+        return tset.graph(slug)
 
     @app.get("/api/graphs")
     def list_graphs() -> dict:
-        return {"graphs": sorted(p.stem for p in graphs.glob("*.json") if re.fullmatch(SLUG, p.stem))}
+        return {"graphs": tset.graph_names()}
 
     @app.get("/api/graph/{slug}")
     def graph(slug: str) -> dict:
@@ -260,7 +253,7 @@ def _graph_app(app: Any, run: Path, model: str | None, host: str) -> Any:
         found = layers[layer].feature(latent) if layer in layers and 0 <= latent < layers[layer].n_latents else None
         if found is None:
             raise HTTPException(404, f"no feature page for layer {layer} latent {latent} (run `nanosae features` on "
-                                     f"{run / f'layer_{layer}'})")
+                                     f"{layer_runs.get(layer, tset.layer(layer))})")
         return found
 
     @app.post("/api/intervene")
@@ -354,12 +347,12 @@ def _write_graph_site(run: Path, out: Path) -> None:
     """A transcoder set's graphs as a static site: the graph page with every graph and, for their feature nodes,
     the explanation and top logits from the layers' features.db (no model: pins stay in the browser, and
     interventions need `nanosae view`)."""
-    import re
-
     from nanosae.interp.circuits import node_key, read_json_graph
 
     shutil.copytree(STATIC, out, dirs_exist_ok=True)
-    graphs = {p.stem: read_json_graph(p) for p in sorted((run / "graphs").glob("*.json")) if re.fullmatch(SLUG, p.stem)}
+    tset = TranscoderSetDir(run)
+    layer_runs = tset.layer_runs()
+    graphs = {slug: read_json_graph(tset.graph(slug)) for slug in tset.graph_names()}
     dbs: dict[int, ViewerData | None] = {}
     features = {}
     for graph in graphs.values():
@@ -368,8 +361,8 @@ def _write_graph_site(run: Path, out: Path) -> None:
                 continue
             layer, latent, _ = node_key(node["node_id"])
             if layer not in dbs:
-                where = run / f"layer_{layer}"
-                dbs[layer] = ViewerData(where) if (where / "features.db").is_file() else None
+                where = layer_runs.get(layer)
+                dbs[layer] = ViewerData(where) if where and (where / "features.db").is_file() else None
             if dbs[layer] is not None and f"{layer}_{latent}" not in features:
                 f = dbs[layer].feature(latent)
                 if f is not None:

@@ -1,0 +1,79 @@
+"""A transcoder set end to end: train one (one transcoder per layer from one forward pass), score it with every
+MLP replaced at once, and trace prompts through it into graph files. The CLI and the demo call these."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from nanosae.config import DataConfig, TraceConfig, TrainConfig
+from nanosae.data import iter_documents
+from nanosae.interp.circuits import Graph, attribute, load_transcoders, replacement_scores, to_neuronpedia
+from nanosae.interp.featuredb import explanations
+from nanosae.io import read_json, write_json
+from nanosae.models import HostModel, load_model
+from nanosae.rundir import TranscoderSetDir
+from nanosae.train import TrainResult, train
+
+
+class TrainedSet(NamedTuple):
+    path: Path
+    results: list[TrainResult]
+    scores: dict[str, Any]  # replacement.json
+
+
+class Trace(NamedTuple):
+    graph: Graph
+    data: dict[str, Any]  # the graph file's contents (Neuronpedia's layout)
+    out: Path
+
+
+def scoring_data(data: DataConfig) -> DataConfig:
+    """The held-out split (every 20th document), or all the text when it holds none (fewer than 20 documents)."""
+    held_out = dataclasses.replace(data, split="eval")
+    return held_out if next(iter(iter_documents(held_out)), None) is not None else dataclasses.replace(data, split="all")
+
+
+def train_set(cfgs: list[TrainConfig], layers: list[int], progress: Callable[[Any], None] | None = None,
+              model: HostModel | None = None) -> TrainedSet:
+    """Train the set's transcoders (train.sweep.transcoder_set's configs), write its manifest, and score it on
+    held-out text into replacement.json. model: the host already loaded, when the caller has it."""
+    scoring = scoring_data(cfgs[0].source.data)  # settled before the work: the set is scored after it
+    results = train(cfgs, progress=progress)
+    tset = TranscoderSetDir(Path(cfgs[0].out).parent)
+    tset.write_manifest(cfgs[0].source.model, layers, cfgs[0].sae.cross_layer)
+    return TrainedSet(tset.path, results, score_set(tset.path, scoring, model, cfgs[0].device))
+
+
+def score_set(path: Path, data: DataConfig, model: HostModel | None = None, device: str = "cpu") -> dict[str, Any]:
+    """replacement.json: the set's scores with every MLP replaced at once, on `data`."""
+    tset = TranscoderSetDir(path)
+    spec, tcs = load_transcoders(tset.path, device)
+    host = model or load_model(spec, device=device)
+    scores = replacement_scores(host, tcs, data) | {"scored_on": data.split}
+    write_json(tset.replacement, scores)
+    return scores
+
+
+def read_scores(path: Path) -> dict[str, Any]:
+    return read_json(TranscoderSetDir(path).replacement)
+
+
+def trace(prompt: str, cfg: TraceConfig, model: HostModel | None = None, slug: str | None = None,
+          progress: Callable[[int, int], None] | None = None) -> Trace:
+    """An attribution graph of prompt over cfg.transcoders, pruned and written in Neuronpedia's layout to
+    cfg.out (default the set's graphs/SLUG.json), with each feature's explanation as its label."""
+    tset = TranscoderSetDir(Path(cfg.transcoders))
+    slug, out = tset.new_graph(prompt, Path(cfg.out) if cfg.out else None, slug)
+    spec, tcs = load_transcoders(tset.path, cfg.device)
+    host = model or load_model(spec, device=cfg.device)
+    graph = attribute(host, tcs, prompt, max_feature_nodes=cfg.max_feature_nodes, progress=progress)
+    graph.transcoders = str(tset.path)
+    runs = tset.layer_runs()
+    labels = {(layer, latent): text for layer in tcs for latent, text in explanations(runs[layer]).items()}
+    data = to_neuronpedia(graph, slug=slug, node_share=cfg.node_threshold, edge_share=cfg.edge_threshold,
+                          n_layers=host.n_layers, labels=labels)
+    write_json(out, data)
+    return Trace(graph, data, out)
