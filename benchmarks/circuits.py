@@ -12,7 +12,6 @@ import argparse
 import time
 
 import torch
-
 from _results import save
 
 PROMPT = "import os\nimport sys\n\ndef main():\n    path = os.path.join(sys.argv[1], 'data')\n    with open("
@@ -27,8 +26,17 @@ def random_set(model, d_sae: int = 4608, k: int = 32, cross_layer: bool = False)
     n = model.n_layers
     for layer in range(n):
         read, write = mlp_hooks(layer)
-        out.by_layer[layer] = SAE(SAEConfig(d_in=model.d_model, d_sae=d_sae, architecture="topk", k=k, hook_name=read,
-                                            hook_name_out=write, d_out=model.d_model)).eval()
+        out.by_layer[layer] = SAE(
+            SAEConfig(
+                d_in=model.d_model,
+                d_sae=d_sae,
+                architecture="topk",
+                k=k,
+                hook_name=read,
+                hook_name_out=write,
+                d_out=model.d_model,
+            )
+        ).eval()
         if cross_layer and layer < n - 1:  # rows of norm ~1 spread over the layers written to
             out.later[layer] = torch.randn(d_sae, n - 1 - layer, model.d_model) / (model.d_model * (n - layer)) ** 0.5
     return out
@@ -63,16 +71,31 @@ def main() -> None:
     pruned = time.perf_counter() - t0
     total = attributed + pruned
     kind = "cross-layer" if tcs.cross_layer else "per-layer"
-    print(f"SmolLM2-135M, {len(tcs)} {kind} transcoders (d_sae {tcs[0].cfg.d_sae}), {len(tokens)} tokens, {graph.info['active_features']} active features, "
-          f"{graph.n_features} traced (--max-feature-nodes {args.max_feature_nodes}), "
-          f"batch {args.batch_size}, 2 threads")
-    print(f"load {loaded:.1f} s; attribution {attributed:.1f} s; pruning + JSON {pruned:.1f} s; "
-          f"graph in {total:.1f} s (target <= 120 s); kept {len(data['nodes'])} nodes, {len(data['links'])} edges; "
-          f"replacement {data['metadata']['info']['replacement_score']:.3f}")
-    save("circuits_cross_layer.py" if tcs.cross_layer else __file__, {"features": graph.info["active_features"], "traced": graph.n_features,
-                    "attribution_s": attributed, "prune_json_s": pruned, "total_s": total,
-                    "max_feature_nodes": args.max_feature_nodes, "batch_size": args.batch_size,
-                    "cross_layer": tcs.cross_layer, "d_sae": tcs[0].cfg.d_sae})
+    print(
+        f"SmolLM2-135M, {len(tcs)} {kind} transcoders (d_sae {tcs[0].cfg.d_sae}), {len(tokens)} tokens, "
+        f"{graph.info['active_features']} active features, "
+        f"{graph.n_features} traced (--max-feature-nodes {args.max_feature_nodes}), "
+        f"batch {args.batch_size}, 2 threads"
+    )
+    print(
+        f"load {loaded:.1f} s; attribution {attributed:.1f} s; pruning + JSON {pruned:.1f} s; "
+        f"graph in {total:.1f} s (target <= 120 s); kept {len(data['nodes'])} nodes, {len(data['links'])} edges; "
+        f"replacement {data['metadata']['info']['replacement_score']:.3f}"
+    )
+    save(
+        "circuits_cross_layer.py" if tcs.cross_layer else __file__,
+        {
+            "features": graph.info["active_features"],
+            "traced": graph.n_features,
+            "attribution_s": attributed,
+            "prune_json_s": pruned,
+            "total_s": total,
+            "max_feature_nodes": args.max_feature_nodes,
+            "batch_size": args.batch_size,
+            "cross_layer": tcs.cross_layer,
+            "d_sae": tcs[0].cfg.d_sae,
+        },
+    )
 
 
 if __name__ == "__main__":

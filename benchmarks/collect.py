@@ -62,8 +62,9 @@ def throughput(n_tokens: int) -> None:
 
 def rss(tokens: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        proc = subprocess.run([sys.executable, "-c", RSS_CHILD, HOOK, str(tokens), out, *DATA],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", RSS_CHILD, HOOK, str(tokens), out, *DATA], capture_output=True, text=True, check=True
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

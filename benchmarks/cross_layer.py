@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _results import save
 
 
@@ -40,9 +39,18 @@ def main() -> None:
     rows = {}
     for kind in ("per-layer", "cross-layer"):
         out = root / kind
-        settings = {"model": "smollm2-135m", "data": data("train"), "d_sae": args.d_sae, "k": args.k,
-                    "batch_size": args.batch_size, "tokens": args.tokens, "checkpoint_every": 0, "log_every": 10,
-                    "out": str(out), "cross_layer": kind == "cross-layer"}
+        settings = {
+            "model": "smollm2-135m",
+            "data": data("train"),
+            "d_sae": args.d_sae,
+            "k": args.k,
+            "batch_size": args.batch_size,
+            "tokens": args.tokens,
+            "checkpoint_every": 0,
+            "log_every": 10,
+            "out": str(out),
+            "cross_layer": kind == "cross-layer",
+        }
         t0 = time.perf_counter()
         train(transcoder_set(settings, layers))
         trained = time.perf_counter() - t0
@@ -54,17 +62,40 @@ def main() -> None:
         traced = time.perf_counter() - t0
         g = C.scores(graph)
         fvu = list(scores["fvu_by_layer"].values())
-        rows[kind] = {"train_s": trained, "ce_score": scores["replacement_ce_score"], "ce_replaced": scores["ce_loss_replaced"],
-                      "fvu_mean": sum(fvu) / len(fvu), "fvu_by_layer": fvu, "trace_s": traced, **g,
-                      "active_features": graph.info["active_features"]}
-    print(f"SmolLM2-135M, 30 layers, d_sae {args.d_sae}/layer, k {args.k}, {args.tokens:,} streamed tokens, batch "
-          f"{args.batch_size}, 2 threads; graph: the demo prompt, {args.max_feature_nodes} traced features")
-    print(f"{'':12} {'train s':>8} {'CE score':>9} {'CE repl.':>9} {'mean FVU':>9} {'trace s':>8} {'repl.':>6} {'compl.':>7}")
+        rows[kind] = {
+            "train_s": trained,
+            "ce_score": scores["replacement_ce_score"],
+            "ce_replaced": scores["ce_loss_replaced"],
+            "fvu_mean": sum(fvu) / len(fvu),
+            "fvu_by_layer": fvu,
+            "trace_s": traced,
+            **g,
+            "active_features": graph.info["active_features"],
+        }
+    print(
+        f"SmolLM2-135M, 30 layers, d_sae {args.d_sae}/layer, k {args.k}, {args.tokens:,} streamed tokens, batch "
+        f"{args.batch_size}, 2 threads; graph: the demo prompt, {args.max_feature_nodes} traced features"
+    )
+    print(
+        f"{'':12} {'train s':>8} {'CE score':>9} {'CE repl.':>9} {'mean FVU':>9} "
+        f"{'trace s':>8} {'repl.':>6} {'compl.':>7}"
+    )
     for kind, r in rows.items():
-        print(f"{kind:12} {r['train_s']:8.0f} {r['ce_score']:9.3f} {r['ce_replaced']:9.3f} {r['fvu_mean']:9.3f} "
-              f"{r['trace_s']:8.1f} {r['replacement_score']:6.3f} {r['completeness_score']:7.3f}")
-    save(__file__, {"tokens": args.tokens, "d_sae": args.d_sae, "k": args.k, "batch_size": args.batch_size,
-                    "max_feature_nodes": args.max_feature_nodes, **{k.replace("-", "_"): v for k, v in rows.items()}})
+        print(
+            f"{kind:12} {r['train_s']:8.0f} {r['ce_score']:9.3f} {r['ce_replaced']:9.3f} {r['fvu_mean']:9.3f} "
+            f"{r['trace_s']:8.1f} {r['replacement_score']:6.3f} {r['completeness_score']:7.3f}"
+        )
+    save(
+        __file__,
+        {
+            "tokens": args.tokens,
+            "d_sae": args.d_sae,
+            "k": args.k,
+            "batch_size": args.batch_size,
+            "max_feature_nodes": args.max_feature_nodes,
+            **{k.replace("-", "_"): v for k, v in rows.items()},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -54,14 +54,30 @@ def main() -> None:
     best: dict[str, dict[str, float]] = {}
     for _ in range(args.rounds):
         for setting, env in (("default", "0"), ("kept", "1")):
-            out = subprocess.run([sys.executable, __file__, "--child", "--batch", str(args.batch), "--seq", str(args.seq),
-                                  "--reps", str(args.reps)], env=os.environ | {"NANOSAE_MALLOC_TUNING": env},
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "--batch",
+                    str(args.batch),
+                    "--seq",
+                    str(args.seq),
+                    "--reps",
+                    str(args.reps),
+                ],
+                env=os.environ | {"NANOSAE_MALLOC_TUNING": env},
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             got = json.loads(out.strip().splitlines()[-1])
             best[setting] = {k: max(v, best.get(setting, {}).get(k, 0.0)) for k, v in got.items()}
     d, k = best["default"], best["kept"]
-    print(f"SmolLM2-135M forward, batch {args.batch} x {args.seq}, {int(k['threads'])} threads "
-          f"(best of {args.reps} passes x {args.rounds} processes per setting)")
+    print(
+        f"SmolLM2-135M forward, batch {args.batch} x {args.seq}, {int(k['threads'])} threads "
+        f"(best of {args.reps} passes x {args.rounds} processes per setting)"
+    )
     print("| pass | glibc default, tokens/s | freed memory kept, tokens/s | kept/default |\n|---|---|---|---|")
     for name, key in (("full (30 layers + lm_head)", "full"), ("truncated after layer 15", "truncated")):
         print(f"| {name} | {d[key]:,.0f} | {k[key]:,.0f} | {k[key] / d[key]:.2f}x |")

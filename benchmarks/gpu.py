@@ -21,22 +21,48 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-
 from _results import save
-from nanosae.sae import kernels
 from train_throughput import Shape, nanosae_step
+
+from nanosae.sae import kernels
 
 TRAIN_SHAPES = [(2304, 65536, 64), (576, 4608, 32)]
 MODELS = {
-    "gemma-2-2b": ("Gemma2Config", "Gemma2ForCausalLM", dict(
-        hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
-        head_dim=256, sliding_window=4096)),
-    "llama-3.2-1b": ("LlamaConfig", "LlamaForCausalLM", dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=64, rope_theta=500000.0)),
+    "gemma-2-2b": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            sliding_window=4096,
+        ),
+    ),
+    "llama-3.2-1b": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            rope_theta=500000.0,
+        ),
+    ),
 }
-SMOKE_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16)
+SMOKE_MODEL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 
 
 def sync(device: str) -> None:
@@ -81,6 +107,7 @@ def sparsify_step(x: torch.Tensor, d_sae: int, k: int, autocast: bool):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     return step
 
 
@@ -95,16 +122,22 @@ def training(device: str, shapes: list[tuple[int, int, int]], batch: int, reps: 
         if device.startswith("cuda"):
             xb, Wb = x.bfloat16(), W.bfloat16()
             rows["GEMM bound (bfloat16)"] = rate(lambda: xb @ Wb, batch, device, reps)
-        del W
+        W = None  # freed before the trainers allocate theirs
         reset_peak(device)
         shape = Shape(d_in, d_sae, k, batch)
-        trainers = [("nanosae", lambda: nanosae_step(x, shape)),
-                    ("nanosae --encoder-bf16", lambda: nanosae_step(x, shape, encoder_bf16=True)),
-                    ("sparsify", lambda: sparsify_step(x, d_sae, k, False)),
-                    ("sparsify (bf16 autocast)", lambda: sparsify_step(x, d_sae, k, True))]
+        trainers = [
+            ("nanosae", lambda: nanosae_step(x, shape)),
+            ("nanosae --encoder-bf16", lambda: nanosae_step(x, shape, encoder_bf16=True)),
+            ("sparsify", lambda: sparsify_step(x, d_sae, k, False)),
+            ("sparsify (bf16 autocast)", lambda: sparsify_step(x, d_sae, k, True)),
+        ]
         other = "csr" if kernels.ROWS_SUM.get(x.device.type) == "embedding_bag" else "embedding_bag"
-        trainers += [(f"nanosae --encoder-bf16, rows summed by {other}",  # the other way to sum selected rows
-                      lambda: with_rows_sum(other, nanosae_step(x, shape, encoder_bf16=True), x.device.type))]
+        trainers += [
+            (
+                f"nanosae --encoder-bf16, rows summed by {other}",  # the other way to sum selected rows
+                lambda: with_rows_sum(other, nanosae_step(x, shape, encoder_bf16=True), x.device.type),
+            )
+        ]
         for name, make in trainers:
             try:
                 reset_peak(device)
@@ -120,6 +153,7 @@ def training(device: str, shapes: list[tuple[int, int, int]], batch: int, reps: 
 
 def with_rows_sum(how: str, step, device_type: str):
     """step, run with kernels.ROWS_SUM set to `how` for its device."""
+
     def run():
         kept = kernels.ROWS_SUM.get(device_type)
         kernels.ROWS_SUM[device_type] = how
@@ -127,6 +161,7 @@ def with_rows_sum(how: str, step, device_type: str):
             step()
         finally:
             kernels.ROWS_SUM[device_type] = kept
+
     return run
 
 
@@ -147,6 +182,7 @@ def breakdown(step, device: str, top: int = 6, calls: int = 3) -> dict:
         if cuda:
             return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
         return e.self_cpu_time_total
+
     events = prof.key_averages()
     total = sum(own(e) for e in events) or 1.0
     parts = {e.key[:70]: own(e) / total for e in sorted(events, key=own, reverse=True)[:top]}
@@ -182,8 +218,9 @@ def host(name: str, device: str, smoke: bool):
 
     cfg_name, model_name, shape = MODELS[name]
     vocab = 4096 if smoke else 32768
-    cfg = getattr(transformers, cfg_name)(**(SMOKE_MODEL if smoke else shape), vocab_size=vocab,
-                                         max_position_embeddings=2048)
+    cfg = getattr(transformers, cfg_name)(
+        **(SMOKE_MODEL if smoke else shape), vocab_size=vocab, max_position_embeddings=2048
+    )
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bfloat16, on the device directly (no 2B-parameter CPU init)
@@ -216,11 +253,20 @@ def collection(device: str, names: list[str], tokens: int, smoke: bool) -> dict:
             b = fixed[state["i"] % len(fixed)]
             state["i"] += 1
             model.run_with_cache(b.tokens.to(device), [hook], return_logits=False)
+
         reset_peak(device)
         fwd = rate(forward, n // len(fixed), device, 8)
         with tempfile.TemporaryDirectory() as d:
-            cfg = CollectConfig(model=name, hooks=[hook], data=data, tokens=tokens, out=d, batch_size=batch,
-                                device=device, model_dtype="bfloat16")
+            cfg = CollectConfig(
+                model=name,
+                hooks=[hook],
+                data=data,
+                tokens=tokens,
+                out=d,
+                batch_size=batch,
+                device=device,
+                model_dtype="bfloat16",
+            )
             collect(cfg, model=model)  # warm-up (kernels, allocator)
         with tempfile.TemporaryDirectory() as d:
             sync(device)
@@ -228,10 +274,15 @@ def collection(device: str, names: list[str], tokens: int, smoke: bool) -> dict:
             collect(CollectConfig(**{**vars(cfg), "out": d}), model=model)
             sync(device)
             col = tokens / (time.perf_counter() - t)
-        out[name] = {"forward_tokens_per_s": fwd, "collect_tokens_per_s": col, "ratio": col / fwd,
-                     "writes_tokens_per_s": store_writes(cfg.tokens_per_shard, model.hook_dim(hook)),
-                     "peak_gib": peak_gib(device), "hook": hook}
-        del model
+        out[name] = {
+            "forward_tokens_per_s": fwd,
+            "collect_tokens_per_s": col,
+            "ratio": col / fwd,
+            "writes_tokens_per_s": store_writes(cfg.tokens_per_shard, model.hook_dim(hook)),
+            "peak_gib": peak_gib(device),
+            "hook": hook,
+        }
+        model = None  # freed before the next model loads
     return out
 
 
@@ -277,9 +328,21 @@ def streaming(device: str, tokens: int, smoke: bool) -> dict:
         t = time.perf_counter()
         if train:
             with tempfile.TemporaryDirectory() as d:
-                nanosae.train(TrainConfig.build(out=d, hook=hook, d_sae=d_sae, k=64 if not smoke else 8, tokens=tokens,
-                                                batch_size=batch, device=device, checkpoint_every=0, log_every=8),
-                              source=stream, progress=at_log)
+                nanosae.train(
+                    TrainConfig.build(
+                        out=d,
+                        hook=hook,
+                        d_sae=d_sae,
+                        k=64 if not smoke else 8,
+                        tokens=tokens,
+                        batch_size=batch,
+                        device=device,
+                        checkpoint_every=0,
+                        log_every=8,
+                    ),
+                    source=stream,
+                    progress=at_log,
+                )
         else:
             n = 0
             for acts in stream.activations():
@@ -288,14 +351,21 @@ def streaming(device: str, tokens: int, smoke: bool) -> dict:
                     break
         sync(device)
         return tokens / (time.perf_counter() - t)
+
     run(False)  # warm-up
     reset_peak(device)
     fwd, trained = run(False), run(True)
     (s0, t0), (s1, t1) = logged[0], logged[-1]
     steady = (s1 - s0) * batch / (t1 - t0) if s1 > s0 else float("nan")
-    return {"forward_tokens_per_s": fwd, "train_tokens_per_s": trained, "sae_share": fwd / trained - 1,
-            "steady_train_tokens_per_s": steady, "steady_sae_share": fwd / steady - 1,
-            "peak_gib": peak_gib(device), "d_sae": d_sae}
+    return {
+        "forward_tokens_per_s": fwd,
+        "train_tokens_per_s": trained,
+        "sae_share": fwd / trained - 1,
+        "steady_train_tokens_per_s": steady,
+        "steady_sae_share": fwd / steady - 1,
+        "peak_gib": peak_gib(device),
+        "d_sae": d_sae,
+    }
 
 
 def main() -> None:
@@ -308,10 +378,19 @@ def main() -> None:
     print(f"nanosae GPU benchmark on {name} ({time.strftime('%Y-%m-%d')}), torch {torch.__version__}\n")
     shapes = [(64, 512, 8)] if smoke else TRAIN_SHAPES
     train, steps_of = training(device, shapes, batch=256 if smoke else 4096, reps=3 if smoke else 10)
-    print(f"| SAE training (batch {256 if smoke else 4096}, tokens/s) | " + " | ".join(train) + " |\n|---|" + "---|" * len(train))
+    print(
+        f"| SAE training (batch {256 if smoke else 4096}, tokens/s) | "
+        + " | ".join(train)
+        + " |\n|---|"
+        + "---|" * len(train)
+    )
     for row in dict.fromkeys(r for v in train.values() for r in v):
         cells = [train[s].get(row) for s in train]
-        fmt = (lambda v: "-" if v is None else f"{v:.1f}") if "GiB" in row else (lambda v: "-" if v is None else f"{v:,.0f}")
+        fmt = (
+            (lambda v: "-" if v is None else f"{v:.1f}")
+            if "GiB" in row
+            else (lambda v: "-" if v is None else f"{v:,.0f}")
+        )
         print(f"| {row} | " + " | ".join(fmt(c) for c in cells) + " |")
     for shape, rows in train.items():
         peers = [v for k, v in rows.items() if k.startswith("sparsify") and "GiB" not in k]
@@ -326,20 +405,37 @@ def main() -> None:
             parts = ", ".join(f"{k} {v:.0%}" for k, v in b["parts"].items())
             print(f"- {shape} {name} ({b['ms_per_step']:.2f} ms): {parts}")
     col = collection(device, list(MODELS), tokens=262144 if not smoke else 256, smoke=smoke)
-    print("\n| collection (bfloat16 model) | truncated forward tok/s | collect tok/s | ratio (target >= 0.9) "
-          "| shard writes alone tok/s | peak GiB |")
+    print(
+        "\n| collection (bfloat16 model) | truncated forward tok/s | collect tok/s | ratio (target >= 0.9) "
+        "| shard writes alone tok/s | peak GiB |"
+    )
     print("|---|---|---|---|---|---|")
     for m, r in col.items():
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        print(f"| {m} | {r['forward_tokens_per_s']:,.0f} | {r['collect_tokens_per_s']:,.0f} | {r['ratio']:.2f} "
-              f"| {r['writes_tokens_per_s']:,.0f} | {peak} |")
+        print(
+            f"| {m} | {r['forward_tokens_per_s']:,.0f} | {r['collect_tokens_per_s']:,.0f} | {r['ratio']:.2f} "
+            f"| {r['writes_tokens_per_s']:,.0f} | {peak} |"
+        )
     st = streaming(device, tokens=524288 if not smoke else 4096, smoke=smoke)
-    print(f"\nstreaming training from llama-3.2-1b-shaped, d_sae {st['d_sae']}: forward alone "
-          f"{st['forward_tokens_per_s']:,.0f} tok/s, with the SAE {st['train_tokens_per_s']:,.0f} tok/s: the SAE adds "
-          f"{st['sae_share']:.0%} (target <= 15%); once started (setup left out) {st['steady_train_tokens_per_s']:,.0f} "
-          f"tok/s, {st['steady_sae_share']:.0%}")
-    save(__file__, {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "smoke": smoke,
-                    "training": train, "step_breakdown": steps_of, "collection": col, "streaming": st})
+    print(
+        f"\nstreaming training from llama-3.2-1b-shaped, d_sae {st['d_sae']}: forward alone "
+        f"{st['forward_tokens_per_s']:,.0f} tok/s, with the SAE {st['train_tokens_per_s']:,.0f} tok/s: the SAE adds "
+        f"{st['sae_share']:.0%} (target <= 15%); once started (setup left out) {st['steady_train_tokens_per_s']:,.0f} "
+        f"tok/s, {st['steady_sae_share']:.0%}"
+    )
+    save(
+        __file__,
+        {
+            "device": name,
+            "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__,
+            "smoke": smoke,
+            "training": train,
+            "step_breakdown": steps_of,
+            "collection": col,
+            "streaming": st,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -21,15 +21,53 @@ from pathlib import Path
 from _results import save
 
 SHAPES = {  # the published configs' sizes
-    "llama-3.2-1b": ("LlamaConfig", "LlamaForCausalLM", dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=2048)),
-    "qwen3-0.6b": ("Qwen3Config", "Qwen3ForCausalLM", dict(
-        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, max_position_embeddings=2048)),
-    "gemma-2-2b": ("Gemma2Config", "Gemma2ForCausalLM", dict(
-        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=256, tie_word_embeddings=True, sliding_window=4096, max_position_embeddings=2048)),
+    "llama-3.2-1b": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "qwen3-0.6b": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(
+            vocab_size=151936,
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=True,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "gemma-2-2b": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            vocab_size=256000,
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            tie_word_embeddings=True,
+            sliding_window=4096,
+            max_position_embeddings=2048,
+        ),
+    ),
 }
 
 
@@ -66,8 +104,9 @@ def measure(path: Path, tokens: int) -> dict:
     hook = f"blocks.{model.n_layers // 2}.hook_resid_post"
     data = DataConfig(context_size=128)
     with tempfile.TemporaryDirectory() as out:
-        cfg = CollectConfig(model=str(path), hooks=[hook], data=data, tokens=tokens, out=out, batch_size=4,
-                            model_dtype="bfloat16")
+        cfg = CollectConfig(
+            model=str(path), hooks=[hook], data=data, tokens=tokens, out=out, batch_size=4, model_dtype="bfloat16"
+        )
         t = time.perf_counter()
         collect(cfg, model=model)
         collect_s = time.perf_counter() - t
@@ -80,9 +119,15 @@ def measure(path: Path, tokens: int) -> dict:
         n += int(b.valid.sum())
     forward = n / (time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"params": sum(p.numel() for p in model.module.parameters()), "weights_gib": weights / 2**30,
-            "peak_rss_gib": peak / 2**30, "load_s": load_s, "collect_tokens_per_s": tokens / collect_s,
-            "forward_tokens_per_s": forward, "hook": hook}
+    return {
+        "params": sum(p.numel() for p in model.module.parameters()),
+        "weights_gib": weights / 2**30,
+        "peak_rss_gib": peak / 2**30,
+        "load_s": load_s,
+        "collect_tokens_per_s": tokens / collect_s,
+        "forward_tokens_per_s": forward,
+        "hook": hook,
+    }
 
 
 def main() -> None:
@@ -101,17 +146,28 @@ def main() -> None:
     results = {}
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as d:
-            run = lambda kind: subprocess.run([sys.executable, __file__, "--models", name, "--tokens", str(args.tokens),
-                                               "--child", kind, d], check=True, capture_output=True, text=True).stdout
+            run = lambda kind: (
+                subprocess.run(
+                    [sys.executable, __file__, "--models", name, "--tokens", str(args.tokens), "--child", kind, d],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
             run("build")
             results[name] = json.loads(run("measure").strip().splitlines()[-1])
     print(f"Host models in bfloat16 on CPU (2 threads), random weights, {args.tokens} tokens collected, context 128\n")
-    print("| model | params | weights GiB | peak RSS GiB | RSS / weights | load s | collect tok/s | forward tok/s | ratio |")
+    print(
+        "| model | params | weights GiB | peak RSS GiB | RSS / weights | load s | collect tok/s "
+        "| forward tok/s | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['params'] / 1e9:.2f}B | {r['weights_gib']:.2f} | {r['peak_rss_gib']:.2f} | "
-              f"{r['peak_rss_gib'] / r['weights_gib']:.2f} | {r['load_s']:.1f} | {r['collect_tokens_per_s']:,.0f} | "
-              f"{r['forward_tokens_per_s']:,.0f} | {r['collect_tokens_per_s'] / r['forward_tokens_per_s']:.2f} |")
+        print(
+            f"| {name} | {r['params'] / 1e9:.2f}B | {r['weights_gib']:.2f} | {r['peak_rss_gib']:.2f} | "
+            f"{r['peak_rss_gib'] / r['weights_gib']:.2f} | {r['load_s']:.1f} | {r['collect_tokens_per_s']:,.0f} | "
+            f"{r['forward_tokens_per_s']:,.0f} | {r['collect_tokens_per_s'] / r['forward_tokens_per_s']:.2f} |"
+        )
     print("\ntargets: peak RSS <= 1.25 x weights; collection >= 0.9 x the truncated forward")
     save(__file__, results)
 

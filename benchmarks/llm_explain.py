@@ -33,8 +33,10 @@ def main() -> None:
         seconds = time.perf_counter() - t
         rows = [r for r in FeatureDB(db).latents() if r["method"] == "llm" and r["score"] is not None]
     mean = sum(r["score"] for r in rows) / max(1, len(rows))
-    print(f"| features | explained | seconds | s/feature | mean detection score |\n|---|---|---|---|---|\n"
-          f"| {args.features} | {n} | {seconds:.0f} | {seconds / max(1, args.features):.2f} | {mean:.3f} |")
+    print(
+        f"| features | explained | seconds | s/feature | mean detection score |\n|---|---|---|---|---|\n"
+        f"| {args.features} | {n} | {seconds:.0f} | {seconds / max(1, args.features):.2f} | {mean:.3f} |"
+    )
     print(f"projected for 100 features: {100 * seconds / max(1, args.features):.0f} s (target <= 300 s)")
     save(__file__, {"features": args.features, "explained": n, "seconds": seconds, "mean_score": mean})
 

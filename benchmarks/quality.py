@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _results import save
 
 from nanosae import SAE, ActivationStore, CollectConfig, DataConfig, SAEConfig, TrainConfig
 from nanosae.data import collect
@@ -37,12 +38,12 @@ from nanosae.models import keep_freed_memory, load_model
 from nanosae.options import parse_count
 from nanosae.train import train
 
-from _results import save
-
 PEER_BATCH = 4096
-JOBS = {"demo": ("blocks.15.hook_resid_post", ["builtin:pydocs", "builtin:stdlib"]),
-        "stdlib5": ("blocks.5.hook_resid_post", ["builtin:stdlib"]),
-        "pydocs25": ("blocks.25.hook_resid_post", ["pydocs-paragraphs"])}
+JOBS = {
+    "demo": ("blocks.15.hook_resid_post", ["builtin:pydocs", "builtin:stdlib"]),
+    "stdlib5": ("blocks.5.hook_resid_post", ["builtin:stdlib"]),
+    "pydocs25": ("blocks.25.hook_resid_post", ["pydocs-paragraphs"]),
+}
 
 
 def job_data(specs: list[str], out: Path) -> DataConfig:
@@ -55,7 +56,9 @@ def job_data(specs: list[str], out: Path) -> DataConfig:
     path = out / "pydocs.txt"
     if not path.exists():
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n\n".join(iter_documents(DataConfig(specs=["builtin:pydocs"], split="all"))), encoding="utf-8")
+        path.write_text(
+            "\n\n".join(iter_documents(DataConfig(specs=["builtin:pydocs"], split="all"))), encoding="utf-8"
+        )
     return DataConfig(specs=[str(path)], txt_paragraphs=True)
 
 
@@ -80,10 +83,24 @@ class Job:
 
 
 def as_topk_sae(job: Job, W_enc, b_enc, W_dec, b_dec, centred: bool) -> SAE:
-    sae = SAE(SAEConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], architecture="topk", k=job.k, hook_name=job.hook,
-                        apply_b_dec_to_input=centred))
-    sae.load_state_dict({"W_enc": W_enc.detach().float(), "b_enc": b_enc.detach().float(),
-                         "W_dec": W_dec.detach().float(), "b_dec": b_dec.detach().float()})
+    sae = SAE(
+        SAEConfig(
+            d_in=W_enc.shape[0],
+            d_sae=W_enc.shape[1],
+            architecture="topk",
+            k=job.k,
+            hook_name=job.hook,
+            apply_b_dec_to_input=centred,
+        )
+    )
+    sae.load_state_dict(
+        {
+            "W_enc": W_enc.detach().float(),
+            "b_enc": b_enc.detach().float(),
+            "W_dec": W_dec.detach().float(),
+            "b_dec": b_dec.detach().float(),
+        }
+    )
     return sae.eval()
 
 
@@ -96,7 +113,9 @@ def sparsify_defaults(job: Job, batch_size: int = PEER_BATCH) -> SAE:
     from sparsify.sign_sgd import SignSGD
 
     coder = SparseCoder(job.store.d_in, SparseCoderConfig(num_latents=job.d_sae, k=job.k))
-    opt = ScheduleFreeWrapper(SignSGD([dict(params=coder.parameters(), lr=5e-3 / (job.d_sae / 2**14) ** 0.5)]), momentum=0.95)
+    opt = ScheduleFreeWrapper(
+        SignSGD([dict(params=coder.parameters(), lr=5e-3 / (job.d_sae / 2**14) ** 0.5)]), momentum=0.95
+    )
     opt.train()
     for step, x in enumerate(job.batches(batch_size)):
         if len(x) < batch_size:
@@ -123,12 +142,29 @@ def dictionary_learning_defaults(job: Job) -> SAE:
     steps = job.budget // PEER_BATCH
     layer = int(job.hook.split(".")[1])
     with tempfile.TemporaryDirectory() as out:  # trainSAE returns nothing: its result is the saved ae.pt
-        trainSAE(data=iter(job.batches(PEER_BATCH)), steps=steps, device="cpu", save_dir=out,
-                 trainer_configs=[dict(trainer=TopKTrainer, steps=steps, activation_dim=job.store.d_in, dict_size=job.d_sae,
-                                       k=job.k, layer=layer, lm_name="smollm2-135m", device="cpu",
-                                       warmup_steps=max(1, steps // 20))])
+        trainSAE(
+            data=iter(job.batches(PEER_BATCH)),
+            steps=steps,
+            device="cpu",
+            save_dir=out,
+            trainer_configs=[
+                dict(
+                    trainer=TopKTrainer,
+                    steps=steps,
+                    activation_dim=job.store.d_in,
+                    dict_size=job.d_sae,
+                    k=job.k,
+                    layer=layer,
+                    lm_name="smollm2-135m",
+                    device="cpu",
+                    warmup_steps=max(1, steps // 20),
+                )
+            ],
+        )
         sd = torch.load(Path(out) / "trainer_0" / "ae.pt", weights_only=True)
-    return as_topk_sae(job, sd["encoder.weight"].T, sd["encoder.bias"], sd["decoder.weight"].T, sd["b_dec"], centred=True)
+    return as_topk_sae(
+        job, sd["encoder.weight"].T, sd["encoder.bias"], sd["decoder.weight"].T, sd["b_dec"], centred=True
+    )
 
 
 def saelens_defaults(job: Job) -> SAE:
@@ -138,36 +174,50 @@ def saelens_defaults(job: Job) -> SAE:
     from sae_lens.training.sae_trainer import SAETrainer
 
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=job.store.d_in, d_sae=job.d_sae, k=job.k))
-    cfg = SAETrainerConfig(total_training_samples=job.budget, train_batch_size_samples=PEER_BATCH, device="cpu",
-                           lr_end=3e-4 / 10)  # what its runner config's post-init sets (lr / 10)
+    cfg = SAETrainerConfig(
+        total_training_samples=job.budget, train_batch_size_samples=PEER_BATCH, device="cpu", lr_end=3e-4 / 10
+    )  # what its runner config's post-init sets (lr / 10)
     trained = SAETrainer(cfg, sae, iter(job.batches(PEER_BATCH))).fit()
-    return as_topk_sae(job, trained.W_enc, trained.b_enc, trained.W_dec, trained.b_dec,
-                       centred=bool(getattr(trained.cfg, "apply_b_dec_to_input", True)))
+    return as_topk_sae(
+        job,
+        trained.W_enc,
+        trained.b_enc,
+        trained.W_dec,
+        trained.b_dec,
+        centred=bool(getattr(trained.cfg, "apply_b_dec_to_input", True)),
+    )
 
 
 def nanosae(job: Job, out: Path, **settings) -> tuple[SAE, dict]:
     """nanosae's trainer with its defaults plus `settings` (flat TrainConfig fields)."""
     settings = {"d_sae": job.d_sae, "k": job.k, **settings}
-    result = train(TrainConfig.build(out=str(out), acts=str(job.store.path), tokens=job.budget, checkpoint_every=0,
-                                     log_every=10_000, **settings))
+    result = train(
+        TrainConfig.build(
+            out=str(out), acts=str(job.store.path), tokens=job.budget, checkpoint_every=0, log_every=10_000, **settings
+        )
+    )
     return result.sae, result.metrics
 
 
 def trainers(job: Job, out: Path, variants: list[dict]) -> dict:
     """name -> a function training one SAE (returning it, or it and nanosae's training metrics)."""
     ours = TrainConfig.build(tokens=job.budget).optim.batch_size
-    runs = {"nanosae TopK": lambda: nanosae(job, out / "topk"),
-            "nanosae BatchTopK": lambda: nanosae(job, out / "batchtopk", architecture="batchtopk"),
-            "nanosae Matryoshka": lambda: nanosae(job, out / "matryoshka", architecture="matryoshka"),
-            "nanosae TopK + KL fine-tune 5%": lambda: nanosae(job, out / "topk_kl", kl_finetune=0.05),
-            f"sparsify (batch {PEER_BATCH})": lambda: sparsify_defaults(job),
-            f"sparsify (batch {ours})": lambda: sparsify_defaults(job, ours),
-            f"dictionary_learning (batch {PEER_BATCH})": lambda: dictionary_learning_defaults(job),
-            f"SAELens (batch {PEER_BATCH})": lambda: saelens_defaults(job)}
+    runs = {
+        "nanosae TopK": lambda: nanosae(job, out / "topk"),
+        "nanosae BatchTopK": lambda: nanosae(job, out / "batchtopk", architecture="batchtopk"),
+        "nanosae Matryoshka": lambda: nanosae(job, out / "matryoshka", architecture="matryoshka"),
+        "nanosae TopK + KL fine-tune 5%": lambda: nanosae(job, out / "topk_kl", kl_finetune=0.05),
+        f"sparsify (batch {PEER_BATCH})": lambda: sparsify_defaults(job),
+        f"sparsify (batch {ours})": lambda: sparsify_defaults(job, ours),
+        f"dictionary_learning (batch {PEER_BATCH})": lambda: dictionary_learning_defaults(job),
+        f"SAELens (batch {PEER_BATCH})": lambda: saelens_defaults(job),
+    }
     for v in variants:
         v = dict(v)
         name = v.pop("name", json.dumps(v))
-        runs[f"nanosae {name}"] = lambda v=v, name=name: nanosae(job, out / name.replace(" ", "_").replace("/", "_"), **v)
+        runs[f"nanosae {name}"] = lambda v=v, name=name: nanosae(
+            job, out / name.replace(" ", "_").replace("/", "_"), **v
+        )
     return runs
 
 
@@ -195,16 +245,18 @@ def main() -> None:
     if args.acts:
         job.store = ActivationStore(args.acts)
     else:
-        stores = collect(CollectConfig(hooks=[hook], data=data, tokens=job.tokens, out=str(out / "acts")),
-                         model=model)
+        stores = collect(CollectConfig(hooks=[hook], data=data, tokens=job.tokens, out=str(out / "acts")), model=model)
         job.store = stores[hook] if isinstance(stores, dict) else stores
     collect_s = time.perf_counter() - t
     runs = trainers(job, out / "runs", [json.loads(v) for v in args.variant])
     if args.only:
         wanted = [w.strip().lower() for w in args.only.split(",")]
         exact = [w for w in wanted if w in {name.lower() for name in runs}]  # a whole name picks that one alone
-        runs = {name: fn for name, fn in runs.items()
-                if name.lower() in exact or any(w in name.lower() for w in wanted if w not in exact)}
+        runs = {
+            name: fn
+            for name, fn in runs.items()
+            if name.lower() in exact or any(w in name.lower() for w in wanted if w not in exact)
+        }
     saes, rows = {}, {}
     for name, fn in runs.items():
         try:
@@ -230,24 +282,31 @@ def main() -> None:
         t = time.perf_counter()
         evaluate(saes["nanosae TopK"], model, held_out, tokens=4096)
         seconds["time to result (collect + train + eval of 4,096 tokens, as the demo)"] = (
-            collect_s + rows["nanosae TopK"]["train_s"] + time.perf_counter() - t)
+            collect_s + rows["nanosae TopK"]["train_s"] + time.perf_counter() - t
+        )
     t = time.perf_counter()
     results = evaluate(list(saes.values()), model, held_out, tokens=args.eval_tokens)
     eval_s = time.perf_counter() - t
     for name, m in zip(saes, results):
         rows[name] |= {k: m[k] for k in ("fvu", "ce_loss_score", "kl_div", "l0", "dead_fraction")}
     n_eval = results[0]["tokens"] if results else 0
-    print(f"\nSmolLM2-135M {hook} on {' + '.join(specs)}: {len(job.store):,} collected tokens x {job.passes} passes = "
-          f"{job.budget:,} training tokens for every trainer; d_sae {job.d_sae}, k {job.k} (L0 {job.k}); "
-          f"{n_eval:,} held-out eval tokens")
-    print("\n| trainer | FVU | CE-loss score | KL | L0 | dead in training | never fired in eval | train s |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print(
+        f"\nSmolLM2-135M {hook} on {' + '.join(specs)}: {len(job.store):,} collected tokens x {job.passes} passes = "
+        f"{job.budget:,} training tokens for every trainer; d_sae {job.d_sae}, k {job.k} (L0 {job.k}); "
+        f"{n_eval:,} held-out eval tokens"
+    )
+    print(
+        "\n| trainer | FVU | CE-loss score | KL | L0 | dead in training | never fired in eval | train s |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     for name, r in rows.items():
         if "fvu" not in r:
             continue
         dead = "-" if r["dead_in_training"] is None else f"{r['dead_in_training']:.2%}"
-        print(f"| {name} | {r['fvu']:.4f} | {r['ce_loss_score']:.4f} | {r['kl_div']:.4f} | {r['l0']:.1f} | {dead} | "
-              f"{r['dead_fraction']:.2%} | {r['train_s']:.0f} |")
+        print(
+            f"| {name} | {r['fvu']:.4f} | {r['ce_loss_score']:.4f} | {r['kl_div']:.4f} | {r['l0']:.1f} | {dead} | "
+            f"{r['dead_fraction']:.2%} | {r['train_s']:.0f} |"
+        )
     peers = [r for n, r in rows.items() if n.startswith("sparsify") and "fvu" in r]
     if peers:  # each metric against sparsify's best row for that metric
         best_fvu, best_gap = min(r["fvu"] for r in peers), min(1 - r["ce_loss_score"] for r in peers)
@@ -258,9 +317,23 @@ def main() -> None:
     seconds["eval of every SAE"] = eval_s
     print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     name = f"quality_{args.job}" if args.job else "quality"
-    save(name + ".py", {"job": {"hook": hook, "data": specs, "collected_tokens": len(job.store), "passes": job.passes,
-                                "training_tokens": job.budget, "d_sae": job.d_sae, "k": job.k, "eval_tokens": n_eval},
-                        "rows": rows, "seconds": seconds})
+    save(
+        name + ".py",
+        {
+            "job": {
+                "hook": hook,
+                "data": specs,
+                "collected_tokens": len(job.store),
+                "passes": job.passes,
+                "training_tokens": job.budget,
+                "d_sae": job.d_sae,
+                "k": job.k,
+                "eval_tokens": n_eval,
+            },
+            "rows": rows,
+            "seconds": seconds,
+        },
+    )
 
 
 if __name__ == "__main__":

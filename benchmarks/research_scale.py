@@ -34,6 +34,7 @@ def make_store(path: Path) -> None:
     def blocks():
         for _ in range(TOKENS // 32768):
             yield (torch.randn(32768, 256, generator=g) @ basis) / 16 + torch.randn(32768, D_IN, generator=g) * 0.1
+
     write_store(path, blocks(), dtype="float16", hook="blocks.12.hook_resid_post", model="synthetic")
 
 
@@ -47,23 +48,39 @@ def child(store: Path, steps: int) -> dict:
     acts = ActivationStore(store, verify=False)
     t = time.perf_counter()
     n = 0
-    for batch in acts.batches(BATCH, shuffle=True, seed=1):
+    for _ in acts.batches(BATCH, shuffle=True, seed=1):
         n += 1
         if n == 2 * steps:
             break
     read_rate = n * BATCH / (time.perf_counter() - t)
     with tempfile.TemporaryDirectory() as out:
-        result = nanosae.train(TrainConfig.build(acts=str(store), out=out, d_sae=D_SAE, k=K, batch_size=BATCH,
-                                                 tokens=BATCH * steps, log_every=1, checkpoint_every=0,
-                                                 dead_tokens=TOKENS // 20))  # a 2M-token run's default
+        result = nanosae.train(
+            TrainConfig.build(
+                acts=str(store),
+                out=out,
+                d_sae=D_SAE,
+                k=K,
+                batch_size=BATCH,
+                tokens=BATCH * steps,
+                log_every=1,
+                checkpoint_every=0,
+                dead_tokens=TOKENS // 20,
+            )
+        )  # a 2M-token run's default
         lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     params = sum(p.numel() * p.element_size() for p in result.sae.parameters())
     pool_tokens = max(131072, 2**29 // (4 * D_IN))  # ActivationStore.batches' default
     pool = pool_tokens * D_IN * 2  # float16, as the store holds it
     train_rate = lines[-1]["tokens_per_s"]  # training steps only (the store read and the final save excluded)
-    return {"peak_rss_gib": peak / 2**30, "params_gib": params / 2**30, "adam_gib": 2 * params / 2**30,
-            "pool_gib": pool / 2**30, "train_tokens_per_s": train_rate, "read_tokens_per_s": read_rate}
+    return {
+        "peak_rss_gib": peak / 2**30,
+        "params_gib": params / 2**30,
+        "adam_gib": 2 * params / 2**30,
+        "pool_gib": pool / 2**30,
+        "train_tokens_per_s": train_rate,
+        "read_tokens_per_s": read_rate,
+    }
 
 
 def main() -> None:
@@ -80,19 +97,32 @@ def main() -> None:
         t = time.perf_counter()
         make_store(store)
         print(f"wrote the 2M-token store in {time.perf_counter() - t:.0f} s")
-    out = subprocess.run([sys.executable, __file__, "--store", str(store), "--steps", str(args.steps), "--child"],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--store", str(store), "--steps", str(args.steps), "--child"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     r = json.loads(out.strip().splitlines()[-1])
     floor = r["params_gib"] + r["adam_gib"] + r["pool_gib"]
-    print(f"TopK d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, {args.steps} steps from a 2M-token float16 store, "
-          f"2 threads\n")
-    print("| parameters | Adam state | shuffle pool | sum | peak RSS | RSS / sum (target <= 1.2) | RSS / (sum + gradients) |")
+    print(
+        f"TopK d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, {args.steps} steps from a 2M-token float16 store, "
+        f"2 threads\n"
+    )
+    print(
+        "| parameters | Adam state | shuffle pool | sum | peak RSS | RSS / sum (target <= 1.2) "
+        "| RSS / (sum + gradients) |"
+    )
     print("|---|---|---|---|---|---|---|")
-    print(f"| {r['params_gib']:.2f} GiB | {r['adam_gib']:.2f} GiB | {r['pool_gib']:.2f} GiB | {floor:.2f} GiB | "
-          f"{r['peak_rss_gib']:.2f} GiB | {r['peak_rss_gib'] / floor:.2f} | "
-          f"{r['peak_rss_gib'] / (floor + r['params_gib']):.2f} |")
-    print(f"\ntraining {r['train_tokens_per_s']:,.0f} tokens/s; the shuffled store reader {r['read_tokens_per_s']:,.0f} "
-          f"tokens/s: {r['read_tokens_per_s'] / r['train_tokens_per_s']:.1f}x what training consumes (target >= 3x)")
+    print(
+        f"| {r['params_gib']:.2f} GiB | {r['adam_gib']:.2f} GiB | {r['pool_gib']:.2f} GiB | {floor:.2f} GiB | "
+        f"{r['peak_rss_gib']:.2f} GiB | {r['peak_rss_gib'] / floor:.2f} | "
+        f"{r['peak_rss_gib'] / (floor + r['params_gib']):.2f} |"
+    )
+    print(
+        f"\ntraining {r['train_tokens_per_s']:,.0f} tokens/s; the shuffled store reader {r['read_tokens_per_s']:,.0f} "
+        f"tokens/s: {r['read_tokens_per_s'] / r['train_tokens_per_s']:.1f}x what training consumes (target >= 3x)"
+    )
     save(__file__, r | {"steps": args.steps})
 
 

@@ -12,9 +12,12 @@ import torch
 here = Path(__file__).parent
 failed = []
 for script in sorted(here.glob("*.py")):
-    if script.name.startswith("_") or script.name in (Path(__file__).name, "train_throughput.py", "quality.py",
-                                                       "sweep_defaults.py", "architectures.py") \
-            or (script.name == "gpu.py" and not torch.cuda.is_available()):
+    if (
+        script.name.startswith("_")
+        or script.name
+        in (Path(__file__).name, "train_throughput.py", "quality.py", "sweep_defaults.py", "architectures.py")
+        or (script.name == "gpu.py" and not torch.cuda.is_available())
+    ):
         continue
     print(f"\n=== {script.name} ===", flush=True)
     if subprocess.run([sys.executable, str(script)]).returncode != 0:

@@ -18,13 +18,12 @@ import json
 import time
 
 import torch
+from _results import save
+from quality import Job, nanosae
 
 from nanosae import ActivationStore, DataConfig
 from nanosae.eval import evaluate
 from nanosae.models import keep_freed_memory, load_model
-
-from _results import save
-from quality import Job, nanosae
 
 
 def main() -> None:
@@ -52,7 +51,10 @@ def main() -> None:
             t = time.perf_counter()
             sae, metrics = nanosae(job, f"{args.out}/{job_name}/{name.replace(' ', '_').replace('/', '_')}", **settings)
             saes[name] = sae
-            table[name][job_name] = {"train_s": round(time.perf_counter() - t, 1), "dead_in_training": metrics["dead_fraction"]}
+            table[name][job_name] = {
+                "train_s": round(time.perf_counter() - t, 1),
+                "dead_in_training": metrics["dead_fraction"],
+            }
             print(f"{job_name}: {name} trained in {table[name][job_name]['train_s']:.0f} s", flush=True)
         if m["model"] not in models:
             models[m["model"]] = load_model(m["model"])
@@ -69,8 +71,11 @@ def main() -> None:
         cells = []
         for j in jobs:
             r, b = table[name][j], base[j]
-            ratio = f" ({r['fvu'] / b['fvu']:.2f}x, {(1 - r['ce_loss_score']) / max(1e-9, 1 - b['ce_loss_score']):.2f}x)" \
-                if name != names[0] else ""
+            ratio = (
+                f" ({r['fvu'] / b['fvu']:.2f}x, {(1 - r['ce_loss_score']) / max(1e-9, 1 - b['ce_loss_score']):.2f}x)"
+                if name != names[0]
+                else ""
+            )
             cells.append(f"{r['fvu']:.4f} / {r['ce_loss_score']:.4f}{ratio}, {r['train_s']:.0f} s")
         print(f"| {name} | " + " | ".join(cells) + " |")
     save(__file__, {"passes": args.passes, "variants": dict(zip(names, variants)), "results": table})

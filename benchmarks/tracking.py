@@ -10,12 +10,11 @@ import argparse
 import time
 
 import torch
+from _results import save
 
 import nanosae
 from nanosae import SAE, SAEConfig
 from nanosae.interp.live import FeatureTracker
-
-from _results import save
 
 
 def main() -> None:
@@ -39,7 +38,10 @@ def main() -> None:
         tracked = min(tracked, time.perf_counter() - t)
         assert a.tokens == b.tokens
     print(f"SmolLM2-135M, {args.tokens} tokens, KV cache, {torch.get_num_threads()} threads, best of {args.reps}")
-    print(f"| generation | tokens/s |\n|---|---|\n| plain | {args.tokens / plain:.1f} |\n| with tracking | {args.tokens / tracked:.1f} |")
+    print(
+        f"| generation | tokens/s |\n|---|---|\n| plain | {args.tokens / plain:.1f} |\n"
+        f"| with tracking | {args.tokens / tracked:.1f} |"
+    )
     print(f"tracking overhead: {(tracked / plain - 1) * 100:.1f}% (target <= 5%)")
     save(__file__, {"plain_tokens_per_s": args.tokens / plain, "tracked_tokens_per_s": args.tokens / tracked})
 

@@ -21,12 +21,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+from _results import save
 
 from nanosae import SAE, SAEConfig, TrainConfig
 from nanosae.train.losses import normalize_decoder, remove_parallel_grad, sae_loss
 from nanosae.train.trainer import make_adam
-
-from _results import save
 
 
 @dataclass
@@ -74,6 +73,7 @@ def nanosae_step(x: torch.Tensor, s: Shape, dead: torch.Tensor | None = None, en
         remove_parallel_grad(sae)
         opt.step()
         normalize_decoder(sae)
+
     return step
 
 
@@ -86,6 +86,7 @@ def adam_step(params, loss_fn):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     return step
 
 
@@ -100,6 +101,7 @@ def dense_step(x: torch.Tensor, s: Shape):
         vals, idx = pre.topk(s.k, dim=-1)
         z = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
         return (z @ W_dec + b_dec - x).pow(2).sum(-1).mean()
+
     return adam_step([W_enc, b_enc, W_dec, b_dec], loss)
 
 
@@ -115,8 +117,9 @@ def peers(x: torch.Tensor, s: Shape, dead: torch.Tensor | None, all_peers: bool)
         out["sparsify"] = adam_step(coder.parameters(), lambda: coder(x).fvu)
         if dead is not None:  # its trainer's loss: fvu + auxk_alpha (1/32) * auxk_loss
             coder_dead = SparseCoder(s.d_in, SparseCoderConfig(num_latents=s.d_sae, k=s.k))
-            out["sparsify, half dead"] = adam_step(coder_dead.parameters(), lambda: (
-                lambda o: o.fvu + o.auxk_loss / 32)(coder_dead(x, dead_mask=dead)))
+            out["sparsify, half dead"] = adam_step(
+                coder_dead.parameters(), lambda: (lambda o: o.fvu + o.auxk_loss / 32)(coder_dead(x, dead_mask=dead))
+            )
     except Exception as e:
         print(f"sparsify not measured: {e}")
     if not all_peers:
@@ -133,8 +136,9 @@ def peers(x: torch.Tensor, s: Shape, dead: torch.Tensor | None, all_peers: bool)
         from sae_lens.saes.sae import TrainStepInput
 
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=s.d_in, d_sae=s.d_sae, k=s.k))  # its defaults, as a user would
-        step_input = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0,
-                                    is_logging_step=False)
+        step_input = TrainStepInput(
+            sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False
+        )
         out["SAELens"] = adam_step(sae.parameters(), lambda: sae.training_forward_pass(step_input).loss)
     except Exception as e:
         print(f"SAELens not measured: {e}")
@@ -158,7 +162,7 @@ def main() -> None:
     dead = dead_mask(s, args.dead)
     steps = {"GEMM": lambda: x @ W, "nanosae": nanosae_step(x, s)}
     if dead is not None:
-        steps[f"nanosae, half dead" if args.dead == 0.5 else f"nanosae, {args.dead:.0%} dead"] = nanosae_step(x, s, dead)
+        steps["nanosae, half dead" if args.dead == 0.5 else f"nanosae, {args.dead:.0%} dead"] = nanosae_step(x, s, dead)
     if demo_shape:  # the dense reference needs a (batch, d_sae) buffer four times over: the small shape only
         steps["dense PyTorch TopK"] = dense_step(x, s)
     steps |= peers(x, s, dead, all_peers=demo_shape)
@@ -173,14 +177,18 @@ def main() -> None:
     live = {n: r for n, r in rates.items() if "dead" not in n}
     fastest_peer = max((r for n, r in live.items() if n != "nanosae"), default=None)
     if fastest_peer:
-        print(f"\nnanosae / fastest other: {rates['nanosae'] / fastest_peer:.2f}x (target >= 2x); "
-              f"of bound: {rates['nanosae'] / gemm:.0%} (target >= 60%)")
+        print(
+            f"\nnanosae / fastest other: {rates['nanosae'] / fastest_peer:.2f}x (target >= 2x); "
+            f"of bound: {rates['nanosae'] / gemm:.0%} (target >= 60%)"
+        )
     dead_name = next((n for n in rates if n.startswith("nanosae,")), None)
     if dead_name:
         print(f"{dead_name}: a step costs {rates['nanosae'] / rates[dead_name]:.2f}x a step with none (target <= 1.3x)")
         if "sparsify, half dead" in rates:
-            print(f"{dead_name} / sparsify, half dead: {rates[dead_name] / rates['sparsify, half dead']:.2f}x "
-                  f"(target >= 2x)")
+            print(
+                f"{dead_name} / sparsify, half dead: {rates[dead_name] / rates['sparsify, half dead']:.2f}x "
+                f"(target >= 2x)"
+            )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS {peak:.2f} GiB")
     save(__file__, {"shape": vars(s), "tokens_per_s": rates, "gemm_bound_tokens_per_s": gemm, "peak_rss_gib": peak})

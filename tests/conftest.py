@@ -10,8 +10,12 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                              reason="no CUDA device here"))])
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),
+    ]
+)
 def device(request) -> str:
     """A test that takes `device` runs on the CPU and again on CUDA where a GPU is present: kernels, SAE math,
     training steps, splicing and steering, evaluation."""
@@ -36,8 +40,15 @@ def tiny_llama_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     model = LlamaForCausalLM(cfg).eval()
     path = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(path)
@@ -50,7 +61,9 @@ def word_docs(n_docs: int, seed: int = 0, min_words: int = 5, max_words: int = 6
     import random
 
     rng = random.Random(seed)
-    return [" ".join(f"w{rng.randrange(3, 64)}" for _ in range(rng.randrange(min_words, max_words))) for _ in range(n_docs)]
+    return [
+        " ".join(f"w{rng.randrange(3, 64)}" for _ in range(rng.randrange(min_words, max_words))) for _ in range(n_docs)
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -86,16 +99,25 @@ XSS_TOKENS = ["<script>window.__xss = 1</script>", '<img src=x onerror="window._
 @pytest.fixture(scope="session")
 def viewer_run(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
     """A run directory: sae/, features.db (with hostile text planted in it), eval.json."""
-    from nanosae import SAE, SAEConfig, DataConfig
+    from nanosae import SAE, DataConfig, SAEConfig
     from nanosae.interp.features import FeaturesConfig, build_features
 
     run = tmp_path_factory.mktemp("viewer_run")
     torch.manual_seed(2)
-    sae = SAE(SAEConfig(d_in=32, d_sae=24, architecture="topk", k=3, hook_name="blocks.1.hook_resid_post",
-                        model_name=str(tiny_llama_dir)))
+    sae = SAE(
+        SAEConfig(
+            d_in=32,
+            d_sae=24,
+            architecture="topk",
+            k=3,
+            hook_name="blocks.1.hook_resid_post",
+            model_name=str(tiny_llama_dir),
+        )
+    )
     sae.save(run / "sae")
-    cfg = FeaturesConfig(data=DataConfig(specs=[str(word_corpus)], context_size=16, split="all"), tokens=500, top_n=4,
-                         batch_size=4)
+    cfg = FeaturesConfig(
+        data=DataConfig(specs=[str(word_corpus)], context_size=16, split="all"), tokens=500, top_n=4, batch_size=4
+    )
     build_features(sae, tiny_model, cfg, run / "features.db")
     con = sqlite3.connect(run / "features.db")
     row = con.execute("SELECT rowid, tokens FROM examples WHERE latent = 3 AND kind = 'top' ORDER BY rank").fetchone()
@@ -103,9 +125,13 @@ def viewer_run(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
     tokens[0], tokens[1] = XSS_TOKENS
     tokens[2], tokens[3] = "\n", "<|im_start|>"  # shown as ↵ and as a badge
     con.execute("UPDATE examples SET tokens = ? WHERE rowid = ?", (json.dumps(tokens), row[0]))
-    con.execute("UPDATE latents SET explanation = ?, score = 0.9, precision = 0.8, recall = 0.7 WHERE id = 3",
-                ('<b onmouseover="window.__xss=3">bold</b> words',))
-    con.execute("UPDATE latents SET note = 'fired 4 times in the text read: too few to explain (needs 20)' WHERE id = 5")
+    con.execute(
+        "UPDATE latents SET explanation = ?, score = 0.9, precision = 0.8, recall = 0.7 WHERE id = 3",
+        ('<b onmouseover="window.__xss=3">bold</b> words',),
+    )
+    con.execute(
+        "UPDATE latents SET note = 'fired 4 times in the text read: too few to explain (needs 20)' WHERE id = 5"
+    )
     con.execute("UPDATE latents SET fires = 0, density = 0, max_act = 0, mean_act = 0 WHERE id = 7")  # never fired
     con.execute("DELETE FROM examples WHERE latent = 7")
     con.commit()
@@ -146,25 +172,36 @@ def assert_replay_matches(model, tokens, layer: int) -> None:
 def transcoder_set(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
     """A transcoder set for the tiny model (random transcoders), a features.db for layer 1 with one explanation,
     and one traced graph, graphs/tiny.json (every node kept)."""
-    from nanosae.rundir import TranscoderSetDir
-    from nanosae import DataConfig, SAE, SAEConfig
+    from nanosae import SAE, DataConfig, SAEConfig
     from nanosae.interp import circuits as C
     from nanosae.interp.features import FeaturesConfig, build_features
+    from nanosae.rundir import TranscoderSetDir
 
     run = tmp_path_factory.mktemp("transcoder_set")
     torch.manual_seed(4)
     tcs = {}
     for layer in range(tiny_model.n_layers):
         read, write = C.mlp_hooks(layer)
-        tc = SAE(SAEConfig(d_in=32, d_sae=24, architecture="topk", k=3, hook_name=read, hook_name_out=write, d_out=32,
-                           model_name=str(tiny_llama_dir)))
+        tc = SAE(
+            SAEConfig(
+                d_in=32,
+                d_sae=24,
+                architecture="topk",
+                k=3,
+                hook_name=read,
+                hook_name_out=write,
+                d_out=32,
+                model_name=str(tiny_llama_dir),
+            )
+        )
         with torch.no_grad():
             tc.W_dec.mul_(0.3)
         tc.save(run / f"layer_{layer}" / "sae")
         tcs[layer] = tc.eval()
     TranscoderSetDir(run).write_manifest(str(tiny_llama_dir), list(tcs))
-    cfg = FeaturesConfig(data=DataConfig(specs=[str(word_corpus)], context_size=16, split="all"), tokens=400, top_n=4,
-                         batch_size=4)
+    cfg = FeaturesConfig(
+        data=DataConfig(specs=[str(word_corpus)], context_size=16, split="all"), tokens=400, top_n=4, batch_size=4
+    )
     build_features(tcs[1], tiny_model, cfg, run / "layer_1" / "features.db")
     con = sqlite3.connect(run / "layer_1" / "features.db")
     con.execute("UPDATE latents SET explanation = 'planted explanation'")
@@ -173,6 +210,7 @@ def transcoder_set(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
     graph = C.attribute(tiny_model, C.TranscoderSet(tcs), [0, 5, 9, 13, 22, 7])
     graph.transcoders = str(run)
     (run / "graphs").mkdir()
-    (run / "graphs" / "tiny.json").write_text(json.dumps(C.to_neuronpedia(graph, slug="tiny", node_share=1.0,
-                                                                          edge_share=1.0, n_layers=3)))
+    (run / "graphs" / "tiny.json").write_text(
+        json.dumps(C.to_neuronpedia(graph, slug="tiny", node_share=1.0, edge_share=1.0, n_layers=3))
+    )
     return run

@@ -11,8 +11,14 @@ from pathlib import Path
 
 def test_gpu_benchmark_runs_every_part_in_smoke_mode(tmp_path):
     script = Path(__file__).parents[1] / "benchmarks" / "gpu.py"
-    proc = subprocess.run([sys.executable, str(script), "--smoke", "--device", "cpu"], capture_output=True, text=True,
-                          timeout=300, cwd=script.parent, env=os.environ | {"NANOSAE_BENCH_OUT": str(tmp_path)})
+    proc = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=script.parent,
+        env=os.environ | {"NANOSAE_BENCH_OUT": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads((tmp_path / "gpu.json").read_text())["figures"]
     shape = figures["training"]["64x512 k8"]

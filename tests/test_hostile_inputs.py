@@ -59,8 +59,9 @@ def one_line_naming(e: NanosaeError, path: Path) -> None:
 
 # ---- SAE files --------------------------------------------------------------------------------------------
 def small_sae(tmp_path: Path, **cfg) -> Path:
-    SAE(SAEConfig(**(dict(d_in=8, d_sae=16, architecture="topk", k=2, hook_name="blocks.1.hook_resid_post") | cfg))
-        ).save(tmp_path / "sae")
+    SAE(
+        SAEConfig(**(dict(d_in=8, d_sae=16, architecture="topk", k=2, hook_name="blocks.1.hook_resid_post") | cfg))
+    ).save(tmp_path / "sae")
     return tmp_path / "sae"
 
 
@@ -69,16 +70,19 @@ def edit_cfg(path: Path, change) -> None:
     (path / "cfg.json").write_text(json.dumps(change(cfg)))
 
 
-@pytest.mark.parametrize("change,names", [
-    (lambda c: [1, 2], "cfg.json: expected a JSON object, found list"),
-    (lambda c: None, "cfg.json: expected a JSON object, found NoneType"),
-    (lambda c: c | {"activation_scale": "big"}, "activation_scale must be a finite number"),
-    (lambda c: c | {"activation_scale": -2.0}, "activation_scale must be > 0"),
-    (lambda c: c | {"matryoshka_groups": "abc", "architecture": "matryoshka"}, "matryoshka_groups must be"),
-    (lambda c: c | {"d_sae": 10**9}, "tensor W_enc has shape (8, 16), expected (8, 1000000000)"),
-    (lambda c: c | {"k": 2.5}, "k must be an integer"),
-    (lambda c: c | {"architecture": ["topk"]}, "architecture must be a string"),
-])
+@pytest.mark.parametrize(
+    "change,names",
+    [
+        (lambda c: [1, 2], "cfg.json: expected a JSON object, found list"),
+        (lambda c: None, "cfg.json: expected a JSON object, found NoneType"),
+        (lambda c: c | {"activation_scale": "big"}, "activation_scale must be a finite number"),
+        (lambda c: c | {"activation_scale": -2.0}, "activation_scale must be > 0"),
+        (lambda c: c | {"matryoshka_groups": "abc", "architecture": "matryoshka"}, "matryoshka_groups must be"),
+        (lambda c: c | {"d_sae": 10**9}, "tensor W_enc has shape (8, 16), expected (8, 1000000000)"),
+        (lambda c: c | {"k": 2.5}, "k must be an integer"),
+        (lambda c: c | {"architecture": ["topk"]}, "architecture must be a string"),
+    ],
+)
 def test_malformed_cfg_json(tmp_path, capsys, change, names):
     path = small_sae(tmp_path)
     edit_cfg(path, change)
@@ -96,16 +100,40 @@ def test_nan_weights_are_refused(tmp_path, capsys):
     refused(["info", path], capsys, "tensor W_dec holds NaN or infinite values", tmp_path)
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats() | st.text(max_size=8),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-                    max_leaves=6)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
 
 
 @SETTINGS
-@given(key=st.sampled_from(["d_in", "d_sae", "k", "architecture", "activation_scale", "output_scale", "d_out", "dtype",
-                            "hook_name", "normalize_activations", "matryoshka_groups", "apply_b_dec_to_input",
-                            "jumprelu_bandwidth", "context_size", "crosscoder_hooks", "hook_name_out",
-                            "activation_fn_kwargs", "metadata", "skip_connection"]), value=JSON)
+@given(
+    key=st.sampled_from(
+        [
+            "d_in",
+            "d_sae",
+            "k",
+            "architecture",
+            "activation_scale",
+            "output_scale",
+            "d_out",
+            "dtype",
+            "hook_name",
+            "normalize_activations",
+            "matryoshka_groups",
+            "apply_b_dec_to_input",
+            "jumprelu_bandwidth",
+            "context_size",
+            "crosscoder_hooks",
+            "hook_name_out",
+            "activation_fn_kwargs",
+            "metadata",
+            "skip_connection",
+        ]
+    ),
+    value=JSON,
+)
 def test_random_cfg_json_values_load_or_fail_in_one_line(tmp_path, key, value):
     path = small_sae(tmp_path) if not (tmp_path / "sae").exists() else tmp_path / "sae"
     original = (path / "cfg.json").read_text()
@@ -120,20 +148,29 @@ def test_random_cfg_json_values_load_or_fail_in_one_line(tmp_path, key, value):
 
 
 def openai_dict(**change):
-    sd = {"pre_bias": torch.zeros(8), "latent_bias": torch.zeros(16), "encoder.weight": torch.randn(16, 8),
-          "decoder.weight": torch.randn(8, 16), "activation": "TopK", "activation_state_dict": {"k": 2}}
+    sd = {
+        "pre_bias": torch.zeros(8),
+        "latent_bias": torch.zeros(16),
+        "encoder.weight": torch.randn(16, 8),
+        "decoder.weight": torch.randn(8, 16),
+        "activation": "TopK",
+        "activation_state_dict": {"k": 2},
+    }
     return sd | change
 
 
-@pytest.mark.parametrize("content,names", [
-    (openai_dict(**{"encoder.weight": torch.randn(16)}), "encoder.weight has shape (16,)"),
-    (openai_dict(**{"encoder.weight": torch.ones(16, 8, dtype=torch.int64)}), "holds int64 values"),
-    (openai_dict(activation_state_dict={"k": "many"}), "needs an integer k"),
-    (openai_dict(**{"pre_bias": "zeros"}), "pre_bias is a str"),
-    (openai_dict(activation_state_dict=[2]), "activation_state_dict is a list"),
-    ([1, 2, 3], "got list"),
-    (b"", "could not be read as a torch state dict"),
-])
+@pytest.mark.parametrize(
+    "content,names",
+    [
+        (openai_dict(**{"encoder.weight": torch.randn(16)}), "encoder.weight has shape (16,)"),
+        (openai_dict(**{"encoder.weight": torch.ones(16, 8, dtype=torch.int64)}), "holds int64 values"),
+        (openai_dict(activation_state_dict={"k": "many"}), "needs an integer k"),
+        (openai_dict(**{"pre_bias": "zeros"}), "pre_bias is a str"),
+        (openai_dict(activation_state_dict=[2]), "activation_state_dict is a list"),
+        ([1, 2, 3], "got list"),
+        (b"", "could not be read as a torch state dict"),
+    ],
+)
 def test_malformed_openai_pt(tmp_path, capsys, content, names):
     path = tmp_path / "ae.pt"
     if isinstance(content, bytes):
@@ -144,14 +181,31 @@ def test_malformed_openai_pt(tmp_path, capsys, content, names):
     refused(["info", path], capsys, str(path), tmp_path)
 
 
-TENSORISH = st.one_of(JSON, st.builds(lambda shape, dtype: torch.zeros(tuple(shape), dtype=dtype),
-                                      st.lists(st.integers(0, 17), max_size=3),
-                                      st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool])))
+TENSORISH = st.one_of(
+    JSON,
+    st.builds(
+        lambda shape, dtype: torch.zeros(tuple(shape), dtype=dtype),
+        st.lists(st.integers(0, 17), max_size=3),
+        st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool]),
+    ),
+)
 
 
 @SETTINGS
-@given(key=st.sampled_from(["pre_bias", "latent_bias", "encoder.weight", "decoder.weight", "activation",
-                            "activation_state_dict", "activation.k"]), value=TENSORISH)
+@given(
+    key=st.sampled_from(
+        [
+            "pre_bias",
+            "latent_bias",
+            "encoder.weight",
+            "decoder.weight",
+            "activation",
+            "activation_state_dict",
+            "activation.k",
+        ]
+    ),
+    value=TENSORISH,
+)
 def test_random_openai_entries_load_or_fail_in_one_line(tmp_path, key, value):
     path = tmp_path / "ae.pt"
     torch.save(openai_dict(**{key: value}), path)
@@ -164,7 +218,9 @@ def test_random_openai_entries_load_or_fail_in_one_line(tmp_path, key, value):
 # ---- stores -------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def store(tmp_path):
-    return write_store(tmp_path / "acts", torch.randn(300, 8), hook="blocks.0.hook_resid_post", tokens_per_shard=100).path
+    return write_store(
+        tmp_path / "acts", torch.randn(300, 8), hook="blocks.0.hook_resid_post", tokens_per_shard=100
+    ).path
 
 
 def edit_manifest(path: Path, change) -> None:
@@ -172,22 +228,25 @@ def edit_manifest(path: Path, change) -> None:
     (path / "manifest.json").write_text(json.dumps(change(m)))
 
 
-@pytest.mark.parametrize("change,names", [
-    (lambda m: m | {"shards": []}, "the store holds no activations"),
-    (lambda m: m | {"shards": "all"}, "'shards' must be a list"),
-    (lambda m: m | {"dtype": "int8"}, "dtype 'int8' is not one of"),
-    (lambda m: m | {"d_in": "wide"}, "d_in must be a positive integer"),
-    (lambda m: m | {"shards": [m["shards"][0] | {"file": "/dev/zero"}]}, "shard 0 must name files"),
-    (lambda m: m | {"shards": [m["shards"][0] | {"tokens": -5}]}, "shard 0 needs a positive 'tokens'"),
-    (lambda m: [m], "manifest.json: expected a JSON object"),
-    (lambda m: m | {"hook": ["blocks.0"]}, "hook must be str"),
-    (lambda m: m | {"model": 7}, "model must be str"),
-    (lambda m: m | {"context_size": -3}, "context_size must be a non-negative"),
-    (lambda m: m | {"context_size": "long"}, "context_size must be int"),
-    (lambda m: m | {"data": ["builtin:pydocs"]}, "data must be dict"),
-    (lambda m: m | {"data": {"context_size": "x"}}, "data:"),
-    (lambda m: m | {"norm_scale": 0}, "norm_scale must be positive"),
-])
+@pytest.mark.parametrize(
+    "change,names",
+    [
+        (lambda m: m | {"shards": []}, "the store holds no activations"),
+        (lambda m: m | {"shards": "all"}, "'shards' must be a list"),
+        (lambda m: m | {"dtype": "int8"}, "dtype 'int8' is not one of"),
+        (lambda m: m | {"d_in": "wide"}, "d_in must be a positive integer"),
+        (lambda m: m | {"shards": [m["shards"][0] | {"file": "/dev/zero"}]}, "shard 0 must name files"),
+        (lambda m: m | {"shards": [m["shards"][0] | {"tokens": -5}]}, "shard 0 needs a positive 'tokens'"),
+        (lambda m: [m], "manifest.json: expected a JSON object"),
+        (lambda m: m | {"hook": ["blocks.0"]}, "hook must be str"),
+        (lambda m: m | {"model": 7}, "model must be str"),
+        (lambda m: m | {"context_size": -3}, "context_size must be a non-negative"),
+        (lambda m: m | {"context_size": "long"}, "context_size must be int"),
+        (lambda m: m | {"data": ["builtin:pydocs"]}, "data must be dict"),
+        (lambda m: m | {"data": {"context_size": "x"}}, "data:"),
+        (lambda m: m | {"norm_scale": 0}, "norm_scale must be positive"),
+    ],
+)
 def test_malformed_manifest(tmp_path, capsys, store, change, names):
     edit_manifest(store, change)
     refused(["train", "--acts", store, "--out", tmp_path / "run", "--tokens", "1k"], capsys, names, store)
@@ -195,9 +254,13 @@ def test_malformed_manifest(tmp_path, capsys, store, change, names):
 
 
 @SETTINGS
-@given(key=st.sampled_from(["format", "dtype", "d_in", "tokens_per_shard", "shards", "hook", "context_size",
-                            "bos_id", "norm_scale"]), value=JSON, shard_key=st.sampled_from(["file", "tokens", "sha256",
-                                                                                          "ids", "ids_sha256"]))
+@given(
+    key=st.sampled_from(
+        ["format", "dtype", "d_in", "tokens_per_shard", "shards", "hook", "context_size", "bos_id", "norm_scale"]
+    ),
+    value=JSON,
+    shard_key=st.sampled_from(["file", "tokens", "sha256", "ids", "ids_sha256"]),
+)
 def test_random_manifest_values_open_or_fail_in_one_line(tmp_path, key, value, shard_key):
     path = tmp_path / "acts"
     if not path.exists():
@@ -217,30 +280,37 @@ def test_random_manifest_values_open_or_fail_in_one_line(tmp_path, key, value, s
 
 
 # ---- CLI values -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args,names", [
-    (["--tokens", "infk"], "'infk'"),
-    (["--tokens", "1.5"], "'1.5'"),
-    (["--d-sae", "0"], "d_sae must be ≥ 1"),
-    (["--d-sae", "-4"], "d_sae must be ≥ 1"),
-    (["--k", "1.5"], "'1.5'"),
-    (["--k", "64"], "k (64) must be at most d_sae (32)"),
-    (["--lr", "-1"], "lr must be > 0"),
-    (["--lr", "nan"], "lr must be a finite number"),
-    (["--ema-decay", "1"], "ema_decay must be ≥ 0 and < 1"),
-    (["--checkpoint-every", "-1"], "checkpoint_every must be ≥ 0"),
-    (["--grad-clip", "inf"], "grad_clip must be a finite number"),
-    (["--arch", "conv"], "architecture must be one of relu, topk"),
-    (["--architecture", ","], "no values"),
-    (["--device", "evil"], "'evil' is not a device"),
-    (["--device", "cuda:99"], "cuda:99"),
-    (["--seed", "-1"], "seed must be ≥ 0"),
-    (["--k", "4", "--k-start", "100000"], "k_start must be ≥ 4 and ≤ 32"),
-    (["--d-sae", "1e12"], "d_sae must be ≥ 1 and ≤ 16,777,216"),
-    (["--batch-size", "1000", "--tokens", "1e9"], "more than the 300 tokens"),
-])
+@pytest.mark.parametrize(
+    "args,names",
+    [
+        (["--tokens", "infk"], "'infk'"),
+        (["--tokens", "1.5"], "'1.5'"),
+        (["--d-sae", "0"], "d_sae must be ≥ 1"),
+        (["--d-sae", "-4"], "d_sae must be ≥ 1"),
+        (["--k", "1.5"], "'1.5'"),
+        (["--k", "64"], "k (64) must be at most d_sae (32)"),
+        (["--lr", "-1"], "lr must be > 0"),
+        (["--lr", "nan"], "lr must be a finite number"),
+        (["--ema-decay", "1"], "ema_decay must be ≥ 0 and < 1"),
+        (["--checkpoint-every", "-1"], "checkpoint_every must be ≥ 0"),
+        (["--grad-clip", "inf"], "grad_clip must be a finite number"),
+        (["--arch", "conv"], "architecture must be one of relu, topk"),
+        (["--architecture", ","], "no values"),
+        (["--device", "evil"], "'evil' is not a device"),
+        (["--device", "cuda:99"], "cuda:99"),
+        (["--seed", "-1"], "seed must be ≥ 0"),
+        (["--k", "4", "--k-start", "100000"], "k_start must be ≥ 4 and ≤ 32"),
+        (["--d-sae", "1e12"], "d_sae must be ≥ 1 and ≤ 16,777,216"),
+        (["--batch-size", "1000", "--tokens", "1e9"], "more than the 300 tokens"),
+    ],
+)
 def test_bad_train_values(tmp_path, capsys, store, args, names):
-    refused(["train", "--acts", store, "--out", tmp_path / "run", "--tokens", "2k", "--d-sae", "32", *args], capsys,
-            names, tmp_path)
+    refused(
+        ["train", "--acts", store, "--out", tmp_path / "run", "--tokens", "2k", "--d-sae", "32", *args],
+        capsys,
+        names,
+        tmp_path,
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -256,8 +326,21 @@ def test_an_sae_larger_than_memory_is_refused_before_allocating():
 def test_degenerate_stores(tmp_path, capsys, acts, names):
     """An all-zero store is refused naming it; a width-1 store trains (AuxK takes at least one latent)."""
     path = write_store(tmp_path / "acts", acts).path
-    args = ["train", "--acts", path, "--out", tmp_path / "run", "--tokens", "1k", "--batch-size", "100",
-            "--d-sae", "4", "--k", "1"]
+    args = [
+        "train",
+        "--acts",
+        path,
+        "--out",
+        tmp_path / "run",
+        "--tokens",
+        "1k",
+        "--batch-size",
+        "100",
+        "--d-sae",
+        "4",
+        "--k",
+        "1",
+    ]
     if names:
         refused(args, capsys, names, tmp_path)
         assert not (tmp_path / "run").exists()
@@ -267,15 +350,39 @@ def test_degenerate_stores(tmp_path, capsys, acts, names):
 
 def test_out_that_is_a_file(tmp_path, capsys, store, tiny_llama_dir, word_corpus):
     (tmp_path / "file").write_text("mine")
-    refused(["train", "--acts", store, "--out", tmp_path / "file", "--tokens", "1k", "--d-sae", "32"], capsys,
-            "is a file", tmp_path)
-    refused(["collect", "--model", tiny_llama_dir, "--hook", "blocks.0.hook_resid_post", "--data", word_corpus,
-             "--out", tmp_path / "file", "--tokens", "100"], capsys, "is a file", tmp_path)
+    refused(
+        ["train", "--acts", store, "--out", tmp_path / "file", "--tokens", "1k", "--d-sae", "32"],
+        capsys,
+        "is a file",
+        tmp_path,
+    )
+    refused(
+        [
+            "collect",
+            "--model",
+            tiny_llama_dir,
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--data",
+            word_corpus,
+            "--out",
+            tmp_path / "file",
+            "--tokens",
+            "100",
+        ],
+        capsys,
+        "is a file",
+        tmp_path,
+    )
 
 
 def test_bad_values_of_model_commands(tmp_path, capsys, tiny_llama_dir):
-    for args, names in [(["--temperature", "nan"], "temperature must be"), (["--temperature", "-1"], "temperature must be"),
-                        (["--top-k", "0"], "top_k must be"), (["--max-new-tokens", "-2"], "max_new_tokens must be")]:
+    for args, names in [
+        (["--temperature", "nan"], "temperature must be"),
+        (["--temperature", "-1"], "temperature must be"),
+        (["--top-k", "0"], "top_k must be"),
+        (["--max-new-tokens", "-2"], "max_new_tokens must be"),
+    ]:
         refused(["models", "generate", tiny_llama_dir, "w5 w6", *args], capsys, names, tmp_path)
 
 
@@ -285,10 +392,30 @@ def test_bad_data_files(tmp_path, capsys, tiny_llama_dir):
 
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
     (tmp_path / "null.jsonl").write_text('{"text": null}\n')
-    for data, names in [(tmp_path / "ints.parquet", "ints.parquet: column 'text' holds int64"),
-                        (tmp_path / "null.jsonl", "null.jsonl:1: field 'text' is null")]:
-        refused(["collect", "--model", tiny_llama_dir, "--hook", "blocks.0.hook_resid_post", "--data", data, "--out",
-                 tmp_path / "acts", "--tokens", "100", "--split", "all"], capsys, names, tmp_path / "ints.parquet")
+    for data, names in [
+        (tmp_path / "ints.parquet", "ints.parquet: column 'text' holds int64"),
+        (tmp_path / "null.jsonl", "null.jsonl:1: field 'text' is null"),
+    ]:
+        refused(
+            [
+                "collect",
+                "--model",
+                tiny_llama_dir,
+                "--hook",
+                "blocks.0.hook_resid_post",
+                "--data",
+                data,
+                "--out",
+                tmp_path / "acts",
+                "--tokens",
+                "100",
+                "--split",
+                "all",
+            ],
+            capsys,
+            names,
+            tmp_path / "ints.parquet",
+        )
 
 
 def test_bad_nanochat_checkpoints(tmp_path, capsys):
@@ -296,11 +423,13 @@ def test_bad_nanochat_checkpoints(tmp_path, capsys):
     ckpt.mkdir()
     torch.save({}, ckpt / "model_000001.pt")
     good = {"sequence_len": 32, "vocab_size": 64, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "n_embd": 16}
-    cases = [("nanochat:" + str(ckpt) + "@abc", None, "the step after @ must be a number"),
-             ("nanochat:" + str(ckpt), {"model_config": good | {"n_layer": "two"}}, "n_layer must be a positive integer"),
-             ("nanochat:" + str(ckpt), {"model_config": good | {"n_head": 0}}, "n_head must be a positive integer"),
-             ("nanochat:" + str(ckpt), 7, "meta_000001.json: expected a JSON object"),
-             ("nanochat:" + str(ckpt), {"model_config": [1]}, "no model_config object")]
+    cases = [
+        ("nanochat:" + str(ckpt) + "@abc", None, "the step after @ must be a number"),
+        ("nanochat:" + str(ckpt), {"model_config": good | {"n_layer": "two"}}, "n_layer must be a positive integer"),
+        ("nanochat:" + str(ckpt), {"model_config": good | {"n_head": 0}}, "n_head must be a positive integer"),
+        ("nanochat:" + str(ckpt), 7, "meta_000001.json: expected a JSON object"),
+        ("nanochat:" + str(ckpt), {"model_config": [1]}, "no model_config object"),
+    ]
     for spec, meta, names in cases:
         (ckpt / "meta_000001.json").write_text(json.dumps(meta))
         refused(["models", "hooks", spec], capsys, names, ckpt)
@@ -324,8 +453,9 @@ def test_corrupt_features_checkpoint_starts_the_pass_over(tmp_path, tiny_model, 
     from nanosae.interp.features import FeaturesConfig, build_features
 
     sae = SAE(SAEConfig(d_in=32, d_sae=16, architecture="topk", k=3, hook_name="blocks.1.hook_resid_post"))
-    cfg = FeaturesConfig(data=DataConfig(specs=[str(word_corpus)], context_size=16, split="all"), tokens=200,
-                         batch_size=4)
+    cfg = FeaturesConfig(
+        data=DataConfig(specs=[str(word_corpus)], context_size=16, split="all"), tokens=200, batch_size=4
+    )
     (tmp_path / "features.db.partial.pt").write_bytes(b"PK\x03\x04 truncated")
     build_features(sae, tiny_model, cfg, tmp_path / "features.db")
     assert "unreadable" in caplog.text and (tmp_path / "features.db").exists()
@@ -353,21 +483,36 @@ def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path, capsys):
 
 
 def test_bad_values_of_circuit_commands(transcoder_set, tmp_path, capsys):
-    refused(["trace", "w5 w6", "--transcoders", transcoder_set, "--max-feature-nodes", "-1"], capsys,
-            "--max-feature-nodes must be at least 1", transcoder_set)
-    refused(["intervene", "w5 w6", "--transcoders", transcoder_set, "--set", "0_1_1=nan"], capsys,
-            "must be a finite number", transcoder_set)
-    refused(["features", transcoder_set / "layer_1", "--window-left", "1e9"], capsys, "window_left must be", transcoder_set)
+    refused(
+        ["trace", "w5 w6", "--transcoders", transcoder_set, "--max-feature-nodes", "-1"],
+        capsys,
+        "--max-feature-nodes must be at least 1",
+        transcoder_set,
+    )
+    refused(
+        ["intervene", "w5 w6", "--transcoders", transcoder_set, "--set", "0_1_1=nan"],
+        capsys,
+        "must be a finite number",
+        transcoder_set,
+    )
+    refused(
+        ["features", transcoder_set / "layer_1", "--window-left", "1e9"], capsys, "window_left must be", transcoder_set
+    )
     store = write_store(tmp_path / "acts", torch.randn(64, 8)).path
-    refused(["trace", "w5 w6", "--transcoders", transcoder_set, "--out", store / "graph.json"], capsys,
-            "activation store", tmp_path)
+    refused(
+        ["trace", "w5 w6", "--transcoders", transcoder_set, "--out", store / "graph.json"],
+        capsys,
+        "activation store",
+        tmp_path,
+    )
 
 
 def test_a_checkpoint_whose_state_disagrees_with_its_name_is_skipped(tmp_path, store, caplog):
     from nanosae import TrainConfig
 
-    cfg = dict(acts=str(store), out=str(tmp_path / "run"), d_sae=16, k=2, batch_size=50, tokens=50 * 6,
-               checkpoint_every=2)
+    cfg = dict(
+        acts=str(store), out=str(tmp_path / "run"), d_sae=16, k=2, batch_size=50, tokens=50 * 6, checkpoint_every=2
+    )
     whole = nanosae.train(TrainConfig.build(**cfg))
     ckpts = tmp_path / "run" / "checkpoints"
     (ckpts / "step_6").rename(ckpts / "step_1000000000000000")  # a step far past the run, as a hostile name
@@ -377,23 +522,26 @@ def test_a_checkpoint_whose_state_disagrees_with_its_name_is_skipped(tmp_path, s
         assert torch.equal(tensor, again.sae.state_dict()[name]), name
 
 
-@pytest.mark.parametrize("content,names", [
-    (b"", "no examples"),
-    (b"\xff\xfe not utf-8", "not UTF-8"),
-    (b"[" * 100_000, "nested too deeply"),
-    (b'{"text": "w3", "labels": ' + b"9" * 5000 + b"}", "4300"),
-    (b"[1, 2]\n", "expected a JSON object"),
-    (b'{"text": 5, "labels": 1}\n', '"text" must be non-empty text'),
-    (b'{"text": "  ", "labels": 1}\n', '"text" must be non-empty text'),
-    (b'{"text": "w3 w4", "labels": 2}\n', '"labels" must be 0/1'),
-    (b'{"text": "w3 w4", "labels": [1, [0]]}\n', '"labels" must be 0/1'),
-    (b'{"text": "w3 w4", "labels": NaN}\n', '"labels" must be 0/1'),
-    (b'{"text": "w3 w4", "labels": []}\n', '"labels" must be 0/1'),
-    (b'{"text": "w3 w4"}\n', '"labels" must be 0/1'),
-    (b'{"text": "w3 w4", "labels": 1}\n{oops\n', ":2 is not valid JSON"),
-    (None, "is a directory"),
-    ("fifo", "is a FIFO"),
-])
+@pytest.mark.parametrize(
+    "content,names",
+    [
+        (b"", "no examples"),
+        (b"\xff\xfe not utf-8", "not UTF-8"),
+        (b"[" * 100_000, "nested too deeply"),
+        (b'{"text": "w3", "labels": ' + b"9" * 5000 + b"}", "4300"),
+        (b"[1, 2]\n", "expected a JSON object"),
+        (b'{"text": 5, "labels": 1}\n', '"text" must be non-empty text'),
+        (b'{"text": "  ", "labels": 1}\n', '"text" must be non-empty text'),
+        (b'{"text": "w3 w4", "labels": 2}\n', '"labels" must be 0/1'),
+        (b'{"text": "w3 w4", "labels": [1, [0]]}\n', '"labels" must be 0/1'),
+        (b'{"text": "w3 w4", "labels": NaN}\n', '"labels" must be 0/1'),
+        (b'{"text": "w3 w4", "labels": []}\n', '"labels" must be 0/1'),
+        (b'{"text": "w3 w4"}\n', '"labels" must be 0/1'),
+        (b'{"text": "w3 w4", "labels": 1}\n{oops\n', ":2 is not valid JSON"),
+        (None, "is a directory"),
+        ("fifo", "is a FIFO"),
+    ],
+)
 def test_hostile_probing_tasks_are_refused_before_the_evaluation(viewer_run, tmp_path, capsys, content, names):
     import os
 
@@ -404,7 +552,9 @@ def test_hostile_probing_tasks_are_refused_before_the_evaluation(viewer_run, tmp
         os.mkfifo(task)
     else:
         task.write_bytes(content)
-    refused(["eval", viewer_run, "--suite", "full", "--probing-task", task, "--tokens", "64"], capsys, names, viewer_run)
+    refused(
+        ["eval", viewer_run, "--suite", "full", "--probing-task", task, "--tokens", "64"], capsys, names, viewer_run
+    )
 
 
 def test_a_probing_task_needs_the_full_suite(viewer_run, tmp_path, capsys):
@@ -414,8 +564,9 @@ def test_a_probing_task_needs_the_full_suite(viewer_run, tmp_path, capsys):
 
 
 @SETTINGS
-@given(key=st.sampled_from(["model", "cross_layer", "layers"]), value=JSON, layer_key=st.text(max_size=6),
-       layer_value=JSON)
+@given(
+    key=st.sampled_from(["model", "cross_layer", "layers"]), value=JSON, layer_key=st.text(max_size=6), layer_value=JSON
+)
 def test_random_transcoders_json_values_load_or_fail_in_one_line(transcoder_set, key, value, layer_key, layer_value):
     from nanosae.interp import circuits as C
     from nanosae.rundir import TranscoderSetDir
@@ -434,8 +585,12 @@ def test_random_transcoders_json_values_load_or_fail_in_one_line(transcoder_set,
 
 
 @SETTINGS
-@given(key=st.sampled_from(["metadata", "qParams", "nodes", "links"]), value=JSON,
-       node_key=st.sampled_from(["node_id", "feature_type", "layer", "ctx_idx"]), node_value=JSON)
+@given(
+    key=st.sampled_from(["metadata", "qParams", "nodes", "links"]),
+    value=JSON,
+    node_key=st.sampled_from(["node_id", "feature_type", "layer", "ctx_idx"]),
+    node_value=JSON,
+)
 def test_random_graph_file_values_show_or_fail_in_one_line(transcoder_set, key, value, node_key, node_value):
     """The viewer's graph routes and the static export answer a mutated graph file with the graph or its one-line
     reason: never a server traceback."""
@@ -448,7 +603,10 @@ def test_random_graph_file_values_show_or_fail_in_one_line(transcoder_set, key, 
     client = TestClient(create_app(transcoder_set), base_url="http://localhost", raise_server_exceptions=True)
     try:
         good = json.loads(original)
-        for data in (good | {key: value}, good | {"nodes": [good["nodes"][0] | {node_key: node_value}, *good["nodes"][1:]]}):
+        for data in (
+            good | {key: value},
+            good | {"nodes": [good["nodes"][0] | {node_key: node_value}, *good["nodes"][1:]]},
+        ):
             path.write_text(json.dumps(data))
             for url in ("/api/graphs", "/api/graph/tiny"):
                 r = client.get(url)
@@ -467,8 +625,9 @@ def test_random_config_json_values_resume_or_fail_in_one_line(tmp_path_factory, 
 
     root = tmp_path_factory.mktemp("cfg")
     store = write_store(root / "acts", torch.randn(400, 8))
-    cfg = dict(acts=str(store.path), out=str(root / "run"), d_sae=16, k=2, batch_size=100, tokens=400,
-               checkpoint_every=2)
+    cfg = dict(
+        acts=str(store.path), out=str(root / "run"), d_sae=16, k=2, batch_size=100, tokens=400, checkpoint_every=2
+    )
     nanosae.train(TrainConfig.build(**cfg))
     config = root / "run" / "config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {key: value}))

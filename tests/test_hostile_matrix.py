@@ -74,18 +74,71 @@ def workspace(tmp_path_factory, tiny_llama_dir):
     """What a user's disk holds after the whole path, made by the CLI."""
     root = tmp_path_factory.mktemp("workspace")
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in word_docs(200)))
-    (root / "task.jsonl").write_text("".join(json.dumps({"text": d, "labels": int("w7" in d.split())}) + "\n"
-                                             for d in word_docs(40, seed=3)))
+    (root / "task.jsonl").write_text(
+        "".join(json.dumps({"text": d, "labels": int("w7" in d.split())}) + "\n" for d in word_docs(40, seed=3))
+    )
     model, data = str(tiny_llama_dir), str(root / "corpus.jsonl")
     steps = [
-        ["collect", "--model", model, "--hook", HOOK, "--data", data, "--context-size", "16", "--tokens", "2k",
-         "--tokens-per-shard", "512", "--out", root / "acts"],
-        ["train", "--acts", root / "acts" / HOOK, "--out", root / "run", "--d-sae", "32", "--k", "4", "--tokens",
-         "3k", "--batch-size", "100", "--checkpoint-every", "10", "--ema-decay", "0.9"],
+        [
+            "collect",
+            "--model",
+            model,
+            "--hook",
+            HOOK,
+            "--data",
+            data,
+            "--context-size",
+            "16",
+            "--tokens",
+            "2k",
+            "--tokens-per-shard",
+            "512",
+            "--out",
+            root / "acts",
+        ],
+        [
+            "train",
+            "--acts",
+            root / "acts" / HOOK,
+            "--out",
+            root / "run",
+            "--d-sae",
+            "32",
+            "--k",
+            "4",
+            "--tokens",
+            "3k",
+            "--batch-size",
+            "100",
+            "--checkpoint-every",
+            "10",
+            "--ema-decay",
+            "0.9",
+        ],
         ["features", root / "run", "--data", data, "--context-size", "16", "--tokens", "400", "--top-n", "4"],
         ["eval", root / "run", "--data", data, "--context-size", "16", "--tokens", "100"],
-        ["train", "--transcoders", "all", "--cross-layer", "--model", model, "--data", data, "--context-size", "16",
-         "--d-sae", "16", "--k", "2", "--tokens", "1k", "--batch-size", "100", "--out", root / "set"],
+        [
+            "train",
+            "--transcoders",
+            "all",
+            "--cross-layer",
+            "--model",
+            model,
+            "--data",
+            data,
+            "--context-size",
+            "16",
+            "--d-sae",
+            "16",
+            "--k",
+            "2",
+            "--tokens",
+            "1k",
+            "--batch-size",
+            "100",
+            "--out",
+            root / "set",
+        ],
         ["trace", "w5 w6 w7", "--transcoders", root / "set", "--max-feature-nodes", "20"],
     ]
     from nanosae.cli import main
@@ -160,27 +213,86 @@ def commands(root: Path, out: Path) -> dict[str, tuple[list, list[str]]]:
     return {
         "info": (["info", root / "run"], []),
         "eval": (["eval", root / "run", *model, "--tokens", "64"], ["run/eval.json", "run/report.html"]),
-        "eval full": (["eval", root / "run", *model, "--tokens", "64", "--suite", "full", "--probing-task",
-                       root / "task.jsonl"], ["run/eval.json", "run/report.html", "run/saebench"]),
-        "features": (["features", root / "run", *model, "--tokens", "200", "--top-n", "2"],
-                     ["run/features.db", "run/features.db.partial.pt"]),
-        "features --acts": (["features", root / "run", "--acts", root / "acts" / HOOK, "--tokens", "200", "--top-n",
-                             "2"], ["run/features.db", "run/features.db.partial.pt", f"acts/{HOOK}/manifest.json"]),
-        "train --acts": (["train", "--acts", root / "acts" / HOOK, "--out", out / "new", "--d-sae", "16", "--k", "2",
-                          "--tokens", "500", "--batch-size", "100"], [f"acts/{HOOK}/manifest.json"]),
-        "train --resume": (["train", "--acts", root / "acts" / HOOK, "--out", root / "run", "--d-sae", "32", "--k", "4",
-                            "--tokens", "3k", "--batch-size", "100", "--checkpoint-every", "10", "--ema-decay", "0.9",
-                            "--resume"], ["run", f"acts/{HOOK}/manifest.json"]),
-        "collect": (["collect", "--model", root / ".." / "model", "--hook", HOOK, "--tokens", "300", "--out",
-                     out / "acts", *model], []),
+        "eval full": (
+            ["eval", root / "run", *model, "--tokens", "64", "--suite", "full", "--probing-task", root / "task.jsonl"],
+            ["run/eval.json", "run/report.html", "run/saebench"],
+        ),
+        "features": (
+            ["features", root / "run", *model, "--tokens", "200", "--top-n", "2"],
+            ["run/features.db", "run/features.db.partial.pt"],
+        ),
+        "features --acts": (
+            ["features", root / "run", "--acts", root / "acts" / HOOK, "--tokens", "200", "--top-n", "2"],
+            ["run/features.db", "run/features.db.partial.pt", f"acts/{HOOK}/manifest.json"],
+        ),
+        "train --acts": (
+            [
+                "train",
+                "--acts",
+                root / "acts" / HOOK,
+                "--out",
+                out / "new",
+                "--d-sae",
+                "16",
+                "--k",
+                "2",
+                "--tokens",
+                "500",
+                "--batch-size",
+                "100",
+            ],
+            [f"acts/{HOOK}/manifest.json"],
+        ),
+        "train --resume": (
+            [
+                "train",
+                "--acts",
+                root / "acts" / HOOK,
+                "--out",
+                root / "run",
+                "--d-sae",
+                "32",
+                "--k",
+                "4",
+                "--tokens",
+                "3k",
+                "--batch-size",
+                "100",
+                "--checkpoint-every",
+                "10",
+                "--ema-decay",
+                "0.9",
+                "--resume",
+            ],
+            ["run", f"acts/{HOOK}/manifest.json"],
+        ),
+        "collect": (
+            [
+                "collect",
+                "--model",
+                root / ".." / "model",
+                "--hook",
+                HOOK,
+                "--tokens",
+                "300",
+                "--out",
+                out / "acts",
+                *model,
+            ],
+            [],
+        ),
         "export saelens": (["export", "saelens", root / "run", "--out", out / "sl"], []),
         "export neuronpedia": (["export", "neuronpedia", root / "run", "--out", out / "np"], []),
         "view --export": (["view", root / "run", "--export", out / "site"], []),
         "explain": (["explain", root / "run"], ["run/features.db"]),
-        "trace": (["trace", "w5 w6", "--transcoders", root / "set", "--max-feature-nodes", "10"],
-                  ["set/graphs/w5-w6.json"]),
-        "intervene": (["intervene", "w5 w6", "--transcoders", root / "set", "--set", "0_1_1=2", "--max-new-tokens", "2"],
-                      []),
+        "trace": (
+            ["trace", "w5 w6", "--transcoders", root / "set", "--max-feature-nodes", "10"],
+            ["set/graphs/w5-w6.json"],
+        ),
+        "intervene": (
+            ["intervene", "w5 w6", "--transcoders", root / "set", "--set", "0_1_1=2", "--max-new-tokens", "2"],
+            [],
+        ),
         "view set --export": (["view", root / "set", "--export", out / "graphs"], []),
     }
 
@@ -203,8 +315,12 @@ READERS = {  # file -> the commands that read it
     "corpus": ["features", "eval", "collect"],
 }
 
-CASES = [(f, how, cmd) for f, (path, is_json) in FILES.items() for how in MUTATIONS + (JSON_MUTATIONS if is_json else [])
-         for cmd in READERS[f]]
+CASES = [
+    (f, how, cmd)
+    for f, (path, is_json) in FILES.items()
+    for how in MUTATIONS + (JSON_MUTATIONS if is_json else [])
+    for cmd in READERS[f]
+]
 
 
 @pytest.mark.parametrize("file,how,command", CASES, ids=[f"{f}-{h}-{c}" for f, h, c in CASES])

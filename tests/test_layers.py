@@ -35,8 +35,13 @@ def stage_of(module: str) -> int:
 def imports(path: Path, known: set[str]) -> set[str]:
     """The nanosae modules a file imports, anywhere in it but under `if TYPE_CHECKING:`."""
     tree = ast.parse(path.read_text())
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-               for child in node.body for n in ast.walk(child)}
+    skipped = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for child in node.body
+        for n in ast.walk(child)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in skipped:
@@ -60,8 +65,9 @@ def test_every_module_has_a_stage():
 
 
 def test_no_module_imports_from_a_stage_above_its_own():
-    upward = sorted(f"{m} -> {d}" for m, deps in graph().items() for d in deps
-                    if d != "nanosae" and stage_of(d) > stage_of(m))
+    upward = sorted(
+        f"{m} -> {d}" for m, deps in graph().items() for d in deps if d != "nanosae" and stage_of(d) > stage_of(m)
+    )
     assert upward == []
 
 
@@ -76,7 +82,7 @@ def test_no_import_cycles():
         state[m] = 1
         for d in sorted(g.get(m, ())):
             if state.get(d) == 1:
-                cycles.append(" -> ".join(path[path.index(d):] + [d]))
+                cycles.append(" -> ".join(path[path.index(d) :] + [d]))
             elif d in g and not state.get(d):
                 visit(d, path + [d])
         state[m] = 2

@@ -77,8 +77,9 @@ def test_features_and_eval_never_replace_a_file_they_did_not_write(run_copy, oth
     notes = tmp_path / "notes.txt"
     notes.write_text("not a database")
     refused(["features", run_copy, "--out", notes, "--tokens", "64"], capsys, "not a features database", tmp_path)
-    refused(["features", run_copy, "--out", other_run / "features.db", "--tokens", "64"], capsys, str(other_run),
-            tmp_path)
+    refused(
+        ["features", run_copy, "--out", other_run / "features.db", "--tokens", "64"], capsys, str(other_run), tmp_path
+    )
     page = tmp_path / "reports" / "report.html"
     page.parent.mkdir()
     page.write_text("<html>my own report</html>")
@@ -88,18 +89,42 @@ def test_features_and_eval_never_replace_a_file_they_did_not_write(run_copy, oth
 
 def test_train_never_writes_a_run_into_a_store(tmp_path, capsys):
     store = write_store(tmp_path / "store", torch.randn(512, 8))
-    refused(["train", "--acts", store.path, "--out", store.path, "--d-sae", "16", "--k", "2", "--tokens", "512"],
-            capsys, "activation store", tmp_path)
-    refused(["train", "--acts", store.path, "--out", store.path / "run", "--d-sae", "16", "--k", "2", "--tokens",
-             "512"], capsys, "activation store", tmp_path)
+    refused(
+        ["train", "--acts", store.path, "--out", store.path, "--d-sae", "16", "--k", "2", "--tokens", "512"],
+        capsys,
+        "activation store",
+        tmp_path,
+    )
+    refused(
+        ["train", "--acts", store.path, "--out", store.path / "run", "--d-sae", "16", "--k", "2", "--tokens", "512"],
+        capsys,
+        "activation store",
+        tmp_path,
+    )
 
 
 def test_collect_never_writes_a_store_over_other_files(tiny_llama_dir, word_corpus, tmp_path, capsys):
     out = tmp_path / "acts"
     (out / "blocks.1.hook_resid_post").mkdir(parents=True)
     (out / "blocks.1.hook_resid_post" / "thesis.txt").write_text("years of work")
-    refused(["collect", "--model", tiny_llama_dir, "--hook", "blocks.1.hook_resid_post", "--data", word_corpus,
-             "--tokens", "256", "--out", out], capsys, "not a store", tmp_path)
+    refused(
+        [
+            "collect",
+            "--model",
+            tiny_llama_dir,
+            "--hook",
+            "blocks.1.hook_resid_post",
+            "--data",
+            word_corpus,
+            "--tokens",
+            "256",
+            "--out",
+            out,
+        ],
+        capsys,
+        "not a store",
+        tmp_path,
+    )
 
 
 def test_view_export_through_a_symlink_replaces_the_target_and_keeps_the_link(viewer_run, tmp_path):

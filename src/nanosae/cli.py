@@ -12,16 +12,30 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nanosae.config import (CollectConfig, EvalConfig, ExplainConfig, ExportConfig, GenerationConfig, InterveneConfig,
-                            SourceConfig, TraceConfig, TrainConfig, ViewConfig)
+from nanosae.config import (
+    CollectConfig,
+    EvalConfig,
+    ExplainConfig,
+    ExportConfig,
+    GenerationConfig,
+    InterveneConfig,
+    SourceConfig,
+    TraceConfig,
+    TrainConfig,
+    ViewConfig,
+)
 from nanosae.demo import DemoConfig
-from nanosae.interp.features import FeaturesConfig
 from nanosae.errors import ConfigError, NanosaeError
+from nanosae.interp.features import FeaturesConfig
 from nanosae.options import command, gather_data, options_for, parse
 from nanosae.train.sweep import SWEEPABLE
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Sparse autoencoders end to end: collect, train, evaluate, interpret, steer.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Sparse autoencoders end to end: collect, train, evaluate, interpret, steer.",
+)
 console = Console()
 
 
@@ -34,8 +48,11 @@ def _version(show: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print nanosae's version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print nanosae's version and exit."
+    ),
+) -> None:
     """Sparse autoencoders end to end: collect, train, evaluate, interpret, steer."""
     from nanosae.models import keep_freed_memory
 
@@ -43,7 +60,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 @app.command()
-def info(path: Path = typer.Argument(..., help="Run directory, SAE directory (ours or SAELens) or OpenAI .pt file.")) -> None:
+def info(
+    path: Path = typer.Argument(..., help="Run directory, SAE directory (ours or SAELens) or OpenAI .pt file."),
+) -> None:
     """Print an SAE's config and parameter shapes."""
     from nanosae.rundir import locate
     from nanosae.sae import SAE
@@ -65,8 +84,9 @@ MODEL_SPEC_HELP = "smollm2-135m, a HF dir / hub name / .gguf, or nanochat:DIR[@S
 
 def _option(name: str, annotation: type, default: Any, help_text: str) -> inspect.Parameter:
     """A command's own option (not a config field): which SAE, model or device to use."""
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=typer.Option(default, help=help_text))
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=typer.Option(default, help=help_text)
+    )
 
 
 MODEL = _option("model", str, None, "Host model (default: the SAE's model_name).")
@@ -97,16 +117,34 @@ def models_hooks(
 
 
 GENERATION_OPTIONS = options_for(GenerationConfig)
-PROMPT = inspect.Parameter("prompt", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
-                           default=typer.Argument(..., help="Text the model continues."))
-PROMPT_TRACED = inspect.Parameter("prompt", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
-                                  default=typer.Argument(..., help="The text whose next token is traced."))
+PROMPT = inspect.Parameter(
+    "prompt",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    annotation=str,
+    default=typer.Argument(..., help="Text the model continues."),
+)
+PROMPT_TRACED = inspect.Parameter(
+    "prompt",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    annotation=str,
+    default=typer.Argument(..., help="The text whose next token is traced."),
+)
 
 
 @models_app.command("generate")
-@command(GENERATION_OPTIONS, [inspect.Parameter("spec", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
-                                                default=typer.Argument(..., help=MODEL_SPEC_HELP)), PROMPT,
-                              _option("tokenizer", Path, None, TOKENIZER_HELP)])
+@command(
+    GENERATION_OPTIONS,
+    [
+        inspect.Parameter(
+            "spec",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=str,
+            default=typer.Argument(..., help=MODEL_SPEC_HELP),
+        ),
+        PROMPT,
+        _option("tokenizer", Path, None, TOKENIZER_HELP),
+    ],
+)
 def models_generate(spec: str, prompt: str, tokenizer: Path | None = None, **given: Any) -> None:
     """Print a continuation of PROMPT (greedy by default), streaming tokens as they come."""
     from nanosae.models import load_model
@@ -119,7 +157,7 @@ def models_generate(spec: str, prompt: str, tokenizer: Path | None = None, **giv
     def stream(step: int, token: int) -> None:
         before = model.tokenizer.decode(shown)
         shown.append(token)
-        console.print(model.tokenizer.decode(shown)[len(before):], end="", highlight=False)
+        console.print(model.tokenizer.decode(shown)[len(before) :], end="", highlight=False)
 
     model.generate(prompt, **dataclasses.asdict(gen), callback=stream)
     console.print()
@@ -131,12 +169,19 @@ class TokenProgress:
     def __init__(self, description: str, total: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
-                            console=console, transient=False)
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[note]}"),
+            console=console,
+            transient=False,
+        )
         self.task = self.bar.add_task(description, total=total, rate="", note="")
 
-    def __enter__(self) -> "TokenProgress":
+    def __enter__(self) -> TokenProgress:
         self.bar.start()
         return self
 
@@ -144,7 +189,9 @@ class TokenProgress:
         self.bar.stop()
 
     def update(self, done: int, rate: float, note: str = "", total: int | None = None) -> None:
-        self.bar.update(self.task, completed=done, total=total, rate=f"{rate:,.0f} tok/s" if rate > 0 else "", note=note)
+        self.bar.update(
+            self.task, completed=done, total=total, rate=f"{rate:,.0f} tok/s" if rate > 0 else "", note=note
+        )
 
 
 COLLECT_OPTIONS = options_for(CollectConfig)
@@ -158,19 +205,32 @@ def collect(**given: Any) -> None:
 
     cfg = CollectConfig(**gather_data(parse(COLLECT_OPTIONS, given)))
     with TokenProgress("collect", cfg.tokens) as bar:
+
         def show(p) -> None:
             bar.update(p.tokens, p.tokens / max(p.seconds, 1e-9), f"{p.bytes_written / 1e6:,.0f} MB written")
+
         stores = run_collect(cfg, progress=show)
     for name, store in stores.items():
         console.print(f"{name}: {len(store):,} tokens × {store.d_in} ({store.dtype}) in {store.path}")
 
 
 TRAIN_OPTIONS = options_for(TrainConfig, sweep=SWEEPABLE, repeat=("acts", "hook"))
-CROSSCODER = inspect.Parameter("crosscoder", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-    False, help="Train one crosscoder over all --hook (or --acts) values instead of one SAE each."))
-TRANSCODERS = _option("transcoders", str, None, "Train one transcoder per layer (MLP input -> MLP output) from one "
-                      "forward pass: 'all' or layers like 0,5,10; the set (RUN/layer_L + transcoders.json) is what "
-                      "`nanosae trace --transcoders RUN` reads.")
+CROSSCODER = inspect.Parameter(
+    "crosscoder",
+    inspect.Parameter.KEYWORD_ONLY,
+    annotation=bool,
+    default=typer.Option(
+        False, help="Train one crosscoder over all --hook (or --acts) values instead of one SAE each."
+    ),
+)
+TRANSCODERS = _option(
+    "transcoders",
+    str,
+    None,
+    "Train one transcoder per layer (MLP input -> MLP output) from one "
+    "forward pass: 'all' or layers like 0,5,10; the set (RUN/layer_L + transcoders.json) is what "
+    "`nanosae trace --transcoders RUN` reads.",
+)
 
 
 def transcoder_layers(spec: str, model: str) -> list[int]:
@@ -201,10 +261,15 @@ def train(crosscoder: bool = False, transcoders: str | None = None, **given: Any
     steps = cfgs[0].optim.tokens // cfgs[0].optim.batch_size
     label = f"train {len(cfgs)} SAEs" if len(cfgs) > 1 else f"train {cfgs[0].sae.architecture}"
     with TokenProgress(label, steps) as bar:
+
         def show(p) -> None:
             m = p.metrics
-            bar.update(p.step, m["tokens_per_s"], f"loss {m['loss']:.3g} fvu {m['fvu']:.3f} l0 {m['l0']:.1f} "
-                                                  f"dead {m['dead_fraction']:.1%}")
+            bar.update(
+                p.step,
+                m["tokens_per_s"],
+                f"loss {m['loss']:.3g} fvu {m['fvu']:.3f} l0 {m['l0']:.1f} dead {m['dead_fraction']:.1%}",
+            )
+
         if transcoders:
             from nanosae.interp.transcoder_sets import train_set
 
@@ -214,32 +279,58 @@ def train(crosscoder: bool = False, transcoders: str | None = None, **given: Any
             results = run_train(cfgs, progress=show)
     for result in results:
         m = result.metrics
-        console.print(f"saved {result.run_dir / 'sae'}  (fvu {m.get('fvu', float('nan')):.4f}, "
-                      f"l0 {m.get('l0', float('nan')):.1f}, dead {m.get('dead_fraction', 0):.2%})")
+        console.print(
+            f"saved {result.run_dir / 'sae'}  (fvu {m.get('fvu', float('nan')):.4f}, "
+            f"l0 {m.get('l0', float('nan')):.1f}, dead {m.get('dead_fraction', 0):.2%})"
+        )
     if transcoders:
         if scores["scored_on"] != "eval":
-            console.print("[yellow]the data has no held-out documents (every 20th); the set was scored on the "
-                          "training text, which flatters it[/yellow]")
+            console.print(
+                "[yellow]the data has no held-out documents (every 20th); the set was scored on the "
+                "training text, which flatters it[/yellow]"
+            )
         kind = "cross-layer transcoder" if cfgs[0].sae.cross_layer else "transcoder set"
-        console.print(f"{kind}: {trained.path}; every MLP replaced at once: CE-loss score "
-                      f"{scores['replacement_ce_score']:.3f} (CE {scores['ce_loss_clean']:.3f} clean, "
-                      f"{scores['ce_loss_replaced']:.3f} replaced, {scores['ce_loss_mlps_zeroed']:.3f} MLPs zeroed); "
-                      f"FVU by layer " + " ".join(f"{v:.2f}" for v in scores["fvu_by_layer"].values()))
-        console.print(f"trace with: nanosae trace \"PROMPT\" --transcoders {trained.path}")
+        console.print(
+            f"{kind}: {trained.path}; every MLP replaced at once: CE-loss score "
+            f"{scores['replacement_ce_score']:.3f} (CE {scores['ce_loss_clean']:.3f} clean, "
+            f"{scores['ce_loss_replaced']:.3f} replaced, {scores['ce_loss_mlps_zeroed']:.3f} MLPs zeroed); "
+            f"FVU by layer " + " ".join(f"{v:.2f}" for v in scores["fvu_by_layer"].values())
+        )
+        console.print(f'trace with: nanosae trace "PROMPT" --transcoders {trained.path}')
 
 
 EVAL_OPTIONS = options_for(EvalConfig)
-SAE_PATHS = inspect.Parameter("paths", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[Path], default=typer.Argument(
-    ..., help="Run directories or SAE files/dirs (several: evaluated on the same tokens)."))
-
-
+SAE_PATHS = inspect.Parameter(
+    "paths",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    annotation=list[Path],
+    default=typer.Argument(..., help="Run directories or SAE files/dirs (several: evaluated on the same tokens)."),
+)
 
 
 @app.command("eval")
-@command(EVAL_OPTIONS, [SAE_PATHS, MODEL, HOOK, _option("out", Path, None, "Where report.html goes (default: the run "
-         "directory, or the folder holding the SAEs)."), DEVICE, TOKENIZER])
-def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = None, out: Path | None = None,
-             device: str = "cpu", tokenizer: Path | None = None, **given: Any) -> None:
+@command(
+    EVAL_OPTIONS,
+    [
+        SAE_PATHS,
+        MODEL,
+        HOOK,
+        _option(
+            "out", Path, None, "Where report.html goes (default: the run directory, or the folder holding the SAEs)."
+        ),
+        DEVICE,
+        TOKENIZER,
+    ],
+)
+def eval_cmd(
+    paths: list[Path],
+    model: str | None = None,
+    hook: str | None = None,
+    out: Path | None = None,
+    device: str = "cpu",
+    tokenizer: Path | None = None,
+    **given: Any,
+) -> None:
     """Evaluate SAEs: FVU, L0, dead/dense latents, CE/KL with the SAE spliced in (--suite full: also absorption,
     sparse probing, explanation scores); writes eval.json (+ saebench/*.json) and report.html."""
     from nanosae.eval.report import TABLE_KEYS
@@ -250,9 +341,17 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
     explained = lambda runs: [explanation_score(run.features if run else None) for run in runs]
     with TokenProgress("eval", cfg.tokens) as bar:  # the full suite's stages show as the bar's note
         results, names, report, spec = evaluate_paths(
-            paths, cfg, model, hook, out, device, tokenizer, explanations=explained,
+            paths,
+            cfg,
+            model,
+            hook,
+            out,
+            device,
+            tokenizer,
+            explanations=explained,
             progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)),
-            status=lambda text: bar.update(cfg.tokens, 0.0, f"full suite: {text}"))
+            status=lambda text: bar.update(cfg.tokens, 0.0, f"full suite: {text}"),
+        )
     table = Table(title=f"{spec} · {results[0]['hook']} · {results[0]['tokens']:,} tokens")
     table.add_column("metric")
     for name in names:
@@ -265,10 +364,16 @@ def eval_cmd(paths: list[Path], model: str | None = None, hook: str | None = Non
     console.print(f"report: {report}")
 
 
-SUITE_KEYS = [("absorption", "mean_absorption_fraction_score"), ("absorption", "mean_full_absorption_score"),
-              ("absorption", "mean_num_split_features"), ("sparse_probing", "llm_test_accuracy"),
-              ("sparse_probing", "sae_top_1_test_accuracy"), ("sparse_probing", "sae_top_5_test_accuracy"),
-              ("explanations", "explanation_score"), ("explanations", "latents_scored")]
+SUITE_KEYS = [
+    ("absorption", "mean_absorption_fraction_score"),
+    ("absorption", "mean_full_absorption_score"),
+    ("absorption", "mean_num_split_features"),
+    ("sparse_probing", "llm_test_accuracy"),
+    ("sparse_probing", "sae_top_1_test_accuracy"),
+    ("sparse_probing", "sae_top_5_test_accuracy"),
+    ("explanations", "explanation_score"),
+    ("explanations", "latents_scored"),
+]
 
 
 def _cell(value: Any) -> str:
@@ -276,17 +381,43 @@ def _cell(value: Any) -> str:
 
 
 FEATURES_OPTIONS = options_for(FeaturesConfig)
-SAE_PATH = inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path, default=typer.Argument(
-    ..., help="Run directory or SAE file/dir (ours, SAELens, OpenAI)."))
+SAE_PATH = inspect.Parameter(
+    "path",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    annotation=Path,
+    default=typer.Argument(..., help="Run directory or SAE file/dir (ours, SAELens, OpenAI)."),
+)
 
 
 @app.command()
-@command(FEATURES_OPTIONS, [SAE_PATH, MODEL, HOOK, _option("out", Path, None, "Database file (default: RUN/features.db)."),
-                            _option("acts", Path, None, "Read the SAE's input from this store (from `nanosae collect`) "
-                                    "instead of running the model; the data options are then not used."),
-                            DEVICE, TOKENIZER])
-def features(path: Path, model: str | None = None, hook: str | None = None, out: Path | None = None,
-             acts: Path | None = None, device: str = "cpu", tokenizer: Path | None = None, **given: Any) -> None:
+@command(
+    FEATURES_OPTIONS,
+    [
+        SAE_PATH,
+        MODEL,
+        HOOK,
+        _option("out", Path, None, "Database file (default: RUN/features.db)."),
+        _option(
+            "acts",
+            Path,
+            None,
+            "Read the SAE's input from this store (from `nanosae collect`) "
+            "instead of running the model; the data options are then not used.",
+        ),
+        DEVICE,
+        TOKENIZER,
+    ],
+)
+def features(
+    path: Path,
+    model: str | None = None,
+    hook: str | None = None,
+    out: Path | None = None,
+    acts: Path | None = None,
+    device: str = "cpu",
+    tokenizer: Path | None = None,
+    **given: Any,
+) -> None:
     """Build features.db: densities, histograms, top and quantile examples, logit effects, co-firing (resumable)."""
     from nanosae.interp.features import build_features
     from nanosae.rundir import home, load_sae_and_model, own_home
@@ -295,8 +426,16 @@ def features(path: Path, model: str | None = None, hook: str | None = None, out:
     target = out or home(path) / "features.db"  # before loading anything: a Hub id needs --out
     _, sae, host = load_sae_and_model(path, model, device, tokenizer)
     with TokenProgress("features", cfg.tokens) as bar:
-        build_features(sae, host, cfg, target, hook=hook, acts=acts, home=own_home(path),
-                       progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)))
+        build_features(
+            sae,
+            host,
+            cfg,
+            target,
+            hook=hook,
+            acts=acts,
+            home=own_home(path),
+            progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)),
+        )
     console.print(f"wrote {target}")
 
 
@@ -304,10 +443,19 @@ SAES = _option("sae", list[Path], ..., "SAE (run directory or file); repeatable 
 
 
 @app.command()
-@command(GENERATION_OPTIONS, [PROMPT, SAES, _option("top_features", int, 5, "Features shown per token and SAE."),
-                              MODEL, DEVICE, TOKENIZER])
-def track(prompt: str, sae: list[Path], top_features: int = 5, model: str | None = None, device: str = "cpu",
-          tokenizer: Path | None = None, **given: Any) -> None:
+@command(
+    GENERATION_OPTIONS,
+    [PROMPT, SAES, _option("top_features", int, 5, "Features shown per token and SAE."), MODEL, DEVICE, TOKENIZER],
+)
+def track(
+    prompt: str,
+    sae: list[Path],
+    top_features: int = 5,
+    model: str | None = None,
+    device: str = "cpu",
+    tokenizer: Path | None = None,
+    **given: Any,
+) -> None:
     """Generate and show, live, the top features of every new token; a summary at the end."""
     from nanosae.interp.featuredb import explanations
     from nanosae.interp.live import FeatureTracker
@@ -316,7 +464,8 @@ def track(prompt: str, sae: list[Path], top_features: int = 5, model: str | None
 
     gen = GenerationConfig(**parse(GENERATION_OPTIONS, given))
     _, first, host = load_sae_and_model(sae[0], model, device, tokenizer)
-    saes, labels = {}, {}
+    saes: dict[str, SAE] = {}
+    labels: dict[tuple[str, int], str] = {}
     for i, p in enumerate(sae):
         name = p.name if len(sae) > 1 else "sae"
         saes[name] = first if i == 0 else SAE.load(locate(p)[1], device=device)
@@ -338,13 +487,34 @@ def track(prompt: str, sae: list[Path], top_features: int = 5, model: str | None
 
 
 @app.command()
-@command(GENERATION_OPTIONS, [PROMPT, _option("sae", Path, ..., "SAE (run directory or file)."),
-                              _option("feature", list[str], ..., "LATENT=+V adds V·W_dec, LATENT=-V subtracts, LATENT=V "
-                                      "clamps, LATENT=0 ablates (repeatable)."), MODEL, DEVICE, TOKENIZER])
-def steer(prompt: str, sae: Path, feature: list[str], model: str | None = None, device: str = "cpu",
-          tokenizer: Path | None = None, **given: Any) -> None:
+@command(
+    GENERATION_OPTIONS,
+    [
+        PROMPT,
+        _option("sae", Path, ..., "SAE (run directory or file)."),
+        _option(
+            "feature",
+            list[str],
+            ...,
+            "LATENT=+V adds V·W_dec, LATENT=-V subtracts, LATENT=V clamps, LATENT=0 ablates (repeatable).",
+        ),
+        MODEL,
+        DEVICE,
+        TOKENIZER,
+    ],
+)
+def steer(
+    prompt: str,
+    sae: Path,
+    feature: list[str],
+    model: str | None = None,
+    device: str = "cpu",
+    tokenizer: Path | None = None,
+    **given: Any,
+) -> None:
     """Generate with and without feature edits (same seed) and show both side by side."""
-    from nanosae.interp.live import parse_edit, steer as run_steer
+    from nanosae.interp.live import parse_edit
+    from nanosae.interp.live import steer as run_steer
     from nanosae.rundir import load_sae_and_model
 
     gen = GenerationConfig(**parse(GENERATION_OPTIONS, given))
@@ -373,10 +543,14 @@ def describe_node(n: dict[str, Any]) -> str:
 
 def show_circuits(result: dict[str, Any]) -> None:
     s, info = result["scores"], result["info"]
-    console.print(f"transcoders: every MLP replaced at once, CE-loss score {s['replacement_ce_score']:.3f}; "
-                  f"FVU by layer {min(s['fvu_by_layer'].values()):.2f}..{max(s['fvu_by_layer'].values()):.2f}")
+    console.print(
+        f"transcoders: every MLP replaced at once, CE-loss score {s['replacement_ce_score']:.3f}; "
+        f"FVU by layer {min(s['fvu_by_layer'].values()):.2f}..{max(s['fvu_by_layer'].values()):.2f}"
+    )
     console.print("top logits: " + ", ".join(result["top_logits"]))
-    console.print(f"graph: replacement score {info['replacement_score']:.3f}, completeness {info['completeness_score']:.3f}")
+    console.print(
+        f"graph: replacement score {info['replacement_score']:.3f}, completeness {info['completeness_score']:.3f}"
+    )
     for score, path in result["paths"]:
         console.print(f"{score:.3f}  " + " -> ".join(describe_node(n) for n in path))
     console.print("time: " + " · ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()))
@@ -396,13 +570,19 @@ def trace(prompt: str, **given: Any) -> None:
 
     cfg = TraceConfig(**parse(TRACE_OPTIONS, given))
     with TokenProgress("attribution (features)", cfg.max_feature_nodes) as bar:
-        graph, data, out = run_trace(prompt, cfg, progress=lambda done, total: bar.update(done, 0.0, f"{done}/{total} features"))
+        graph, data, out = run_trace(
+            prompt, cfg, progress=lambda done, total: bar.update(done, 0.0, f"{done}/{total} features")
+        )
     info = data["metadata"]["info"]
-    console.print("top logits: " + ", ".join(f"{graph.info['logit_strs'][t]!r} {p:.3f}"
-                                             for t, p in zip(graph.logit_tokens, graph.logit_probs)))
-    console.print(f"{graph.info['active_features']} active features ({graph.n_features} traced), "
-                  f"kept {len(data['nodes'])} nodes and {len(data['links'])} edges; replacement score "
-                  f"{info['replacement_score']:.3f}, completeness {info['completeness_score']:.3f}")
+    console.print(
+        "top logits: "
+        + ", ".join(f"{graph.info['logit_strs'][t]!r} {p:.3f}" for t, p in zip(graph.logit_tokens, graph.logit_probs))
+    )
+    console.print(
+        f"{graph.info['active_features']} active features ({graph.n_features} traced), "
+        f"kept {len(data['nodes'])} nodes and {len(data['links'])} edges; replacement score "
+        f"{info['replacement_score']:.3f}, completeness {info['completeness_score']:.3f}"
+    )
     for score, path in strongest_paths(data, cfg.paths):
         console.print(f"{score:.3f}  " + " -> ".join(describe_node(n) for n in path))
     console.print(f"graph: {out}  (nanosae view {cfg.transcoders}; or upload the file to Neuronpedia)")
@@ -416,7 +596,8 @@ INTERVENE_OPTIONS = options_for(InterveneConfig)
 def intervene(prompt: str, **given: Any) -> None:
     """Test a circuit hypothesis: set or scale features of a graph and compare the top next tokens and the
     continuation with the original."""
-    from nanosae.interp.circuits import intervene as run_intervene, load_transcoders, parse_node_edit
+    from nanosae.interp.circuits import intervene as run_intervene
+    from nanosae.interp.circuits import load_transcoders, parse_node_edit
     from nanosae.models import load_model
 
     cfg = InterveneConfig(**parse(INTERVENE_OPTIONS, given))
@@ -436,8 +617,12 @@ def intervene(prompt: str, **given: Any) -> None:
 
 
 VIEW_OPTIONS = options_for(ViewConfig)
-RUN_VIEWED = inspect.Parameter("run", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path, default=typer.Argument(
-    ..., help="Run directory with features.db (and eval.json), or a transcoder set."))
+RUN_VIEWED = inspect.Parameter(
+    "run",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    annotation=Path,
+    default=typer.Argument(..., help="Run directory with features.db (and eval.json), or a transcoder set."),
+)
 
 
 @app.command()
@@ -459,8 +644,12 @@ def view(run: Path, **given: Any) -> None:
 
 
 EXPLAIN_OPTIONS = options_for(ExplainConfig)
-RUN_EXPLAINED = inspect.Parameter("run", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path, default=typer.Argument(
-    ..., help="Run directory (or features.db) to explain."))
+RUN_EXPLAINED = inspect.Parameter(
+    "run",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    annotation=Path,
+    default=typer.Argument(..., help="Run directory (or features.db) to explain."),
+)
 
 
 @app.command()
@@ -484,8 +673,9 @@ NEURONPEDIA_OPTIONS = options_for(ExportConfig)
 
 
 def _run_argument(what: str) -> inspect.Parameter:
-    return inspect.Parameter("run", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
-                             default=typer.Argument(..., help=what))
+    return inspect.Parameter(
+        "run", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path, default=typer.Argument(..., help=what)
+    )
 
 
 @export_app.command("saelens")
@@ -513,13 +703,22 @@ def export_neuronpedia_cmd(run: Path, **given: Any) -> None:
     from nanosae.export.neuronpedia import export_neuronpedia
 
     cfg = ExportConfig(**parse(NEURONPEDIA_OPTIONS, given))
-    console.print(f"wrote {export_neuronpedia(run, cfg.out, model_id=cfg.model_id, sae_set=cfg.sae_set)} (see its README.md)")
+    console.print(
+        f"wrote {export_neuronpedia(run, cfg.out, model_id=cfg.model_id, sae_set=cfg.sae_set)} (see its README.md)"
+    )
 
 
 DEMO_OPTIONS = options_for(DemoConfig)
-CIRCUITS = inspect.Parameter("circuits", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-    False, help="The second demo: transcoders for every layer, their feature databases and a traced prompt (out "
-                "defaults to runs/demo-circuits)."))
+CIRCUITS = inspect.Parameter(
+    "circuits",
+    inspect.Parameter.KEYWORD_ONLY,
+    annotation=bool,
+    default=typer.Option(
+        False,
+        help="The second demo: transcoders for every layer, their feature databases and a traced prompt (out "
+        "defaults to runs/demo-circuits).",
+    ),
+)
 
 
 @app.command()
@@ -557,7 +756,9 @@ def demo(circuits: bool = False, **given: Any) -> None:
         for bar in bars.values():
             bar.__exit__()
     m = result["metrics"]
-    table = Table(title=f"SmolLM2-135M · {m['hook']} · TopK d_sae {m['d_sae']}, k {m['k']} · {m['tokens']:,} held-out tokens")
+    table = Table(
+        title=f"SmolLM2-135M · {m['hook']} · TopK d_sae {m['d_sae']}, k {m['k']} · {m['tokens']:,} held-out tokens"
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in TABLE_KEYS:
@@ -567,21 +768,36 @@ def demo(circuits: bool = False, **given: Any) -> None:
     for col in ("feature", "fires", "density", "explanation", "score", "top output tokens"):
         feats.add_column(col)
     for f in result["features"]:
-        feats.add_row(str(f["id"]), str(f["fires"]), f"{f['density']:.2%}", f["explanation"], f"{f['score']:.2f}",
-                      " ".join(map(repr, f["top_logits"])))
+        feats.add_row(
+            str(f["id"]),
+            str(f["fires"]),
+            f"{f['density']:.2%}",
+            f["explanation"],
+            f"{f['score']:.2f}",
+            " ".join(map(repr, f["top_logits"])),
+        )
     console.print(feats)
     st = result["steering"]
     if st:
-        steer_table = Table(title=f"steering: feature {st['feature']} ({st['explanation']}) added with strength "
-                                  f"{st['strength']:.1f} to {st['prompt']!r}", show_lines=True)
+        steer_table = Table(
+            title=f"steering: feature {st['feature']} ({st['explanation']}) added with strength "
+            f"{st['strength']:.1f} to {st['prompt']!r}",
+            show_lines=True,
+        )
         steer_table.add_column("baseline")
         steer_table.add_column("steered")
         steer_table.add_row(st["baseline"], st["steered"])
         console.print(steer_table)
-        console.print(f"next-token probability of the tokens it fires on ({' '.join(map(repr, st['tokens']))}): "
-                      f"{st['probability_before']:.2e} -> {st['probability_after']:.2e}", highlight=False)
+        console.print(
+            f"next-token probability of the tokens it fires on ({' '.join(map(repr, st['tokens']))}): "
+            f"{st['probability_before']:.2e} -> {st['probability_after']:.2e}",
+            highlight=False,
+        )
     console.print("time: " + " · ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()))
-    console.print(f"report: {out / 'report.html'}\nviewer: nanosae view {out}\nstatic site: nanosae view {out} --export {out / 'site'}")
+    console.print(
+        f"report: {out / 'report.html'}\nviewer: nanosae view {out}\n"
+        f"static site: nanosae view {out} --export {out / 'site'}"
+    )
 
 
 def main() -> None:

@@ -19,11 +19,23 @@ StoreDtype = Literal["float16", "bfloat16", "float32"]
 ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 Ablation = Literal["zero", "mean"]
 Suite = Literal["core", "full"]
-LITERALS = {"InputNorm": InputNorm, "LRSchedule": LRSchedule, "BDecInit": BDecInit,
-            "StoreDtype": StoreDtype, "ModelDtype": ModelDtype, "Ablation": Ablation, "Suite": Suite}
+LITERALS = {
+    "InputNorm": InputNorm,
+    "LRSchedule": LRSchedule,
+    "BDecInit": BDecInit,
+    "StoreDtype": StoreDtype,
+    "ModelDtype": ModelDtype,
+    "Ablation": Ablation,
+    "Suite": Suite,
+}
 NORMALIZATIONS = get_args(InputNorm)
 DEFAULT_MODEL = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct (models.hf)
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 """The dtypes nanosae names (SAE weights: all four; activation stores: StoreDtype)."""
 STORE_DTYPES = {name: TORCH_DTYPES[name] for name in get_args(StoreDtype)}
 
@@ -39,7 +51,14 @@ def model_dtype(name: str, device: str) -> torch.dtype:
 def _type_ok(value: Any, annotation: str) -> bool:
     """Whether value fits a field annotation such as 'int', 'float | list[float]' or 'list[str] | None'."""
     for alt in (a.strip() for a in annotation.split("|")):
-        if alt == "None" and value is None or alt == "bool" and isinstance(value, bool) or alt == "str" and isinstance(value, str):
+        if (
+            alt == "None"
+            and value is None
+            or alt == "bool"
+            and isinstance(value, bool)
+            or alt == "str"
+            and isinstance(value, str)
+        ):
             return True
         if isinstance(value, bool):
             continue
@@ -62,26 +81,48 @@ def check_fields(config: Any) -> None:
     integral floats such as 32.0 from other tools' JSON become ints), or a one-line ConfigError names it."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if isinstance(value, float) and value.is_integer() and f.type.split("|")[0].strip() == "int":
+        if value is None and f.metadata.get("derived"):  # None: derived in __post_init__
+            continue
+        annotation = str(f.type)  # a string: the module is annotated with `from __future__ import annotations`
+        if isinstance(value, float) and value.is_integer() and annotation.split("|")[0].strip() == "int":
             value = int(value)
             setattr(config, f.name, value)
-        if not _type_ok(value, f.type):
-            raise ConfigError(f"{f.name} must be {_describe(f.type)}, got {_brief(value)}")
+        if not _type_ok(value, annotation):
+            raise ConfigError(f"{f.name} must be {_describe(annotation)}, got {_brief(value)}")
 
 
-_WORDS = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false",
-          "list[int]": "a list of integers", "list[float]": "a list of finite numbers", "list[str]": "a list of strings",
-          "DataConfig": "a DataConfig"}
+_WORDS = {
+    "int": "an integer",
+    "float": "a finite number",
+    "str": "a string",
+    "bool": "true or false",
+    "list[int]": "a list of integers",
+    "list[float]": "a list of finite numbers",
+    "list[str]": "a list of strings",
+    "DataConfig": "a DataConfig",
+}
 
 
 def _describe(annotation: str) -> str:
-    words = [("one of " + ", ".join(get_args(LITERALS[a.strip()]))) if a.strip() in LITERALS else _WORDS.get(a.strip(), a.strip())
-             for a in annotation.split("|") if a.strip() != "None"]
+    words = [
+        ("one of " + ", ".join(get_args(LITERALS[a.strip()])))
+        if a.strip() in LITERALS
+        else _WORDS.get(a.strip(), a.strip())
+        for a in annotation.split("|")
+        if a.strip() != "None"
+    ]
     return " or ".join(words)
 
 
-def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *, open_low: bool = False,
-                open_high: bool = False) -> None:
+def check_range(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> None:
     """A one-line ConfigError when a number (or each of a list) is outside [low, high] (bounds optional / open)."""
     for v in value if isinstance(value, (list, tuple)) else [value]:
         if v is None:
@@ -156,7 +197,7 @@ class SAEConfig:
     device: str = "cpu"
     hook_name: str = ""
     """Hook point the SAE was trained on, e.g. blocks.15.hook_resid_post."""
-    d_out: int | None = None
+    d_out: int = field(default=None, metadata={"derived": True})  # type: ignore[assignment]
     """Width of what is reconstructed: d_in, except for transcoders (the target hook's width)."""
     hook_name_out: str = ""
     """Transcoders: the hook predicted from hook_name's activation (e.g. blocks.L.hook_mlp_out)."""
@@ -178,7 +219,8 @@ class SAEConfig:
         check_range("d_out", self.d_out, 1)
         if self.normalize_activations not in NORMALIZATIONS:
             raise ConfigError(
-                f"unknown normalize_activations {self.normalize_activations!r}; expected one of {', '.join(NORMALIZATIONS)}"
+                f"unknown normalize_activations {self.normalize_activations!r}; "
+                f"expected one of {', '.join(NORMALIZATIONS)}"
             )
         if self.dtype not in TORCH_DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(TORCH_DTYPES)}")
@@ -192,21 +234,29 @@ class SAEConfig:
             groups = self.matryoshka_groups or [self.d_sae // 8, self.d_sae // 4, self.d_sae // 2, self.d_sae]
             groups = sorted({int(g) for g in groups if int(g) > 0} | {self.d_sae})
             if groups[-1] != self.d_sae or any(g > self.d_sae for g in groups):
-                raise ConfigError(f"matryoshka_groups must be prefix sizes up to d_sae={self.d_sae}, got {self.matryoshka_groups}")
+                raise ConfigError(
+                    f"matryoshka_groups must be prefix sizes up to d_sae={self.d_sae}, got {self.matryoshka_groups}"
+                )
             self.matryoshka_groups = groups
         if arch.uses_k:
             if self.k is None or not 0 < int(self.k) <= self.d_sae:
-                raise ConfigError(f"architecture {self.architecture} needs k in 1..d_sae={self.d_sae}, got k={self.k!r}")
+                raise ConfigError(
+                    f"architecture {self.architecture} needs k in 1..d_sae={self.d_sae}, got k={self.k!r}"
+                )
             self.k = int(self.k)
 
     def _check_io(self) -> None:
         """Transcoder / crosscoder consistency (both are this same SAE with other inputs and outputs)."""
         if self.hook_name_out and self.crosscoder_hooks:
-            raise ConfigError("an SAE is either a transcoder (hook_name_out) or a crosscoder (crosscoder_hooks), not both")
+            raise ConfigError(
+                "an SAE is either a transcoder (hook_name_out) or a crosscoder (crosscoder_hooks), not both"
+            )
         if self.d_out is None:
             self.d_out = self.d_in
         if self.d_out != self.d_in and not self.hook_name_out:
-            raise ConfigError(f"d_out={self.d_out} differs from d_in={self.d_in}, which only a transcoder (hook_name_out) allows")
+            raise ConfigError(
+                f"d_out={self.d_out} differs from d_in={self.d_in}, which only a transcoder (hook_name_out) allows"
+            )
         if self.apply_b_dec_to_input is None:
             self.apply_b_dec_to_input = not self.hook_name_out
         if self.apply_b_dec_to_input and self.d_out != self.d_in:
@@ -218,11 +268,15 @@ class SAEConfig:
         if self.crosscoder_hooks:
             n = len(self.crosscoder_hooks)
             if n < 2 or self.d_in % n:
-                raise ConfigError(f"a crosscoder needs at least 2 hooks and d_in divisible by them; got {n} hooks, d_in={self.d_in}")
+                raise ConfigError(
+                    f"a crosscoder needs at least 2 hooks and d_in divisible by them; got {n} hooks, d_in={self.d_in}"
+                )
             self.hook_name = self.hook_name or self.crosscoder_hooks[0]
         scales = self.activation_scale
         if isinstance(scales, (list, tuple)) and len(scales) != self.n_blocks:
-            raise ConfigError(f"activation_scale has {len(scales)} factors, expected one per input block ({self.n_blocks})")
+            raise ConfigError(
+                f"activation_scale has {len(scales)} factors, expected one per input block ({self.n_blocks})"
+            )
 
     @property
     def kind(self) -> str:
@@ -246,7 +300,7 @@ class SAEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in d.items() if key in names})
 
@@ -277,7 +331,7 @@ class DataConfig:
     """Non-UTF-8 bytes: strict (stop with an error) or replace."""
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
         """From a saved dict (a manifest's "data", a config.json), older key names included."""
         d = {("shuffle_seed" if k == "seed" else k): v for k, v in d.items()}
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
@@ -298,7 +352,7 @@ class DataConfig:
 def default_batch_size(tokens: int) -> int:
     """About 1000 optimizer steps for short runs (tokens/1000 rounded to a power of two), capped at 4096-token
     batches: at a fixed token budget more steps give a better CE-loss score, until batches get so small that
-    latents die; the learning rate follows the batch (trainer.Schedule) so they do not (docs/benchmarks.md)."""
+    latents die; the learning rate follows the batch (train.schedule.Schedule) so they do not (docs/benchmarks.md)."""
     return int(max(1, min(4096, tokens, 2 ** round(math.log2(max(1.0, tokens / 1000))))))
 
 
@@ -425,7 +479,8 @@ class InterveneConfig:
     transcoders: str = field(default="", metadata={"required": True})
     """A transcoder set: the run directory of `train --transcoders`."""
     edits: list[str] = field(default_factory=list, metadata={"flag": "set", "required": True})
-    """A feature edit by graph node id: LAYER_LATENT_POS=VALUE sets it, LAYER_LATENT_POS*FACTOR scales it (repeatable)."""
+    """A feature edit by graph node id: LAYER_LATENT_POS=VALUE sets it, LAYER_LATENT_POS*FACTOR scales it
+    (repeatable)."""
     max_new_tokens: int = 20
     """Tokens of greedy continuation."""
     device: str = "cpu"
@@ -568,7 +623,9 @@ class DictionaryConfig:
         check_range("d_sae", self.d_sae, 1, MAX_LATENTS)
         check_range("k", self.k, 1)
         if self.architecture not in registry.names():
-            raise ConfigError(f"architecture must be one of {', '.join(registry.names())}, got {_brief(self.architecture)}")
+            raise ConfigError(
+                f"architecture must be one of {', '.join(registry.names())}, got {_brief(self.architecture)}"
+            )
         if self.arch.uses_k and self.k > self.d_sae:
             raise ConfigError(f"k ({self.k}) must be at most d_sae ({self.d_sae})")
         check_range("matryoshka_groups", self.matryoshka_groups, 1, self.d_sae)
@@ -581,19 +638,25 @@ class DictionaryConfig:
         """The SAEConfig these settings give for a source's widths and hooks (io: d_in, d_out, hook_name, ...):
         the fields an architecture does not use are left unset."""
         arch = self.arch
-        return SAEConfig(architecture=self.architecture, d_sae=self.d_sae, k=self.k if arch.uses_k else None,
-                         matryoshka_groups=self.matryoshka_groups if arch.nested else None,
-                         normalize_activations=self.normalize_activations, skip_connection=self.skip_connection, **io)
+        return SAEConfig(
+            architecture=self.architecture,
+            d_sae=self.d_sae,
+            k=self.k if arch.uses_k else None,
+            matryoshka_groups=self.matryoshka_groups if arch.nested else None,
+            normalize_activations=self.normalize_activations,
+            skip_connection=self.skip_connection,
+            **io,
+        )
 
 
 @dataclass
 class OptimConfig:
     """How the SAE is optimised: budget, Adam, schedule, initialisation, sparsity and dead latents.
-    Knobs left as None are derived from the budget (see train.trainer.Schedule)."""
+    Knobs left as None are derived from the budget (see train.schedule.Schedule)."""
 
     tokens: int = 2_000_000
     """Training tokens (steps = tokens // batch_size); a smaller store is read for several epochs."""
-    batch_size: int | None = None
+    batch_size: int = field(default=None, metadata={"derived": True})  # type: ignore[assignment]
     """Tokens per optimizer step; default ~tokens/1000 rounded to a power of two, at most 4096."""
     lr: float | None = None
     """Adam learning rate; default 6.63e-4 / sqrt(d_sae / 2^14) × sqrt(batch_size / 1024) (1.25e-3 at d_sae 4608
@@ -661,7 +724,13 @@ class OptimConfig:
         check_fields(self)
         for name in ("tokens", "init_sample_tokens", "dead_tokens", "k_aux", "resample_every"):
             check_range(name, getattr(self, name), 1)
-        for name in ("lr_warmup_steps", "sparsity_warmup_steps", "grad_clip", "sparsity_coefficient", "aux_coefficient"):
+        for name in (
+            "lr_warmup_steps",
+            "sparsity_warmup_steps",
+            "grad_clip",
+            "sparsity_coefficient",
+            "aux_coefficient",
+        ):
             check_range(name, getattr(self, name), 0)
         check_range("lr", self.lr, 0, open_low=True)
         check_range("eps", self.eps, 0, open_low=True)
@@ -725,13 +794,13 @@ class TrainConfig:
             raise ConfigError("skip_connection is for transcoders (give hook_out or acts_out)")
 
     @classmethod
-    def build(cls, **values: Any) -> "TrainConfig":
+    def build(cls, **values: Any) -> TrainConfig:
         """From flat settings, each routed to the part that owns its name (the CLI's flags are these names):
         TrainConfig.build(acts="runs/acts", d_sae=4608, k=32, tokens=600_000)."""
         return build_nested(cls, values)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """From a saved config.json: nested as written now, or flat as older versions wrote it."""
         if isinstance(d.get("optim"), dict):
             flat = {k: v for part in PARTS if isinstance(d.get(part), dict) for k, v in d[part].items()}
@@ -766,13 +835,22 @@ def build_nested(cls: type, values: dict[str, Any]) -> Any:
     known = {name for name, _, _ in leaves}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown setting {unknown[0]!r} for {cls.__name__}; expected one of {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"unknown setting {unknown[0]!r} for {cls.__name__}; expected one of {', '.join(sorted(known))}"
+        )
     parts: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
     for name, part, _ in leaves:
         if name in values:
             (parts.setdefault(part, {}) if part else top)[name] = values[name]
-    return cls(**top, **{part: PARTS[part](**parts.get(part, {})) for part in PARTS if part in {f.name for f in dataclasses.fields(cls)}})
+    return cls(
+        **top,
+        **{
+            part: PARTS[part](**parts.get(part, {}))
+            for part in PARTS
+            if part in {f.name for f in dataclasses.fields(cls)}
+        },
+    )
 
 
 def flat_settings(cfg: Any) -> dict[str, Any]:
@@ -780,5 +858,6 @@ def flat_settings(cfg: Any) -> dict[str, Any]:
     out = {}
     for name, part, _ in config_leaves(type(cfg)):
         value = getattr(getattr(cfg, part) if part else cfg, name)
-        out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        is_instance = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        out[name] = dataclasses.asdict(value) if is_instance else value
     return out

@@ -46,11 +46,13 @@ class DemoConfig:
 
 def stage_timer(seconds: dict[str, float]) -> Callable[[str], Any]:
     """A context manager per stage name that adds the stage's wall time to seconds[name]."""
+
     @contextmanager
     def stage(name: str) -> Iterator[None]:
         t0 = time.perf_counter()
         yield
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+
     return stage
 
 
@@ -58,7 +60,6 @@ def run_demo(cfg: DemoConfig, progress: StageProgress | None = None) -> dict[str
     """Run every stage; returns the metrics, five interesting features, a steering example and the seconds
     each stage took in this call (stages already done in an earlier call are skipped and not listed)."""
     from nanosae.io import write_lock
-
     from nanosae.models import keep_freed_memory
 
     keep_freed_memory()  # the demo owns its process, as the CLI does (NANOSAE_MALLOC_TUNING=0: off)
@@ -89,30 +90,59 @@ def _run_demo(cfg: DemoConfig, progress: StageProgress | None) -> dict[str, Any]
         model = load_model(cfg.model)
     acts = out / "acts"
     with stage("collect"):
-        collect(CollectConfig(model=cfg.model, hooks=[cfg.hook], data=DataConfig(specs=cfg.data), tokens=sizes["collect"],
-                              out=str(acts)), model=model,
-                progress=lambda p: say("collect", p.tokens, p.total, p.seconds))
+        collect(
+            CollectConfig(
+                model=cfg.model,
+                hooks=[cfg.hook],
+                data=DataConfig(specs=cfg.data),
+                tokens=sizes["collect"],
+                out=str(acts),
+            ),
+            model=model,
+            progress=lambda p: say("collect", p.tokens, p.total, p.seconds),
+        )
     if not (run.sae / "cfg.json").exists():
         with stage("train"):
-            train(TrainConfig.build(out=str(out), acts=str(acts / cfg.hook), tokens=sizes["train"], checkpoint_every=0,
-                              log_every=5, resume=True),
-                  progress=lambda p: say("train", p.metrics["tokens"], sizes["train"],
-                                         p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9)))
+            train(
+                TrainConfig.build(
+                    out=str(out),
+                    acts=str(acts / cfg.hook),
+                    tokens=sizes["train"],
+                    checkpoint_every=0,
+                    log_every=5,
+                    resume=True,
+                ),
+                progress=lambda p: say(
+                    "train",
+                    int(p.metrics["tokens"]),
+                    sizes["train"],
+                    p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9),
+                ),
+            )
     sae = SAE.load(run.sae)
     if not run.eval.exists():
         with stage("evaluate"):
-            metrics = evaluate(sae, model, DataConfig(specs=cfg.data, split="eval"), tokens=sizes["eval"],
-                               progress=lambda d, t, s: say("eval", d, t, s))
+            metrics = evaluate(
+                sae,
+                model,
+                DataConfig(specs=cfg.data, split="eval"),
+                tokens=sizes["eval"],
+                progress=lambda d, t, s: say("eval", d, t, s),
+            )
             write_json(run.eval, metrics)
             write_report([metrics], ["demo"], run.report, title="nanosae demo: SmolLM2-135M, blocks.15")
     metrics = read_json(run.eval)
     if not run.features.exists():
         with stage("features"):
             store = ActivationStore(acts / cfg.hook, verify=False)  # older stores have no token ids: run the model
-            build_features(sae, model, FeaturesConfig(data=DataConfig(specs=cfg.data, split="train"),
-                                                      tokens=sizes["features"]),
-                           run.features, acts=store if store.has_ids else None,
-                           progress=lambda d, t, s: say("features", d, t, s))
+            build_features(
+                sae,
+                model,
+                FeaturesConfig(data=DataConfig(specs=cfg.data, split="train"), tokens=sizes["features"]),
+                run.features,
+                acts=store if store.has_ids else None,
+                progress=lambda d, t, s: say("features", d, t, s),
+            )
         with stage("explain"):
             explain_n2g(run.features, progress=lambda d, t: say("explain", d, t, 0.0))
     db = FeatureDB(out)
@@ -143,15 +173,25 @@ def interesting_features(db: Any, n: int) -> list[dict[str, Any]]:
         if lead in seen or "<|" in text or not re.search(r"[A-Za-z]{3}", text):
             continue
         seen.add(lead)
-        out.append({"id": r["id"], "density": r["density"], "fires": r["fires"], "max_act": r["max_act"],
-                    "explanation": text, "score": r["score"],
-                    "top_logits": [t for t, _ in db.cell(r["top_logits"], "top_logits")[:5]]})
+        out.append(
+            {
+                "id": r["id"],
+                "density": r["density"],
+                "fires": r["fires"],
+                "max_act": r["max_act"],
+                "explanation": text,
+                "score": r["score"],
+                "top_logits": [t for t, _ in db.cell(r["top_logits"], "top_logits")[:5]],
+            }
+        )
         if len(out) == n:
             break
     return out
 
 
-def steering_example(model: Any, sae: Any, db: Any, features: list[dict[str, Any]], prompt: str) -> dict[str, Any] | None:
+def steering_example(
+    model: Any, sae: Any, db: Any, features: list[dict[str, Any]], prompt: str
+) -> dict[str, Any] | None:
     """Steer with the feature whose effect is clearest, measured: adding its direction (in units of its largest
     activation, 1-8×) should raise the next-token probability of the tokens it fires on. The smallest strength
     that raises it tenfold is used (or the best one tried); both continuations and probabilities are reported."""
@@ -170,15 +210,23 @@ def steering_example(model: Any, sae: Any, db: Any, features: list[dict[str, Any
                 best = (gain, feature, edit, tokens, before, after)
             if gain >= 10 and after >= 0.01:
                 break
-        if best[0] >= 10 and best[5] >= 0.01:
+        if best is not None and best[0] >= 10 and best[5] >= 0.01:
             break
     if best is None:
         return None
     _, feature, edit, tokens, before, after = best
     base, steered = steer(model, sae, [edit], prompt, max_new_tokens=24)
-    return {"feature": feature["id"], "explanation": feature["explanation"], "prompt": prompt, "strength": edit.value,
-            "baseline": base.text, "steered": steered.text, "tokens": tokens, "probability_before": before,
-            "probability_after": after}
+    return {
+        "feature": feature["id"],
+        "explanation": feature["explanation"],
+        "prompt": prompt,
+        "strength": edit.value,
+        "baseline": base.text,
+        "steered": steered.text,
+        "tokens": tokens,
+        "probability_before": before,
+        "probability_after": after,
+    }
 
 
 # ---- the second demo: circuits ----------------------------------------------------------------------------------
@@ -240,13 +288,29 @@ def _run_circuits_demo(cfg: CircuitsDemoConfig, progress: StageProgress | None) 
     layers = list(range(model.n_layers))
     if not tset.exists():
         with stage("train"):
-            cfgs = transcoder_set({"model": cfg.model, "data": data("train"), "d_sae": cfg.d_sae, "k": cfg.k,
-                                   "batch_size": cfg.batch_size,
-                                   "tokens": cfg.tokens, "checkpoint_every": 0, "log_every": 5, "resume": True,
-                                   "out": str(out)}, layers)
-            sets.train_set(cfgs, layers, model=model,
-                           progress=lambda p: say("train", p.metrics["tokens"], cfg.tokens,
-                                                  p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9)))
+            cfgs = transcoder_set(
+                {
+                    "model": cfg.model,
+                    "data": data("train"),
+                    "d_sae": cfg.d_sae,
+                    "k": cfg.k,
+                    "batch_size": cfg.batch_size,
+                    "tokens": cfg.tokens,
+                    "checkpoint_every": 0,
+                    "log_every": 5,
+                    "resume": True,
+                    "out": str(out),
+                },
+                layers,
+            )
+            sets.train_set(
+                cfgs,
+                layers,
+                model=model,
+                progress=lambda p: say(
+                    "train", p.metrics["tokens"], cfg.tokens, p.metrics["tokens"] / max(p.metrics["tokens_per_s"], 1e-9)
+                ),
+            )
     if not tset.replacement.exists():  # stopped between training and scoring
         with stage("score"):
             sets.score_set(out, data("eval"), model)
@@ -262,9 +326,20 @@ def _run_circuits_demo(cfg: CircuitsDemoConfig, progress: StageProgress | None) 
     graph_file = tset.graph("demo")
     if not graph_file.exists():
         with stage("trace"):
-            sets.trace(cfg.prompt, TraceConfig(transcoders=str(out), max_feature_nodes=cfg.max_feature_nodes),
-                       model=model, slug="demo", progress=lambda d, t: say("trace", d, t, 0.0))
+            sets.trace(
+                cfg.prompt,
+                TraceConfig(transcoders=str(out), max_feature_nodes=cfg.max_feature_nodes),
+                model=model,
+                slug="demo",
+                progress=lambda d, t: say("trace", d, t, 0.0),
+            )
     data = read_json(graph_file)
-    return {"out": str(out), "scores": scores, "graph": str(graph_file), "info": data["metadata"]["info"],
-            "top_logits": [n["clerp"] for n in data["nodes"] if n["feature_type"] == "logit"],
-            "paths": strongest_paths(data, 5), "seconds": seconds}
+    return {
+        "out": str(out),
+        "scores": scores,
+        "graph": str(graph_file),
+        "info": data["metadata"]["info"],
+        "top_logits": [n["clerp"] for n in data["nodes"] if n["feature_type"] == "logit"],
+        "paths": strongest_paths(data, 5),
+        "seconds": seconds,
+    }

@@ -47,7 +47,7 @@ def public_mode(path: str | Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call write(tmp_path) on a temp file beside path, fsync it, then rename it over path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,8 +151,8 @@ def lock_path(target: str | Path, directory: bool = True) -> Path:
 
 @contextlib.contextmanager
 def write_lock(target: str | Path, directory: bool = True) -> Iterator[None]:
-    """Hold an exclusive lock on a directory (created if needed) or a file while writing it; a second writer gets a one-line
-    LockedError naming the holder's pid. The lock is flock(2)-based: it dies with its process, so a killed
+    """Hold an exclusive lock on a directory (created if needed) or a file while writing it; a second writer gets
+    a one-line LockedError naming the holder's pid. The lock is flock(2)-based: it dies with its process, so a killed
     run never leaves a stale lock, and the lock file is removed on release."""
     if directory and Path(target).exists() and not Path(target).is_dir():
         raise LockedError(f"{target} is a file; expected a directory to write into")
@@ -180,8 +180,10 @@ def write_lock(target: str | Path, directory: bool = True) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise LockedError(f"{target} is being written by another nanosae process (pid {holder}); wait for it "
-                              f"to finish or write elsewhere (lock: {path})") from None
+            raise LockedError(
+                f"{target} is being written by another nanosae process (pid {holder}); wait for it "
+                f"to finish or write elsewhere (lock: {path})"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino  # the previous holder may have removed it meanwhile
         except FileNotFoundError:

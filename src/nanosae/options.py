@@ -14,9 +14,9 @@ import functools
 import inspect
 import math
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from nanosae.config import LITERALS, PARTS, DataConfig
 from nanosae.errors import ConfigError
@@ -46,11 +46,18 @@ class Option:
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass (the string literal after its annotation)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(node, ast.ClassDef)
+    body = node.body
     docs = {}
     for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -61,7 +68,7 @@ def _fields(cls: type) -> list[tuple[type, dataclasses.Field, Any]]:
     out = []
     for f in dataclasses.fields(cls):
         part = PARTS.get(f.name) if f.type == getattr(PARTS.get(f.name), "__name__", None) else None
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         if part is not None:
             out += _fields(part)
         elif f.type == "DataConfig":
@@ -71,8 +78,9 @@ def _fields(cls: type) -> list[tuple[type, dataclasses.Field, Any]]:
     return out
 
 
-def options_for(cls: type, sweep: tuple[str, ...] = (), repeat: tuple[str, ...] = (),
-                skip: tuple[str, ...] = ()) -> list[Option]:
+def options_for(
+    cls: type, sweep: tuple[str, ...] = (), repeat: tuple[str, ...] = (), skip: tuple[str, ...] = ()
+) -> list[Option]:
     """The options of a config class: `sweep` fields take comma-separated values, `repeat` fields may be given
     several times (both then arrive as lists), `skip` fields are left out."""
     out = []
@@ -82,20 +90,32 @@ def options_for(cls: type, sweep: tuple[str, ...] = (), repeat: tuple[str, ...] 
         alts = [a.strip() for a in f.type.split("|")]
         base = next(a for a in alts if a != "None")
         kind = {"bool": "bool", "int": "count", "float": "number", "list[str]": "repeat", "list[int]": "ints"}.get(
-            base, "text")
+            base, "text"
+        )
         if f.name in repeat:
             kind = "repeat"
         flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
         flags = (f"{flag}/--no-{flag[2:]}",) if kind == "bool" else (flag, *f.metadata.get("aliases", ()))
         help_text = field_docs(owner).get(f.name, "")
         if base in LITERALS and not help_text:
-            help_text = "one of " + ", ".join(LITERALS[base].__args__)
-        out.append(Option(f.name, kind, default, flags, help_text, "None" in alts, f.name in sweep,
-                          f.metadata.get("required", False), f.metadata.get("envvar")))
+            help_text = "one of " + ", ".join(get_args(LITERALS[base]))
+        out.append(
+            Option(
+                f.name,
+                kind,
+                default,
+                flags,
+                help_text,
+                "None" in alts or f.metadata.get("derived", False),
+                f.name in sweep,
+                f.metadata.get("required", False),
+                f.metadata.get("envvar"),
+            )
+        )
     return out
 
 
-def signature(options: list[Option], extra: list[inspect.Parameter] = ()) -> inspect.Signature:
+def signature(options: list[Option], extra: Sequence[inspect.Parameter] = ()) -> inspect.Signature:
     """A typer-readable signature: bools as --x/--no-x switches, lists as repeatable options, the rest as text
     (read by `parse`, so counts like 200k and sweeps like 2304,4608 work and errors are nanosae's one line)."""
     import typer
@@ -103,6 +123,7 @@ def signature(options: list[Option], extra: list[inspect.Parameter] = ()) -> ins
 
     params = []
     for o in options:
+        annotation: Any
         if o.kind == "bool":
             annotation, default = bool, o.default
         elif o.kind == "repeat":
@@ -110,13 +131,30 @@ def signature(options: list[Option], extra: list[inspect.Parameter] = ()) -> ins
             default = None if o.default is None else list(o.default) if isinstance(o.default, list) else [o.default]
         else:
             annotation = str
-            default = None if o.default is None else ",".join(map(str, o.default)) if isinstance(o.default, list) else str(o.default)
+            default = (
+                None
+                if o.default is None
+                else ",".join(map(str, o.default))
+                if isinstance(o.default, list)
+                else str(o.default)
+            )
         metavar = {"count": "N", "number": "X", "ints": "N,N,...", "repeat": "TEXT"}.get(o.kind, "TEXT")
         if o.sweep:
             metavar = "V[,V,...]"
-        params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=typer.Option(
-            ... if o.required else default, *o.flags, help=escape(o.help), envvar=o.envvar,
-            metavar=None if o.kind == "bool" else metavar)))
+        params.append(
+            inspect.Parameter(
+                o.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=annotation,
+                default=typer.Option(
+                    ... if o.required else default,
+                    *o.flags,
+                    help=escape(o.help),
+                    envvar=o.envvar,
+                    metavar=None if o.kind == "bool" else metavar,
+                ),
+            )
+        )
     positional = [p for p in extra if p.kind != inspect.Parameter.KEYWORD_ONLY]  # arguments come first
     return inspect.Signature(positional + params + [p for p in extra if p not in positional])
 
@@ -167,10 +205,11 @@ def parse_count(text: str, option: str = "") -> int:
     return int(value)
 
 
-def command(options: list[Option], extra: list[inspect.Parameter] = ()) -> Callable[[Callable], Callable]:
+def command(options: list[Option], extra: Sequence[inspect.Parameter] = ()) -> Callable[[Callable], Callable]:
     """Give a `def cmd(**settings)` function the generated signature (apply before @app.command())."""
+
     def wrap(fn: Callable) -> Callable:
-        fn.__signature__ = signature(options, extra)
+        fn.__signature__ = signature(options, extra)  # type: ignore[attr-defined]  # inspect and typer read it
         return fn
 
     return wrap

@@ -33,7 +33,9 @@ def job_kind(directory: Path) -> str | None:
     manifest = directory / "manifest.json"
     if manifest.is_file() and (any(directory.glob("shard_*.npy")) or _says_store(manifest)):
         return "activation store"
-    if (directory / "config.json").is_file() and any((directory / p).exists() for p in ("sae", "checkpoints", "metrics.jsonl")):
+    if (directory / "config.json").is_file() and any(
+        (directory / p).exists() for p in ("sae", "checkpoints", "metrics.jsonl")
+    ):
         return "training run"
     if (directory / "transcoders.json").is_file():
         return "transcoder set"
@@ -101,8 +103,9 @@ def check_dir(out: str | Path, kind: str, home: Path | None = None, flag: str = 
     if not out.exists():
         return out
     # every entry but the folders that hold something: a file, a link or an empty folder may be a person's
-    present = {str(p.relative_to(out)) for p in out.rglob("*")
-               if p.is_symlink() or not p.is_dir() or not any(p.iterdir())}
+    present = {
+        str(p.relative_to(out)) for p in out.rglob("*") if p.is_symlink() or not p.is_dir() or not any(p.iterdir())
+    }
     if not present:
         return out
     held = job_kind(out)
@@ -112,8 +115,10 @@ def check_dir(out: str | Path, kind: str, home: Path | None = None, flag: str = 
     foreign = sorted(present - written - {MARKER, *LEGACY_MARKERS})
     if held is None or foreign:
         example = f" (e.g. {foreign[0]})" if foreign else ""
-        raise ConfigError(f"{flag} {out} holds files nanosae did not write as a {kind}{example}; choose a new or "
-                          "empty directory, nothing was changed")
+        raise ConfigError(
+            f"{flag} {out} holds files nanosae did not write as a {kind}{example}; choose a new or "
+            "empty directory, nothing was changed"
+        )
     return out
 
 
@@ -147,8 +152,9 @@ def replacing_dir(out: str | Path, kind: str, home: Path | None = None, flag: st
             raise
 
 
-def check_file(out: str | Path, kind: str, is_ours: Callable[[Path], bool], home: Path | None = None,
-               flag: str = "--out") -> Path:
+def check_file(
+    out: str | Path, kind: str, is_ours: Callable[[Path], bool], home: Path | None = None, flag: str = "--out"
+) -> Path:
     """The real path of a file output: new, or a regular file that `is_ours` recognises as this kind of output;
     never a directory, device, FIFO or a file inside another job's directory."""
     out = resolved(out)
@@ -159,6 +165,7 @@ def check_file(out: str | Path, kind: str, is_ours: Callable[[Path], bool], home
     if not stat.S_ISREG(mode):
         raise ConfigError(f"{flag} {out} is not a regular file; expected a new file or an earlier {kind}")
     if not is_ours(out):
-        raise ConfigError(f"{flag} {out} exists and is not a {kind} nanosae wrote; choose another path, nothing was "
-                          "changed")
+        raise ConfigError(
+            f"{flag} {out} exists and is not a {kind} nanosae wrote; choose another path, nothing was changed"
+        )
     return out

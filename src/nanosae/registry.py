@@ -109,4 +109,3 @@ def names() -> list[str]:
 def sparse_names() -> list[str]:
     """The architectures trained on the sparse kernels (what cross-layer transcoders and the refit need)."""
     return [name for name, arch in _TABLE.items() if arch.sparse is not None]
-

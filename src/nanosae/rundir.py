@@ -97,8 +97,14 @@ class TranscoderSetDir:
         return self.manifest.is_file()
 
     def write_manifest(self, model: str, layers: list[int], cross_layer: bool = False) -> None:
-        write_json(self.manifest, {"model": model, "cross_layer": cross_layer,
-                                   "layers": {str(k): self.layer(k).name for k in sorted(layers)}})
+        write_json(
+            self.manifest,
+            {
+                "model": model,
+                "cross_layer": cross_layer,
+                "layers": {str(k): self.layer(k).name for k in sorted(layers)},
+            },
+        )
 
     def read_manifest(self) -> dict[str, Any]:
         """transcoders.json, checked: a model string, a cross_layer flag, and layers {"L": "dir"} with L a layer
@@ -113,13 +119,20 @@ class TranscoderSetDir:
         if not isinstance(manifest.get("cross_layer", False), bool):
             raise FormatError(f"{path}: cross_layer must be true or false")
         if not isinstance(layers, dict) or not layers:
-            raise FormatError(f"{path}: layers must be an object of layer number -> directory, e.g. {{\"0\": \"layer_0\"}}")
+            raise FormatError(f'{path}: layers must be an object of layer number -> directory, e.g. {{"0": "layer_0"}}')
         for key, where in layers.items():
             if not (key.isdigit() and int(key) < MAX_LAYERS):
                 raise FormatError(f"{path}: layer {key[:20]!r} is not a layer number (0..{MAX_LAYERS - 1})")
-            if not isinstance(where, str) or not where or Path(where).is_absolute() or ".." in Path(where).parts \
-                    or not (run / where).resolve().is_relative_to(root):
-                raise FormatError(f"{path}: layer {key}'s directory {str(where)[:60]!r} must be a relative path inside {run}")
+            if (
+                not isinstance(where, str)
+                or not where
+                or Path(where).is_absolute()
+                or ".." in Path(where).parts
+                or not (run / where).resolve().is_relative_to(root)
+            ):
+                raise FormatError(
+                    f"{path}: layer {key}'s directory {str(where)[:60]!r} must be a relative path inside {run}"
+                )
         return manifest
 
     def layer_runs(self) -> dict[int, Path]:
@@ -198,8 +211,9 @@ def model_spec(sae: Any, model: str | None, where: str | Path = "") -> str:
     return spec
 
 
-def load_sae_and_model(path: str | Path, model: str | None = None, device: str = "cpu",
-                       tokenizer: str | Path | None = None) -> tuple[RunDir | None, Any, Any]:
+def load_sae_and_model(
+    path: str | Path, model: str | None = None, device: str = "cpu", tokenizer: str | Path | None = None
+) -> tuple[RunDir | None, Any, Any]:
     """(run or None, SAE, host model) for a run directory or SAE path; the model defaults to the SAE's own."""
     from nanosae.models import load_model
     from nanosae.sae import SAE
@@ -223,9 +237,12 @@ def check_fit(sae: Any, host: Any, where: str | Path) -> None:
         width = host.hook_dim(hook)
     except HookError:
         if re.match(r"blocks\.(\d+)\.", hook) and int(hook.split(".")[1]) >= host.n_layers:
-            raise HookError(f"{where} reads {hook}, but {host.name} has {host.n_layers} layers (0..{host.n_layers - 1})") \
-                from None
+            raise HookError(
+                f"{where} reads {hook}, but {host.name} has {host.n_layers} layers (0..{host.n_layers - 1})"
+            ) from None
         return  # a site nanosae has no hook for: the command names the valid ones when it uses it (or --hook)
     if width != sae.cfg.d_in:
-        raise ShapeError(f"{where} reads {sae.cfg.d_in}-wide activations at {hook}, but {host.name} has {width} there "
-                         "(an SAE of another model? give --model)")
+        raise ShapeError(
+            f"{where} reads {sae.cfg.d_in}-wide activations at {hook}, but {host.name} has {width} there "
+            "(an SAE of another model? give --model)"
+        )

@@ -17,8 +17,16 @@ HOOKS = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]
 
 def config(word_corpus, out, **kw):
     data = DataConfig(specs=[str(word_corpus)], context_size=16, split="all")
-    base = dict(model="tiny", hooks=HOOKS, data=data, tokens=700, out=str(out), batch_size=4, dtype="float32",
-                tokens_per_shard=128)
+    base = dict(
+        model="tiny",
+        hooks=HOOKS,
+        data=data,
+        tokens=700,
+        out=str(out),
+        batch_size=4,
+        dtype="float32",
+        tokens_per_shard=128,
+    )
     return CollectConfig(**(base | kw))
 
 
@@ -79,8 +87,11 @@ nanosae.collect(CollectConfig(model="tiny", hooks=["blocks.0.hook_resid_post", "
 @pytest.mark.parametrize("kill_at", [400, *random.Random(0).sample(range(200, 650), 2)])
 def test_kill_and_resume_gives_identical_bytes(tiny_model, tiny_llama_dir, word_corpus, tmp_path, kill_at):
     killed = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(tiny_llama_dir), str(word_corpus), str(killed), str(kill_at)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(tiny_llama_dir), str(word_corpus), str(killed), str(kill_at)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -9, proc.stderr  # it really died mid-way
     partial = ActivationStore(killed / HOOKS[0], verify=True)  # still a valid store
     assert 0 < len(partial) < 700 and not partial.manifest["complete"]
@@ -135,7 +146,7 @@ def test_shuffled_reader_visits_every_token_once_per_epoch(tiny_model, word_corp
     key = lambda t: sorted(map(tuple, t.tolist()))
     epochs = list(store.batches(64, shuffle=True, seed=3, epochs=2, pool_tokens=256))
     first = torch.cat(epochs[: len(epochs) // 2])
-    second = torch.cat(epochs[len(epochs) // 2:])
+    second = torch.cat(epochs[len(epochs) // 2 :])
     assert key(first) == key(everything) and key(second) == key(everything)
     assert not torch.equal(first, everything) and not torch.equal(first, second)
     again = torch.cat(list(store.batches(64, shuffle=True, seed=3, epochs=2, pool_tokens=256)))
@@ -175,9 +186,11 @@ def test_disk_full_keeps_store_valid(tiny_model, word_corpus, tmp_path, monkeypa
     def flaky(path, write):
         calls.append(path)
         if len(calls) == 6:  # ids_00000, shard_00000, ids_00001, shard_00001, ids_00002, shard_00002
+
             def write(tmp, real_write=write):
                 real_write(tmp)  # half the work is done on disk, then the disk is full
                 raise OSError(errno.ENOSPC, "No space left on device")
+
         return real(path, write)
 
     monkeypatch.setattr(store_mod, "write_file", flaky)
@@ -191,8 +204,13 @@ def test_disk_full_keeps_store_valid(tiny_model, word_corpus, tmp_path, monkeypa
 
 def test_empty_corpus(tiny_model, tmp_path):
     (tmp_path / "empty.txt").write_text("   \n")
-    cfg = CollectConfig(model="tiny", hooks=HOOKS[:1], data=DataConfig(specs=[str(tmp_path / "empty.txt")], split="all"),
-                        tokens=100, out=str(tmp_path / "out"))
+    cfg = CollectConfig(
+        model="tiny",
+        hooks=HOOKS[:1],
+        data=DataConfig(specs=[str(tmp_path / "empty.txt")], split="all"),
+        tokens=100,
+        out=str(tmp_path / "out"),
+    )
     with pytest.raises(DataError, match="gave no tokens"):
         collect(cfg, model=tiny_model)
 
@@ -238,7 +256,11 @@ def test_second_writer_is_refused_while_the_first_holds_the_store(tiny_model, wo
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"in flight")
     with write_lock(tmp_path / "acts" / HOOKS[0]):
-        proc = subprocess.run([sys.executable, "-c", f"""
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"""
 import sys
 from nanosae.io import write_lock
 try:
@@ -247,7 +269,11 @@ try:
 except Exception as e:
     print(e)
     sys.exit(3)
-"""], capture_output=True, text=True)
+""",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 3 and f"pid {os.getpid()}" in proc.stdout, proc.stdout + proc.stderr
     assert stale.exists()  # the refused writer removed nothing
     stale.unlink()
@@ -283,8 +309,9 @@ def test_write_store_from_blocks_equals_one_tensor(tmp_path):
     """A store larger than memory is written block by block; the result equals writing the whole tensor."""
     x = torch.randn(1000, 8)
     whole = nanosae.data.write_store(tmp_path / "whole", x, dtype="float16", tokens_per_shard=128)
-    parts = nanosae.data.write_store(tmp_path / "parts", (x[i : i + 70] for i in range(0, 1000, 70)), dtype="float16",
-                                     tokens_per_shard=128)
+    parts = nanosae.data.write_store(
+        tmp_path / "parts", (x[i : i + 70] for i in range(0, 1000, 70)), dtype="float16", tokens_per_shard=128
+    )
     assert len(parts) == 1000 and parts.manifest["complete"]
     assert [s["sha256"] for s in parts.manifest["shards"]] == [s["sha256"] for s in whole.manifest["shards"]]
     assert torch.equal(parts.tokens(0, 1000), x.half().float())

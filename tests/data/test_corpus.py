@@ -30,7 +30,9 @@ def test_stdlib_is_python_source():
 def test_file_formats_dirs_and_globs(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "one.txt").write_text("first doc\n\nsecond block")
-    (tmp_path / "a" / "two.jsonl").write_text(json.dumps({"text": "json doc", "other": 1}) + "\n\n" + json.dumps({"text": "json two"}) + "\n")
+    (tmp_path / "a" / "two.jsonl").write_text(
+        json.dumps({"text": "json doc", "other": 1}) + "\n\n" + json.dumps({"text": "json two"}) + "\n"
+    )
     pq.write_table(pa.table({"text": ["pq one", None, "pq two"], "id": [1, 2, 3]}), tmp_path / "a" / "three.parquet")
     assert docs(str(tmp_path / "a" / "one.txt")) == ["first doc\n\nsecond block"]
     assert docs(str(tmp_path / "a" / "one.txt"), txt_paragraphs=True) == ["first doc", "second block"]
@@ -38,7 +40,11 @@ def test_file_formats_dirs_and_globs(tmp_path):
     assert docs(str(tmp_path / "a" / "three.parquet")) == ["pq one", "pq two"]
     # directories are read recursively in sorted path order; globs likewise
     assert docs(str(tmp_path / "a")) == ["first doc\n\nsecond block", "pq one", "pq two", "json doc", "json two"]
-    assert docs(str(tmp_path / "a" / "*.jsonl"), str(tmp_path / "a" / "one.txt")) == ["json doc", "json two", "first doc\n\nsecond block"]
+    assert docs(str(tmp_path / "a" / "*.jsonl"), str(tmp_path / "a" / "one.txt")) == [
+        "json doc",
+        "json two",
+        "first doc\n\nsecond block",
+    ]
 
 
 def test_custom_text_field_and_errors(tmp_path):

@@ -31,8 +31,12 @@ def test_no_pack_truncates_and_pads():
 def test_valid_mask_excludes_bos_padding_and_first_positions():
     [batch] = list(token_batches(["abc", "de", "fghij"], CharTokenizer(), context_size=4, batch_size=8))
     assert batch.tokens.shape == (4, 4)
-    assert batch.valid.tolist() == [[False, True, True, True], [False, False, True, True],
-                                    [False, False, True, True], [False, True, True, True]]
+    assert batch.valid.tolist() == [
+        [False, True, True, True],
+        [False, False, True, True],
+        [False, False, True, True],
+        [False, True, True, True],
+    ]
     [batch] = list(token_batches(["abcdef", "de"], CharTokenizer(), 4, 8, pack=False, exclude_first=2))
     assert batch.valid.tolist() == [[False, False, True, True], [False, False, True, False]]
 

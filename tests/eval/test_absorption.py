@@ -28,10 +28,15 @@ def planted():
     sae = SAE(SAEConfig(d_in=d, d_sae=n_letters + n, architecture="relu", dtype="float64"))
     with torch.no_grad():
         sae.b_dec.zero_()
-        W_enc, b_enc, W_dec = torch.zeros(d, n_letters + n, dtype=torch.float64), torch.zeros(n_letters + n, dtype=torch.float64), \
-            torch.zeros(n_letters + n, d, dtype=torch.float64)
+        W_enc, b_enc, W_dec = (
+            torch.zeros(d, n_letters + n, dtype=torch.float64),
+            torch.zeros(n_letters + n, dtype=torch.float64),
+            torch.zeros(n_letters + n, d, dtype=torch.float64),
+        )
         for letter in range(n_letters):
-            W_enc[:, letter] = eye[letter] - 0.5 * eye[n_letters + torch.nonzero((labels == letter) & absorbed)[:, 0]].sum(0)
+            W_enc[:, letter] = eye[letter] - 0.5 * eye[
+                n_letters + torch.nonzero((labels == letter) & absorbed)[:, 0]
+            ].sum(0)
             b_enc[letter] = -0.5
             W_dec[letter] = eye[letter]
         for i in range(n):

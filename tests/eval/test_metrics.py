@@ -1,8 +1,7 @@
-
 import pytest
 import torch
 
-from nanosae import SAE, SAEConfig, DataConfig
+from nanosae import SAE, DataConfig, SAEConfig
 from nanosae.eval import evaluate
 from nanosae.eval.metrics import _finish, _Sums
 from nanosae.eval.report import write_report
@@ -52,7 +51,9 @@ def test_identity_sae_is_perfect(tiny_model, word_corpus):
     r = evaluate(identity_sae(tiny_model.d_model), tiny_model, data(word_corpus), tokens=150)
     assert r["fvu"] < 1e-10 and r["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
     assert r["kl_div"] < 1e-8 and r["cosine_similarity"] == pytest.approx(1.0)
-    assert abs(r["ce_loss_with_ablation"] - r["ce_loss_clean"]) > 1e-4 and 150 <= r["tokens"] < 150 + 16  # stops within one window of the ask
+    assert (
+        abs(r["ce_loss_with_ablation"] - r["ce_loss_clean"]) > 1e-4 and 150 <= r["tokens"] < 150 + 16
+    )  # stops within one window of the ask
 
 
 def test_zero_sae_scores_zero(tiny_model, word_corpus):
@@ -126,7 +127,9 @@ def test_ce_and_kl_match_a_direct_computation(tiny_model_on, word_corpus, device
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=tiny_model.d_model, d_sae=64, architecture="topk", k=4, hook_name=HOOK, device=device))
     cfg = data(word_corpus)
-    batch = next(token_batches(iter_documents(cfg), tiny_model.tokenizer, cfg.context_size, 8, cfg.pack, cfg.exclude_first))
+    batch = next(
+        token_batches(iter_documents(cfg), tiny_model.tokenizer, cfg.context_size, 8, cfg.pack, cfg.exclude_first)
+    )
     r = evaluate(sae, tiny_model, cfg, tokens=int(batch.valid.sum()), batch_size=8)
     toks, valid = batch.tokens.to(device), batch.valid.to(device)
     keep = valid[:, :-1] & valid[:, 1:]

@@ -8,9 +8,23 @@ from nanosae import SAE, SAEConfig
 from nanosae.export.neuronpedia import export_neuronpedia
 from nanosae.export.saelens import export_saelens
 
-FEATURE_KEYS = {"feature_index", "neg_str", "neg_values", "pos_str", "pos_values", "frac_nonzero",
-                "freq_hist_data_bar_values", "freq_hist_data_bar_heights", "correlated_features_indices", "activations",
-                "n_prompts_total", "n_tokens_in_prompt", "dataset", "logits_hist_data_bar_heights", "decoder_weights_dist"}
+FEATURE_KEYS = {
+    "feature_index",
+    "neg_str",
+    "neg_values",
+    "pos_str",
+    "pos_values",
+    "frac_nonzero",
+    "freq_hist_data_bar_values",
+    "freq_hist_data_bar_heights",
+    "correlated_features_indices",
+    "activations",
+    "n_prompts_total",
+    "n_tokens_in_prompt",
+    "dataset",
+    "logits_hist_data_bar_heights",
+    "decoder_weights_dist",
+}
 
 
 def test_saelens_export_round_trip(viewer_run, tmp_path):

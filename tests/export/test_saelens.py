@@ -12,9 +12,19 @@ def test_a_scaled_transcoder_exports_to_the_same_outputs(tmp_path, apply_b_dec):
     from nanosae.export.saelens import export_saelens
 
     torch.manual_seed(0)
-    tc = SAE(SAEConfig(d_in=16, d_sae=40, architecture="relu", hook_name="blocks.1.ln2.hook_normalized",
-                       hook_name_out="blocks.1.hook_mlp_out", d_out=16, activation_scale=2.5, output_scale=1.5,
-                       apply_b_dec_to_input=apply_b_dec)).eval()
+    tc = SAE(
+        SAEConfig(
+            d_in=16,
+            d_sae=40,
+            architecture="relu",
+            hook_name="blocks.1.ln2.hook_normalized",
+            hook_name_out="blocks.1.hook_mlp_out",
+            d_out=16,
+            activation_scale=2.5,
+            output_scale=1.5,
+            apply_b_dec_to_input=apply_b_dec,
+        )
+    ).eval()
     with torch.no_grad():
         for p in tc.parameters():
             p.normal_(std=0.3)

@@ -18,8 +18,18 @@ def random_transcoders(model, d_sae=48, k=4, skip=False, cross_layer=False):
     tcs = C.TranscoderSet({})
     for layer in range(model.n_layers):
         read, write = C.mlp_hooks(layer)
-        tc = SAE(SAEConfig(d_in=model.d_model, d_sae=d_sae, architecture="topk", k=k, hook_name=read, hook_name_out=write,
-                           d_out=model.d_model, skip_connection=skip))
+        tc = SAE(
+            SAEConfig(
+                d_in=model.d_model,
+                d_sae=d_sae,
+                architecture="topk",
+                k=k,
+                hook_name=read,
+                hook_name_out=write,
+                d_out=model.d_model,
+                skip_connection=skip,
+            )
+        )
         with torch.no_grad():
             tc.W_dec.mul_(0.3)
             tc.b_enc.normal_(std=0.1)
@@ -46,16 +56,26 @@ def test_replacement_model_with_error_nodes_equals_the_model(tiny_model, skip, c
     tcs = random_transcoders(tiny_model, skip=skip, cross_layer=cross_layer)
     clean = C.clean_pass(tiny_model, tcs, torch.tensor([TOKENS]))
     with torch.no_grad():
-        logits = C.replacement_forward(tiny_model, tcs, clean.tokens, clean.embeddings[None],
-                                       {L: z[None] for L, z in clean.latents.items()},
-                                       {L: e[None] for L, e in clean.errors.items()})
+        logits = C.replacement_forward(
+            tiny_model,
+            tcs,
+            clean.tokens,
+            clean.embeddings[None],
+            {L: z[None] for L, z in clean.latents.items()},
+            {L: e[None] for L, e in clean.errors.items()},
+        )
         plain = tiny_model.forward(torch.tensor([TOKENS]))
     assert torch.allclose(logits, plain, atol=2e-4)  # float32 rounding of y = (transcoder + error)
     assert any(e.abs().max() > 0.1 for e in clean.errors.values())  # the transcoders really differ from the MLPs
     with torch.no_grad():  # without the error nodes it is another model
-        bare = C.replacement_forward(tiny_model, tcs, clean.tokens, clean.embeddings[None],
-                                     {L: z[None] for L, z in clean.latents.items()},
-                                     {L: torch.zeros_like(e)[None] for L, e in clean.errors.items()})
+        bare = C.replacement_forward(
+            tiny_model,
+            tcs,
+            clean.tokens,
+            clean.embeddings[None],
+            {L: z[None] for L, z in clean.latents.items()},
+            {L: torch.zeros_like(e)[None] for L, e in clean.errors.items()},
+        )
     assert not torch.allclose(bare, plain, atol=1e-3)
 
 
@@ -89,7 +109,7 @@ def manual_frozen_llama(hf, tcs, clean):
     # the frozen constants, from a plain pass
     frozen, h = [], clean.embeddings[None]
     with torch.no_grad():
-        for L, layer in enumerate(layers):
+        for _, layer in enumerate(layers):
             r1 = rms_scale(h, layer.input_layernorm.variance_epsilon)
             att, pattern = attention(layer, layer.input_layernorm.weight * h * r1)
             mid = h + att
@@ -99,7 +119,7 @@ def manual_frozen_llama(hf, tcs, clean):
         rf = rms_scale(h, hf.model.norm.variance_epsilon)
 
     def f(emb, *lat_err):
-        lat, err = lat_err[: len(layers)], lat_err[len(layers):]
+        lat, err = lat_err[: len(layers)], lat_err[len(layers) :]
         h, inputs = emb[None], []
         for L, layer in enumerate(layers):
             r1, pattern, r2 = frozen[L]
@@ -108,11 +128,13 @@ def manual_frozen_llama(hf, tcs, clean):
             inputs.append(x[0])
             h = h + cross_layer_output(tcs, L, [z[None] for z in lat], x) + err[L][None]
         return inputs, hf.lm_head(hf.model.norm.weight * h * rf)[0]
+
     return f
 
 
-@pytest.mark.parametrize("skip,skip_bos,cross_layer", [(False, True, False), (True, True, False), (False, False, False),
-                                                       (True, True, True)])
+@pytest.mark.parametrize(
+    "skip,skip_bos,cross_layer", [(False, True, False), (True, True, False), (False, False, False), (True, True, True)]
+)
 def test_every_edge_is_the_jacobian_of_the_frozen_replacement_model(tiny_model, skip, skip_bos, cross_layer):
     """(skip: transcoders with a skip connection; skip_bos: the BOS position's features are constants, not nodes;
     cross_layer: every layer's features also write to every later MLP.)"""
@@ -147,15 +169,16 @@ def assert_edges_are_the_jacobian(graph, clean, f, tcs):
     for col, (L, p, i) in enumerate(graph.features.tolist()):
         expected[:, col] = J[1 + layers.index(L)][:, p, i] * graph.activations[col]
     for li, L in enumerate(layers):
-        expected[:, graph.error_index(L, 0): graph.error_index(L, 0) + T] = \
-            (J[1 + len(layers) + li] * clean.errors[L]).sum(-1)
-    expected[:, graph.token_index(0): graph.token_index(0) + T] = (J[0] * clean.embeddings).sum(-1)
+        expected[:, graph.error_index(L, 0) : graph.error_index(L, 0) + T] = (
+            J[1 + len(layers) + li] * clean.errors[L]
+        ).sum(-1)
+    expected[:, graph.token_index(0) : graph.token_index(0) + T] = (J[0] * clean.embeddings).sum(-1)
     rows = list(range(n_f)) + [graph.logit_index(i) for i in range(len(graph.logit_tokens))]
     got = graph.adjacency[rows]
     assert graph.explored[rows].all()
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-3), (got - expected).abs().max()
     assert (got[:n_f].abs() > 1e-3).sum() > 20  # a graph with real edges, not a zero matrix matching zeros
-    for col, (L, p, i) in enumerate(graph.features.tolist()):
+    for col, (L, p, _) in enumerate(graph.features.tolist()):
         later = (graph.features[:, 1] > p) | (graph.features[:, 0] >= L)
         assert not got[col, :n_f][later].any()
 
@@ -163,14 +186,24 @@ def assert_edges_are_the_jacobian(graph, clean, f, tcs):
 def test_logit_targets_cover_the_probability_asked_for():
     logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0]).log_softmax(-1)
     ids, probs = C.top_logits(logits, probability=0.7, at_most=10)
-    p = logits.softmax(-1)
     assert ids[0] == 0 and sum(probs) >= 0.7 and sum(probs) - probs[-1] < 0.7
     assert C.top_logits(logits, probability=0.999, at_most=2)[0] == [0, 1]
 
 
-NODE_FIELDS = {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str, "jsNodeId": str,
-               "token_prob": float, "is_target_logit": bool, "run_idx": int, "reverse_ctx_idx": int, "clerp": str,
-               "influence": float}
+NODE_FIELDS = {
+    "node_id": str,
+    "feature": int,
+    "layer": str,
+    "ctx_idx": int,
+    "feature_type": str,
+    "jsNodeId": str,
+    "token_prob": float,
+    "is_target_logit": bool,
+    "run_idx": int,
+    "reverse_ctx_idx": int,
+    "clerp": str,
+    "influence": float,
+}
 FEATURE_TYPES = {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
 
 
@@ -184,7 +217,7 @@ def test_pruning_keeps_the_share_of_influence_asked_for(tiny_model):
         keep, edges = C.prune(graph, node_share=share, edge_share=1.0)
         kept[share] = int(keep[inner].sum())
         assert float(influence[inner][keep[inner]].sum()) >= share * total - 1e-6
-        assert keep[graph.token_index(0):].all()  # tokens and logits always stay
+        assert keep[graph.token_index(0) :].all()  # tokens and logits always stay
         assert not edges[~keep].any() and not edges[:, ~keep].any()
     assert kept[0.5] < kept[0.8] < kept[0.95]
     _, fewer_edges = C.prune(graph, node_share=0.8, edge_share=0.5)
@@ -216,7 +249,9 @@ def test_graph_json_has_neuronpedias_layout(tiny_model):
     kinds = {n["feature_type"] for n in data["nodes"]}
     assert {"embedding", "logit", "cross layer transcoder"} <= kinds
     assert sum(n["is_target_logit"] for n in data["nodes"]) == 1
-    assert all(l["source"] in ids and l["target"] in ids and isinstance(l["weight"], float) for l in data["links"])
+    assert all(
+        link["source"] in ids and link["target"] in ids and isinstance(link["weight"], float) for link in data["links"]
+    )
     feature = next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")
     layer, latent, pos = map(int, feature["node_id"].split("_"))
     assert feature["feature"] == C.cantor(layer, latent) and feature["ctx_idx"] == pos
@@ -224,7 +259,7 @@ def test_graph_json_has_neuronpedias_layout(tiny_model):
     assert paths and paths[0][0] >= paths[-1][0]
     for score, path in paths:
         assert path[0]["feature_type"] == "embedding" and path[-1]["is_target_logit"] and 0 < score <= 1
-        links = {(l["source"], l["target"]) for l in data["links"]}
+        links = {(link["source"], link["target"]) for link in data["links"]}
         assert all((a["node_id"], b["node_id"]) in links for a, b in zip(path, path[1:]))
     assert len({path[0]["node_id"] for _, path in paths}) == len(paths)  # one path per token
 
@@ -233,9 +268,9 @@ def test_strongest_paths_against_every_path_enumerated(tiny_model):
     """Each token's best path is the best of all its paths (enumerated here), and tokens rank by it."""
     data = C.to_neuronpedia(C.attribute(tiny_model, random_transcoders(tiny_model), TOKENS), node_share=0.9)
     out, scale = {}, {}
-    for l in data["links"]:
-        out.setdefault(l["source"], []).append((l["target"], abs(l["weight"])))
-        scale[l["target"]] = max(scale.get(l["target"], 0), abs(l["weight"]))
+    for link in data["links"]:
+        out.setdefault(link["source"], []).append((link["target"], abs(link["weight"])))
+        scale[link["target"]] = max(scale.get(link["target"], 0), abs(link["weight"]))
     target = next(n["node_id"] for n in data["nodes"] if n["is_target_logit"])
 
     def all_paths(node):
@@ -244,6 +279,7 @@ def test_strongest_paths_against_every_path_enumerated(tiny_model):
         for t, w in out.get(node, []):
             for score, rest in all_paths(t):
                 yield w / scale[t] * score, [node] + rest
+
     best = {}
     for n in data["nodes"]:
         if n["feature_type"] == "embedding":
@@ -318,7 +354,9 @@ def test_cross_layer_replacement_scores_against_a_hand_written_replacement(tiny_
     def read(L):
         def fn(x):
             seen[L], lat[L] = x, tcs[L].encode(x)
+
         return fn
+
     hooks = {}
     for L in range(tiny_model.n_layers):
         hooks[C.mlp_hooks(L)[0]] = read(L)
@@ -369,7 +407,7 @@ def test_cross_layer_feature_edits_move_every_mlp_the_feature_writes_to(tiny_mod
     clean = C.clean_pass(tiny_model, tcs, ids)
     pos = 3
     latent = int(clean.latents[0][pos].argmax())
-    outs = [C.mlp_hooks(L)[1] for L in range(tiny_model.n_layers)]
+
     # the later MLPs' outputs would move anyway (the residual changes): read the change at each MLP as its
     # output minus what the unedited MLP computes from its (changed) input, i.e. what the edit added there
     def added(edits):
@@ -380,15 +418,20 @@ def test_cross_layer_feature_edits_move_every_mlp_the_feature_writes_to(tiny_mod
             mlp = tiny_model.module.model.layers[L].mlp
             hooks[read] = lambda x, L=L: got.__setitem__(("in", L), x)
             hooks[write] = lambda y, L=L, mlp=mlp: got.__setitem__(  # the MLP by hand: its own hook would recurse
-                L, y - mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(got[("in", L)])) * mlp.up_proj(got[("in", L)])))
+                L,
+                y
+                - mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(got[("in", L)])) * mlp.up_proj(got[("in", L)])),
+            )
         with C.feature_edits(tiny_model, tcs, ids, edits), tiny_model.hooks(hooks):
             tiny_model.forward(ids)
         return got
+
     moved = added([((0, latent, pos), "*", 3.0)])
     old = float(clean.latents[0][pos, latent])
     for L in range(tiny_model.n_layers):
-        expected = (2.0 * old * (tcs[0].W_dec[latent] if L == 0 else tcs.later[0][latent, L - 1])
-                    / tcs[L].output_factor())
+        expected = (
+            2.0 * old * (tcs[0].W_dec[latent] if L == 0 else tcs.later[0][latent, L - 1]) / tcs[L].output_factor()
+        )
         assert torch.allclose(moved[L][0, pos], expected.detach(), atol=1e-4)
         assert moved[L][0, torch.arange(len(TOKENS)) != pos].abs().max() < 1e-5
 

@@ -4,8 +4,17 @@ import sqlite3
 
 import pytest
 
-from nanosae.interp.explain import (MIN_FIRES, Evidence, Example, describe, detection, explain_latent, explain_n2g, f1,
-                                    found_in)
+from nanosae.interp.explain import (
+    MIN_FIRES,
+    Evidence,
+    Example,
+    describe,
+    detection,
+    explain_latent,
+    explain_n2g,
+    f1,
+    found_in,
+)
 
 WORDS = [f" w{i}" for i in range(30)]
 
@@ -110,8 +119,10 @@ def make_db(path, fires=(60, 5)):
     con.executemany("INSERT INTO latents VALUES (?, ?, 6.0, NULL, NULL, NULL)", list(enumerate(fires)))
     for latent in range(len(fires)):
         for rank, ex in enumerate(synthetic(20, seed=latent)):
-            con.execute("INSERT INTO examples VALUES (?, 'top', ?, ?, ?)", (latent, rank, json.dumps(ex.tokens),
-                                                                             json.dumps(ex.acts)))
+            con.execute(
+                "INSERT INTO examples VALUES (?, 'top', ?, ?, ?)",
+                (latent, rank, json.dumps(ex.tokens), json.dumps(ex.acts)),
+            )
     for n, ex in enumerate(silent_text(30)):  # random text: latent 0 silent, latent 1 weakly active somewhere
         con.execute("INSERT INTO windows VALUES (?, ?, ?)", (n, json.dumps(ex.tokens), json.dumps([{"1": 0.1}] * 16)))
     con.commit()

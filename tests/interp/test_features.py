@@ -1,15 +1,13 @@
 """features.db against brute force: every activation computed and sorted the slow way."""
 
 import json
-
-import nanosae
-
 import shutil
 
 import pytest
 import torch
 
-from nanosae import SAE, SAEConfig, DataConfig
+import nanosae
+from nanosae import SAE, DataConfig, SAEConfig
 from nanosae.data import iter_documents, token_batches
 from nanosae.interp.featuredb import open_db
 from nanosae.interp.features import FeaturesConfig, build_features
@@ -21,11 +19,19 @@ HOOK = "blocks.1.hook_resid_post"
 def setup(tiny_model, word_corpus, tmp_path_factory):
     torch.manual_seed(1)
     sae = SAE(SAEConfig(d_in=32, d_sae=16, architecture="topk", k=3, hook_name=HOOK))
-    cfg = FeaturesConfig(data=DataConfig(specs=[str(word_corpus)], context_size=16, split="all"), tokens=600,
-                         top_n=5, reservoir=8, quantile_examples=4, window_left=3, window_right=2, batch_size=4)
+    cfg = FeaturesConfig(
+        data=DataConfig(specs=[str(word_corpus)], context_size=16, split="all"),
+        tokens=600,
+        top_n=5,
+        reservoir=8,
+        quantile_examples=4,
+        window_left=3,
+        window_right=2,
+        batch_size=4,
+    )
     db = build_features(sae, tiny_model, cfg, tmp_path_factory.mktemp("feat") / "features.db")
     # brute force over exactly the same batches
-    zs, toks = [], []
+    zs = []
     n = 0
     for batch in token_batches(iter_documents(cfg.data), tiny_model.tokenizer, 16, 4):
         if n >= cfg.tokens:
@@ -98,7 +104,12 @@ def test_examples_carry_their_context(setup):
         assert bool((torch.isclose(col, torch.tensor(r["activation"]), rtol=1e-4)).any())
     # quantile examples are sorted by activation and span the distribution
     for i in range(sae.cfg.d_sae):
-        q = [r["activation"] for r in con.execute("SELECT activation FROM examples WHERE latent=? AND kind='quantile' ORDER BY rank", (i,))]
+        q = [
+            r["activation"]
+            for r in con.execute(
+                "SELECT activation FROM examples WHERE latent=? AND kind='quantile' ORDER BY rank", (i,)
+            )
+        ]
         assert q == sorted(q)
 
 
@@ -191,10 +202,22 @@ def test_features_from_a_store_equal_features_from_the_model(tiny_model, word_co
     torch.manual_seed(2)
     sae = SAE(SAEConfig(d_in=32, d_sae=16, architecture="topk", k=3, hook_name=HOOK))
     data = DataConfig(specs=[str(word_corpus)], context_size=16, split="all", pack=pack)
-    cfg = FeaturesConfig(data=data, tokens=500, top_n=5, reservoir=8, quantile_examples=4, window_left=3,
-                         window_right=2, batch_size=4)
-    store = collect(CollectConfig(model="tiny", hooks=[HOOK], data=data, tokens=800, batch_size=4, dtype="float32",
-                                  tokens_per_shard=100, out=str(tmp_path / "acts")), model=tiny_model)[HOOK]
+    cfg = FeaturesConfig(
+        data=data, tokens=500, top_n=5, reservoir=8, quantile_examples=4, window_left=3, window_right=2, batch_size=4
+    )
+    store = collect(
+        CollectConfig(
+            model="tiny",
+            hooks=[HOOK],
+            data=data,
+            tokens=800,
+            batch_size=4,
+            dtype="float32",
+            tokens_per_shard=100,
+            out=str(tmp_path / "acts"),
+        ),
+        model=tiny_model,
+    )[HOOK]
     from_model = build_features(sae, tiny_model, cfg, tmp_path / "model.db")
     from_store = build_features(sae, tiny_model, cfg, tmp_path / "store.db", acts=store)
     a, b = open_db(from_model), open_db(from_store)
@@ -253,4 +276,3 @@ def test_byte_pieces_of_one_character_are_merged():
     pieces = readable(decode, list(data), lambda i: decode([i]))
     assert pieces == ["a", "é", "", "🙂", "", "", "", "b"]
     assert readable(decode, [-1, *data[:3]], lambda i: "" if i < 0 else decode([i])) == ["", "a", "é", ""]
-

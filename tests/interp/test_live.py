@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nanosae import SAE, SAEConfig, ConfigError
+from nanosae import SAE, ConfigError, SAEConfig
 from nanosae.interp.live import Edit, FeatureTracker, parse_edit, steer, steering
 
 HOOK = "blocks.1.hook_resid_post"
@@ -21,8 +21,9 @@ def test_tracked_latents_are_each_tokens_own_position_in_one_full_pass(tiny_mode
     other = SAE(SAEConfig(d_in=32, d_sae=16, architecture="relu", hook_name="blocks.0.hook_resid_post"))
     tracker = FeatureTracker(tiny_model, {"a": sae, "b": other}, top_k=3, labels={("a", 0): "zero"})
     seen = []
-    gen = tracker.generate([0, 5, 9, 13], max_new_tokens=16, stop_at_eos=False, temperature=temperature,
-                           callback=seen.append)
+    gen = tracker.generate(
+        [0, 5, 9, 13], max_new_tokens=16, stop_at_eos=False, temperature=temperature, callback=seen.append
+    )
     assert [t.token for t in seen] == gen.tokens and len(seen) == 16
     plain = tiny_model.generate([0, 5, 9, 13], max_new_tokens=16, stop_at_eos=False, temperature=temperature)
     assert plain.tokens == gen.tokens  # tracking does not change what is generated
@@ -59,7 +60,6 @@ def test_add_moves_along_the_decoder_direction(tiny_model_on, sae, device):
     tiny_model, sae = tiny_model_on, sae.to(device)
     toks = torch.tensor([[0, 5, 9, 13]])
     _, clean = tiny_model.run_with_cache(toks, [HOOK])
-    seen = {}
     with steering(tiny_model, sae, [Edit(4, 2.0, "add")]):
         _, c = tiny_model.run_with_cache(toks, ["blocks.2.hook_resid_pre"])
     # resid_pre of the next block is the edited resid_post

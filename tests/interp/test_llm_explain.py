@@ -70,7 +70,9 @@ def test_explain_llm_writes_all_rows(tmp_path):
         n = explain_llm(tmp_path, HTTPExplainer(f"http://127.0.0.1:{server.server_port}/v1"))
     finally:
         server.shutdown()
-    rows = sqlite3.connect(tmp_path / "features.db").execute("SELECT explanation, score, method FROM latents").fetchall()
+    rows = (
+        sqlite3.connect(tmp_path / "features.db").execute("SELECT explanation, score, method FROM latents").fetchall()
+    )
     assert n == 2 and all(r[2] == "llm" and r[1] > 0.9 for r in rows)
 
 
@@ -106,8 +108,19 @@ def test_local_explainer_and_cli(viewer_run, tmp_path, tiny_model):
     shutil.copytree(viewer_run, run)
     server = fake_server("the token fib after def")
     try:
-        r = CliRunner().invoke(app, ["explain", str(run), "--method", "llm", "--max-features", "3",
-                                     "--explainer-url", f"http://127.0.0.1:{server.server_port}"])
+        r = CliRunner().invoke(
+            app,
+            [
+                "explain",
+                str(run),
+                "--method",
+                "llm",
+                "--max-features",
+                "3",
+                "--explainer-url",
+                f"http://127.0.0.1:{server.server_port}",
+            ],
+        )
     finally:
         server.shutdown()
     assert r.exit_code == 0, r.output

@@ -11,13 +11,26 @@ from nanosae.data import collect, iter_documents, token_batches
 from tests.conftest import make_hf_tokenizer
 
 TOKENS = torch.tensor([[0, 5, 9, 13, 22, 7, 41, 3], [0, 60, 2, 8, 8, 19, 33, 50]])
-SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128)
+SHAPE = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 def build(family: str):
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     cfg_cls, model_cls, extra = {
         "llama": (LlamaConfig, LlamaForCausalLM, {}),
@@ -57,8 +70,15 @@ def test_block_decomposition(family):
     """resid_mid = resid_pre + attn_out, resid_post = resid_mid + mlp_out, and mlp_out is what the MLP (and, in
     Gemma-2, its post-norm) makes of ln2.hook_normalized: the values that join the residual stream."""
     name, _, model = family
-    kinds = ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_post",
-             "hook_mlp_out", "hook_resid_post"]
+    kinds = [
+        "hook_resid_pre",
+        "hook_attn_out",
+        "hook_resid_mid",
+        "ln2.hook_normalized",
+        "mlp.hook_post",
+        "hook_mlp_out",
+        "hook_resid_post",
+    ]
     _, c = model.run_with_cache(TOKENS, [f"blocks.1.{k}" for k in kinds])
     get = lambda k: c[f"blocks.1.{k}"]
     layer = model.module.model.layers[1]
@@ -80,8 +100,9 @@ def test_resid_mid_edit_reaches_the_residual(family):
     _, clean = model.run_with_cache(TOKENS, ["blocks.1.hook_resid_mid"])
     with model.hooks({"blocks.1.hook_resid_mid": lambda x: x + v}):
         _, edited = model.run_with_cache(TOKENS, ["blocks.1.hook_resid_mid"])
-    assert torch.allclose(edited["blocks.1.hook_resid_mid"].float(), (clean["blocks.1.hook_resid_mid"] + v).float(),
-                          atol=0.05)
+    assert torch.allclose(
+        edited["blocks.1.hook_resid_mid"].float(), (clean["blocks.1.hook_resid_mid"] + v).float(), atol=0.05
+    )
 
 
 def test_truncated_pass_equals_the_full_one(family):
@@ -97,8 +118,16 @@ def test_truncated_pass_equals_the_full_one(family):
 def test_collection_in_bfloat16(family, word_corpus, tmp_path):
     _, path, model = family
     data = DataConfig(specs=[str(word_corpus)], context_size=16, split="all")
-    cfg = CollectConfig(model=str(path), hooks=["blocks.1.hook_resid_post"], data=data, tokens=200, out=str(tmp_path),
-                        batch_size=4, dtype="float32", model_dtype="bfloat16")
+    cfg = CollectConfig(
+        model=str(path),
+        hooks=["blocks.1.hook_resid_post"],
+        data=data,
+        tokens=200,
+        out=str(tmp_path),
+        batch_size=4,
+        dtype="float32",
+        model_dtype="bfloat16",
+    )
     collect(cfg)
     store = ActivationStore(tmp_path / "blocks.1.hook_resid_post")
     assert store.manifest["model_dtype"] == "bfloat16"

@@ -110,7 +110,9 @@ def test_resid_mid_edit_reaches_the_residual_stream(model):
     v = torch.randn(32)
     _, clean = model.run_with_cache(TOKENS, ["blocks.1.hook_resid_mid"])
     with model.hooks({"blocks.1.hook_resid_mid": lambda x: x + v}):
-        _, c = model.run_with_cache(TOKENS, ["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"])
+        _, c = model.run_with_cache(
+            TOKENS, ["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+        )
     layer = model.module.model.layers[1]
     new_mid = clean["blocks.1.hook_resid_mid"] + v
     assert torch.allclose(c["blocks.1.hook_resid_mid"], new_mid, atol=1e-6)  # later hooks see the edit
@@ -145,10 +147,10 @@ def test_kv_cached_greedy_equals_uncached(model):
     ids = list(prompt)
     for _ in range(10):
         ids.append(int(model.module(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    assert gen.tokens == ids[len(prompt):]
+    assert gen.tokens == ids[len(prompt) :]
     seen = []
     model.generate(prompt, max_new_tokens=3, stop_at_eos=False, callback=lambda step, tok: seen.append((step, tok)))
-    assert seen == list(enumerate(ids[len(prompt):len(prompt) + 3]))
+    assert seen == list(enumerate(ids[len(prompt) : len(prompt) + 3]))
 
 
 def test_hooks_apply_during_generation(model):
@@ -201,8 +203,13 @@ def test_keep_freed_memory_reuses_freed_activations_instead_of_faulting_fresh_pa
         pytest.skip("glibc only")
     runs = {}
     for setting in ("0", "1"):
-        out = subprocess.run([sys.executable, "-c", FAULTS_CHILD], capture_output=True, text=True, check=True,
-                             env=os.environ | {"NANOSAE_MALLOC_TUNING": setting}).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", FAULTS_CHILD],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=os.environ | {"NANOSAE_MALLOC_TUNING": setting},
+        ).stdout.split()
         runs[setting] = (out[0], int(out[1]))
     assert runs["0"][0] == "False" and runs["1"][0] == "True"
     fresh = 10 * 6 * (16 << 20) // 4096  # page faults if every tensor got fresh pages (glibc's defaults mostly do)
@@ -216,8 +223,9 @@ def test_generation_raises_no_deprecation_warnings(model):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.generate([0, 5, 9], max_new_tokens=4, stop_at_eos=False, feed_last=True)
-    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], \
-        [str(w.message) for w in caught]
+    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], [
+        str(w.message) for w in caught
+    ]
 
 
 def test_logits_at_equals_the_full_forward(model):

@@ -13,8 +13,17 @@ import nanosae
 from nanosae import FormatError
 from tests.conftest import assert_replay_matches
 
-SPECIAL = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-           "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+SPECIAL = [
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+]
 VOCAB = 256 + len(SPECIAL)  # byte-level ranks + specials = 265
 CFG = dict(vocab_size=VOCAB, n_layer=4, n_head=4, n_kv_head=2, n_embd=32)
 
@@ -22,9 +31,12 @@ CFG = dict(vocab_size=VOCAB, n_layer=4, n_head=4, n_kv_head=2, n_embd=32)
 def write_tokenizer(base):
     import tiktoken
 
-    enc = tiktoken.Encoding(name="test", pat_str=r"""\s+|\w+|[^\w\s]+""",
-                            mergeable_ranks={bytes([i]): i for i in range(256)},
-                            special_tokens={name: 256 + i for i, name in enumerate(SPECIAL)})
+    enc = tiktoken.Encoding(
+        name="test",
+        pat_str=r"""\s+|\w+|[^\w\s]+""",
+        mergeable_ranks={bytes([i]): i for i in range(256)},
+        special_tokens={name: 256 + i for i, name in enumerate(SPECIAL)},
+    )
     (base / "tokenizer").mkdir(parents=True, exist_ok=True)
     with open(base / "tokenizer" / "tokenizer.pkl", "wb") as f:
         pickle.dump(enc, f)
@@ -38,13 +50,24 @@ def random_state(current: bool, seed: int = 0):
     sd = {"transformer.wte.weight": r(vocab, d, s=1.0), "lm_head.weight": r(vocab, d)}
     for i in range(n):
         p = f"transformer.h.{i}."
-        sd |= {p + "attn.c_q.weight": r(d, d), p + "attn.c_k.weight": r(kv * hd, d), p + "attn.c_v.weight": r(kv * hd, d),
-               p + "attn.c_proj.weight": r(d, d), p + "mlp.c_fc.weight": r(4 * d, d), p + "mlp.c_proj.weight": r(d, 4 * d, s=0.1)}
+        sd |= {
+            p + "attn.c_q.weight": r(d, d),
+            p + "attn.c_k.weight": r(kv * hd, d),
+            p + "attn.c_v.weight": r(kv * hd, d),
+            p + "attn.c_proj.weight": r(d, d),
+            p + "mlp.c_fc.weight": r(4 * d, d),
+            p + "mlp.c_proj.weight": r(d, 4 * d, s=0.1),
+        }
         if current and i % 2 == (n - 1) % 2:
             sd[p + "attn.ve_gate.weight"] = r(kv, 12)
     if current:
-        sd |= {"resid_lambdas": 1 + r(n, s=0.1), "x0_lambdas": r(n, s=0.1), "smear_gate.weight": r(1, 24),
-               "smear_lambda": torch.tensor([0.5]), "backout_lambda": torch.tensor([0.2])}
+        sd |= {
+            "resid_lambdas": 1 + r(n, s=0.1),
+            "x0_lambdas": r(n, s=0.1),
+            "smear_gate.weight": r(1, 24),
+            "smear_lambda": torch.tensor([0.5]),
+            "backout_lambda": torch.tensor([0.2]),
+        }
         for i in range(n):
             if i % 2 == (n - 1) % 2:
                 sd[f"value_embeds.{i}.weight"] = r(vocab, kv * hd, s=1.0)
@@ -101,7 +124,7 @@ def ref_pass(sd, idx, current, seq_len, windows=True, frozen=None, x0=None, mlp=
     const = lambda key, value: frozen.setdefault(key, value.detach()) if frozen is not None else value
 
     def rot(v):  # v (T, hd): halves rotated by -theta
-        a, b = v[:, : hd // 2], v[:, hd // 2:]
+        a, b = v[:, : hd // 2], v[:, hd // 2 :]
         return torch.cat([a * cos + b * sin, -a * sin + b * cos], dim=1)
 
     def scaled(key, x):  # rms(x), its scale a constant when frozen
@@ -130,12 +153,12 @@ def ref_pass(sd, idx, current, seq_len, windows=True, frozen=None, x0=None, mlp=
         heads = []
         for hh in range(H):
             g = hh // (H // KV)
-            vh = v[:, g * hd:(g + 1) * hd]
+            vh = v[:, g * hd : (g + 1) * hd]
             if frozen and not record:
                 heads.append(frozen[("pattern", i, hh)] @ vh)
                 continue
-            qh = rms(rot(q[:, hh * hd:(hh + 1) * hd]))
-            kh = rms(rot(k[:, g * hd:(g + 1) * hd]))
+            qh = rms(rot(q[:, hh * hd : (hh + 1) * hd]))
+            kh = rms(rot(k[:, g * hd : (g + 1) * hd]))
             if current:
                 qh, kh = qh * 1.2, kh * 1.2
             scores = qh @ kh.T / math.sqrt(hd)
@@ -196,12 +219,14 @@ def test_resid_pre_is_block_input_after_lambdas(current):
 def test_kv_cached_greedy_equals_uncached(which, request):
     directory, _ = request.getfixturevalue(which)
     model = nanosae.load_model(f"nanochat:{directory}")
-    prompt = torch.randint(0, 256, (135 if which == "current" else 10,), generator=torch.Generator().manual_seed(3)).tolist()
+    prompt = torch.randint(
+        0, 256, (135 if which == "current" else 10,), generator=torch.Generator().manual_seed(3)
+    ).tolist()
     gen = model.generate(prompt, max_new_tokens=6, stop_at_eos=False)
     ids = list(prompt)
     for _ in range(6):
         ids.append(int(model.forward(ids)[0, -1].argmax()))
-    assert gen.tokens == ids[len(prompt):]
+    assert gen.tokens == ids[len(prompt) :]
 
 
 def test_step_selection_and_errors(released, tmp_path):
@@ -260,8 +285,10 @@ def test_wrap_live_module(current):
     _, a = loaded.run_with_cache(idx, ["blocks.2.hook_resid_post"])
     _, b = wrapped.run_with_cache(idx, ["blocks.2.hook_resid_post"])
     assert torch.equal(a["blocks.2.hook_resid_post"], b["blocks.2.hook_resid_post"])
-    assert wrapped.generate([256, 5, 6], max_new_tokens=4, stop_at_eos=False).tokens == \
-        loaded.generate([256, 5, 6], max_new_tokens=4, stop_at_eos=False).tokens
+    assert (
+        wrapped.generate([256, 5, 6], max_new_tokens=4, stop_at_eos=False).tokens
+        == loaded.generate([256, 5, 6], max_new_tokens=4, stop_at_eos=False).tokens
+    )
 
 
 @pytest.mark.parametrize("which", ["released", "current"])
@@ -284,9 +311,14 @@ def test_replacement_model_with_error_nodes_equals_the_model(which, request):
     tokens = torch.randint(0, VOCAB, (1, 10))
     clean = C.clean_pass(model, tcs, tokens)
     with torch.no_grad():
-        logits = C.replacement_forward(model, tcs, clean.tokens, clean.embeddings[None],
-                                       {L: z[None] for L, z in clean.latents.items()},
-                                       {L: e[None] for L, e in clean.errors.items()})
+        logits = C.replacement_forward(
+            model,
+            tcs,
+            clean.tokens,
+            clean.embeddings[None],
+            {L: z[None] for L, z in clean.latents.items()},
+            {L: e[None] for L, e in clean.errors.items()},
+        )
         plain = model.forward(tokens)
     assert torch.allclose(logits, plain, atol=1e-4)
     assert any(e.abs().max() > 0.01 for e in clean.errors.values())
@@ -318,6 +350,9 @@ def test_every_edge_is_the_jacobian_of_a_hand_written_frozen_nanochat(which, cro
     def f(emb, *lat_err):
         lat, err = lat_err[:n], lat_err[n:]
         mlp = lambda i, m: cross_layer_output(tcs, i, lat, m) + err[i]
-        _, logits, inputs, _ = ref_pass(sd, torch.tensor(idx), which == "current", seq_len, frozen=frozen, x0=emb, mlp=mlp)
+        _, logits, inputs, _ = ref_pass(
+            sd, torch.tensor(idx), which == "current", seq_len, frozen=frozen, x0=emb, mlp=mlp
+        )
         return inputs, logits
+
     assert_edges_are_the_jacobian(graph, clean, f, tcs)

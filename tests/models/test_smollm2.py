@@ -21,8 +21,9 @@ def test_loads_and_knows_paris(smol):
 
 def test_hook_shapes(smol):
     ids = [smol.tokenizer.bos_id] + smol.tokenizer.encode("def add(a, b):\n    return a + b")
-    _, cache = smol.run_with_cache(torch.tensor([ids, ids]), ["blocks.15.hook_resid_post", "blocks.3.mlp.hook_post"],
-                                   return_logits=False)
+    _, cache = smol.run_with_cache(
+        torch.tensor([ids, ids]), ["blocks.15.hook_resid_post", "blocks.3.mlp.hook_post"], return_logits=False
+    )
     assert cache["blocks.15.hook_resid_post"].shape == (2, len(ids), 576)
     assert cache["blocks.3.mlp.hook_post"].shape == (2, len(ids), 1536)
 

@@ -23,7 +23,9 @@ def test_sparsify_coders_give_sparsifys_own_outputs(hookpoint, tmp_path):
     sae = SAE.load(SPARSIFY / "checkpoint" / hookpoint)
     x_hat, z = sae(expected["x"])
     torch.testing.assert_close(x_hat, expected[f"{hookpoint}/sae_out"], rtol=1e-5, atol=1e-5)
-    picked = torch.zeros_like(z).scatter(1, expected[f"{hookpoint}/latent_indices"], expected[f"{hookpoint}/latent_acts"])
+    picked = torch.zeros_like(z).scatter(
+        1, expected[f"{hookpoint}/latent_indices"], expected[f"{hookpoint}/latent_acts"]
+    )
     torch.testing.assert_close(z, picked, rtol=1e-5, atol=1e-5)  # the same latents with the same values
     sae.save(tmp_path / "ours")  # and it is an SAE like any other from then on
     torch.testing.assert_close(SAE.load(tmp_path / "ours")(expected["x"])[0], x_hat)
@@ -47,8 +49,12 @@ def test_damaged_sparsify_files_are_one_line(tmp_path):
     coder = tmp_path / "layers.1"
     shutil.copytree(SPARSIFY / "checkpoint" / "layers.1", coder)
     cfg = json.loads((coder / "cfg.json").read_text())
-    for change, says in [({"activation": "groupmax"}, "groupmax"), ({"k": 0}, "k must be a positive integer"),
-                         ({"d_in": "16"}, "d_in must be"), ({"num_latents": 64}, "shape")]:
+    for change, says in [
+        ({"activation": "groupmax"}, "groupmax"),
+        ({"k": 0}, "k must be a positive integer"),
+        ({"d_in": "16"}, "d_in must be"),
+        ({"num_latents": 64}, "shape"),
+    ]:
         (coder / "cfg.json").write_text(json.dumps(cfg | change))
         with pytest.raises(FormatError, match=says):
             SAE.load(coder)
@@ -63,11 +69,24 @@ def gemma_scope_file(root, d_in=12, d_sae=40, seed=0):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    path = root / "models--google--gemma-scope-2b-pt-res" / "snapshots" / "abc" / "layer_3" / "width_16k" / \
-        "average_l0_40" / "params.npz"
+    path = (
+        root
+        / "models--google--gemma-scope-2b-pt-res"
+        / "snapshots"
+        / "abc"
+        / "layer_3"
+        / "width_16k"
+        / "average_l0_40"
+        / "params.npz"
+    )
     path.parent.mkdir(parents=True)
-    arrays = {"W_enc": rng.normal(size=(d_in, d_sae)), "W_dec": rng.normal(size=(d_sae, d_in)),
-              "b_enc": rng.normal(size=d_sae) * 0.1, "b_dec": rng.normal(size=d_in), "threshold": rng.uniform(0, 1, d_sae)}
+    arrays = {
+        "W_enc": rng.normal(size=(d_in, d_sae)),
+        "W_dec": rng.normal(size=(d_sae, d_in)),
+        "b_enc": rng.normal(size=d_sae) * 0.1,
+        "b_dec": rng.normal(size=d_in),
+        "threshold": rng.uniform(0, 1, d_sae),
+    }
     np.savez(path, **{k: v.astype(np.float32) for k, v in arrays.items()})
     return path, {k: torch.tensor(v, dtype=torch.float32) for k, v in arrays.items()}
 
@@ -104,8 +123,14 @@ def test_damaged_gemma_scope_files_are_one_line(tmp_path):
 
 
 DL = Path(__file__).parents[1] / "fixtures" / "dictionary_learning"
-DL_CLASSES = ["AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder",
-              "GatedAutoEncoder"]
+DL_CLASSES = [
+    "AutoEncoder",
+    "AutoEncoderTopK",
+    "BatchTopKSAE",
+    "MatryoshkaBatchTopKSAE",
+    "JumpReluAutoEncoder",
+    "GatedAutoEncoder",
+]
 
 
 @pytest.mark.parametrize("dict_class", DL_CLASSES)
@@ -166,8 +191,11 @@ def test_hub_ids_resolve_from_the_cache_offline(tmp_path, monkeypatch, capsys):
     from tests.test_hostile_inputs import refused, run_cli
 
     gemma, _ = gemma_scope_file(tmp_path / "made")
-    hub_cache(tmp_path / "hf", "EleutherAI/sae-tiny", {f"layers.1/{n}": SPARSIFY / "checkpoint" / "layers.1" / n
-                                                      for n in ("cfg.json", "sae.safetensors")})
+    hub_cache(
+        tmp_path / "hf",
+        "EleutherAI/sae-tiny",
+        {f"layers.1/{n}": SPARSIFY / "checkpoint" / "layers.1" / n for n in ("cfg.json", "sae.safetensors")},
+    )
     hub_cache(tmp_path / "hf", "google/gemma-scope-2b-pt-res", {"layer_3/width_16k/average_l0_40/params.npz": gemma})
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -179,8 +207,10 @@ def test_hub_ids_resolve_from_the_cache_offline(tmp_path, monkeypatch, capsys):
     before = sorted(p.name for p in (tmp_path / "hf").rglob("*"))
     assert run_cli(["info", "hf:EleutherAI/sae-tiny/layers.1"], capsys)[0] == 0
     refused(["features", "hf:EleutherAI/sae-tiny/layers.1", "--model", "x"], capsys, "give --out", tmp_path / "hf")
-    assert run_cli(["export", "saelens", "hf:EleutherAI/sae-tiny/layers.1", "--out", tmp_path / "mine" / "sae"],
-                   capsys)[0] == 0  # a copy of one's own, in nanosae's (= SAELens's) layout
+    assert (
+        run_cli(["export", "saelens", "hf:EleutherAI/sae-tiny/layers.1", "--out", tmp_path / "mine" / "sae"], capsys)[0]
+        == 0
+    )  # a copy of one's own, in nanosae's (= SAELens's) layout
     assert torch.equal(SAE.load(tmp_path / "mine" / "sae").W_dec, direct.W_dec)
     assert sorted(p.name for p in (tmp_path / "hf").rglob("*")) == before
     with pytest.raises(FormatError, match="hf:someone/absent: not in the local Hugging Face cache"):
@@ -227,11 +257,15 @@ def test_export_sparsify_reads_back_to_the_same_outputs(tmp_path, kind, capsys):
     """export sparsify, then read with the sparsify reader (checked above against sparsify's own forward)."""
     from tests.test_hostile_inputs import run_cli
 
-    io = dict(hook_name="blocks.2.ln2.hook_normalized", hook_name_out="blocks.2.hook_mlp_out", d_out=16,
-              output_scale=1.5)
-    kw = {"sae": {}, "transcoder": io | {"apply_b_dec_to_input": False},
-          "skip transcoder": io | {"apply_b_dec_to_input": False, "skip_connection": True},
-          "transcoder subtracting b_dec": io | {"apply_b_dec_to_input": True}}[kind]
+    io = dict(
+        hook_name="blocks.2.ln2.hook_normalized", hook_name_out="blocks.2.hook_mlp_out", d_out=16, output_scale=1.5
+    )
+    kw = {
+        "sae": {},
+        "transcoder": io | {"apply_b_dec_to_input": False},
+        "skip transcoder": io | {"apply_b_dec_to_input": False, "skip_connection": True},
+        "transcoder subtracting b_dec": io | {"apply_b_dec_to_input": True},
+    }[kind]
     sae = scaled_sae(**kw)
     sae.save(tmp_path / "run" / "sae")
     assert run_cli(["export", "sparsify", tmp_path / "run", "--out", tmp_path / "sparsify"], capsys)[0] == 0
@@ -247,8 +281,12 @@ def test_export_sparsify_refuses_what_sparsify_cannot_hold(tmp_path, capsys):
     from tests.test_hostile_inputs import refused
 
     scaled_sae(architecture="relu", k=None).save(tmp_path / "relu" / "sae")
-    refused(["export", "sparsify", tmp_path / "relu", "--out", tmp_path / "x"], capsys, "TopK sparse coders only",
-            tmp_path / "relu")
+    refused(
+        ["export", "sparsify", tmp_path / "relu", "--out", tmp_path / "x"],
+        capsys,
+        "TopK sparse coders only",
+        tmp_path / "relu",
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -257,9 +295,17 @@ def test_a_dictionary_of_another_model_is_refused_naming_the_file(tiny_llama_dir
     from tests.test_hostile_inputs import refused
 
     coder = SPARSIFY / "checkpoint" / "layers.1"
-    refused(["steer", "w5", "--sae", coder, "--model", tiny_llama_dir, "--feature", "1=+2"], capsys,
-            "reads 16-wide activations at blocks.1.hook_resid_post", tmp_path)
+    refused(
+        ["steer", "w5", "--sae", coder, "--model", tiny_llama_dir, "--feature", "1=+2"],
+        capsys,
+        "reads 16-wide activations at blocks.1.hook_resid_post",
+        tmp_path,
+    )
     deep = tmp_path / "layers.9"
     shutil.copytree(coder, deep)
-    refused(["steer", "w5", "--sae", deep, "--model", tiny_llama_dir, "--feature", "1=+2"], capsys, "has 3 layers",
-            tmp_path / "nothing")
+    refused(
+        ["steer", "w5", "--sae", deep, "--model", tiny_llama_dir, "--feature", "1=+2"],
+        capsys,
+        "has 3 layers",
+        tmp_path / "nothing",
+    )

@@ -5,14 +5,23 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nanosae import SAE, SAEConfig, ConfigError, FormatError
+from nanosae import SAE, ConfigError, FormatError, SAEConfig
 
 ARCHS = [("relu", None), ("topk", 4), ("batchtopk", 4), ("jumprelu", None), ("gated", None), ("matryoshka", 4)]
 
 
 def randomized(arch, k):
-    sae = SAE(SAEConfig(d_in=8, d_sae=24, architecture=arch, k=k, hook_name="blocks.3.hook_resid_post",
-                        model_name="tiny", context_size=64))
+    sae = SAE(
+        SAEConfig(
+            d_in=8,
+            d_sae=24,
+            architecture=arch,
+            k=k,
+            hook_name="blocks.3.hook_resid_post",
+            model_name="tiny",
+            context_size=64,
+        )
+    )
     with torch.no_grad():
         for t in sae.state_dict(keep_vars=True).values():
             t.copy_(torch.rand_like(t))
@@ -30,8 +39,19 @@ def test_round_trip_bit_identical(tmp_path, arch, k):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    for key in ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
-                "normalize_activations", "hook_name", "model_name", "context_size", "dataset_path"):
+    for key in (
+        "architecture",
+        "d_in",
+        "d_sae",
+        "dtype",
+        "device",
+        "apply_b_dec_to_input",
+        "normalize_activations",
+        "hook_name",
+        "model_name",
+        "context_size",
+        "dataset_path",
+    ):
         assert key in cfg
     assert cfg["hook_layer"] == 3
     assert not [p for p in os.listdir(tmp_path / "sae") if p.endswith(".tmp")]
@@ -41,17 +61,37 @@ def test_saelens_names_on_disk(tmp_path):
     from safetensors.torch import load_file
 
     randomized("gated", None).save(tmp_path)
-    assert set(load_file(tmp_path / "sae_weights.safetensors")) == {"W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"}
+    assert set(load_file(tmp_path / "sae_weights.safetensors")) == {
+        "W_enc",
+        "W_dec",
+        "b_dec",
+        "b_gate",
+        "b_mag",
+        "r_mag",
+    }
     randomized("jumprelu", None).save(tmp_path)
     assert set(load_file(tmp_path / "sae_weights.safetensors")) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
 
 
 def test_older_saelens_keys(tmp_path):
-    cfg = {"d_in": 8, "d_sae": 24, "architecture": "standard", "activation_fn_str": "topk",
-           "activation_fn_kwargs": {"k": 3}, "hook_point": "blocks.1.hook_resid_pre", "dtype": "torch.float32",
-           "normalize_activations": "expected_average_only_in", "device": "cuda"}
+    cfg = {
+        "d_in": 8,
+        "d_sae": 24,
+        "architecture": "standard",
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 3},
+        "hook_point": "blocks.1.hook_resid_pre",
+        "dtype": "torch.float32",
+        "normalize_activations": "expected_average_only_in",
+        "device": "cuda",
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    tensors = {"W_enc": torch.randn(8, 24), "b_enc": torch.randn(24), "W_dec": torch.randn(24, 8), "b_dec": torch.randn(8)}
+    tensors = {
+        "W_enc": torch.randn(8, 24),
+        "b_enc": torch.randn(24),
+        "W_dec": torch.randn(24, 8),
+        "b_dec": torch.randn(8),
+    }
     save_file(tensors, tmp_path / "sae_weights.safetensors")
     sae = SAE.load(tmp_path)
     assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.hook_name) == ("topk", 3, "blocks.1.hook_resid_pre")
@@ -59,11 +99,23 @@ def test_older_saelens_keys(tmp_path):
 
 
 def test_saelens_v6_metadata_and_log_threshold(tmp_path):
-    cfg = {"d_in": 8, "d_sae": 24, "architecture": "jumprelu", "dtype": "float32", "apply_b_dec_to_input": False,
-           "normalize_activations": "none", "metadata": {"hook_name": "blocks.2.hook_resid_post", "model_name": "m"}}
+    cfg = {
+        "d_in": 8,
+        "d_sae": 24,
+        "architecture": "jumprelu",
+        "dtype": "float32",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "metadata": {"hook_name": "blocks.2.hook_resid_post", "model_name": "m"},
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    tensors = {"W_enc": torch.randn(8, 24), "b_enc": torch.randn(24), "W_dec": torch.randn(24, 8),
-               "b_dec": torch.randn(8), "log_threshold": torch.randn(24)}
+    tensors = {
+        "W_enc": torch.randn(8, 24),
+        "b_enc": torch.randn(24),
+        "W_dec": torch.randn(24, 8),
+        "b_dec": torch.randn(8),
+        "log_threshold": torch.randn(24),
+    }
     save_file(tensors, tmp_path / "sae_weights.safetensors")
     sae = SAE.load(tmp_path)
     assert sae.cfg.hook_name == "blocks.2.hook_resid_post" and not sae.cfg.apply_b_dec_to_input
@@ -92,15 +144,26 @@ def openai_reference(sd, x, normalize, k):
 
 def openai_state_dict(k):
     d_in, d_sae = 16, 48
-    sd = {"pre_bias": torch.randn(d_in), "latent_bias": torch.randn(d_sae) * 0.1,
-          "encoder.weight": torch.randn(d_sae, d_in), "decoder.weight": torch.randn(d_in, d_sae),
-          "stats_last_nonzero": torch.zeros(d_sae, dtype=torch.long),
-          "latents_activation_frequency": torch.zeros(d_sae), "latents_mean_square": torch.zeros(d_sae)}
+    sd = {
+        "pre_bias": torch.randn(d_in),
+        "latent_bias": torch.randn(d_sae) * 0.1,
+        "encoder.weight": torch.randn(d_sae, d_in),
+        "decoder.weight": torch.randn(d_in, d_sae),
+        "stats_last_nonzero": torch.zeros(d_sae, dtype=torch.long),
+        "latents_activation_frequency": torch.zeros(d_sae),
+        "latents_mean_square": torch.zeros(d_sae),
+    }
     if k is None:
         sd["activation"] = "ReLU"
     else:
-        sd.update({"activation": "TopK", "activation_state_dict": {"k": k, "postact_fn": "ReLU"},
-                   "activation.k": k, "activation.postact_fn": "ReLU"})
+        sd.update(
+            {
+                "activation": "TopK",
+                "activation_state_dict": {"k": k, "postact_fn": "ReLU"},
+                "activation.k": k,
+                "activation.postact_fn": "ReLU",
+            }
+        )
     return sd
 
 

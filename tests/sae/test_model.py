@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nanosae import SAE, SAEConfig, ShapeError, ConfigError
+from nanosae import SAE, ConfigError, SAEConfig, ShapeError
 from nanosae.sae import jumprelu as act
 from nanosae.train.losses import normalize_decoder, remove_parallel_grad, sae_loss
 
@@ -238,10 +238,16 @@ def test_wrong_d_in_is_a_shape_error():
         sae.encode(torch.randn(2, 9))
 
 
-@pytest.mark.parametrize("bad", [
-    dict(architecture="nope"), dict(architecture="topk"), dict(architecture="topk", k=99),
-    dict(d_sae=0), dict(normalize_activations="weird"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(architecture="nope"),
+        dict(architecture="topk"),
+        dict(architecture="topk", k=99),
+        dict(d_sae=0),
+        dict(normalize_activations="weird"),
+    ],
+)
 def test_bad_config(bad):
     kw = dict(d_in=4, d_sae=8, architecture="relu") | bad
     with pytest.raises(ConfigError):
@@ -249,8 +255,17 @@ def test_bad_config(bad):
 
 
 def test_matryoshka_prefix_losses_hand_computed():
-    sae = SAE(SAEConfig(d_in=2, d_sae=4, architecture="matryoshka", k=4, matryoshka_groups=[1, 2], dtype="float64",
-                        apply_b_dec_to_input=False))
+    sae = SAE(
+        SAEConfig(
+            d_in=2,
+            d_sae=4,
+            architecture="matryoshka",
+            k=4,
+            matryoshka_groups=[1, 2],
+            dtype="float64",
+            apply_b_dec_to_input=False,
+        )
+    )
     with torch.no_grad():
         sae.W_enc.copy_(torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]]))
         sae.b_enc.zero_()

@@ -18,8 +18,15 @@ def set_weights(sae: SAE, **tensors) -> None:
 
 
 def test_transcoder_shapes_and_no_input_centring():
-    cfg = SAEConfig(d_in=3, d_sae=5, d_out=2, architecture="relu", hook_name="blocks.0.ln2.hook_normalized",
-                    hook_name_out="blocks.0.hook_mlp_out", skip_connection=True)
+    cfg = SAEConfig(
+        d_in=3,
+        d_sae=5,
+        d_out=2,
+        architecture="relu",
+        hook_name="blocks.0.ln2.hook_normalized",
+        hook_name_out="blocks.0.hook_mlp_out",
+        skip_connection=True,
+    )
     assert cfg.kind == "transcoder" and cfg.apply_b_dec_to_input is False
     assert cfg.input_hooks == ["blocks.0.ln2.hook_normalized"] and cfg.output_hooks == ["blocks.0.hook_mlp_out"]
     sae = SAE(cfg)
@@ -35,10 +42,12 @@ def test_transcoder_shapes_and_no_input_centring():
 
 def test_transcoder_loss_by_hand():
     """y_hat = relu(x W_enc + b_enc) W_dec + b_dec + x W_skip^T; loss = Σ_out (y_hat − y)² + λ Σ z·‖W_dec‖."""
-    sae = SAE(SAEConfig(d_in=2, d_sae=2, d_out=1, architecture="relu", hook_name="a", hook_name_out="b",
-                        skip_connection=True))
-    set_weights(sae, W_enc=[[1.0, -1.0], [2.0, 0.0]], b_enc=[0.0, 0.5], W_dec=[[3.0], [4.0]], b_dec=[1.0],
-                W_skip=[[0.5, 0.0]])
+    sae = SAE(
+        SAEConfig(d_in=2, d_sae=2, d_out=1, architecture="relu", hook_name="a", hook_name_out="b", skip_connection=True)
+    )
+    set_weights(
+        sae, W_enc=[[1.0, -1.0], [2.0, 0.0]], b_enc=[0.0, 0.5], W_dec=[[3.0], [4.0]], b_dec=[1.0], W_skip=[[0.5, 0.0]]
+    )
     x, y = torch.tensor([[1.0, 1.0]]), torch.tensor([[20.0]])
     # pre = [1 + 2, -1 + 0.5] = [3, -0.5] -> z = [3, 0]; y_hat = 3·3 + 1 + 0.5·1 = 10.5
     out = sae_loss(sae, x, y, sparsity_coefficient=0.1, fast=False)
@@ -50,8 +59,20 @@ def test_transcoder_loss_by_hand():
 
 def test_transcoder_sparse_path_equals_dense():
     torch.manual_seed(1)
-    sae = SAE(SAEConfig(d_in=6, d_sae=40, d_out=4, architecture="topk", k=3, hook_name="a", hook_name_out="b",
-                        skip_connection=True, activation_scale=1.7, output_scale=0.6))
+    sae = SAE(
+        SAEConfig(
+            d_in=6,
+            d_sae=40,
+            d_out=4,
+            architecture="topk",
+            k=3,
+            hook_name="a",
+            hook_name_out="b",
+            skip_connection=True,
+            activation_scale=1.7,
+            output_scale=0.6,
+        )
+    )
     with torch.no_grad():
         sae.W_skip.normal_()
         sae.b_dec.normal_()
@@ -71,12 +92,23 @@ def test_transcoder_sparse_path_equals_dense():
 
 def test_crosscoder_shapes_and_loss_by_hand():
     """Two layers of width 2 in and out, one shared latent space; the L1 weight sums the per-layer decoder norms."""
-    cfg = SAEConfig(d_in=4, d_sae=2, architecture="relu", crosscoder_hooks=["blocks.0.hook_resid_post",
-                                                                             "blocks.1.hook_resid_post"])
-    assert cfg.kind == "crosscoder" and cfg.n_blocks == 2 and cfg.d_out == 4 and cfg.hook_name == "blocks.0.hook_resid_post"
+    cfg = SAEConfig(
+        d_in=4, d_sae=2, architecture="relu", crosscoder_hooks=["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    )
+    assert (
+        cfg.kind == "crosscoder"
+        and cfg.n_blocks == 2
+        and cfg.d_out == 4
+        and cfg.hook_name == "blocks.0.hook_resid_post"
+    )
     sae = SAE(cfg)
-    set_weights(sae, W_enc=[[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]], b_enc=[0.0, 0.0],
-                W_dec=[[3.0, 4.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]], b_dec=[0.0, 0.0, 0.0, 0.0])
+    set_weights(
+        sae,
+        W_enc=[[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]],
+        b_enc=[0.0, 0.0],
+        W_dec=[[3.0, 4.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]],
+        b_dec=[0.0, 0.0, 0.0, 0.0],
+    )
     x = torch.tensor([[2.0, 0.0, 1.0, 0.0]])  # layer 0 = (2, 0), layer 1 = (1, 0)
     # z = [2, 1]; x_hat = 2·[3, 4, 0, 1] + 1·[0, 0, 1, 0] = [6, 8, 1, 2]
     out = sae_loss(sae, x, sparsity_coefficient=0.5, fast=False)
@@ -86,12 +118,18 @@ def test_crosscoder_shapes_and_loss_by_hand():
     assert float(out.parts["l1"]) == pytest.approx(0.5 * (2 * 6 + 1 * 1))
     blocks = sae.output_blocks(sae(x)[0])
     assert list(blocks) == cfg.crosscoder_hooks
-    assert blocks["blocks.0.hook_resid_post"].tolist() == [[6.0, 8.0]] and blocks["blocks.1.hook_resid_post"].tolist() == [[1.0, 2.0]]
-    assert torch.equal(sae.gather_input({"blocks.0.hook_resid_post": x[:, :2], "blocks.1.hook_resid_post": x[:, 2:]}), x)
+    assert blocks["blocks.0.hook_resid_post"].tolist() == [[6.0, 8.0]] and blocks[
+        "blocks.1.hook_resid_post"
+    ].tolist() == [[1.0, 2.0]]
+    assert torch.equal(
+        sae.gather_input({"blocks.0.hook_resid_post": x[:, :2], "blocks.1.hook_resid_post": x[:, 2:]}), x
+    )
 
 
 def test_crosscoder_scales_each_layer():
-    sae = SAE(SAEConfig(d_in=4, d_sae=3, architecture="topk", k=1, crosscoder_hooks=["a", "b"], activation_scale=[2.0, 0.5]))
+    sae = SAE(
+        SAEConfig(d_in=4, d_sae=3, architecture="topk", k=1, crosscoder_hooks=["a", "b"], activation_scale=[2.0, 0.5])
+    )
     assert sae.input_factor().tolist() == [2.0, 2.0, 0.5, 0.5]
     x = torch.randn(5, 4)
     x_norm, _ = sae.normalize_input(x)
@@ -116,9 +154,19 @@ def test_transcoder_files_use_saelens_names_and_fold_scaling(tmp_path, arch):
     """Saved with SAELens's architecture names; the SAELens export folds the scaling so SAELens's own forward
     (no scaling: relu(x W_enc + b_enc) W_dec + b_dec + x W_skip^T) gives our output."""
     torch.manual_seed(3)
-    sae = SAE(SAEConfig(d_in=6, d_sae=16, d_out=4, architecture=arch, hook_name="blocks.2.ln2.hook_normalized",
-                        hook_name_out="blocks.2.hook_mlp_out", skip_connection=arch == "relu",
-                        activation_scale=2.5, output_scale=0.4))
+    sae = SAE(
+        SAEConfig(
+            d_in=6,
+            d_sae=16,
+            d_out=4,
+            architecture=arch,
+            hook_name="blocks.2.ln2.hook_normalized",
+            hook_name_out="blocks.2.hook_mlp_out",
+            skip_connection=arch == "relu",
+            activation_scale=2.5,
+            output_scale=0.4,
+        )
+    )
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -19,6 +19,11 @@ def planted(n_tokens: int, d_in: int = 32, n_features: int = 64, active: int = 3
 @pytest.fixture(scope="session")
 def planted_store(tmp_path_factory):
     x, D = planted(40_000)
-    store = write_store(tmp_path_factory.mktemp("planted") / "acts", x, hook="blocks.0.hook_resid_post",
-                        model="synthetic", tokens_per_shard=8192)
+    store = write_store(
+        tmp_path_factory.mktemp("planted") / "acts",
+        x,
+        hook="blocks.0.hook_resid_post",
+        model="synthetic",
+        tokens_per_shard=8192,
+    )
     return store, D

@@ -12,10 +12,10 @@ from nanosae import SAE, SAEConfig, TrainConfig
 from nanosae.data import write_store
 from nanosae.errors import ConfigError, FormatError
 from nanosae.interp import circuits as C
+from nanosae.rundir import TranscoderSetDir
 from nanosae.sae import kernels
 from nanosae.train.cross_layer import CROSS_FILE
 from nanosae.train.losses import sae_loss
-from nanosae.rundir import TranscoderSetDir
 
 D, ATOMS, N = 16, 24, 12288
 
@@ -29,17 +29,27 @@ def two_layer_stores(tmp_path_factory):
     picks = torch.rand(N, ATOMS, generator=g).topk(3, dim=1).indices
     codes.scatter_(1, picks, 1 + torch.rand(N, 3, generator=g))
     atoms = lambda: torch.nn.functional.normalize(torch.randn(ATOMS, D, generator=g), dim=1)
-    acts = {"blocks.0.ln2.hook_normalized": codes @ atoms(), "blocks.0.hook_mlp_out": codes @ atoms(),
-            "blocks.1.ln2.hook_normalized": torch.randn(N, D, generator=g), "blocks.1.hook_mlp_out": codes @ atoms()}
+    acts = {
+        "blocks.0.ln2.hook_normalized": codes @ atoms(),
+        "blocks.0.hook_mlp_out": codes @ atoms(),
+        "blocks.1.ln2.hook_normalized": torch.randn(N, D, generator=g),
+        "blocks.1.hook_mlp_out": codes @ atoms(),
+    }
     root = tmp_path_factory.mktemp("clt")
     return {hook: write_store(root / hook, x, hook=hook).path for hook, x in acts.items()}
 
 
 def set_cfgs(stores, out, cross_layer=True, **kw):
     common = dict(d_sae=32, k=3, batch_size=256, tokens=256 * 200, lr=1e-2, log_every=1, cross_layer=cross_layer) | kw
-    return [TrainConfig.build(acts=str(stores[f"blocks.{L}.ln2.hook_normalized"]),
-                              acts_out=str(stores[f"blocks.{L}.hook_mlp_out"]), out=str(out / f"layer_{L}"), **common)
-            for L in (0, 1)]
+    return [
+        TrainConfig.build(
+            acts=str(stores[f"blocks.{L}.ln2.hook_normalized"]),
+            acts_out=str(stores[f"blocks.{L}.hook_mlp_out"]),
+            out=str(out / f"layer_{L}"),
+            **common,
+        )
+        for L in (0, 1)
+    ]
 
 
 def fvu(tset, stores, layer):
@@ -83,8 +93,21 @@ def test_joint_loss_and_gradients_equal_a_dense_hand_written_clt():
     """Layer 1's loss takes layer 0's latents through the cross decoder (sparse kernels, as training runs it):
     loss and every gradient equal the dense formula's, in float64."""
     torch.manual_seed(0)
-    saes = [SAE(SAEConfig(d_in=D, d_sae=32, architecture="topk", k=4, hook_name=f"blocks.{L}.ln2.hook_normalized",
-                          hook_name_out=f"blocks.{L}.hook_mlp_out", d_out=D, dtype="float64")) for L in (0, 1)]
+    saes = [
+        SAE(
+            SAEConfig(
+                d_in=D,
+                d_sae=32,
+                architecture="topk",
+                k=4,
+                hook_name=f"blocks.{L}.ln2.hook_normalized",
+                hook_name_out=f"blocks.{L}.hook_mlp_out",
+                d_out=D,
+                dtype="float64",
+            )
+        )
+        for L in (0, 1)
+    ]
     cross = torch.randn(32, D, dtype=torch.float64, requires_grad=True)
     x = [torch.randn(64, D, dtype=torch.float64) for _ in range(2)]
     y = [torch.randn(64, D, dtype=torch.float64) for _ in range(2)]
@@ -104,11 +127,15 @@ def test_joint_loss_and_gradients_equal_a_dense_hand_written_clt():
         pred0 = z[0] @ p[2] + p[3]
         pred1 = z[1] @ p[6] + p[7] + z[0] @ p[8]
         return (pred0 - y[0]).pow(2).sum(1).mean() + (pred1 - y[1]).pow(2).sum(1).mean()
+
     reference = [p.detach().clone().requires_grad_(True) for p in params]
     loss = dense(*reference)
     assert float(total.detach()) == pytest.approx(float(loss.detach()), rel=1e-12)
-    for g, r, name in zip(got, torch.autograd.grad(loss, reference), ["W_enc0", "b_enc0", "W_dec0", "b_dec0",
-                                                                       "W_enc1", "b_enc1", "W_dec1", "b_dec1", "cross"]):
+    for g, r, name in zip(
+        got,
+        torch.autograd.grad(loss, reference),
+        ["W_enc0", "b_enc0", "W_dec0", "b_dec0", "W_enc1", "b_enc1", "W_dec1", "b_dec1", "cross"],
+    ):
         assert torch.allclose(g, r, atol=1e-10), name
     assert got[0].abs().sum() > 0 and got[-1].abs().sum() > 0
 
@@ -119,6 +146,7 @@ def test_a_killed_cross_layer_run_resumes_to_the_same_weights(two_layer_stores, 
     def stop_at_7(p):
         if p.step == 7:
             raise KeyboardInterrupt  # checkpoints where it stands, as Ctrl-C does
+
     with pytest.raises(KeyboardInterrupt):
         nanosae.train(set_cfgs(two_layer_stores, tmp_path / "a", **common), progress=stop_at_7)
     assert (tmp_path / "a" / "cross_layer" / "checkpoints" / "step_7" / "state.pt").exists()
@@ -132,8 +160,9 @@ def test_a_killed_cross_layer_run_resumes_to_the_same_weights(two_layer_stores, 
 
 
 @pytest.mark.parametrize("cross_layer", [False, True])
-def test_a_set_killed_between_two_layers_checkpoints_resumes_from_the_newest_step_all_have(two_layer_stores, tmp_path,
-                                                                                           cross_layer):
+def test_a_set_killed_between_two_layers_checkpoints_resumes_from_the_newest_step_all_have(
+    two_layer_stores, tmp_path, cross_layer
+):
     """Interrupted after layer 0's step 12 but before layer 1's (per-layer: layer 1 checkpoints at 11), or killed
     between the layers' writes of step 12 (cross-layer): the set resumes at step 10, which every layer (and the
     cross-layer decoders) has, and ends where the uninterrupted set ends."""
@@ -144,6 +173,7 @@ def test_a_set_killed_between_two_layers_checkpoints_resumes_from_the_newest_ste
     def stop_at_12(p):
         if p.step == 12:
             raise KeyboardInterrupt  # every layer checkpoints at 12, as Ctrl-C does
+
     with pytest.raises(KeyboardInterrupt):
         nanosae.train(set_cfgs(two_layer_stores, tmp_path / "a", **common), progress=stop_at_12)
     steps = lambda L: sorted(int(p.name[5:]) for p in (tmp_path / "a" / f"layer_{L}" / "checkpoints").glob("step_*"))
@@ -170,7 +200,9 @@ nanosae.train(set_cfgs(stores, out, tokens=256 * 24, checkpoint_every=4, cross_l
 
 @pytest.mark.parametrize("cross_layer", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_a_set_killed_at_a_random_step_resumes_to_the_uninterrupted_weights(two_layer_stores, tmp_path, cross_layer, seed):
+def test_a_set_killed_at_a_random_step_resumes_to_the_uninterrupted_weights(
+    two_layer_stores, tmp_path, cross_layer, seed
+):
     """kill -9 at a random step (for a per-layer set, after the first layer's step and before the second's):
     the same command with --resume ends with the uninterrupted set's weights, bit for bit."""
     import os
@@ -180,9 +212,12 @@ def test_a_set_killed_at_a_random_step_resumes_to_the_uninterrupted_weights(two_
 
     kill_at = random.Random(seed).randrange(5, 23)
     stores = {k: str(v) for k, v in two_layer_stores.items()}
-    proc = subprocess.run([sys.executable, "-c", KILL_SET, json.dumps(stores), str(tmp_path / "a"), str(kill_at),
-                           str(int(cross_layer))], capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])})
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SET, json.dumps(stores), str(tmp_path / "a"), str(kill_at), str(int(cross_layer))],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])},
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     common = dict(tokens=256 * 24, checkpoint_every=4, cross_layer=cross_layer)
     nanosae.train(set_cfgs(two_layer_stores, tmp_path / "a", resume=True, **common))
@@ -196,6 +231,7 @@ def test_cross_layer_refusals_and_a_corrupt_decoder_file(two_layer_stores, tmp_p
     assert not (tmp_path / "relu").exists()  # refused before anything was written
     with pytest.raises(ConfigError, match="with --transcoders"):
         from nanosae.train.sweep import expand_sweep
+
         expand_sweep({"cross_layer": True, "out": str(tmp_path / "x")})
     nanosae.train(set_cfgs(two_layer_stores, tmp_path / "ok", tokens=256 * 4))
     from safetensors.torch import load_file, save_file
@@ -212,10 +248,15 @@ def test_cross_layer_refusals_and_a_corrupt_decoder_file(two_layer_stores, tmp_p
     (tmp_path / "ok" / "layer_0" / CROSS_FILE).write_bytes(good)
     manifest = TranscoderSetDir(tmp_path / "ok").manifest
     valid = json.loads(manifest.read_text())
-    for bad, says in [({"layers": []}, "layers must be an object"), ({"layers": {"x": "layer_0"}}, "not a layer number"),
-                      ({"layers": {"0": "../../etc"}}, "relative path inside"), ({"layers": {"0": "/etc"}}, "relative path"),
-                      ({"layers": {"0": 5}}, "relative path"), ({"model": 3}, "model must be"),
-                      ({"cross_layer": "yes"}, "cross_layer must be")]:
+    for bad, says in [
+        ({"layers": []}, "layers must be an object"),
+        ({"layers": {"x": "layer_0"}}, "not a layer number"),
+        ({"layers": {"0": "../../etc"}}, "relative path inside"),
+        ({"layers": {"0": "/etc"}}, "relative path"),
+        ({"layers": {"0": 5}}, "relative path"),
+        ({"model": 3}, "model must be"),
+        ({"cross_layer": "yes"}, "cross_layer must be"),
+    ]:
         manifest.write_text(json.dumps(valid | bad))
         with pytest.raises(FormatError, match=says):
             C.load_transcoders(tmp_path / "ok")

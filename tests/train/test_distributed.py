@@ -14,8 +14,17 @@ import nanosae
 from nanosae import SAE, TrainConfig
 from nanosae.errors import ConfigError
 
-SETTINGS = dict(d_sae=128, k=4, batch_size=512, tokens=512 * 20, log_every=1, checkpoint_every=5, lr=3e-3, ema_decay=0.9,
-                dead_tokens=512)  # 128 latents for 64 planted features, dead after one silent batch: AuxK runs
+SETTINGS = dict(
+    d_sae=128,
+    k=4,
+    batch_size=512,
+    tokens=512 * 20,
+    log_every=1,
+    checkpoint_every=5,
+    lr=3e-3,
+    ema_decay=0.9,
+    dead_tokens=512,
+)  # 128 latents for 64 planted features, dead after one silent batch: AuxK runs
 
 SCRIPT = r"""
 import json, logging, os, signal, sys, torch, torch.distributed as dist
@@ -58,9 +67,24 @@ def torchrun(tmp_path, nproc: int, settings: dict, kill_at: int = 0, grads_to: s
     script = tmp_path / "sharded.py"
     script.write_text(SCRIPT)
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               str(nproc), str(script), json.dumps(settings), str(kill_at), grads_to], capture_output=True,
-                              text=True, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(nproc),
+                str(script),
+                json.dumps(settings),
+                str(kill_at),
+                grads_to,
+            ],
+            capture_output=True,
+            text=True,
+            env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()},
+            timeout=300,
+        )
         # a gloo worker thread can abort a finished rank at interpreter exit (see test_two_processes_equal_one)
         if kill_at or proc.returncode == 0 or "exitcode: -6" not in proc.stderr:
             return proc
@@ -103,7 +127,9 @@ def test_one_step_loss_and_gradients_equal_one_process(tmp_path):
 def test_two_shards_train_as_one_process(sharded_run, planted_store):
     tmp, settings = sharded_run
     # the same run in one process, without the decoder refit (which sharded runs do not do)
-    one = nanosae.train(TrainConfig.build(**(settings | dict(out=str(tmp / "one"), shard_latents=0, refit_decoder=False))))
+    one = nanosae.train(
+        TrainConfig.build(**(settings | dict(out=str(tmp / "one"), shard_latents=0, refit_decoder=False)))
+    )
     two = SAE.load(tmp / "two" / "sae")  # the ordinary single-file SAE, whole
     assert two.cfg.d_sae == 128
     for name, tensor in one.sae.state_dict().items():
@@ -160,7 +186,9 @@ def test_shards_combine_with_data_parallelism(sharded_run):
 def test_refusals(planted_store, tmp_path):
     store, _ = planted_store
     with pytest.raises(ConfigError, match="torchrun"):
-        nanosae.train(TrainConfig.build(**(SETTINGS | dict(acts=str(store.path), out=str(tmp_path / "r"), shard_latents=2))))
+        nanosae.train(
+            TrainConfig.build(**(SETTINGS | dict(acts=str(store.path), out=str(tmp_path / "r"), shard_latents=2)))
+        )
     with pytest.raises(ConfigError, match="shard_latents"):
         TrainConfig.build(shard_latents=-1)
 
@@ -168,15 +196,24 @@ def test_refusals(planted_store, tmp_path):
 def test_saes_spread_over_processes_train_as_in_one(planted_store, tmp_path):
     """Three SAEs of one stream over two processes (rank 0 trains two, rank 1 one), each on every whole batch."""
     store, _ = planted_store
-    common = dict(acts=str(store.path), d_sae=64, batch_size=512, tokens=512 * 10, log_every=5, checkpoint_every=0,
-                  lr=3e-3, distribute_saes=True)
+    common = dict(
+        acts=str(store.path),
+        d_sae=64,
+        batch_size=512,
+        tokens=512 * 10,
+        log_every=5,
+        checkpoint_every=0,
+        lr=3e-3,
+        distribute_saes=True,
+    )
     spread = [common | dict(k=k, out=str(tmp_path / f"spread_k{k}")) for k in (2, 4, 6)]
     proc = torchrun(tmp_path, 2, spread)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trained = {line.split("process ")[1] for line in proc.stderr.splitlines() if "trains" in line}
     assert trained == {f"0 trains {spread[0]['out']}, {spread[2]['out']}", f"1 trains {spread[1]['out']}"}
-    alone = nanosae.train([TrainConfig.build(**(c | dict(out=c["out"].replace("spread", "one"), distribute_saes=False)))
-                           for c in spread])
+    alone = nanosae.train(
+        [TrainConfig.build(**(c | dict(out=c["out"].replace("spread", "one"), distribute_saes=False))) for c in spread]
+    )
     for cfg, one in zip(spread, alone):
         two = SAE.load(tmp_path / cfg["out"] / "sae")
         assert two.cfg.k == one.sae.cfg.k

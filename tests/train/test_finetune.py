@@ -17,8 +17,13 @@ HOOK = "blocks.1.hook_resid_post"
 @pytest.fixture(scope="module")
 def word_stores(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
     data = DataConfig(specs=[str(word_corpus)], context_size=32)
-    cfg = CollectConfig(model=str(tiny_llama_dir), hooks=[HOOK, "blocks.1.hook_mlp_out"], data=data, tokens=4000,
-                        out=str(tmp_path_factory.mktemp("ft") / "acts"))
+    cfg = CollectConfig(
+        model=str(tiny_llama_dir),
+        hooks=[HOOK, "blocks.1.hook_mlp_out"],
+        data=data,
+        tokens=4000,
+        out=str(tmp_path_factory.mktemp("ft") / "acts"),
+    )
     return collect(cfg, model=tiny_model)
 
 
@@ -62,8 +67,18 @@ def test_the_fine_tune_trades_reconstruction_for_the_spliced_models_kl(word_stor
     # A random tiny model barely reads its residual stream (KL ~0.005 nats), so the KL term is weighted to
     # dominate; the same steps and learning rate with and without it (and no decoder refit, which the
     # fine-tune turns off: the comparison is of the fine-tune alone).
-    common = dict(acts=str(word_stores[HOOK].path), d_sae=16, k=2, batch_size=256, tokens=256 * 40, checkpoint_every=0,
-                  lr=1e-2, lr_schedule="constant", log_every=1, refit_decoder=False)
+    common = dict(
+        acts=str(word_stores[HOOK].path),
+        d_sae=16,
+        k=2,
+        batch_size=256,
+        tokens=256 * 40,
+        checkpoint_every=0,
+        lr=1e-2,
+        lr_schedule="constant",
+        log_every=1,
+        refit_decoder=False,
+    )
     plain = nanosae.train(TrainConfig.build(out=str(tmp_path / "plain"), **common))
     tuned = nanosae.train(TrainConfig.build(out=str(tmp_path / "tuned"), kl_finetune=0.5, kl_coefficient=1e5, **common))
     assert "kl" not in plain.metrics and tuned.metrics["kl"] > 0  # the last 20 steps trained on KL too
@@ -78,8 +93,17 @@ class Stop(Exception):
 
 
 def test_resume_inside_the_fine_tune_is_bit_identical(word_stores, tmp_path):
-    common = dict(acts=str(word_stores[HOOK].path), d_sae=16, k=2, batch_size=256, tokens=256 * 12, checkpoint_every=2,
-                  lr=3e-3, log_every=1, kl_finetune=0.5)
+    common = dict(
+        acts=str(word_stores[HOOK].path),
+        d_sae=16,
+        k=2,
+        batch_size=256,
+        tokens=256 * 12,
+        checkpoint_every=2,
+        lr=3e-3,
+        log_every=1,
+        kl_finetune=0.5,
+    )
 
     def stop_at_9(p):
         if p.step == 9:
@@ -95,12 +119,24 @@ def test_resume_inside_the_fine_tune_is_bit_identical(word_stores, tmp_path):
 
 
 def test_the_fine_tune_refuses_what_it_cannot_do(word_stores, tmp_path):
-    common = dict(acts=str(word_stores[HOOK].path), d_sae=16, k=2, batch_size=256, tokens=256 * 4, checkpoint_every=0,
-                  kl_finetune=0.5)
+    common = dict(
+        acts=str(word_stores[HOOK].path),
+        d_sae=16,
+        k=2,
+        batch_size=256,
+        tokens=256 * 4,
+        checkpoint_every=0,
+        kl_finetune=0.5,
+    )
     with pytest.raises(ConfigError, match="one SAE at a time"):
-        nanosae.train([TrainConfig.build(out=str(tmp_path / "a"), **common),
-                       TrainConfig.build(out=str(tmp_path / "b"), **common)])
+        nanosae.train(
+            [TrainConfig.build(out=str(tmp_path / "a"), **common), TrainConfig.build(out=str(tmp_path / "b"), **common)]
+        )
     with pytest.raises(ConfigError, match="a transcoder"):
-        nanosae.train(TrainConfig.build(out=str(tmp_path / "t"), acts_out=str(word_stores["blocks.1.hook_mlp_out"].path), **common))
+        nanosae.train(
+            TrainConfig.build(
+                out=str(tmp_path / "t"), acts_out=str(word_stores["blocks.1.hook_mlp_out"].path), **common
+            )
+        )
     with pytest.raises(ConfigError, match="kl_finetune must be"):
         TrainConfig.build(kl_finetune=1.5)

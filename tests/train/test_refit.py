@@ -4,8 +4,8 @@ import torch
 import nanosae
 from nanosae import SAE, SAEConfig
 from nanosae.errors import ConfigError
-from nanosae.train.losses import sae_loss
 from nanosae.train import refit
+from nanosae.train.losses import sae_loss
 from nanosae.train.refit import DecoderRefit
 from nanosae.train.schedule import Schedule, lr_at
 from tests.train.test_trainer import cfg_for
@@ -87,7 +87,9 @@ def test_trained_decoder_is_the_least_squares_decoder_of_the_stored_codes(plante
     torch.testing.assert_close(sae.b_dec.double(), bias, rtol=1e-3, atol=1e-4)
     refit_rows = sae.W_dec.norm(dim=1)
     assert not torch.allclose(refit_rows, torch.ones_like(refit_rows))  # the rows carry the codes' scale now
-    again = nanosae.train(cfg_for(store, tmp_path / "refit", resume=True, **whole)).sae  # a finished run: refit once only
+    again = nanosae.train(
+        cfg_for(store, tmp_path / "refit", resume=True, **whole)
+    ).sae  # a finished run: refit once only
     assert torch.equal(again.W_dec, res.sae.W_dec)
 
 

@@ -17,14 +17,28 @@ def _half_norm_penalty(sae, b: LossInputs) -> dict[str, torch.Tensor]:
     return {"l_half": b.coefficient * ((b.z * sae.decoder_norms()) + 1e-6).sqrt().sum(-1).mean()}
 
 
-TOY = registry.register(Architecture("toy_lhalf", lambda sae, pre, x_norm, k: pre.relu(), loss_terms=_half_norm_penalty,
-                                     sparsity_coefficient=0.5, saelens="relu"))
+TOY = registry.register(
+    Architecture(
+        "toy_lhalf",
+        lambda sae, pre, x_norm, k: pre.relu(),
+        loss_terms=_half_norm_penalty,
+        sparsity_coefficient=0.5,
+        saelens="relu",
+    )
+)
 
 
 def test_a_registered_architecture_goes_the_whole_path(planted_store, tmp_path, tiny_model, word_corpus):
     store, _ = planted_store
-    cfg = nanosae.TrainConfig.build(acts=str(store.path), out=str(tmp_path / "run"), architecture="toy_lhalf",
-                                    d_sae=64, tokens=256 * 40, batch_size=256, log_every=10)
+    cfg = nanosae.TrainConfig.build(
+        acts=str(store.path),
+        out=str(tmp_path / "run"),
+        architecture="toy_lhalf",
+        d_sae=64,
+        tokens=256 * 40,
+        batch_size=256,
+        log_every=10,
+    )
     result = nanosae.train(cfg)
     assert result.metrics["l_half"] > 0  # the toy's own loss term was trained on
     assert result.metrics["fvu"] < 0.5
@@ -43,7 +57,9 @@ def test_a_registered_architecture_goes_the_whole_path(planted_store, tmp_path, 
 
     # evaluated spliced into a model: a toy SAE of that model's width, trained on nothing, still evaluates
     width = tiny_model.d_model
-    toy = SAE(nanosae.SAEConfig(d_in=width, d_sae=2 * width, architecture="toy_lhalf", hook_name="blocks.1.hook_resid_post"))
+    toy = SAE(
+        nanosae.SAEConfig(d_in=width, d_sae=2 * width, architecture="toy_lhalf", hook_name="blocks.1.hook_resid_post")
+    )
     report = nanosae.evaluate(toy, tiny_model, DataConfig(specs=[str(word_corpus)], split="all"), tokens=100)
     assert report["architecture"] == "toy_lhalf" and 0 <= report["l0"] <= 2 * width and report["fvu"] > 0
 

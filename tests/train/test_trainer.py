@@ -1,35 +1,44 @@
 import dataclasses
 import json
-from pathlib import Path
 import os
 import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import nanosae
-from nanosae import SAE, ActivationStore, SAEConfig, TrainConfig, DataError
+from nanosae import SAE, ActivationStore, DataError, SAEConfig, TrainConfig
 from nanosae.data import write_store
-from nanosae.train.init import geometric_median
 from nanosae.train import trainer as trainer_module
+from nanosae.train.init import geometric_median
+from nanosae.train.losses import normalize_decoder, sae_loss
 from nanosae.train.schedule import Schedule, ema_decay_at, k_at, lr_at
 from nanosae.train.trainer import resample_dead
-from nanosae.train.losses import normalize_decoder, sae_loss
 
 
 def cfg_for(store, out, **kw):
-    base = dict(acts=str(store.path), out=str(out), d_sae=128, k=4, batch_size=256, tokens=256 * 300, log_every=25,
-                checkpoint_every=0, lr=3e-3)
+    base = dict(
+        acts=str(store.path),
+        out=str(out),
+        d_sae=128,
+        k=4,
+        batch_size=256,
+        tokens=256 * 300,
+        log_every=25,
+        checkpoint_every=0,
+        lr=3e-3,
+    )
     return TrainConfig.build(**(base | kw))
 
 
 def test_recovers_planted_features(planted_store, tmp_path, device):
     store, D = planted_store
     res = nanosae.train(cfg_for(store, tmp_path / "run", device=device))
-    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["loss"] < lines[0]["loss"] and lines[-1]["step"] == 300
     assert res.metrics["fvu"] < 0.5
     cos = (torch.nn.functional.normalize(res.sae.W_dec.cpu(), dim=1) @ D.T).max(0).values
@@ -44,9 +53,10 @@ def test_recovers_planted_features(planted_store, tmp_path, device):
 def test_every_architecture_trains(planted_store, tmp_path, arch, device):
     store, _ = planted_store
     coeff = {"relu": 0.05, "gated": 0.05, "jumprelu": 0.01}.get(arch)
-    res = nanosae.train(cfg_for(store, tmp_path / arch, architecture=arch, tokens=256 * 100, sparsity_coefficient=coeff,
-                                device=device))
-    lines = [json.loads(l) for l in (tmp_path / arch / "metrics.jsonl").read_text().splitlines()]
+    res = nanosae.train(
+        cfg_for(store, tmp_path / arch, architecture=arch, tokens=256 * 100, sparsity_coefficient=coeff, device=device)
+    )
+    lines = [json.loads(line) for line in (tmp_path / arch / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["mse"] < lines[0]["mse"]
     assert res.metrics["fvu"] < 0.6 and 0 < res.metrics["l0"] < 128
     assert SAE.load(tmp_path / arch / "sae").cfg.architecture == arch
@@ -70,10 +80,12 @@ def test_auxk_revives_dead_latents():
         with torch.no_grad():
             sae.b_enc[:32] = -6.0  # half the latents (almost) never win the top-k: dead from the start
         opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-        for step in range(200):
+        for _ in range(200):
             with torch.no_grad():
                 dead = (sae.encode(x[:512]) > 0).sum(0) == 0
-            out = sae_loss(sae, x[torch.randint(0, 2048, (256,))], dead_mask=dead, k_aux=8, aux_coefficient=aux_coefficient)
+            out = sae_loss(
+                sae, x[torch.randint(0, 2048, (256,))], dead_mask=dead, k_aux=8, aux_coefficient=aux_coefficient
+            )
             opt.zero_grad()
             out.loss.backward()
             opt.step()
@@ -85,8 +97,15 @@ def test_auxk_revives_dead_latents():
 
 
 def test_lr_schedule_by_hand(planted_store, tmp_path):
-    cfg = TrainConfig.build(acts="x", tokens=1000 * 10, batch_size=10, lr=1.0, lr_warmup_steps=10, lr_schedule="linear",
-                      lr_decay_fraction=0.2)
+    cfg = TrainConfig.build(
+        acts="x",
+        tokens=1000 * 10,
+        batch_size=10,
+        lr=1.0,
+        lr_warmup_steps=10,
+        lr_schedule="linear",
+        lr_decay_fraction=0.2,
+    )
     d = Schedule.of(cfg)
     assert d.steps == 1000
     assert lr_at(0, cfg, d) == pytest.approx(0.1) and lr_at(9, cfg, d) == pytest.approx(1.0)
@@ -106,9 +125,11 @@ def test_k_annealing_by_hand(planted_store, tmp_path):
     store, _ = planted_store
     seen = []
     original = trainer_module.sae_loss
+
     def spy(sae, *args, **kwargs):
         seen.append(kwargs["k"])  # this step's k, passed (the config stays as set)
         return original(sae, *args, **kwargs)
+
     trainer_module.sae_loss = spy
 
     def stop_at_6(p):
@@ -171,8 +192,18 @@ def test_nan_input_stops_with_error(tmp_path):
     x[3000] = float("nan")
     store = write_store(tmp_path / "acts", x)
     with pytest.raises(DataError, match="NaN or inf"):
-        nanosae.train(TrainConfig.build(acts=str(store.path), out=str(tmp_path / "run"), d_sae=32, k=2, batch_size=512,
-                                  tokens=4096 * 2, init_sample_tokens=1024, checkpoint_every=0))
+        nanosae.train(
+            TrainConfig.build(
+                acts=str(store.path),
+                out=str(tmp_path / "run"),
+                d_sae=32,
+                k=2,
+                batch_size=512,
+                tokens=4096 * 2,
+                init_sample_tokens=1024,
+                checkpoint_every=0,
+            )
+        )
 
 
 KILL_SCRIPT = r"""
@@ -202,20 +233,33 @@ def test_kill_at_a_random_step_is_bit_identical(planted_store, tmp_path, kill_at
 
 def kill_and_resume(store, tmp_path, device: str, kill_at: int) -> None:
     killed = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(store.path), str(killed), device, str(kill_at)],
-                          capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])})
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(store.path), str(killed), device, str(kill_at)],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])},
+    )
     assert proc.returncode == -9, proc.stderr
     assert not (killed / "sae").exists()
     newest = max((int(p.name[5:]) for p in (killed / "checkpoints").glob("step_*")), default=0)
     assert newest == (kill_at - 1) // 5 * 5  # it died after its last checkpoint, before the next
-    common = dict(acts=str(store.path), device=device, d_sae=64, k=4, batch_size=512, tokens=512 * 30, log_every=1,
-                  checkpoint_every=5, lr=3e-3, ema_decay=0.9)
+    common = dict(
+        acts=str(store.path),
+        device=device,
+        d_sae=64,
+        k=4,
+        batch_size=512,
+        tokens=512 * 30,
+        log_every=1,
+        checkpoint_every=5,
+        lr=3e-3,
+        ema_decay=0.9,
+    )
     resumed = nanosae.train(TrainConfig.build(out=str(killed), resume=True, **common))
     whole = nanosae.train(TrainConfig.build(out=str(tmp_path / "whole"), **common))
     for name, tensor in whole.sae.state_dict().items():
         assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
-    steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 31))  # every step logged once, none twice
 
 
@@ -233,17 +277,35 @@ def test_two_processes_equal_one(planted_store, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     for attempt in range(2):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(script), str(store.path), str(tmp_path / f"two{attempt}")], capture_output=True,
-                              text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                str(script),
+                str(store.path),
+                str(tmp_path / f"two{attempt}"),
+            ],
+            capture_output=True,
+            text=True,
+            env=os.environ | {"OMP_NUM_THREADS": "1"},
+            timeout=300,
+        )
         # Known and rare under heavy load: a gloo worker thread aborts a finished rank at interpreter exit
         # (exit -6, after the SAE is written; torch issue "register atexit handler to destroy process groups").
         # One retry keeps it from failing CI; any other failure fails at once.
         if proc.returncode == 0 or "exitcode: -6" not in proc.stderr:
             break
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run([sys.executable, str(script), str(store.path), str(tmp_path / "one")], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(store.path), str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two, one = SAE.load(tmp_path / f"two{attempt}" / "sae"), SAE.load(tmp_path / "one" / "sae")
     for name, tensor in one.state_dict().items():
@@ -255,8 +317,11 @@ def test_tensorboard_and_wandb_are_imported_only_when_asked(planted_store, tmp_p
 
     store, _ = planted_store
     logged = []
-    fake_wandb = types.SimpleNamespace(init=lambda **kw: logged.append(("init", kw["project"])),
-                                       log=lambda m, step: logged.append(("log", step)), finish=lambda: logged.append(("finish",)))
+    fake_wandb = types.SimpleNamespace(
+        init=lambda **kw: logged.append(("init", kw["project"])),
+        log=lambda m, step: logged.append(("log", step)),
+        finish=lambda: logged.append(("finish",)),
+    )
     scalars = []
 
     class Writer:
@@ -272,7 +337,12 @@ def test_tensorboard_and_wandb_are_imported_only_when_asked(planted_store, tmp_p
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     nanosae.train(cfg_for(store, tmp_path / "run", tokens=256 * 20, log_every=10, tensorboard=True, wandb=True))
-    assert logged[0] == ("init", "nanosae") and ("log", 10) in logged and ("log", 20) in logged and logged[-1] == ("finish",)
+    assert (
+        logged[0] == ("init", "nanosae")
+        and ("log", 10) in logged
+        and ("log", 20) in logged
+        and logged[-1] == ("finish",)
+    )
     assert ("fvu", 20) in scalars and scalars[-1] == ("close",)
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(nanosae.ConfigError, match="pip install wandb"):
@@ -286,10 +356,16 @@ def assert_same_weights(a, b):
 
 def test_many_saes_from_one_store_read_equal_each_alone(planted_store, tmp_path):
     store, _ = planted_store
-    together = nanosae.train([cfg_for(store, tmp_path / "together" / "a", d_sae=64, tokens=256 * 40),
-                              cfg_for(store, tmp_path / "together" / "b", d_sae=32, architecture="batchtopk", tokens=256 * 40)])
-    alone = [nanosae.train(cfg_for(store, tmp_path / "alone" / "a", d_sae=64, tokens=256 * 40)),
-             nanosae.train(cfg_for(store, tmp_path / "alone" / "b", d_sae=32, architecture="batchtopk", tokens=256 * 40))]
+    together = nanosae.train(
+        [
+            cfg_for(store, tmp_path / "together" / "a", d_sae=64, tokens=256 * 40),
+            cfg_for(store, tmp_path / "together" / "b", d_sae=32, architecture="batchtopk", tokens=256 * 40),
+        ]
+    )
+    alone = [
+        nanosae.train(cfg_for(store, tmp_path / "alone" / "a", d_sae=64, tokens=256 * 40)),
+        nanosae.train(cfg_for(store, tmp_path / "alone" / "b", d_sae=32, architecture="batchtopk", tokens=256 * 40)),
+    ]
     for t, a in zip(together, alone):
         assert_same_weights(t.sae, a.sae)
     assert (tmp_path / "together" / "b" / "metrics.jsonl").exists() and (tmp_path / "together" / "a" / "sae").exists()
@@ -300,8 +376,19 @@ def test_many_hooks_streamed_in_one_pass_equal_each_alone(tiny_llama_dir, word_c
 
     data = DataConfig(specs=[str(word_corpus)], context_size=16, split="all")
     hooks = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]
-    base = dict(model=str(tiny_llama_dir), data=data, d_sae=32, k=4, batch_size=128, tokens=128 * 12,
-                checkpoint_every=0, log_every=4, lr=3e-3, init_sample_tokens=256, model_batch_size=4)
+    base = dict(
+        model=str(tiny_llama_dir),
+        data=data,
+        d_sae=32,
+        k=4,
+        batch_size=128,
+        tokens=128 * 12,
+        checkpoint_every=0,
+        log_every=4,
+        lr=3e-3,
+        init_sample_tokens=256,
+        model_batch_size=4,
+    )
     together = nanosae.train([TrainConfig.build(out=str(tmp_path / "together" / h), hook=h, **base) for h in hooks])
     for h, t in zip(hooks, together):
         alone = nanosae.train(TrainConfig.build(out=str(tmp_path / "alone" / h), hook=h, **base))
@@ -312,7 +399,12 @@ def test_many_hooks_streamed_in_one_pass_equal_each_alone(tiny_llama_dir, word_c
 def test_mixing_stores_and_streaming_is_refused(planted_store, tmp_path):
     store, _ = planted_store
     with pytest.raises(nanosae.ConfigError, match="not a mix"):
-        nanosae.train([cfg_for(store, tmp_path / "a"), TrainConfig.build(out=str(tmp_path / "b"), tokens=256 * 300, batch_size=256)])
+        nanosae.train(
+            [
+                cfg_for(store, tmp_path / "a"),
+                TrainConfig.build(out=str(tmp_path / "b"), tokens=256 * 300, batch_size=256),
+            ]
+        )
     with pytest.raises(nanosae.ConfigError, match="share batch_size and tokens"):
         nanosae.train([cfg_for(store, tmp_path / "a"), cfg_for(store, tmp_path / "b", batch_size=128)])
 
@@ -322,7 +414,9 @@ def test_initialisation_ties_a_scaled_encoder_and_centres_b_dec(planted_store, t
     from nanosae.train.trainer import SAERun
 
     store, _ = planted_store
-    cfg = TrainConfig.build(out=str(tmp_path / "r"), acts=str(store.path), d_sae=64, k=3, tokens=4096, init_sample_tokens=2048)
+    cfg = TrainConfig.build(
+        out=str(tmp_path / "r"), acts=str(store.path), d_sae=64, k=3, tokens=4096, init_sample_tokens=2048
+    )
     whole = [(0, slice(0, store.d_in))]
     sae = SAERun(cfg, [store], whole, whole, 0, 1).sae
     assert torch.allclose(sae.W_enc, 0.5 * sae.W_dec.T)
@@ -361,14 +455,22 @@ def test_default_batch_size_by_hand():
 
     # tokens/1000 to the nearest power of two (in log2), at most 4096 and never more than the run:
     # 600k/1000 = 600 = 2^9.23 -> 512; 1M/1000 = 2^9.97 -> 1024; 200k/1000 = 2^7.64 -> 256; 2M/1000 = 2^10.97 -> 2048
-    cases = {400_000: 512, 600_000: 512, 1_000_000: 1024, 200_000: 256, 98_304: 128, 2_000_000: 2048, 4_000_000: 4096,
-             300: 1}
+    cases = {
+        400_000: 512,
+        600_000: 512,
+        1_000_000: 1024,
+        200_000: 256,
+        98_304: 128,
+        2_000_000: 2048,
+        4_000_000: 4096,
+        300: 1,
+    }
     assert {n: default_batch_size(n) for n in cases} == cases
     assert TrainConfig.build(acts="x", tokens=400_000).optim.batch_size == 512
     # the learning rate: 6.63e-4 at 2^14 latents and batch 1024, / sqrt(latents / 2^14), x sqrt(batch / 1024)
     lr = lambda **kw: Schedule.of(TrainConfig.build(acts="x", **kw)).lr
     assert lr(tokens=1_000_000, d_sae=16384) == pytest.approx(6.63e-4)
-    assert lr(tokens=600_000, d_sae=4608) == pytest.approx(6.63e-4 * (16384 / 4608) ** 0.5 / 2 ** 0.5)  # 8.84e-4
+    assert lr(tokens=600_000, d_sae=4608) == pytest.approx(6.63e-4 * (16384 / 4608) ** 0.5 / 2**0.5)  # 8.84e-4
     assert lr(tokens=4_000_000, d_sae=65536) == pytest.approx(6.63e-4 / 2 * 2)
 
 
@@ -377,8 +479,22 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 def small(store, out, **kw):
-    return TrainConfig.build(**(dict(acts=str(store.path), out=str(out), d_sae=64, k=4, batch_size=512, tokens=512 * 20,
-                               log_every=5, checkpoint_every=5, lr=3e-3) | kw))
+    return TrainConfig.build(
+        **(
+            dict(
+                acts=str(store.path),
+                out=str(out),
+                d_sae=64,
+                k=4,
+                batch_size=512,
+                tokens=512 * 20,
+                log_every=5,
+                checkpoint_every=5,
+                lr=3e-3,
+            )
+            | kw
+        )
+    )
 
 
 def test_a_run_directory_holds_one_job(planted_store, tmp_path):
@@ -438,8 +554,11 @@ def test_files_follow_the_umask(planted_store, tmp_path):
         nanosae.train(small(store, tmp_path / "run", tokens=512 * 5))
     finally:
         os.umask(old)
-    for path in [tmp_path / "run" / "config.json", tmp_path / "run" / "sae" / "sae_weights.safetensors",
-                 tmp_path / "run" / "checkpoints" / "step_5" / "state.pt"]:
+    for path in [
+        tmp_path / "run" / "config.json",
+        tmp_path / "run" / "sae" / "sae_weights.safetensors",
+        tmp_path / "run" / "checkpoints" / "step_5" / "state.pt",
+    ]:
         assert path.stat().st_mode & 0o777 == 0o644, path
     assert (tmp_path / "run" / "checkpoints" / "step_5").stat().st_mode & 0o777 == 0o755
 

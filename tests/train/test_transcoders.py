@@ -65,8 +65,20 @@ def planted_model(tiny_llama_dir, word_corpus):
 def test_transcoder_recovers_a_planted_sparse_mlp(planted_model, tmp_path):
     model, D, data = planted_model
     stream = nanosae.data.ActivationStream(model, [IN, OUT], data, buffer_tokens=8192)
-    cfg = TrainConfig.build(out=str(tmp_path / "tc"), hook=IN, hook_out=OUT, architecture="topk", d_sae=192, k=4,
-                      tokens=400_000, batch_size=1024, lr=1e-2, data=data, checkpoint_every=0, log_every=50)
+    cfg = TrainConfig.build(
+        out=str(tmp_path / "tc"),
+        hook=IN,
+        hook_out=OUT,
+        architecture="topk",
+        d_sae=192,
+        k=4,
+        tokens=400_000,
+        batch_size=1024,
+        lr=1e-2,
+        data=data,
+        checkpoint_every=0,
+        log_every=50,
+    )
     from nanosae.train.trainer import SAERun, batch_stream
 
     run = SAERun(cfg, [stream], [(0, stream.columns(IN))], [(0, stream.columns(OUT))], 0, 1)
@@ -94,20 +106,84 @@ def test_transcoder_and_crosscoder_through_the_cli(tiny_llama_dir, tiny_model, w
     runner = CliRunner()
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     acts = tmp_path / "acts"
-    r = runner.invoke(app, ["collect", "--model", str(tiny_llama_dir), "--hook", IN, "--hook", OUT,
-                            "--data", str(word_corpus), "--split", "all", "--tokens", "2k", "--out", str(acts),
-                            "--context-size", "16", "--dtype", "float32", "--tokens-per-shard", "512"])
+    r = runner.invoke(
+        app,
+        [
+            "collect",
+            "--model",
+            str(tiny_llama_dir),
+            "--hook",
+            IN,
+            "--hook",
+            OUT,
+            "--data",
+            str(word_corpus),
+            "--split",
+            "all",
+            "--tokens",
+            "2k",
+            "--out",
+            str(acts),
+            "--context-size",
+            "16",
+            "--dtype",
+            "float32",
+            "--tokens-per-shard",
+            "512",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["train", "--acts", str(acts / IN), "--acts-out", str(acts / OUT), "--skip-connection",
-                            "--arch", "relu", "--d-sae", "64", "--tokens", "8k", "--batch-size", "256",
-                            "--out", str(tmp_path / "tc")])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--acts",
+            str(acts / IN),
+            "--acts-out",
+            str(acts / OUT),
+            "--skip-connection",
+            "--arch",
+            "relu",
+            "--d-sae",
+            "64",
+            "--tokens",
+            "8k",
+            "--batch-size",
+            "256",
+            "--out",
+            str(tmp_path / "tc"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     tc = SAE.load(tmp_path / "tc" / "sae")
     assert (tc.cfg.kind, tc.cfg.skip_connection, tc.cfg.hook_name_out, tc.cfg.output_scale is not None) == (
-        "transcoder", True, OUT, True)
-    cross_args = ["train", "--crosscoder", "--model", str(tiny_llama_dir), "--data", str(word_corpus),
-                  "--context-size", "16", "--arch", "topk", "--d-sae", "64", "--k", "4", "--tokens", "4k",
-                  "--batch-size", "256", "--out", str(tmp_path / "cc")]
+        "transcoder",
+        True,
+        OUT,
+        True,
+    )
+    cross_args = [
+        "train",
+        "--crosscoder",
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        str(word_corpus),
+        "--context-size",
+        "16",
+        "--arch",
+        "topk",
+        "--d-sae",
+        "64",
+        "--k",
+        "4",
+        "--tokens",
+        "4k",
+        "--batch-size",
+        "256",
+        "--out",
+        str(tmp_path / "cc"),
+    ]
     for h in hooks:
         cross_args += ["--hook", h]
     r = runner.invoke(app, cross_args)
@@ -119,16 +195,33 @@ def test_transcoder_and_crosscoder_through_the_cli(tiny_llama_dir, tiny_model, w
     assert config["source"]["crosscoder_hooks"] == hooks
 
     for run in ("tc", "cc"):
-        r = runner.invoke(app, ["eval", str(tmp_path / run), "--model", str(tiny_llama_dir), "--data", str(word_corpus),
-                                "--tokens", "200", "--context-size", "16"])
+        r = runner.invoke(
+            app,
+            [
+                "eval",
+                str(tmp_path / run),
+                "--model",
+                str(tiny_llama_dir),
+                "--data",
+                str(word_corpus),
+                "--tokens",
+                "200",
+                "--context-size",
+                "16",
+            ],
+        )
         assert r.exit_code == 0, r.output
         result = json.loads((tmp_path / run / "eval.json").read_text())
         assert result["kind"] == ("transcoder" if run == "tc" else "crosscoder") and 0 <= result["fvu"] < 2
     assert len(json.loads((tmp_path / "cc" / "eval.json").read_text())["fvu_by_layer"]) == 2
 
     # feature database, tracking and steering read the crosscoder's two layers
-    db = build_features(cc, tiny_model, FeaturesConfig(data=DataConfig(specs=[str(word_corpus)], context_size=16),
-                                                       tokens=300, batch_size=4), tmp_path / "cc" / "features.db")
+    db = build_features(
+        cc,
+        tiny_model,
+        FeaturesConfig(data=DataConfig(specs=[str(word_corpus)], context_size=16), tokens=300, batch_size=4),
+        tmp_path / "cc" / "features.db",
+    )
     meta = {r["key"]: json.loads(r["value"]) for r in open_db(db).execute("SELECT key, value FROM meta")}
     assert meta["kind"] == "crosscoder" and meta["hook"] == ",".join(hooks)
     assert open_db(db).execute("SELECT SUM(fires) FROM latents").fetchone()[0] > 0
@@ -148,8 +241,10 @@ def test_transcoder_and_crosscoder_through_the_cli(tiny_llama_dir, tiny_model, w
     assert client.get("/api/overview").json()["meta"]["kind"] == "crosscoder"
     tokens = client.post("/api/run_text", json={"text": "w5 w6 w7", "top_k": 3}).json()["tokens"]
     assert len(tokens) == 3 and any(t["features"] for t in tokens)
-    r = client.post("/api/steer", json={"prompt": "w5 w6", "edits": [{"latent": 1, "value": 50.0, "mode": "add"}],
-                                        "max_new_tokens": 4})
+    r = client.post(
+        "/api/steer",
+        json={"prompt": "w5 w6", "edits": [{"latent": 1, "value": 50.0, "mode": "add"}], "max_new_tokens": 4},
+    )
     assert r.status_code == 200, r.text
 
 
@@ -176,10 +271,22 @@ def test_transcoder_resume_from_stores_is_exact(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 8, generator=g) * 3
     y = (x @ torch.randn(8, 16, generator=g) - 1).relu() @ torch.randn(16, 6, generator=g)
-    acts_in = write_store(tmp_path / "in", x, hook="blocks.0.ln2.hook_normalized", model="synthetic", tokens_per_shard=1024)
+    acts_in = write_store(
+        tmp_path / "in", x, hook="blocks.0.ln2.hook_normalized", model="synthetic", tokens_per_shard=1024
+    )
     acts_out = write_store(tmp_path / "out", y, hook="blocks.0.hook_mlp_out", model="synthetic", tokens_per_shard=1024)
-    cfg = dict(acts=str(acts_in.path), acts_out=str(acts_out.path), architecture="relu", skip_connection=True,
-               d_sae=32, tokens=8192, batch_size=256, checkpoint_every=8, lr=3e-3, resample_every=10)
+    cfg = dict(
+        acts=str(acts_in.path),
+        acts_out=str(acts_out.path),
+        architecture="relu",
+        skip_connection=True,
+        d_sae=32,
+        tokens=8192,
+        batch_size=256,
+        checkpoint_every=8,
+        lr=3e-3,
+        resample_every=10,
+    )
     full = train(TrainConfig.build(out=str(tmp_path / "full"), **cfg))
     assert full.sae.cfg.kind == "transcoder" and full.sae.cfg.d_out == 6 and full.sae.cfg.output_scale != 1.0
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")

@@ -63,8 +63,10 @@ def test_database_is_read_only(viewer_run):
 def test_run_text_and_steer(client):
     r = client.post("/api/run_text", json={"text": "w5 w6 w7", "top_k": 3}).json()
     assert len(r["tokens"]) == 3 and all(len(t["features"]) <= 3 for t in r["tokens"])
-    r = client.post("/api/steer", json={"prompt": "w5 w6", "edits": [{"latent": 2, "value": 0, "mode": "clamp"}],
-                                        "max_new_tokens": 3})
+    r = client.post(
+        "/api/steer",
+        json={"prompt": "w5 w6", "edits": [{"latent": 2, "value": 0, "mode": "clamp"}], "max_new_tokens": 3},
+    )
     assert r.status_code == 200 and set(r.json()) == {"baseline", "steered"}
     r = client.post("/api/steer", json={"prompt": "w5", "edits": [{"latent": 999, "value": 1}]})
     assert r.status_code == 422 and "out of range" in r.json()["detail"]
@@ -91,15 +93,25 @@ def test_hostile_query_values_are_answered_not_crashed(client):
     assert client.get("/api/features", params={"q": "9" * 40}).json()["items"] == []
     r = client.post("/api/run_text", content='{"text": "w5 \\ud800 w6"}', headers={"content-type": "application/json"})
     assert r.status_code == 422 and "text" in r.json()["detail"]
-    bad_edits = [{"latent": 1.5, "value": 1}, {"latent": 2, "value": float("nan")}, {"latent": 2, "value": 1e308},
-                 {"latent": True, "value": 1}, {"latent": 2, "value": "3"}, {"latent": 2, "value": 1, "mode": "drop"},
-                 {"value": 1}, "2=+3"]
+    bad_edits = [
+        {"latent": 1.5, "value": 1},
+        {"latent": 2, "value": float("nan")},
+        {"latent": 2, "value": 1e308},
+        {"latent": True, "value": 1},
+        {"latent": 2, "value": "3"},
+        {"latent": 2, "value": 1, "mode": "drop"},
+        {"value": 1},
+        "2=+3",
+    ]
     for edit in bad_edits:
-        body = '{"prompt": "w5", "edits": [%s]}' % __import__("json").dumps(edit).replace("NaN", "NaN")
+        body = '{"prompt": "w5", "edits": [' + __import__("json").dumps(edit) + "]}"
         r = client.post("/api/steer", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 422, (edit, r.status_code, r.text)
-    r = client.post("/api/steer", content='{"prompt": "w5", "edits": [{"latent": 2, "value": Infinity}]}',
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/api/steer",
+        content='{"prompt": "w5", "edits": [{"latent": 2, "value": Infinity}]}',
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 422 and "finite" in r.json()["detail"]
 
 

@@ -9,8 +9,15 @@ import pytest
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")
 
@@ -116,8 +123,9 @@ def test_exported_site_opens_from_disk(browser, viewer_run, tmp_path):
     served = ViewerData(viewer_run).feature(3)
     unpacked = page.evaluate('window.NANOSAE_DATA["feature/3"]')
     assert [e["tokens"] for e in unpacked["examples"]] == [e["tokens"] for e in served["examples"]]
-    assert [(e["kind"], e["rank"], e["focus"]) for e in unpacked["examples"]] == \
-        [(e["kind"], e["rank"], e["focus"]) for e in served["examples"]]
+    assert [(e["kind"], e["rank"], e["focus"]) for e in unpacked["examples"]] == [
+        (e["kind"], e["rank"], e["focus"]) for e in served["examples"]
+    ]
     for got, want in zip(unpacked["examples"], served["examples"]):
         assert got["acts"] == pytest.approx(want["acts"], abs=1e-3)
     assert unpacked["histogram"]["counts"] == served["histogram"]["counts"]
@@ -167,7 +175,10 @@ def test_overview_pages_and_searches_example_text(browser, server):
     assert page.is_disabled("#page-next") and page.is_disabled("#page-prev")
     page.fill("#search", "<script>")  # text that appears only inside an example of feature 3
     page.wait_for_function("document.querySelector('#showing').textContent.includes('of 24 features)')")
-    ids = [page.locator("#features tr.row").nth(i).get_attribute("data-id") for i in range(page.locator("#features tr.row").count())]
+    ids = [
+        page.locator("#features tr.row").nth(i).get_attribute("data-id")
+        for i in range(page.locator("#features tr.row").count())
+    ]
     assert "3" in ids
     page.click("#features tr.row[data-id='3']")
     page.wait_for_selector("#top-examples .tok")
@@ -195,4 +206,3 @@ def test_run_text_side_panel_and_steering_controls(browser, server):
     assert "<|" not in page.inner_text("#steer-steered")
     assert errors == []
     page.close()
-

@@ -9,7 +9,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from nanosae.viewer import create_app
-
 from tests.viewer.test_browser import CHROMIUM, open_page
 
 
@@ -33,14 +32,18 @@ def test_graph_api(graph_run):
     assert client.get("/api/graph/nope").status_code == 404
     assert client.get("/api/graph/..%2Fetc").status_code == 404
     node = feature_node(graph_run)
-    r = client.put("/api/graph/tiny/qparams", json={"pinnedIds": [node["node_id"]], "supernodes": [["a group", node["node_id"]]]})
+    r = client.put(
+        "/api/graph/tiny/qparams", json={"pinnedIds": [node["node_id"]], "supernodes": [["a group", node["node_id"]]]}
+    )
     assert r.status_code == 200
     saved = json.loads((graph_run / "graphs" / "tiny.json").read_text())["qParams"]
     assert saved["pinnedIds"] == [node["node_id"]] and saved["supernodes"] == [["a group", node["node_id"]]]
     assert saved["linkType"] == "both"  # the rest of qParams kept
     bad = client.put("/api/graph/tiny/qparams", json={"pinnedIds": ["99_1_1"], "supernodes": []})
     assert bad.status_code == 422 and "99_1_1" in bad.json()["detail"]
-    huge = client.put("/api/graph/tiny/qparams", json={"pinnedIds": [], "supernodes": [["x" * 5_000_000, node["node_id"]]]})
+    huge = client.put(
+        "/api/graph/tiny/qparams", json={"pinnedIds": [], "supernodes": [["x" * 5_000_000, node["node_id"]]]}
+    )
     assert huge.status_code == 422 and "1..200 characters" in huge.json()["detail"]
     assert json.loads((graph_run / "graphs" / "tiny.json").read_text())["qParams"] == saved  # nothing saved
     layer, latent = node["node_id"].split("_")[:2]
@@ -48,13 +51,19 @@ def test_graph_api(graph_run):
     assert page["explanation"] == "planted explanation"
     assert client.get("/api/layer/0/feature/1").status_code == 404  # no features.db for layer 0
     assert client.get("/layer/1/api/overview").status_code == 200  # the layer's own viewer
-    r = client.post("/api/intervene", json={"slug": "tiny", "edits": [{"node_id": node["node_id"], "op": "=", "value": 30}],
-                                            "max_new_tokens": 3})
+    r = client.post(
+        "/api/intervene",
+        json={"slug": "tiny", "edits": [{"node_id": node["node_id"], "op": "=", "value": 30}], "max_new_tokens": 3},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"original", "edited", "activations_before"} and body["original"]["top"]
-    assert client.post("/api/intervene", json={"slug": "tiny", "edits": [{"node_id": "E_5_1", "op": "=", "value": 1}]}
-                       ).status_code == 422
+    assert (
+        client.post(
+            "/api/intervene", json={"slug": "tiny", "edits": [{"node_id": "E_5_1", "op": "=", "value": 1}]}
+        ).status_code
+        == 422
+    )
     assert client.get("/").status_code == 200 and "graph.js" in client.get("/").text
 
 
@@ -91,8 +100,11 @@ def test_graph_page_in_a_browser(graph_run):
             assert page.locator("#graph-svg .edge").count() == 0
             page.click(f"circle[data-node-id='{node}']")
             page.wait_for_selector("#feature-explanation")
-            node_edges = [l for l in json.loads((graph_run / "graphs" / "tiny.json").read_text())["links"]
-                          if node in (l["source"], l["target"])]
+            node_edges = [
+                link
+                for link in json.loads((graph_run / "graphs" / "tiny.json").read_text())["links"]
+                if node in (link["source"], link["target"])
+            ]
             assert page.locator("#graph-svg .edge.around").count() == len(node_edges) > 0
             assert page.inner_text("#feature-explanation") == "planted explanation"
             assert "/layer/1/#/feature/" in page.get_attribute("#feature-link", "href")

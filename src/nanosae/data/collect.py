@@ -24,8 +24,8 @@ from nanosae.data.store import FORMAT, MANIFEST, ActivationStore, ShardWriter, r
 from nanosae.data.tokens import in_background, token_batches
 from nanosae.errors import ConfigError, DataError
 from nanosae.io import write_lock
-from nanosae.outputs import check_job_dir
 from nanosae.models import HostModel, load_model
+from nanosae.outputs import check_job_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +38,38 @@ class CollectProgress(NamedTuple):
 
 
 # Settings that must not change between a run and its resume (they change which activations land where).
-_IDENTITY_KEYS = ("model", "hook", "d_in", "dtype", "context_size", "tokens_per_shard", "batch_size", "data", "model_dtype")
+_IDENTITY_KEYS = (
+    "model",
+    "hook",
+    "d_in",
+    "dtype",
+    "context_size",
+    "tokens_per_shard",
+    "batch_size",
+    "data",
+    "model_dtype",
+)
 
 
 def _manifest_for(cfg: CollectConfig, model: HostModel, hook: str) -> dict[str, Any]:
     return {
-        "format": FORMAT, "model": model.name, "hook": hook, "d_in": model.hook_dim(hook), "dtype": cfg.dtype,
+        "format": FORMAT,
+        "model": model.name,
+        "hook": hook,
+        "d_in": model.hook_dim(hook),
+        "dtype": cfg.dtype,
         "model_dtype": str(model.dtype).removeprefix("torch."),
-        "context_size": cfg.data.context_size, "tokens_per_shard": cfg.tokens_per_shard, "batch_size": cfg.batch_size,
-        "data": dataclasses.asdict(cfg.data), "bos_id": model.tokenizer.bos_id, "target_tokens": cfg.tokens,
-        "tokens": 0, "bytes": 0, "complete": False, "shards": [], "norm_scale": None,
+        "context_size": cfg.data.context_size,
+        "tokens_per_shard": cfg.tokens_per_shard,
+        "batch_size": cfg.batch_size,
+        "data": dataclasses.asdict(cfg.data),
+        "bos_id": model.tokenizer.bos_id,
+        "target_tokens": cfg.tokens,
+        "tokens": 0,
+        "bytes": 0,
+        "complete": False,
+        "shards": [],
+        "norm_scale": None,
     }
 
 
@@ -60,12 +82,17 @@ def _resume_manifest(directory: Path, fresh: dict[str, Any]) -> dict[str, Any]:
     if isinstance(old.get("data"), dict):  # written by an older nanosae: its key names, today's
         old["data"] = dataclasses.asdict(DataConfig.from_dict(old["data"]))
     for key in _IDENTITY_KEYS:
-        if old.get(key, fresh[key] if key == "model_dtype" else None) != fresh[key]:  # stores from before it was recorded
-            raise DataError(f"{directory}: the store was collected with {key}={old.get(key)!r}, this run asks for "
-                            f"{fresh[key]!r}; use another --out or the same settings")
+        if (
+            old.get(key, fresh[key] if key == "model_dtype" else None) != fresh[key]
+        ):  # stores from before it was recorded
+            raise DataError(
+                f"{directory}: the store was collected with {key}={old.get(key)!r}, this run asks for "
+                f"{fresh[key]!r}; use another --out or the same settings"
+            )
     # only full, intact shards are kept: a short last shard is recollected so shard i always holds tokens
     # [i*S, (i+1)*S), and a missing or corrupted shard is recollected with every shard after it
-    size, kept = old["tokens_per_shard"], []
+    size: int = old["tokens_per_shard"]
+    kept: list[dict[str, Any]] = []
     for entry in old["shards"][: fresh["target_tokens"] // size]:
         problem = None if entry["tokens"] == size else "short"
         problem = problem or shard_problem(directory, entry)
@@ -76,13 +103,16 @@ def _resume_manifest(directory: Path, fresh: dict[str, Any]) -> dict[str, Any]:
         kept.append(entry)
     old["shards"] = kept
     old["tokens"] = sum(s["tokens"] for s in old["shards"])
-    old["bytes"] = sum((directory / s["file"]).stat().st_size for s in old["shards"] if (directory / s["file"]).exists())
+    old["bytes"] = sum(
+        (directory / s["file"]).stat().st_size for s in old["shards"] if (directory / s["file"]).exists()
+    )
     old.update(target_tokens=fresh["target_tokens"], complete=False, norm_scale=None)
     return old
 
 
-def collect(cfg: CollectConfig, model: HostModel | None = None,
-            progress: Callable[[CollectProgress], None] | None = None) -> dict[str, ActivationStore]:
+def collect(
+    cfg: CollectConfig, model: HostModel | None = None, progress: Callable[[CollectProgress], None] | None = None
+) -> dict[str, ActivationStore]:
     """Collect cfg.tokens activations per hook into cfg.out/<hook>/; returns the opened stores."""
     if cfg.tokens <= 0 or cfg.tokens_per_shard <= 0 or cfg.batch_size <= 0:
         raise ConfigError("tokens, tokens_per_shard and batch_size must be positive")
@@ -91,22 +121,25 @@ def collect(cfg: CollectConfig, model: HostModel | None = None,
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; expected a directory for the stores")
-    model = model or load_model(cfg.model, device=cfg.device, dtype=model_dtype(cfg.model_dtype, cfg.device),
-                                tokenizer=cfg.tokenizer)
+    model = model or load_model(
+        cfg.model, device=cfg.device, dtype=model_dtype(cfg.model_dtype, cfg.device), tokenizer=cfg.tokenizer
+    )
     for hook in cfg.hooks:
         model.parse_hook(hook)
         check_job_dir(out / hook, "activation store", allow=("training run", "transcoder set"))
         if (out / hook).is_dir() and any((out / hook).iterdir()) and not (out / hook / MANIFEST).exists():
-            raise ConfigError(f"--out {out / hook} holds files but no {MANIFEST}: not a store; use another --out, "
-                              "nothing was changed")
+            raise ConfigError(
+                f"--out {out / hook} holds files but no {MANIFEST}: not a store; use another --out, nothing was changed"
+            )
     with contextlib.ExitStack() as locks:  # one writer per store: a second collect into it is refused
         for hook in cfg.hooks:
             locks.enter_context(write_lock(out / hook))
         return _collect_locked(cfg, model, out, progress)
 
 
-def _collect_locked(cfg: CollectConfig, model: HostModel, out: Path,
-                    progress: Callable[[CollectProgress], None] | None) -> dict[str, ActivationStore]:
+def _collect_locked(
+    cfg: CollectConfig, model: HostModel, out: Path, progress: Callable[[CollectProgress], None] | None
+) -> dict[str, ActivationStore]:
     writers = {}
     for hook in cfg.hooks:
         directory = out / hook
@@ -121,8 +154,11 @@ def _collect_locked(cfg: CollectConfig, model: HostModel, out: Path,
     try:
         if done < cfg.tokens:
             docs = iter_documents(cfg.data)
-            batches = in_background(token_batches(docs, model.tokenizer, cfg.data.context_size, cfg.batch_size,
-                                                  cfg.data.pack, cfg.data.exclude_first))
+            batches = in_background(
+                token_batches(
+                    docs, model.tokenizer, cfg.data.context_size, cfg.batch_size, cfg.data.pack, cfg.data.exclude_first
+                )
+            )
             for batch in batches:
                 n_valid = int(batch.valid.sum())
                 if seen + n_valid <= done:  # already in the store: skip without running the model
@@ -135,14 +171,22 @@ def _collect_locked(cfg: CollectConfig, model: HostModel, out: Path,
                 for hook in cfg.hooks:
                     acts = cache[hook][batch.valid.to(cache[hook].device)][skip:take]
                     if not torch.isfinite(acts).all():
-                        raise DataError(f"NaN or inf activations at {hook} (tokens {done}..{done + len(acts)}); "
-                                        "nothing after the last complete shard was written")
+                        raise DataError(
+                            f"NaN or inf activations at {hook} (tokens {done}..{done + len(acts)}); "
+                            "nothing after the last complete shard was written"
+                        )
                     writers[hook].add(acts, ids)
                 seen += n_valid
                 done = min(seen, cfg.tokens)
                 if progress is not None:
-                    progress(CollectProgress(done, cfg.tokens, sum(w.manifest["bytes"] for w in writers.values()),
-                                      time.perf_counter() - t0))
+                    progress(
+                        CollectProgress(
+                            done,
+                            cfg.tokens,
+                            sum(w.manifest["bytes"] for w in writers.values()),
+                            time.perf_counter() - t0,
+                        )
+                    )
                 if done >= cfg.tokens:
                     break
             batches.close()  # stops and joins the prefetch thread now, not at garbage collection

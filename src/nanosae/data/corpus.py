@@ -13,7 +13,6 @@ Several specs are read one after the other. Documents are numbered in that order
 from __future__ import annotations
 
 import glob as globlib
-
 import random
 import sysconfig
 from collections.abc import Iterator
@@ -50,7 +49,9 @@ def _decode(data: bytes, path: Path, errors: str) -> str:
     try:
         return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 at byte offset {e.start} (use --encoding-errors replace to go on)") from None
+        raise DataError(
+            f"{path}: not UTF-8 at byte offset {e.start} (use --encoding-errors replace to go on)"
+        ) from None
 
 
 def _txt(path: Path, opts: DataConfig) -> Iterator[str]:
@@ -91,7 +92,9 @@ def _parquet(path: Path, opts: DataConfig) -> Iterator[str]:
         raise DataError(f"{path}: no column {opts.text_field!r} (columns: {', '.join(pf.schema_arrow.names)})")
     column_type = pf.schema_arrow.field(opts.text_field).type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-        raise DataError(f"{path}: column {opts.text_field!r} holds {column_type} values, expected strings (set --text-field)")
+        raise DataError(
+            f"{path}: column {opts.text_field!r} holds {column_type} values, expected strings (set --text-field)"
+        )
     for batch in pf.iter_batches(columns=[opts.text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text is not None:
@@ -122,7 +125,9 @@ def _hf_dataset(name: str, opts: DataConfig) -> Iterator[str]:
         if opts.text_field not in record:
             raise DataError(f"dataset {name!r} has no {opts.text_field!r} field (set --text-field)")
         if not isinstance(record[opts.text_field], str):
-            raise DataError(f"dataset {name!r}: field {opts.text_field!r} is {_kind(record[opts.text_field])}, expected a string")
+            raise DataError(
+                f"dataset {name!r}: field {opts.text_field!r} is {_kind(record[opts.text_field])}, expected a string"
+            )
         yield record[opts.text_field]
 
 

@@ -102,12 +102,18 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(shards, list):
         raise FormatError(f"{path}: 'shards' must be a list, got {type(shards).__name__}")
     for i, s in enumerate(shards):
-        names = [s.get("file"), *([s["ids"]] if isinstance(s, dict) and "ids" in s else [])] if isinstance(s, dict) else []
+        names = (
+            [s.get("file"), *([s["ids"]] if isinstance(s, dict) and "ids" in s else [])] if isinstance(s, dict) else []
+        )
         if not names or not all(isinstance(n, str) and _SHARD_FILE.fullmatch(n) for n in names):
-            raise FormatError(f"{path}: shard {i} must name files shard_NNNNN.npy / ids_NNNNN.npy inside the store, "
-                              f"got {s!r:.120}")
-        if not (_positive_int(s.get("tokens")) and isinstance(s.get("sha256"), str)
-                and ("ids" not in s or isinstance(s.get("ids_sha256"), str))):
+            raise FormatError(
+                f"{path}: shard {i} must name files shard_NNNNN.npy / ids_NNNNN.npy inside the store, got {s!r:.120}"
+            )
+        if not (
+            _positive_int(s.get("tokens"))
+            and isinstance(s.get("sha256"), str)
+            and ("ids" not in s or isinstance(s.get("ids_sha256"), str))
+        ):
             raise FormatError(f"{path}: shard {i} needs a positive 'tokens' count and SHA-256 digests, got {s!r:.120}")
     _check_optional_fields(manifest, path)
     return manifest
@@ -116,9 +122,20 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 def _check_optional_fields(manifest: dict[str, Any], path: Path) -> None:
     """The fields readers use besides the shards (collect writes them all; a store from write_store may leave
     them empty): each of its type, or absent/null."""
-    kinds = {"hook": str, "model": str, "model_dtype": str, "context_size": int, "bos_id": int, "tokens": int,
-             "bytes": int, "batch_size": int, "target_tokens": int, "complete": bool, "data": dict,
-             "norm_scale": (int, float)}
+    kinds: dict[str, Any] = {
+        "hook": str,
+        "model": str,
+        "model_dtype": str,
+        "context_size": int,
+        "bos_id": int,
+        "tokens": int,
+        "bytes": int,
+        "batch_size": int,
+        "target_tokens": int,
+        "complete": bool,
+        "data": dict,
+        "norm_scale": (int, float),
+    }
     for key, kind in kinds.items():
         value = manifest.get(key)
         if value is None:
@@ -264,13 +281,23 @@ class ShardWriter:
                     self.manifest["shards"].pop()
                     self.manifest["tokens"] = self.tokens
                 why = "disk full" if e.errno == errno.ENOSPC else str(e)
-                self.error = DataError(f"{self.dir / name}: could not be written ({why}); the store is valid up to "
-                                       f"{self.tokens} tokens and the same command resumes from there")
+                self.error = DataError(
+                    f"{self.dir / name}: could not be written ({why}); the store is valid up to "
+                    f"{self.tokens} tokens and the same command resumes from there"
+                )
 
 
-def write_store(directory: str | Path, acts: Tensor | Iterable[Tensor], *, hook: str = "", model: str = "",
-                dtype: str = "float32", tokens_per_shard: int = 32768, context_size: int = 0,
-                ids: Tensor | None = None) -> "ActivationStore":
+def write_store(
+    directory: str | Path,
+    acts: Tensor | Iterable[Tensor],
+    *,
+    hook: str = "",
+    model: str = "",
+    dtype: str = "float32",
+    tokens_per_shard: int = 32768,
+    context_size: int = 0,
+    ids: Tensor | None = None,
+) -> ActivationStore:
     """Write activations you already have as a store, e.g. synthetic data or another tool's cache: one (N, d_in)
     tensor, or blocks of them from an iterable (a store larger than memory); ids: optional (N, 2) token id and
     position in its window of each activation (with a single tensor)."""
@@ -280,10 +307,23 @@ def write_store(directory: str | Path, acts: Tensor | Iterable[Tensor], *, hook:
     if first is None:
         raise DataError(f"{directory}: no activations to write")
     directory.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": FORMAT, "model": model, "hook": hook, "d_in": int(first.shape[1]), "dtype": dtype,
-                "context_size": context_size, "tokens_per_shard": tokens_per_shard, "batch_size": 0, "data": None,
-                "target_tokens": int(first.shape[0]), "tokens": 0, "bytes": 0, "complete": False, "shards": [],
-                "norm_scale": None}
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "model": model,
+        "hook": hook,
+        "d_in": int(first.shape[1]),
+        "dtype": dtype,
+        "context_size": context_size,
+        "tokens_per_shard": tokens_per_shard,
+        "batch_size": 0,
+        "data": None,
+        "target_tokens": int(first.shape[0]),
+        "tokens": 0,
+        "bytes": 0,
+        "complete": False,
+        "shards": [],
+        "norm_scale": None,
+    }
     if (directory / MANIFEST).exists():
         raise DataError(f"{directory} already holds an activation store; write the new one elsewhere")
     with write_lock(directory):
@@ -361,8 +401,10 @@ class ActivationStore:
     def token_ids(self, start: int, stop: int) -> Tensor:
         """(token id, position in its window) of activations [start, stop) as an (n, 2) long tensor."""
         if not self.has_ids:
-            raise FormatError(f"{self.path} has no token ids (written by write_store without ids, or by an older "
-                              "nanosae); collect it again, or build features from the model")
+            raise FormatError(
+                f"{self.path} has no token ids (written by write_store without ids, or by an older "
+                "nanosae); collect it again, or build features from the model"
+            )
         parts = []
         for i, s in enumerate(self.manifest["shards"]):
             lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
@@ -372,7 +414,9 @@ class ActivationStore:
                 file = self.path / s["ids"]
                 a = load_npy(file)
                 if a.shape != (s["tokens"], 2) or a.dtype.kind not in "iu":
-                    raise FormatError(f"{file}: {a.dtype} of shape {a.shape}, manifest says integers of ({s['tokens']}, 2)")
+                    raise FormatError(
+                        f"{file}: {a.dtype} of shape {a.shape}, manifest says integers of ({s['tokens']}, 2)"
+                    )
                 parts.append(torch.from_numpy(np.array(a[max(start, lo) - lo : min(stop, hi) - lo])).long())
         return torch.cat(parts) if parts else torch.empty(0, 2, dtype=torch.long)
 
@@ -427,9 +471,17 @@ class ActivationStore:
             pass  # a read-only store still works; the factor is recomputed next time
         return scale
 
-    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, epochs: int = 1, split: str = "all",
-                scale: bool = False, pool_tokens: int | None = None,
-                start_batch: int = 0) -> Iterator[Tensor]:
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        epochs: int = 1,
+        split: str = "all",
+        scale: bool = False,
+        pool_tokens: int | None = None,
+        start_batch: int = 0,
+    ) -> Iterator[Tensor]:
         """(batch_size, d_in) float32 batches; every token of the split once per epoch.
 
         Shuffling draws a seeded permutation of chunks (1/16 of a pool, at most a shard), reads `pool_tokens`

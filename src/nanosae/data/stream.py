@@ -7,7 +7,7 @@ batches do not come from the same few documents.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import torch
 from torch import Tensor
@@ -22,8 +22,14 @@ from nanosae.models import HostModel
 class ActivationStream:
     """Several hooks give their activations side by side in columns (one forward pass for all of them)."""
 
-    def __init__(self, model: HostModel, hook: str | list[str], data: DataConfig, model_batch_size: int = 8,
-                 buffer_tokens: int = 65536):
+    def __init__(
+        self,
+        model: HostModel,
+        hook: str | list[str],
+        data: DataConfig,
+        model_batch_size: int = 8,
+        buffer_tokens: int = 65536,
+    ):
         self.hooks = [hook] if isinstance(hook, str) else list(hook)
         for h in self.hooks:
             model.parse_hook(h)
@@ -36,11 +42,19 @@ class ActivationStream:
         start = sum(self.model.hook_dim(h) for h in self.hooks[: self.hooks.index(hook)])
         return slice(start, start + self.model.hook_dim(hook))
 
-    def activations(self) -> Iterator[Tensor]:
+    def activations(self) -> Generator[Tensor, None, None]:
         """Kept activations per forward pass, in corpus order."""
         docs = iter_documents(self.data)
-        batches = in_background(token_batches(docs, self.model.tokenizer, self.data.context_size,
-                                              self.model_batch_size, self.data.pack, self.data.exclude_first))
+        batches = in_background(
+            token_batches(
+                docs,
+                self.model.tokenizer,
+                self.data.context_size,
+                self.model_batch_size,
+                self.data.pack,
+                self.data.exclude_first,
+            )
+        )
         for batch in batches:
             _, cache = self.model.run_with_cache(batch.tokens, self.hooks, return_logits=False)
             acts = torch.cat([cache[h][batch.valid.to(cache[h].device)].float() for h in self.hooks], dim=-1)

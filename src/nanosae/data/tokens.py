@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import NamedTuple, TypeVar
 
 import torch
@@ -27,8 +27,9 @@ class TokenBatch(NamedTuple):
     valid: Tensor  # (B, T) bool: positions whose activations are kept
 
 
-def windows(docs: Iterable[str], tokenizer: Tokenizer, context_size: int, pack: bool = True
-            ) -> Iterator[tuple[list[int], int]]:
+def windows(
+    docs: Iterable[str], tokenizer: Tokenizer, context_size: int, pack: bool = True
+) -> Iterator[tuple[list[int], int]]:
     """(tokens of length context_size, number of real tokens) per window."""
     if context_size < 2:
         raise DataError(f"context_size must be at least 2, got {context_size}")
@@ -69,8 +70,14 @@ def valid_mask(tokens: Tensor, n_real: Tensor, bos: int, exclude_first: int) -> 
     return (tokens != bos) & (positions >= exclude_first) & (positions < n_real[:, None])
 
 
-def token_batches(docs: Iterable[str], tokenizer: Tokenizer, context_size: int, batch_size: int,
-                  pack: bool = True, exclude_first: int = 0) -> Iterator[TokenBatch]:
+def token_batches(
+    docs: Iterable[str],
+    tokenizer: Tokenizer,
+    context_size: int,
+    batch_size: int,
+    pack: bool = True,
+    exclude_first: int = 0,
+) -> Generator[TokenBatch, None, None]:
     """Batches of windows; the last incomplete batch is yielded too."""
     rows: list[list[int]] = []
     lengths: list[int] = []
@@ -89,7 +96,7 @@ def token_batches(docs: Iterable[str], tokenizer: Tokenizer, context_size: int, 
         yield emit()
 
 
-def in_background(items: Iterator[T], depth: int = 4) -> Iterator[T]:
+def in_background(items: Iterator[T], depth: int = 4) -> Generator[T, None, None]:
     """Run an iterator in a worker thread, `depth` items ahead, so the consumer never waits on it.
 
     Exceptions in the worker are re-raised in the consumer. Closing the consumer (or dropping it) stops the

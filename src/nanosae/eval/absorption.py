@@ -90,14 +90,16 @@ def prompts(model: HostModel, words: list[str], cfg: AbsorptionConfig) -> list[t
     out = []
     for start in range(0, len(words), cfg.words_per_prompt):
         chunk = list(range(start, min(start + cfg.words_per_prompt, len(words))))
-        examples = rng.sample([w for i, w in enumerate(words) if not start <= i < chunk[-1] + 1] or words,
-                              min(cfg.icl_examples, len(words)))
+        examples = rng.sample(
+            [w for i, w in enumerate(words) if not start <= i < chunk[-1] + 1] or words,
+            min(cfg.icl_examples, len(words)),
+        )
         text, heads = "".join(map(line, examples)), []
         for i in chunk:
             heads.append((i, tok.encode(text + words[i])))
             text += line(words[i])
         tokens = [tok.bos_id] + tok.encode(text)
-        out.append((tokens, [(i, len(head)) for i, head in heads if tokens[1: len(head) + 1] == head]))
+        out.append((tokens, [(i, len(head)) for i, head in heads if tokens[1 : len(head) + 1] == head]))
     return out
 
 
@@ -109,7 +111,9 @@ def word_activations(model: HostModel, hook: str, words: list[str], cfg: Absorpt
     return x, [w for _, places in rows for w, _ in places]
 
 
-def absorption(sae: SAE, model: HostModel, cfg: AbsorptionConfig | None = None, hook: str | None = None) -> dict[str, Any]:
+def absorption(
+    sae: SAE, model: HostModel, cfg: AbsorptionConfig | None = None, hook: str | None = None
+) -> dict[str, Any]:
     """The first-letter absorption of an SAE on this host model (a dict: means, per-letter details, config)."""
     cfg = cfg or AbsorptionConfig()
     if sae.cfg.kind != "sae":
@@ -135,8 +139,9 @@ def _contribution_scale(sae: SAE, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def absorption_from_activations(sae: SAE, x: Tensor, labels: Tensor, classes: list[str],
-                                cfg: AbsorptionConfig | None = None) -> dict[str, Any]:
+def absorption_from_activations(
+    sae: SAE, x: Tensor, labels: Tensor, classes: list[str], cfg: AbsorptionConfig | None = None
+) -> dict[str, Any]:
     """Absorption given activations x (n, d_in) and class ids (n,); classes names them (letters)."""
     cfg = cfg or AbsorptionConfig()
     x = x.float()
@@ -150,7 +155,7 @@ def absorption_from_activations(sae: SAE, x: Tensor, labels: Tensor, classes: li
     z = sae.encode(x.to(sae.dtype)).float()
     scale = _contribution_scale(sae, x.to(sae.dtype)).float()
     W_dec = sae.W_dec.float()
-    details = []
+    details: list[dict[str, Any]] = []
     for j, c in enumerate(present):
         y = onehot[:, c].bool()
         direction = probe.weight[:, j] / probe.weight[:, j].norm().clamp_min(1e-12)
@@ -170,43 +175,61 @@ def absorption_from_activations(sae: SAE, x: Tensor, labels: Tensor, classes: li
             fraction, is_full = _absorbed(x[i] @ direction, z[i] * (W_dec @ direction) * scale[i], z[i], cos, main, cfg)
             fractions.append(fraction)
             full.append(is_full)
-        details.append({"first_letter": classes[c], "mean_absorption_fraction": _mean(fractions),
-                        "full_absorption_rate": _mean(full), "num_full_absorption": sum(full),
-                        "num_probe_true_positives": len(positives), "num_split_features": max(0, len(main) - 1),
-                        "main_latents": main, "k_sparse_f1": best})
+        details.append(
+            {
+                "first_letter": classes[c],
+                "mean_absorption_fraction": _mean(fractions),
+                "full_absorption_rate": _mean(full),
+                "num_full_absorption": sum(full),
+                "num_probe_true_positives": len(positives),
+                "num_split_features": max(0, len(main) - 1),
+                "main_latents": main,
+                "k_sparse_f1": best,
+            }
+        )
     scored = [d for d in details if d["num_probe_true_positives"] > 0]
     if not scored:
         raise DataError("the letter probes found no test word of any letter; absorption cannot be measured")
     col = lambda key: [d[key] for d in scored]
-    return {"mean_absorption_fraction_score": statistics.fmean(col("mean_absorption_fraction")),
-            "mean_full_absorption_score": statistics.fmean(col("full_absorption_rate")),
-            "mean_num_split_features": statistics.fmean(col("num_split_features")),
-            "std_dev_absorption_fraction_score": _std(col("mean_absorption_fraction")),
-            "std_dev_full_absorption_score": _std(col("full_absorption_rate")),
-            "std_dev_num_split_features": _std(col("num_split_features")),
-            "letters_scored": len(scored), "words": n, "details": details, "config": asdict(cfg)}
+    return {
+        "mean_absorption_fraction_score": statistics.fmean(col("mean_absorption_fraction")),
+        "mean_full_absorption_score": statistics.fmean(col("full_absorption_rate")),
+        "mean_num_split_features": statistics.fmean(col("num_split_features")),
+        "std_dev_absorption_fraction_score": _std(col("mean_absorption_fraction")),
+        "std_dev_full_absorption_score": _std(col("full_absorption_rate")),
+        "std_dev_num_split_features": _std(col("num_split_features")),
+        "letters_scored": len(scored),
+        "words": n,
+        "details": details,
+        "config": asdict(cfg),
+    }
 
 
-def _absorbed(act_proj: Tensor, contributions: Tensor, acts: Tensor, cos: Tensor, main: list[int],
-              cfg: AbsorptionConfig) -> tuple[float, bool]:
+def _absorbed(
+    act_proj: Tensor, contributions: Tensor, acts: Tensor, cos: Tensor, main: list[int], cfg: AbsorptionConfig
+) -> tuple[float, bool]:
     """(absorption fraction, full absorption) of one word (SAEBench's rules)."""
-    act_proj = float(act_proj)
+    projection = float(act_proj)
     main_mask = torch.zeros_like(cos, dtype=torch.bool)
     main_mask[main] = True
     main_proj = float(contributions[main_mask].sum())
     others = contributions[~main_mask & (cos >= cfg.fraction_cos) & (contributions > 0)]
     absorbers = float(others.topk(min(cfg.max_absorbers, len(others))).values.sum()) if len(others) else 0.0
-    if main_proj >= act_proj or act_proj <= 0 or absorbers / act_proj < cfg.proportion:
+    if main_proj >= projection or projection <= 0 or absorbers / projection < cfg.proportion:
         fraction = 0.0
     elif main_proj <= 0:
         fraction = 1.0
     else:
-        absorbed = min(absorbers, act_proj - main_proj)
+        absorbed = min(absorbers, projection - main_proj)
         fraction = min(1.0, max(0.0, absorbed / (absorbed + main_proj)))
     top = int(contributions.argmax())
     silent = bool((acts[main] < EPS).all())
-    full = (silent and float(cos[top]) >= cfg.full_cos and act_proj > 0
-            and float(contributions[top]) / act_proj >= cfg.proportion)
+    full = (
+        silent
+        and float(cos[top]) >= cfg.full_cos
+        and projection > 0
+        and float(contributions[top]) / projection >= cfg.proportion
+    )
     return fraction, bool(full)
 
 

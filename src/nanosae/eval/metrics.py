@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -125,8 +125,9 @@ class _Sums:
 Clean = list[tuple[Tensor, Tensor]]  # per row: the clean next-token probabilities and Σ p·log p per position
 
 
-def _ce_and_kl(logits: Tensor, clean: Clean | None, tokens: Tensor, keep: Tensor,
-               is_clean: bool = False) -> tuple[float, float, Clean]:
+def _ce_and_kl(
+    logits: Tensor, clean: Clean | None, tokens: Tensor, keep: Tensor, is_clean: bool = False
+) -> tuple[float, float, Clean]:
     """Summed CE of next-token predictions at kept positions, and summed KL(clean ‖ this run) there when
     `clean` is given; for the clean run itself (is_clean), also what later runs' KL needs.
 
@@ -158,7 +159,9 @@ def replace_kept(x: Tensor, valid: Tensor, new: Tensor) -> Tensor:
 def _io_hooks(sae: SAE, hook: str | None, model: HostModel) -> tuple[list[str], list[str]]:
     """(input hooks, output hooks) of an SAE on this model, checked against its widths."""
     if hook and sae.cfg.kind != "sae":
-        raise ConfigError(f"a {sae.cfg.kind} reads {sae.cfg.input_hooks} and writes {sae.cfg.output_hooks}; --hook is for plain SAEs")
+        raise ConfigError(
+            f"a {sae.cfg.kind} reads {sae.cfg.input_hooks} and writes {sae.cfg.output_hooks}; --hook is for plain SAEs"
+        )
     ins, outs = ([hook], [hook]) if hook else (sae.cfg.input_hooks, sae.cfg.output_hooks)
     for hooks, width, name in ((ins, sae.cfg.d_in, "d_in"), (outs, sae.cfg.d_out, "d_out")):
         if not all(hooks):
@@ -167,6 +170,37 @@ def _io_hooks(sae: SAE, hook: str | None, model: HostModel) -> tuple[list[str], 
         if got != width:
             raise ConfigError(f"{', '.join(hooks)} have width {got} but the SAE expects {name}={width}")
     return ins, outs
+
+
+def _returning(value: Tensor) -> Callable[[Tensor], Tensor]:
+    """A hook that replaces what it sees with value."""
+    return lambda _: value
+
+
+@overload
+def evaluate(
+    saes: SAE,
+    model: HostModel,
+    data: DataConfig | list[str] | str,
+    tokens: int = 20_000,
+    batch_size: int = 8,
+    ablation: str = "zero",
+    hooks: list[str] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, Any]: ...
+
+
+@overload
+def evaluate(
+    saes: list[SAE],
+    model: HostModel,
+    data: DataConfig | list[str] | str,
+    tokens: int = 20_000,
+    batch_size: int = 8,
+    ablation: str = "zero",
+    hooks: list[str] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[dict[str, Any]]: ...
 
 
 @torch.no_grad()
@@ -187,7 +221,7 @@ def evaluate(
     replaces (a transcoder: its output hook, e.g. the MLP's output).
     """
     single = isinstance(saes, SAE)
-    sae_list = [saes] if single else list(saes)
+    sae_list: list[SAE] = [saes] if isinstance(saes, SAE) else list(saes)
     if ablation not in ("zero", "mean"):
         raise ConfigError(f"unknown ablation {ablation!r}; expected zero or mean")
     if not isinstance(data, DataConfig):
@@ -201,8 +235,11 @@ def evaluate(
     sums = [_Sums(s.cfg.d_out, s.cfg.d_sae, data.context_size, s.cfg.n_blocks) for s in sae_list]
     ce_clean, ce_ablation = 0.0, {group: 0.0 for group in ablated}
     n_pred, done, t0 = 0, 0, time.perf_counter()
-    batches = in_background(token_batches(iter_documents(data), model.tokenizer, data.context_size, batch_size,
-                                          data.pack, data.exclude_first))
+    batches = in_background(
+        token_batches(
+            iter_documents(data), model.tokenizer, data.context_size, batch_size, data.pack, data.exclude_first
+        )
+    )
     for batch in batches:
         rows = int((batch.valid.sum(1).cumsum(0) < tokens - done).sum()) + 1  # no more windows than needed
         toks, valid = batch.tokens[:rows].to(model.device), batch.valid[:rows].to(model.device)
@@ -214,15 +251,17 @@ def evaluate(
         n_pred += int(keep.sum())
         for group in ablated:
             edits = {h: _ablated(cache[h], valid, ablation) for h in group}
-            with model.replaying_blocks(clean_blocks[:prefix[group]]), model.hooks(edits):
+            with model.replaying_blocks(clean_blocks[: prefix[group]]), model.hooks(edits):
                 ce_ablation[group] += _ce_and_kl(model.forward(toks), None, toks, keep)[0]
         positions = torch.arange(toks.shape[1], device=toks.device).expand_as(toks)[valid].cpu()
         for sae, (ins, outs), s in zip(sae_list, io, sums):
             x_hat, z = sae(sae.gather_input(cache, ins)[valid])
             s.add(concat_hooks(cache, outs)[valid].cpu(), x_hat.float().cpu(), z.float().cpu(), positions)
-            edits = {h: lambda _, r=replace_kept(cache[h], valid, block): r
-                     for h, block in sae.output_blocks(x_hat, outs).items()}
-            with model.replaying_blocks(clean_blocks[:prefix[tuple(outs)]]), model.hooks(edits):
+            edits = {
+                h: _returning(replace_kept(cache[h], valid, block))
+                for h, block in sae.output_blocks(x_hat, outs).items()
+            }
+            with model.replaying_blocks(clean_blocks[: prefix[tuple(outs)]]), model.hooks(edits):
                 ce, kl, _ = _ce_and_kl(model.forward(toks), clean, toks, keep)
             s.ce_sae += ce
             s.kl += kl
@@ -234,8 +273,10 @@ def evaluate(
     batches.close()  # stops and joins the prefetch thread now, not at garbage collection
     if done == 0:
         raise DataError(f"no evaluation tokens from {', '.join(data.specs)} (split {data.split!r})")
-    results = [_finish(s, sae, ins, outs, ce_clean, ce_ablation[tuple(outs)], n_pred, ablation)
-               for s, sae, (ins, outs) in zip(sums, sae_list, io)]
+    results = [
+        _finish(s, sae, ins, outs, ce_clean, ce_ablation[tuple(outs)], n_pred, ablation)
+        for s, sae, (ins, outs) in zip(sums, sae_list, io)
+    ]
     return results[0] if single else results
 
 
@@ -246,10 +287,11 @@ def _ablated(x: Tensor, valid: Tensor, ablation: str) -> Callable[[Tensor], Tens
     return lambda _: replaced
 
 
-def _finish(s: _Sums, sae: SAE, ins: list[str], outs: list[str], ce_clean: float, ce_abl: float, n_pred: int,
-            ablation: str) -> dict[str, Any]:
+def _finish(
+    s: _Sums, sae: SAE, ins: list[str], outs: list[str], ce_clean: float, ce_abl: float, n_pred: int, ablation: str
+) -> dict[str, Any]:
     fvu = s.sum_err / max(s.total_variance(), 1e-12)
-    density = (s.fires.double() / s.n)
+    density = s.fires.double() / s.n
     clean, with_sae, abl = ce_clean / n_pred, s.ce_sae / n_pred, ce_abl / n_pred
     l0 = s.sum_l0 / s.n
     extra: dict[str, Any] = {}
@@ -258,14 +300,30 @@ def _finish(s: _Sums, sae: SAE, ins: list[str], outs: list[str], ce_clean: float
     elif sae.cfg.kind == "crosscoder":
         extra = {"hooks": outs, "fvu_by_layer": s.fvu_by_layer()}
     return {
-        "hook": ins[0], "kind": sae.cfg.kind, **extra, "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "tokens": s.n,
-        "mse": s.sum_err / (s.n * s.d_in), "fvu": fvu, "explained_variance": 1 - fvu,
-        "l0": l0, "l0_std": math.sqrt(max(0.0, s.sum_l0_sq / s.n - l0 * l0)), "l1": s.sum_l1 / s.n,
-        "dead_fraction": float((s.fires == 0).double().mean()), "dense_fraction": float((density > DENSE_THRESHOLD).double().mean()),
-        "cosine_similarity": s.sum_cos / s.n, "relative_reconstruction_norm": s.sum_rel_norm / s.n,
-        "ce_loss_clean": clean, "ce_loss_with_sae": with_sae, "ce_loss_with_ablation": abl, "ablation": ablation,
+        "hook": ins[0],
+        "kind": sae.cfg.kind,
+        **extra,
+        "architecture": sae.cfg.architecture,
+        "d_sae": sae.cfg.d_sae,
+        "k": sae.cfg.k,
+        "tokens": s.n,
+        "mse": s.sum_err / (s.n * s.d_in),
+        "fvu": fvu,
+        "explained_variance": 1 - fvu,
+        "l0": l0,
+        "l0_std": math.sqrt(max(0.0, s.sum_l0_sq / s.n - l0 * l0)),
+        "l1": s.sum_l1 / s.n,
+        "dead_fraction": float((s.fires == 0).double().mean()),
+        "dense_fraction": float((density > DENSE_THRESHOLD).double().mean()),
+        "cosine_similarity": s.sum_cos / s.n,
+        "relative_reconstruction_norm": s.sum_rel_norm / s.n,
+        "ce_loss_clean": clean,
+        "ce_loss_with_sae": with_sae,
+        "ce_loss_with_ablation": abl,
+        "ablation": ablation,
         "ce_loss_score": (abl - with_sae) / (abl - clean) if abl != clean else float("nan"),
         "kl_div": s.kl / n_pred,
-        "feature_density": density.tolist(), "l0_histogram": s.l0_hist[: int(s.l0_hist.nonzero().max()) + 1].tolist(),
+        "feature_density": density.tolist(),
+        "l0_histogram": s.l0_hist[: int(s.l0_hist.nonzero().max()) + 1].tolist(),
         "fvu_by_position": s.fvu_by_position(),
     }

@@ -42,7 +42,9 @@ def fit_logistic(x: Tensor, y: Tensor, l2: float = 1e-3, max_iter: int = 200) ->
 
     def closure() -> Tensor:
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(xs @ w + b, y, pos_weight=pos_weight) + l2 * w.pow(2).sum() / y.shape[1]
+        loss = (
+            F.binary_cross_entropy_with_logits(xs @ w + b, y, pos_weight=pos_weight) + l2 * w.pow(2).sum() / y.shape[1]
+        )
         loss.backward()
         return loss
 

@@ -21,7 +21,6 @@ differs most between the classes, k in ks — SAEBench's sparse probing, on loca
 from __future__ import annotations
 
 import io
-
 import keyword
 import random
 import re
@@ -37,8 +36,8 @@ from torch import Tensor
 from nanosae.config import DataConfig, check_range
 from nanosae.data.corpus import iter_documents
 from nanosae.errors import ConfigError, DataError, FormatError
-from nanosae.io import parse_json, regular_file
 from nanosae.eval.probes import accuracy, fit_logistic, k_sparse_probe
+from nanosae.io import parse_json, regular_file
 from nanosae.models import HostModel
 from nanosae.sae import SAE
 
@@ -81,9 +80,11 @@ def code_labels(text: str) -> dict[str, list[bool]] | None:
         line_starts.append(line_starts[-1] + len(line))
     at = lambda pos: line_starts[pos[0] - 1] + pos[1]
     depth = [0] * (n + 1)
-    string_kinds = {tokenize.STRING} | {getattr(tokenize, k) for k in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END",
-                                                                          "TSTRING_START", "TSTRING_MIDDLE", "TSTRING_END")
-                                          if hasattr(tokenize, k)}
+    string_kinds = {tokenize.STRING} | {
+        getattr(tokenize, k)
+        for k in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END", "TSTRING_START", "TSTRING_MIDDLE", "TSTRING_END")
+        if hasattr(tokenize, k)
+    }
     try:
         for tok in tokenize.generate_tokens(io.StringIO(text).readline):
             start, end = at(tok.start), at(tok.end)
@@ -150,7 +151,7 @@ def window_activations(model: HostModel, hook: str, windows: list[list[int]], ba
     a causal model never reads), the pass stopped after the hook's block."""
     out = []
     for i in range(0, len(windows), batch_size):
-        batch = windows[i: i + batch_size]
+        batch = windows[i : i + batch_size]
         width = max(map(len, batch))
         tokens = torch.tensor([w + [model.tokenizer.bos_id] * (width - len(w)) for w in batch])
         _, cache = model.run_with_cache(tokens, [hook], return_logits=False)
@@ -158,8 +159,9 @@ def window_activations(model: HostModel, hook: str, windows: list[list[int]], ba
     return out
 
 
-def _labelled_windows(model: HostModel, specs: list[str], labeller, cfg: ProbingConfig, split: str
-                      ) -> tuple[list[list[int]], list[dict[str, list[bool]]]]:
+def _labelled_windows(
+    model: HostModel, specs: list[str], labeller, cfg: ProbingConfig, split: str
+) -> tuple[list[list[int]], list[dict[str, list[bool]]]]:
     """Token windows of the documents and each token's labels (BOS first, unlabelled)."""
     tok, body = model.tokenizer, cfg.context_size - 1
     windows, labels = [], []
@@ -176,8 +178,9 @@ def _labelled_windows(model: HostModel, specs: list[str], labeller, cfg: Probing
                 continue
             firsts = [_first_char(text, starts[i], ends[i]) if ends[i] > starts[i] else None for i in span]
             windows.append([tok.bos_id] + [ids[i] for i in span])
-            labels.append({task: [None] + [None if f is None else values[f] for f in firsts]
-                           for task, values in chars.items()})
+            labels.append(
+                {task: [None] + [None if f is None else values[f] for f in firsts] for task, values in chars.items()}
+            )
             if len(windows) >= cfg.windows:
                 return windows, labels
     if not windows:
@@ -204,7 +207,7 @@ def read_user_task(path: str | Path) -> list[tuple[int, str, int | list[int]]]:
     except UnicodeDecodeError:
         raise DataError(f"probing task {path} is not UTF-8 text") from None
     is_label = lambda v: isinstance(v, (bool, int)) and v in (0, 1)
-    records = []
+    records: list[tuple[int, str, Any]] = []
     for n, line in enumerate(text_of_file.splitlines(), 1):
         if not line.strip():
             continue
@@ -214,12 +217,12 @@ def read_user_task(path: str | Path) -> list[tuple[int, str, int | list[int]]]:
         except FormatError as e:
             raise DataError(str(e)) from None
         if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object with \"text\" and \"labels\"")
+            raise DataError(f'{where}: expected a JSON object with "text" and "labels"')
         text, labels = record.get("text"), record.get("labels")
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}: \"text\" must be non-empty text")
+            raise DataError(f'{where}: "text" must be non-empty text')
         if not (is_label(labels) or (isinstance(labels, list) and labels and all(is_label(v) for v in labels))):
-            raise DataError(f"{where}: \"labels\" must be 0/1, or a list of 0/1 with one per token")
+            raise DataError(f'{where}: "labels" must be 0/1, or a list of 0/1 with one per token')
         records.append((n, text, labels))
     if not records:
         raise DataError(f"probing task {path}: no examples")
@@ -234,7 +237,7 @@ def _user_task(model: HostModel, hook: str, path: Path, cfg: ProbingConfig) -> t
         all_ids = tok.encode(text)
         ids = all_ids[: cfg.context_size - 1]
         if not ids:
-            raise DataError(f"{path}:{n}: \"text\" gives no tokens")
+            raise DataError(f'{path}:{n}: "text" gives no tokens')
         acts = window_activations(model, hook, [[tok.bos_id] + ids], 1)[0][1:]
         if not isinstance(labels, list):
             xs.append(acts.mean(0, keepdim=True))
@@ -261,8 +264,11 @@ def probe_task(sae: SAE, x: Tensor, y: Tensor, cfg: ProbingConfig, rng: random.R
     test, train = torch.tensor(rows[:n_test]), torch.tensor(rows[n_test:])
     x, y = x.float(), y.float()
     z = sae.encode(x.to(sae.dtype)).float().detach()
-    result: dict[str, Any] = {"examples": len(rows), "llm_test_accuracy": accuracy(fit_logistic(x[train], y[train]), x[test], y[test]),
-                              "sae_test_accuracy": accuracy(fit_logistic(z[train], y[train]), z[test], y[test])}
+    result: dict[str, Any] = {
+        "examples": len(rows),
+        "llm_test_accuracy": accuracy(fit_logistic(x[train], y[train]), x[test], y[test]),
+        "sae_test_accuracy": accuracy(fit_logistic(z[train], y[train]), z[test], y[test]),
+    }
     for k in cfg.ks:
         for name, acts in (("llm", x), ("sae", z)):
             ids, probe = k_sparse_probe(acts[train], y[train], k)
@@ -276,8 +282,10 @@ def probing_data(model: HostModel, hook: str, cfg: ProbingConfig) -> dict[str, t
     data: dict[str, tuple[Tensor, Tensor]] = {}
     # code from held-out files; prose from all of it: the Python docs' held-out topics are ~1k tokens (the probes
     # are trained and tested on disjoint tokens either way)
-    for specs, labeller, tasks, split in ((cfg.code, code_labels, CODE_TASKS, "eval"),
-                                          (cfg.prose, prose_labels, PROSE_TASKS, "all")):
+    for specs, labeller, tasks, split in (
+        (cfg.code, code_labels, CODE_TASKS, "eval"),
+        (cfg.prose, prose_labels, PROSE_TASKS, "all"),
+    ):
         if not specs:
             continue
         try:
@@ -289,7 +297,10 @@ def probing_data(model: HostModel, hook: str, cfg: ProbingConfig) -> dict[str, t
         acts = window_activations(model, hook, windows, cfg.batch_size)
         for task in tasks:
             keep = [(w, i) for w, lab in enumerate(labels) for i, v in enumerate(lab[task]) if v is not None]
-            data[task] = (torch.stack([acts[w][i] for w, i in keep]), torch.tensor([labels[w][task][i] for w, i in keep]))
+            data[task] = (
+                torch.stack([acts[w][i] for w, i in keep]),
+                torch.tensor([labels[w][task][i] for w, i in keep]),
+            )
     for path in cfg.user_tasks:
         data[Path(path).stem] = _user_task(model, hook, Path(path), cfg)
     return data
@@ -305,11 +316,18 @@ def probe_tasks(sae: SAE, data: dict[str, tuple[Tensor, Tensor]], cfg: ProbingCo
         raise DataError("no probing task had enough positive and negative examples")
     keys = [k for k in next(iter(scored.values())) if k.endswith("accuracy")]
     means = {key: statistics.fmean(d[key] for d in scored.values()) for key in keys}
-    return {**means, "tasks": len(scored), "skipped": sorted(set(details) - set(scored)), "details": scored,
-            "config": asdict(cfg)}
+    return {
+        **means,
+        "tasks": len(scored),
+        "skipped": sorted(set(details) - set(scored)),
+        "details": scored,
+        "config": asdict(cfg),
+    }
 
 
-def sparse_probing(sae: SAE, model: HostModel, cfg: ProbingConfig | None = None, hook: str | None = None) -> dict[str, Any]:
+def sparse_probing(
+    sae: SAE, model: HostModel, cfg: ProbingConfig | None = None, hook: str | None = None
+) -> dict[str, Any]:
     """Sparse probing of an SAE on the built-in tasks (and any user tasks): means over tasks, per-task details."""
     cfg = cfg or ProbingConfig()
     if sae.cfg.kind != "sae":

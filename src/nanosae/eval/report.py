@@ -13,9 +13,24 @@ from matplotlib.figure import Figure  # the object API: no pyplot, so no backend
 
 from nanosae.io import atomic_write
 
-TABLE_KEYS = ("fvu", "explained_variance", "mse", "l0", "l0_std", "l1", "dead_fraction", "dense_fraction",
-              "cosine_similarity", "relative_reconstruction_norm", "ce_loss_clean", "ce_loss_with_sae",
-              "ce_loss_with_ablation", "ce_loss_score", "kl_div", "tokens")
+TABLE_KEYS = (
+    "fvu",
+    "explained_variance",
+    "mse",
+    "l0",
+    "l0_std",
+    "l1",
+    "dead_fraction",
+    "dense_fraction",
+    "cosine_similarity",
+    "relative_reconstruction_norm",
+    "ce_loss_clean",
+    "ce_loss_with_sae",
+    "ce_loss_with_ablation",
+    "ce_loss_score",
+    "kl_div",
+    "tokens",
+)
 
 
 def _png(fig: Any) -> str:
@@ -62,9 +77,11 @@ def fvu_position_plot(results: list[dict], names: list[str]) -> str:
     return _figure("token position in the window", "FVU at the position", draw)
 
 
-FVU_POSITION_NOTE = ("Each point divides the squared error of the tokens at that position by their squared distance "
-                     "from the mean activation. The headline FVU divides the totals over all tokens instead, so rare "
-                     "tokens of very large norm, which the SAE reconstructs well, weigh more there and it is lower.")
+FVU_POSITION_NOTE = (
+    "Each point divides the squared error of the tokens at that position by their squared distance "
+    "from the mean activation. The headline FVU divides the totals over all tokens instead, so rare "
+    "tokens of very large norm, which the SAE reconstructs well, weigh more there and it is lower."
+)
 
 
 def frontier_plot(results: list[dict], names: list[str], key: str, label: str, section: str | None = None) -> str:
@@ -86,25 +103,46 @@ def absorption_plot(results: list[dict], names: list[str]) -> str:
         width = 0.8 / len(results)
         for i, (r, name) in enumerate(zip(results, names)):
             details = r["absorption"]["details"]
-            ax.bar([j + i * width for j in range(len(details))], [d["mean_absorption_fraction"] for d in details],
-                   width=width, label=name, alpha=0.8)
+            ax.bar(
+                [j + i * width for j in range(len(details))],
+                [d["mean_absorption_fraction"] for d in details],
+                width=width,
+                label=name,
+                alpha=0.8,
+            )
             ax.set_xticks(range(len(details)), [d["first_letter"] for d in details])
 
     return _figure("first letter", "absorption fraction", draw, size=(8, 3))
 
 
-SUITE_ROWS = {"absorption": ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
-                             "letters_scored", "words"),
-              "sparse_probing": ("llm_test_accuracy", "sae_test_accuracy", "llm_top_1_test_accuracy", "sae_top_1_test_accuracy",
-                                 "sae_top_2_test_accuracy", "sae_top_5_test_accuracy", "sae_top_20_test_accuracy", "tasks"),
-              "explanations": ("explanation_score", "explanation_score_std", "latents_scored", "latents")}
+SUITE_ROWS = {
+    "absorption": (
+        "mean_absorption_fraction_score",
+        "mean_full_absorption_score",
+        "mean_num_split_features",
+        "letters_scored",
+        "words",
+    ),
+    "sparse_probing": (
+        "llm_test_accuracy",
+        "sae_test_accuracy",
+        "llm_top_1_test_accuracy",
+        "sae_top_1_test_accuracy",
+        "sae_top_2_test_accuracy",
+        "sae_top_5_test_accuracy",
+        "sae_top_20_test_accuracy",
+        "tasks",
+    ),
+    "explanations": ("explanation_score", "explanation_score_std", "latents_scored", "latents"),
+}
 SUITE_NOTES = {
-    "absorption": "First-letter task (Chanin et al. 2024, SAEBench's rules): the share of a letter's direction that latents "
-                  "other than the letter's main latents carry, on words the letter probe gets right; lower is better.",
-    "sparse_probing": "Test accuracy of logistic probes on the dense activations (llm) and on the k SAE latents whose mean "
-                      "differs most between the classes (sae top k), averaged over the token-level tasks below.",
-    "explanations": "Mean detection score (balanced accuracy on held-out active and silent windows) of the explanations "
-                    "in features.db."}
+    "absorption": "First-letter task (Chanin et al. 2024, SAEBench's rules): the share of a letter's direction "
+    "that latents other than the letter's main latents carry, on words the letter probe gets right; lower is better.",
+    "sparse_probing": "Test accuracy of logistic probes on the dense activations (llm) and on the k SAE latents "
+    "whose mean differs most between the classes (sae top k), averaged over the token-level tasks below.",
+    "explanations": "Mean detection score (balanced accuracy on held-out active and silent windows) of the "
+    "explanations in features.db.",
+}
 
 
 def suite_sections(results: list[dict], names: list[str]) -> str:
@@ -114,11 +152,19 @@ def suite_sections(results: list[dict], names: list[str]) -> str:
     for section, keys in SUITE_ROWS.items():
         if not any(isinstance(r.get(section), dict) for r in results):
             continue
-        rows = "".join(f"<tr><th>{html.escape(k)}</th>" + "".join(
-            f"<td>{_fmt((r.get(section) or {}).get(k, (r.get(section) or {}).get('note', '-')))}</td>" for r in results) + "</tr>"
-            for k in keys)
-        out.append(f"<h2>{html.escape(section.replace('_', ' '))}</h2><p class='note'>{html.escape(SUITE_NOTES[section])}</p>"
-                   f"<table><tr><th>metric</th>{head}</tr>{rows}</table>")
+        rows = "".join(
+            f"<tr><th>{html.escape(k)}</th>"
+            + "".join(
+                f"<td>{_fmt((r.get(section) or {}).get(k, (r.get(section) or {}).get('note', '-')))}</td>"
+                for r in results
+            )
+            + "</tr>"
+            for k in keys
+        )
+        out.append(
+            f"<h2>{html.escape(section.replace('_', ' '))}</h2><p class='note'>{html.escape(SUITE_NOTES[section])}</p>"
+            f"<table><tr><th>metric</th>{head}</tr>{rows}</table>"
+        )
         if section == "absorption" and all("details" in (r.get("absorption") or {}) for r in results):
             out.append(f'<figure><img alt="absorption by letter" src="{absorption_plot(results, names)}"></figure>')
         if section == "sparse_probing":
@@ -127,21 +173,39 @@ def suite_sections(results: list[dict], names: list[str]) -> str:
                 if not details:
                     continue
                 cols = [k for k in next(iter(details.values())) if k.endswith("accuracy") or k == "examples"]
-                body = "".join(f"<tr><th>{html.escape(t)}</th>" + "".join(f"<td>{_fmt(d[c])}</td>" for c in cols) + "</tr>"
-                               for t, d in details.items())
-                out.append(f"<h3>{html.escape(name)}: tasks</h3><table><tr><th>task</th>"
-                           + "".join(f"<th>{html.escape(c.removesuffix('_test_accuracy'))}</th>" for c in cols)
-                           + f"</tr>{body}</table>")
+                body = "".join(
+                    f"<tr><th>{html.escape(t)}</th>" + "".join(f"<td>{_fmt(d[c])}</td>" for c in cols) + "</tr>"
+                    for t, d in details.items()
+                )
+                out.append(
+                    f"<h3>{html.escape(name)}: tasks</h3><table><tr><th>task</th>"
+                    + "".join(f"<th>{html.escape(c.removesuffix('_test_accuracy'))}</th>" for c in cols)
+                    + f"</tr>{body}</table>"
+                )
     if len(results) > 1:
         plots = []
         if sum("mean_absorption_fraction_score" in (r.get("absorption") or {}) for r in results) > 1:
-            plots.append(("Absorption vs L0", frontier_plot(results, names, "mean_absorption_fraction_score",
-                                                           "absorption fraction", section="absorption")))
+            plots.append(
+                (
+                    "Absorption vs L0",
+                    frontier_plot(
+                        results, names, "mean_absorption_fraction_score", "absorption fraction", section="absorption"
+                    ),
+                )
+            )
         if sum("sae_top_1_test_accuracy" in (r.get("sparse_probing") or {}) for r in results) > 1:
-            plots.append(("Sparse probing vs L0", frontier_plot(results, names, "sae_top_1_test_accuracy",
-                                                               "top-1 probing accuracy", section="sparse_probing")))
-        out += [f'<figure><figcaption>{html.escape(t)}</figcaption><img alt="{html.escape(t)}" src="{src}"></figure>'
-                for t, src in plots]
+            plots.append(
+                (
+                    "Sparse probing vs L0",
+                    frontier_plot(
+                        results, names, "sae_top_1_test_accuracy", "top-1 probing accuracy", section="sparse_probing"
+                    ),
+                )
+            )
+        out += [
+            f'<figure><figcaption>{html.escape(t)}</figcaption><img alt="{html.escape(t)}" src="{src}"></figure>'
+            for t, src in plots
+        ]
     return "".join(out)
 
 
@@ -152,25 +216,39 @@ def _fmt(v: Any) -> str:
 
 
 def render(results: list[dict], names: list[str], title: str = "nanosae evaluation") -> str:
-    rows = "".join(f"<tr><th>{html.escape(k)}</th>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for r in results) + "</tr>"
-                   for k in TABLE_KEYS)
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for r in results) + "</tr>"
+        for k in TABLE_KEYS
+    )
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     plots = [("Feature density", density_plot(results, names), "")]
     if any(r.get("l0_std", 0) > 0 for r in results):  # TopK's L0 is k on every token: nothing to plot
         plots.append(("L0 per token", l0_plot(results, names), ""))
     plots.append(("FVU by token position", fvu_position_plot(results, names), FVU_POSITION_NOTE))
     if len(results) > 1:
-        plots += [("Sparsity–fidelity frontier: L0 vs FVU", frontier_plot(results, names, "fvu", "FVU"), ""),
-                  ("Sparsity–fidelity frontier: L0 vs CE-loss score",
-                   frontier_plot(results, names, "ce_loss_score", "CE-loss score"), "")]
-    figs = "".join(f'<figure><figcaption>{html.escape(t)}</figcaption><img alt="{html.escape(t)}" src="{src}">'
-                   + (f'<p class="note">{html.escape(note)}</p>' if note else "") + "</figure>" for t, src, note in plots)
+        plots += [
+            ("Sparsity–fidelity frontier: L0 vs FVU", frontier_plot(results, names, "fvu", "FVU"), ""),
+            (
+                "Sparsity–fidelity frontier: L0 vs CE-loss score",
+                frontier_plot(results, names, "ce_loss_score", "CE-loss score"),
+                "",
+            ),
+        ]
+    figs = "".join(
+        f'<figure><figcaption>{html.escape(t)}</figcaption><img alt="{html.escape(t)}" src="{src}">'
+        + (f'<p class="note">{html.escape(note)}</p>' if note else "")
+        + "</figure>"
+        for t, src, note in plots
+    )
     hooks = ", ".join(sorted({html.escape(r["hook"]) for r in results}))
-    return f"""<!doctype html><html><head><meta charset="utf-8"><meta name="generator" content="nanosae"><title>{html.escape(title)}</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8"><meta name="generator" content="nanosae">
+<title>{html.escape(title)}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f4f4f4}}figure{{display:inline-block;margin:1em}}
-figcaption{{font-weight:600}}.note{{max-width:36em;font-size:12px;color:#555}}</style></head><body><h1>{html.escape(title)}</h1><p>hook: {hooks}; {results[0]['tokens']:,} held-out tokens,
-{html.escape(results[0]['ablation'])}-ablation baseline.</p><table><tr><th>metric</th>{head}</tr>{rows}</table>{figs}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f4f4f4}}
+figure{{display:inline-block;margin:1em}}
+figcaption{{font-weight:600}}.note{{max-width:36em;font-size:12px;color:#555}}</style></head><body>
+<h1>{html.escape(title)}</h1><p>hook: {hooks}; {results[0]["tokens"]:,} held-out tokens,
+{html.escape(results[0]["ablation"])}-ablation baseline.</p><table><tr><th>metric</th>{head}</tr>{rows}</table>{figs}
 {suite_sections(results, names)}</body></html>"""
 
 

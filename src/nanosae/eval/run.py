@@ -28,11 +28,18 @@ class EvalRun(NamedTuple):
     model: str
 
 
-def evaluate_paths(paths: list[Path], cfg: EvalConfig, model: str | None = None, hook: str | None = None,
-                   out: Path | None = None, device: str = "cpu", tokenizer: Path | None = None,
-                   explanations: Callable[[list[RunDir | None]], list[dict[str, Any]]] | None = None,
-                   progress: Callable[[int, int, float], None] | None = None,
-                   status: Callable[[str], None] = lambda _: None) -> EvalRun:
+def evaluate_paths(
+    paths: list[Path],
+    cfg: EvalConfig,
+    model: str | None = None,
+    hook: str | None = None,
+    out: Path | None = None,
+    device: str = "cpu",
+    tokenizer: Path | None = None,
+    explanations: Callable[[list[RunDir | None]], list[dict[str, Any]]] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    status: Callable[[str], None] = lambda _: None,
+) -> EvalRun:
     """Evaluate the SAEs at paths (run directories or SAE files) on cfg's tokens. Everything that could refuse
     (probing tasks, where the report goes) is checked before the work. explanations(runs): the suite's
     "explanations" section per SAE, read from each run's features.db by the caller (interp sits above eval)."""
@@ -45,19 +52,41 @@ def evaluate_paths(paths: list[Path], cfg: EvalConfig, model: str | None = None,
     saes = [SAE.load(sae_path, device=device) for _, sae_path in located]
     spec = model_spec(saes[0], model, paths[0])
     host = load_model(spec, device=device, tokenizer=tokenizer)
-    results = evaluate(saes, host, cfg.data, tokens=cfg.tokens, batch_size=cfg.batch_size, ablation=cfg.ablation,
-                       hooks=[hook] * len(saes) if hook else None, progress=progress)
+    results = evaluate(
+        saes,
+        host,
+        cfg.data,
+        tokens=cfg.tokens,
+        batch_size=cfg.batch_size,
+        ablation=cfg.ablation,
+        hooks=[hook] * len(saes) if hook else None,
+        progress=progress,
+    )
     if cfg.suite == "full":
         explained = explanations([run for run, _ in located]) if explanations else [{} for _ in located]
-        extra = run_suite(saes, host, [hook or r["hook"] for r in results], explained, status=status,
-                          probing_cfg=ProbingConfig(user_tasks=[str(t) for t in cfg.probing_task]))
+        extra = run_suite(
+            saes,
+            host,
+            [hook or r["hook"] for r in results],
+            explained,
+            status=status,
+            probing_cfg=ProbingConfig(user_tasks=[str(t) for t in cfg.probing_task]),
+        )
         results = [r | sections for r, sections in zip(results, extra)]
     for (run, sae_path), result, sae in zip(located, results, saes):
         with write_lock(run.path) if run else contextlib.nullcontext():  # not while a training run writes it
             hub_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(sae_path).removeprefix("hf:"))
             path = write_json(where / f"{hub_name}.eval.json" if is_hub(sae_path) else eval_path(run, sae_path), result)
             if cfg.suite == "full":
-                write_saebench(path.parent / (f"{path.name.removesuffix('.eval.json')}.saebench" if path.name.endswith(
-                    ".eval.json") else "saebench"), result, sae)
+                write_saebench(
+                    path.parent
+                    / (
+                        f"{path.name.removesuffix('.eval.json')}.saebench"
+                        if path.name.endswith(".eval.json")
+                        else "saebench"
+                    ),
+                    result,
+                    sae,
+                )
     names = [(run.path if run else sae_path).name for run, sae_path in located]
     return EvalRun(results, names, write_report(results, names, report_path), spec)

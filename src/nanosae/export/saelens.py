@@ -24,10 +24,13 @@ def saelens_sae(sae: SAE) -> SAE:
     fold_activation_norm_scaling_factor), and a BatchTopK (or Matryoshka) SAE as a JumpReLU with its global
     threshold. Pre-activations are unchanged, so thresholds carry over as they are."""
     if sae.cfg.kind == "crosscoder":
-        raise ConfigError("SAELens has no crosscoder type; share crosscoders in nanosae's own format (the run's sae/ dir)")
+        raise ConfigError(
+            "SAELens has no crosscoder type; share crosscoders in nanosae's own format (the run's sae/ dir)"
+        )
     if sae.cfg.kind == "transcoder" and not sae.arch.saelens_transcoder:
-        raise ConfigError(f"SAELens has no {sae.cfg.architecture} transcoder type (it has relu, skip and jumprelu "
-                          f"transcoders)")
+        raise ConfigError(
+            f"SAELens has no {sae.cfg.architecture} transcoder type (it has relu, skip and jumprelu transcoders)"
+        )
     arch = sae.arch.saelens_name
     # SAELens's transcoders never subtract b_dec from their input (its reader, and ours, say so)
     return fold_scales(sae, arch, subtract_b_dec=bool(sae.cfg.apply_b_dec_to_input) and sae.cfg.kind != "transcoder")
@@ -41,9 +44,17 @@ def fold_scales(sae: SAE, arch: str, subtract_b_dec: bool) -> SAE:
     (x − t·b_dec') W_enc' + b_enc' with W_enc' = s_in·W_enc, b_dec' = b_dec / s_out: equal when
     b_enc' = b_enc − a·b_dec W_enc + t·b_dec' W_enc' (a transcoder's two scales differ, so b_dec moves)."""
     target = registry.get(arch)
-    cfg = SAEConfig(**{**sae.cfg.to_dict(), "architecture": arch, "activation_scale": 1.0, "output_scale": None,
-                       "apply_b_dec_to_input": subtract_b_dec, **({} if target.uses_k else {"k": None}),
-                       **({} if target.nested else {"matryoshka_groups": None})})
+    cfg = SAEConfig(
+        **{
+            **sae.cfg.to_dict(),
+            "architecture": arch,
+            "activation_scale": 1.0,
+            "output_scale": None,
+            "apply_b_dec_to_input": subtract_b_dec,
+            **({} if target.uses_k else {"k": None}),
+            **({} if target.nested else {"matryoshka_groups": None}),
+        }
+    )
     out = SAE(cfg)
     state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
     wanted = out.state_dict()

@@ -28,29 +28,54 @@ def hookpoint(hook: str, transcoder: bool) -> str:
     if not m:
         raise ConfigError(f"hook {hook!r} has no sparsify hookpoint (resid_post, mlp_out or attn_out of a block)")
     layer, site = m.groups()
-    return f"layers.{layer}" if site == "hook_resid_post" else f"layers.{layer}.self_attn" if site == "hook_attn_out" \
+    return (
+        f"layers.{layer}"
+        if site == "hook_resid_post"
+        else f"layers.{layer}.self_attn"
+        if site == "hook_attn_out"
         else f"layers.{layer}.mlp"
+    )
 
 
 @torch.no_grad()
 def sparsify_files(sae: SAE) -> tuple[str, dict, dict[str, torch.Tensor]]:
     """(hookpoint folder, cfg.json, tensors) of a TopK SAE or transcoder."""
     if sae.arch is not TOPK or sae.cfg.normalize_activations != "none" or sae.cfg.kind == "crosscoder":
-        raise ConfigError(f"sparsify has TopK sparse coders only; this is a {sae.cfg.architecture} {sae.cfg.kind}"
-                          + (" with layer-norm inputs" if sae.cfg.normalize_activations != "none" else ""))
+        raise ConfigError(
+            f"sparsify has TopK sparse coders only; this is a {sae.cfg.architecture} {sae.cfg.kind}"
+            + (" with layer-norm inputs" if sae.cfg.normalize_activations != "none" else "")
+        )
     transcoder = sae.cfg.kind == "transcoder"
     if transcoder and sae.cfg.d_out != sae.cfg.d_in:
-        raise ConfigError(f"sparsify's transcoders map a width to itself; this one maps {sae.cfg.d_in} to {sae.cfg.d_out}")
+        raise ConfigError(
+            f"sparsify's transcoders map a width to itself; this one maps {sae.cfg.d_in} to {sae.cfg.d_out}"
+        )
     folded = fold_scales(sae, TOPK.name, subtract_b_dec=not transcoder)  # sparsify subtracts b_dec for SAEs only
-    W_enc, b_enc, W_dec, b_dec = (folded.W_enc.float(), folded.b_enc.float(), folded.W_dec.float(),
-                                  folded.b_dec.float())
-    tensors = {"encoder.weight": W_enc.T.contiguous(), "encoder.bias": b_enc.contiguous(), "W_dec": W_dec.contiguous(),
-               "b_dec": b_dec.contiguous()}
+    W_enc, b_enc, W_dec, b_dec = (
+        folded.W_enc.float(),
+        folded.b_enc.float(),
+        folded.W_dec.float(),
+        folded.b_dec.float(),
+    )
+    tensors = {
+        "encoder.weight": W_enc.T.contiguous(),
+        "encoder.bias": b_enc.contiguous(),
+        "W_dec": W_dec.contiguous(),
+        "b_dec": b_dec.contiguous(),
+    }
     if sae.cfg.skip_connection:
         tensors["W_skip"] = folded.W_skip.float().contiguous()
-    cfg = {"activation": TOPK.name, "expansion_factor": max(1, sae.cfg.d_sae // sae.cfg.d_in), "normalize_decoder": True,
-           "num_latents": sae.cfg.d_sae, "k": sae.cfg.k, "multi_topk": False, "skip_connection": sae.cfg.skip_connection,
-           "transcode": transcoder, "d_in": sae.cfg.d_in}
+    cfg = {
+        "activation": TOPK.name,
+        "expansion_factor": max(1, sae.cfg.d_sae // sae.cfg.d_in),
+        "normalize_decoder": True,
+        "num_latents": sae.cfg.d_sae,
+        "k": sae.cfg.k,
+        "multi_topk": False,
+        "skip_connection": sae.cfg.skip_connection,
+        "transcode": transcoder,
+        "d_in": sae.cfg.d_in,
+    }
     return hookpoint(sae.cfg.hook_name, transcoder), cfg, tensors
 
 

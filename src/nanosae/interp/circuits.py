@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from importlib.metadata import version
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ from nanosae.io import read_json
 from nanosae.models.host import HostModel, StopForward
 from nanosae.rundir import TranscoderSetDir
 from nanosae.sae import SAE
-
 
 
 def mlp_hooks(layer: int) -> tuple[str, str]:
@@ -86,6 +85,7 @@ class TranscoderSet:
         """The decoder rows of `source`'s features (all, or those latents) into `target`'s MLP output, in the
         model's units."""
         tc = self.by_layer[target]
+        rows: Tensor
         if source == target:
             rows = tc.W_dec
         else:
@@ -120,22 +120,25 @@ def load_transcoders(run: str | Path, device: str = "cpu") -> tuple[str, Transco
     for layer, where in manifest["layers"].items():
         tc = SAE.load(run / where / "sae", device=device)
         if (tc.cfg.hook_name, tc.cfg.hook_name_out) != mlp_hooks(int(layer)):
-            raise FormatError(f"{run / where}: reads {tc.cfg.hook_name} and writes {tc.cfg.hook_name_out}, expected "
-                              f"{' -> '.join(mlp_hooks(int(layer)))}")
+            raise FormatError(
+                f"{run / where}: reads {tc.cfg.hook_name} and writes {tc.cfg.hook_name_out}, expected "
+                f"{' -> '.join(mlp_hooks(int(layer)))}"
+            )
         tset.by_layer[int(layer)] = tc.eval()
     if manifest.get("cross_layer"):
         for layer in tset.layers[:-1]:
             tc = tset[layer]
             later = [j for j in tset.layers if j > layer]
-            tset.later[layer] = load_later(run / manifest["layers"][str(layer)], later, tc.cfg.d_sae, tc.cfg.d_out, device)
+            tset.later[layer] = load_later(
+                run / manifest["layers"][str(layer)], later, tc.cfg.d_sae, tc.cfg.d_out, device
+            )
     return manifest["model"], tset
 
 
 def skip_term(tc: SAE, x: Tensor) -> Tensor | float:
     """A skip transcoder's linear term x W_skip^T in the model's units (0 without one)."""
-    if not tc.cfg.skip_connection:
-        return 0.0
-    return tc.denormalize(tc.skip(tc.normalize_input(tc.check_input(x))[0]), None)
+    skip = tc.skip(tc.normalize_input(tc.check_input(x))[0]) if tc.cfg.skip_connection else 0.0
+    return tc.denormalize(skip, None) if isinstance(skip, Tensor) else skip
 
 
 def placed(rows: Tensor, values: Tensor, positions: Tensor, n_pos: int) -> Tensor:
@@ -186,15 +189,23 @@ def clean_pass(model: HostModel, transcoders: TranscoderSet, tokens: Tensor) -> 
     return CleanPass(model.as_tokens(tokens), logits[0], seen[0][0], latents, errors)
 
 
-def replacement_forward(model: HostModel, transcoders: TranscoderSet, tokens: Tensor, embeddings: Tensor,
-                        latents: dict[int, Tensor] | None = None, errors: dict[int, Tensor] | None = None,
-                        stop_at_layer: int | None = None, mlp_inputs: dict[int, Tensor] | None = None,
-                        written: dict[int, Tensor] | None = None) -> Tensor | None:
+def replacement_forward(
+    model: HostModel,
+    transcoders: TranscoderSet,
+    tokens: Tensor,
+    embeddings: Tensor,
+    latents: dict[int, Tensor] | None = None,
+    errors: dict[int, Tensor] | None = None,
+    stop_at_layer: int | None = None,
+    mlp_inputs: dict[int, Tensor] | None = None,
+    written: dict[int, Tensor] | None = None,
+) -> Tensor | None:
     """The model with its token embeddings set to `embeddings` and each transcoder layer's MLP output replaced by
-    the set's output for those latents plus errors (batched like tokens); or, with `written`, by written[L] plus the skip
-    term. Returns the logits (None when stopped early); mlp_inputs receives each layer's MLP input."""
+    the set's output for those latents plus errors (batched like tokens); or, with `written`, by written[L] plus
+    the skip term. Returns the logits (None when stopped early); mlp_inputs receives each layer's MLP input."""
     seen: dict[int, Tensor] = {} if mlp_inputs is None else mlp_inputs
     if written is None:
+        assert latents is not None and errors is not None  # what the layers write, when not given
         written = {L: transcoders.decode(L, latents) + errors[L] for L in transcoders.layers}
     hooks: dict[str, Any] = {}
     for layer, tc in transcoders.items():
@@ -209,22 +220,25 @@ def replacement_forward(model: HostModel, transcoders: TranscoderSet, tokens: Te
 
 
 # ---- freezing attention patterns and norm scales ---------------------------------------------------------------
-def _frozen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                      **kwargs: Any) -> tuple[Tensor, Tensor]:
+def _frozen_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any
+) -> tuple[Tensor, Tensor]:
     """The model family's own eager attention with queries and keys detached: the pattern is a constant."""
     eager = sys.modules[type(module).__module__].eager_attention_forward
     return eager(module, query.detach(), key.detach(), value, attention_mask, **kwargs)
 
 
-def _frozen_norm(module: nn.Module) -> Any:
+def _frozen_norm(module: Any) -> Any:
     """A forward for an RMSNorm / LayerNorm with its scale (1/rms or 1/std) detached; None for other modules."""
     name = type(module).__name__
     if isinstance(module, nn.LayerNorm):
+
         def layer_norm(x: Tensor) -> Tensor:
             centred = x - x.mean(-1, keepdim=True)
             scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + module.eps)
             out = centred * scale
             return out * module.weight + module.bias if module.elementwise_affine else out
+
         return layer_norm
     if not name.endswith("RMSNorm"):
         return None
@@ -239,6 +253,7 @@ def _frozen_norm(module: nn.Module) -> Any:
         if gemma:
             return (normed * (1.0 + module.weight.float())).type_as(x)
         return module.weight * normed.to(x.dtype)
+
     return rms_norm
 
 
@@ -258,8 +273,10 @@ def frozen(model: HostModel) -> Iterator[None]:
         return
     config = getattr(model.module, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
-        raise ConfigError(f"attribution needs a Hugging Face model or a nanochat checkpoint loaded by nanosae "
-                          f"(got {type(model.module).__name__})")
+        raise ConfigError(
+            f"attribution needs a Hugging Face model or a nanochat checkpoint loaded by nanosae "
+            f"(got {type(model.module).__name__})"
+        )
     if not _REGISTERED:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -330,8 +347,15 @@ def top_logits(logits: Tensor, probability: float = 0.95, at_most: int = 10) -> 
     return ids[:n].tolist(), values[:n].tolist()
 
 
-def _rows(model: HostModel, transcoders: TranscoderSet, clean: CleanPass, targets: list[tuple[str, int, int, int]],
-          features: Tensor, activations: Tensor, layers: list[int]) -> Tensor:
+def _rows(
+    model: HostModel,
+    transcoders: TranscoderSet,
+    clean: CleanPass,
+    targets: list[tuple[str, int, int, int]],
+    features: Tensor,
+    activations: Tensor,
+    layers: list[int],
+) -> Tensor:
     """Rows of the adjacency for targets ("feature", layer, pos, latent) or ("logit", -1, pos, token id), over the
     sources [every active feature, error nodes, tokens]: one batched frozen forward and backward, a copy of the
     prompt per target. Features enter as leaves holding their activations, so paths through them are cut."""
@@ -345,11 +369,13 @@ def _rows(model: HostModel, transcoders: TranscoderSet, clean: CleanPass, target
     with torch.enable_grad(), frozen(model):
         written = _written(transcoders, vals, features, mine, clean.latents, T)
         written = {L: written[L] + err[L] for L in layers}
-        logits = replacement_forward(model, transcoders, clean.tokens.expand(nb, -1), emb, stop_at_layer=stop,
-                                     mlp_inputs=inputs, written=written)
+        logits = replacement_forward(
+            model, transcoders, clean.tokens.expand(nb, -1), emb, stop_at_layer=stop, mlp_inputs=inputs, written=written
+        )
         values = []
         for b, (kind, layer, pos, index) in enumerate(targets):
             if kind == "logit":
+                assert logits is not None  # a pass with logit targets runs to the end
                 row = logits[b, pos].float()
                 values.append(row[index] - row.mean())
             else:
@@ -357,20 +383,27 @@ def _rows(model: HostModel, transcoders: TranscoderSet, clean: CleanPass, target
                 values.append(tc.pre_acts(tc.normalize_input(tc.check_input(inputs[layer][b, pos]))[0])[index])
         sources = [emb] + [vals[L] for L in layers] + [err[L] for L in layers]
         grads = torch.autograd.grad(torch.stack(values).sum(), sources, allow_unused=True)
-    g_emb, g_vals, g_err = grads[0], grads[1 : 1 + len(layers)], grads[1 + len(layers):]
+    g_emb, g_vals, g_err = grads[0], grads[1 : 1 + len(layers)], grads[1 + len(layers) :]
     feature_cols = torch.zeros(nb, len(features))
     for L, g in zip(layers, g_vals):
         if g is not None:
             feature_cols[:, mine[L]] = g.float()
     feature_cols *= activations
-    error_cols = torch.cat([(g * clean.errors[L]).sum(-1) if g is not None else torch.zeros(nb, T)
-                            for L, g in zip(layers, g_err)], 1)
+    error_cols = torch.cat(
+        [(g * clean.errors[L]).sum(-1) if g is not None else torch.zeros(nb, T) for L, g in zip(layers, g_err)], 1
+    )
     token_cols = (g_emb * clean.embeddings).sum(-1)
     return torch.cat([feature_cols, error_cols.float(), token_cols.float()], 1).detach()
 
 
-def _written(tset: TranscoderSet, vals: dict[int, Tensor], features: Tensor, mine: dict[int, Tensor],
-             latents: dict[int, Tensor], n_pos: int) -> dict[int, Tensor]:
+def _written(
+    tset: TranscoderSet,
+    vals: dict[int, Tensor],
+    features: Tensor,
+    mine: dict[int, Tensor],
+    latents: dict[int, Tensor],
+    n_pos: int,
+) -> dict[int, Tensor]:
     """What the features write to each MLP output: the graph's features from their value leaves vals[L]
     (batch, n) (a sparse decode, so gradients reach only them), plus the active features that are not graph
     nodes (the BOS position's) as a constant of the pass, plus b_dec. One decode per source layer, into all of
@@ -390,9 +423,18 @@ def _written(tset: TranscoderSet, vals: dict[int, Tensor], features: Tensor, min
     return written
 
 
-def attribute(model: HostModel, transcoders: TranscoderSet, prompt: str | list[int], *, logit_probability: float = 0.95,
-              max_logits: int = 10, max_feature_nodes: int | None = None, batch_size: int = 32,
-              skip_bos_features: bool = True, progress: Any = None) -> Graph:
+def attribute(
+    model: HostModel,
+    transcoders: TranscoderSet,
+    prompt: str | list[int],
+    *,
+    logit_probability: float = 0.95,
+    max_logits: int = 10,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 32,
+    skip_bos_features: bool = True,
+    progress: Any = None,
+) -> Graph:
     """The attribution graph of a prompt (text, or token ids with BOS first) over the transcoders.
 
     max_feature_nodes: trace (compute the incoming edges of) at most this many features, chosen in rounds by
@@ -411,7 +453,9 @@ def attribute(model: HostModel, transcoders: TranscoderSet, prompt: str | list[i
     n_f, T, n_l = len(feats), len(tokens), len(logit_ids)
     # rows computed so far, over the sources [all active features, errors, tokens]; a row's node id is its
     # feature's index, or n_src + j for logit j (errors and tokens have no incoming edges)
-    rows = [_rows(model, transcoders, clean, [("logit", -1, T - 1, t) for t in logit_ids], features, activations, layers)]
+    rows = [
+        _rows(model, transcoders, clean, [("logit", -1, T - 1, t) for t in logit_ids], features, activations, layers)
+    ]
     n_src = n_f + (len(layers) + 1) * T
     row_ids = list(range(n_src, n_src + n_l))  # logits: after every source
     weights = torch.tensor(logit_probs)
@@ -422,14 +466,17 @@ def attribute(model: HostModel, transcoders: TranscoderSet, prompt: str | list[i
             order = list(range(len(traced), n_f))
         else:  # the most influential untraced features, by the rows known so far
             known = torch.cat(rows)
-            influence = influence_from_rows(known, torch.tensor(row_ids), torch.cat([torch.zeros(len(traced)), weights]),
-                                            n_src + n_l)[:n_f]
+            influence = influence_from_rows(
+                known, torch.tensor(row_ids), torch.cat([torch.zeros(len(traced)), weights]), n_src + n_l
+            )[:n_f]
             influence[traced] = -1
             order = influence.argsort(descending=True).tolist()
         chosen = sorted(order[: min(batch_size, budget - len(traced))], key=lambda i: feats[i][0])
-        rows.insert(len(rows) - 1, _rows(model, transcoders, clean, [("feature", *feats[i]) for i in chosen], features,
-                                         activations, layers))
-        row_ids = row_ids[: len(traced)] + chosen + row_ids[len(traced):]
+        rows.insert(
+            len(rows) - 1,
+            _rows(model, transcoders, clean, [("feature", *feats[i]) for i in chosen], features, activations, layers),
+        )
+        row_ids = row_ids[: len(traced)] + chosen + row_ids[len(traced) :]
         traced += chosen
         if progress is not None:
             progress(len(traced), budget)
@@ -441,22 +488,36 @@ def attribute(model: HostModel, transcoders: TranscoderSet, prompt: str | list[i
     where = {f: i for i, f in enumerate(traced)}
     for new, f in enumerate(keep):
         adjacency[new, : len(columns)] = known[where[f], columns]
-    adjacency[n_nodes - n_l:, : len(columns)] = known[len(traced):, columns]
-    graph = Graph(prompt if isinstance(prompt, str) else model.tokenizer.decode(tokens[1:]), tokens,
-                  [model.tokenizer.decode([t]) for t in tokens], layers, features[keep], activations[keep], logit_ids,
-                  logit_probs, adjacency, torch.ones(n_nodes, dtype=torch.bool), model=model.name)
+    adjacency[n_nodes - n_l :, : len(columns)] = known[len(traced) :, columns]
+    graph = Graph(
+        prompt if isinstance(prompt, str) else model.tokenizer.decode(tokens[1:]),
+        tokens,
+        [model.tokenizer.decode([t]) for t in tokens],
+        layers,
+        features[keep],
+        activations[keep],
+        logit_ids,
+        logit_probs,
+        adjacency,
+        torch.ones(n_nodes, dtype=torch.bool),
+        model=model.name,
+    )
     graph.info["logit_strs"] = {t: model.tokenizer.decode([t]) for t in logit_ids}
     graph.info["active_features"] = n_f
-    graph.info["generation_settings"] = {"max_n_logits": max_logits, "desired_logit_prob": logit_probability,
-                                         "batch_size": batch_size, "max_feature_nodes": budget,
-                                         "skip_bos_features": skip_bos_features}
+    graph.info["generation_settings"] = {
+        "max_n_logits": max_logits,
+        "desired_logit_prob": logit_probability,
+        "batch_size": batch_size,
+        "max_feature_nodes": budget,
+        "skip_bos_features": skip_bos_features,
+    }
     return graph
 
 
 # ---- influence, pruning, scores ------------------------------------------------------------------------------
 def logit_weights(graph: Graph) -> Tensor:
     w = torch.zeros(len(graph.adjacency))
-    w[graph.logit_index(0):] = torch.tensor(graph.logit_probs)
+    w[graph.logit_index(0) :] = torch.tensor(graph.logit_probs)
     return w
 
 
@@ -495,14 +556,16 @@ def _threshold(scores: Tensor, share: float) -> float:
     return float(values[min(int(torch.searchsorted(cumulative, torch.tensor(share))), len(values) - 1)])
 
 
-def prune(graph: Graph, node_share: float = NODE_THRESHOLD, edge_share: float = EDGE_THRESHOLD) -> tuple[Tensor, Tensor]:
+def prune(
+    graph: Graph, node_share: float = NODE_THRESHOLD, edge_share: float = EDGE_THRESHOLD
+) -> tuple[Tensor, Tensor]:
     """(node mask, edge mask) keeping the features and error nodes that carry `node_share` of the influence on
     the logits, then the edges carrying `edge_share` of the remaining graph's; tokens and logits always stay,
     and features left without incoming or outgoing edges go."""
     weights = logit_weights(graph)
     influence = node_influence(graph.adjacency, weights)
     keep = influence >= _threshold(influence[: graph.token_index(0)], node_share)
-    keep[graph.token_index(0):] = True
+    keep[graph.token_index(0) :] = True
     a = graph.adjacency.clone()
     a[~keep] = 0
     a[:, ~keep] = 0
@@ -530,8 +593,10 @@ def scores(graph: Graph) -> dict[str, float]:
     has_inputs = a.sum(1) > 0
     non_error = torch.where(has_inputs, 1 - a[:, errors].sum(1), torch.ones(len(a)))
     token_part, error_part = float(influence[tokens].sum()), float(influence[errors].sum())
-    return {"replacement_score": token_part / max(token_part + error_part, 1e-12),
-            "completeness_score": float((non_error * influence).sum() / influence.sum().clamp_min(1e-12))}
+    return {
+        "replacement_score": token_part / max(token_part + error_part, 1e-12),
+        "completeness_score": float((non_error * influence).sum() / influence.sum().clamp_min(1e-12)),
+    }
 
 
 # ---- the graph file: Neuronpedia's attribution-graph layout -------------------------------------------------------
@@ -540,9 +605,15 @@ def cantor(a: int, b: int) -> int:
     return (a + b) * (a + b + 1) // 2 + b
 
 
-def to_neuronpedia(graph: Graph, *, slug: str = "nanosae-graph", node_share: float = NODE_THRESHOLD,
-                   edge_share: float = EDGE_THRESHOLD,
-                   n_layers: int | None = None, labels: dict[tuple[int, int], str] | None = None) -> dict[str, Any]:
+def to_neuronpedia(
+    graph: Graph,
+    *,
+    slug: str = "nanosae-graph",
+    node_share: float = NODE_THRESHOLD,
+    edge_share: float = EDGE_THRESHOLD,
+    n_layers: int | None = None,
+    labels: dict[tuple[int, int], str] | None = None,
+) -> dict[str, Any]:
     """The pruned graph as the JSON Neuronpedia's graph viewer loads (metadata, qParams, nodes, links), which
     nanosae's viewer reads too. labels: (layer, latent) -> explanation, shown as each feature's clerp."""
     keep, edges = prune(graph, node_share, edge_share)
@@ -554,43 +625,93 @@ def to_neuronpedia(graph: Graph, *, slug: str = "nanosae-graph", node_share: flo
     labels = labels or {}
     nodes: dict[int, dict[str, Any]] = {}
     for i in keep.nonzero().squeeze(1).tolist():
-        base = {"influence": float(cumulative[i]), "token_prob": 0.0, "is_target_logit": False, "run_idx": 0,
-                "reverse_ctx_idx": 0, "clerp": ""}
+        base = {
+            "influence": float(cumulative[i]),
+            "token_prob": 0.0,
+            "is_target_logit": False,
+            "run_idx": 0,
+            "reverse_ctx_idx": 0,
+            "clerp": "",
+        }
         if i < graph.n_features:
             layer, pos, latent = graph.features[i].tolist()
-            node = {"node_id": f"{layer}_{latent}_{pos}", "feature": cantor(layer, latent), "layer": str(layer),
-                    "ctx_idx": pos, "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{latent}-0",
-                    "activation": float(graph.activations[i]), "clerp": labels.get((layer, latent), "")}
+            node = {
+                "node_id": f"{layer}_{latent}_{pos}",
+                "feature": cantor(layer, latent),
+                "layer": str(layer),
+                "ctx_idx": pos,
+                "feature_type": "cross layer transcoder",
+                "jsNodeId": f"{layer}_{latent}-0",
+                "activation": float(graph.activations[i]),
+                "clerp": labels.get((layer, latent), ""),
+            }
         elif i < graph.token_index(0):
             layer, pos = graph.layers[(i - graph.n_features) // graph.n_pos], (i - graph.n_features) % graph.n_pos
-            node = {"node_id": f"{layer}_-1_{pos}", "feature": -1, "layer": str(layer), "ctx_idx": pos,
-                    "feature_type": "mlp reconstruction error", "jsNodeId": f"{layer}_-1-{pos}"}
+            node = {
+                "node_id": f"{layer}_-1_{pos}",
+                "feature": -1,
+                "layer": str(layer),
+                "ctx_idx": pos,
+                "feature_type": "mlp reconstruction error",
+                "jsNodeId": f"{layer}_-1-{pos}",
+            }
         elif i < graph.logit_index(0):
             pos = i - graph.token_index(0)
             token = graph.tokens[pos]
-            node = {"node_id": f"E_{token}_{pos}", "feature": pos, "layer": "E", "ctx_idx": pos,
-                    "feature_type": "embedding", "jsNodeId": f"E_{token}-{pos}", "clerp": graph.token_strs[pos]}
+            node = {
+                "node_id": f"E_{token}_{pos}",
+                "feature": pos,
+                "layer": "E",
+                "ctx_idx": pos,
+                "feature_type": "embedding",
+                "jsNodeId": f"E_{token}-{pos}",
+                "clerp": graph.token_strs[pos],
+            }
         else:
             j = i - graph.logit_index(0)
             token, p = graph.logit_tokens[j], graph.logit_probs[j]
-            node = {"node_id": f"{n_layers + 1}_{token}_{graph.n_pos - 1}", "feature": token, "layer": str(n_layers + 1),
-                    "ctx_idx": graph.n_pos - 1, "feature_type": "logit", "token_prob": p, "is_target_logit": j == 0,
-                    "jsNodeId": f"L_{token}-{graph.n_pos - 1}",
-                    "clerp": f'Output "{graph.info.get("logit_strs", {}).get(token, token)}" (p={p:.3f})'}
+            node = {
+                "node_id": f"{n_layers + 1}_{token}_{graph.n_pos - 1}",
+                "feature": token,
+                "layer": str(n_layers + 1),
+                "ctx_idx": graph.n_pos - 1,
+                "feature_type": "logit",
+                "token_prob": p,
+                "is_target_logit": j == 0,
+                "jsNodeId": f"L_{token}-{graph.n_pos - 1}",
+                "clerp": f'Output "{graph.info.get("logit_strs", {}).get(token, token)}" (p={p:.3f})',
+            }
         nodes[i] = base | node
-    links = [{"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(graph.adjacency[t, s])}
-             for t, s in edges.nonzero().tolist() if s in nodes and t in nodes]
-    used = {l["source"] for l in links} | {l["target"] for l in links}
+    links = [
+        {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(graph.adjacency[t, s])}
+        for t, s in edges.nonzero().tolist()
+        if s in nodes and t in nodes
+    ]
+    used = {link["source"] for link in links} | {link["target"] for link in links}
     node_list = [n for n in nodes.values() if n["node_id"] in used or n["feature_type"] in ("embedding", "logit")]
-    return {"metadata": {"slug": slug, "scan": graph.model, "transcoder_list": [], "prompt_tokens": graph.token_strs,
-                         "prompt": graph.prompt, "node_threshold": node_share, "schema_version": 1,
-                         "info": {"creator_name": "nanosae", "transcoders": graph.transcoders, **scores(graph),
-                                  "edge_threshold": edge_share,
-                                  "generator": {"name": "nanosae", "version": version("nanosae")}},
-                         "generation_settings": graph.info.get("generation_settings", {}),
-                         "pruning_settings": {"node_threshold": node_share, "edge_threshold": edge_share}},
-            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-            "nodes": node_list, "links": links}
+    return {
+        "metadata": {
+            "slug": slug,
+            "scan": graph.model,
+            "transcoder_list": [],
+            "prompt_tokens": graph.token_strs,
+            "prompt": graph.prompt,
+            "node_threshold": node_share,
+            "schema_version": 1,
+            "info": {
+                "creator_name": "nanosae",
+                "transcoders": graph.transcoders,
+                **scores(graph),
+                "edge_threshold": edge_share,
+                "generator": {"name": "nanosae", "version": version("nanosae")},
+            },
+            "generation_settings": graph.info.get("generation_settings", {}),
+            "pruning_settings": {"node_threshold": node_share, "edge_threshold": edge_share},
+        },
+        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+        "nodes": node_list,
+        "links": links,
+    }
 
 
 def strongest_paths(graph_json: dict[str, Any], n: int = 5) -> list[tuple[float, list[dict]]]:
@@ -611,8 +732,10 @@ def strongest_paths(graph_json: dict[str, Any], n: int = 5) -> list[tuple[float,
         if node not in best:
             best[node] = max(((abs(w) / scale[t] * score(t), t) for t, w in out.get(node, [])), default=(0.0, None))
         return best[node][0]
-    starts = sorted((node_id for node_id, node in nodes.items() if node["feature_type"] == "embedding"),
-                    key=score, reverse=True)
+
+    starts = sorted(
+        (node_id for node_id, node in nodes.items() if node["feature_type"] == "embedding"), key=score, reverse=True
+    )
     paths = []
     for start in starts[:n]:
         if score(start) <= 0:
@@ -626,8 +749,9 @@ def strongest_paths(graph_json: dict[str, Any], n: int = 5) -> list[tuple[float,
 
 # ---- the set as a whole: every MLP replaced at once -------------------------------------------------------------
 @torch.no_grad()
-def replacement_scores(model: HostModel, transcoders: TranscoderSet, data: Any, tokens: int = 4096,
-                       batch_size: int = 8) -> dict[str, Any]:
+def replacement_scores(
+    model: HostModel, transcoders: TranscoderSet, data: Any, tokens: int = 4096, batch_size: int = 8
+) -> dict[str, Any]:
     """How well the set stands in for the MLPs, on held-out text: per layer the FVU of its output, and the
     CE-loss score with every transcoder layer's MLP replaced at once (each reading the replaced model's own
     activations, so errors compound): (CE with those MLPs zeroed − CE replaced) / (CE zeroed − CE clean)."""
@@ -636,7 +760,9 @@ def replacement_scores(model: HostModel, transcoders: TranscoderSet, data: Any, 
 
     ce = {"clean": 0.0, "replaced": 0.0, "zeroed": 0.0}
     err = {L: 0.0 for L in transcoders}
-    sums = {L: [0.0, None, 0] for L in transcoders}  # Σ|y|², Σy, n
+    sum_sq: dict[int, float] = {L: 0.0 for L in transcoders}  # Σ|y|² of each layer's MLP output
+    sum_y: dict[int, Tensor] = {}  # Σy
+    count: dict[int, int] = {L: 0 for L in transcoders}
     n_pred = n_tok = 0
     names = [h for L in transcoders for h in mlp_hooks(L)]
     for batch in token_batches(iter_documents(data), model.tokenizer, data.context_size, batch_size):
@@ -646,16 +772,16 @@ def replacement_scores(model: HostModel, transcoders: TranscoderSet, data: Any, 
 
         def ce_of(logits: Tensor) -> float:
             return float(torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target, reduction="sum"))
+
         logits, cache = model.run_with_cache(toks, names)
         ce["clean"] += ce_of(logits)
         codes = {L: tc.encode(cache[mlp_hooks(L)[0]][valid]) for L, tc in transcoders.items()}
         for L in transcoders.layers:
             x, y = (cache[h][valid] for h in mlp_hooks(L))
             err[L] += float((transcoders.output(L, codes, x) - y).pow(2).sum())
-            s = sums[L]
-            s[0] += float(y.pow(2).sum())
-            s[1] = y.sum(0) if s[1] is None else s[1] + y.sum(0)
-            s[2] += len(y)
+            sum_sq[L] += float(y.pow(2).sum())
+            sum_y[L] = y.sum(0) if L not in sum_y else sum_y[L] + y.sum(0)
+            count[L] += len(y)
         seen: dict[int, Tensor] = {}
         z: dict[int, Tensor] = {}  # each layer's latents from the replaced model's own MLP input
         replaced: dict[str, Any] = {}
@@ -674,10 +800,16 @@ def replacement_scores(model: HostModel, transcoders: TranscoderSet, data: Any, 
     if n_pred == 0:
         raise ConfigError("no text to score the transcoders on (the data gave no tokens)")
     ce = {k: v / n_pred for k, v in ce.items()}
-    fvu = {L: err[L] / max(s[0] - float(s[1].pow(2).sum()) / s[2], 1e-12) for L, s in sums.items()}
+    fvu = {L: err[L] / max(sum_sq[L] - float(sum_y[L].pow(2).sum()) / count[L], 1e-12) for L in sum_sq}
     score = (ce["zeroed"] - ce["replaced"]) / max(ce["zeroed"] - ce["clean"], 1e-12)
-    return {"tokens": n_tok, "fvu_by_layer": {str(L): v for L, v in fvu.items()}, "ce_loss_clean": ce["clean"],
-            "ce_loss_replaced": ce["replaced"], "ce_loss_mlps_zeroed": ce["zeroed"], "replacement_ce_score": score}
+    return {
+        "tokens": n_tok,
+        "fvu_by_layer": {str(L): v for L, v in fvu.items()},
+        "ce_loss_clean": ce["clean"],
+        "ce_loss_replaced": ce["replaced"],
+        "ce_loss_mlps_zeroed": ce["zeroed"],
+        "replacement_ce_score": score,
+    }
 
 
 def _remember(seen: dict[int, Tensor], z: dict[int, Tensor], layer: int, x: Tensor, tc: SAE) -> None:
@@ -704,26 +836,31 @@ def parse_node_edit(text: str) -> tuple[tuple[int, int, int], str, float]:
             if not math.isfinite(number):
                 raise ConfigError(f"feature edit {text[:60]!r}: the value must be a finite number")
             return key, op, number
-    raise ConfigError(f"cannot read feature edit {text!r}; expected LAYER_LATENT_POS=VALUE or LAYER_LATENT_POS*FACTOR "
-                      f"(a graph node id, e.g. 12_345_5=0)")
+    raise ConfigError(
+        f"cannot read feature edit {text!r}; expected LAYER_LATENT_POS=VALUE or LAYER_LATENT_POS*FACTOR "
+        f"(a graph node id, e.g. 12_345_5=0)"
+    )
 
 
 @contextlib.contextmanager
-def feature_edits(model: HostModel, transcoders: TranscoderSet, tokens: Tensor,
-                  edits: list[tuple[tuple[int, int, int], str, float]]) -> Iterator[dict[tuple[int, int, int], float]]:
+def feature_edits(
+    model: HostModel, transcoders: TranscoderSet, tokens: Tensor, edits: list[tuple[tuple[int, int, int], str, float]]
+) -> Iterator[dict[tuple[int, int, int], float]]:
     """Inside: each edited feature's activation at its prompt position is set (=) or scaled (*), by adding the
     change times its decoder direction to that layer's MLP output (and, cross-layer, each later MLP output it
     writes to), the transcoder's error kept, as a splice with its error term. Yields the activations before
     the edits."""
     clean = clean_pass(model, transcoders, tokens)
-    before, adds = {}, {}
+    before: dict[tuple[int, int, int], float] = {}
+    adds: dict[int, list[tuple[int, Tensor]]] = {}
     for (layer, latent, pos), op, value in edits:
         if layer not in transcoders:
             raise ConfigError(f"no transcoder at layer {layer} (the set has {transcoders.layers})")
         tc = transcoders[layer]
         if not (0 <= latent < tc.cfg.d_sae and 0 <= pos < tokens.shape[1]):
-            raise ConfigError(f"feature {layer}_{latent}_{pos} is out of range (d_sae {tc.cfg.d_sae}, "
-                              f"{tokens.shape[1]} positions)")
+            raise ConfigError(
+                f"feature {layer}_{latent}_{pos} is out of range (d_sae {tc.cfg.d_sae}, {tokens.shape[1]} positions)"
+            )
         old = float(clean.latents[layer][pos, latent])
         before[(layer, latent, pos)] = old
         new = value if op == "=" else old * value
@@ -739,14 +876,21 @@ def feature_edits(model: HostModel, transcoders: TranscoderSet, tokens: Tensor,
             for pos, direction in adds[layer]:
                 y[:, pos] += direction.to(y.dtype)
             return y
+
         return fn
+
     with model.hooks({mlp_hooks(layer)[1]: add(layer) for layer in adds}):
         yield before
 
 
-def intervene(model: HostModel, transcoders: TranscoderSet, prompt: str | list[int],
-              edits: list[tuple[tuple[int, int, int], str, float]], max_new_tokens: int = 20,
-              top: int = 5) -> dict[str, Any]:
+def intervene(
+    model: HostModel,
+    transcoders: TranscoderSet,
+    prompt: str | list[int],
+    edits: list[tuple[tuple[int, int, int], str, float]],
+    max_new_tokens: int = 20,
+    top: int = 5,
+) -> dict[str, Any]:
     """Top next-token probabilities and a greedy continuation, without and with the feature edits."""
     tokens = model.prompt_ids(prompt)
     ids = torch.tensor([tokens])
@@ -756,10 +900,15 @@ def intervene(model: HostModel, transcoders: TranscoderSet, prompt: str | list[i
         p, t = probs.topk(min(top, len(probs)))
         gen = model.generate(tokens, max_new_tokens=max_new_tokens, temperature=0.0, stop_at_eos=False)
         return {"top": [(model.tokenizer.decode([int(i)]), float(v)) for v, i in zip(p, t)], "continuation": gen.text}
+
     original = run()
     with feature_edits(model, transcoders, ids, edits) as before:
         edited = run()
-    return {"original": original, "edited": edited, "activations_before": {f"{l}_{f}_{p}": v for (l, f, p), v in before.items()}}
+    return {
+        "original": original,
+        "edited": edited,
+        "activations_before": {f"{layer}_{f}_{p}": v for (layer, f, p), v in before.items()},
+    }
 
 
 def read_json_graph(path: str | Path) -> dict[str, Any]:
@@ -767,11 +916,18 @@ def read_json_graph(path: str | Path) -> dict[str, Any]:
     data = read_json(path)
     if not {"metadata", "qParams", "nodes", "links"} <= set(data) or not isinstance(data["nodes"], list):
         raise FormatError(f"{path}: not an attribution graph (expected metadata, qParams, nodes, links)")
-    if not isinstance(data["metadata"], dict) or not isinstance(data["qParams"], dict) \
-            or not isinstance(data["links"], list):
+    if (
+        not isinstance(data["metadata"], dict)
+        or not isinstance(data["qParams"], dict)
+        or not isinstance(data["links"], list)
+    ):
         raise FormatError(f"{path}: metadata and qParams must be objects, links a list")
     for i, node in enumerate(data["nodes"]):
-        if not (isinstance(node, dict) and isinstance(node.get("node_id"), str) and isinstance(node.get("feature_type"), str)):
+        if not (
+            isinstance(node, dict)
+            and isinstance(node.get("node_id"), str)
+            and isinstance(node.get("feature_type"), str)
+        ):
             raise FormatError(f"{path}: node {i} needs a node_id and a feature_type (text)")
         if node["feature_type"] == "cross layer transcoder":
             try:
@@ -779,7 +935,12 @@ def read_json_graph(path: str | Path) -> dict[str, Any]:
             except ValueError:
                 raise FormatError(f"{path}: node {i}'s id {node['node_id'][:40]!r} is not LAYER_LATENT_POS") from None
     for i, link in enumerate(data["links"]):
-        if not (isinstance(link, dict) and isinstance(link.get("source"), str) and isinstance(link.get("target"), str)
-                and isinstance(link.get("weight"), (int, float)) and not isinstance(link.get("weight"), bool)):
+        if not (
+            isinstance(link, dict)
+            and isinstance(link.get("source"), str)
+            and isinstance(link.get("target"), str)
+            and isinstance(link.get("weight"), (int, float))
+            and not isinstance(link.get("weight"), bool)
+        ):
             raise FormatError(f"{path}: link {i} needs a source, a target (node ids) and a numeric weight")
     return data

@@ -25,11 +25,11 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from nanosae.errors import FormatError
 from nanosae.interp.featuredb import FeatureDB
 from nanosae.interp.featuredb import db_path as db_path_of
-from nanosae.errors import FormatError
 from nanosae.io import read_json, sha256_file, write_json, write_lock
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,9 @@ def _score(predicted: set, active: set) -> tuple[float, float, float]:
 def build_patterns(windows: list[Example], threshold: float, max_patterns: int = 3) -> list[Pattern]:
     """Greedy: the candidate that most raises token-level F1 on the windows, up to max_patterns."""
     index, active = _index(windows, threshold)
-    pool = {c for (e, pos) in active for c in _patterns_at(tuple(windows[e].tokens))[pos] if len(index[c] & active) >= 2}
+    pool = {
+        c for (e, pos) in active for c in _patterns_at(tuple(windows[e].tokens))[pos] if len(index[c] & active) >= 2
+    }
     chosen: list[Pattern] = []
     covered: set = set()
     best = 0.0
@@ -183,7 +185,9 @@ def explain_latent(evidence: Evidence) -> tuple[list[Pattern], Detection | None]
 
 def describe(patterns: list[Pattern]) -> str:
     """Human-readable: each pattern as quoted tokens, '*' for a wildcard, alternatives joined by ' | '."""
-    return " | ".join(" ".join("*" if t is WILDCARD else json.dumps(t, ensure_ascii=False) for t in p) for p in patterns)
+    return " | ".join(
+        " ".join("*" if t is WILDCARD else json.dumps(t, ensure_ascii=False) for t in p) for p in patterns
+    )
 
 
 # ---- writing them into features.db ---------------------------------------------------------------------------
@@ -193,9 +197,15 @@ Explainer = Callable[[Evidence], tuple[str | None, Detection | None]]
 PARTIAL_EVERY = 10  # latents between saves of an unfinished pass (an LLM pass is seconds a latent)
 
 
-def write_explanations(db_path: str | Path, explain_one: Explainer, method: str, most_frequent_first: bool = False,
-                       limit: int | None = None, progress: Callable[[int, int], None] | None = None,
-                       explainer: str = "") -> int:
+def write_explanations(
+    db_path: str | Path,
+    explain_one: Explainer,
+    method: str,
+    most_frequent_first: bool = False,
+    limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    explainer: str = "",
+) -> int:
     """Explain every latent that fired (or the `limit` most frequent) and write all rows in one transaction;
     latents with too little evidence get a note instead. Returns how many got an explanation.
 
@@ -207,8 +217,13 @@ def write_explanations(db_path: str | Path, explain_one: Explainer, method: str,
     with write_lock(path, directory=False):
         db = FeatureDB(db_path, readonly=False)
         try:
-            fingerprint = {"db": sha256_file(path), "method": method, "explainer": explainer, "limit": limit,
-                           "most_frequent_first": most_frequent_first}
+            fingerprint = {
+                "db": sha256_file(path),
+                "method": method,
+                "explainer": explainer,
+                "limit": limit,
+                "most_frequent_first": most_frequent_first,
+            }
             latents = db.to_explain(most_frequent_first, limit)
             windows = RandomText(db.random_windows()[: 2 * max(BUILD_OTHERS, SCORE_OTHERS)])
             updates = _resumed(partial, fingerprint)
@@ -216,9 +231,17 @@ def write_explanations(db_path: str | Path, explain_one: Explainer, method: str,
                 if n < len(updates):
                     continue
                 text, found, note = _explain_row(db, row, windows, explain_one)
-                updates.append([text, None if found is None else round(found.score, 4),
-                                None if found is None else round(found.precision, 4),
-                                None if found is None else round(found.recall, 4), method, note, row["id"]])
+                updates.append(
+                    [
+                        text,
+                        None if found is None else round(found.score, 4),
+                        None if found is None else round(found.precision, 4),
+                        None if found is None else round(found.recall, 4),
+                        method,
+                        note,
+                        row["id"],
+                    ]
+                )
                 if (n + 1) % PARTIAL_EVERY == 0:
                     write_json(partial, {"fingerprint": fingerprint, "updates": updates})
                 if progress is not None:
@@ -240,8 +263,11 @@ def _resumed(partial: Path, fingerprint: dict) -> list[list]:
         log.warning("%s is unreadable (%s); explaining from the start", partial, e)
         return []
     rows = saved.get("updates")
-    if saved.get("fingerprint") != fingerprint or not isinstance(rows, list) or not all(
-            isinstance(r, list) and len(r) == 7 for r in rows):
+    if (
+        saved.get("fingerprint") != fingerprint
+        or not isinstance(rows, list)
+        or not all(isinstance(r, list) and len(r) == 7 for r in rows)
+    ):
         return []
     return rows
 
@@ -265,12 +291,15 @@ class RandomText:
         return [Example(tokens, a) for tokens, a in zip(self.tokens, acts)]
 
 
-def _explain_row(db: FeatureDB, row: dict, windows: RandomText, explain_one: Explainer
-                 ) -> tuple[str | None, Detection | None, str | None]:
+def _explain_row(
+    db: FeatureDB, row: Any, windows: RandomText, explain_one: Explainer
+) -> tuple[str | None, Detection | None, str | None]:
     if row["fires"] < MIN_FIRES:
         return None, None, f"fired {row['fires']} times in the text read: too few to explain (needs {MIN_FIRES})"
-    examples = [Example(db.cell(r["tokens"], "example tokens"), db.cell(r["acts"], "example acts"))
-                for r in db.examples(row["id"])]
+    examples = [
+        Example(db.cell(r["tokens"], "example tokens"), db.cell(r["acts"], "example acts"))
+        for r in db.examples(row["id"])
+    ]
     text, found = explain_one(Evidence(examples, windows.of(row["id"]), row["max_act"], row["fires"]))
     if text is None:
         return None, None, "no pattern predicts where it fires"
@@ -281,6 +310,7 @@ def _explain_row(db: FeatureDB, row: dict, windows: RandomText, explain_one: Exp
 
 def explain_n2g(db_path: str | Path, progress: Callable[[int, int], None] | None = None) -> int:
     """Write an N2G explanation and its detection score for every latent with enough evidence; returns how many."""
+
     def one(evidence: Evidence) -> tuple[str | None, Detection | None]:
         patterns, found = explain_latent(evidence)
         return (describe(patterns) if patterns else None), found

@@ -20,7 +20,7 @@ import statistics
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from nanosae.config import MAX_LATENTS  # a features.db claiming more is damaged, not large
 from nanosae.errors import FormatError
@@ -81,8 +81,9 @@ def open_db(path: str | Path, readonly: bool = True) -> sqlite3.Connection:
     return con
 
 
-def write_db(out: Path, meta: dict[str, Any], latents: Iterable[tuple], examples: Iterable[tuple],
-             windows: Iterable[tuple] = ()) -> None:
+def write_db(
+    out: Path, meta: dict[str, Any], latents: Iterable[tuple], examples: Iterable[tuple], windows: Iterable[tuple] = ()
+) -> None:
     """Write a whole database to a temp file and rename it over `out` (a reader never sees half of one)."""
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
@@ -118,15 +119,22 @@ class FeatureDB:
     def meta(self) -> dict[str, Any]:
         """The meta table, checked: d_sae a sane positive integer, hist_edges a list of finite numbers."""
         try:
-            meta = {r["key"]: parse_json(r["value"], f"{self.path} meta {r['key']}")
-                    for r in self.rows("SELECT key, value FROM meta")}
+            meta = {
+                r["key"]: parse_json(r["value"], f"{self.path} meta {r['key']}")
+                for r in self.rows("SELECT key, value FROM meta")
+            }
         except sqlite3.Error as e:
             raise FormatError(f"{self.path}: its meta table is unreadable ({e})") from None
         d_sae, edges = meta.get("d_sae"), meta.get("hist_edges")
         if not (isinstance(d_sae, int) and 0 < d_sae <= MAX_LATENTS):
-            raise FormatError(f"{self.path}: meta d_sae is {str(d_sae)[:40]!r}, expected an integer in 1..{MAX_LATENTS}")
-        if not (isinstance(edges, list) and len(edges) >= 2 and all(isinstance(e, (int, float)) and math.isfinite(e)
-                                                                       for e in edges)):
+            raise FormatError(
+                f"{self.path}: meta d_sae is {str(d_sae)[:40]!r}, expected an integer in 1..{MAX_LATENTS}"
+            )
+        if not (
+            isinstance(edges, list)
+            and len(edges) >= 2
+            and all(isinstance(e, (int, float)) and math.isfinite(e) for e in edges)
+        ):
             raise FormatError(f"{self.path}: meta hist_edges must be a list of at least two finite numbers")
         return meta
 
@@ -138,8 +146,10 @@ class FeatureDB:
 
     def densities(self) -> list[float]:
         """Every latent's firing density, by id (a missing or non-numeric one counts as never firing)."""
-        return [float(d) if isinstance(d := r["density"], (int, float)) and math.isfinite(d) else 0.0
-                for r in self.rows("SELECT density FROM latents ORDER BY id")]
+        return [
+            float(d) if isinstance(d := r["density"], (int, float)) and math.isfinite(d) else 0.0
+            for r in self.rows("SELECT density FROM latents ORDER BY id")
+        ]
 
     def latent(self, latent: int) -> sqlite3.Row | None:
         found = self.rows("SELECT * FROM latents WHERE id = ?", (latent,))
@@ -152,22 +162,28 @@ class FeatureDB:
         """Top examples by rank, then quantile examples by rank."""
         return self.rows("SELECT * FROM examples WHERE latent = ? ORDER BY kind DESC, rank", (latent,))
 
-    def search(self, q: str = "", sort: str = "density", desc: bool = True, offset: int = 0,
-               limit: int = 50) -> tuple[int, list[sqlite3.Row]]:
+    def search(
+        self, q: str = "", sort: str = "density", desc: bool = True, offset: int = 0, limit: int = 50
+    ) -> tuple[int, list[sqlite3.Row]]:
         """(how many match, one page of them): q is a latent id, or text in explanations, output tokens or
         examples (one token's text, as stored)."""
-        where, args = "", ()
+        where, args = "", cast(tuple[Any, ...], ())  # the SQL's parameters, as many as it takes
         if q:
             if q.strip().isascii() and q.strip().isdigit():  # '²' and '٣' are digits to isdigit but not to int
                 where, args = "WHERE id = ?", (min(int(q), 2**62),)
             else:  # explanations, output tokens, and the text of the latent's examples
-                where = ("WHERE explanation LIKE ? OR top_logits LIKE ? OR id IN "
-                         "(SELECT latent FROM examples WHERE tokens LIKE ?)")
+                where = (
+                    "WHERE explanation LIKE ? OR top_logits LIKE ? OR id IN "
+                    "(SELECT latent FROM examples WHERE tokens LIKE ?)"
+                )
                 args = (f"%{q}%", f"%{q}%", f"%{json.dumps(q)[1:-1]}%")
         order = f"{sort if sort in SORTS else 'density'} {'DESC' if desc else 'ASC'}, id"
         total = self.rows(f"SELECT COUNT(*) AS n FROM latents {where}", args)[0]["n"]
-        rows = self.rows(f"SELECT id, density, mean_act, max_act, explanation, score, top_logits FROM latents {where} "
-                         f"ORDER BY {order} LIMIT ? OFFSET ?", (*args, limit, offset))
+        rows = self.rows(
+            f"SELECT id, density, mean_act, max_act, explanation, score, top_logits FROM latents {where} "
+            f"ORDER BY {order} LIMIT ? OFFSET ?",
+            (*args, limit, offset),
+        )
         return total, rows
 
     def focus_tokens(self, latent: int, n: int = 5) -> list[str]:
@@ -180,13 +196,18 @@ class FeatureDB:
         return out[:n]
 
     def explanations(self) -> dict[int, str]:
-        return {r["id"]: r["explanation"] for r in self.rows("SELECT id, explanation FROM latents WHERE explanation IS NOT NULL")}
+        return {
+            r["id"]: r["explanation"]
+            for r in self.rows("SELECT id, explanation FROM latents WHERE explanation IS NOT NULL")
+        }
 
     def to_explain(self, most_frequent_first: bool = False, limit: int | None = None) -> list[sqlite3.Row]:
         """(id, fires, max_act) of the latents that fired, by id or most frequent first."""
         order = "fires DESC, id" if most_frequent_first else "id"
-        return self.rows(f"SELECT id, fires, max_act FROM latents WHERE fires > 0 ORDER BY {order}" +
-                         (f" LIMIT {int(limit)}" if limit else ""))
+        return self.rows(
+            f"SELECT id, fires, max_act FROM latents WHERE fires > 0 ORDER BY {order}"
+            + (f" LIMIT {int(limit)}" if limit else "")
+        )
 
     def set_explanations(self, updates: list[tuple]) -> None:
         """(explanation, score, precision, recall, method, note, id) rows, in one transaction: all land, or none."""
@@ -195,27 +216,38 @@ class FeatureDB:
             for name, kind in SCORE_COLUMNS.items():  # a database from before these columns gets them now
                 if name not in columns:
                     self.con.execute(f"ALTER TABLE latents ADD COLUMN {name} {kind}")
-            self.con.executemany("UPDATE latents SET explanation = ?, score = ?, precision = ?, recall = ?, method = ?, "
-                                 "note = ? WHERE id = ?", updates)
+            self.con.executemany(
+                "UPDATE latents SET explanation = ?, score = ?, precision = ?, recall = ?, method = ?, "
+                "note = ? WHERE id = ?",
+                updates,
+            )
 
     def random_windows(self) -> list[tuple[list[str], list[dict[str, float]]]]:
         """(tokens, {latent: activation} per token) of the random windows ([] for databases without them)."""
         tables = {r[0] for r in self.rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "windows" not in tables:
             return []
-        return [(self.cell(r["tokens"], "window tokens"), self.cell(r["latents"], "window latents"))
-                for r in self.rows("SELECT * FROM windows ORDER BY id")]
+        return [
+            (self.cell(r["tokens"], "window tokens"), self.cell(r["latents"], "window latents"))
+            for r in self.rows("SELECT * FROM windows ORDER BY id")
+        ]
 
     def explained(self, min_fires: int, max_density: float) -> list[sqlite3.Row]:
         """Latents with a scored explanation, enough firings and not dense: best score first, then most evidence."""
-        return self.rows("SELECT id, density, fires, max_act, explanation, score, top_logits FROM latents WHERE "
-                         "explanation IS NOT NULL AND score IS NOT NULL AND fires >= ? AND density <= ? "
-                         "ORDER BY score DESC, fires DESC", (min_fires, max_density))
+        return self.rows(
+            "SELECT id, density, fires, max_act, explanation, score, top_logits FROM latents WHERE "
+            "explanation IS NOT NULL AND score IS NOT NULL AND fires >= ? AND density <= ? "
+            "ORDER BY score DESC, fires DESC",
+            (min_fires, max_density),
+        )
 
     def best_explained(self, n: int, min_density: float, max_density: float) -> list[sqlite3.Row]:
         """The n best-scored explained latents whose density lies in [min_density, max_density]."""
-        return self.rows("SELECT id, density, max_act, explanation, score, top_logits FROM latents WHERE explanation "
-                         "IS NOT NULL AND density BETWEEN ? AND ? ORDER BY score DESC LIMIT ?", (min_density, max_density, n))
+        return self.rows(
+            "SELECT id, density, max_act, explanation, score, top_logits FROM latents WHERE explanation "
+            "IS NOT NULL AND density BETWEEN ? AND ? ORDER BY score DESC LIMIT ?",
+            (min_density, max_density, n),
+        )
 
 
 def explanations(path: str | Path) -> dict[int, str]:
@@ -230,8 +262,9 @@ def explanations(path: str | Path) -> dict[int, str]:
 
 
 def explanation_score(db: Path | None) -> dict[str, Any]:
-    """The evaluation's "explanations" section: mean detection score of the explanations in a features.db (balanced accuracy on held-out active and
-    silent windows; see docs/interpretation.md), with how many latents were scored."""
+    """The evaluation's "explanations" section: mean detection score of the explanations in a features.db
+    (balanced accuracy on held-out active and silent windows; see docs/interpretation.md), with how many latents
+    were scored."""
     if db is None or not db.exists():
         return {"latents_scored": 0, "note": "no features.db: run `nanosae features` and `nanosae explain` first"}
     fdb = FeatureDB(db)
@@ -243,6 +276,15 @@ def explanation_score(db: Path | None) -> dict[str, Any]:
     scores = [r["score"] for r in rows]
     methods = sorted({r["method"] for r in rows if r["method"]})
     if not scores:
-        return {"latents_scored": 0, "latents": total, "note": "features.db holds no scored explanation: run `nanosae explain`"}
-    return {"explanation_score": statistics.fmean(scores), "explanation_score_std": statistics.pstdev(scores),
-            "latents_scored": len(scores), "latents": total, "methods": methods}
+        return {
+            "latents_scored": 0,
+            "latents": total,
+            "note": "features.db holds no scored explanation: run `nanosae explain`",
+        }
+    return {
+        "explanation_score": statistics.fmean(scores),
+        "explanation_score_std": statistics.pstdev(scores),
+        "latents_scored": len(scores),
+        "latents": total,
+        "methods": methods,
+    }

@@ -20,15 +20,13 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")  # torch.sparse.mm below
 
 from nanosae.config import DataConfig, check_fields, check_range
 from nanosae.data.corpus import iter_documents
@@ -37,11 +35,12 @@ from nanosae.data.tokens import in_background, token_batches
 from nanosae.errors import DataError, first_line
 from nanosae.interp.featuredb import is_features_db, write_db
 from nanosae.io import write_lock
-from nanosae.outputs import check_file
 from nanosae.models import HostModel
+from nanosae.outputs import check_file
 from nanosae.sae import SAE
 
 log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")  # torch.sparse.mm below
 HIST_EDGES = torch.logspace(-3, 3, 61)  # activation histogram bins (plus underflow/overflow)
 
 
@@ -78,8 +77,16 @@ class FeaturesConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("tokens", "top_n", "reservoir", "quantile_examples", "batch_size", "logit_top", "cofiring_top",
-                     "random_windows"):
+        for name in (
+            "tokens",
+            "top_n",
+            "reservoir",
+            "quantile_examples",
+            "batch_size",
+            "logit_top",
+            "cofiring_top",
+            "random_windows",
+        ):
             check_range(name, getattr(self, name), 1)
         for name in ("window_left", "window_right"):
             check_range(name, getattr(self, name), 0, 1024)  # a window is what a page shows around a token
@@ -98,7 +105,9 @@ class _Examples:
     def merge(self, key: Tensor, act: Tensor, tokens: Tensor, acts: Tensor) -> None:
         all_key = torch.cat([self.key, key], 1)
         best = all_key.topk(self.key.shape[1], dim=1).indices
-        pick = lambda old, new: torch.cat([old, new], 1).gather(1, best if old.dim() == 2 else best[..., None].expand(-1, -1, old.shape[2]))
+        pick = lambda old, new: torch.cat([old, new], 1).gather(
+            1, best if old.dim() == 2 else best[..., None].expand(-1, -1, old.shape[2])
+        )
         self.key, self.act = pick(self.key, key), pick(self.act, act)
         self.tokens, self.acts = pick(self.tokens, tokens), pick(self.acts, acts)
 
@@ -153,7 +162,9 @@ def _window_positions(t: Tensor, length: int, left: int, right: int) -> tuple[Te
     return pos.clamp(0, length - 1), inside
 
 
-def _windows(tok_BT: Tensor, z_BTF: Tensor, b: Tensor, t: Tensor, f: Tensor, left: int, right: int) -> tuple[Tensor, Tensor]:
+def _windows(
+    tok_BT: Tensor, z_BTF: Tensor, b: Tensor, t: Tensor, f: Tensor, left: int, right: int
+) -> tuple[Tensor, Tensor]:
     """Token ids and latent-f activations of the windows around (b, t): (n, left+1+right), -1 padded."""
     pos, inside = _window_positions(t, tok_BT.shape[1], left, right)
     tokens = tok_BT[b[:, None], pos].masked_fill(~inside, -1).int()
@@ -161,8 +172,9 @@ def _windows(tok_BT: Tensor, z_BTF: Tensor, b: Tensor, t: Tensor, f: Tensor, lef
     return tokens, acts
 
 
-def logit_effects(model: HostModel, sae: SAE, top: int, chunk: int = 256,
-                  latents: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def logit_effects(
+    model: HostModel, sae: SAE, top: int, chunk: int = 256, latents: list[int] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top boosted / suppressed output tokens of each decoder direction (or of `latents` only): (values, ids)
     for each side."""
     norm, W_U = model.unembed()
@@ -190,18 +202,29 @@ def logit_effects(model: HostModel, sae: SAE, top: int, chunk: int = 256,
     return torch.cat(ups), torch.cat(up_ids), torch.cat(downs), torch.cat(down_ids)
 
 
-def _model_batches(model: HostModel, sae: SAE, hooks: list[str], cfg: FeaturesConfig,
-                   skip: int) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+def _model_batches(
+    model: HostModel, sae: SAE, hooks: list[str], cfg: FeaturesConfig, skip: int
+) -> Generator[tuple[int, Tensor, Tensor, Tensor], None, None]:
     """(index, tokens (B, T), valid (B, T), SAE input (B, T, d_in)) from windows run through the model."""
-    batches = in_background(token_batches(iter_documents(cfg.data), model.tokenizer, cfg.data.context_size,
-                                          cfg.batch_size, cfg.data.pack, cfg.data.exclude_first))
+    batches = in_background(
+        token_batches(
+            iter_documents(cfg.data),
+            model.tokenizer,
+            cfg.data.context_size,
+            cfg.batch_size,
+            cfg.data.pack,
+            cfg.data.exclude_first,
+        )
+    )
     for i, batch in enumerate(batches):
         if i >= skip:
             _, cache = model.run_with_cache(batch.tokens.to(model.device), hooks, return_logits=False)
             yield i, batch.tokens, batch.valid, sae.gather_input(cache, hooks)
 
 
-def _store_batches(store: ActivationStore, cfg: FeaturesConfig, skip: int) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+def _store_batches(
+    store: ActivationStore, cfg: FeaturesConfig, skip: int
+) -> Generator[tuple[int, Tensor, Tensor, Tensor], None, None]:
     """The same from a store: its token ids rebuild the collection's windows (a window starts where the
     position does not grow), so no model pass is needed. Positions that were not stored hold BOS (window
     starts, document separators, padding), or -1 (unknown) among the first exclude_first."""
@@ -212,8 +235,9 @@ def _store_batches(store: ActivationStore, cfg: FeaturesConfig, skip: int) -> It
     exclude_first = int((store.manifest.get("data") or {}).get("exclude_first", 0))
     ids = store.token_ids(0, min(len(store), cfg.tokens + cfg.batch_size * context))
     pos = ids[:, 1]
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), (pos[1:] <= pos[:-1]).nonzero()[:, 0] + 1,
-                        torch.tensor([len(ids)])])
+    starts = torch.cat(
+        [torch.zeros(1, dtype=torch.long), (pos[1:] <= pos[:-1]).nonzero()[:, 0] + 1, torch.tensor([len(ids)])]
+    )
     for i, r0 in enumerate(range(0, len(starts) - 1, cfg.batch_size)):
         if i < skip:
             continue
@@ -232,9 +256,16 @@ def _store_batches(store: ActivationStore, cfg: FeaturesConfig, skip: int) -> It
 
 
 @torch.no_grad()
-def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | Path, hook: str | None = None,
-                   progress: Callable[[int, int, float], None] | None = None,
-                   acts: ActivationStore | str | Path | None = None, home: str | Path | None = None) -> Path:
+def build_features(
+    sae: SAE,
+    model: HostModel,
+    cfg: FeaturesConfig,
+    out: str | Path,
+    hook: str | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    acts: ActivationStore | str | Path | None = None,
+    home: str | Path | None = None,
+) -> Path:
     """Stream cfg.tokens tokens through model + SAE and write the feature database to `out`.
 
     acts: read the SAE's input from this store (collected with token ids) instead of running the model;
@@ -249,20 +280,34 @@ def build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: str | P
         return _build_features(sae, model, cfg, out, hook, progress, acts)
 
 
-def _build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: Path, hook: str | None,
-                    progress: Callable[[int, int, float], None] | None,
-                    acts: ActivationStore | str | Path | None) -> Path:
+def _build_features(
+    sae: SAE,
+    model: HostModel,
+    cfg: FeaturesConfig,
+    out: Path,
+    hook: str | None,
+    progress: Callable[[int, int, float], None] | None,
+    acts: ActivationStore | str | Path | None,
+) -> Path:
     acts_store = acts if acts is None or isinstance(acts, ActivationStore) else ActivationStore(acts, verify=False)
     hooks = _hooks_read(sae, model, hook, acts_store)
     sae.eval()
     state_path = out.with_name(out.name + ".partial.pt")
-    fingerprint = {"cfg": asdict(cfg), "hook": ",".join(hooks), "d_sae": sae.cfg.d_sae, "model": model.name,
-                   "W_dec_sum": float(sae.W_dec.double().sum()),
-                   "acts": str(acts_store.path) if acts_store is not None else None}
+    fingerprint = {
+        "cfg": asdict(cfg),
+        "hook": ",".join(hooks),
+        "d_sae": sae.cfg.d_sae,
+        "model": model.name,
+        "W_dec_sum": float(sae.W_dec.double().sum()),
+        "acts": str(acts_store.path) if acts_store is not None else None,
+    }
     acc = FeatureStats.resume(state_path, fingerprint) or FeatureStats(sae.cfg.d_sae, cfg)
     t0 = time.perf_counter()
-    batches = (_store_batches(acts_store, cfg, acc.batches) if acts_store is not None
-               else _model_batches(model, sae, hooks, cfg, acc.batches))
+    batches = (
+        _store_batches(acts_store, cfg, acc.batches)
+        if acts_store is not None
+        else _model_batches(model, sae, hooks, cfg, acc.batches)
+    )
     for i, toks, valid, x in batches:
         if acc.n_tokens >= cfg.tokens:
             break
@@ -275,7 +320,9 @@ def _build_features(sae: SAE, model: HostModel, cfg: FeaturesConfig, out: Path, 
     if acc.n_tokens == 0:
         raise DataError(f"no tokens from {acts_store.path if acts_store is not None else ', '.join(cfg.data.specs)}")
     if acts_store is not None:
-        cfg = replace(cfg, data=DataConfig.from_dict(acts_store.manifest.get("data") or {"specs": [str(acts_store.path)]}))
+        cfg = replace(
+            cfg, data=DataConfig.from_dict(acts_store.manifest.get("data") or {"specs": [str(acts_store.path)]})
+        )
     _write_db(out, sae, model, ",".join(hooks), cfg, acc)
     state_path.unlink(missing_ok=True)
     return out
@@ -291,8 +338,10 @@ def _hooks_read(sae: SAE, model: HostModel, hook: str | None, store: ActivationS
         store.check(d_in=sae.cfg.d_in)
         wanted = hook or sae.cfg.hook_name
         if wanted and store.hook and store.hook != wanted:
-            raise DataError(f"{store.path} holds {store.hook} activations but the SAE reads {wanted}; "
-                            "give the store of that hook (or --hook to override)")
+            raise DataError(
+                f"{store.path} holds {store.hook} activations but the SAE reads {wanted}; "
+                "give the store of that hook (or --hook to override)"
+            )
         return [hook or store.hook or sae.cfg.input_hooks[0]]
     hooks = [hook] if hook else sae.cfg.input_hooks
     if not all(hooks):
@@ -300,8 +349,10 @@ def _hooks_read(sae: SAE, model: HostModel, hook: str | None, store: ActivationS
     for h in hooks:
         model.parse_hook(h)
     if sum(model.hook_dim(h) for h in hooks) != sae.cfg.d_in:
-        raise DataError(f"{', '.join(hooks)} have width {sum(model.hook_dim(h) for h in hooks)} but the SAE "
-                        f"expects d_in={sae.cfg.d_in}")
+        raise DataError(
+            f"{', '.join(hooks)} have width {sum(model.hook_dim(h) for h in hooks)} but the SAE "
+            f"expects d_in={sae.cfg.d_in}"
+        )
     return hooks
 
 
@@ -334,15 +385,21 @@ class FeatureStats:
         bucket = torch.bucketize(vals, HIST_EDGES)
         self.hist.view(-1).index_add_(0, f * self.hist.shape[1] + bucket, torch.ones_like(bucket))
         # co-firing: for each token, every pair of its active latents
-        S = torch.sparse_coo_tensor(torch.stack([b * z.shape[1] + t, f]), torch.ones_like(vals),
-                                    (z.shape[0] * z.shape[1], F_), check_invariants=False)
+        S = torch.sparse_coo_tensor(
+            torch.stack([b * z.shape[1] + t, f]),
+            torch.ones_like(vals),
+            (z.shape[0] * z.shape[1], F_),
+            check_invariants=False,
+        )
         co = torch.sparse.mm(S.t().coalesce(), S).coalesce()
         ij = co.indices()
         self.cofire.view(-1).index_add_(0, ij[0] * F_ + ij[1], co.values().round().int())
         # top-N by activation and the reservoir by a random key, both per latent and at most one per window:
         # each window (a row of the batch; rows never overlap) offers its best position by the key, so two
         # examples of a latent are never one passage re-centred on another of its tokens
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)  # per batch, so a resumed pass draws the same keys
+        gen = torch.Generator().manual_seed(
+            cfg.seed * 1_000_003 + i
+        )  # per batch, so a resumed pass draws the same keys
         random_keys = torch.rand(z.shape, generator=gen).masked_fill(z <= 0, -math.inf)
         for examples, key_all in ((self.top, z), (self.reservoir, random_keys)):
             row_key, row_pos = key_all.max(dim=1)  # (B, F): each window's best key and where it is
@@ -351,8 +408,9 @@ class FeatureStats:
             lat = torch.arange(F_)[:, None].expand(-1, k)
             tt = row_pos.T.gather(1, bb)
             act = z[bb, tt, lat]
-            tokens, win_acts = _windows(toks, z, bb.reshape(-1), tt.reshape(-1), lat.reshape(-1), cfg.window_left,
-                                        cfg.window_right)
+            tokens, win_acts = _windows(
+                toks, z, bb.reshape(-1), tt.reshape(-1), lat.reshape(-1), cfg.window_left, cfg.window_right
+            )
             key = key.masked_fill(act <= 0, -math.inf)
             width = tokens.shape[-1]
             examples.merge(key, act, tokens.view(F_, k, width), win_acts.view(F_, k, width))
@@ -362,13 +420,19 @@ class FeatureStats:
     def save(self, path: Path, fingerprint: dict[str, Any]) -> None:
         from nanosae.io import atomic_write
 
-        state = {"fingerprint": json.dumps(fingerprint), "n_tokens": self.n_tokens, "batches": self.batches,
-                 "top": self.top.state(), "reservoir": self.reservoir.state(), "random": self.random.state(),
-                 **{name: getattr(self, name) for name in self.TENSORS}}
+        state = {
+            "fingerprint": json.dumps(fingerprint),
+            "n_tokens": self.n_tokens,
+            "batches": self.batches,
+            "top": self.top.state(),
+            "reservoir": self.reservoir.state(),
+            "random": self.random.state(),
+            **{name: getattr(self, name) for name in self.TENSORS},
+        }
         atomic_write(path, lambda p: torch.save(state, p))
 
     @classmethod
-    def resume(cls, path: Path, fingerprint: dict[str, Any]) -> "FeatureStats | None":
+    def resume(cls, path: Path, fingerprint: dict[str, Any]) -> FeatureStats | None:
         """The partial pass saved at path when it was made with the same settings, SAE and data; else None (an
         unreadable state is reported and the pass starts over)."""
         if not path.exists():
@@ -386,8 +450,7 @@ class FeatureStats:
             acc.reservoir.load(state["reservoir"])
             acc.random.load(state["random"])
         except Exception as e:  # torch.load raises many kinds for truncated or corrupt files
-            log.warning("%s is unreadable (%s); the feature pass starts over", path,
-                        first_line(e))
+            log.warning("%s is unreadable (%s); the feature pass starts over", path, first_line(e))
             return None
         log.info("resuming the feature pass at %d tokens", acc.n_tokens)
         return acc
@@ -425,31 +488,63 @@ def _write_db(out: Path, sae: SAE, model: HostModel, hook: str, cfg: FeaturesCon
     def text(ids: list[int]) -> list[str]:
         return readable(model.tokenizer.decode, ids, piece)
 
-    meta = {"hook": hook, "kind": sae.cfg.kind, "hook_out": ",".join(sae.cfg.output_hooks), "model": model.name,
-            "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in, "tokens": acc.n_tokens, "architecture": sae.cfg.architecture,
-            "hist_edges": HIST_EDGES.tolist(), "window_left": cfg.window_left, "data": cfg.data.specs,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_db(out, meta, _latent_rows(sae, model, cfg, acc, piece), _example_rows(cfg, acc, text),
-             _random_window_rows(acc, text))
+    meta = {
+        "hook": hook,
+        "kind": sae.cfg.kind,
+        "hook_out": ",".join(sae.cfg.output_hooks),
+        "model": model.name,
+        "d_sae": sae.cfg.d_sae,
+        "d_in": sae.cfg.d_in,
+        "tokens": acc.n_tokens,
+        "architecture": sae.cfg.architecture,
+        "hist_edges": HIST_EDGES.tolist(),
+        "window_left": cfg.window_left,
+        "data": cfg.data.specs,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    write_db(
+        out,
+        meta,
+        _latent_rows(sae, model, cfg, acc, piece),
+        _example_rows(cfg, acc, text),
+        _random_window_rows(acc, text),
+    )
 
 
-def _latent_rows(sae: SAE, model: HostModel, cfg: FeaturesConfig, acc: FeatureStats,
-                 piece: Callable[[int], str]) -> list[tuple]:
-    up_v, up_i, down_v, down_i = logit_effects(model, sae, cfg.logit_top)
+def _latent_rows(
+    sae: SAE, model: HostModel, cfg: FeaturesConfig, acc: FeatureStats, piece: Callable[[int], str]
+) -> list[tuple]:
+    effects = logit_effects(model, sae, cfg.logit_top)  # up values, up ids, down values, down ids
     p_given = acc.cofire.double() / acc.cofire.diagonal().double().clamp_min(1)[:, None]
     p_given.fill_diagonal_(-1)
-    co_v, co_i = p_given.topk(min(cfg.cofiring_top, sae.cfg.d_sae), dim=1)
+    co = p_given.topk(min(cfg.cofiring_top, sae.cfg.d_sae), dim=1)
     # plain lists: per-element tensor indexing in this loop cost more than the feature pass itself
     co_v, co_i, up_v, up_i, down_v, down_i, fires, act_sum, act_max, hist = (
-        t.tolist() for t in (co_v, co_i, up_v, up_i, down_v, down_i, acc.fires, acc.act_sum, acc.act_max, acc.hist))
+        t.tolist() for t in (co.values, co.indices, *effects, acc.fires, acc.act_sum, acc.act_max, acc.hist)
+    )
     rows = []
     for i in range(sae.cfg.d_sae):
         n = int(fires[i])
         cofiring = [[j, round(v, 4)] for j, v in zip(co_i[i], co_v[i]) if v > 0]
-        rows.append((i, n / acc.n_tokens, n, act_sum[i] / max(n, 1), act_max[i], json.dumps(hist[i]),
-                     json.dumps([[piece(t), round(v, 4)] for t, v in zip(up_i[i], up_v[i])]),
-                     json.dumps([[piece(t), round(v, 4)] for t, v in zip(down_i[i], down_v[i])]),
-                     json.dumps(cofiring), None, None, None, None, None, None))
+        rows.append(
+            (
+                i,
+                n / acc.n_tokens,
+                n,
+                act_sum[i] / max(n, 1),
+                act_max[i],
+                json.dumps(hist[i]),
+                json.dumps([[piece(t), round(v, 4)] for t, v in zip(up_i[i], up_v[i])]),
+                json.dumps([[piece(t), round(v, 4)] for t, v in zip(down_i[i], down_v[i])]),
+                json.dumps(cofiring),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
+        )
     return rows
 
 
@@ -457,8 +552,9 @@ def _random_window_rows(acc: FeatureStats, text: Callable[[list[int]], list[str]
     """(id, tokens, latents): latents as one {latent: activation} object per token (firing latents only)."""
     rows = []
     kept = acc.random.key > -math.inf
-    for n, (toks, idx, val) in enumerate(zip(acc.random.tokens[kept].tolist(), acc.random.idx[kept].tolist(),
-                                             acc.random.val[kept].tolist())):
+    for n, (toks, idx, val) in enumerate(
+        zip(acc.random.tokens[kept].tolist(), acc.random.idx[kept].tolist(), acc.random.val[kept].tolist())
+    ):
         latents = [{str(i): round(v, 4) for i, v in zip(ii, vv) if v > 0} for ii, vv in zip(idx, val)]
         rows.append((n, json.dumps(text(toks)), json.dumps(latents)))
     return rows
@@ -466,8 +562,15 @@ def _random_window_rows(acc: FeatureStats, text: Callable[[list[int]], list[str]
 
 def _example_rows(cfg: FeaturesConfig, acc: FeatureStats, text: Callable[[list[int]], list[str]]) -> list[tuple]:
     """Top examples by rank, and quantile examples picked at evenly spaced activation ranks of the reservoir."""
-    row = lambda i, kind, rank, act, toks, acts: (i, kind, rank, act, json.dumps(text(toks)),
-                                                  json.dumps([round(v, 4) for v in acts]), cfg.window_left)
+    row = lambda i, kind, rank, act, toks, acts: (
+        i,
+        kind,
+        rank,
+        act,
+        json.dumps(text(toks)),
+        json.dumps([round(v, 4) for v in acts]),
+        cfg.window_left,
+    )
     top = (acc.top.act.tolist(), acc.top.tokens.tolist(), acc.top.acts.tolist())
     res = (acc.reservoir.act.tolist(), acc.reservoir.tokens.tolist(), acc.reservoir.acts.tolist())
     examples = []
@@ -480,6 +583,7 @@ def _example_rows(cfg: FeaturesConfig, acc: FeatureStats, text: Callable[[list[i
         if fired:
             n = cfg.quantile_examples
             picks = sorted({round(q * (len(fired) - 1) / max(1, n - 1)) for q in range(n)})
-            examples += [row(i, "quantile", rank, act[fired[q]], toks[fired[q]], acts[fired[q]])
-                         for rank, q in enumerate(picks)]
+            examples += [
+                row(i, "quantile", rank, act[fired[q]], toks[fired[q]], acts[fired[q]]) for rank, q in enumerate(picks)
+            ]
     return examples

@@ -20,16 +20,17 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from nanosae.errors import ConfigError
 from nanosae.models import Generation, HostModel
+from nanosae.models.host import HookFn
 from nanosae.sae import SAE
 
 
@@ -50,8 +51,9 @@ class TrackedToken(NamedTuple):
 class FeatureTracker:
     """Streams the top-k active features of every generated token (several SAEs at once)."""
 
-    def __init__(self, model: HostModel, saes: dict[str, SAE], top_k: int = 5,
-                 labels: dict[tuple[str, int], str] | None = None):
+    def __init__(
+        self, model: HostModel, saes: dict[str, SAE], top_k: int = 5, labels: dict[tuple[str, int], str] | None = None
+    ):
         self.model, self.saes, self.top_k, self.labels = model, saes, top_k, labels or {}
         for sae in saes.values():
             if not sae.cfg.hook_name:
@@ -65,6 +67,7 @@ class FeatureTracker:
     def _capture(self, hook: str) -> Callable[[Tensor], None]:
         def fn(x: Tensor) -> None:
             self.latest[hook] = x[0, -1].detach()
+
         return fn
 
     @torch.no_grad()
@@ -73,11 +76,16 @@ class FeatureTracker:
         for name, sae in self.saes.items():
             z = sae.encode(sae.gather_input(self.latest)[None])[0]
             vals, idx = z.topk(min(self.top_k, len(z)))
-            out += [ActiveFeature(name, int(i), float(v), self.labels.get((name, int(i)))) for v, i in zip(vals, idx) if v > 0]
+            out += [
+                ActiveFeature(name, int(i), float(v), self.labels.get((name, int(i))))
+                for v, i in zip(vals, idx)
+                if v > 0
+            ]
         return out
 
-    def generate(self, prompt: str | list[int], callback: Callable[[TrackedToken], None] | None = None,
-                 **generate_kwargs) -> Generation:
+    def generate(
+        self, prompt: str | list[int], callback: Callable[[TrackedToken], None] | None = None, **generate_kwargs
+    ) -> Generation:
         """model.generate with tracking; callback(TrackedToken) as each token appears."""
         hooks = {h: self._capture(h) for sae in self.saes.values() for h in sae.cfg.input_hooks}
 
@@ -129,8 +137,12 @@ class Edit:
     def __post_init__(self) -> None:
         if not isinstance(self.latent, int) or isinstance(self.latent, bool) or self.latent < 0:
             raise ConfigError(f"feature edit: latent must be a non-negative integer, got {self.latent!r}")
-        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value) \
-                or abs(self.value) > MAX_EDIT:
+        if (
+            isinstance(self.value, bool)
+            or not isinstance(self.value, (int, float))
+            or not math.isfinite(self.value)
+            or abs(self.value) > MAX_EDIT
+        ):
             raise ConfigError(f"feature edit: value must be a finite number within ±{MAX_EDIT:g}, got {self.value!r}")
         if self.mode not in ("add", "clamp"):
             raise ConfigError(f"feature edit: mode must be add or clamp, got {self.mode!r}")
@@ -141,7 +153,9 @@ def parse_edit(text: str) -> Edit:
     """'123=+8' adds 8·W_dec[123]; '123=-4' subtracts; '77=5' clamps to 5; '77=0' ablates."""
     m = re.fullmatch(r"\s*(\d+)\s*=\s*([+-]?)(\d*\.?\d+(?:e[+-]?\d+)?)\s*", text)
     if not m:
-        raise ConfigError(f"cannot read feature edit {text!r}; expected LATENT=+V (add), LATENT=-V (subtract) or LATENT=V (clamp)")
+        raise ConfigError(
+            f"cannot read feature edit {text!r}; expected LATENT=+V (add), LATENT=-V (subtract) or LATENT=V (clamp)"
+        )
     value = float(m.group(3)) * (-1 if m.group(2) == "-" else 1)
     return Edit(int(m.group(1)), value, "add" if m.group(2) else "clamp")
 
@@ -155,9 +169,13 @@ def steering(model: HostModel, sae: SAE, edits: list[Edit]) -> Iterator[None]:
     adds = [e for e in edits if e.mode == "add"]
     clamps = [e for e in edits if e.mode == "clamp"]
     if clamps and sae.cfg.kind == "crosscoder":
-        raise ConfigError("a crosscoder's latents depend on every layer at once, so they cannot be clamped during a "
-                          "forward pass; add its decoder direction instead (LATENT=+V)")
-    direction = sum((e.value * sae.W_dec[e.latent] for e in adds), torch.zeros(sae.cfg.d_out, dtype=sae.dtype, device=sae.device))
+        raise ConfigError(
+            "a crosscoder's latents depend on every layer at once, so they cannot be clamped during a "
+            "forward pass; add its decoder direction instead (LATENT=+V)"
+        )
+    direction = sum(
+        (e.value * sae.W_dec[e.latent] for e in adds), torch.zeros(sae.cfg.d_out, dtype=sae.dtype, device=sae.device)
+    )
     blocks = sae.output_blocks((direction / sae.output_factor()).detach())
     read_at = sae.cfg.hook_name if sae.cfg.kind == "transcoder" else None
     captured: dict[str, Tensor] = {}
@@ -174,17 +192,19 @@ def steering(model: HostModel, sae: SAE, edits: list[Edit]) -> Iterator[None]:
         def fn(y: Tensor) -> Tensor:
             y = clamped(y) if clamps else y
             return y + blocks[hook].to(y.dtype) if adds else y
+
         return fn
 
-    fns = {h: write(h) for h in sae.cfg.output_hooks}
+    fns: dict[str, HookFn] = {h: write(h) for h in sae.cfg.output_hooks}
     if read_at and clamps:
         fns[read_at] = lambda x: captured.__setitem__("x", x)
     with model.hooks(fns):
         yield
 
 
-def steer(model: HostModel, sae: SAE, edits: list[Edit], prompt: str | list[int], **generate_kwargs
-          ) -> tuple[Generation, Generation]:
+def steer(
+    model: HostModel, sae: SAE, edits: list[Edit], prompt: str | list[int], **generate_kwargs
+) -> tuple[Generation, Generation]:
     """(baseline, steered) generations with the same seed and settings."""
     baseline = model.generate(prompt, **generate_kwargs)
     with torch.no_grad(), steering(model, sae, edits):

@@ -26,9 +26,8 @@ from typing import Protocol
 
 from nanosae.config import ExplainConfig
 from nanosae.errors import FormatError, NanosaeError
+from nanosae.interp.explain import Detection, Evidence, Example, by_activity, detection, explain_n2g, write_explanations
 from nanosae.io import parse_json
-from nanosae.interp.explain import (Detection, Evidence, Example, by_activity, detection, explain_n2g,
-                                    write_explanations)
 from nanosae.rundir import load_sae_and_model
 
 
@@ -44,8 +43,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """Redirects are not followed: a redirected request would carry the API key to wherever it points."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
-        raise ExplainerError(f"explainer endpoint {req.full_url} redirected ({code}) to {newurl}; "
-                             "give that address as --explainer-url if you trust it")
+        raise ExplainerError(
+            f"explainer endpoint {req.full_url} redirected ({code}) to {newurl}; "
+            "give that address as --explainer-url if you trust it"
+        )
 
 
 def is_local(host: str | None) -> bool:
@@ -77,14 +78,22 @@ class HTTPExplainer:
         self.model, self.timeout = model, timeout
         self.api_key = api_key or os.environ.get("NANOSAE_EXPLAINER_KEY") or os.environ.get("OPENAI_API_KEY")
         if self.api_key and parts.scheme != "https" and not is_local(parts.hostname):
-            raise ExplainerError(f"refusing to send the API key in clear text to {parts.hostname}: use an https "
-                                 "explainer URL (plain http is only for servers on this machine)")
+            raise ExplainerError(
+                f"refusing to send the API key in clear text to {parts.hostname}: use an https "
+                "explainer URL (plain http is only for servers on this machine)"
+            )
         no_proxy = [urllib.request.ProxyHandler({})] if self.api_key and parts.scheme == "http" else []
         self.opener = urllib.request.build_opener(_NoRedirect, *no_proxy)
 
     def complete(self, prompt: str, max_tokens: int) -> str:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "max_tokens": max_tokens, "temperature": 0}).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -131,14 +140,19 @@ def marked(example: Example, threshold: float) -> str:
 
 def explanation_prompt(examples: list[Example], threshold: float) -> str:
     shown = "\n".join(f"{i + 1}. {marked(e, threshold)}" for i, e in enumerate(examples))
-    return ("We are studying a feature of a language model. Below are text excerpts where it activates; the tokens "
-            "where it is strongly active are marked <<like this>>.\n\n" + shown +
-            "\n\nIn one short line, say what the feature responds to. Answer with the description only.")
+    return (
+        "We are studying a feature of a language model. Below are text excerpts where it activates; the tokens "
+        "where it is strongly active are marked <<like this>>.\n\n"
+        + shown
+        + "\n\nIn one short line, say what the feature responds to. Answer with the description only."
+    )
 
 
 def detection_prompt(explanation: str, tokens: list[str]) -> str:
-    return (f"A feature of a language model is described as: {explanation}\n\nText: {''.join(tokens)}\n\n"
-            "Does this feature fire anywhere in the text? Answer Yes or No.")
+    return (
+        f"A feature of a language model is described as: {explanation}\n\nText: {''.join(tokens)}\n\n"
+        "Does this feature fire anywhere in the text? Answer Yes or No."
+    )
 
 
 def answers(explainer: Explainer, explanation: str, windows: list[list[str]]) -> list[bool]:
@@ -170,13 +184,22 @@ def explain_and_score(explainer: Explainer, evidence: Evidence) -> tuple[str | N
     return explanation, detection(lambda tokens: said[id(tokens)], asked, evidence.threshold)
 
 
-def explain_llm(db_path: str | Path, explainer: Explainer, max_features: int | None = 100,
-                progress: Callable[[int, int], None] | None = None) -> int:
+def explain_llm(
+    db_path: str | Path,
+    explainer: Explainer,
+    max_features: int | None = 100,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
     """Explain the most frequently firing features (up to max_features); one transaction at the end."""
-    return write_explanations(db_path, lambda evidence: explain_and_score(explainer, evidence), "llm",
-                              most_frequent_first=True, limit=max_features, progress=progress,
-                              explainer=f"{type(explainer).__name__}:{getattr(explainer, 'url', '')}:"
-                                        f"{getattr(explainer, 'model', '')}")
+    return write_explanations(
+        db_path,
+        lambda evidence: explain_and_score(explainer, evidence),
+        "llm",
+        most_frequent_first=True,
+        limit=max_features,
+        progress=progress,
+        explainer=f"{type(explainer).__name__}:{getattr(explainer, 'url', '')}:{getattr(explainer, 'model', '')}",
+    )
 
 
 def explain(run: str | Path, cfg: ExplainConfig, progress: Callable[[int, int], None] | None = None) -> int:

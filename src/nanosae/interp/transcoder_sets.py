@@ -33,11 +33,17 @@ class Trace(NamedTuple):
 def scoring_data(data: DataConfig) -> DataConfig:
     """The held-out split (every 20th document), or all the text when it holds none (fewer than 20 documents)."""
     held_out = dataclasses.replace(data, split="eval")
-    return held_out if next(iter(iter_documents(held_out)), None) is not None else dataclasses.replace(data, split="all")
+    return (
+        held_out if next(iter(iter_documents(held_out)), None) is not None else dataclasses.replace(data, split="all")
+    )
 
 
-def train_set(cfgs: list[TrainConfig], layers: list[int], progress: Callable[[Any], None] | None = None,
-              model: HostModel | None = None) -> TrainedSet:
+def train_set(
+    cfgs: list[TrainConfig],
+    layers: list[int],
+    progress: Callable[[Any], None] | None = None,
+    model: HostModel | None = None,
+) -> TrainedSet:
     """Train the set's transcoders (train.sweep.transcoder_set's configs), write its manifest, and score it on
     held-out text into replacement.json. model: the host already loaded, when the caller has it."""
     scoring = scoring_data(cfgs[0].source.data)  # settled before the work: the set is scored after it
@@ -61,8 +67,13 @@ def read_scores(path: Path) -> dict[str, Any]:
     return read_json(TranscoderSetDir(path).replacement)
 
 
-def trace(prompt: str, cfg: TraceConfig, model: HostModel | None = None, slug: str | None = None,
-          progress: Callable[[int, int], None] | None = None) -> Trace:
+def trace(
+    prompt: str,
+    cfg: TraceConfig,
+    model: HostModel | None = None,
+    slug: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Trace:
     """An attribution graph of prompt over cfg.transcoders, pruned and written in Neuronpedia's layout to
     cfg.out (default the set's graphs/SLUG.json), with each feature's explanation as its label."""
     tset = TranscoderSetDir(Path(cfg.transcoders))
@@ -73,7 +84,13 @@ def trace(prompt: str, cfg: TraceConfig, model: HostModel | None = None, slug: s
     graph.transcoders = str(tset.path)
     runs = tset.layer_runs()
     labels = {(layer, latent): text for layer in tcs for latent, text in explanations(runs[layer]).items()}
-    data = to_neuronpedia(graph, slug=slug, node_share=cfg.node_threshold, edge_share=cfg.edge_threshold,
-                          n_layers=host.n_layers, labels=labels)
+    data = to_neuronpedia(
+        graph,
+        slug=slug,
+        node_share=cfg.node_threshold,
+        edge_share=cfg.edge_threshold,
+        n_layers=host.n_layers,
+        labels=labels,
+    )
     write_json(out, data)
     return Trace(graph, data, out)

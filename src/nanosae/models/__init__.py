@@ -16,9 +16,10 @@ from nanosae.models.tokenizers import Tokenizer
 __all__ = ["HOOK_KINDS", "Generation", "HostModel", "LayerModules", "Tokenizer", "load_model", "wrap"]
 
 
-def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
-               tokenizer: str | Path | None = None) -> HostModel:
-    """"smollm2-135m" (embedded), a HF directory / hub name / .gguf file, or "nanochat:DIR[@STEP]".
+def load_model(
+    spec: str, device: str = "cpu", dtype: torch.dtype | None = None, tokenizer: str | Path | None = None
+) -> HostModel:
+    """ "smollm2-135m" (embedded), a HF directory / hub name / .gguf file, or "nanochat:DIR[@STEP]".
 
     A plain directory holding model_*.pt + meta_*.json is read as a nanochat checkpoint too.
     tokenizer: a nanochat tokenizer directory, when it is not found next to the checkpoints.

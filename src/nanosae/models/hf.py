@@ -62,32 +62,42 @@ def find_layers(model: nn.Module) -> list[LayerModules]:
         blocks = _get_attr_path(model, path)
         if isinstance(blocks, nn.ModuleList) and len(blocks):
             layers = []
+            block: Any  # a transformers decoder layer: its attributes are its architecture's
             for block in blocks:
                 mlp = _first_child(block, ("mlp",), "MLP")
                 # sandwich norms (Gemma-2/3): attention and MLP outputs are normed before joining the residual
                 sandwich = hasattr(block, "pre_feedforward_layernorm") and hasattr(block, "post_feedforward_layernorm")
-                layers.append(LayerModules(block, _first_child(block, _ATTN_NAMES, "attention"), mlp,
-                                           _first_child(mlp, _DOWN_NAMES, "MLP down projection"),
-                                           block.post_attention_layernorm if sandwich else None,
-                                           block.post_feedforward_layernorm if sandwich else None))
+                layers.append(
+                    LayerModules(
+                        block,
+                        _first_child(block, _ATTN_NAMES, "attention"),
+                        mlp,
+                        _first_child(mlp, _DOWN_NAMES, "MLP down projection"),
+                        block.post_attention_layernorm if sandwich else None,
+                        block.post_feedforward_layernorm if sandwich else None,
+                    )
+                )
             return layers
     raise ConfigError(f"cannot find decoder layers in {type(model).__name__} (looked for {', '.join(_LAYER_PATHS)})")
 
 
-def _in_features(linear: nn.Module) -> int:
+def _in_features(linear: Any) -> int:
     if hasattr(linear, "in_features"):
         return int(linear.in_features)
     return int(linear.weight.shape[0])  # GPT-2's Conv1D stores (in, out)
 
 
 class HFModel(HostModel):
-    def __init__(self, hf_model: nn.Module, tokenizer: Any, name: str):
+    module: Any  # a transformers causal LM
+
+    def __init__(self, hf_model: Any, tokenizer: Any, name: str):
+        """hf_model: a transformers causal LM (typed Any: its attributes are its architecture's)."""
         self.name = name
         self.module = hf_model.eval()
         self.tokenizer = HFTokenizer(tokenizer)
         self.layers = find_layers(hf_model)
         cfg = hf_model.config
-        self.d_model = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+        self.d_model = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
         self.d_mlp = _in_features(self.layers[0].mlp_down)
 
     def _logits(self, tokens: Tensor) -> Tensor:
@@ -111,7 +121,7 @@ class HFModel(HostModel):
         last = hidden[torch.arange(len(positions)), torch.tensor(positions)]
         return last @ self.module.get_output_embeddings().weight[token_ids].T
 
-    def unembed(self) -> tuple[nn.Module, Tensor]:
+    def unembed(self) -> tuple[Any, Tensor]:
         """The final norm module and W_U (d_model, vocab), for logit effects of decoder directions."""
         base = getattr(self.module, "model", None) or getattr(self.module, "transformer", None)
         norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
@@ -129,16 +139,20 @@ def load_hf(spec: str, device: str = "cpu", dtype: torch.dtype | None = None) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if Path(spec).exists() and not (Path(spec) / "config.json").exists():
-        raise FormatError(f"{spec}: not a Hugging Face model directory (no config.json) nor a nanochat checkpoint directory")
+        raise FormatError(
+            f"{spec}: not a Hugging Face model directory (no config.json) nor a nanochat checkpoint directory"
+        )
     if Path(spec).is_dir():
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a local load takes seconds; its bar is noise (downloads keep theirs)
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except OSError as e:
-        raise FormatError(f"cannot load Hugging Face model {spec!r}: {(str(e).strip().splitlines() or ['?'])[0]}") from None
+        raise FormatError(
+            f"cannot load Hugging Face model {spec!r}: {(str(e).strip().splitlines() or ['?'])[0]}"
+        ) from None
     return HFModel(model.to(device), tokenizer, spec)
 
 
@@ -152,7 +166,7 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, name: str) ->
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a cached load takes a second; its bar is noise
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype or torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(cached)
         return HFModel(model.to(device), tokenizer, name)
     log.info("dequantizing %s (once; cached in %s)", path, cached)
@@ -164,7 +178,7 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, name: str) ->
     return HFModel(model.to(device), tokenizer, name)
 
 
-def _save_cache(model: nn.Module, tokenizer: Any, target: Path) -> None:
+def _save_cache(model: Any, tokenizer: Any, target: Path) -> None:
     """Write config + tokenizer + safetensors weights to a temp dir, then rename it into place."""
     from safetensors.torch import save_file
 
@@ -178,7 +192,9 @@ def _save_cache(model: nn.Module, tokenizer: Any, target: Path) -> None:
         state = model.state_dict()
         if getattr(model.config, "tie_word_embeddings", False):
             state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
         os.replace(tmp, target)
     except OSError as e:  # a cache we cannot write is not fatal; the model is already in memory
         log.warning("could not cache the dequantized model in %s: %s", target, e)

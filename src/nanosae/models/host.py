@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +26,15 @@ from nanosae.config import GenerationConfig
 from nanosae.errors import HookError
 from nanosae.models.tokenizers import Tokenizer
 
-HOOK_KINDS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post",
-              "ln2.hook_normalized")
+HOOK_KINDS = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "mlp.hook_post",
+    "ln2.hook_normalized",
+)
 HookFn = Callable[[Tensor], "Tensor | None"]
 
 
@@ -94,13 +101,17 @@ class HostModel:
         """Full forward pass: tokens (B, T) -> logits (B, T, vocab)."""
         raise NotImplementedError
 
+    def unembed(self) -> tuple[Any, Tensor]:
+        """The final norm (a module or function) and W_U (d_model, vocab), for logit effects of directions."""
+        raise NotImplementedError
+
     def _new_cache(self) -> Any:
         return None
 
     def _logits_cached(self, tokens: Tensor, cache: Any) -> tuple[Tensor, Any]:
         """Forward of new tokens given a KV cache; default recomputes (no cache)."""
         prefix = tokens if cache is None else torch.cat([cache, tokens], dim=1)
-        return self._logits(prefix)[:, -tokens.shape[1]:], prefix
+        return self._logits(prefix)[:, -tokens.shape[1] :], prefix
 
     # ---- hook names -------------------------------------------------------------------------
     def hook_names(self) -> list[str]:
@@ -123,7 +134,7 @@ class HostModel:
 
     # ---- hooks ------------------------------------------------------------------------------
     @contextmanager
-    def hooks(self, fns: dict[str, HookFn], stop_at_layer: int | None = None) -> Iterator[None]:
+    def hooks(self, fns: Mapping[str, HookFn], stop_at_layer: int | None = None) -> Iterator[None]:
         """Read or replace activations: fn(tensor) returns a new tensor or None. Always removed after.
 
         stop_at_layer=N ends the forward pass after block N-1 (TransformerLens convention).
@@ -134,8 +145,10 @@ class HostModel:
                 layer, kind = self.parse_hook(name)
                 handles.extend(self._register(self.layers[layer], kind, fn))
             if stop_at_layer is not None and stop_at_layer < self.n_layers:
+
                 def stop(module, args, output):
                     raise StopForward
+
                 handles.append(self.layers[max(stop_at_layer - 1, 0)].block.register_forward_hook(stop))
             yield
         finally:
@@ -145,42 +158,58 @@ class HostModel:
     @staticmethod
     def _register(mods: LayerModules, kind: str, fn: HookFn) -> list[Any]:
         if kind == "hook_resid_pre":
+
             def pre_hook(module, args, kwargs):
                 if args:
                     new = fn(args[0])
                     return None if new is None else ((new, *args[1:]), kwargs)
                 new = fn(kwargs["hidden_states"])
                 return None if new is None else (args, {**kwargs, "hidden_states": new})
+
             return [mods.block.register_forward_pre_hook(pre_hook, with_kwargs=True)]
         if kind in ("hook_resid_post", "hook_attn_out", "hook_mlp_out"):
-            module = {"hook_resid_post": mods.block, "hook_attn_out": mods.attn_out or mods.attn,
-                      "hook_mlp_out": mods.mlp_out or mods.mlp}[kind]
+            module = {
+                "hook_resid_post": mods.block,
+                "hook_attn_out": mods.attn_out or mods.attn,
+                "hook_mlp_out": mods.mlp_out or mods.mlp,
+            }[kind]
+
             def out_hook(module, args, output):
                 new = fn(_first(output))
                 return None if new is None else _replace_first(output, new)
+
             return [module.register_forward_hook(out_hook)]
         if kind in ("mlp.hook_post", "ln2.hook_normalized"):
+
             def input_hook(module, args):
                 new = fn(args[0])
                 return None if new is None else (new, *args[1:])
+
             return [(mods.mlp_down if kind == "mlp.hook_post" else mods.mlp).register_forward_pre_hook(input_hook)]
         # hook_resid_mid: block input + attention output, edited through the attention output
         seen: dict[str, Tensor] = {}
+
         def remember(module, args, kwargs):
             seen["pre"] = args[0] if args else kwargs["hidden_states"]
+
         def mid_hook(module, args, output):
             pre = seen.pop("pre")
             attn_out = _first(output)
             new = fn(pre + attn_out)
             return None if new is None else _replace_first(output, new - pre)
-        return [mods.block.register_forward_pre_hook(remember, with_kwargs=True),
-                (mods.attn_out or mods.attn).register_forward_hook(mid_hook)]
+
+        return [
+            mods.block.register_forward_pre_hook(remember, with_kwargs=True),
+            (mods.attn_out or mods.attn).register_forward_hook(mid_hook),
+        ]
 
     # ---- reusing a clean pass's prefix --------------------------------------------------------
     def unchanged_blocks(self, names: list[str]) -> int:
         """How many leading blocks compute the same outputs when activations at names are edited."""
-        return min((layer + 1 if kind == "hook_resid_post" else layer for layer, kind in map(self.parse_hook, names)),
-                   default=0)
+        return min(
+            (layer + 1 if kind == "hook_resid_post" else layer for layer, kind in map(self.parse_hook, names)),
+            default=0,
+        )
 
     @contextmanager
     def recording_blocks(self, n: int) -> Iterator[list[Any]]:
@@ -242,6 +271,16 @@ class HostModel:
 
     __call__ = forward
 
+    @overload
+    def run_with_cache(
+        self, tokens: Tensor | list, names: list[str], stop_at_layer: None = None, return_logits: Literal[True] = True
+    ) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    @overload
+    def run_with_cache(
+        self, tokens: Tensor | list, names: list[str], stop_at_layer: int | None = None, return_logits: bool = True
+    ) -> tuple[Tensor | None, dict[str, Tensor]]: ...
+
     @torch.no_grad()
     def run_with_cache(
         self, tokens: Tensor | list, names: list[str], stop_at_layer: int | None = None, return_logits: bool = True
@@ -255,6 +294,7 @@ class HostModel:
         def capture(name: str) -> HookFn:
             def fn(x: Tensor) -> None:
                 cache[name] = x.detach()
+
             return fn
 
         layers = [self.parse_hook(name)[0] for name in names]
@@ -289,7 +329,9 @@ class HostModel:
         model has read it; feed_last also runs the last token through the model, so hooks see every
         generated token at its own position (live tracking needs that).
         """
-        GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, chat=chat)  # checks
+        GenerationConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, chat=chat
+        )  # checks
         ids = self.tokenizer.encode_chat(prompt) if chat and isinstance(prompt, str) else self.prompt_ids(prompt)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         cache = self._new_cache()

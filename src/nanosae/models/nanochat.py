@@ -64,7 +64,9 @@ class NanochatConfig:
         long_window = self.sequence_len
         short_window = -(-long_window // 4 // 128) * 128
         pattern = self.window_pattern.upper()
-        sizes = [long_window if pattern[i % len(pattern)] == "L" else short_window for i in range(self.n_layer)]
+        sizes: list[int | None] = [
+            long_window if pattern[i % len(pattern)] == "L" else short_window for i in range(self.n_layer)
+        ]
         sizes[-1] = long_window
         return sizes
 
@@ -113,14 +115,23 @@ class CausalSelfAttention(nn.Module):
         has_ve = layer in cfg.value_embed_layers
         self.ve_gate = nn.Linear(cfg.ve_gate_channels, cfg.n_kv_head, bias=False) if has_ve else None
 
-    def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, window: int | None,
-                cache: KVCache | None, frozen: bool = False) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        ve: Tensor | None,
+        cos: Tensor,
+        sin: Tensor,
+        window: int | None,
+        cache: KVCache | None,
+        frozen: bool = False,
+    ) -> Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, cfg.n_head, cfg.head_dim)
         k = self.c_k(x).view(B, T, cfg.n_kv_head, cfg.head_dim)
         v = self.c_v(x).view(B, T, cfg.n_kv_head, cfg.head_dim)
         if ve is not None:
+            assert self.ve_gate is not None  # a layer given value embeddings has their gate
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., : cfg.ve_gate_channels]))
             gate = gate.detach() if frozen else gate
             v = v + gate.unsqueeze(-1) * ve.view(B, T, cfg.n_kv_head, cfg.head_dim)
@@ -131,9 +142,10 @@ class CausalSelfAttention(nn.Module):
             q, k = q.detach(), k.detach()
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
-            if cache.k[self.layer] is not None:
-                k = torch.cat([cache.k[self.layer], k], dim=2)
-                v = torch.cat([cache.v[self.layer], v], dim=2)
+            past_k, past_v = cache.k[self.layer], cache.v[self.layer]
+            if past_k is not None and past_v is not None:
+                k = torch.cat([past_k, k], dim=2)
+                v = torch.cat([past_v, v], dim=2)
             cache.k[self.layer], cache.v[self.layer] = k, v
         if cfg.n_kv_head != cfg.n_head:
             k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
@@ -167,8 +179,16 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg, layer)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, window: int | None,
-                cache: KVCache | None, frozen: bool = False) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        ve: Tensor | None,
+        cos: Tensor,
+        sin: Tensor,
+        window: int | None,
+        cache: KVCache | None,
+        frozen: bool = False,
+    ) -> Tensor:
         x = x + self.attn(norm(x, frozen), ve, cos, sin, window, cache, frozen)
         return x + self.mlp(norm(x, frozen))
 
@@ -180,16 +200,22 @@ class NanochatGPT(nn.Module):
     autograd and the logits come before the softcap, so the model is linear in its residual stream (circuits);
     embed_out is where the token embeddings (after the norm and smear) enter, read and replaced there."""
 
+    transformer: Any  # ModuleDict(wte, h): attributes by name, as nanochat's
+    cos: Tensor  # rotary tables (buffers)
+    sin: Tensor
+
     def __init__(self, cfg: NanochatConfig):
         super().__init__()
         self.config = cfg
         self.frozen = False
         self.embed_out = nn.Identity()
         vocab = cfg.padded_vocab_size or cfg.vocab_size
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(vocab, cfg.n_embd),
-            "h": nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
-        })
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(vocab, cfg.n_embd),
+                "h": nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
+            }
+        )
         self.lm_head = nn.Linear(cfg.n_embd, vocab, bias=False)
         if cfg.resid_lambdas:
             self.resid_lambdas = nn.Parameter(torch.ones(cfg.n_layer))
@@ -258,20 +284,23 @@ def frozen_for_attribution(module: NanochatGPT) -> Iterator[None]:
         module.frozen = False
 
 
-def nanochat_layers(module: nn.Module) -> list[LayerModules]:
+def nanochat_layers(module: Any) -> list[LayerModules]:
     return [LayerModules(b, b.attn, b.mlp, b.mlp.c_proj) for b in module.transformer.h]
 
 
 class NanochatModel(HostModel):
     """Our NanochatGPT, or (through wrap) a live nanochat GPT with the same module layout."""
 
-    def __init__(self, module: nn.Module, tokenizer: Tokenizer | None, name: str):
+    module: Any  # NanochatGPT, or a live nanochat GPT: nanochat's attribute names
+
+    def __init__(self, module: Any, tokenizer: Tokenizer | None, name: str):
         self.name = name
         self.module = module.eval()
         self.tokenizer = tokenizer  # type: ignore[assignment]
         self.layers = nanochat_layers(module)
         self.d_model = int(module.config.n_embd)
-        self.d_mlp = int(self.layers[0].mlp_down.in_features)
+        down: Any = self.layers[0].mlp_down  # an nn.Linear
+        self.d_mlp = int(down.in_features)
 
     def _logits(self, tokens: Tensor) -> Tensor:
         return self.module(tokens)
@@ -290,7 +319,9 @@ class NanochatModel(HostModel):
 
 # ---- checkpoints ------------------------------------------------------------------------------
 def find_checkpoint(directory: Path, step: int | None) -> tuple[Path, Path, int]:
-    steps = sorted(int(m.group(1)) for p in directory.glob("model_*.pt") if (m := re.fullmatch(r"model_(\d+)\.pt", p.name)))
+    steps = sorted(
+        int(m.group(1)) for p in directory.glob("model_*.pt") if (m := re.fullmatch(r"model_(\d+)\.pt", p.name))
+    )
     if not steps:
         raise FormatError(f"{directory}: no model_<step>.pt checkpoint files")
     if step is None:
@@ -333,7 +364,11 @@ def config_from_checkpoint(model_config: dict[str, Any], state: dict[str, Tensor
 def find_tokenizer_dir(checkpoint_dir: Path, explicit: str | Path | None) -> Path | None:
     """As nanochat resolves it: the tokenizer/ directory of its base dir (checkpoints live two levels below)."""
     candidates = [Path(explicit)] if explicit else []
-    candidates += [checkpoint_dir / "tokenizer", checkpoint_dir.parent / "tokenizer", checkpoint_dir.parent.parent / "tokenizer"]
+    candidates += [
+        checkpoint_dir / "tokenizer",
+        checkpoint_dir.parent / "tokenizer",
+        checkpoint_dir.parent.parent / "tokenizer",
+    ]
     if os.environ.get("NANOCHAT_BASE_DIR"):
         candidates.append(Path(os.environ["NANOCHAT_BASE_DIR"]) / "tokenizer")
     candidates.append(Path.home() / ".cache" / "nanochat" / "tokenizer")
@@ -345,8 +380,9 @@ def find_tokenizer_dir(checkpoint_dir: Path, explicit: str | Path | None) -> Pat
     return None
 
 
-def load_nanochat(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
-                  tokenizer_dir: str | Path | None = None) -> NanochatModel:
+def load_nanochat(
+    spec: str, device: str = "cpu", dtype: torch.dtype | None = None, tokenizer_dir: str | Path | None = None
+) -> NanochatModel:
     """spec: a checkpoint directory, optionally with @STEP (default: the latest step)."""
     path_str, _, step_str = spec.partition("@")
     directory = Path(path_str)
@@ -377,14 +413,20 @@ def load_nanochat(spec: str, device: str = "cpu", dtype: torch.dtype | None = No
         raise FormatError(f"{model_path}: missing keys {', '.join(missing[:8])}")
     for k, v in expected.items():
         if state[k].shape != v.shape:
-            raise FormatError(f"{model_path}: {k} has shape {tuple(state[k].shape)} but {meta_path.name} implies "
-                              f"{tuple(v.shape)} (checkpoint/config mismatch)")
+            raise FormatError(
+                f"{model_path}: {k} has shape {tuple(state[k].shape)} but {meta_path.name} implies "
+                f"{tuple(v.shape)} (checkpoint/config mismatch)"
+            )
     model.load_state_dict(state, strict=True)
     tok_dir = find_tokenizer_dir(directory, tokenizer_dir)
     if tok_dir is None:
-        raise FormatError(f"no nanochat tokenizer.pkl found near {directory} (looked in tokenizer/ beside and above it, "
-                          "$NANOCHAT_BASE_DIR/tokenizer, ~/.cache/nanochat/tokenizer); pass tokenizer_dir / --tokenizer DIR")
+        raise FormatError(
+            f"no nanochat tokenizer.pkl found near {directory} (looked in tokenizer/ beside and above it, "
+            "$NANOCHAT_BASE_DIR/tokenizer, ~/.cache/nanochat/tokenizer); pass tokenizer_dir / --tokenizer DIR"
+        )
     tokenizer = NanochatTokenizer.from_directory(tok_dir)
     if tokenizer.vocab_size != cfg.vocab_size:
-        raise FormatError(f"{tok_dir}/tokenizer.pkl has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
+        raise FormatError(
+            f"{tok_dir}/tokenizer.pkl has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}"
+        )
     return NanochatModel(model.to(device=device, dtype=compute), tokenizer, f"nanochat:{directory}@{step}")

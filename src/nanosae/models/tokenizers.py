@@ -15,8 +15,15 @@ from typing import Any
 from nanosae.errors import FormatError
 
 NANOCHAT_SPECIAL_TOKENS = (
-    "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
 )
 
 
@@ -62,8 +69,9 @@ class HFTokenizer(Tokenizer):
     def encode_chat(self, user_message: str) -> list[int]:
         if not getattr(self.tok, "chat_template", None):
             return [self.bos_id] + self.encode(user_message)
-        ids = self.tok.apply_chat_template([{"role": "user", "content": user_message}], add_generation_prompt=True,
-                                           tokenize=True)
+        ids = self.tok.apply_chat_template(
+            [{"role": "user", "content": user_message}], add_generation_prompt=True, tokenize=True
+        )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
@@ -101,15 +109,17 @@ def load_tiktoken_pickle(path: str | Path) -> Any:
         isinstance(k, str) and isinstance(v, int) for k, v in special.items()
     ):
         raise FormatError(f"{path}: mergeable_ranks/special_tokens have unexpected types")
-    return tiktoken.Encoding(name=str(state["name"]), pat_str=str(state["pat_str"]),
-                             mergeable_ranks=ranks, special_tokens=special)
+    return tiktoken.Encoding(
+        name=str(state["name"]), pat_str=str(state["pat_str"]), mergeable_ranks=ranks, special_tokens=special
+    )
 
 
 class NanochatTokenizer(Tokenizer):
     def __init__(self, enc: Any):
         self.enc = enc
-        self.special = {name: enc.encode_single_token(name) for name in NANOCHAT_SPECIAL_TOKENS
-                        if name in enc.special_tokens_set}
+        self.special = {
+            name: enc.encode_single_token(name) for name in NANOCHAT_SPECIAL_TOKENS if name in enc.special_tokens_set
+        }
         if "<|bos|>" in self.special:
             self.bos_id = self.special["<|bos|>"]
         elif "<|endoftext|>" in enc.special_tokens_set:  # a tiktoken preset such as gpt2
@@ -120,7 +130,7 @@ class NanochatTokenizer(Tokenizer):
         self.vocab_size = enc.n_vocab
 
     @classmethod
-    def from_directory(cls, directory: str | Path) -> "NanochatTokenizer":
+    def from_directory(cls, directory: str | Path) -> NanochatTokenizer:
         return cls(load_tiktoken_pickle(Path(directory) / "tokenizer.pkl"))
 
     def encode(self, text: str) -> list[int]:
@@ -134,4 +144,10 @@ class NanochatTokenizer(Tokenizer):
 
     def encode_chat(self, user_message: str) -> list[int]:
         s = self.special
-        return [self.bos_id, s["<|user_start|>"], *self.encode(user_message), s["<|user_end|>"], s["<|assistant_start|>"]]
+        return [
+            self.bos_id,
+            s["<|user_start|>"],
+            *self.encode(user_message),
+            s["<|user_end|>"],
+            s["<|assistant_start|>"],
+        ]

@@ -1,12 +1,12 @@
 """The built-in architectures, registered in nanosae.registry's table (adding an architecture starts here).
 
-  relu       z = ReLU(pre), L1 penalty weighted by decoder row norms; dead latents are resampled
-  topk       keep the k largest pre-activations per token (after ReLU); AuxK for dead latents
-  batchtopk  training: keep the k·B largest across the batch; inference: z = pre·1[pre > threshold]
-  matryoshka BatchTopK latents; the loss sums the reconstruction error of nested prefixes of the latents
-             (sizes cfg.matryoshka_groups), so early latents learn general features on their own
-  jumprelu   z = pre·1[pre > θ_i] per latent, L0 penalty through a pseudo-derivative
-  gated      z = 1[π_gate > 0] · ReLU(π_mag), π_mag uses W_enc·exp(r_mag) (shared directions)
+relu       z = ReLU(pre), L1 penalty weighted by decoder row norms; dead latents are resampled
+topk       keep the k largest pre-activations per token (after ReLU); AuxK for dead latents
+batchtopk  training: keep the k·B largest across the batch; inference: z = pre·1[pre > threshold]
+matryoshka BatchTopK latents; the loss sums the reconstruction error of nested prefixes of the latents
+           (sizes cfg.matryoshka_groups), so early latents learn general features on their own
+jumprelu   z = pre·1[pre > θ_i] per latent, L0 penalty through a pseudo-derivative
+gated      z = 1[π_gate > 0] · ReLU(π_mag), π_mag uses W_enc·exp(r_mag) (shared directions)
 """
 
 from __future__ import annotations
@@ -78,10 +78,12 @@ def _gated_terms(sae, b: LossInputs) -> dict[str, Tensor]:
     decoder, which is what trains the gate."""
     gate_relu = sae.gate_pre_acts(b.x_norm).relu()
     via_gate = gate_relu @ sae.W_dec.detach() + sae.b_dec.detach()
-    if sae.cfg.skip_connection:
+    if isinstance(b.skip, Tensor):  # a skip transcoder's term
         via_gate = via_gate + b.skip.detach()
-    return {"l1": b.coefficient * (gate_relu * sae.decoder_norms()).sum(-1).mean(),
-            "aux": (via_gate - b.y).pow(2).sum(-1).mean()}
+    return {
+        "l1": b.coefficient * (gate_relu * sae.decoder_norms()).sum(-1).mean(),
+        "aux": (via_gate - b.y).pow(2).sum(-1).mean(),
+    }
 
 
 def _prefix_errors(sae, b: LossInputs) -> dict[str, Tensor]:
@@ -95,8 +97,9 @@ def _prefix_errors(sae, b: LossInputs) -> dict[str, Tensor]:
 
 # ---- sparse kernels' training path ------------------------------------------------------------------
 def _sparse_topk(sae, xc: Tensor, k: int, dead: Tensor | None, k_aux: int, gemm_dtype: torch.dtype | None):
-    return kernels.encode_select_topk(xc, sae.W_enc.detach(), sae.b_enc.detach(), k, dead=dead, k_aux=k_aux,
-                                      gemm_dtype=gemm_dtype)
+    return kernels.encode_select_topk(
+        xc, sae.W_enc.detach(), sae.b_enc.detach(), k, dead=dead, k_aux=k_aux, gemm_dtype=gemm_dtype
+    )
 
 
 def _sparse_batch_topk(sae, xc: Tensor, k: int, dead: Tensor | None, k_aux: int, gemm_dtype: torch.dtype | None):
@@ -129,15 +132,61 @@ def _clamp_threshold(sae) -> None:
 
 
 RELU = register(Architecture("relu", _relu, loss_terms=_l1, dead_latents="resample", sparsity_coefficient=5.0))
-TOPK = register(Architecture("topk", _topk, sparse=_sparse_topk, selection="token", dead_latents="auxk",
-                             decoder_lr_scale=3.0, saelens_transcoder=False))
-BATCHTOPK = register(Architecture("batchtopk", _batch_topk, infer=_above_threshold, buffers=_threshold_buffer,
-                                  sparse=_sparse_batch_topk, selection="batch", dead_latents="auxk",
-                                  decoder_lr_scale=3.0, saelens="jumprelu"))
-JUMPRELU = register(Architecture("jumprelu", _jumprelu, loss_terms=_l0, parameters=_jumprelu_parameters,
-                                 after_step=_clamp_threshold, sparsity_coefficient=1.0))
-GATED = register(Architecture("gated", _gated, loss_terms=_gated_terms, parameters=_gated_parameters,
-                              pre_acts=_gated_pre_acts, sparsity_coefficient=5.0))
-MATRYOSHKA = register(Architecture("matryoshka", _batch_topk, infer=_above_threshold, buffers=_threshold_buffer,
-                                   loss_terms=_prefix_errors, selection="batch", nested=True, dead_latents="auxk",
-                                   decoder_lr_scale=3.0, saelens="jumprelu"))
+TOPK = register(
+    Architecture(
+        "topk",
+        _topk,
+        sparse=_sparse_topk,
+        selection="token",
+        dead_latents="auxk",
+        decoder_lr_scale=3.0,
+        saelens_transcoder=False,
+    )
+)
+BATCHTOPK = register(
+    Architecture(
+        "batchtopk",
+        _batch_topk,
+        infer=_above_threshold,
+        buffers=_threshold_buffer,
+        sparse=_sparse_batch_topk,
+        selection="batch",
+        dead_latents="auxk",
+        decoder_lr_scale=3.0,
+        saelens="jumprelu",
+    )
+)
+JUMPRELU = register(
+    Architecture(
+        "jumprelu",
+        _jumprelu,
+        loss_terms=_l0,
+        parameters=_jumprelu_parameters,
+        after_step=_clamp_threshold,
+        sparsity_coefficient=1.0,
+    )
+)
+GATED = register(
+    Architecture(
+        "gated",
+        _gated,
+        loss_terms=_gated_terms,
+        parameters=_gated_parameters,
+        pre_acts=_gated_pre_acts,
+        sparsity_coefficient=5.0,
+    )
+)
+MATRYOSHKA = register(
+    Architecture(
+        "matryoshka",
+        _batch_topk,
+        infer=_above_threshold,
+        buffers=_threshold_buffer,
+        loss_terms=_prefix_errors,
+        selection="batch",
+        nested=True,
+        dead_latents="auxk",
+        decoder_lr_scale=3.0,
+        saelens="jumprelu",
+    )
+)

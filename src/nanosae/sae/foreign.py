@@ -78,10 +78,14 @@ def load_sparsify(path: Path, device: str, build: Any) -> Any:
     cfg_path = path / "cfg.json"
     raw = read_json(cfg_path)
     if raw.get("activation", TOPK.name) != TOPK.name:  # sparsify's name for it is ours
-        raise FormatError(f"{cfg_path}: activation {raw.get('activation')!r} is not supported (nanosae reads "
-                          "sparsify's topk sparse coders)")
+        raise FormatError(
+            f"{cfg_path}: activation {raw.get('activation')!r} is not supported (nanosae reads "
+            "sparsify's topk sparse coders)"
+        )
     d_in, k = raw.get("d_in"), raw.get("k")
-    num_latents = raw.get("num_latents") or (d_in * raw.get("expansion_factor", 32) if isinstance(d_in, int) else None)
+    num_latents: Any = raw.get("num_latents") or (
+        d_in * raw.get("expansion_factor", 32) if isinstance(d_in, int) else None
+    )
     for name, value in (("d_in", d_in), ("k", k), ("num_latents", num_latents)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise FormatError(f"{cfg_path}: {name} must be a positive integer, got {str(value)[:40]!r}")
@@ -96,11 +100,24 @@ def load_sparsify(path: Path, device: str, build: Any) -> Any:
     transcoder, skip = bool(raw.get("transcode")), "W_skip" in t
     hook_in, hook_out = hook_names(path.name, transcoder or skip)
     d_out = t["W_dec"].shape[-1] if t["W_dec"].dim() == 2 else 0
-    cfg = SAEConfig(d_in=d_in, d_sae=num_latents, architecture=TOPK.name, k=k, dtype=str(t["encoder.weight"].dtype)
-                    .replace("torch.", ""), hook_name=hook_in, hook_name_out=hook_out or "", d_out=d_out if hook_out else None,
-                    apply_b_dec_to_input=not transcoder, skip_connection=skip)
-    tensors = {"W_enc": t["encoder.weight"].T.contiguous(), "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
-               "b_dec": t["b_dec"]} | ({"W_skip": t["W_skip"]} if skip else {})
+    cfg = SAEConfig(
+        d_in=d_in,
+        d_sae=num_latents,
+        architecture=TOPK.name,
+        k=k,
+        dtype=str(t["encoder.weight"].dtype).replace("torch.", ""),
+        hook_name=hook_in,
+        hook_name_out=hook_out or "",
+        d_out=d_out if hook_out else d_in,
+        apply_b_dec_to_input=not transcoder,
+        skip_connection=skip,
+    )
+    tensors = {
+        "W_enc": t["encoder.weight"].T.contiguous(),
+        "b_enc": t["encoder.bias"],
+        "W_dec": t["W_dec"],
+        "b_dec": t["b_dec"],
+    } | ({"W_skip": t["W_skip"]} if skip else {})
     return build_checked(cfg, tensors, weights, device, build)
 
 
@@ -117,8 +134,9 @@ def gemma_scope_hook(path: Path) -> str:
     downloaded or in the Hugging Face cache); "" when the path does not say."""
     parts = [p.lower() for p in Path(os.path.abspath(path)).parts]  # not resolved: a cache's links name blobs
     layer = next((m.group(1) for p in reversed(parts) if (m := re.fullmatch(r"layer_(\d+)", p))), None)
-    site = next((s for p in reversed(parts) for s in _GEMMA_SITES if re.search(rf"gemma-scope-[^/]*-{s}(?:$|[-_])", p)),
-                None)
+    site = next(
+        (s for p in reversed(parts) for s in _GEMMA_SITES if re.search(rf"gemma-scope-[^/]*-{s}(?:$|[-_])", p)), None
+    )
     return f"blocks.{layer}.{_GEMMA_SITES[site]}" if layer is not None and site else ""
 
 
@@ -138,19 +156,32 @@ def load_gemma_scope(path: Path, device: str, build: Any) -> Any:
     if missing or arrays["W_enc"].ndim != 2:
         raise FormatError(f"{file}: missing {missing[0] if missing else 'a 2-d W_enc'} (not a Gemma Scope SAE?)")
     d_in, d_sae = arrays["W_enc"].shape
-    tensors = {name: torch.from_numpy(a.astype(np.float32)) for name, a in arrays.items()
-               if name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+    tensors = {
+        name: torch.from_numpy(a.astype(np.float32))
+        for name, a in arrays.items()
+        if name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+    }
     release = re.search(r"gemma-scope-(2b|9b|27b)-(pt|it)", os.path.abspath(file).lower())
     model = f"google/gemma-2-{release.group(1)}{'-it' if release.group(2) == 'it' else ''}" if release else ""
-    cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture=JUMPRELU.name, hook_name=gemma_scope_hook(file),
-                    apply_b_dec_to_input=False, model_name=model)
+    cfg = SAEConfig(
+        d_in=int(d_in),
+        d_sae=int(d_sae),
+        architecture=JUMPRELU.name,
+        hook_name=gemma_scope_hook(file),
+        apply_b_dec_to_input=False,
+        model_name=model,
+    )
     return build_checked(cfg, tensors, file, device, build)
 
 
 DL_FILE = "ae.pt"
 # dict_class -> (architecture, {nanosae name: (their name, transpose)})
-_LINEAR = {"W_enc": ("encoder.weight", True), "b_enc": ("encoder.bias", False), "W_dec": ("decoder.weight", True),
-           "b_dec": ("b_dec", False)}
+_LINEAR = {
+    "W_enc": ("encoder.weight", True),
+    "b_enc": ("encoder.bias", False),
+    "W_dec": ("decoder.weight", True),
+    "b_dec": ("b_dec", False),
+}
 _PLAIN = {"W_enc": ("W_enc", False), "b_enc": ("b_enc", False), "W_dec": ("W_dec", False), "b_dec": ("b_dec", False)}
 DL_CLASSES = {
     "AutoEncoder": (RELU.name, _LINEAR | {"b_dec": ("bias", False)}),
@@ -158,9 +189,17 @@ DL_CLASSES = {
     "BatchTopKSAE": (BATCHTOPK.name, _LINEAR | {"threshold": ("threshold", False)}),
     "MatryoshkaBatchTopKSAE": (MATRYOSHKA.name, _PLAIN | {"threshold": ("threshold", False)}),
     "JumpReluAutoEncoder": (JUMPRELU.name, _PLAIN | {"threshold": ("threshold", False)}),
-    "GatedAutoEncoder": (GATED.name, {"W_enc": ("encoder.weight", True), "W_dec": ("decoder.weight", True),
-                                   "b_dec": ("decoder_bias", False), "b_gate": ("gate_bias", False),
-                                   "r_mag": ("r_mag", False), "b_mag": ("mag_bias", False)}),
+    "GatedAutoEncoder": (
+        GATED.name,
+        {
+            "W_enc": ("encoder.weight", True),
+            "W_dec": ("decoder.weight", True),
+            "b_dec": ("decoder_bias", False),
+            "b_gate": ("gate_bias", False),
+            "r_mag": ("r_mag", False),
+            "b_mag": ("mag_bias", False),
+        },
+    ),
 }
 
 
@@ -173,8 +212,19 @@ def is_dictionary_learning(path: Path) -> bool:
 def dl_hook(trainer: dict[str, Any]) -> str:
     """blocks.L.SITE from a trainer's layer and submodule_name (resid_post_layer_3, mlp_out_layer_3, attn_out_..)."""
     layer, name = trainer.get("layer"), str(trainer.get("submodule_name") or "")
-    site = next((s for key, s in (("resid_post", "hook_resid_post"), ("resid_pre", "hook_resid_pre"),
-                                  ("mlp", "hook_mlp_out"), ("attn", "hook_attn_out")) if key in name), None)
+    site = next(
+        (
+            s
+            for key, s in (
+                ("resid_post", "hook_resid_post"),
+                ("resid_pre", "hook_resid_pre"),
+                ("mlp", "hook_mlp_out"),
+                ("attn", "hook_attn_out"),
+            )
+            if key in name
+        ),
+        None,
+    )
     return f"blocks.{layer}.{site}" if isinstance(layer, int) and site else ""
 
 
@@ -185,8 +235,9 @@ def load_dictionary_learning(path: Path, device: str, build: Any) -> Any:
     trainer = read_json(config).get("trainer")
     if not isinstance(trainer, dict) or trainer.get("dict_class") not in DL_CLASSES:
         found = trainer.get("dict_class") if isinstance(trainer, dict) else None
-        raise FormatError(f"{config}: trainer.dict_class {str(found)[:40]!r} is not one nanosae reads "
-                          f"({', '.join(DL_CLASSES)})")
+        raise FormatError(
+            f"{config}: trainer.dict_class {str(found)[:40]!r} is not one nanosae reads ({', '.join(DL_CLASSES)})"
+        )
     arch, names = DL_CLASSES[trainer["dict_class"]]
     try:
         state = torch.load(regular_file(file), map_location="cpu", weights_only=True)
@@ -197,8 +248,10 @@ def load_dictionary_learning(path: Path, device: str, build: Any) -> Any:
     if not isinstance(state, dict) or any(theirs not in state for theirs, _ in names.values()):
         missing = next((t for t, _ in names.values() if not isinstance(state, dict) or t not in state), "?")
         raise FormatError(f"{file}: missing {missing} for a {trainer['dict_class']}")
-    t = {ours: (state[theirs].T if transpose else state[theirs]).contiguous().float()
-         for ours, (theirs, transpose) in names.items()}
+    t = {
+        ours: (state[theirs].T if transpose else state[theirs]).contiguous().float()
+        for ours, (theirs, transpose) in names.items()
+    }
     if arch == RELU.name:  # from_pretrained's normalize_decoder: unit decoder rows, features scaled to match
         norms = t["W_dec"].norm(dim=1)
         t["W_dec"], t["W_enc"], t["b_enc"] = t["W_dec"] / norms[:, None], t["W_enc"] * norms, t["b_enc"] * norms
@@ -206,12 +259,21 @@ def load_dictionary_learning(path: Path, device: str, build: Any) -> Any:
         t["threshold"] = t["threshold"].reshape(())
     d_in, d_sae = t["W_enc"].shape
     k = state.get("k")
-    groups = [int(g) for g in torch.cumsum(state["group_sizes"], 0)] if registry.get(arch).nested and "group_sizes" in state \
+    groups = (
+        [int(g) for g in torch.cumsum(state["group_sizes"], 0)]
+        if registry.get(arch).nested and "group_sizes" in state
         else None
-    cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture=arch, hook_name=dl_hook(trainer),
-                    model_name=str(trainer.get("lm_name") or ""), apply_b_dec_to_input=arch != JUMPRELU.name,
-                    k=int(k) if isinstance(k, torch.Tensor) and k.numel() == 1 else trainer.get("k"),
-                    matryoshka_groups=groups)
+    )
+    cfg = SAEConfig(
+        d_in=int(d_in),
+        d_sae=int(d_sae),
+        architecture=arch,
+        hook_name=dl_hook(trainer),
+        model_name=str(trainer.get("lm_name") or ""),
+        apply_b_dec_to_input=arch != JUMPRELU.name,
+        k=int(k) if isinstance(k, torch.Tensor) and k.numel() == 1 else trainer.get("k"),
+        matryoshka_groups=groups,
+    )
     return build_checked(cfg, t, file, device, build)
 
 
@@ -234,13 +296,19 @@ def resolve_hub(spec: str) -> Path:
         offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or constants.HF_HUB_OFFLINE
         home = os.environ.get("HF_HOME")
         cache = os.environ.get("HF_HUB_CACHE") or (str(Path(home) / "hub") if home else None)
-        root = Path(snapshot_download(repo, allow_patterns=[sub, f"{sub}/*"] if sub else None, cache_dir=cache,
-                                      local_files_only=offline))
+        root = Path(
+            snapshot_download(
+                repo, allow_patterns=[sub, f"{sub}/*"] if sub else None, cache_dir=cache, local_files_only=offline
+            )
+        )
     except ImportError:
-        raise FormatError(f"{spec}: reading from the Hugging Face Hub needs huggingface_hub (pip install "
-                          "'nanosae[hf]')") from None
+        raise FormatError(
+            f"{spec}: reading from the Hugging Face Hub needs huggingface_hub (pip install 'nanosae[hf]')"
+        ) from None
     except Exception as e:  # offline without a cached copy, unknown repository, no network
-        raise FormatError(f"{spec}: not in the local Hugging Face cache and not downloadable ({first_line(e)})") from None
+        raise FormatError(
+            f"{spec}: not in the local Hugging Face cache and not downloadable ({first_line(e)})"
+        ) from None
     path = root / sub if sub else root
     if not path.exists():
         raise FormatError(f"{spec}: {repo} has no {sub!r}")
@@ -266,7 +334,9 @@ def build_checked(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path,
                 f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}, d_out={cfg.d_out}"
             )
         if not got.is_floating_point():
-            raise FormatError(f"{where}: tensor {name} holds {str(got.dtype).replace('torch.', '')} values, expected floats")
+            raise FormatError(
+                f"{where}: tensor {name} holds {str(got.dtype).replace('torch.', '')} values, expected floats"
+            )
         if not bool(torch.isfinite(got).all()):
             raise FormatError(f"{where}: tensor {name} holds NaN or infinite values")
     sae.load_state_dict({name: tensors[name].to(ref.dtype) for name, ref in expected.items()})

@@ -37,8 +37,11 @@ SPARSITY_FILE = "sparsity.safetensors"
 _OLD_KEYS = {"hook_point": "hook_name", "d_model": "d_in", "dict_size": "d_sae"}
 _OLD_ARCHITECTURES = {"standard": RELU.name}
 # SAELens names transcoders by architecture; ours keep the activation and mark the transcoder by hook_name_out.
-_TRANSCODERS = {"transcoder": (RELU.name, False), "skip_transcoder": (RELU.name, True),
-                "jumprelu_transcoder": (JUMPRELU.name, False)}
+_TRANSCODERS = {
+    "transcoder": (RELU.name, False),
+    "skip_transcoder": (RELU.name, True),
+    "jumprelu_transcoder": (JUMPRELU.name, False),
+}
 # Normalisations that leave nothing to do at inference (the factor is folded into the weights).
 _INERT_NORMALIZATIONS = {None, "none", "expected_average_only_in"}
 
@@ -89,8 +92,10 @@ def load_sae(path: str | Path, *, build: Any, device: str = "cpu", normalize: bo
     if path.is_dir() and foreign.is_sparsify(path):
         return foreign.load_sparsify(path, device, build)
     if path.is_dir() and not (path / CFG_FILE).exists() and foreign.sparsify_hookpoints(path):
-        raise FormatError(f"{path} is a sparsify checkpoint of several sparse coders; give one hookpoint folder: "
-                          + ", ".join(str(path / h) for h in foreign.sparsify_hookpoints(path)[:8]))
+        raise FormatError(
+            f"{path} is a sparsify checkpoint of several sparse coders; give one hookpoint folder: "
+            + ", ".join(str(path / h) for h in foreign.sparsify_hookpoints(path)[:8])
+        )
     if path.is_dir():
         return _load_saelens_dir(path, device, build)
     if path.name == WEIGHTS_FILE or path.name == CFG_FILE:
@@ -179,8 +184,10 @@ def _check_header(cfg: SAEConfig, weights: Path) -> None:
         if name not in shapes:
             raise FormatError(f"{weights}: missing tensor {name}")
         if shapes[name] != shape:
-            raise FormatError(f"{weights}: tensor {name} has shape {shapes[name]}, expected {shape} "
-                              f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}, d_out={cfg.d_out} (cfg.json)")
+            raise FormatError(
+                f"{weights}: tensor {name} has shape {shapes[name]}, expected {shape} "
+                f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}, d_out={cfg.d_out} (cfg.json)"
+            )
 
 
 def _load_openai(path: Path, device: str, normalize: bool | None, build: Any) -> Any:
@@ -202,7 +209,9 @@ def _load_openai(path: Path, device: str, normalize: bool | None, build: Any) ->
     if enc_FD.dim() != 2:
         raise FormatError(f"{path}: encoder.weight has shape {tuple(enc_FD.shape)}, expected (d_sae, d_in)")
     if not enc_FD.is_floating_point():
-        raise FormatError(f"{path}: encoder.weight holds {str(enc_FD.dtype).replace('torch.', '')} values, expected floats")
+        raise FormatError(
+            f"{path}: encoder.weight holds {str(enc_FD.dtype).replace('torch.', '')} values, expected floats"
+        )
     d_sae, d_in = enc_FD.shape
     dec_DF = sd.get("decoder.weight")
     if dec_DF is None and "decoder.linear.weight" in sd:  # tied: TiedTranspose wraps the encoder
@@ -236,8 +245,12 @@ def _load_openai(path: Path, device: str, normalize: bool | None, build: Any) ->
         normalize = activation == "TopK"  # what OpenAI's own from_state_dict infers
     dtype = next((name for name, dt in TORCH_DTYPES.items() if dt == enc_FD.dtype), "float32")
     cfg = SAEConfig(
-        d_in=int(d_in), d_sae=int(d_sae), architecture=arch, k=None if k is None else int(k),
-        normalize_activations="layer_norm" if normalize else "none", dtype=dtype,
+        d_in=int(d_in),
+        d_sae=int(d_sae),
+        architecture=arch,
+        k=None if k is None else int(k),
+        normalize_activations="layer_norm" if normalize else "none",
+        dtype=dtype,
     )
     tensors = {"W_enc": enc_FD.T, "b_enc": sd["latent_bias"], "W_dec": dec_DF.T, "b_dec": sd["pre_bias"]}
     return build_checked(cfg, {n: t.contiguous() for n, t in tensors.items()}, path, device, build)

@@ -26,7 +26,6 @@ from torch import Tensor
 
 from nanosae.sae.topk import topk_rows
 
-
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
@@ -118,9 +117,16 @@ def per_token(vals_Bk: Tensor, idx_Bk: Tensor, n_latents: int) -> Selection:
     return Selection(rows, idx_Bk.reshape(-1), offsets, vals_Bk.reshape(-1), n_latents, same_per_row=True)
 
 
-def encode_select_topk(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, chunk: int | None = None,
-                       dead: Tensor | None = None, k_aux: int = 0, gemm_dtype: torch.dtype | None = None
-                       ) -> tuple[Selection, Selection | None]:
+def encode_select_topk(
+    xc_BD: Tensor,
+    W_enc_DF: Tensor,
+    b_enc_F: Tensor,
+    k: int,
+    chunk: int | None = None,
+    dead: Tensor | None = None,
+    k_aux: int = 0,
+    gemm_dtype: torch.dtype | None = None,
+) -> tuple[Selection, Selection | None]:
     """Encoder GEMM and top-k in row chunks (the chunk stays in cache for topk; no (B, d_sae) buffer).
 
     With dead latent indices, also AuxK's selection from the same pre-activations: the k_aux largest among
@@ -184,7 +190,9 @@ class _SelectedPreacts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, sel: Selection) -> Tensor:
+    def forward(
+        ctx, xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, sel: Selection
+    ) -> Tensor:
         ctx.save_for_backward(xc_BD, W_enc_DF)
         ctx.sel, ctx.centred = sel, b_dec_D is not None
         return sel.pre.clone()
@@ -227,7 +235,9 @@ class _SparseDecode(torch.autograd.Function):
         return grad_vals, grad_W, None
 
 
-def selected_preacts(xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, sel: Selection) -> Tensor:
+def selected_preacts(
+    xc_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, sel: Selection
+) -> Tensor:
     """The selected pre-activations as a differentiable (n,) tensor. xc_BD is the (detached) centred input
     x - b_dec; pass b_dec so it gets its gradient (None when the input is not centred)."""
     return _SelectedPreacts.apply(xc_BD.detach(), W_enc_DF, b_enc_F, b_dec_D, sel)

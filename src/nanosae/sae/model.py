@@ -14,6 +14,7 @@ The same class is also a transcoder and a crosscoder, because both are an SAE wi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,14 @@ class HookPoint(nn.Identity):
 
 
 class SAE(nn.Module):
+    # registered per architecture (nanosae.registry); declared here for readers and type checkers
+    b_enc: nn.Parameter
+    threshold: Tensor
+    b_gate: nn.Parameter
+    r_mag: nn.Parameter
+    b_mag: nn.Parameter
+    W_skip: nn.Parameter
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
@@ -86,6 +95,13 @@ class SAE(nn.Module):
         return self.cfg.d_out
 
     @property
+    def k(self) -> int:
+        """Latents per token of the TopK family (an error for an architecture without k)."""
+        if self.cfg.k is None:
+            raise ConfigError(f"a {self.cfg.architecture} SAE has no k")
+        return self.cfg.k
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.W_dec.dtype
 
@@ -97,7 +113,9 @@ class SAE(nn.Module):
     def check_input(self, x: Tensor) -> Tensor:
         """x in the SAE's dtype, or a one-line ShapeError when its width is not d_in."""
         if x.shape[-1] != self.cfg.d_in:
-            raise ShapeError(f"SAE input has last dimension {x.shape[-1]}, expected d_in={self.cfg.d_in} (shape {tuple(x.shape)})")
+            raise ShapeError(
+                f"SAE input has last dimension {x.shape[-1]}, expected d_in={self.cfg.d_in} (shape {tuple(x.shape)})"
+            )
         return x.to(self.dtype)
 
     def _factor(self, scale: float | list[float], width: int) -> float | Tensor:
@@ -131,7 +149,9 @@ class SAE(nn.Module):
     def normalize_target(self, y: Tensor) -> Tensor:
         """A transcoder's target in the space the decoder writes (scaled by the output factor)."""
         if y.shape[-1] != self.cfg.d_out:
-            raise ShapeError(f"SAE target has last dimension {y.shape[-1]}, expected d_out={self.cfg.d_out} (shape {tuple(y.shape)})")
+            raise ShapeError(
+                f"SAE target has last dimension {y.shape[-1]}, expected d_out={self.cfg.d_out} (shape {tuple(y.shape)})"
+            )
         factor = self.output_factor()
         return y.to(self.dtype) * factor if not isinstance(factor, float) or factor != 1.0 else y.to(self.dtype)
 
@@ -169,6 +189,12 @@ class SAE(nn.Module):
             return self.arch.infer(self, pre, x_norm)
         return self.arch.activate(self, pre, x_norm, self.cfg.k if k is None else k)
 
+    @overload
+    def encode(self, x: Tensor, return_norm: Literal[False] = False) -> Tensor: ...
+
+    @overload
+    def encode(self, x: Tensor, return_norm: Literal[True]) -> tuple[Tensor, NormState | None]: ...
+
     def encode(self, x: Tensor, return_norm: bool = False) -> Tensor | tuple[Tensor, NormState | None]:
         """Latents z (..., d_sae); with return_norm, also the layer-norm state decode() needs to undo the
         norm (None for SAEs without layer_norm), as OpenAI's encode returns it."""
@@ -184,8 +210,10 @@ class SAE(nn.Module):
 
         A skip transcoder's W_skip term depends on the input, so forward() adds it, as in SAELens."""
         if norm is None and self.cfg.normalize_activations == "layer_norm":
-            raise ConfigError("this SAE normalises each input (layer_norm): decode(z, norm) needs the norm state "
-                              "from encode(x, return_norm=True)")
+            raise ConfigError(
+                "this SAE normalises each input (layer_norm): decode(z, norm) needs the norm state "
+                "from encode(x, return_norm=True)"
+            )
         x_hat = z.to(self.dtype) @ self.W_dec + self.b_dec
         return self.hook_sae_recons(self.denormalize(x_hat, norm))
 
@@ -196,8 +224,9 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z, norm = self.encode(x, return_norm=True)
         x_hat = self.decode(z, norm)
-        if self.cfg.skip_connection:
-            x_hat = x_hat + self.denormalize(self.skip(self.normalize_input(self.check_input(x))[0]), None)
+        skip = self.skip(self.normalize_input(self.check_input(x))[0]) if self.cfg.skip_connection else 0.0
+        if isinstance(skip, Tensor):
+            x_hat = x_hat + self.denormalize(skip, None)
         return x_hat, z
 
     def reconstruct_clean(self, x: Tensor) -> Tensor:
@@ -230,8 +259,10 @@ class SAE(nn.Module):
         latents, and then x plus the edit's effect (TransformerLens HookedSAE semantics).
         """
         if self.cfg.kind != "sae":
-            raise ShapeError(f"splice() is for SAEs at one hook; a {self.cfg.kind} reads {self.cfg.input_hooks} and writes "
-                             f"{self.cfg.output_hooks}")
+            raise ShapeError(
+                f"splice() is for SAEs at one hook; a {self.cfg.kind} reads {self.cfg.input_hooks} and writes "
+                f"{self.cfg.output_hooks}"
+            )
         x_hat, _ = self(x)
         if self.use_error_term:
             with torch.no_grad():
@@ -245,9 +276,8 @@ class SAE(nn.Module):
         return formats.save_sae(self, path)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str = "cpu", normalize: bool | None = None) -> "SAE":
+    def load(cls, path: str | Path, *, device: str = "cpu", normalize: bool | None = None) -> SAE:
         """Load our dir, SAELens's, an OpenAI sparse_autoencoder .pt (normalize: override its LN flag), or the
         field's other formats (sae/foreign.py). In eval mode: a loaded SAE infers (BatchTopK by its threshold)."""
         check_device(device)
         return formats.load_sae(path, device=device, normalize=normalize, build=cls).eval()
-

@@ -75,8 +75,16 @@ def kernel() -> ctypes.CDLL | None:
     except (OSError, subprocess.CalledProcessError) as e:
         log.info("C top-k kernel unavailable (%s); using torch.topk", e)
         return None
-    handle.topk_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                                 ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    handle.topk_rows.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
     handle.topk_rows.restype = None
     return handle
 
@@ -84,14 +92,21 @@ def kernel() -> ctypes.CDLL | None:
 def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(values, indices) of the k largest entries along the last dimension, in no particular order: the one
     top-k of nanosae (the C kernel for CPU float32 rows without gradients, torch.topk otherwise)."""
-    usable = (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
-              and 0 < k <= x.shape[1] and not x.requires_grad)
+    usable = (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 2
+        and x.stride(1) == 1
+        and 0 < k <= x.shape[1]
+        and not x.requires_grad
+    )
     lib = kernel() if usable else None  # not built at all when training on a GPU
     if lib is None:
         return x.topk(k, dim=-1, sorted=False)
     rows, cols = x.shape
     values = torch.empty(rows, k, dtype=x.dtype)
     indices = torch.empty(rows, k, dtype=torch.long)
-    lib.topk_rows(x.data_ptr(), rows, cols, x.stride(0), k, torch.get_num_threads(), values.data_ptr(),
-                  indices.data_ptr())
+    lib.topk_rows(
+        x.data_ptr(), rows, cols, x.stride(0), k, torch.get_num_threads(), values.data_ptr(), indices.data_ptr()
+    )
     return values, indices

@@ -25,7 +25,6 @@ from nanosae.train.sharded import shard_names
 log = logging.getLogger(__name__)
 
 
-
 def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every checkpoint, oldest first."""
     found = []
@@ -41,8 +40,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, sae: SAE | None, state: dict[str, Any], moved: dict[str, Path] | None = None,
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    sae: SAE | None,
+    state: dict[str, Any],
+    moved: dict[str, Path] | None = None,
+    keep: int = 2,
+) -> Path:
     """Write checkpoints/step_N/ via a temp directory renamed into place; keep the newest `keep` up to N (a
     newer one can only be this run's own, unreadable one it fell back from; it is replaced when reached).
     moved: files (written by other processes) moved in under the given names; sae None: no whole SAE."""
@@ -83,7 +88,11 @@ def load_checkpoint(run_dir: Path, steps: set[int] | None = None) -> tuple[Path,
     for step, ckpt in reversed(found):
         try:
             state = torch.load(regular_file(ckpt / "state.pt"), map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or not {"step", "batches"} <= set(state) or not {"optimizer", "shards"} & set(state):
+            if (
+                not isinstance(state, dict)
+                or not {"step", "batches"} <= set(state)
+                or not {"optimizer", "shards"} & set(state)
+            ):
                 raise FormatError("not a nanosae checkpoint state")
             if state["step"] != step or not isinstance(state["batches"], int) or state["batches"] < step:
                 raise FormatError(f"its state says step {str(state['step'])[:20]}, batch {str(state['batches'])[:20]}")
@@ -95,10 +104,11 @@ def load_checkpoint(run_dir: Path, steps: set[int] | None = None) -> tuple[Path,
                 return ckpt, state, None
             return ckpt, state, SAE.load(ckpt / "sae")
         except Exception as e:  # torch.load raises many kinds for truncated or corrupt files
-            log.warning("checkpoint %s is unreadable (%s); trying the previous one", ckpt,
-                        first_line(e))
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", ckpt, first_line(e))
     if found:
-        raise FormatError(f"{RunDir(run_dir).checkpoints}: no checkpoint can be read; move it away to start the run over")
+        raise FormatError(
+            f"{RunDir(run_dir).checkpoints}: no checkpoint can be read; move it away to start the run over"
+        )
     return None
 
 
@@ -133,7 +143,13 @@ def store_fingerprint(store: ActivationStore) -> dict[str, Any]:
     """Which activations a store holds: another collection at the same path is another job."""
     m = store.manifest
     first = m["shards"][0]["sha256"] if m["shards"] else None
-    return {"hook": m.get("hook"), "model": m.get("model"), "d_in": store.d_in, "tokens": len(store), "first_shard": first}
+    return {
+        "hook": m.get("hook"),
+        "model": m.get("model"),
+        "d_in": store.d_in,
+        "tokens": len(store),
+        "first_shard": first,
+    }
 
 
 def compare_jobs(saved: dict[str, Any], job: dict[str, Any], where: Path | str) -> None:
@@ -142,12 +158,12 @@ def compare_jobs(saved: dict[str, Any], job: dict[str, Any], where: Path | str) 
         if key == "sources" and key not in saved:  # runs from before fingerprints were recorded
             continue
         if saved.get(key) != job.get(key):
-            raise ConfigError(f"{where} records another run ({key}={_short(saved.get(key))}, this run asks for "
-                              f"{_short(job.get(key))}); use another --out, nothing was changed")
+            raise ConfigError(
+                f"{where} records another run ({key}={_short(saved.get(key))}, this run asks for "
+                f"{_short(job.get(key))}); use another --out, nothing was changed"
+            )
 
 
 def _short(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-

@@ -14,6 +14,8 @@ RUN/cross_layer/checkpoints/step_N at the same steps as the layers'.
 
 from __future__ import annotations
 
+import functools
+import operator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,8 +41,10 @@ def check_cross_layer(cfgs: list[TrainConfig], world: int) -> None:
     """Refuse what a cross-layer transcoder cannot train with, before any run directory is touched."""
     cfg = cfgs[0]
     if any(c.sae.arch.sparse is None for c in cfgs):
-        raise ConfigError(f"cross-layer transcoders are TopK or BatchTopK, trained on the sparse kernels "
-                          f"(--architecture {' or '.join(registry.sparse_names())})")
+        raise ConfigError(
+            f"cross-layer transcoders are TopK or BatchTopK, trained on the sparse kernels "
+            f"(--architecture {' or '.join(registry.sparse_names())})"
+        )
     if len(cfgs) < 2:
         raise ConfigError("a cross-layer transcoder needs at least two layers (--transcoders all, or 0,1,...)")
     if world > 1 or cfg.shard_latents or cfg.distribute_saes:
@@ -57,8 +61,10 @@ class CrossLayer:
         self.runs = runs
         self.path = run_dir / "cross_layer"
         n, d_model = len(runs), runs[0].sae.cfg.d_out
-        self.decoders = [torch.zeros(r.sae.cfg.d_sae, (n - 1 - i) * d_model, device=cfg.device, requires_grad=True)
-                         for i, r in enumerate(runs[:-1])]
+        self.decoders = [
+            torch.zeros(r.sae.cfg.d_sae, (n - 1 - i) * d_model, device=cfg.device, requires_grad=True)
+            for i, r in enumerate(runs[:-1])
+        ]
         o = cfg.optim
         self.opt = torch.optim.Adam(self.decoders, lr=o.lr or 0.0, betas=(o.beta1, o.beta2), eps=o.eps)
         self.step = runs[0].step
@@ -71,8 +77,10 @@ class CrossLayer:
             self.opt.load_state_dict(state["optimizer"])
             self.step = state["step"]
         if any(r.step != self.step for r in runs):
-            raise TrainingError(f"{self.path}: the cross-layer decoders are at step {self.step}, the layers at "
-                                f"{sorted({r.step for r in runs})}; train again into a new --out")
+            raise TrainingError(
+                f"{self.path}: the cross-layer decoders are at step {self.step}, the layers at "
+                f"{sorted({r.step for r in runs})}; train again into a new --out"
+            )
         for r in runs:
             r.unit_decoder = False  # normalised jointly with the later-layer rows, below
         if self.step == 0:
@@ -88,6 +96,7 @@ class CrossLayer:
             out = r.loss_on(x, y, added=pending.pop(i, None))
             steps.append((out, x, y))
             if i < len(self.decoders):
+                assert out.codes is not None  # TopK/BatchTopK: the sparse path's codes
                 vals, sel = out.codes
                 later = kernels.sparse_decode(vals, sel, self.decoders[i]).view(len(x), len(runs) - 1 - i, -1)
                 for j in range(i + 1, len(runs)):
@@ -95,7 +104,7 @@ class CrossLayer:
         for r in runs:
             r.opt.zero_grad(set_to_none=True)
         self.opt.zero_grad(set_to_none=True)
-        sum(out.loss for out, _, _ in steps).backward()
+        functools.reduce(operator.add, (out.loss for out, _, _ in steps)).backward()
         lr = lr_at(self.step, runs[0].cfg, runs[0].d)
         for group in self.opt.param_groups:
             group["lr"] = lr * runs[0].d.decoder_lr_scale  # decoders, as the layers' own (trainer.make_adam)
@@ -116,9 +125,9 @@ class CrossLayer:
             if i < len(self.decoders):
                 sq = sq + self.decoders[i].pow(2).sum(1)
             norm = sq.sqrt().clamp_min(1e-12)[:, None]
-            own /= norm
+            own.div_(norm)
             if i < len(self.decoders):
-                self.decoders[i] /= norm
+                self.decoders[i].div_(norm)
 
     def after_step(self) -> None:
         cfg = self.runs[0].cfg
@@ -126,18 +135,29 @@ class CrossLayer:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.path, self.step, None, {"step": self.step, "batches": self.runs[0].batches_done,
-                                                     "optimizer": self.opt.state_dict(),
-                                                     "decoders": [w.detach().cpu() for w in self.decoders]})
+        save_checkpoint(
+            self.path,
+            self.step,
+            None,
+            {
+                "step": self.step,
+                "batches": self.runs[0].batches_done,
+                "optimizer": self.opt.state_dict(),
+                "decoders": [w.detach().cpu() for w in self.decoders],
+            },
+        )
 
     def finish(self) -> None:
         """Each layer's later-layer decoders beside its SAE (after the layers' finish wrote theirs)."""
         n, d_model = len(self.runs), self.runs[0].sae.cfg.d_out
         for i, (r, w) in enumerate(zip(self.runs, self.decoders)):
             rows = w.detach().cpu().reshape(-1, n - 1 - i, d_model).contiguous()
-            later = ",".join(str(layer_of(q)) for q in self.runs[i + 1:])
-            atomic_write(r.run_dir / CROSS_FILE, lambda p, rows=rows, later=later: save_file(
-                {"W_dec_later": rows}, str(p), metadata={"later_layers": later}))
+            later = ",".join(str(layer_of(q)) for q in self.runs[i + 1 :])
+
+            def write(p: Path, rows: torch.Tensor = rows, later: str = later) -> None:
+                save_file({"W_dec_later": rows}, str(p), metadata={"later_layers": later})
+
+            atomic_write(r.run_dir / CROSS_FILE, write)
         self.checkpoint()
 
 
@@ -157,8 +177,10 @@ def load_later(run_dir: Path, later: list[int], d_sae: int, d_model: int, device
         raise FormatError(f"{path}: cannot read the cross-layer decoders ({first_line(e)})") from None
     expected = ",".join(map(str, later))
     if layers != expected or tuple(rows.shape) != (d_sae, len(later), d_model):
-        raise FormatError(f"{path}: decoders to layers {layers} of shape {tuple(rows.shape)}; expected layers {expected} "
-                          f"and shape ({d_sae}, {len(later)}, {d_model})")
+        raise FormatError(
+            f"{path}: decoders to layers {layers} of shape {tuple(rows.shape)}; expected layers {expected} "
+            f"and shape ({d_sae}, {len(later)}, {d_model})"
+        )
     if not rows.is_floating_point() or not bool(torch.isfinite(rows).all()):
         raise FormatError(f"{path}: the cross-layer decoders hold NaN, infinite or non-float values")
     return rows

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from nanosae.train.trainer import SAERun
 
 
-def check_finetune(runs: list["SAERun"], world: int) -> None:
+def check_finetune(runs: list[SAERun], world: int) -> None:
     """The fine-tune trains one plain SAE in one process: refuse the rest in one line."""
     if not any(r.d.kl_steps for r in runs):
         return
@@ -50,7 +50,7 @@ def check_finetune(runs: list["SAERun"], world: int) -> None:
         raise ConfigError(f"kl_finetune is for SAEs at one hook, not a {runs[0].sae.cfg.kind}")
 
 
-def model_and_data(run: "SAERun", source) -> tuple[HostModel, DataConfig]:
+def model_and_data(run: SAERun, source) -> tuple[HostModel, DataConfig]:
     """The host model and corpus the run's activations came from."""
     if isinstance(source, ActivationStore):
         manifest = source.manifest
@@ -60,11 +60,12 @@ def model_and_data(run: "SAERun", source) -> tuple[HostModel, DataConfig]:
     return source.model, source.data
 
 
-def windows(model: HostModel, data: DataConfig, rows: int) -> Iterator[TokenBatch]:
+def windows(model: HostModel, data: DataConfig, rows: int) -> Generator[TokenBatch, None, None]:
     """Endless batches of `rows` token windows from the corpus (it restarts when it ends)."""
     while True:
-        batches = in_background(token_batches(iter_documents(data), model.tokenizer, data.context_size, rows,
-                                              data.pack, data.exclude_first))
+        batches = in_background(
+            token_batches(iter_documents(data), model.tokenizer, data.context_size, rows, data.pack, data.exclude_first)
+        )
         n = 0
         try:
             for batch in batches:
@@ -79,10 +80,12 @@ def windows(model: HostModel, data: DataConfig, rows: int) -> Iterator[TokenBatc
 def kl_divergence(clean_logits: Tensor, logits: Tensor) -> Tensor:
     """Mean over rows of KL(softmax(clean) ‖ softmax(logits)), in float32."""
     clean = F.log_softmax(clean_logits.float(), dim=-1)
-    return F.kl_div(F.log_softmax(logits.float(), dim=-1), clean, log_target=True, reduction="sum") / max(1, len(logits))
+    return F.kl_div(F.log_softmax(logits.float(), dim=-1), clean, log_target=True, reduction="sum") / max(
+        1, len(logits)
+    )
 
 
-def finetune(run: "SAERun", source, progress=None) -> None:
+def finetune(run: SAERun, source, progress=None) -> None:
     """Train the run's remaining steps (its last kl_steps) on KL + MSE through the model."""
     if run.done:
         return
@@ -126,7 +129,7 @@ def spliced_kl(sae, model: HostModel, hook: str, tokens: Tensor, valid: Tensor, 
     return kl_divergence(clean.logits[:, :-1][keep], logits[:, :-1][keep])
 
 
-def _step(run: "SAERun", model: HostModel, hook: str, batch: TokenBatch, progress) -> None:
+def _step(run: SAERun, model: HostModel, hook: str, batch: TokenBatch, progress) -> None:
     tokens, valid = batch.tokens.to(model.device), batch.valid.to(model.device)
     if not (valid[:, :-1] & valid[:, 1:]).any():
         return

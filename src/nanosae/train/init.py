@@ -27,8 +27,9 @@ def geometric_median(points: Tensor, iters: int = 100, tol: float = 1e-6) -> Ten
 
 
 @torch.no_grad()
-def init_sae(sae: SAE, sample: Tensor, b_dec: str = "geometric_median", target: Tensor | None = None,
-             encoder_scale: float = 1.0) -> None:
+def init_sae(
+    sae: SAE, sample: Tensor, b_dec: str = "geometric_median", target: Tensor | None = None, encoder_scale: float = 1.0
+) -> None:
     """Set b_dec from a sample of (normalised) activations and tie W_enc to encoder_scale · W_dec.T.
 
     A transcoder's b_dec comes from its (normalised) target sample, and its encoder stays untied (input and

@@ -10,6 +10,8 @@ Squared errors are summed over the output and averaged over tokens, in the SAE's
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -70,7 +72,7 @@ def sae_loss(
         sel, aux = arch.sparse(sae, xc, k, dead, k_aux, torch.bfloat16 if encoder_bf16 else None)
         out = sparse_loss(sae, x_norm, xc, y, sel, aux, aux_coefficient, norm_weighting, added)
         if arch.selection == "batch" and sae.training:
-            update_threshold(sae, out.codes[0].detach())
+            update_threshold(sae, vals_of(out).detach())
         return out
     pre = sae.pre_acts(x_norm)
     z = sae.activate(pre, x_norm, k)
@@ -86,7 +88,18 @@ def sae_loss(
         parts["auxk"] = aux_coefficient * auxk_loss(sae, pre[:, dead], dead, y - x_hat.detach(), k_aux)
     if arch.selection == "batch" and sae.training:
         update_threshold(sae, z)
-    return LossOutput(sum(parts.values()), parts, (z > 0).sum(0), x_hat.detach(), y)
+    return LossOutput(sum_parts(parts), parts, (z > 0).sum(0), x_hat.detach(), y)
+
+
+def sum_parts(parts: dict[str, Tensor]) -> Tensor:
+    """The loss: its parts added in order."""
+    return functools.reduce(operator.add, parts.values())
+
+
+def vals_of(out: LossOutput) -> Tensor:
+    """The sparse path's selected latent values (with grad)."""
+    assert out.codes is not None
+    return out.codes[0]
 
 
 def token_weights(y: Tensor, power: float) -> Tensor | None:
@@ -99,9 +112,18 @@ def token_weights(y: Tensor, power: float) -> Tensor | None:
     return (w / w.mean()).to(y.dtype)
 
 
-def sparse_loss(sae: SAE, x_norm: Tensor, xc: Tensor, y: Tensor, sel: kernels.Selection,
-                aux: kernels.Selection | None, aux_coefficient: float, norm_weighting: float = 0.0,
-                added: Tensor | None = None, total: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
+def sparse_loss(
+    sae: SAE,
+    x_norm: Tensor,
+    xc: Tensor,
+    y: Tensor,
+    sel: kernels.Selection,
+    aux: kernels.Selection | None,
+    aux_coefficient: float,
+    norm_weighting: float = 0.0,
+    added: Tensor | None = None,
+    total: Callable[[Tensor], Tensor] | None = None,
+) -> LossOutput:
     """The TopK family's loss from its selections (the latents each token keeps, and AuxK's among the dead
     ones), through the sparse kernels. total(partial): the whole reconstruction from this process's part, with
     latents sharded over processes (b_dec's gradient through the encoder is then added by the caller)."""
@@ -117,7 +139,7 @@ def sparse_loss(sae: SAE, x_norm: Tensor, xc: Tensor, y: Tensor, sel: kernels.Se
         residual_hat = total(kernels.sparse_decode(aux_vals, aux, sae.W_dec))
         parts["auxk"] = aux_coefficient * (residual_hat - (y - x_hat.detach())).pow(2).sum(-1).mean()
     fired = kernels.count(sel.cols, sae.cfg.d_sae, vals.detach() > 0)
-    return LossOutput(sum(parts.values()), parts, fired, x_hat.detach(), y, (vals, sel))
+    return LossOutput(sum_parts(parts), parts, fired, x_hat.detach(), y, (vals, sel))
 
 
 def auxk_loss(sae: SAE, dead_pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int | None) -> Tensor:
@@ -154,7 +176,7 @@ def calibrate_threshold(sae: SAE, x: Tensor) -> float:
     smallest kept value), so inference would keep more than k latents per token (docs/benchmarks.md)."""
     x_norm, _ = sae.normalize_input(x)
     pre = sae.pre_acts(x_norm)
-    n_keep = min(sae.cfg.k * len(x), pre.numel() - 1)
+    n_keep = min(sae.k * len(x), pre.numel() - 1)
     top, _ = kernels.batch_top(pre, n_keep + 1, sorted=True)
     threshold = float((top[n_keep - 1] + top[n_keep]) / 2)
     sae.threshold.fill_(threshold)
@@ -164,7 +186,7 @@ def calibrate_threshold(sae: SAE, x: Tensor) -> float:
 @torch.no_grad()
 def normalize_decoder(sae: SAE) -> None:
     """Scale every decoder row to unit norm."""
-    sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 @torch.no_grad()

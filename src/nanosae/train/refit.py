@@ -46,7 +46,7 @@ class DecoderRefit:
         vals, y = vals.detach().double(), y.detach().double()
         a, b = _pairs(sel)  # every pair of one token's latents, once: z_a·z_b added at (a, b)
         for t in range(0, len(a), 1 << 22):  # bounded index tensors, however many latents a token holds
-            i, j = a[t:t + (1 << 22)], b[t:t + (1 << 22)]
+            i, j = a[t : t + (1 << 22)], b[t : t + (1 << 22)]
             kernels.index_add_exact(self.gram.view(-1), sel.cols[i] * (m + 1) + sel.cols[j], vals[i] * vals[j])
         self.gram[m, :m] += sel.by_latent_sum(vals)
         self.gram[m, m] += len(y)
@@ -69,15 +69,17 @@ class DecoderRefit:
         diag = gram.diagonal()
         fired = diag[:m] > 0
         keep = torch.cat([fired, fired.new_ones(1)])  # the bias row always
-        weight = torch.full((int(keep.sum()),), PRIOR * float(diag[:m][fired].mean()), dtype=torch.float64,
-                            device=diag.device)
+        weight = torch.full(
+            (int(keep.sum()),), PRIOR * float(diag[:m][fired].mean()), dtype=torch.float64, device=diag.device
+        )
         weight[-1] = RIDGE * float(diag[m])
         trained = torch.cat([sae.W_dec[fired.to(sae.device)], sae.b_dec[None]]).to(diag.device, torch.float64)
-        solution = torch.linalg.solve(gram[keep][:, keep] + torch.diag(weight),
-                                      self.cross[keep] + weight[:, None] * trained).to(sae.W_dec.dtype)
+        solution = torch.linalg.solve(
+            gram[keep][:, keep] + torch.diag(weight), self.cross[keep] + weight[:, None] * trained
+        ).to(sae.W_dec.dtype)
         rows, bias = solution[:-1].to(sae.device), solution[-1].to(sae.device)
         if sae.cfg.apply_b_dec_to_input:  # the encoder subtracts b_dec: move b_enc so its pre-activations stay
-            sae.b_enc += (bias - sae.b_dec) @ sae.W_enc
+            sae.b_enc.add_((bias - sae.b_dec) @ sae.W_enc)
         sae.W_dec[fired.to(sae.device)] = rows
         sae.b_dec.copy_(bias)
         return int(fired.sum())
@@ -101,7 +103,7 @@ def codes(sae: SAE, x: Tensor) -> tuple[Tensor, kernels.Selection]:
     TopK through the training step's sparse kernel (no (B, d_sae) tensor), the rest through encode()."""
     if sae.arch.selection == "token" and sae.arch.sparse and sae.cfg.normalize_activations == "none":
         x_norm = sae.normalize_input(x)[0]
-        sel, _ = kernels.encode_select_topk(sae.centre(x_norm), sae.W_enc, sae.b_enc, sae.cfg.k)
+        sel, _ = kernels.encode_select_topk(sae.centre(x_norm), sae.W_enc, sae.b_enc, sae.k)
         return sel.pre.relu(), sel
     z = sae.encode(x)
     rows, cols = z.nonzero(as_tuple=True)
@@ -111,12 +113,21 @@ def codes(sae: SAE, x: Tensor) -> tuple[Tensor, kernels.Selection]:
 def refit_applies(cfg: TrainConfig, stored: bool) -> bool:
     """Whether the run refits its decoder: refit_decoder, or its default where the refit applies."""
     o, sae = cfg.optim, cfg.sae
-    why_not = (f"it is for {' and '.join(registry.sparse_names())} SAEs" if sae.arch.sparse is None else
-               "it reads the stored activations again (--acts), and this run streams them" if not stored else
-               "the end-to-end fine-tune (kl_finetune) trains the decoder last" if o.kl_finetune else
-               "the latents are sharded over processes (shard_latents)" if cfg.shard_latents else
-               "a cross-layer transcoder's decoders are coupled across layers" if sae.cross_layer else
-               "a skip transcoder's target includes its skip term" if sae.skip_connection else None)
+    why_not = (
+        f"it is for {' and '.join(registry.sparse_names())} SAEs"
+        if sae.arch.sparse is None
+        else "it reads the stored activations again (--acts), and this run streams them"
+        if not stored
+        else "the end-to-end fine-tune (kl_finetune) trains the decoder last"
+        if o.kl_finetune
+        else "the latents are sharded over processes (shard_latents)"
+        if cfg.shard_latents
+        else "a cross-layer transcoder's decoders are coupled across layers"
+        if sae.cross_layer
+        else "a skip transcoder's target includes its skip term"
+        if sae.skip_connection
+        else None
+    )
     if o.refit_decoder is None:
         return why_not is None and sae.d_sae <= MAX_DEFAULT_LATENTS
     if o.refit_decoder and why_not:

@@ -30,7 +30,7 @@ class Schedule:
     k_aux: int | None  # None until the input width is known
 
     @classmethod
-    def of(cls, cfg: TrainConfig, d_in: int | None = None) -> "Schedule":
+    def of(cls, cfg: TrainConfig, d_in: int | None = None) -> Schedule:
         """cfg's schedule; d_in (the source's width) for the defaults that depend on it."""
         o = cfg.optim
         steps = max(1, o.tokens // o.batch_size)
@@ -39,14 +39,18 @@ class Schedule:
         default = lambda value, fallback: value if value is not None else fallback
         # the rate falls as latents grow (sparsify's rule) and follows the batch by Adam's square-root rule
         lr = 6.63e-4 / math.sqrt(cfg.sae.d_sae / 2**14) * math.sqrt(o.batch_size / 1024)
-        return cls(steps=steps, lr=default(o.lr, lr),
-                   warmup=default(o.lr_warmup_steps, max(1, steps // 20)),
-                   sparsity_warmup=default(o.sparsity_warmup_steps, steps // 20), sparsity=sparsity,
-                   dead_tokens=default(o.dead_tokens, max(o.batch_size, min(10_000_000, o.tokens // 20))),
-                   resample_every=default(o.resample_every, max(10, steps // 8)),
-                   kl_steps=min(steps, round(steps * o.kl_finetune)),
-                   decoder_lr_scale=default(o.decoder_lr_scale, arch.decoder_lr_scale),
-                   k_aux=default(o.k_aux, default_k_aux(d_in) if d_in else None))
+        return cls(
+            steps=steps,
+            lr=default(o.lr, lr),
+            warmup=default(o.lr_warmup_steps, max(1, steps // 20)),
+            sparsity_warmup=default(o.sparsity_warmup_steps, steps // 20),
+            sparsity=sparsity,
+            dead_tokens=default(o.dead_tokens, max(o.batch_size, min(10_000_000, o.tokens // 20))),
+            resample_every=default(o.resample_every, max(10, steps // 8)),
+            kl_steps=min(steps, round(steps * o.kl_finetune)),
+            decoder_lr_scale=default(o.decoder_lr_scale, arch.decoder_lr_scale),
+            k_aux=default(o.k_aux, default_k_aux(d_in) if d_in else None),
+        )
 
 
 def lr_at(step: int, cfg: TrainConfig, d: Schedule) -> float:
@@ -77,5 +81,3 @@ def ema_decay_at(step: int, decay: float) -> float:
     TensorFlow's ExponentialMovingAverage(num_updates): with a fixed decay, a short run's average would still
     be mostly the random initialisation."""
     return min(decay, (1 + step) / (10 + step))
-
-

@@ -127,9 +127,19 @@ def _summed(partial: Tensor, shards: Shards) -> Tensor:
     return partial + (total - partial.detach())
 
 
-def sharded_loss(sae: SAE, x: Tensor, target: Tensor | None, shards: Shards, *, k: int | None = None,
-                 dead_mask: Tensor | None, k_aux: int | None, aux_coefficient: float, norm_weighting: float = 0.0,
-                 encoder_bf16: bool = False) -> LossOutput:
+def sharded_loss(
+    sae: SAE,
+    x: Tensor,
+    target: Tensor | None,
+    shards: Shards,
+    *,
+    k: int | None = None,
+    dead_mask: Tensor | None,
+    k_aux: int | None,
+    aux_coefficient: float,
+    norm_weighting: float = 0.0,
+    encoder_bf16: bool = False,
+) -> LossOutput:
     """train.losses.sae_loss for a TopK SAE whose latents are spread over the ranks of shards.group: each rank
     selects among its own latents, the global top k of every token is agreed, and losses.sparse_loss takes it
     from there with the reconstruction summed over the ranks.
@@ -137,15 +147,22 @@ def sharded_loss(sae: SAE, x: Tensor, target: Tensor | None, shards: Shards, *, 
     dead_mask covers every latent (each rank tracks all of them). `fired` covers every latent too."""
     x_norm, _ = sae.normalize_input(sae.check_input(x))
     y = x_norm if target is None else sae.normalize_target(target)
-    k, k_aux = k or sae.cfg.k, k_aux or default_k_aux(sae.cfg.d_in)
+    k, k_aux = k or sae.k, k_aux or default_k_aux(sae.cfg.d_in)
     offset = shards.cols.start
     n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
-    dead_local = dead_mask[shards.cols].nonzero().squeeze(1) if n_dead else None
+    dead_local = dead_mask[shards.cols].nonzero().squeeze(1) if dead_mask is not None and n_dead else None
     if dead_local is not None and not len(dead_local):
         dead_local = None  # dead latents elsewhere only: this slice offers no AuxK candidates
     xc = sae.centre(x_norm).detach()
-    sel, aux = kernels.encode_select_topk(xc, sae.W_enc.detach(), sae.b_enc.detach(), k, dead=dead_local, k_aux=k_aux,
-                                          gemm_dtype=torch.bfloat16 if encoder_bf16 else None)
+    sel, aux = kernels.encode_select_topk(
+        xc,
+        sae.W_enc.detach(),
+        sae.b_enc.detach(),
+        k,
+        dead=dead_local,
+        k_aux=k_aux,
+        gemm_dtype=torch.bfloat16 if encoder_bf16 else None,
+    )
     local = sel.pre.view(len(x), k), sel.cols.view(len(x), k) + offset
     sel = _mine(*_global_top(*local, k, shards), shards)
     if n_dead:  # AuxK: the global top k_aux among the dead latents of every slice (padded to k_aux candidates each)
@@ -156,8 +173,17 @@ def sharded_loss(sae: SAE, x: Tensor, target: Tensor | None, shards: Shards, *, 
             cand_v[:, :width] = aux.pre.view(len(x), width)
             cand_i[:, :width] = aux.cols.view(len(x), width) + offset
         aux = _mine(*_global_top(cand_v, cand_i, min(k_aux, n_dead), shards), shards)
-    out = sparse_loss(sae, x_norm, xc, y, sel, aux if n_dead else None, aux_coefficient, norm_weighting,
-                      total=lambda partial: _summed(partial, shards))
+    out = sparse_loss(
+        sae,
+        x_norm,
+        xc,
+        y,
+        sel,
+        aux if n_dead else None,
+        aux_coefficient,
+        norm_weighting,
+        total=lambda partial: _summed(partial, shards),
+    )
     fired = [torch.empty_like(out.fired) for _ in range(shards.n)]
     dist.all_gather(fired, out.fired, group=shards.group)
     return out._replace(fired=torch.cat(fired), codes=None)
@@ -166,7 +192,7 @@ def sharded_loss(sae: SAE, x: Tensor, target: Tensor | None, shards: Shards, *, 
 def reduce_gradients(sae: SAE, shards: Shards, fired: Tensor) -> None:
     """After backward: add b_dec's gradient through every slice's encoder, then average every gradient (and
     the fired counts) over the replicas."""
-    if sae.cfg.apply_b_dec_to_input and sae.b_enc.grad is not None:
+    if sae.cfg.apply_b_dec_to_input and sae.b_enc.grad is not None and sae.b_dec.grad is not None:
         through_encoder = -(sae.W_enc.detach() @ sae.b_enc.grad)  # Σ_tokens ∂pre/∂b_dec = −W_enc @ ∂L/∂b_enc
         dist.all_reduce(through_encoder, group=shards.group)
         sae.b_dec.grad += through_encoder
@@ -211,7 +237,9 @@ def load_shard(ckpt: Path, shards: Shards) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FormatError(f"{path}: this slice's checkpoint cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise FormatError(
+            f"{path}: this slice's checkpoint cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     if not isinstance(state, dict) or not {"sae", "optimizer"} <= set(state):
         raise FormatError(f"{path}: not a nanosae shard checkpoint")
     return state

@@ -38,8 +38,14 @@ def expand_sweep(settings: dict[str, Any], crosscoder: bool = False) -> list[Tra
         parts += [_label(name, value) for name, value in chosen.items() if len(grid[name]) > 1]
         name = "-".join(p for p in parts if p)
         place = {"acts": where} if kind == "acts" else {"hook": where} if kind == "hook" else {}
-        cfgs.append(TrainConfig.build(out=str(out / name if name else out), **settings, **place,
-                                      **{k: v for k, v in chosen.items() if v is not None}))
+        cfgs.append(
+            TrainConfig.build(
+                out=str(out / name if name else out),
+                **settings,
+                **place,
+                **{k: v for k, v in chosen.items() if v is not None},
+            )
+        )
     return cfgs
 
 
@@ -68,5 +74,12 @@ def transcoder_set(settings: dict[str, Any], layers: list[int]) -> list[TrainCon
                 raise ConfigError(f"--transcoders trains one set: give one value of {name}")
             settings[name] = settings[name][0]
     tset = TranscoderSetDir(Path(settings.pop("out", TrainConfig.out)))
-    return [TrainConfig.build(out=str(tset.layer(layer)), hook=f"blocks.{layer}.ln2.hook_normalized",
-                              hook_out=f"blocks.{layer}.hook_mlp_out", **settings) for layer in layers]
+    return [
+        TrainConfig.build(
+            out=str(tset.layer(layer)),
+            hook=f"blocks.{layer}.ln2.hook_normalized",
+            hook_out=f"blocks.{layer}.hook_mlp_out",
+            **settings,
+        )
+        for layer in layers
+    ]

@@ -19,9 +19,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import torch
 import torch.distributed as dist
@@ -30,21 +30,47 @@ from nanosae.config import TrainConfig, model_dtype
 from nanosae.data import ActivationStore, ActivationStream
 from nanosae.data.store import norm_scale
 from nanosae.errors import ConfigError, DataError, FormatError, TrainingError
-from nanosae.outputs import check_job_dir
 from nanosae.io import parse_json, read_json, write_json, write_lock
+from nanosae.outputs import check_job_dir
 from nanosae.rundir import RunDir
 from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
-from nanosae.train.checkpoint import (common_steps, compare_jobs, job_identity, latest_checkpoint, load_checkpoint,
-                                      save_checkpoint, saved_job, store_fingerprint)
+from nanosae.train.checkpoint import (
+    common_steps,
+    compare_jobs,
+    job_identity,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    saved_job,
+    store_fingerprint,
+)
 from nanosae.train.cross_layer import CrossLayer, check_cross_layer
 from nanosae.train.finetune import check_finetune, finetune
-from nanosae.train.sharded import (check_shardable, clip_gradients, gather_full, load_shard, local_slice, make_shards,
-                                   reduce_gradients, save_shard, shard_file, shard_names, sharded_loss)
 from nanosae.train.init import init_sae
+from nanosae.train.losses import (
+    LossOutput,
+    calibrate_threshold,
+    normalize_decoder,
+    remove_parallel_grad,
+    sae_loss,
+    sum_parts,
+)
 from nanosae.train.refit import MAX_TOKENS, READ_BATCH, DecoderRefit, codes, refit_applies
-from nanosae.train.losses import LossOutput, calibrate_threshold, normalize_decoder, remove_parallel_grad, sae_loss
 from nanosae.train.schedule import Schedule, ema_decay_at, k_at, lr_at
+from nanosae.train.sharded import (
+    check_shardable,
+    clip_gradients,
+    gather_full,
+    load_shard,
+    local_slice,
+    make_shards,
+    reduce_gradients,
+    save_shard,
+    shard_file,
+    shard_names,
+    sharded_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +97,11 @@ def make_adam(sae: SAE, lr: float, cfg: TrainConfig, decoder_lr_scale: float = 1
     (W_dec, b_dec) is its own group, stepped at decoder_lr_scale × lr: at a few hundred steps the decoder lags
     the encoder (see train.refit), and a faster decoder lowered the CE-loss gap on every job measured."""
     decoder = [sae.W_dec, sae.b_dec]
-    groups = [dict(params=[p for p in sae.parameters() if all(p is not q for q in decoder)], lr_scale=1.0),
-              dict(params=decoder, lr_scale=decoder_lr_scale)]
-    kwargs = dict(lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    groups = [
+        dict(params=[p for p in sae.parameters() if all(p is not q for q in decoder)], lr_scale=1.0),
+        dict(params=decoder, lr_scale=decoder_lr_scale),
+    ]
+    kwargs: dict[str, Any] = dict(lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     try:
         return torch.optim.Adam(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
@@ -97,8 +125,13 @@ class MetricSinks:
             except ImportError:
                 raise ConfigError("--wandb needs the wandb package: pip install wandb") from None
             self.wandb = wandb
-            wandb.init(project=os.environ.get("WANDB_PROJECT", "nanosae"), dir=str(run_dir), name=run_dir.name,
-                       config=dataclasses.asdict(cfg), resume="allow")
+            wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "nanosae"),
+                dir=str(run_dir),
+                name=run_dir.name,
+                config=dataclasses.asdict(cfg),
+                resume="allow",
+            )
 
     def log(self, metrics: dict[str, float]) -> None:
         if self.tb is not None:
@@ -141,11 +174,15 @@ def all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
 
 
 # ---- data ---------------------------------------------------------------------------------------------
-def batch_stream(source: ActivationStore | ActivationStream, cfg: TrainConfig, start_batch: int) -> Iterator[torch.Tensor]:
+def batch_stream(
+    source: ActivationStore | ActivationStream, cfg: TrainConfig, start_batch: int
+) -> Generator[torch.Tensor, None, None]:
     """Endless batches (epochs as needed), counting every batch the source yields, partial ones included."""
     if isinstance(source, ActivationStore):
         epochs = math.ceil(cfg.optim.tokens / max(1, len(source))) + 1
-        yield from source.batches(cfg.optim.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs, start_batch=start_batch)
+        yield from source.batches(
+            cfg.optim.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs, start_batch=start_batch
+        )
         return
     skipped, epoch = 0, 0
     while True:  # a stream restarts its corpus with a new shuffle seed each epoch
@@ -182,8 +219,10 @@ def check_fits(d_in: int, d_sae: int, d_out: int, device: str, shards: int = 1) 
     else:
         have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
     if need > have:
-        raise ConfigError(f"d_sae {d_sae:,} at width {d_in} needs about {need / 2**30:,.0f} GiB for weights, gradients "
-                          f"and Adam state; {where} has {have / 2**30:,.0f} GiB")
+        raise ConfigError(
+            f"d_sae {d_sae:,} at width {d_in} needs about {need / 2**30:,.0f} GiB for weights, gradients "
+            f"and Adam state; {where} has {have / 2**30:,.0f} GiB"
+        )
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
@@ -197,15 +236,26 @@ class SAERun:
     is `outs` (the same blocks, except for a transcoder).
     """
 
-    def __init__(self, cfg: TrainConfig, sources: list[Any], ins: Placement, outs: Placement, rank: int, world: int,
-                 sample: Callable[[int, int], torch.Tensor] | None = None, resume_steps: set[int] | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        sources: list[Any],
+        ins: Placement,
+        outs: Placement,
+        rank: int,
+        world: int,
+        sample: Callable[[int, int], torch.Tensor] | None = None,
+        resume_steps: set[int] | None = None,
+    ):
         """sample(i, n): the first n activations of source i (shared between runs so a stream is read once);
         resume_steps: the checkpoint steps it may resume from (those its stream-mates have too)."""
         self.cfg, self.ins, self.outs, self.rank, self.world = cfg, ins, outs, rank, world
         self.shards = None
         if cfg.shard_latents:
             if not dist.is_initialized():
-                raise ConfigError("--shard-latents splits the latents over processes: start with torchrun --nproc_per_node N")
+                raise ConfigError(
+                    "--shard-latents splits the latents over processes: start with torchrun --nproc_per_node N"
+                )
             check_shardable(cfg)
             self.shards = make_shards(cfg.shard_latents, rank, world, cfg.sae.d_sae)
         # the part of each batch this process trains on: replicas of the latent shards split the batch
@@ -226,12 +276,17 @@ class SAERun:
         in_hooks = [name(i, key) for (i, _), key in zip(ins, in_keys)]
         out_hooks = [name(i, key) for (i, _), key in zip(outs, out_keys)]
         source = sources[ins[0][0]]
-        sae_cfg = cfg.sae.sae_config(d_in=d_in, hook_name=in_hooks[0], d_out=d_out,
-                                     hook_name_out=out_hooks[0] if self.transcoder else "",
-                                     crosscoder_hooks=in_hooks if len(ins) > 1 else None,
-                                     model_name=_model_name(cfg, source), context_size=_context_size(cfg, source),
-                                     dataset_path=_dataset_path(cfg, source),
-                                     device="cpu" if self.shards else cfg.device)  # sharded: initialised whole, then sliced
+        sae_cfg = cfg.sae.sae_config(
+            d_in=d_in,
+            hook_name=in_hooks[0],
+            d_out=d_out,
+            hook_name_out=out_hooks[0] if self.transcoder else "",
+            crosscoder_hooks=in_hooks if len(ins) > 1 else None,
+            model_name=_model_name(cfg, source),
+            context_size=_context_size(cfg, source),
+            dataset_path=_dataset_path(cfg, source),
+            device="cpu" if self.shards else cfg.device,
+        )  # sharded: initialised whole, then sliced
         self.sae = SAE(sae_cfg)
         self.sae.train()
         self.since_fired = torch.zeros(cfg.sae.d_sae, dtype=torch.long)  # moves to the device of the counts it takes
@@ -260,7 +315,9 @@ class SAERun:
         _trim_metrics(self.files.metrics, self.step, rank)
         self.sinks = MetricSinks(cfg, self.run_dir) if rank == 0 else None
 
-    def gather(self, batch: list[torch.Tensor], placement: Placement, rows: slice = slice(None)) -> torch.Tensor:
+    def gather(
+        self, batch: list[torch.Tensor] | dict[int, torch.Tensor], placement: Placement, rows: slice = slice(None)
+    ) -> torch.Tensor:
         """One run's input or target from the sources' batches (blocks side by side)."""
         parts = [batch[i][rows, cols] for i, cols in placement]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -277,7 +334,9 @@ class SAERun:
         if saved.exists():
             compare_jobs(saved_job(read_json(saved), saved), self.job, saved)
             if not self.cfg.resume:
-                raise ConfigError(f"{run_dir} already holds this run; pass --resume to continue it, or use another --out")
+                raise ConfigError(
+                    f"{run_dir} already holds this run; pass --resume to continue it, or use another --out"
+                )
         elif any(p.exists() for p in (self.files.sae, self.files.checkpoints, self.files.metrics)):
             raise ConfigError(f"{run_dir} holds SAE files but no config.json; use another --out, nothing was changed")
 
@@ -304,14 +363,29 @@ class SAERun:
 
     def _load_whole(self, ckpt: Path, state: dict[str, Any], loaded: SAE | None) -> None:
         if loaded is None:
-            raise FormatError(f"{ckpt}: a checkpoint of latents sharded over processes; resume it with the same "
-                              f"--shard-latents under torchrun")
-        fields = ("architecture", "d_in", "d_sae", "d_out", "k", "hook_name", "hook_name_out", "crosscoder_hooks",
-                  "matryoshka_groups", "skip_connection", "normalize_activations")
+            raise FormatError(
+                f"{ckpt}: a checkpoint of latents sharded over processes; resume it with the same "
+                f"--shard-latents under torchrun"
+            )
+        fields = (
+            "architecture",
+            "d_in",
+            "d_sae",
+            "d_out",
+            "k",
+            "hook_name",
+            "hook_name_out",
+            "crosscoder_hooks",
+            "matryoshka_groups",
+            "skip_connection",
+            "normalize_activations",
+        )
         for name in fields:
             if getattr(loaded.cfg, name) != getattr(self.sae.cfg, name):
-                raise FormatError(f"{ckpt}: the checkpoint's SAE has {name}={getattr(loaded.cfg, name)!r}; this run "
-                                  f"asks for {getattr(self.sae.cfg, name)!r}")
+                raise FormatError(
+                    f"{ckpt}: the checkpoint's SAE has {name}={getattr(loaded.cfg, name)!r}; this run "
+                    f"asks for {getattr(self.sae.cfg, name)!r}"
+                )
         self.sae.cfg.activation_scale = loaded.cfg.activation_scale
         self.sae.cfg.output_scale = loaded.cfg.output_scale
         self.sae.load_state_dict(loaded.state_dict())
@@ -324,11 +398,16 @@ class SAERun:
         n = self.cfg.optim.init_sample_tokens
         samples = {i: self.sample(i, n) for i, _ in self.ins + self.outs}
         x, y = self.gather(samples, self.ins), self.gather(samples, self.outs)
-        where = ", ".join(dict.fromkeys(str(getattr(self.source_list[i], "path", "the model's activations"))
-                                        for i, _ in self.ins + self.outs))
+        where = ", ".join(
+            dict.fromkeys(
+                str(getattr(self.source_list[i], "path", "the model's activations")) for i, _ in self.ins + self.outs
+            )
+        )
         if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
             raise DataError(f"{where}: the training activations contain NaN or inf")
-        if self.cfg.optim.scale_activations and self.cfg.sae.normalize_activations == "none":  # mean squared norm -> width
+        if (
+            self.cfg.optim.scale_activations and self.cfg.sae.normalize_activations == "none"
+        ):  # mean squared norm -> width
             scale = lambda placement: [norm_scale(samples[i][:, c], where) for i, c in placement]
             in_scales = scale(self.ins)
             self.sae.cfg.activation_scale = in_scales if len(in_scales) > 1 else in_scales[0]
@@ -339,8 +418,13 @@ class SAERun:
             write_json(self.files.config, dataclasses.asdict(self.cfg) | {"sources": self.job["sources"]})
             self.files.metrics.unlink(missing_ok=True)
         x_norm = self.sae.normalize_input(x)[0]
-        init_sae(self.sae, x_norm, self.cfg.optim.init_b_dec, target=y * self.sae.output_factor() if self.transcoder else None,
-                 encoder_scale=self.cfg.optim.init_encoder_scale)
+        init_sae(
+            self.sae,
+            x_norm,
+            self.cfg.optim.init_b_dec,
+            target=y * self.sae.output_factor() if self.transcoder else None,
+            encoder_scale=self.cfg.optim.init_encoder_scale,
+        )
 
     @property
     def done(self) -> bool:
@@ -354,22 +438,41 @@ class SAERun:
     def checkpoint(self) -> None:
         """Rank 0 writes the checkpoint; with sharded latents every slice first writes its own file, which rank 0
         moves into the step's directory (so a checkpoint directory is whole or absent)."""
-        state = {"step": self.step, "batches": self.batches_done, "since_fired": self.since_fired.cpu(),
-                 "rng": self.gen.get_state(), "seconds": self.seconds, "kl_coefficient": self.kl_coefficient,
-                 "config": dataclasses.asdict(self.cfg), "job": self.job, "refit_done": self.refit_done}
+        state = {
+            "step": self.step,
+            "batches": self.batches_done,
+            "since_fired": self.since_fired.cpu(),
+            "rng": self.gen.get_state(),
+            "seconds": self.seconds,
+            "kl_coefficient": self.kl_coefficient,
+            "config": dataclasses.asdict(self.cfg),
+            "job": self.job,
+            "refit_done": self.refit_done,
+        }
         if self.shards is None:
             if self.rank == 0:
-                save_checkpoint(self.run_dir, self.step, self.sae, state | {"optimizer": self.opt.state_dict(), "ema": self.ema})
+                save_checkpoint(
+                    self.run_dir, self.step, self.sae, state | {"optimizer": self.opt.state_dict(), "ema": self.ema}
+                )
             return
         root = self.files.checkpoints
-        save_shard(root, self.step, self.shards, {"sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
-                                                  "ema": self.ema})
+        save_shard(
+            root,
+            self.step,
+            self.shards,
+            {"sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(), "ema": self.ema},
+        )
         dist.barrier()
         if self.rank == 0:
             cfg, n = self.sae.cfg, self.shards.n
             moved = {name: shard_file(root, self.step, i, n) for i, name in enumerate(shard_names(n))}
-            save_checkpoint(self.run_dir, self.step, None, state | {"scales": (cfg.activation_scale, cfg.output_scale),
-                                                                      "shards": self.shards.n}, moved)
+            save_checkpoint(
+                self.run_dir,
+                self.step,
+                None,
+                state | {"scales": (cfg.activation_scale, cfg.output_scale), "shards": self.shards.n},
+                moved,
+            )
 
     def train_step(self, batch: list[torch.Tensor]) -> dict[str, float] | None:
         """One optimizer step on this process's slice of the global batch (one tensor per source)."""
@@ -379,8 +482,9 @@ class SAERun:
         y = self.gather(batch, self.outs, rows).to(self.cfg.device) if self.transcoder else None
         return self.step_on(x, y)
 
-    def step_on(self, x: torch.Tensor, y: torch.Tensor | None,
-                extra: Callable[[Any], dict[str, torch.Tensor]] | None = None) -> dict[str, float] | None:
+    def step_on(
+        self, x: torch.Tensor, y: torch.Tensor | None, extra: Callable[[Any], dict[str, torch.Tensor]] | None = None
+    ) -> dict[str, float] | None:
         """One optimizer step on inputs x (targets y for a transcoder); extra(loss output) adds loss terms
         (the end-to-end fine-tune's KL). Returns the metrics when they are logged."""
         out = self.loss_on(x, y, extra)
@@ -388,8 +492,13 @@ class SAERun:
         out.loss.backward()
         return self.apply_step(out, x, y)
 
-    def loss_on(self, x: torch.Tensor, y: torch.Tensor | None, extra: Callable[[Any], dict[str, torch.Tensor]] | None = None,
-                added: torch.Tensor | None = None) -> LossOutput:
+    def loss_on(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        extra: Callable[[Any], dict[str, torch.Tensor]] | None = None,
+        added: torch.Tensor | None = None,
+    ) -> LossOutput:
         """The loss of one step (added: a prediction from elsewhere, see sae_loss); apply_step, after the
         backward pass, takes the step. Split so that coupled SAEs (a cross-layer transcoder) share one backward."""
         cfg, d, sae = self.cfg, self.d, self.sae
@@ -403,23 +512,45 @@ class SAERun:
         dead = (self.since_fired >= d.dead_tokens).to(sae.device) if could_be_dead else None
         k = k_at(self.step, cfg, d)  # k annealing
         if self.shards:
-            out = sharded_loss(sae, x, y, self.shards, k=k, dead_mask=dead, k_aux=d.k_aux,
-                               aux_coefficient=cfg.optim.aux_coefficient, norm_weighting=cfg.optim.norm_weighting,
-                               encoder_bf16=cfg.optim.encoder_bf16)
+            out = sharded_loss(
+                sae,
+                x,
+                y,
+                self.shards,
+                k=k,
+                dead_mask=dead,
+                k_aux=d.k_aux,
+                aux_coefficient=cfg.optim.aux_coefficient,
+                norm_weighting=cfg.optim.norm_weighting,
+                encoder_bf16=cfg.optim.encoder_bf16,
+            )
         else:
-            out = sae_loss(sae, x, y, k=k, sparsity_coefficient=coeff, k_aux=d.k_aux,
-                           aux_coefficient=cfg.optim.aux_coefficient, norm_weighting=cfg.optim.norm_weighting,
-                           dead_mask=dead if sae.arch.dead_latents == "auxk" else None,
-                           encoder_bf16=cfg.optim.encoder_bf16, added=added)
+            out = sae_loss(
+                sae,
+                x,
+                y,
+                k=k,
+                sparsity_coefficient=coeff,
+                k_aux=d.k_aux,
+                aux_coefficient=cfg.optim.aux_coefficient,
+                norm_weighting=cfg.optim.norm_weighting,
+                dead_mask=dead if sae.arch.dead_latents == "auxk" else None,
+                encoder_bf16=cfg.optim.encoder_bf16,
+                added=added,
+            )
         if extra is not None:
-            added = extra(out)
-            out = out._replace(loss=out.loss + sum(added.values()), parts=out.parts | added)
+            extra_parts = extra(out)
+            out = out._replace(loss=out.loss + sum_parts(extra_parts), parts=out.parts | extra_parts)
         if not torch.isfinite(out.loss):  # the step's one wait for the device; bad input shows here first
             if not torch.isfinite(x).all() or (y is not None and not torch.isfinite(y).all()):
-                raise DataError(f"NaN or inf in the training activations at step {self.step}; "
-                                f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
-            raise TrainingError(f"{self.run_dir}: loss became {float(out.loss)} at step {self.step} (try a lower --lr); "
-                                f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
+                raise DataError(
+                    f"NaN or inf in the training activations at step {self.step}; "
+                    f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}"
+                )
+            raise TrainingError(
+                f"{self.run_dir}: loss became {float(out.loss)} at step {self.step} (try a lower --lr); "
+                f"last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}"
+            )
         return out
 
     def apply_step(self, out: LossOutput, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float] | None:
@@ -444,9 +575,13 @@ class SAERun:
             sae.arch.after_step(sae)
         self.since_fired = self.since_fired.to(fired.device).add_(len(x) * self.data_world).masked_fill_(fired > 0, 0)
         # resampled latents fire on many tokens for a few steps: never in the second half, so the run ends settled
-        if sae.arch.dead_latents == "resample" and (self.step + 1) % d.resample_every == 0 and self.step + 1 <= d.steps // 2:
+        if (
+            sae.arch.dead_latents == "resample"
+            and (self.step + 1) % d.resample_every == 0
+            and self.step + 1 <= d.steps // 2
+        ):
             resample_dead(sae, opt, x, (self.since_fired >= d.dead_tokens).to(sae.device), self.gen, target=y)
-        if self.ema is not None:
+        if self.ema is not None and cfg.optim.ema_decay is not None:
             decay = ema_decay_at(self.step, cfg.optim.ema_decay)
             with torch.no_grad():
                 for k, v in sae.state_dict().items():
@@ -459,7 +594,7 @@ class SAERun:
         if self.step % cfg.log_every and self.step != d.steps:
             return None
         self.last = _metrics(self.step, cfg, out, lr, self.since_fired, d, self.seconds, self.world)
-        if self.rank == 0:
+        if self.sinks is not None:  # rank 0
             with open(self.files.metrics, "a") as f:
                 f.write(json.dumps(self.last) + "\n")
             self.sinks.log(self.last)
@@ -482,14 +617,20 @@ class SAERun:
             local = math.ceil(len(batch[0]) / self.data_world)
             rows = slice(self.data_rank * local, (self.data_rank + 1) * local)
             x = self.gather(batch, self.ins, rows).to(self.cfg.device)
-            y = sae.normalize_target(self.gather(batch, self.outs, rows).to(self.cfg.device)) if self.transcoder \
+            y = (
+                sae.normalize_target(self.gather(batch, self.outs, rows).to(self.cfg.device))
+                if self.transcoder
                 else sae.normalize_input(x)[0]
+            )
             refit.add(*codes(sae, x), y)
         all_reduce_mean([refit.gram, refit.cross], self.world)
         self.last["refit_latents"] = refit.apply(sae)
 
-    def finish(self, calibration: list[list[torch.Tensor]] | None = None,
-               stored: Callable[[], Iterable[list[torch.Tensor]]] | None = None) -> TrainResult:
+    def finish(
+        self,
+        calibration: list[list[torch.Tensor]] | None = None,
+        stored: Callable[[], Iterable[list[torch.Tensor]]] | None = None,
+    ) -> TrainResult:
         """Final weights (the EMA when kept); BatchTopK's threshold calibrated on the calibration batches; the
         decoder refit on the stored batches. The last checkpoint holds the training state from before these
         steps, so a finished run that is resumed derives them again and ends with the same weights."""
@@ -536,25 +677,51 @@ def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[Placeme
     from nanosae.models import load_model
 
     first = cfgs[0]
-    if any((c.source.model, c.source.data, c.source.model_batch_size) != (first.source.model, first.source.data, first.source.model_batch_size) for c in cfgs):
+    if any(
+        (c.source.model, c.source.data, c.source.model_batch_size)
+        != (first.source.model, first.source.data, first.source.model_batch_size)
+        for c in cfgs
+    ):
         raise ConfigError("SAEs streamed together must use the same model, data and model batch size")
     # the mixing buffer: big enough to mix documents, small enough not to read far ahead of a short run
     buffer = min(65536, max(4 * first.optim.batch_size, first.optim.tokens // 8))
-    host = load_model(first.source.model, device=first.device, dtype=model_dtype(first.source.model_dtype, first.device))
-    stream = ActivationStream(host, keys, first.source.data,
-                              model_batch_size=first.source.model_batch_size, buffer_tokens=buffer)
+    host = load_model(
+        first.source.model, device=first.device, dtype=model_dtype(first.source.model_dtype, first.device)
+    )
+    stream = ActivationStream(
+        host, keys, first.source.data, model_batch_size=first.source.model_batch_size, buffer_tokens=buffer
+    )
     place = lambda hook: (0, stream.columns(hook))
     return [stream], [([place(h) for h in ins], [place(h) for h in outs]) for ins, outs in io]
 
 
-def train(cfg: TrainConfig | list[TrainConfig], progress: Callable[[TrainProgress], None] | None = None,
-          source: ActivationStore | ActivationStream | None = None) -> TrainResult | list[TrainResult]:
+@overload
+def train(
+    cfg: TrainConfig,
+    progress: Callable[[TrainProgress], None] | None = None,
+    source: ActivationStore | ActivationStream | None = None,
+) -> TrainResult: ...
+
+
+@overload
+def train(
+    cfg: list[TrainConfig],
+    progress: Callable[[TrainProgress], None] | None = None,
+    source: ActivationStore | ActivationStream | None = None,
+) -> list[TrainResult]: ...
+
+
+def train(
+    cfg: TrainConfig | list[TrainConfig],
+    progress: Callable[[TrainProgress], None] | None = None,
+    source: ActivationStore | ActivationStream | None = None,
+) -> TrainResult | list[TrainResult]:
     """Train one SAE into cfg.out, or several from one stream (one read of the stores / one forward pass).
 
     Several configs must share batch_size and tokens; the data order follows the first config's seed.
     """
     single = isinstance(cfg, TrainConfig)
-    cfgs = [cfg] if single else list(cfg)
+    cfgs: list[TrainConfig] = [cfg] if isinstance(cfg, TrainConfig) else list(cfg)
     rank, world, started_group = dist_info()
     first = cfgs[0]
     if any((c.optim.batch_size, c.optim.tokens) != (first.optim.batch_size, first.optim.tokens) for c in cfgs):
@@ -581,15 +748,22 @@ def owners(cfgs: list[TrainConfig], world: int) -> list[int]:
     if any(c.distribute_saes != cfgs[0].distribute_saes for c in cfgs):
         raise ConfigError("SAEs trained together either all spread over the processes (distribute_saes) or none")
     if any(c.shard_latents for c in cfgs):
-        raise ConfigError("distribute_saes spreads whole SAEs over the processes; it cannot be combined with shard_latents")
+        raise ConfigError(
+            "distribute_saes spreads whole SAEs over the processes; it cannot be combined with shard_latents"
+        )
     if len(cfgs) < world:
         raise ConfigError(f"distribute_saes needs at least one SAE per process ({len(cfgs)} SAEs, {world} processes)")
     return [i % world for i in range(len(cfgs))]
 
 
-def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], None] | None,
-                  source: ActivationStore | ActivationStream | None, rank: int, world: int,
-                  spread: list[int] | None = None) -> list[TrainResult]:
+def _train_locked(
+    cfgs: list[TrainConfig],
+    progress: Callable[[TrainProgress], None] | None,
+    source: ActivationStore | ActivationStream | None,
+    rank: int,
+    world: int,
+    spread: list[int] | None = None,
+) -> list[TrainResult]:
     """Train the runs; with spread (the owner rank of each config), this rank trains only its own, as a single
     process would, and the others' results are read from their run directories at the end."""
     first = cfgs[0]
@@ -598,11 +772,13 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
         sources, placement = [source], [(whole, whole)] * len(cfgs)
     else:
         sources, placement = open_sources(cfgs)
-    stored = [s for s in sources if isinstance(s, ActivationStore)]
-    if stored and first.optim.batch_size * world > len(stored[0]):  # before any run directory is written
-        raise ConfigError(f"--batch-size {first.optim.batch_size}{f' x {world} processes' if world > 1 else ''} is "
-                          f"more than the {len(stored[0]):,} tokens {stored[0].path} holds; use a batch of at most "
-                          f"{len(stored[0]) // world:,}")
+    stores = [s for s in sources if isinstance(s, ActivationStore)]
+    if stores and first.optim.batch_size * world > len(stores[0]):  # before any run directory is written
+        raise ConfigError(
+            f"--batch-size {first.optim.batch_size}{f' x {world} processes' if world > 1 else ''} is "
+            f"more than the {len(stores[0]):,} tokens {stores[0].path} holds; use a batch of at most "
+            f"{len(stores[0]) // world:,}"
+        )
     # the initialisation sample of each source is read once (a prefix of the largest one any run asks for)
     largest = max(c.optim.init_sample_tokens for c in cfgs)
     cached: dict[int, torch.Tensor] = {}
@@ -619,8 +795,10 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
     # runs sharing this process's stream resume from a step every one of them (and the cross-layer decoders) has
     steps = None
     if first.resume and (len(mine) > 1 or first.sae.cross_layer):
-        steps = common_steps([Path(cfgs[i].out) for i in mine]
-                             + ([Path(first.out).parent / "cross_layer"] if first.sae.cross_layer else []))
+        steps = common_steps(
+            [Path(cfgs[i].out) for i in mine]
+            + ([Path(first.out).parent / "cross_layer"] if first.sae.cross_layer else [])
+        )
     runs = [SAERun(cfgs[i], sources, *placement[i], as_rank, as_world, sample, resume_steps=steps) for i in mine]
     start = {r.batches_done for r in runs}
     if spread and world > 1:  # every rank reads the same batches: their checkpoints must agree across ranks
@@ -633,7 +811,6 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
     check_finetune(runs, world)
     coupled = None
     if first.sae.cross_layer:
-
         coupled = CrossLayer(runs, Path(first.out).parent, steps)
     streams = [batch_stream(s, first, batches_done) for s in sources]
     try:
@@ -658,7 +835,9 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
                 r.after_step(r.train_step(batch), progress)
         calibration = None  # BatchTopK thresholds: set on batches the runs did not train on, after training
         if any(r.cfg.sae.arch.selection == "batch" for r in runs):
-            calibration = [[next(s) for s in streams] for _ in range(math.ceil(CALIBRATION_TOKENS / first.optim.batch_size))]
+            calibration = [
+                [next(s) for s in streams] for _ in range(math.ceil(CALIBRATION_TOKENS / first.optim.batch_size))
+            ]
         for s in streams:
             s.close()
         for r in runs:  # the end-to-end fine-tune, when asked for: the last steps run through the model
@@ -672,14 +851,15 @@ def _train_locked(cfgs: list[TrainConfig], progress: Callable[[TrainProgress], N
     finally:
         for r in runs:
             r.close()
-    def stored() -> Iterator[list[torch.Tensor]]:  # the refit's pass: the first n tokens of every source, in step
-        n = min(len(sources[0]), first.optim.tokens, MAX_TOKENS)
-        for i, batch in enumerate(zip(*[s.batches(READ_BATCH, shuffle=False) for s in sources])):
+
+    def stored_batches() -> Iterator[list[torch.Tensor]]:  # the refit's pass: the first n tokens of every store
+        n = min(len(stores[0]), first.optim.tokens, MAX_TOKENS)
+        for i, batch in enumerate(zip(*[s.batches(READ_BATCH, shuffle=False) for s in stores])):
             if i * READ_BATCH >= n:
                 return
             yield [b[: n - i * READ_BATCH] for b in batch]
 
-    finished = dict(zip(mine, [r.finish(calibration, stored) for r in runs]))
+    finished = dict(zip(mine, [r.finish(calibration, stored_batches) for r in runs]))
     if coupled is not None:
         coupled.finish()
     if spread and world > 1:
@@ -701,16 +881,21 @@ def saved_result(cfg: TrainConfig) -> TrainResult:
     return TrainResult(SAE.load(files.sae), Path(cfg.out), steps, steps * cfg.optim.batch_size, last)
 
 
-def _metrics(step: int, cfg: TrainConfig, out: Any, lr: float, since_fired: torch.Tensor, d: Schedule,
-             seconds: float, world: int) -> dict[str, float]:
+def _metrics(
+    step: int, cfg: TrainConfig, out: Any, lr: float, since_fired: torch.Tensor, d: Schedule, seconds: float, world: int
+) -> dict[str, float]:
     x, x_hat = out.x, out.x_hat
     stats = torch.stack([(x - x_hat).pow(2).sum(), (x - x.mean(0)).pow(2).sum(), out.fired.sum().float() / len(x)])
     all_reduce_mean([stats], world)
     metrics = {"step": step, "tokens": step * cfg.optim.batch_size, "loss": float(out.loss.detach())}
     metrics |= {k: float(v.detach()) for k, v in out.parts.items()}
-    metrics |= {"l0": float(stats[2]), "fvu": float(stats[0] / stats[1].clamp_min(1e-12)),
-                "dead_fraction": float((since_fired >= d.dead_tokens).float().mean()), "lr": lr,
-                "tokens_per_s": step * cfg.optim.batch_size / max(seconds, 1e-9)}
+    metrics |= {
+        "l0": float(stats[2]),
+        "fvu": float(stats[0] / stats[1].clamp_min(1e-12)),
+        "dead_fraction": float((since_fired >= d.dead_tokens).float().mean()),
+        "lr": lr,
+        "tokens_per_s": step * cfg.optim.batch_size / max(seconds, 1e-9),
+    }
     return metrics
 
 
@@ -737,8 +922,14 @@ def write_json_lines(path: Path, lines: list[str]) -> None:
 
 
 @torch.no_grad()
-def resample_dead(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor,
-                  gen: torch.Generator | None = None, target: torch.Tensor | None = None) -> int:
+def resample_dead(
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    dead: torch.Tensor,
+    gen: torch.Generator | None = None,
+    target: torch.Tensor | None = None,
+) -> int:
     """Anthropic-style resampling for ReLU SAEs: dead latents restart on inputs the SAE reconstructs worst.
 
     Inputs are drawn with probability proportional to their squared error; the decoder row becomes the

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from nanosae.errors import FormatError, NanosaeError, first_line
-from nanosae.io import read_json
 from nanosae.interp.featuredb import FeatureDB
+from nanosae.io import read_json
 from nanosae.outputs import replacing_dir, resolved
 from nanosae.rundir import RunDir, TranscoderSetDir, load_sae_and_model
 
@@ -46,30 +46,70 @@ class ViewerData:
         logs = [math.log10(d) for d in dens if d > 0]
         bins = [-7 + 0.25 * i for i in range(29)]
         counts = [sum(1 for v in logs if lo <= v < lo + 0.25) for lo in bins[:-1]]
-        return {"meta": {k: v for k, v in self.meta.items() if k != "hist_edges"}, "metrics": metrics,
-                "density_hist": {"edges": bins, "counts": counts, "never_fired": len(dens) - len(logs)}}
+        return {
+            "meta": {k: v for k, v in self.meta.items() if k != "hist_edges"},
+            "metrics": metrics,
+            "density_hist": {"edges": bins, "counts": counts, "never_fired": len(dens) - len(logs)},
+        }
 
-    def features(self, q: str = "", sort: str = "density", desc: bool = True, offset: int = 0, limit: int = 50
-                 ) -> dict[str, Any]:
+    def features(
+        self, q: str = "", sort: str = "density", desc: bool = True, offset: int = 0, limit: int = 50
+    ) -> dict[str, Any]:
         total, rows = self.db.search(q, sort, desc, offset, limit)
-        items = [{"id": r["id"], "density": r["density"], "mean_act": r["mean_act"], "max_act": r["max_act"],
-                  "explanation": r["explanation"], "score": r["score"],
-                  "top_logits": [t for t, _ in self.db.cell(r["top_logits"], "top_logits")[:5]]} for r in rows]
+        items = [
+            {
+                "id": r["id"],
+                "density": r["density"],
+                "mean_act": r["mean_act"],
+                "max_act": r["max_act"],
+                "explanation": r["explanation"],
+                "score": r["score"],
+                "top_logits": [t for t, _ in self.db.cell(r["top_logits"], "top_logits")[:5]],
+            }
+            for r in rows
+        ]
         return {"total": total, "items": items}
+
+    def feature_row(self, latent: int) -> dict[str, Any]:
+        """A latent's page data, which a database with n_latents rows holds for every latent below it."""
+        found = self.feature(latent)
+        if found is None:
+            raise FormatError(f"{self.run}: features.db has no row for latent {latent} of {self.n_latents}")
+        return found
 
     def feature(self, latent: int) -> dict[str, Any] | None:
         r = self.db.latent(latent)
         if r is None:
             return None
-        examples = [{"kind": e["kind"], "rank": e["rank"], "activation": e["activation"], "tokens": self.db.cell(e["tokens"], "example tokens"),
-                     "acts": self.db.cell(e["acts"], "example acts"), "focus": e["focus"]} for e in self.db.examples(latent)]
-        return {"id": latent, "density": r["density"], "fires": r["fires"], "mean_act": r["mean_act"],
-                "max_act": r["max_act"], "histogram": {"edges": self.meta["hist_edges"], "counts": self.db.cell(r["histogram"], "histogram")},
-                "top_logits": self.db.cell(r["top_logits"], "top_logits"),
-                "bottom_logits": self.db.cell(r["bottom_logits"], "bottom_logits"),
-                "cofiring": self.db.cell(r["cofiring"], "cofiring"), "explanation": r["explanation"], "score": r["score"],
-                "precision": _get(r, "precision"), "recall": _get(r, "recall"), "note": _get(r, "note"),
-                "method": r["method"], "examples": examples}
+        examples = [
+            {
+                "kind": e["kind"],
+                "rank": e["rank"],
+                "activation": e["activation"],
+                "tokens": self.db.cell(e["tokens"], "example tokens"),
+                "acts": self.db.cell(e["acts"], "example acts"),
+                "focus": e["focus"],
+            }
+            for e in self.db.examples(latent)
+        ]
+        return {
+            "id": latent,
+            "density": r["density"],
+            "fires": r["fires"],
+            "mean_act": r["mean_act"],
+            "max_act": r["max_act"],
+            "histogram": {"edges": self.meta["hist_edges"], "counts": self.db.cell(r["histogram"], "histogram")},
+            "top_logits": self.db.cell(r["top_logits"], "top_logits"),
+            "bottom_logits": self.db.cell(r["bottom_logits"], "bottom_logits"),
+            "cofiring": self.db.cell(r["cofiring"], "cofiring"),
+            "explanation": r["explanation"],
+            "score": r["score"],
+            "precision": _get(r, "precision"),
+            "recall": _get(r, "recall"),
+            "note": _get(r, "note"),
+            "method": r["method"],
+            "examples": examples,
+        }
 
 
 def _get(row: Any, key: str) -> Any:
@@ -125,8 +165,9 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
     def invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
         """Say what was wrong without echoing the input back (a lone surrogate in it cannot even be encoded)."""
         where = lambda e: ".".join(str(part) for part in e.get("loc", ()))
-        return JSONResponse({"detail": "; ".join(f"{where(e)}: {e.get('msg', 'invalid')}" for e in exc.errors())},
-                            status_code=422)
+        return JSONResponse(
+            {"detail": "; ".join(f"{where(e)}: {e.get('msg', 'invalid')}" for e in exc.errors())}, status_code=422
+        )
 
     @app.exception_handler(NanosaeError)
     def damaged(request: Any, exc: NanosaeError) -> JSONResponse:
@@ -145,8 +186,13 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
         return data.overview()
 
     @app.get("/api/features")
-    def features(q: str = Query("", max_length=200), sort: str = Query("density", pattern="^(id|density|max_act|mean_act|score)$"),
-                 desc: bool = True, offset: int = Query(0, ge=0, le=2**62), limit: int = Query(50, ge=1, le=1_000_000)) -> dict:
+    def features(
+        q: str = Query("", max_length=200),
+        sort: str = Query("density", pattern="^(id|density|max_act|mean_act|score)$"),
+        desc: bool = True,
+        offset: int = Query(0, ge=0, le=2**62),
+        limit: int = Query(50, ge=1, le=1_000_000),
+    ) -> dict:
         return data.features(q, sort, desc, offset, limit)
 
     @app.get("/api/feature/{latent}")
@@ -157,7 +203,9 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
         return found
 
     @app.post("/api/run_text")
-    def run_text(text: str = Body(..., embed=True, max_length=4000), top_k: int = Body(5, embed=True, ge=1, le=20)) -> dict:
+    def run_text(
+        text: str = Body(..., embed=True, max_length=4000), top_k: int = Body(5, embed=True, ge=1, le=20)
+    ) -> dict:
         import torch
 
         host, sae = live.get()
@@ -166,15 +214,23 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
         with torch.no_grad():
             z = sae.encode(sae.gather_input(cache))[0]
         vals, idx = z.topk(min(top_k, z.shape[1]), dim=-1)
-        tokens = [{"text": host.tokenizer.decode([t]), "features": [[int(i), round(float(v), 4)] for v, i in zip(vs, ix) if v > 0]}
-                  for t, vs, ix in zip(ids, vals, idx)]
+        tokens = [
+            {
+                "text": host.tokenizer.decode([t]),
+                "features": [[int(i), round(float(v), 4)] for v, i in zip(vs, ix) if v > 0],
+            }
+            for t, vs, ix in zip(ids, vals, idx)
+        ]
         return {"tokens": tokens[1:]}
 
     @app.post("/api/steer")
-    def steer_route(prompt: str = Body(..., embed=True, max_length=2000), edits: list = Body(..., embed=True),
-                    max_new_tokens: int = Body(24, embed=True, ge=1, le=128),
-                    temperature: float = Body(0.0, embed=True, ge=0.0, le=5.0),
-                    seed: int = Body(0, embed=True, ge=0, le=2**63 - 1)) -> dict:
+    def steer_route(
+        prompt: str = Body(..., embed=True, max_length=2000),
+        edits: list = Body(..., embed=True),
+        max_new_tokens: int = Body(24, embed=True, ge=1, le=128),
+        temperature: float = Body(0.0, embed=True, ge=0.0, le=5.0),
+        seed: int = Body(0, embed=True, ge=0, le=2**63 - 1),
+    ) -> dict:
         from nanosae.errors import NanosaeError
         from nanosae.interp.live import Edit, steer
 
@@ -186,8 +242,9 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
             raise HTTPException(422, str(e)) from None
         host, sae = live.get()
         try:
-            base, steered = steer(host, sae, parsed, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  seed=seed)
+            base, steered = steer(
+                host, sae, parsed, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+            )
         except NanosaeError as e:
             raise HTTPException(422, str(e)) from None
         return {"baseline": base.text, "steered": steered.text}
@@ -233,17 +290,23 @@ def _graph_app(app: Any, run: Path, model: str | None, host: str) -> Any:
         return read_json_graph(graph_file(slug))
 
     @app.put("/api/graph/{slug}/qparams")
-    def save_qparams(slug: str, pinnedIds: list[str] = Body(..., max_length=10_000),
-                     supernodes: list[list[str]] = Body(..., max_length=1000)) -> dict:
+    def save_qparams(
+        slug: str,
+        pinnedIds: list[str] = Body(..., max_length=10_000),
+        supernodes: list[list[str]] = Body(..., max_length=1000),
+    ) -> dict:
         path = graph_file(slug)
         with lock:
             data = read_json_graph(path)
             ids = {n["node_id"] for n in data["nodes"]}
             unknown = [i for i in pinnedIds + [m for g in supernodes for m in g[1:]] if i not in ids]
             if unknown or any(len(g) < 2 or not g[0].strip() or len(g[0]) > 200 for g in supernodes):
-                raise HTTPException(422, f"unknown node {unknown[0][:60]!r}" if unknown else
-                                    "a supernode is [name, node ids...] with a name of 1..200 characters and at least "
-                                    "one node")
+                raise HTTPException(
+                    422,
+                    f"unknown node {unknown[0][:60]!r}"
+                    if unknown
+                    else "a supernode is [name, node ids...] with a name of 1..200 characters and at least one node",
+                )
             data["qParams"] |= {"pinnedIds": pinnedIds, "supernodes": supernodes}
             write_json(path, data)
         return data["qParams"]
@@ -252,20 +315,31 @@ def _graph_app(app: Any, run: Path, model: str | None, host: str) -> Any:
     def layer_feature(layer: int, latent: int) -> dict:
         found = layers[layer].feature(latent) if layer in layers and 0 <= latent < layers[layer].n_latents else None
         if found is None:
-            raise HTTPException(404, f"no feature page for layer {layer} latent {latent} (run `nanosae features` on "
-                                     f"{layer_runs.get(layer, tset.layer(layer))})")
+            raise HTTPException(
+                404,
+                f"no feature page for layer {layer} latent {latent} (run `nanosae features` on "
+                f"{layer_runs.get(layer, tset.layer(layer))})",
+            )
         return found
 
     @app.post("/api/intervene")
-    def intervene_route(slug: str = Body(..., embed=True), edits: list = Body(..., embed=True, max_length=64),
-                        max_new_tokens: int = Body(16, embed=True, ge=1, le=64)) -> dict:
+    def intervene_route(
+        slug: str = Body(..., embed=True),
+        edits: list = Body(..., embed=True, max_length=64),
+        max_new_tokens: int = Body(16, embed=True, ge=1, le=64),
+    ) -> dict:
         data = read_json_graph(graph_file(slug))
         nodes = {n["node_id"]: n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"}
         try:
-            parsed = [(node_key(e["node_id"]), e["op"], float(e["value"])) for e in edits
-                      if e["node_id"] in nodes and e["op"] in ("=", "*")]
+            parsed = [
+                (node_key(e["node_id"]), e["op"], float(e["value"]))
+                for e in edits
+                if e["node_id"] in nodes and e["op"] in ("=", "*")
+            ]
         except (KeyError, TypeError, ValueError):
-            raise HTTPException(422, 'each edit is {"node_id": a feature node, "op": "=" | "*", "value": number}') from None
+            raise HTTPException(
+                422, 'each edit is {"node_id": a feature node, "op": "=" | "*", "value": number}'
+            ) from None
         if len(parsed) != len(edits):
             raise HTTPException(422, "edits name feature nodes of this graph, with op = or *")
         with lock:
@@ -273,8 +347,9 @@ def _graph_app(app: Any, run: Path, model: str | None, host: str) -> Any:
                 spec, tcs = load_transcoders(run)
                 loaded.update(model=load_model(model or spec), tcs=tcs)
         try:
-            return intervene(loaded["model"], loaded["tcs"], data["metadata"]["prompt"], parsed,
-                             max_new_tokens=max_new_tokens)
+            return intervene(
+                loaded["model"], loaded["tcs"], data["metadata"]["prompt"], parsed, max_new_tokens=max_new_tokens
+            )
         except NanosaeError as e:
             raise HTTPException(422, str(e)) from None
 
@@ -300,6 +375,7 @@ def export_static(run: str | Path, out: str | Path) -> Path:
         if graph_set:
             _write_graph_site(Path(run), tmp)
         else:
+            assert data is not None
             _write_site(data, tmp)
     return resolved(out)
 
@@ -317,6 +393,7 @@ def _digits(n: int, width: int) -> str:
 
 def _compact(value: Any) -> str:
     """JSON without spaces, every float to 4 significant digits (what the pages show)."""
+
     def rounded(v: Any) -> Any:
         if isinstance(v, float):
             return float(f"{v:.4g}")
@@ -336,10 +413,16 @@ def _packed(f: dict[str, Any], strings: dict[str, int]) -> dict[str, Any]:
     f = dict(f, histogram=f["histogram"]["counts"])
     for side in ("top_logits", "bottom_logits"):
         f[side] = [[t, round(v, 3)] for t, v in f[side]]
-    f["examples"] = [[int(e["kind"] == "top"), round(e["activation"], 4),
-                      [strings.setdefault(t, len(strings)) for t in e["tokens"]], e["focus"],
-                      *(x for p, a in enumerate(round(a * 1000) for a in e["acts"]) if a for x in (p, a))]
-                     for e in f["examples"]]
+    f["examples"] = [
+        [
+            int(e["kind"] == "top"),
+            round(e["activation"], 4),
+            [strings.setdefault(t, len(strings)) for t in e["tokens"]],
+            e["focus"],
+            *(x for p, a in enumerate(round(a * 1000) for a in e["acts"]) if a for x in (p, a)),
+        ]
+        for e in f["examples"]
+    ]
     return f
 
 
@@ -363,18 +446,22 @@ def _write_graph_site(run: Path, out: Path) -> None:
             if layer not in dbs:
                 where = layer_runs.get(layer)
                 dbs[layer] = ViewerData(where) if where and (where / "features.db").is_file() else None
-            if dbs[layer] is not None and f"{layer}_{latent}" not in features:
-                f = dbs[layer].feature(latent)
+            db = dbs[layer]
+            if db is not None and f"{layer}_{latent}" not in features:
+                f = db.feature(latent)
                 if f is not None:
                     features[f"{layer}_{latent}"] = {"explanation": f["explanation"], "top_logits": f["top_logits"][:5]}
     (out / "data").mkdir()
-    (out / "data" / "graphs.js").write_text(f"window.NANOSAE_GRAPHS = {_compact(graphs)};\n"
-                                            f"window.NANOSAE_GRAPH_FEATURES = {_compact(features)};\n")
+    (out / "data" / "graphs.js").write_text(
+        f"window.NANOSAE_GRAPHS = {_compact(graphs)};\nwindow.NANOSAE_GRAPH_FEATURES = {_compact(features)};\n"
+    )
     page = (out / "graph.html").read_text().replace("<body>", '<body data-mode="static">')
-    page = page.replace('href="/style.css"', 'href="style.css"').replace('src="/graph.js"', 'src="data/graphs.js"></script>\n'
-                                                                                        '<script src="graph.js"')
-    page = page.replace('href="/" class="brand"', 'href="index.html" class="brand"').replace('<a href="/">graphs</a>',
-                                                                                          '<a href="index.html">graphs</a>')
+    page = page.replace('href="/style.css"', 'href="style.css"').replace(
+        'src="/graph.js"', 'src="data/graphs.js"></script>\n<script src="graph.js"'
+    )
+    page = page.replace('href="/" class="brand"', 'href="index.html" class="brand"').replace(
+        '<a href="/">graphs</a>', '<a href="index.html">graphs</a>'
+    )
     (out / "index.html").write_text(page)
     (out / "graph.html").write_text(page)
 
@@ -391,16 +478,22 @@ def _write_site(data: ViewerData, out: Path) -> None:
 
     entry = lambda key, value: f"window.NANOSAE_DATA[{json.dumps(key)}] = {_compact(value)};\n"
     put("features", entry("features", data.features(limit=data.n_latents, sort="id", desc=False)))
-    put("overview", entry("overview", data.overview()) + f"window.NANOSAE_CHUNK = {CHUNK};\n"
-        f"window.NANOSAE_HIST_EDGES = {json.dumps(data.meta['hist_edges'])};\n")
+    put(
+        "overview",
+        entry("overview", data.overview()) + f"window.NANOSAE_CHUNK = {CHUNK};\n"
+        f"window.NANOSAE_HIST_EDGES = {json.dumps(data.meta['hist_edges'])};\n",
+    )
     for start in range(0, data.n_latents, CHUNK):
         strings: dict[str, int] = {}
-        feats = [_packed(data.feature(i), strings) for i in range(start, min(start + CHUNK, data.n_latents))]
+        feats = [_packed(data.feature_row(i), strings) for i in range(start, min(start + CHUNK, data.n_latents))]
         width = max(1, math.ceil(math.log(max(2, len(strings)), 64)))
         for f in feats:
             for e in f["examples"]:
                 e[2] = "".join(_digits(i, width) for i in e[2])
-        put(f"features-{start // CHUNK}", f"window.NANOSAE_UNPACK({_compact(list(strings))}, {width}, {_compact(feats)});\n")
+        put(
+            f"features-{start // CHUNK}",
+            f"window.NANOSAE_UNPACK({_compact(list(strings))}, {width}, {_compact(feats)});\n",
+        )
     # the page knows it is static by this marker and then reads data/*.js instead of /api
     index = (out / "index.html").read_text().replace('data-mode="api"', 'data-mode="static"')
     (out / "index.html").write_text(index)
