@@ -276,3 +276,45 @@ def test_byte_pieces_of_one_character_are_merged():
     pieces = readable(decode, list(data), lambda i: decode([i]))
     assert pieces == ["a", "é", "", "🙂", "", "", "", "b"]
     assert readable(decode, [-1, *data[:3]], lambda i: "" if i < 0 else decode([i])) == ["", "a", "é", ""]
+
+
+def test_a_passage_repeated_in_the_corpus_is_shown_once_per_latent(tiny_model, tmp_path):
+    """The same passage 20 times (other documents between the copies): no latent shows two windows sharing a run
+    of 8 tokens, and the list still fills from the other text."""
+    import random
+
+    from tests.conftest import word_docs
+
+    rng = random.Random(5)
+    passage = " ".join(f"w{rng.randrange(3, 64)}" for _ in range(40))
+    docs = word_docs(200, seed=11, min_words=30, max_words=60)
+    for n in range(20):
+        docs.insert(n * 10, passage)
+    corpus = tmp_path / "repeated.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    torch.manual_seed(3)
+    sae = SAE(SAEConfig(d_in=32, d_sae=16, architecture="topk", k=3, hook_name=HOOK))
+    cfg = FeaturesConfig(
+        data=DataConfig(specs=[str(corpus)], context_size=32, split="all"),
+        tokens=6000,
+        top_n=6,
+        reservoir=8,
+        quantile_examples=4,
+        window_left=12,
+        window_right=4,
+        batch_size=8,
+    )
+    con = open_db(build_features(sae, tiny_model, cfg, tmp_path / "features.db"))
+    ids = tiny_model.tokenizer.encode(passage)
+    passage_runs = {tuple(ids[j : j + 8]) for j in range(len(ids) - 7)}
+    from_passage = 0
+    for latent in range(sae.cfg.d_sae):
+        rows = con.execute("SELECT tokens FROM examples WHERE latent=? AND kind='top' ORDER BY rank", (latent,))
+        windows = [tiny_model.tokenizer.encode(" ".join(json.loads(r["tokens"]))) for r in rows]  # word tokens
+        runs = [{tuple(w[j : j + 8]) for j in range(len(w) - 7)} for w in windows]
+        for a in range(len(runs)):
+            for b in range(a):
+                assert not runs[a] & runs[b], f"latent {latent}: examples {b} and {a} show the same passage"
+        from_passage += sum(bool(r & passage_runs) for r in runs)
+        assert len(windows) == cfg.top_n  # filled from the other text
+    assert 0 < from_passage <= sae.cfg.d_sae  # the passage is shown, at most once per latent

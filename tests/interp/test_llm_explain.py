@@ -11,7 +11,7 @@ import pytest
 from nanosae.interp.explain import Evidence
 from nanosae.interp.llm_explain import ExplainerError, HTTPExplainer, explain_and_score, explain_llm
 from tests.interp.test_explain import make_db as make_n2g_db
-from tests.interp.test_explain import silent_text, synthetic
+from tests.interp.test_explain import natural_text, synthetic
 
 
 def fake_server(rule: str):
@@ -51,7 +51,7 @@ def test_detection_scores_true_rule_high_random_low(rule, good):
     server = fake_server(rule)
     try:
         explainer = HTTPExplainer(f"http://127.0.0.1:{server.server_port}")
-        evidence = Evidence(synthetic(12), silent_text(30), max_act=6.0, fires=60)
+        evidence = Evidence(synthetic(12), natural_text(300), max_act=6.0, fires=60)
         explanation, found = explain_and_score(explainer, evidence)
     finally:
         server.shutdown()
@@ -60,7 +60,7 @@ def test_detection_scores_true_rule_high_random_low(rule, good):
 
 
 def make_db(path):
-    make_n2g_db(path, fires=(60, 40))
+    make_n2g_db(path, fires=(60, 40), planted=(0, 1))
 
 
 def test_explain_llm_writes_all_rows(tmp_path):

@@ -1,20 +1,30 @@
 """Explanations and how honestly they are scored.
 
 Evidence for a latent: its top and quantile examples (token windows with the latent's activation on every
-token) and the random windows of the text stored in features.db (where it mostly does not fire). A token is
-"active" when the latent reaches 25% of its maximum there. Both kinds of window are split: even-ranked ones
-build the explanation, odd-ranked ones score it.
+token) and the random windows of the text stored in features.db: natural text, sampled uniformly during the
+feature pass, with every latent's activation on every token. A token is "active" when the latent reaches 25%
+of its maximum there; a window is active when some token of it is.
 
-N2G patterns: a token sequence ending at the activating token, with optional wildcards ("*"): (t0),
-(t-1, t0), (t-2, *, t0), (t-2, t-1, t0). Up to three are chosen greedily, each kept only if it raises the
-token-level F1 of predicting active tokens on the building windows, non-activating ones included, so a
-pattern that also matches where the latent is silent is not chosen.
+Built on, scored on (never both): an explanation is built from the examples and the even-numbered random
+windows, and scored on the odd-numbered random windows alone, natural text that played no part in choosing
+the examples or the explanation. There the latent is active in as many windows as it happens to be (across
+its whole range of activations, not only its strongest), and silent in the rest.
 
-Detection score (Bills et al. 2023; EleutherAI delphi's "detection"): on the held-out windows where the
-latent is active and the held-out windows where it is not (random text, and near misses from the quantile
-examples), does the explanation say the latent fires in the window? Stored: precision, recall and the
-balanced accuracy (the mean of the recalls of both kinds: 0.5 is chance, whatever the mix) as the score. A
-pattern found in every window ("a space") scores 0.5, however often the latent fires on spaces.
+N2G patterns: a token sequence ending at the activating token, with optional wildcards ("*"), each token
+exact or folded (~: any case, with or without a leading space, so " decimal" and "Decimal" are one pattern):
+(t0), (t-1, t0), (t-2, *, t0), (t-2, t-1, t0). Chosen greedily while each raises the token-level F1 of
+predicting active tokens on the building windows, silent text included, so a pattern that also matches
+where the latent is silent is not chosen.
+
+Detection score (Bills et al. 2023; EleutherAI delphi's "detection"): does the explanation say the latent
+fires in a held-out window? The score is a balanced accuracy with a fixed mix: half the recall on active
+windows, half the accuracy on silent ones, and the silent half split evenly between random silent windows and
+hard negatives (silent windows holding one of the tokens the latent fires on most, i.e. windows where a
+reader of the explanation would expect it to fire). 0.5 is chance; a pattern found in every window scores
+0.5. Stored with it: the windows' natural precision, the recall, the token-level F1 on the held-out text
+(patterns predict tokens), the counts, and a 95% interval (Agresti-Coull for each proportion: p̃ = (x+2)/(n+4),
+var = p̃(1-p̃)/(n+4), combined with the mix's weights). With an interval wider than ±MAX_HALF_WIDTH there is
+too little evidence for a number: the score is left empty and the note says why.
 Latents with fewer than MIN_FIRES firings get no explanation, and a note that says so.
 """
 
@@ -23,22 +33,27 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from nanosae.errors import FormatError
-from nanosae.interp.featuredb import FeatureDB
+from nanosae.interp.featuredb import EXPLANATION_FIELDS, FeatureDB
 from nanosae.interp.featuredb import db_path as db_path_of
 from nanosae.io import read_json, sha256_file, write_json, write_lock
 
 log = logging.getLogger(__name__)
 
 WILDCARD = None
+FOLD = "\x00"  # a folded pattern token starts with it (shown as ~"x"): any case, with or without a leading space
 ACTIVE_FRACTION = 0.25
 MIN_FIRES = 20
-BUILD_OTHERS = 32  # random windows a pattern is built against (a pattern found everywhere matches most of them)
-SCORE_OTHERS = 64  # random windows an explanation is scored on (enough to measure how often it says "fires")
+MAX_HALF_WIDTH = 0.1  # a score's 95% interval must be this narrow to be stated
+HARD_TOKENS = 5  # the latent's most frequent activating tokens that make a silent window a hard negative
+SHARED_RUN = 8  # two windows sharing this many consecutive tokens show the same passage
+BUILD_RANDOM = 64  # building random windows besides those where the latent is active or a hard negative
+Z95 = 1.96
 Pattern = tuple  # tokens from oldest to the activating one; None = any token
 
 
@@ -53,7 +68,7 @@ class Evidence(NamedTuple):
     examples: list[Example]
     """Top examples by rank, then quantile examples by rank."""
     others: list[Example]
-    """Random windows of the text, with this latent's activation on each token (mostly zero)."""
+    """Random windows of the text, with this latent's activation on each token."""
     max_act: float
     fires: int
 
@@ -62,18 +77,71 @@ class Evidence(NamedTuple):
         return ACTIVE_FRACTION * self.max_act
 
     def split(self) -> tuple[list[Example], list[Example]]:
-        """(building windows, held-out windows): even- and odd-ranked examples, and disjoint sets of random
-        windows (BUILD_OTHERS to keep over-general patterns out, SCORE_OTHERS to score on)."""
-        build = self.others[0 : 2 * BUILD_OTHERS : 2]
-        held_out = self.others[1::2][:SCORE_OTHERS]
-        return self.examples[0::2] + build, self.examples[1::2] + held_out
+        """(building windows, held-out windows): the examples and even-numbered random windows build (the first
+        BUILD_RANDOM of them, and every other one where the latent is active or that is a hard negative); the
+        odd-numbered random windows, natural text alone, score."""
+        even, hard = self.others[0::2], self.hard_tokens()
+        useful = [
+            w for w in even[BUILD_RANDOM:] if max(w.acts, default=0.0) >= self.threshold or is_hard(w.tokens, hard)
+        ]
+        build = self.examples + even[:BUILD_RANDOM] + useful
+        seen = frozenset().union(*(_runs(tuple(w.tokens)) for w in build))
+        # a held-out window showing a passage the explanation was built on (the same text elsewhere) is not held out
+        return build, [w for w in self.others[1::2] if not _runs(tuple(w.tokens)) & seen]
+
+    def hard_tokens(self) -> set[str]:
+        """The folded tokens the latent is active on most often in its examples."""
+        counts: dict[str, int] = {}
+        for ex in self.examples:
+            for tok, act in zip(ex.tokens, ex.acts):
+                if tok and act >= self.threshold:
+                    counts[fold(tok)] = counts.get(fold(tok), 0) + 1
+        return set(sorted(counts, key=lambda t: (-counts[t], t))[:HARD_TOKENS])
 
 
 class Detection(NamedTuple):
     precision: float
+    """Of the held-out windows where the explanation says "fires", the share where the latent is active."""
     recall: float
     score: float
-    """Balanced accuracy: (recall on active windows + recall on inactive windows) / 2."""
+    """Balanced accuracy with the fixed mix (see the module docstring)."""
+    low: float
+    high: float
+    """The score's 95% interval."""
+    n_active: int
+    n_silent: int
+    n_hard: int
+    """Held-out windows: active, silent, and of the silent ones the hard negatives."""
+    f1: float | None = None
+    """Token-level F1 on the held-out windows (explanations that predict tokens: N2G patterns)."""
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    @property
+    def sure(self) -> bool:
+        """Enough evidence to state the score (its interval is within ±MAX_HALF_WIDTH)."""
+        return self.half_width <= MAX_HALF_WIDTH
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _runs(tokens: tuple) -> frozenset:
+    """The window's runs of SHARED_RUN consecutive tokens (empty tokens, padding, break a run)."""
+    return frozenset(
+        tokens[j : j + SHARED_RUN] for j in range(len(tokens) - SHARED_RUN + 1) if all(tokens[j : j + SHARED_RUN])
+    )
+
+
+def fold(token: str) -> str:
+    """A token in any case, with or without a leading space (SentencePiece's ▁ and GPT-2's Ġ included)."""
+    return token.lstrip(" ▁Ġ").lower()
+
+
+def proportion_variance(hits: int, n: int) -> float:
+    """Agresti-Coull's variance of a proportion (95%): p̃ = (x+2)/(n+4), var = p̃(1-p̃)/(n+4)."""
+    p = (hits + 2) / (n + 4)
+    return p * (1 - p) / (n + 4)
 
 
 def by_activity(windows: list[Example], threshold: float) -> tuple[list[Example], list[Example]]:
@@ -82,16 +150,41 @@ def by_activity(windows: list[Example], threshold: float) -> tuple[list[Example]
     return active, [w for w in windows if max(w.acts, default=0.0) < threshold]
 
 
-def detection(says_active: Callable[[list[str]], bool], windows: list[Example], threshold: float) -> Detection | None:
-    """Window-level detection of "the latent is active here" against the truth; None without windows of
-    both kinds."""
+def is_hard(tokens: list[str], hard: set[str]) -> bool:
+    return bool(hard) and any(fold(t) in hard for t in tokens if t)
+
+
+def detection(
+    says_active: Callable[[list[str]], bool], windows: list[Example], threshold: float, hard: set[str] = frozenset()
+) -> Detection | None:
+    """Window-level detection of "the latent is active here" on held-out windows; None without windows of
+    both kinds. hard: the folded tokens whose silent windows are hard negatives."""
     active, silent = by_activity(windows, threshold)
     if not active or not silent:
         return None
+    hard_silent = [w for w in silent if is_hard(w.tokens, hard)]
+    random_silent = [w for w in silent if not is_hard(w.tokens, hard)]
     tp = sum(bool(says_active(w.tokens)) for w in active)
-    fp = sum(bool(says_active(w.tokens)) for w in silent)
+    fp_hard = sum(bool(says_active(w.tokens)) for w in hard_silent)
+    fp_random = sum(bool(says_active(w.tokens)) for w in random_silent)
     recall = tp / len(active)
-    return Detection(tp / (tp + fp) if tp + fp else 0.0, recall, (recall + 1 - fp / len(silent)) / 2)
+    # the silent half: random and hard negatives weighed equally (all of one kind when the other is missing)
+    kinds = [(len(k) - fp, len(k)) for k, fp in ((random_silent, fp_random), (hard_silent, fp_hard)) if k]
+    specificity = sum(tn / n for tn, n in kinds) / len(kinds)
+    var_specificity = sum(proportion_variance(tn, n) for tn, n in kinds) / len(kinds) ** 2
+    score = (recall + specificity) / 2
+    half = Z95 * math.sqrt((proportion_variance(tp, len(active)) + var_specificity) / 4)
+    fp = fp_hard + fp_random
+    return Detection(
+        tp / (tp + fp) if tp + fp else 0.0,
+        recall,
+        score,
+        max(0.0, score - half),
+        min(1.0, score + half),
+        len(active),
+        len(silent),
+        len(hard_silent),
+    )
 
 
 # ---- N2G patterns ------------------------------------------------------------------------------------------
@@ -115,13 +208,15 @@ def _patterns_in(tokens: tuple) -> frozenset:
 
 
 def candidates(tokens: list[str], pos: int) -> list[Pattern]:
+    """The patterns ending at pos: each shape with its tokens exact, and with them folded."""
     t = tokens
-    out: list[Pattern] = [(t[pos],)]
+    shapes: list[Pattern] = [(t[pos],)]
     if pos >= 1 and t[pos - 1]:
-        out.append((t[pos - 1], t[pos]))
+        shapes.append((t[pos - 1], t[pos]))
     if pos >= 2 and t[pos - 2]:
-        out += [(t[pos - 2], WILDCARD, t[pos]), (t[pos - 2], t[pos - 1], t[pos])]
-    return out
+        shapes += [(t[pos - 2], WILDCARD, t[pos]), (t[pos - 2], t[pos - 1], t[pos])]
+    folded = [tuple(WILDCARD if x is WILDCARD else FOLD + fold(x) for x in shape) for shape in shapes]
+    return shapes + folded
 
 
 def f1(patterns: list[Pattern], examples: list[Example], threshold: float) -> tuple[float, float, float]:
@@ -150,17 +245,19 @@ def _score(predicted: set, active: set) -> tuple[float, float, float]:
     return precision, recall, (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
 
 
-def build_patterns(windows: list[Example], threshold: float, max_patterns: int = 3) -> list[Pattern]:
-    """Greedy: the candidate that most raises token-level F1 on the windows, up to max_patterns."""
+def build_patterns(windows: list[Example], threshold: float, max_patterns: int = 8) -> list[Pattern]:
+    """Greedy: the candidate that most raises token-level F1 on the windows, while it raises F1 (at most
+    max_patterns). Longer patterns, and folded ones, pay a small price, so a simpler one wins a tie."""
     index, active = _index(windows, threshold)
     pool = {
         c for (e, pos) in active for c in _patterns_at(tuple(windows[e].tokens))[pos] if len(index[c] & active) >= 2
     }
+    cost = lambda c: 0.01 * len(c) + 0.005 * any(isinstance(x, str) and x.startswith(FOLD) for x in c)
     chosen: list[Pattern] = []
     covered: set = set()
     best = 0.0
     for _ in range(max_patterns):
-        scored = [(_score(covered | index[c], active)[2] - 0.01 * len(c), c) for c in pool if c not in chosen]
+        scored = [(_score(covered | index[c], active)[2] - cost(c), c) for c in pool if c not in chosen]
         if not scored:
             break
         score, c = max(scored, key=lambda s: (s[0], -len(s[1]), str(s[1])))
@@ -180,14 +277,34 @@ def explain_latent(evidence: Evidence) -> tuple[list[Pattern], Detection | None]
     patterns = build_patterns(build, evidence.threshold)
     if not patterns:
         return [], None
-    return patterns, detection(lambda tokens: found_in(patterns, tokens), held_out, evidence.threshold)
+    found = detection(lambda tokens: found_in(patterns, tokens), held_out, evidence.threshold, evidence.hard_tokens())
+    return patterns, None if found is None else found._replace(f1=token_f1(patterns, held_out, evidence.threshold))
+
+
+def token_f1(patterns: list[Pattern], windows: list[Example], threshold: float) -> float:
+    """F1 of 'some pattern ends here' against 'the latent is active here', over every token of the windows
+    (f1() without its index: the held-out text is scanned once per latent)."""
+    wanted = {tuple(p) for p in patterns}
+    tp = predicted = active = 0
+    for ex in windows:
+        for pos, at in enumerate(_patterns_at(tuple(ex.tokens))):
+            hit = any(c in wanted for c in at)
+            on = bool(at) and ex.acts[pos] >= threshold
+            tp, predicted, active = tp + (hit and on), predicted + hit, active + on
+    return 2 * tp / (predicted + active) if predicted + active else 0.0
 
 
 def describe(patterns: list[Pattern]) -> str:
-    """Human-readable: each pattern as quoted tokens, '*' for a wildcard, alternatives joined by ' | '."""
-    return " | ".join(
-        " ".join("*" if t is WILDCARD else json.dumps(t, ensure_ascii=False) for t in p) for p in patterns
+    """Human-readable: each pattern as quoted tokens, '*' for a wildcard, ~"x" for a folded token (any case,
+    with or without a leading space), alternatives joined by ' | '."""
+    word = lambda t: (
+        "*"
+        if t is WILDCARD
+        else "~" + json.dumps(t[1:], ensure_ascii=False)
+        if t.startswith(FOLD)
+        else json.dumps(t, ensure_ascii=False)
     )
+    return " | ".join(" ".join(word(t) for t in p) for p in patterns)
 
 
 # ---- writing them into features.db ---------------------------------------------------------------------------
@@ -225,23 +342,13 @@ def write_explanations(
                 "most_frequent_first": most_frequent_first,
             }
             latents = db.to_explain(most_frequent_first, limit)
-            windows = RandomText(db.random_windows()[: 2 * max(BUILD_OTHERS, SCORE_OTHERS)])
+            windows = RandomText(db.random_windows())
             updates = _resumed(partial, fingerprint)
             for n, row in enumerate(latents):
                 if n < len(updates):
                     continue
                 text, found, note = _explain_row(db, row, windows, explain_one)
-                updates.append(
-                    [
-                        text,
-                        None if found is None else round(found.score, 4),
-                        None if found is None else round(found.precision, 4),
-                        None if found is None else round(found.recall, 4),
-                        method,
-                        note,
-                        row["id"],
-                    ]
-                )
+                updates.append([*explanation_fields(text, method, note, found), row["id"]])
                 if (n + 1) % PARTIAL_EVERY == 0:
                     write_json(partial, {"fingerprint": fingerprint, "updates": updates})
                 if progress is not None:
@@ -251,6 +358,27 @@ def write_explanations(
             db.close()
         partial.unlink(missing_ok=True)
     return sum(u[0] is not None for u in updates)
+
+
+def explanation_fields(text: str | None, method: str, note: str | None, found: Detection | None) -> list[Any]:
+    """The values of EXPLANATION_FIELDS: the score only when its interval is narrow enough to state it."""
+    if found is None:
+        return [text, method, note] + [None] * (len(EXPLANATION_FIELDS) - 3)
+    r = lambda x: None if x is None else round(x, 4)
+    return [
+        text,
+        method,
+        note,
+        r(found.score) if found.sure else None,
+        r(found.low),
+        r(found.high),
+        r(found.precision),
+        r(found.recall),
+        r(found.f1),
+        found.n_active,
+        found.n_silent,
+        found.n_hard,
+    ]
 
 
 def _resumed(partial: Path, fingerprint: dict) -> list[list]:
@@ -266,7 +394,7 @@ def _resumed(partial: Path, fingerprint: dict) -> list[list]:
     if (
         saved.get("fingerprint") != fingerprint
         or not isinstance(rows, list)
-        or not all(isinstance(r, list) and len(r) == 7 for r in rows)
+        or not all(isinstance(r, list) and len(r) == len(EXPLANATION_FIELDS) + 1 for r in rows)
     ):
         return []
     return rows
@@ -283,10 +411,15 @@ class RandomText:
                 for latent, act in per_token.items():
                     self.firing.setdefault(int(latent), []).append((w, pos, act))
 
+        self.silent = [[0.0] * len(tokens) for tokens in self.tokens]  # shared, never written to
+
     def of(self, latent: int) -> list[Example]:
-        """The windows with this latent's activation on every token."""
-        acts = [[0.0] * len(tokens) for tokens in self.tokens]
+        """The windows with this latent's activation on every token (a window where it is silent shares one
+        list of zeros: thousands of windows and latents would otherwise copy them all)."""
+        acts = list(self.silent)
         for w, pos, act in self.firing.get(latent, ()):
+            if acts[w] is self.silent[w]:
+                acts[w] = list(self.silent[w])
             acts[w][pos] = act
         return [Example(tokens, a) for tokens, a in zip(self.tokens, acts)]
 
@@ -304,7 +437,16 @@ def _explain_row(
     if text is None:
         return None, None, "no pattern predicts where it fires"
     if found is None:
-        return text, None, "not scored: no held-out windows where it is silent (it fires almost everywhere)"
+        return text, None, "not scored: the held-out text has no window where it is active, or none where it is silent"
+    if not found.sure:
+        return (
+            text,
+            found,
+            (
+                f"too little held-out evidence for a score: {found.n_active} active and {found.n_silent} silent "
+                f"windows give {found.low:.2f}..{found.high:.2f}"
+            ),
+        )
     return text, found, None
 
 

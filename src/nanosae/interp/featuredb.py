@@ -30,12 +30,42 @@ SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE latents (id INTEGER PRIMARY KEY, density REAL, fires INTEGER, mean_act REAL, max_act REAL,
     histogram TEXT, top_logits TEXT, bottom_logits TEXT, cofiring TEXT, explanation TEXT, score REAL, method TEXT,
-    precision REAL, recall REAL, note TEXT);
+    precision REAL, recall REAL, note TEXT, score_low REAL, score_high REAL, n_active INTEGER, n_silent INTEGER,
+    n_hard INTEGER, f1 REAL);
 CREATE TABLE examples (latent INTEGER, kind TEXT, rank INTEGER, activation REAL, tokens TEXT, acts TEXT, focus INTEGER);
 CREATE INDEX examples_latent ON examples (latent, kind, rank);
 CREATE TABLE windows (id INTEGER PRIMARY KEY, tokens TEXT, latents TEXT);
 """
-SCORE_COLUMNS = {"precision": "REAL", "recall": "REAL", "note": "TEXT"}  # added after the first release
+# added after the first release: a database from before them gets them when it is next explained
+SCORE_COLUMNS = {
+    "precision": "REAL",
+    "recall": "REAL",
+    "note": "TEXT",
+    "score_low": "REAL",
+    "score_high": "REAL",
+    "n_active": "INTEGER",
+    "n_silent": "INTEGER",
+    "n_hard": "INTEGER",
+    "f1": "REAL",
+}
+EXPLANATION_FIELDS = (
+    "explanation",
+    "method",
+    "note",
+    "score",
+    "score_low",
+    "score_high",
+    "precision",
+    "recall",
+    "f1",
+    "n_active",
+    "n_silent",
+    "n_hard",
+)  # what an explanation pass sets per latent
+LATENT_COLUMNS = (
+    "id, density, fires, mean_act, max_act, histogram, top_logits, bottom_logits, cofiring, explanation, score, "
+    "method, precision, recall, note"
+)  # what the feature pass writes; the rest are the explanation's
 SORTS = ("id", "density", "max_act", "mean_act", "score")
 
 
@@ -91,7 +121,7 @@ def write_db(
     try:
         con.executescript(SCHEMA)
         con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
-        con.executemany("INSERT INTO latents VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", latents)
+        con.executemany(f"INSERT INTO latents ({LATENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", latents)
         con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?)", examples)
         con.executemany("INSERT INTO windows VALUES (?,?,?)", windows)
         con.commit()
@@ -210,17 +240,14 @@ class FeatureDB:
         )
 
     def set_explanations(self, updates: list[tuple]) -> None:
-        """(explanation, score, precision, recall, method, note, id) rows, in one transaction: all land, or none."""
+        """EXPLANATION_FIELDS rows, then the latent's id, in one transaction: all land, or none."""
         with self.lock, self.con:
             columns = {r["name"] for r in self.con.execute("PRAGMA table_info(latents)")}
             for name, kind in SCORE_COLUMNS.items():  # a database from before these columns gets them now
                 if name not in columns:
                     self.con.execute(f"ALTER TABLE latents ADD COLUMN {name} {kind}")
-            self.con.executemany(
-                "UPDATE latents SET explanation = ?, score = ?, precision = ?, recall = ?, method = ?, "
-                "note = ? WHERE id = ?",
-                updates,
-            )
+            assignments = ", ".join(f"{name} = ?" for name in EXPLANATION_FIELDS)
+            self.con.executemany(f"UPDATE latents SET {assignments} WHERE id = ?", updates)
 
     def random_windows(self) -> list[tuple[list[str], list[dict[str, float]]]]:
         """(tokens, {latent: activation} per token) of the random windows ([] for databases without them)."""

@@ -42,6 +42,8 @@ from nanosae.sae import SAE
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")  # torch.sparse.mm below
 HIST_EDGES = torch.logspace(-3, 3, 61)  # activation histogram bins (plus underflow/overflow)
+CANDIDATES = 2  # top examples kept per example shown
+SHARED_RUN = 8  # two windows sharing this many consecutive tokens show the same passage
 
 
 @dataclass
@@ -55,9 +57,9 @@ class FeaturesConfig:
     """Top-activating examples kept per latent."""
     reservoir: int = 32
     """Random firing examples kept per latent, from which quantile examples are picked."""
-    random_windows: int = 256
-    """Random windows of the text kept with every token's largest latents: the non-activating text that
-    explanations are scored against."""
+    random_windows: int = 1024
+    """Random windows of the text kept with every token's largest latents: natural text that explanations are
+    built on (half) and scored on (the other half)."""
     quantile_examples: int = 8
     """Examples shown at evenly spaced activation quantiles, picked from the reservoir."""
     window_left: int = 12
@@ -367,7 +369,9 @@ class FeatureStats:
         self.act_max = torch.zeros(d_sae)
         self.hist = torch.zeros(d_sae, len(HIST_EDGES) + 1, dtype=torch.long)
         self.cofire = torch.zeros(d_sae, d_sae, dtype=torch.int32)
-        self.top = _Examples(d_sae, cfg.top_n, width)
+        # twice the examples shown: repeated passages (the same text at other corpus positions) are dropped at
+        # the end, and the list still fills
+        self.top = _Examples(d_sae, CANDIDATES * cfg.top_n, width)
         self.reservoir = _Examples(d_sae, cfg.reservoir, width)
         self.random = _RandomWindows(cfg.random_windows, width, min(64, d_sae))
 
@@ -560,6 +564,20 @@ def _random_window_rows(acc: FeatureStats, text: Callable[[list[int]], list[str]
     return rows
 
 
+def distinct(windows: list[list[int]], run: int = SHARED_RUN) -> list[int]:
+    """Indices of the windows to keep, in order: each one unless it shares `run` consecutive tokens with a window
+    kept before it (the same passage, found again at another place in the corpus). -1 is padding."""
+    seen: set[tuple[int, ...]] = set()
+    kept = []
+    for n, toks in enumerate(windows):
+        grams = {tuple(toks[j : j + run]) for j in range(len(toks) - run + 1) if min(toks[j : j + run]) >= 0}
+        if grams & seen:
+            continue
+        seen |= grams
+        kept.append(n)
+    return kept
+
+
 def _example_rows(cfg: FeaturesConfig, acc: FeatureStats, text: Callable[[list[int]], list[str]]) -> list[tuple]:
     """Top examples by rank, and quantile examples picked at evenly spaced activation ranks of the reservoir."""
     row = lambda i, kind, rank, act, toks, acts: (
@@ -576,10 +594,11 @@ def _example_rows(cfg: FeaturesConfig, acc: FeatureStats, text: Callable[[list[i
     examples = []
     for i in range(len(top[0])):
         act, toks, acts = (a[i] for a in top)
-        kept = [r for r in range(len(act)) if act[r] > 0]
+        kept = distinct([toks[r] for r in range(len(act)) if act[r] > 0])[: cfg.top_n]
         examples += [row(i, "top", rank, act[r], toks[r], acts[r]) for rank, r in enumerate(kept)]
         act, toks, acts = (a[i] for a in res)
-        fired = sorted((r for r in range(len(act)) if act[r] > 0), key=lambda r: act[r])
+        fired = sorted(distinct([toks[r] if act[r] > 0 else [] for r in range(len(act))]), key=lambda r: act[r])
+        fired = [r for r in fired if act[r] > 0]
         if fired:
             n = cfg.quantile_examples
             picks = sorted({round(q * (len(fired) - 1) / max(1, n - 1)) for q in range(n)})

@@ -26,7 +26,16 @@ from typing import Protocol
 
 from nanosae.config import ExplainConfig
 from nanosae.errors import FormatError, NanosaeError
-from nanosae.interp.explain import Detection, Evidence, Example, by_activity, detection, explain_n2g, write_explanations
+from nanosae.interp.explain import (
+    Detection,
+    Evidence,
+    Example,
+    by_activity,
+    detection,
+    explain_n2g,
+    is_hard,
+    write_explanations,
+)
 from nanosae.io import parse_json
 from nanosae.rundir import load_sae_and_model
 
@@ -164,12 +173,12 @@ def answers(explainer: Explainer, explanation: str, windows: list[list[str]]) ->
     return [explainer.complete(p, max_tokens=2).strip().lower().startswith("y") for p in prompts]
 
 
-SCORED_WINDOWS = 5  # held-out windows of each kind asked about per feature: enough to tell 0.5 from 0.9
+SCORED_WINDOWS = 30  # held-out windows asked about per feature: this many active, as many silent
 
 
 def explain_and_score(explainer: Explainer, evidence: Evidence) -> tuple[str | None, Detection | None]:
-    """One line from the building windows where the latent is active, scored on up to SCORED_WINDOWS held-out
-    windows where it is active and as many where it is silent."""
+    """One line from the building windows where the latent is active, scored on held-out natural windows: up to
+    SCORED_WINDOWS where it is active and as many where it is silent, half of those hard negatives."""
     build, held_out = evidence.split()
     shown = by_activity(build, evidence.threshold)[0][:6]
     if not shown:
@@ -179,9 +188,12 @@ def explain_and_score(explainer: Explainer, evidence: Evidence) -> tuple[str | N
     if not explanation:
         return None, None
     active, silent = by_activity(held_out, evidence.threshold)
-    asked = active[:SCORED_WINDOWS] + silent[:SCORED_WINDOWS]
+    hard = evidence.hard_tokens()
+    hard_silent = [w for w in silent if is_hard(w.tokens, hard)][: SCORED_WINDOWS // 2]
+    random_silent = [w for w in silent if not is_hard(w.tokens, hard)][: SCORED_WINDOWS - len(hard_silent)]
+    asked = active[:SCORED_WINDOWS] + hard_silent + random_silent
     said = dict(zip((id(w.tokens) for w in asked), answers(explainer, explanation, [w.tokens for w in asked])))
-    return explanation, detection(lambda tokens: said[id(tokens)], asked, evidence.threshold)
+    return explanation, detection(lambda tokens: said[id(tokens)], asked, evidence.threshold, hard)
 
 
 def explain_llm(
