@@ -297,13 +297,13 @@ def _matches(patterns: list[list], tokens: list[str]) -> bool:
 def test_stored_scores_hold_on_new_text(tiny_model, tmp_path):
     """The protocol written out here, applied to text the feature pass never read (eight times as much of it),
     lands inside the stored score's 95% interval for at least 90% of the latents with a stated score."""
+    import torch
+
     from nanosae import SAE, DataConfig, SAEConfig
     from nanosae.data import iter_documents, token_batches
     from nanosae.interp.featuredb import open_db
     from nanosae.interp.features import FeaturesConfig, build_features
     from tests.conftest import word_docs
-
-    import torch
 
     hook = "blocks.1.hook_resid_post"
     torch.manual_seed(6)

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -150,12 +151,15 @@ def by_activity(windows: list[Example], threshold: float) -> tuple[list[Example]
     return active, [w for w in windows if max(w.acts, default=0.0) < threshold]
 
 
-def is_hard(tokens: list[str], hard: set[str]) -> bool:
+def is_hard(tokens: list[str], hard: AbstractSet[str]) -> bool:
     return bool(hard) and any(fold(t) in hard for t in tokens if t)
 
 
 def detection(
-    says_active: Callable[[list[str]], bool], windows: list[Example], threshold: float, hard: set[str] = frozenset()
+    says_active: Callable[[list[str]], bool],
+    windows: list[Example],
+    threshold: float,
+    hard: AbstractSet[str] = frozenset(),
 ) -> Detection | None:
     """Window-level detection of "the latent is active here" on held-out windows; None without windows of
     both kinds. hard: the folded tokens whose silent windows are hard negatives."""
