@@ -126,8 +126,13 @@ def viewer_run(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
     tokens[2], tokens[3] = "\n", "<|im_start|>"  # shown as ↵ and as a badge
     con.execute("UPDATE examples SET tokens = ? WHERE rowid = ?", (json.dumps(tokens), row[0]))
     con.execute(
-        "UPDATE latents SET explanation = ?, score = 0.9, precision = 0.8, recall = 0.7 WHERE id = 3",
+        "UPDATE latents SET explanation = ?, score = 0.9, precision = 0.8, recall = 0.7, method = 'n2g', "
+        "score_low = 0.85, score_high = 0.95, n_active = 120, n_silent = 300, n_hard = 40, f1 = 0.75 WHERE id = 3",
         ('<b onmouseover="window.__xss=3">bold</b> words',),
+    )
+    con.execute(  # explained, but on too few held-out windows for a score
+        "UPDATE latents SET explanation = '\"w9\"', score = NULL, method = 'n2g', score_low = 0.55, score_high = 0.95, "
+        "n_active = 6, n_silent = 200, note = 'too little held-out evidence for a score' WHERE id = 4"
     )
     con.execute(
         "UPDATE latents SET note = 'fired 4 times in the text read: too few to explain (needs 20)' WHERE id = 5"

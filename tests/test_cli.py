@@ -156,8 +156,9 @@ def test_eval_full_suite_writes_sections_and_saebench_files(viewer_run, word_cor
         "explanation_score": 0.9,
         "explanation_score_std": 0.0,
         "latents_scored": 1,
+        "latents_explained": 2,  # one of them on too little held-out evidence for a score
         "latents": 24,
-        "methods": [],
+        "methods": ["n2g"],
     }
     files = sorted(p.name for p in (run / "saebench").iterdir())
     assert files == ["autointerp.json", "core.json"]

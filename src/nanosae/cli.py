@@ -764,7 +764,10 @@ def demo(circuits: bool = False, **given: Any) -> None:
     for key in TABLE_KEYS:
         table.add_row(key, f"{m[key]:.4g}" if isinstance(m[key], float) else str(m[key]))
     console.print(table)
-    feats = Table(title="five interesting features (N2G explanations; detection score on held-out and silent text)")
+    feats = Table(
+        title="five interesting features (N2G explanations; detection score on held-out natural text, its 95% "
+        "interval, and the active + silent windows it rests on)"
+    )
     for col in ("feature", "fires", "density", "explanation", "score", "top output tokens"):
         feats.add_column(col)
     for f in result["features"]:
@@ -773,7 +776,7 @@ def demo(circuits: bool = False, **given: Any) -> None:
             str(f["fires"]),
             f"{f['density']:.2%}",
             f["explanation"],
-            f"{f['score']:.2f}",
+            f"{f['score']:.2f} [{f['interval'][0]:.2f}, {f['interval'][1]:.2f}] n={f['windows'][0]}+{f['windows'][1]}",
             " ".join(map(repr, f["top_logits"])),
         )
     console.print(feats)

@@ -181,6 +181,8 @@ def interesting_features(db: Any, n: int) -> list[dict[str, Any]]:
                 "max_act": r["max_act"],
                 "explanation": text,
                 "score": r["score"],
+                "interval": (r["score_low"], r["score_high"]),
+                "windows": (r["n_active"], r["n_silent"]),
                 "top_logits": [t for t, _ in db.cell(r["top_logits"], "top_logits")[:5]],
             }
         )

@@ -328,20 +328,20 @@ def test_stored_scores_hold_on_new_text(tiny_model, tmp_path):
     ).fetchall()
     assert len(stored) >= 8
 
-    # new text: other documents; in each row, the window of 12 tokens before and 4 after a random kept token (cut
-    # at the row's ends), as the feature pass samples them, with every latent's activation on it
+    # new text: other documents, each row cut into 17-token windows from a random offset (kept when the token 12
+    # in is one the pass reads), as the feature pass samples them, with every latent's activation on them
     fresh = tmp_path / "fresh.jsonl"
     fresh.write_text("".join(json.dumps({"text": d}) + "\n" for d in word_docs(6000, seed=99, min_words=40)))
     rng, windows = random.Random(0), []
-    for batch in token_batches(
-        iter_documents(DataConfig(specs=[str(fresh)], split="all")), tiny_model.tokenizer, 48, 32
-    ):
+    fresh_docs = iter_documents(DataConfig(specs=[str(fresh)], split="all"))
+    for batch in token_batches(fresh_docs, tiny_model.tokenizer, 48, 32):
         _, cache = tiny_model.run_with_cache(batch.tokens, [hook])
         z = (sae.encode(cache[hook]) * batch.valid[..., None]).detach()
         for row, valid, acts in zip(batch.tokens.tolist(), batch.valid.tolist(), z):
-            t = rng.choice([i for i, v in enumerate(valid) if v])
-            lo, hi = max(0, t - 12), min(len(row), t + 5)
-            windows.append(([tiny_model.tokenizer.decode([i]) for i in row[lo:hi]], acts[lo:hi]))
+            start = rng.randrange(0, 48 - 2 * 17 + 1)
+            for lo in (start, start + 17):
+                if valid[lo + 12]:
+                    windows.append(([tiny_model.tokenizer.decode([i]) for i in row[lo : lo + 17]], acts[lo : lo + 17]))
         if len(windows) >= 8 * 512:
             break
     inside = 0

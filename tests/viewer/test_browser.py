@@ -78,6 +78,9 @@ def check_feature_page(page):
     assert page.locator("#top-examples .tok", has_text="↵").count() >= 1  # a line break, visible, one line
     assert "<b onmouseover" in page.inner_text("#explanation")
     assert "precision 0.80, recall 0.70" in page.inner_text("#feature-nav + p")
+    score = page.inner_text("#score")  # the score with its interval and the windows it rests on
+    assert "n2g detection score 0.90 [0.85, 0.95] on 120 active + 300 silent held-out windows" in score
+    assert "token F1 0.75" in score
     assert page.evaluate("window.__xss") is None
 
 
@@ -93,6 +96,9 @@ def test_overview_search_and_feature_page(browser, server):
     page.goto(server + "/#/feature/5")  # a latent without an explanation says why
     page.wait_for_function("document.querySelector('#feature-title')?.textContent === 'feature 5'")
     assert "too few to explain" in page.inner_text("#explanation")
+    page.goto(server + "/#/feature/4")  # explained on too little evidence: no number, and why
+    page.wait_for_function("document.querySelector('#feature-title')?.textContent === 'feature 4'")
+    assert "no score: too little held-out evidence, 0.55..0.95 on 6 active" in page.inner_text("#score")
     page.goto(server + "/#/feature/3")
     page.wait_for_selector("#top-examples .tok")
     ARTIFACTS.mkdir(exist_ok=True)

@@ -262,9 +262,9 @@ class FeatureDB:
     def explained(self, min_fires: int, max_density: float) -> list[sqlite3.Row]:
         """Latents with a scored explanation, enough firings and not dense: best score first, then most evidence."""
         return self.rows(
-            "SELECT id, density, fires, max_act, explanation, score, top_logits FROM latents WHERE "
-            "explanation IS NOT NULL AND score IS NOT NULL AND fires >= ? AND density <= ? "
-            "ORDER BY score DESC, fires DESC",
+            "SELECT id, density, fires, max_act, explanation, score, score_low, score_high, n_active, n_silent, "
+            "top_logits FROM latents WHERE explanation IS NOT NULL AND score IS NOT NULL AND fires >= ? "
+            "AND density <= ? ORDER BY score DESC, fires DESC",
             (min_fires, max_density),
         )
 
@@ -298,6 +298,7 @@ def explanation_score(db: Path | None) -> dict[str, Any]:
     try:
         rows = fdb.rows("SELECT score, method FROM latents WHERE score IS NOT NULL")
         total = fdb.rows("SELECT count(*) AS n FROM latents")[0]["n"]
+        explained = fdb.rows("SELECT count(*) AS n FROM latents WHERE explanation IS NOT NULL")[0]["n"]
     finally:
         fdb.close()
     scores = [r["score"] for r in rows]
@@ -312,6 +313,7 @@ def explanation_score(db: Path | None) -> dict[str, Any]:
         "explanation_score": statistics.fmean(scores),
         "explanation_score_std": statistics.pstdev(scores),
         "latents_scored": len(scores),
+        "latents_explained": explained,  # the rest of them on too little held-out evidence for a score
         "latents": total,
         "methods": methods,
     }

@@ -122,8 +122,8 @@ class _Examples:
 
 class _RandomWindows:
     """A uniform sample of the text's windows (top-M by a random key), each with the largest latents of every
-    token: the non-activating text explanations are scored against (a latent's activation on a token not
-    kept here was below the C largest of that token, treated as zero)."""
+    token: the natural text explanations are built and scored on (a latent's activation on a token not kept
+    here was below the C largest of that token, treated as zero)."""
 
     def __init__(self, m: int, width: int, c: int):
         self.key = torch.full((m,), -math.inf)
@@ -132,14 +132,20 @@ class _RandomWindows:
         self.val = torch.zeros(m, width, c)
 
     def add(self, toks: Tensor, valid: Tensor, z: Tensor, gen: torch.Generator, left: int, right: int) -> None:
-        """One window per row of the batch, centred on a random kept position."""
-        rows = valid.any(dim=1).nonzero()[:, 0]
+        """The batch's rows cut into windows that do not overlap (tiles from a random offset), each kept when its
+        centre token is one the pass reads; the sample keeps the windows with the largest random keys."""
+        B, T = toks.shape
+        width = left + 1 + right
+        per_row = max(1, T // width)
+        offset = torch.randint(0, max(1, T - per_row * width + 1), (B,), generator=gen)
+        centre = (offset[:, None] + left + width * torch.arange(per_row)[None, :]).clamp(max=T - 1)  # (B, per_row)
+        rows = torch.arange(B)[:, None].expand(-1, per_row)
+        keep = valid[rows, centre]
+        rows, t = rows[keep], centre[keep]
         if not len(rows):
             return
-        weights = valid[rows].float()
-        t = torch.multinomial(weights, 1, generator=gen)[:, 0]
         key = torch.rand(len(rows), generator=gen)
-        pos, inside = _window_positions(t, toks.shape[1], left, right)
+        pos, inside = _window_positions(t, T, left, right)
         tokens = toks[rows[:, None], pos].masked_fill(~inside, -1).int()
         val, idx = z[rows[:, None], pos].topk(self.idx.shape[-1], dim=-1)  # (n, W, C)
         val = val.masked_fill(~inside[..., None], 0.0)

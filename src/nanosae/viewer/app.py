@@ -108,6 +108,7 @@ class ViewerData:
             "recall": _get(r, "recall"),
             "note": _get(r, "note"),
             "method": r["method"],
+            **{key: _get(r, key) for key in ("score_low", "score_high", "n_active", "n_silent", "n_hard", "f1")},
             "examples": examples,
         }
 

@@ -24,6 +24,24 @@
     if (typeof v !== "number") return String(v);
     return Math.abs(v) >= 1000 || Number.isInteger(v) ? String(v) : v.toPrecision(digits || 4);
   }
+  // An explanation's score as a reader should take it: with its interval and how many held-out windows it rests
+  // on, or the reason there is none (docs/interpretation.md, "Scores").
+  function scoreText(f) {
+    const given = (x) => x !== null && x !== undefined;
+    const windows = given(f.n_active) ? " on " + f.n_active + " active + " + f.n_silent + " silent held-out windows" : "";
+    const method = f.method ? f.method + " " : "";
+    if (given(f.score)) {
+      const interval = given(f.score_low) ? " [" + fmt(f.score_low, 2) + ", " + fmt(f.score_high, 2) + "]" : "";
+      const pr = given(f.precision) ? "; precision " + fmt(f.precision, 2) + ", recall " + fmt(f.recall, 2) : "";
+      const f1 = given(f.f1) ? ", token F1 " + fmt(f.f1, 2) : "";
+      return " (" + method + "detection score " + fmt(f.score, 2) + interval + windows + pr + f1 + ")";
+    }
+    if (f.explanation && given(f.score_low)) {
+      return " (" + method + "no score: too little held-out evidence, " + fmt(f.score_low, 2) + ".." + fmt(f.score_high, 2) + windows + ")";
+    }
+    return "";
+  }
+
 
   function loadScript(src) {
     return new Promise((resolve, reject) => {
@@ -249,8 +267,8 @@
     app.append(el("h2", { id: "feature-title", text: "feature " + f.id }), nav,
       el("p", {}, el("b", { text: "explanation: " }),
         el("span", { id: "explanation", text: f.explanation || f.note || "none yet (nanosae explain RUN)" }),
-        f.score !== null && f.score !== undefined ? el("span", { class: "muted", text: " (detection score " + fmt(f.score, 3) +
-          (f.precision !== null && f.precision !== undefined ? ", precision " + fmt(f.precision, 2) + ", recall " + fmt(f.recall, 2) : "") + ")" }) : ""),
+        el("span", { class: "muted", id: "score", text: scoreText(f) })),
+      f.explanation && f.note ? el("p", { class: "muted", id: "score-note", text: f.note }) : "",
       el("p", { class: "muted", text: "density " + fmt(f.density, 3) + " · fires " + f.fires + " · mean " + fmt(f.mean_act, 3) + " · max " + fmt(f.max_act, 3) }));
     if (!f.fires) {
       app.append(el("p", { id: "never-fired", class: "notice", text: "This latent never fired in the text the feature " +
