@@ -445,19 +445,28 @@ SAES = _option("sae", list[Path], ..., "SAE (run directory or file); repeatable 
 @app.command()
 @command(
     GENERATION_OPTIONS,
-    [PROMPT, SAES, _option("top_features", int, 5, "Features shown per token and SAE."), MODEL, DEVICE, TOKENIZER],
+    [
+        PROMPT,
+        SAES,
+        _option("top_features", int, 5, "Features shown per token and SAE."),
+        _option("show_dense", bool, False, "Also show dense features (firing on over 5% of tokens in features.db)."),
+        MODEL,
+        DEVICE,
+        TOKENIZER,
+    ],
 )
 def track(
     prompt: str,
     sae: list[Path],
     top_features: int = 5,
+    show_dense: bool = False,
     model: str | None = None,
     device: str = "cpu",
     tokenizer: Path | None = None,
     **given: Any,
 ) -> None:
     """Generate and show, live, the top features of every new token; a summary at the end."""
-    from nanosae.interp.featuredb import explanations
+    from nanosae.interp.featuredb import dense_latents, explanations
     from nanosae.interp.live import FeatureTracker
     from nanosae.rundir import home, load_sae_and_model, locate
     from nanosae.sae import SAE
@@ -466,11 +475,13 @@ def track(
     _, first, host = load_sae_and_model(sae[0], model, device, tokenizer)
     saes: dict[str, SAE] = {}
     labels: dict[tuple[str, int], str] = {}
+    hidden: dict[str, set[int]] = {}
     for i, p in enumerate(sae):
         name = p.name if len(sae) > 1 else "sae"
         saes[name] = first if i == 0 else SAE.load(locate(p)[1], device=device)
         labels |= {(name, latent): text for latent, text in explanations(home(p) / "features.db").items()}
-    tracker = FeatureTracker(host, saes, top_k=top_features, labels=labels)
+        hidden[name] = set() if show_dense else dense_latents(home(p) / "features.db")
+    tracker = FeatureTracker(host, saes, top_k=top_features, labels=labels, hidden=hidden)
 
     def show(t) -> None:
         feats = "  ".join(f"{f.latent}:{f.activation:.2f}" + (f" ({f.label})" if f.label else "") for f in t.features)

@@ -436,6 +436,7 @@ class EvalConfig:
             raise ConfigError("--probing-task is part of the full suite; add --suite full")
 
 
+DENSE_THRESHOLD = 0.05  # a latent firing on more than this share of tokens is "dense": shown apart, not first
 NODE_THRESHOLD = 0.8  # an attribution graph keeps the nodes carrying this share of the influence on the logits
 EDGE_THRESHOLD = 0.98  # ... and the edges carrying this share of the pruned graph's influence (circuit-tracer's)
 

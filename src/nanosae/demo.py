@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanosae.config import DEFAULT_MODEL, CollectConfig, DataConfig, TrainConfig
+from nanosae.config import DEFAULT_MODEL, DENSE_THRESHOLD, CollectConfig, DataConfig, TrainConfig
 
 StageProgress = Callable[[str, int, int, float], None]  # stage, done, total, seconds
 
@@ -165,7 +165,7 @@ def interesting_features(db: Any, n: int) -> list[dict[str, Any]]:
     something (a word of three letters or more, no special tokens), each leading token once (a dictionary
     splits a frequent token like " self" into several features; five of them would show one thing), not dense
     or position-like (density ≤ 5%), best detection score first, then most evidence."""
-    rows = db.explained(min_fires=50, max_density=0.05)
+    rows = db.explained(min_fires=50, max_density=DENSE_THRESHOLD)
     out, seen = [], set()
     for r in rows:
         text = r["explanation"]

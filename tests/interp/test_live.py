@@ -42,6 +42,27 @@ def test_tracked_latents_are_each_tokens_own_position_in_one_full_pass(tiny_mode
     assert summary and summary[0][1] >= summary[-1][1]
 
 
+def test_hidden_latents_stay_out_of_the_tracked_top_features(tiny_model, sae):
+    """Dense latents (here the three most frequent on this text, declared hidden) are never among a token's top
+    features; the rest are the top-k of the encoding with them set to zero."""
+    plain = FeatureTracker(tiny_model, {"a": sae}, top_k=3)
+    plain.generate([0, 5, 9, 13], max_new_tokens=12, stop_at_eos=False)
+    counts: dict[int, int] = {}
+    for t in plain.history:
+        for f in t.features:
+            counts[f.latent] = counts.get(f.latent, 0) + 1
+    hidden = set(sorted(counts, key=counts.get, reverse=True)[:3])
+    tracker = FeatureTracker(tiny_model, {"a": sae}, top_k=3, hidden={"a": hidden})
+    gen = tracker.generate([0, 5, 9, 13], max_new_tokens=12, stop_at_eos=False)
+    full = torch.tensor([gen.prompt_tokens + gen.tokens])
+    _, cache = tiny_model.run_with_cache(full, [HOOK])
+    for t in tracker.history:
+        z = sae.encode(cache[HOOK][0, len(gen.prompt_tokens) + t.step]).detach()
+        z[sorted(hidden)] = 0
+        expected = [int(i) for v, i in zip(*z.topk(3)) if v > 0]
+        assert [f.latent for f in t.features] == expected and not {f.latent for f in t.features} & hidden
+
+
 def test_parse_edit():
     assert parse_edit("123=+8") == Edit(123, 8.0, "add")
     assert parse_edit("5=-2.5") == Edit(5, -2.5, "add")

@@ -72,6 +72,39 @@ def test_run_text_and_steer(client):
     assert r.status_code == 422 and "out of range" in r.json()["detail"]
 
 
+def test_run_text_leaves_dense_latents_out_and_gives_one_features_values(client, viewer_run, tiny_model):
+    """The strongest features of each token are those of the SAE's own encoding with the dense latents (over 5%
+    of tokens in features.db) left out, all of them with include_dense; `feature` gives its value everywhere."""
+    import sqlite3
+
+    import torch
+
+    from nanosae import SAE
+    from nanosae.config import DENSE_THRESHOLD
+
+    sae = SAE.load(viewer_run / "sae")
+    dense = {
+        i
+        for i, d in sqlite3.connect(viewer_run / "features.db").execute("SELECT id, density FROM latents")
+        if d > DENSE_THRESHOLD
+    }
+    assert 0 < len(dense) < 24
+    ids = tiny_model.prompt_ids("w5 w6 w7 w8")
+    _, cache = tiny_model.run_with_cache(torch.tensor([ids]), [sae.cfg.hook_name], return_logits=False)
+    z = sae.encode(cache[sae.cfg.hook_name])[0][1:].detach()
+    feature = int(z.sum(0).argmax())
+    r = client.post("/api/run_text", json={"text": "w5 w6 w7 w8", "top_k": 3, "feature": feature}).json()
+    both = client.post("/api/run_text", json={"text": "w5 w6 w7 w8", "top_k": 3, "include_dense": True}).json()
+    for n, (t, t_all) in enumerate(zip(r["tokens"], both["tokens"])):
+        assert t["value"] == pytest.approx(float(z[n, feature]), abs=1e-4)
+        assert not {i for i, _ in t["features"]} & dense
+        kept = z[n].clone()
+        kept[sorted(dense)] = 0
+        assert {i for i, _ in t["features"]} == {int(i) for i in kept.topk(3).indices if kept[i] > 0}
+        assert {i for i, _ in t_all["features"]} == {int(i) for i in z[n].topk(3).indices if z[n, i] > 0}
+    assert client.post("/api/run_text", json={"text": "w5", "feature": 24}).status_code == 422
+
+
 def test_only_local_host_names_are_answered(viewer_run):
     """A DNS-rebinding page reaches 127.0.0.1 under its own name: the viewer answers only this machine's names
     and the bound address, unless it is bound to every interface."""

@@ -88,6 +88,10 @@ def test_overview_search_and_feature_page(browser, server):
     page, errors = open_page(browser, server + "/")
     page.wait_for_selector("#features tr.row")
     assert page.locator("#features tr.row").count() == 24
+    # dense latents (over 5% of tokens) come after the rest in any order, marked
+    classes = page.eval_on_selector_all("#features tr.row", "rows => rows.map(r => r.classList.contains('dense'))")
+    assert classes == sorted(classes) and any(classes) and not all(classes)
+    assert all("dense" in t for t in page.locator("#features tr.dense td:nth-child(2)").all_inner_texts())
     page.fill("#search", "bold")
     page.wait_for_function("document.querySelectorAll('#features tr.row').length === 1")
     page.click("#features tr.row")
@@ -111,8 +115,21 @@ def test_run_text_page(browser, server):
     page, errors = open_page(browser, server + "/#/run")
     page.fill("#run-input", "w5 w9 w12")
     page.click("#run-button")
-    page.wait_for_selector("#run-output .tok")
+    page.wait_for_selector("#run-output .tok[data-value]")
     assert page.locator("#run-output .tok").count() == 3
+    # coloured by one feature: the picked one's value on every token, orange where it fires and nowhere else
+    options = page.locator("#run-feature option")
+    assert options.count() >= 1 and "coloured by feature " + options.first.get_attribute("value") in page.inner_text(
+        "#run-colour"
+    )
+    last = options.nth(options.count() - 1).get_attribute("value")
+    page.select_option("#run-feature", last)
+    page.wait_for_function(f"document.querySelector('#run-colour').textContent.includes('feature {last}:')")
+    spans = page.locator("#run-output .tok")
+    for i in range(spans.count()):
+        value = float(spans.nth(i).get_attribute("data-value"))
+        background = spans.nth(i).evaluate("s => s.style.background")
+        assert (value > 0) == bool(background), (value, background)
     assert errors == []
     page.close()
 
@@ -139,6 +156,10 @@ def test_exported_site_opens_from_disk(browser, viewer_run, tmp_path):
     page.goto((site / "index.html").as_uri() + "#/")
     page.wait_for_selector("#features tr.row")
     assert page.locator("#features tr.row").count() == 24
+    # dense latents (over 5% of tokens) come after the rest in any order, marked
+    classes = page.eval_on_selector_all("#features tr.row", "rows => rows.map(r => r.classList.contains('dense'))")
+    assert classes == sorted(classes) and any(classes) and not all(classes)
+    assert all("dense" in t for t in page.locator("#features tr.dense td:nth-child(2)").all_inner_texts())
     page.goto((site / "index.html").as_uri() + "#/run")  # the live pages say they need the server
     page.wait_for_selector("#needs-server")
     assert "nanosae view" in page.inner_text("#needs-server")

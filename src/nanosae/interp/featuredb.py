@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
-from nanosae.config import MAX_LATENTS  # a features.db claiming more is damaged, not large
+from nanosae.config import DENSE_THRESHOLD, MAX_LATENTS  # a features.db claiming more is damaged, not large
 from nanosae.errors import FormatError
 from nanosae.io import parse_json, public_mode
 
@@ -181,6 +181,10 @@ class FeatureDB:
             for r in self.rows("SELECT density FROM latents ORDER BY id")
         ]
 
+    def dense(self) -> set[int]:
+        """The latents firing on more than DENSE_THRESHOLD of tokens: shown apart, never first."""
+        return {i for i, d in enumerate(self.densities()) if d > DENSE_THRESHOLD}
+
     def latent(self, latent: int) -> sqlite3.Row | None:
         found = self.rows("SELECT * FROM latents WHERE id = ?", (latent,))
         return found[0] if found else None
@@ -286,6 +290,17 @@ def explanations(path: str | Path) -> dict[int, str]:
         return db.explanations()
     finally:
         db.close()
+
+
+def dense_latents(path: str | Path) -> set[int]:
+    """The latents of a features.db firing on more than DENSE_THRESHOLD of tokens (none without a database)."""
+    if not db_path(path).is_file():
+        return set()
+    fdb = FeatureDB(path)
+    try:
+        return fdb.dense()
+    finally:
+        fdb.close()
 
 
 def explanation_score(db: Path | None) -> dict[str, Any]:

@@ -52,9 +52,17 @@ class FeatureTracker:
     """Streams the top-k active features of every generated token (several SAEs at once)."""
 
     def __init__(
-        self, model: HostModel, saes: dict[str, SAE], top_k: int = 5, labels: dict[tuple[str, int], str] | None = None
+        self,
+        model: HostModel,
+        saes: dict[str, SAE],
+        top_k: int = 5,
+        labels: dict[tuple[str, int], str] | None = None,
+        hidden: dict[str, set[int]] | None = None,
     ):
+        """hidden: per SAE, latents left out of the top features (the dense ones: they fire on most tokens and
+        would fill every list)."""
         self.model, self.saes, self.top_k, self.labels = model, saes, top_k, labels or {}
+        self.hidden = {name: sorted(ids) for name, ids in (hidden or {}).items() if ids}
         for sae in saes.values():
             if not sae.cfg.hook_name:
                 raise ConfigError("every tracked SAE needs cfg.hook_name")
@@ -75,6 +83,8 @@ class FeatureTracker:
         out = []
         for name, sae in self.saes.items():
             z = sae.encode(sae.gather_input(self.latest)[None])[0]
+            if name in self.hidden:
+                z = z.index_fill(0, torch.tensor(self.hidden[name], device=z.device), 0.0)
             vals, idx = z.topk(min(self.top_k, len(z)))
             out += [
                 ActiveFeature(name, int(i), float(v), self.labels.get((name, int(i))))

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from nanosae.config import DENSE_THRESHOLD
 from nanosae.errors import FormatError, NanosaeError, first_line
 from nanosae.interp.featuredb import FeatureDB
 from nanosae.io import read_json
@@ -50,6 +51,7 @@ class ViewerData:
             "meta": {k: v for k, v in self.meta.items() if k != "hist_edges"},
             "metrics": metrics,
             "density_hist": {"edges": bins, "counts": counts, "never_fired": len(dens) - len(logs)},
+            "dense_threshold": DENSE_THRESHOLD,
         }
 
     def features(
@@ -203,26 +205,37 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
             raise HTTPException(404, f"no feature {latent} (this SAE has 0..{data.n_latents - 1})")
         return found
 
+    dense = data.db.dense()
+
     @app.post("/api/run_text")
     def run_text(
-        text: str = Body(..., embed=True, max_length=4000), top_k: int = Body(5, embed=True, ge=1, le=20)
+        text: str = Body(..., embed=True, max_length=4000),
+        top_k: int = Body(5, embed=True, ge=1, le=20),
+        feature: int | None = Body(None, embed=True, ge=0, le=2**31),
+        include_dense: bool = Body(False, embed=True),
     ) -> dict:
+        """Each token's strongest features (dense ones left out unless asked for) and, for `feature`, its
+        activation on every token (what the page colours the text by)."""
         import torch
 
         host, sae = live.get()
+        if feature is not None and feature >= sae.cfg.d_sae:
+            raise HTTPException(422, f"no feature {feature} (this SAE has 0..{sae.cfg.d_sae - 1})")
         ids = host.prompt_ids(text)[:512]
         _, cache = host.run_with_cache(torch.tensor([ids]), sae.cfg.input_hooks, return_logits=False)
         with torch.no_grad():
             z = sae.encode(sae.gather_input(cache))[0]
-        vals, idx = z.topk(min(top_k, z.shape[1]), dim=-1)
+        ranked = z if include_dense or not dense else z.index_fill(1, torch.tensor(sorted(dense)), 0.0)
+        vals, idx = ranked.topk(min(top_k, z.shape[1]), dim=-1)
         tokens = [
             {
                 "text": host.tokenizer.decode([t]),
                 "features": [[int(i), round(float(v), 4)] for v, i in zip(vs, ix) if v > 0],
+                **({"value": round(float(z[n, feature]), 4)} if feature is not None else {}),
             }
-            for t, vs, ix in zip(ids, vals, idx)
+            for n, (t, vs, ix) in enumerate(zip(ids, vals, idx))
         ]
-        return {"tokens": tokens[1:]}
+        return {"tokens": tokens[1:], "dense": sorted(dense)}
 
     @app.post("/api/steer")
     def steer_route(

@@ -186,7 +186,10 @@
       let rows = await matching(search.value.trim());
       if (ticket !== pending) return;  // a newer keystroke is on its way
       const key = sort.value;
-      rows = rows.slice().sort((a, b) => key === "id" ? a.id - b.id : (b[key] ?? -Infinity) - (a[key] ?? -Infinity));
+      // dense latents (firing on more than dense_threshold of tokens) after the rest, whatever the order
+      const dense = (f) => (f.density > ov.dense_threshold ? 1 : 0);
+      rows = rows.slice().sort((a, b) => dense(a) - dense(b) ||
+        (key === "id" ? a.id - b.id : (b[key] ?? -Infinity) - (a[key] ?? -Infinity)));
       page = Math.min(page, Math.max(0, Math.ceil(rows.length / PAGE) - 1));
       const shown = rows.slice(page * PAGE, (page + 1) * PAGE);
       count.textContent = rows.length ? "showing " + (page * PAGE + 1) + "–" + (page * PAGE + shown.length) + " of " + rows.length
@@ -195,8 +198,8 @@
       next.disabled = (page + 1) * PAGE >= rows.length;
       table.replaceChildren(el("tr", {}, ...["id", "density", "max act", "explanation", "top output tokens"].map((t) => el("th", { text: t }))));
       for (const f of shown) {
-        table.append(el("tr", { class: "row", "data-id": String(f.id), onclick: () => (location.hash = "#/feature/" + f.id) },
-          el("td", { text: String(f.id) }), el("td", { text: fmt(f.density, 3) }), el("td", { text: fmt(f.max_act, 3) }),
+        table.append(el("tr", { class: dense(f) ? "row dense" : "row", "data-id": String(f.id), onclick: () => (location.hash = "#/feature/" + f.id) },
+          el("td", { text: String(f.id) }), el("td", { text: fmt(f.density, 3) + (dense(f) ? " dense" : "") }), el("td", { text: fmt(f.max_act, 3) }),
           el("td", { text: f.explanation || "" }), el("td", { text: f.top_logits.join(" · ") })));
       }
     }
@@ -304,34 +307,62 @@
   }
 
   function runText() {
+    // tokens are coloured by one feature at a time (the strongest non-dense one in the text, or the one picked
+    // from the list or from a token's panel), as Neuronpedia does: every token by its own strongest latent
+    // would paint the text in the dense latents' colour
     const box = el("textarea", { id: "run-input" });
     box.value = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)";
     const out = el("div", { class: "card example", id: "run-output" });
     const panel = el("div", { class: "card", id: "run-panel" }, el("p", { class: "muted", text: "click a token to see its strongest features" }));
+    const choose = el("select", { id: "run-feature" });
+    const shown = el("p", { class: "muted", id: "run-colour" });
+    let tokens = [], names = new Map(), maxima = new Map();
+    async function colour(id) {
+      const r = await post("run_text", { text: box.value, top_k: 5, feature: id });
+      const max = Math.max(1e-9, maxima.get(id) || Math.max(...r.tokens.map((t) => t.value)));
+      out.querySelectorAll(".tok").forEach((span, n) => {
+        const v = r.tokens[n].value;
+        span.dataset.value = String(v);
+        span.style.background = v > 0 ? "rgba(230, 110, 20, " + Math.min(1, 0.15 + 0.85 * v / max).toFixed(3) + ")" : "";
+      });
+      choose.value = String(id);
+      shown.textContent = "coloured by feature " + id + ": " + (names.get(id) || "(no explanation)");
+    }
+    choose.onchange = () => colour(Number(choose.value));
     const go = el("button", { id: "run-button", text: "run", onclick: async () => {
       out.textContent = "running…";
       try {
-        const [r, list] = await Promise.all([post("run_text", { text: box.value, top_k: 5 }), features()]);
-        const names = new Map(list.map((x) => [x.id, x.explanation]));
+        const [r, list] = await Promise.all([post("run_text", { text: box.value, top_k: 5, include_dense: true }), features()]);
+        names = new Map(list.map((x) => [x.id, x.explanation]));
+        maxima = new Map(list.map((x) => [x.id, x.max_act]));
+        tokens = r.tokens;
+        const dense = new Set(r.dense);
+        const total = new Map();  // each feature's summed activation over the text
+        for (const t of tokens) for (const [i, v] of t.features) total.set(i, (total.get(i) || 0) + v);
+        // dense features (firing on more than the overview's share of tokens) after the others, and marked
+        const ranked = [...total.entries()].sort((a, b) => dense.has(a[0]) - dense.has(b[0]) || b[1] - a[1]).map(([i]) => i);
+        choose.replaceChildren(...ranked.map((i) => el("option", { value: String(i), text: "feature " + i + (dense.has(i) ? " (dense)" : "") +
+          ": " + (names.get(i) || "(no explanation)") })));
         out.replaceChildren();
-        for (const t of r.tokens) {
-          const top = t.features[0] ? t.features[0][1] : 0;
+        for (const t of tokens) {
           const span = tokenSpan(t.text, { class: "tok", title: t.features.map(([i, v]) => i + ": " + fmt(v, 3)).join("\n") });
-          if (top > 0) span.style.background = "rgba(230, 110, 20, " + Math.min(1, 0.15 + top / 20).toFixed(3) + ")";
           span.onclick = () => {
             out.querySelectorAll(".selected").forEach((x) => x.classList.remove("selected"));
             span.classList.add("selected");
             panel.replaceChildren(el("h4", { text: "token " + JSON.stringify(t.text) }),
               ...(t.features.length ? t.features.map(([i, v]) => el("div", { class: "panel-feature" },
                 el("a", { href: "#/feature/" + i, text: "feature " + i }), el("span", { class: "muted", text: " " + fmt(v, 3) + " · " }),
-                el("span", { text: names.get(i) || "(no explanation)" }))) : [el("p", { class: "muted", text: "no feature fires here" })]));
+                el("span", { text: (dense.has(i) ? "(dense) " : "") + (names.get(i) || "(no explanation)") }), " ",
+                el("button", { class: "colour-by", text: "colour by it", onclick: () => colour(i) }))) : [el("p", { class: "muted", text: "no feature fires here" })]));
           };
           out.append(span);
         }
+        if (ranked.length) await colour(ranked[0]);
+        else shown.textContent = "no feature fires in this text";
       } catch (e) { out.replaceChildren(el("span", { class: "error", text: String(e.message || e) })); }
     } });
     app.replaceChildren(el("h2", { text: "run text" }), el("p", { class: "muted", text: "click a token to see its strongest features" }),
-      box, go, el("div", { class: "run-cols" }, out, panel));
+      box, go, " ", choose, shown, el("div", { class: "run-cols" }, out, panel));
   }
 
   function steerPage(params) {
