@@ -130,6 +130,17 @@ def viewer_run(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
         "score_low = 0.85, score_high = 0.95, n_active = 120, n_silent = 300, n_hard = 40, f1 = 0.75 WHERE id = 3",
         ('<b onmouseover="window.__xss=3">bold</b> words',),
     )
+    from nanosae.interp.featuredb import EXPLANATIONS_TABLE
+
+    con.execute(EXPLANATIONS_TABLE)  # latent 3 explained two ways, each kept with its own score
+    con.executemany(
+        "INSERT INTO explanations (latent, method, explanation, score, score_low, score_high, n_active, n_silent) "
+        "VALUES (3, ?, ?, ?, ?, ?, 120, 300)",
+        [
+            ("n2g", '<b onmouseover="window.__xss=3">bold</b> words', 0.9, 0.85, 0.95),
+            ("llm", "words in bold type", 0.7, 0.64, 0.76),
+        ],
+    )
     con.execute(  # explained, but on too few held-out windows for a score
         "UPDATE latents SET explanation = '\"w9\"', score = NULL, method = 'n2g', score_low = 0.55, score_high = 0.95, "
         "n_active = 6, n_silent = 200, note = 'too little held-out evidence for a score' WHERE id = 4"

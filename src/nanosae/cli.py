@@ -670,6 +670,12 @@ def explain(run: Path, **given: Any) -> None:
     from nanosae.interp.llm_explain import explain
 
     cfg = ExplainConfig(**parse(EXPLAIN_OPTIONS, given))
+    if cfg.method == "llm" and not cfg.explainer_url:
+        console.print(
+            "[yellow]no --explainer-url: the run's own model explains, which tests the path, not the features "
+            "(a 135M model writes noise); point --explainer-url at an OpenAI-compatible server (llama.cpp, "
+            "Ollama, a hosted model) for explanations worth reading[/yellow]"
+        )
     with TokenProgress("explain", 1) as bar:
         n = explain(run, cfg, progress=lambda done, total: bar.update(done, 0.0, total=total))
     console.print(f"explained {n} features in {run}")

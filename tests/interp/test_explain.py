@@ -190,11 +190,11 @@ def test_the_interval_is_agresti_coull_combined_by_the_mix_and_narrows_with_n():
 def make_db(path, fires=(60, 5), planted=(0,)):
     """Latents `planted` fire on the planted pair in the random text too; the others weakly everywhere."""
     con = sqlite3.connect(path)
-    con.executescript("""CREATE TABLE latents (id INTEGER PRIMARY KEY, fires INTEGER, max_act REAL, explanation TEXT,
-                         score REAL, method TEXT);
+    con.executescript("""CREATE TABLE latents (id INTEGER PRIMARY KEY, fires INTEGER, max_act REAL, density REAL,
+                         explanation TEXT, score REAL, method TEXT);
                          CREATE TABLE examples (latent INTEGER, kind TEXT, rank INTEGER, tokens TEXT, acts TEXT);
                          CREATE TABLE windows (id INTEGER PRIMARY KEY, tokens TEXT, latents TEXT);""")
-    con.executemany("INSERT INTO latents VALUES (?, ?, 6.0, NULL, NULL, NULL)", list(enumerate(fires)))
+    con.executemany("INSERT INTO latents VALUES (?, ?, 6.0, 0.01, NULL, NULL, NULL)", list(enumerate(fires)))
     for latent in range(len(fires)):
         for rank, ex in enumerate(synthetic(20, seed=latent)):
             con.execute(

@@ -124,8 +124,21 @@ def test_local_explainer_and_cli(viewer_run, tmp_path, tiny_model):
     finally:
         server.shutdown()
     assert r.exit_code == 0, r.output
-    rows = sqlite3.connect(run / "features.db").execute("SELECT COUNT(*) FROM latents WHERE method = 'llm'").fetchone()
-    assert rows[0] == 3
+    con = sqlite3.connect(run / "features.db")
+    # the features chosen for interest: enough firings to score, not dense, most frequent first (at most 3)
+    interesting = [
+        i
+        for (i,) in con.execute(
+            "SELECT id FROM latents WHERE fires >= 20 AND density <= 0.05 ORDER BY fires DESC, id LIMIT 3"
+        )
+    ]
+    explained = [i for (i,) in con.execute("SELECT latent FROM explanations WHERE method = 'llm' ORDER BY latent")]
+    assert interesting and explained == sorted(set(interesting) | {3})  # latent 3's LLM row was planted
+    # stored beside the explanations already there, which stay (the planted ones, kept as n2g's)
+    assert con.execute("SELECT method, score FROM explanations WHERE latent = 3 AND method = 'n2g'").fetchone() == (
+        "n2g",
+        0.9,
+    )
     r = CliRunner().invoke(app, ["explain", str(run), "--method", "llm", "--explainer-url", "http://127.0.0.1:9"])
     assert r.exit_code != 0 and "unreachable" in str(r.exception)
 
@@ -193,3 +206,41 @@ def test_the_key_never_goes_through_a_proxy_in_clear_text(monkeypatch):
         proxy.shutdown()
         server.shutdown()
     assert proxied == []
+
+
+def test_methods_are_kept_apart_and_the_best_scored_is_shown(tmp_path):
+    """An LLM pass after N2G keeps N2G's explanations (a table row per latent and method); the latents table
+    shows the best stated score's; a worse LLM pass later changes neither N2G's row nor what is shown."""
+    from nanosae.interp.explain import explain_n2g
+
+    make_db(tmp_path / "features.db")
+    explain_n2g(tmp_path)
+    con = lambda: sqlite3.connect(tmp_path / "features.db")
+    n2g = con().execute("SELECT explanation, score FROM explanations WHERE latent = 0 AND method = 'n2g'").fetchone()
+    for rule in ("the token fib after def", "random words"):
+        server = fake_server(rule)
+        try:
+            explain_llm(tmp_path, HTTPExplainer(f"http://127.0.0.1:{server.server_port}"))
+        finally:
+            server.shutdown()
+    rows = dict(con().execute("SELECT method, score FROM explanations WHERE latent = 0").fetchall())
+    # the last LLM pass (random words) replaced its own row: a low score, or none where the interval is too wide
+    assert set(rows) == {"n2g", "llm"} and (rows["llm"] is None or rows["llm"] < 0.75)
+    assert (
+        con().execute("SELECT explanation, score FROM explanations WHERE latent = 0 AND method = 'n2g'").fetchone()
+        == n2g
+    )
+    shown = con().execute("SELECT explanation, score, method FROM latents WHERE id = 0").fetchone()
+    assert shown == (*n2g, "n2g") and n2g[1] == max(v for v in rows.values() if v is not None)
+
+
+def test_the_explainer_sees_strong_and_quantile_examples_and_its_line_is_cleaned():
+    from nanosae.interp.explain import Example
+    from nanosae.interp.llm_explain import clean_line, shown_examples
+
+    top = [Example(["a", f"t{i}"], [0.0, 9.0 - i]) for i in range(4)]
+    quantiles = [Example(["b", f"q{i}"], [0.0, 2.0 + i]) for i in range(4)]
+    shown = shown_examples(Evidence(top + quantiles, [], max_act=9.0, fires=50))
+    assert shown[:3] == top[:3] and {e.tokens[1] for e in shown[3:]} == {"q3", "q2", "q1"}  # weakest q0 below 25%
+    assert clean_line('"The word fib after def."<|im_end|>\nmore') == "The word fib after def"
+    assert clean_line("<|im_start|>assistant\n</s>") == "assistant"

@@ -81,6 +81,9 @@ def check_feature_page(page):
     score = page.inner_text("#score")  # the score with its interval and the windows it rests on
     assert "n2g detection score 0.90 [0.85, 0.95] on 120 active + 300 silent held-out windows" in score
     assert "token F1 0.75" in score
+    methods = page.locator("#explanations tr.method-row")  # every method's explanation, side by side
+    assert methods.count() == 2 and methods.first.get_attribute("data-method") == "n2g"
+    assert "words in bold type" in methods.nth(1).inner_text() and "0.70 [0.64, 0.76]" in methods.nth(1).inner_text()
     assert page.evaluate("window.__xss") is None
 
 

@@ -39,6 +39,7 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from nanosae.config import DENSE_THRESHOLD
 from nanosae.errors import FormatError
 from nanosae.interp.featuredb import EXPLANATION_FIELDS, FeatureDB
 from nanosae.interp.featuredb import db_path as db_path_of
@@ -115,10 +116,13 @@ class Detection(NamedTuple):
     """Held-out windows: active, silent, and of the silent ones the hard negatives."""
     f1: float | None = None
     """Token-level F1 on the held-out windows (explanations that predict tokens: N2G patterns)."""
+    half: float = 0.0
+    """The interval's half-width before low and high are clipped to [0, 1] (a score of 1 on three windows is
+    1.00 [0.83, 1.00], and still ±0.17)."""
 
     @property
     def half_width(self) -> float:
-        return (self.high - self.low) / 2
+        return self.half
 
     @property
     def sure(self) -> bool:
@@ -152,7 +156,13 @@ def by_activity(windows: list[Example], threshold: float) -> tuple[list[Example]
 
 
 def is_hard(tokens: list[str], hard: AbstractSet[str]) -> bool:
-    return bool(hard) and any(fold(t) in hard for t in tokens if t)
+    return bool(hard) and not _folded(tuple(tokens)).isdisjoint(hard)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _folded(tokens: tuple) -> frozenset:
+    """The window's tokens folded (cached: the random windows are the same for every latent)."""
+    return frozenset(fold(t) for t in tokens if t)
 
 
 def detection(
@@ -188,6 +198,7 @@ def detection(
         len(active),
         len(silent),
         len(hard_silent),
+        half=half,
     )
 
 
@@ -229,17 +240,31 @@ def f1(patterns: list[Pattern], examples: list[Example], threshold: float) -> tu
     return _score(set().union(*(index.get(p, set()) for p in patterns)) if patterns else set(), active)
 
 
-def _index(examples: list[Example], threshold: float) -> tuple[dict[Pattern, set], set]:
-    """Every candidate pattern -> the positions (example, pos) it matches; and the strongly active positions."""
+def _index(
+    examples: list[Example], threshold: float, only: AbstractSet | None = None
+) -> tuple[dict[Pattern, set], set]:
+    """Every candidate pattern (or those in `only`) -> the positions (example, pos) it matches; and the
+    strongly active positions."""
     index: dict[Pattern, set] = {}
-    active = set()
+    active: set[tuple[int, int]] = set()
     for e, ex in enumerate(examples):
-        for pos, at in enumerate(_patterns_at(tuple(ex.tokens))):
-            for c in at:
-                index.setdefault(c, set()).add((e, pos))
-            if at and ex.acts[pos] >= threshold:
-                active.add((e, pos))
+        tokens = tuple(ex.tokens)
+        if max(ex.acts, default=0.0) >= threshold:
+            active.update((e, pos) for pos, at in enumerate(_patterns_at(tokens)) if at and ex.acts[pos] >= threshold)
+        present = _patterns_in(tokens) if only is None else _patterns_in(tokens) & only  # a set operation in C
+        for c in present:
+            index.setdefault(c, set()).update((e, pos) for pos in _positions(tokens)[c])
     return index, active
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _positions(tokens: tuple) -> dict:
+    """Each candidate pattern of a window -> the positions where it ends."""
+    out: dict[Pattern, list[int]] = {}
+    for pos, at in enumerate(_patterns_at(tokens)):
+        for c in at:
+            out.setdefault(c, []).append(pos)
+    return out
 
 
 def _score(predicted: set, active: set) -> tuple[float, float, float]:
@@ -252,10 +277,13 @@ def _score(predicted: set, active: set) -> tuple[float, float, float]:
 def build_patterns(windows: list[Example], threshold: float, max_patterns: int = 8) -> list[Pattern]:
     """Greedy: the candidate that most raises token-level F1 on the windows, while it raises F1 (at most
     max_patterns). Longer patterns, and folded ones, pay a small price, so a simpler one wins a tie."""
-    index, active = _index(windows, threshold)
-    pool = {
-        c for (e, pos) in active for c in _patterns_at(tuple(windows[e].tokens))[pos] if len(index[c] & active) >= 2
-    }
+    _, active = _index(windows, threshold, only=frozenset())
+    at_active: dict[Pattern, int] = {}
+    for e, pos in active:
+        for c in _patterns_at(tuple(windows[e].tokens))[pos]:
+            at_active[c] = at_active.get(c, 0) + 1
+    pool = frozenset(c for c, n in at_active.items() if n >= 2)  # the candidates worth scoring
+    index, _ = _index(windows, threshold, only=pool)
     cost = lambda c: 0.01 * len(c) + 0.005 * any(isinstance(x, str) and x.startswith(FOLD) for x in c)
     chosen: list[Pattern] = []
     covered: set = set()
@@ -288,13 +316,18 @@ def explain_latent(evidence: Evidence) -> tuple[list[Pattern], Detection | None]
 def token_f1(patterns: list[Pattern], windows: list[Example], threshold: float) -> float:
     """F1 of 'some pattern ends here' against 'the latent is active here', over every token of the windows
     (f1() without its index: the held-out text is scanned once per latent)."""
-    wanted = {tuple(p) for p in patterns}
+    wanted = frozenset(tuple(p) for p in patterns)
     tp = predicted = active = 0
     for ex in windows:
-        for pos, at in enumerate(_patterns_at(tuple(ex.tokens))):
-            hit = any(c in wanted for c in at)
-            on = bool(at) and ex.acts[pos] >= threshold
-            tp, predicted, active = tp + (hit and on), predicted + hit, active + on
+        tokens = tuple(ex.tokens)
+        found = _patterns_in(tokens) & wanted
+        hits = {pos for c in found for pos in _positions(tokens)[c]}
+        on = (
+            {pos for pos, a in enumerate(ex.acts) if a >= threshold and tokens[pos]}
+            if max(ex.acts, default=0.0) >= threshold
+            else set()
+        )
+        tp, predicted, active = tp + len(hits & on), predicted + len(hits), active + len(on)
     return 2 * tp / (predicted + active) if predicted + active else 0.0
 
 
@@ -326,6 +359,7 @@ def write_explanations(
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     explainer: str = "",
+    interesting_only: bool = False,
 ) -> int:
     """Explain every latent that fired (or the `limit` most frequent) and write all rows in one transaction;
     latents with too little evidence get a note instead. Returns how many got an explanation.
@@ -344,8 +378,14 @@ def write_explanations(
                 "explainer": explainer,
                 "limit": limit,
                 "most_frequent_first": most_frequent_first,
+                "interesting_only": interesting_only,
             }
-            latents = db.to_explain(most_frequent_first, limit)
+            latents = db.to_explain(
+                most_frequent_first,
+                limit,
+                MIN_FIRES if interesting_only else 1,
+                DENSE_THRESHOLD if interesting_only else 1.0,
+            )
             windows = RandomText(db.random_windows())
             updates = _resumed(partial, fingerprint)
             for n, row in enumerate(latents):

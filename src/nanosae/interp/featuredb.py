@@ -62,6 +62,11 @@ EXPLANATION_FIELDS = (
     "n_silent",
     "n_hard",
 )  # what an explanation pass sets per latent
+EXPLANATIONS_TABLE = (
+    "CREATE TABLE explanations (latent INTEGER, method TEXT, explanation TEXT, note TEXT, score REAL, score_low REAL, "
+    "score_high REAL, precision REAL, recall REAL, f1 REAL, n_active INTEGER, n_silent INTEGER, n_hard INTEGER, "
+    "PRIMARY KEY (latent, method))"
+)
 LATENT_COLUMNS = (
     "id, density, fires, mean_act, max_act, histogram, top_logits, bottom_logits, cofiring, explanation, score, "
     "method, precision, recall, note"
@@ -235,23 +240,62 @@ class FeatureDB:
             for r in self.rows("SELECT id, explanation FROM latents WHERE explanation IS NOT NULL")
         }
 
-    def to_explain(self, most_frequent_first: bool = False, limit: int | None = None) -> list[sqlite3.Row]:
-        """(id, fires, max_act) of the latents that fired, by id or most frequent first."""
+    def to_explain(
+        self, most_frequent_first: bool = False, limit: int | None = None, min_fires: int = 1, max_density: float = 1.0
+    ) -> list[sqlite3.Row]:
+        """(id, fires, max_act) of the latents that fired at least min_fires times on at most max_density of the
+        tokens, by id or most frequent first."""
         order = "fires DESC, id" if most_frequent_first else "id"
+        dense = " AND density <= ?" if max_density < 1 else ""
         return self.rows(
-            f"SELECT id, fires, max_act FROM latents WHERE fires > 0 ORDER BY {order}"
-            + (f" LIMIT {int(limit)}" if limit else "")
+            f"SELECT id, fires, max_act FROM latents WHERE fires >= ?{dense} ORDER BY {order}"
+            + (f" LIMIT {int(limit)}" if limit else ""),
+            (max(1, min_fires), *((max_density,) if dense else ())),
         )
 
     def set_explanations(self, updates: list[tuple]) -> None:
-        """EXPLANATION_FIELDS rows, then the latent's id, in one transaction: all land, or none."""
+        """EXPLANATION_FIELDS rows, then the latent's id, in one transaction: all land, or none.
+
+        Each method's explanations are kept apart (the explanations table: one row per latent and method, so an
+        LLM pass never replaces N2G's, nor the other way round); the latents table shows, per latent, the
+        explanation with the best stated score (one without a score only where none has one)."""
+        fields = ", ".join(EXPLANATION_FIELDS)
         with self.lock, self.con:
             columns = {r["name"] for r in self.con.execute("PRAGMA table_info(latents)")}
             for name, kind in SCORE_COLUMNS.items():  # a database from before these columns gets them now
                 if name not in columns:
                     self.con.execute(f"ALTER TABLE latents ADD COLUMN {name} {kind}")
+            tables = {r["name"] for r in self.con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "explanations" not in tables:
+                self.con.execute(EXPLANATIONS_TABLE)
+                # explanations written before there was a table for them are kept as their method's
+                self.con.execute(
+                    f"INSERT INTO explanations (latent, {fields}) SELECT id, "
+                    + ", ".join("COALESCE(method, 'n2g')" if f == "method" else f for f in EXPLANATION_FIELDS)
+                    + " FROM latents WHERE explanation IS NOT NULL OR note IS NOT NULL"
+                )
+            marks = ", ".join("?" * (1 + len(EXPLANATION_FIELDS)))
+            self.con.executemany(
+                f"INSERT OR REPLACE INTO explanations (latent, {fields}) VALUES ({marks})",
+                [(u[-1], *u[:-1]) for u in updates],
+            )
             assignments = ", ".join(f"{name} = ?" for name in EXPLANATION_FIELDS)
-            self.con.executemany(f"UPDATE latents SET {assignments} WHERE id = ?", updates)
+            for (latent,) in {(u[-1],) for u in updates}:
+                best = self.con.execute(
+                    f"SELECT {fields} FROM explanations WHERE latent = ? ORDER BY score IS NULL, score DESC, "
+                    "explanation IS NULL, method LIMIT 1",
+                    (latent,),
+                ).fetchone()
+                self.con.execute(f"UPDATE latents SET {assignments} WHERE id = ?", (*best, latent))
+
+    def explanations_of(self, latent: int) -> list[sqlite3.Row]:
+        """Every method's explanation of a latent, best stated score first ([] for databases without them)."""
+        tables = {r[0] for r in self.rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "explanations" not in tables:
+            return []
+        return self.rows(
+            "SELECT * FROM explanations WHERE latent = ? ORDER BY score IS NULL, score DESC, method", (latent,)
+        )
 
     def random_windows(self) -> list[tuple[list[str], list[dict[str, float]]]]:
         """(tokens, {latent: activation} per token) of the random windows ([] for databases without them)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -179,12 +180,12 @@ SCORED_WINDOWS = 30  # held-out windows asked about per feature: this many activ
 def explain_and_score(explainer: Explainer, evidence: Evidence) -> tuple[str | None, Detection | None]:
     """One line from the building windows where the latent is active, scored on held-out natural windows: up to
     SCORED_WINDOWS where it is active and as many where it is silent, half of those hard negatives."""
-    build, held_out = evidence.split()
-    shown = by_activity(build, evidence.threshold)[0][:6]
+    _, held_out = evidence.split()
+    shown = shown_examples(evidence)
     if not shown:
         return None, None
-    lines = explainer.complete(explanation_prompt(shown, evidence.threshold), max_tokens=20).strip().splitlines()
-    explanation = lines[0].strip() if lines else ""
+    answer = explainer.complete(explanation_prompt(shown, evidence.threshold), max_tokens=20)
+    explanation = clean_line(answer)
     if not explanation:
         return None, None
     active, silent = by_activity(held_out, evidence.threshold)
@@ -196,18 +197,39 @@ def explain_and_score(explainer: Explainer, evidence: Evidence) -> tuple[str | N
     return explanation, detection(lambda tokens: said[id(tokens)], asked, evidence.threshold, hard)
 
 
+def shown_examples(evidence: Evidence, n: int = 6) -> list[Example]:
+    """What the explainer sees: half the strongest examples and half from across its activation quantiles (so
+    the line is about the feature at every strength, not its extremes), where it is active."""
+    active = by_activity(evidence.examples, evidence.threshold)[0]
+    top, spread = active[: len(evidence.examples)], active[::-1]  # top examples come first, quantiles last
+    picked = top[: n // 2] + [e for e in spread if e not in top[: n // 2]][: n - n // 2]
+    return picked[:n]
+
+
+SPECIAL = re.compile(r"<\|[^|>]*\|>|</?s>|<unk>|<pad>|<bos>|<eos>")
+
+
+def clean_line(answer: str) -> str:
+    """The explainer's first line without special tokens (a chat model's <|im_end|>), quotes or a trailing full
+    stop."""
+    lines = [line.strip() for line in SPECIAL.sub("", answer).strip().splitlines() if line.strip()]
+    return lines[0].strip(" \"'`").rstrip(".").strip() if lines else ""
+
+
 def explain_llm(
     db_path: str | Path,
     explainer: Explainer,
     max_features: int | None = 100,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Explain the most frequently firing features (up to max_features); one transaction at the end."""
+    """Explain up to max_features features chosen for interest: enough firings to score, not dense (those fire on
+    most tokens), most frequent first; one transaction at the end."""
     return write_explanations(
         db_path,
         lambda evidence: explain_and_score(explainer, evidence),
         "llm",
         most_frequent_first=True,
+        interesting_only=True,
         limit=max_features,
         progress=progress,
         explainer=f"{type(explainer).__name__}:{getattr(explainer, 'url', '')}:{getattr(explainer, 'model', '')}",

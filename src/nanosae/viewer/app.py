@@ -111,6 +111,7 @@ class ViewerData:
             "note": _get(r, "note"),
             "method": r["method"],
             **{key: _get(r, key) for key in ("score_low", "score_high", "n_active", "n_silent", "n_hard", "f1")},
+            "explanations": [dict(e) for e in self.db.explanations_of(latent)],  # every method's, side by side
             "examples": examples,
         }
 

@@ -272,6 +272,11 @@
         el("span", { id: "explanation", text: f.explanation || f.note || "none yet (nanosae explain RUN)" }),
         el("span", { class: "muted", id: "score", text: scoreText(f) })),
       f.explanation && f.note ? el("p", { class: "muted", id: "score-note", text: f.note }) : "",
+      (f.explanations || []).length > 1 ? el("table", { id: "explanations" },
+        el("tr", {}, ...["method", "explanation", "score"].map((t) => el("th", { text: t }))),
+        ...f.explanations.map((e) => el("tr", { class: "method-row", "data-method": e.method },
+          el("td", { text: e.method }), el("td", { text: e.explanation || e.note || "" }),
+          el("td", { class: "muted", text: scoreText(Object.assign({}, e, { method: "" })) })))) : "",
       el("p", { class: "muted", text: "density " + fmt(f.density, 3) + " · fires " + f.fires + " · mean " + fmt(f.mean_act, 3) + " · max " + fmt(f.max_act, 3) }));
     if (!f.fires) {
       app.append(el("p", { id: "never-fired", class: "notice", text: "This latent never fired in the text the feature " +
