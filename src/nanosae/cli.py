@@ -785,7 +785,14 @@ def demo(circuits: bool = False, **given: Any) -> None:
         title="five interesting features (N2G explanations; detection score on held-out natural text, its 95% "
         "interval, and the active + silent windows it rests on)"
     )
-    for col in ("feature", "fires", "density", "explanation", "score", "top output tokens"):
+    for col in (
+        "feature",
+        "fires",
+        "density",
+        "explanation",
+        "score",
+        "output effect, measured (logit lens agreement)",
+    ):
         feats.add_column(col)
     for f in result["features"]:
         feats.add_row(
@@ -794,7 +801,12 @@ def demo(circuits: bool = False, **given: Any) -> None:
             f"{f['density']:.2%}",
             f["explanation"],
             f"{f['score']:.2f} [{f['interval'][0]:.2f}, {f['interval'][1]:.2f}] n={f['windows'][0]}+{f['windows'][1]}",
-            " ".join(map(repr, f["top_logits"])),
+            " ".join(repr(t) for t, _ in f["effect"].get("promoted", [])[:5])
+            + (
+                f" ({f['effect']['lens_top_overlap']}/10, r {f['effect']['lens_correlation']:.2f})"
+                if "lens_top_overlap" in f["effect"]
+                else f["effect"].get("note", "")
+            ),
         )
     console.print(feats)
     st = result["steering"]

@@ -147,6 +147,11 @@ def _run_demo(cfg: DemoConfig, progress: StageProgress | None) -> dict[str, Any]
             explain_n2g(run.features, progress=lambda d, t: say("explain", d, t, 0.0))
     db = FeatureDB(out)
     features = interesting_features(db, 5)
+    with stage("effects"):  # what each feature does to the output, measured (not its logit lens)
+        from nanosae.interp.effects import effect_summary
+
+        for f in features:
+            f["effect"] = effect_summary(model, sae, db, f["id"])
     steering = None
     if features:
         with stage("steer"):

@@ -99,6 +99,13 @@ def test_overview_search_and_feature_page(browser, server):
     page.wait_for_function("document.querySelectorAll('#features tr.row').length === 1")
     page.click("#features tr.row")
     check_feature_page(page)
+    # the output section: the measured effect (the model run with the feature ablated), the logit lens labelled
+    page.wait_for_selector("#effect-how", timeout=60_000)
+    assert "positions in" in page.inner_text("#effect-how") and "logit lens below agrees on" in page.inner_text(
+        "#effect-how"
+    )
+    assert page.locator("#measured-effect tr").count() == 20
+    assert "not measured" in page.inner_text("#app")
     page.hover("#top-examples .tok.focus >> nth=0")
     page.goto(server + "/#/feature/5")  # a latent without an explanation says why
     page.wait_for_function("document.querySelector('#feature-title')?.textContent === 'feature 5'")

@@ -32,7 +32,8 @@ CREATE TABLE latents (id INTEGER PRIMARY KEY, density REAL, fires INTEGER, mean_
     histogram TEXT, top_logits TEXT, bottom_logits TEXT, cofiring TEXT, explanation TEXT, score REAL, method TEXT,
     precision REAL, recall REAL, note TEXT, score_low REAL, score_high REAL, n_active INTEGER, n_silent INTEGER,
     n_hard INTEGER, f1 REAL);
-CREATE TABLE examples (latent INTEGER, kind TEXT, rank INTEGER, activation REAL, tokens TEXT, acts TEXT, focus INTEGER);
+CREATE TABLE examples (latent INTEGER, kind TEXT, rank INTEGER, activation REAL, tokens TEXT, acts TEXT, focus INTEGER,
+    ids TEXT);
 CREATE INDEX examples_latent ON examples (latent, kind, rank);
 CREATE TABLE windows (id INTEGER PRIMARY KEY, tokens TEXT, latents TEXT);
 """
@@ -127,7 +128,7 @@ def write_db(
         con.executescript(SCHEMA)
         con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
         con.executemany(f"INSERT INTO latents ({LATENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", latents)
-        con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?)", examples)
+        con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?)", examples)
         con.executemany("INSERT INTO windows VALUES (?,?,?)", windows)
         con.commit()
     finally:

@@ -180,25 +180,33 @@ def _windows(
     return tokens, acts
 
 
-def logit_effects(
-    model: HostModel, sae: SAE, top: int, chunk: int = 256, latents: list[int] | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Top boosted / suppressed output tokens of each decoder direction (or of `latents` only): (values, ids)
-    for each side."""
+def lens_parts(model: HostModel, sae: SAE, latents: list[int] | None = None) -> tuple[Tensor, Tensor] | None:
+    """(decoder rows, W_U with the final norm's weight folded in as TransformerLens's fold_ln does): their
+    product is the logit lens of each latent. None when the SAE does not write at the residual width."""
     norm, W_U = model.unembed()
     W_U = W_U.detach().float()
     weight = getattr(norm, "weight", None)
-    if weight is not None:  # fold the final norm's per-channel weight into W_U (TransformerLens fold_ln)
+    if weight is not None:
         W_U = weight.detach().float()[:, None] * W_U
-    ups, up_ids, downs, down_ids = [], [], [], []
     W_dec = sae.W_dec.detach().float()
     if latents is not None:
         W_dec = W_dec[latents]
     if sae.cfg.kind == "crosscoder":  # what a latent writes into the last layer it reconstructs
         W_dec = W_dec.chunk(sae.cfg.n_blocks, dim=1)[-1]
-    if W_dec.shape[1] != W_U.shape[0]:  # e.g. a transcoder writing into the MLP's hidden layer
-        empty = torch.zeros(len(W_dec), 0)
+    return (W_dec, W_U) if W_dec.shape[1] == W_U.shape[0] else None
+
+
+def logit_effects(
+    model: HostModel, sae: SAE, top: int, chunk: int = 256, latents: list[int] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top boosted / suppressed output tokens of each decoder direction (or of `latents` only): (values, ids)
+    for each side."""
+    parts = lens_parts(model, sae, latents)
+    if parts is None:  # e.g. a transcoder writing into the MLP's hidden layer
+        empty = torch.zeros(len(latents) if latents is not None else sae.cfg.d_sae, 0)
         return empty, empty.long(), empty, empty.long()
+    W_dec, W_U = parts
+    ups, up_ids, downs, down_ids = [], [], [], []
     for i in range(0, len(W_dec), chunk):
         effect = W_dec[i : i + chunk] @ W_U
         v, idx = effect.topk(top, dim=1)
@@ -594,6 +602,7 @@ def _example_rows(cfg: FeaturesConfig, acc: FeatureStats, text: Callable[[list[i
         json.dumps(text(toks)),
         json.dumps([round(v, 4) for v in acts]),
         cfg.window_left,
+        json.dumps(toks),  # the token ids, so the window can be run through the model again (output effects)
     )
     top = (acc.top.act.tolist(), acc.top.tokens.tolist(), acc.top.acts.tolist())
     res = (acc.reservoir.act.tolist(), acc.reservoir.tokens.tolist(), acc.reservoir.acts.tolist())

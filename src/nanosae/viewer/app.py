@@ -207,6 +207,20 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
         return found
 
     dense = data.db.dense()
+    effects: dict[int, dict] = {}  # measured once per latent while the viewer runs
+
+    @app.get("/api/feature/{latent}/effect")
+    def effect(latent: int) -> dict:
+        """The feature's measured output effect (ablated where it fires in its top examples), with the logit
+        lens's agreement (interp.effects)."""
+        from nanosae.interp.effects import effect_summary
+
+        if not 0 <= latent < data.n_latents:
+            raise HTTPException(404, f"no feature {latent} (this SAE has 0..{data.n_latents - 1})")
+        if latent not in effects:
+            host, sae = live.get()
+            effects[latent] = effect_summary(host, sae, data.db, latent)
+        return effects[latent]
 
     @app.post("/api/run_text")
     def run_text(

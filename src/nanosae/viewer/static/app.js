@@ -306,8 +306,23 @@
     app.append(el("div", { class: "grid" },
       el("div", { class: "card" }, el("h4", { text: "activation histogram" }), histogram(f.histogram.counts, f.histogram.edges)),
       el("div", { class: "card" }, cof)),
-      el("div", { class: "grid" }, el("div", { class: "card" }, logits(f.top_logits, "boosted output tokens")),
-        el("div", { class: "card" }, logits(f.bottom_logits, "suppressed output tokens"))));
+      el("div", { class: "card", id: "measured-effect" }, el("h4", { text: "output effect, measured" }),
+        el("p", { class: "muted", text: MODE === "static" ? "measured by `nanosae view` (it runs the model): not in a static site" :
+          "measuring: ablating it where it fires in its top examples…" })),
+      el("div", { class: "grid" }, el("div", { class: "card" }, logits(f.top_logits, "logit lens, boosted (W_dec·W_U: what the direction would do at the output, not measured)")),
+        el("div", { class: "card" }, logits(f.bottom_logits, "logit lens, suppressed"))));
+    if (MODE !== "static") {
+      get("feature/" + id + "/effect").then((e) => {
+        const card = document.getElementById("measured-effect");
+        if (!card) return;
+        if (e.note) { card.replaceChildren(el("h4", { text: "output effect, measured" }), el("p", { class: "muted", text: e.note })); return; }
+        const agree = e.lens_top_overlap !== undefined ? "; the logit lens below agrees on " + e.lens_top_overlap + " of its top 10 (correlation " + fmt(e.lens_correlation, 2) + ")" : "";
+        card.replaceChildren(el("h4", { text: "output effect, measured" }),
+          el("p", { class: "muted", id: "effect-how", text: "mean change of next-token log-probability where it fires, it present minus it ablated, over " +
+            e.positions + " positions in " + e.windows + " of its top examples" + agree }),
+          el("div", { class: "grid" }, logits(e.promoted, "promoted"), logits(e.suppressed, "suppressed")));
+      }).catch(() => {});
+    }
     window.scrollTo(0, 0);
   }
 
