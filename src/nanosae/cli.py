@@ -820,6 +820,11 @@ def demo(circuits: bool = False, **given: Any) -> None:
         steer_table.add_column("steered")
         steer_table.add_row(st["baseline"], st["steered"])
         console.print(steer_table)
+        if not st.get("fluent", True):
+            console.print(
+                "[yellow]no feature moved the prompt toward its tokens and still read fluently; this is the "
+                "strongest effect found[/yellow]"
+            )
         console.print(
             f"next-token probability of the tokens it fires on ({' '.join(map(repr, st['tokens']))}): "
             f"{st['probability_before']:.2e} -> {st['probability_after']:.2e}",

@@ -196,32 +196,56 @@ def interesting_features(db: Any, n: int) -> list[dict[str, Any]]:
     return out
 
 
+FLUENCY_MARGIN = 2.0  # nats per token a steered continuation may lose, under the unsteered model, and still read
+
+
+def fluency(model: Any, prompt: str, tokens: list[int]) -> float:
+    """How natural a continuation is to the unsteered model: its mean log-probability per token, and half of it
+    again for every repeated token (a steered model that says "self.self.self" is not fluent)."""
+    import torch
+
+    if not tokens:
+        return 0.0
+    ids = model.prompt_ids(prompt)
+    logits = model.forward(torch.tensor([ids + tokens]))[0, len(ids) - 1 : -1].float()
+    mean = float(logits.log_softmax(-1)[torch.arange(len(tokens)), torch.tensor(tokens)].mean())
+    return mean - 0.5 * abs(mean) * (1 - len(set(tokens)) / len(tokens))
+
+
 def steering_example(
     model: Any, sae: Any, db: Any, features: list[dict[str, Any]], prompt: str
 ) -> dict[str, Any] | None:
-    """Steer with the feature whose effect is clearest, measured: adding its direction (in units of its largest
-    activation, 1-8×) should raise the next-token probability of the tokens it fires on. The smallest strength
-    that raises it tenfold is used (or the best one tried); both continuations and probabilities are reported."""
+    """Steer with a feature whose effect is clear and whose steered text still reads: adding its direction (in
+    units of its largest activation, ½-8×) should raise the next-token probability of the tokens it fires on
+    tenfold, while the steered continuation stays within FLUENCY_MARGIN nats per token of the baseline's
+    fluency under the unsteered model. The first feature and smallest strength that do both are used (or the
+    strongest effect tried, said to be disfluent); both continuations and probabilities are reported."""
     from nanosae.interp.live import Edit, next_token_probability, steer
 
-    best = None
+    best, fluent = None, None
+    baseline = None
     for feature in features:
         tokens = db.focus_tokens(feature["id"])
         ids = sorted({encoded[0] for encoded in map(model.tokenizer.encode, tokens) if encoded})
         before = next_token_probability(model, sae, [], prompt, ids)
-        for multiple in (1, 2, 4, 8):
+        for multiple in (0.5, 1, 2, 4, 8):
             edit = Edit(feature["id"], multiple * max(1.0, feature["max_act"]), "add")
             after = next_token_probability(model, sae, [edit], prompt, ids)
             gain = after / max(before, 1e-12)
             if best is None or gain > best[0]:
                 best = (gain, feature, edit, tokens, before, after)
             if gain >= 10 and after >= 0.01:
+                base, steered = steer(model, sae, [edit], prompt, max_new_tokens=24)
+                baseline = baseline if baseline is not None else fluency(model, prompt, base.tokens)
+                if fluency(model, prompt, steered.tokens) >= baseline - FLUENCY_MARGIN:
+                    fluent = (gain, feature, edit, tokens, before, after)
                 break
-        if best is not None and best[0] >= 10 and best[5] >= 0.01:
+        if fluent is not None:
             break
-    if best is None:
+    chosen = fluent or best
+    if chosen is None:
         return None
-    _, feature, edit, tokens, before, after = best
+    _, feature, edit, tokens, before, after = chosen
     base, steered = steer(model, sae, [edit], prompt, max_new_tokens=24)
     return {
         "feature": feature["id"],
@@ -230,6 +254,7 @@ def steering_example(
         "strength": edit.value,
         "baseline": base.text,
         "steered": steered.text,
+        "fluent": fluent is not None,
         "tokens": tokens,
         "probability_before": before,
         "probability_after": after,

@@ -104,3 +104,20 @@ def test_clamp_changes_only_that_latent(tiny_model_on, sae, device):
     with pytest.raises(ConfigError, match="out of range"):
         with steering(tiny_model, sae, [Edit(99, 1.0, "clamp")]):
             pass
+
+
+def test_fluency_is_the_mean_log_probability_less_a_share_for_repeats(tiny_model):
+    """The demo's steering check, by hand: a continuation's mean log-probability under the model, and for
+    repeated tokens half of it again times the share of repeats ("self.self.self" does not read)."""
+    from nanosae.demo import fluency
+
+    ids = tiny_model.prompt_ids("w5 w6")
+
+    def mean_logprob(tokens):
+        logits = tiny_model.forward(torch.tensor([ids + tokens]))[0, len(ids) - 1 : -1].log_softmax(-1)
+        return float(logits[torch.arange(len(tokens)), torch.tensor(tokens)].mean())
+
+    distinct, repeated = [7, 9, 11, 13, 15, 17], [7, 7, 7, 7, 9, 9]
+    assert fluency(tiny_model, "w5 w6", distinct) == pytest.approx(mean_logprob(distinct))
+    m = mean_logprob(repeated)
+    assert fluency(tiny_model, "w5 w6", repeated) == pytest.approx(m - 0.5 * abs(m) * (1 - 2 / 6))
