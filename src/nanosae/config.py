@@ -520,7 +520,8 @@ class ExplainConfig:
     """Which explanations `explain` writes into a features.db, and with what."""
 
     method: str = "n2g"
-    """n2g (token patterns) or llm (a language model writes, then simulates)."""
+    """n2g (token patterns), llm (a language model writes, then simulates) or user (your own lines, from
+    --explanations, scored as an LLM's are)."""
     explainer_url: str | None = field(default=None, metadata={"envvar": "NANOSAE_EXPLAINER_URL"})
     """OpenAI-compatible endpoint for --method llm (default: the local host model)."""
     explainer_model: str = "gpt-4o-mini"
@@ -529,11 +530,15 @@ class ExplainConfig:
     """--method llm: explain this many of the most frequent features (0 = all)."""
     model: str | None = None
     """Local explainer model (default: the SAE's model_name)."""
+    explanations: str | None = None
+    """--method user: a JSON file of {"LATENT": "explanation", ...}, each scored on held-out text by the explainer."""
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.method not in ("n2g", "llm"):
-            raise ConfigError(f"unknown explanation method {self.method!r}; expected n2g or llm")
+        if self.method not in ("n2g", "llm", "user"):
+            raise ConfigError(f"unknown explanation method {self.method!r}; expected n2g, llm or user")
+        if (self.method == "user") != bool(self.explanations):
+            raise ConfigError("--method user and --explanations FILE go together")
         check_range("max_features", self.max_features, 0)
 
 

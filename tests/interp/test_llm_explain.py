@@ -244,3 +244,54 @@ def test_the_explainer_sees_strong_and_quantile_examples_and_its_line_is_cleaned
     assert shown[:3] == top[:3] and {e.tokens[1] for e in shown[3:]} == {"q3", "q2", "q1"}  # weakest q0 below 25%
     assert clean_line('"The word fib after def."<|im_end|>\nmore') == "The word fib after def"
     assert clean_line("<|im_start|>assistant\n</s>") == "assistant"
+
+
+def test_your_own_explanations_are_scored_and_kept_as_user(tmp_path):
+    """--method user: lines from a JSON file, scored on held-out text by the explainer, stored as method "user"
+    beside N2G's; a malformed file is a one-line error naming it."""
+    from typer.testing import CliRunner
+
+    from nanosae.cli import app
+    from nanosae.interp.explain import explain_n2g
+
+    make_db(tmp_path / "features.db")
+    explain_n2g(tmp_path)
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"0": "the token fib after def", "1": "random words"}))
+    server = fake_server("unused: nothing is generated")
+    try:
+        r = CliRunner().invoke(
+            app,
+            [
+                "explain",
+                str(tmp_path),
+                "--method",
+                "user",
+                "--explanations",
+                str(mine),
+                "--explainer-url",
+                f"http://127.0.0.1:{server.server_port}",
+            ],
+        )
+    finally:
+        server.shutdown()
+    assert r.exit_code == 0, r.output
+    con = sqlite3.connect(tmp_path / "features.db")
+    rows = dict(con.execute("SELECT latent, score FROM explanations WHERE method = 'user'").fetchall())
+    assert rows[0] > 0.9 and (rows[1] is None or rows[1] < 0.75)
+    assert con.execute("SELECT COUNT(*) FROM explanations WHERE method = 'n2g'").fetchone()[0] == 2
+    mine.write_text(json.dumps({"zero": "x"}))
+    r = CliRunner().invoke(
+        app,
+        [
+            "explain",
+            str(tmp_path),
+            "--method",
+            "user",
+            "--explanations",
+            str(mine),
+            "--explainer-url",
+            "http://127.0.0.1:9",
+        ],
+    )
+    assert r.exit_code != 0 and "mine.json" in str(r.exception) and "LATENT" in str(r.exception)

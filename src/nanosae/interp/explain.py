@@ -73,6 +73,8 @@ class Evidence(NamedTuple):
     """Random windows of the text, with this latent's activation on each token."""
     max_act: float
     fires: int
+    latent: int = -1
+    """Which latent (for explainers that look it up, such as your own lines)."""
 
     @property
     def threshold(self) -> float:
@@ -360,6 +362,7 @@ def write_explanations(
     progress: Callable[[int, int], None] | None = None,
     explainer: str = "",
     interesting_only: bool = False,
+    only: set[int] | None = None,
 ) -> int:
     """Explain every latent that fired (or the `limit` most frequent) and write all rows in one transaction;
     latents with too little evidence get a note instead. Returns how many got an explanation.
@@ -379,6 +382,7 @@ def write_explanations(
                 "limit": limit,
                 "most_frequent_first": most_frequent_first,
                 "interesting_only": interesting_only,
+                "only": sorted(only) if only is not None else None,
             }
             latents = db.to_explain(
                 most_frequent_first,
@@ -386,6 +390,8 @@ def write_explanations(
                 MIN_FIRES if interesting_only else 1,
                 DENSE_THRESHOLD if interesting_only else 1.0,
             )
+            if only is not None:
+                latents = [r for r in latents if r["id"] in only]
             windows = RandomText(db.random_windows())
             updates = _resumed(partial, fingerprint)
             for n, row in enumerate(latents):
@@ -477,7 +483,7 @@ def _explain_row(
         Example(db.cell(r["tokens"], "example tokens"), db.cell(r["acts"], "example acts"))
         for r in db.examples(row["id"])
     ]
-    text, found = explain_one(Evidence(examples, windows.of(row["id"]), row["max_act"], row["fires"]))
+    text, found = explain_one(Evidence(examples, windows.of(row["id"]), row["max_act"], row["fires"], row["id"]))
     if text is None:
         return None, None, "no pattern predicts where it fires"
     if found is None:

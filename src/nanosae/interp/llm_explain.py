@@ -37,7 +37,7 @@ from nanosae.interp.explain import (
     is_hard,
     write_explanations,
 )
-from nanosae.io import parse_json
+from nanosae.io import parse_json, read_json
 from nanosae.rundir import load_sae_and_model
 
 
@@ -188,13 +188,20 @@ def explain_and_score(explainer: Explainer, evidence: Evidence) -> tuple[str | N
     explanation = clean_line(answer)
     if not explanation:
         return None, None
+    return explanation, score_line(explainer, explanation, evidence)
+
+
+def score_line(explainer: Explainer, explanation: str, evidence: Evidence) -> Detection | None:
+    """An explanation in words, scored on held-out natural windows: the explainer says for each whether the
+    feature fires there; up to SCORED_WINDOWS active windows and as many silent, half of those hard negatives."""
+    _, held_out = evidence.split()
     active, silent = by_activity(held_out, evidence.threshold)
     hard = evidence.hard_tokens()
     hard_silent = [w for w in silent if is_hard(w.tokens, hard)][: SCORED_WINDOWS // 2]
     random_silent = [w for w in silent if not is_hard(w.tokens, hard)][: SCORED_WINDOWS - len(hard_silent)]
     asked = active[:SCORED_WINDOWS] + hard_silent + random_silent
     said = dict(zip((id(w.tokens) for w in asked), answers(explainer, explanation, [w.tokens for w in asked])))
-    return explanation, detection(lambda tokens: said[id(tokens)], asked, evidence.threshold, hard)
+    return detection(lambda tokens: said[id(tokens)], asked, evidence.threshold, hard)
 
 
 def shown_examples(evidence: Evidence, n: int = 6) -> list[Example]:
@@ -245,4 +252,37 @@ def explain(run: str | Path, cfg: ExplainConfig, progress: Callable[[int, int], 
         explainer: Explainer = HTTPExplainer(cfg.explainer_url, model=cfg.explainer_model)
     else:
         explainer = LocalExplainer(load_sae_and_model(run, cfg.model, "cpu", None)[2])
+    if cfg.method == "user":
+        return explain_user(run, explainer, read_user_explanations(Path(str(cfg.explanations))), progress)
     return explain_llm(run, explainer, max_features=cfg.max_features or None, progress=progress)
+
+
+def read_user_explanations(path: Path) -> dict[int, str]:
+    """{"LATENT": "explanation"} from a JSON file, checked (a one-line error naming the file otherwise)."""
+    raw = read_json(path)
+    out = {}
+    for key, text in raw.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(text, str) and text.strip()):
+            raise FormatError(f'{path}: expected {{"LATENT": "explanation", ...}}, got {key!r:.30}: {text!r:.40}')
+        out[int(key)] = text.strip()
+    if not out:
+        raise FormatError(f"{path}: no explanations in it")
+    return out
+
+
+def explain_user(
+    db_path: str | Path,
+    explainer: Explainer,
+    lines: dict[int, str],
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Your own explanations, stored as method "user" beside the others, each scored on held-out windows by the
+    explainer as an LLM's are."""
+    return write_explanations(
+        db_path,
+        lambda evidence: (lines[evidence.latent], score_line(explainer, lines[evidence.latent], evidence)),
+        "user",
+        only=set(lines),
+        progress=progress,
+        explainer=f"{type(explainer).__name__}:{getattr(explainer, 'url', '')}:{getattr(explainer, 'model', '')}",
+    )
