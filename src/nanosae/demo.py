@@ -154,8 +154,8 @@ def _run_demo(cfg: DemoConfig, progress: StageProgress | None) -> dict[str, Any]
             f["effect"] = effect_summary(model, sae, db, f["id"])
     steering = None
     if features:
-        with stage("steer"):
-            steering = steering_example(model, sae, db, features, cfg.steer_prompt)
+        with stage("steer"):  # from more candidates than the five shown: the first that steers and still reads
+            steering = steering_example(model, sae, db, interesting_features(db, 20), cfg.steer_prompt)
     return {"metrics": metrics, "features": features, "steering": steering, "out": str(out), "seconds": seconds}
 
 
@@ -197,6 +197,7 @@ def interesting_features(db: Any, n: int) -> list[dict[str, Any]]:
 
 
 FLUENCY_MARGIN = 2.0  # nats per token a steered continuation may lose, under the unsteered model, and still read
+DISTINCT = 0.5  # and at least this share of its tokens distinct: a model copies its own loops with confidence
 
 
 def fluency(model: Any, prompt: str, tokens: list[int]) -> float:
@@ -237,7 +238,8 @@ def steering_example(
             if gain >= 10 and after >= 0.01:
                 base, steered = steer(model, sae, [edit], prompt, max_new_tokens=24)
                 baseline = baseline if baseline is not None else fluency(model, prompt, base.tokens)
-                if fluency(model, prompt, steered.tokens) >= baseline - FLUENCY_MARGIN:
+                varied = len(set(steered.tokens)) >= DISTINCT * max(1, len(steered.tokens))
+                if varied and fluency(model, prompt, steered.tokens) >= baseline - FLUENCY_MARGIN:
                     fluent = (gain, feature, edit, tokens, before, after)
                 break
         if fluent is not None:
