@@ -1,0 +1,228 @@
+"""Ground truth: activations built from known features, and how many of them an SAE finds.
+
+A synthetic "model" (after SAELens's SynthSAEBench): N true features, unit directions in d dimensions (N ≫ d:
+superposition), each firing independently with a Zipfian probability scaled so that a sample holds mean_l0 of
+them on average, with a magnitude drawn around magnitude_mean; optionally features firing together in
+correlated pairs, parent/child hierarchies (a child fires only when its parent does, with probability
+child_prob then) and Gaussian noise. x = Σ magnitude_i · feature_i + noise. The same seed gives the same
+features and the same samples, so every trainer can be handed exactly the same activations.
+
+Scores of an SAE against the truth (eval.json's "synthetic" section):
+  mcc            mean cosine of the best one-to-one matching between decoder rows and true features
+                 (Hungarian), over the true features
+  f1             mean F1 of each matched latent's firing against its true feature's firing, on fresh samples
+  uniqueness     share of the true features that are the best match of at most one latent
+  variance_explained, l0, dead_fraction   on fresh samples
+  absorption     for hierarchies: of the samples where a parent and one of its children fire, the share where
+                 the parent's matched latent is silent (the child's latent took the parent's direction)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from nanosae.config import SAEConfig, check_fields, check_range
+from nanosae.errors import ConfigError
+from nanosae.sae import SAE
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic model's features and how they fire."""
+
+    n_features: int = 4096
+    """True features."""
+    d: int = 256
+    """Width of the activations."""
+    mean_l0: float = 25.0
+    """True features active per sample, on average."""
+    zipf: float = 1.0
+    """Firing probabilities fall as rank^-zipf."""
+    magnitude_mean: float = 1.0
+    """Mean magnitude of a firing feature."""
+    magnitude_std: float = 0.25
+    """Spread of the magnitudes (kept at least 1% of the mean)."""
+    correlated_pairs: int = 0
+    """Pairs of features (the most frequent after the hierarchies) that fire together."""
+    correlation: float = 0.5
+    """The probability that a correlated pair's second feature fires because its first does."""
+    parents: int = 0
+    """Parent features, each with `children` children that fire only when it does."""
+    children: int = 4
+    """Children per parent."""
+    child_prob: float = 0.3
+    """The probability that a child fires when its parent does."""
+    noise: float = 0.0
+    """Standard deviation of Gaussian noise added to every coordinate."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("n_features", "d"):
+            check_range(name, getattr(self, name), 1)
+        check_range("mean_l0", self.mean_l0, 0, self.n_features, open_low=True)
+        for name in ("correlation", "child_prob"):
+            check_range(name, getattr(self, name), 0, 1)
+        for name in ("zipf", "magnitude_std", "noise", "correlated_pairs", "parents"):
+            check_range(name, getattr(self, name), 0)
+        check_range("magnitude_mean", self.magnitude_mean, 0, open_low=True)
+        if self.parents * (1 + self.children) + 2 * self.correlated_pairs > self.n_features:
+            raise ConfigError(
+                f"{self.parents} parents with {self.children} children and {self.correlated_pairs} correlated pairs "
+                f"need more than n_features={self.n_features} features"
+            )
+
+
+FEATURE_SEED = 0x5EED_F00D
+PRESETS = {
+    "tiny": SyntheticConfig(n_features=256, d=64, mean_l0=8.0, parents=8, correlated_pairs=8),
+    "cpu": SyntheticConfig(n_features=4096, d=256, mean_l0=25.0, parents=64, correlated_pairs=64),
+    "synthsaebench": SyntheticConfig(n_features=16384, d=768, mean_l0=25.0, parents=128, correlated_pairs=256),
+}
+
+
+class SyntheticModel:
+    """Known features and a sampler of activations made of them."""
+
+    def __init__(self, cfg: SyntheticConfig):
+        self.cfg = cfg
+        # a stream of its own: the global seed an SAE is initialised from must not draw the same directions
+        gen = torch.Generator().manual_seed(FEATURE_SEED + cfg.seed)
+        f = torch.randn(cfg.n_features, cfg.d, generator=gen)
+        if cfg.n_features <= cfg.d:  # room for them all: orthogonal, no superposition
+            f = torch.linalg.qr(f.T).Q.T
+        self.features = f / f.norm(dim=1, keepdim=True)
+        ranks = torch.randperm(cfg.n_features, generator=gen).double() + 1  # which feature gets which frequency
+        p = ranks.pow(-cfg.zipf)
+        # parents and pairs are the first features in id order; children only fire through their parents, so
+        # the independent probabilities are scaled for the rest to give mean_l0 in all
+        self.parent_of = torch.full((cfg.n_features,), -1, dtype=torch.long)
+        n_tree = cfg.parents * (1 + cfg.children)
+        for parent in range(cfg.parents):
+            first = cfg.parents + parent * cfg.children
+            self.parent_of[first : first + cfg.children] = parent
+        self.pair_of = torch.full((cfg.n_features,), -1, dtype=torch.long)
+        for pair in range(cfg.correlated_pairs):
+            a = n_tree + 2 * pair
+            self.pair_of[a + 1] = a
+        independent = self.parent_of < 0
+        self.probs = p.clone()
+        second = self.pair_of >= 0
+
+        def expected(scale: float) -> float:
+            """Mean L0 at this scale: the independent features, the children through their parents, and what
+            the correlated pairs' first features add to their seconds."""
+            q = (p * scale).clamp(max=1)
+            pulled = (1 - q[second]) * cfg.correlation * q[self.pair_of[second]]
+            return float(q[independent].sum() + q[self.parent_of[~independent]].sum() * cfg.child_prob + pulled.sum())
+
+        lo, hi = 0.0, 1.0
+        while expected(hi) < cfg.mean_l0 and hi < 1e12:
+            hi *= 2
+        for _ in range(60):  # bisection on the scale that gives mean_l0
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if expected(mid) < cfg.mean_l0 else (lo, mid)
+        self.probs = (p * hi).clamp(max=1).float()
+        self._gen = gen
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(x (n, d), magnitudes (n, N), zero where a feature does not fire)."""
+        cfg = self.cfg
+        u = torch.rand(n, cfg.n_features, generator=gen)
+        fired = u < self.probs
+        child = self.parent_of >= 0
+        if child.any():  # a child fires only with its parent, then with child_prob
+            parent_fired = fired[:, self.parent_of[child]]
+            fired[:, child] = parent_fired & (torch.rand(n, int(child.sum()), generator=gen) < cfg.child_prob)
+        second = self.pair_of >= 0
+        if second.any():  # a correlated pair's second fires with its first, with `correlation`
+            pulled = fired[:, self.pair_of[second]] & (
+                torch.rand(n, int(second.sum()), generator=gen) < cfg.correlation
+            )
+            fired[:, second] |= pulled
+        # kept above zero, so a feature fires exactly where its magnitude is positive
+        spread = cfg.magnitude_std * torch.randn(n, cfg.n_features, generator=gen)
+        mags = (cfg.magnitude_mean + spread).clamp(min=0.01 * cfg.magnitude_mean)
+        mags = mags * fired
+        x = mags @ self.features
+        if cfg.noise:
+            x = x + cfg.noise * torch.randn(n, cfg.d, generator=gen)
+        return x, mags
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d
+
+    def activations(self, batch_size: int = 4096):
+        """Endless samples (what the trainer reads its initialisation sample from)."""
+        yield from self.batches(batch_size, seed=-1)
+
+    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, **_: Any):
+        """Endless batches of x, the same for the same seed (an ActivationStream's interface for the trainer)."""
+        gen = torch.Generator().manual_seed(FEATURE_SEED + self.cfg.seed * 1_000_003 + seed + 1)
+        while True:
+            yield self.sample(batch_size, gen)[0]
+
+
+def match(decoder: Tensor, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(true feature ids, latent ids, cosines) of the best one-to-one matching of decoder rows to true features
+    (Hungarian, maximising the summed cosine)."""
+    d = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = features @ d.T  # (N, F)
+    rows, cols = linear_sum_assignment(cos.double().numpy(), maximize=True)
+    rows_t, cols_t = torch.as_tensor(rows), torch.as_tensor(cols)
+    return rows_t, cols_t, cos[rows_t, cols_t]
+
+
+@torch.no_grad()
+def synthetic_scores(sae: Any, model: SyntheticModel, samples: int = 20_000, seed: int = 12345) -> dict[str, Any]:
+    """The SAE against the truth (see the module docstring), on `samples` fresh samples."""
+    features = model.features
+    decoder = sae.W_dec.detach().float().cpu()
+    true_ids, latents, cos = match(decoder, features)
+    gen = torch.Generator().manual_seed(seed)
+    x, mags = model.sample(samples, gen)
+    x_hat, z = sae(x.to(sae.device, sae.dtype))
+    x_hat, z = x_hat.float().cpu(), z.float().cpu()
+    fired, active = mags > 0, z > 0
+    tp = (fired[:, true_ids] & active[:, latents]).sum(0).double()
+    f1 = 2 * tp / (fired[:, true_ids].sum(0) + active[:, latents].sum(0)).clamp(min=1)
+    best = (features @ (decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)).T).argmax(0)  # each latent's
+    claims = torch.bincount(best, minlength=len(features))
+    out: dict[str, Any] = {
+        "mcc": round(float(cos.mean()), 4) if len(cos) == len(features) else round(float(cos.sum()) / len(features), 4),
+        "f1": round(float(f1.sum()) / len(features), 4),
+        "uniqueness": round(float((claims <= 1).float().mean()), 4),
+        "variance_explained": round(1 - float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()), 4),
+        "l0": round(float(active.sum(1).float().mean()), 3),
+        "dead_fraction": round(float((~active.any(0)).float().mean()), 4),
+        "true_l0": round(float(fired.sum(1).float().mean()), 3),
+        "samples": samples,
+    }
+    child = model.parent_of >= 0
+    if child.any():
+        latent_of = torch.full((len(features),), -1, dtype=torch.long)
+        latent_of[true_ids] = latents
+        parents, kids = model.parent_of[child], child.nonzero().squeeze(1)
+        both = fired[:, parents] & fired[:, kids]  # (n, children): parent and this child fire
+        has = latent_of[parents] >= 0
+        silent = ~active[:, latent_of[parents].clamp(min=0)] & has
+        n = int(both[:, has].sum())
+        out["absorption"] = round(float((both & silent).sum()) / n, 4) if n else None
+    return out
+
+
+def true_dictionary_sae(model: SyntheticModel) -> SAE:
+    """An SAE whose decoder rows are the true features (and encoder their transposes): what MCC 1 looks like."""
+    cfg = model.cfg
+    sae = SAE(SAEConfig(d_in=cfg.d, d_sae=cfg.n_features, architecture="relu", apply_b_dec_to_input=False))
+    with torch.no_grad():
+        sae.W_dec.copy_(model.features)
+        sae.W_enc.copy_(model.features.T)
+        sae.b_enc.fill_(-0.5 * cfg.magnitude_mean)  # interference below half a magnitude does not fire
+    return sae.eval()
