@@ -367,3 +367,25 @@ def test_stored_scores_hold_on_new_text(tiny_model, tmp_path):
         score = (recall + sum(silent) / len(silent)) / 2
         inside += r["score_low"] <= score <= r["score_high"]
     assert inside >= 0.9 * len(stored), f"{inside} of {len(stored)} recomputed scores inside the stored intervals"
+
+
+def test_windows_of_one_document_count_as_one_piece_of_evidence():
+    """Twenty active windows from two documents, all of one saying "fires" and all of the other not: the recall
+    0.5 rests on two documents, not twenty windows, and its variance is the clustered one, by hand."""
+    from nanosae.interp.explain import clustered_variance, variance
+
+    active = [Example([" yes"], [2.0], 0)] * 10 + [Example([" no"], [2.0], 1)] * 10
+    outcomes = [True] * 10 + [False] * 10
+    assert clustered_variance(outcomes, [0] * 10 + [1] * 10) == pytest.approx(2 / 1 * (25 + 25) / 400)
+    assert variance(outcomes, active) == pytest.approx(0.25)  # larger than Agresti-Coull's 0.6·0.4/24 = 0.01
+    assert variance(outcomes, [Example([" yes"], [2.0])] * 20) == pytest.approx(0.5 * 0.5 / 24)  # unknown documents
+    silent = [Example([" no"], [0.0], 2 + i) for i in range(40)]
+    found = detection(lambda toks: " yes" in toks, active + silent, 1.0)
+    # the silent windows are one per document and all right: Agresti-Coull's variance is the larger there
+    assert found.recall == 0.5 and not found.sure
+    assert found.half_width == pytest.approx(1.96 * ((0.25 + proportion(40, 40)) / 4) ** 0.5)
+
+
+def proportion(hits: int, n: int) -> float:
+    p = (hits + 2) / (n + 4)
+    return p * (1 - p) / (n + 4)

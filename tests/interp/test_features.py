@@ -318,3 +318,34 @@ def test_a_passage_repeated_in_the_corpus_is_shown_once_per_latent(tiny_model, t
         from_passage += sum(bool(r & passage_runs) for r in runs)
         assert len(windows) == cfg.top_n  # filled from the other text
     assert 0 < from_passage <= sae.cfg.d_sae  # the passage is shown, at most once per latent
+
+
+def test_each_random_window_knows_its_document(tiny_model, tmp_path):
+    """The feature pass numbers documents as it reads them (packed rows continue a document until a BOS inside
+    them starts the next): every random window's centre token lies in the run of its document's text."""
+    from tests.conftest import word_docs
+
+    docs = word_docs(60, seed=21, min_words=20, max_words=90)
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    torch.manual_seed(7)
+    sae = SAE(SAEConfig(d_in=32, d_sae=16, architecture="topk", k=3, hook_name=HOOK))
+    cfg = FeaturesConfig(
+        data=DataConfig(specs=[str(corpus)], context_size=32, split="all"),
+        tokens=20_000,
+        random_windows=400,
+        window_left=6,
+        window_right=3,
+        batch_size=4,
+    )
+    con = open_db(build_features(sae, tiny_model, cfg, tmp_path / "features.db"))
+    rows = con.execute("SELECT tokens, doc FROM windows").fetchall()
+    assert len(rows) > 100 and len({r["doc"] for r in rows}) > 20
+    for r in rows:
+        tokens = json.loads(r["tokens"])
+        lo = hi = 6  # the centre: a token the pass reads, so a word of its document
+        while lo > 0 and tokens[lo - 1] not in ("", "<bos>"):
+            lo -= 1
+        while hi + 1 < len(tokens) and tokens[hi + 1] not in ("", "<bos>"):
+            hi += 1
+        assert " ".join(tokens[lo : hi + 1]) in docs[r["doc"]], (r["doc"], tokens)

@@ -5,10 +5,12 @@ token) and the random windows of the text stored in features.db: natural text, s
 feature pass, with every latent's activation on every token. A token is "active" when the latent reaches 25%
 of its maximum there; a window is active when some token of it is.
 
-Built on, scored on (never both): an explanation is built from the examples and the even-numbered random
-windows, and scored on the odd-numbered random windows alone, natural text that played no part in choosing
-the examples or the explanation. There the latent is active in as many windows as it happens to be (across
-its whole range of activations, not only its strongest), and silent in the rest.
+Built on, scored on (never both): an explanation is built from the examples and the random windows of
+even-numbered documents, and scored on the random windows of odd-numbered documents alone (by window number
+where documents are unknown), natural text that played no part in choosing the examples or the explanation.
+There the latent is active in as many windows as it happens to be (across its whole range of activations, not
+only its strongest), and silent in the rest. Windows of one document share its subject: each proportion's
+variance is the document-clustered one where that is larger than Agresti-Coull's.
 
 N2G patterns: a token sequence ending at the activating token, with optional wildcards ("*"), each token
 exact or folded (~: any case, with or without a leading space, so " decimal" and "Decimal" are one pattern):
@@ -62,6 +64,8 @@ Pattern = tuple  # tokens from oldest to the activating one; None = any token
 class Example(NamedTuple):
     tokens: list[str]
     acts: list[float]
+    doc: int = -1
+    """The document the window is in (-1: unknown): windows of one document are not independent evidence."""
 
 
 class Evidence(NamedTuple):
@@ -83,15 +87,21 @@ class Evidence(NamedTuple):
     def split(self) -> tuple[list[Example], list[Example]]:
         """(building windows, held-out windows): the examples and even-numbered random windows build (the first
         BUILD_RANDOM of them, and every other one where the latent is active or that is a hard negative); the
-        odd-numbered random windows, natural text alone, score."""
-        even, hard = self.others[0::2], self.hard_tokens()
+        odd-numbered random windows, natural text alone, score. Where the windows' documents are known, a
+        window's document decides its side (even documents build, odd ones score), so no held-out window shares
+        a document with a building one."""
+        known = all(w.doc >= 0 for w in self.others) and bool(self.others)
+        side = (lambda k, w: w.doc % 2) if known else (lambda k, w: k % 2)
+        even = [w for k, w in enumerate(self.others) if side(k, w) == 0]
+        odd = [w for k, w in enumerate(self.others) if side(k, w) == 1]
+        hard = self.hard_tokens()
         useful = [
             w for w in even[BUILD_RANDOM:] if max(w.acts, default=0.0) >= self.threshold or is_hard(w.tokens, hard)
         ]
         build = self.examples + even[:BUILD_RANDOM] + useful
         seen = frozenset().union(*(_runs(tuple(w.tokens)) for w in build))
         # a held-out window showing a passage the explanation was built on (the same text elsewhere) is not held out
-        return build, [w for w in self.others[1::2] if not _runs(tuple(w.tokens)) & seen]
+        return build, [w for w in odd if not _runs(tuple(w.tokens)) & seen]
 
     def hard_tokens(self) -> set[str]:
         """The folded tokens the latent is active on most often in its examples."""
@@ -151,6 +161,33 @@ def proportion_variance(hits: int, n: int) -> float:
     return p * (1 - p) / (n + 4)
 
 
+def variance(outcomes: list[bool], windows: list[Example]) -> float:
+    """A proportion's variance: Agresti-Coull's, or where the windows' documents are known and it is larger,
+    the document-clustered one."""
+    plain = proportion_variance(sum(outcomes), len(outcomes))
+    docs = [w.doc for w in windows]
+    return max(plain, clustered_variance(outcomes, docs)) if any(d >= 0 for d in docs) else plain
+
+
+def clustered_variance(outcomes: list[bool], docs: list[int]) -> float:
+    """The variance of a proportion when its windows come in documents (the cluster-robust, "sandwich" form
+    G/(G-1) · Σ_g (x_g − p n_g)² / n², G documents): windows of one document share its subject, so they count
+    for less than independent ones. Windows of unknown documents (-1) each count as their own."""
+    n = len(outcomes)
+    if not n:
+        return 0.0
+    p = sum(outcomes) / n
+    groups: dict[Any, list[int]] = {}
+    for k, (hit, doc) in enumerate(zip(outcomes, docs)):
+        g = groups.setdefault(doc if doc >= 0 else ("window", k), [0, 0])
+        g[0] += hit
+        g[1] += 1
+    if len(groups) < 2:
+        return p * (1 - p)  # one document: as uncertain as a single window
+    spread = sum((x - p * m) ** 2 for x, m in groups.values())
+    return len(groups) / (len(groups) - 1) * spread / n**2
+
+
 def by_activity(windows: list[Example], threshold: float) -> tuple[list[Example], list[Example]]:
     """(windows where the latent is active somewhere, windows where it is not), in their order."""
     active = [w for w in windows if max(w.acts, default=0.0) >= threshold]
@@ -180,17 +217,17 @@ def detection(
         return None
     hard_silent = [w for w in silent if is_hard(w.tokens, hard)]
     random_silent = [w for w in silent if not is_hard(w.tokens, hard)]
-    tp = sum(bool(says_active(w.tokens)) for w in active)
-    fp_hard = sum(bool(says_active(w.tokens)) for w in hard_silent)
-    fp_random = sum(bool(says_active(w.tokens)) for w in random_silent)
+    said = lambda ws: [bool(says_active(w.tokens)) for w in ws]
+    on_active, on_hard, on_random = said(active), said(hard_silent), said(random_silent)
+    tp, fp = sum(on_active), sum(on_hard) + sum(on_random)
     recall = tp / len(active)
-    # the silent half: random and hard negatives weighed equally (all of one kind when the other is missing)
-    kinds = [(len(k) - fp, len(k)) for k, fp in ((random_silent, fp_random), (hard_silent, fp_hard)) if k]
-    specificity = sum(tn / n for tn, n in kinds) / len(kinds)
-    var_specificity = sum(proportion_variance(tn, n) for tn, n in kinds) / len(kinds) ** 2
+    # the silent half: random and hard negatives weighed equally (all of one kind when the other is missing);
+    # each proportion's variance is Agresti-Coull's, or the document-clustered one where that is larger
+    right = [([not s for s in on], ws) for on, ws in ((on_random, random_silent), (on_hard, hard_silent)) if ws]
+    specificity = sum(sum(r) / len(r) for r, _ in right) / len(right)
+    var_specificity = sum(variance(r, ws) for r, ws in right) / len(right) ** 2
     score = (recall + specificity) / 2
-    half = Z95 * math.sqrt((proportion_variance(tp, len(active)) + var_specificity) / 4)
-    fp = fp_hard + fp_random
+    half = Z95 * math.sqrt((variance(on_active, active) + var_specificity) / 4)
     return Detection(
         tp / (tp + fp) if tp + fp else 0.0,
         recall,
@@ -453,10 +490,11 @@ def _resumed(partial: Path, fingerprint: dict) -> list[list]:
 class RandomText:
     """The random windows of features.db, indexed by latent once (not searched again for every latent)."""
 
-    def __init__(self, windows: list[tuple[list[str], list[dict[str, float]]]]):
-        self.tokens = [tokens for tokens, _ in windows]
+    def __init__(self, windows: list[tuple[list[str], list[dict[str, float]], int]]):
+        self.tokens = [tokens for tokens, _, _ in windows]
+        self.docs = [doc for _, _, doc in windows]
         self.firing: dict[int, list[tuple[int, int, float]]] = {}
-        for w, (_, latents) in enumerate(windows):
+        for w, (_, latents, _) in enumerate(windows):
             for pos, per_token in enumerate(latents):
                 for latent, act in per_token.items():
                     self.firing.setdefault(int(latent), []).append((w, pos, act))
@@ -471,7 +509,7 @@ class RandomText:
             if acts[w] is self.silent[w]:
                 acts[w] = list(self.silent[w])
             acts[w][pos] = act
-        return [Example(tokens, a) for tokens, a in zip(self.tokens, acts)]
+        return [Example(tokens, a, doc) for tokens, a, doc in zip(self.tokens, acts, self.docs)]
 
 
 def _explain_row(

@@ -35,7 +35,7 @@ CREATE TABLE latents (id INTEGER PRIMARY KEY, density REAL, fires INTEGER, mean_
 CREATE TABLE examples (latent INTEGER, kind TEXT, rank INTEGER, activation REAL, tokens TEXT, acts TEXT, focus INTEGER,
     ids TEXT);
 CREATE INDEX examples_latent ON examples (latent, kind, rank);
-CREATE TABLE windows (id INTEGER PRIMARY KEY, tokens TEXT, latents TEXT);
+CREATE TABLE windows (id INTEGER PRIMARY KEY, tokens TEXT, latents TEXT, doc INTEGER);
 """
 # added after the first release: a database from before them gets them when it is next explained
 SCORE_COLUMNS = {
@@ -129,7 +129,7 @@ def write_db(
         con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
         con.executemany(f"INSERT INTO latents ({LATENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", latents)
         con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?)", examples)
-        con.executemany("INSERT INTO windows VALUES (?,?,?)", windows)
+        con.executemany("INSERT INTO windows VALUES (?,?,?,?)", windows)
         con.commit()
     finally:
         con.close()
@@ -298,13 +298,18 @@ class FeatureDB:
             "SELECT * FROM explanations WHERE latent = ? ORDER BY score IS NULL, score DESC, method", (latent,)
         )
 
-    def random_windows(self) -> list[tuple[list[str], list[dict[str, float]]]]:
-        """(tokens, {latent: activation} per token) of the random windows ([] for databases without them)."""
+    def random_windows(self) -> list[tuple[list[str], list[dict[str, float]], int]]:
+        """(tokens, {latent: activation} per token, document or -1) of the random windows ([] for databases
+        without them)."""
         tables = {r[0] for r in self.rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "windows" not in tables:
             return []
         return [
-            (self.cell(r["tokens"], "window tokens"), self.cell(r["latents"], "window latents"))
+            (
+                self.cell(r["tokens"], "window tokens"),
+                self.cell(r["latents"], "window latents"),
+                int(r["doc"]) if "doc" in r.keys() and isinstance(r["doc"], int) else -1,
+            )
             for r in self.rows("SELECT * FROM windows ORDER BY id")
         ]
 

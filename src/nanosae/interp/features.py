@@ -130,8 +130,11 @@ class _RandomWindows:
         self.tokens = torch.full((m, width), -1, dtype=torch.int32)
         self.idx = torch.zeros(m, width, c, dtype=torch.int32)
         self.val = torch.zeros(m, width, c)
+        self.doc = torch.full((m,), -1, dtype=torch.long)  # the document each window is in
 
-    def add(self, toks: Tensor, valid: Tensor, z: Tensor, gen: torch.Generator, left: int, right: int) -> None:
+    def add(
+        self, toks: Tensor, valid: Tensor, z: Tensor, gen: torch.Generator, left: int, right: int, docs: Tensor
+    ) -> None:
         """The batch's rows cut into windows that do not overlap (tiles from a random offset), each kept when its
         centre token is one the pass reads; the sample keeps the windows with the largest random keys."""
         B, T = toks.shape
@@ -154,12 +157,14 @@ class _RandomWindows:
         self.tokens = torch.cat([self.tokens, tokens])[best]
         self.idx = torch.cat([self.idx, idx.int()])[best]
         self.val = torch.cat([self.val, val])[best]
+        self.doc = torch.cat([self.doc, docs[rows, t]])[best]
 
     def state(self) -> dict[str, Tensor]:
-        return {"key": self.key, "tokens": self.tokens, "idx": self.idx, "val": self.val}
+        return {"key": self.key, "tokens": self.tokens, "idx": self.idx, "val": self.val, "doc": self.doc}
 
     def load(self, state: dict[str, Tensor]) -> None:
         self.key, self.tokens, self.idx, self.val = state["key"], state["tokens"], state["idx"], state["val"]
+        self.doc = state.get("doc", torch.full_like(self.key, -1, dtype=torch.long))
 
 
 def _window_positions(t: Tensor, length: int, left: int, right: int) -> tuple[Tensor, Tensor]:
@@ -318,6 +323,7 @@ def _build_features(
         "acts": str(acts_store.path) if acts_store is not None else None,
     }
     acc = FeatureStats.resume(state_path, fingerprint) or FeatureStats(sae.cfg.d_sae, cfg)
+    acc.bos = model.tokenizer.bos_id
     t0 = time.perf_counter()
     batches = (
         _store_batches(acts_store, cfg, acc.batches)
@@ -388,8 +394,23 @@ class FeatureStats:
         self.top = _Examples(d_sae, CANDIDATES * cfg.top_n, width)
         self.reservoir = _Examples(d_sae, cfg.reservoir, width)
         self.random = _RandomWindows(cfg.random_windows, width, min(64, d_sae))
+        self.bos = -1  # set by the pass: documents are told apart by the BOS tokens between them
+        self.docs = torch.zeros((), dtype=torch.long)  # documents started so far
 
-    TENSORS = ("fires", "act_sum", "act_max", "hist", "cofire")
+    TENSORS = ("fires", "act_sum", "act_max", "hist", "cofire", "docs")
+
+    def documents(self, toks: Tensor) -> Tensor:
+        """(B, T) the document of every position, counted over the whole pass: a packed row continues the
+        document of the row before it until a BOS inside it starts the next; an unpacked row is one document."""
+        inside = (toks == self.bos) & (torch.arange(toks.shape[1]) >= 1)[None, :]
+        if not self.cfg.data.pack:
+            inside = torch.zeros_like(inside)
+            inside[:, 0] = True  # every row its own document
+        per_row = inside.long().cumsum(1)
+        before = torch.cat([per_row.new_zeros(1), per_row[:, -1].cumsum(0)[:-1]])
+        docs = self.docs + before[:, None] + per_row
+        self.docs = self.docs + per_row[:, -1].sum()
+        return docs
 
     def add(self, i: int, toks: Tensor, valid: Tensor, z: Tensor) -> None:
         """Batch i: its token ids (B, T), kept positions (B, T) and latents (B, T, F), zero where not kept."""
@@ -432,7 +453,7 @@ class FeatureStats:
             key = key.masked_fill(act <= 0, -math.inf)
             width = tokens.shape[-1]
             examples.merge(key, act, tokens.view(F_, k, width), win_acts.view(F_, k, width))
-        self.random.add(toks, valid, z, gen, cfg.window_left, cfg.window_right)
+        self.random.add(toks, valid, z, gen, cfg.window_left, cfg.window_right, self.documents(toks))
         self.batches = i + 1
 
     def save(self, path: Path, fingerprint: dict[str, Any]) -> None:
@@ -467,6 +488,8 @@ class FeatureStats:
             acc.top.load(state["top"])
             acc.reservoir.load(state["reservoir"])
             acc.random.load(state["random"])
+            if "doc" not in state["random"]:  # a pass saved before documents were recorded: start over
+                return None
         except Exception as e:  # torch.load raises many kinds for truncated or corrupt files
             log.warning("%s is unreadable (%s); the feature pass starts over", path, first_line(e))
             return None
@@ -570,11 +593,12 @@ def _random_window_rows(acc: FeatureStats, text: Callable[[list[int]], list[str]
     """(id, tokens, latents): latents as one {latent: activation} object per token (firing latents only)."""
     rows = []
     kept = acc.random.key > -math.inf
+    docs = acc.random.doc[kept].tolist()
     for n, (toks, idx, val) in enumerate(
         zip(acc.random.tokens[kept].tolist(), acc.random.idx[kept].tolist(), acc.random.val[kept].tolist())
     ):
         latents = [{str(i): round(v, 4) for i, v in zip(ii, vv) if v > 0} for ii, vv in zip(idx, val)]
-        rows.append((n, json.dumps(text(toks)), json.dumps(latents)))
+        rows.append((n, json.dumps(text(toks)), json.dumps(latents), docs[n]))
     return rows
 
 
