@@ -275,7 +275,7 @@ def candidates(tokens: list[str], pos: int) -> list[Pattern]:
 
 def f1(patterns: list[Pattern], examples: list[Example], threshold: float) -> tuple[float, float, float]:
     """(precision, recall, F1) of 'some pattern matches here' against 'activation ≥ threshold here', per token."""
-    index, active = _index(examples, threshold)
+    index, active = _index(examples, threshold, only=frozenset(tuple(p) for p in patterns))
     return _score(set().union(*(index.get(p, set()) for p in patterns)) if patterns else set(), active)
 
 
@@ -349,25 +349,7 @@ def explain_latent(evidence: Evidence) -> tuple[list[Pattern], Detection | None]
     if not patterns:
         return [], None
     found = detection(lambda tokens: found_in(patterns, tokens), held_out, evidence.threshold, evidence.hard_tokens())
-    return patterns, None if found is None else found._replace(f1=token_f1(patterns, held_out, evidence.threshold))
-
-
-def token_f1(patterns: list[Pattern], windows: list[Example], threshold: float) -> float:
-    """F1 of 'some pattern ends here' against 'the latent is active here', over every token of the windows
-    (f1() without its index: the held-out text is scanned once per latent)."""
-    wanted = frozenset(tuple(p) for p in patterns)
-    tp = predicted = active = 0
-    for ex in windows:
-        tokens = tuple(ex.tokens)
-        found = _patterns_in(tokens) & wanted
-        hits = {pos for c in found for pos in _positions(tokens)[c]}
-        on = (
-            {pos for pos, a in enumerate(ex.acts) if a >= threshold and tokens[pos]}
-            if max(ex.acts, default=0.0) >= threshold
-            else set()
-        )
-        tp, predicted, active = tp + len(hits & on), predicted + len(hits), active + len(on)
-    return 2 * tp / (predicted + active) if predicted + active else 0.0
+    return patterns, None if found is None else found._replace(f1=f1(patterns, held_out, evidence.threshold)[2])
 
 
 def describe(patterns: list[Pattern]) -> str:
