@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import nanosae
@@ -567,6 +567,7 @@ def test_a_probing_task_needs_the_full_suite(viewer_run, tmp_path, capsys):
 @given(
     key=st.sampled_from(["model", "cross_layer", "layers"]), value=JSON, layer_key=st.text(max_size=6), layer_value=JSON
 )
+@example(key="model", value=None, layer_key="¹", layer_value=None)  # a digit to isdigit(), not to int()
 def test_random_transcoders_json_values_load_or_fail_in_one_line(transcoder_set, key, value, layer_key, layer_value):
     from nanosae.interp import circuits as C
     from nanosae.rundir import TranscoderSetDir

@@ -90,6 +90,11 @@ def regular_file(path: str | Path) -> Path:
     return path
 
 
+def is_number(text: str) -> bool:
+    """Whether `text` is a plain decimal number int() reads: isdigit() alone also accepts '¹' and '٣'."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_json(text: str | bytes, where: str | Path) -> Any:
     """JSON from text, or a one-line FormatError naming `where`: invalid JSON, nesting too deep for the parser
     (RecursionError) and integers longer than Python converts (ValueError) alike."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from nanosae.errors import ConfigError, FormatError
-from nanosae.io import read_json, write_json
+from nanosae.io import is_number, read_json, write_json
 from nanosae.outputs import check_outside_jobs
 from nanosae.sae.foreign import is_hub
 
@@ -121,7 +121,7 @@ class TranscoderSetDir:
         if not isinstance(layers, dict) or not layers:
             raise FormatError(f'{path}: layers must be an object of layer number -> directory, e.g. {{"0": "layer_0"}}')
         for key, where in layers.items():
-            if not (key.isdigit() and int(key) < MAX_LAYERS):
+            if not (is_number(key) and int(key) < MAX_LAYERS):
                 raise FormatError(f"{path}: layer {key[:20]!r} is not a layer number (0..{MAX_LAYERS - 1})")
             if (
                 not isinstance(where, str)

@@ -24,7 +24,7 @@ from typing import Any, cast
 
 from nanosae.config import DENSE_THRESHOLD, MAX_LATENTS  # a features.db claiming more is damaged, not large
 from nanosae.errors import FormatError
-from nanosae.io import parse_json, public_mode
+from nanosae.io import is_number, parse_json, public_mode
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -209,7 +209,7 @@ class FeatureDB:
         examples (one token's text, as stored)."""
         where, args = "", cast(tuple[Any, ...], ())  # the SQL's parameters, as many as it takes
         if q:
-            if q.strip().isascii() and q.strip().isdigit():  # '²' and '٣' are digits to isdigit but not to int
+            if is_number(q.strip()):
                 where, args = "WHERE id = ?", (min(int(q), 2**62),)
             else:  # explanations, output tokens, and the text of the latent's examples
                 where = (

@@ -37,7 +37,7 @@ from nanosae.interp.explain import (
     is_hard,
     write_explanations,
 )
-from nanosae.io import parse_json, read_json
+from nanosae.io import is_number, parse_json, read_json
 from nanosae.rundir import load_sae_and_model
 
 
@@ -262,7 +262,7 @@ def read_user_explanations(path: Path) -> dict[int, str]:
     raw = read_json(path)
     out = {}
     for key, text in raw.items():
-        if not (isinstance(key, str) and key.isdigit() and isinstance(text, str) and text.strip()):
+        if not (isinstance(key, str) and is_number(key) and isinstance(text, str) and text.strip()):
             raise FormatError(f'{path}: expected {{"LATENT": "explanation", ...}}, got {key!r:.30}: {text!r:.40}')
         out[int(key)] = text.strip()
     if not out:

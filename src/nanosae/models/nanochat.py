@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanosae.errors import FormatError, first_line
-from nanosae.io import read_json
+from nanosae.io import is_number, read_json
 from nanosae.models.host import HostModel, LayerModules
 from nanosae.models.tokenizers import NanochatTokenizer, Tokenizer
 
@@ -388,7 +388,7 @@ def load_nanochat(
     directory = Path(path_str)
     if not directory.is_dir():
         raise FormatError(f"nanochat checkpoint directory not found: {directory}")
-    if step_str and not (step_str.isascii() and step_str.isdigit()):
+    if step_str and not is_number(step_str):
         raise FormatError(f"nanochat:{spec}: the step after @ must be a number, got {step_str!r}")
     model_path, meta_path, step = find_checkpoint(directory, int(step_str) if step_str else None)
     meta = read_json(meta_path)

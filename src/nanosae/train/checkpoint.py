@@ -16,7 +16,7 @@ import torch
 from nanosae.config import TrainConfig, flat_settings
 from nanosae.data import ActivationStore
 from nanosae.errors import ConfigError, FormatError, first_line
-from nanosae.io import public_mode, regular_file
+from nanosae.io import is_number, public_mode, regular_file
 from nanosae.rundir import RunDir
 from nanosae.sae import SAE
 from nanosae.sae.formats import save_sae
@@ -30,7 +30,7 @@ def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for p in RunDir(run_dir).checkpoints.glob("step_*"):
         suffix = p.name.removeprefix("step_")
-        if suffix.isdigit() and (p / "state.pt").exists():
+        if is_number(suffix) and (p / "state.pt").exists():
             found.append((int(suffix), p))
     return sorted(found)
 
