@@ -70,6 +70,12 @@ class TranscoderSet:
     def __len__(self) -> int:
         return len(self.by_layer)
 
+    def hooks(self, layer: int) -> tuple[str, str]:
+        """Where `layer`'s transcoder reads (the MLP's normed input, or for some foreign sets the residual stream
+        before that norm) and writes (the MLP's output)."""
+        cfg = self.by_layer[layer].cfg
+        return cfg.hook_name, cfg.hook_name_out
+
     def items(self) -> list[tuple[int, SAE]]:
         return [(layer, self.by_layer[layer]) for layer in self.layers]
 
@@ -111,10 +117,16 @@ class TranscoderSet:
 
 
 def load_transcoders(run: str | Path, device: str = "cpu") -> tuple[str, TranscoderSet]:
-    """(model spec, the set) from a run directory made by `train --transcoders`."""
+    """(model spec, the set) from a set made by `train --transcoders`, a circuit-tracer directory (config.yaml and
+    its safetensors files), or `hf:ORG/REPO[/SUBPATH]` of one. A circuit-tracer set that names no model gives ""."""
+    from nanosae.interp import circuit_tracer
+    from nanosae.sae.foreign import is_hub, resolve_hub
     from nanosae.train.cross_layer import load_later
 
-    run = Path(run)
+    run = resolve_hub(str(run)) if is_hub(run) else Path(run)
+    if circuit_tracer.is_circuit_tracer(run):
+        model, by_layer, decoders = circuit_tracer.load(run, device)
+        return model, TranscoderSet(by_layer, decoders)
     manifest = TranscoderSetDir(run).read_manifest()
     tset = TranscoderSet({})
     for layer, where in manifest["layers"].items():
@@ -177,14 +189,14 @@ def token_embeddings(model: HostModel, fn: Any) -> Iterator[None]:
 
 @torch.no_grad()
 def clean_pass(model: HostModel, transcoders: TranscoderSet, tokens: Tensor) -> CleanPass:
-    names = [h for layer in transcoders for h in mlp_hooks(layer)]
+    names = [h for layer in transcoders for h in transcoders.hooks(layer)]
     seen: list[Tensor] = []
     with token_embeddings(model, seen.append):
         logits, cache = model.run_with_cache(tokens, names)
-    latents = {layer: tc.encode(cache[mlp_hooks(layer)[0]][0]) for layer, tc in transcoders.items()}
+    latents = {layer: tc.encode(cache[tc.cfg.hook_name][0]) for layer, tc in transcoders.items()}
     errors = {}
     for layer in transcoders.layers:
-        x, y = (cache[h][0] for h in mlp_hooks(layer))
+        x, y = (cache[h][0] for h in transcoders.hooks(layer))
         errors[layer] = y - transcoders.output(layer, latents, x).to(y.dtype)
     return CleanPass(model.as_tokens(tokens), logits[0], seen[0][0], latents, errors)
 
@@ -209,7 +221,7 @@ def replacement_forward(
         written = {L: transcoders.decode(L, latents) + errors[L] for L in transcoders.layers}
     hooks: dict[str, Any] = {}
     for layer, tc in transcoders.items():
-        read, write = mlp_hooks(layer)
+        read, write = transcoders.hooks(layer)
         hooks[read] = lambda x, layer=layer: seen.__setitem__(layer, x)
         hooks[write] = lambda y, layer=layer, tc=tc: (written[layer] + skip_term(tc, seen[layer])).to(y.dtype)
     with token_embeddings(model, lambda _: embeddings), model.hooks(hooks, stop_at_layer=stop_at_layer):
@@ -764,7 +776,7 @@ def replacement_scores(
     sum_y: dict[int, Tensor] = {}  # Σy
     count: dict[int, int] = {L: 0 for L in transcoders}
     n_pred = n_tok = 0
-    names = [h for L in transcoders for h in mlp_hooks(L)]
+    names = [h for L in transcoders for h in transcoders.hooks(L)]
     for batch in token_batches(iter_documents(data), model.tokenizer, data.context_size, batch_size):
         toks, valid = model.as_tokens(batch.tokens), batch.valid.to(model.device)
         keep = valid[:, :-1] & valid[:, 1:]
@@ -775,9 +787,9 @@ def replacement_scores(
 
         logits, cache = model.run_with_cache(toks, names)
         ce["clean"] += ce_of(logits)
-        codes = {L: tc.encode(cache[mlp_hooks(L)[0]][valid]) for L, tc in transcoders.items()}
+        codes = {L: tc.encode(cache[tc.cfg.hook_name][valid]) for L, tc in transcoders.items()}
         for L in transcoders.layers:
-            x, y = (cache[h][valid] for h in mlp_hooks(L))
+            x, y = (cache[h][valid] for h in transcoders.hooks(L))
             err[L] += float((transcoders.output(L, codes, x) - y).pow(2).sum())
             sum_sq[L] += float(y.pow(2).sum())
             sum_y[L] = y.sum(0) if L not in sum_y else sum_y[L] + y.sum(0)
@@ -786,12 +798,12 @@ def replacement_scores(
         z: dict[int, Tensor] = {}  # each layer's latents from the replaced model's own MLP input
         replaced: dict[str, Any] = {}
         for L, tc in transcoders.items():
-            read, write = mlp_hooks(L)
+            read, write = transcoders.hooks(L)
             replaced[read] = lambda x, L=L, tc=tc: _remember(seen, z, L, x, tc)
             replaced[write] = lambda y, L=L: transcoders.output(L, z, seen[L]).to(y.dtype)
         with model.hooks(replaced):
             ce["replaced"] += ce_of(model.forward(toks))
-        with model.hooks({mlp_hooks(L)[1]: torch.zeros_like for L in transcoders}):
+        with model.hooks({transcoders.hooks(L)[1]: torch.zeros_like for L in transcoders}):
             ce["zeroed"] += ce_of(model.forward(toks))
         n_pred += int(keep.sum())
         n_tok += int(valid.sum())
@@ -879,7 +891,7 @@ def feature_edits(
 
         return fn
 
-    with model.hooks({mlp_hooks(layer)[1]: add(layer) for layer in adds}):
+    with model.hooks({transcoders.hooks(layer)[1]: add(layer) for layer in adds}):
         yield before
 
 
