@@ -685,8 +685,9 @@ export_app = typer.Typer(no_args_is_help=True, help="Export an SAE for other too
 app.add_typer(export_app, name="export")
 
 
-EXPORT_OPTIONS = options_for(ExportConfig, skip=("model_id", "sae_set"))
-NEURONPEDIA_OPTIONS = options_for(ExportConfig)
+EXPORT_OPTIONS = options_for(ExportConfig, skip=("model_id", "sae_set", "scan"))
+NEURONPEDIA_OPTIONS = options_for(ExportConfig, skip=("scan",))
+CIRCUIT_TRACER_OPTIONS = options_for(ExportConfig, skip=("model_id", "sae_set"))
 
 
 def _run_argument(what: str) -> inspect.Parameter:
@@ -711,6 +712,16 @@ def export_sparsify_cmd(run: Path, **given: Any) -> None:
     from nanosae.export.sparsify import export_sparsify
 
     console.print(f"wrote {export_sparsify(run, ExportConfig(**parse(EXPORT_OPTIONS, given)).out)}")
+
+
+@export_app.command("circuit-tracer")
+@command(CIRCUIT_TRACER_OPTIONS, [_run_argument("A transcoder set (the run directory of `train --transcoders`).")])
+def export_circuit_tracer_cmd(run: Path, **given: Any) -> None:
+    """Write a transcoder set (per-layer or cross-layer) in circuit-tracer's layout: config.yaml + safetensors."""
+    from nanosae.export.circuit_tracer import export_circuit_tracer
+
+    cfg = ExportConfig(**parse(CIRCUIT_TRACER_OPTIONS, given))
+    console.print(f"wrote {export_circuit_tracer(run, cfg.out, scan=cfg.scan)}")
 
 
 @export_app.command("neuronpedia")

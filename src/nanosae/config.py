@@ -446,9 +446,15 @@ class TraceConfig:
     """Trace a prompt's next token through a transcoder set into an attribution graph."""
 
     transcoders: str = ""
-    """A transcoder set: the run directory of `train --transcoders`."""
+    """A transcoder set: the run directory of `train --transcoders`, a circuit-tracer directory, or hf:ORG/REPO."""
     out: str | None = None
-    """The graph file (default: TRANSCODERS/graphs/SLUG.json; never overwritten)."""
+    """The graph file (default: TRANSCODERS/graphs/SLUG.json for nanosae's sets; never overwritten)."""
+    model: str | None = None
+    """The host model (default: the one the set names)."""
+    scan: str | None = None
+    """The graph's scan id, which Neuronpedia files it under (default: the model's name, sanitised)."""
+    batch_size: int = 32
+    """Attribution targets per backward pass (memory grows with it)."""
     node_threshold: float = NODE_THRESHOLD
     """Keep the features and errors carrying this share of the influence on the logits."""
     edge_threshold: float = EDGE_THRESHOLD
@@ -467,7 +473,7 @@ class TraceConfig:
         for name in ("node_threshold", "edge_threshold"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("max_feature_nodes", "paths"):
+        for name in ("max_feature_nodes", "paths", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         check_device(self.device)
@@ -550,6 +556,8 @@ class ExportConfig:
     """Output directory."""
     model_id: str | None = None
     """Neuronpedia: the model id (default: the model name)."""
+    scan: str | None = None
+    """circuit-tracer: the set's scan id (default: the directory's name)."""
     sae_set: str | None = None
     """Neuronpedia: the SAE set name."""
 

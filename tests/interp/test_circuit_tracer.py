@@ -199,3 +199,36 @@ def test_a_hub_id_resolves_through_the_offline_cache(tmp_path, monkeypatch):
     _, local = C.load_transcoders(FIXTURES / "plt_relu")
     x = torch.randn(3, 4, 32)
     assert torch.equal(outputs(tset, x), outputs(local, x))
+
+
+def test_trace_and_export_from_the_command_line(tiny_llama_dir, tiny_model, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from nanosae.cli import app
+
+    runner = CliRunner()
+    args = ["trace", "w5 w6 w7", "--transcoders", str(FIXTURES / "clt")]
+    r = runner.invoke(app, args + ["--model", str(tiny_llama_dir)])
+    assert r.exit_code != 0 and "give --out" in str(r.exception)
+    r = runner.invoke(app, args + ["--out", str(tmp_path / "g.json")])
+    assert r.exit_code != 0 and "names no model: give --model" in str(r.exception)
+    r = runner.invoke(
+        app, args + ["--model", str(tiny_llama_dir), "--out", str(tmp_path / "g.json"), "--scan", "Org/Tiny-2.0"]
+    )
+    assert r.exit_code == 0, r.output
+    graph = json.loads((tmp_path / "g.json").read_text())
+    assert graph["metadata"]["scan"] == "org-tiny-2-0" and graph["links"]
+    assert not list(FIXTURES.glob("clt/graphs"))  # nothing written into the set
+
+    run = saved(trained_like(tiny_model, "batchtopk", cross_layer=True), tmp_path / "set", str(tiny_llama_dir))
+    r = runner.invoke(app, ["export", "circuit-tracer", str(run), "--out", str(tmp_path / "ct")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(
+        app, ["trace", "w5 w6 w7", "--transcoders", str(tmp_path / "ct"), "--out", str(tmp_path / "h.json")]
+    )
+    assert r.exit_code == 0, r.output  # the exported set names its model
+    topk = saved(trained_like(tiny_model, "topk"), tmp_path / "topk", "m")
+    r = runner.invoke(app, ["export", "circuit-tracer", str(topk), "--out", str(tmp_path / "ct2")])
+    assert r.exit_code != 0 and "no exact form" in str(r.exception)

@@ -172,6 +172,8 @@ def assert_edges_are_the_jacobian(graph, clean, f, tcs):
         expected[:, graph.error_index(L, 0) : graph.error_index(L, 0) + T] = (
             J[1 + len(layers) + li] * clean.errors[L]
         ).sum(-1)
+        if graph.info["generation_settings"]["skip_bos_features"]:  # BOS error nodes: constants, no edges
+            expected[:, graph.error_index(L, 0)] = 0
     expected[:, graph.token_index(0) : graph.token_index(0) + T] = (J[0] * clean.embeddings).sum(-1)
     rows = list(range(n_f)) + [graph.logit_index(i) for i in range(len(graph.logit_tokens))]
     got = graph.adjacency[rows]
@@ -445,3 +447,29 @@ def test_attribution_refuses_a_model_it_cannot_freeze_in_one_line():
     with pytest.raises(ConfigError, match="attribution needs a Hugging Face model or a nanochat checkpoint"):
         with C.frozen(SimpleNamespace(module=torch.nn.Linear(2, 2))):
             pass
+
+
+def test_the_graph_file_shows_exactly_the_kept_nodes_and_bos_errors_have_no_edges(tiny_model):
+    """Viewers (Neuronpedia's, circuit-tracer's) show a node when its `influence` <= the node threshold: that must
+    be every feature and error node pruning kept; and BOS error nodes, constants of the frozen model, have no
+    edges (transcoders never train on BOS)."""
+    graph = C.attribute(tiny_model, random_transcoders(tiny_model), TOKENS)
+    for L in graph.layers:
+        assert not graph.adjacency[:, graph.error_index(L, 0)].any()
+    assert graph.adjacency[:, [graph.error_index(L, 2) for L in graph.layers]].abs().sum() > 0
+    influence = C.node_influence(graph.adjacency, C.logit_weights(graph))[: graph.token_index(0)]
+    for share in (0.5, 0.8):
+        data = C.to_neuronpedia(graph, node_share=share, edge_share=1.0)
+        inner = [
+            n for n in data["nodes"] if n["feature_type"] in ("cross layer transcoder", "mlp reconstruction error")
+        ]
+        assert inner and all(n["influence"] < share for n in inner)
+        keep, _ = C.prune(graph, node_share=share, edge_share=1.0)
+        assert len(inner) == int(keep[: graph.token_index(0)].sum())
+        # the field is the share carried by more influential nodes, recomputed here by sorting
+        shares = influence / influence.sum()
+        index = {f"{L}_{i}_{p}": j for j, (L, p, i) in enumerate(graph.features.tolist())}
+        index |= {f"{L}_-1_{p}": graph.error_index(L, p) for L in graph.layers for p in range(graph.n_pos)}
+        for n in inner:
+            i = index[n["node_id"]]
+            assert n["influence"] == pytest.approx(float(shares[shares > shares[i]].sum()), abs=1e-5)

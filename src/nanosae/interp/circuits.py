@@ -168,6 +168,7 @@ class CleanPass:
     embeddings: Tensor  # (T, d_model): block 0's input
     latents: dict[int, Tensor]  # per layer (T, d_sae)
     errors: dict[int, Tensor]  # per layer (T, d_model): MLP output minus the transcoder's
+    silent: int = 0  # the first positions whose error nodes get no edges (constants of the frozen model): BOS
 
 
 @contextlib.contextmanager
@@ -401,9 +402,11 @@ def _rows(
         if g is not None:
             feature_cols[:, mine[L]] = g.float()
     feature_cols *= activations
-    error_cols = torch.cat(
+    error_cols = torch.stack(
         [(g * clean.errors[L]).sum(-1) if g is not None else torch.zeros(nb, T) for L, g in zip(layers, g_err)], 1
     )
+    error_cols[:, :, : clean.silent] = 0
+    error_cols = error_cols.flatten(1)
     token_cols = (g_emb * clean.embeddings).sum(-1)
     return torch.cat([feature_cols, error_cols.float(), token_cols.float()], 1).detach()
 
@@ -453,11 +456,15 @@ def attribute(
     their influence on the logits as estimated from the rows computed so far; the graph holds the traced
     features (all active ones when None), and the others' effects are left out, as circuit-tracer does.
     skip_bos_features: leave out the features at the BOS position (the same on every prompt: the attention sink's
-    large-norm state, which otherwise heads every path); its token node stays."""
+    large-norm state, which otherwise heads every path) and give its error nodes no edges (transcoders never
+    train on BOS, so its errors are large and would head the graph), as circuit-tracer does; the BOS
+    position still computes what it computes (those become constants of the frozen model), its token node
+    stays."""
     tokens = model.prompt_ids(prompt)
     clean = clean_pass(model, transcoders, torch.tensor([tokens]))
     layers = transcoders.layers
     first = 1 if skip_bos_features and tokens[0] == model.tokenizer.bos_id else 0
+    clean.silent = first
     feats = [(L, p, i) for L in layers for p, i in clean.latents[L].nonzero().tolist() if p >= first]
     features = torch.tensor(feats, dtype=torch.long).reshape(-1, 3)
     activations = torch.tensor([float(clean.latents[L][p, i]) for L, p, i in feats])
@@ -568,15 +575,28 @@ def _threshold(scores: Tensor, share: float) -> float:
     return float(values[min(int(torch.searchsorted(cumulative, torch.tensor(share))), len(values) - 1)])
 
 
+def cumulative_influence(graph: Graph) -> Tensor:
+    """For each feature and error node, the share of their influence on the logits carried by the nodes more
+    influential than it: the graph file's `influence`, which viewers filter on (shown when <= the node
+    threshold), so exactly the nodes pruning keeps are shown, and the kept ones carry at least the threshold's
+    share. Tokens and logits, always kept, get 0. One population for the cut and the field."""
+    influence = node_influence(graph.adjacency, logit_weights(graph))[: graph.token_index(0)]
+    order = influence.argsort(descending=True)
+    before = influence[order].cumsum(0) - influence[order]
+    cumulative = torch.zeros(len(graph.adjacency))
+    cumulative[order] = (before / influence.sum().clamp_min(1e-12)).clamp(max=1.0)
+    return cumulative
+
+
 def prune(
     graph: Graph, node_share: float = NODE_THRESHOLD, edge_share: float = EDGE_THRESHOLD
 ) -> tuple[Tensor, Tensor]:
-    """(node mask, edge mask) keeping the features and error nodes that carry `node_share` of the influence on
-    the logits, then the edges carrying `edge_share` of the remaining graph's; tokens and logits always stay,
-    and features left without incoming or outgoing edges go."""
+    """(node mask, edge mask) keeping the features and error nodes that carry `node_share` of their influence on
+    the logits (cumulative_influence < node_share, all of them at 1), then the edges carrying `edge_share` of the remaining
+    graph's; tokens and logits always stay, and features left without incoming or outgoing edges go."""
     weights = logit_weights(graph)
-    influence = node_influence(graph.adjacency, weights)
-    keep = influence >= _threshold(influence[: graph.token_index(0)], node_share)
+    cumulative = cumulative_influence(graph)
+    keep = (cumulative < node_share) | (node_share >= 1)
     keep[graph.token_index(0) :] = True
     a = graph.adjacency.clone()
     a[~keep] = 0
@@ -625,14 +645,15 @@ def to_neuronpedia(
     edge_share: float = EDGE_THRESHOLD,
     n_layers: int | None = None,
     labels: dict[tuple[int, int], str] | None = None,
+    scan: str | None = None,
 ) -> dict[str, Any]:
     """The pruned graph as the JSON Neuronpedia's graph viewer loads (metadata, qParams, nodes, links), which
-    nanosae's viewer reads too. labels: (layer, latent) -> explanation, shown as each feature's clerp."""
+    nanosae's viewer reads too. labels: (layer, latent) -> explanation, shown as each feature's clerp; scan: the
+    id Neuronpedia files the graph under (letters, digits, dashes; default: the model's name made one)."""
+    from nanosae.interp.circuit_tracer import scan_name
+
     keep, edges = prune(graph, node_share, edge_share)
-    influence = node_influence(graph.adjacency, logit_weights(graph))
-    order = influence.argsort(descending=True)
-    cumulative = torch.zeros_like(influence)
-    cumulative[order] = influence[order].cumsum(0) / influence.sum().clamp_min(1e-12)
+    cumulative = cumulative_influence(graph)
     n_layers = n_layers or (max(graph.layers) + 1)
     labels = labels or {}
     nodes: dict[int, dict[str, Any]] = {}
@@ -704,7 +725,7 @@ def to_neuronpedia(
     return {
         "metadata": {
             "slug": slug,
-            "scan": graph.model,
+            "scan": scan or scan_name(graph.model),
             "transcoder_list": [],
             "prompt_tokens": graph.token_strs,
             "prompt": graph.prompt,

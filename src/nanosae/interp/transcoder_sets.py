@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 from nanosae.config import DataConfig, TraceConfig, TrainConfig
 from nanosae.data import iter_documents
+from nanosae.errors import ConfigError
 from nanosae.interp.circuits import Graph, attribute, load_transcoders, replacement_scores, to_neuronpedia
 from nanosae.interp.featuredb import explanations
 from nanosae.io import read_json, write_json
@@ -75,15 +76,26 @@ def trace(
     progress: Callable[[int, int], None] | None = None,
 ) -> Trace:
     """An attribution graph of prompt over cfg.transcoders, pruned and written in Neuronpedia's layout to
-    cfg.out (default the set's graphs/SLUG.json), with each feature's explanation as its label."""
+    cfg.out (default: a nanosae set's graphs/SLUG.json), with each feature's explanation as its label.
+    Another tool's set (circuit-tracer's, by path or Hub id) needs --out and, when it names no model, --model."""
+    from nanosae.interp.circuit_tracer import scan_name
+
     tset = TranscoderSetDir(Path(cfg.transcoders))
+    ours = tset.exists()
+    if not ours and not cfg.out:
+        raise ConfigError(f"{cfg.transcoders} is not a nanosae set: give --out for the graph file")
     slug, out = tset.new_graph(prompt, Path(cfg.out) if cfg.out else None, slug)
-    spec, tcs = load_transcoders(tset.path, cfg.device)
+    spec, tcs = load_transcoders(cfg.transcoders, cfg.device)
+    spec = cfg.model or spec
+    if not spec:
+        raise ConfigError(f"{cfg.transcoders} names no model: give --model")
     host = model or load_model(spec, device=cfg.device)
-    graph = attribute(host, tcs, prompt, max_feature_nodes=cfg.max_feature_nodes, progress=progress)
-    graph.transcoders = str(tset.path)
-    runs = tset.layer_runs()
-    labels = {(layer, latent): text for layer in tcs for latent, text in explanations(runs[layer]).items()}
+    graph = attribute(
+        host, tcs, prompt, max_feature_nodes=cfg.max_feature_nodes, batch_size=cfg.batch_size, progress=progress
+    )
+    graph.transcoders = str(cfg.transcoders)
+    runs = tset.layer_runs() if ours else {}
+    labels = {(layer, latent): text for layer in runs for latent, text in explanations(runs[layer]).items()}
     data = to_neuronpedia(
         graph,
         slug=slug,
@@ -91,6 +103,7 @@ def trace(
         edge_share=cfg.edge_threshold,
         n_layers=host.n_layers,
         labels=labels,
+        scan=scan_name(cfg.scan or spec),
     )
     write_json(out, data)
     return Trace(graph, data, out)
