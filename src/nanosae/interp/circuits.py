@@ -592,8 +592,8 @@ def prune(
     graph: Graph, node_share: float = NODE_THRESHOLD, edge_share: float = EDGE_THRESHOLD
 ) -> tuple[Tensor, Tensor]:
     """(node mask, edge mask) keeping the features and error nodes that carry `node_share` of their influence on
-    the logits (cumulative_influence < node_share, all of them at 1), then the edges carrying `edge_share` of the remaining
-    graph's; tokens and logits always stay, and features left without incoming or outgoing edges go."""
+    the logits (cumulative_influence < node_share; all of them at 1), then the edges carrying `edge_share` of the
+    remaining graph's; tokens and logits always stay, and features left without incoming or outgoing edges go."""
     weights = logit_weights(graph)
     cumulative = cumulative_influence(graph)
     keep = (cumulative < node_share) | (node_share >= 1)
