@@ -19,6 +19,7 @@ from nanosae.config import (
     ExportConfig,
     GenerationConfig,
     InterveneConfig,
+    PruneConfig,
     SourceConfig,
     TraceConfig,
     TrainConfig,
@@ -597,6 +598,29 @@ def trace(prompt: str, **given: Any) -> None:
     for score, path in strongest_paths(data, cfg.paths):
         console.print(f"{score:.3f}  " + " -> ".join(describe_node(n) for n in path))
     console.print(f"graph: {out}  (nanosae view {cfg.transcoders}; or upload the file to Neuronpedia)")
+
+
+PRUNE_OPTIONS = options_for(PruneConfig)
+
+
+@app.command()
+@command(
+    PRUNE_OPTIONS,
+    [
+        inspect.Parameter(
+            "graph",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=Path,
+            default=typer.Argument(..., help="A graph file `trace` wrote (its unpruned graph lies beside it)."),
+        )
+    ],
+)
+def prune(graph: Path, **given: Any) -> None:
+    """Prune a traced graph again at other thresholds, without tracing again."""
+    from nanosae.interp.transcoder_sets import reprune
+
+    done = reprune(graph, PruneConfig(**parse(PRUNE_OPTIONS, given)))
+    console.print(f"kept {len(done.data['nodes'])} nodes and {len(done.data['links'])} edges: {done.out}")
 
 
 INTERVENE_OPTIONS = options_for(InterveneConfig)

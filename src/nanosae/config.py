@@ -480,6 +480,26 @@ class TraceConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Prune a traced graph again at other thresholds, from the unpruned graph `trace` saved beside its file."""
+
+    out: str = field(default="", metadata={"required": True})
+    """The new graph file (never overwritten)."""
+    node_threshold: float = NODE_THRESHOLD
+    """Keep the features and errors carrying this share of the influence on the logits."""
+    edge_threshold: float = EDGE_THRESHOLD
+    """Keep the edges carrying this share of the pruned graph's influence."""
+    scan: str | None = None
+    """The graph's scan id (default: the model's name, sanitised)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("node_threshold", "edge_threshold"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+
+
+@dataclass
 class InterveneConfig:
     """Set or scale features of a traced prompt and compare the model's next tokens and continuation."""
 

@@ -232,3 +232,39 @@ def test_trace_and_export_from_the_command_line(tiny_llama_dir, tiny_model, tmp_
     topk = saved(trained_like(tiny_model, "topk"), tmp_path / "topk", "m")
     r = runner.invoke(app, ["export", "circuit-tracer", str(topk), "--out", str(tmp_path / "ct2")])
     assert r.exit_code != 0 and "no exact form" in str(r.exception)
+
+
+def test_a_traced_graph_prunes_again_without_tracing(tiny_llama_dir, tmp_path, monkeypatch):
+    """The unpruned graph saved beside the file gives, at other thresholds, what tracing again would; nothing is
+    traced (attribution is made to fail) and an existing file is not replaced."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from nanosae.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "g.json"
+    base = ["trace", "w5 w6 w7", "--transcoders", str(FIXTURES / "plt_relu"), "--model", str(tiny_llama_dir)]
+    assert runner.invoke(app, base + ["--out", str(out)]).exit_code == 0
+    wide = tmp_path / "wide.json"
+    assert runner.invoke(app, base + ["--out", str(wide), "--node-threshold", "0.95"]).exit_code == 0
+    graph = C.load_graph(C.graph_tensors_path(out))
+    again = C.load_graph(C.graph_tensors_path(wide))
+    assert torch.equal(graph.adjacency, again.adjacency) and graph.info["n_layers"] == 3
+
+    def refuse(*a, **k):
+        raise AssertionError("traced again")
+
+    monkeypatch.setattr(C, "attribute", refuse)
+    r = runner.invoke(app, ["prune", str(out), "--node-threshold", "0.95", "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    pruned, traced = (json.loads((tmp_path / n).read_text()) for n in ("p.json", "wide.json"))
+    assert {n["node_id"] for n in pruned["nodes"]} == {n["node_id"] for n in traced["nodes"]}
+    assert pruned["links"] == traced["links"] and pruned["metadata"]["node_threshold"] == 0.95
+    r = runner.invoke(app, ["prune", str(out), "--out", str(tmp_path / "p.json")])
+    assert r.exit_code != 0 and "exists" in str(r.exception)
+    (tmp_path / "bad.json").write_text("{}")
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    r = runner.invoke(app, ["prune", str(tmp_path / "bad.json"), "--out", str(tmp_path / "q.json")])
+    assert r.exit_code != 0 and "not an unpruned graph" in str(r.exception)

@@ -16,6 +16,7 @@ copy's target summed into one scalar, and one backward pass gives every copy's g
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 from collections.abc import Iterator
@@ -523,6 +524,7 @@ def attribute(
     )
     graph.info["logit_strs"] = {t: model.tokenizer.decode([t]) for t in logit_ids}
     graph.info["active_features"] = n_f
+    graph.info["n_layers"] = model.n_layers
     graph.info["generation_settings"] = {
         "max_n_logits": max_logits,
         "desired_logit_prob": logit_probability,
@@ -977,3 +979,73 @@ def read_json_graph(path: str | Path) -> dict[str, Any]:
         ):
             raise FormatError(f"{path}: link {i} needs a source, a target (node ids) and a numeric weight")
     return data
+
+
+# ---- the unpruned graph, kept so it can be pruned again without tracing again --------------------------------
+def graph_tensors_path(graph_file: str | Path) -> Path:
+    """Where the unpruned graph of a graph file lives: beside it, NAME.safetensors."""
+    return Path(graph_file).with_suffix(".safetensors")
+
+
+def save_graph(graph: Graph, path: str | Path) -> Path:
+    """The whole graph (every traced node and edge) as safetensors, its text fields in the metadata."""
+    from safetensors.torch import save_file
+
+    from nanosae.io import atomic_write
+
+    tensors = {
+        "adjacency": graph.adjacency.float().contiguous(),
+        "features": graph.features.long().contiguous(),
+        "activations": graph.activations.float().contiguous(),
+        "explored": graph.explored.contiguous(),
+        "logit_probs": torch.tensor(graph.logit_probs, dtype=torch.float64),
+    }
+    meta = {
+        "prompt": graph.prompt,
+        "tokens": graph.tokens,
+        "token_strs": graph.token_strs,
+        "layers": graph.layers,
+        "logit_tokens": graph.logit_tokens,
+        "model": graph.model,
+        "transcoders": graph.transcoders,
+        "info": {k: v for k, v in graph.info.items() if k != "logit_strs"}
+        | {"logit_strs": {str(t): s for t, s in graph.info.get("logit_strs", {}).items()}},
+    }
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"graph": json.dumps(meta)}))
+
+
+def load_graph(path: str | Path) -> Graph:
+    """A graph save_graph wrote (FormatError naming the file when it is not one)."""
+    from safetensors import safe_open
+
+    from nanosae.errors import first_line
+    from nanosae.io import regular_file
+
+    try:
+        with safe_open(str(regular_file(path)), "pt") as f:
+            meta = json.loads((f.metadata() or {})["graph"])
+            t = {k: f.get_tensor(k) for k in ("adjacency", "features", "activations", "explored", "logit_probs")}
+        n_nodes = len(t["features"]) + (len(meta["layers"]) + 1) * len(meta["tokens"]) + len(meta["logit_tokens"])
+        if t["adjacency"].shape != (n_nodes, n_nodes) or t["features"].shape != (len(t["features"]), 3):
+            raise ValueError(f"adjacency of shape {tuple(t['adjacency'].shape)} for {n_nodes} nodes")
+        graph = Graph(
+            meta["prompt"],
+            meta["tokens"],
+            meta["token_strs"],
+            meta["layers"],
+            t["features"],
+            t["activations"],
+            meta["logit_tokens"],
+            t["logit_probs"].tolist(),
+            t["adjacency"],
+            t["explored"],
+            model=meta["model"],
+            transcoders=meta["transcoders"],
+            info=meta["info"],
+        )
+    except FormatError:
+        raise
+    except Exception as e:  # not safetensors, no graph metadata, fields missing or of the wrong kind
+        raise FormatError(f"{path}: not an unpruned graph from `nanosae trace` ({first_line(e)})") from None
+    graph.info["logit_strs"] = {int(k): v for k, v in graph.info.get("logit_strs", {}).items()}
+    return graph

@@ -4,14 +4,24 @@ MLP replaced at once, and trace prompts through it into graph files. The CLI and
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from nanosae.config import DataConfig, TraceConfig, TrainConfig
+from nanosae.config import DataConfig, PruneConfig, TraceConfig, TrainConfig
 from nanosae.data import iter_documents
 from nanosae.errors import ConfigError
-from nanosae.interp.circuits import Graph, attribute, load_transcoders, replacement_scores, to_neuronpedia
+from nanosae.interp.circuits import (
+    Graph,
+    attribute,
+    graph_tensors_path,
+    load_graph,
+    load_transcoders,
+    replacement_scores,
+    save_graph,
+    to_neuronpedia,
+)
 from nanosae.interp.featuredb import explanations
 from nanosae.io import read_json, write_json
 from nanosae.models import HostModel, load_model
@@ -94,16 +104,47 @@ def trace(
         host, tcs, prompt, max_feature_nodes=cfg.max_feature_nodes, batch_size=cfg.batch_size, progress=progress
     )
     graph.transcoders = str(cfg.transcoders)
-    runs = tset.layer_runs() if ours else {}
-    labels = {(layer, latent): text for layer in runs for latent, text in explanations(runs[layer]).items()}
     data = to_neuronpedia(
         graph,
         slug=slug,
         node_share=cfg.node_threshold,
         edge_share=cfg.edge_threshold,
         n_layers=host.n_layers,
-        labels=labels,
+        labels=labels_of(tset),
         scan=scan_name(cfg.scan or spec),
     )
+    save_graph(graph, graph_tensors_path(out))
+    write_json(out, data)
+    return Trace(graph, data, out)
+
+
+def labels_of(tset: TranscoderSetDir) -> dict[tuple[int, int], str]:
+    """(layer, latent) -> explanation from each layer's feature database (none for another tool's set)."""
+    runs = tset.layer_runs() if tset.exists() else {}
+    return {(layer, latent): text for layer in runs for latent, text in explanations(runs[layer]).items()}
+
+
+def reprune(graph_file: Path, cfg: PruneConfig) -> Trace:
+    """The graph traced into `graph_file` pruned again at cfg's thresholds into cfg.out, from the unpruned graph
+    saved beside it: no model, no tracing."""
+    from nanosae.interp.circuit_tracer import scan_name
+    from nanosae.outputs import check_outside_jobs
+
+    graph = load_graph(graph_tensors_path(graph_file))
+    out = Path(cfg.out)
+    if out.exists() or out.is_symlink():
+        raise ConfigError(f"{out} exists (it may hold pinned nodes and supernodes); give another --out")
+    check_outside_jobs(out, home=graph_file.resolve().parent)
+    tset = TranscoderSetDir(Path(graph.transcoders))
+    data = to_neuronpedia(
+        graph,
+        slug=re.sub(r"[^a-z0-9]+", "-", out.stem.lower()).strip("-") or "graph",
+        node_share=cfg.node_threshold,
+        edge_share=cfg.edge_threshold,
+        n_layers=graph.info.get("n_layers"),
+        labels=labels_of(tset),
+        scan=scan_name(cfg.scan or graph.model),
+    )
+    save_graph(graph, graph_tensors_path(out))
     write_json(out, data)
     return Trace(graph, data, out)
