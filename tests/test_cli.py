@@ -436,3 +436,21 @@ def test_a_set_trained_on_too_few_documents_for_a_held_out_split_is_scored_on_it
     assert r.exit_code == 0, r.output
     assert "scored on the training text" in " ".join(r.output.split())
     assert json.loads((tmp_path / "set" / "replacement.json").read_text())["scored_on"] == "all"
+
+
+def test_a_partial_set_warns_and_sets_get_a_batch_floor(tiny_llama_dir, word_corpus, tmp_path):
+    """Without --batch-size a set's step holds at least SET_BATCH_FLOOR tokens (each step runs the model for every
+    layer); a set of some layers says its traces are approximations."""
+    from nanosae.train.sweep import SET_BATCH_FLOOR, transcoder_set
+
+    cfgs = transcoder_set({"tokens": 20_000}, [0, 1])
+    assert [c.optim.batch_size for c in cfgs] == [SET_BATCH_FLOOR] * 2  # the single-SAE default would be 16
+    assert transcoder_set({"tokens": 20_000, "batch_size": 32}, [0])[0].optim.batch_size == 32
+    assert transcoder_set({"tokens": 100}, [0])[0].optim.batch_size == 100
+    r = CliRunner().invoke(
+        app,
+        ["train", "--transcoders", "1", "--model", str(tiny_llama_dir), "--data", str(word_corpus)]
+        + ["--context-size", "16", "--d-sae", "32", "--k", "4", "--tokens", "600", "--out", str(tmp_path / "s")],
+    )
+    assert r.exit_code == 0, r.output
+    assert "a partial set (1 of 3 layers)" in " ".join(r.output.split())

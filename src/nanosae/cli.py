@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,15 +260,20 @@ def train(crosscoder: bool = False, transcoders: str | None = None, **given: Any
         cfgs = transcoder_set(settings, layers)
     else:
         cfgs = expand_sweep(settings, crosscoder=crosscoder)
-    steps = cfgs[0].optim.tokens // cfgs[0].optim.batch_size
+    batch = cfgs[0].optim.batch_size
+    steps = cfgs[0].optim.tokens // batch
     label = f"train {len(cfgs)} SAEs" if len(cfgs) > 1 else f"train {cfgs[0].sae.architecture}"
     with TokenProgress(label, steps) as bar:
+        start: list[float] = []  # (first step seen, its time): wall-clock tokens/s over every SAE's work
 
         def show(p) -> None:
             m = p.metrics
+            start[:] = start or [p.step, time.monotonic()]
+            elapsed = time.monotonic() - start[1]
+            rate = (p.step - start[0]) * batch / elapsed if elapsed > 0 else m["tokens_per_s"]
             bar.update(
                 p.step,
-                m["tokens_per_s"],
+                rate,
                 f"loss {m['loss']:.3g} fvu {m['fvu']:.3f} l0 {m['l0']:.1f} dead {m['dead_fraction']:.1%}",
             )
 
@@ -289,6 +295,12 @@ def train(crosscoder: bool = False, transcoders: str | None = None, **given: Any
             console.print(
                 "[yellow]the data has no held-out documents (every 20th); the set was scored on the "
                 "training text, which flatters it[/yellow]"
+            )
+        if len(layers) < scores["model_layers"]:
+            console.print(
+                f"[yellow]a partial set ({len(layers)} of {scores['model_layers']} layers): the other MLPs stay "
+                "nonlinear inside the frozen pass, so traces through them are approximations (train --transcoders "
+                "all for exact graphs)[/yellow]"
             )
         kind = "cross-layer transcoder" if cfgs[0].sae.cross_layer else "transcoder set"
         console.print(

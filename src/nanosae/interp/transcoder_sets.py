@@ -69,7 +69,7 @@ def score_set(path: Path, data: DataConfig, model: HostModel | None = None, devi
     tset = TranscoderSetDir(path)
     spec, tcs = load_transcoders(tset.path, device)
     host = model or load_model(spec, device=device)
-    scores = replacement_scores(host, tcs, data) | {"scored_on": data.split}
+    scores = replacement_scores(host, tcs, data) | {"scored_on": data.split, "model_layers": host.n_layers}
     write_json(tset.replacement, scores)
     return scores
 

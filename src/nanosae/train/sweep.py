@@ -7,11 +7,12 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from nanosae.config import SourceConfig, TrainConfig
+from nanosae.config import OptimConfig, SourceConfig, TrainConfig, default_batch_size
 from nanosae.errors import ConfigError
 from nanosae.rundir import TranscoderSetDir
 
 SWEEPABLE = ("architecture", "d_sae", "k", "sparsity_coefficient")
+SET_BATCH_FLOOR = 256  # tokens per step of a transcoder set when --batch-size is not given
 """Settings that take several comma-separated values on the command line; each combination is one SAE."""
 
 
@@ -73,6 +74,10 @@ def transcoder_set(settings: dict[str, Any], layers: list[int]) -> list[TrainCon
             if len(settings[name]) > 1:
                 raise ConfigError(f"--transcoders trains one set: give one value of {name}")
             settings[name] = settings[name][0]
+    tokens = settings.get("tokens", OptimConfig.tokens)
+    if settings.get("batch_size") is None and isinstance(tokens, int):
+        # each step runs the model once for every layer's transcoder: tiny batches make a set slow for nothing
+        settings["batch_size"] = min(tokens, max(SET_BATCH_FLOOR, default_batch_size(tokens)))
     tset = TranscoderSetDir(Path(settings.pop("out", TrainConfig.out)))
     return [
         TrainConfig.build(
