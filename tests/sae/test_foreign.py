@@ -309,3 +309,18 @@ def test_a_dictionary_of_another_model_is_refused_naming_the_file(tiny_llama_dir
         "has 3 layers",
         tmp_path / "nothing",
     )
+
+
+def test_gemma_scope_transcoders_read_the_mlp_input_and_write_its_output(tmp_path):
+    """gemma-scope-2b-pt-transcoders: the same JumpReLU equations, as a transcoder of layer L's MLP."""
+    import numpy as np
+
+    path, p = gemma_scope_file(tmp_path)
+    moved = tmp_path / "models--google--gemma-scope-2b-pt-transcoders" / "layer_5" / "w" / "params.npz"
+    moved.parent.mkdir(parents=True)
+    np.savez(moved, **{k: v.numpy() for k, v in p.items()})
+    tc = SAE.load(moved)
+    assert (tc.cfg.hook_name, tc.cfg.hook_name_out) == ("blocks.5.ln2.hook_normalized", "blocks.5.hook_mlp_out")
+    x = torch.randn(9, 12)
+    pre = x @ p["W_enc"] + p["b_enc"]
+    torch.testing.assert_close(tc(x)[0], (pre * (pre > p["threshold"])) @ p["W_dec"] + p["b_dec"])

@@ -13,7 +13,8 @@ Gemma Scope (params.npz, as in google/gemma-scope-*): W_enc (d_in, d_sae), W_dec
 threshold (d_sae); a JumpReLU SAE that does not subtract b_dec from its input:
   z = pre · 1[pre > threshold],  pre = x W_enc + b_enc;   x̂ = z W_dec + b_dec
 The release lays files out as REPO/layer_L/width_W/average_l0_N/params.npz, with the site in the repository's
-name (gemma-scope-2b-pt-res, -mlp, -att): those give the hook.
+name (gemma-scope-2b-pt-res, -mlp, -att): those give the hook. gemma-scope-2b-pt-transcoders holds transcoders of
+the same form, from the MLP's normed input to its output (circuit-tracer's hooks for them).
 
 dictionary_learning (its trainers save ae.pt, the state dict, and config.json with {"trainer": {"dict_class",
 "activation_dim", "dict_size", "k", "layer", "lm_name", "submodule_name", ...}}): each class's parameters map onto
@@ -143,8 +144,7 @@ def gemma_scope_hook(path: Path) -> str:
 def load_gemma_scope(path: Path, device: str, build: Any) -> Any:
     """A Gemma Scope JumpReLU SAE (params.npz, read without pickle)."""
     file = path if path.name == GEMMA_SCOPE_FILE else path / GEMMA_SCOPE_FILE
-    if "transcoder" in os.path.abspath(file).lower():
-        raise FormatError(f"{file}: Gemma Scope transcoders are not read yet (its SAEs are)")
+    transcoder = bool(re.search(r"gemma-scope-[^/]*-transcoders", os.path.abspath(file).lower()))
     try:
         with np.load(regular_file(file), allow_pickle=False) as npz:
             arrays = {name: np.array(npz[name]) for name in npz.files}
@@ -163,11 +163,17 @@ def load_gemma_scope(path: Path, device: str, build: Any) -> Any:
     }
     release = re.search(r"gemma-scope-(2b|9b|27b)-(pt|it)", os.path.abspath(file).lower())
     model = f"google/gemma-2-{release.group(1)}{'-it' if release.group(2) == 'it' else ''}" if release else ""
+    hook, hook_out = gemma_scope_hook(file), ""
+    layer = re.search(r"layer_(\d+)", os.path.abspath(file))
+    if transcoder and layer:  # gemma-scope-*-transcoders: the MLP's normed input -> its output
+        hook, hook_out = f"blocks.{layer.group(1)}.ln2.hook_normalized", f"blocks.{layer.group(1)}.hook_mlp_out"
     cfg = SAEConfig(
         d_in=int(d_in),
         d_sae=int(d_sae),
         architecture=JUMPRELU.name,
-        hook_name=gemma_scope_hook(file),
+        hook_name=hook,
+        hook_name_out=hook_out,
+        d_out=int(tensors["W_dec"].shape[-1]),
         apply_b_dec_to_input=False,
         model_name=model,
     )
