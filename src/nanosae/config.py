@@ -455,6 +455,10 @@ class TraceConfig:
     """The graph's scan id, which Neuronpedia files it under (default: the model's name, sanitised)."""
     batch_size: int = 32
     """Attribution targets per backward pass (memory grows with it)."""
+    targets: list[str] = field(default_factory=list, metadata={"flag": "target"})
+    """A next token (its text, one token) to trace instead of the most likely ones (repeatable)."""
+    versus: str | None = None
+    """A token whose logit is subtracted from each target's: trace a logit difference (e.g. " Paris" vs " London")."""
     node_threshold: float = NODE_THRESHOLD
     """Keep the features and errors carrying this share of the influence on the logits."""
     edge_threshold: float = EDGE_THRESHOLD

@@ -221,6 +221,13 @@ def test_trace_and_export_from_the_command_line(tiny_llama_dir, tiny_model, tmp_
     graph = json.loads((tmp_path / "g.json").read_text())
     assert graph["metadata"]["scan"] == "org-tiny-2-0" and graph["links"]
     assert not list(FIXTURES.glob("clt/graphs"))  # nothing written into the set
+    chosen = args + ["--model", str(tiny_llama_dir), "--out", str(tmp_path / "t.json"), "--target", "w9"]
+    r = runner.invoke(app, chosen + ["--versus", "w5 w6"])
+    assert r.exit_code != 0 and "--versus 'w5 w6' is 2 tokens" in str(r.exception)
+    r = runner.invoke(app, chosen + ["--versus", "w5"])
+    assert r.exit_code == 0, r.output
+    logit = next(n for n in json.loads((tmp_path / "t.json").read_text())["nodes"] if n["feature_type"] == "logit")
+    assert "w9" in logit["clerp"] and 'minus "' in logit["clerp"]
 
     run = saved(trained_like(tiny_model, "batchtopk", cross_layer=True), tmp_path / "set", str(tiny_llama_dir))
     r = runner.invoke(app, ["export", "circuit-tracer", str(run), "--out", str(tmp_path / "ct")])

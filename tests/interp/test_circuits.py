@@ -473,3 +473,21 @@ def test_the_graph_file_shows_exactly_the_kept_nodes_and_bos_errors_have_no_edge
         for n in inner:
             i = index[n["node_id"]]
             assert n["influence"] == pytest.approx(float(shares[shares > shares[i]].sum()), abs=1e-5)
+
+
+def test_chosen_targets_and_logit_differences_are_rows_of_the_default_graph(tiny_model):
+    """A chosen target's row is the row the default graph has for that token; a logit difference a − b is row a
+    minus row b (each row is its logit minus the mean logit, and the means cancel)."""
+    tcs = random_transcoders(tiny_model)
+    full = C.attribute(tiny_model, tcs, TOKENS, max_logits=3, logit_probability=0.999)
+    a, b = full.logit_tokens[:2]
+    one = C.attribute(tiny_model, tcs, TOKENS, targets=[b])
+    assert one.logit_tokens == [b] and torch.equal(one.features, full.features)
+    n = full.logit_index(0)  # the sources' columns (the graphs differ in their number of logit nodes)
+    torch.testing.assert_close(one.adjacency[one.logit_index(0), :n], full.adjacency[full.logit_index(1), :n])
+    diff = C.attribute(tiny_model, tcs, TOKENS, targets=[a], contrast=b)
+    expected = full.adjacency[full.logit_index(0), :n] - full.adjacency[full.logit_index(1), :n]
+    torch.testing.assert_close(diff.adjacency[diff.logit_index(0), :n], expected, atol=1e-4, rtol=1e-4)
+    assert expected.abs().max() > 1e-2
+    label = next(n for n in C.to_neuronpedia(diff)["nodes"] if n["feature_type"] == "logit")["clerp"]
+    assert f'minus "{diff.info["contrast"]}"' in label

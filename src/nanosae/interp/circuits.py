@@ -369,8 +369,10 @@ def _rows(
     features: Tensor,
     activations: Tensor,
     layers: list[int],
+    contrast: dict[int, int] | None = None,
 ) -> Tensor:
-    """Rows of the adjacency for targets ("feature", layer, pos, latent) or ("logit", -1, pos, token id), over the
+    """Rows of the adjacency for targets ("feature", layer, pos, latent) or ("logit", -1, pos, token id) (its
+    logit minus the mean logit, or minus the logit of contrast[token id]), over the
     sources [every active feature, error nodes, tokens]: one batched frozen forward and backward, a copy of the
     prompt per target. Features enter as leaves holding their activations, so paths through them are cut."""
     nb, T = len(targets), clean.tokens.shape[1]
@@ -391,7 +393,8 @@ def _rows(
             if kind == "logit":
                 assert logits is not None  # a pass with logit targets runs to the end
                 row = logits[b, pos].float()
-                values.append(row[index] - row.mean())
+                versus = contrast.get(index) if contrast else None
+                values.append(row[index] - (row.mean() if versus is None else row[versus]))
             else:
                 tc = transcoders[layer]
                 values.append(tc.pre_acts(tc.normalize_input(tc.check_input(inputs[layer][b, pos]))[0])[index])
@@ -449,6 +452,8 @@ def attribute(
     max_feature_nodes: int | None = None,
     batch_size: int = 32,
     skip_bos_features: bool = True,
+    targets: list[int] | None = None,
+    contrast: int | None = None,
     progress: Any = None,
 ) -> Graph:
     """The attribution graph of a prompt (text, or token ids with BOS first) over the transcoders.
@@ -460,7 +465,9 @@ def attribute(
     large-norm state, which otherwise heads every path) and give its error nodes no edges (transcoders never
     train on BOS, so its errors are large and would head the graph), as circuit-tracer does; the BOS
     position still computes what it computes (those become constants of the frozen model), its token node
-    stays."""
+    stays.
+    targets: trace these next tokens' logits instead of the most likely ones; contrast: a token whose logit is
+    subtracted from each target's (a logit difference, e.g. " Paris" against " London") instead of the mean."""
     tokens = model.prompt_ids(prompt)
     clean = clean_pass(model, transcoders, torch.tensor([tokens]))
     layers = transcoders.layers
@@ -469,12 +476,26 @@ def attribute(
     feats = [(L, p, i) for L in layers for p, i in clean.latents[L].nonzero().tolist() if p >= first]
     features = torch.tensor(feats, dtype=torch.long).reshape(-1, 3)
     activations = torch.tensor([float(clean.latents[L][p, i]) for L, p, i in feats])
-    logit_ids, logit_probs = top_logits(clean.logits[-1], logit_probability, max_logits)
+    if targets:
+        probs = clean.logits[-1].float().softmax(-1)
+        logit_ids, logit_probs = list(targets), [float(probs[t]) for t in targets]
+    else:
+        logit_ids, logit_probs = top_logits(clean.logits[-1], logit_probability, max_logits)
+    versus = {t: contrast for t in logit_ids} if contrast is not None else None
     n_f, T, n_l = len(feats), len(tokens), len(logit_ids)
     # rows computed so far, over the sources [all active features, errors, tokens]; a row's node id is its
     # feature's index, or n_src + j for logit j (errors and tokens have no incoming edges)
     rows = [
-        _rows(model, transcoders, clean, [("logit", -1, T - 1, t) for t in logit_ids], features, activations, layers)
+        _rows(
+            model,
+            transcoders,
+            clean,
+            [("logit", -1, T - 1, t) for t in logit_ids],
+            features,
+            activations,
+            layers,
+            versus,
+        )
     ]
     n_src = n_f + (len(layers) + 1) * T
     row_ids = list(range(n_src, n_src + n_l))  # logits: after every source
@@ -523,6 +544,8 @@ def attribute(
         model=model.name,
     )
     graph.info["logit_strs"] = {t: model.tokenizer.decode([t]) for t in logit_ids}
+    if contrast is not None:
+        graph.info["contrast"] = model.tokenizer.decode([contrast])
     graph.info["active_features"] = n_f
     graph.info["n_layers"] = model.n_layers
     graph.info["generation_settings"] = {
@@ -714,7 +737,8 @@ def to_neuronpedia(
                 "token_prob": p,
                 "is_target_logit": j == 0,
                 "jsNodeId": f"L_{token}-{graph.n_pos - 1}",
-                "clerp": f'Output "{graph.info.get("logit_strs", {}).get(token, token)}" (p={p:.3f})',
+                "clerp": f'Output "{graph.info.get("logit_strs", {}).get(token, token)}" (p={p:.3f})'
+                + (f' minus "{graph.info["contrast"]}"' if "contrast" in graph.info else ""),
             }
         nodes[i] = base | node
     links = [

@@ -100,8 +100,16 @@ def trace(
     if not spec:
         raise ConfigError(f"{cfg.transcoders} names no model: give --model")
     host = model or load_model(spec, device=cfg.device)
+    targets = [one_token(host, text, "--target") for text in cfg.targets]
     graph = attribute(
-        host, tcs, prompt, max_feature_nodes=cfg.max_feature_nodes, batch_size=cfg.batch_size, progress=progress
+        host,
+        tcs,
+        prompt,
+        max_feature_nodes=cfg.max_feature_nodes,
+        batch_size=cfg.batch_size,
+        targets=targets or None,
+        contrast=one_token(host, cfg.versus, "--versus") if cfg.versus is not None else None,
+        progress=progress,
     )
     graph.transcoders = str(cfg.transcoders)
     data = to_neuronpedia(
@@ -116,6 +124,15 @@ def trace(
     save_graph(graph, graph_tensors_path(out))
     write_json(out, data)
     return Trace(graph, data, out)
+
+
+def one_token(host: HostModel, text: str, flag: str) -> int:
+    """The id of a token given by its text (a ConfigError when the text is not exactly one token)."""
+    ids = host.tokenizer.encode(text)
+    if len(ids) != 1:
+        pieces = [host.tokenizer.decode([i]) for i in ids]
+        raise ConfigError(f"{flag} {text!r} is {len(ids)} tokens {pieces}, expected one (mind the leading space)")
+    return ids[0]
 
 
 def labels_of(tset: TranscoderSetDir) -> dict[tuple[int, int], str]:
