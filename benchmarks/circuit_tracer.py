@@ -1,0 +1,229 @@
+"""nanosae's attribution graphs beside circuit-tracer's (0.5.0) on the same model, transcoder set and prompt.
+
+    make ct-venv && .venv/bin/python benchmarks/circuit_tracer.py [--transcoders SET] [--prompt TEXT]
+
+The model is SmolLM2-135M-Instruct from the embedded weights: nanosae runs it as it always does (in .venv), and
+circuit-tracer gets the same dequantized weights as a TransformerLens model (in .venv-ct, since circuit-tracer pins
+transformers < 5). The set is a directory in circuit-tracer's layout, which both load: a set of yours
+(`nanosae export circuit-tracer RUN --out SET`), or by default a random JumpReLU set of the model's shape whose
+thresholds are set on the prompt's own activations so each layer has about --l0 active features per token. Each
+tool runs in its own process (time and peak memory are its own); the graphs are compared node by node after
+matching ids: the active features, the logit targets, every edge (relative to the largest), and both scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CT_PYTHON = ROOT / ".venv-ct" / "bin" / "python"
+PROMPT = "The Eiffel Tower is in the city of"
+
+
+def random_set(out: Path, prompt: str, d_sae: int, l0: float, seed: int = 0) -> None:
+    """A random JumpReLU transcoder per layer in circuit-tracer's layout, thresholds at the prompt's quantile."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from nanosae.models import load_model
+
+    torch.manual_seed(seed)
+    model = load_model("smollm2-135m")
+    hooks = [f"blocks.{L}.ln2.hook_normalized" for L in range(model.n_layers)]
+    _, cache = model.run_with_cache(torch.tensor([model.prompt_ids(prompt)]), hooks)
+    d = model.d_model
+    out.mkdir(parents=True)
+    for L, hook in enumerate(hooks):
+        W_enc = torch.randn(d_sae, d) / d**0.5
+        b_enc = torch.zeros(d_sae)
+        pre = cache[hook][0, 1:].float() @ W_enc.T  # BOS left out, as both tools leave it out
+        threshold = pre.flatten().quantile(1 - l0 / d_sae).expand(d_sae).clone()
+        tensors = {
+            "W_enc": W_enc,
+            "b_enc": b_enc,
+            "W_dec": torch.randn(d_sae, d) * 0.02,
+            "b_dec": torch.zeros(d),
+            "activation_function.threshold": threshold,
+        }
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"layer_{L}.safetensors"))
+    config = {
+        "model_kind": "transcoder_set",
+        "feature_input_hook": "mlp.hook_in",
+        "feature_output_hook": "mlp.hook_out",
+        "scan": "random-smollm2",
+        "model_name": "smollm2-135m",
+    }
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def run_nanosae(args: argparse.Namespace) -> dict:
+    from nanosae.interp import circuits as C
+    from nanosae.models import load_model
+
+    model = load_model("smollm2-135m")
+    _, tset = C.load_transcoders(args.transcoders)
+    tokens = model.prompt_ids(args.prompt)
+    start = time.perf_counter()
+    graph = C.attribute(model, tset, tokens, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    torch.save(
+        {
+            "tokens": tokens,
+            "features": graph.features,
+            "adjacency": graph.adjacency,
+            "logit_tokens": graph.logit_tokens,
+            "logit_probs": graph.logit_probs,
+            "active": graph.info["active_features"],
+            "layers": graph.layers,
+        },
+        args.result,
+    )
+    return {"seconds": seconds, **C.scores(graph)}
+
+
+def tl_model(hf_dir: Path):
+    """The embedded SmolLM2 as a TransformerLens model circuit-tracer can wrap (TransformerLens does not know its
+    name, so its config is built from the weights' own config.json)."""
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+    from transformers import AutoModelForCausalLM
+
+    copy = Path(tempfile.mkdtemp())
+    for f in hf_dir.iterdir():
+        if f.name not in ("config.json", "tokenizer_config.json"):
+            os.symlink(f, copy / f.name)
+    config = json.loads((hf_dir / "config.json").read_text()) | {"architectures": ["LlamaForCausalLM"]}
+    (copy / "config.json").write_text(json.dumps(config))
+    tok = json.loads((hf_dir / "tokenizer_config.json").read_text()) | {"tokenizer_class": "PreTrainedTokenizerFast"}
+    (copy / "tokenizer_config.json").write_text(json.dumps(tok))  # the class name transformers 5 wrote
+    fields = convert_hf_model_config(str(copy)) | {"tokenizer_name": str(copy)}
+    cfg = HookedTransformerConfig(
+        **{k: v for k, v in fields.items() if k in HookedTransformerConfig.__dataclass_fields__},
+        device="cpu",
+        dtype=torch.float32,
+    )
+    hf = AutoModelForCausalLM.from_pretrained(copy, torch_dtype=torch.float32)
+    return cfg, convert_llama_weights(hf, cfg)
+
+
+def run_circuit_tracer(args: argparse.Namespace) -> dict:
+    from circuit_tracer import attribute
+    from circuit_tracer.graph import compute_graph_scores
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
+    from circuit_tracer.utils.caching import load_transcoders_from_cache
+    from transformer_lens import HookedTransformer
+
+    set_dir = Path(args.transcoders).resolve()
+    transcoders, _ = load_transcoders_from_cache(
+        set_dir.name, cache_dir=set_dir.parent, device=torch.device("cpu"), dtype=torch.float32
+    )
+    cfg, state = tl_model(Path(args.hf_dir))
+    model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False)
+    model.__class__ = TransformerLensReplacementModel  # as from_pretrained_and_transcoders makes it
+    model._configure_replacement_model(transcoders)
+    tokens = torch.tensor(json.loads(args.tokens))
+    start = time.perf_counter()
+    graph = attribute(tokens, model, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    replacement, completeness = compute_graph_scores(graph)
+    torch.save(
+        {
+            "features": graph.active_features[graph.selected_features],
+            "adjacency": graph.adjacency_matrix,
+            "logit_tokens": [t.vocab_idx for t in graph.logit_targets],
+            "logit_probs": graph.logit_probabilities.tolist(),
+            "active": len(graph.active_features),
+        },
+        args.result,
+    )
+    return {"seconds": seconds, "replacement_score": float(replacement), "completeness_score": float(completeness)}
+
+
+def child(tool: str, args: argparse.Namespace, result: Path, extra: list[str]) -> dict:
+    python = sys.executable if tool == "nanosae" else str(CT_PYTHON)
+    cmd = [python, __file__, "--run", tool, "--result", str(result), "--transcoders", str(args.transcoders)]
+    cmd += ["--prompt", args.prompt, "--max-feature-nodes", str(args.max_feature_nodes)]
+    cmd += ["--batch-size", str(args.batch_size)] + extra
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{tool} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ordered(saved: dict) -> tuple[list[tuple[int, int, int]], torch.Tensor]:
+    """The features in (layer, position, latent) order and the adjacency permuted to match (features first,
+    then errors, tokens and logits, which both tools lay out alike)."""
+    feats = [tuple(f) for f in saved["features"].tolist()]
+    order = sorted(range(len(feats)), key=lambda i: feats[i])
+    n = len(saved["adjacency"])
+    perm = torch.tensor(order + list(range(len(feats), n)))
+    return [feats[i] for i in order], saved["adjacency"].float()[perm][:, perm]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--transcoders", type=Path, help="a set in circuit-tracer's layout (default: a random one)")
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--max-feature-nodes", type=int, default=8192)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--d-sae", type=int, default=4096)
+    p.add_argument("--l0", type=float, default=8.0)
+    p.add_argument("--run", choices=["nanosae", "circuit-tracer"], help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--tokens", help=argparse.SUPPRESS)
+    p.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.run:
+        report = (run_nanosae if args.run == "nanosae" else run_circuit_tracer)(args)
+        report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(report))
+        return
+    if not CT_PYTHON.exists():
+        sys.exit("circuit-tracer's venv is missing: make ct-venv")
+    work = Path(tempfile.mkdtemp(prefix="nanosae-ct-"))
+    if args.transcoders is None:
+        args.transcoders = work / "random-set"
+        random_set(args.transcoders, args.prompt, args.d_sae, args.l0)
+    from nanosae.models import load_model
+    from nanosae.models.hf import embedded_hf_dir
+
+    tokens = load_model("smollm2-135m").prompt_ids(args.prompt)
+    ours = child("nanosae", args, work / "nanosae.pt", [])
+    extra = ["--tokens", json.dumps(tokens), "--hf-dir", str(embedded_hf_dir())]
+    theirs = child("circuit-tracer", args, work / "ct.pt", extra)
+    a, b = torch.load(work / "nanosae.pt"), torch.load(work / "ct.pt")
+    fa, A = ordered(a)
+    fb, B = ordered(b)
+    print(f"prompt {args.prompt!r}: {len(tokens)} tokens; set {args.transcoders}")
+    print(f"active features: nanosae {a['active']}, circuit-tracer {b['active']}; traced {len(fa)} / {len(fb)}")
+    print(f"logit targets equal: {a['logit_tokens'] == b['logit_tokens']} ({a['logit_tokens']} / {b['logit_tokens']})")
+    if fa == fb and A.shape == B.shape:
+        scale = float(B.abs().max())
+        diff = (A - B).abs()
+        print(f"edges: max |difference| {float(diff.max()) / scale:.2e} of the largest edge; "
+              f"{int((diff > 1e-3 * scale).sum())} of {int((B != 0).sum())} nonzero edges differ by more than 1e-3")
+    else:
+        print(f"node sets differ: {len(set(fa) ^ set(fb))} features in one graph only")
+    for key in ("replacement_score", "completeness_score"):
+        print(f"{key}: nanosae {ours[key]:.4f}, circuit-tracer {theirs[key]:.4f}")
+    print(
+        f"time: nanosae {ours['seconds']:.1f} s, circuit-tracer {theirs['seconds']:.1f} s "
+        f"({theirs['seconds'] / ours['seconds']:.2f}x); peak RSS: nanosae {ours['peak_rss_mb']:.0f} MB, "
+        f"circuit-tracer {theirs['peak_rss_mb']:.0f} MB ({ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
