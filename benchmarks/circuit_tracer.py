@@ -104,10 +104,13 @@ def tl_model(hf_dir: Path):
         if f.name not in ("config.json", "tokenizer_config.json"):
             os.symlink(f, copy / f.name)
     config = json.loads((hf_dir / "config.json").read_text()) | {"architectures": ["LlamaForCausalLM"]}
+    # transformers 5 writes rope_parameters; transformers 4 reads rope_theta, else uses 10000 (SmolLM2's is 1e5)
+    config["rope_theta"] = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0))
     (copy / "config.json").write_text(json.dumps(config))
     tok = json.loads((hf_dir / "tokenizer_config.json").read_text()) | {"tokenizer_class": "PreTrainedTokenizerFast"}
     (copy / "tokenizer_config.json").write_text(json.dumps(tok))  # the class name transformers 5 wrote
-    fields = convert_hf_model_config(str(copy)) | {"tokenizer_name": str(copy)}
+    # TransformerLens's generic Llama config leaves the rotary base at 10000
+    fields = convert_hf_model_config(str(copy)) | {"tokenizer_name": str(copy), "rotary_base": config["rope_theta"]}
     cfg = HookedTransformerConfig(
         **{k: v for k, v in fields.items() if k in HookedTransformerConfig.__dataclass_fields__},
         device="cpu",
@@ -153,7 +156,8 @@ def run_circuit_tracer(args: argparse.Namespace) -> dict:
 
 def child(tool: str, args: argparse.Namespace, result: Path, extra: list[str]) -> dict:
     python = sys.executable if tool == "nanosae" else str(CT_PYTHON)
-    cmd = [python, __file__, "--run", tool, "--result", str(result), "--transcoders", str(args.transcoders)]
+    # -P: this file is named like the package it benchmarks, and must not shadow it
+    cmd = [python, "-P", __file__, "--run", tool, "--result", str(result), "--transcoders", str(args.transcoders)]
     cmd += ["--prompt", args.prompt, "--max-feature-nodes", str(args.max_feature_nodes)]
     cmd += ["--batch-size", str(args.batch_size)] + extra
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -197,11 +201,11 @@ def main() -> None:
         args.transcoders = work / "random-set"
         random_set(args.transcoders, args.prompt, args.d_sae, args.l0)
     from nanosae.models import load_model
-    from nanosae.models.hf import embedded_hf_dir
+    from nanosae.models.hf import dequantized_dir, smollm2_gguf
 
     tokens = load_model("smollm2-135m").prompt_ids(args.prompt)
     ours = child("nanosae", args, work / "nanosae.pt", [])
-    extra = ["--tokens", json.dumps(tokens), "--hf-dir", str(embedded_hf_dir())]
+    extra = ["--tokens", json.dumps(tokens), "--hf-dir", str(dequantized_dir(smollm2_gguf()))]
     theirs = child("circuit-tracer", args, work / "ct.pt", extra)
     a, b = torch.load(work / "nanosae.pt"), torch.load(work / "ct.pt")
     fa, A = ordered(a)
@@ -212,8 +216,10 @@ def main() -> None:
     if fa == fb and A.shape == B.shape:
         scale = float(B.abs().max())
         diff = (A - B).abs()
-        print(f"edges: max |difference| {float(diff.max()) / scale:.2e} of the largest edge; "
-              f"{int((diff > 1e-3 * scale).sum())} of {int((B != 0).sum())} nonzero edges differ by more than 1e-3")
+        print(
+            f"edges: max |difference| {float(diff.max()) / scale:.2e} of the largest edge; "
+            f"{int((diff > 1e-3 * scale).sum())} of {int((B != 0).sum())} nonzero edges differ by more than 1e-3"
+        )
     else:
         print(f"node sets differ: {len(set(fa) ^ set(fb))} features in one graph only")
     for key in ("replacement_score", "completeness_score"):

@@ -156,12 +156,17 @@ def load_hf(spec: str, device: str = "cpu", dtype: torch.dtype | None = None) ->
     return HFModel(model.to(device), tokenizer, spec)
 
 
+def dequantized_dir(path: Path) -> Path:
+    """Where a GGUF file's dequantized weights are cached as a Hugging Face directory (made on its first load)."""
+    return cache_dir() / f"{path.stem}-{path.stat().st_size}"
+
+
 def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, name: str) -> HFModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.exists():
         raise FormatError(f"GGUF file not found: {path}")
-    cached = cache_dir() / f"{path.stem}-{path.stat().st_size}"
+    cached = dequantized_dir(path)
     if (cached / "model.safetensors").exists():
         from transformers.utils import logging as hf_logging
 
