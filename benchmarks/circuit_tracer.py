@@ -28,10 +28,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CT_PYTHON = ROOT / ".venv-ct" / "bin" / "python"
 PROMPT = "The Eiffel Tower is in the city of"
+# the random set's thresholds come from other text, so no pre-activation of the prompt sits exactly on one
+CALIBRATION = (
+    "Rivers run from the mountains to the sea, and the towns along them grew where boats could stop. "
+    "def mean(values):\n    return sum(values) / len(values)\n"
+)
 
 
-def random_set(out: Path, prompt: str, d_sae: int, l0: float, seed: int = 0) -> None:
-    """A random JumpReLU transcoder per layer in circuit-tracer's layout, thresholds at the prompt's quantile."""
+def random_set(out: Path, d_sae: int, l0: float, seed: int = 0) -> None:
+    """A random JumpReLU transcoder per layer in circuit-tracer's layout, each layer's threshold the quantile
+    of its pre-activations on CALIBRATION that leaves about l0 active per token."""
     import yaml
     from safetensors.torch import save_file
 
@@ -40,7 +46,7 @@ def random_set(out: Path, prompt: str, d_sae: int, l0: float, seed: int = 0) -> 
     torch.manual_seed(seed)
     model = load_model("smollm2-135m")
     hooks = [f"blocks.{L}.ln2.hook_normalized" for L in range(model.n_layers)]
-    _, cache = model.run_with_cache(torch.tensor([model.prompt_ids(prompt)]), hooks)
+    _, cache = model.run_with_cache(torch.tensor([model.prompt_ids(CALIBRATION)]), hooks)
     d = model.d_model
     out.mkdir(parents=True)
     for L, hook in enumerate(hooks):
@@ -199,7 +205,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nanosae-ct-"))
     if args.transcoders is None:
         args.transcoders = work / "random-set"
-        random_set(args.transcoders, args.prompt, args.d_sae, args.l0)
+        random_set(args.transcoders, args.d_sae, args.l0)
     from nanosae.models import load_model
     from nanosae.models.hf import dequantized_dir, smollm2_gguf
 

@@ -154,13 +154,6 @@ def skip_term(tc: SAE, x: Tensor) -> Tensor | float:
     return tc.denormalize(skip, None) if isinstance(skip, Tensor) else skip
 
 
-def placed(rows: Tensor, values: Tensor, positions: Tensor, n_pos: int) -> Tensor:
-    """Σ values·rows at their positions, (batch, n_pos, width): (batch, n) values of n features at `positions`,
-    their decoder rows (n, width). One product per position, so neither a dense (batch, T, d_sae) decode nor a
-    (batch, n, width) product is ever made, and the gradient reaches only these features."""
-    return torch.stack([values[:, positions == p].to(rows.dtype) @ rows[positions == p] for p in range(n_pos)], 1)
-
-
 # ---- the clean pass and the replacement model -----------------------------------------------------------------
 @dataclass
 class CleanPass:
@@ -226,7 +219,11 @@ def replacement_forward(
         read, write = transcoders.hooks(layer)
         hooks[read] = lambda x, layer=layer: seen.__setitem__(layer, x)
         hooks[write] = lambda y, layer=layer, tc=tc: (written[layer] + skip_term(tc, seen[layer])).to(y.dtype)
-    with token_embeddings(model, lambda _: embeddings), model.hooks(hooks, stop_at_layer=stop_at_layer):
+    with (
+        token_embeddings(model, lambda _: embeddings),
+        model.hooks(hooks, stop_at_layer=stop_at_layer),
+        model.skipping_mlps(transcoders.layers),
+    ):
         try:
             return model.logits(tokens)
         except StopForward:
@@ -361,85 +358,110 @@ def top_logits(logits: Tensor, probability: float = 0.95, at_most: int = 10) -> 
     return ids[:n].tolist(), values[:n].tolist()
 
 
-def _rows(
-    model: HostModel,
-    transcoders: TranscoderSet,
-    clean: CleanPass,
-    targets: list[tuple[str, int, int, int]],
-    features: Tensor,
-    activations: Tensor,
-    layers: list[int],
-    contrast: dict[int, int] | None = None,
-) -> Tensor:
-    """Rows of the adjacency for targets ("feature", layer, pos, latent) or ("logit", -1, pos, token id) (its
-    logit minus the mean logit, or minus the logit of contrast[token id]), over the
-    sources [every active feature, error nodes, tokens]: one batched frozen forward and backward, a copy of the
-    prompt per target. Features enter as leaves holding their activations, so paths through them are cut."""
-    nb, T = len(targets), clean.tokens.shape[1]
-    stop = None if any(kind == "logit" for kind, *_ in targets) else max(layer for _, layer, _, _ in targets) + 1
-    emb = clean.embeddings.expand(nb, -1, -1).clone().requires_grad_(True)
-    err = {L: e.expand(nb, -1, -1).clone().requires_grad_(True) for L, e in clean.errors.items()}
-    mine = {L: (features[:, 0] == L).nonzero().squeeze(1) for L in layers}
-    vals = {L: activations[mine[L]].expand(nb, -1).clone().requires_grad_(True) for L in layers}
-    inputs: dict[int, Tensor] = {}
-    with torch.enable_grad(), frozen(model):
-        written = _written(transcoders, vals, features, mine, clean.latents, T)
-        written = {L: written[L] + err[L] for L in layers}
-        logits = replacement_forward(
-            model, transcoders, clean.tokens.expand(nb, -1), emb, stop_at_layer=stop, mlp_inputs=inputs, written=written
-        )
-        values = []
+class FrozenPass:
+    """The frozen replacement model run forward once over `copies` copies of the prompt, its graph kept: each batch
+    of targets is then one backward pass, target b's gradient seeded in copy b (as circuit-tracer does).
+
+    Each transcoder layer's MLP output is a leaf holding what the set writes there on the prompt (the features'
+    decoded activations, b_dec and the error node; the skip term stays computed from the MLP input), so one
+    backward gives every source's edge: an error node's is its gradient there · its vector, a feature's the
+    gradients at the outputs it writes to · its decoder rows · its activation (direct effects: the paths through
+    other features are cut), a token's the gradient at the embeddings · its embedding. Feature targets are
+    pre-activations, functions of their layer's MLP input; the frozen model is linear, so each one's gradient there
+    is a constant vector (`seed`), injected where that input is. With logits, the pass runs to the end; without,
+    it stops after the last transcoder layer."""
+
+    def __init__(
+        self,
+        model: HostModel,
+        transcoders: TranscoderSet,
+        clean: CleanPass,
+        features: Tensor,
+        activations: Tensor,
+        copies: int,
+        logits: bool,
+    ) -> None:
+        self.transcoders, self.clean, self.features, self.activations = transcoders, clean, features, activations
+        layers = transcoders.layers
+        self.mine = {L: (features[:, 0] == L).nonzero().squeeze(1) for L in layers}
+        with torch.no_grad():  # each feature's decoder rows into the outputs it writes to, (n, n_targets, d)
+            self.rows_out = {L: transcoders.rows_to_targets(L, features[self.mine[L], 2]) for L in layers}
+            written = {L: transcoders.decode(L, clean.latents) + clean.errors[L] for L in layers}
+        self.emb = clean.embeddings.expand(copies, -1, -1).clone().requires_grad_(True)
+        self.out = {L: w.expand(copies, -1, -1).clone().requires_grad_(True) for L, w in written.items()}
+        self.inputs: dict[int, Tensor] = {}
+        with torch.enable_grad(), frozen(model):
+            self.logits = replacement_forward(
+                model,
+                transcoders,
+                clean.tokens.expand(copies, -1),
+                self.emb,
+                stop_at_layer=None if logits else max(layers) + 1,
+                mlp_inputs=self.inputs,
+                written=self.out,
+            )
+
+    def seed(self, layer: int, positions: list[int], latents: list[int]) -> Tensor:
+        """d pre-activation / d MLP input for each (position, latent) of `layer`, at the clean input."""
+        tc = self.transcoders[layer]
+        factor = tc.input_factor()
+        if tc.arch.pre_acts is None and tc.cfg.normalize_activations == "none" and isinstance(factor, float):
+            return tc.W_enc[:, latents].T.detach() * factor  # pre = (s·x − b) W_enc + b_enc
+        x = self.inputs[layer][0, positions].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            pre = tc.pre_acts(tc.normalize_input(tc.check_input(x))[0])
+            picked = pre.gather(1, torch.tensor(latents, device=pre.device)[:, None]).sum()
+            return torch.autograd.grad(picked, x)[0]
+
+    def rows(self, targets: list[tuple[str, int, int, int]], contrast: dict[int, int] | None = None) -> Tensor:
+        """Rows of the adjacency for targets ("feature", layer, pos, latent) or ("logit", -1, pos, token id) (its
+        logit minus the mean logit, or minus the logit of contrast[token id]), over the sources [every active
+        feature, error nodes, tokens]."""
+        clean, tset, T, n = self.clean, self.transcoders, self.clean.tokens.shape[1], len(targets)
+        outputs, seeds = [], []
+        by_layer: dict[int, list[tuple[int, int, int]]] = {}
         for b, (kind, layer, pos, index) in enumerate(targets):
-            if kind == "logit":
-                assert logits is not None  # a pass with logit targets runs to the end
-                row = logits[b, pos].float()
+            if kind == "feature":
+                by_layer.setdefault(layer, []).append((b, pos, index))
+        for layer, items in by_layer.items():
+            copy_ids, positions, latents = (list(v) for v in zip(*items))
+            seed = torch.zeros_like(self.inputs[layer])
+            seed[copy_ids, positions] = self.seed(layer, positions, latents).to(seed.dtype)
+            outputs.append(self.inputs[layer])
+            seeds.append(seed)
+        logit_targets = [(b, pos, index) for b, (kind, _, pos, index) in enumerate(targets) if kind == "logit"]
+        if logit_targets:
+            assert self.logits is not None  # a pass for logit targets runs to the end
+            seed = torch.zeros_like(self.logits)
+            vocab = seed.shape[-1]
+            for b, pos, index in logit_targets:
                 versus = contrast.get(index) if contrast else None
-                values.append(row[index] - (row.mean() if versus is None else row[versus]))
-            else:
-                tc = transcoders[layer]
-                values.append(tc.pre_acts(tc.normalize_input(tc.check_input(inputs[layer][b, pos]))[0])[index])
-        sources = [emb] + [vals[L] for L in layers] + [err[L] for L in layers]
-        grads = torch.autograd.grad(torch.stack(values).sum(), sources, allow_unused=True)
-    g_emb, g_vals, g_err = grads[0], grads[1 : 1 + len(layers)], grads[1 + len(layers) :]
-    feature_cols = torch.zeros(nb, len(features))
-    for L, g in zip(layers, g_vals):
-        if g is not None:
-            feature_cols[:, mine[L]] = g.float()
-    feature_cols *= activations
-    error_cols = torch.stack(
-        [(g * clean.errors[L]).sum(-1) if g is not None else torch.zeros(nb, T) for L, g in zip(layers, g_err)], 1
-    )
-    error_cols[:, :, : clean.silent] = 0
-    error_cols = error_cols.flatten(1)
-    token_cols = (g_emb * clean.embeddings).sum(-1)
-    return torch.cat([feature_cols, error_cols.float(), token_cols.float()], 1).detach()
-
-
-def _written(
-    tset: TranscoderSet,
-    vals: dict[int, Tensor],
-    features: Tensor,
-    mine: dict[int, Tensor],
-    latents: dict[int, Tensor],
-    n_pos: int,
-) -> dict[int, Tensor]:
-    """What the features write to each MLP output: the graph's features from their value leaves vals[L]
-    (batch, n) (a sparse decode, so gradients reach only them), plus the active features that are not graph
-    nodes (the BOS position's) as a constant of the pass, plus b_dec. One decode per source layer, into all of
-    its targets at once."""
-    written = {j: tset[j].b_dec / tset[j].output_factor() for j in tset.layers}
-    for i in tset.layers:
-        nodes = features[mine[i]]
-        rest = latents[i].clone()
-        rest[nodes[:, 1], nodes[:, 2]] = 0
-        pos, latent = rest.nonzero(as_tuple=True)
-        targets = tset.targets(i)
-        out = placed(tset.rows_to_targets(i, nodes[:, 2]).flatten(1), vals[i], nodes[:, 1], n_pos)
-        out = out + placed(tset.rows_to_targets(i, latent).flatten(1), rest[pos, latent][None], pos, n_pos).detach()
-        out = out.unflatten(2, (len(targets), -1))
-        for t, j in enumerate(targets):
-            written[j] = written[j] + out[:, :, t]
-    return written
+                seed[b, pos] = -1 / vocab if versus is None else 0  # d(logit - mean or - logit[versus])
+                seed[b, pos, index] += 1
+                if versus is not None:
+                    seed[b, pos, versus] -= 1
+            outputs.append(self.logits)
+            seeds.append(seed)
+        sources = [self.emb] + [self.out[L] for L in tset.layers]
+        grads = torch.autograd.grad(outputs, sources, seeds, retain_graph=True, allow_unused=True)
+        at = {L: (g[:n].float() if g is not None else None) for L, g in zip(tset.layers, grads[1:])}
+        feature_cols = torch.zeros(n, len(self.features))
+        for L in tset.layers:  # gradient where a feature writes · its decoder row there, summed over where it writes
+            mine = self.mine[L]
+            where, picked = self.features[mine, 1], torch.arange(len(mine))
+            for t, j in enumerate(tset.targets(L)):
+                grad = at[j]
+                if grad is None or not len(mine):
+                    continue
+                products = (grad.reshape(n * T, -1) @ self.rows_out[L][:, t].float().T).reshape(n, T, -1)
+                feature_cols[:, mine] += products[:, where, picked]
+        feature_cols *= self.activations
+        error_cols = torch.stack(
+            [(g * clean.errors[L]).sum(-1) if g is not None else torch.zeros(n, T) for L, g in at.items()], 1
+        )
+        error_cols[:, :, : clean.silent] = 0
+        token_cols = (grads[0][:n] * clean.embeddings).sum(-1)
+        return torch.cat([feature_cols, error_cols.flatten(1).float(), token_cols.float()], 1).detach()
 
 
 def attribute(
@@ -485,25 +507,17 @@ def attribute(
     n_f, T, n_l = len(feats), len(tokens), len(logit_ids)
     # rows computed so far, over the sources [all active features, errors, tokens]; a row's node id is its
     # feature's index, or n_src + j for logit j (errors and tokens have no incoming edges)
-    rows = [
-        _rows(
-            model,
-            transcoders,
-            clean,
-            [("logit", -1, T - 1, t) for t in logit_ids],
-            features,
-            activations,
-            layers,
-            versus,
-        )
-    ]
+    logit_targets = [("logit", -1, T - 1, t) for t in logit_ids]
+    rows = [FrozenPass(model, transcoders, clean, features, activations, n_l, logits=True).rows(logit_targets, versus)]
     n_src = n_f + (len(layers) + 1) * T
     row_ids = list(range(n_src, n_src + n_l))  # logits: after every source
     weights = torch.tensor(logit_probs)
     traced: list[int] = []
     budget = n_f if max_feature_nodes is None else min(n_f, max_feature_nodes)
+    if budget:
+        frozen_pass = FrozenPass(model, transcoders, clean, features, activations, min(batch_size, budget), False)
     while len(traced) < budget:
-        if max_feature_nodes is None:
+        if budget == n_f:  # every feature is traced: no ranking needed, and layer order keeps backward passes short
             order = list(range(len(traced), n_f))
         else:  # the most influential untraced features, by the rows known so far
             known = torch.cat(rows)
@@ -513,10 +527,7 @@ def attribute(
             influence[traced] = -1
             order = influence.argsort(descending=True).tolist()
         chosen = sorted(order[: min(batch_size, budget - len(traced))], key=lambda i: feats[i][0])
-        rows.insert(
-            len(rows) - 1,
-            _rows(model, transcoders, clean, [("feature", *feats[i]) for i in chosen], features, activations, layers),
-        )
+        rows.insert(len(rows) - 1, frozen_pass.rows([("feature", *feats[i]) for i in chosen]))
         row_ids = row_ids[: len(traced)] + chosen + row_ids[len(traced) :]
         traced += chosen
         if progress is not None:

@@ -242,6 +242,24 @@ class HostModel:
                 else:
                     block.forward = old
 
+    @contextmanager
+    def skipping_mlps(self, layers: list[int]) -> Iterator[None]:
+        """The MLPs of these layers return zeros without computing (their hooks still run): for passes in which
+        a hook at blocks.L.hook_mlp_out replaces the output anyway, such as a replacement model's, where the
+        MLPs are most of the cost."""
+        mlps = [self.layers[i].mlp for i in layers]
+        saved = [mlp.__dict__.get("forward") for mlp in mlps]
+        try:
+            for mlp in mlps:
+                mlp.forward = lambda x, *args, **kwargs: torch.zeros_like(x)
+            yield
+        finally:
+            for mlp, old in zip(mlps, saved):
+                if old is None:
+                    del mlp.forward
+                else:
+                    mlp.forward = old
+
     # ---- running ----------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """A text prompt's token ids with BOS first; token ids are taken as they are."""
