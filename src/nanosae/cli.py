@@ -595,7 +595,10 @@ def trace(prompt: str, **given: Any) -> None:
     cfg = TraceConfig(**parse(TRACE_OPTIONS, given))
     with TokenProgress("attribution (features)", cfg.max_feature_nodes) as bar:
         graph, data, out = run_trace(
-            prompt, cfg, progress=lambda done, total: bar.update(done, 0.0, f"{done}/{total} features")
+            prompt,
+            cfg,
+            progress=lambda done, total: bar.update(done, 0.0, f"{done}/{total} features"),
+            on_estimate=lambda need: console.print(f"memory this trace adds: about {need / 2**30:.2f} GiB"),
         )
     info = data["metadata"]["info"]
     console.print(

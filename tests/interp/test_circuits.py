@@ -7,6 +7,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from nanosae import SAE, SAEConfig
+from nanosae.errors import ConfigError
 from nanosae.interp import circuits as C
 
 TOKENS = [0, 5, 9, 13, 22, 7, 41]
@@ -491,3 +492,34 @@ def test_chosen_targets_and_logit_differences_are_rows_of_the_default_graph(tiny
     assert expected.abs().max() > 1e-2
     label = next(n for n in C.to_neuronpedia(diff)["nodes"] if n["feature_type"] == "logit")["clerp"]
     assert f'minus "{diff.info["contrast"]}"' in label
+
+
+def test_a_trace_estimates_its_memory_and_refuses_what_would_not_fit(tiny_model):
+    """The frozen pass's memory is per copy of the prompt (three copies hold three times one copy's); the batch
+    size the estimate says fits does fit and one more does not; a limit below the estimate refuses the trace
+    before the expensive part, naming the batch size that fits; a limit at the estimate runs it."""
+    tcs = random_transcoders(tiny_model)
+    clean = C.clean_pass(tiny_model, tcs, torch.tensor([TOKENS]))
+    feats = [(L, p, i) for L in tcs.layers for p, i in clean.latents[L].nonzero().tolist() if p >= 1]
+    features = torch.tensor(feats)
+    acts = torch.tensor([float(clean.latents[L][p, i]) for L, p, i in feats])
+    weights = {p.untyped_storage().data_ptr() for p in tiny_model.module.parameters()}
+    weights |= {p.untyped_storage().data_ptr() for tc in tcs.by_layer.values() for p in tc.parameters()}
+    for logits in (False, True):
+        one, three = (
+            C.pass_bytes(lambda n=n: C.FrozenPass(tiny_model, tcs, clean, features, acts, n, logits), weights)
+            for n in (1, 3)
+        )
+        assert three == pytest.approx(3 * one, rel=0.05)
+    seen: list[int] = []
+    graph = C.attribute(tiny_model, tcs, TOKENS, batch_size=8, memory_limit=2**50, on_estimate=seen.append)
+    estimate = C.estimate_memory(tiny_model, tcs, clean, features, acts, len(graph.logit_tokens), len(feats))
+    limit = estimate.total(8, len(feats))
+    assert seen == [graph.info["memory_estimate"]] == [limit]  # what attribute estimated, before its work
+    fits = estimate.largest_batch(limit, len(feats))
+    assert fits >= 8 and estimate.total(fits, len(feats)) <= limit < estimate.total(fits + 1, len(feats))
+    with pytest.raises(ConfigError, match=r"needs about .* GiB more memory .* use --batch-size 7") as e:
+        C.attribute(tiny_model, tcs, TOKENS, batch_size=64, memory_limit=limit - 1, on_estimate=seen.append)
+    assert "\n" not in str(e.value) and len(seen) == 1  # refused before the work: nothing reported as started
+    with pytest.raises(ConfigError, match="fewer --max-feature-nodes or a shorter prompt"):
+        C.attribute(tiny_model, tcs, TOKENS, memory_limit=1)

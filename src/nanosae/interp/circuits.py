@@ -215,9 +215,16 @@ def replacement_forward(
         assert latents is not None and errors is not None  # what the layers write, when not given
         written = {L: transcoders.decode(L, latents) + errors[L] for L in transcoders.layers}
     hooks: dict[str, Any] = {}
+    last = None if stop_at_layer is None else stop_at_layer - 1
+
+    def record(x: Tensor, layer: int) -> None:
+        seen[layer] = x
+        if layer == last:  # nothing after the last MLP input read is needed: not even that layer's MLP
+            raise StopForward
+
     for layer, tc in transcoders.items():
         read, write = transcoders.hooks(layer)
-        hooks[read] = lambda x, layer=layer: seen.__setitem__(layer, x)
+        hooks[read] = lambda x, layer=layer: record(x, layer)
         hooks[write] = lambda y, layer=layer, tc=tc: (written[layer] + skip_term(tc, seen[layer])).to(y.dtype)
     with (
         token_embeddings(model, lambda _: embeddings),
@@ -464,6 +471,101 @@ class FrozenPass:
         return torch.cat([feature_cols, error_cols.flatten(1).float(), token_cols.float()], 1).detach()
 
 
+# A process's peak memory over what its tensors hold (the allocator's free lists, transient buffers of the backward
+# passes), and what a trace allocates whatever its size (the clean pass, autograd's first backward): measured by
+# benchmarks/trace_memory.py, so the estimate errs high rather than low.
+PEAK_OVER_HELD = 1.45
+TRACE_OVERHEAD = 512 << 20
+
+
+@dataclass
+class MemoryEstimate:
+    """What a trace adds to memory beyond the model and transcoders already loaded, in bytes: the frozen passes
+    kept for backward (per copy of the prompt, measured on one copy: the logit pass's and the feature pass's; the
+    first is freed before the second is made, but the allocator seldom gives that memory back, so both count),
+    and the graph's rows and adjacency; fixed also holds the clean pass and the two one-copy passes measured."""
+
+    feature_copy: int
+    logit_copy: int
+    n_logits: int
+    rows_per_feature: int
+    fixed: int  # the logits' rows, the adjacency, the seeds
+
+    def total(self, batch_size: int, traced: int) -> int:
+        passes = self.logit_copy * self.n_logits + self.feature_copy * min(batch_size, max(traced, 1))
+        return passes + self.rows_per_feature * traced + self.fixed + TRACE_OVERHEAD
+
+    def largest_batch(self, limit: int, traced: int) -> int:
+        """The largest batch size whose total fits in `limit` (0 if none does)."""
+        room = limit - self.rows_per_feature * traced - self.fixed - self.logit_copy * self.n_logits - TRACE_OVERHEAD
+        return max(0, min(traced, room // max(self.feature_copy, 1)))
+
+
+def pass_bytes(build: Any, exclude: set[int]) -> int:
+    """Bytes a frozen pass holds: what autograd keeps for backward while build() runs, its leaves, MLP inputs and
+    logits (each storage once; storages in `exclude`, the weights, not counted), and for a logit pass the seed
+    and gradient its backward makes, each the logits' size."""
+    seen: dict[int, int] = {}
+
+    def count(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        frozen_pass = build()
+    for t in frozen_pass.inputs.values():
+        count(t)
+    leaves = sum(t.untyped_storage().nbytes() for t in [frozen_pass.emb, *frozen_pass.out.values()])
+    logits = 0 if frozen_pass.logits is None else frozen_pass.logits.untyped_storage().nbytes()
+    return sum(seen.values()) + 2 * leaves + 3 * logits  # leaves and their gradients
+
+
+def estimate_memory(
+    model: HostModel,
+    transcoders: TranscoderSet,
+    clean: CleanPass,
+    features: Tensor,
+    activations: Tensor,
+    n_logits: int,
+    traced: int,
+) -> MemoryEstimate:
+    """A trace's memory, measured on one copy of the prompt's frozen pass (feature and logit) and counted for the
+    graph."""
+    weights = {p.untyped_storage().data_ptr() for p in model.module.parameters()}
+    weights |= {p.untyped_storage().data_ptr() for tc in transcoders.by_layer.values() for p in tc.parameters()}
+    per_copy = {
+        logits: PEAK_OVER_HELD
+        * pass_bytes(
+            lambda logits=logits: FrozenPass(model, transcoders, clean, features, activations, 1, logits), weights
+        )
+        for logits in (False, True)
+    }
+    T, n_f = clean.tokens.shape[1], len(features)
+    n_src = n_f + (len(transcoders) + 1) * T
+    n_nodes = traced + (len(transcoders) + 1) * T + n_logits
+    clean_bytes = sum(t.untyped_storage().nbytes() for t in [*clean.latents.values(), *clean.errors.values()])
+    return MemoryEstimate(
+        feature_copy=int(per_copy[False]),
+        logit_copy=int(per_copy[True]),
+        n_logits=n_logits,
+        rows_per_feature=4 * n_src,
+        fixed=4 * (n_logits * n_src + n_nodes * n_nodes) + 2 * clean_bytes + int(sum(per_copy.values())),
+    )
+
+
+def available_memory() -> int | None:
+    """Bytes the system can still give (MemAvailable), or None where /proc/meminfo does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def attribute(
     model: HostModel,
     transcoders: TranscoderSet,
@@ -476,6 +578,8 @@ def attribute(
     skip_bos_features: bool = True,
     targets: list[int] | None = None,
     contrast: int | None = None,
+    memory_limit: int | None = None,
+    on_estimate: Any = None,
     progress: Any = None,
 ) -> Graph:
     """The attribution graph of a prompt (text, or token ids with BOS first) over the transcoders.
@@ -489,7 +593,10 @@ def attribute(
     position still computes what it computes (those become constants of the frozen model), its token node
     stays.
     targets: trace these next tokens' logits instead of the most likely ones; contrast: a token whose logit is
-    subtracted from each target's (a logit difference, e.g. " Paris" against " London") instead of the mean."""
+    subtracted from each target's (a logit difference, e.g. " Paris" against " London") instead of the mean.
+    memory_limit: bytes the trace may add (e.g. available_memory()); a trace estimated to need more is refused
+    after the clean pass, before the expensive part, naming the settings that would fit. The estimate goes to
+    graph.info["memory_estimate"] and to on_estimate(bytes) before the work starts."""
     tokens = model.prompt_ids(prompt)
     clean = clean_pass(model, transcoders, torch.tensor([tokens]))
     layers = transcoders.layers
@@ -514,6 +621,17 @@ def attribute(
     weights = torch.tensor(logit_probs)
     traced: list[int] = []
     budget = n_f if max_feature_nodes is None else min(n_f, max_feature_nodes)
+    estimate = estimate_memory(model, transcoders, clean, features, activations, n_l, budget)
+    need = estimate.total(batch_size, budget)
+    if memory_limit is not None and need > memory_limit:
+        fits = estimate.largest_batch(memory_limit, budget)
+        hint = f"--batch-size {fits}" if fits else "fewer --max-feature-nodes or a shorter prompt"
+        raise ConfigError(
+            f"this trace needs about {need / 2**30:.1f} GiB more memory ({T} tokens, {n_f} active features, "
+            f"batch {batch_size}) and {memory_limit / 2**30:.1f} GiB is available: use {hint}"
+        )
+    if on_estimate is not None:
+        on_estimate(need)
     if budget:
         frozen_pass = FrozenPass(model, transcoders, clean, features, activations, min(batch_size, budget), False)
     while len(traced) < budget:
@@ -558,6 +676,7 @@ def attribute(
     if contrast is not None:
         graph.info["contrast"] = model.tokenizer.decode([contrast])
     graph.info["active_features"] = n_f
+    graph.info["memory_estimate"] = need
     graph.info["n_layers"] = model.n_layers
     graph.info["generation_settings"] = {
         "max_n_logits": max_logits,

@@ -15,6 +15,7 @@ from nanosae.errors import ConfigError
 from nanosae.interp.circuits import (
     Graph,
     attribute,
+    available_memory,
     graph_tensors_path,
     load_graph,
     load_transcoders,
@@ -84,6 +85,7 @@ def trace(
     model: HostModel | None = None,
     slug: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_estimate: Callable[[int], None] | None = None,
 ) -> Trace:
     """An attribution graph of prompt over cfg.transcoders, pruned and written in Neuronpedia's layout to
     cfg.out (default: a nanosae set's graphs/SLUG.json), with each feature's explanation as its label.
@@ -109,6 +111,8 @@ def trace(
         batch_size=cfg.batch_size,
         targets=targets or None,
         contrast=one_token(host, cfg.versus, "--versus") if cfg.versus is not None else None,
+        memory_limit=available_memory(),
+        on_estimate=on_estimate,
         progress=progress,
     )
     graph.transcoders = str(cfg.transcoders)
