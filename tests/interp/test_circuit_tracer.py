@@ -275,3 +275,20 @@ def test_a_traced_graph_prunes_again_without_tracing(tiny_llama_dir, tmp_path, m
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     r = runner.invoke(app, ["prune", str(tmp_path / "bad.json"), "--out", str(tmp_path / "q.json")])
     assert r.exit_code != 0 and "not an unpruned graph" in str(r.exception)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_float32_weights_are_mapped_from_their_files_not_copied(tmp_path):
+    """Each layer's file is mapped into the process and the loaded weights' memory lies inside that mapping."""
+    root = tmp_path / "set"
+    shutil.copytree(FIXTURES / "plt_relu", root)
+    _, tset = C.load_transcoders(root)
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    for L in tset:
+        file = str((root / f"layer_{L}.safetensors").resolve())
+        spans = [[int(x, 16) for x in line.split()[0].split("-")] for line in maps if line.endswith(file)]
+        for name in ("W_enc", "W_dec", "b_enc"):
+            pointer = getattr(tset[L], name).data_ptr()
+            assert any(lo <= pointer < hi for lo, hi in spans), f"layer {L}'s {name} is not in {file}'s mapping"
+    expected = load_file(FIXTURES / "expected.safetensors")
+    torch.testing.assert_close(outputs(tset, expected["x"])[0], expected["plt_relu/0"], atol=1e-5, rtol=0)

@@ -98,11 +98,14 @@ def _numbered(path: Path, pattern: str) -> list[Path]:
 
 
 def _tensors(file: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors or (Gemma Scope) .npz file, read without pickle; all of them, or `keys`."""
+    """Tensors from a .safetensors (memory-mapped) or (Gemma Scope) .npz file, read without pickle; all of them,
+    or `keys`."""
     try:
         if file.suffix == ".npz":
             with np.load(regular_file(file), allow_pickle=False) as npz:
                 return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files if keys is None or k in keys}
+        # safetensors maps the file and its tensors view the mapping: nothing is read until used, and the OS can
+        # drop the pages again, so a set of large transcoders need not fit in memory
         with safe_open(str(regular_file(file)), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys() if keys is None or k in keys}  # noqa: SIM118
     except FormatError:
@@ -130,7 +133,7 @@ def _per_layer(file: Path) -> dict[str, torch.Tensor]:
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         if name not in out or out[name].dim() != (2 if name.startswith("W") else 1):
             raise FormatError(f"{file}: missing or misshapen {name} (not a circuit-tracer transcoder?)")
-    return {k: v.float().contiguous() for k, v in out.items()}
+    return {k: v if v.dtype == torch.float32 else v.float() for k, v in out.items()}
 
 
 def _sae(tensors: dict[str, torch.Tensor], layer: int, reads: str, file: Path, model: str) -> SAE:
@@ -146,7 +149,7 @@ def _sae(tensors: dict[str, torch.Tensor], layer: int, reads: str, file: Path, m
         skip_connection="W_skip" in tensors,
         model_name=model,
     )
-    return build_checked(cfg, tensors, file, "cpu", SAE).eval()
+    return build_checked(cfg, tensors, file, "cpu", SAE, assign=True).eval()
 
 
 def load(path: Path, device: str = "cpu") -> tuple[str, dict[int, SAE], dict[int, torch.Tensor]]:

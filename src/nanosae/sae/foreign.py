@@ -321,9 +321,17 @@ def resolve_hub(spec: str) -> Path:
     return path
 
 
-def build_checked(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device: str, build: Any) -> Any:
-    """build(cfg) with tensors (our names) loaded, each checked for shape and finite floats against `where`."""
-    sae = build(cfg)
+def build_checked(
+    cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device: str, build: Any, assign: bool = False
+) -> Any:
+    """build(cfg) with tensors (our names) loaded, each checked for shape and finite floats against `where`.
+    assign: the SAE takes the tensors themselves (built on the meta device, nothing allocated or copied), so
+    tensors mapped from a file stay mapped."""
+    if assign:
+        with torch.device("meta"):
+            sae = build(cfg)
+    else:
+        sae = build(cfg)
     expected = sae.state_dict()
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -345,5 +353,5 @@ def build_checked(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path,
             )
         if not bool(torch.isfinite(got).all()):
             raise FormatError(f"{where}: tensor {name} holds NaN or infinite values")
-    sae.load_state_dict({name: tensors[name].to(ref.dtype) for name, ref in expected.items()})
+    sae.load_state_dict({name: tensors[name].to(ref.dtype) for name, ref in expected.items()}, assign=assign)
     return sae.to(device)

@@ -79,7 +79,8 @@ class SAE(nn.Module):
         self.hook_sae_recons = HookPoint()
         self.hook_sae_error = HookPoint()
         self.hook_sae_output = HookPoint()
-        self.to(cfg.device)
+        if not self.W_dec.is_meta:  # built on the meta device, the caller assigns real tensors (foreign.build_checked)
+            self.to(cfg.device)
 
     # ---- properties -------------------------------------------------------------------------
     @property
