@@ -206,6 +206,7 @@ def replacement_forward(
     stop_at_layer: int | None = None,
     mlp_inputs: dict[int, Tensor] | None = None,
     written: dict[int, Tensor] | None = None,
+    last_only: bool = False,
 ) -> Tensor | None:
     """The model with its token embeddings set to `embeddings` and each transcoder layer's MLP output replaced by
     the set's output for those latents plus errors (batched like tokens); or, with `written`, by written[L] plus
@@ -232,7 +233,7 @@ def replacement_forward(
         model.skipping_mlps(transcoders.layers),
     ):
         try:
-            return model.logits(tokens)
+            return model.logits(tokens, last_only)
         except StopForward:
             return None
 
@@ -391,8 +392,16 @@ class FrozenPass:
         self.transcoders, self.clean, self.features, self.activations = transcoders, clean, features, activations
         layers = transcoders.layers
         self.mine = {L: (features[:, 0] == L).nonzero().squeeze(1) for L in layers}
-        with torch.no_grad():  # each feature's decoder rows into the outputs it writes to, (n, n_targets, d)
-            self.rows_out = {L: transcoders.rows_to_targets(L, features[self.mine[L], 2]) for L in layers}
+        # per layer and position: its features' indices and decoder rows into every output they write to, flat
+        # (n_here, n_targets · d), so a feature's edge is one product with the gradients at its position
+        self.by_position: dict[int, list[tuple[int, Tensor, Tensor]]] = {}
+        with torch.no_grad():
+            for L in layers:
+                rows = transcoders.rows_to_targets(L, features[self.mine[L], 2]).flatten(1).float()
+                positions = features[self.mine[L], 1]
+                self.by_position[L] = [
+                    (int(p), self.mine[L][positions == p], rows[positions == p]) for p in positions.unique().tolist()
+                ]
             written = {L: transcoders.decode(L, clean.latents) + clean.errors[L] for L in layers}
         self.emb = clean.embeddings.expand(copies, -1, -1).clone().requires_grad_(True)
         self.out = {L: w.expand(copies, -1, -1).clone().requires_grad_(True) for L, w in written.items()}
@@ -406,6 +415,7 @@ class FrozenPass:
                 stop_at_layer=None if logits else max(layers) + 1,
                 mlp_inputs=self.inputs,
                 written=self.out,
+                last_only=True,  # the targets are next-token logits
             )
 
     def seed(self, layer: int, positions: list[int], latents: list[int]) -> Tensor:
@@ -440,8 +450,9 @@ class FrozenPass:
         if logit_targets:
             assert self.logits is not None  # a pass for logit targets runs to the end
             seed = torch.zeros_like(self.logits)
-            vocab = seed.shape[-1]
+            vocab, first = seed.shape[-1], T - seed.shape[1]  # the logits held: the last position's
             for b, pos, index in logit_targets:
+                pos -= first
                 versus = contrast.get(index) if contrast else None
                 seed[b, pos] = -1 / vocab if versus is None else 0  # d(logit - mean or - logit[versus])
                 seed[b, pos, index] += 1
@@ -453,15 +464,14 @@ class FrozenPass:
         grads = torch.autograd.grad(outputs, sources, seeds, retain_graph=True, allow_unused=True)
         at = {L: (g[:n].float() if g is not None else None) for L, g in zip(tset.layers, grads[1:])}
         feature_cols = torch.zeros(n, len(self.features))
-        for L in tset.layers:  # gradient where a feature writes · its decoder row there, summed over where it writes
-            mine = self.mine[L]
-            where, picked = self.features[mine, 1], torch.arange(len(mine))
-            for t, j in enumerate(tset.targets(L)):
-                grad = at[j]
-                if grad is None or not len(mine):
-                    continue
-                products = (grad.reshape(n * T, -1) @ self.rows_out[L][:, t].float().T).reshape(n, T, -1)
-                feature_cols[:, mine] += products[:, where, picked]
+        d = self.emb.shape[-1]
+        for L in tset.layers:  # the gradients where a feature writes · its decoder rows there
+            into = [at[j] for j in tset.targets(L)]
+            if all(g is None for g in into) or not self.by_position[L]:
+                continue
+            g = torch.cat([x if x is not None else torch.zeros(n, T, d) for x in into], 2)  # (n, T, n_targets · d)
+            for p, here, rows in self.by_position[L]:
+                feature_cols[:, here] = g[:, p] @ rows.T
         feature_cols *= self.activations
         error_cols = torch.stack(
             [(g * clean.errors[L]).sum(-1) if g is not None else torch.zeros(n, T) for L, g in at.items()], 1

@@ -103,6 +103,11 @@ class HFModel(HostModel):
     def _logits(self, tokens: Tensor) -> Tensor:
         return self.module(input_ids=tokens, use_cache=False).logits
 
+    def _last_logits(self, tokens: Tensor) -> Tensor:
+        if "logits_to_keep" in inspect.signature(self.module.forward).parameters:  # the unembedding of one position
+            return self.module(input_ids=tokens, use_cache=False, logits_to_keep=1).logits
+        return self._logits(tokens)[:, -1:]
+
     def _logits_cached(self, tokens: Tensor, cache: Any) -> tuple[Tensor, Any]:
         # transformers >= 5.2x names the KV cache `cache` (the old `past_key_values` warns); older releases
         # know only `past_key_values`

@@ -276,9 +276,14 @@ class HostModel:
     def forward(self, tokens: Tensor | list) -> Tensor:
         return self._logits(self.as_tokens(tokens))
 
-    def logits(self, tokens: Tensor) -> Tensor:
-        """The forward pass with autograd on (forward() runs without it): for gradients through the model."""
-        return self._logits(tokens)
+    def logits(self, tokens: Tensor, last_only: bool = False) -> Tensor:
+        """The forward pass with autograd on (forward() runs without it): for gradients through the model.
+        last_only: the last position's logits alone, (B, 1, vocab), without the others' (a long prompt's
+        full-vocabulary logits at every position are gigabytes)."""
+        return self._last_logits(tokens) if last_only else self._logits(tokens)
+
+    def _last_logits(self, tokens: Tensor) -> Tensor:
+        return self._logits(tokens)[:, -1:]
 
     @torch.no_grad()
     def logits_at(self, tokens: Tensor | list, positions: list[int], token_ids: list[int]) -> Tensor:

@@ -1,0 +1,113 @@
+"""A trace at a 1B-class shape on a laptop's memory: random weights of Llama-3.2-1B's published shape (d_model
+2048, 16 layers, 32 heads / 8 KV heads, MLP 8192, vocabulary 128,256) and a random JumpReLU transcoder set in
+circuit-tracer's layout (memory-mapped), a long prompt of random tokens.
+
+    .venv/bin/python benchmarks/trace_1b.py [--tokens 256] [--d-sae 16384] [--batch-size 8] [--max-feature-nodes 128]
+
+Prints the estimate trace makes, the peak resident memory of the process and its parts (model, the set's files),
+and the time. Random weights make the graph meaningless; the memory and time are what a real set of that shape
+costs, for the same number of active features (--l0 per token and layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--d-sae", type=int, default=16384)
+    p.add_argument("--l0", type=float, default=16.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-feature-nodes", type=int, default=128)
+    args = p.parse_args()
+
+    import yaml
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from nanosae.interp import circuits as C
+    from nanosae.models import keep_freed_memory
+    from nanosae.models.hf import HFModel, dequantized_dir, smollm2_gguf
+
+    keep_freed_memory()  # as the nanosae command does
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    cfg = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    )
+    module = LlamaForCausalLM(cfg).eval()
+    tokenizer = AutoTokenizer.from_pretrained(dequantized_dir(smollm2_gguf()))  # only its BOS id is used
+    model = HFModel(module, tokenizer, "random-llama-3.2-1b-shape")
+    model_gib = sum(p.numel() * 4 for p in module.parameters()) / 2**30
+    tokens = [tokenizer.bos_token_id, *torch.randint(100, 49152, (args.tokens - 1,)).tolist()]
+
+    set_dir = Path(tempfile.mkdtemp(prefix="nanosae-1b-")) / "set"
+    set_dir.mkdir()
+    hooks = [f"blocks.{L}.ln2.hook_normalized" for L in range(16)]
+    _, cache = model.run_with_cache(torch.tensor([tokens[:64]]), hooks)
+    for L, hook in enumerate(hooks):
+        W_enc = torch.randn(args.d_sae, 2048) / 2048**0.5
+        pre = cache[hook][0, 1:].float() @ W_enc.T
+        tensors = {
+            "W_enc": W_enc,
+            "b_enc": torch.zeros(args.d_sae),
+            "W_dec": torch.randn(args.d_sae, 2048) * 0.01,
+            "b_dec": torch.zeros(2048),
+            "activation_function.threshold": pre.flatten().quantile(1 - args.l0 / args.d_sae).expand(args.d_sae).clone(),
+        }
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(set_dir / f"layer_{L}.safetensors"))
+    config = {"model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out"}
+    (set_dir / "config.yaml").write_text(yaml.safe_dump(config | {"scan": "random-1b"}))
+    del cache
+    set_gib = sum(f.stat().st_size for f in set_dir.glob("*.safetensors")) / 2**30
+    _, tset = C.load_transcoders(set_dir)
+    setup = time.perf_counter() - start
+    before = rss_gib()
+    estimate: list[int] = []
+    start = time.perf_counter()
+    graph = C.attribute(
+        model,
+        tset,
+        tokens,
+        max_feature_nodes=args.max_feature_nodes,
+        batch_size=args.batch_size,
+        memory_limit=C.available_memory(),
+        on_estimate=estimate.append,
+    )
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(
+        f"{args.tokens} tokens, {graph.info['active_features']} active features, {graph.n_features} traced, "
+        f"batch {args.batch_size}; model {model_gib:.1f} GiB (float32), set {set_gib:.1f} GiB on disk (mapped)"
+    )
+    print(
+        f"setup {setup:.0f} s; RSS before the trace {before:.1f} GiB; trace estimate +{estimate[0] / 2**30:.1f} GiB; "
+        f"peak RSS {peak:.1f} GiB (+{peak - before:.1f}); attribution {seconds:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
