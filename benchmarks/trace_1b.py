@@ -71,15 +71,17 @@ def main() -> None:
     for L, hook in enumerate(hooks):
         W_enc = torch.randn(args.d_sae, 2048) / 2048**0.5
         pre = cache[hook][0, 1:].float() @ W_enc.T
+        threshold = pre.flatten().quantile(1 - args.l0 / args.d_sae).expand(args.d_sae).clone()
         tensors = {
             "W_enc": W_enc,
             "b_enc": torch.zeros(args.d_sae),
             "W_dec": torch.randn(args.d_sae, 2048) * 0.01,
             "b_dec": torch.zeros(2048),
-            "activation_function.threshold": pre.flatten().quantile(1 - args.l0 / args.d_sae).expand(args.d_sae).clone(),
+            "activation_function.threshold": threshold,
         }
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(set_dir / f"layer_{L}.safetensors"))
-    config = {"model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out"}
+    config = {"model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in"}
+    config["feature_output_hook"] = "mlp.hook_out"
     (set_dir / "config.yaml").write_text(yaml.safe_dump(config | {"scan": "random-1b"}))
     del cache
     set_gib = sum(f.stat().st_size for f in set_dir.glob("*.safetensors")) / 2**30
