@@ -65,6 +65,7 @@ class RunDir:
 
 MAX_LAYERS = 4096
 GRAPH_SLUG = "^[a-z0-9][a-z0-9-]{0,63}$"
+GRAPH_INDEX = "graph-metadata.json"  # beside the graphs: the index circuit-tracer's local server reads
 
 
 @dataclass(frozen=True)
@@ -146,13 +147,21 @@ class TranscoderSetDir:
         return self.graphs / f"{slug}.json"
 
     def graph_names(self) -> list[str]:
-        return sorted(p.stem for p in self.graphs.glob("*.json") if p.is_file() and re.fullmatch(GRAPH_SLUG, p.stem))
+        return sorted(
+            p.stem
+            for p in self.graphs.glob("*.json")
+            if p.is_file() and re.fullmatch(GRAPH_SLUG, p.stem) and p.name != GRAPH_INDEX
+        )
 
     def new_graph(self, prompt: str, out: Path | None = None, slug: str | None = None) -> tuple[str, Path]:
-        """(slug, file) for a new graph of prompt: out, or graphs/SLUG.json (the slug made from the prompt unless
-        given); an existing file is never replaced (it may hold pinned nodes and supernodes), nor one placed
+        """(slug, file) for a new graph of prompt: out, or graphs/SLUG.json (the slug made from out's name or the
+        prompt unless given); an existing file is never replaced (it may hold pinned nodes and supernodes), nor one placed
         inside another job's folder."""
-        slug = slug or re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "graph"
+        # the slug names the file, as circuit-tracer's server finds graphs (SLUG.json): --out's name, or the prompt
+        named = out.stem if out is not None else prompt
+        slug = slug or re.sub(r"[^a-z0-9]+", "-", named.lower()).strip("-")[:48] or "graph"
+        if f"{slug}.json" == GRAPH_INDEX:  # the graphs' index is not a graph
+            slug += "-graph"
         out = out or self.graph(slug)
         if out.exists() or out.is_symlink():
             raise ConfigError(f"{out} exists (it may hold pinned nodes and supernodes); give another --out")

@@ -292,3 +292,36 @@ def test_float32_weights_are_mapped_from_their_files_not_copied(tmp_path):
             assert any(lo <= pointer < hi for lo, hi in spans), f"layer {L}'s {name} is not in {file}'s mapping"
     expected = load_file(FIXTURES / "expected.safetensors")
     torch.testing.assert_close(outputs(tset, expected["x"])[0], expected["plt_relu/0"], atol=1e-5, rtol=0)
+
+
+def test_graphs_are_indexed_for_circuit_tracers_local_server(tiny_llama_dir, tmp_path):
+    """graph-metadata.json beside the graphs lists each once (circuit-tracer's server reads it); with circuit-tracer
+    installed, its own models accept the index entries and the graph file; the index is never taken for a graph."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from nanosae.cli import app
+    from nanosae.rundir import GRAPH_INDEX
+
+    base = ["trace", "w5 w6 w7", "--transcoders", str(FIXTURES / "plt_relu"), "--model", str(tiny_llama_dir)]
+    for name in ("a", "b"):
+        assert CliRunner().invoke(app, base + ["--out", str(tmp_path / f"{name}.json")]).exit_code == 0
+    r = CliRunner().invoke(app, ["prune", str(tmp_path / "a.json"), "--out", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    index = json.loads((tmp_path / GRAPH_INDEX).read_text())["graphs"]
+    assert [g["slug"] for g in index] == ["a", "b", "c"]
+    assert index[0]["prompt"] == "w5 w6 w7" and index[0]["scan"] and index[0]["prompt_tokens"]
+    assert TranscoderSetDir(tmp_path.parent / "x").graph("graph-metadata") != tmp_path / GRAPH_INDEX
+    (tmp_path / "graphs").mkdir()
+    (tmp_path / "graphs" / GRAPH_INDEX).write_text("{}")
+    (tmp_path / "graphs" / "one.json").write_text("{}")
+    assert TranscoderSetDir(tmp_path).graph_names() == ["one"]
+    assert TranscoderSetDir(tmp_path).new_graph("graph metadata")[0] == "graph-metadata-graph"
+    try:
+        from circuit_tracer.frontend.graph_models import Metadata, Model
+    except ImportError:
+        return
+    for entry in index:
+        Metadata(**entry)
+    Model(**json.loads((tmp_path / "a.json").read_text()))

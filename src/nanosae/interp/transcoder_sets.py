@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from nanosae.config import DataConfig, PruneConfig, TraceConfig, TrainConfig
 from nanosae.data import iter_documents
-from nanosae.errors import ConfigError
+from nanosae.errors import ConfigError, NanosaeError
 from nanosae.interp.circuits import (
     Graph,
     attribute,
@@ -26,7 +26,7 @@ from nanosae.interp.circuits import (
 from nanosae.interp.featuredb import explanations
 from nanosae.io import read_json, write_json
 from nanosae.models import HostModel, load_model
-from nanosae.rundir import TranscoderSetDir
+from nanosae.rundir import GRAPH_INDEX, TranscoderSetDir
 from nanosae.train import TrainResult, train
 
 
@@ -127,7 +127,22 @@ def trace(
     )
     save_graph(graph, graph_tensors_path(out))
     write_json(out, data)
+    index_graph(out, data)
     return Trace(graph, data, out)
+
+
+def index_graph(graph_file: Path, data: dict[str, Any]) -> None:
+    """Add (or replace) the graph in graph-metadata.json beside it: the index circuit-tracer's local server
+    (`circuit_tracer.frontend.local_server.serve(data_dir=...)`) lists graphs from, so it shows nanosae's too."""
+    index = graph_file.parent / GRAPH_INDEX
+    keys = ("slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_threshold", "schema_version")
+    entry = {k: data["metadata"].get(k) for k in keys}
+    try:
+        graphs = read_json(index).get("graphs", []) if index.exists() else []
+    except NanosaeError:  # an unreadable index is rebuilt from this graph; the graphs themselves are untouched
+        graphs = []
+    graphs = [g for g in graphs if isinstance(g, dict) and g.get("slug") != entry["slug"]] + [entry]
+    write_json(index, {"graphs": graphs})
 
 
 def one_token(host: HostModel, text: str, flag: str) -> int:
@@ -168,4 +183,5 @@ def reprune(graph_file: Path, cfg: PruneConfig) -> Trace:
     )
     save_graph(graph, graph_tensors_path(out))
     write_json(out, data)
+    index_graph(out, data)
     return Trace(graph, data, out)
