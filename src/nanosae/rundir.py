@@ -155,8 +155,8 @@ class TranscoderSetDir:
 
     def new_graph(self, prompt: str, out: Path | None = None, slug: str | None = None) -> tuple[str, Path]:
         """(slug, file) for a new graph of prompt: out, or graphs/SLUG.json (the slug made from out's name or the
-        prompt unless given); an existing file is never replaced (it may hold pinned nodes and supernodes), nor one placed
-        inside another job's folder."""
+        prompt unless given); an existing file is never replaced (it may hold pinned nodes and supernodes), nor one
+        placed inside another job's folder."""
         # the slug names the file, as circuit-tracer's server finds graphs (SLUG.json): --out's name, or the prompt
         named = out.stem if out is not None else prompt
         slug = slug or re.sub(r"[^a-z0-9]+", "-", named.lower()).strip("-")[:48] or "graph"
