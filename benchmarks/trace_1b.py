@@ -37,6 +37,7 @@ def main() -> None:
     args = p.parse_args()
 
     import yaml
+    from host_models import SHAPES
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -47,17 +48,8 @@ def main() -> None:
     keep_freed_memory()  # as the nanosae command does
     torch.manual_seed(0)
     start = time.perf_counter()
-    cfg = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=4096,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-    )
+    _, _, shape = SHAPES["llama-3.2-1b"]  # the published config's sizes, as host_models.py builds them
+    cfg = LlamaConfig(**shape)
     module = LlamaForCausalLM(cfg).eval()
     tokenizer = AutoTokenizer.from_pretrained(dequantized_dir(smollm2_gguf()))  # only its BOS id is used
     model = HFModel(module, tokenizer, "random-llama-3.2-1b-shape")

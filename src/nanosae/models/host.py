@@ -230,17 +230,8 @@ class HostModel:
         clean pass's outputs, so they are replayed (hooks on them still run: an edit at a replayed block's
         output applies as usual). Exact for blocks without side effects, which every back end has."""
         blocks = [self.layers[i].block for i in range(len(outputs))]
-        saved = [block.__dict__.get("forward") for block in blocks]  # accelerate may have set one
-        try:
-            for block, out in zip(blocks, outputs):
-                block.forward = lambda *args, _out=out, **kwargs: _out
+        with _forwards_replaced(blocks, [lambda *args, _out=out, **kwargs: _out for out in outputs]):
             yield
-        finally:
-            for block, old in zip(blocks, saved):
-                if old is None:
-                    del block.forward
-                else:
-                    block.forward = old
 
     @contextmanager
     def skipping_mlps(self, layers: list[int]) -> Iterator[None]:
@@ -248,17 +239,8 @@ class HostModel:
         a hook at blocks.L.hook_mlp_out replaces the output anyway, such as a replacement model's, where the
         MLPs are most of the cost."""
         mlps = [self.layers[i].mlp for i in layers]
-        saved = [mlp.__dict__.get("forward") for mlp in mlps]
-        try:
-            for mlp in mlps:
-                mlp.forward = lambda x, *args, **kwargs: torch.zeros_like(x)
+        with _forwards_replaced(mlps, [lambda x, *args, **kwargs: torch.zeros_like(x)] * len(mlps)):
             yield
-        finally:
-            for mlp, old in zip(mlps, saved):
-                if old is None:
-                    del mlp.forward
-                else:
-                    mlp.forward = old
 
     # ---- running ----------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
@@ -381,3 +363,20 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, generator: tor
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@contextmanager
+def _forwards_replaced(modules: list[nn.Module], forwards: list[Callable[..., Any]]) -> Iterator[None]:
+    """Each module's forward replaced by its function while inside (hooks still run), restored after; a forward
+    set on the instance before (accelerate sets some) comes back too."""
+    saved = [module.__dict__.get("forward") for module in modules]
+    try:
+        for module, forward in zip(modules, forwards):
+            module.forward = forward
+        yield
+    finally:
+        for module, old in zip(modules, saved):
+            if old is None:
+                del module.forward
+            else:
+                module.forward = old
