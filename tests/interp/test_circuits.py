@@ -261,27 +261,29 @@ def test_graph_json_has_neuronpedias_layout(tiny_model):
     paths = C.strongest_paths(data, n=3)
     assert paths and paths[0][0] >= paths[-1][0]
     for score, path in paths:
-        assert path[0]["feature_type"] == "embedding" and path[-1]["is_target_logit"] and 0 < score <= 1
+        assert path[0]["feature_type"] == "embedding" and path[-1]["is_target_logit"] and score > 0
         links = {(link["source"], link["target"]) for link in data["links"]}
         assert all((a["node_id"], b["node_id"]) in links for a, b in zip(path, path[1:]))
     assert len({path[0]["node_id"] for _, path in paths}) == len(paths)  # one path per token
 
 
 def test_strongest_paths_against_every_path_enumerated(tiny_model):
-    """Each token's best path is the best of all its paths (enumerated here), and tokens rank by it."""
+    """Each token's best path is the one of all its paths (enumerated here) with the largest effect: its first edge
+    times each later edge over its source feature's activation (the chain rule in the frozen model, where a
+    feature's activation moves with its pre-activation one for one); tokens rank by it."""
     data = C.to_neuronpedia(C.attribute(tiny_model, random_transcoders(tiny_model), TOKENS), node_share=0.9)
-    out, scale = {}, {}
+    activation = {n["node_id"]: n.get("activation") for n in data["nodes"]}
+    out = {}
     for link in data["links"]:
         out.setdefault(link["source"], []).append((link["target"], abs(link["weight"])))
-        scale[link["target"]] = max(scale.get(link["target"], 0), abs(link["weight"]))
     target = next(n["node_id"] for n in data["nodes"] if n["is_target_logit"])
 
-    def all_paths(node):
+    def all_paths(node, first=True):
         if node == target:
             yield 1.0, [node]
         for t, w in out.get(node, []):
-            for score, rest in all_paths(t):
-                yield w / scale[t] * score, [node] + rest
+            for score, rest in all_paths(t, first=False):
+                yield w / (1.0 if first else abs(activation[node])) * score, [node] + rest
 
     best = {}
     for n in data["nodes"]:

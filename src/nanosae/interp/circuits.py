@@ -914,22 +914,30 @@ def to_neuronpedia(
 
 
 def strongest_paths(graph_json: dict[str, Any], n: int = 5) -> list[tuple[float, list[dict]]]:
-    """For each of the n input tokens that reach the target logit most strongly, its strongest path there: the
-    path whose product of edge weights (each divided by the largest weight into its target) is largest, found
-    exactly over the graph (a DAG). One path per token, so a prompt-specific path is not hidden behind many
-    variants of one through an attention-sink position. Best first."""
+    """For each of the n input tokens whose paths move the target logit most, its path of largest effect: what
+    it adds to the logit through those features alone, in the frozen (linear) model. An edge s -> t is
+    a_s·∂t/∂a_s, and an active feature's activation moves with its pre-activation one for one, so a path's
+    effect is its first edge times each later edge divided by its source feature's activation:
+    w(tok→f1)·w(f1→f2)/a_f1·…·w(fk→logit)/a_fk. Found exactly over the graph (a DAG), by magnitude. One path per
+    token, so a prompt-specific path is not hidden behind variants of one through an attention-sink position.
+    Best first; the score is the effect's magnitude in logit units."""
     nodes = {node["node_id"]: node for node in graph_json["nodes"]}
     out: dict[str, list[tuple[str, float]]] = {}
-    scale: dict[str, float] = {}
     for link in graph_json["links"]:
         out.setdefault(link["source"], []).append((link["target"], link["weight"]))
-        scale[link["target"]] = max(scale.get(link["target"], 0.0), abs(link["weight"]))
     target = next(node["node_id"] for node in graph_json["nodes"] if node.get("is_target_logit"))
-    best: dict[str, tuple[float, str | None]] = {target: (1.0, None)}  # node -> (score to the target, next node)
+    best: dict[str, tuple[float, str | None]] = {target: (1.0, None)}  # node -> (effect to the target, next node)
+
+    def per_unit(node: str) -> float:
+        """What an edge's weight is divided by to be a derivative: a feature's activation (1 for tokens)."""
+        activation = nodes[node].get("activation") if nodes[node]["feature_type"] == "cross layer transcoder" else 1.0
+        return abs(activation) if activation else 1.0
 
     def score(node: str) -> float:
         if node not in best:
-            best[node] = max(((abs(w) / scale[t] * score(t), t) for t, w in out.get(node, [])), default=(0.0, None))
+            best[node] = max(
+                ((abs(w) / per_unit(node) * score(t), t) for t, w in out.get(node, [])), default=(0.0, None)
+            )
         return best[node][0]
 
     starts = sorted(
