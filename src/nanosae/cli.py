@@ -653,7 +653,10 @@ def intervene(prompt: str, **given: Any) -> None:
     cfg = InterveneConfig(**parse(INTERVENE_OPTIONS, given))
     edits = [parse_node_edit(e) for e in cfg.edits]
     spec, tcs = load_transcoders(cfg.transcoders, cfg.device)
-    result = run_intervene(load_model(spec, device=cfg.device), tcs, prompt, edits, max_new_tokens=cfg.max_new_tokens)
+    if not (cfg.model or spec):
+        raise ConfigError(f"{cfg.transcoders} names no model: give --model")
+    host = load_model(cfg.model or spec, device=cfg.device)
+    result = run_intervene(host, tcs, prompt, edits, max_new_tokens=cfg.max_new_tokens)
     table = Table(title=prompt, show_lines=True)
     table.add_column("original")
     table.add_column("edited: " + ", ".join(cfg.edits))
@@ -664,6 +667,9 @@ def intervene(prompt: str, **given: Any) -> None:
         table.add_row(*cells)
     console.print(table)
     console.print("activations before: " + ", ".join(f"{k} {v:.3f}" for k, v in result["activations_before"].items()))
+    console.print(
+        "moved most downstream: " + (", ".join(f"{k} {a:.3f} -> {b:.3f}" for k, a, b in result["downstream"]) or "none")
+    )
 
 
 VIEW_OPTIONS = options_for(ViewConfig)

@@ -508,7 +508,9 @@ class InterveneConfig:
     """Set or scale features of a traced prompt and compare the model's next tokens and continuation."""
 
     transcoders: str = field(default="", metadata={"required": True})
-    """A transcoder set: the run directory of `train --transcoders`."""
+    """A transcoder set: the run directory of `train --transcoders`, a circuit-tracer directory, or hf:ORG/REPO."""
+    model: str | None = None
+    """The host model (default: the one the set names)."""
     edits: list[str] = field(default_factory=list, metadata={"flag": "set", "required": True})
     """A feature edit by graph node id: LAYER_LATENT_POS=VALUE sets it, LAYER_LATENT_POS*FACTOR scales it
     (repeatable)."""

@@ -525,3 +525,31 @@ def test_a_trace_estimates_its_memory_and_refuses_what_would_not_fit(tiny_model)
     assert "\n" not in str(e.value) and len(seen) == 1  # refused before the work: nothing reported as started
     with pytest.raises(ConfigError, match="fewer --max-feature-nodes or a shorter prompt"):
         C.attribute(tiny_model, tcs, TOKENS, memory_limit=1)
+
+
+def test_interventions_report_the_downstream_features_they_move(tiny_model):
+    """The reported downstream changes are what a hand-made edit of the same MLP output does to the later layers'
+    latents; nothing at or before the edited layer, or at an earlier position, is reported as moved."""
+    tcs = random_transcoders(tiny_model)
+    ids = torch.tensor([TOKENS])
+    clean = C.clean_pass(tiny_model, tcs, ids)
+    layer, pos = 0, 3
+    latent = int(clean.latents[layer][pos].argmax())
+    result = C.intervene(tiny_model, tcs, TOKENS, [((layer, latent, pos), "=", 40.0)], max_new_tokens=2, top=50)
+    assert result["downstream"]
+    direction = 40.0 - float(clean.latents[layer][pos, latent])
+
+    def add(y):
+        y = y.clone()
+        y[:, pos] += direction * tcs[layer].W_dec[latent].detach()
+        return y
+
+    with tiny_model.hooks({C.mlp_hooks(layer)[1]: add}):
+        by_hand = C.latents_on(tiny_model, tcs, ids)
+    moved = [abs(after - before) for _, before, after in result["downstream"]]
+    assert moved == sorted(moved, reverse=True)
+    for node, before, after in result["downstream"]:
+        L, f, p = C.node_key(node)
+        assert L > layer and p >= pos  # causal: later layers, this position or later
+        assert before == pytest.approx(float(clean.latents[L][p, f]), abs=1e-5)
+        assert after == pytest.approx(float(by_hand[L][p, f]), abs=1e-5)

@@ -1098,7 +1098,9 @@ def intervene(
     max_new_tokens: int = 20,
     top: int = 5,
 ) -> dict[str, Any]:
-    """Top next-token probabilities and a greedy continuation, without and with the feature edits."""
+    """Top next-token probabilities and a greedy continuation, without and with the feature edits, and the `top`
+    other features whose activation on the prompt the edits moved most (node id, before, after): the model runs
+    as it is (attention and MLPs recomputed), so what the edits change downstream shows."""
     tokens = model.prompt_ids(prompt)
     ids = torch.tensor([tokens])
 
@@ -1109,13 +1111,34 @@ def intervene(
         return {"top": [(model.tokenizer.decode([int(i)]), float(v)) for v, i in zip(p, t)], "continuation": gen.text}
 
     original = run()
+    clean = latents_on(model, transcoders, ids)
     with feature_edits(model, transcoders, ids, edits) as before:
         edited = run()
+        after = latents_on(model, transcoders, ids)
+    changed = []  # every other feature whose activation on the prompt moved, by how much
+    for layer in transcoders.layers:
+        delta = (after[layer] - clean[layer]).abs()
+        for pos, latent in (delta > 1e-6).nonzero().tolist():
+            if (layer, latent, pos) not in before:
+                changed.append((float(delta[pos, latent]), layer, latent, pos))
+    changed.sort(reverse=True)
     return {
         "original": original,
         "edited": edited,
         "activations_before": {f"{layer}_{f}_{p}": v for (layer, f, p), v in before.items()},
+        "downstream": [
+            (f"{layer}_{latent}_{pos}", float(clean[layer][pos, latent]), float(after[layer][pos, latent]))
+            for _, layer, latent, pos in changed[:top]
+        ],
     }
+
+
+@torch.no_grad()
+def latents_on(model: HostModel, transcoders: TranscoderSet, ids: Tensor) -> dict[int, Tensor]:
+    """Each transcoder layer's latents (T, d_sae) on the prompt, as the model (with any hooks active) runs it."""
+    reads = {transcoders.hooks(L)[0]: L for L in transcoders}
+    _, cache = model.run_with_cache(ids, list(reads), return_logits=False)
+    return {L: transcoders[L].encode(cache[hook][0]) for hook, L in reads.items()}
 
 
 def read_json_graph(path: str | Path) -> dict[str, Any]:
