@@ -57,7 +57,7 @@ def test_graph_api(graph_run):
     )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"original", "edited", "activations_before"} and body["original"]["top"]
+    assert set(body) == {"original", "edited", "activations_before", "downstream"} and body["original"]["top"]
     assert (
         client.post(
             "/api/intervene", json={"slug": "tiny", "edits": [{"node_id": "E_5_1", "op": "=", "value": 1}]}
@@ -96,6 +96,22 @@ def test_graph_page_in_a_browser(graph_run):
             page.wait_for_selector("#graph-svg circle")
             assert page.locator("#graph-svg .edge").count() > 0
             assert page.locator("#graph-svg circle.embedding").count() == 6
+            # the logits' row sits right above the last layer's (no empty row), and the layer axis stays in view
+            # when a long graph scrolls sideways
+            rows = page.evaluate(
+                """() => [...document.querySelectorAll('#layer-axis text')].map(t => [t.textContent, +t.getAttribute('y')])"""
+            )
+            ys = {label: y for label, y in rows}
+            assert [label for label, _ in rows] == ["emb", "L0", "L1", "L2", "logits"]
+            logit_y = page.evaluate("() => +document.querySelector('#graph-svg circle.logit').getAttribute('cy')")
+            assert logit_y == ys["logits"] - 4 and ys["L2"] - ys["logits"] == ys["L1"] - ys["L2"]
+            page.set_viewport_size({"width": 500, "height": 700})  # narrower than the graph: it scrolls
+            page.evaluate("() => { const w = document.querySelector('.graph-wrap'); w.scrollLeft = w.scrollWidth; }")
+            box = page.locator("#layer-axis").bounding_box()
+            wrap = page.locator(".graph-wrap").bounding_box()
+            assert page.evaluate("() => document.querySelector('.graph-wrap').scrollLeft") > 0
+            assert abs(box["x"] - wrap["x"]) < 2  # still at the left edge of the scrolled view
+            page.set_viewport_size({"width": 1280, "height": 720})
             page.fill("#shown-edges", "0")
             assert page.locator("#graph-svg .edge").count() == 0
             page.click(f"circle[data-node-id='{node}']")

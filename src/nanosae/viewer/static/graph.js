@@ -72,11 +72,14 @@
     document.getElementById("where").textContent = meta.scan + " · " + slug;
     const info = meta.info || {};
 
-    // rows: embeddings, then each layer, then the logits (Neuronpedia's layer string; "E" for embeddings)
-    const rowOf = (n) => (n.layer === "E" ? 0 : Number(n.layer) + 1);
+    // rows: embeddings, then each layer, then the logits right above the last layer (Neuronpedia's layer string:
+    // "E" for embeddings, n_layers + 1 for logits, which would leave an empty row)
+    const rowOf = (n) => (n.layer === "E" ? 0 : n.feature_type === "logit" ? Number(n.layer) : Number(n.layer) + 1);
     const nRows = Math.max(...graph.nodes.map(rowOf)) + 1;
     const nPos = meta.prompt_tokens.length;
-    const colW = 110, rowH = 46, left = 60, bottom = 40;
+    // columns fit the window's width down to 36 px a token; a longer prompt scrolls, the layer axis stays put
+    const room = Math.max(200, window.innerWidth - 340 - 120);
+    const colW = Math.max(36, Math.min(110, Math.floor(room / nPos))), rowH = 46, left = 0, bottom = 40;
     const width = left + nPos * colW + 20, height = nRows * rowH + bottom + 20;
     const cells = {};
     for (const n of graph.nodes) (cells[rowOf(n) + ":" + n.ctx_idx] ||= []).push(n);
@@ -106,15 +109,19 @@
         ...around.map((l) => edgePath(l, "edge around")));
     };
     drawEdges();
+    const axis = svg("svg", { width: 56, height, id: "layer-axis" });
     for (let r = 0; r < nRows; r++) {
       const label = r === 0 ? "emb" : r === nRows - 1 ? "logits" : "L" + (r - 1);
       const t = svg("text", { x: 4, y: height - bottom - r * rowH - rowH / 2 + 4, class: "layerlabel" });
       t.textContent = label;
-      picture.append(t);
+      axis.append(t);
     }
     meta.prompt_tokens.forEach((tok, i) => {
       const t = svg("text", { x: left + i * colW + colW / 2, y: height - 12, "text-anchor": "middle", class: "tokenlabel" });
-      t.textContent = JSON.stringify(tok).slice(1, -1).slice(0, 14);
+      t.textContent = JSON.stringify(tok).slice(1, -1).slice(0, Math.max(3, Math.floor(colW / 7)));
+      const full = svg("title");
+      full.textContent = tok;
+      t.append(full);
       picture.append(t);
     });
     const circles = {};
@@ -217,7 +224,9 @@
         el("input", { id: "shown-edges", type: "number", min: 0, max: strongest.length, value: shown, style: "width: 5em",
           oninput: (e) => { shown = Math.max(0, Math.min(strongest.length, Number(e.target.value) || 0)); drawEdges(); } }),
         " strongest edges and every edge of the selected node"),
-      el("div", { class: "graph-cols" }, el("div", { class: "graph-wrap" }, picture), el("div", { class: "side" }, detail, pinList)));
+      el("div", { class: "graph-cols" },
+        el("div", { class: "graph-wrap" }, el("div", { class: "graph-axis" }, axis), picture),
+        el("div", { class: "side" }, detail, pinList)));
     renderPins();
   }
 
