@@ -98,9 +98,8 @@ def test_graph_page_in_a_browser(graph_run):
             assert page.locator("#graph-svg circle.embedding").count() == 6
             # the logits' row sits right above the last layer's (no empty row), and the layer axis stays in view
             # when a long graph scrolls sideways
-            rows = page.evaluate(
-                """() => [...document.querySelectorAll('#layer-axis text')].map(t => [t.textContent, +t.getAttribute('y')])"""
-            )
+            labels = "[...document.querySelectorAll('#layer-axis text')]"
+            rows = page.evaluate(f"() => {labels}.map(t => [t.textContent, +t.getAttribute('y')])")
             ys = {label: y for label, y in rows}
             assert [label for label, _ in rows] == ["emb", "L0", "L1", "L2", "logits"]
             logit_y = page.evaluate("() => +document.querySelector('#graph-svg circle.logit').getAttribute('cy')")
