@@ -9,8 +9,8 @@ a_s · ∂t/∂a_s in that frozen model, where t is a feature's pre-activation o
 logit); paths through other features are cut because features are inputs of the frozen model, not computed in it.
 
 Rows of the adjacency matrix are targets, columns sources, both in the order [features, error nodes (layer-major),
-input tokens, logits]. Rows are computed in batches: the prompt is repeated once per target in the batch, each
-copy's target summed into one scalar, and one backward pass gives every copy's gradients.
+input tokens, logits]. Rows are computed in batches (FrozenPass): the frozen model runs forward once over one copy
+of the prompt per target in a batch, and each batch is then one backward pass, target b's gradient seeded in copy b.
 """
 
 from __future__ import annotations
@@ -605,8 +605,9 @@ def attribute(
     targets: trace these next tokens' logits instead of the most likely ones; contrast: a token whose logit is
     subtracted from each target's (a logit difference, e.g. " Paris" against " London") instead of the mean.
     memory_limit: bytes the trace may add (e.g. available_memory()); a trace estimated to need more is refused
-    after the clean pass, before the expensive part, naming the settings that would fit. The estimate goes to
-    graph.info["memory_estimate"] and to on_estimate(bytes) before the work starts."""
+    after the clean pass, before the expensive part, naming the settings that would fit. The estimate (two
+    one-copy passes, made only when memory_limit or on_estimate asks for it) goes to graph.info["memory_estimate"]
+    and to on_estimate(bytes) before the work starts."""
     tokens = model.prompt_ids(prompt)
     clean = clean_pass(model, transcoders, torch.tensor([tokens]))
     layers = transcoders.layers
@@ -631,17 +632,19 @@ def attribute(
     weights = torch.tensor(logit_probs)
     traced: list[int] = []
     budget = n_f if max_feature_nodes is None else min(n_f, max_feature_nodes)
-    estimate = estimate_memory(model, transcoders, clean, features, activations, n_l, budget)
-    need = estimate.total(batch_size, budget)
-    if memory_limit is not None and need > memory_limit:
-        fits = estimate.largest_batch(memory_limit, budget)
-        hint = f"--batch-size {fits}" if fits else "fewer --max-feature-nodes or a shorter prompt"
-        raise ConfigError(
-            f"this trace needs about {need / 2**30:.1f} GiB more memory ({T} tokens, {n_f} active features, "
-            f"batch {batch_size}) and {memory_limit / 2**30:.1f} GiB is available: use {hint}"
-        )
-    if on_estimate is not None:
-        on_estimate(need)
+    need = None
+    if memory_limit is not None or on_estimate is not None:
+        estimate = estimate_memory(model, transcoders, clean, features, activations, n_l, budget)
+        need = estimate.total(batch_size, budget)
+        if memory_limit is not None and need > memory_limit:
+            fits = estimate.largest_batch(memory_limit, budget)
+            hint = f"--batch-size {fits}" if fits else "fewer --max-feature-nodes or a shorter prompt"
+            raise ConfigError(
+                f"this trace needs about {need / 2**30:.1f} GiB more memory ({T} tokens, {n_f} active features, "
+                f"batch {batch_size}) and {memory_limit / 2**30:.1f} GiB is available: use {hint}"
+            )
+        if on_estimate is not None:
+            on_estimate(need)
     if budget:
         frozen_pass = FrozenPass(model, transcoders, clean, features, activations, min(batch_size, budget), False)
     while len(traced) < budget:
@@ -686,7 +689,8 @@ def attribute(
     if contrast is not None:
         graph.info["contrast"] = model.tokenizer.decode([contrast])
     graph.info["active_features"] = n_f
-    graph.info["memory_estimate"] = need
+    if need is not None:
+        graph.info["memory_estimate"] = need
     graph.info["n_layers"] = model.n_layers
     graph.info["generation_settings"] = {
         "max_n_logits": max_logits,
