@@ -25,7 +25,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -34,12 +33,15 @@ from nanosae.errors import FormatError, first_line
 from nanosae.io import is_number, regular_file
 from nanosae.sae import SAE
 from nanosae.sae.architectures import JUMPRELU, RELU
-from nanosae.sae.foreign import build_checked, resolve_hub
+from nanosae.sae.foreign import build_checked, read_npz, resolve_hub
 
 CONFIG = "config.yaml"
 KINDS = ("transcoder_set", "cross_layer_transcoder")
-READS = {"ln2.hook_normalized": "ln2.hook_normalized", "mlp.hook_in": "ln2.hook_normalized"}
-READS |= {"hook_resid_mid": "hook_resid_mid"}
+READS = {
+    "ln2.hook_normalized": "ln2.hook_normalized",
+    "mlp.hook_in": "ln2.hook_normalized",
+    "hook_resid_mid": "hook_resid_mid",
+}
 WRITES = {"hook_mlp_out": "hook_mlp_out", "mlp.hook_out": "hook_mlp_out"}
 MAX_LAYERS = 1024
 
@@ -90,7 +92,7 @@ def _numbered(path: Path, pattern: str) -> list[Path]:
         if is_number(number) and int(number) < MAX_LAYERS:
             found[int(number)] = f
     if not found:
-        raise FormatError(f"{path}: no {pattern.format('L')} files (config.yaml says {pattern.split('_')[0]} files)")
+        raise FormatError(f"{path}: no {pattern.format('L')} files, which its config.yaml's model_kind needs")
     if sorted(found) != list(range(len(found))):
         missing = min(set(range(max(found) + 1)) - set(found))
         raise FormatError(f"{path}: {pattern.format(missing)} is missing (layers run from 0 without gaps)")
@@ -102,8 +104,7 @@ def _tensors(file: Path, keys: list[str] | None = None) -> dict[str, torch.Tenso
     or `keys`."""
     try:
         if file.suffix == ".npz":
-            with np.load(regular_file(file), allow_pickle=False) as npz:
-                return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files if keys is None or k in keys}
+            return {k: torch.from_numpy(a) for k, a in read_npz(file).items() if keys is None or k in keys}
         # safetensors maps the file and its tensors view the mapping: nothing is read until used, and the OS can
         # drop the pages again, so a set of large transcoders need not fit in memory
         with safe_open(str(regular_file(file)), framework="pt") as f:
@@ -136,7 +137,7 @@ def _per_layer(file: Path) -> dict[str, torch.Tensor]:
     return {k: v if v.dtype == torch.float32 else v.float() for k, v in out.items()}
 
 
-def _sae(tensors: dict[str, torch.Tensor], layer: int, reads: str, file: Path, model: str) -> SAE:
+def _sae(tensors: dict[str, torch.Tensor], layer: int, reads: str, file: Path, model: str, device: str) -> SAE:
     d_model, d_sae = tensors["W_enc"].shape
     cfg = SAEConfig(
         d_in=int(d_model),
@@ -149,7 +150,7 @@ def _sae(tensors: dict[str, torch.Tensor], layer: int, reads: str, file: Path, m
         skip_connection="W_skip" in tensors,
         model_name=model,
     )
-    return build_checked(cfg, tensors, file, "cpu", SAE, assign=True).eval()
+    return build_checked(cfg, tensors, file, device, SAE, assign=True).eval()
 
 
 def load(path: Path, device: str = "cpu") -> tuple[str, dict[int, SAE], dict[int, torch.Tensor]]:
@@ -163,7 +164,7 @@ def load(path: Path, device: str = "cpu") -> tuple[str, dict[int, SAE], dict[int
         listed = config.get("transcoders")
         files = [_inside(path, name) for name in listed] if listed else _numbered(path, "layer_{}.safetensors")
         for layer, file in enumerate(files):
-            by_layer[layer] = _sae(_per_layer(file), layer, reads, file, model).to(device)
+            by_layer[layer] = _sae(_per_layer(file), layer, reads, file, model, device)
         return model, by_layer, later
     encoders, decoders = _numbered(path, "W_enc_{}.safetensors"), _numbered(path, "W_dec_{}.safetensors")
     n = len(encoders)
@@ -184,7 +185,7 @@ def load(path: Path, device: str = "cpu") -> tuple[str, dict[int, SAE], dict[int
         if f"threshold_{layer}" in enc:
             tensors["threshold"] = enc[f"threshold_{layer}"].float().flatten()
         tensors["W_dec"] = dec[:, 0].float().contiguous()
-        by_layer[layer] = _sae(tensors, layer, reads, enc_file, model).to(device)
+        by_layer[layer] = _sae(tensors, layer, reads, enc_file, model, device)
         if layer < n - 1:
             later[layer] = dec[:, 1:].float().to(device)
     return model, by_layer, later

@@ -123,35 +123,49 @@ def load_sparsify(path: Path, device: str, build: Any) -> Any:
 
 
 GEMMA_SCOPE_FILE = "params.npz"
-_GEMMA_SITES = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}
+# the repository's site -> (hook read, hook written: transcoders only)
+_GEMMA_SITES = {
+    "res": ("hook_resid_post", ""),
+    "mlp": ("hook_mlp_out", ""),
+    "att": ("attn.hook_z", ""),
+    "transcoders": ("ln2.hook_normalized", "hook_mlp_out"),
+}
 
 
 def is_gemma_scope(path: Path) -> bool:
     return path.name == GEMMA_SCOPE_FILE or (path.is_dir() and (path / GEMMA_SCOPE_FILE).exists())
 
 
-def gemma_scope_hook(path: Path) -> str:
-    """blocks.L.SITE from a Gemma Scope path (layer_L below a gemma-scope-*-res / -mlp / -att repository, as
-    downloaded or in the Hugging Face cache); "" when the path does not say."""
+def gemma_scope_hooks(path: Path) -> tuple[str, str]:
+    """(blocks.L.SITE read, blocks.L.SITE written or "") from a Gemma Scope path: layer_L below a gemma-scope-*-res /
+    -mlp / -att repository, or -transcoders (the MLP's normed input to its output), as downloaded or in the Hugging
+    Face cache; ("", "") when the path does not say."""
     parts = [p.lower() for p in Path(os.path.abspath(path)).parts]  # not resolved: a cache's links name blobs
     layer = next((m.group(1) for p in reversed(parts) if (m := re.fullmatch(r"layer_(\d+)", p))), None)
     site = next(
         (s for p in reversed(parts) for s in _GEMMA_SITES if re.search(rf"gemma-scope-[^/]*-{s}(?:$|[-_])", p)), None
     )
-    return f"blocks.{layer}.{_GEMMA_SITES[site]}" if layer is not None and site else ""
+    if layer is None or not site:
+        return "", ""
+    read, written = _GEMMA_SITES[site]
+    return f"blocks.{layer}.{read}", f"blocks.{layer}.{written}" if written else ""
+
+
+def read_npz(file: Path) -> dict[str, np.ndarray]:
+    """Every array of a .npz file, read without pickle (a one-line FormatError naming the file otherwise)."""
+    try:
+        with np.load(regular_file(file), allow_pickle=False) as npz:
+            return {name: np.array(npz[name]) for name in npz.files}
+    except FileNotFoundError:
+        raise FormatError(f"{file} is missing") from None
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise FormatError(f"{file} is not a readable .npz: {first_line(e)}") from None
 
 
 def load_gemma_scope(path: Path, device: str, build: Any) -> Any:
     """A Gemma Scope JumpReLU SAE (params.npz, read without pickle)."""
     file = path if path.name == GEMMA_SCOPE_FILE else path / GEMMA_SCOPE_FILE
-    transcoder = bool(re.search(r"gemma-scope-[^/]*-transcoders", os.path.abspath(file).lower()))
-    try:
-        with np.load(regular_file(file), allow_pickle=False) as npz:
-            arrays = {name: np.array(npz[name]) for name in npz.files}
-    except FileNotFoundError:
-        raise FormatError(f"{file} is missing") from None
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise FormatError(f"{file} is not a readable .npz: {first_line(e)}") from None
+    arrays = read_npz(file)
     missing = [n for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold") if n not in arrays]
     if missing or arrays["W_enc"].ndim != 2:
         raise FormatError(f"{file}: missing {missing[0] if missing else 'a 2-d W_enc'} (not a Gemma Scope SAE?)")
@@ -163,10 +177,7 @@ def load_gemma_scope(path: Path, device: str, build: Any) -> Any:
     }
     release = re.search(r"gemma-scope-(2b|9b|27b)-(pt|it)", os.path.abspath(file).lower())
     model = f"google/gemma-2-{release.group(1)}{'-it' if release.group(2) == 'it' else ''}" if release else ""
-    hook, hook_out = gemma_scope_hook(file), ""
-    layer = re.search(r"layer_(\d+)", os.path.abspath(file))
-    if transcoder and layer:  # gemma-scope-*-transcoders: the MLP's normed input -> its output
-        hook, hook_out = f"blocks.{layer.group(1)}.ln2.hook_normalized", f"blocks.{layer.group(1)}.hook_mlp_out"
+    hook, hook_out = gemma_scope_hooks(file)
     cfg = SAEConfig(
         d_in=int(d_in),
         d_sae=int(d_sae),
