@@ -648,14 +648,13 @@ def intervene(prompt: str, **given: Any) -> None:
     continuation with the original."""
     from nanosae.interp.circuits import intervene as run_intervene
     from nanosae.interp.circuits import load_transcoders, parse_node_edit
+    from nanosae.interp.transcoder_sets import host_spec
     from nanosae.models import load_model
 
     cfg = InterveneConfig(**parse(INTERVENE_OPTIONS, given))
     edits = [parse_node_edit(e) for e in cfg.edits]
     spec, tcs = load_transcoders(cfg.transcoders, cfg.device)
-    if not (cfg.model or spec):
-        raise ConfigError(f"{cfg.transcoders} names no model: give --model")
-    host = load_model(cfg.model or spec, device=cfg.device)
+    host = load_model(host_spec(cfg.transcoders, spec, cfg.model), device=cfg.device)
     result = run_intervene(host, tcs, prompt, edits, max_new_tokens=cfg.max_new_tokens)
     table = Table(title=prompt, show_lines=True)
     table.add_column("original")

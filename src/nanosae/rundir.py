@@ -68,6 +68,22 @@ GRAPH_SLUG = "^[a-z0-9][a-z0-9-]{0,63}$"
 GRAPH_INDEX = "graph-metadata.json"  # beside the graphs: the index circuit-tracer's local server reads
 
 
+def graph_slug(text: str) -> str:
+    """A graph's name made from text (lowercase letters, digits and dashes), never the graphs' index's."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "graph"
+    return slug + "-graph" if f"{slug}.json" == GRAPH_INDEX else slug
+
+
+def new_graph_file(out: Path, home: Path) -> None:
+    """Refuse a graph file that exists (it may hold pinned nodes and supernodes), that would be the graphs' index,
+    or that lies inside another job's folder (anywhere under `home` is fine)."""
+    if out.name == GRAPH_INDEX:
+        raise ConfigError(f"{out} is where the graphs' index goes; give another --out")
+    if out.exists() or out.is_symlink():
+        raise ConfigError(f"{out} exists (it may hold pinned nodes and supernodes); give another --out")
+    check_outside_jobs(out, home=home)
+
+
 @dataclass(frozen=True)
 class TranscoderSetDir:
     """The layout of a transcoder set (see the module docstring); the one place that knows it."""
@@ -155,17 +171,11 @@ class TranscoderSetDir:
 
     def new_graph(self, prompt: str, out: Path | None = None, slug: str | None = None) -> tuple[str, Path]:
         """(slug, file) for a new graph of prompt: out, or graphs/SLUG.json (the slug made from out's name or the
-        prompt unless given); an existing file is never replaced (it may hold pinned nodes and supernodes), nor one
-        placed inside another job's folder."""
+        prompt unless given), claimed as new_graph_file does, this set being its home."""
         # the slug names the file, as circuit-tracer's server finds graphs (SLUG.json): --out's name, or the prompt
-        named = out.stem if out is not None else prompt
-        slug = slug or re.sub(r"[^a-z0-9]+", "-", named.lower()).strip("-")[:48] or "graph"
-        if f"{slug}.json" == GRAPH_INDEX:  # the graphs' index is not a graph
-            slug += "-graph"
+        slug = slug or graph_slug(out.stem if out is not None else prompt)
         out = out or self.graph(slug)
-        if out.exists() or out.is_symlink():
-            raise ConfigError(f"{out} exists (it may hold pinned nodes and supernodes); give another --out")
-        check_outside_jobs(out, home=self.path)  # a graph of this set goes anywhere but into another job's folder
+        new_graph_file(out, home=self.path)
         return slug, out
 
 

@@ -318,6 +318,10 @@ def test_graphs_are_indexed_for_circuit_tracers_local_server(tiny_llama_dir, tmp
     (tmp_path / "graphs" / "one.json").write_text("{}")
     assert TranscoderSetDir(tmp_path).graph_names() == ["one"]
     assert TranscoderSetDir(tmp_path).new_graph("graph metadata")[0] == "graph-metadata-graph"
+    for command in (base, ["prune", str(tmp_path / "a.json")]):  # a graph never takes the index's place
+        r = CliRunner().invoke(app, command + ["--out", str(tmp_path / "graphs" / GRAPH_INDEX)])
+        assert r.exit_code != 0 and "where the graphs' index goes" in str(r.exception)
+    assert json.loads((tmp_path / "graphs" / GRAPH_INDEX).read_text()) == {}
     try:
         from circuit_tracer.frontend.graph_models import Metadata, Model
     except ImportError:

@@ -4,7 +4,6 @@ MLP replaced at once, and trace prompts through it into graph files. The CLI and
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,7 +25,7 @@ from nanosae.interp.circuits import (
 from nanosae.interp.featuredb import explanations
 from nanosae.io import read_json, write_json
 from nanosae.models import HostModel, load_model
-from nanosae.rundir import GRAPH_INDEX, TranscoderSetDir
+from nanosae.rundir import GRAPH_INDEX, TranscoderSetDir, graph_slug, new_graph_file
 from nanosae.train import TrainResult, train
 
 
@@ -98,9 +97,7 @@ def trace(
         raise ConfigError(f"{cfg.transcoders} is not a nanosae set: give --out for the graph file")
     slug, out = tset.new_graph(prompt, Path(cfg.out) if cfg.out else None, slug)
     spec, tcs = load_transcoders(cfg.transcoders, cfg.device)
-    spec = cfg.model or spec
-    if not spec:
-        raise ConfigError(f"{cfg.transcoders} names no model: give --model")
+    spec = host_spec(cfg.transcoders, spec, cfg.model)
     host = model or load_model(spec, device=cfg.device)
     targets = [one_token(host, text, "--target") for text in cfg.targets]
     graph = attribute(
@@ -125,6 +122,11 @@ def trace(
         labels=labels_of(tset),
         scan=scan_name(cfg.scan or spec),
     )
+    return write_graph(graph, data, out)
+
+
+def write_graph(graph: Graph, data: dict[str, Any], out: Path) -> Trace:
+    """The graph file, the unpruned graph beside it, and its entry in the graphs' index."""
     save_graph(graph, graph_tensors_path(out))
     write_json(out, data)
     index_graph(out, data)
@@ -143,6 +145,13 @@ def index_graph(graph_file: Path, data: dict[str, Any]) -> None:
         graphs = []
     graphs = [g for g in graphs if isinstance(g, dict) and g.get("slug") != entry["slug"]] + [entry]
     write_json(index, {"graphs": graphs})
+
+
+def host_spec(transcoders: str, named: str, given: str | None) -> str:
+    """The host model: --model, else the one the set names (a ConfigError when neither says)."""
+    if not (given or named):
+        raise ConfigError(f"{transcoders} names no model: give --model")
+    return given or named
 
 
 def one_token(host: HostModel, text: str, flag: str) -> int:
@@ -164,24 +173,18 @@ def reprune(graph_file: Path, cfg: PruneConfig) -> Trace:
     """The graph traced into `graph_file` pruned again at cfg's thresholds into cfg.out, from the unpruned graph
     saved beside it: no model, no tracing."""
     from nanosae.interp.circuit_tracer import scan_name
-    from nanosae.outputs import check_outside_jobs
 
     graph = load_graph(graph_tensors_path(graph_file))
     out = Path(cfg.out)
-    if out.exists() or out.is_symlink():
-        raise ConfigError(f"{out} exists (it may hold pinned nodes and supernodes); give another --out")
-    check_outside_jobs(out, home=graph_file.resolve().parent)
+    new_graph_file(out, home=graph_file.resolve().parent)
     tset = TranscoderSetDir(Path(graph.transcoders))
     data = to_neuronpedia(
         graph,
-        slug=re.sub(r"[^a-z0-9]+", "-", out.stem.lower()).strip("-") or "graph",
+        slug=graph_slug(out.stem),
         node_share=cfg.node_threshold,
         edge_share=cfg.edge_threshold,
         n_layers=graph.info.get("n_layers"),
         labels=labels_of(tset),
         scan=scan_name(cfg.scan or graph.model),
     )
-    save_graph(graph, graph_tensors_path(out))
-    write_json(out, data)
-    index_graph(out, data)
-    return Trace(graph, data, out)
+    return write_graph(graph, data, out)
