@@ -56,6 +56,14 @@ def tiny_llama_dir(tmp_path_factory):
     return path
 
 
+def write_corpus(path, docs: list[str]):
+    """A .jsonl corpus of these documents at path (returned)."""
+    import json
+
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
 def word_docs(n_docs: int, seed: int = 0, min_words: int = 5, max_words: int = 60) -> list[str]:
     """Documents the tiny tokenizer can read: words w3..w63 separated by spaces."""
     import random
@@ -84,11 +92,7 @@ def tiny_model_on(tiny_llama_dir, tiny_model, device):
 @pytest.fixture(scope="session")
 def word_corpus(tmp_path_factory):
     """A .jsonl corpus of 120 word documents."""
-    import json
-
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in word_docs(120)))
-    return path
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl", word_docs(120))
 
 
 # ---- a run directory for viewer / export tests ----

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import word_docs
+from tests.conftest import word_docs, write_corpus
 
 OUTCOMES: Counter = Counter()
 HOOK = "blocks.1.hook_resid_post"
@@ -73,7 +73,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 def workspace(tmp_path_factory, tiny_llama_dir):
     """What a user's disk holds after the whole path, made by the CLI."""
     root = tmp_path_factory.mktemp("workspace")
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in word_docs(200)))
+    write_corpus(root / "corpus.jsonl", word_docs(200))
     (root / "task.jsonl").write_text(
         "".join(json.dumps({"text": d, "labels": int("w7" in d.split())}) + "\n" for d in word_docs(40, seed=3))
     )

@@ -303,13 +303,13 @@ def test_stored_scores_hold_on_new_text(tiny_model, tmp_path):
     from nanosae.data import iter_documents, token_batches
     from nanosae.interp.featuredb import open_db
     from nanosae.interp.features import FeaturesConfig, build_features
-    from tests.conftest import word_docs
+    from tests.conftest import word_docs, write_corpus
 
     hook = "blocks.1.hook_resid_post"
     torch.manual_seed(6)
     sae = SAE(SAEConfig(d_in=32, d_sae=64, architecture="topk", k=4, hook_name=hook))
     text = tmp_path / "text.jsonl"  # more than the pass reads: the random windows are a sample of it
-    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in word_docs(3000, seed=5, min_words=40)))
+    write_corpus(text, word_docs(3000, seed=5, min_words=40))
     cfg = FeaturesConfig(
         data=DataConfig(specs=[str(text)], context_size=48, split="all"),
         tokens=40_000,
@@ -331,7 +331,7 @@ def test_stored_scores_hold_on_new_text(tiny_model, tmp_path):
     # new text: other documents, each row cut into 17-token windows from a random offset (kept when the token 12
     # in is one the pass reads), as the feature pass samples them, with every latent's activation on them
     fresh = tmp_path / "fresh.jsonl"
-    fresh.write_text("".join(json.dumps({"text": d}) + "\n" for d in word_docs(6000, seed=99, min_words=40)))
+    write_corpus(fresh, word_docs(6000, seed=99, min_words=40))
     rng, windows = random.Random(0), []
     fresh_docs = iter_documents(DataConfig(specs=[str(fresh)], split="all"))
     for batch in token_batches(fresh_docs, tiny_model.tokenizer, 48, 32):

@@ -283,15 +283,14 @@ def test_a_passage_repeated_in_the_corpus_is_shown_once_per_latent(tiny_model, t
     of 8 tokens, and the list still fills from the other text."""
     import random
 
-    from tests.conftest import word_docs
+    from tests.conftest import word_docs, write_corpus
 
     rng = random.Random(5)
     passage = " ".join(f"w{rng.randrange(3, 64)}" for _ in range(40))
     docs = word_docs(200, seed=11, min_words=30, max_words=60)
     for n in range(20):
         docs.insert(n * 10, passage)
-    corpus = tmp_path / "repeated.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    corpus = write_corpus(tmp_path / "repeated.jsonl", docs)
     torch.manual_seed(3)
     sae = SAE(SAEConfig(d_in=32, d_sae=16, architecture="topk", k=3, hook_name=HOOK))
     cfg = FeaturesConfig(
@@ -323,11 +322,10 @@ def test_a_passage_repeated_in_the_corpus_is_shown_once_per_latent(tiny_model, t
 def test_each_random_window_knows_its_document(tiny_model, tmp_path):
     """The feature pass numbers documents as it reads them (packed rows continue a document until a BOS inside
     them starts the next): every random window's centre token lies in the run of its document's text."""
-    from tests.conftest import word_docs
+    from tests.conftest import word_docs, write_corpus
 
     docs = word_docs(60, seed=21, min_words=20, max_words=90)
-    corpus = tmp_path / "docs.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    corpus = write_corpus(tmp_path / "docs.jsonl", docs)
     torch.manual_seed(7)
     sae = SAE(SAEConfig(d_in=32, d_sae=16, architecture="topk", k=3, hook_name=HOOK))
     cfg = FeaturesConfig(
