@@ -28,48 +28,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CT_PYTHON = ROOT / ".venv-ct" / "bin" / "python"
 PROMPT = "The Eiffel Tower is in the city of"
-# the random set's thresholds come from other text, so no pre-activation of the prompt sits exactly on one
-CALIBRATION = (
-    "Rivers run from the mountains to the sea, and the towns along them grew where boats could stop. "
-    "def mean(values):\n    return sum(values) / len(values)\n"
-)
-
-
-def random_set(out: Path, d_sae: int, l0: float, seed: int = 0) -> None:
-    """A random JumpReLU transcoder per layer in circuit-tracer's layout, each layer's threshold the quantile
-    of its pre-activations on CALIBRATION that leaves about l0 active per token."""
-    import yaml
-    from safetensors.torch import save_file
-
-    from nanosae.models import load_model
-
-    torch.manual_seed(seed)
-    model = load_model("smollm2-135m")
-    hooks = [f"blocks.{L}.ln2.hook_normalized" for L in range(model.n_layers)]
-    _, cache = model.run_with_cache(torch.tensor([model.prompt_ids(CALIBRATION)]), hooks)
-    d = model.d_model
-    out.mkdir(parents=True)
-    for L, hook in enumerate(hooks):
-        W_enc = torch.randn(d_sae, d) / d**0.5
-        b_enc = torch.zeros(d_sae)
-        pre = cache[hook][0, 1:].float() @ W_enc.T  # BOS left out, as both tools leave it out
-        threshold = pre.flatten().quantile(1 - l0 / d_sae).expand(d_sae).clone()
-        tensors = {
-            "W_enc": W_enc,
-            "b_enc": b_enc,
-            "W_dec": torch.randn(d_sae, d) * 0.02,
-            "b_dec": torch.zeros(d),
-            "activation_function.threshold": threshold,
-        }
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"layer_{L}.safetensors"))
-    config = {
-        "model_kind": "transcoder_set",
-        "feature_input_hook": "mlp.hook_in",
-        "feature_output_hook": "mlp.hook_out",
-        "scan": "random-smollm2",
-        "model_name": "smollm2-135m",
-    }
-    (out / "config.yaml").write_text(yaml.safe_dump(config))
 
 
 def run_nanosae(args: argparse.Namespace) -> dict:
@@ -205,7 +163,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nanosae-ct-"))
     if args.transcoders is None:
         args.transcoders = work / "random-set"
-        random_set(args.transcoders, args.d_sae, args.l0)
+        from _random_set import smollm2_set
+
+        smollm2_set(args.transcoders, args.d_sae, args.l0)
     from nanosae.models import load_model
     from nanosae.models.hf import dequantized_dir, smollm2_gguf
 

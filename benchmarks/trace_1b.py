@@ -36,9 +36,8 @@ def main() -> None:
     p.add_argument("--max-feature-nodes", type=int, default=128)
     args = p.parse_args()
 
-    import yaml
+    from _random_set import random_set
     from host_models import SHAPES
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from nanosae.interp import circuits as C
@@ -57,25 +56,7 @@ def main() -> None:
     tokens = [tokenizer.bos_token_id, *torch.randint(100, 49152, (args.tokens - 1,)).tolist()]
 
     set_dir = Path(tempfile.mkdtemp(prefix="nanosae-1b-")) / "set"
-    set_dir.mkdir()
-    hooks = [f"blocks.{L}.ln2.hook_normalized" for L in range(16)]
-    _, cache = model.run_with_cache(torch.tensor([tokens[:64]]), hooks)
-    for L, hook in enumerate(hooks):
-        W_enc = torch.randn(args.d_sae, 2048) / 2048**0.5
-        pre = cache[hook][0, 1:].float() @ W_enc.T
-        threshold = pre.flatten().quantile(1 - args.l0 / args.d_sae).expand(args.d_sae).clone()
-        tensors = {
-            "W_enc": W_enc,
-            "b_enc": torch.zeros(args.d_sae),
-            "W_dec": torch.randn(args.d_sae, 2048) * 0.01,
-            "b_dec": torch.zeros(2048),
-            "activation_function.threshold": threshold,
-        }
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(set_dir / f"layer_{L}.safetensors"))
-    config = {"model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in"}
-    config["feature_output_hook"] = "mlp.hook_out"
-    (set_dir / "config.yaml").write_text(yaml.safe_dump(config | {"scan": "random-1b"}))
-    del cache
+    random_set(set_dir, model, tokens[:64], args.d_sae, args.l0, scan="random-1b", dec_std=0.01)
     set_gib = sum(f.stat().st_size for f in set_dir.glob("*.safetensors")) / 2**30
     _, tset = C.load_transcoders(set_dir)
     setup = time.perf_counter() - start

@@ -11,7 +11,6 @@ setting the nanosae command makes (keep_freed_memory) and with glibc's default.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import subprocess
@@ -19,7 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 TEXT = (
     "The river rose in the spring, and the town moved its market up the hill, where the old church stood. "
     "Merchants came from the coast with salt and cloth, and stayed for the summer fair. "
@@ -60,11 +58,10 @@ def main() -> None:
         set_dir, length, batch, tuned = args.case
         print(json.dumps(one(set_dir, int(length), int(batch), args.max_feature_nodes, tuned == "1")))
         return
-    spec = importlib.util.spec_from_file_location("ct_bench", HERE / "circuit_tracer.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from _random_set import smollm2_set  # here: a case runs with -P, which leaves this folder off the path
+
     set_dir = Path(tempfile.mkdtemp(prefix="nanosae-mem-")) / "set"
-    bench.random_set(set_dir, 4096, 8.0)
+    smollm2_set(set_dir, 4096, 8.0)
     print(f"{'allocator':>9} {'tokens':>6} {'batch':>5} {'estimate MiB':>12} {'added MiB':>10} {'ratio':>6}")
     lengths, batches = [int(n) for n in args.lengths.split(",")], [int(b) for b in args.batches.split(",")]
     for tuned, length, batch in ((t, n, b) for t in ("1", "0") for n in lengths for b in batches):
