@@ -9,6 +9,9 @@ transformers < 5). The set is a directory in circuit-tracer's layout, which both
 thresholds are set on the prompt's own activations so each layer has about --l0 active features per token. Each
 tool runs in its own process (time and peak memory are its own); the graphs are compared node by node after
 matching ids: the active features, the logit targets, every edge (relative to the largest), and both scores.
+Then each tool zeroes the three features with the largest edges into the top logit (at earlier positions) in
+circuit-tracer's three intervention modes (the model as it runs, frozen attention, every layer constrained) and the
+next-token logits are compared.
 """
 
 from __future__ import annotations
@@ -28,6 +31,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CT_PYTHON = ROOT / ".venv-ct" / "bin" / "python"
 PROMPT = "The Eiffel Tower is in the city of"
+MODES = {"live": (False, False), "frozen attention": (True, False), "constrained": (True, True)}
+
+
+def strongest(features: torch.Tensor, adjacency: torch.Tensor, n_logits: int, n: int = 3) -> list[list[int]]:
+    """(layer, position, latent) of the n features at earlier positions with the largest edges into the top logit:
+    each tool picks from its own graph, so equal graphs pick equal features."""
+    last = int(features[:, 1].max())
+    row = adjacency[len(adjacency) - n_logits, : len(features)].abs().float()
+    row[features[:, 1] == last] = 0
+    return [features[i].tolist() for i in row.topk(n).indices.tolist()]
 
 
 def run_nanosae(args: argparse.Namespace) -> dict:
@@ -40,8 +53,16 @@ def run_nanosae(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     graph = C.attribute(model, tset, tokens, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
+    edits = [((L, f, p), "=", 0.0) for L, p, f in strongest(graph.features, graph.adjacency, len(graph.logit_tokens))]
+    edited = {}
+    ids = torch.tensor([tokens])
+    for mode, (freeze, constrain) in MODES.items():
+        constrained = range(model.n_layers) if constrain else ()
+        with torch.no_grad(), C.feature_edits(model, tset, ids, edits, freeze, constrained):
+            edited[mode] = model.forward(ids)[0, -1].float()
     torch.save(
         {
+            "edited": edited,
             "tokens": tokens,
             "features": graph.features,
             "adjacency": graph.adjacency,
@@ -105,8 +126,16 @@ def run_circuit_tracer(args: argparse.Namespace) -> dict:
     graph = attribute(tokens, model, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
     replacement, completeness = compute_graph_scores(graph)
+    features = graph.active_features[graph.selected_features]
+    edits = [(L, p, f, 0.0) for L, p, f in strongest(features, graph.adjacency_matrix, len(graph.logit_targets))]
+    edited = {}
+    for mode, (freeze, constrain) in MODES.items():
+        constrained = range(cfg.n_layers) if constrain else None
+        logits, _ = model.feature_intervention(tokens, edits, constrained_layers=constrained, freeze_attention=freeze)
+        edited[mode] = logits[0, -1].float()
     torch.save(
         {
+            "edited": edited,
             "features": graph.active_features[graph.selected_features],
             "adjacency": graph.adjacency_matrix,
             "logit_tokens": [t.vocab_idx for t in graph.logit_targets],
@@ -188,6 +217,12 @@ def main() -> None:
         )
     else:
         print(f"node sets differ: {len(set(fa) ^ set(fb))} features in one graph only")
+    with torch.no_grad():
+        clean = load_model("smollm2-135m").forward(torch.tensor([tokens]))[0, -1].float()
+    for mode in MODES:
+        moved = float((b["edited"][mode] - clean).abs().max())
+        diff = float((a["edited"][mode] - b["edited"][mode]).abs().max())
+        print(f"zeroing the 3 strongest features, {mode}: logits moved up to {moved:.3f}, tools differ by {diff:.1e}")
     for key in ("replacement_score", "completeness_score"):
         print(f"{key}: nanosae {ours[key]:.4f}, circuit-tracer {theirs[key]:.4f}")
     print(

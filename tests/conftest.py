@@ -234,3 +234,13 @@ def transcoder_set(tiny_model, tiny_llama_dir, word_corpus, tmp_path_factory):
         json.dumps(C.to_neuronpedia(graph, slug="tiny", node_share=1.0, edge_share=1.0, n_layers=3))
     )
     return run
+
+
+def mapped_from(tensor, file) -> bool:
+    """Whether the tensor's memory lies inside a mapping of `file` in this process (Linux's /proc/self/maps)."""
+    from pathlib import Path
+
+    name = str(Path(file).resolve())
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    spans = [[int(x, 16) for x in line.split()[0].split("-")] for line in lines if line.endswith(name)]
+    return any(lo <= tensor.data_ptr() < hi for lo, hi in spans)

@@ -655,7 +655,15 @@ def intervene(prompt: str, **given: Any) -> None:
     edits = [parse_node_edit(e) for e in cfg.edits]
     spec, tcs = load_transcoders(cfg.transcoders, cfg.device)
     host = load_model(host_spec(cfg.transcoders, spec, cfg.model), device=cfg.device)
-    result = run_intervene(host, tcs, prompt, edits, max_new_tokens=cfg.max_new_tokens)
+    result = run_intervene(
+        host,
+        tcs,
+        prompt,
+        edits,
+        max_new_tokens=cfg.max_new_tokens,
+        freeze_attention=cfg.freeze_attention,
+        constrained=cfg.constrained(host.n_layers),
+    )
     table = Table(title=prompt, show_lines=True)
     table.add_column("original")
     table.add_column("edited: " + ", ".join(cfg.edits))

@@ -463,6 +463,9 @@ class TraceConfig:
     """Keep the features and errors carrying this share of the influence on the logits."""
     edge_threshold: float = EDGE_THRESHOLD
     """Keep the edges carrying this share of the pruned graph's influence."""
+    rank_tokens: bool = False
+    """Rank input tokens with the features and errors for the node cut and the influence field, as circuit-tracer
+    does (tokens are kept either way)."""
     max_feature_nodes: int = 1024
     """Compute incoming edges for at most this many features (the most influential first)."""
     paths: int = 5
@@ -493,6 +496,9 @@ class PruneConfig:
     """Keep the features and errors carrying this share of the influence on the logits."""
     edge_threshold: float = EDGE_THRESHOLD
     """Keep the edges carrying this share of the pruned graph's influence."""
+    rank_tokens: bool = False
+    """Rank input tokens with the features and errors for the node cut and the influence field, as circuit-tracer
+    does (tokens are kept either way)."""
     scan: str | None = None
     """The graph's scan id (default: the model's name, sanitised)."""
 
@@ -516,6 +522,11 @@ class InterveneConfig:
     (repeatable)."""
     max_new_tokens: int = 20
     """Tokens of greedy continuation."""
+    freeze_attention: bool = False
+    """Keep the clean run's attention patterns (circuit-tracer's default; nanosae's runs the model as it is)."""
+    constrained_layers: str | None = None
+    """Keep these layers' clean MLP outputs, the edits added (all, A-B or L,L,...): effects pass through attention
+    and the residual stream only; with all, the change in a logit is the graph's direct edge."""
     device: str = "cpu"
     """Where the model and transcoders run."""
 
@@ -524,6 +535,28 @@ class InterveneConfig:
         if self.max_new_tokens < 0:
             raise ConfigError(f"--max-new-tokens must be at least 0, got {self.max_new_tokens}")
         check_device(self.device)
+
+    def constrained(self, n_layers: int) -> list[int]:
+        """--constrained-layers as layer numbers of a model with n_layers (a ConfigError naming the form)."""
+        text = (self.constrained_layers or "").replace(" ", "")
+        if not text:
+            return []
+        if text == "all":
+            return list(range(n_layers))
+        try:
+            if "-" in text:
+                first, last = (int(v) for v in text.split("-"))
+                layers = list(range(first, last + 1))
+            else:
+                layers = [int(v) for v in text.split(",")]
+        except ValueError:
+            layers = []
+        if not layers or not all(0 <= L < n_layers for L in layers):
+            raise ConfigError(
+                f"--constrained-layers {self.constrained_layers!r}: expected all, A-B or L,L,... with layers in "
+                f"0..{n_layers - 1}"
+            )
+        return layers
 
 
 @dataclass

@@ -15,6 +15,7 @@ from nanosae.errors import NanosaeError
 from nanosae.export.circuit_tracer import export_circuit_tracer, files
 from nanosae.interp import circuits as C
 from nanosae.rundir import TranscoderSetDir
+from tests.conftest import mapped_from
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "circuit_tracer"
 TOKENS = [0, 5, 9, 13, 22, 7]
@@ -283,13 +284,9 @@ def test_float32_weights_are_mapped_from_their_files_not_copied(tmp_path):
     root = tmp_path / "set"
     shutil.copytree(FIXTURES / "plt_relu", root)
     _, tset = C.load_transcoders(root)
-    maps = Path("/proc/self/maps").read_text().splitlines()
     for L in tset:
-        file = str((root / f"layer_{L}.safetensors").resolve())
-        spans = [[int(x, 16) for x in line.split()[0].split("-")] for line in maps if line.endswith(file)]
         for name in ("W_enc", "W_dec", "b_enc"):
-            pointer = getattr(tset[L], name).data_ptr()
-            assert any(lo <= pointer < hi for lo, hi in spans), f"layer {L}'s {name} is not in {file}'s mapping"
+            assert mapped_from(getattr(tset[L], name), root / f"layer_{L}.safetensors"), f"layer {L}'s {name}"
     expected = load_file(FIXTURES / "expected.safetensors")
     torch.testing.assert_close(outputs(tset, expected["x"])[0], expected["plt_relu/0"], atol=1e-5, rtol=0)
 
@@ -329,3 +326,39 @@ def test_graphs_are_indexed_for_circuit_tracers_local_server(tiny_llama_dir, tmp
     for entry in index:
         Metadata(**entry)
     Model(**json.loads((tmp_path / "a.json").read_text()))
+
+
+def test_rank_tokens_keeps_no_more_features_and_errors(tiny_model):
+    """Ranking the tokens with them raises the cut: they carry much of the influence."""
+    graph = C.attribute(tiny_model, trained_like(tiny_model, "jumprelu"), TOKENS, batch_size=64)
+    inner = slice(0, graph.token_index(0))
+    for share in (0.5, 0.8):
+        keep, _ = C.prune(graph, share, 0.98, rank_tokens=True)
+        default, _ = C.prune(graph, share, 0.98)
+        assert 0 < keep[inner].sum() < default[inner].sum() and keep[graph.token_index(0) :].all()
+
+
+def test_rank_tokens_prunes_as_circuit_tracer_does(tiny_model):
+    """--rank-tokens reproduces circuit-tracer's prune_graph (its own code, in its venv): the same nodes, edges
+    and influence field."""
+    pytest.importorskip("circuit_tracer")
+    graph = C.attribute(tiny_model, trained_like(tiny_model, "jumprelu"), TOKENS, batch_size=64)
+    assert graph.explored.all()  # circuit-tracer traces every feature it keeps
+    inner = slice(0, graph.token_index(0))
+    from types import SimpleNamespace
+
+    from circuit_tracer.graph import prune_graph
+
+    theirs = SimpleNamespace(
+        input_tokens=torch.tensor(TOKENS),
+        logit_targets=graph.logit_tokens,
+        selected_features=torch.arange(graph.n_features),
+        adjacency_matrix=graph.adjacency,
+        logit_probabilities=torch.tensor(graph.logit_probs),
+    )
+    for share, edge_share in ((0.5, 0.9), (0.8, 0.98)):
+        node_mask, edge_mask, cumulative = prune_graph(theirs, share, edge_share)
+        keep, edges = C.prune(graph, share, edge_share, rank_tokens=True)
+        assert torch.equal(keep, node_mask) and 5 < int(keep[inner].sum()) < graph.token_index(0)
+        assert torch.equal(edges, edge_mask & (graph.adjacency != 0))
+        assert torch.allclose(C.cumulative_influence(graph, rank_tokens=True), cumulative, atol=1e-6)

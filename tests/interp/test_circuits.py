@@ -7,6 +7,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from nanosae import SAE, SAEConfig
+from nanosae.config import InterveneConfig
 from nanosae.errors import ConfigError
 from nanosae.interp import circuits as C
 
@@ -553,3 +554,72 @@ def test_interventions_report_the_downstream_features_they_move(tiny_model):
         assert L > layer and p >= pos  # causal: later layers, this position or later
         assert before == pytest.approx(float(clean.latents[L][p, f]), abs=1e-5)
         assert after == pytest.approx(float(by_hand[L][p, f]), abs=1e-5)
+
+
+@pytest.mark.parametrize("skip,cross_layer", [(False, False), (True, False), (False, True)])
+def test_constrained_everywhere_a_logit_moves_by_the_graphs_direct_edges(tiny_model, skip, cross_layer):
+    """With every layer constrained (circuit-tracer's direct effects) the model is the graph's frozen linear model:
+    changing features by d·activation moves each target's logit minus the mean logit by d·(the sum of their edges
+    into it), while the model run as it is does not."""
+    tcs = random_transcoders(tiny_model, skip=skip, cross_layer=cross_layer)
+    ids = torch.tensor([TOKENS])
+    graph = C.attribute(tiny_model, tcs, TOKENS, batch_size=64)
+    target = graph.logit_index(0)
+    early = (graph.features[:, 1] < len(TOKENS) - 1).nonzero().squeeze(1)  # paths through attention
+    picked = early[graph.adjacency[target, early].abs().topk(3).indices]
+    edits = [((int(L), int(f), int(p)), "*", 1.5) for L, p, f in graph.features[picked].tolist()]
+
+    def logit_moves(**how):
+        with torch.no_grad():
+            before = tiny_model.forward(ids)[0, -1]
+            with C.feature_edits(tiny_model, tcs, ids, edits, **how):
+                after = tiny_model.forward(ids)[0, -1]
+        return (after - after.mean()) - (before - before.mean())
+
+    expected = 0.5 * graph.adjacency[:, picked][graph.logit_index(0) :].sum(1)
+    got = logit_moves(freeze_attention=True, constrained=range(tiny_model.n_layers))[graph.logit_tokens]
+    assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-3)
+    assert float(expected.abs().max()) > 1e-2
+    live = logit_moves()[graph.logit_tokens]
+    assert not torch.allclose(live, expected, atol=1e-2 * float(expected.abs().max()), rtol=1e-2)
+
+
+def test_frozen_attention_keeps_the_clean_runs_patterns(tiny_model):
+    """With --freeze-attention a later layer's attention output is the clean run's pattern (Hugging Face's own
+    eager attention, asked for its weights) times the edited run's values; run as it is, it is not."""
+    tcs = random_transcoders(tiny_model)
+    ids = torch.tensor([TOKENS])
+    clean = C.clean_pass(tiny_model, tcs, ids)
+    latent = int(clean.latents[0][2].argmax())
+    edits = [((0, latent, 2), "=", 30.0)]
+    config = tiny_model.module.config
+    old, config._attn_implementation = config._attn_implementation, "eager"
+    try:
+        with torch.no_grad():
+            pattern = tiny_model.module(ids, output_attentions=True).attentions[1]  # (1, heads, T, T)
+    finally:
+        config._attn_implementation = old
+    attn = tiny_model.module.model.layers[1].self_attn
+    seen = {}
+    handle = attn.register_forward_hook(
+        lambda m, args, kwargs, out: seen.update(h=kwargs["hidden_states"], out=out[0]), with_kwargs=True
+    )
+
+    def by_hand():
+        h = seen["h"]
+        v = attn.v_proj(h).view(1, len(TOKENS), -1, attn.head_dim).transpose(1, 2)
+        v = v.repeat_interleave(pattern.shape[1] // v.shape[1], dim=1)
+        return attn.o_proj((pattern @ v).transpose(1, 2).reshape(1, len(TOKENS), -1))
+
+    try:
+        with torch.no_grad():
+            for freeze in (True, False):
+                with C.feature_edits(tiny_model, tcs, ids, edits, freeze_attention=freeze):
+                    tiny_model.forward(ids)
+                assert torch.allclose(seen["out"], by_hand(), atol=1e-5) == freeze
+    finally:
+        handle.remove()
+    assert InterveneConfig(transcoders="x", edits=["0_1_2=3"], constrained_layers="1-2").constrained(4) == [1, 2]
+    assert InterveneConfig(transcoders="x", edits=["0_1_2=3"], constrained_layers="all").constrained(2) == [0, 1]
+    with pytest.raises(Exception, match="--constrained-layers '5': expected all, A-B or L,L"):
+        InterveneConfig(transcoders="x", edits=["0_1_2=3"], constrained_layers="5").constrained(4)

@@ -356,3 +356,21 @@ def test_every_edge_is_the_jacobian_of_a_hand_written_frozen_nanochat(which, cro
         return inputs, logits
 
     assert_edges_are_the_jacobian(graph, clean, f, tcs)
+
+
+def test_interventions_on_nanochat_run_live_and_refuse_circuit_tracers_modes_in_one_line(released):
+    """nanochat's attention has no pinned form: --freeze-attention / --constrained-layers say so; plain edits run."""
+    from nanosae.errors import ConfigError
+    from nanosae.interp import circuits as C
+    from tests.interp.test_circuits import random_transcoders
+
+    directory, _ = released
+    model = nanosae.load_model(f"nanochat:{directory}")
+    tcs = random_transcoders(model)
+    tokens = torch.randint(0, VOCAB, (1, 6))
+    for how in ({"freeze_attention": True}, {"constrained": [0]}):
+        with pytest.raises(ConfigError, match="need a Hugging Face model: nanochat's attention has no pinned form"):
+            with C.feature_edits(model, tcs, tokens, [((0, 1, 2), "=", 3.0)], **how):
+                pass
+    with C.feature_edits(model, tcs, tokens, [((0, 1, 2), "=", 3.0)]) as before:
+        assert list(before) == [(0, 1, 2)]

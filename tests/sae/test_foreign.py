@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from nanosae import SAE
 from nanosae.errors import FormatError
 from nanosae.sae.foreign import hook_names
+from tests.conftest import mapped_from
 
 SPARSIFY = Path(__file__).parents[1] / "fixtures" / "sparsify"
 
@@ -324,3 +325,21 @@ def test_gemma_scope_transcoders_read_the_mlp_input_and_write_its_output(tmp_pat
     x = torch.randn(9, 12)
     pre = x @ p["W_enc"] + p["b_enc"]
     torch.testing.assert_close(tc(x)[0], (pre * (pre > p["threshold"])) @ p["W_dec"] + p["b_dec"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_large_files_are_mapped_not_copied(tmp_path):
+    """nanosae's own safetensors and Gemma Scope's uncompressed .npz are mapped copy-on-write: the weights lie in
+    the file's mapping, give the file's values, and writing to them leaves the file as it was."""
+    path, p = gemma_scope_file(tmp_path)
+    sae = SAE.load(path)
+    assert mapped_from(sae.W_enc, path) and mapped_from(sae.W_dec, path)
+    assert torch.equal(sae.W_enc, p["W_enc"]) and torch.equal(sae.threshold, p["threshold"])
+    with torch.no_grad():
+        sae.W_enc.zero_()
+    assert torch.equal(SAE.load(path).W_enc, p["W_enc"])
+    own = tmp_path / "own"
+    sae.save(own)
+    back = SAE.load(own)
+    assert mapped_from(back.W_dec, own / "sae_weights.safetensors")
+    assert torch.equal(back.W_dec, sae.W_dec) and torch.equal(back.W_enc, torch.zeros_like(sae.W_enc))

@@ -19,7 +19,7 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -247,15 +247,48 @@ def _frozen_attention(
     return eager(module, query.detach(), key.detach(), value, attention_mask, **kwargs)
 
 
-def _frozen_norm(module: Any) -> Any:
-    """A forward for an RMSNorm / LayerNorm with its scale (1/rms or 1/std) detached; None for other modules."""
+class Pins:
+    """Values one forward records (attention patterns, norm scales) and later forwards of the same shape replay:
+    an intervention run with the clean run's patterns, as circuit-tracer's freeze_attention."""
+
+    def __init__(self) -> None:
+        self.recording = True
+        self.kept: dict[int, Tensor] = {}
+
+    def __call__(self, module: nn.Module, value: Tensor) -> Tensor:
+        if self.recording:
+            self.kept[id(module)] = value.detach()
+            return value
+        kept = self.kept.get(id(module))
+        return kept if kept is not None and kept.shape == value.shape else value  # a generated token's step: live
+
+
+_PINS: Pins | None = None  # what the registered pinned attention reads, set inside `pinned`
+
+
+def _pinned_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any
+) -> tuple[Tensor, Tensor]:
+    """The model family's own eager attention, its pattern the recorded one where there is one."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    out, weights = eager(module, query, key, value, attention_mask, **kwargs)
+    assert _PINS is not None  # registered and selected only inside `pinned`
+    pattern = _PINS(module, weights)
+    if pattern is weights:
+        return out, weights
+    v = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)  # grouped keys and values, as repeat_kv
+    return torch.matmul(pattern.to(v.dtype), v).transpose(1, 2).contiguous(), pattern
+
+
+def _norm_forward(module: Any, scale: Any) -> Any:
+    """A forward for an RMSNorm / LayerNorm whose scale (1/rms or 1/std) passes through scale(module, s) (detached
+    for autograd, or pinned); None for other modules."""
     name = type(module).__name__
     if isinstance(module, nn.LayerNorm):
 
         def layer_norm(x: Tensor) -> Tensor:
             centred = x - x.mean(-1, keepdim=True)
-            scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + module.eps)
-            out = centred * scale
+            out = centred * scale(module, torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + module.eps))
             return out * module.weight + module.bias if module.elementwise_affine else out
 
         return layer_norm
@@ -268,7 +301,7 @@ def _frozen_norm(module: Any) -> Any:
 
     def rms_norm(x: Tensor) -> Tensor:
         xf = x.float()
-        normed = xf * torch.rsqrt(xf.detach().pow(2).mean(-1, keepdim=True) + eps)
+        normed = xf * scale(module, torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
         if gemma:
             return (normed * (1.0 + module.weight.float())).type_as(x)
         return module.weight * normed.to(x.dtype)
@@ -280,16 +313,10 @@ _REGISTERED = False
 
 
 @contextlib.contextmanager
-def frozen(model: HostModel) -> Iterator[None]:
-    """Inside: attention patterns and norm scales are constants for autograd (values unchanged); nanochat's
-    gates too, and its logits come before the softcap (models.nanochat.frozen_for_attribution)."""
+def _patched(model: HostModel, attention: str, scale: Any) -> Iterator[None]:
+    """Inside: a Hugging Face model's attention runs as the registered `attention`, and its norms (unless scale is
+    None) through _norm_forward(scale)."""
     global _REGISTERED
-    from nanosae.models.nanochat import NanochatGPT, frozen_for_attribution
-
-    if isinstance(model.module, NanochatGPT):
-        with frozen_for_attribution(model.module):
-            yield
-        return
     config = getattr(model.module, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         raise ConfigError(
@@ -300,15 +327,17 @@ def frozen(model: HostModel) -> Iterator[None]:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-        AttentionInterface.register("nanosae_frozen", _frozen_attention)
-        AttentionMaskInterface.register("nanosae_frozen", eager_mask)
+        for name, fn in (("nanosae_frozen", _frozen_attention), ("nanosae_pinned", _pinned_attention)):
+            AttentionInterface.register(name, fn)
+            AttentionMaskInterface.register(name, eager_mask)
         _REGISTERED = True
-    patched = [(m, m.__dict__.get("forward")) for m in model.module.modules() if _frozen_norm(m) is not None]
+    norms = [m for m in model.module.modules() if scale is not None and _norm_forward(m, scale) is not None]
+    patched = [(m, m.__dict__.get("forward")) for m in norms]
     old = config._attn_implementation
     try:
-        config._attn_implementation = "nanosae_frozen"
-        for m, _ in patched:
-            m.forward = _frozen_norm(m)
+        config._attn_implementation = attention
+        for m in norms:
+            m.forward = _norm_forward(m, scale)
         yield
     finally:
         config._attn_implementation = old
@@ -317,6 +346,40 @@ def frozen(model: HostModel) -> Iterator[None]:
                 del m.forward
             else:
                 m.forward = forward
+
+
+@contextlib.contextmanager
+def frozen(model: HostModel) -> Iterator[None]:
+    """Inside: attention patterns and norm scales are constants for autograd (values unchanged); nanochat's
+    gates too, and its logits come before the softcap (models.nanochat.frozen_for_attribution)."""
+    from nanosae.models.nanochat import NanochatGPT, frozen_for_attribution
+
+    if isinstance(model.module, NanochatGPT):
+        with frozen_for_attribution(model.module):
+            yield
+        return
+    with _patched(model, "nanosae_frozen", lambda module, s: s.detach()):
+        yield
+
+
+@contextlib.contextmanager
+def pinned(model: HostModel, pins: Pins, norms: bool = False) -> Iterator[None]:
+    """Inside: attention patterns (and with norms, norm scales) are recorded by the first forward, while
+    pins.recording, and replayed by later ones of the same length."""
+    global _PINS
+    from nanosae.models.nanochat import NanochatGPT
+
+    if isinstance(model.module, NanochatGPT):
+        raise ConfigError(
+            "--freeze-attention and --constrained-layers need a Hugging Face model: nanochat's attention has no "
+            "pinned form; intervene without them"
+        )
+    _PINS = pins
+    try:
+        with _patched(model, "nanosae_pinned", pins if norms else None):
+            yield
+    finally:
+        _PINS = None
 
 
 # ---- the graph ---------------------------------------------------------------------------------------------
@@ -744,11 +807,20 @@ def _threshold(scores: Tensor, share: float) -> float:
     return float(values[min(int(torch.searchsorted(cumulative, torch.tensor(share))), len(values) - 1)])
 
 
-def cumulative_influence(graph: Graph) -> Tensor:
+def cumulative_influence(graph: Graph, rank_tokens: bool = False) -> Tensor:
     """For each feature and error node, the share of their influence on the logits carried by the nodes more
     influential than it: the graph file's `influence`, which viewers filter on (shown when <= the node
     threshold), so exactly the nodes pruning keeps are shown, and the kept ones carry at least the threshold's
-    share. Tokens and logits, always kept, get 0. One population for the cut and the field."""
+    share. Tokens and logits, always kept, get 0. One population for the cut and the field.
+
+    rank_tokens: circuit-tracer's field instead: every node ranked together, each given the share carried by
+    itself and the nodes more influential than it."""
+    if rank_tokens:
+        influence = node_influence(graph.adjacency, logit_weights(graph))
+        order = influence.argsort(descending=True)
+        cumulative = torch.zeros(len(influence))
+        cumulative[order] = influence[order].cumsum(0) / influence.sum().clamp_min(1e-12)
+        return cumulative
     influence = node_influence(graph.adjacency, logit_weights(graph))[: graph.token_index(0)]
     order = influence.argsort(descending=True)
     before = influence[order].cumsum(0) - influence[order]
@@ -758,14 +830,21 @@ def cumulative_influence(graph: Graph) -> Tensor:
 
 
 def prune(
-    graph: Graph, node_share: float = NODE_THRESHOLD, edge_share: float = EDGE_THRESHOLD
+    graph: Graph, node_share: float = NODE_THRESHOLD, edge_share: float = EDGE_THRESHOLD, rank_tokens: bool = False
 ) -> tuple[Tensor, Tensor]:
     """(node mask, edge mask) keeping the features and error nodes that carry `node_share` of their influence on
     the logits (cumulative_influence < node_share; all of them at 1), then the edges carrying `edge_share` of the
-    remaining graph's; tokens and logits always stay, and features left without incoming or outgoing edges go."""
+    remaining graph's; tokens and logits always stay, and features left without incoming or outgoing edges go.
+
+    rank_tokens: circuit-tracer's cut (graph.prune_graph): the nodes at or above the influence that brings the
+    share of all nodes, input tokens included, to `node_share`. Tokens carry much of the influence, so fewer
+    features and errors stay."""
     weights = logit_weights(graph)
-    cumulative = cumulative_influence(graph)
-    keep = (cumulative < node_share) | (node_share >= 1)
+    if rank_tokens:
+        influence = node_influence(graph.adjacency, weights)
+        keep = influence >= _threshold(influence, node_share)
+    else:
+        keep = (cumulative_influence(graph) < node_share) | (node_share >= 1)
     keep[graph.token_index(0) :] = True
     a = graph.adjacency.clone()
     a[~keep] = 0
@@ -815,14 +894,15 @@ def to_neuronpedia(
     n_layers: int | None = None,
     labels: dict[tuple[int, int], str] | None = None,
     scan: str | None = None,
+    rank_tokens: bool = False,
 ) -> dict[str, Any]:
     """The pruned graph as the JSON Neuronpedia's graph viewer loads (metadata, qParams, nodes, links), which
     nanosae's viewer reads too. labels: (layer, latent) -> explanation, shown as each feature's clerp; scan: the
     id Neuronpedia files the graph under (letters, digits, dashes; default: the model's name made one)."""
     from nanosae.interp.circuit_tracer import scan_name
 
-    keep, edges = prune(graph, node_share, edge_share)
-    cumulative = cumulative_influence(graph)
+    keep, edges = prune(graph, node_share, edge_share, rank_tokens)
+    cumulative = cumulative_influence(graph, rank_tokens)
     n_layers = n_layers or (max(graph.layers) + 1)
     labels = labels or {}
     nodes: dict[int, dict[str, Any]] = {}
@@ -906,6 +986,7 @@ def to_neuronpedia(
                 "transcoders": graph.transcoders,
                 **scores(graph),
                 "edge_threshold": edge_share,
+                "rank_tokens": rank_tokens,
                 "generator": {"name": "nanosae", "version": version("nanosae")},
             },
             "generation_settings": graph.info.get("generation_settings", {}),
@@ -1055,43 +1136,85 @@ def parse_node_edit(text: str) -> tuple[tuple[int, int, int], str, float]:
 
 @contextlib.contextmanager
 def feature_edits(
-    model: HostModel, transcoders: TranscoderSet, tokens: Tensor, edits: list[tuple[tuple[int, int, int], str, float]]
+    model: HostModel,
+    transcoders: TranscoderSet,
+    tokens: Tensor,
+    edits: list[tuple[tuple[int, int, int], str, float]],
+    freeze_attention: bool = False,
+    constrained: Sequence[int] = (),
 ) -> Iterator[dict[tuple[int, int, int], float]]:
-    """Inside: each edited feature's activation at its prompt position is set (=) or scaled (*), by adding the
+    """Inside: each edited feature's activation at its prompt position is set (=) or scaled (*) by adding the
     change times its decoder direction to that layer's MLP output (and, cross-layer, each later MLP output it
-    writes to), the transcoder's error kept, as a splice with its error term. Yields the activations before
-    the edits."""
-    clean = clean_pass(model, transcoders, tokens)
-    before: dict[tuple[int, int, int], float] = {}
-    adds: dict[int, list[tuple[int, Tensor]]] = {}
-    for (layer, latent, pos), op, value in edits:
-        if layer not in transcoders:
-            raise ConfigError(f"no transcoder at layer {layer} (the set has {transcoders.layers})")
-        tc = transcoders[layer]
-        if not (0 <= latent < tc.cfg.d_sae and 0 <= pos < tokens.shape[1]):
-            raise ConfigError(
-                f"feature {layer}_{latent}_{pos} is out of range (d_sae {tc.cfg.d_sae}, {tokens.shape[1]} positions)"
-            )
-        old = float(clean.latents[layer][pos, latent])
-        before[(layer, latent, pos)] = old
-        new = value if op == "=" else old * value
-        for target in transcoders.targets(layer):
-            direction = transcoders.rows(layer, target, torch.tensor(latent)).detach() * (new - old)
-            adds.setdefault(target, []).append((pos, direction))
+    writes to), the transcoder's error kept, as a splice with its error term; the change is from its activation
+    as the edited model computes it, so earlier edits' effects count. Yields the activations before the edits.
 
-    def add(layer: int) -> Any:
-        def fn(y: Tensor) -> Tensor:
-            if y.shape[1] < tokens.shape[1]:  # a generated token's step: the prompt's edits are in the KV cache
-                return y
-            y = y.clone()
-            for pos, direction in adds[layer]:
-                y[:, pos] += direction.to(y.dtype)
-            return y
+    As circuit-tracer's feature_intervention: freeze_attention keeps the clean run's attention patterns; the
+    `constrained` layers also keep their clean MLP outputs (plus the change of a skip term), their features' edits
+    taken from the clean activations, so effects pass through attention and the residual stream only; with every
+    layer constrained the norm scales are kept too, and the change in a logit is the graph's direct edge."""
+    T = tokens.shape[1]
+    constrained = sorted(set(constrained))
+    pins = Pins() if freeze_attention or constrained else None
+    everything = bool(constrained) and set(range(model.n_layers)) <= set(constrained)
+    with pinned(model, pins, norms=everything) if pins is not None else contextlib.nullcontext():
+        names = [h for layer in transcoders for h in transcoders.hooks(layer)]
+        names += [mlp_hooks(L)[1] for L in constrained if L not in transcoders]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names)
+            clean_x = {L: cache[transcoders.hooks(L)[0]][0] for L in transcoders}
+            clean = {L: tc.encode(clean_x[L]) for L, tc in transcoders.items()}
+        if pins is not None:
+            pins.recording = False
+        clean_y = {L: cache[transcoders.hooks(L)[1] if L in transcoders else mlp_hooks(L)[1]] for L in constrained}
+        before: dict[tuple[int, int, int], float] = {}
+        by_layer: dict[int, list[tuple[int, int, str, float]]] = {}
+        for (layer, latent, pos), op, value in edits:
+            if layer not in transcoders:
+                raise ConfigError(f"no transcoder at layer {layer} (the set has {transcoders.layers})")
+            if not (0 <= latent < transcoders[layer].cfg.d_sae and 0 <= pos < T):
+                raise ConfigError(
+                    f"feature {layer}_{latent}_{pos} is out of range "
+                    f"(d_sae {transcoders[layer].cfg.d_sae}, {T} positions)"
+                )
+            before[(layer, latent, pos)] = float(clean[layer][pos, latent])
+            by_layer.setdefault(layer, []).append((pos, latent, op, value))
+        seen: dict[int, Tensor] = {}
+        pending: dict[int, Tensor] = {}
 
-        return fn
+        def read(layer: int) -> Any:
+            def fn(x: Tensor) -> None:
+                seen[layer] = x
 
-    with model.hooks({transcoders.hooks(layer)[1]: add(layer) for layer in adds}):
-        yield before
+            return fn
+
+        def write(layer: int) -> Any:
+            def fn(y: Tensor) -> Tensor:
+                if y.shape[1] < T:  # a generated token's step: the prompt's edits are in the KV cache
+                    return y
+                if layer in by_layer:  # this layer's edits, from its activations as they are now (or clean)
+                    tc = transcoders[layer]
+                    now = clean[layer] if layer in constrained else tc.encode(seen[layer][0])
+                    for pos, latent, op, value in by_layer[layer]:
+                        old = float(now[pos, latent])
+                        change = (value if op == "=" else old * value) - old
+                        for target in transcoders.targets(layer):
+                            rows = transcoders.rows(layer, target, torch.tensor(latent)).detach()
+                            pending.setdefault(target, torch.zeros_like(y[0]))[pos] += (rows * change).to(y.dtype)
+                if layer in constrained:
+                    y = clean_y[layer].clone()
+                    if layer in transcoders:
+                        tc = transcoders[layer]
+                        skip = skip_term(tc, seen[layer][0]) - skip_term(tc, clean_x[layer])
+                        y = y + (skip if isinstance(skip, Tensor) else 0.0)
+                return y + pending.pop(layer) if layer in pending else y
+
+            return fn
+
+        hooks = {transcoders.hooks(L)[0]: read(L) for L in set(by_layer) | (set(constrained) & set(transcoders))}
+        written = set(constrained) | {t for L in by_layer for t in transcoders.targets(L)}
+        hooks |= {(transcoders.hooks(L)[1] if L in transcoders else mlp_hooks(L)[1]): write(L) for L in written}
+        with torch.no_grad(), model.hooks(hooks):
+            yield before
 
 
 def intervene(
@@ -1101,10 +1224,13 @@ def intervene(
     edits: list[tuple[tuple[int, int, int], str, float]],
     max_new_tokens: int = 20,
     top: int = 5,
+    freeze_attention: bool = False,
+    constrained: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Top next-token probabilities and a greedy continuation, without and with the feature edits, and the `top`
-    other features whose activation on the prompt the edits moved most (node id, before, after): the model runs
-    as it is (attention and MLPs recomputed), so what the edits change downstream shows."""
+    other features whose activation on the prompt the edits moved most (node id, before, after). By default the
+    model runs as it is (attention and MLPs recomputed), so what the edits change downstream shows;
+    freeze_attention and constrained as in feature_edits."""
     tokens = model.prompt_ids(prompt)
     ids = torch.tensor([tokens])
 
@@ -1116,7 +1242,7 @@ def intervene(
 
     original = run()
     clean = latents_on(model, transcoders, ids)
-    with feature_edits(model, transcoders, ids, edits) as before:
+    with feature_edits(model, transcoders, ids, edits, freeze_attention, constrained) as before:
         edited = run()
         after = latents_on(model, transcoders, ids)
     changed = []  # every other feature whose activation on the prompt moved, by how much

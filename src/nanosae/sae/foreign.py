@@ -152,14 +152,46 @@ def gemma_scope_hooks(path: Path) -> tuple[str, str]:
 
 
 def read_npz(file: Path) -> dict[str, np.ndarray]:
-    """Every array of a .npz file, read without pickle (a one-line FormatError naming the file otherwise)."""
+    """Every array of a .npz file, read without pickle (a one-line FormatError naming the file otherwise); arrays
+    stored uncompressed (np.savez, as Gemma Scope's are) are mapped copy-on-write, not read."""
     try:
+        with zipfile.ZipFile(regular_file(file)) as archive, open(file, "rb") as raw:
+            mapped = {
+                info.filename.removesuffix(".npy"): _mapped_member(file, raw, info)
+                for info in archive.infolist()
+                if info.compress_type == zipfile.ZIP_STORED and info.filename.endswith(".npy")
+            }
         with np.load(regular_file(file), allow_pickle=False) as npz:
-            return {name: np.array(npz[name]) for name in npz.files}
+            return {name: _or_read(mapped.get(name), npz, name) for name in npz.files}
     except FileNotFoundError:
         raise FormatError(f"{file} is missing") from None
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise FormatError(f"{file} is not a readable .npz: {first_line(e)}") from None
+
+
+def _or_read(mapped: np.ndarray | None, npz: Any, name: str) -> np.ndarray:
+    return mapped if mapped is not None else np.array(npz[name])
+
+
+def _mapped_member(file: Path, raw: Any, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """An uncompressed .npy member of a zip as a copy-on-write memory map (None when it cannot be: object arrays,
+    empty ones)."""
+    raw.seek(info.header_offset)
+    local = raw.read(30)  # the local header: its name and extra lengths can differ from the central directory's
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise ValueError(f"member {info.filename}: bad local header")
+    start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    raw.seek(start)
+    fmt = np.lib.format
+    reader = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(raw))
+    if reader is None:
+        return None
+    shape, fortran, dtype = reader(raw)
+    if dtype.hasobject or 0 in shape or not shape:
+        return None
+    if raw.tell() - start + dtype.itemsize * int(np.prod(shape)) > info.file_size:
+        raise ValueError(f"member {info.filename} is truncated")
+    return np.memmap(file, dtype, "c", raw.tell(), shape, "F" if fortran else "C")
 
 
 def load_gemma_scope(path: Path, device: str, build: Any) -> Any:
@@ -170,8 +202,8 @@ def load_gemma_scope(path: Path, device: str, build: Any) -> Any:
     if missing or arrays["W_enc"].ndim != 2:
         raise FormatError(f"{file}: missing {missing[0] if missing else 'a 2-d W_enc'} (not a Gemma Scope SAE?)")
     d_in, d_sae = arrays["W_enc"].shape
-    tensors = {
-        name: torch.from_numpy(a.astype(np.float32))
+    tensors = {  # mapped float32 arrays stay mapped (assigned below, not copied)
+        name: torch.from_numpy(np.asarray(a.astype(np.float32, copy=False)))
         for name, a in arrays.items()
         if name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
     }
@@ -188,7 +220,7 @@ def load_gemma_scope(path: Path, device: str, build: Any) -> Any:
         apply_b_dec_to_input=False,
         model_name=model,
     )
-    return build_checked(cfg, tensors, file, device, build)
+    return build_checked(cfg, tensors, file, device, build, assign=True)
 
 
 DL_FILE = "ae.pt"

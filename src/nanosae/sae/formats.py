@@ -169,7 +169,9 @@ def _load_saelens_dir(path: Path, device: str, build: Any) -> Any:
         raise FormatError(f"{weights} is corrupt or truncated: {e}") from None
     if "log_threshold" in tensors and "threshold" not in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
-    return build_checked(cfg, tensors, weights, device, build)
+    # the tensors view safetensors' copy-on-write mapping of the file: assigned, not copied, a large SAE or
+    # transcoder is read page by page as it is used, and the OS can drop the pages again
+    return build_checked(cfg, tensors, weights, device, build, assign=True)
 
 
 def _check_header(cfg: SAEConfig, weights: Path) -> None:
