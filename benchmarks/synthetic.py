@@ -2,9 +2,10 @@
 
 Every trainer gets exactly the same samples (the synthetic model's stream, one seed) and the same L0 target;
 each SAE is scored on fresh samples: MCC, feature F1, uniqueness, variance explained, L0, dead latents and, for
-the hierarchies, absorption. The comparison with SAELens's trainers of the same architectures (same samples,
-peer venv only) is not written yet: see the issue's notes.
-Usage: python benchmarks/synthetic.py [--preset cpu] [--samples 10M] [--d-sae 4096] [--k 25]
+the hierarchies, absorption. With --peers (run in the peers' venv, make bench), SAELens's trainers of the same
+architectures (TopK, BatchTopK, Matryoshka BatchTopK with nanosae's group widths) train on the same samples in the
+same order at the same k, with SynthSAEBench's settings (batch 1024, lr 3e-4, constant), and are scored alike.
+Usage: python benchmarks/synthetic.py [--preset cpu] [--samples 10M] [--d-sae 4096] [--k 25] [--peers]
 """
 
 import argparse
@@ -18,6 +19,44 @@ from nanosae.eval.synthetic import PRESETS, SyntheticModel, synthetic_scores
 from nanosae.options import parse_count
 
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu")
+SAELENS = {"topk": "topk", "batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk"}
+
+
+class SAELensScored:
+    """A SAELens SAE seen as synthetic_scores reads one: W_dec, and (x_hat, z) from a call."""
+
+    def __init__(self, sae):
+        self.sae, self.W_dec = sae, sae.W_dec
+        self.device, self.dtype = sae.W_dec.device, sae.W_dec.dtype
+
+    def __call__(self, x):
+        z = self.sae.encode(x)
+        return self.sae.decode(z), z
+
+
+def train_saelens(arch: str, model: SyntheticModel, samples: int, d_sae: int, k: int, widths: list[int]):
+    """SAELens's trainer of this architecture on the stream nanosae's trainers read (seed 0, same order)."""
+    import torch
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.registry import get_sae_training_class
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    sae_class, cfg_class = get_sae_training_class(SAELENS[arch])
+    extra = {"matryoshka_widths": list(widths)} if arch == "matryoshka" else {}
+    torch.manual_seed(0)
+    sae = sae_class(cfg_class(d_in=model.cfg.d, d_sae=d_sae, k=k, **extra))
+    trainer_cfg = SAETrainerConfig(  # train_toy_sae's settings (SynthSAEBench's runner defaults)
+        total_training_samples=samples,
+        train_batch_size_samples=1024,
+        lr=3e-4,
+        lr_end=3e-4,
+        device="cpu",
+        dead_feature_window=1000,
+        feature_sampling_window=2000,
+        logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
+    )
+    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=model.batches(1024, seed=0)).fit()
+    return SAELensScored(sae.eval())
 
 
 def main() -> None:
@@ -27,6 +66,7 @@ def main() -> None:
     p.add_argument("--d-sae", type=int, default=None, help="default: the preset's number of true features")
     p.add_argument("--k", type=int, default=None, help="default: the preset's mean L0")
     p.add_argument("--architecture", action="append", default=None)
+    p.add_argument("--peers", action="store_true", help="SAELens's trainers too (the peers' venv)")
     args = p.parse_args()
     model = SyntheticModel(PRESETS[args.preset])
     samples = parse_count(args.samples)
@@ -37,7 +77,7 @@ def main() -> None:
         f"{args.preset}: {model.cfg.n_features} true features in {model.cfg.d} dims, mean L0 "
         f"{model.cfg.mean_l0}; d_sae {d_sae}, k {k}, {samples:,} samples"
     )
-    print(f"{'':12} {'MCC':>6} {'F1':>6} {'unique':>7} {'VE':>6} {'L0':>6} {'dead':>6} {'absorb':>7} {'s':>6}")
+    print(f"{'':20} {'MCC':>6} {'F1':>6} {'unique':>7} {'VE':>6} {'L0':>6} {'dead':>6} {'absorb':>7} {'s':>6}")
     for arch in args.architecture or ARCHITECTURES:
         with tempfile.TemporaryDirectory() as tmp:
             extra = {"k": k} if arch != "jumprelu" else {}
@@ -45,13 +85,21 @@ def main() -> None:
             t0 = time.perf_counter()
             sae = nanosae.train(cfg, source=model).sae
             seconds = time.perf_counter() - t0
-        s = synthetic_scores(sae, model) | {"seconds": round(seconds, 1)}
-        figures[arch] = s
-        print(
-            f"{arch:12} {s['mcc']:6.3f} {s['f1']:6.3f} {s['uniqueness']:7.3f} {s['variance_explained']:6.3f} "
-            f"{s['l0']:6.1f} {s['dead_fraction']:6.3f} {s.get('absorption') or 0:7.3f} {seconds:6.0f}"
-        )
+        report(f"nanosae {arch}", synthetic_scores(sae, model), seconds, figures)
+        if args.peers and arch in SAELENS:
+            t0 = time.perf_counter()
+            peer = train_saelens(arch, model, samples, d_sae, k, sae.cfg.matryoshka_groups or [d_sae])
+            report(f"SAELens {arch}", synthetic_scores(peer, model), time.perf_counter() - t0, figures)
     save(__file__, {"preset": args.preset, "samples": samples, "d_sae": d_sae, "k": k, "results": figures})
+
+
+def report(name: str, scores: dict, seconds: float, figures: dict) -> None:
+    s = figures[name] = scores | {"seconds": round(seconds, 1)}
+    print(
+        f"{name:20} {s['mcc']:6.3f} {s['f1']:6.3f} {s['uniqueness']:7.3f} {s['variance_explained']:6.3f} "
+        f"{s['l0']:6.1f} {s['dead_fraction']:6.3f} {s.get('absorption') or 0:7.3f} {seconds:6.0f}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,14 @@ import torch
 import nanosae
 from nanosae import SAE, SAEConfig
 from nanosae.errors import ConfigError
-from nanosae.eval.synthetic import PRESETS, SyntheticConfig, SyntheticModel, synthetic_scores, true_dictionary_sae
+from nanosae.eval.synthetic import (
+    DENSE_PROBABILITY,
+    PRESETS,
+    SyntheticConfig,
+    SyntheticModel,
+    synthetic_scores,
+    true_dictionary_sae,
+)
 
 N_SAMPLES = 40_000
 
@@ -40,6 +47,16 @@ def test_firing_follows_the_settings():
     independent = (model.parent_of < 0) & (model.pair_of < 0)
     rates = fired.float().mean(0)
     assert all(within(float(rates[i]), float(model.probs[i]), N_SAMPLES) for i in independent.nonzero().squeeze(1))
+    # independent of each other and of the sample's place, whether drawn densely or sparsely (DENSE_PROBABILITY)
+    alone = independent.nonzero().squeeze(1)
+    by_rate = alone[model.probs[alone].argsort(descending=True)]
+    common, rare = by_rate[0], by_rate[len(by_rate) // 3]
+    assert model.probs[common] > DENSE_PROBABILITY >= model.probs[rare]
+    for i, j in ((common, rare), (rare, by_rate[len(by_rate) // 3 + 1]), (common, by_rate[1])):
+        both = float((fired[:, i] & fired[:, j]).float().mean())
+        assert within(both, float(model.probs[i] * model.probs[j]), N_SAMPLES)
+    halves = fired[: N_SAMPLES // 2, rare].float().mean(), fired[N_SAMPLES // 2 :, rare].float().mean()
+    assert all(within(float(h), float(model.probs[rare]), N_SAMPLES // 2) for h in halves)
     # Zipfian: sorted probabilities fall as rank^-zipf wherever none is clipped at 1
     p = model.probs[independent].sort(descending=True).values.double()
     unclipped = p < 1
@@ -108,3 +125,19 @@ def test_nanosae_trains_on_the_synthetic_stream(tmp_path):
     result = nanosae.train(cfg, source=model)
     scores = synthetic_scores(result.sae, model, samples=10_000)
     assert scores["mcc"] > 0.6 and scores["variance_explained"] > 0.7 and scores["l0"] == pytest.approx(8, abs=0.1)
+
+
+def test_the_stream_is_the_same_samples_whatever_the_batch_size():
+    """Trainers with other batch sizes (nanosae's formula, SAELens's 1024) are handed exactly the same samples."""
+    model = SyntheticModel(PRESETS["tiny"])
+    n = 2500  # more than two chunks
+
+    def first(batch_size, seed=3):
+        out, stream = [], model.batches(batch_size, seed=seed)
+        while sum(len(b) for b in out) < n:
+            out.append(next(stream))
+        return torch.cat(out)[:n]
+
+    a = first(37)
+    assert torch.equal(a, first(1024)) and torch.equal(a, first(n))
+    assert not torch.allclose(a, first(37, seed=4))

@@ -79,6 +79,8 @@ class SyntheticConfig:
 
 
 FEATURE_SEED = 0x5EED_F00D
+DENSE_PROBABILITY = 0.05  # features firing more often than this are drawn densely, the rest sparsely
+SAMPLE_CHUNK = 1024  # samples drawn at a time: the stream does not depend on the batch size
 PRESETS = {
     "tiny": SyntheticConfig(n_features=256, d=64, mean_l0=8.0, parents=8, correlated_pairs=8),
     "cpu": SyntheticConfig(n_features=4096, d=256, mean_l0=25.0, parents=64, correlated_pairs=64),
@@ -130,29 +132,64 @@ class SyntheticModel:
         self.probs = (p * hi).clamp(max=1).float()
         self._gen = gen
 
-    def sample(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        """(x (n, d), magnitudes (n, N), zero where a feature does not fire)."""
+    def sample(self, n: int, gen: torch.Generator, dense: bool = True) -> tuple[Tensor, Tensor]:
+        """(x (n, d), magnitudes (n, N), zero where a feature does not fire; with dense=False, a sparse COO
+        tensor). Drawn sparsely: a sample holds mean_l0 of N features, so the cost follows the firings."""
         cfg = self.cfg
-        u = torch.rand(n, cfg.n_features, generator=gen)
-        fired = u < self.probs
-        child = self.parent_of >= 0
-        if child.any():  # a child fires only with its parent, then with child_prob
-            parent_fired = fired[:, self.parent_of[child]]
-            fired[:, child] = parent_fired & (torch.rand(n, int(child.sum()), generator=gen) < cfg.child_prob)
-        second = self.pair_of >= 0
-        if second.any():  # a correlated pair's second fires with its first, with `correlation`
-            pulled = fired[:, self.pair_of[second]] & (
-                torch.rand(n, int(second.sum()), generator=gen) < cfg.correlation
-            )
-            fired[:, second] |= pulled
+        rows, cols = self._fired(n, gen)
         # kept above zero, so a feature fires exactly where its magnitude is positive
-        spread = cfg.magnitude_std * torch.randn(n, cfg.n_features, generator=gen)
-        mags = (cfg.magnitude_mean + spread).clamp(min=0.01 * cfg.magnitude_mean)
-        mags = mags * fired
-        x = mags @ self.features
+        spread = cfg.magnitude_std * torch.randn(len(rows), generator=gen)
+        values = (cfg.magnitude_mean + spread).clamp(min=0.01 * cfg.magnitude_mean)
+        size = (n, cfg.n_features)
+        mags = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size, check_invariants=False).coalesce()
+        x = mags.to_sparse_csr() @ self.features
         if cfg.noise:
             x = x + cfg.noise * torch.randn(n, cfg.d, generator=gen)
-        return x, mags
+        return x, mags.to_dense() if dense else mags
+
+    def _fired(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(rows, feature ids) of the firings in n samples, each pair once."""
+        cfg = self.cfg
+        own = (self.parent_of < 0).nonzero().squeeze(1)  # features that fire on their own
+        common = own[self.probs[own] > DENSE_PROBABILITY]
+        rare = own[self.probs[own] <= DENSE_PROBABILITY]
+        r1, c1 = (torch.rand(n, len(common), generator=gen) < self.probs[common]).nonzero().unbind(1)
+        pairs = [(r1, common[c1]), self._rare(n, rare, gen)]
+        rows, cols = (torch.cat(v) for v in zip(*pairs))
+        if cfg.parents:  # each child of a firing parent fires with child_prob
+            firing = cols < cfg.parents
+            r, parent = rows[firing].repeat_interleave(cfg.children), cols[firing].repeat_interleave(cfg.children)
+            child = cfg.parents + parent * cfg.children + torch.arange(cfg.children).repeat(int(firing.sum()))
+            kept = torch.rand(len(r), generator=gen) < cfg.child_prob
+            rows, cols = torch.cat([rows, r[kept]]), torch.cat([cols, child[kept]])
+        if cfg.correlated_pairs:  # a pair's second also fires with its first, with `correlation`
+            first = self.pair_of[self.pair_of >= 0]
+            is_first = torch.zeros(cfg.n_features, dtype=torch.bool)
+            is_first[first] = True
+            firing = is_first[cols]
+            kept = torch.rand(int(firing.sum()), generator=gen) < cfg.correlation
+            rows, cols = torch.cat([rows, rows[firing][kept]]), torch.cat([cols, cols[firing][kept] + 1])
+            key = (rows * cfg.n_features + cols).unique()  # a second that also fired on its own fires once
+            rows, cols = key // cfg.n_features, key % cfg.n_features
+        return rows, cols
+
+    def _rare(self, n: int, features: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Independent Bernoulli firings of rarely firing features in n samples, drawn as a binomial count per
+        feature and that many distinct samples (duplicates drawn again: any draw symmetric in the samples gives a
+        uniform subset), so the cost follows the number of firings, not n × features."""
+        p = self.probs[features].double()
+        counts = torch.binomial(torch.full_like(p, n), p, generator=gen).long()
+        cols = features.repeat_interleave(counts)
+        rows = torch.randint(0, n, (len(cols),), generator=gen)
+        while True:
+            order = (cols * n + rows).argsort()
+            key = (cols * n + rows)[order]
+            again = torch.zeros(len(rows), dtype=torch.bool)
+            again[order[1:][key[1:] == key[:-1]]] = True
+            if not again.any():
+                return rows, cols
+            rows[again] = torch.randint(0, n, (int(again.sum()),), generator=gen)
+
 
     @property
     def d_in(self) -> int:
@@ -163,10 +200,16 @@ class SyntheticModel:
         yield from self.batches(batch_size, seed=-1)
 
     def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, **_: Any):
-        """Endless batches of x, the same for the same seed (an ActivationStream's interface for the trainer)."""
+        """Endless batches of x, the same for the same seed (an ActivationStream's interface for the trainer): drawn
+        in chunks of SAMPLE_CHUNK whatever the batch size, so trainers with other batch sizes see the same samples
+        in the same order."""
         gen = torch.Generator().manual_seed(FEATURE_SEED + self.cfg.seed * 1_000_003 + seed + 1)
+        left = torch.empty(0, self.cfg.d)
         while True:
-            yield self.sample(batch_size, gen)[0]
+            while len(left) < batch_size:
+                left = torch.cat([left, self.sample(SAMPLE_CHUNK, gen, dense=False)[0]])
+            yield left[:batch_size]
+            left = left[batch_size:]
 
 
 def match(decoder: Tensor, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
