@@ -190,7 +190,6 @@ class SyntheticModel:
                 return rows, cols
             rows[again] = torch.randint(0, n, (int(again.sum()),), generator=gen)
 
-
     @property
     def d_in(self) -> int:
         return self.cfg.d
