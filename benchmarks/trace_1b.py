@@ -14,17 +14,37 @@ from __future__ import annotations
 import argparse
 import resource
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 
-def rss_gib() -> float:
+def rss_gib(field: str = "VmRSS") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 2**20
     return 0.0
+
+
+class PeakAnon:
+    """The peak of the process's anonymous memory (RssAnon), sampled: what must fit in RAM, unlike the set's
+    mapped file pages, which RSS also counts but the OS can drop and read again."""
+
+    def __init__(self) -> None:
+        self.peak, self.done = 0.0, threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self) -> None:
+        while not self.done.wait(0.05):
+            self.peak = max(self.peak, rss_gib("RssAnon"))
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return max(self.peak, rss_gib("RssAnon"))
 
 
 def main() -> None:
@@ -34,6 +54,9 @@ def main() -> None:
     p.add_argument("--l0", type=float, default=16.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-feature-nodes", type=int, default=128)
+    p.add_argument(
+        "--set", type=Path, help="where the random set is written, or read when it exists (a 131k set is 32 GiB)"
+    )
     args = p.parse_args()
 
     from _random_set import random_set
@@ -55,12 +78,14 @@ def main() -> None:
     model_gib = sum(p.numel() * 4 for p in module.parameters()) / 2**30
     tokens = [tokenizer.bos_token_id, *torch.randint(100, 49152, (args.tokens - 1,)).tolist()]
 
-    set_dir = Path(tempfile.mkdtemp(prefix="nanosae-1b-")) / "set"
-    random_set(set_dir, model, tokens[:64], args.d_sae, args.l0, scan="random-1b", dec_std=0.01)
+    set_dir = args.set or Path(tempfile.mkdtemp(prefix="nanosae-1b-")) / "set"
+    if not (set_dir / "config.yaml").exists():
+        random_set(set_dir, model, tokens[:64], args.d_sae, args.l0, scan="random-1b", dec_std=0.01)
     set_gib = sum(f.stat().st_size for f in set_dir.glob("*.safetensors")) / 2**30
     _, tset = C.load_transcoders(set_dir)
     setup = time.perf_counter() - start
-    before = rss_gib()
+    before, anon_before = rss_gib(), rss_gib("RssAnon")
+    anon = PeakAnon()
     estimate: list[int] = []
     start = time.perf_counter()
     graph = C.attribute(
@@ -73,6 +98,7 @@ def main() -> None:
         on_estimate=estimate.append,
     )
     seconds = time.perf_counter() - start
+    peak_anon = anon.stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(
         f"{args.tokens} tokens, {graph.info['active_features']} active features, {graph.n_features} traced, "
@@ -81,6 +107,10 @@ def main() -> None:
     print(
         f"setup {setup:.0f} s; RSS before the trace {before:.1f} GiB; trace estimate +{estimate[0] / 2**30:.1f} GiB; "
         f"peak RSS {peak:.1f} GiB (+{peak - before:.1f}); attribution {seconds:.0f} s"
+    )
+    print(
+        f"anonymous memory (what must fit; RSS also counts the set's mapped pages): {anon_before:.1f} GiB before "
+        f"the trace, peak {peak_anon:.1f} GiB (+{peak_anon - anon_before:.1f})"
     )
 
 

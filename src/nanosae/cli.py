@@ -29,7 +29,7 @@ from nanosae.config import (
 from nanosae.demo import DemoConfig
 from nanosae.errors import ConfigError, NanosaeError
 from nanosae.interp.features import FeaturesConfig
-from nanosae.options import command, gather_data, options_for, parse
+from nanosae.options import command, gather_data, options_for, parse, parse_count
 from nanosae.train.sweep import SWEEPABLE
 
 app = typer.Typer(
@@ -317,7 +317,11 @@ SAE_PATHS = inspect.Parameter(
     "paths",
     inspect.Parameter.POSITIONAL_OR_KEYWORD,
     annotation=list[Path],
-    default=typer.Argument(..., help="Run directories or SAE files/dirs (several: evaluated on the same tokens)."),
+    default=typer.Argument(
+        None,
+        help="Run directories or SAE files/dirs (several: evaluated on the same tokens). Needed except with "
+        "--synthetic.",
+    ),
 )
 
 
@@ -333,23 +337,38 @@ SAE_PATHS = inspect.Parameter(
         ),
         DEVICE,
         TOKENIZER,
+        _option(
+            "synthetic",
+            str,
+            None,
+            "Score against a synthetic ground truth instead of text: a preset (tiny, cpu, synthsaebench). Without "
+            "SAEs, nanosae's TopK, BatchTopK, Matryoshka and JumpReLU are trained on its samples first.",
+        ),
+        _option("samples", str, "2M", "With --synthetic and no SAEs: training samples (one pass for all four)."),
     ],
 )
 def eval_cmd(
-    paths: list[Path],
+    paths: list[Path] | None = None,
     model: str | None = None,
     hook: str | None = None,
     out: Path | None = None,
     device: str = "cpu",
     tokenizer: Path | None = None,
+    synthetic: str | None = None,
+    samples: str = "2M",
     **given: Any,
 ) -> None:
     """Evaluate SAEs: FVU, L0, dead/dense latents, CE/KL with the SAE spliced in (--suite full: also absorption,
-    sparse probing, explanation scores); writes eval.json (+ saebench/*.json) and report.html."""
+    sparse probing, explanation scores); writes eval.json (+ saebench/*.json) and report.html. --synthetic scores
+    them (or trains them first) against known features: MCC, F1, recovered features, absorption."""
     from nanosae.eval.report import TABLE_KEYS
     from nanosae.eval.run import evaluate_paths
     from nanosae.interp.featuredb import explanation_score
 
+    if synthetic is not None:
+        return synthetic_eval(synthetic, paths or [], out, parse_count(samples, "--samples"), device)
+    if not paths:
+        raise ConfigError("give the SAEs to evaluate (run directories or SAE files), or --synthetic PRESET")
     cfg = EvalConfig(**gather_data(parse(EVAL_OPTIONS, given)))
     explained = lambda runs: [explanation_score(run.features if run else None) for run in runs]
     with TokenProgress("eval", cfg.tokens) as bar:  # the full suite's stages show as the bar's note
@@ -375,6 +394,38 @@ def eval_cmd(
         table.add_row(f"{section}: {key}", *[_cell((r.get(section) or {}).get(key)) for r in results])
     console.print(table)
     console.print(f"report: {report}")
+
+
+def synthetic_eval(preset: str, paths: list[Path], out: Path | None, samples: int, device: str) -> None:
+    """eval --synthetic: the given SAEs (or nanosae's four, trained here) against the preset's true features."""
+    from nanosae.eval.report import is_report
+    from nanosae.eval.synthetic import SCORE_ROWS, run_synthetic
+    from nanosae.outputs import check_file
+    from nanosae.sae import SAE
+
+    if out is None:
+        raise ConfigError("--synthetic needs --out DIR: where eval.json, report.html (and trained SAEs) go")
+    check_file(out / "report.html", "evaluation report", is_report)
+    saes = {path.name: SAE.load(path, device=device) for path in paths} or None
+    if saes is None:
+        with TokenProgress("train on synthetic samples", samples) as bar:
+            start = time.perf_counter()
+
+            def show(p: Any) -> None:
+                done = samples * p.step // max(p.steps, 1)
+                bar.update(done, done / max(time.perf_counter() - start, 1e-9))
+
+            results = run_synthetic(preset, out, samples, progress=show)
+    else:
+        results = run_synthetic(preset, out, samples, saes=saes)
+    table = Table(title=f"synthetic ground truth: {preset}")
+    table.add_column("score")
+    for name in results:
+        table.add_column(name, justify="right")
+    for key in SCORE_ROWS:
+        table.add_row(key, *[_cell(r.get(key)) for r in results.values()])
+    console.print(table)
+    console.print(f"report: {out / 'report.html'}")
 
 
 SUITE_KEYS = [

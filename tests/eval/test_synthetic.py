@@ -141,3 +141,37 @@ def test_the_stream_is_the_same_samples_whatever_the_batch_size():
     a = first(37)
     assert torch.equal(a, first(1024)) and torch.equal(a, first(n))
     assert not torch.allclose(a, first(37, seed=4))
+
+
+def test_eval_synthetic_from_the_command_line(tmp_path):
+    """Without SAEs it trains the four on one stream and scores them; given SAEs it scores those (the true
+    dictionary at MCC 1), keeping eval.json's other sections; a wrong width is one line naming the SAE."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from nanosae.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "synth"
+    done = runner.invoke(app, ["eval", "--synthetic", "tiny", "--samples", "20k", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    section = json.loads((out / "eval.json").read_text())["synthetic"]
+    assert set(section["results"]) == {"topk", "batchtopk", "matryoshka", "jumprelu"}
+    assert section["trained_samples"] == 20_000 and section["config"]["n_features"] == 256
+    topk = section["results"]["topk"]
+    assert topk["l0"] == pytest.approx(8, abs=0.1) and len(topk["recovered_by_frequency"]) == 10
+    assert "recovered" in (out / "report.html").read_text()
+
+    true = true_dictionary_sae(SyntheticModel(PRESETS["tiny"]))
+    true.save(tmp_path / "true")
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    (scored / "eval.json").write_text(json.dumps({"fvu": 0.5}))
+    done = runner.invoke(app, ["eval", str(tmp_path / "true"), "--synthetic", "tiny", "--out", str(scored)])
+    assert done.exit_code == 0, done.output
+    data = json.loads((scored / "eval.json").read_text())
+    assert data["fvu"] == 0.5 and data["synthetic"]["results"]["true"]["mcc"] == pytest.approx(1.0)
+    assert data["synthetic"]["trained_samples"] is None
+    done = runner.invoke(app, ["eval", str(tmp_path / "true"), "--synthetic", "cpu", "--out", str(scored)])
+    assert done.exit_code != 0 and "true: d_in is 64, the cpu preset's activations have d=256" in str(done.exception)

@@ -11,6 +11,8 @@ Scores of an SAE against the truth (eval.json's "synthetic" section):
   mcc            mean cosine of the best one-to-one matching between decoder rows and true features
                  (Hungarian), over the true features
   f1             mean F1 of each matched latent's firing against its true feature's firing, on fresh samples
+  recovered      share of the true features whose matched decoder row has cosine > 0.9 (and by tenths of the
+                 features, most frequent first: which frequencies an SAE finds)
   uniqueness     share of the true features that are the best match of at most one latent
   variance_explained, l0, dead_fraction   on fresh samples
   absorption     for hierarchies: of the samples where a parent and one of its children fire, the share where
@@ -19,8 +21,10 @@ Scores of an SAE against the truth (eval.json's "synthetic" section):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import html
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -28,6 +32,7 @@ from torch import Tensor
 
 from nanosae.config import SAEConfig, check_fields, check_range
 from nanosae.errors import ConfigError
+from nanosae.io import atomic_write, read_json, write_json
 from nanosae.sae import SAE
 
 
@@ -79,6 +84,8 @@ class SyntheticConfig:
 
 
 FEATURE_SEED = 0x5EED_F00D
+RECOVERED_COSINE = 0.9  # a true feature counts as found when its matched decoder row is this close
+FREQUENCY_BINS = 10
 DENSE_PROBABILITY = 0.05  # features firing more often than this are drawn densely, the rest sparsely
 SAMPLE_CHUNK = 1024  # samples drawn at a time: the stream does not depend on the batch size
 PRESETS = {
@@ -236,8 +243,13 @@ def synthetic_scores(sae: Any, model: SyntheticModel, samples: int = 20_000, see
     f1 = 2 * tp / (fired[:, true_ids].sum(0) + active[:, latents].sum(0)).clamp(min=1)
     best = (features @ (decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)).T).argmax(0)  # each latent's
     claims = torch.bincount(best, minlength=len(features))
+    matched = torch.zeros(len(features))
+    matched[true_ids] = cos.float()
+    by_rate = model.probs.argsort(descending=True).chunk(FREQUENCY_BINS)  # most frequent tenth first
     out: dict[str, Any] = {
         "mcc": round(float(cos.mean()), 4) if len(cos) == len(features) else round(float(cos.sum()) / len(features), 4),
+        "recovered": round(float((matched > RECOVERED_COSINE).float().mean()), 4),
+        "recovered_by_frequency": [round(float((matched[b] > RECOVERED_COSINE).float().mean()), 4) for b in by_rate],
         "f1": round(float(f1.sum()) / len(features), 4),
         "uniqueness": round(float((claims <= 1).float().mean()), 4),
         "variance_explained": round(1 - float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()), 4),
@@ -268,3 +280,89 @@ def true_dictionary_sae(model: SyntheticModel) -> SAE:
         sae.W_enc.copy_(model.features.T)
         sae.b_enc.fill_(-0.5 * cfg.magnitude_mean)  # interference below half a magnitude does not fire
     return sae.eval()
+
+
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu")
+SCORE_ROWS = ("mcc", "f1", "recovered", "uniqueness", "variance_explained", "l0", "dead_fraction", "absorption")
+
+
+def run_synthetic(
+    preset: str,
+    out: Path,
+    samples: int,
+    saes: dict[str, Any] | None = None,
+    architectures: tuple[str, ...] = ARCHITECTURES,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Score SAEs against a preset's true features, writing out/eval.json (its "synthetic" section) and
+    out/report.html. Without `saes`, nanosae's architectures are trained first on `samples` of the preset's
+    stream, all in one pass over the same samples (at k = the preset's mean L0, d_sae = its number of features)."""
+    import nanosae
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown synthetic preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    model = SyntheticModel(PRESETS[preset])
+    trained = saes is None
+    if saes is None:
+        k = round(model.cfg.mean_l0)
+        cfgs = [
+            nanosae.TrainConfig.build(
+                out=str(out / arch),
+                architecture=arch,
+                d_sae=model.cfg.n_features,
+                tokens=samples,
+                batch_size=max(256, samples // 1000),
+                **({"k": k} if arch != "jumprelu" else {}),
+            )
+            for arch in architectures
+        ]
+        saes = {
+            arch: result.sae
+            for arch, result in zip(architectures, nanosae.train(cfgs, progress, source=cast(Any, model)))
+        }
+    for name, sae in saes.items():
+        if sae.cfg.d_in != model.cfg.d:
+            raise ConfigError(f"{name}: d_in is {sae.cfg.d_in}, the {preset} preset's activations have d={model.cfg.d}")
+    results = {name: synthetic_scores(sae, model) for name, sae in saes.items()}
+    section = {"preset": preset, "config": asdict(model.cfg), "trained_samples": samples if trained else None}
+    existing = read_json(out / "eval.json") if (out / "eval.json").exists() else {}  # other sections stay
+    write_json(out / "eval.json", existing | {"synthetic": section | {"results": results}})
+    page = render_synthetic(results, section)
+    atomic_write(out / "report.html", lambda p: p.write_text(page, encoding="utf-8"))
+    return results
+
+
+def render_synthetic(results: dict[str, dict[str, Any]], section: dict[str, Any]) -> str:
+    """The report page: the scores side by side and which feature frequencies each SAE recovers."""
+    from nanosae.eval.report import _figure, _fmt
+
+    names = list(results)
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    rows = "".join(
+        f"<tr><th>{k}</th>" + "".join(f"<td>{_fmt(results[n].get(k))}</td>" for n in names) + "</tr>"
+        for k in SCORE_ROWS
+    )
+
+    def draw(ax: Any) -> None:
+        for name in names:
+            shares = results[name]["recovered_by_frequency"]
+            ax.plot(range(1, len(shares) + 1), shares, marker="o", label=name)
+        ax.set_ylim(0, 1.02)
+
+    plot = _figure("true features by firing frequency (tenths, most frequent first)", "share recovered", draw)
+    cfg = section["config"]
+    trained = section["trained_samples"]
+    title = f"nanosae evaluation: synthetic ground truth ({section['preset']})"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><meta name="generator" content="nanosae">
+<title>{html.escape(title)}</title>
+<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f4f4f4}}
+.note{{max-width:40em;font-size:12px;color:#555}}</style></head><body><h1>{html.escape(title)}</h1>
+<p>{cfg["n_features"]:,} true features in {cfg["d"]} dimensions, mean L0 {cfg["mean_l0"]}, {cfg["parents"]} parents with
+{cfg["children"]} children, {cfg["correlated_pairs"]} correlated pairs, seed {cfg["seed"]}.
+{f"Each SAE trained on the same {trained:,} samples." if trained else ""}</p>
+<table><tr><th>score</th>{head}</tr>{rows}</table>
+<p class="note">mcc: mean cosine of the best one-to-one match of decoder rows to true features; f1: each matched
+latent's firing against its feature's; recovered: share of true features matched at cosine &gt; {RECOVERED_COSINE};
+absorption: where a parent and its child fire, the share with the parent's latent silent.</p>
+<figure><img alt="recovered by frequency" src="{plot}"></figure></body></html>"""
