@@ -196,7 +196,7 @@ class TokenProgress:
         )
 
 
-COLLECT_OPTIONS = options_for(CollectConfig)
+COLLECT_OPTIONS = options_for(CollectConfig, repeat=("model",))
 
 
 @app.command()
@@ -205,15 +205,27 @@ def collect(**given: Any) -> None:
     """Collect activations into a sharded on-disk store. Re-run the same command to resume."""
     from nanosae.data import collect as run_collect
 
-    cfg = CollectConfig(**gather_data(parse(COLLECT_OPTIONS, given)))
-    with TokenProgress("collect", cfg.tokens) as bar:
+    settings = gather_data(parse(COLLECT_OPTIONS, given))
+    models = settings.pop("model", None) or [CollectConfig.model]
+    if len(models) > 2:
+        raise ConfigError(f"--model given {len(models)} times; collect takes one model, or two to diff")
+    cfg = CollectConfig(**settings, model=models[0])
+    with TokenProgress("collect", cfg.tokens * len(models)) as bar:
 
-        def show(p) -> None:
-            bar.update(p.tokens, p.tokens / max(p.seconds, 1e-9), f"{p.bytes_written / 1e6:,.0f} MB written")
+        def show(p, offset: int = 0) -> None:
+            bar.update(offset + p.tokens, p.tokens / max(p.seconds, 1e-9), f"{p.bytes_written / 1e6:,.0f} MB written")
 
-        stores = run_collect(cfg, progress=show)
+        if len(models) == 2:
+            from nanosae.data.collect import collect_pair
+
+            pair = collect_pair(cfg, models[1], lambda name, p: show(p, 0 if name == "A" else cfg.tokens))
+            stores = {f"{name} {hook}": store for name, by_hook in pair.items() for hook, store in by_hook.items()}
+        else:
+            stores = run_collect(cfg, progress=show)
     for name, store in stores.items():
         console.print(f"{name}: {len(store):,} tokens × {store.d_in} ({store.dtype}) in {store.path}")
+    if len(models) == 2:
+        console.print(f"diff them with: nanosae train --diff {cfg.out}/A/HOOK {cfg.out}/B/HOOK --out RUN")
 
 
 TRAIN_OPTIONS = options_for(TrainConfig, sweep=SWEEPABLE, repeat=("acts", "hook"))
@@ -247,14 +259,48 @@ def transcoder_layers(spec: str, model: str) -> list[int]:
         raise ConfigError(f"--transcoders {spec!r}: expected 'all' or layers like 0,5,10") from None
 
 
+DIFF = inspect.Parameter(
+    "diff",
+    inspect.Parameter.KEYWORD_ONLY,
+    annotation=tuple[str, str] | None,
+    default=typer.Option(
+        None,
+        help="A_STORE B_STORE: a model-diffing crosscoder over one hook of two models (nanosae collect --model A "
+        "--model B); BatchTopK unless --architecture says otherwise. Study it with `nanosae diff RUN`.",
+    ),
+)
+
+
+CONTEXT = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+
+
+def chosen(ctx: typer.Context, name: str) -> bool:
+    """Whether an option was given on the command line (not left at its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
 @app.command()
-@command(TRAIN_OPTIONS, [CROSSCODER, TRANSCODERS])
-def train(crosscoder: bool = False, transcoders: str | None = None, **given: Any) -> None:
+@command(TRAIN_OPTIONS, [CONTEXT, CROSSCODER, TRANSCODERS, DIFF])
+def train(
+    ctx: typer.Context,
+    crosscoder: bool = False,
+    transcoders: str | None = None,
+    diff: tuple[str, str] | None = None,
+    **given: Any,
+) -> None:
     """Train SAEs from stores or straight from the model; several settings train together from one stream."""
     from nanosae.train import train as run_train
     from nanosae.train.sweep import expand_sweep, transcoder_set
 
     settings = gather_data(parse(TRAIN_OPTIONS, given))
+    if diff:
+        if settings.get("acts") or crosscoder or transcoders:
+            raise ConfigError("--diff names both stores; leave out --acts, --crosscoder and --transcoders")
+        settings["acts"] = list(diff)
+        if not chosen(ctx, "architecture"):
+            settings["architecture"] = ["batchtopk"]
+        crosscoder = True
     if transcoders:
         layers = transcoder_layers(transcoders, settings.get("model", SourceConfig.model))
         cfgs = transcoder_set(settings, layers)
@@ -728,6 +774,56 @@ def intervene(prompt: str, **given: Any) -> None:
     console.print(
         "moved most downstream: " + (", ".join(f"{k} {a:.3f} -> {b:.3f}" for k, a, b in result["downstream"]) or "none")
     )
+
+
+@app.command()
+def diff(
+    run: Path = typer.Argument(..., help="A run of `nanosae train --diff A_STORE B_STORE`."),
+    acts: list[str] = typer.Option(None, help="The two stores (default: the ones the run was trained on)."),
+    tokens: str = typer.Option("200k", help="Tokens of the stores latent scaling reads."),
+    top: int = typer.Option(20, help="Latents listed per side."),
+) -> None:
+    """What each model has of its own: the crosscoder's latents by relative decoder norm (A-only, shared, B-only),
+    with latent scaling to flag B-only latents that A carries too; writes RUN/diff.json and RUN/diff.html."""
+    from nanosae.data.store import ActivationStore
+    from nanosae.interp.diff import diff_report, paired_batches, render_diff, run_stores
+    from nanosae.interp.featuredb import explanations
+    from nanosae.io import atomic_write, write_json
+    from nanosae.rundir import RunDir
+    from nanosae.sae import SAE
+
+    where = RunDir(run)
+    sae = SAE.load(where.sae)
+    paths = list(acts) if acts else run_stores(where)
+    if len(paths) != 2:
+        raise ConfigError(f"--acts given {len(paths)} times; expected A's store and B's store")
+    stores = [ActivationStore(p) for p in paths]
+    for store, model in zip(stores, sae.cfg.crosscoder_models or []):
+        store.check(d_in=sae.cfg.d_in // 2, model=model)
+    report = diff_report(sae, paired_batches(stores, parse_count(tokens, "--tokens")), top=top)
+    labels = explanations(where.features) if where.features.exists() else {}
+    write_json(where.path / "diff.json", report)
+    page = render_diff(report, labels)
+    atomic_write(where.path / "diff.html", lambda p: p.write_text(page, encoding="utf-8"))
+    a, b = report["models"]
+    c = report["counts"]
+    console.print(f"{c['A-only']} {a}-only, {c['B-only']} {b}-only, {c['shared']} shared, {c['other']} other latents")
+    for side, name in (("B-only", b), ("A-only", a)):
+        table = Table(title=f"{name}-only latents, by specificity (1 − max ν)")
+        for col in ("latent", "relative norm", "ν error", "ν reconstruction", "specificity", "fires on", "explanation"):
+            table.add_column(col, justify="left" if col == "explanation" else "right")
+        for r in report[side]:
+            table.add_row(
+                str(r["latent"]),
+                f"{r['relative_norm']:.3f}",
+                f"{r['nu_error']:.3f}",
+                f"{r['nu_reconstruction']:.3f}",
+                f"{r['specificity']:.3f}",
+                f"{r['frequency']:.3%}",
+                labels.get(r["latent"], ""),
+            )
+        console.print(table)
+    console.print(f"page: {where.path / 'diff.html'}")
 
 
 VIEW_OPTIONS = options_for(ViewConfig)

@@ -205,6 +205,8 @@ class SAEConfig:
     """Transcoders: add a learned linear map of the input, W_skip (d_out, d_in), to the output."""
     crosscoder_hooks: list[str] | None = None
     """Crosscoders: the hooks (layers) read and reconstructed together; the input is their concatenation."""
+    crosscoder_models: list[str] | None = None
+    """Model-diffing crosscoders: the model each block was read from (one hook of two models: the hooks repeat)."""
     model_name: str = ""
     context_size: int | None = None
     dataset_path: str = ""
@@ -272,6 +274,15 @@ class SAEConfig:
                     f"a crosscoder needs at least 2 hooks and d_in divisible by them; got {n} hooks, d_in={self.d_in}"
                 )
             self.hook_name = self.hook_name or self.crosscoder_hooks[0]
+            models = self.crosscoder_models
+            if models is not None and (len(models) != n or len(set(zip(models, self.crosscoder_hooks))) != n):
+                raise ConfigError(
+                    f"crosscoder_models {models} must name one model per hook {self.crosscoder_hooks}, no pair twice"
+                )
+            if models is None and len(set(self.crosscoder_hooks)) != n:
+                raise ConfigError(f"crosscoder_hooks {self.crosscoder_hooks} repeat a hook; name the models apart")
+        elif self.crosscoder_models:
+            raise ConfigError("crosscoder_models is for crosscoders (set crosscoder_hooks)")
         scales = self.activation_scale
         if isinstance(scales, (list, tuple)) and len(scales) != self.n_blocks:
             raise ConfigError(

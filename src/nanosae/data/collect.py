@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from nanosae.data.corpus import iter_documents
 from nanosae.data.store import FORMAT, MANIFEST, ActivationStore, ShardWriter, read_manifest, shard_problem
 from nanosae.data.tokens import in_background, token_batches
 from nanosae.errors import ConfigError, DataError
-from nanosae.io import write_lock
+from nanosae.io import write_json, write_lock
 from nanosae.models import HostModel, load_model
 from nanosae.outputs import check_job_dir
 
@@ -206,3 +207,50 @@ def _collect_locked(
             raise errors[0]
     log.info("collected %d tokens (%d new) per hook into %s", done, done - start_tokens, out)
     return {hook: ActivationStore(out / hook, verify=False) for hook in cfg.hooks}
+
+
+# ---- two models on the same tokens (model diffing) ----------------------------------------------------------
+PAIR_FILE = "pair.json"
+PROBE = "def f(x):\n    return x ** 2  # Привет, 世界! naïve café 12345 \t  The quick brown fox.\n\n"
+
+
+def tokenizer_difference(a: Any, b: Any) -> str | None:
+    """Why two tokenizers would split text differently (None when they agree): a diff needs one tokenizer."""
+    vocab = lambda t: t.tok.get_vocab() if hasattr(getattr(t, "tok", None), "get_vocab") else None
+    if a.vocab_size != b.vocab_size:
+        return f"vocabularies of {a.vocab_size} and {b.vocab_size} tokens"
+    if a.bos_id != b.bos_id:
+        return f"BOS ids {a.bos_id} and {b.bos_id}"
+    va, vb = vocab(a), vocab(b)
+    if va is not None and vb is not None and va != vb:
+        return "vocabularies with other tokens"
+    if a.encode(PROBE) != b.encode(PROBE):
+        return "other splits of the same text"
+    return None
+
+
+def collect_pair(
+    cfg: CollectConfig, other: str, progress: Callable[[str, CollectProgress], None] | None = None
+) -> dict[str, dict[str, ActivationStore]]:
+    """Model diffing: cfg's hooks of cfg.model (A) and of `other` (B) on the same token windows, into
+    cfg.out/A/HOOK and cfg.out/B/HOOK (each exactly what a one-model collect of it writes: the windows follow from
+    the text and the shared tokenizer), with pair.json naming the two; progress(name, p) for each."""
+    specs = {"A": cfg.model, "B": other}
+    load = lambda spec: load_model(
+        spec, device=cfg.device, dtype=model_dtype(cfg.model_dtype, cfg.device), tokenizer=cfg.tokenizer
+    )
+    models = {name: load(spec) for name, spec in specs.items()}
+    why = tokenizer_difference(models["A"].tokenizer, models["B"].tokenizer)
+    if why:
+        raise ConfigError(f"--model {cfg.model} and --model {other} tokenize differently ({why}); a diff needs one")
+    for hook in cfg.hooks:
+        widths = {name: m.hook_dim(hook) for name, m in models.items()}
+        if widths["A"] != widths["B"]:
+            raise ConfigError(f"{hook} is {widths['A']} wide in {cfg.model} and {widths['B']} in {other}")
+    out = Path(cfg.out)
+    stores = {}
+    for name, model in models.items():
+        one = dataclasses.replace(cfg, model=specs[name], out=str(out / name))
+        stores[name] = collect(one, model, None if progress is None else functools.partial(progress, name))
+    write_json(out / PAIR_FILE, {"A": models["A"].name, "B": models["B"].name, "hooks": list(cfg.hooks)})
+    return stores

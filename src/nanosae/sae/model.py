@@ -240,6 +240,11 @@ class SAE(nn.Module):
         """The SAE's input from activations by hook name (crosscoders: their layers side by side).
 
         hooks: where to read instead of cfg.input_hooks (e.g. a plain SAE evaluated at another hook)."""
+        if self.cfg.crosscoder_models and not hooks:
+            raise ConfigError(
+                f"this crosscoder diffs {' and '.join(self.cfg.crosscoder_models)}: it reads two models' activations "
+                "at one hook, which one model cannot give; study it with `nanosae diff RUN`"
+            )
         return concat_hooks(acts, hooks or self.cfg.input_hooks)
 
     def output_blocks(self, x_hat: Tensor, hooks: list[str] | None = None) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -276,12 +277,18 @@ class SAERun:
         in_hooks = [name(i, key) for (i, _), key in zip(ins, in_keys)]
         out_hooks = [name(i, key) for (i, _), key in zip(outs, out_keys)]
         source = sources[ins[0][0]]
+        # stores of one hook from different models (collect --model A --model B): a model-diffing crosscoder
+        models = [
+            sources[i].manifest.get("model", "") if isinstance(sources[i], ActivationStore) else "" for i, _ in ins
+        ]
+        diffing = len(ins) > 1 and len(set(in_hooks)) < len(in_hooks) and len(set(models)) > 1
         sae_cfg = cfg.sae.sae_config(
             d_in=d_in,
             hook_name=in_hooks[0],
             d_out=d_out,
             hook_name_out=out_hooks[0] if self.transcoder else "",
             crosscoder_hooks=in_hooks if len(ins) > 1 else None,
+            crosscoder_models=models if diffing else None,
             model_name=_model_name(cfg, source),
             context_size=_context_size(cfg, source),
             dataset_path=_dataset_path(cfg, source),
@@ -376,6 +383,7 @@ class SAERun:
             "hook_name",
             "hook_name_out",
             "crosscoder_hooks",
+            "crosscoder_models",
             "matryoshka_groups",
             "skip_connection",
             "normalize_activations",
@@ -670,6 +678,7 @@ def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[Placeme
                 raise DataError(f"{store.path}: the store holds no activations (its manifest lists no shards)")
         if len({len(s) for s in stores}) > 1:
             raise DataError("stores trained together must come from one collection (they differ in token count)")
+        check_same_tokens([s for s in stores if s.manifest.get("model") != stores[0].manifest.get("model")], stores[0])
         place = lambda key: (keys.index(key), slice(0, stores[keys.index(key)].d_in))
         return stores, [([place(k) for k in ins], [place(k) for k in outs]) for ins, outs in io]
     if any(from_stores):
@@ -693,6 +702,22 @@ def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[Placeme
     )
     place = lambda hook: (0, stream.columns(hook))
     return [stream], [([place(h) for h in ins], [place(h) for h in outs]) for ins, outs in io]
+
+
+def check_same_tokens(others: list[ActivationStore], first: ActivationStore) -> None:
+    """Stores of other models trained with `first` (a diff) hold the same token windows: their token ids agree
+    (a DataError naming the store otherwise)."""
+    if not others:
+        return
+    ids = first.token_ids(0, len(first)) if first.has_ids else None
+    for store in others:
+        if ids is None or not store.has_ids:
+            raise DataError(f"{store.path}: stores of two models need token ids to be paired (collect them again)")
+        if not torch.equal(store.token_ids(0, len(store)), ids):
+            raise DataError(
+                f"{store.path} and {first.path} hold other token windows; collect both models in one run "
+                "(nanosae collect --model A --model B)"
+            )
 
 
 @overload
@@ -835,9 +860,9 @@ def _train_locked(
                 r.after_step(r.train_step(batch), progress)
         calibration = None  # BatchTopK thresholds: set on batches the runs did not train on, after training
         if any(r.cfg.sae.arch.selection == "batch" for r in runs):
-            calibration = [
-                [next(s) for s in streams] for _ in range(math.ceil(CALIBRATION_TOKENS / first.optim.batch_size))
-            ]
+            # as many as the data has left (a small store read for several epochs may have fewer)
+            wanted = math.ceil(CALIBRATION_TOKENS / first.optim.batch_size)
+            calibration = [list(b) for b in itertools.islice(zip(*streams), wanted)] or None
         for s in streams:
             s.close()
         for r in runs:  # the end-to-end fine-tune, when asked for: the last steps run through the model

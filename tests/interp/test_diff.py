@@ -1,0 +1,176 @@
+"""Model diffing: planted differences are found with the right labels, latent scaling sees through an L1
+crosscoder's shrinkage, paired stores hold the same tokens, and the commands tie it together."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import nanosae
+from nanosae.cli import app
+from nanosae.data.store import ActivationStore, write_store
+from nanosae.errors import ConfigError, DataError
+from nanosae.interp.diff import diff_report, paired_batches, relative_norms
+from tests.conftest import make_hf_tokenizer, word_docs, write_corpus
+
+HOOK = "blocks.1.hook_resid_post"
+N_FEATURES, D, TOKENS = 48, 32, 60_000
+A_ONLY, B_ONLY, RESCALED, WEAK = 0, 1, 2, 3  # planted: in A only, in B only, 3x in B, 0.5x in A
+
+
+def planted_pair(root):
+    """Two "models" built from the same 48 features firing together: feature 0 only in A, 1 only in B, 2 three
+    times stronger in B, 3 half as strong in A; the rest the same in both."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(N_FEATURES, D, generator=g)
+    features /= features.norm(dim=1, keepdim=True)
+    fired = torch.rand(TOKENS, N_FEATURES, generator=g) < 0.06
+    mags = (1 + 0.2 * torch.randn(TOKENS, N_FEATURES, generator=g)).clamp(min=0.1) * fired
+    in_a, in_b = torch.ones(N_FEATURES), torch.ones(N_FEATURES)
+    in_b[A_ONLY], in_a[B_ONLY], in_b[RESCALED], in_a[WEAK] = 0, 0, 3, 0.5
+    ids = torch.stack([torch.randint(0, 100, (TOKENS,), generator=g), torch.arange(TOKENS) % 64], 1)
+    write_store(root / "A", (mags * in_a) @ features, hook=HOOK, model="base", ids=ids)
+    write_store(root / "B", (mags * in_b) @ features, hook=HOOK, model="chat", ids=ids)
+    return features
+
+
+def trained(root, architecture):
+    extra = {"k": 4} if architecture != "relu" else {}
+    cfg = nanosae.TrainConfig.build(
+        out=str(root / architecture),
+        architecture=architecture,
+        d_sae=96,
+        tokens=240_000,
+        crosscoder_acts=[str(root / "A"), str(root / "B")],
+        **extra,
+    )
+    return nanosae.train(cfg).sae
+
+
+def latent_of(sae, feature):
+    """The latent whose decoder row (in either model) points along the feature."""
+    rows = sae.W_dec.detach().view(sae.cfg.d_sae, 2, -1)
+    cos = torch.nn.functional.cosine_similarity(rows, feature[None, None], dim=-1).nan_to_num().amax(1)
+    assert float(cos.max()) > 0.95
+    return int(cos.argmax())
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diff")
+    return root, planted_pair(root)
+
+
+def test_a_batchtopk_crosscoder_finds_the_planted_differences_with_the_right_labels(pair):
+    root, features = pair
+    sae = trained(root, "batchtopk")
+    assert sae.cfg.crosscoder_models == ["base", "chat"] and sae.cfg.crosscoder_hooks == [HOOK, HOOK]
+    relative = relative_norms(sae)
+    stores = [ActivationStore(root / n) for n in "AB"]
+    report = diff_report(sae, paired_batches(stores, 40_000))
+    assert relative[latent_of(sae, features[A_ONLY])] < 0.1 and relative[latent_of(sae, features[B_ONLY])] > 0.9
+    assert float(relative[latent_of(sae, features[RESCALED])]) == pytest.approx(0.75, abs=0.05)  # 3 / (1 + 3)
+    assert float(relative[latent_of(sae, features[10])]) == pytest.approx(0.5, abs=0.05)  # a shared feature
+    assert report["counts"]["shared"] >= 40 and report["shared_cosine_median"] > 0.95
+    top_b, top_a = report["B-only"][0], report["A-only"][0]
+    assert top_b["latent"] == latent_of(sae, features[B_ONLY]) and top_b["specificity"] > 0.85
+    assert top_a["latent"] == latent_of(sae, features[A_ONLY]) and top_a["specificity"] > 0.85
+    assert top_b["frequency"] == pytest.approx(0.06, abs=0.01)
+
+
+def test_latent_scaling_sees_that_a_carries_an_l1_crosscoders_spurious_b_only_latent(pair):
+    """An L1 crosscoder shrinks A's decoder row of the feature A has at half strength to nothing, so by its norms
+    the latent is B-only; latent scaling finds A's error carries about half of it (the planted ratio)."""
+    root, features = pair
+    sae = trained(root, "relu")
+    weak = latent_of(sae, features[WEAK])
+    assert relative_norms(sae)[weak] > 0.9  # complete shrinkage: "B-only" by its decoder norms
+    report = diff_report(sae, paired_batches([ActivationStore(root / n) for n in "AB"], 40_000))
+    row = next(r for r in report["B-only"] if r["latent"] == weak)
+    assert 0.35 < row["nu_error"] < 0.75 and row["specificity"] < 0.65
+
+
+@pytest.fixture(scope="module")
+def twin_dirs(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama "fine-tuned" (its last block changed), and a copy with another tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    tuned = tmp_path_factory.mktemp("tuned")
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        for p in model.model.layers[-1].parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tuned)
+    make_hf_tokenizer(64).save_pretrained(tuned)
+    other = tmp_path_factory.mktemp("other_tokenizer")
+    model.save_pretrained(other)
+    make_hf_tokenizer(48).save_pretrained(other)
+    return tuned, other
+
+
+def test_paired_collection_diff_training_and_the_diff_command(tiny_llama_dir, twin_dirs, tmp_path):
+    """Both stores hold the same token ids and each equals a one-model collection; train --diff trains a diffing
+    crosscoder; diff writes its page; another tokenizer, or stores of other windows, are refused in one line."""
+    tuned, other = twin_dirs
+    corpus = write_corpus(tmp_path / "docs.jsonl", word_docs(200))
+    runner = CliRunner()
+    base = ["collect", "--data", str(corpus), "--hook", "blocks.2.hook_resid_post", "--tokens", "3000"]
+    done = runner.invoke(
+        app, [*base, "--model", str(tiny_llama_dir), "--model", str(tuned), "--out", str(tmp_path / "p")]
+    )
+    assert done.exit_code == 0, done.output
+    a, b = (ActivationStore(tmp_path / "p" / n / "blocks.2.hook_resid_post") for n in "AB")
+    assert len(a) == len(b) == 3000 and torch.equal(a.token_ids(0, 3000), b.token_ids(0, 3000))
+    assert not torch.allclose(a.tokens(0, 3000), b.tokens(0, 3000))  # the last block differs
+    done = runner.invoke(app, [*base, "--model", str(tuned), "--out", str(tmp_path / "alone")])
+    assert done.exit_code == 0, done.output
+    alone = ActivationStore(tmp_path / "alone" / "blocks.2.hook_resid_post")
+    assert torch.equal(alone.tokens(0, 3000), b.tokens(0, 3000))
+    assert json.loads((tmp_path / "p" / "pair.json").read_text())["hooks"] == ["blocks.2.hook_resid_post"]
+
+    run = tmp_path / "run"
+    args = ["train", "--diff", str(a.path), str(b.path), "--d-sae", "64", "--k", "4", "--tokens", "6000"]
+    done = runner.invoke(app, [*args, "--out", str(run)])
+    assert done.exit_code == 0, done.output
+    sae = nanosae.SAE.load(run / "sae")
+    assert sae.cfg.architecture == "batchtopk" and len(set(sae.cfg.crosscoder_models)) == 2
+    with pytest.raises(ConfigError, match="this crosscoder diffs .* study it with `nanosae diff RUN`"):
+        sae.gather_input({"blocks.2.hook_resid_post": torch.zeros(1, 32)})
+    done = runner.invoke(app, ["diff", str(run), "--tokens", "3000"])
+    assert done.exit_code == 0, done.output
+    report = json.loads((run / "diff.json").read_text())
+    assert sum(report["counts"].values()) == 64 and sum(report["histogram"]) == 64
+    page = (run / "diff.html").read_text()
+    assert "data:image/png" in page and f"What differs between {report['models'][0]} (A)" in page
+
+    done = runner.invoke(
+        app, [*base, "--model", str(tiny_llama_dir), "--model", str(other), "--out", str(tmp_path / "x")]
+    )
+    assert done.exit_code != 0 and "tokenize differently (vocabularies of 64 and 48 tokens)" in str(done.exception)
+    shifted = ActivationStore(tmp_path / "alone" / "blocks.2.hook_resid_post")
+    write_store(
+        tmp_path / "s",
+        shifted.tokens(0, 3000),
+        hook="blocks.2.hook_resid_post",
+        model="other",
+        ids=torch.roll(shifted.token_ids(0, 3000), 1, 0),
+    )
+    done = runner.invoke(
+        app,
+        [
+            "train",
+            "--diff",
+            str(a.path),
+            str(tmp_path / "s"),
+            "--d-sae",
+            "64",
+            "--k",
+            "4",
+            "--tokens",
+            "6000",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+    )
+    assert isinstance(done.exception, DataError) and "hold other token windows" in str(done.exception)
