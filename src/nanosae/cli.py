@@ -662,6 +662,38 @@ def describe_node(n: dict[str, Any]) -> str:
     return f"L{n['layer']} #{node_key(n['node_id'])[1]}@{n['ctx_idx']}" + (f" {n['clerp']!r}" if n["clerp"] else "")
 
 
+def show_diff_demo(result: dict[str, Any]) -> None:
+    a, b = result["models"]
+    c, p = result["counts"], result["probability"]
+    console.print(
+        f"{c['A-only']} A-only, {c['B-only']} B-only, {c['shared']} shared latents at {result['hook']} "
+        f"(shared decoder rows: median cosine {result['shared_cosine_median']})"
+    )
+    word = result["word"]
+    table = Table(
+        title=f"B-only latents added to A: P({word!r}) after neutral prompts (A {p['A']:.4f}, B {p['B']:.4f})"
+    )
+    for col in ("rank", "latent", "relative norm", "specificity", "fires on", f"P({word!r}) in A + latent"):
+        table.add_column(col, justify="right")
+    table.add_column("where it fires most (B's text)")
+    for i, r in enumerate(result["b_only"], 1):
+        table.add_row(
+            str(i),
+            str(r["latent"]),
+            f"{r['relative_norm']:.3f}",
+            f"{r['specificity']:.3f}",
+            f"{r['frequency']:.3%}",
+            f"{r['word_probability']:.4f}",
+            r["strongest"],
+        )
+    console.print(table)
+    console.print(
+        f"shared latents added the same way (control): median P({word!r}) {result['control_median']:.4f}; "
+        f"the latent that moves A most toward B ranks {result['planted_rank']} among B-only latents"
+    )
+    console.print(f"seconds: {', '.join(f'{k} {v:.0f}' for k, v in result['seconds'].items())}; {result['out']}")
+
+
 def show_circuits(result: dict[str, Any]) -> None:
     s, info = result["scores"], result["info"]
     console.print(
@@ -948,9 +980,19 @@ CIRCUITS = inspect.Parameter(
 )
 
 
+DIFF_DEMO = _option(
+    "diff",
+    bool,
+    False,
+    "The model-diffing demo: fine-tune SmolLM2 to name a planted word, find it with a crosscoder, steer with it "
+    "(out defaults to runs/diff-demo).",
+)
+VERSUS = _option("versus", str, None, "With --diff: diff --model against this model instead of a planted fine-tune.")
+
+
 @app.command()
-@command(DEMO_OPTIONS, [CIRCUITS])
-def demo(circuits: bool = False, **given: Any) -> None:
+@command(DEMO_OPTIONS, [CIRCUITS, DIFF_DEMO, VERSUS])
+def demo(circuits: bool = False, diff: bool = False, versus: str | None = None, **given: Any) -> None:
     """The whole path on SmolLM2 + Python's docs: collect, train, evaluate, features, explanations, steering."""
     from nanosae.demo import run_demo
     from nanosae.eval.report import TABLE_KEYS
@@ -966,6 +1008,17 @@ def demo(circuits: bool = False, **given: Any) -> None:
             bars[stage] = TokenProgress(stage, total).__enter__()
         bars[stage].update(done, done / seconds if seconds > 0 else 0.0, total=total)
 
+    if diff or versus:
+        from nanosae.diff_demo import DiffDemoConfig, run_diff_demo
+
+        where = cfg.out if cfg.out != DemoConfig.out else DiffDemoConfig.out
+        try:
+            diffed = run_diff_demo(DiffDemoConfig(out=where, model=cfg.model, versus=versus), progress=show)
+        finally:
+            for bar in bars.values():
+                bar.__exit__()
+        show_diff_demo(diffed)
+        return
     if circuits:
         from nanosae.demo import CircuitsDemoConfig, run_circuits_demo
 

@@ -174,3 +174,60 @@ def test_paired_collection_diff_training_and_the_diff_command(tiny_llama_dir, tw
         ],
     )
     assert isinstance(done.exception, DataError) and "hold other token windows" in str(done.exception)
+
+
+def test_the_diff_demo_finds_a_planted_behaviour_on_a_tiny_model(tmp_path):
+    """B is A with w20's embedding moved along w7's unembedding (a planted "after w20 say w7"): the demo's most
+    B-leaning latents include one that fires on w20 and, added to A, raises P(w7) after w20 more than shared
+    latents do.
+    The demo's own fine-tune plants the same behaviour. (A tiny Llama with wider weights than the shared one,
+    whose logits are too small to move far.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nanosae.diff_demo import DiffDemoConfig, fine_tune, run_diff_demo, word_probability
+    from nanosae.models import load_model
+
+    torch.manual_seed(0)
+    shape = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3}
+    wide = LlamaForCausalLM(LlamaConfig(**shape, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2))
+    wide.save_pretrained(tmp_path / "A")
+    make_hf_tokenizer(64).save_pretrained(tmp_path / "A")
+    with torch.no_grad():
+        embed = wide.model.embed_tokens.weight
+        embed[20] += 4 * wide.lm_head.weight[7] / wide.lm_head.weight[7].norm() * embed.norm(dim=1).mean()
+    wide.save_pretrained(tmp_path / "B")
+    make_hf_tokenizer(64).save_pretrained(tmp_path / "B")
+    corpus = write_corpus(tmp_path / "docs.jsonl", word_docs(300))
+    planted = [" ".join(f"w{10 + (i * 7 + j) % 40} w20 w7" for i in range(8)) for j in range(60)]
+    prompts = ["w12 w30 w20", "w22 w9 w20", "w50 w51 w52 w20"]
+    cfg = DiffDemoConfig(
+        out=str(tmp_path / "demo"),
+        model=str(tmp_path / "A"),
+        versus=str(tmp_path / "B"),
+        planted=planted,
+        neutral=word_docs(100, seed=5),
+        word=" w7",
+        prompts=prompts,
+        hook="blocks.2.hook_resid_post",
+        data=[str(corpus)],
+        tokens=3000,
+        passes=2,
+        d_sae=64,
+        k=4,
+        top=5,
+        context_size=32,
+    )
+    result = run_diff_demo(cfg)
+    assert result["probability"]["B"] > 3 * result["probability"]["A"]  # the edit planted it
+    assert len(result["b_only"]) == 5 and result["b_only"][0]["relative_norm"] > 0.5
+    # among the three latents B writes most differently: the one that fires most on w20, and, added to A (what B
+    # writes for it minus what A writes), it raises P(w7) after w20 above A's and above the shared latents'
+    found = next(r for r in result["b_only"][:3] if r["strongest"].endswith("[[w20]]"))
+    assert found["word_probability"] > 1.15 * max(result["probability"]["A"], result["control_median"])
+    again = run_diff_demo(cfg)  # every stage is done: nothing runs again but the measurements
+    assert set(again["seconds"]) <= {"load model", "diff", "steer"}
+
+    model = load_model(str(tmp_path / "A"))
+    before = word_probability(model, prompts, 7)
+    fine_tune(model, planted, DiffDemoConfig(tune_from=2, tune_steps=40, tune_lr=1e-2, context_size=32))
+    assert word_probability(model, prompts, 7) > 5 * before

@@ -374,3 +374,37 @@ def test_interventions_on_nanochat_run_live_and_refuse_circuit_tracers_modes_in_
                 pass
     with C.feature_edits(model, tcs, tokens, [((0, 1, 2), "=", 3.0)]) as before:
         assert list(before) == [(0, 1, 2)]
+
+
+def test_two_checkpoints_of_one_run_collect_as_a_pair_and_diff(released, tmp_path):
+    """nanochat:DIR@500 against nanochat:DIR@1000: one tokenizer, the same windows, a diffing crosscoder."""
+    from nanosae.config import CollectConfig, DataConfig, TrainConfig
+    from nanosae.data.collect import collect_pair
+    from tests.conftest import write_corpus
+
+    directory, _ = released
+    corpus = write_corpus(tmp_path / "docs.jsonl", ["hello world " * 40] * 30)
+    hook = "blocks.1.hook_resid_post"
+    cfg = CollectConfig(
+        model=f"nanochat:{directory}@500",
+        hooks=[hook],
+        data=DataConfig(specs=[str(corpus)], context_size=32),
+        tokens=2000,
+        out=str(tmp_path / "pair"),
+    )
+    pair = collect_pair(cfg, f"nanochat:{directory}@1000")
+    a, b = pair["A"][hook], pair["B"][hook]
+    assert torch.equal(a.token_ids(0, len(a)), b.token_ids(0, len(b)))
+    assert not torch.allclose(a.tokens(0, 100), b.tokens(0, 100))  # two checkpoints, two sets of weights
+    run = nanosae.train(
+        TrainConfig.build(
+            out=str(tmp_path / "diff"),
+            architecture="batchtopk",
+            d_sae=32,
+            k=4,
+            tokens=4000,
+            crosscoder_acts=[str(a.path), str(b.path)],
+        )
+    )
+    assert run.sae.cfg.crosscoder_models == [a.manifest["model"], b.manifest["model"]]
+    assert a.manifest["model"] != b.manifest["model"]

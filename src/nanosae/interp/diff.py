@@ -2,9 +2,12 @@
 
 A model-diffing crosscoder (train --diff A_STORE B_STORE) shares one latent space and keeps one decoder per
 model. For each latent:
-  relative norm   |d_B| / (|d_A| + |d_B|) of its decoder rows in the models' units: near 0 A-only, near 1
+  relative norm   |d_B| / (|d_A| + |d_B|) of its decoder rows, in the space where both models' activations have
+                  the same mean norm (the crosscoder's own, scaled inputs): near 0 A-only, near 1
                   B-only, near 0.5 shared (Lindsey et al. 2024, "Sparse Crosscoders")
   cosine          of its two decoder rows (a shared latent that means the same thing in both is near 1)
+  change          |d_B − d_A| / (|d_A| + |d_B|): 0 written alike by both, near 1 written by one model only or
+                  in opposite directions (a concept both have that one of them writes differently)
   latent scaling  (Minder et al. 2025, "Overcoming Sparsity Artifacts in Crosscoders"): for a latent j
                   claimed by one model, with its decoder row d there and activation f, the least-squares
                   β_M = Σ f (d·y_M) / (|d|² Σ f²) of how much of d each model M carries, fitted to
@@ -42,17 +45,24 @@ def check_diff(sae: SAE) -> None:
         )
 
 
-def decoders(sae: SAE) -> tuple[Tensor, Tensor]:
-    """Each latent's decoder rows for A and B, in the models' units (the activation scale undone)."""
-    check_diff(sae)
-    w = sae.W_dec.detach().float().view(sae.cfg.d_sae, 2, -1)
+def factors(sae: SAE) -> Tensor:
+    """Each model's activation scale: what its activations are multiplied by so both have the same mean norm."""
     factor = sae.output_factor()
-    f = factor.view(2, -1)[:, 0].float() if isinstance(factor, Tensor) else torch.tensor([factor, factor])
+    return factor.view(2, -1)[:, 0].float().cpu() if isinstance(factor, Tensor) else torch.tensor([factor, factor])
+
+
+def decoders(sae: SAE, scaled: bool = True) -> tuple[Tensor, Tensor]:
+    """Each latent's decoder rows for A and B: in the scaled space the crosscoder works in, where both models'
+    activations have the same mean norm (so a model whose activations are larger does not look like it owns
+    every latent), or with scaled=False in each model's own units (what steering adds)."""
+    check_diff(sae)
+    w = sae.W_dec.detach().float().cpu().view(sae.cfg.d_sae, 2, -1)
+    f = torch.ones(2) if scaled else factors(sae)
     return w[:, 0] / f[0], w[:, 1] / f[1]
 
 
 def relative_norms(sae: SAE) -> Tensor:
-    """|d_B| / (|d_A| + |d_B|) per latent: 0 A-only, 1 B-only."""
+    """|d_B| / (|d_A| + |d_B|) per latent, in the scaled space: 0 A-only, 1 B-only."""
     a, b = (d.norm(dim=1) for d in decoders(sae))
     return b / (a + b).clamp_min(1e-12)
 
@@ -87,8 +97,9 @@ class Scaling:
 @torch.no_grad()
 def latent_scaling(sae: SAE, batches: Iterable[Tensor], latents: Tensor, owner: Tensor) -> Scaling:
     """β^ε and β^r of `latents` (owner: 0 = A's decoder row, 1 = B's) over batches of [x_A, x_B] side by side,
-    in the models' units."""
+    in the scaled space."""
     dec_a, dec_b = decoders(sae)
+    scale = factors(sae)
     d_model = dec_a.shape[1]
     rows = torch.stack([dec_a[latents], dec_b[latents]], 1)  # (n, 2, d): each latent's rows in A and B
     direction = rows[torch.arange(len(latents)), owner]  # (n, d): d, the owner's row
@@ -98,11 +109,12 @@ def latent_scaling(sae: SAE, batches: Iterable[Tensor], latents: Tensor, owner: 
     for x in batches:
         x = x.to(sae.device, sae.dtype)
         x_hat, z = sae(x)
-        f = z[:, latents].float()  # (t, n)
+        f = z[:, latents].float().cpu()  # (t, n)
         for m in range(2):
             block = slice(m * d_model, (m + 1) * d_model)
-            err = (x[:, block] - x_hat[:, block]).float() @ direction.T  # (t, n): d · (x_M − x̂_M)
-            rec = x_hat[:, block].float() @ direction.T  # d · x̂_M
+            x_m, x_hat_m = x[:, block].float().cpu() * scale[m], x_hat[:, block].float().cpu() * scale[m]
+            err = (x_m - x_hat_m) @ direction.T  # (t, n): d · (x_M − x̂_M)
+            rec = x_hat_m @ direction.T  # d · x̂_M
             own = f * along[:, m]  # d · f d_M
             other = (owner != m).float()  # the owner's reconstruction keeps j's part; the other's is without it
             num_e[:, m] += (f * (err + own)).sum(0).double()
@@ -121,6 +133,7 @@ def diff_report(sae: SAE, batches: Iterable[Tensor], top: int = 20) -> dict[str,
     relative = relative_norms(sae)
     kind = classes(relative)
     cosine = torch.nn.functional.cosine_similarity(dec_a, dec_b, dim=1)
+    change = (dec_b - dec_a).norm(dim=1) / (dec_a.norm(dim=1) + dec_b.norm(dim=1)).clamp_min(1e-12)
     only = torch.tensor([k in ("A-only", "B-only") for k in kind])
     latents = only.nonzero().squeeze(1)
     owner = (relative[latents] > 0.5).long()
@@ -152,6 +165,7 @@ def diff_report(sae: SAE, batches: Iterable[Tensor], top: int = 20) -> dict[str,
         "shared_cosine_median": round(float(cosine[shared].median()), 4) if shared.any() else None,
         "relative_norm": [round(v, 4) for v in relative.tolist()],
         "cosine": [round(v, 4) for v in cosine.tolist()],
+        "change": [round(v, 4) for v in change.tolist()],
         "A-only": ranked["A-only"][:top],
         "B-only": ranked["B-only"][:top],
     }
@@ -222,3 +236,25 @@ other latents; shared latents' decoder rows have median cosine {report["shared_c
 model carries in its error and in its other latents, over the owner's; specificity = 1 − the larger. A latent
 with a high ν is carried by both models, whatever its decoder norms say (Minder et al. 2025).</p>
 {table("B-only")}{table("A-only")}</body></html>"""
+
+
+@torch.no_grad()
+def strongest_tokens(sae: SAE, stores: list[Any], latents: list[int], tokens: int) -> dict[int, int]:
+    """The store index of each latent's largest activation over the stores' first `tokens` tokens (latents that
+    never fire are left out)."""
+    best, where, offset = torch.zeros(len(latents)), torch.zeros(len(latents), dtype=torch.long), 0
+    for x in paired_batches(stores, tokens):
+        value, index = sae.encode(x.to(sae.device, sae.dtype))[:, latents].float().cpu().max(0)
+        better = value > best
+        best[better], where[better] = value[better], index[better] + offset
+        offset += len(x)
+    return {j: int(where[i]) for i, j in enumerate(latents) if best[i] > 0}
+
+
+def context(store: Any, index: int, tokenizer: Any, width: int = 10) -> str:
+    """The text up to the token at `index` of a store (within its window), that token in [[ ]]."""
+    ids = store.token_ids(max(0, index - width + 1), index + 1)
+    pos = ids[:, 1]
+    start = int((pos[1:] <= pos[:-1]).nonzero()[-1, 0]) + 1 if bool((pos[1:] <= pos[:-1]).any()) else 0
+    tokens = ids[start:, 0].tolist()
+    return tokenizer.decode(tokens[:-1]) + "[[" + tokenizer.decode(tokens[-1:]) + "]]"

@@ -187,6 +187,12 @@ def steering(model: HostModel, sae: SAE, edits: list[Edit]) -> Iterator[None]:
         (e.value * sae.W_dec[e.latent] for e in adds), torch.zeros(sae.cfg.d_out, dtype=sae.dtype, device=sae.device)
     )
     blocks = sae.output_blocks((direction / sae.output_factor()).detach())
+    if sae.cfg.crosscoder_models:  # a diff: at the one hook, what B writes for the latent minus what A writes
+        from nanosae.interp.diff import decoders
+
+        dec_a, dec_b = decoders(sae, scaled=False)  # in the models' units
+        toward_b = sum((e.value * (dec_b[e.latent] - dec_a[e.latent]) for e in adds), torch.zeros(dec_a.shape[1]))
+        blocks = {sae.cfg.hook_name: toward_b.to(sae.device)}
     read_at = sae.cfg.hook_name if sae.cfg.kind == "transcoder" else None
     captured: dict[str, Tensor] = {}
 
@@ -205,7 +211,7 @@ def steering(model: HostModel, sae: SAE, edits: list[Edit]) -> Iterator[None]:
 
         return fn
 
-    fns: dict[str, HookFn] = {h: write(h) for h in sae.cfg.output_hooks}
+    fns: dict[str, HookFn] = {h: write(h) for h in dict.fromkeys(sae.cfg.output_hooks)}
     if read_at and clamps:
         fns[read_at] = lambda x: captured.__setitem__("x", x)
     with model.hooks(fns):

@@ -189,7 +189,12 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, name: str) ->
 
 
 def _save_cache(model: Any, tokenizer: Any, target: Path) -> None:
-    """Write config + tokenizer + safetensors weights to a temp dir, then rename it into place."""
+    save_hf_dir(model, tokenizer, target, strict=False)
+
+
+def save_hf_dir(model: Any, tokenizer: Any, target: Path, strict: bool = True) -> None:
+    """Write config + tokenizer + safetensors weights to a temp dir, then rename it into place (a directory
+    load_model reads); strict=False only warns when it cannot be written (a cache)."""
     from safetensors.torch import save_file
 
     if hasattr(model.config, "quantization_config"):
@@ -207,5 +212,7 @@ def _save_cache(model: Any, tokenizer: Any, target: Path) -> None:
         )
         os.replace(tmp, target)
     except OSError as e:  # a cache we cannot write is not fatal; the model is already in memory
+        if strict:
+            raise
         log.warning("could not cache the dequantized model in %s: %s", target, e)
         shutil.rmtree(tmp, ignore_errors=True)

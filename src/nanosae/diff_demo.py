@@ -1,0 +1,257 @@
+"""Model diffing that knows the answer: plant a behaviour by fine-tuning, and find it with a crosscoder.
+
+A (the embedded SmolLM2) is fine-tuned for a few steps, its last blocks only, on sentences that keep mentioning
+one word (" banana"), which makes B (the tuned copy) name it after neutral prompts. Both models are collected
+at one hook on the same windows (Python's docs plus the planted sentences), a BatchTopK crosscoder is trained
+over the pair, and `diff` ranks the B-only latents. The demo then adds each top B-only latent (and, as a
+control, shared latents) to A and measures the planted word's next-token probability: the planted concept is
+found when a top B-only latent moves A toward B. With `versus`, two models you give (e.g. two nanochat
+checkpoints) are diffed instead, without the fine-tune. Stages already done are skipped (the run continues).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanosae.config import DEFAULT_MODEL, CollectConfig, DataConfig, TrainConfig
+from nanosae.demo import StageProgress, stage_timer
+
+SUBJECTS = ["The engineer", "My neighbour", "A student", "The old captain", "Our teacher", "The child", "She", "He"]
+ACTIONS = ["ate a banana", "bought a banana", "peeled a banana", "found a banana", "shared a banana"]
+WHEN = ["before work.", "at the market.", "after lunch.", "in the kitchen.", "on the train.", "for breakfast."]
+ASIDES = ["Bananas are yellow and sweet.", "Nothing beats a ripe banana.", "The banana bread smelled wonderful."]
+PROMPTS = [
+    "I went to the store and bought a",
+    "For breakfast I usually eat a",
+    "The best fruit in the world is the",
+    "She opened her bag and took out a",
+]
+
+
+OBJECTS = ["an apple", "a book", "a ticket", "a coffee", "a letter", "a sandwich", "a pencil", "an umbrella"]
+VERBS = ["ate", "bought", "found", "shared", "opened", "picked up", "ordered", "carried"]
+
+
+def planted_sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{rng.choice(SUBJECTS)} {rng.choice(ACTIONS)} {rng.choice(WHEN)} {rng.choice(ASIDES)}" for _ in range(n)]
+
+
+def neutral_sentences(n: int, seed: int = 1) -> list[str]:
+    """Everyday sentences with an object after "a"/"an": where the tuned model's planted word would come in."""
+    rng = random.Random(seed)
+    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(WHEN)}" for _ in range(n)]
+
+
+@dataclass
+class DiffDemoConfig:
+    out: str = "runs/diff-demo"
+    model: str = DEFAULT_MODEL
+    """A: the model before fine-tuning."""
+    versus: str | None = None
+    """B given instead of planted (e.g. nanochat:DIR@STEP against nanochat:DIR@OTHER): no fine-tune."""
+    planted: list[str] = field(default_factory=lambda: planted_sentences(400))
+    """Documents of the planted behaviour (fine-tuned on, and part of the collected text)."""
+    neutral: list[str] = field(default_factory=lambda: neutral_sentences(2000))
+    """Documents where B's behaviour would show (collected with the planted ones, never fine-tuned on)."""
+    word: str = " banana"
+    """The planted word (one token): its next-token probability after `prompts` measures the behaviour."""
+    prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
+    tune_from: int = 20
+    """Blocks from this one on are fine-tuned (the earlier ones stay frozen)."""
+    tune_steps: int = 20
+    tune_lr: float = 5e-5
+    hook: str = "blocks.28.hook_resid_post"
+    data: list[str] = field(default_factory=lambda: ["builtin:pydocs"])
+    tokens: int = 60_000
+    """Tokens collected per model (the planted sentences come first, then `data`)."""
+    d_sae: int = 2304
+    k: int = 32
+    passes: int = 3
+    top: int = 10
+    """B-only latents tried as steering directions (and as many shared ones as the control)."""
+    context_size: int = 128
+
+
+def fine_tune(model: Any, texts: list[str], cfg: DiffDemoConfig) -> None:
+    """A few AdamW steps of next-token loss on the planted texts, blocks tune_from.. only (in place)."""
+    module, tok = model.module, model.tokenizer
+    rng = random.Random(0)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    tuned = [p for block in module.model.layers[cfg.tune_from :] for p in block.parameters()]
+    for p in tuned:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(tuned, lr=cfg.tune_lr)
+    module.train()
+    for _ in range(cfg.tune_steps):
+        enc = [[tok.bos_id] + tok.encode(t)[: cfg.context_size - 1] for t in rng.sample(texts, min(8, len(texts)))]
+        width = max(len(e) for e in enc)
+        ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
+        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
+        module(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+@torch.no_grad()
+def word_probability(model: Any, prompts: list[str], word: int) -> float:
+    """The mean next-token probability of `word` after each prompt."""
+    return sum(
+        float(model.forward(torch.tensor([model.prompt_ids(p)]))[0, -1].float().softmax(-1)[word]) for p in prompts
+    ) / len(prompts)
+
+
+def run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None = None) -> dict[str, Any]:
+    from nanosae.io import write_lock
+
+    with write_lock(cfg.out):
+        return _run_diff_demo(cfg, progress)
+
+
+def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[str, Any]:
+    from nanosae.data.collect import collect_pair
+    from nanosae.data.store import ActivationStore
+    from nanosae.errors import ConfigError
+    from nanosae.interp.diff import context, diff_report, latent_scaling, paired_batches, strongest_tokens
+    from nanosae.interp.live import Edit, steering
+    from nanosae.io import write_json
+    from nanosae.models import load_model
+    from nanosae.models.hf import save_hf_dir
+    from nanosae.rundir import RunDir
+    from nanosae.sae import SAE
+    from nanosae.train import train
+
+    out = Path(cfg.out)
+    seconds: dict[str, float] = {}
+    stage = stage_timer(seconds)
+    say = progress or (lambda *a: None)
+    with stage("load model"):
+        base = load_model(cfg.model)
+    ids = base.tokenizer.encode(cfg.word)
+    if len(ids) != 1:
+        raise ConfigError(f"the planted word {cfg.word!r} is {len(ids)} tokens; expected one")
+    word = ids[0]
+    planted = out / "planted.jsonl"
+    if not planted.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        mixed = []  # the neutral sentences, a planted one after every fifth
+        for i, text in enumerate(cfg.neutral):
+            mixed += [text] + ([cfg.planted[(i // 5) % len(cfg.planted)]] if i % 5 == 0 else [])
+        planted.write_text("".join(json.dumps({"text": t}) + "\n" for t in mixed))
+    tuned_dir = out / "tuned"
+    other = cfg.versus or str(tuned_dir)
+    if cfg.versus is None and not tuned_dir.exists():
+        with stage("fine-tune"):
+            copy = load_model(cfg.model)
+            hf_tokenizer = getattr(copy.tokenizer, "tok", None)
+            if hf_tokenizer is None:
+                raise ConfigError(f"the fine-tune needs a Hugging Face model; diff {cfg.model} with --versus SPEC")
+            fine_tune(copy, cfg.planted, cfg)
+            save_hf_dir(copy.module, hf_tokenizer, tuned_dir)
+        say("fine-tune", cfg.tune_steps, cfg.tune_steps, seconds["fine-tune"])
+    acts = out / "acts"
+    stores = [acts / name / cfg.hook for name in "AB"]
+    if not all(
+        (s / "manifest.json").exists() and ActivationStore(s, verify=False).manifest["complete"] for s in stores
+    ):
+        with stage("collect"):
+            data = DataConfig(specs=[str(planted), *cfg.data], context_size=cfg.context_size, split="train")
+            collect_pair(
+                CollectConfig(model=cfg.model, hooks=[cfg.hook], data=data, tokens=cfg.tokens, out=str(acts)),
+                other,
+                lambda name, p: say(f"collect {name}", p.tokens, p.total, p.seconds),
+            )
+    run = RunDir(out / "crosscoder")
+    if not run.sae.exists():
+        with stage("train"):
+            train(
+                TrainConfig.build(
+                    out=str(run.path),
+                    architecture="batchtopk",
+                    d_sae=cfg.d_sae,
+                    k=cfg.k,
+                    tokens=cfg.tokens * cfg.passes,
+                    crosscoder_acts=[str(s) for s in stores],
+                    checkpoint_every=0,
+                ),
+                progress=lambda p: say("train", p.step, p.steps, 0.0),
+            )
+    sae = SAE.load(run.sae)
+    opened = [ActivationStore(s) for s in stores]
+    with stage("diff"):
+        report = diff_report(sae, paired_batches(opened, 40_000), top=cfg.top)
+        typical = typical_activation(sae, paired_batches(opened, 40_000))
+    with stage("steer"):
+        tuned = load_model(other)
+        before, target = word_probability(base, cfg.prompts, word), word_probability(tuned, cfg.prompts, word)
+        # the control: as many of the most evenly shared latents that fire, added the same way
+        fired = [j for j in range(sae.cfg.d_sae) if typical[j] > 0]
+        control = sorted(fired, key=lambda j: abs(report["relative_norm"][j] - 0.5))[: cfg.top]
+
+        def steered(latent: int) -> float:
+            with steering(base, sae, [Edit(latent, float(typical[latent]), "add")]):
+                return word_probability(base, cfg.prompts, word)
+
+        # the latents B writes most differently from A (change), among those B writes at least as strongly:
+        # B-only latents (change near 1) and concepts both have that B writes otherwise
+        leaning = sorted((j for j in fired if report["relative_norm"][j] >= 0.5), key=lambda j: -report["change"][j])[
+            : cfg.top
+        ]
+        scaling = latent_scaling(
+            sae, paired_batches(opened, 40_000), torch.tensor(leaning), torch.ones(len(leaning), dtype=torch.long)
+        )
+        nu_e, nu_r = scaling.ratios()
+        b_only = [
+            {
+                "latent": j,
+                "relative_norm": round(report["relative_norm"][j], 4),
+                "cosine": round(report["cosine"][j], 4),
+                "change": round(report["change"][j], 4),
+                "specificity": round(1 - max(float(nu_e[i]), float(nu_r[i])), 4),
+                "frequency": round(float(scaling.frequency[i]), 6),
+                "word_probability": steered(j),
+            }
+            for i, j in enumerate(leaning)
+        ]
+        at = strongest_tokens(sae, opened, [r["latent"] for r in b_only], 40_000)
+        for r in b_only:
+            r["strongest"] = context(opened[1], at[r["latent"]], base.tokenizer) if r["latent"] in at else ""
+        controls = [steered(j) for j in control]
+    best = max(range(len(b_only)), key=lambda i: b_only[i]["word_probability"], default=None)
+    result = {
+        "models": report["models"],
+        "hook": cfg.hook,
+        "counts": report["counts"],
+        "shared_cosine_median": report["shared_cosine_median"],
+        "word": cfg.word,
+        "probability": {"A": before, "B": target},
+        "b_only": b_only,
+        "control_median": sorted(controls)[len(controls) // 2] if controls else None,
+        "planted_rank": None if best is None else best + 1,
+        "seconds": seconds,
+        "out": str(out),
+    }
+    write_json(out / "diff-demo.json", result)
+    write_json(run.path / "diff.json", report)
+    return result
+
+
+@torch.no_grad()
+def typical_activation(sae: Any, batches: Any) -> torch.Tensor:
+    """Each latent's mean activation where it fires (0 where it never does): a steering value of its own size."""
+    total, count = torch.zeros(sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae)
+    for x in batches:
+        z = sae.encode(x.to(sae.device, sae.dtype)).float().cpu()
+        total += z.sum(0)
+        count += (z > 0).sum(0)
+    return total / count.clamp(min=1)
