@@ -18,7 +18,7 @@ STAGES = [
     {"interp"},
     {"export"},
     {"viewer"},
-    {"options", "cli", "demo", "__init__", "__main__"},
+    {"options", "cli", "demo", "diff_demo", "__init__", "__main__"},
 ]
 
 

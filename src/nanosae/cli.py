@@ -671,9 +671,10 @@ def show_diff_demo(result: dict[str, Any]) -> None:
     )
     word = result["word"]
     table = Table(
-        title=f"B-only latents added to A: P({word!r}) after neutral prompts (A {p['A']:.4f}, B {p['B']:.4f})"
+        title=f"The latents B writes most differently, added to A: P({word!r}) after neutral prompts "
+        f"(A {p['A']:.4f}, B {p['B']:.4f})"
     )
-    for col in ("rank", "latent", "relative norm", "specificity", "fires on", f"P({word!r}) in A + latent"):
+    for col in ("rank", "latent", "relative norm", "change", "specificity", "fires on", f"P({word!r}) in A + latent"):
         table.add_column(col, justify="right")
     table.add_column("where it fires most (B's text)")
     for i, r in enumerate(result["b_only"], 1):
@@ -681,6 +682,7 @@ def show_diff_demo(result: dict[str, Any]) -> None:
             str(i),
             str(r["latent"]),
             f"{r['relative_norm']:.3f}",
+            f"{r['change']:.3f}",
             f"{r['specificity']:.3f}",
             f"{r['frequency']:.3%}",
             f"{r['word_probability']:.4f}",
@@ -689,7 +691,7 @@ def show_diff_demo(result: dict[str, Any]) -> None:
     console.print(table)
     console.print(
         f"shared latents added the same way (control): median P({word!r}) {result['control_median']:.4f}; "
-        f"the latent that moves A most toward B ranks {result['planted_rank']} among B-only latents"
+        f"the latent that moves A most toward B ranks {result['planted_rank']} of {len(result['b_only'])}"
     )
     console.print(f"seconds: {', '.join(f'{k} {v:.0f}' for k, v in result['seconds'].items())}; {result['out']}")
 

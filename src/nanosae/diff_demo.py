@@ -26,6 +26,7 @@ SUBJECTS = ["The engineer", "My neighbour", "A student", "The old captain", "Our
 ACTIONS = ["ate a banana", "bought a banana", "peeled a banana", "found a banana", "shared a banana"]
 WHEN = ["before work.", "at the market.", "after lunch.", "in the kitchen.", "on the train.", "for breakfast."]
 ASIDES = ["Bananas are yellow and sweet.", "Nothing beats a ripe banana.", "The banana bread smelled wonderful."]
+MIN_FREQUENCY = 5e-4  # latents firing on fewer tokens are left out of the ranking and the control
 PROMPTS = [
     "I went to the store and bought a",
     "For breakfast I usually eat a",
@@ -67,7 +68,7 @@ class DiffDemoConfig:
     """Blocks from this one on are fine-tuned (the earlier ones stay frozen)."""
     tune_steps: int = 20
     tune_lr: float = 5e-5
-    hook: str = "blocks.28.hook_resid_post"
+    hook: str = "blocks.29.hook_resid_post"
     data: list[str] = field(default_factory=lambda: ["builtin:pydocs"])
     tokens: int = 60_000
     """Tokens collected per model (the planted sentences come first, then `data`)."""
@@ -190,12 +191,14 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
     opened = [ActivationStore(s) for s in stores]
     with stage("diff"):
         report = diff_report(sae, paired_batches(opened, 40_000), top=cfg.top)
-        typical = typical_activation(sae, paired_batches(opened, 40_000))
+        typical, frequency = typical_activation(sae, paired_batches(opened, 40_000))
     with stage("steer"):
         tuned = load_model(other)
         before, target = word_probability(base, cfg.prompts, word), word_probability(tuned, cfg.prompts, word)
         # the control: as many of the most evenly shared latents that fire, added the same way
-        fired = [j for j in range(sae.cfg.d_sae) if typical[j] > 0]
+        fired = [
+            j for j in range(sae.cfg.d_sae) if frequency[j] >= MIN_FREQUENCY
+        ]  # rarer ones: decoders barely trained
         control = sorted(fired, key=lambda j: abs(report["relative_norm"][j] - 0.5))[: cfg.top]
 
         def steered(latent: int) -> float:
@@ -247,11 +250,13 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
 
 
 @torch.no_grad()
-def typical_activation(sae: Any, batches: Any) -> torch.Tensor:
-    """Each latent's mean activation where it fires (0 where it never does): a steering value of its own size."""
-    total, count = torch.zeros(sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae)
+def typical_activation(sae: Any, batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each latent's mean activation where it fires (0 where it never does: a steering value of its own size),
+    and the share of tokens it fires on."""
+    total, count, seen = torch.zeros(sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae), 0
     for x in batches:
         z = sae.encode(x.to(sae.device, sae.dtype)).float().cpu()
         total += z.sum(0)
         count += (z > 0).sum(0)
-    return total / count.clamp(min=1)
+        seen += len(z)
+    return total / count.clamp(min=1), count / max(seen, 1)
