@@ -677,7 +677,7 @@ def show_diff_demo(result: dict[str, Any]) -> None:
     for col in ("rank", "latent", "relative norm", "change", "specificity", "fires on", f"P({word!r}) in A + latent"):
         table.add_column(col, justify="right")
     table.add_column("where it fires most (B's text)")
-    for i, r in enumerate(result["b_only"], 1):
+    for i, r in enumerate(result["b_side"], 1):
         table.add_row(
             str(i),
             str(r["latent"]),
@@ -691,7 +691,7 @@ def show_diff_demo(result: dict[str, Any]) -> None:
     console.print(table)
     console.print(
         f"shared latents added the same way (control): median P({word!r}) {result['control_median']:.4f}; "
-        f"the latent that moves A most toward B ranks {result['planted_rank']} of {len(result['b_only'])}"
+        f"the latent that moves A most toward B ranks {result['planted_rank']} of {len(result['b_side'])}"
     )
     console.print(f"seconds: {', '.join(f'{k} {v:.0f}' for k, v in result['seconds'].items())}; {result['out']}")
 

@@ -214,7 +214,7 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
             sae, paired_batches(opened, 40_000), torch.tensor(leaning), torch.ones(len(leaning), dtype=torch.long)
         )
         nu_e, nu_r = scaling.ratios()
-        b_only = [
+        b_side = [
             {
                 "latent": j,
                 "relative_norm": round(report["relative_norm"][j], 4),
@@ -226,11 +226,11 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
             }
             for i, j in enumerate(leaning)
         ]
-        at = strongest_tokens(sae, opened, [r["latent"] for r in b_only], 40_000)
-        for r in b_only:
+        at = strongest_tokens(sae, opened, [r["latent"] for r in b_side], 40_000)
+        for r in b_side:
             r["strongest"] = context(opened[1], at[r["latent"]], base.tokenizer) if r["latent"] in at else ""
         controls = [steered(j) for j in control]
-    best = max(range(len(b_only)), key=lambda i: b_only[i]["word_probability"], default=None)
+    best = max(range(len(b_side)), key=lambda i: b_side[i]["word_probability"], default=None)
     result = {
         "models": report["models"],
         "hook": cfg.hook,
@@ -238,7 +238,7 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
         "shared_cosine_median": report["shared_cosine_median"],
         "word": cfg.word,
         "probability": {"A": before, "B": target},
-        "b_only": b_only,
+        "b_side": b_side,
         "control_median": sorted(controls)[len(controls) // 2] if controls else None,
         "planted_rank": None if best is None else best + 1,
         "seconds": seconds,

@@ -79,7 +79,7 @@ def test_a_batchtopk_crosscoder_finds_the_planted_differences_with_the_right_lab
     assert top_b["frequency"] == pytest.approx(0.06, abs=0.01)
 
 
-def test_latent_scaling_sees_that_a_carries_an_l1_crosscoders_spurious_b_only_latent(pair):
+def test_latent_scaling_sees_that_a_carries_an_l1_crosscoders_spurious_b_side_latent(pair):
     """An L1 crosscoder shrinks A's decoder row of the feature A has at half strength to nothing, so by its norms
     the latent is B-only; latent scaling finds A's error carries about half of it (the planted ratio)."""
     root, features = pair
@@ -219,10 +219,10 @@ def test_the_diff_demo_finds_a_planted_behaviour_on_a_tiny_model(tmp_path):
     )
     result = run_diff_demo(cfg)
     assert result["probability"]["B"] > 3 * result["probability"]["A"]  # the edit planted it
-    assert len(result["b_only"]) == 5 and result["b_only"][0]["relative_norm"] > 0.5
+    assert len(result["b_side"]) == 5 and result["b_side"][0]["relative_norm"] >= 0.5
     # among the three latents B writes most differently: the one that fires most on w20, and, added to A (what B
     # writes for it minus what A writes), it raises P(w7) after w20 above A's and above the shared latents'
-    found = next(r for r in result["b_only"][:3] if r["strongest"].endswith("[[w20]]"))
+    found = next(r for r in result["b_side"][:3] if r["strongest"].endswith("[[w20]]"))
     assert found["word_probability"] > 1.15 * max(result["probability"]["A"], result["control_median"])
     again = run_diff_demo(cfg)  # every stage is done: nothing runs again but the measurements
     assert set(again["seconds"]) <= {"load model", "diff", "steer"}
