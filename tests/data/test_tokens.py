@@ -70,7 +70,9 @@ def test_closing_the_consumer_joins_the_worker():
             time.sleep(0.001)
             yield i
 
+    before = set(threading.enumerate())  # another test's worker, not yet collected, is not this one's
     items = in_background(slow())
     assert [next(items) for _ in range(3)] == [0, 1, 2]
+    assert [t for t in set(threading.enumerate()) - before if t.name == "nanosae-prefetch"]
     items.close()
-    assert not [t for t in threading.enumerate() if t.name == "nanosae-prefetch"]
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "nanosae-prefetch"]

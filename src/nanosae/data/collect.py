@@ -155,42 +155,42 @@ def _collect_locked(
     try:
         if done < cfg.tokens:
             docs = iter_documents(cfg.data)
-            batches = in_background(
-                token_batches(
-                    docs, model.tokenizer, cfg.data.context_size, cfg.batch_size, cfg.data.pack, cfg.data.exclude_first
-                )
+            data = cfg.data
+            windows = token_batches(
+                docs, model.tokenizer, data.context_size, cfg.batch_size, data.pack, data.exclude_first
             )
-            for batch in batches:
-                n_valid = int(batch.valid.sum())
-                if seen + n_valid <= done:  # already in the store: skip without running the model
+            # closing joins the prefetch thread however the loop ends (an error included), not at garbage collection
+            with contextlib.closing(in_background(windows)) as batches:
+                for batch in batches:
+                    n_valid = int(batch.valid.sum())
+                    if seen + n_valid <= done:  # already in the store: skip without running the model
+                        seen += n_valid
+                        continue
+                    _, cache = model.run_with_cache(batch.tokens, cfg.hooks, return_logits=False)
+                    skip, take = done - seen, min(n_valid, cfg.tokens - seen)
+                    positions = torch.arange(batch.tokens.shape[1]).expand_as(batch.tokens)
+                    ids = torch.stack([batch.tokens[batch.valid], positions[batch.valid]], dim=1)[skip:take]
+                    for hook in cfg.hooks:
+                        acts = cache[hook][batch.valid.to(cache[hook].device)][skip:take]
+                        if not torch.isfinite(acts).all():
+                            raise DataError(
+                                f"NaN or inf activations at {hook} (tokens {done}..{done + len(acts)}); "
+                                "nothing after the last complete shard was written"
+                            )
+                        writers[hook].add(acts, ids)
                     seen += n_valid
-                    continue
-                _, cache = model.run_with_cache(batch.tokens, cfg.hooks, return_logits=False)
-                skip, take = done - seen, min(n_valid, cfg.tokens - seen)
-                positions = torch.arange(batch.tokens.shape[1]).expand_as(batch.tokens)
-                ids = torch.stack([batch.tokens[batch.valid], positions[batch.valid]], dim=1)[skip:take]
-                for hook in cfg.hooks:
-                    acts = cache[hook][batch.valid.to(cache[hook].device)][skip:take]
-                    if not torch.isfinite(acts).all():
-                        raise DataError(
-                            f"NaN or inf activations at {hook} (tokens {done}..{done + len(acts)}); "
-                            "nothing after the last complete shard was written"
+                    done = min(seen, cfg.tokens)
+                    if progress is not None:
+                        progress(
+                            CollectProgress(
+                                done,
+                                cfg.tokens,
+                                sum(w.manifest["bytes"] for w in writers.values()),
+                                time.perf_counter() - t0,
+                            )
                         )
-                    writers[hook].add(acts, ids)
-                seen += n_valid
-                done = min(seen, cfg.tokens)
-                if progress is not None:
-                    progress(
-                        CollectProgress(
-                            done,
-                            cfg.tokens,
-                            sum(w.manifest["bytes"] for w in writers.values()),
-                            time.perf_counter() - t0,
-                        )
-                    )
-                if done >= cfg.tokens:
-                    break
-            batches.close()  # stops and joins the prefetch thread now, not at garbage collection
+                    if done >= cfg.tokens:
+                        break
         if done == 0:
             raise DataError(f"the corpus {', '.join(cfg.data.specs)} gave no tokens (empty, or empty after filtering)")
         if done < cfg.tokens:
