@@ -137,6 +137,17 @@ def test_paired_collection_diff_training_and_the_diff_command(tiny_llama_dir, tw
     assert sae.cfg.architecture == "batchtopk" and len(set(sae.cfg.crosscoder_models)) == 2
     with pytest.raises(ConfigError, match="this crosscoder diffs .* study it with `nanosae diff RUN`"):
         sae.gather_input({"blocks.2.hook_resid_post": torch.zeros(1, 32)})
+    from nanosae.interp.diff import decoders
+    from nanosae.interp.live import Edit, steering
+
+    host = nanosae.load_model(str(tiny_llama_dir))  # steering a diff crosscoder adds 2 × (B's write − A's) to A
+    ids = torch.tensor([[0, 5, 9, 13]])
+    _, clean = host.run_with_cache(ids, ["blocks.2.hook_resid_post"])
+    with steering(host, sae, [Edit(3, 2.0, "add")]):
+        _, steered = host.run_with_cache(ids, ["blocks.2.hook_resid_post"])
+    dec_a, dec_b = decoders(sae, scaled=False)
+    moved = steered["blocks.2.hook_resid_post"][0] - clean["blocks.2.hook_resid_post"][0]
+    assert torch.allclose(moved, (2.0 * (dec_b[3] - dec_a[3])).expand_as(moved), atol=1e-5)
     done = runner.invoke(app, ["diff", str(run), "--tokens", "3000"])
     assert done.exit_code == 0, done.output
     report = json.loads((run / "diff.json").read_text())
