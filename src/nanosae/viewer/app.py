@@ -8,10 +8,12 @@ answers as JSON files, for hosting anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,7 @@ class LiveModel:
     def __init__(self, run: Path, model: str | None):
         self.run, self.spec = run, model
         self.lock = threading.Lock()
+        self.running = threading.Lock()
         self.loaded: tuple[Any, Any] | None = None
 
     def get(self) -> tuple[Any, Any]:
@@ -135,6 +138,14 @@ class LiveModel:
                 _, sae, host = load_sae_and_model(self.run, self.spec)
                 self.loaded = (host, sae)
             return self.loaded
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[tuple[Any, Any]]:
+        """The model and SAE, one request at a time: requests run in a thread pool, and one's hooks (an ablation,
+        a steering edit) must not reach another's forward pass."""
+        loaded = self.get()
+        with self.running:
+            yield loaded
 
 
 LOCAL_NAMES = ["localhost", "127.0.0.1", "[::1]"]
@@ -218,8 +229,8 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
         if not 0 <= latent < data.n_latents:
             raise HTTPException(404, f"no feature {latent} (this SAE has 0..{data.n_latents - 1})")
         if latent not in effects:
-            host, sae = live.get()
-            effects[latent] = effect_summary(host, sae, data.db, latent)
+            with live.use() as (host, sae):
+                effects[latent] = effect_summary(host, sae, data.db, latent)
         return effects[latent]
 
     @app.post("/api/run_text")
@@ -233,13 +244,13 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
         activation on every token (what the page colours the text by)."""
         import torch
 
-        host, sae = live.get()
-        if feature is not None and feature >= sae.cfg.d_sae:
-            raise HTTPException(422, f"no feature {feature} (this SAE has 0..{sae.cfg.d_sae - 1})")
-        ids = host.prompt_ids(text)[:512]
-        _, cache = host.run_with_cache(torch.tensor([ids]), sae.cfg.input_hooks, return_logits=False)
-        with torch.no_grad():
-            z = sae.encode(sae.gather_input(cache))[0]
+        with live.use() as (host, sae):
+            if feature is not None and feature >= sae.cfg.d_sae:
+                raise HTTPException(422, f"no feature {feature} (this SAE has 0..{sae.cfg.d_sae - 1})")
+            ids = host.prompt_ids(text)[:512]
+            _, cache = host.run_with_cache(torch.tensor([ids]), sae.cfg.input_hooks, return_logits=False)
+            with torch.no_grad():
+                z = sae.encode(sae.gather_input(cache))[0]
         ranked = z if include_dense or not dense else z.index_fill(1, torch.tensor(sorted(dense)), 0.0)
         vals, idx = ranked.topk(min(top_k, z.shape[1]), dim=-1)
         tokens = [
@@ -269,11 +280,11 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
             raise HTTPException(422, 'each edit is {"latent": int, "value": number, "mode": "add" | "clamp"}') from None
         except NanosaeError as e:
             raise HTTPException(422, str(e)) from None
-        host, sae = live.get()
         try:
-            base, steered = steer(
-                host, sae, parsed, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
-            )
+            with live.use() as (host, sae):
+                base, steered = steer(
+                    host, sae, parsed, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+                )
         except NanosaeError as e:
             raise HTTPException(422, str(e)) from None
         return {"baseline": base.text, "steered": steered.text}
