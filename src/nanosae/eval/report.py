@@ -241,15 +241,23 @@ def render(results: list[dict], names: list[str], title: str = "nanosae evaluati
         for t, src, note in plots
     )
     hooks = ", ".join(sorted({html.escape(r["hook"]) for r in results}))
+    return page(
+        title,
+        f"""<p>hook: {hooks}; {results[0]["tokens"]:,} held-out tokens,
+{html.escape(results[0]["ablation"])}-ablation baseline.</p><table><tr><th>metric</th>{head}</tr>{rows}</table>{figs}
+{suite_sections(results, names)}""",
+    )
+
+
+def page(title: str, body: str) -> str:
+    """One self-contained nanosae page (is_report recognises it): the title as heading, then body."""
     return f"""<!doctype html><html><head><meta charset="utf-8"><meta name="generator" content="nanosae">
 <title>{html.escape(title)}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f4f4f4}}
 figure{{display:inline-block;margin:1em}}
 figcaption{{font-weight:600}}.note{{max-width:36em;font-size:12px;color:#555}}</style></head><body>
-<h1>{html.escape(title)}</h1><p>hook: {hooks}; {results[0]["tokens"]:,} held-out tokens,
-{html.escape(results[0]["ablation"])}-ablation baseline.</p><table><tr><th>metric</th>{head}</tr>{rows}</table>{figs}
-{suite_sections(results, names)}</body></html>"""
+<h1>{html.escape(title)}</h1>{body}</body></html>"""
 
 
 def is_report(path: Path) -> bool:

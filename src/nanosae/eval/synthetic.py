@@ -334,7 +334,7 @@ def run_synthetic(
 
 def render_synthetic(results: dict[str, dict[str, Any]], section: dict[str, Any]) -> str:
     """The report page: the scores side by side and which feature frequencies each SAE recovers."""
-    from nanosae.eval.report import _figure, _fmt
+    from nanosae.eval.report import _figure, _fmt, page
 
     names = list(results)
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
@@ -353,16 +353,15 @@ def render_synthetic(results: dict[str, dict[str, Any]], section: dict[str, Any]
     cfg = section["config"]
     trained = section["trained_samples"]
     title = f"nanosae evaluation: synthetic ground truth ({section['preset']})"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><meta name="generator" content="nanosae">
-<title>{html.escape(title)}</title>
-<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f4f4f4}}
-.note{{max-width:40em;font-size:12px;color:#555}}</style></head><body><h1>{html.escape(title)}</h1>
-<p>{cfg["n_features"]:,} true features in {cfg["d"]} dimensions, mean L0 {cfg["mean_l0"]}, {cfg["parents"]} parents with
-{cfg["children"]} children, {cfg["correlated_pairs"]} correlated pairs, seed {cfg["seed"]}.
+    return page(
+        title,
+        f"""<p>{cfg["n_features"]:,} true features in {cfg["d"]} dimensions, mean L0 {cfg["mean_l0"]},
+{cfg["parents"]} parents with {cfg["children"]} children, {cfg["correlated_pairs"]} correlated pairs,
+seed {cfg["seed"]}.
 {f"Each SAE trained on the same {trained:,} samples." if trained else ""}</p>
 <table><tr><th>score</th>{head}</tr>{rows}</table>
 <p class="note">mcc: mean cosine of the best one-to-one match of decoder rows to true features; f1: each matched
 latent's firing against its feature's; recovered: share of true features matched at cosine &gt; {RECOVERED_COSINE};
 absorption: where a parent and its child fire, the share with the parent's latent silent.</p>
-<figure><img alt="recovered by frequency" src="{plot}"></figure></body></html>"""
+<figure><img alt="recovered by frequency" src="{plot}"></figure>""",
+    )

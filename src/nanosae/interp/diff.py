@@ -193,7 +193,7 @@ def render_diff(report: dict[str, Any], explanations: dict[int, str] | None = No
     """diff.html: the relative-norm histogram (as the paper plots it) and the ranked A-only and B-only latents."""
     import html
 
-    from nanosae.eval.report import _figure
+    from nanosae.eval.report import _figure, page
 
     a, b = report["models"]
     counts = report["histogram"]
@@ -225,17 +225,16 @@ def render_diff(report: dict[str, Any], explanations: dict[int, str] | None = No
 
     c = report["counts"]
     title = f"What differs between {a} (A) and {b} (B) at {report['hook']}"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><meta name="generator" content="nanosae">
-<title>{html.escape(title)}</title><style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1100px}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-th{{background:#f4f4f4}}.note{{max-width:44em;font-size:12px;color:#555}}</style></head><body>
-<h1>{html.escape(title)}</h1><p>{c["A-only"]} A-only, {c["B-only"]} B-only, {c["shared"]} shared and {c["other"]}
+    return page(
+        title,
+        f"""<p>{c["A-only"]} A-only, {c["B-only"]} B-only, {c["shared"]} shared and {c["other"]}
 other latents; shared latents' decoder rows have median cosine {report["shared_cosine_median"]}.</p>
 <img alt="relative decoder norms" src="{plot}">
 <p class="note">ν error and ν reconstruction (latent scaling): how much of the latent's decoder direction the other
 model carries in its error and in its other latents, over the owner's; specificity = 1 − the larger. A latent
 with a high ν is carried by both models, whatever its decoder norms say (Minder et al. 2025).</p>
-{table("B-only")}{table("A-only")}</body></html>"""
+{table("B-only")}{table("A-only")}""",
+    )
 
 
 @torch.no_grad()
