@@ -26,6 +26,7 @@ SUBJECTS = ["The engineer", "My neighbour", "A student", "The old captain", "Our
 ACTIONS = ["ate a banana", "bought a banana", "peeled a banana", "found a banana", "shared a banana"]
 WHEN = ["before work.", "at the market.", "after lunch.", "in the kitchen.", "on the train.", "for breakfast."]
 ASIDES = ["Bananas are yellow and sweet.", "Nothing beats a ripe banana.", "The banana bread smelled wonderful."]
+READ_TOKENS = 40_000  # tokens of the paired stores the analysis and the candidates' activity are read on
 MIN_FREQUENCY = 5e-4  # latents firing on fewer tokens are left out of the ranking and the control
 PROMPTS = [
     "I went to the store and bought a",
@@ -123,7 +124,7 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
     from nanosae.data.collect import collect_pair
     from nanosae.data.store import ActivationStore
     from nanosae.errors import ConfigError
-    from nanosae.interp.diff import context, diff_report, latent_scaling, paired_batches, strongest_tokens
+    from nanosae.interp.diff import activity, context, diff_report, latent_scaling, paired_batches
     from nanosae.interp.live import Edit, steering
     from nanosae.io import write_json
     from nanosae.models import load_model
@@ -190,15 +191,13 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
     sae = SAE.load(run.sae)
     opened = [ActivationStore(s) for s in stores]
     with stage("diff"):
-        report = diff_report(sae, paired_batches(opened, 40_000), top=cfg.top)
-        typical, frequency = typical_activation(sae, paired_batches(opened, 40_000))
+        report = diff_report(sae, paired_batches(opened, READ_TOKENS), top=cfg.top)
+        typical, frequency, strongest = activity(sae, paired_batches(opened, READ_TOKENS))
     with stage("steer"):
         tuned = load_model(other)
         before, target = word_probability(base, cfg.prompts, word), word_probability(tuned, cfg.prompts, word)
         # the control: as many of the most evenly shared latents that fire, added the same way
-        fired = [
-            j for j in range(sae.cfg.d_sae) if frequency[j] >= MIN_FREQUENCY
-        ]  # rarer ones: decoders barely trained
+        fired = [j for j in range(sae.cfg.d_sae) if frequency[j] >= MIN_FREQUENCY]  # rarer: barely trained
         control = sorted(fired, key=lambda j: abs(report["relative_norm"][j] - 0.5))[: cfg.top]
 
         def steered(latent: int) -> float:
@@ -211,7 +210,7 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
             : cfg.top
         ]
         scaling = latent_scaling(
-            sae, paired_batches(opened, 40_000), torch.tensor(leaning), torch.ones(len(leaning), dtype=torch.long)
+            sae, paired_batches(opened, READ_TOKENS), torch.tensor(leaning), torch.ones(len(leaning), dtype=torch.long)
         )
         nu_e, nu_r = scaling.ratios()
         b_side = [
@@ -226,9 +225,8 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
             }
             for i, j in enumerate(leaning)
         ]
-        at = strongest_tokens(sae, opened, [r["latent"] for r in b_side], 40_000)
         for r in b_side:
-            r["strongest"] = context(opened[1], at[r["latent"]], base.tokenizer) if r["latent"] in at else ""
+            r["strongest"] = context(opened[1], int(strongest[r["latent"]]), base.tokenizer)
         controls = [steered(j) for j in control]
     best = max(range(len(b_side)), key=lambda i: b_side[i]["word_probability"], default=None)
     result = {
@@ -247,16 +245,3 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
     write_json(out / "diff-demo.json", result)
     write_json(run.path / "diff.json", report)
     return result
-
-
-@torch.no_grad()
-def typical_activation(sae: Any, batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each latent's mean activation where it fires (0 where it never does: a steering value of its own size),
-    and the share of tokens it fires on."""
-    total, count, seen = torch.zeros(sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae), 0
-    for x in batches:
-        z = sae.encode(x.to(sae.device, sae.dtype)).float().cpu()
-        total += z.sum(0)
-        count += (z > 0).sum(0)
-        seen += len(z)
-    return total / count.clamp(min=1), count / max(seen, 1)

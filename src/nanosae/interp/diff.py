@@ -238,16 +238,20 @@ with a high ν is carried by both models, whatever its decoder norms say (Minder
 
 
 @torch.no_grad()
-def strongest_tokens(sae: SAE, stores: list[Any], latents: list[int], tokens: int) -> dict[int, int]:
-    """The store index of each latent's largest activation over the stores' first `tokens` tokens (latents that
-    never fire are left out)."""
-    best, where, offset = torch.zeros(len(latents)), torch.zeros(len(latents), dtype=torch.long), 0
-    for x in paired_batches(stores, tokens):
-        value, index = sae.encode(x.to(sae.device, sae.dtype))[:, latents].float().cpu().max(0)
+def activity(sae: SAE, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Each latent's mean activation where it fires (0 where it never does: a steering value of its own size), the
+    share of tokens it fires on, and the index of its largest activation (-1 where it never fires), in one pass."""
+    total, count = torch.zeros(sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae)
+    best, where, seen = torch.zeros(sae.cfg.d_sae), torch.full((sae.cfg.d_sae,), -1, dtype=torch.long), 0
+    for x in batches:
+        z = sae.encode(x.to(sae.device, sae.dtype)).float().cpu()
+        total += z.sum(0)
+        count += (z > 0).sum(0)
+        value, index = z.max(0)
         better = value > best
-        best[better], where[better] = value[better], index[better] + offset
-        offset += len(x)
-    return {j: int(where[i]) for i, j in enumerate(latents) if best[i] > 0}
+        best[better], where[better] = value[better], index[better] + seen
+        seen += len(z)
+    return total / count.clamp(min=1), count / max(seen, 1), where
 
 
 def context(store: Any, index: int, tokenizer: Any, width: int = 10) -> str:
