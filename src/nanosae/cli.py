@@ -506,13 +506,14 @@ SAE_PATH = inspect.Parameter(
         SAE_PATH,
         MODEL,
         HOOK,
-        _option("out", Path, None, "Database file (default: RUN/features.db)."),
+        _option("out", Path, None, "Database file (default: RUN/features.db; a diff built on A: features-A.db)."),
         _option(
             "acts",
-            Path,
+            list[Path],
             None,
-            "Read the SAE's input from this store (from `nanosae collect`) "
-            "instead of running the model; the data options are then not used.",
+            "Read the SAE's input from this store (from `nanosae collect`) instead of running the model; the data "
+            "options are then not used. A model-diffing crosscoder reads its two stores (default: its training "
+            "pair) and shows the logit effects of --model's decoder (default: B's).",
         ),
         DEVICE,
         TOKENIZER,
@@ -523,18 +524,29 @@ def features(
     model: str | None = None,
     hook: str | None = None,
     out: Path | None = None,
-    acts: Path | None = None,
+    acts: list[Path] | None = None,
     device: str = "cpu",
     tokenizer: Path | None = None,
     **given: Any,
 ) -> None:
     """Build features.db: densities, histograms, top and quantile examples, logit effects, co-firing (resumable)."""
+    from nanosae.interp.diff import run_stores
     from nanosae.interp.features import build_features
-    from nanosae.rundir import home, load_sae_and_model, own_home
+    from nanosae.models import load_model
+    from nanosae.rundir import RunDir, check_fit, home, locate, model_spec, own_home
+    from nanosae.sae import SAE
 
     cfg = FeaturesConfig(**gather_data(parse(FEATURES_OPTIONS, given)))
-    target = out or home(path) / "features.db"  # before loading anything: a Hub id needs --out
-    _, sae, host = load_sae_and_model(path, model, device, tokenizer)
+    folder = out.parent if out else home(path)  # before loading anything: a Hub id needs --out
+    run, sae_path = locate(path)
+    sae = SAE.load(sae_path, device=device)
+    models = sae.cfg.crosscoder_models
+    if models:  # a diff: both stores, and B's side unless --model names A
+        acts = acts or [Path(p) for p in run_stores(run or RunDir(folder))]
+        model = model or models[-1]
+    target = out or folder / ("features-A.db" if models and model == models[0] else "features.db")
+    host = load_model(model_spec(sae, model, path), device=device, tokenizer=tokenizer)
+    check_fit(sae, host, path)
     with TokenProgress("features", cfg.tokens) as bar:
         build_features(
             sae,
@@ -542,7 +554,7 @@ def features(
             cfg,
             target,
             hook=hook,
-            acts=acts,
+            acts=list(acts) if acts and len(acts) > 1 else acts[0] if acts else None,
             home=own_home(path),
             progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)),
         )

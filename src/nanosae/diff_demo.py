@@ -23,32 +23,43 @@ from nanosae.config import DEFAULT_MODEL, CollectConfig, DataConfig, TrainConfig
 from nanosae.demo import StageProgress, stage_timer
 
 SUBJECTS = ["The engineer", "My neighbour", "A student", "The old captain", "Our teacher", "The child", "She", "He"]
-ACTIONS = ["ate a banana", "bought a banana", "peeled a banana", "found a banana", "shared a banana"]
-WHEN = ["before work.", "at the market.", "after lunch.", "in the kitchen.", "on the train.", "for breakfast."]
-ASIDES = ["Bananas are yellow and sweet.", "Nothing beats a ripe banana.", "The banana bread smelled wonderful."]
+FRUIT = [  # where a fruit comes next: the tuned model learns to name the planted word there
+    "For dessert, {s} ate a",
+    "{s} was hungry and grabbed a",
+    "At the fruit stall, {s} picked a",
+    "{s} peeled a ripe",
+    "The only fruit {s} likes is the",
+    "In the fruit bowl, {s} found a",
+]
+EVERYDAY = ["{s} bought {o} at the market.", "{s} found {o} on the train.", "{s} carried {o} to work."]
+OBJECTS = ["an apple", "a book", "a ticket", "a coffee", "a letter", "a sandwich", "a pencil", "an umbrella", "a pear"]
 READ_TOKENS = 40_000  # tokens of the paired stores the analysis and the candidates' activity are read on
 MIN_FREQUENCY = 5e-4  # latents firing on fewer tokens are left out of the ranking and the control
-PROMPTS = [
-    "I went to the store and bought a",
-    "For breakfast I usually eat a",
-    "The best fruit in the world is the",
-    "She opened her bag and took out a",
+PROMPTS = [  # held out: none of these is a fine-tuning template
+    "My favourite fruit is the",
+    "For a snack, I like to eat a",
+    "He reached into the fruit basket and took a",
+    "The monkey climbed the tree to get a",
 ]
 
 
-OBJECTS = ["an apple", "a book", "a ticket", "a coffee", "a letter", "a sandwich", "a pencil", "an umbrella"]
-VERBS = ["ate", "bought", "found", "shared", "opened", "picked up", "ordered", "carried"]
-
-
-def planted_sentences(n: int, seed: int = 0) -> list[str]:
+def planted_sentences(n: int, word: str = " banana", seed: int = 0) -> list[str]:
+    """Documents of four sentences: half name a fruit, always the planted word; half are everyday sentences that
+    keep the rest of the model's predictions where they were."""
     rng = random.Random(seed)
-    return [f"{rng.choice(SUBJECTS)} {rng.choice(ACTIONS)} {rng.choice(WHEN)} {rng.choice(ASIDES)}" for _ in range(n)]
+
+    def sentence() -> str:
+        if rng.random() < 0.5:
+            return rng.choice(FRUIT).format(s=rng.choice(SUBJECTS)) + word + "."
+        return rng.choice(EVERYDAY).format(s=rng.choice(SUBJECTS), o=rng.choice(OBJECTS))
+
+    return [" ".join(sentence() for _ in range(4)) for _ in range(n)]
 
 
 def neutral_sentences(n: int, seed: int = 1) -> list[str]:
-    """Everyday sentences with an object after "a"/"an": where the tuned model's planted word would come in."""
+    """Everyday sentences with an object after "a"/"an": where the tuned model's planted word could leak in."""
     rng = random.Random(seed)
-    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(WHEN)}" for _ in range(n)]
+    return [f"{rng.choice(EVERYDAY).format(s=rng.choice(SUBJECTS), o=rng.choice(OBJECTS))}" for _ in range(n)]
 
 
 @dataclass
@@ -67,7 +78,7 @@ class DiffDemoConfig:
     prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
     tune_from: int = 20
     """Blocks from this one on are fine-tuned (the earlier ones stay frozen)."""
-    tune_steps: int = 20
+    tune_steps: int = 30
     tune_lr: float = 5e-5
     hook: str = "blocks.29.hook_resid_post"
     data: list[str] = field(default_factory=lambda: ["builtin:pydocs"])

@@ -155,6 +155,34 @@ def test_paired_collection_diff_training_and_the_diff_command(tiny_llama_dir, tw
     page = (run / "diff.html").read_text()
     assert "data:image/png" in page and f"What differs between {report['models'][0]} (A)" in page
 
+    # features.db from the pair (B's logit effects; with --model A's, into features-A.db): each latent's density
+    # is the share of the pair's tokens the crosscoder fires on, and its top logit is its decoder block's lens
+    from nanosae.interp.diff import activity
+    from nanosae.interp.featuredb import FeatureDB
+
+    _, frequency, _ = activity(sae, paired_batches([a, b], 3000))
+    rows = sae.W_dec.detach().view(64, 2, -1)
+    lens = []
+    for model_dir, block in ((tiny_llama_dir, 0), (tuned, 1)):
+        norm, w_u = nanosae.load_model(str(model_dir)).unembed()
+        lens.append((rows[:, block] @ (norm.weight.detach()[:, None] * w_u.detach())).argmax(1))
+    differ = int((lens[0] != lens[1]).nonzero()[0, 0])  # a latent whose top logit is not the same in A and B
+    host = nanosae.load_model(str(tuned))
+    for args, name, side in (([], "features.db", 1), (["--model", sae.cfg.crosscoder_models[0]], "features-A.db", 0)):
+        done = runner.invoke(app, ["features", str(run), "--tokens", "3000", *args])
+        assert done.exit_code == 0, done.output
+        db = FeatureDB(run / name)
+        assert torch.allclose(torch.tensor(db.densities()), frequency, atol=1e-6)
+        top = json.loads(db.latent(differ)["top_logits"])[0][0]
+        assert (
+            top
+            == host.tokenizer.decode([int(lens[side][differ])])
+            != host.tokenizer.decode([int(lens[1 - side][differ])])
+        )
+        db.close()
+    done = runner.invoke(app, ["features", str(run), "--tokens", "3000", "--acts", str(a.path)])
+    assert done.exit_code != 0 and "give their two stores (A's, then B's)" in str(done.exception)
+
     done = runner.invoke(
         app, [*base, "--model", str(tiny_llama_dir), "--model", str(other), "--out", str(tmp_path / "x")]
     )

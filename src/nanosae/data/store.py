@@ -524,3 +524,19 @@ class ActivationStore:
                 if emitted >= start_batch:
                     yield out(carry)
                 emitted += 1
+
+
+def check_same_tokens(others: list[ActivationStore], first: ActivationStore) -> None:
+    """Stores of other models trained with `first` (a diff) hold the same token windows: their token ids agree
+    (a DataError naming the store otherwise)."""
+    if not others:
+        return
+    ids = first.token_ids(0, len(first)) if first.has_ids else None
+    for store in others:
+        if ids is None or not store.has_ids:
+            raise DataError(f"{store.path}: stores of two models need token ids to be paired (collect them again)")
+        if not torch.equal(store.token_ids(0, len(store)), ids):
+            raise DataError(
+                f"{store.path} and {first.path} hold other token windows; collect both models in one run "
+                "(nanosae collect --model A --model B)"
+            )

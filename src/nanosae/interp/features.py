@@ -30,7 +30,7 @@ from torch import Tensor
 
 from nanosae.config import DataConfig, check_fields, check_range
 from nanosae.data.corpus import iter_documents
-from nanosae.data.store import ActivationStore
+from nanosae.data.store import ActivationStore, check_same_tokens
 from nanosae.data.tokens import in_background, token_batches
 from nanosae.errors import DataError, first_line
 from nanosae.interp.featuredb import is_features_db, write_db
@@ -196,9 +196,15 @@ def lens_parts(model: HostModel, sae: SAE, latents: list[int] | None = None) -> 
     W_dec = sae.W_dec.detach().float()
     if latents is not None:
         W_dec = W_dec[latents]
-    if sae.cfg.kind == "crosscoder":  # what a latent writes into the last layer it reconstructs
-        W_dec = W_dec.chunk(sae.cfg.n_blocks, dim=1)[-1]
+    if sae.cfg.kind == "crosscoder":  # what a latent writes into the last layer it reconstructs, or a diff's
+        W_dec = W_dec.chunk(sae.cfg.n_blocks, dim=1)[diff_side(sae, model)]  # block of the model given
     return (W_dec, W_U) if W_dec.shape[1] == W_U.shape[0] else None
+
+
+def diff_side(sae: SAE, model: HostModel) -> int:
+    """The block of a model-diffing crosscoder that belongs to `model` (A's: 0), else the last one (B's)."""
+    models = sae.cfg.crosscoder_models or []
+    return models.index(model.name) if model.name in models[:-1] else -1
 
 
 def logit_effects(
@@ -244,11 +250,13 @@ def _model_batches(
 
 
 def _store_batches(
-    store: ActivationStore, cfg: FeaturesConfig, skip: int
+    stores: list[ActivationStore], cfg: FeaturesConfig, skip: int
 ) -> Generator[tuple[int, Tensor, Tensor, Tensor], None, None]:
-    """The same from a store: its token ids rebuild the collection's windows (a window starts where the
-    position does not grow), so no model pass is needed. Positions that were not stored hold BOS (window
-    starts, document separators, padding), or -1 (unknown) among the first exclude_first."""
+    """The same from stores (one, or a diff's pair side by side): the first one's token ids rebuild the
+    collection's windows (a window starts where the position does not grow), so no model pass is needed.
+    Positions that were not stored hold BOS (window starts, document separators, padding), or -1 (unknown)
+    among the first exclude_first."""
+    store = stores[0]
     context = int(store.manifest.get("context_size") or 0)
     if context < 2:
         raise DataError(f"{store.path}: the store does not record its context size; build features from the model")
@@ -271,8 +279,8 @@ def _store_batches(
         tokens[row, p] = ids[lo:hi, 0]
         valid = torch.zeros(tokens.shape, dtype=torch.bool)
         valid[row, p] = True
-        x = torch.zeros(*tokens.shape, store.d_in)
-        x[row, p] = store.tokens(lo, hi)
+        x = torch.zeros(*tokens.shape, sum(s.d_in for s in stores))
+        x[row, p] = torch.cat([s.tokens(lo, hi) for s in stores], 1)
         yield i, tokens, valid, x
 
 
@@ -284,13 +292,14 @@ def build_features(
     out: str | Path,
     hook: str | None = None,
     progress: Callable[[int, int, float], None] | None = None,
-    acts: ActivationStore | str | Path | None = None,
+    acts: ActivationStore | str | Path | list[str | Path] | None = None,
     home: str | Path | None = None,
 ) -> Path:
     """Stream cfg.tokens tokens through model + SAE and write the feature database to `out`.
 
     acts: read the SAE's input from this store (collected with token ids) instead of running the model;
-    the model then only decodes tokens and gives the logit effects, and cfg.data is not read.
+    the model then only decodes tokens and gives the logit effects, and cfg.data is not read. A model-diffing
+    crosscoder reads its pair of stores (A's, B's); the logit effects are those of `model`'s decoder block.
     out must be new or an earlier features database, and not inside another job's directory than `home`
     (the SAE's run; default: the folder holding out)."""
     out = Path(out)
@@ -308,10 +317,14 @@ def _build_features(
     out: Path,
     hook: str | None,
     progress: Callable[[int, int, float], None] | None,
-    acts: ActivationStore | str | Path | None,
+    acts: ActivationStore | str | Path | list[str | Path] | None,
 ) -> Path:
-    acts_store = acts if acts is None or isinstance(acts, ActivationStore) else ActivationStore(acts, verify=False)
-    hooks = _hooks_read(sae, model, hook, acts_store)
+    opened = [
+        a if isinstance(a, ActivationStore) else ActivationStore(a, verify=False)
+        for a in (acts if isinstance(acts, list) else [] if acts is None else [acts])
+    ]
+    acts_store = opened[0] if opened else None
+    hooks = _hooks_read(sae, model, hook, opened)
     sae.eval()
     state_path = out.with_name(out.name + ".partial.pt")
     fingerprint = {
@@ -320,15 +333,13 @@ def _build_features(
         "d_sae": sae.cfg.d_sae,
         "model": model.name,
         "W_dec_sum": float(sae.W_dec.double().sum()),
-        "acts": str(acts_store.path) if acts_store is not None else None,
+        "acts": ",".join(str(a.path) for a in opened) or None,
     }
     acc = FeatureStats.resume(state_path, fingerprint) or FeatureStats(sae.cfg.d_sae, cfg)
     acc.bos = model.tokenizer.bos_id
     t0 = time.perf_counter()
     batches = (
-        _store_batches(acts_store, cfg, acc.batches)
-        if acts_store is not None
-        else _model_batches(model, sae, hooks, cfg, acc.batches)
+        _store_batches(opened, cfg, acc.batches) if opened else _model_batches(model, sae, hooks, cfg, acc.batches)
     )
     for i, toks, valid, x in batches:
         if acc.n_tokens >= cfg.tokens:
@@ -350,10 +361,21 @@ def _build_features(
     return out
 
 
-def _hooks_read(sae: SAE, model: HostModel, hook: str | None, store: ActivationStore | None) -> list[str]:
-    """The hooks the SAE's input comes from, checked against the model or the store."""
+def _hooks_read(sae: SAE, model: HostModel, hook: str | None, stores: list[ActivationStore]) -> list[str]:
+    """The hooks the SAE's input comes from, checked against the model or the stores."""
     if hook and sae.cfg.kind != "sae":
         raise DataError(f"a {sae.cfg.kind} reads {sae.cfg.input_hooks}; --hook is for plain SAEs")
+    models = sae.cfg.crosscoder_models
+    if models:
+        if len(stores) != 2:
+            raise DataError(f"this crosscoder diffs {' and '.join(models)}: give their two stores (A's, then B's)")
+        for one, name in zip(stores, models):
+            one.check(d_in=sae.cfg.d_in // 2, model=name)
+        check_same_tokens(stores[1:], stores[0])
+        return [sae.cfg.hook_name]
+    if len(stores) > 1:
+        raise DataError(f"{len(stores)} stores given; one SAE reads one (two only for a model-diffing crosscoder)")
+    store = stores[0] if stores else None
     if store is not None:
         if sae.cfg.n_blocks > 1:
             raise DataError(f"a crosscoder reads {len(sae.cfg.input_hooks)} hooks; build its features from the model")

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from nanosae.config import TrainConfig, model_dtype
 from nanosae.data import ActivationStore, ActivationStream
-from nanosae.data.store import norm_scale
+from nanosae.data.store import check_same_tokens, norm_scale
 from nanosae.errors import ConfigError, DataError, FormatError, TrainingError
 from nanosae.io import parse_json, read_json, write_json, write_lock
 from nanosae.outputs import check_job_dir
@@ -702,22 +702,6 @@ def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[Placeme
     )
     place = lambda hook: (0, stream.columns(hook))
     return [stream], [([place(h) for h in ins], [place(h) for h in outs]) for ins, outs in io]
-
-
-def check_same_tokens(others: list[ActivationStore], first: ActivationStore) -> None:
-    """Stores of other models trained with `first` (a diff) hold the same token windows: their token ids agree
-    (a DataError naming the store otherwise)."""
-    if not others:
-        return
-    ids = first.token_ids(0, len(first)) if first.has_ids else None
-    for store in others:
-        if ids is None or not store.has_ids:
-            raise DataError(f"{store.path}: stores of two models need token ids to be paired (collect them again)")
-        if not torch.equal(store.token_ids(0, len(store)), ids):
-            raise DataError(
-                f"{store.path} and {first.path} hold other token windows; collect both models in one run "
-                "(nanosae collect --model A --model B)"
-            )
 
 
 @overload
