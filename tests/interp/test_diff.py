@@ -2,6 +2,8 @@
 crosscoder's shrinkage, paired stores hold the same tokens, and the commands tie it together."""
 
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -182,6 +184,7 @@ def test_paired_collection_diff_training_and_the_diff_command(tiny_llama_dir, tw
         db.close()
     done = runner.invoke(app, ["features", str(run), "--tokens", "3000", "--acts", str(a.path)])
     assert done.exit_code != 0 and "give their two stores (A's, then B's)" in str(done.exception)
+    check_viewer(run, sae, [nanosae.load_model(str(tiny_llama_dir)), host], differ, report)
 
     done = runner.invoke(
         app, [*base, "--model", str(tiny_llama_dir), "--model", str(other), "--out", str(tmp_path / "x")]
@@ -270,3 +273,68 @@ def test_the_diff_demo_finds_a_planted_behaviour_on_a_tiny_model(tmp_path):
     before = word_probability(model, prompts, 7)
     fine_tune(model, planted, DiffDemoConfig(tune_from=2, tune_steps=40, tune_lr=1e-2, context_size=32))
     assert word_probability(model, prompts, 7) > 5 * before
+
+
+def check_viewer(run, sae, models, latent, report):
+    """The viewer of a diff run: the overview's relative-norm histogram, a feature's norms, and its top examples
+    as each model alone makes it fire (the latent read from A's activations in both places, then B's)."""
+    from fastapi.testclient import TestClient
+
+    from nanosae.interp.featuredb import FeatureDB
+    from nanosae.viewer import create_app
+
+    client = TestClient(create_app(run), base_url="http://localhost")
+    overview = client.get("/api/overview").json()
+    assert overview["diff"]["histogram"] == report["histogram"] and overview["diff"]["models"] == report["models"]
+    page = client.get(f"/api/feature/{latent}").json()
+    assert page["diff"]["relative_norm"] == report["relative_norm"][latent]
+    sides = client.get(f"/api/feature/{latent}/sides").json()
+    db = FeatureDB(run / "features.db")
+    windows = [json.loads(e["ids"]) for e in db.examples(latent) if e["kind"] == "top"]
+    assert len(sides["examples"]) == min(5, len(windows)) > 0
+    hook = sae.cfg.hook_name
+    for ids, got in zip(windows, sides["examples"]):
+        tokens = torch.tensor([[models[0].tokenizer.bos_id, *[i for i in ids if i >= 0]]])
+        x = [m.run_with_cache(tokens, [hook])[1][hook][0, 1:] for m in models]
+        for side, pair in (("A", [x[0], x[0]]), ("B", [x[1], x[1]]), ("both", x)):
+            want = sae.encode(torch.cat(pair, -1))[:, latent]
+            assert torch.allclose(torch.tensor([v for v, i in zip(got[side], ids) if i >= 0]), want, atol=1e-3)
+            assert all(v == 0 for v, i in zip(got[side], ids) if i < 0)
+    assert sides["examples"][0]["A"] != sides["examples"][0]["B"]  # the two models differ at the last block
+    assert client.get("/api/feature/9999/sides").status_code == 404
+    check_pages(run, latent)
+
+
+def check_pages(run, latent):
+    """In chromium (where installed): the histogram's 50 bars and both models' rows under the top examples."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from nanosae.viewer import create_app
+    from tests.viewer.test_browser import ARGS, CHROMIUM, open_page
+
+    if not Path(CHROMIUM).exists():
+        return
+    from playwright.sync_api import sync_playwright
+
+    server = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page, errors = open_page(browser, f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("#diff-histogram rect", state="attached")
+            assert page.locator("#diff-histogram rect").count() == 50
+            page.goto(f"http://127.0.0.1:{port}/#/feature/{latent}")
+            page.wait_for_selector("#sides .side-B .tok", state="attached")
+            assert page.locator("#sides .side-A").count() == page.locator("#sides .side-B").count() > 0
+            assert "relative decoder norm" in page.inner_text("#diff-line") and not errors
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)

@@ -254,6 +254,28 @@ def activity(sae: SAE, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor, Tenso
     return total / count.clamp(min=1), count / max(seen, 1), where
 
 
+@torch.no_grad()
+def side_by_side(models: list[Any], sae: SAE, windows: list[list[int]], latent: int) -> list[dict[str, list[float]]]:
+    """Each window of token ids (-1: unknown, shown as 0) run through both models: the latent's activation on
+    every token from the pair as the crosscoder was trained ("both"), and from each model alone, its
+    activations read in both places ("A", "B"): a latent B has of its own fires on B's and not on A's."""
+    check_diff(sae)
+    hook = sae.cfg.hook_name
+    out = []
+    for ids in windows:
+        known = torch.tensor([i >= 0 for i in ids])
+        tokens = torch.tensor([[models[0].tokenizer.bos_id, *[i for i in ids if i >= 0]]])
+        xs = [m.run_with_cache(tokens.to(m.device), [hook], return_logits=False)[1][hook][0, 1:] for m in models]
+        inputs = {"both": torch.cat(xs, -1), "A": torch.cat([xs[0], xs[0]], -1), "B": torch.cat([xs[1], xs[1]], -1)}
+        row = {}
+        for name, x in inputs.items():
+            acts = torch.zeros(len(ids))
+            acts[known] = sae.encode(x.to(sae.device, sae.dtype))[:, latent].float().cpu()
+            row[name] = [round(v, 4) for v in acts.tolist()]
+        out.append(row)
+    return out
+
+
 def context(store: Any, index: int, tokenizer: Any, width: int = 10) -> str:
     """The text up to the token at `index` of a store (within its window), that token in [[ ]]."""
     ids = store.token_ids(max(0, index - width + 1), index + 1)

@@ -25,6 +25,7 @@ from nanosae.outputs import replacing_dir, resolved
 from nanosae.rundir import RunDir, TranscoderSetDir, load_sae_and_model
 
 STATIC = Path(__file__).parent / "static"
+SIDE_EXAMPLES = 5  # top examples a diff crosscoder's feature page runs through both models
 
 
 class ViewerData:
@@ -36,6 +37,8 @@ class ViewerData:
         self.db = FeatureDB(run)
         self.meta = self.db.meta()
         self.n_latents = int(self.meta["d_sae"])
+        diff = RunDir(self.run).path / "diff.json"  # a model-diffing crosscoder's report (nanosae diff RUN)
+        self.diff: dict[str, Any] | None = read_json(diff) if diff.exists() else None
 
     def overview(self) -> dict[str, Any]:
         metrics = {}
@@ -54,6 +57,9 @@ class ViewerData:
             "metrics": metrics,
             "density_hist": {"edges": bins, "counts": counts, "never_fired": len(dens) - len(logs)},
             "dense_threshold": DENSE_THRESHOLD,
+            "diff": {k: self.diff[k] for k in ("models", "hook", "counts", "histogram", "shared_cosine_median")}
+            if self.diff
+            else None,
         }
 
     def features(
@@ -115,6 +121,10 @@ class ViewerData:
             **{key: _get(r, key) for key in ("score_low", "score_high", "n_active", "n_silent", "n_hard", "f1")},
             "explanations": [dict(e) for e in self.db.explanations_of(latent)],  # every method's, side by side
             "examples": examples,
+            "diff": {k: self.diff[k][latent] for k in ("relative_norm", "cosine", "change")}
+            | {"models": self.diff["models"]}
+            if self.diff
+            else None,
         }
 
 
@@ -131,6 +141,7 @@ class LiveModel:
         self.lock = threading.Lock()
         self.running = threading.Lock()
         self.loaded: tuple[Any, Any] | None = None
+        self.pair_loaded: tuple[list[Any], Any] | None = None
 
     def get(self) -> tuple[Any, Any]:
         with self.lock:
@@ -138,6 +149,18 @@ class LiveModel:
                 _, sae, host = load_sae_and_model(self.run, self.spec)
                 self.loaded = (host, sae)
             return self.loaded
+
+    @contextlib.contextmanager
+    def pair(self) -> Iterator[tuple[list[Any], Any]]:
+        """A model-diffing crosscoder's two models (A, B) and the crosscoder, one request at a time."""
+        from nanosae.models import load_model
+
+        with self.lock:
+            if self.pair_loaded is None:
+                _, sae, host = load_sae_and_model(self.run, None)  # A: the crosscoder's model_name
+                self.pair_loaded = ([host, load_model(sae.cfg.crosscoder_models[-1])], sae)
+        with self.running:
+            yield self.pair_loaded
 
     @contextlib.contextmanager
     def use(self) -> Iterator[tuple[Any, Any]]:
@@ -228,10 +251,32 @@ def create_app(run: str | Path, model: str | None = None, host: str = "127.0.0.1
 
         if not 0 <= latent < data.n_latents:
             raise HTTPException(404, f"no feature {latent} (this SAE has 0..{data.n_latents - 1})")
+        if data.diff is not None:  # its latents are not spliced into one model
+            return {"note": "a model-diffing crosscoder reads two models at once: see each model alone, above"}
         if latent not in effects:
             with live.use() as (host, sae):
                 effects[latent] = effect_summary(host, sae, data.db, latent)
         return effects[latent]
+
+    sides_cache: dict[int, dict] = {}
+
+    @app.get("/api/feature/{latent}/sides")
+    def sides(latent: int) -> dict:
+        """A diff crosscoder's feature on its top examples as each model alone makes it fire (interp.diff)."""
+        from nanosae.interp.diff import side_by_side
+
+        if data.diff is None:
+            raise HTTPException(404, "not a model-diffing crosscoder (no diff.json: run `nanosae diff RUN`)")
+        if not 0 <= latent < data.n_latents:
+            raise HTTPException(404, f"no feature {latent} (this SAE has 0..{data.n_latents - 1})")
+        if latent not in sides_cache:
+            windows = [data.db.cell(e["ids"], "example ids") for e in data.db.examples(latent) if e["kind"] == "top"]
+            with live.pair() as (models, sae):
+                sides_cache[latent] = {
+                    "models": data.diff["models"],
+                    "examples": side_by_side(models, sae, windows[:SIDE_EXAMPLES], latent),
+                }
+        return sides_cache[latent]
 
     @app.post("/api/run_text")
     def run_text(

@@ -149,6 +149,19 @@
     return line;
   }
 
+  // a model-diffing crosscoder (nanosae diff RUN): the relative decoder norms, as Lindsey et al. plot them
+  function diffCard(d) {
+    const [a, b] = d.models;
+    const n = d.histogram.length;
+    const labels = d.histogram.map((_, i) => (i / n).toFixed(2) + "–" + ((i + 1) / n).toFixed(2));
+    const c = d.counts;
+    return el("div", { class: "card", id: "diff-histogram" },
+      el("h3", { text: "relative decoder norm |d_B| / (|d_A| + |d_B|)" }),
+      bars(d.histogram.map((v) => Math.log10(1 + v)), labels.map((l, i) => l + " (" + d.histogram[i] + " latents)"), 460, 140),
+      el("p", { class: "muted", text: "0: " + a + " (A) only · 1: " + b + " (B) only · log scale · " + c["A-only"] + " A-only, " +
+        c["B-only"] + " B-only, " + c.shared + " shared (median cosine " + fmt(d.shared_cosine_median, 3) + ")" }));
+  }
+
   async function overview() {
     const [ov, list] = await Promise.all([get("overview"), features()]);
     app.replaceChildren();
@@ -161,7 +174,8 @@
     app.append(el("div", { class: "grid" },
       el("div", { class: "card" }, el("h3", { text: "metrics" }), Object.keys(ov.metrics).length ? metrics : el("p", { class: "muted", text: "no eval.json yet (nanosae eval RUN)" })),
       el("div", { class: "card" }, el("h3", { text: "feature density (log10)" }), bars(h.counts, labels, 460, 140),
-        el("p", { class: "muted", text: h.never_fired + " latents never fired in " + meta.tokens + " tokens" }))));
+        el("p", { class: "muted", text: h.never_fired + " latents never fired in " + meta.tokens + " tokens" })),
+      ov.diff ? diffCard(ov.diff) : ""));
     const search = el("input", { id: "search", size: "40", placeholder: MODE === "static" ?
       "search id, explanation or output token" : "search id, explanation, output token or example text" });
     const sort = el("select", { id: "sort" }, ...["density", "max_act", "mean_act", "score", "id"].map((s) => el("option", { value: s, text: "sort: " + s })));
@@ -278,6 +292,11 @@
           el("td", { text: e.method }), el("td", { text: e.explanation || e.note || "" }),
           el("td", { class: "muted", text: scoreText(Object.assign({}, e, { method: "" })) })))) : "",
       el("p", { class: "muted", text: "density " + fmt(f.density, 3) + " · fires " + f.fires + " · mean " + fmt(f.mean_act, 3) + " · max " + fmt(f.max_act, 3) }));
+    if (f.diff) {
+      app.append(el("p", { id: "diff-line", class: "muted", text: "relative decoder norm " + fmt(f.diff.relative_norm, 3) +
+        " (0: " + f.diff.models[0] + " only, 1: " + f.diff.models[1] + " only) · cosine of its two rows " + fmt(f.diff.cosine, 3) +
+        " · change " + fmt(f.diff.change, 3) }));
+    }
     if (!f.fires) {
       app.append(el("p", { id: "never-fired", class: "notice", text: "This latent never fired in the text the feature " +
         "database read, so it has no examples, histogram or explanation (a dead latent, or one for text not read)." }));
@@ -287,6 +306,21 @@
     const topCard = el("div", { class: "card examples", id: "top-examples" }, el("h4", { text: "top activations (one per window)" }));
     top.forEach((e) => topCard.append(el("div", { class: "ex-row" }, el("span", { class: "muted act", text: fmt(e.activation, 3) }), heat(e, f.max_act))));
     if (top.length) app.append(topCard);
+    if (f.diff && MODE !== "static" && top.length) {
+      const sides = el("div", { class: "card examples", id: "sides" }, el("h4", { text: "each model alone" }),
+        el("p", { class: "muted", text: "running its top examples through both models…" }));
+      app.append(sides);
+      get("feature/" + id + "/sides").then((r) => {
+        const [a, b] = r.models;
+        sides.replaceChildren(el("h4", { text: "each model alone: the feature on A's activations and on B's, same tokens" }));
+        r.examples.forEach((e, k) => {
+          for (const [side, name] of [["A", a], ["B", b]]) {
+            sides.append(el("div", { class: "ex-row side-" + side }, el("span", { class: "muted act", text: side + " " + name.slice(-18) }),
+              heat({ tokens: top[k].tokens, acts: e[side], focus: top[k].focus }, f.max_act)));
+          }
+        });
+      }).catch((err) => sides.replaceChildren(el("h4", { text: "each model alone" }), el("p", { class: "muted", text: String(err.message || err) })));
+    }
     const quant = f.examples.filter((e) => e.kind === "quantile");
     if (quant.length) {
       const card = el("div", { class: "card examples", id: "quantile-examples" }, el("h4", { text: "across the range of its activations" }));
