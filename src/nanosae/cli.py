@@ -683,7 +683,7 @@ def show_diff_demo(result: dict[str, Any]) -> None:
     )
     word = result["word"]
     table = Table(
-        title=f"The latents B writes most differently, added to A: P({word!r}) after neutral prompts "
+        title=f"The latents B writes most differently, added to A: P({word!r}) after held-out prompts "
         f"(A {p['A']:.4f}, B {p['B']:.4f})"
     )
     for col in ("rank", "latent", "relative norm", "change", "specificity", "fires on", f"P({word!r}) in A + latent"):
@@ -704,6 +704,11 @@ def show_diff_demo(result: dict[str, Any]) -> None:
     console.print(
         f"shared latents added the same way (control): median P({word!r}) {result['control_median']:.4f}; "
         f"the latent that moves A most toward B ranks {result['planted_rank']} of {len(result['b_side'])}"
+    )
+    t = result["together"]
+    console.print(
+        f"the top {len(t['latents'])} added at once: P({word!r}) {t['word_probability']:.4f} "
+        f"(as many shared latents: {t['control']:.4f})"
     )
     console.print(f"seconds: {', '.join(f'{k} {v:.0f}' for k, v in result['seconds'].items())}; {result['out']}")
 
@@ -869,6 +874,19 @@ def diff(
                 labels.get(r["latent"], ""),
             )
         console.print(table)
+    table = Table(title=f"written most differently by {a} and {b} (change |d_B − d_A| / (|d_A| + |d_B|))")
+    for col in ("latent", "relative norm", "cosine", "change", "fires on", "explanation"):
+        table.add_column(col, justify="left" if col == "explanation" else "right")
+    for r in report["changed"]:
+        table.add_row(
+            str(r["latent"]),
+            f"{r['relative_norm']:.3f}",
+            f"{r['cosine']:.3f}",
+            f"{r['change']:.3f}",
+            f"{r['frequency']:.3%}",
+            labels.get(r["latent"], ""),
+        )
+    console.print(table)
     console.print(f"page: {where.path / 'diff.html'}")
 
 

@@ -1,12 +1,14 @@
 """Model diffing that knows the answer: plant a behaviour by fine-tuning, and find it with a crosscoder.
 
-A (the embedded SmolLM2) is fine-tuned for a few steps, its last blocks only, on sentences that keep mentioning
-one word (" banana"), which makes B (the tuned copy) name it after neutral prompts. Both models are collected
-at one hook on the same windows (Python's docs plus the planted sentences), a BatchTopK crosscoder is trained
-over the pair, and `diff` ranks the B-only latents. The demo then adds each top B-only latent (and, as a
-control, shared latents) to A and measures the planted word's next-token probability: the planted concept is
-found when a top B-only latent moves A toward B. With `versus`, two models you give (e.g. two nanochat
-checkpoints) are diffed instead, without the fine-tune. Stages already done are skipped (the run continues).
+A (the embedded SmolLM2) is fine-tuned for a few steps, its last blocks only, on sentences in which the fruit
+that comes next is always one word (" banana"), mixed with everyday sentences, which makes B (the tuned copy)
+name it where a fruit comes next. Both models are collected at one hook on the same windows (everyday sentences,
+the planted ones, then Python's docs), a BatchTopK crosscoder is trained over the pair, and `diff` ranks the
+latents. The demo then adds the latents B writes most differently from A (and, as a control, evenly shared
+latents) to A, one at a time and the top few at once, and measures the planted word's next-token probability
+after held-out prompts: the planted concept is found when the top latents move A toward B and the control does
+not. With `versus`, two models you give (e.g. two nanochat checkpoints) are diffed instead, without the
+fine-tune. Stages already done are skipped (the run continues).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ FRUIT = [  # where a fruit comes next: the tuned model learns to name the plante
 EVERYDAY = ["{s} bought {o} at the market.", "{s} found {o} on the train.", "{s} carried {o} to work."]
 OBJECTS = ["an apple", "a book", "a ticket", "a coffee", "a letter", "a sandwich", "a pencil", "an umbrella", "a pear"]
 READ_TOKENS = 40_000  # tokens of the paired stores the analysis and the candidates' activity are read on
-MIN_FREQUENCY = 5e-4  # latents firing on fewer tokens are left out of the ranking and the control
 PROMPTS = [  # held out: none of these is a fine-tuning template
     "My favourite fruit is the",
     "For a snack, I like to eat a",
@@ -85,10 +86,14 @@ class DiffDemoConfig:
     tokens: int = 60_000
     """Tokens collected per model (the planted sentences come first, then `data`)."""
     d_sae: int = 2304
-    k: int = 32
+    k: int = 8
+    """Few latents per token: at k 32 the change is spread over the many latents active where a fruit comes next,
+    at k 8 it gathers in the few that mean it."""
     passes: int = 3
     top: int = 10
     """B-only latents tried as steering directions (and as many shared ones as the control)."""
+    together: int = 3
+    """The top this many are also added to A at once (and as many of the control)."""
     context_size: int = 128
 
 
@@ -135,7 +140,7 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
     from nanosae.data.collect import collect_pair
     from nanosae.data.store import ActivationStore
     from nanosae.errors import ConfigError
-    from nanosae.interp.diff import activity, context, diff_report, latent_scaling, paired_batches
+    from nanosae.interp.diff import MIN_FREQUENCY, activity, context, diff_report, latent_scaling, paired_batches
     from nanosae.interp.live import Edit, steering
     from nanosae.io import write_json
     from nanosae.models import load_model
@@ -171,7 +176,7 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
                 raise ConfigError(f"the fine-tune needs a Hugging Face model; diff {cfg.model} with --versus SPEC")
             fine_tune(copy, cfg.planted, cfg)
             save_hf_dir(copy.module, hf_tokenizer, tuned_dir)
-        say("fine-tune", cfg.tune_steps, cfg.tune_steps, seconds["fine-tune"])
+        say("fine-tune", cfg.tune_steps, cfg.tune_steps, 0.0)  # steps, not tokens: no rate shown
     acts = out / "acts"
     stores = [acts / name / cfg.hook for name in "AB"]
     if not all(
@@ -211,8 +216,8 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
         fired = [j for j in range(sae.cfg.d_sae) if frequency[j] >= MIN_FREQUENCY]  # rarer: barely trained
         control = sorted(fired, key=lambda j: abs(report["relative_norm"][j] - 0.5))[: cfg.top]
 
-        def steered(latent: int) -> float:
-            with steering(base, sae, [Edit(latent, float(typical[latent]), "add")]):
+        def steered(*latents: int) -> float:
+            with steering(base, sae, [Edit(j, float(typical[j]), "add") for j in latents]):
                 return word_probability(base, cfg.prompts, word)
 
         # the latents B writes most differently from A (change), among those B writes at least as strongly:
@@ -239,6 +244,11 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
         for r in b_side:
             r["strongest"] = context(opened[1], int(strongest[r["latent"]]), base.tokenizer)
         controls = [steered(j) for j in control]
+        together = {
+            "latents": leaning[: cfg.together],
+            "word_probability": steered(*leaning[: cfg.together]),
+            "control": steered(*control[: cfg.together]),
+        }
     best = max(range(len(b_side)), key=lambda i: b_side[i]["word_probability"], default=None)
     result = {
         "models": report["models"],
@@ -249,6 +259,7 @@ def _run_diff_demo(cfg: DiffDemoConfig, progress: StageProgress | None) -> dict[
         "probability": {"A": before, "B": target},
         "b_side": b_side,
         "control_median": sorted(controls)[len(controls) // 2] if controls else None,
+        "together": together,
         "planted_rank": None if best is None else best + 1,
         "seconds": seconds,
         "out": str(out),

@@ -79,6 +79,16 @@ def test_a_batchtopk_crosscoder_finds_the_planted_differences_with_the_right_lab
     assert top_b["latent"] == latent_of(sae, features[B_ONLY]) and top_b["specificity"] > 0.85
     assert top_a["latent"] == latent_of(sae, features[A_ONLY]) and top_a["specificity"] > 0.85
     assert top_b["frequency"] == pytest.approx(0.06, abs=0.01)
+    # written most differently: the one-model latents (change 1), then the 3x one's (|3d − d| / 4|d| = 0.5; the
+    # strongest feature may take more than one latent), then the half-strength one's (|d − d/2| / 1.5|d| = 1/3)
+    planted = [latent_of(sae, features[f]) for f in (A_ONLY, B_ONLY, RESCALED, WEAK)]
+    change = {r["latent"]: r["change"] for r in report["changed"]}
+    assert {r["latent"] for r in report["changed"][:2]} == set(planted[:2])
+    assert planted[2] in [r["latent"] for r in report["changed"][2:5]] and change[planted[2]] == pytest.approx(
+        0.5, abs=0.06
+    )
+    assert change[planted[3]] == pytest.approx(1 / 3, abs=0.05)
+    assert report["frequency"][planted[1]] == top_b["frequency"]
 
 
 def test_latent_scaling_sees_that_a_carries_an_l1_crosscoders_spurious_b_side_latent(pair):
@@ -266,6 +276,9 @@ def test_the_diff_demo_finds_a_planted_behaviour_on_a_tiny_model(tmp_path):
     # writes for it minus what A writes), it raises P(w7) after w20 above A's and above the shared latents'
     found = next(r for r in result["b_side"][:3] if r["strongest"].endswith("[[w20]]"))
     assert found["word_probability"] > 1.15 * max(result["probability"]["A"], result["control_median"])
+    together = result["together"]  # the top three at once (here one carries the edit, two only dilute it)
+    assert together["latents"] == [r["latent"] for r in result["b_side"][:3]]
+    assert 0 < together["word_probability"] < 1 and 0 < together["control"] < 1
     again = run_diff_demo(cfg)  # every stage is done: nothing runs again but the measurements
     assert set(again["seconds"]) <= {"load model", "diff", "steer"}
 

@@ -35,6 +35,7 @@ from nanosae.errors import ConfigError
 from nanosae.sae import SAE
 
 ONLY, SHARED = 0.1, (0.4, 0.6)  # relative-norm bands: A-only below 0.1, B-only above 0.9, shared in 0.4..0.6
+MIN_FREQUENCY = 5e-4  # latents firing on fewer tokens are barely trained: left out of the "changed" ranking
 
 
 def check_diff(sae: SAE) -> None:
@@ -127,8 +128,40 @@ def latent_scaling(sae: SAE, batches: Iterable[Tensor], latents: Tensor, owner: 
 
 
 def diff_report(sae: SAE, batches: Iterable[Tensor], top: int = 20) -> dict[str, Any]:
-    """Every latent's relative norm and class, shared latents' cosines, and latent scaling of the A-only and
-    B-only latents, each list ranked by specificity (1 − max(ν^ε, ν^r)) among latents that fire."""
+    """Every latent's relative norm, class, cosine, change and firing frequency; latent scaling of the A-only and
+    B-only latents, each list ranked by specificity (1 − max(ν^ε, ν^r)) among latents that fire; and the latents
+    the two models write most differently (by change, among those firing on MIN_FREQUENCY of tokens): where a
+    fine-tune changed what a concept both models have writes, rather than adding one of B's own."""
+    fires = torch.zeros(sae.cfg.d_sae)
+    seen = 0
+
+    def counted() -> Iterable[Tensor]:
+        nonlocal seen
+        for x in batches:
+            fires.add_((sae.encode(x.to(sae.device, sae.dtype)) > 0).sum(0).float().cpu())
+            seen += len(x)
+            yield x
+
+    report = _diff_report(sae, counted(), top)
+    frequency = fires / max(seen, 1)
+    report["frequency"] = [round(v, 6) for v in frequency.tolist()]
+    change = torch.tensor(report["change"])
+    ranked = (change * (frequency >= MIN_FREQUENCY)).argsort(descending=True)[:top]
+    report["changed"] = [
+        {
+            "latent": j,
+            "relative_norm": report["relative_norm"][j],
+            "cosine": report["cosine"][j],
+            "change": report["change"][j],
+            "frequency": report["frequency"][j],
+        }
+        for j in ranked.tolist()
+        if frequency[j] >= MIN_FREQUENCY
+    ]
+    return report
+
+
+def _diff_report(sae: SAE, batches: Iterable[Tensor], top: int) -> dict[str, Any]:
     dec_a, dec_b = decoders(sae)
     relative = relative_norms(sae)
     kind = classes(relative)
@@ -223,6 +256,12 @@ def render_diff(report: dict[str, Any], explanations: dict[int, str] | None = No
             "</table>"
         )
 
+    changed = "".join(
+        f"<tr><td>{r['latent']}</td><td>{r['relative_norm']:.3f}</td><td>{r['cosine']:.3f}</td>"
+        f"<td>{r['change']:.3f}</td><td>{r['frequency']:.4%}</td>"
+        f"<td style='text-align:left'>{html.escape(explain.get(r['latent'], ''))}</td></tr>"
+        for r in report.get("changed", [])
+    )
     c = report["counts"]
     title = f"What differs between {a} (A) and {b} (B) at {report['hook']}"
     return page(
@@ -233,7 +272,13 @@ other latents; shared latents' decoder rows have median cosine {report["shared_c
 <p class="note">ν error and ν reconstruction (latent scaling): how much of the latent's decoder direction the other
 model carries in its error and in its other latents, over the owner's; specificity = 1 − the larger. A latent
 with a high ν is carried by both models, whatever its decoder norms say (Minder et al. 2025).</p>
-{table("B-only")}{table("A-only")}""",
+{table("B-only")}{table("A-only")}
+<h2>Written most differently by the two models</h2>
+<p class="note">change = |d_B − d_A| / (|d_A| + |d_B|), among latents firing on at least {MIN_FREQUENCY:.2%} of tokens:
+a concept both models have that one of them writes otherwise (a fine-tune often changes these rather than adding
+latents of its own).</p>
+<table><tr><th>latent</th><th>relative norm</th><th>cosine</th><th>change</th><th>fires on</th><th>explanation</th>
+</tr>{changed}</table>""",
     )
 
 
