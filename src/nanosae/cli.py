@@ -298,9 +298,9 @@ def train(
         if settings.get("acts") or crosscoder or transcoders:
             raise ConfigError("--diff names both stores; leave out --acts, --crosscoder and --transcoders")
         settings["acts"] = list(diff)
-        if not chosen(ctx, "architecture"):
-            settings["architecture"] = ["batchtopk"]
         crosscoder = True
+    if (diff or settings.get("versus")) and not chosen(ctx, "architecture"):  # Minder et al.'s choice for diffs
+        settings["architecture"] = ["batchtopk"]
     if transcoders:
         layers = transcoder_layers(transcoders, settings.get("model", SourceConfig.model))
         cfgs = transcoder_set(settings, layers)

@@ -656,10 +656,18 @@ class SourceConfig:
     """Windows per forward pass when streaming."""
     model_dtype: ModelDtype = "auto"
     """Streaming: the host model's compute dtype (auto: bfloat16 on a GPU, float32 on the CPU)."""
+    versus: str | None = None
+    """Streaming: a second model (B) read at --hook on the same windows as --model (A), for a model-diffing
+    crosscoder over the two (the streamed form of --diff A_STORE B_STORE)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_range("model_batch_size", self.model_batch_size, 1)
+        if self.versus and (self.from_stores or self.hook_out or self.crosscoder_hooks):
+            raise ConfigError(
+                "--versus streams a second model at one hook; with stores use --diff A_STORE B_STORE, and a "
+                "diff is neither a transcoder nor a crosscoder over several hooks"
+            )
         if (self.hook_out or self.acts_out) and (self.crosscoder_hooks or self.crosscoder_acts):
             raise ConfigError("a run trains either a transcoder (hook_out / acts_out) or a crosscoder, not both")
         if self.acts_out and not self.acts:
@@ -678,6 +686,8 @@ class SourceConfig:
         if self.from_stores:
             ins = list(self.crosscoder_acts or [str(self.acts)])
             return ins, list(self.crosscoder_acts or [str(self.acts_out or self.acts)])
+        if self.versus:  # one hook of two models
+            return [self.hook, self.hook], [self.hook, self.hook]
         ins = list(self.crosscoder_hooks or [self.hook])
         return ins, list(self.crosscoder_hooks or [self.hook_out or self.hook])
 

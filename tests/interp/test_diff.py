@@ -141,6 +141,41 @@ def test_paired_collection_diff_training_and_the_diff_command(tiny_llama_dir, tw
     assert torch.equal(alone.tokens(0, 3000), b.tokens(0, 3000))
     assert json.loads((tmp_path / "p" / "pair.json").read_text())["hooks"] == ["blocks.2.hook_resid_post"]
 
+    # streamed: both models on the same windows, A's columns then B's, as the two stores hold them
+    from nanosae.data import ActivationStream
+    from nanosae.data.store import DataConfig
+
+    data = DataConfig.from_dict(a.manifest["data"])
+    stream = ActivationStream(
+        nanosae.load_model(str(tiny_llama_dir)), "blocks.2.hook_resid_post", data, versus=nanosae.load_model(str(tuned))
+    )
+    streamed = torch.cat(list(stream.batches(1000, shuffle=False)))[:3000]
+    stored = torch.cat([a.tokens(0, 3000), b.tokens(0, 3000)], 1)  # kept as float16
+    assert torch.allclose(streamed.half().float(), stored, atol=1e-3) and a.dtype == "float16"
+    hook = ["--hook", "blocks.2.hook_resid_post", "--data", str(corpus), "--d-sae", "64", "--k", "4"]
+    done = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(tiny_llama_dir),
+            "--versus",
+            str(tuned),
+            *hook,
+            "--tokens",
+            "4000",
+            "--out",
+            str(tmp_path / "streamed"),
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    cfg = nanosae.SAE.load(tmp_path / "streamed" / "sae").cfg
+    assert cfg.architecture == "batchtopk" and cfg.crosscoder_models == [a.manifest["model"], b.manifest["model"]]
+    done = runner.invoke(
+        app, ["train", "--model", str(tiny_llama_dir), "--versus", str(other), *hook, "--out", str(tmp_path / "o")]
+    )
+    assert done.exit_code != 0 and "tokenize differently" in str(done.exception)
+
     run = tmp_path / "run"
     args = ["train", "--diff", str(a.path), str(b.path), "--d-sae", "64", "--k", "4", "--tokens", "6000"]
     done = runner.invoke(app, [*args, "--out", str(run)])

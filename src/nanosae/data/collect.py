@@ -229,6 +229,16 @@ def tokenizer_difference(a: Any, b: Any) -> str | None:
     return None
 
 
+def check_pair(a: Any, b: Any, hooks: list[str], specs: tuple[str, str]) -> None:
+    """Two models can be diffed at these hooks: one tokenizer, and the same width at each hook (else one line)."""
+    why = tokenizer_difference(a.tokenizer, b.tokenizer)
+    if why:
+        raise ConfigError(f"--model {specs[0]} and --model {specs[1]} tokenize differently ({why}); a diff needs one")
+    for hook in hooks:
+        if a.hook_dim(hook) != b.hook_dim(hook):
+            raise ConfigError(f"{hook} is {a.hook_dim(hook)} wide in {specs[0]} and {b.hook_dim(hook)} in {specs[1]}")
+
+
 def collect_pair(
     cfg: CollectConfig, other: str, progress: Callable[[str, CollectProgress], None] | None = None
 ) -> dict[str, dict[str, ActivationStore]]:
@@ -240,13 +250,7 @@ def collect_pair(
         spec, device=cfg.device, dtype=model_dtype(cfg.model_dtype, cfg.device), tokenizer=cfg.tokenizer
     )
     models = {name: load(spec) for name, spec in specs.items()}
-    why = tokenizer_difference(models["A"].tokenizer, models["B"].tokenizer)
-    if why:
-        raise ConfigError(f"--model {cfg.model} and --model {other} tokenize differently ({why}); a diff needs one")
-    for hook in cfg.hooks:
-        widths = {name: m.hook_dim(hook) for name, m in models.items()}
-        if widths["A"] != widths["B"]:
-            raise ConfigError(f"{hook} is {widths['A']} wide in {cfg.model} and {widths['B']} in {other}")
+    check_pair(models["A"], models["B"], cfg.hooks, (cfg.model, other))
     out = Path(cfg.out)
     stores = {}
     for name, model in models.items():

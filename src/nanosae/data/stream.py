@@ -20,7 +20,8 @@ from nanosae.models import HostModel
 
 
 class ActivationStream:
-    """Several hooks give their activations side by side in columns (one forward pass for all of them)."""
+    """Several hooks give their activations side by side in columns (one forward pass for all of them); with
+    `versus`, a second model's activations at the same hooks on the same windows follow (a streamed diff)."""
 
     def __init__(
         self,
@@ -29,13 +30,15 @@ class ActivationStream:
         data: DataConfig,
         model_batch_size: int = 8,
         buffer_tokens: int = 65536,
+        versus: HostModel | None = None,
     ):
         self.hooks = [hook] if isinstance(hook, str) else list(hook)
         for h in self.hooks:
             model.parse_hook(h)
         self.model, self.hook, self.data = model, self.hooks[0], data
+        self.models = [model] if versus is None else [model, versus]
         self.model_batch_size, self.buffer_tokens = model_batch_size, buffer_tokens
-        self.d_in = sum(model.hook_dim(h) for h in self.hooks)
+        self.d_in = len(self.models) * sum(model.hook_dim(h) for h in self.hooks)
 
     def columns(self, hook: str) -> slice:
         """Where one hook's activations sit in the batches."""
@@ -56,8 +59,11 @@ class ActivationStream:
             )
         )
         for batch in batches:
-            _, cache = self.model.run_with_cache(batch.tokens, self.hooks, return_logits=False)
-            acts = torch.cat([cache[h][batch.valid.to(cache[h].device)].float() for h in self.hooks], dim=-1)
+            parts = []
+            for model in self.models:
+                _, cache = model.run_with_cache(batch.tokens, self.hooks, return_logits=False)
+                parts += [cache[h][batch.valid.to(cache[h].device)].float().to(self.model.device) for h in self.hooks]
+            acts = torch.cat(parts, dim=-1)
             if not torch.isfinite(acts).all():
                 raise DataError(f"NaN or inf activations at {', '.join(self.hooks)}")
             yield acts

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from nanosae.config import TrainConfig, model_dtype
 from nanosae.data import ActivationStore, ActivationStream
+from nanosae.data.collect import check_pair
 from nanosae.data.store import check_same_tokens, norm_scale
 from nanosae.errors import ConfigError, DataError, FormatError, TrainingError
 from nanosae.io import parse_json, read_json, write_json, write_lock
@@ -279,7 +280,10 @@ class SAERun:
         source = sources[ins[0][0]]
         # stores of one hook from different models (collect --model A --model B): a model-diffing crosscoder
         models = [
-            sources[i].manifest.get("model", "") if isinstance(sources[i], ActivationStore) else "" for i, _ in ins
+            sources[i].manifest.get("model", "")
+            if isinstance(sources[i], ActivationStore)
+            else sources[i].models[n * len(sources[i].models) // len(ins)].name  # a streamed pair: A's, then B's
+            for n, (i, _) in enumerate(ins)
         ]
         diffing = len(ins) > 1 and len(set(in_hooks)) < len(in_hooks) and len(set(models)) > 1
         sae_cfg = cfg.sae.sae_config(
@@ -692,14 +696,27 @@ def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[Placeme
         for c in cfgs
     ):
         raise ConfigError("SAEs streamed together must use the same model, data and model batch size")
+    if any(c.source.versus != first.source.versus for c in cfgs):
+        raise ConfigError("SAEs streamed together must diff the same pair of models (--versus)")
     # the mixing buffer: big enough to mix documents, small enough not to read far ahead of a short run
     buffer = min(65536, max(4 * first.optim.batch_size, first.optim.tokens // 8))
-    host = load_model(
-        first.source.model, device=first.device, dtype=model_dtype(first.source.model_dtype, first.device)
-    )
+    load = lambda spec: load_model(spec, device=first.device, dtype=model_dtype(first.source.model_dtype, first.device))
+    host = load(first.source.model)
+    versus = load(first.source.versus) if first.source.versus else None
+    if versus is not None:
+        check_pair(host, versus, keys, (first.source.model, str(first.source.versus)))
     stream = ActivationStream(
-        host, keys, first.source.data, model_batch_size=first.source.model_batch_size, buffer_tokens=buffer
+        host,
+        keys,
+        first.source.data,
+        model_batch_size=first.source.model_batch_size,
+        buffer_tokens=buffer,
+        versus=versus,
     )
+    if versus is not None:  # A's columns, then B's: a crosscoder over one hook of the two models
+        width = host.hook_dim(keys[0])
+        pair = [(0, slice(0, width)), (0, slice(width, 2 * width))]
+        return [stream], [(pair, pair) for _ in cfgs]
     place = lambda hook: (0, stream.columns(hook))
     return [stream], [([place(h) for h in ins], [place(h) for h in outs]) for ins, outs in io]
 
