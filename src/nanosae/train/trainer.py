@@ -279,12 +279,7 @@ class SAERun:
         out_hooks = [name(i, key) for (i, _), key in zip(outs, out_keys)]
         source = sources[ins[0][0]]
         # stores of one hook from different models (collect --model A --model B): a model-diffing crosscoder
-        models = [
-            sources[i].manifest.get("model", "")
-            if isinstance(sources[i], ActivationStore)
-            else sources[i].models[n * len(sources[i].models) // len(ins)].name  # a streamed pair: A's, then B's
-            for n, (i, _) in enumerate(ins)
-        ]
+        models = [block_model(sources[i], n, len(ins)) for n, (i, _) in enumerate(ins)]
         diffing = len(ins) > 1 and len(set(in_hooks)) < len(in_hooks) and len(set(models)) > 1
         sae_cfg = cfg.sae.sae_config(
             d_in=d_in,
@@ -664,6 +659,14 @@ class SAERun:
     def close(self) -> None:
         if self.sinks is not None:
             self.sinks.close()
+
+
+def block_model(source: Any, n: int, blocks: int) -> str:
+    """The model a run's n-th input block is read from: a store's own, or a streamed pair's (A's blocks, then B's)."""
+    if isinstance(source, ActivationStore):
+        return str(source.manifest.get("model", ""))
+    models = getattr(source, "models", None) or []
+    return models[n * len(models) // blocks].name if models else ""
 
 
 def open_sources(cfgs: list[TrainConfig]) -> tuple[list[Any], list[tuple[Placement, Placement]]]:
