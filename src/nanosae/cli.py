@@ -554,7 +554,7 @@ def features(
             cfg,
             target,
             hook=hook,
-            acts=list(acts) if acts and len(acts) > 1 else acts[0] if acts else None,
+            acts=list(acts) if acts else None,
             home=own_home(path),
             progress=lambda done, total, sec: bar.update(done, done / max(sec, 1e-9)),
         )
