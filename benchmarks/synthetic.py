@@ -67,6 +67,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=None, help="default: the preset's mean L0")
     p.add_argument("--architecture", action="append", default=None)
     p.add_argument("--peers", action="store_true", help="SAELens's trainers too (the peers' venv)")
+    p.add_argument("--peers-only", action="store_true", help="SAELens's trainers alone (nanosae's rows measured)")
     args = p.parse_args()
     model = SyntheticModel(PRESETS[args.preset])
     samples = parse_count(args.samples)
@@ -79,16 +80,18 @@ def main() -> None:
     )
     print(f"{'':20} {'MCC':>6} {'F1':>6} {'unique':>7} {'VE':>6} {'L0':>6} {'dead':>6} {'absorb':>7} {'s':>6}")
     for arch in args.architecture or ARCHITECTURES:
-        with tempfile.TemporaryDirectory() as tmp:
-            extra = {"k": k} if arch != "jumprelu" else {}
-            cfg = nanosae.TrainConfig.build(out=tmp, architecture=arch, d_sae=d_sae, tokens=samples, **extra)
+        extra = {"k": k} if arch != "jumprelu" else {}
+        if not args.peers_only:
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = nanosae.TrainConfig.build(out=tmp, architecture=arch, d_sae=d_sae, tokens=samples, **extra)
+                t0 = time.perf_counter()
+                sae = nanosae.train(cfg, source=model).sae
+                seconds = time.perf_counter() - t0
+            report(f"nanosae {arch}", synthetic_scores(sae, model), seconds, figures)
+        if (args.peers or args.peers_only) and arch in SAELENS:
+            groups = nanosae.SAEConfig(d_in=model.cfg.d, d_sae=d_sae, architecture=arch, **extra).matryoshka_groups
             t0 = time.perf_counter()
-            sae = nanosae.train(cfg, source=model).sae
-            seconds = time.perf_counter() - t0
-        report(f"nanosae {arch}", synthetic_scores(sae, model), seconds, figures)
-        if args.peers and arch in SAELENS:
-            t0 = time.perf_counter()
-            peer = train_saelens(arch, model, samples, d_sae, k, sae.cfg.matryoshka_groups or [d_sae])
+            peer = train_saelens(arch, model, samples, d_sae, k, groups or [d_sae])
             report(f"SAELens {arch}", synthetic_scores(peer, model), time.perf_counter() - t0, figures)
     save(__file__, {"preset": args.preset, "samples": samples, "d_sae": d_sae, "k": k, "results": figures})
 
