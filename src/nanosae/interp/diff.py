@@ -83,7 +83,12 @@ class Scaling:
     owner: Tensor  # (n,) 0 = A, 1 = B: the model whose decoder row d is fitted
     beta_error: Tensor  # (n, 2) β^ε for A and B
     beta_reconstruction: Tensor  # (n, 2) β^r for A and B
-    frequency: Tensor  # (n,) share of tokens the latent fires on
+    every_frequency: Tensor  # (d_sae,) share of tokens each latent of the SAE fires on (the pass encodes them all)
+
+    @property
+    def frequency(self) -> Tensor:
+        """(n,) share of tokens each of `latents` fires on."""
+        return self.every_frequency[self.latents]
 
     def ratios(self) -> tuple[Tensor, Tensor]:
         """(ν^ε, ν^r): the other model's β over the owner's."""
@@ -106,7 +111,7 @@ def latent_scaling(sae: SAE, batches: Iterable[Tensor], latents: Tensor, owner: 
     direction = rows[torch.arange(len(latents)), owner]  # (n, d): d, the owner's row
     along = (rows * direction[:, None]).sum(-1)  # (n, 2): d · d_M
     num_e, num_r = torch.zeros(len(latents), 2, dtype=torch.float64), torch.zeros(len(latents), 2, dtype=torch.float64)
-    f2, fired, seen = torch.zeros(len(latents), dtype=torch.float64), torch.zeros(len(latents)), 0
+    f2, fired, seen = torch.zeros(len(latents), dtype=torch.float64), torch.zeros(sae.cfg.d_sae), 0
     for x in batches:
         x = x.to(sae.device, sae.dtype)
         x_hat, z = sae(x)
@@ -121,7 +126,7 @@ def latent_scaling(sae: SAE, batches: Iterable[Tensor], latents: Tensor, owner: 
             num_e[:, m] += (f * (err + own)).sum(0).double()
             num_r[:, m] += (f * (rec - other * own)).sum(0).double()
         f2 += f.pow(2).sum(0).double()
-        fired += (f > 0).sum(0).float()
+        fired += (z > 0).sum(0).float().cpu()
         seen += len(x)
     den = (direction.pow(2).sum(1).double() * f2).clamp_min(1e-30)[:, None]
     return Scaling(latents, owner, (num_e / den).float(), (num_r / den).float(), fired / max(seen, 1))
@@ -132,36 +137,6 @@ def diff_report(sae: SAE, batches: Iterable[Tensor], top: int = 20) -> dict[str,
     B-only latents, each list ranked by specificity (1 − max(ν^ε, ν^r)) among latents that fire; and the latents
     the two models write most differently (by change, among those firing on MIN_FREQUENCY of tokens): where a
     fine-tune changed what a concept both models have writes, rather than adding one of B's own."""
-    fires = torch.zeros(sae.cfg.d_sae)
-    seen = 0
-
-    def counted() -> Iterable[Tensor]:
-        nonlocal seen
-        for x in batches:
-            fires.add_((sae.encode(x.to(sae.device, sae.dtype)) > 0).sum(0).float().cpu())
-            seen += len(x)
-            yield x
-
-    report = _diff_report(sae, counted(), top)
-    frequency = fires / max(seen, 1)
-    report["frequency"] = [round(v, 6) for v in frequency.tolist()]
-    change = torch.tensor(report["change"])
-    ranked = (change * (frequency >= MIN_FREQUENCY)).argsort(descending=True)[:top]
-    report["changed"] = [
-        {
-            "latent": j,
-            "relative_norm": report["relative_norm"][j],
-            "cosine": report["cosine"][j],
-            "change": report["change"][j],
-            "frequency": report["frequency"][j],
-        }
-        for j in ranked.tolist()
-        if frequency[j] >= MIN_FREQUENCY
-    ]
-    return report
-
-
-def _diff_report(sae: SAE, batches: Iterable[Tensor], top: int) -> dict[str, Any]:
     dec_a, dec_b = decoders(sae)
     relative = relative_norms(sae)
     kind = classes(relative)
@@ -190,7 +165,7 @@ def _diff_report(sae: SAE, batches: Iterable[Tensor], top: int) -> dict[str, Any
         ranked[name].sort(key=lambda r: (-r["specificity"], -r["frequency"]))
     shared = torch.tensor([k == "shared" for k in kind])
     counts = {name: kind.count(name) for name in ("A-only", "B-only", "shared", "other")}
-    return {
+    report: dict[str, Any] = {
         "models": list(sae.cfg.crosscoder_models or []),
         "hook": sae.cfg.hook_name,
         "counts": counts,
@@ -201,7 +176,14 @@ def _diff_report(sae: SAE, batches: Iterable[Tensor], top: int) -> dict[str, Any
         "change": [round(v, 4) for v in change.tolist()],
         "A-only": ranked["A-only"][:top],
         "B-only": ranked["B-only"][:top],
+        "frequency": [round(v, 6) for v in scaling.every_frequency.tolist()],
     }
+    fired = (scaling.every_frequency >= MIN_FREQUENCY).nonzero().squeeze(1)
+    report["changed"] = [
+        {"latent": j} | {key: report[key][j] for key in ("relative_norm", "cosine", "change", "frequency")}
+        for j in fired[change[fired].argsort(descending=True)][:top].tolist()
+    ]
+    return report
 
 
 def paired_batches(stores: list[Any], tokens: int, batch: int = 4096) -> Iterable[Tensor]:
