@@ -134,13 +134,23 @@ def manual_frozen_llama(hf, tcs, clean):
     return f
 
 
+@pytest.fixture(params=["linear", "autograd"])
+def backward(request, monkeypatch):
+    """Both ways a trace computes its rows on a Llama: the backward written out (LinearPass), and autograd
+    through the model's own modules (FrozenPass, what every other model gets)."""
+    if request.param == "autograd":
+        monkeypatch.setattr(C.LinearPass, "supports", staticmethod(lambda model, transcoders: False))
+    return request.param
+
+
 @pytest.mark.parametrize(
     "skip,skip_bos,cross_layer", [(False, True, False), (True, True, False), (False, False, False), (True, True, True)]
 )
-def test_every_edge_is_the_jacobian_of_the_frozen_replacement_model(tiny_model, skip, skip_bos, cross_layer):
+def test_every_edge_is_the_jacobian_of_the_frozen_replacement_model(tiny_model, skip, skip_bos, cross_layer, backward):
     """(skip: transcoders with a skip connection; skip_bos: the BOS position's features are constants, not nodes;
     cross_layer: every layer's features also write to every later MLP.)"""
     tcs = random_transcoders(tiny_model, skip=skip, cross_layer=cross_layer)
+    assert C.LinearPass.supports(tiny_model, tcs) == (backward == "linear")
     graph = C.attribute(tiny_model, tcs, TOKENS, batch_size=16, skip_bos_features=skip_bos)
     assert (graph.features[:, 1] == 0).any() != skip_bos
     clean = C.clean_pass(tiny_model, tcs, torch.tensor([TOKENS]))
@@ -623,3 +633,47 @@ def test_frozen_attention_keeps_the_clean_runs_patterns(tiny_model):
     assert InterveneConfig(transcoders="x", edits=["0_1_2=3"], constrained_layers="all").constrained(2) == [0, 1]
     with pytest.raises(Exception, match="--constrained-layers '5': expected all, A-B or L,L"):
         InterveneConfig(transcoders="x", edits=["0_1_2=3"], constrained_layers="5").constrained(4)
+
+
+@pytest.mark.parametrize("family,dtype", [("llama", "float32"), ("qwen3", "float32"), ("qwen3", "bfloat16")])
+def test_the_written_out_backward_equals_autograd_through_the_model(family, dtype, tmp_path):
+    """LinearPass's rows (every feature, every logit, a logit difference) are FrozenPass's, whose autograd runs
+    through the model's own modules: Qwen3 has query/key norms and heads wider than d_model / n_heads. In
+    bfloat16 both round, differently. Gemma-2 (sandwich norms) and a set that leaves an MLP are not written out."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    import nanosae
+    from tests.conftest import make_hf_tokenizer
+    from tests.models.test_families import SHAPE, build
+
+    if family == "qwen3":
+        torch.manual_seed(0)
+        module = Qwen3ForCausalLM(Qwen3Config(**SHAPE, head_dim=16)).eval()
+    else:
+        module = build(family)
+    module.save_pretrained(tmp_path)
+    make_hf_tokenizer(64).save_pretrained(tmp_path)
+    model = nanosae.load_model(str(tmp_path), dtype=getattr(torch, dtype))
+    tcs = random_transcoders(model)
+    for tc in tcs.by_layer.values():
+        tc.to(model.dtype)
+    assert C.LinearPass.supports(model, tcs)
+    assert not C.LinearPass.supports(model, C.TranscoderSet({0: tcs[0], 2: tcs[2]}))
+    clean = C.clean_pass(model, tcs, torch.tensor([TOKENS]))
+    feats = [(L, p, i) for L in tcs.layers for p, i in clean.latents[L].nonzero().tolist() if p >= 1]
+    features = torch.tensor(feats)
+    acts = torch.tensor([float(clean.latents[L][p, i]) for L, p, i in feats])
+    T = len(TOKENS)
+    targets = [("feature", *f) for f in feats] + [("logit", -1, T - 1, t) for t in (3, 17, 40)]
+    contrast = {17: 40}
+    linear = C.LinearPass(model, tcs, clean, features, acts).rows(targets, contrast)
+    autograd = C.FrozenPass(model, tcs, clean, features, acts, len(targets), logits=True).rows(targets, contrast)
+    scale = autograd.abs().max()
+    assert scale > 1e-2 and (autograd.abs() > 1e-3 * scale).sum() > 100
+    tolerance = 1e-5 if dtype == "float32" else 3e-2
+    assert (linear - autograd).abs().max() <= tolerance * scale
+
+    gemma = build("gemma2")
+    gemma.save_pretrained(tmp_path / "gemma")
+    make_hf_tokenizer(64).save_pretrained(tmp_path / "gemma")
+    assert not C.LinearPass.supports(nanosae.load_model(str(tmp_path / "gemma")), random_transcoders(model))

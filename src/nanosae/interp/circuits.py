@@ -452,19 +452,9 @@ class FrozenPass:
         copies: int,
         logits: bool,
     ) -> None:
-        self.transcoders, self.clean, self.features, self.activations = transcoders, clean, features, activations
+        self._sources(transcoders, clean, features, activations)
         layers = transcoders.layers
-        self.mine = {L: (features[:, 0] == L).nonzero().squeeze(1) for L in layers}
-        # per layer and position: its features' indices and decoder rows into every output they write to, flat
-        # (n_here, n_targets · d), so a feature's edge is one product with the gradients at its position
-        self.by_position: dict[int, list[tuple[int, Tensor, Tensor]]] = {}
         with torch.no_grad():
-            for L in layers:
-                rows = transcoders.rows_to_targets(L, features[self.mine[L], 2]).flatten(1).float()
-                positions = features[self.mine[L], 1]
-                self.by_position[L] = [
-                    (int(p), self.mine[L][positions == p], rows[positions == p]) for p in positions.unique().tolist()
-                ]
             written = {L: transcoders.decode(L, clean.latents) + clean.errors[L] for L in layers}
         self.emb = clean.embeddings.expand(copies, -1, -1).clone().requires_grad_(True)
         self.out = {L: w.expand(copies, -1, -1).clone().requires_grad_(True) for L, w in written.items()}
@@ -481,6 +471,22 @@ class FrozenPass:
                 last_only=True,  # the targets are next-token logits
             )
 
+    def _sources(self, transcoders: TranscoderSet, clean: CleanPass, features: Tensor, activations: Tensor) -> None:
+        self.transcoders, self.clean, self.features, self.activations = transcoders, clean, features, activations
+        layers = transcoders.layers
+        self.mine = {L: (features[:, 0] == L).nonzero().squeeze(1) for L in layers}
+        self.written_to = {L: transcoders.targets(L) for L in layers}
+        # per layer and position: its features' indices and decoder rows into every output they write to, flat
+        # (n_here, n_targets · d), so a feature's edge is one product with the gradients at its position
+        self.by_position: dict[int, list[tuple[int, Tensor, Tensor]]] = {}
+        with torch.no_grad():
+            for L in layers:
+                rows = transcoders.rows_to_targets(L, features[self.mine[L], 2]).flatten(1).float()
+                positions = features[self.mine[L], 1]
+                self.by_position[L] = [
+                    (int(p), self.mine[L][positions == p], rows[positions == p]) for p in positions.unique().tolist()
+                ]
+
     def seed(self, layer: int, positions: list[int], latents: list[int]) -> Tensor:
         """d pre-activation / d MLP input for each (position, latent) of `layer`, at the clean input."""
         tc = self.transcoders[layer]
@@ -493,55 +499,208 @@ class FrozenPass:
             picked = pre.gather(1, torch.tensor(latents, device=pre.device)[:, None]).sum()
             return torch.autograd.grad(picked, x)[0]
 
-    def rows(self, targets: list[tuple[str, int, int, int]], contrast: dict[int, int] | None = None) -> Tensor:
-        """Rows of the adjacency for targets ("feature", layer, pos, latent) or ("logit", -1, pos, token id) (its
-        logit minus the mean logit, or minus the logit of contrast[token id]), over the sources [every active
-        feature, error nodes, tokens]."""
-        clean, tset, T, n = self.clean, self.transcoders, self.clean.tokens.shape[1], len(targets)
+    def gradients(
+        self, targets: list[tuple[str, int, int, int]], contrast: dict[int, int] | None = None
+    ) -> tuple[Tensor, dict[int, Tensor | None]]:
+        """Target b's gradient, in row b, at the token embeddings (n, T, d) and at each transcoder layer's MLP
+        output (None where no target depends on it)."""
+        n, T = len(targets), self.clean.tokens.shape[1]
         outputs, seeds = [], []
-        by_layer: dict[int, list[tuple[int, int, int]]] = {}
-        for b, (kind, layer, pos, index) in enumerate(targets):
-            if kind == "feature":
-                by_layer.setdefault(layer, []).append((b, pos, index))
-        for layer, items in by_layer.items():
-            copy_ids, positions, latents = (list(v) for v in zip(*items))
+        for layer, (copies, positions, latents) in feature_targets(targets).items():
             seed = torch.zeros_like(self.inputs[layer])
-            seed[copy_ids, positions] = self.seed(layer, positions, latents).to(seed.dtype)
+            seed[copies, positions] = self.seed(layer, positions, latents).to(seed.dtype)
             outputs.append(self.inputs[layer])
             seeds.append(seed)
         logit_targets = [(b, pos, index) for b, (kind, _, pos, index) in enumerate(targets) if kind == "logit"]
         if logit_targets:
             assert self.logits is not None  # a pass for logit targets runs to the end
             seed = torch.zeros_like(self.logits)
-            vocab, first = seed.shape[-1], T - seed.shape[1]  # the logits held: the last position's
+            first = T - seed.shape[1]  # the logits held: the last position's
             for b, pos, index in logit_targets:
-                pos -= first
-                versus = contrast.get(index) if contrast else None
-                seed[b, pos] = -1 / vocab if versus is None else 0  # d(logit - mean or - logit[versus])
-                seed[b, pos, index] += 1
-                if versus is not None:
-                    seed[b, pos, versus] -= 1
+                seed[b, pos - first] = logit_seed(seed.shape[-1], index, contrast)
             outputs.append(self.logits)
             seeds.append(seed)
-        sources = [self.emb] + [self.out[L] for L in tset.layers]
+        sources = [self.emb] + [self.out[L] for L in self.transcoders.layers]
         grads = torch.autograd.grad(outputs, sources, seeds, retain_graph=True, allow_unused=True)
-        at = {L: (g[:n].float() if g is not None else None) for L, g in zip(tset.layers, grads[1:])}
+        return grads[0][:n], {L: (g[:n] if g is not None else None) for L, g in zip(self.transcoders.layers, grads[1:])}
+
+    def rows(self, targets: list[tuple[str, int, int, int]], contrast: dict[int, int] | None = None) -> Tensor:
+        """Rows of the adjacency for targets ("feature", layer, pos, latent) or ("logit", -1, pos, token id) (its
+        logit minus the mean logit, or minus the logit of contrast[token id]), over the sources [every active
+        feature, error nodes, tokens]."""
+        clean, tset, T, n = self.clean, self.transcoders, self.clean.tokens.shape[1], len(targets)
+        emb_grad, grads = self.gradients(targets, contrast)
+        at = {L: (g.float() if g is not None else None) for L, g in grads.items()}
+        Tg, d = emb_grad.shape[1], emb_grad.shape[2]  # gradients may stop before T: the later ones are zero
         feature_cols = torch.zeros(n, len(self.features))
-        d = self.emb.shape[-1]
         for L in tset.layers:  # the gradients where a feature writes · its decoder rows there
-            into = [at[j] for j in tset.targets(L)]
+            into = [at[j] for j in self.written_to[L]]
             if all(g is None for g in into) or not self.by_position[L]:
                 continue
-            g = torch.cat([x if x is not None else torch.zeros(n, T, d) for x in into], 2)  # (n, T, n_targets · d)
+            g = torch.cat([x if x is not None else torch.zeros(n, Tg, d) for x in into], 2)  # (n, Tg, n_targets · d)
             for p, here, rows in self.by_position[L]:
-                feature_cols[:, here] = g[:, p] @ rows.T
+                if p < Tg:
+                    feature_cols[:, here] = g[:, p] @ rows.T
         feature_cols *= self.activations
-        error_cols = torch.stack(
-            [(g * clean.errors[L]).sum(-1) if g is not None else torch.zeros(n, T) for L, g in at.items()], 1
-        )
+        error_cols = torch.zeros(n, len(tset), T)
+        for i, grad in enumerate(at.values()):
+            if grad is not None:
+                error_cols[:, i, :Tg] = (grad * clean.errors[tset.layers[i]][:Tg]).sum(-1)
         error_cols[:, :, : clean.silent] = 0
-        token_cols = (grads[0][:n] * clean.embeddings).sum(-1)
+        token_cols = torch.zeros(n, T)
+        token_cols[:, :Tg] = (emb_grad.float() * clean.embeddings[:Tg]).sum(-1)
         return torch.cat([feature_cols, error_cols.flatten(1).float(), token_cols.float()], 1).detach()
+
+
+def feature_targets(targets: list[tuple[str, int, int, int]]) -> dict[int, tuple[list[int], list[int], list[int]]]:
+    """The feature targets among `targets`, by layer: (their rows in the batch, positions, latents)."""
+    by_layer: dict[int, list[tuple[int, int, int]]] = {}
+    for b, (kind, layer, pos, index) in enumerate(targets):
+        if kind == "feature":
+            by_layer.setdefault(layer, []).append((b, pos, index))
+    return {layer: tuple(list(v) for v in zip(*items)) for layer, items in by_layer.items()}  # type: ignore[misc]
+
+
+def logit_seed(vocab: int, token: int, contrast: dict[int, int] | None) -> Tensor:
+    """d(logit[token] − the mean logit), or − the logit of contrast[token], over the logits."""
+    versus = contrast.get(token) if contrast else None
+    seed = torch.full((vocab,), -1 / vocab) if versus is None else torch.zeros(vocab)
+    seed[token] += 1
+    if versus is not None:
+        seed[versus] -= 1
+    return seed
+
+
+LINEAR_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # pre-norm decoders: RMSNorm, attention, RMSNorm, MLP
+
+
+class LinearPass(FrozenPass):
+    """FrozenPass's gradients written out for the pre-norm decoders of LINEAR_FAMILIES (Llama, SmolLM, Mistral,
+    Qwen2/3) with a transcoder at every layer's MLP. The frozen model is linear, so its backward is, from the top
+    layer down: at each MLP input the norm's frozen scale, then o_proj's transpose, each head's pattern transposed,
+    v_proj's transpose and the first norm's frozen scale. One forward of one copy records the patterns and scales
+    (not a forward over a copy per target whose graph autograd keeps), and each target's backward covers only the
+    layers up to its own and the positions up to its own (under causal attention later positions get no
+    gradient): the same rows as FrozenPass's in about half the work."""
+
+    def __init__(
+        self,
+        model: HostModel,
+        transcoders: TranscoderSet,
+        clean: CleanPass,
+        features: Tensor,
+        activations: Tensor,
+        copies: int = 0,
+        logits: bool = True,
+    ) -> None:
+        self._sources(transcoders, clean, features, activations)
+        pins, self.inputs = Pins(), {}
+        with torch.no_grad():
+            written = {L: transcoders.decode(L, clean.latents)[None] + clean.errors[L] for L in transcoders.layers}
+            with pinned(model, pins, norms=True):
+                replacement_forward(
+                    model,
+                    transcoders,
+                    clean.tokens,
+                    clean.embeddings[None],
+                    mlp_inputs=self.inputs,
+                    written=written,
+                    last_only=True,
+                )
+        self.logits = None
+        hf: Any = model.module
+        config = hf.config
+
+        def scale(norm: Any) -> Tensor:  # the norm's frozen 1/rms per position, times its weight
+            return pins.kept[id(norm)][0].float() * norm.weight.float()
+
+        self.blocks = []
+        for block in hf.model.layers:
+            attn = block.self_attn
+            self.blocks.append(
+                (
+                    scale(block.input_layernorm),  # (T, d)
+                    pins.kept[id(attn)][0].float(),  # (H, T, T)
+                    attn.o_proj.weight,  # (d, H · dh)
+                    attn.v_proj.weight,  # (KV · dh, d)
+                    scale(block.post_attention_layernorm),
+                )
+            )
+        self.final = scale(hf.model.norm)
+        self.unembed = hf.lm_head.weight
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = self.blocks[0][2].shape[1] // self.heads
+
+    @staticmethod
+    def supports(model: HostModel, transcoders: TranscoderSet) -> bool:
+        """Whether the model is of LINEAR_FAMILIES and every layer's MLP is replaced by a transcoder reading its
+        normed input: otherwise FrozenPass (autograd through whatever the model computes)."""
+        config = getattr(model.module, "config", None)
+        return (
+            getattr(config, "model_type", None) in LINEAR_FAMILIES
+            and transcoders.layers == list(range(model.n_layers))
+            and all(transcoders.hooks(L) == mlp_hooks(L) for L in transcoders.layers)
+        )
+
+    @staticmethod
+    def bytes_held(model: HostModel, transcoders: TranscoderSet, T: int) -> tuple[int, int]:
+        """(per target, once) bytes a backward holds at most, in float32: per target its gradients at the
+        embeddings and at every MLP output, their concatenation over the outputs one layer's features write to
+        and one layer's work; once, the recorded patterns, norm scales and MLP inputs."""
+        d, L = model.d_model, model.n_layers
+        config: Any = model.module.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or d // heads
+        widest = max(len(transcoders.targets(layer)) for layer in transcoders.layers)
+        per_target = T * (d * (L + 1 + widest + 4) + 2 * heads * head_dim)
+        return 4 * per_target, 4 * (L * heads * T * T + 3 * L * T * d)
+
+    def gradients(
+        self, targets: list[tuple[str, int, int, int]], contrast: dict[int, int] | None = None
+    ) -> tuple[Tensor, dict[int, Tensor | None]]:
+        n, d = len(targets), self.clean.embeddings.shape[-1]
+        H, KV, dh = self.heads, self.kv_heads, self.head_dim
+        reach = torch.tensor([pos for _, _, pos, _ in targets])  # nothing after a target's position moves it
+        top = len(self.blocks) - 1
+        start = torch.tensor([layer if kind == "feature" else top for kind, layer, _, _ in targets])
+        Tm = int(reach.max()) + 1
+        g = torch.zeros(n, Tm, d)  # the gradient at the residual stream after the layer at hand
+        logit_targets = [(b, pos, index) for b, (kind, _, pos, index) in enumerate(targets) if kind == "logit"]
+        if logit_targets:
+            b, pos, index = (list(v) for v in zip(*logit_targets))
+            seeds = torch.stack([logit_seed(self.unembed.shape[0], t, contrast) for t in index])
+            g[b, pos] = mm(seeds, self.unembed) * self.final[pos]
+        by_layer = feature_targets(targets)
+        live = torch.arange(Tm)[None, :] <= reach[:, None]  # (n, Tm)
+        grads: dict[int, Tensor | None] = {}
+        for layer in range(int(start.max()), -1, -1):
+            norm1, pattern, W_O, W_V, norm2 = self.blocks[layer]
+            grads[layer] = g  # the MLP output adds to the residual stream
+            into_mlp: Tensor | None = None  # the gradient at the MLP's normed input
+            if layer in by_layer:
+                copies, positions, latents = by_layer[layer]
+                into_mlp = torch.zeros_like(g)
+                into_mlp[copies, positions] = self.seed(layer, positions, latents).float()
+            tc = self.transcoders[layer]
+            if tc.cfg.skip_connection:  # the skip term is computed from the MLP input
+                x = self.inputs[layer][:, :Tm].expand(n, -1, -1).clone().requires_grad_(True)
+                with torch.enable_grad():
+                    (through_skip,) = torch.autograd.grad(torch.as_tensor(skip_term(tc, x)), x, g.to(x.dtype))
+                into_mlp = through_skip.float() if into_mlp is None else into_mlp + through_skip.float()
+            mid = g if into_mlp is None else g + into_mlp * norm2[:Tm]
+            rows = (live & (start[:, None] >= layer)).flatten().nonzero().squeeze(1)
+            heads = torch.zeros(n * Tm, H * dh)
+            heads[rows] = mm(mid.reshape(-1, d)[rows], W_O)
+            values = torch.einsum("hqk,bqhe->bkhe", pattern[:, :Tm, :Tm], heads.view(n, Tm, H, dh))
+            values = values.reshape(n, Tm, KV, H // KV, dh).sum(3).reshape(n * Tm, KV * dh)  # heads share K/V
+            into_attn = mm(values[rows], W_V) * norm1[rows % Tm]
+            g = mid.reshape(-1, d).index_add(0, rows, into_attn).view(n, Tm, d)
+        return g, {L: grads.get(L) for L in self.transcoders.layers}
+
+
+def mm(a: Tensor, weight: Tensor) -> Tensor:
+    """a @ weight in the weight's dtype (no float32 copy of a half-precision model), the result in float32."""
+    return (a.to(weight.dtype) @ weight).float()
 
 
 # A process's peak memory over what its tensors hold (the allocator's free lists, transient buffers of the backward
@@ -606,16 +765,21 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """A trace's memory, measured on one copy of the prompt's frozen pass (feature and logit) and counted for the
     graph."""
-    weights = {p.untyped_storage().data_ptr() for p in model.module.parameters()}
-    weights |= {p.untyped_storage().data_ptr() for tc in transcoders.by_layer.values() for p in tc.parameters()}
-    per_copy = {
-        logits: PEAK_OVER_HELD
-        * pass_bytes(
-            lambda logits=logits: FrozenPass(model, transcoders, clean, features, activations, 1, logits), weights
-        )
-        for logits in (False, True)
-    }
     T, n_f = clean.tokens.shape[1], len(features)
+    if LinearPass.supports(model, transcoders):
+        one, once = LinearPass.bytes_held(model, transcoders, T)
+        per_copy = {False: PEAK_OVER_HELD * one, True: PEAK_OVER_HELD * one}
+    else:
+        once = 0
+        weights = {p.untyped_storage().data_ptr() for p in model.module.parameters()}
+        weights |= {p.untyped_storage().data_ptr() for tc in transcoders.by_layer.values() for p in tc.parameters()}
+        per_copy = {
+            logits: PEAK_OVER_HELD
+            * pass_bytes(
+                lambda logits=logits: FrozenPass(model, transcoders, clean, features, activations, 1, logits), weights
+            )
+            for logits in (False, True)
+        }
     n_src = n_f + (len(transcoders) + 1) * T
     n_nodes = traced + (len(transcoders) + 1) * T + n_logits
     clean_bytes = sum(t.untyped_storage().nbytes() for t in [*clean.latents.values(), *clean.errors.values()])
@@ -624,7 +788,7 @@ def estimate_memory(
         logit_copy=int(per_copy[True]),
         n_logits=n_logits,
         rows_per_feature=4 * n_src,
-        fixed=4 * (n_logits * n_src + n_nodes * n_nodes) + 2 * clean_bytes + int(sum(per_copy.values())),
+        fixed=4 * (n_logits * n_src + n_nodes * n_nodes) + 2 * clean_bytes + int(sum(per_copy.values())) + once,
     )
 
 
@@ -689,7 +853,10 @@ def attribute(
     # rows computed so far, over the sources [all active features, errors, tokens]; a row's node id is its
     # feature's index, or n_src + j for logit j (errors and tokens have no incoming edges)
     logit_targets = [("logit", -1, T - 1, t) for t in logit_ids]
-    rows = [FrozenPass(model, transcoders, clean, features, activations, n_l, logits=True).rows(logit_targets, versus)]
+    linear = LinearPass.supports(model, transcoders)
+    Pass = LinearPass if linear else FrozenPass
+    logit_pass = Pass(model, transcoders, clean, features, activations, n_l, logits=True)
+    rows = [logit_pass.rows(logit_targets, versus)]
     n_src = n_f + (len(layers) + 1) * T
     row_ids = list(range(n_src, n_src + n_l))  # logits: after every source
     weights = torch.tensor(logit_probs)
@@ -709,7 +876,8 @@ def attribute(
         if on_estimate is not None:
             on_estimate(need)
     if budget:
-        frozen_pass = FrozenPass(model, transcoders, clean, features, activations, min(batch_size, budget), False)
+        copies = min(batch_size, budget)
+        frozen_pass = logit_pass if linear else Pass(model, transcoders, clean, features, activations, copies, False)
     while len(traced) < budget:
         if budget == n_f:  # every feature is traced: no ranking needed, and layer order keeps backward passes short
             order = list(range(len(traced), n_f))
