@@ -152,7 +152,7 @@ def child(tool: str, args: argparse.Namespace, result: Path, extra: list[str]) -
     # -P: this file is named like the package it benchmarks, and must not shadow it
     cmd = [python, "-P", __file__, "--run", tool, "--result", str(result), "--transcoders", str(args.transcoders)]
     cmd += ["--prompt", args.prompt, "--max-feature-nodes", str(args.max_feature_nodes)]
-    cmd += ["--batch-size", str(args.batch_size)] + extra
+    cmd += ["--batch-size", str(args.batch_size), "--allocator", args.allocator] + extra
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{tool} failed:\n{done.stderr[-3000:]}")
@@ -177,12 +177,22 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--d-sae", type=int, default=4096)
     p.add_argument("--l0", type=float, default=8.0)
+    p.add_argument(
+        "--allocator",
+        choices=["default", "tuned"],
+        default="default",
+        help="tuned: both processes keep freed memory for reuse (keep_freed_memory, as the nanosae command sets)",
+    )
     p.add_argument("--run", choices=["nanosae", "circuit-tracer"], help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
     p.add_argument("--hf-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.run:
+        if args.allocator == "tuned":
+            from nanosae.models import keep_freed_memory
+
+            keep_freed_memory()
         report = (run_nanosae if args.run == "nanosae" else run_circuit_tracer)(args)
         report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(report))

@@ -672,6 +672,11 @@ def test_the_written_out_backward_equals_autograd_through_the_model(family, dtyp
     assert scale > 1e-2 and (autograd.abs() > 1e-3 * scale).sum() > 100
     tolerance = 1e-5 if dtype == "float32" else 3e-2
     assert (linear - autograd).abs().max() <= tolerance * scale
+    emb, grads = C.LinearPass(model, tcs, clean, features, acts).gradients(targets[:3])
+    held = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [emb, *grads.values()] if t is not None
+    }
+    assert sum(held.values()) <= 3 * C.LinearPass.bytes_held(model, tcs, T)[0]  # what the estimate counts
 
     gemma = build("gemma2")
     gemma.save_pretrained(tmp_path / "gemma")

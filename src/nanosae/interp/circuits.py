@@ -533,11 +533,15 @@ class FrozenPass:
         at = {L: (g.float() if g is not None else None) for L, g in grads.items()}
         Tg, d = emb_grad.shape[1], emb_grad.shape[2]  # gradients may stop before T: the later ones are zero
         feature_cols = torch.zeros(n, len(self.features))
-        for L in tset.layers:  # the gradients where a feature writes · its decoder rows there
+        for L in tset.layers:  # the gradients where a feature writes (n, Tg, n_targets · d) · its decoder rows there
             into = [at[j] for j in self.written_to[L]]
             if all(g is None for g in into) or not self.by_position[L]:
                 continue
-            g = torch.cat([x if x is not None else torch.zeros(n, Tg, d) for x in into], 2)  # (n, Tg, n_targets · d)
+            g = (
+                into[0]
+                if len(into) == 1
+                else torch.cat([x if x is not None else torch.zeros(n, Tg, d) for x in into], 2)
+            )
             for p, here, rows in self.by_position[L]:
                 if p < Tg:
                     feature_cols[:, here] = g[:, p] @ rows.T
@@ -611,22 +615,22 @@ class LinearPass(FrozenPass):
         hf: Any = model.module
         config = hf.config
 
-        def scale(norm: Any) -> Tensor:  # the norm's frozen 1/rms per position, times its weight
-            return pins.kept[id(norm)][0].float() * norm.weight.float()
+        def scale(norm: Any) -> Tensor:  # the norm's frozen 1/rms per position (T, 1)
+            return pins.kept[id(norm)][0].float()
 
         self.blocks = []
         for block in hf.model.layers:
-            attn = block.self_attn
+            attn, norm1, norm2 = block.self_attn, block.input_layernorm, block.post_attention_layernorm
             self.blocks.append(
                 (
-                    scale(block.input_layernorm),  # (T, d)
+                    scale(norm1),
                     pins.kept[id(attn)][0].float(),  # (H, T, T)
                     attn.o_proj.weight,  # (d, H · dh)
-                    attn.v_proj.weight,  # (KV · dh, d)
-                    scale(block.post_attention_layernorm),
+                    attn.v_proj.weight * norm1.weight,  # (KV · dh, d): into the first norm's weight
+                    scale(norm2) * norm2.weight.float(),  # (T, d)
                 )
             )
-        self.final = scale(hf.model.norm)
+        self.final = scale(hf.model.norm) * hf.model.norm.weight.float()
         self.unembed = hf.lm_head.weight
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = self.blocks[0][2].shape[1] // self.heads
@@ -661,41 +665,44 @@ class LinearPass(FrozenPass):
         n, d = len(targets), self.clean.embeddings.shape[-1]
         H, KV, dh = self.heads, self.kv_heads, self.head_dim
         reach = torch.tensor([pos for _, _, pos, _ in targets])  # nothing after a target's position moves it
-        top = len(self.blocks) - 1
-        start = torch.tensor([layer if kind == "feature" else top for kind, layer, _, _ in targets])
+        last = len(self.blocks) - 1
+        start = torch.tensor([layer if kind == "feature" else last for kind, layer, _, _ in targets])
         Tm = int(reach.max()) + 1
-        g = torch.zeros(n, Tm, d)  # the gradient at the residual stream after the layer at hand
+        top = int(start.max())
+        # the gradient at the residual stream before each layer and after the top one (one buffer, filled in
+        # place, so a batch's transient tensors are the same few sizes layer after layer and memory is reused)
+        resid = torch.zeros(top + 2, n, Tm, d)
         logit_targets = [(b, pos, index) for b, (kind, _, pos, index) in enumerate(targets) if kind == "logit"]
         if logit_targets:
             b, pos, index = (list(v) for v in zip(*logit_targets))
             seeds = torch.stack([logit_seed(self.unembed.shape[0], t, contrast) for t in index])
-            g[b, pos] = mm(seeds, self.unembed) * self.final[pos]
+            resid[top + 1, b, pos] = mm(seeds, self.unembed) * self.final[pos]
         by_layer = feature_targets(targets)
         live = torch.arange(Tm)[None, :] <= reach[:, None]  # (n, Tm)
-        grads: dict[int, Tensor | None] = {}
-        for layer in range(int(start.max()), -1, -1):
+        mid, heads = torch.empty(n, Tm, d), torch.empty(n * Tm, H * dh)
+        for layer in range(top, -1, -1):
             norm1, pattern, W_O, W_V, norm2 = self.blocks[layer]
-            grads[layer] = g  # the MLP output adds to the residual stream
-            into_mlp: Tensor | None = None  # the gradient at the MLP's normed input
-            if layer in by_layer:
+            mid.copy_(resid[layer + 1])  # the MLP output adds to the residual stream: its gradient is this
+            if layer in by_layer:  # a target's gradient at its MLP's normed input, through the norm
                 copies, positions, latents = by_layer[layer]
-                into_mlp = torch.zeros_like(g)
-                into_mlp[copies, positions] = self.seed(layer, positions, latents).float()
+                seeds = self.seed(layer, positions, latents).float() * norm2[positions]
+                mid.index_put_((torch.tensor(copies), torch.tensor(positions)), seeds, accumulate=True)
             tc = self.transcoders[layer]
             if tc.cfg.skip_connection:  # the skip term is computed from the MLP input
                 x = self.inputs[layer][:, :Tm].expand(n, -1, -1).clone().requires_grad_(True)
                 with torch.enable_grad():
-                    (through_skip,) = torch.autograd.grad(torch.as_tensor(skip_term(tc, x)), x, g.to(x.dtype))
-                into_mlp = through_skip.float() if into_mlp is None else into_mlp + through_skip.float()
-            mid = g if into_mlp is None else g + into_mlp * norm2[:Tm]
+                    out = torch.as_tensor(skip_term(tc, x))
+                    (through_skip,) = torch.autograd.grad(out, x, resid[layer + 1].to(x.dtype))
+                mid += through_skip.float() * norm2[:Tm]
             rows = (live & (start[:, None] >= layer)).flatten().nonzero().squeeze(1)
-            heads = torch.zeros(n * Tm, H * dh)
-            heads[rows] = mm(mid.reshape(-1, d)[rows], W_O)
+            heads.zero_()
+            heads[rows] = mm(mid.view(-1, d)[rows], W_O)
             values = torch.einsum("hqk,bqhe->bkhe", pattern[:, :Tm, :Tm], heads.view(n, Tm, H, dh))
-            values = values.reshape(n, Tm, KV, H // KV, dh).sum(3).reshape(n * Tm, KV * dh)  # heads share K/V
-            into_attn = mm(values[rows], W_V) * norm1[rows % Tm]
-            g = mid.reshape(-1, d).index_add(0, rows, into_attn).view(n, Tm, d)
-        return g, {L: grads.get(L) for L in self.transcoders.layers}
+            values = values.reshape(n, Tm, KV, H // KV, dh).sum(3).view(n * Tm, KV * dh)  # heads share K/V
+            resid[layer].copy_(mid)
+            resid[layer].view(-1, d).index_add_(0, rows, mm(values[rows], W_V) * norm1[rows % Tm])
+        grads = {L: resid[L + 1] if L <= top else None for L in self.transcoders.layers}
+        return resid[0], grads
 
 
 def mm(a: Tensor, weight: Tensor) -> Tensor:
@@ -787,7 +794,7 @@ def estimate_memory(
         feature_copy=int(per_copy[False]),
         logit_copy=int(per_copy[True]),
         n_logits=n_logits,
-        rows_per_feature=4 * n_src,
+        rows_per_feature=(8 if traced < n_f else 4) * n_src,  # ranking keeps each row normalized too
         fixed=4 * (n_logits * n_src + n_nodes * n_nodes) + 2 * clean_bytes + int(sum(per_copy.values())) + once,
     )
 
@@ -862,6 +869,10 @@ def attribute(
     weights = torch.tensor(logit_probs)
     traced: list[int] = []
     budget = n_f if max_feature_nodes is None else min(n_f, max_feature_nodes)
+    ranked = budget < n_f
+    if ranked:  # the rows known so far, normalized once each, for ranking: logits first, then as traced
+        normed = torch.zeros(n_l + budget, n_src + n_l)
+        normed[:n_l, :n_src] = normalized(rows[0])
     need = None
     if memory_limit is not None or on_estimate is not None:
         estimate = estimate_memory(model, transcoders, clean, features, activations, n_l, budget)
@@ -879,17 +890,18 @@ def attribute(
         copies = min(batch_size, budget)
         frozen_pass = logit_pass if linear else Pass(model, transcoders, clean, features, activations, copies, False)
     while len(traced) < budget:
-        if budget == n_f:  # every feature is traced: no ranking needed, and layer order keeps backward passes short
+        if not ranked:  # every feature is traced: no ranking needed, and layer order keeps backward passes short
             order = list(range(len(traced), n_f))
         else:  # the most influential untraced features, by the rows known so far
-            known = torch.cat(rows)
-            influence = influence_from_rows(
-                known, torch.tensor(row_ids), torch.cat([torch.zeros(len(traced)), weights]), n_src + n_l
-            )[:n_f]
+            ids = torch.tensor(row_ids[len(traced) :] + row_ids[: len(traced)])  # normed's order: logits first
+            row_weights = torch.cat([weights, torch.zeros(len(traced))])
+            influence = propagate(normed[: n_l + len(traced)], ids, row_weights)[:n_f]
             influence[traced] = -1
             order = influence.argsort(descending=True).tolist()
         chosen = sorted(order[: min(batch_size, budget - len(traced))], key=lambda i: feats[i][0])
         rows.insert(len(rows) - 1, frozen_pass.rows([("feature", *feats[i]) for i in chosen]))
+        if ranked:
+            normed[n_l + len(traced) : n_l + len(traced) + len(chosen), :n_src] = normalized(rows[-2])
         row_ids = row_ids[: len(traced)] + chosen + row_ids[len(traced) :]
         traced += chosen
         if progress is not None:
@@ -958,14 +970,24 @@ def influence_from_rows(rows: Tensor, row_ids: Tensor, row_weights: Tensor, n: i
     a = normalized(rows[:, :n])
     if a.shape[1] < n:  # targets that are never sources (logits): zero columns
         a = torch.cat([a, a.new_zeros(len(a), n - a.shape[1])], 1)
-    current = row_weights @ a
-    total = current.clone()
+    return propagate(a, row_ids, row_weights, max_iter)
+
+
+def propagate(a: Tensor, row_ids: Tensor, row_weights: Tensor, max_iter: int = 1000) -> Tensor:
+    """influence_from_rows on rows already normalized, over every node (a trace keeps them so as it goes).
+
+    Influence only flows on through the known rows, so the series w·(A + A² + …) is summed among them alone
+    (k × k products, not k × n) and spread over every node once: w·A + (Σ_i s_i)·A with s_0 = w·A[:, rows] and
+    s_(i+1) = s_i·A[:, rows]."""
+    among = a[:, row_ids]
+    step = row_weights @ among
+    reached = row_weights + step
     for _ in range(max_iter):
-        current = current[row_ids] @ a
-        if not bool(current.any()):
+        step = step @ among
+        if not bool(step.any()):
             break
-        total += current
-    return total
+        reached += step
+    return reached @ a
 
 
 def _threshold(scores: Tensor, share: float) -> float:
