@@ -105,12 +105,12 @@ def main() -> None:
         f"batch {args.batch_size}; model {model_gib:.1f} GiB (float32), set {set_gib:.1f} GiB on disk (mapped)"
     )
     print(
-        f"setup {setup:.0f} s; RSS before the trace {before:.1f} GiB; trace estimate +{estimate[0] / 2**30:.1f} GiB; "
+        f"setup {setup:.0f} s; RSS before the trace {before:.1f} GiB; trace estimate +{estimate[0] / 2**30:.2f} GiB; "
         f"peak RSS {peak:.1f} GiB (+{peak - before:.1f}); attribution {seconds:.0f} s"
     )
     print(
         f"anonymous memory (what must fit; RSS also counts the set's mapped pages): {anon_before:.1f} GiB before "
-        f"the trace, peak {peak_anon:.1f} GiB (+{peak_anon - anon_before:.1f})"
+        f"the trace, peak {peak_anon:.1f} GiB (+{peak_anon - anon_before:.2f})"
     )
 
 

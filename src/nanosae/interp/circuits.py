@@ -11,6 +11,7 @@ logit); paths through other features are cut because features are inputs of the 
 Rows of the adjacency matrix are targets, columns sources, both in the order [features, error nodes (layer-major),
 input tokens, logits]. Rows are computed in batches (FrozenPass): the frozen model runs forward once over one copy
 of the prompt per target in a batch, and each batch is then one backward pass, target b's gradient seeded in copy b.
+For the Llama family that backward is written out instead (LinearPass): the same rows in about half the work.
 """
 
 from __future__ import annotations
@@ -537,11 +538,8 @@ class FrozenPass:
             into = [at[j] for j in self.written_to[L]]
             if all(g is None for g in into) or not self.by_position[L]:
                 continue
-            g = (
-                into[0]
-                if len(into) == 1
-                else torch.cat([x if x is not None else torch.zeros(n, Tg, d) for x in into], 2)
-            )
+            parts = [x if x is not None else torch.zeros(n, Tg, d) for x in into]
+            g = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
             for p, here, rows in self.by_position[L]:
                 if p < Tg:
                     feature_cols[:, here] = g[:, p] @ rows.T
@@ -790,12 +788,17 @@ def estimate_memory(
     n_src = n_f + (len(transcoders) + 1) * T
     n_nodes = traced + (len(transcoders) + 1) * T + n_logits
     clean_bytes = sum(t.untyped_storage().nbytes() for t in [*clean.latents.values(), *clean.errors.values()])
+    # every active feature's decoder rows into the outputs it writes to, gathered once for its edges
+    rows = sum(int((features[:, 0] == L).sum()) * len(transcoders.targets(L)) for L in transcoders.layers)
     return MemoryEstimate(
         feature_copy=int(per_copy[False]),
         logit_copy=int(per_copy[True]),
         n_logits=n_logits,
         rows_per_feature=(8 if traced < n_f else 4) * n_src,  # ranking keeps each row normalized too
-        fixed=4 * (n_logits * n_src + n_nodes * n_nodes) + 2 * clean_bytes + int(sum(per_copy.values())) + once,
+        fixed=4 * (n_logits * n_src + n_nodes * n_nodes + rows * model.d_model)
+        + 2 * clean_bytes
+        + int(sum(per_copy.values()))
+        + once,
     )
 
 
