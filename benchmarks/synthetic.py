@@ -5,10 +5,13 @@ each SAE is scored on fresh samples: MCC, feature F1, uniqueness, variance expla
 the hierarchies, absorption. With --peers (run in the peers' venv, make bench), SAELens's trainers of the same
 architectures (TopK, BatchTopK, Matryoshka BatchTopK with nanosae's group widths) train on the same samples in the
 same order at the same k, with SynthSAEBench's settings (batch 1024, lr 3e-4, constant), and are scored alike.
+--variant JSON trains nanosae's with those TrainConfig settings instead of the defaults (e.g. '{"k_anneal": 0.8}').
 Usage: python benchmarks/synthetic.py [--preset cpu] [--samples 10M] [--d-sae 4096] [--k 25] [--peers]
+       [--variant JSON]
 """
 
 import argparse
+import json
 import tempfile
 import time
 
@@ -68,6 +71,7 @@ def main() -> None:
     p.add_argument("--architecture", action="append", default=None)
     p.add_argument("--peers", action="store_true", help="SAELens's trainers too (the peers' venv)")
     p.add_argument("--peers-only", action="store_true", help="SAELens's trainers alone (nanosae's rows measured)")
+    p.add_argument("--variant", type=json.loads, default={}, help="nanosae TrainConfig settings as JSON")
     args = p.parse_args()
     model = SyntheticModel(PRESETS[args.preset])
     samples = parse_count(args.samples)
@@ -83,17 +87,23 @@ def main() -> None:
         extra = {"k": k} if arch != "jumprelu" else {}
         if not args.peers_only:
             with tempfile.TemporaryDirectory() as tmp:
-                cfg = nanosae.TrainConfig.build(out=tmp, architecture=arch, d_sae=d_sae, tokens=samples, **extra)
+                settings = extra | args.variant
+                cfg = nanosae.TrainConfig.build(out=tmp, architecture=arch, d_sae=d_sae, tokens=samples, **settings)
                 t0 = time.perf_counter()
                 sae = nanosae.train(cfg, source=model).sae
                 seconds = time.perf_counter() - t0
-            report(f"nanosae {arch}", synthetic_scores(sae, model), seconds, figures)
+            name = f"nanosae {arch}" + (f" {json.dumps(args.variant)}" if args.variant else "")
+            report(name, synthetic_scores(sae, model), seconds, figures)
         if (args.peers or args.peers_only) and arch in SAELENS:
             groups = nanosae.SAEConfig(d_in=model.cfg.d, d_sae=d_sae, architecture=arch, **extra).matryoshka_groups
             t0 = time.perf_counter()
             peer = train_saelens(arch, model, samples, d_sae, k, groups or [d_sae])
             report(f"SAELens {arch}", synthetic_scores(peer, model), time.perf_counter() - t0, figures)
-    save(__file__, {"preset": args.preset, "samples": samples, "d_sae": d_sae, "k": k, "results": figures})
+    save(
+        __file__,
+        {"preset": args.preset, "samples": samples, "d_sae": d_sae, "k": k, "results": figures}
+        | ({"variant": args.variant} if args.variant else {}),
+    )
 
 
 def report(name: str, scores: dict, seconds: float, figures: dict) -> None:
