@@ -11,7 +11,8 @@ logit); paths through other features are cut because features are inputs of the 
 Rows of the adjacency matrix are targets, columns sources, both in the order [features, error nodes (layer-major),
 input tokens, logits]. Rows are computed in batches (FrozenPass): the frozen model runs forward once over one copy
 of the prompt per target in a batch, and each batch is then one backward pass, target b's gradient seeded in copy b.
-For the Llama family that backward is written out instead (LinearPass): the same rows in about half the work.
+For the Llama family that backward is written out instead (LinearPass): the same rows, without the work on
+copies, positions and layers that a target does not depend on.
 """
 
 from __future__ import annotations
@@ -583,7 +584,7 @@ class LinearPass(FrozenPass):
     v_proj's transpose and the first norm's frozen scale. One forward of one copy records the patterns and scales
     (not a forward over a copy per target whose graph autograd keeps), and each target's backward covers only the
     layers up to its own and the positions up to its own (under causal attention later positions get no
-    gradient): the same rows as FrozenPass's in about half the work."""
+    gradient): the same rows as FrozenPass's, without that work."""
 
     def __init__(
         self,
