@@ -37,8 +37,9 @@ class SAELensScored:
         return self.sae.decode(z), z
 
 
-def train_saelens(arch: str, model: SyntheticModel, samples: int, d_sae: int, k: int, widths: list[int]):
-    """SAELens's trainer of this architecture on the stream nanosae's trainers read (seed 0, same order)."""
+def train_saelens(arch: str, d_in: int, batches, samples: int, d_sae: int, k: int, widths: list[int]):
+    """SAELens's trainer of this architecture on `batches` of 1,024 (the stream nanosae's trainers read: seed 0,
+    same order)."""
     import torch
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.registry import get_sae_training_class
@@ -47,7 +48,7 @@ def train_saelens(arch: str, model: SyntheticModel, samples: int, d_sae: int, k:
     sae_class, cfg_class = get_sae_training_class(SAELENS[arch])
     extra = {"matryoshka_widths": list(widths)} if arch == "matryoshka" else {}
     torch.manual_seed(0)
-    sae = sae_class(cfg_class(d_in=model.cfg.d, d_sae=d_sae, k=k, **extra))
+    sae = sae_class(cfg_class(d_in=d_in, d_sae=d_sae, k=k, **extra))
     trainer_cfg = SAETrainerConfig(  # train_toy_sae's settings (SynthSAEBench's runner defaults)
         total_training_samples=samples,
         train_batch_size_samples=1024,
@@ -58,7 +59,7 @@ def train_saelens(arch: str, model: SyntheticModel, samples: int, d_sae: int, k:
         feature_sampling_window=2000,
         logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
     )
-    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=model.batches(1024, seed=0)).fit()
+    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches).fit()
     return SAELensScored(sae.eval())
 
 
@@ -97,7 +98,7 @@ def main() -> None:
         if (args.peers or args.peers_only) and arch in SAELENS:
             groups = nanosae.SAEConfig(d_in=model.cfg.d, d_sae=d_sae, architecture=arch, **extra).matryoshka_groups
             t0 = time.perf_counter()
-            peer = train_saelens(arch, model, samples, d_sae, k, groups or [d_sae])
+            peer = train_saelens(arch, model.cfg.d, model.batches(1024, seed=0), samples, d_sae, k, groups or [d_sae])
             report(f"SAELens {arch}", synthetic_scores(peer, model), time.perf_counter() - t0, figures)
     save(
         __file__,

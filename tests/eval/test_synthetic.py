@@ -14,6 +14,7 @@ from nanosae.eval.synthetic import (
     PRESETS,
     SyntheticConfig,
     SyntheticModel,
+    rebatch,
     synthetic_scores,
     true_dictionary_sae,
 )
@@ -141,6 +142,15 @@ def test_the_stream_is_the_same_samples_whatever_the_batch_size():
     a = first(37)
     assert torch.equal(a, first(1024)) and torch.equal(a, first(n))
     assert not torch.allclose(a, first(37, seed=4))
+
+
+def test_rebatch_cuts_chunks_of_any_size_in_order():
+    """A peer's world (benchmarks/synthsaebench.py) hands rebatch chunks of its own size: batches are the chunks'
+    rows in order, none dropped or repeated."""
+    rows = torch.arange(200.0).unsqueeze(1)
+    chunks = iter(torch.split(rows, [5, 7, 1, 30, 2] * 4 + [20]))
+    batches = [b for b, _ in zip(rebatch(chunks, 9), range(20))]
+    assert all(len(b) == 9 for b in batches) and torch.equal(torch.cat(batches), rows[:180])
 
 
 def test_eval_synthetic_from_the_command_line(tmp_path):

@@ -22,6 +22,7 @@ Scores of an SAE against the truth (eval.json's "synthetic" section):
 from __future__ import annotations
 
 import html
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -210,12 +211,18 @@ class SyntheticModel:
         in chunks of SAMPLE_CHUNK whatever the batch size, so trainers with other batch sizes see the same samples
         in the same order."""
         gen = torch.Generator().manual_seed(FEATURE_SEED + self.cfg.seed * 1_000_003 + seed + 1)
-        left = torch.empty(0, self.cfg.d)
-        while True:
-            while len(left) < batch_size:
-                left = torch.cat([left, self.sample(SAMPLE_CHUNK, gen, dense=False)[0]])
-            yield left[:batch_size]
-            left = left[batch_size:]
+        yield from rebatch(iter(lambda: self.sample(SAMPLE_CHUNK, gen, dense=False)[0], None), batch_size)
+
+
+def rebatch(chunks: Iterator[Tensor], batch_size: int) -> Iterator[Tensor]:
+    """Endless chunks of samples cut into batches of batch_size, in order (what lets trainers with other batch
+    sizes read the same stream)."""
+    left = next(chunks)
+    while True:
+        while len(left) < batch_size:
+            left = torch.cat([left, next(chunks)])
+        yield left[:batch_size]
+        left = left[batch_size:]
 
 
 def match(decoder: Tensor, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,189 @@
+"""nanosae beside SAELens on SynthSAEBench-16k itself, scored by SAELens's own evaluation (peers' venv).
+
+The world is SAELens's SyntheticModel with the configuration SynthSAEBench documents for SynthSAEBench-16k (16,384
+true features in 768 dimensions, Zipfian firing, 128 trees of depth 3 with mutually exclusive children, rank-25
+correlations, orthogonalised directions, seed 42), built with SAELens's own code and cached under --world (the
+build orthogonalises for a long while on a CPU), or loaded from the Hub id where there is a connection
+(--hub decoderesearch/synth-sae-bench-16k-v2). Every trainer reads the same samples: chunks of 1,024, chunk i drawn
+under seed i with the global generator saved and restored around it, cut into each trainer's batches in order.
+SAEs at SynthSAEBench's recommended width 4,096 and k 25; SAELens's trainers with its benchmark settings (batch
+1,024, lr 3e-4 constant). Every SAE is scored by SAELens's eval_sae_on_synthetic_data on the same fresh samples,
+so its figures sit beside the published ones (which trained on 200M samples and evaluated on 500k).
+Usage: .venv-bench/bin/python benchmarks/synthsaebench.py [--samples 5M] [--architecture topk] [--peers]
+       [--peers-only] [--variant JSON] [--eval-samples 100k]
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _results import save
+from synthetic import ARCHITECTURES, SAELENS, train_saelens
+
+import nanosae
+from nanosae.eval.synthetic import rebatch
+from nanosae.options import parse_count
+
+CHUNK = 1024
+EVAL_SEED = 12345
+
+
+def world_config():
+    """SynthSAEBench-16k's configuration, as SynthSAEBench's docs give it."""
+    from sae_lens.synthetic import (
+        FoldedNormalMagnitudeConfig,
+        HierarchyConfig,
+        LinearMagnitudeConfig,
+        LowRankCorrelationConfig,
+        OrthogonalizationConfig,
+        SyntheticModelConfig,
+        ZipfianFiringProbabilityConfig,
+    )
+
+    return SyntheticModelConfig(
+        num_features=16_384,
+        hidden_dim=768,
+        firing_probability=ZipfianFiringProbabilityConfig(exponent=0.5, max_prob=0.4, min_prob=5e-4),
+        hierarchy=HierarchyConfig(
+            total_root_nodes=128,
+            branching_factor=4,
+            max_depth=3,
+            mutually_exclusive_portion=1.0,
+            mutually_exclusive_min_depth=0,
+            compensate_probabilities=True,
+            scale_children_by_parent=True,
+        ),
+        orthogonalization=OrthogonalizationConfig(num_steps=100, lr=3e-4),
+        correlation=LowRankCorrelationConfig(rank=25, correlation_scale=0.1),
+        mean_firing_magnitudes=LinearMagnitudeConfig(start=5.0, end=4.0),
+        std_firing_magnitudes=FoldedNormalMagnitudeConfig(mean=0.5, std=0.5),
+        bias=0.5,
+        seed=42,
+    )
+
+
+def load_world(path: Path, hub: str | None):
+    from sae_lens.synthetic import SyntheticModel
+
+    if hub:
+        return SyntheticModel.from_pretrained(hub)
+    if not path.exists():
+        SyntheticModel(world_config()).save(path)
+    return SyntheticModel.load_from_disk(path)
+
+
+class World:
+    """A SAELens SyntheticModel as a source nanosae's trainer reads (d_in, batches, activations)."""
+
+    def __init__(self, synthetic):  # not `model`: the trainer reads a source's `model` as a host model
+        self.synthetic, self.d_in = synthetic, synthetic.cfg.hidden_dim
+
+    def chunks(self, seed: int):
+        for i in range(seed * 1_000_000_000, 2**62):
+            with torch.random.fork_rng():
+                torch.manual_seed(i)
+                yield self.synthetic.sample(CHUNK)
+
+    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, **_):
+        yield from rebatch(self.chunks(seed), batch_size)
+
+    def activations(self, batch_size: int = 4096):
+        yield from self.batches(batch_size, seed=-1)
+
+
+class NanosaeForEval:
+    """nanosae's SAE as SAELens's evaluation reads one: W_dec, encode, decode (the normalisation carried between)."""
+
+    def __init__(self, sae):
+        self.sae, self.W_dec, self._norm = sae, sae.W_dec, None
+
+    def eval(self):
+        return self
+
+    def encode(self, x):
+        z, self._norm = self.sae.encode(x, return_norm=True)
+        return z
+
+    def decode(self, z):
+        return self.sae.decode(z, self._norm)
+
+
+def score(sae, model, samples: int) -> dict:
+    from sae_lens.synthetic import eval_sae_on_synthetic_data
+
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(EVAL_SEED)
+        r = eval_sae_on_synthetic_data(sae, model.feature_dict, model.activation_generator, samples, batch_size=2048)
+    c = r.classification
+    return {
+        "mcc": r.mcc,
+        "f1": c.f1_score,
+        "precision": c.precision,
+        "recall": c.recall,
+        "uniqueness": r.uniqueness,
+        "variance_explained": r.explained_variance,
+        "l0": r.sae_l0,
+        "dead": r.dead_latents,
+        "true_l0": r.true_l0,
+    }
+
+
+def report(name: str, s: dict, seconds: float, figures: dict) -> None:
+    figures[name] = s | {"seconds": round(seconds, 1)}
+    print(
+        f"{name:28} {s['mcc']:6.3f} {s['f1']:6.3f} {s['precision']:6.3f} {s['recall']:6.3f} {s['uniqueness']:7.3f} "
+        f"{s['variance_explained']:6.3f} {s['l0']:6.1f} {s['dead']:6d} {seconds:6.0f}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--samples", default="5M")
+    p.add_argument("--d-sae", type=int, default=4096)
+    p.add_argument("--k", type=int, default=25)
+    p.add_argument("--architecture", action="append", default=None, choices=ARCHITECTURES)
+    p.add_argument("--peers", action="store_true", help="SAELens's trainers too")
+    p.add_argument("--peers-only", action="store_true", help="SAELens's trainers alone (nanosae's rows measured)")
+    p.add_argument("--variant", type=json.loads, default={}, help="nanosae TrainConfig settings as JSON")
+    p.add_argument("--eval-samples", default="100k")
+    p.add_argument("--world", type=Path, default=Path("runs/synthsaebench-16k"), help="where the built world is kept")
+    p.add_argument("--hub", default=None, help="load the world from this Hub id instead")
+    args = p.parse_args()
+    model = load_world(args.world, args.hub)
+    world = World(model)
+    samples, eval_samples = parse_count(args.samples), parse_count(args.eval_samples)
+    figures: dict = {}
+    print(f"SynthSAEBench-16k: d_sae {args.d_sae}, k {args.k}, {samples:,} samples, scored on {eval_samples:,}")
+    print(
+        f"{'':28} {'MCC':>6} {'F1':>6} {'prec':>6} {'recall':>6} {'unique':>7} {'VE':>6} {'L0':>6} {'dead':>6} {'s':>6}"
+    )
+    for arch in args.architecture or ["topk"]:
+        extra = {"k": args.k} if arch != "jumprelu" else {}
+        if not args.peers_only:
+            with tempfile.TemporaryDirectory() as tmp:
+                settings = extra | args.variant
+                cfg = nanosae.TrainConfig.build(
+                    out=tmp, architecture=arch, d_sae=args.d_sae, tokens=samples, **settings
+                )
+                t0 = time.perf_counter()
+                sae = nanosae.train(cfg, source=world).sae
+                seconds = time.perf_counter() - t0
+            name = f"nanosae {arch}" + (f" {json.dumps(args.variant)}" if args.variant else "")
+            report(name, score(NanosaeForEval(sae), model, eval_samples), seconds, figures)
+        if (args.peers or args.peers_only) and arch in SAELENS:
+            groups = nanosae.SAEConfig(d_in=world.d_in, d_sae=args.d_sae, architecture=arch, **extra).matryoshka_groups
+            t0 = time.perf_counter()
+            batches = world.batches(1024, seed=0)
+            peer = train_saelens(arch, world.d_in, batches, samples, args.d_sae, args.k, groups or [args.d_sae])
+            report(f"SAELens {arch}", score(peer.sae, model, eval_samples), time.perf_counter() - t0, figures)
+    save(
+        __file__, {"samples": samples, "d_sae": args.d_sae, "k": args.k, "results": figures} | {"variant": args.variant}
+    )
+
+
+if __name__ == "__main__":
+    main()
