@@ -15,13 +15,16 @@ Usage: .venv-bench/bin/python benchmarks/synthsaebench.py [--samples 5M] [--arch
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from _results import save
 from synthetic import ARCHITECTURES, SAELENS, train_saelens
+from tqdm import tqdm
 
 import nanosae
 from nanosae.eval.synthetic import rebatch
@@ -76,22 +79,44 @@ def load_world(path: Path, hub: str | None):
 
 
 class World:
-    """A SAELens SyntheticModel as a source nanosae's trainer reads (d_in, batches, activations)."""
+    """A SAELens SyntheticModel as a source nanosae's trainer reads (d_in, batches, activations). The training
+    stream's first chunks can come from a file drawn once (SAELens's sampler draws ~1.4k samples/s here, slower
+    than the trainers read them)."""
 
-    def __init__(self, synthetic):  # not `model`: the trainer reads a source's `model` as a host model
-        self.synthetic, self.d_in = synthetic, synthetic.cfg.hidden_dim
+    def __init__(self, synthetic, cached: np.ndarray | None = None):  # not `model`: a source's host model
+        self.synthetic, self.d_in, self.cached = synthetic, synthetic.cfg.hidden_dim, cached
+
+    def chunk(self, i: int) -> torch.Tensor:
+        with torch.random.fork_rng():
+            torch.manual_seed(i)
+            return self.synthetic.sample(CHUNK)
 
     def chunks(self, seed: int):
         for i in range(seed * 1_000_000_000, 2**62):
-            with torch.random.fork_rng():
-                torch.manual_seed(i)
-                yield self.synthetic.sample(CHUNK)
+            if seed == 0 and self.cached is not None and (i + 1) * CHUNK <= len(self.cached):
+                yield torch.from_numpy(np.array(self.cached[i * CHUNK : (i + 1) * CHUNK]))
+            else:
+                yield self.chunk(i)
 
     def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, **_):
         yield from rebatch(self.chunks(seed), batch_size)
 
     def activations(self, batch_size: int = 4096):
         yield from self.batches(batch_size, seed=-1)
+
+
+def cached_stream(world: World, path: Path, samples: int) -> np.ndarray:
+    """The training stream's first `samples` drawn once into a .npy file (memory-mapped when read back)."""
+    chunks = math.ceil(samples / CHUNK)
+    if not path.exists() or np.load(path, mmap_mode="r").shape[0] < chunks * CHUNK:
+        tmp = path.with_suffix(".tmp.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(chunks * CHUNK, world.d_in))
+        for i in tqdm(range(chunks), desc=f"drawing {path.name}"):
+            out[i * CHUNK : (i + 1) * CHUNK] = world.chunk(i).numpy()
+        out.flush()
+        del out
+        tmp.rename(path)
+    return np.load(path, mmap_mode="r")
 
 
 class NanosaeForEval:
@@ -152,10 +177,14 @@ def main() -> None:
     p.add_argument("--eval-samples", default="100k")
     p.add_argument("--world", type=Path, default=Path("runs/synthsaebench-16k"), help="where the built world is kept")
     p.add_argument("--hub", default=None, help="load the world from this Hub id instead")
+    p.add_argument("--draw-only", action="store_true", help="draw the training samples into the world's folder")
     args = p.parse_args()
     model = load_world(args.world, args.hub)
-    world = World(model)
     samples, eval_samples = parse_count(args.samples), parse_count(args.eval_samples)
+    world = World(model)
+    world.cached = cached_stream(world, args.world / f"train-{args.samples}.npy", samples)
+    if args.draw_only:
+        return
     figures: dict = {}
     print(f"SynthSAEBench-16k: d_sae {args.d_sae}, k {args.k}, {samples:,} samples, scored on {eval_samples:,}")
     print(
