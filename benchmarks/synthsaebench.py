@@ -9,8 +9,10 @@ under seed i with the global generator saved and restored around it, cut into ea
 SAEs at SynthSAEBench's recommended width 4,096 and k 25; SAELens's trainers with its benchmark settings (batch
 1,024, lr 3e-4 constant). Every SAE is scored by SAELens's eval_sae_on_synthetic_data on the same fresh samples,
 so its figures sit beside the published ones (which trained on 200M samples and evaluated on 500k).
-Usage: .venv-bench/bin/python benchmarks/synthsaebench.py [--samples 5M] [--architecture topk] [--peers]
-       [--peers-only] [--variant JSON] [--eval-samples 100k]
+SAELens's sampler draws about 1,400 samples/s here on 2 cores, slower than either trainer reads, so the training
+samples are drawn once into the world's folder (train-SAMPLES.npy, 3 GB per million) and read back by each trainer.
+Usage: .venv-bench/bin/python benchmarks/synthsaebench.py [--samples 2M] [--draw-only] [--architecture topk]
+       [--peers] [--peers-only] [--variant JSON] [--eval-samples 100k]
 """
 
 import argparse
@@ -79,9 +81,8 @@ def load_world(path: Path, hub: str | None):
 
 
 class World:
-    """A SAELens SyntheticModel as a source nanosae's trainer reads (d_in, batches, activations). The training
-    stream's first chunks can come from a file drawn once (SAELens's sampler draws ~1.4k samples/s here, slower
-    than the trainers read them)."""
+    """A SAELens SyntheticModel as a source nanosae's trainer reads (d_in, batches, activations); the training
+    stream's first chunks come from the file drawn once where there is one."""
 
     def __init__(self, synthetic, cached: np.ndarray | None = None):  # not `model`: a source's host model
         self.synthetic, self.d_in, self.cached = synthetic, synthetic.cfg.hidden_dim, cached
@@ -167,7 +168,7 @@ def report(name: str, s: dict, seconds: float, figures: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--samples", default="5M")
+    p.add_argument("--samples", default="2M")
     p.add_argument("--d-sae", type=int, default=4096)
     p.add_argument("--k", type=int, default=25)
     p.add_argument("--architecture", action="append", default=None, choices=ARCHITECTURES)
@@ -208,7 +209,8 @@ def main() -> None:
             t0 = time.perf_counter()
             batches = world.batches(1024, seed=0)
             peer = train_saelens(arch, world.d_in, batches, samples, args.d_sae, args.k, groups or [args.d_sae])
-            report(f"SAELens {arch}", score(peer.sae, model, eval_samples), time.perf_counter() - t0, figures)
+            seconds = time.perf_counter() - t0
+            report(f"SAELens {arch}", score(peer.sae, model, eval_samples), seconds, figures)
     save(
         __file__, {"samples": samples, "d_sae": args.d_sae, "k": args.k, "results": figures} | {"variant": args.variant}
     )
