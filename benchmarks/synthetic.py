@@ -99,7 +99,8 @@ def main() -> None:
             groups = nanosae.SAEConfig(d_in=model.cfg.d, d_sae=d_sae, architecture=arch, **extra).matryoshka_groups
             t0 = time.perf_counter()
             peer = train_saelens(arch, model.cfg.d, model.batches(1024, seed=0), samples, d_sae, k, groups or [d_sae])
-            report(f"SAELens {arch}", synthetic_scores(peer, model), time.perf_counter() - t0, figures)
+            seconds = time.perf_counter() - t0
+            report(f"SAELens {arch}", synthetic_scores(peer, model), seconds, figures)
     save(
         __file__,
         {"preset": args.preset, "samples": samples, "d_sae": d_sae, "k": k, "results": figures}
