@@ -63,44 +63,59 @@ def train_saelens(arch: str, d_in: int, batches, samples: int, d_sae: int, k: in
     return SAELensScored(sae.eval())
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    p.add_argument("--samples", default="10M")
-    p.add_argument("--d-sae", type=int, default=None, help="default: the preset's number of true features")
-    p.add_argument("--k", type=int, default=None, help="default: the preset's mean L0")
-    p.add_argument("--architecture", action="append", default=None)
+def trainer_args(p: argparse.ArgumentParser) -> None:
+    """The options both synthetic benchmarks take: which trainers run, and nanosae's settings."""
+    p.add_argument("--architecture", action="append", default=None, choices=ARCHITECTURES)
     p.add_argument("--peers", action="store_true", help="SAELens's trainers too (the peers' venv)")
     p.add_argument("--peers-only", action="store_true", help="SAELens's trainers alone (nanosae's rows measured)")
     p.add_argument("--variant", type=json.loads, default={}, help="nanosae TrainConfig settings as JSON")
-    args = p.parse_args()
-    model = SyntheticModel(PRESETS[args.preset])
-    samples = parse_count(args.samples)
-    d_sae = args.d_sae or model.cfg.n_features
-    k = args.k or round(model.cfg.mean_l0)
-    figures = {}
-    print(
-        f"{args.preset}: {model.cfg.n_features} true features in {model.cfg.d} dims, mean L0 "
-        f"{model.cfg.mean_l0}; d_sae {d_sae}, k {k}, {samples:,} samples"
-    )
-    print(f"{'':20} {'MCC':>6} {'F1':>6} {'unique':>7} {'VE':>6} {'L0':>6} {'dead':>6} {'absorb':>7} {'s':>6}")
-    for arch in args.architecture or ARCHITECTURES:
+
+
+def compare(args, source, samples: int, d_sae: int, k: int, architectures, score, report) -> dict:
+    """nanosae's trainers (unless --peers-only) and SAELens's (with --peers) on the same stream from `source`, each
+    scored as it finishes (`score(sae, peer)`) and reported with its training seconds; the figures by name."""
+    figures: dict = {}
+    for arch in args.architecture or architectures:
         extra = {"k": k} if arch != "jumprelu" else {}
         if not args.peers_only:
             with tempfile.TemporaryDirectory() as tmp:
                 settings = extra | args.variant
                 cfg = nanosae.TrainConfig.build(out=tmp, architecture=arch, d_sae=d_sae, tokens=samples, **settings)
                 t0 = time.perf_counter()
-                sae = nanosae.train(cfg, source=model).sae
+                sae = nanosae.train(cfg, source=source).sae
                 seconds = time.perf_counter() - t0
             name = f"nanosae {arch}" + (f" {json.dumps(args.variant)}" if args.variant else "")
-            report(name, synthetic_scores(sae, model), seconds, figures)
+            report(name, score(sae, False), seconds, figures)
         if (args.peers or args.peers_only) and arch in SAELENS:
-            groups = nanosae.SAEConfig(d_in=model.cfg.d, d_sae=d_sae, architecture=arch, **extra).matryoshka_groups
+            groups = nanosae.SAEConfig(d_in=source.d_in, d_sae=d_sae, architecture=arch, **extra).matryoshka_groups
             t0 = time.perf_counter()
-            peer = train_saelens(arch, model.cfg.d, model.batches(1024, seed=0), samples, d_sae, k, groups or [d_sae])
+            batches = source.batches(1024, seed=0)
+            peer = train_saelens(arch, source.d_in, batches, samples, d_sae, k, groups or [d_sae])
             seconds = time.perf_counter() - t0
-            report(f"SAELens {arch}", synthetic_scores(peer, model), seconds, figures)
+            report(f"SAELens {arch}", score(peer, True), seconds, figures)
+    return figures
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--samples", default="10M")
+    p.add_argument("--d-sae", type=int, default=None, help="default: the preset's number of true features")
+    p.add_argument("--k", type=int, default=None, help="default: the preset's mean L0")
+    trainer_args(p)
+    args = p.parse_args()
+    model = SyntheticModel(PRESETS[args.preset])
+    samples = parse_count(args.samples)
+    d_sae = args.d_sae or model.cfg.n_features
+    k = args.k or round(model.cfg.mean_l0)
+    print(
+        f"{args.preset}: {model.cfg.n_features} true features in {model.cfg.d} dims, mean L0 "
+        f"{model.cfg.mean_l0}; d_sae {d_sae}, k {k}, {samples:,} samples"
+    )
+    print(f"{'':20} {'MCC':>6} {'F1':>6} {'unique':>7} {'VE':>6} {'L0':>6} {'dead':>6} {'absorb':>7} {'s':>6}")
+    figures = compare(
+        args, model, samples, d_sae, k, ARCHITECTURES, lambda sae, peer: synthetic_scores(sae, model), report
+    )
     save(
         __file__,
         {"preset": args.preset, "samples": samples, "d_sae": d_sae, "k": k, "results": figures}

@@ -16,19 +16,15 @@ Usage: .venv-bench/bin/python benchmarks/synthsaebench.py [--samples 2M] [--draw
 """
 
 import argparse
-import json
 import math
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from _results import save
-from synthetic import ARCHITECTURES, SAELENS, train_saelens
+from synthetic import compare, trainer_args
 from tqdm import tqdm
 
-import nanosae
 from nanosae.eval.synthetic import rebatch
 from nanosae.options import parse_count
 
@@ -171,10 +167,7 @@ def main() -> None:
     p.add_argument("--samples", default="2M")
     p.add_argument("--d-sae", type=int, default=4096)
     p.add_argument("--k", type=int, default=25)
-    p.add_argument("--architecture", action="append", default=None, choices=ARCHITECTURES)
-    p.add_argument("--peers", action="store_true", help="SAELens's trainers too")
-    p.add_argument("--peers-only", action="store_true", help="SAELens's trainers alone (nanosae's rows measured)")
-    p.add_argument("--variant", type=json.loads, default={}, help="nanosae TrainConfig settings as JSON")
+    trainer_args(p)
     p.add_argument("--eval-samples", default="100k")
     p.add_argument("--world", type=Path, default=Path("runs/synthsaebench-16k"), help="where the built world is kept")
     p.add_argument("--hub", default=None, help="load the world from this Hub id instead")
@@ -186,34 +179,16 @@ def main() -> None:
     world.cached = cached_stream(world, args.world / f"train-{args.samples}.npy", samples)
     if args.draw_only:
         return
-    figures: dict = {}
     print(f"SynthSAEBench-16k: d_sae {args.d_sae}, k {args.k}, {samples:,} samples, scored on {eval_samples:,}")
     print(
         f"{'':28} {'MCC':>6} {'F1':>6} {'prec':>6} {'recall':>6} {'unique':>7} {'VE':>6} {'L0':>6} {'dead':>6} {'s':>6}"
     )
-    for arch in args.architecture or ["topk"]:
-        extra = {"k": args.k} if arch != "jumprelu" else {}
-        if not args.peers_only:
-            with tempfile.TemporaryDirectory() as tmp:
-                settings = extra | args.variant
-                cfg = nanosae.TrainConfig.build(
-                    out=tmp, architecture=arch, d_sae=args.d_sae, tokens=samples, **settings
-                )
-                t0 = time.perf_counter()
-                sae = nanosae.train(cfg, source=world).sae
-                seconds = time.perf_counter() - t0
-            name = f"nanosae {arch}" + (f" {json.dumps(args.variant)}" if args.variant else "")
-            report(name, score(NanosaeForEval(sae), model, eval_samples), seconds, figures)
-        if (args.peers or args.peers_only) and arch in SAELENS:
-            groups = nanosae.SAEConfig(d_in=world.d_in, d_sae=args.d_sae, architecture=arch, **extra).matryoshka_groups
-            t0 = time.perf_counter()
-            batches = world.batches(1024, seed=0)
-            peer = train_saelens(arch, world.d_in, batches, samples, args.d_sae, args.k, groups or [args.d_sae])
-            seconds = time.perf_counter() - t0
-            report(f"SAELens {arch}", score(peer.sae, model, eval_samples), seconds, figures)
-    save(
-        __file__, {"samples": samples, "d_sae": args.d_sae, "k": args.k, "results": figures} | {"variant": args.variant}
-    )
+
+    def scored(sae, peer: bool) -> dict:
+        return score(sae.sae if peer else NanosaeForEval(sae), model, eval_samples)
+
+    figures = compare(args, world, samples, args.d_sae, args.k, ["topk"], scored, report)
+    save(__file__, {"samples": samples, "d_sae": args.d_sae, "k": args.k, "variant": args.variant, "results": figures})
 
 
 if __name__ == "__main__":
