@@ -3,8 +3,9 @@
 Every trainer gets exactly the same samples (the synthetic model's stream, one seed) and the same L0 target;
 each SAE is scored on fresh samples: MCC, feature F1, uniqueness, variance explained, L0, dead latents and, for
 the hierarchies, absorption. With --peers (run in the peers' venv, make bench), SAELens's trainers of the same
-architectures (TopK, BatchTopK, Matryoshka BatchTopK with nanosae's group widths) train on the same samples in the
-same order at the same k, with SynthSAEBench's settings (batch 1024, lr 3e-4, constant), and are scored alike.
+architectures (TopK, BatchTopK, Matryoshka BatchTopK with nanosae's group widths, JumpReLU) train on the same
+samples in the same order at the same k (JumpReLU: both with Gemma Scope 2's quadratic penalty around L0 = k),
+with SynthSAEBench's settings (batch 1024, lr 3e-4, constant), and are scored alike.
 --variant JSON trains nanosae's with those TrainConfig settings instead of the defaults (e.g. '{"k_anneal": 0.8}').
 Usage: python benchmarks/synthetic.py [--preset cpu] [--samples 10M] [--d-sae 4096] [--k 25] [--peers]
        [--variant JSON]
@@ -22,7 +23,7 @@ from nanosae.eval.synthetic import PRESETS, SyntheticModel, synthetic_scores
 from nanosae.options import parse_count
 
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu")
-SAELENS = {"topk": "topk", "batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk"}
+SAELENS = {"topk": "topk", "batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk", "jumprelu": "jumprelu"}
 
 
 class SAELensScored:
@@ -46,9 +47,12 @@ def train_saelens(arch: str, d_in: int, batches, samples: int, d_sae: int, k: in
     from sae_lens.training.sae_trainer import SAETrainer
 
     sae_class, cfg_class = get_sae_training_class(SAELENS[arch])
-    extra = {"matryoshka_widths": list(widths)} if arch == "matryoshka" else {}
+    if arch == "jumprelu":  # its own target-L0 loss (Gemma Scope 2's quadratic penalty), as nanosae's runs
+        extra = {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": float(k)}
+    else:
+        extra = {"k": k} | ({"matryoshka_widths": list(widths)} if arch == "matryoshka" else {})
     torch.manual_seed(0)
-    sae = sae_class(cfg_class(d_in=d_in, d_sae=d_sae, k=k, **extra))
+    sae = sae_class(cfg_class(d_in=d_in, d_sae=d_sae, **extra))
     trainer_cfg = SAETrainerConfig(  # train_toy_sae's settings (SynthSAEBench's runner defaults)
         total_training_samples=samples,
         train_batch_size_samples=1024,
@@ -76,7 +80,7 @@ def compare(args, source, samples: int, d_sae: int, k: int, architectures, score
     scored as it finishes (`score(sae, peer)`) and reported with its training seconds; the figures by name."""
     figures: dict = {}
     for arch in args.architecture or architectures:
-        extra = {"k": k} if arch != "jumprelu" else {}
+        extra = {"k": k} if arch != "jumprelu" else {"target_l0": float(k)}  # equal L0 for every trainer
         if not args.peers_only:
             with tempfile.TemporaryDirectory() as tmp:
                 settings = extra | args.variant

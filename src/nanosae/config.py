@@ -167,6 +167,14 @@ def _brief(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def check_target_l0(arch: registry.Architecture, target: float | None, d_sae: int) -> None:
+    """target_l0 shapes the L0 penalty, which only JumpReLU's loss has."""
+    check_range("target_l0", target, 0, d_sae, open_low=True)
+    if target is not None and arch.loss_terms is not registry.get("jumprelu").loss_terms:
+        how = "its k" if arch.uses_k else "its sparsity coefficient"
+        raise ConfigError(f"target_l0 is for jumprelu SAEs; a {arch.name} SAE's L0 is set by {how}")
+
+
 @dataclass
 class SAEConfig:
     """Shape and behaviour of one sparse autoencoder (the keys of cfg.json)."""
@@ -193,6 +201,9 @@ class SAEConfig:
     """Transcoders: the target's factor (outputs are divided by it); None = activation_scale."""
     jumprelu_bandwidth: float = 0.001
     """Width of the rectangle kernel in JumpReLU's pseudo-derivative."""
+    target_l0: float | None = None
+    """JumpReLU: train towards this L0 with Gemma Scope 2's quadratic penalty, 2/t·(L0 − t)² per token, instead of
+    L0 itself (so one run lands near an L0 without a sweep of the sparsity coefficient)."""
     dtype: str = "float32"
     device: str = "cpu"
     hook_name: str = ""
@@ -246,6 +257,7 @@ class SAEConfig:
                     f"architecture {self.architecture} needs k in 1..d_sae={self.d_sae}, got k={self.k!r}"
                 )
             self.k = int(self.k)
+        check_target_l0(arch, self.target_l0, self.d_sae)
 
     def _check_io(self) -> None:
         """Transcoder / crosscoder consistency (both are this same SAE with other inputs and outputs)."""
@@ -703,6 +715,9 @@ class DictionaryConfig:
     """Number of latents; several (2304,4608) train together."""
     k: int = 32
     """Active latents per token (topk, batchtopk, matryoshka); several train together."""
+    target_l0: float | None = None
+    """JumpReLU: the L0 to train towards (Gemma Scope 2's quadratic penalty instead of L0 itself; no sweep of the
+    sparsity coefficient needed)."""
     matryoshka_groups: list[int] | None = field(default=None, metadata={"aliases": ["--groups"]})
     """Matryoshka prefix sizes, e.g. 576,1152,2304,4608 (default d_sae/8, /4, /2, d_sae)."""
     normalize_activations: InputNorm = field(default="none", metadata={"aliases": ["--input-norm"]})
@@ -723,6 +738,7 @@ class DictionaryConfig:
         if self.arch.uses_k and self.k > self.d_sae:
             raise ConfigError(f"k ({self.k}) must be at most d_sae ({self.d_sae})")
         check_range("matryoshka_groups", self.matryoshka_groups, 1, self.d_sae)
+        check_target_l0(self.arch, self.target_l0, self.d_sae)
 
     @property
     def arch(self) -> registry.Architecture:
@@ -736,6 +752,7 @@ class DictionaryConfig:
             architecture=self.architecture,
             d_sae=self.d_sae,
             k=self.k if arch.uses_k else None,
+            target_l0=self.target_l0,
             matryoshka_groups=self.matryoshka_groups if arch.nested else None,
             normalize_activations=self.normalize_activations,
             skip_connection=self.skip_connection,

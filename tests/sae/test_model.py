@@ -123,6 +123,26 @@ def test_jumprelu_l0_loss_reaches_threshold():
     assert torch.allclose(sae.threshold.grad, torch.tensor([-1000.0, 0.0, 0.0], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("target, penalty, grad", [(1.0, 2.0, -4000.0), (3.0, 2 / 3, 4000 / 3), (2.0, 0.0, 0.0)])
+def test_jumprelu_target_l0_penalty_hand_computed(target, penalty, grad):
+    sae = tiny("jumprelu", target_l0=target)
+    with torch.no_grad():
+        sae.threshold.copy_(torch.tensor([1.9996, 0.5, 5.0]))  # pre = [2, 1, 0.5]: L0 = 2, pre[0] in the kernel
+    parts = sae_loss(sae, X, sparsity_coefficient=3.0).parts
+    assert float(parts["l0"]) == pytest.approx(3.0 * penalty)  # 3 · 2/t·(L0 − t)²
+    parts["l0"].backward()
+    # d/dθ0 = 3 · 4/t·(L0 − t) · dL0/dθ0, with dL0/dθ0 = −1/ε: above the target θ0 is pushed up, below it down
+    expected = torch.tensor([3.0 * grad, 0.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(sae.threshold.grad, expected)
+
+
+def test_target_l0_is_refused_beside_another_sparsity():
+    with pytest.raises(ConfigError, match="target_l0 is for jumprelu SAEs; a topk SAE's L0 is set by its k"):
+        SAEConfig(d_in=2, d_sae=3, architecture="topk", k=1, target_l0=2.0)
+    with pytest.raises(ConfigError, match="target_l0"):
+        SAEConfig(d_in=2, d_sae=3, architecture="jumprelu", target_l0=4.0)  # more than d_sae
+
+
 def test_gated_gradients_flow_as_specified():
     sae = SAE(SAEConfig(d_in=6, d_sae=12, architecture="gated"))
     x = torch.randn(32, 6)

@@ -62,6 +62,17 @@ def test_every_architecture_trains(planted_store, tmp_path, arch, device):
     assert SAE.load(tmp_path / arch / "sae").cfg.architecture == arch
 
 
+def test_jumprelu_lands_near_its_target_l0(planted_store, tmp_path):
+    """Without a target the planted store's JumpReLU settles near L0 11; a target on either side moves it there."""
+    store, _ = planted_store
+    l0 = {}
+    for target in (4.0, 24.0):
+        cfg = cfg_for(store, tmp_path / str(target), architecture="jumprelu", tokens=256 * 600, target_l0=target)
+        l0[target] = nanosae.train(cfg).metrics["l0"]
+        assert abs(l0[target] - target) < 0.25 * target, l0
+    assert SAE.load(tmp_path / "4.0" / "sae").cfg.target_l0 == 4.0
+
+
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
 def test_batch_topk_threshold_is_calibrated_to_k_after_training(planted_store, tmp_path, arch):
     store, _ = planted_store

@@ -303,7 +303,8 @@ def run_synthetic(
 ) -> dict[str, Any]:
     """Score SAEs against a preset's true features, writing out/eval.json (its "synthetic" section) and
     out/report.html. Without `saes`, nanosae's architectures are trained first on `samples` of the preset's
-    stream, all in one pass over the same samples (at k = the preset's mean L0, d_sae = its number of features)."""
+    stream, all in one pass over the same samples (at k = the preset's mean L0, JumpReLU trained towards that L0,
+    d_sae = its number of features)."""
     import nanosae
 
     if preset not in PRESETS:
@@ -319,7 +320,7 @@ def run_synthetic(
                 d_sae=model.cfg.n_features,
                 tokens=samples,
                 batch_size=max(256, samples // 1000),
-                **({"k": k} if arch != "jumprelu" else {}),
+                **({"k": k} if arch != "jumprelu" else {"target_l0": float(k)}),
             )
             for arch in architectures
         ]

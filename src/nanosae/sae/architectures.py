@@ -69,8 +69,10 @@ def _l1(sae, b: LossInputs) -> dict[str, Tensor]:
 
 
 def _l0(sae, b: LossInputs) -> dict[str, Tensor]:
-    active = step(b.pre, sae.threshold, sae.cfg.jumprelu_bandwidth)
-    return {"l0": b.coefficient * active.sum(-1).mean()}
+    l0 = step(b.pre, sae.threshold, sae.cfg.jumprelu_bandwidth).sum(-1)
+    target = sae.cfg.target_l0
+    penalty = l0 if target is None else 2 / target * (l0 - target).pow(2)
+    return {"l0": b.coefficient * penalty.mean()}
 
 
 def _gated_terms(sae, b: LossInputs) -> dict[str, Tensor]:
