@@ -437,6 +437,29 @@ def test_initialisation_ties_a_scaled_encoder_and_centres_b_dec(planted_store, t
     assert torch.allclose(sae.b_dec, geometric_median(sample), atol=1e-5)
 
 
+def test_l0_threshold_hand_computed():
+    from nanosae.train.init import l0_threshold
+
+    pre = torch.tensor([[3.0, 1.0, -2.0, 0.5], [2.0, 4.0, 0.25, -1.0]])
+    assert l0_threshold(pre, 1.0) == 2.0  # 3 and 4 are above it: one per token
+    assert l0_threshold(pre, 1.5) == 1.0  # 2, 3, 4 above: 1.5 per token
+    assert l0_threshold(pre, 3.5) == 0.0  # would be −1: a threshold below zero passes negative pre-activations
+
+
+def test_a_jumprelu_with_a_target_starts_at_its_l0(planted_store, tmp_path):
+    from nanosae.train.trainer import SAERun
+
+    store, _ = planted_store
+    cfg = TrainConfig.build(
+        out=str(tmp_path / "r"), acts=str(store.path), architecture="jumprelu", d_sae=64, target_l0=5.0, tokens=4096
+    )
+    whole = [(0, slice(0, store.d_in))]
+    sae = SAERun(cfg, [store], whole, whole, 0, 1).sae
+    held_out = store.tokens(4096, 8192).float()  # not the initialisation's sample
+    assert float((sae.encode(held_out) > 0).sum(-1).float().mean()) == pytest.approx(5.0, rel=0.1)
+    assert torch.all(sae.threshold == sae.threshold[0]) and float(sae.threshold[0]) > 0
+
+
 def test_layer_norm_inputs_train_and_are_undone_on_output(planted_store, tmp_path):
     """normalize_activations='layer_norm': b_dec starts at the median of the per-token normalised sample, the SAE learns
     the planted features, and its reconstruction follows a per-token shift and scale of the input."""

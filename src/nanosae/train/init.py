@@ -38,10 +38,21 @@ def init_sae(
     if sae.cfg.kind != "transcoder":
         sae.W_enc.copy_(sae.W_dec.T)
     sae.W_enc.mul_(encoder_scale)
-    sample = sample if target is None else target
+    outputs = sample if target is None else target
     if b_dec == "geometric_median":
-        sae.b_dec.copy_(geometric_median(sample))
+        sae.b_dec.copy_(geometric_median(outputs))
     elif b_dec == "mean":
-        sae.b_dec.copy_(sample.mean(0))
+        sae.b_dec.copy_(outputs.mean(0))
     elif b_dec != "zeros":
         raise ConfigError(f"unknown b_dec init {b_dec!r}")
+    if sae.cfg.target_l0 is not None:
+        sae.threshold.fill_(l0_threshold(sae.pre_acts(sample[: max(1, 2**24 // sae.cfg.d_sae)]), sae.cfg.target_l0))
+
+
+def l0_threshold(pre: Tensor, l0: float) -> float:
+    """The one threshold under which the sample's tokens have `l0` pre-activations above it on average: a JumpReLU
+    SAE trained towards an L0 starts there, since its thresholds move by about the learning rate per step."""
+    above = max(1, round(l0 * pre.shape[0]))  # JumpReLU fires above θ: θ is the next value down
+    if above >= pre.numel():
+        return 0.0
+    return max(float(pre.flatten().kthvalue(pre.numel() - above).values), 0.0)
