@@ -107,6 +107,25 @@ def test_auxk_revives_dead_latents():
     assert run(1 / 32) >= 10
 
 
+def test_auxk_reaches_a_dead_jumprelu_latent():
+    """Below its threshold a JumpReLU latent gets no gradient from the reconstruction; AuxK's reaches it."""
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=16, d_sae=64, architecture="jumprelu"))
+    with torch.no_grad():
+        sae.W_enc.copy_(sae.W_dec.T)
+        sae.threshold.fill_(0.1)
+        sae.threshold[:8] = 100.0  # never fire
+    x = torch.randn(256, 16) * 2
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:8] = True
+    parts = sae_loss(sae, x, dead_mask=dead, k_aux=8).parts
+    parts["mse"].backward(retain_graph=True)
+    assert torch.count_nonzero(sae.W_enc.grad[:, :8]) == 0
+    sae.zero_grad()
+    parts["auxk"].backward()
+    assert bool((sae.W_enc.grad[:, :8].norm(dim=0) > 0).all())
+
+
 def test_lr_schedule_by_hand(planted_store, tmp_path):
     cfg = TrainConfig.build(
         acts="x",

@@ -166,6 +166,7 @@ JUMPRELU = register(
         parameters=_jumprelu_parameters,
         after_step=_clamp_threshold,
         sparsity_coefficient=1.0,
+        dead_latents="auxk",  # a latent below its threshold gets no gradient at all: AuxK's is the only way back
     )
 )
 GATED = register(
