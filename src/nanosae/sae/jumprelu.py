@@ -13,10 +13,6 @@ import torch
 from torch import Tensor
 
 
-def rectangle(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
 class _JumpReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -28,9 +24,10 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_pre = (pre > threshold).to(pre.dtype) * grad_out
-        grad_threshold = -(threshold / eps) * rectangle((pre - threshold) / eps) * grad_out
-        return grad_pre, _sum_to(grad_threshold, threshold.shape), None
+        gap = pre - threshold
+        grad_pre = torch.where(gap > 0, grad_out, 0.0)
+        in_kernel = _sum_to(torch.where(_in_band(gap, eps), grad_out, 0.0), threshold.shape)
+        return grad_pre, -(threshold / eps) * in_kernel, None
 
 
 class _Step(torch.autograd.Function):
@@ -44,8 +41,13 @@ class _Step(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_threshold = -(1.0 / eps) * rectangle((pre - threshold) / eps) * grad_out
-        return torch.zeros_like(pre), _sum_to(grad_threshold, threshold.shape), None
+        in_kernel = _sum_to(torch.where(_in_band(pre - threshold, eps), grad_out, 0.0), threshold.shape)
+        return None, -(1.0 / eps) * in_kernel, None
+
+
+def _in_band(gap: Tensor, eps: float) -> Tensor:
+    """rect(gap / ε) ≠ 0, i.e. |pre − θ| < ε/2, in two passes over the (batch, d_sae) gap (overwritten)."""
+    return gap.abs_() < eps / 2
 
 
 def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
