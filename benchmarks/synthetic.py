@@ -19,7 +19,7 @@ import time
 from _results import save
 
 import nanosae
-from nanosae.eval.synthetic import PRESETS, SyntheticModel, synthetic_scores
+from nanosae.eval.synthetic import PRESETS, SyntheticModel, at_l0, synthetic_scores
 from nanosae.options import parse_count
 
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu")
@@ -80,7 +80,7 @@ def compare(args, source, samples: int, d_sae: int, k: int, architectures, score
     scored as it finishes (`score(sae, peer)`) and reported with its training seconds; the figures by name."""
     figures: dict = {}
     for arch in args.architecture or architectures:
-        extra = {"k": k} if arch != "jumprelu" else {"target_l0": float(k)}  # equal L0 for every trainer
+        extra = at_l0(arch, k)  # equal L0 for every trainer
         if not args.peers_only:
             with tempfile.TemporaryDirectory() as tmp:
                 settings = extra | args.variant

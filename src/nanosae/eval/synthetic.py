@@ -31,6 +31,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from nanosae import registry
 from nanosae.config import SAEConfig, check_fields, check_range
 from nanosae.errors import ConfigError
 from nanosae.io import atomic_write, read_json, write_json
@@ -290,6 +291,13 @@ def true_dictionary_sae(model: SyntheticModel) -> SAE:
 
 
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu")
+
+
+def at_l0(architecture: str, l0: int) -> dict[str, Any]:
+    """The setting that puts an architecture at this L0: k for the TopK family, target_l0 for JumpReLU."""
+    return {"k": l0} if registry.get(architecture).uses_k else {"target_l0": float(l0)}
+
+
 SCORE_ROWS = ("mcc", "f1", "recovered", "uniqueness", "variance_explained", "l0", "dead_fraction", "absorption")
 
 
@@ -320,7 +328,7 @@ def run_synthetic(
                 d_sae=model.cfg.n_features,
                 tokens=samples,
                 batch_size=max(256, samples // 1000),
-                **({"k": k} if arch != "jumprelu" else {"target_l0": float(k)}),
+                **at_l0(arch, k),
             )
             for arch in architectures
         ]
